@@ -1,0 +1,136 @@
+//! The step loop: schedule -> execute -> record tokens -> check stop conditions -> free.
+
+use super::{Clock, Executor, FinishReason, ReqId, Request, RequestSpec};
+use crate::error::{HoraeError, Result};
+use crate::sched::{SchedulePlan, Scheduler};
+
+/// One step as seen from outside, for KV-usage-over-time plots and metrics.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepSample {
+    /// Clock time at the end of the step.
+    pub time: f64,
+    pub duration: f64,
+    pub running: u32,
+    pub waiting: u32,
+    pub batched_tokens: u32,
+    /// Fraction of KV blocks in use after scheduling.
+    pub kv_usage: f32,
+    /// The policy's predicted peak, in tokens (past-future and oracle only).
+    pub predicted_peak: Option<u64>,
+}
+
+#[derive(Debug, Default)]
+pub struct StepResult {
+    pub tokens: Vec<(ReqId, u32)>,
+    pub finished: Vec<Request>,
+    pub preempted: Vec<ReqId>,
+    pub sample: Option<StepSample>,
+}
+
+pub struct Engine {
+    sched: Scheduler,
+    executor: Box<dyn Executor>,
+    clock: Box<dyn Clock>,
+    eos: Vec<u32>,
+    next_id: ReqId,
+}
+
+impl Engine {
+    pub fn new(sched: Scheduler, executor: Box<dyn Executor>, clock: Box<dyn Clock>) -> Self {
+        let eos = executor.eos_token_ids();
+        Self { sched, executor, clock, eos, next_id: 0 }
+    }
+
+    pub fn scheduler(&self) -> &Scheduler {
+        &self.sched
+    }
+    pub fn now(&self) -> f64 {
+        self.clock.now()
+    }
+    pub fn advance_clock_to(&mut self, t: f64) {
+        self.clock.advance_to(t);
+    }
+    pub fn has_work(&self) -> bool {
+        self.sched.has_work()
+    }
+
+    /// Queue a request under a fresh id.
+    pub fn add_request(&mut self, spec: RequestSpec) -> Result<ReqId> {
+        let id = self.next_id;
+        self.add_request_with_id(id, spec)?;
+        Ok(id)
+    }
+
+    /// Queue a request under a caller-chosen id (the simulator uses trace indices).
+    pub fn add_request_with_id(&mut self, id: ReqId, spec: RequestSpec) -> Result<()> {
+        let arrival = spec.arrival.unwrap_or_else(|| self.clock.now());
+        let req = Request::new(id, spec, arrival, self.sched.config().block_size);
+        self.sched.add(req)?;
+        self.next_id = self.next_id.max(id + 1);
+        Ok(())
+    }
+
+    /// Stop a request wherever it is; its blocks are freed at once.
+    pub fn abort(&mut self, id: ReqId) -> Result<Request> {
+        let r = self.sched.finish(id, FinishReason::Aborted, self.clock.now())?;
+        self.executor.release(id);
+        Ok(r)
+    }
+
+    pub fn step(&mut self) -> Result<StepResult> {
+        let started = self.clock.now();
+        let plan = self.sched.schedule(started);
+        let mut result = StepResult { preempted: plan.preempted.clone(), ..Default::default() };
+        if plan.seqs.is_empty() {
+            if self.sched.has_work() && plan.preempted.is_empty() {
+                return Err(HoraeError::Stalled(format!(
+                    "{} waiting and {} running, nothing could be scheduled",
+                    self.sched.num_waiting(),
+                    self.sched.num_running()
+                )));
+            }
+            return Ok(result);
+        }
+        let out = self.executor.execute(&plan, &self.sched)?;
+        if let Some(dt) = out.elapsed {
+            self.clock.advance(dt);
+        }
+        let now = self.clock.now();
+        for s in &plan.seqs {
+            self.sched.computed(s.id, s.num_tokens);
+        }
+        for &(id, token) in &out.sampled {
+            self.sched.push_token(id, token, now);
+            result.tokens.push((id, token));
+            if let Some(reason) = self.stop_reason(id, token) {
+                result.finished.push(self.sched.finish(id, reason, now)?);
+                self.executor.release(id);
+            }
+        }
+        result.sample = Some(self.sample(&plan, started, now));
+        Ok(result)
+    }
+
+    fn stop_reason(&self, id: ReqId, token: u32) -> Option<FinishReason> {
+        let r = self.sched.request(id)?;
+        if !r.ignore_eos && self.eos.contains(&token) {
+            Some(FinishReason::Stop)
+        } else if r.output.len() >= r.max_tokens {
+            Some(FinishReason::Length)
+        } else {
+            None
+        }
+    }
+
+    fn sample(&self, plan: &SchedulePlan, started: f64, now: f64) -> StepSample {
+        StepSample {
+            time: now,
+            duration: now - started,
+            running: self.sched.num_running() as u32,
+            waiting: self.sched.num_waiting() as u32,
+            batched_tokens: plan.num_batched_tokens as u32,
+            kv_usage: self.sched.kv().usage() as f32,
+            predicted_peak: self.sched.predicted_peak(),
+        }
+    }
+}

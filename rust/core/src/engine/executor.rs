@@ -1,0 +1,25 @@
+//! The seam between scheduling and execution: the engine hands a planned batch to an
+//! [`Executor`], which is either a real model (CPU or CUDA) or the simulator's cost model.
+
+use super::ReqId;
+use crate::error::Result;
+use crate::sched::{SchedulePlan, Scheduler};
+
+#[derive(Debug, Clone, Default)]
+pub struct ExecOutput {
+    /// One token for every scheduled sequence whose `samples` flag is set.
+    pub sampled: Vec<(ReqId, u32)>,
+    /// Seconds the step takes on a virtual clock; `None` when it ran in real time.
+    pub elapsed: Option<f64>,
+}
+
+pub trait Executor: Send {
+    /// Run one step. `state` gives read access to requests (tokens) and block tables.
+    fn execute(&mut self, plan: &SchedulePlan, state: &Scheduler) -> Result<ExecOutput>;
+
+    /// Token ids that end a sequence.
+    fn eos_token_ids(&self) -> Vec<u32>;
+
+    /// A request left the engine; drop any per-request state.
+    fn release(&mut self, _id: ReqId) {}
+}

@@ -1,0 +1,41 @@
+//! One error type for the whole core. The Python bindings turn each variant into an exception whose
+//! message names the problem, so nothing here may panic on bad input.
+
+use thiserror::Error;
+
+#[derive(Debug, Error, Clone, PartialEq)]
+pub enum HoraeError {
+    /// A configuration that can never work (block size 0, a pool smaller than one block, ...).
+    #[error("invalid config: {0}")]
+    InvalidConfig(String),
+
+    /// A request that is malformed or can never be served with this configuration.
+    #[error("invalid request {id}: {reason}")]
+    InvalidRequest { id: u64, reason: String },
+
+    #[error("unknown request id {0}")]
+    UnknownRequest(u64),
+
+    #[error("duplicate request id {0}")]
+    DuplicateRequest(u64),
+
+    #[error("unknown scheduler '{0}' (expected one of: past-future, aggressive, conservative, oracle)")]
+    UnknownScheduler(String),
+
+    /// A trace file that cannot be read or parsed; `line` is 1-based where known.
+    #[error("trace {path}: {}{reason}", line.map(|l| format!("line {l}: ")).unwrap_or_default())]
+    Trace { path: String, line: Option<usize>, reason: String },
+
+    /// The KV pool has no free block; callers normally prevent this by asking `can_allocate` first.
+    #[error("out of KV blocks")]
+    OutOfBlocks,
+
+    /// The scheduler planned nothing although requests are queued: a bug, reported, never a hang.
+    #[error("scheduler stalled: {0}")]
+    Stalled(String),
+
+    #[error("executor failed: {0}")]
+    Executor(String),
+}
+
+pub type Result<T> = std::result::Result<T, HoraeError>;

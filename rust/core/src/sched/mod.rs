@@ -1,0 +1,158 @@
+//! Scheduling: which requests run in the next step, and with how many tokens each.
+//!
+//! [`Scheduler`] does what every policy shares (continuous batching, chunked prefill, preemption
+//! by recompute when blocks run out); an [`AdmissionPolicy`] decides only whether the next waiting
+//! request may join the batch. The scheduler never learns whether a model or the simulator runs
+//! the batch.
+
+mod aggressive;
+pub mod bench;
+mod conservative;
+pub mod history;
+mod past_future;
+pub mod peak;
+mod policy;
+mod scheduler;
+
+use std::fmt;
+use std::str::FromStr;
+
+pub use aggressive::Aggressive;
+pub use conservative::Conservative;
+pub use past_future::{PastFuture, TrueLengths};
+pub use policy::{AdmissionPolicy, PoolView, SeqLoad, MAX_SCENARIOS};
+pub use scheduler::{SchedulePlan, ScheduledSeq, Scheduler, SchedulerStats};
+
+use crate::error::{HoraeError, Result};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum PolicyKind {
+    PastFuture,
+    Aggressive,
+    Conservative,
+    Oracle,
+}
+
+impl PolicyKind {
+    pub const ALL: [PolicyKind; 4] =
+        [PolicyKind::PastFuture, PolicyKind::Aggressive, PolicyKind::Conservative, PolicyKind::Oracle];
+
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            PolicyKind::PastFuture => "past-future",
+            PolicyKind::Aggressive => "aggressive",
+            PolicyKind::Conservative => "conservative",
+            PolicyKind::Oracle => "oracle",
+        }
+    }
+}
+
+impl fmt::Display for PolicyKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for PolicyKind {
+    type Err = HoraeError;
+    fn from_str(s: &str) -> Result<Self> {
+        match s.trim().to_ascii_lowercase().replace('_', "-").as_str() {
+            "past-future" | "pastfuture" => Ok(PolicyKind::PastFuture),
+            "aggressive" => Ok(PolicyKind::Aggressive),
+            "conservative" => Ok(PolicyKind::Conservative),
+            "oracle" => Ok(PolicyKind::Oracle),
+            _ => Err(HoraeError::UnknownScheduler(s.to_string())),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct SchedulerConfig {
+    pub policy: PolicyKind,
+    /// KV pool size in tokens; the pool holds `kv_cache_tokens / block_size` blocks.
+    pub kv_cache_tokens: usize,
+    pub block_size: usize,
+    /// Most sequences in one step.
+    pub max_num_seqs: usize,
+    /// Token budget of one step (prefill chunks plus one token per decoding sequence).
+    pub max_batched_tokens: usize,
+    pub prefix_caching: bool,
+    /// Past-Future: finished output lengths remembered.
+    pub history_window: usize,
+    /// Past-Future: the largest output a client may ask for; the history starts primed with it.
+    pub max_output_bound: usize,
+    /// Past-Future and oracle: fraction of the pool kept free of predicted use.
+    pub reserve: f64,
+    /// Aggressive: admit while block use stays under this fraction.
+    pub watermark: f64,
+    pub seed: u64,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        Self {
+            policy: PolicyKind::PastFuture,
+            kv_cache_tokens: 120_000,
+            block_size: 16,
+            max_num_seqs: 256,
+            max_batched_tokens: 8192,
+            prefix_caching: true,
+            history_window: 1000,
+            max_output_bound: 4096,
+            reserve: 0.05,
+            watermark: 0.95,
+            seed: 0,
+        }
+    }
+}
+
+impl SchedulerConfig {
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(HoraeError::InvalidConfig(m));
+        if !(1..=256).contains(&self.block_size) {
+            return bad(format!("block_size must be between 1 and 256, got {}", self.block_size));
+        }
+        if self.kv_cache_tokens < self.block_size {
+            return bad(format!(
+                "kv_cache_tokens ({}) is smaller than one block ({})",
+                self.kv_cache_tokens, self.block_size
+            ));
+        }
+        if self.max_num_seqs == 0 {
+            return bad("max_num_seqs must be at least 1".into());
+        }
+        if self.max_batched_tokens == 0 {
+            return bad("max_batched_tokens must be at least 1".into());
+        }
+        if self.history_window == 0 {
+            return bad("history_window must be at least 1".into());
+        }
+        if self.max_output_bound == 0 {
+            return bad("max_output_bound must be at least 1".into());
+        }
+        if !(0.0..1.0).contains(&self.reserve) {
+            return bad(format!("reserve must be in [0, 1), got {}", self.reserve));
+        }
+        if !(self.watermark > 0.0 && self.watermark <= 1.0) {
+            return bad(format!("watermark must be in (0, 1], got {}", self.watermark));
+        }
+        Ok(())
+    }
+
+    /// The admission policy this config names. The oracle needs the true lengths.
+    pub fn build_policy(&self, true_lengths: Option<TrueLengths>) -> Result<Box<dyn AdmissionPolicy>> {
+        Ok(match self.policy {
+            PolicyKind::PastFuture => {
+                Box::new(PastFuture::new(self.history_window, self.max_output_bound, self.reserve, self.seed))
+            }
+            PolicyKind::Aggressive => Box::new(Aggressive::new(self.watermark)),
+            PolicyKind::Conservative => Box::new(Conservative::default()),
+            PolicyKind::Oracle => {
+                let lengths = true_lengths.ok_or_else(|| {
+                    HoraeError::InvalidConfig("the oracle scheduler needs true output lengths (simulator only)".into())
+                })?;
+                Box::new(PastFuture::oracle(lengths, self.reserve))
+            }
+        })
+    }
+}

@@ -1,0 +1,295 @@
+//! The shared scheduling loop (vLLM v1 style: one flattened batch where a prefill chunk and a
+//! decode token are the same thing, "compute the next `n` tokens of this sequence").
+//!
+//! Each step: first the running sequences, oldest first, each gets its next tokens; when blocks run
+//! out, the most recently admitted sequence is preempted by recompute (its blocks are freed and it
+//! goes back to the head of the queue). Then, if nobody was preempted, waiting requests are
+//! admitted in arrival order while the policy agrees, the token budget lasts and their first chunk
+//! fits; the first refusal stops admission (no overtaking).
+
+use std::collections::VecDeque;
+
+use rustc_hash::FxHashMap as HashMap;
+
+use super::policy::{AdmissionPolicy, PoolView, SeqLoad};
+use super::{SchedulerConfig, TrueLengths};
+use crate::engine::{FinishReason, ReqId, Request, RequestState};
+use crate::error::{HoraeError, Result};
+use crate::kv::{BlockCopy, KvManager};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ScheduledSeq {
+    pub id: ReqId,
+    /// Tokens already computed; this step computes positions `start .. start + num_tokens`.
+    pub start: usize,
+    pub num_tokens: usize,
+    /// Whether this step reaches the end of the known tokens, so the executor samples one.
+    pub samples: bool,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct SchedulePlan {
+    pub seqs: Vec<ScheduledSeq>,
+    /// Copy-on-write block copies the executor performs before running the step.
+    pub copies: Vec<BlockCopy>,
+    pub preempted: Vec<ReqId>,
+    pub num_batched_tokens: usize,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct SchedulerStats {
+    pub preemptions: u64,
+    pub recomputed_tokens: u64,
+    pub admitted: u64,
+}
+
+pub struct Scheduler {
+    cfg: SchedulerConfig,
+    kv: KvManager,
+    policy: Box<dyn AdmissionPolicy>,
+    requests: HashMap<ReqId, Request>,
+    waiting: VecDeque<ReqId>,
+    /// In admission order: the last one is the first to be preempted.
+    running: Vec<ReqId>,
+    stats: SchedulerStats,
+}
+
+impl Scheduler {
+    pub fn new(cfg: SchedulerConfig, true_lengths: Option<TrueLengths>) -> Result<Self> {
+        cfg.validate()?;
+        let kv = KvManager::with_token_budget(cfg.kv_cache_tokens, cfg.block_size, cfg.prefix_caching)?;
+        let policy = cfg.build_policy(true_lengths)?;
+        Ok(Self {
+            cfg,
+            kv,
+            policy,
+            requests: HashMap::default(),
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            stats: SchedulerStats::default(),
+        })
+    }
+
+    pub fn config(&self) -> &SchedulerConfig {
+        &self.cfg
+    }
+    pub fn kv(&self) -> &KvManager {
+        &self.kv
+    }
+    pub fn policy_name(&self) -> &'static str {
+        self.policy.name()
+    }
+    pub fn predicted_peak(&self) -> Option<u64> {
+        self.policy.predicted_peak()
+    }
+    pub fn stats(&self) -> SchedulerStats {
+        self.stats
+    }
+    pub fn request(&self, id: ReqId) -> Option<&Request> {
+        self.requests.get(&id)
+    }
+    pub fn num_waiting(&self) -> usize {
+        self.waiting.len()
+    }
+    pub fn num_running(&self) -> usize {
+        self.running.len()
+    }
+    pub fn has_work(&self) -> bool {
+        !self.requests.is_empty()
+    }
+
+    /// Queue a request. One that could never fit the pool, even alone, is refused here rather
+    /// than left to block the queue forever.
+    pub fn add(&mut self, req: Request) -> Result<()> {
+        let invalid = |reason: String| Err(HoraeError::InvalidRequest { id: req.id, reason });
+        if self.requests.contains_key(&req.id) {
+            return Err(HoraeError::DuplicateRequest(req.id));
+        }
+        if req.prompt_len() == 0 {
+            return invalid("the prompt is empty".into());
+        }
+        if req.max_tokens == 0 {
+            return invalid("max_tokens must be at least 1".into());
+        }
+        let capacity = self.kv.capacity_tokens();
+        if req.prompt_len() + req.max_tokens > capacity {
+            return invalid(format!(
+                "prompt ({}) + max_tokens ({}) exceeds the whole KV pool ({capacity} tokens)",
+                req.prompt_len(),
+                req.max_tokens
+            ));
+        }
+        self.waiting.push_back(req.id);
+        self.requests.insert(req.id, req);
+        Ok(())
+    }
+
+    fn pool_view(&self) -> PoolView {
+        let pool = self.kv.pool();
+        PoolView { block_size: self.kv.block_size(), total_blocks: pool.num_total(), used_blocks: pool.num_used() }
+    }
+
+    fn load_of(&self, id: ReqId) -> SeqLoad {
+        let r = &self.requests[&id];
+        SeqLoad { id, prompt_len: r.prompt_len(), generated: r.output.len(), max_tokens: r.max_tokens, forecast: r.forecast }
+    }
+
+    pub fn schedule(&mut self, now: f64) -> SchedulePlan {
+        let mut plan = SchedulePlan::default();
+        let mut budget = self.cfg.max_batched_tokens;
+        self.schedule_running(&mut plan, &mut budget);
+        if plan.preempted.is_empty() {
+            self.admit_waiting(&mut plan, &mut budget, now);
+        }
+        plan.num_batched_tokens = self.cfg.max_batched_tokens - budget;
+        plan
+    }
+
+    fn schedule_running(&mut self, plan: &mut SchedulePlan, budget: &mut usize) {
+        let mut i = 0;
+        while i < self.running.len() && *budget > 0 {
+            let id = self.running[i];
+            let r = &self.requests[&id];
+            let (start, total) = (r.num_computed, r.total_len());
+            let n = (total - start).min(*budget);
+            // Saturating: after a failed step the slots may already be there.
+            let slots = (start + n).saturating_sub(self.kv.num_tokens(id));
+            let mut preempted_self = false;
+            while !self.kv.can_append(id, slots) {
+                let victim = *self.running.last().expect("the current sequence is running");
+                self.preempt(victim);
+                plan.preempted.push(victim);
+                if victim == id {
+                    preempted_self = true;
+                    break;
+                }
+            }
+            if preempted_self {
+                break;
+            }
+            plan.copies.extend(self.kv.append(id, slots).expect("can_append checked"));
+            plan.seqs.push(ScheduledSeq { id, start, num_tokens: n, samples: start + n == total });
+            *budget -= n;
+            i += 1;
+        }
+    }
+
+    fn admit_waiting(&mut self, plan: &mut SchedulePlan, budget: &mut usize, now: f64) {
+        let pool = self.pool_view();
+        let mut running: Vec<SeqLoad> = self.running.iter().map(|&id| self.load_of(id)).collect();
+        self.policy.begin_step(&mut running, &pool);
+        for s in &running {
+            self.requests.get_mut(&s.id).expect("running request exists").forecast = s.forecast;
+        }
+        let bs = self.kv.block_size();
+        while let Some(&id) = self.waiting.front() {
+            if self.running.len() >= self.cfg.max_num_seqs || *budget == 0 {
+                break;
+            }
+            let r = &self.requests[&id];
+            let total = r.total_len();
+            // Leave at least the last token to compute: its logits give the next token.
+            let lookup = ((total - 1) / bs).min(r.prompt_block_hashes.len());
+            let cached_blocks = self.kv.count_cached_prefix(&r.prompt_block_hashes[..lookup]);
+            let cached = cached_blocks * bs;
+            let n = (total - cached).min(*budget);
+            let chunk_blocks = self.kv.blocks_for(cached + n) - cached_blocks;
+            // Reviving cached blocks takes them out of the allocatable pool too.
+            if chunk_blocks + cached_blocks > self.kv.pool().num_allocatable() {
+                break;
+            }
+            let mut load = self.load_of(id);
+            let new_blocks = self.kv.blocks_for(total) - cached_blocks;
+            let lone = self.running.is_empty();
+            // With nothing running a request always goes in (add() checked it fits alone);
+            // otherwise a request predicted too big would wait forever.
+            let accepted = self.policy.admit(&mut load, new_blocks, &pool);
+            self.requests.get_mut(&id).expect("waiting request exists").forecast = load.forecast;
+            if !accepted && !lone {
+                break;
+            }
+            self.waiting.pop_front();
+            let hashes = &self.requests[&id].prompt_block_hashes[..lookup];
+            let got = self.kv.open(id, hashes).expect("a waiting request has no block table");
+            debug_assert_eq!(got, cached);
+            plan.copies.extend(self.kv.append(id, n).expect("fit checked above"));
+            let r = self.requests.get_mut(&id).expect("waiting request exists");
+            r.num_computed = got;
+            r.cached_tokens += got as u64;
+            r.state = RequestState::Running;
+            r.times.first_scheduled.get_or_insert(now);
+            plan.seqs.push(ScheduledSeq { id, start: got, num_tokens: n, samples: got + n == total });
+            self.running.push(id);
+            self.stats.admitted += 1;
+            *budget -= n;
+            if !accepted {
+                // Forced in past a refusal: the policy's view of the batch lacks it, so stop here.
+                break;
+            }
+        }
+    }
+
+    /// Preempt by recompute: free the blocks, keep the generated tokens, requeue at the head.
+    fn preempt(&mut self, id: ReqId) {
+        self.running.retain(|&r| r != id);
+        self.kv.free(id);
+        let r = self.requests.get_mut(&id).expect("running request exists");
+        r.recomputed_tokens += r.num_computed as u64;
+        self.stats.recomputed_tokens += r.num_computed as u64;
+        r.num_computed = 0;
+        r.preemptions += 1;
+        r.state = RequestState::Waiting;
+        self.stats.preemptions += 1;
+        self.waiting.push_front(id);
+    }
+
+    /// The executor computed `n` more tokens of `id`; their full blocks join the prefix cache.
+    pub fn computed(&mut self, id: ReqId, n: usize) {
+        if let Some(r) = self.requests.get_mut(&id) {
+            r.num_computed += n;
+            self.kv.register_computed(id, r.num_computed, &r.prompt_block_hashes);
+        }
+    }
+
+    /// Record a sampled token for a running request.
+    pub fn push_token(&mut self, id: ReqId, token: u32, now: f64) {
+        if let Some(r) = self.requests.get_mut(&id) {
+            r.push_token(token, now);
+        }
+    }
+
+    /// End a request, free its blocks and hand it back. Normal finishes feed the length history.
+    pub fn finish(&mut self, id: ReqId, reason: FinishReason, now: f64) -> Result<Request> {
+        let mut r = self.requests.remove(&id).ok_or(HoraeError::UnknownRequest(id))?;
+        if let Some(pos) = self.running.iter().position(|&x| x == id) {
+            self.running.remove(pos);
+        } else if let Some(pos) = self.waiting.iter().position(|&x| x == id) {
+            self.waiting.remove(pos);
+        }
+        self.kv.free(id);
+        r.state = RequestState::Finished(reason);
+        r.times.finished = Some(now);
+        if reason != FinishReason::Aborted {
+            self.policy.record_finished(r.output.len());
+        }
+        Ok(r)
+    }
+
+    /// Test helper: block manager invariants plus "every running request holds blocks, no waiting
+    /// one does".
+    pub fn check_invariants(&self) -> std::result::Result<(), String> {
+        self.kv.check_invariants()?;
+        for id in &self.waiting {
+            if self.kv.contains(*id) {
+                return Err(format!("waiting request {id} holds blocks"));
+            }
+        }
+        if self.kv.num_sequences() != self.running.len() {
+            return Err(format!("{} block tables for {} running", self.kv.num_sequences(), self.running.len()));
+        }
+        if self.waiting.len() + self.running.len() != self.requests.len() {
+            return Err("a live request is neither waiting nor running".into());
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,247 @@
+//! Per-request records, SLA checks and the summary every study reports.
+
+use serde::Serialize;
+
+use crate::engine::{FinishReason, Request};
+
+/// Latency bounds a request must meet to count towards goodput; `None` means unbounded.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct Sla {
+    pub ttft: Option<f64>,
+    pub tpot: Option<f64>,
+    /// Largest gap between two consecutive tokens (the Past-Future paper's bound).
+    pub max_itl: Option<f64>,
+    pub e2e: Option<f64>,
+}
+
+impl Sla {
+    /// The paper's SLA for a 7B-class model: TTFT <= 10 s and no gap between tokens over 1.5 s.
+    pub fn paper() -> Self {
+        Sla { ttft: Some(10.0), max_itl: Some(1.5), ..Default::default() }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct RequestRecord {
+    pub id: u64,
+    pub arrival: f64,
+    /// NaN for a request that was rejected (never fit) or never produced that event.
+    pub first_scheduled: f64,
+    pub first_token: f64,
+    pub finished: f64,
+    pub prompt_len: u32,
+    pub output_len: u32,
+    pub max_itl: f64,
+    pub preemptions: u32,
+    pub recomputed_tokens: u64,
+    pub cached_tokens: u64,
+    pub rejected: bool,
+    /// Finished by a stop token or `max_tokens` (not aborted, not rejected).
+    pub completed: bool,
+}
+
+impl RequestRecord {
+    pub fn from_request(r: &Request) -> Self {
+        let nan = f64::NAN;
+        Self {
+            id: r.id,
+            arrival: r.times.arrival,
+            first_scheduled: r.times.first_scheduled.unwrap_or(nan),
+            first_token: r.times.first_token.unwrap_or(nan),
+            finished: r.times.finished.unwrap_or(nan),
+            prompt_len: r.prompt_len() as u32,
+            output_len: r.output.len() as u32,
+            max_itl: r.times.max_itl,
+            preemptions: r.preemptions,
+            recomputed_tokens: r.recomputed_tokens,
+            cached_tokens: r.cached_tokens,
+            rejected: false,
+            completed: matches!(r.finish_reason(), Some(FinishReason::Stop | FinishReason::Length)),
+        }
+    }
+
+    pub fn rejected(id: u64, arrival: f64, prompt_len: u32) -> Self {
+        let nan = f64::NAN;
+        Self {
+            id,
+            arrival,
+            first_scheduled: nan,
+            first_token: nan,
+            finished: nan,
+            prompt_len,
+            output_len: 0,
+            max_itl: 0.0,
+            preemptions: 0,
+            recomputed_tokens: 0,
+            cached_tokens: 0,
+            rejected: true,
+            completed: false,
+        }
+    }
+
+    pub fn ttft(&self) -> f64 {
+        self.first_token - self.arrival
+    }
+    /// Mean time per output token after the first.
+    pub fn tpot(&self) -> f64 {
+        if self.output_len > 1 {
+            (self.finished - self.first_token) / (self.output_len - 1) as f64
+        } else {
+            0.0
+        }
+    }
+    pub fn e2e(&self) -> f64 {
+        self.finished - self.arrival
+    }
+
+    pub fn meets(&self, sla: &Sla) -> bool {
+        let ok = |bound: Option<f64>, v: f64| bound.is_none_or(|b| v <= b);
+        self.completed
+            && ok(sla.ttft, self.ttft())
+            && ok(sla.tpot, self.tpot())
+            && ok(sla.max_itl, self.max_itl)
+            && ok(sla.e2e, self.e2e())
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct Percentiles {
+    pub p50: f64,
+    pub p90: f64,
+    pub p99: f64,
+    pub mean: f64,
+}
+
+impl Percentiles {
+    pub fn of(mut v: Vec<f64>) -> Self {
+        v.retain(|x| x.is_finite());
+        if v.is_empty() {
+            return Self { p50: f64::NAN, p90: f64::NAN, p99: f64::NAN, mean: f64::NAN };
+        }
+        v.sort_by(f64::total_cmp);
+        // Linear interpolation between order statistics (numpy's default).
+        let q = |p: f64| {
+            let x = p * (v.len() - 1) as f64;
+            let (lo, hi) = (x.floor() as usize, x.ceil() as usize);
+            v[lo] + (v[hi] - v[lo]) * (x - lo as f64)
+        };
+        Self { p50: q(0.5), p90: q(0.9), p99: q(0.99), mean: v.iter().sum::<f64>() / v.len() as f64 }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct Summary {
+    pub num_requests: usize,
+    pub completed: usize,
+    pub rejected: usize,
+    pub met_sla: usize,
+    /// First arrival to last finish, seconds.
+    pub duration: f64,
+    pub throughput_rps: f64,
+    /// (prompt + output tokens) of completed requests per second.
+    pub throughput_tps: f64,
+    pub goodput_rps: f64,
+    /// (prompt + output tokens) of requests meeting the SLA per second: the paper's goodput.
+    pub goodput_tps: f64,
+    pub sla_attainment: f64,
+    pub ttft: Percentiles,
+    pub tpot: Percentiles,
+    pub max_itl: Percentiles,
+    pub e2e: Percentiles,
+    pub queue_delay: Percentiles,
+    pub preemptions: u64,
+    pub preempted_requests: usize,
+    pub recomputed_tokens: u64,
+    pub cached_prompt_tokens: u64,
+    pub mean_kv_usage: f64,
+    pub peak_kv_usage: f64,
+}
+
+impl Summary {
+    pub fn new(records: &[RequestRecord], sla: &Sla, kv_usage: &[(f64, f64)]) -> Self {
+        let done: Vec<&RequestRecord> = records.iter().filter(|r| r.completed).collect();
+        let good: Vec<&RequestRecord> = done.iter().copied().filter(|r| r.meets(sla)).collect();
+        let start = records.iter().map(|r| r.arrival).fold(f64::INFINITY, f64::min);
+        let end = done.iter().map(|r| r.finished).fold(f64::NEG_INFINITY, f64::max);
+        let duration = if end > start { end - start } else { 0.0 };
+        let per_s = |x: f64| if duration > 0.0 { x / duration } else { 0.0 };
+        let tokens = |rs: &[&RequestRecord]| rs.iter().map(|r| (r.prompt_len + r.output_len) as f64).sum::<f64>();
+        let pct = |f: fn(&RequestRecord) -> f64| Percentiles::of(done.iter().map(|r| f(r)).collect());
+        // Time-weighted KV usage: each sample holds from the previous sample's time to its own.
+        let (mut area, mut span, mut prev, mut peak) = (0.0, 0.0, None::<f64>, 0.0f64);
+        for &(t, u) in kv_usage {
+            if let Some(p) = prev {
+                area += u * (t - p);
+                span += t - p;
+            }
+            prev = Some(t);
+            peak = peak.max(u);
+        }
+        Self {
+            num_requests: records.len(),
+            completed: done.len(),
+            rejected: records.iter().filter(|r| r.rejected).count(),
+            met_sla: good.len(),
+            duration,
+            throughput_rps: per_s(done.len() as f64),
+            throughput_tps: per_s(tokens(&done)),
+            goodput_rps: per_s(good.len() as f64),
+            goodput_tps: per_s(tokens(&good)),
+            sla_attainment: if records.is_empty() { 0.0 } else { good.len() as f64 / records.len() as f64 },
+            ttft: pct(RequestRecord::ttft),
+            tpot: pct(RequestRecord::tpot),
+            max_itl: pct(|r| r.max_itl),
+            e2e: pct(RequestRecord::e2e),
+            queue_delay: pct(|r| r.first_scheduled - r.arrival),
+            preemptions: records.iter().map(|r| r.preemptions as u64).sum(),
+            preempted_requests: records.iter().filter(|r| r.preemptions > 0).count(),
+            recomputed_tokens: records.iter().map(|r| r.recomputed_tokens).sum(),
+            cached_prompt_tokens: records.iter().map(|r| r.cached_tokens).sum(),
+            mean_kv_usage: if span > 0.0 { area / span } else { 0.0 },
+            peak_kv_usage: peak,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(arrival: f64, first: f64, finished: f64, out: u32, itl: f64) -> RequestRecord {
+        RequestRecord {
+            first_scheduled: arrival,
+            first_token: first,
+            finished,
+            output_len: out,
+            max_itl: itl,
+            completed: true,
+            rejected: false,
+            ..RequestRecord::rejected(0, arrival, 100)
+        }
+    }
+
+    #[test]
+    fn goodput_counts_only_requests_within_the_sla() {
+        let records = vec![
+            rec(0.0, 1.0, 11.0, 11, 1.0),  // ok
+            rec(0.0, 12.0, 20.0, 9, 1.0),  // ttft 12 > 10
+            rec(1.0, 2.0, 20.0, 10, 2.0),  // max gap 2 > 1.5
+            RequestRecord::rejected(3, 2.0, 50),
+        ];
+        let s = Summary::new(&records, &Sla::paper(), &[]);
+        assert_eq!((s.completed, s.met_sla, s.rejected), (3, 1, 1));
+        assert_eq!(s.duration, 20.0);
+        assert!((s.goodput_rps - 1.0 / 20.0).abs() < 1e-12);
+        assert!((s.goodput_tps - 111.0 / 20.0).abs() < 1e-12);
+        assert!((s.throughput_tps - (111.0 + 109.0 + 110.0) / 20.0).abs() < 1e-12);
+        assert!((records[0].tpot() - 1.0).abs() < 1e-12);
+        assert!((s.sla_attainment - 0.25).abs() < 1e-12);
+    }
+
+    #[test]
+    fn percentiles_interpolate_like_numpy() {
+        let p = Percentiles::of((1..=100).map(f64::from).collect());
+        assert!((p.p50 - 50.5).abs() < 1e-12 && (p.p90 - 90.1).abs() < 1e-12 && (p.p99 - 99.01).abs() < 1e-9);
+        assert!(Percentiles::of(vec![]).p50.is_nan());
+    }
+}

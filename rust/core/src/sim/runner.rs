@@ -1,0 +1,145 @@
+//! Drive the real engine loop (scheduler, block manager, step loop) with the simulated executor
+//! on a virtual clock, under open-loop (trace arrivals) or closed-loop (N clients) load.
+
+use std::sync::Arc;
+
+use super::cost_model::CostModel;
+use super::executor::SimExecutor;
+use super::report::{RequestRecord, Sla, Summary};
+use super::trace::Trace;
+use crate::engine::{Engine, Prompt, RequestSpec, StepSample, VirtualClock};
+use crate::error::{HoraeError, Result};
+use crate::sched::{SchedulerConfig, Scheduler, SchedulerStats, TrueLengths};
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum LoadModel {
+    /// Requests arrive at the trace's timestamps (scale them beforehand to change the rate).
+    Open,
+    /// `clients` users, each sending its next request the moment the previous one finishes.
+    Closed { clients: usize },
+}
+
+#[derive(Debug, Clone)]
+pub struct SimConfig {
+    pub sched: SchedulerConfig,
+    pub cost: CostModel,
+    /// The client's bound on every request's output; never the true length.
+    pub max_tokens: usize,
+    pub load: LoadModel,
+}
+
+#[derive(Debug, Clone)]
+pub struct SimResult {
+    pub policy: String,
+    /// One per trace request, in trace order.
+    pub records: Vec<RequestRecord>,
+    pub steps: Vec<StepSample>,
+    pub stats: SchedulerStats,
+    pub prefix_hit_rate: f64,
+}
+
+impl SimResult {
+    pub fn summary(&self, sla: &Sla) -> Summary {
+        let usage: Vec<(f64, f64)> = self.steps.iter().map(|s| (s.time, s.kv_usage as f64)).collect();
+        Summary::new(&self.records, sla, &usage)
+    }
+}
+
+pub fn simulate(trace: &Trace, cfg: &SimConfig) -> Result<SimResult> {
+    if cfg.max_tokens == 0 {
+        return Err(HoraeError::InvalidConfig("max_tokens must be at least 1".into()));
+    }
+    if let LoadModel::Closed { clients: 0 } = cfg.load {
+        return Err(HoraeError::InvalidConfig("closed-loop load needs at least one client".into()));
+    }
+    if cfg.load == LoadModel::Open && !trace.timed {
+        return Err(HoraeError::InvalidConfig(format!(
+            "trace '{}' has no arrival times: assign a request rate, or use closed-loop clients",
+            trace.name
+        )));
+    }
+    let reqs = &trace.requests;
+    let true_lengths: Arc<Vec<u32>> = Arc::new(reqs.iter().map(|r| r.output_len).collect());
+    let oracle: TrueLengths = {
+        let t = Arc::clone(&true_lengths);
+        Arc::new(move |id| t.get(id as usize).map(|&x| x as usize))
+    };
+    // The oracle's lengths are handed to the scheduler only when the oracle policy is chosen.
+    let sched = Scheduler::new(cfg.sched.clone(), Some(oracle))?;
+    let policy = sched.policy_name().to_string();
+    let exec = SimExecutor::new(cfg.cost.clone(), true_lengths);
+    let mut engine = Engine::new(sched, Box::new(exec), Box::new(VirtualClock::default()));
+
+    let mut records: Vec<Option<RequestRecord>> = vec![None; reqs.len()];
+    let mut steps = Vec::new();
+    let mut next = 0usize;
+    // Submit request `i` at time `t`; a request that can never fit is recorded as rejected.
+    let submit = |engine: &mut Engine, records: &mut Vec<Option<RequestRecord>>, i: usize, t: f64| -> Result<bool> {
+        let r = &reqs[i];
+        let spec = RequestSpec {
+            prompt: Prompt::Synthetic {
+                len: r.prompt_len as usize,
+                prefix_ids: r.prefix_ids.clone(),
+                unit: trace.prefix_unit.max(1),
+            },
+            max_tokens: cfg.max_tokens,
+            ignore_eos: false,
+            arrival: Some(t),
+        };
+        match engine.add_request_with_id(i as u64, spec) {
+            Ok(()) => Ok(true),
+            Err(HoraeError::InvalidRequest { .. }) => {
+                records[i] = Some(RequestRecord::rejected(i as u64, t, r.prompt_len));
+                Ok(false)
+            }
+            Err(e) => Err(e),
+        }
+    };
+
+    if let LoadModel::Closed { clients } = cfg.load {
+        let mut active = 0;
+        while active < clients && next < reqs.len() {
+            active += usize::from(submit(&mut engine, &mut records, next, 0.0)?);
+            next += 1;
+        }
+    }
+    loop {
+        if cfg.load == LoadModel::Open {
+            while next < reqs.len() && reqs[next].arrival <= engine.now() {
+                submit(&mut engine, &mut records, next, reqs[next].arrival)?;
+                next += 1;
+            }
+        }
+        if !engine.has_work() {
+            if cfg.load == LoadModel::Open && next < reqs.len() {
+                engine.advance_clock_to(reqs[next].arrival);
+                continue;
+            }
+            break;
+        }
+        let out = engine.step()?;
+        steps.extend(out.sample);
+        for r in out.finished {
+            records[r.id as usize] = Some(RequestRecord::from_request(&r));
+            if let LoadModel::Closed { .. } = cfg.load {
+                // The client that got this answer sends its next request (skipping rejected ones).
+                let now = engine.now();
+                while next < reqs.len() {
+                    let accepted = submit(&mut engine, &mut records, next, now)?;
+                    next += 1;
+                    if accepted {
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    let stats = engine.scheduler().stats();
+    let prefix_hit_rate = engine.scheduler().kv().pool().hit_rate();
+    let records = records
+        .into_iter()
+        .enumerate()
+        .map(|(i, r)| r.ok_or_else(|| HoraeError::Stalled(format!("request {i} never finished"))))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(SimResult { policy, records, steps, stats, prefix_hit_rate })
+}

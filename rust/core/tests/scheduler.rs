@@ -1,0 +1,229 @@
+//! The engine loop with the simulated executor: every policy, bad input, preemption, chunked
+//! prefill, prefix caching, checked against the block manager's invariants after every step.
+
+use std::sync::Arc;
+
+use horae_core::engine::{Engine, FinishReason, Prompt, RequestSpec, VirtualClock};
+use horae_core::sched::{PolicyKind, Scheduler, SchedulerConfig};
+use horae_core::sim::{self, CostModel, LoadModel, SimConfig, SimExecutor, Trace, TraceRequest};
+use horae_core::HoraeError;
+
+fn trace(lens: &[(u32, u32)], gap: f64) -> Trace {
+    Trace {
+        name: "t".into(),
+        requests: lens
+            .iter()
+            .enumerate()
+            .map(|(i, &(p, o))| TraceRequest { arrival: i as f64 * gap, prompt_len: p, output_len: o, prefix_ids: vec![] })
+            .collect(),
+        timed: true,
+        prefix_unit: 512,
+    }
+}
+
+fn cfg(policy: PolicyKind, kv: usize) -> SimConfig {
+    SimConfig {
+        sched: SchedulerConfig { policy, kv_cache_tokens: kv, max_output_bound: 512, history_window: 50, ..Default::default() },
+        cost: CostModel::roofline("llama-2-7b", "a100-80gb").unwrap(),
+        max_tokens: 512,
+        load: LoadModel::Open,
+    }
+}
+
+/// A pseudo-random mixed workload: prompts 20-400, outputs 1-300.
+fn mixed(n: usize) -> Vec<(u32, u32)> {
+    let mut x = 12345u64;
+    (0..n)
+        .map(|_| {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (20 + (x >> 33) as u32 % 380, 1 + (x >> 17) as u32 % 300)
+        })
+        .collect()
+}
+
+/// Drive an engine by hand so invariants can be checked after every step.
+fn run_checked(t: &Trace, c: &SimConfig) -> Vec<horae_core::engine::Request> {
+    let lengths: Arc<Vec<u32>> = Arc::new(t.requests.iter().map(|r| r.output_len).collect());
+    let l2 = lengths.clone();
+    let sched = Scheduler::new(c.sched.clone(), Some(Arc::new(move |id| l2.get(id as usize).map(|&x| x as usize)))).unwrap();
+    let mut e = Engine::new(sched, Box::new(SimExecutor::new(c.cost.clone(), lengths)), Box::new(VirtualClock::default()));
+    for (i, r) in t.requests.iter().enumerate() {
+        let spec = RequestSpec {
+            prompt: Prompt::Synthetic { len: r.prompt_len as usize, prefix_ids: vec![], unit: 1 },
+            max_tokens: c.max_tokens,
+            ignore_eos: false,
+            arrival: Some(0.0),
+        };
+        e.add_request_with_id(i as u64, spec).unwrap();
+    }
+    let mut done = Vec::new();
+    let mut steps = 0;
+    while e.has_work() {
+        let out = e.step().unwrap();
+        e.scheduler().check_invariants().unwrap();
+        let kv = e.scheduler().kv();
+        assert!(kv.pool().num_used() <= kv.pool().num_total());
+        done.extend(out.finished);
+        steps += 1;
+        assert!(steps < 1_000_000, "no progress");
+    }
+    done
+}
+
+#[test]
+fn every_policy_finishes_every_request_with_exact_lengths() {
+    let t = trace(&mixed(150), 0.0);
+    for policy in PolicyKind::ALL {
+        let done = run_checked(&t, &cfg(policy, 6000));
+        assert_eq!(done.len(), 150, "{policy}");
+        for r in &done {
+            let truth = t.requests[r.id as usize].output_len as usize;
+            assert_eq!(r.output.len(), truth, "{policy}: request {} length", r.id);
+            assert_eq!(r.finish_reason(), Some(FinishReason::Stop));
+        }
+    }
+}
+
+#[test]
+fn conservative_never_preempts_and_aggressive_does_under_pressure() {
+    let t = trace(&mixed(150), 0.0);
+    let run = |p| sim::simulate(&t, &cfg(p, 6000)).unwrap();
+    let cons = run(PolicyKind::Conservative);
+    let aggr = run(PolicyKind::Aggressive);
+    assert_eq!(cons.stats.preemptions, 0);
+    assert!(aggr.stats.preemptions > 0, "a 6k-token pool under 150 queued requests must overflow");
+    assert!(aggr.stats.recomputed_tokens > 0);
+    let preempted: u64 = aggr.records.iter().map(|r| r.preemptions as u64).sum();
+    assert_eq!(preempted, aggr.stats.preemptions, "every preemption is counted on its request");
+}
+
+#[test]
+fn oracle_with_token_blocks_never_preempts() {
+    // block_size 1: the oracle's token-exact peak is the real peak, so it never overcommits.
+    let t = trace(&mixed(150), 0.0);
+    let mut c = cfg(PolicyKind::Oracle, 6000);
+    c.sched.block_size = 1;
+    let r = sim::simulate(&t, &c).unwrap();
+    assert_eq!(r.stats.preemptions, 0);
+    let peak = r.steps.iter().map(|s| s.kv_usage).fold(0.0f32, f32::max);
+    assert!(peak > 0.8, "the oracle packs the pool (peak usage {peak})");
+}
+
+#[test]
+fn past_future_preempts_less_than_aggressive_and_queues_less_than_conservative() {
+    let t = trace(&mixed(400), 0.0);
+    let run = |p| sim::simulate(&t, &cfg(p, 8000)).unwrap();
+    let (pf, ag, co) = (run(PolicyKind::PastFuture), run(PolicyKind::Aggressive), run(PolicyKind::Conservative));
+    assert!(pf.stats.preemptions < ag.stats.preemptions, "pf {} vs aggressive {}", pf.stats.preemptions, ag.stats.preemptions);
+    assert!(pf.stats.preemptions < 400 / 10, "past-future preempted {} of 400", pf.stats.preemptions);
+    let makespan = |r: &sim::SimResult| r.records.iter().map(|x| x.finished).fold(0.0, f64::max);
+    assert!(makespan(&pf) < makespan(&co), "pf {} vs conservative {}", makespan(&pf), makespan(&co));
+}
+
+#[test]
+fn chunked_prefill_spreads_a_long_prompt_over_steps() {
+    let t = trace(&[(1000, 3)], 0.0);
+    let mut c = cfg(PolicyKind::PastFuture, 4096);
+    c.sched.max_batched_tokens = 256;
+    let r = sim::simulate(&t, &c).unwrap();
+    // 1000 prompt tokens at 256 a step = 4 steps, the last one samples token 1; then 2 decodes.
+    assert_eq!(r.steps.len(), 6);
+    assert_eq!(r.steps.iter().map(|s| s.batched_tokens).collect::<Vec<_>>(), vec![256, 256, 256, 232, 1, 1]);
+    assert_eq!(r.records[0].output_len, 3);
+}
+
+#[test]
+fn mooncake_style_prefixes_hit_the_cache() {
+    let mut t = trace(&[(2048, 4), (2048, 4), (1536, 4)], 100.0);
+    t.requests[0].prefix_ids = vec![1, 2, 3, 4];
+    t.requests[1].prefix_ids = vec![1, 2, 3, 9];
+    t.requests[2].prefix_ids = vec![7, 8, 9];
+    let r = sim::simulate(&t, &cfg(PolicyKind::PastFuture, 20_000)).unwrap();
+    assert_eq!(r.records[0].cached_tokens, 0);
+    assert_eq!(r.records[1].cached_tokens, 3 * 512, "three shared 512-token units");
+    assert_eq!(r.records[2].cached_tokens, 0);
+    assert!(r.prefix_hit_rate > 0.0);
+}
+
+#[test]
+fn closed_loop_keeps_n_clients_busy() {
+    let mut t = trace(&mixed(60), 0.0);
+    t.timed = false;
+    let mut c = cfg(PolicyKind::PastFuture, 100_000);
+    assert!(sim::simulate(&t, &c).is_err(), "open loop needs arrival times");
+    c.load = LoadModel::Closed { clients: 4 };
+    let r = sim::simulate(&t, &c).unwrap();
+    assert!(r.steps.iter().all(|s| s.running + s.waiting <= 4));
+    assert_eq!(r.records.iter().filter(|x| x.completed).count(), 60);
+    c.load = LoadModel::Closed { clients: 0 };
+    assert!(sim::simulate(&t, &c).is_err());
+}
+
+#[test]
+fn requests_that_can_never_fit_are_rejected_and_the_rest_run() {
+    let t = trace(&[(100, 10), (5000, 10), (100, 10)], 0.0);
+    let r = sim::simulate(&t, &cfg(PolicyKind::Conservative, 2048)).unwrap();
+    assert!(r.records[1].rejected && !r.records[1].completed);
+    assert!(r.records[0].completed && r.records[2].completed);
+}
+
+#[test]
+fn bad_input_gets_clear_errors() {
+    let bad = |c: SchedulerConfig| Scheduler::new(c, None).err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(bad(SchedulerConfig { block_size: 0, ..Default::default() }).contains("block_size"));
+    assert!(bad(SchedulerConfig { kv_cache_tokens: 8, ..Default::default() }).contains("smaller than one block"));
+    assert!(bad(SchedulerConfig { max_num_seqs: 0, ..Default::default() }).contains("max_num_seqs"));
+    assert!(bad(SchedulerConfig { reserve: 1.5, ..Default::default() }).contains("reserve"));
+    assert!(bad(SchedulerConfig { policy: PolicyKind::Oracle, ..Default::default() }).contains("true output lengths"));
+    assert!(matches!("fifo".parse::<PolicyKind>(), Err(HoraeError::UnknownScheduler(_))));
+
+    let c = cfg(PolicyKind::PastFuture, 1024);
+    let lengths = Arc::new(vec![5u32; 8]);
+    let sched = Scheduler::new(c.sched.clone(), None).unwrap();
+    let mut e = Engine::new(sched, Box::new(SimExecutor::new(c.cost.clone(), lengths)), Box::new(VirtualClock::default()));
+    let spec = |len: usize, max_tokens: usize| RequestSpec {
+        prompt: Prompt::Tokens((0..len as u32).collect()),
+        max_tokens,
+        ignore_eos: false,
+        arrival: None,
+    };
+    let msg = |r: Result<u64, HoraeError>| r.unwrap_err().to_string();
+    assert!(msg(e.add_request(spec(0, 5))).contains("prompt is empty"));
+    assert!(msg(e.add_request(spec(10, 0))).contains("max_tokens"));
+    assert!(msg(e.add_request(spec(1000, 100))).contains("exceeds the whole KV pool"));
+    let ok = e.add_request(spec(10, 5)).unwrap();
+    assert!(matches!(e.add_request_with_id(ok, spec(10, 5)), Err(HoraeError::DuplicateRequest(_))));
+    assert!(matches!(e.abort(99), Err(HoraeError::UnknownRequest(99))));
+    // The valid request still runs to completion after all that.
+    let mut finished = vec![];
+    while e.has_work() {
+        finished.extend(e.step().unwrap().finished);
+    }
+    assert_eq!(finished.len(), 1);
+    assert_eq!(finished[0].output.len(), 5);
+}
+
+#[test]
+fn abort_frees_blocks_at_once() {
+    let c = cfg(PolicyKind::Aggressive, 4096);
+    let lengths = Arc::new(vec![1000u32; 4]);
+    let sched = Scheduler::new(c.sched.clone(), None).unwrap();
+    let mut e = Engine::new(sched, Box::new(SimExecutor::new(c.cost.clone(), lengths)), Box::new(VirtualClock::default()));
+    for _ in 0..3 {
+        let spec = RequestSpec { prompt: Prompt::Tokens(vec![7; 300]), max_tokens: 500, ignore_eos: false, arrival: None };
+        e.add_request(spec).unwrap();
+    }
+    for _ in 0..5 {
+        e.step().unwrap();
+    }
+    let used = e.scheduler().kv().pool().num_used();
+    assert!(used > 0);
+    let r = e.abort(1).unwrap();
+    assert_eq!(r.finish_reason(), Some(FinishReason::Aborted));
+    assert!(e.scheduler().kv().pool().num_used() < used);
+    e.scheduler().check_invariants().unwrap();
+    while e.has_work() {
+        e.step().unwrap();
+    }
+    assert_eq!(e.scheduler().kv().pool().num_used(), 0);
+}
