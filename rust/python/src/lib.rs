@@ -1,1 +1,252 @@
+//! `horae._core`: thin PyO3 wrappers over horae-core. Types and errors cross here; no logic lives
+//! here that Python or Rust users would need twice.
 
+use std::path::PathBuf;
+
+use horae_core::sched::{bench::admission_benchmark, PolicyKind, SchedulerConfig};
+use horae_core::sim::{self, CostModel, LengthDist, LoadModel, SimConfig, Sla, StepFeatures, Trace, TraceFormat};
+use horae_core::HoraeError;
+use numpy::{IntoPyArray, PyReadonlyArray1};
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+
+pyo3::create_exception!(_core, HoraeCoreError, PyValueError, "An error reported by horae's Rust core.");
+
+fn to_py(e: HoraeError) -> PyErr {
+    HoraeCoreError::new_err(e.to_string())
+}
+
+/// A request trace: arrival times and prompt/output lengths.
+#[pyclass(name = "Trace", module = "horae._core", frozen)]
+#[derive(Clone)]
+struct PyTrace {
+    inner: Trace,
+}
+
+#[pymethods]
+impl PyTrace {
+    #[getter]
+    fn name(&self) -> String {
+        self.inner.name.clone()
+    }
+    /// Whether the requests have arrival times (length-only sets need `with_arrivals`).
+    #[getter]
+    fn timed(&self) -> bool {
+        self.inner.timed
+    }
+    fn __len__(&self) -> usize {
+        self.inner.requests.len()
+    }
+    fn __repr__(&self) -> String {
+        let span = self.inner.requests.last().map_or(0.0, |r| r.arrival);
+        format!(
+            "Trace(name={:?}, requests={}, timed={}, span={:.1}s)",
+            self.inner.name,
+            self.inner.requests.len(),
+            self.inner.timed,
+            span
+        )
+    }
+    fn arrivals<'py>(&self, py: Python<'py>) -> Bound<'py, numpy::PyArray1<f64>> {
+        self.inner.requests.iter().map(|r| r.arrival).collect::<Vec<_>>().into_pyarray(py)
+    }
+    fn prompt_lens<'py>(&self, py: Python<'py>) -> Bound<'py, numpy::PyArray1<u32>> {
+        self.inner.requests.iter().map(|r| r.prompt_len).collect::<Vec<_>>().into_pyarray(py)
+    }
+    fn output_lens<'py>(&self, py: Python<'py>) -> Bound<'py, numpy::PyArray1<u32>> {
+        self.inner.requests.iter().map(|r| r.output_len).collect::<Vec<_>>().into_pyarray(py)
+    }
+    /// The first `n` requests.
+    fn head(&self, n: usize) -> PyResult<Self> {
+        if n == 0 {
+            return Err(HoraeCoreError::new_err("head(n) needs n >= 1"));
+        }
+        let mut t = self.inner.clone();
+        t.requests.truncate(n);
+        Ok(Self { inner: t })
+    }
+    /// The same requests arriving `scale` times as fast.
+    fn scaled(&self, scale: f64) -> PyResult<Self> {
+        if !self.inner.timed {
+            return Err(HoraeCoreError::new_err("this trace has no arrival times; use with_arrivals(rate) first"));
+        }
+        Ok(Self { inner: sim::scale_rate(&self.inner, scale).map_err(to_py)? })
+    }
+    /// New arrival times from a Gamma process (burstiness 1 = Poisson) at `rate` requests/s.
+    #[pyo3(signature = (rate, burstiness = 1.0, seed = 0))]
+    fn with_arrivals(&self, rate: f64, burstiness: f64, seed: u64) -> PyResult<Self> {
+        let mut t = self.inner.clone();
+        sim::assign_arrivals(&mut t, rate, burstiness, seed).map_err(to_py)?;
+        Ok(Self { inner: t })
+    }
+}
+
+#[pyfunction]
+#[pyo3(signature = (path, format = None))]
+fn load_trace(py: Python<'_>, path: PathBuf, format: Option<&str>) -> PyResult<PyTrace> {
+    let format = format.map(str::parse::<TraceFormat>).transpose().map_err(to_py)?;
+    let inner = py.detach(|| sim::load_trace(&path, format)).map_err(to_py)?;
+    Ok(PyTrace { inner })
+}
+
+#[pyfunction]
+#[pyo3(signature = (dist, n, seed = 0))]
+fn synthetic_trace(dist: &str, n: usize, seed: u64) -> PyResult<PyTrace> {
+    let dist: LengthDist = dist.parse().map_err(to_py)?;
+    Ok(PyTrace { inner: sim::synthetic(dist, n, seed).map_err(to_py)? })
+}
+
+/// Run one scheduler over one trace in the simulator. Returns (summary JSON, per-request arrays,
+/// per-step arrays).
+#[pyfunction]
+#[pyo3(signature = (
+    trace, scheduler, *, clients = None, model = "llama-2-7b", hardware = "a100-80gb",
+    cost_coef = None, kv_cache_tokens = 120_000, block_size = 16, max_num_seqs = 256,
+    max_batched_tokens = 2048, max_tokens = 4096, prefix_caching = true, history_window = 1000,
+    reserve = 0.05, watermark = 0.95, seed = 0, ttft = None, tpot = None, max_itl = None, e2e = None,
+))]
+#[allow(clippy::too_many_arguments)]
+fn simulate<'py>(
+    py: Python<'py>,
+    trace: &PyTrace,
+    scheduler: &str,
+    clients: Option<usize>,
+    model: &str,
+    hardware: &str,
+    cost_coef: Option<[f64; 4]>,
+    kv_cache_tokens: usize,
+    block_size: usize,
+    max_num_seqs: usize,
+    max_batched_tokens: usize,
+    max_tokens: usize,
+    prefix_caching: bool,
+    history_window: usize,
+    reserve: f64,
+    watermark: f64,
+    seed: u64,
+    ttft: Option<f64>,
+    tpot: Option<f64>,
+    max_itl: Option<f64>,
+    e2e: Option<f64>,
+) -> PyResult<(String, Bound<'py, PyDict>, Bound<'py, PyDict>)> {
+    let policy: PolicyKind = scheduler.parse().map_err(to_py)?;
+    let cost = match cost_coef {
+        Some(coef) => CostModel::Linear { coef },
+        None => CostModel::roofline(model, hardware).map_err(to_py)?,
+    };
+    let cfg = SimConfig {
+        sched: SchedulerConfig {
+            policy,
+            kv_cache_tokens,
+            block_size,
+            max_num_seqs,
+            max_batched_tokens,
+            prefix_caching,
+            history_window,
+            max_output_bound: max_tokens.max(1),
+            reserve,
+            watermark,
+            seed,
+        },
+        cost,
+        max_tokens,
+        load: clients.map_or(LoadModel::Open, |clients| LoadModel::Closed { clients }),
+    };
+    let sla = Sla { ttft, tpot, max_itl, e2e };
+    let inner = &trace.inner;
+    let (result, summary) = py
+        .detach(|| {
+            let r = sim::simulate(inner, &cfg)?;
+            let s = r.summary(&sla);
+            Ok::<_, HoraeError>((r, s))
+        })
+        .map_err(to_py)?;
+    let mut summary = serde_json::to_value(summary).map_err(|e| HoraeCoreError::new_err(e.to_string()))?;
+    summary["policy"] = result.policy.clone().into();
+    summary["prefix_hit_rate"] = result.prefix_hit_rate.into();
+    summary["num_steps"] = result.steps.len().into();
+
+    let recs = &result.records;
+    let req = PyDict::new(py);
+    macro_rules! col {
+        ($dict:ident, $name:literal, $src:expr, $f:expr) => {
+            $dict.set_item($name, $src.iter().map($f).collect::<Vec<_>>().into_pyarray(py))?;
+        };
+    }
+    col!(req, "arrival", recs, |r| r.arrival);
+    col!(req, "first_scheduled", recs, |r| r.first_scheduled);
+    col!(req, "first_token", recs, |r| r.first_token);
+    col!(req, "finished", recs, |r| r.finished);
+    col!(req, "prompt_len", recs, |r| r.prompt_len);
+    col!(req, "output_len", recs, |r| r.output_len);
+    col!(req, "ttft", recs, |r| r.ttft());
+    col!(req, "tpot", recs, |r| r.tpot());
+    col!(req, "max_itl", recs, |r| r.max_itl);
+    col!(req, "e2e", recs, |r| r.e2e());
+    col!(req, "preemptions", recs, |r| r.preemptions);
+    col!(req, "recomputed_tokens", recs, |r| r.recomputed_tokens);
+    col!(req, "cached_tokens", recs, |r| r.cached_tokens);
+    col!(req, "rejected", recs, |r| r.rejected);
+    col!(req, "completed", recs, |r| r.completed);
+    col!(req, "met_sla", recs, |r| r.meets(&sla));
+
+    let steps = &result.steps;
+    let st = PyDict::new(py);
+    col!(st, "time", steps, |s| s.time);
+    col!(st, "duration", steps, |s| s.duration);
+    col!(st, "running", steps, |s| s.running);
+    col!(st, "waiting", steps, |s| s.waiting);
+    col!(st, "batched_tokens", steps, |s| s.batched_tokens);
+    col!(st, "kv_usage", steps, |s| s.kv_usage);
+    col!(st, "predicted_peak", steps, |s| s.predicted_peak.map_or(f64::NAN, |p| p as f64));
+    Ok((summary.to_string(), req, st))
+}
+
+/// Least-squares fit of `t = c0 + c1*num_tokens + c2*num_seqs + c3*attention_pairs` to measured
+/// step times; pass the result as `cost_coef` to `simulate`.
+#[pyfunction]
+fn fit_linear_cost(
+    num_tokens: PyReadonlyArray1<'_, f64>,
+    num_seqs: PyReadonlyArray1<'_, f64>,
+    attention_pairs: PyReadonlyArray1<'_, f64>,
+    seconds: PyReadonlyArray1<'_, f64>,
+) -> PyResult<[f64; 4]> {
+    let (a, b, c, t) = (num_tokens.as_slice()?, num_seqs.as_slice()?, attention_pairs.as_slice()?, seconds.as_slice()?);
+    if a.len() != t.len() || b.len() != t.len() || c.len() != t.len() {
+        return Err(HoraeCoreError::new_err("fit_linear_cost: all arrays must have the same length"));
+    }
+    let samples: Vec<(StepFeatures, f64)> = (0..t.len())
+        .map(|i| {
+            let f = StepFeatures { num_tokens: a[i], num_seqs: b[i], context_tokens: c[i], attention_pairs: c[i] };
+            (f, t[i])
+        })
+        .collect();
+    match CostModel::fit_linear(&samples).map_err(to_py)? {
+        CostModel::Linear { coef } => Ok(coef),
+        CostModel::Roofline { .. } => unreachable!("fit_linear returns a linear model"),
+    }
+}
+
+/// Microseconds per Past-Future admission decision at `running` requests, and the naive baseline.
+#[pyfunction]
+#[pyo3(signature = (running, iters = 2000, seed = 0))]
+fn bench_admission(py: Python<'_>, running: usize, iters: usize, seed: u64) -> (f64, f64, f64) {
+    let t = py.detach(|| admission_benchmark(running, iters, seed));
+    (t.first_decision_us, t.next_decision_us, t.naive_decision_us)
+}
+
+#[pymodule]
+fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("HoraeCoreError", m.py().get_type::<HoraeCoreError>())?;
+    m.add_class::<PyTrace>()?;
+    m.add_function(wrap_pyfunction!(load_trace, m)?)?;
+    m.add_function(wrap_pyfunction!(synthetic_trace, m)?)?;
+    m.add_function(wrap_pyfunction!(simulate, m)?)?;
+    m.add_function(wrap_pyfunction!(fit_linear_cost, m)?)?;
+    m.add_function(wrap_pyfunction!(bench_admission, m)?)?;
+    m.add("MODEL_PRESETS", horae_core::sim::ModelSpec::PRESETS.to_vec())?;
+    m.add("HARDWARE_PRESETS", horae_core::sim::HardwareSpec::PRESETS.to_vec())?;
+    m.add("SCHEDULERS", PolicyKind::ALL.iter().map(|p| p.as_str()).collect::<Vec<_>>())?;
+    Ok(())
+}

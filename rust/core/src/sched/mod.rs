@@ -95,7 +95,7 @@ impl Default for SchedulerConfig {
             kv_cache_tokens: 120_000,
             block_size: 16,
             max_num_seqs: 256,
-            max_batched_tokens: 8192,
+            max_batched_tokens: 2048,
             prefix_caching: true,
             history_window: 1000,
             max_output_bound: 4096,

@@ -102,7 +102,7 @@ impl AdmissionPolicy for PastFuture {
     fn admit(&mut self, c: &mut SeqLoad, _new_blocks: usize, pool: &PoolView) -> bool {
         let budget = self.budget(pool);
         let draws: Vec<Load> = (0..self.scenarios.len()).map(|k| self.load(c, k, true)).collect();
-        let worst = self.scenarios.iter().zip(&draws).map(|(f, &l)| f.peak_with(l)).max().unwrap_or(0);
+        let worst = self.scenarios.iter_mut().zip(&draws).map(|(f, &l)| f.peak_with(l)).max().unwrap_or(0);
         if worst > budget {
             return false;
         }

@@ -43,6 +43,8 @@ pub struct Forecast {
     /// Scratch for sorting.
     keys: Vec<u64>,
     scratch: Vec<u64>,
+    /// `loads` changed since the maxima were built.
+    dirty: bool,
 }
 
 /// Sort packed keys ascending. Remaining lengths below 2^16 (every realistic `max_tokens`) take
@@ -103,6 +105,7 @@ impl Forecast {
     }
 
     fn rebuild(&mut self) {
+        self.dirty = false;
         let n = self.loads.len();
         self.prefix_held.resize(n + 1, 0);
         self.prefix_max.resize(n + 1, 0);
@@ -131,11 +134,21 @@ impl Forecast {
     }
 
     pub fn peak(&self) -> u64 {
+        if self.dirty {
+            let mut p = 0u64;
+            return self.loads.iter().enumerate().fold(0, |m, (j, l)| {
+                p += l.held;
+                m.max(p + (j as u64 + 1) * l.remaining)
+            });
+        }
         *self.prefix_max.last().unwrap_or(&0)
     }
 
-    /// Peak of this batch with `c` added, in O(log n).
-    pub fn peak_with(&self, c: Load) -> u64 {
+    /// Peak of this batch with `c` added, in O(log n) (plus an O(n) rebuild after an insert).
+    pub fn peak_with(&mut self, c: Load) -> u64 {
+        if self.dirty {
+            self.rebuild();
+        }
         // Index where c goes: after every entry with remaining >= c.remaining.
         let p = self.loads.partition_point(|l| l.remaining >= c.remaining);
         let before = self.prefix_max[p];
@@ -144,11 +157,12 @@ impl Forecast {
         before.max(own).max(after)
     }
 
-    /// Add `c` to the batch (O(n)), for the next candidate of the same step.
+    /// Add `c` to the batch, for the next candidate of the same step. The O(n) rebuild waits
+    /// until a next candidate asks: most steps admit at most one request.
     pub fn insert(&mut self, c: Load) {
         let p = self.loads.partition_point(|l| l.remaining >= c.remaining);
         self.loads.insert(p, c);
-        self.rebuild();
+        self.dirty = true;
     }
 }
 

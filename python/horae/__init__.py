@@ -1,0 +1,10 @@
+"""horae: an LLM-serving core with the Past-Future scheduler.
+
+The Rust core (``horae._core``) holds the KV block manager, the schedulers, the engine loop and the
+simulator; this package is the Python front over it.
+"""
+
+from horae._core import HoraeCoreError
+
+__version__ = "0.1.0"
+__all__ = ["HoraeCoreError", "__version__"]

@@ -1,0 +1,5 @@
+import sys
+
+from horae.cli import main
+
+sys.exit(main())

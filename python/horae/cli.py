@@ -1,0 +1,161 @@
+"""`horae` command line: `horae simulate` (scheduler study on a trace) and `horae bench`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+
+def _floats(s: str) -> List[float]:
+    try:
+        vals = [float(x) for x in s.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {s!r}")
+    if not vals or any(not v > 0 for v in vals):
+        raise argparse.ArgumentTypeError(f"expected positive numbers, got {s!r}")
+    return vals
+
+
+def _ints(s: str) -> List[int]:
+    vals = _floats(s)
+    if any(v != int(v) for v in vals):
+        raise argparse.ArgumentTypeError(f"expected whole numbers, got {s!r}")
+    return [int(v) for v in vals]
+
+
+def _names(s: str) -> List[str]:
+    return [x.strip() for x in s.split(",") if x.strip()]
+
+
+def _simulate_parser(sub) -> None:
+    from horae.sim import HARDWARE_PRESETS, MODEL_PRESETS, SCHEDULERS
+
+    p = sub.add_parser("simulate", help="compare schedulers on a trace in the simulator (no GPU)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--trace", help="trace file (azure/mooncake/burstgpt csv or jsonl, sharegpt, castillo); "
+                     "default: the bundled 10-minute Azure conv sample")
+    src.add_argument("--synthetic", choices=["dist-1", "dist-2", "dist-3"], help="the paper's length sets")
+    p.add_argument("--format", help="trace format, if not detected from the header")
+    p.add_argument("--num-requests", type=int, help="use only the first N requests (default: all; 1000 for --synthetic)")
+    p.add_argument("--schedulers", type=_names, default=list(SCHEDULERS), help="comma-separated (default: all four)")
+    load = p.add_mutually_exclusive_group()
+    load.add_argument("--rate-scales", type=_floats, help="open loop: arrival-rate multipliers (default 0.5,0.75,1,1.25,1.5)")
+    load.add_argument("--clients", type=_ints, help="closed loop: numbers of concurrent clients, e.g. 10,20,50,100")
+    p.add_argument("--request-rate", type=float, help="req/s for traces without timestamps (sharegpt, castillo, synthetic)")
+    p.add_argument("--burstiness", type=float, default=1.0, help="gamma shape of arrivals with --request-rate (1 = Poisson)")
+    p.add_argument("--model", default="llama-2-7b", choices=MODEL_PRESETS)
+    p.add_argument("--hardware", default="a100-80gb", choices=HARDWARE_PRESETS)
+    p.add_argument("--kv-cache-tokens", type=int, default=120_000)
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-batched-tokens", type=int, default=2048)
+    p.add_argument("--max-tokens", type=int, default=4096, help="the client's output bound on every request")
+    p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--ttft", type=float, default=10.0, help="SLA: time to first token bound, seconds")
+    p.add_argument("--max-itl", type=float, default=1.5, help="SLA: largest gap between tokens, seconds")
+    p.add_argument("--tpot", type=float, help="SLA: mean time per output token bound, seconds")
+    p.add_argument("--e2e", type=float, help="SLA: end-to-end latency bound, seconds")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--plot", metavar="DIR", help="write goodput-vs-load and KV-usage PNGs here")
+    p.add_argument("--json", metavar="FILE", help="write all summaries as JSON")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from horae import sim
+
+    if args.synthetic:
+        trace = sim.synthetic(args.synthetic, args.num_requests or 1000, seed=args.seed)
+    elif args.trace:
+        trace = sim.load_trace(args.trace, args.format)
+    else:
+        trace = sim.bundled_trace()
+    if args.num_requests and not args.synthetic:
+        trace = trace.head(args.num_requests)
+    if args.request_rate is not None:
+        trace = trace.with_arrivals(args.request_rate, args.burstiness, args.seed)
+    rate_scales = args.rate_scales
+    if args.clients is None and rate_scales is None:
+        if not trace.timed:
+            raise ValueError(f"trace {trace.name!r} has no arrival times: give --request-rate or --clients")
+        rate_scales = [0.5, 0.75, 1.0, 1.25, 1.5]
+    sla = {"ttft": args.ttft, "max_itl": args.max_itl}
+    if args.tpot is not None:
+        sla["tpot"] = args.tpot
+    if args.e2e is not None:
+        sla["e2e"] = args.e2e
+    print(f"{trace!r}: {args.model} on {args.hardware}, KV pool {args.kv_cache_tokens} tokens, "
+          f"max_tokens {args.max_tokens}", flush=True)
+    t0 = time.perf_counter()
+    report = sim.sweep(
+        trace, args.schedulers, rate_scales=rate_scales, clients=args.clients,
+        model=args.model, hardware=args.hardware, kv_cache_tokens=args.kv_cache_tokens, sla=sla,
+        progress=not args.no_progress, block_size=args.block_size, max_num_seqs=args.max_num_seqs,
+        max_batched_tokens=args.max_batched_tokens, max_tokens=args.max_tokens,
+        prefix_caching=not args.no_prefix_caching, seed=args.seed,
+    )
+    print(report.format())
+    print(f"\n{len(report.results)} simulations in {time.perf_counter() - t0:.1f}s")
+    if args.json:
+        Path(args.json).write_text(report.to_json())
+        print(f"wrote {args.json}")
+    if args.plot:
+        from horae.sim.plot import plot_report
+
+        for path in plot_report(report, Path(args.plot), prefix=trace.name):
+            print(f"wrote {path}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from horae import _core, sim
+
+    if args.what == "admission":
+        print("Past-Future admission cost (one decision; the naive baseline re-samples and re-sorts the batch)")
+        print(f"{'running':>8} {'first/step us':>14} {'next us':>9} {'naive us':>9} {'speedup':>8} {'vs 20us goal':>13}")
+        for n in args.running:
+            first, nxt, naive = _core.bench_admission(n, args.iters, 0)
+            print(f"{n:>8} {first:>14.2f} {nxt:>9.2f} {naive:>9.2f} {naive / first:>7.1f}x {first / 20.0:>12.2f}x")
+        return 0
+    # sim-speed: one scheduler over a whole trace
+    trace_path = args.trace
+    t0 = time.perf_counter()
+    trace = sim.load_trace(trace_path) if trace_path else sim.bundled_trace()
+    load_s = time.perf_counter() - t0
+    print(f"{trace!r} loaded in {load_s:.3f}s")
+    print(f"{'scheduler':>13} {'sim seconds':>12} {'steps':>8} {'simulated s':>12} {'speedup vs real time':>21} {'vs 2s goal':>11}")
+    for s in args.schedulers:
+        t0 = time.perf_counter()
+        r = sim.simulate(trace, s)
+        dt = time.perf_counter() - t0
+        simulated = float(r.summary["duration"])
+        print(f"{s:>13} {dt:>12.3f} {int(r.summary['num_steps']):>8} {simulated:>12.0f} {simulated / dt:>20.0f}x {dt / 2.0:>10.2f}x")
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="horae", description="horae: LLM serving with the Past-Future scheduler")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _simulate_parser(sub)
+    b = sub.add_parser("bench", help="benchmarks of the scheduling core")
+    b.add_argument("what", choices=["admission", "sim-speed"])
+    b.add_argument("--running", type=_ints, default=[64, 256, 1024], help="admission: batch sizes")
+    b.add_argument("--iters", type=int, default=2000)
+    b.add_argument("--trace", help="sim-speed: trace file (default: the bundled sample)")
+    b.add_argument("--schedulers", type=_names, default=["past-future", "aggressive", "conservative", "oracle"])
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "simulate":
+            return cmd_simulate(args)
+        return cmd_bench(args)
+    except (ValueError, FileNotFoundError, TypeError) as e:
+        print(f"horae: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

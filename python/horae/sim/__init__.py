@@ -1,0 +1,236 @@
+"""Scheduling studies without a GPU: the real scheduler and block manager on request traces.
+
+>>> from horae import sim
+>>> trace = sim.bundled_trace()
+>>> report = sim.sweep(trace, rate_scales=[0.5, 1.0], sla={"ttft": 10.0, "max_itl": 1.5})
+>>> report.goodput_table()          # {rate_scale: {scheduler: goodput tok/s}}
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from horae import _core
+from horae._core import HoraeCoreError, Trace
+
+SCHEDULERS: Tuple[str, ...] = tuple(_core.SCHEDULERS)
+MODEL_PRESETS: Tuple[str, ...] = tuple(_core.MODEL_PRESETS)
+HARDWARE_PRESETS: Tuple[str, ...] = tuple(_core.HARDWARE_PRESETS)
+SLA_KEYS = ("ttft", "tpot", "max_itl", "e2e")
+#: The Past-Future paper's SLA for a 7B model: first token within 10 s, no gap over 1.5 s.
+PAPER_SLA = {"ttft": 10.0, "max_itl": 1.5}
+BUNDLED = {"azure-conv-10min": "azure_conv_10min.csv"}
+
+__all__ = [
+    "Trace", "HoraeCoreError", "load_trace", "bundled_trace", "synthetic", "simulate", "sweep",
+    "SimResult", "SweepReport", "fit_linear_cost", "SCHEDULERS", "PAPER_SLA",
+]
+
+
+def load_trace(path: Union[str, os.PathLike], format: Optional[str] = None) -> Trace:
+    """Load a trace file; the format (azure, mooncake, burstgpt, sharegpt, castillo) is detected
+    from its header unless given. Length-only formats come back untimed: use
+    ``trace.with_arrivals(rate)`` or closed-loop ``clients``."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"trace file not found: {p}")
+    return _core.load_trace(str(p), format)
+
+
+def bundled_trace(name: str = "azure-conv-10min") -> Trace:
+    """A small real trace shipped with the package (see sim/data/SOURCES.md)."""
+    if name not in BUNDLED:
+        raise ValueError(f"unknown bundled trace {name!r}; known: {', '.join(BUNDLED)}")
+    return _core.load_trace(str(Path(__file__).parent / "data" / BUNDLED[name]), "azure")
+
+
+def synthetic(dist: str, n: int, seed: int = 0) -> Trace:
+    """The Past-Future paper's length sets: ``dist-1`` (in 32-4k, out 2k-4k), ``dist-2`` (in 3k-5k,
+    out 3k-5k), ``dist-3`` (in 2k-4k, out 32-4k). Untimed."""
+    return _core.synthetic_trace(dist, n, seed)
+
+
+def _check_sla(sla: Optional[Mapping[str, float]]) -> Dict[str, float]:
+    sla = dict(PAPER_SLA if sla is None else sla)
+    unknown = set(sla) - set(SLA_KEYS)
+    if unknown:
+        raise ValueError(f"unknown SLA bound(s) {sorted(unknown)}; use {', '.join(SLA_KEYS)}")
+    for k, v in sla.items():
+        if not isinstance(v, (int, float)) or not v > 0:
+            raise ValueError(f"SLA bound {k} must be a positive number of seconds, got {v!r}")
+    return sla
+
+
+@dataclass
+class SimResult:
+    """One scheduler on one workload: summary figures plus per-request and per-step arrays."""
+
+    policy: str
+    summary: Dict[str, object]
+    requests: Dict[str, np.ndarray]
+    steps: Dict[str, np.ndarray]
+
+    @property
+    def goodput_tps(self) -> float:
+        return float(self.summary["goodput_tps"])
+
+    @property
+    def goodput_rps(self) -> float:
+        return float(self.summary["goodput_rps"])
+
+
+def simulate(
+    trace: Trace,
+    scheduler: str = "past-future",
+    *,
+    rate_scale: Optional[float] = None,
+    clients: Optional[int] = None,
+    sla: Optional[Mapping[str, float]] = None,
+    **engine: object,
+) -> SimResult:
+    """Simulate one scheduler. Open loop replays the trace's arrivals (times ``rate_scale``);
+    ``clients=N`` runs a closed loop instead. ``engine`` takes model, hardware, cost_coef,
+    kv_cache_tokens, block_size, max_num_seqs, max_batched_tokens, max_tokens, prefix_caching,
+    history_window, reserve, watermark, seed."""
+    if not isinstance(trace, Trace):
+        raise TypeError(f"trace must be a horae.sim.Trace, got {type(trace).__name__}")
+    if rate_scale is not None and clients is not None:
+        raise ValueError("give either rate_scale (open loop) or clients (closed loop), not both")
+    sla = _check_sla(sla)
+    if rate_scale is not None:
+        trace = trace.scaled(float(rate_scale))
+    summary, requests, steps = _core.simulate(trace, scheduler, clients=clients, **sla, **engine)
+    s = json.loads(summary)
+    return SimResult(policy=s["policy"], summary=s, requests=dict(requests), steps=dict(steps))
+
+
+@dataclass
+class SweepReport:
+    """Results of every (load point, scheduler) pair of a sweep."""
+
+    load: str  # "rate_scale" or "clients"
+    points: List[float]
+    schedulers: List[str]
+    sla: Dict[str, float]
+    results: Dict[Tuple[float, str], SimResult] = field(default_factory=dict)
+
+    def goodput_table(self, metric: str = "tok/s") -> Dict[float, Dict[str, float]]:
+        """``{load point: {scheduler: goodput}}``; metric ``tok/s`` (the paper's: prompt + output
+        tokens of requests meeting the SLA per second) or ``req/s``."""
+        key = {"tok/s": "goodput_tps", "req/s": "goodput_rps"}.get(metric)
+        if key is None:
+            raise ValueError("metric must be 'tok/s' or 'req/s'")
+        return {p: {s: float(self.results[(p, s)].summary[key]) for s in self.schedulers} for p in self.points}
+
+    def table(self, field_name: str) -> Dict[float, Dict[str, float]]:
+        return {p: {s: self.results[(p, s)].summary[field_name] for s in self.schedulers} for p in self.points}
+
+    def format(self) -> str:
+        """The goodput tables as text, plus SLA attainment and preemptions."""
+        out = []
+        blocks = [
+            ("goodput (tok/s of requests meeting the SLA)", "goodput_tps", "{:>12.1f}"),
+            ("goodput (req/s)", "goodput_rps", "{:>12.3f}"),
+            ("SLA attainment", "sla_attainment", "{:>12.3f}"),
+            ("preemptions", "preemptions", "{:>12d}"),
+        ]
+        sla = ", ".join(f"{k} <= {v:g}s" for k, v in self.sla.items())
+        out.append(f"SLA: {sla}")
+        for title, key, fmt in blocks:
+            out.append(f"\n{title}")
+            head = f"{self.load:>12}" + "".join(f"{s:>14}" for s in self.schedulers)
+            if key == "goodput_tps" and {"past-future", "oracle"} <= set(self.schedulers):
+                head += f"{'pf/oracle':>11}"
+            out.append(head)
+            for p in self.points:
+                row = f"{p:>12g}"
+                for s in self.schedulers:
+                    row += "  " + fmt.format(self.results[(p, s)].summary[key])
+                if key == "goodput_tps" and {"past-future", "oracle"} <= set(self.schedulers):
+                    o = self.results[(p, "oracle")].summary[key]
+                    ratio = self.results[(p, "past-future")].summary[key] / o if o else math.nan
+                    row += f"{ratio:>11.2f}"
+                out.append(row)
+        return "\n".join(out)
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "load": self.load,
+                "sla": self.sla,
+                "results": [
+                    {self.load: p, "scheduler": s, **self.results[(p, s)].summary}
+                    for p in self.points
+                    for s in self.schedulers
+                ],
+            },
+            indent=1,
+        )
+
+
+def sweep(
+    trace: Trace,
+    schedulers: Sequence[str] = SCHEDULERS,
+    rate_scales: Optional[Iterable[float]] = None,
+    clients: Optional[Iterable[int]] = None,
+    *,
+    model: str = "llama-2-7b",
+    hardware: str = "a100-80gb",
+    kv_cache_tokens: int = 120_000,
+    sla: Optional[Mapping[str, float]] = None,
+    progress: bool = True,
+    workers: Optional[int] = None,
+    **engine: object,
+) -> SweepReport:
+    """Every scheduler at every load point, open loop (``rate_scales``) or closed loop
+    (``clients``). Runs in parallel threads (the core releases the GIL)."""
+    if (rate_scales is None) == (clients is None):
+        raise ValueError("give exactly one of rate_scales (open loop) or clients (closed loop)")
+    schedulers = list(schedulers)
+    if not schedulers:
+        raise ValueError("schedulers is empty")
+    for s in schedulers:
+        if s not in SCHEDULERS:
+            raise ValueError(f"unknown scheduler {s!r}; known: {', '.join(SCHEDULERS)}")
+    load = "rate_scale" if rate_scales is not None else "clients"
+    points = [float(x) for x in rate_scales] if rate_scales is not None else [int(x) for x in clients]
+    if not points:
+        raise ValueError(f"no {load} given")
+    sla = _check_sla(sla)
+    report = SweepReport(load=load, points=points, schedulers=schedulers, sla=sla)
+    jobs = [(p, s) for p in points for s in schedulers]
+    common = dict(model=model, hardware=hardware, kv_cache_tokens=kv_cache_tokens, sla=sla, **engine)
+
+    def run(job):
+        p, s = job
+        kw = {"rate_scale": p} if load == "rate_scale" else {"clients": p}
+        return job, simulate(trace, s, **kw, **common)
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(jobs), desc="simulating", unit="run", leave=False)
+    with ThreadPoolExecutor(max_workers=workers or min(len(jobs), os.cpu_count() or 1)) as pool:
+        for job, result in pool.map(run, jobs):
+            report.results[job] = result
+            if bar is not None:
+                bar.update()
+    if bar is not None:
+        bar.close()
+    return report
+
+
+def fit_linear_cost(num_tokens, num_seqs, attention_pairs, seconds) -> List[float]:
+    """Fit ``t = c0 + c1*tokens + c2*seqs + c3*attention_pairs`` to measured step times; pass the
+    result to ``simulate(..., cost_coef=...)`` to simulate a measured engine."""
+    arrays = [np.ascontiguousarray(x, dtype=np.float64) for x in (num_tokens, num_seqs, attention_pairs, seconds)]
+    return list(_core.fit_linear_cost(*arrays))

@@ -1,0 +1,66 @@
+"""Plots of a sweep: goodput against load, and KV-cache usage over time."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+from horae.sim import SweepReport
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; never needs a display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_goodput(report: SweepReport, path: Path, title: Optional[str] = None) -> Path:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    table = report.goodput_table()
+    for s in report.schedulers:
+        ax.plot(report.points, [table[p][s] for p in report.points], marker="o", label=s)
+    ax.set_xlabel("request rate scale" if report.load == "rate_scale" else "concurrent clients")
+    ax.set_ylabel("goodput (tokens/s meeting SLA)")
+    sla = ", ".join(f"{k}<={v:g}s" for k, v in report.sla.items())
+    ax.set_title(title or f"goodput vs load ({sla})")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_kv_usage(report: SweepReport, point: float, path: Path, title: Optional[str] = None) -> Path:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for s in report.schedulers:
+        steps = report.results[(point, s)].steps
+        t, u = steps["time"], steps["kv_usage"]
+        # Thin very long runs so the file stays small; the shape is what matters.
+        stride = max(1, len(t) // 4000)
+        ax.plot(t[::stride], u[::stride], label=s, linewidth=0.8)
+    ax.set_xlabel("simulated time (s)")
+    ax.set_ylabel("KV blocks in use (fraction)")
+    ax.set_ylim(0, 1.05)
+    ax.set_title(title or f"KV usage over time at {report.load} {point:g}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_report(report: SweepReport, out_dir: Path, prefix: str = "sim") -> List[Path]:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    heaviest = report.points[-1]
+    return [
+        plot_goodput(report, out / f"{prefix}_goodput.png"),
+        plot_kv_usage(report, heaviest, out / f"{prefix}_kv_usage.png"),
+    ]
