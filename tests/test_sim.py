@@ -1,0 +1,236 @@
+"""The simulator from Python: trace loaders, bad input, sweeps, reports and the CLI."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from horae import HoraeCoreError, sim
+
+# --- trace loaders -----------------------------------------------------------------------------
+
+
+def write(tmp_path: Path, name: str, text: str) -> Path:
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def test_azure_trace(tmp_path):
+    p = write(tmp_path, "a.csv", "TIMESTAMP,ContextTokens,GeneratedTokens\r\n"
+              "2023-11-16 18:15:46.6805900,374,44\r\n2023-11-16 18:15:50.9951690,396,109\r\n")
+    t = sim.load_trace(p)
+    assert t.timed and len(t) == 2
+    np.testing.assert_allclose(t.arrivals(), [0.0, 4.314579], atol=1e-6)
+    assert t.prompt_lens().tolist() == [374, 396] and t.output_lens().tolist() == [44, 109]
+
+
+def test_mooncake_trace_spreads_equal_timestamps_and_keeps_prefixes(tmp_path):
+    rows = [
+        {"timestamp": 0, "input_length": 1024, "output_length": 5, "hash_ids": [1, 2]},
+        {"timestamp": 0, "input_length": 1024, "output_length": 7, "hash_ids": [1, 2]},
+        {"timestamp": 3000, "input_length": 600, "output_length": 3, "hash_ids": [9, 10]},
+    ]
+    p = write(tmp_path, "m.jsonl", "\n".join(json.dumps(r) for r in rows) + "\n")
+    t = sim.load_trace(p)
+    np.testing.assert_allclose(t.arrivals(), [0.0, 1.5, 3.0])
+    # The second request reuses the first one's two 512-token units from the prefix cache
+    # (all but the block holding its last token, which must be computed for logits).
+    r = sim.simulate(t, "past-future", kv_cache_tokens=10_000)
+    assert r.requests["cached_tokens"].tolist()[1] == 1024 - 16
+    assert r.summary["prefix_hit_rate"] > 0
+
+
+def test_burstgpt_trace_skips_failed_requests(tmp_path):
+    p = write(tmp_path, "b.csv", "Timestamp,Model,Request tokens,Response tokens,Total tokens,Log Type\n"
+              "5,ChatGPT,472,18,490,Conversation log\n45,ChatGPT,1087,0,1087,Conversation log\n"
+              "118,GPT-4,417,276,693,API log\n")
+    t = sim.load_trace(p)
+    assert len(t) == 2
+    np.testing.assert_allclose(t.arrivals(), [0.0, 113.0])
+
+
+def test_length_only_traces_need_arrivals(tmp_path):
+    share = write(tmp_path, "s.csv", "num_prefill_tokens,num_decode_tokens,num_total_tokens,pd_ratio\n"
+                  "74,918,992,0.08\n290,905,1195,0.32\n")
+    cast = write(tmp_path, "c.csv", "split,dataset,model,prompt_id,input_size,output_sizes,output_mean,output_std\n"
+                 "test,Alpaca,m,abc,37,795;902;710,802.3,78.1\n")
+    for p, n in [(share, 2), (cast, 1)]:
+        t = sim.load_trace(p)
+        assert not t.timed and len(t) == n
+        with pytest.raises(ValueError, match="no arrival times"):
+            sim.simulate(t, "aggressive")
+        timed = t.with_arrivals(2.0, seed=1)
+        assert timed.timed
+        assert sim.simulate(timed, "aggressive").summary["completed"] == n
+    assert sim.load_trace(cast).output_lens().tolist() == [795]
+
+
+@pytest.mark.parametrize(
+    "name,text,message",
+    [
+        ("bad.csv", "TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:15:46,12,abc\n", "line 2"),
+        ("neg.csv", "TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:15:46,-5,10\n", "must be positive"),
+        ("zero.csv", "TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:15:46,5,0\n", "must be positive"),
+        ("short.csv", "TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:15:46,5\n", "line 2"),
+        ("time.csv", "TIMESTAMP,ContextTokens,GeneratedTokens\nyesterday,5,5\n", "bad timestamp"),
+        ("trunc.jsonl", '{"timestamp": 0, "input_length": 10, "output_length": 5}\n{"timestamp": 1, "inpu', "line 2"),
+        ("what.csv", "a,b,c\n1,2,3\n", "unrecognised trace header"),
+        ("empty.csv", "", "empty"),
+        ("header_only.csv", "TIMESTAMP,ContextTokens,GeneratedTokens\n", "no requests"),
+    ],
+)
+def test_bad_trace_files_get_clear_errors(tmp_path, name, text, message):
+    p = write(tmp_path, name, text)
+    with pytest.raises(HoraeCoreError, match=message):
+        sim.load_trace(p)
+
+
+def test_missing_file_and_unknown_format(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        sim.load_trace(tmp_path / "nope.csv")
+    p = write(tmp_path, "a.csv", "TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:15:46,5,5\n")
+    with pytest.raises(ValueError, match="unknown trace format"):
+        sim.load_trace(p, format="parquet")
+
+
+# --- simulation and reports ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sample():
+    return sim.bundled_trace().head(400)
+
+
+def test_sweep_table_matches_per_request_arrays(sample):
+    sla = {"ttft": 10.0, "max_itl": 1.5}
+    rep = sim.sweep(sample, rate_scales=[0.5, 2.0], sla=sla, progress=False)
+    table = rep.goodput_table()
+    assert set(table) == {0.5, 2.0} and all(set(row) == set(sim.SCHEDULERS) for row in table.values())
+    for (point, sched), r in rep.results.items():
+        req = r.requests
+        # Recompute goodput from the raw per-request arrays: the summary must agree.
+        met = req["completed"] & (req["ttft"] <= sla["ttft"]) & (req["max_itl"] <= sla["max_itl"])
+        assert met.tolist() == req["met_sla"].tolist()
+        duration = np.nanmax(req["finished"]) - req["arrival"].min()
+        tokens = (req["prompt_len"][met].astype(float) + req["output_len"][met]).sum()
+        assert table[point][sched] == pytest.approx(tokens / duration, rel=1e-9)
+        # Every request ends with exactly its true length (none exceeds the 4096 bound here).
+        assert req["output_len"].tolist() == sample.output_lens().tolist()
+        assert r.summary["num_requests"] == len(sample)
+    # Light load: everyone meets the SLA. Heavy load: conservative queues and loses.
+    assert rep.results[(0.5, "conservative")].summary["sla_attainment"] == 1.0
+    heavy = table[2.0]
+    assert heavy["oracle"] >= heavy["conservative"]
+    assert "pf/oracle" in rep.format()
+    assert json.loads(rep.to_json())["results"][0]["scheduler"] == "past-future"
+
+
+def test_closed_loop_sweep_on_synthetic_lengths():
+    t = sim.synthetic("dist-3", 200, seed=3)
+    rep = sim.sweep(t, ["past-future", "conservative"], clients=[8, 64], progress=False)
+    for (clients, s), r in rep.results.items():
+        assert r.summary["completed"] == 200
+        assert int(r.steps["running"].max() + r.steps["waiting"].max()) <= clients * 2
+        assert r.steps["running"].max() <= clients
+    # Conservative reserves max_tokens (4096) per request: far fewer fit in 120k tokens at once.
+    assert rep.results[(64, "conservative")].steps["running"].max() < rep.results[(64, "past-future")].steps["running"].max()
+
+
+def test_requests_bigger_than_the_pool_are_rejected_not_hung(sample):
+    r = sim.simulate(sample, "conservative", kv_cache_tokens=5000, max_tokens=1000)
+    rejected = r.requests["rejected"]
+    assert rejected.sum() == (sample.prompt_lens() + 1000 > 5000).sum() > 0
+    assert r.summary["completed"] == len(sample) - rejected.sum()
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"scheduler": "fifo"}, "unknown scheduler"),
+        ({"block_size": 0}, "block_size"),
+        ({"block_size": 512}, "block_size"),
+        ({"kv_cache_tokens": 8}, "smaller than one block"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"clients": 0}, "at least one client"),
+        ({"model": "gpt-7"}, "unknown model preset"),
+        ({"hardware": "tpu"}, "unknown hardware preset"),
+        ({"reserve": 1.0}, "reserve"),
+        ({"rate_scale": -1.0}, "rate scale"),
+        ({"sla": {"latency": 1.0}}, "unknown SLA"),
+        ({"sla": {"ttft": -1.0}}, "positive"),
+        ({"rate_scale": 1.0, "clients": 4}, "not both"),
+    ],
+)
+def test_bad_simulation_input(sample, kwargs, message):
+    kwargs = dict(kwargs)
+    scheduler = kwargs.pop("scheduler", "past-future")
+    with pytest.raises(ValueError, match=message):
+        sim.simulate(sample, scheduler, **kwargs)
+
+
+def test_bad_sweep_input(sample):
+    with pytest.raises(ValueError, match="exactly one"):
+        sim.sweep(sample, progress=False)
+    with pytest.raises(ValueError, match="unknown scheduler"):
+        sim.sweep(sample, ["fifo"], rate_scales=[1.0], progress=False)
+    with pytest.raises(TypeError):
+        sim.simulate("not a trace")
+    with pytest.raises(ValueError):
+        sim.synthetic("dist-9", 10)
+    with pytest.raises(ValueError):
+        sample.head(0)
+
+
+def test_linear_cost_model_fit_and_use(sample):
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(1, 2048, 200).astype(float)
+    seqs = rng.integers(1, 64, 200).astype(float)
+    pairs = rng.integers(1, 10**7, 200).astype(float)
+    truth = [3e-3, 2e-5, 1e-4, 4e-10]
+    t = truth[0] + truth[1] * tokens + truth[2] * seqs + truth[3] * pairs
+    coef = sim.fit_linear_cost(tokens, seqs, pairs, t)
+    np.testing.assert_allclose(coef, truth, rtol=1e-6)
+    r = sim.simulate(sample, "aggressive", cost_coef=coef)
+    assert r.summary["completed"] == len(sample)
+    # Each step's duration is exactly what the fitted model says for that step's batch.
+    assert np.all(r.steps["duration"] >= truth[0] - 1e-12)
+    with pytest.raises(ValueError, match="at least 4"):
+        sim.fit_linear_cost(tokens[:3], seqs[:3], pairs[:3], t[:3])
+
+
+# --- command line ------------------------------------------------------------------------------
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "horae", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_cli_simulate_prints_the_table_and_plots(tmp_path):
+    out = run_cli("simulate", "--num-requests", "300", "--rate-scales", "0.5,1.5", "--no-progress",
+                  "--plot", str(tmp_path), "--json", str(tmp_path / "r.json"))
+    assert out.returncode == 0, out.stderr
+    assert "goodput (tok/s of requests meeting the SLA)" in out.stdout
+    for s in sim.SCHEDULERS:
+        assert s in out.stdout
+    pngs = sorted(p.name for p in tmp_path.glob("*.png"))
+    assert pngs == ["azure_conv_10min_goodput.png", "azure_conv_10min_kv_usage.png"]
+    assert all((tmp_path / p).stat().st_size > 10_000 for p in pngs)
+    assert len(json.loads((tmp_path / "r.json").read_text())["results"]) == 8
+
+
+def test_cli_errors_are_clean():
+    for args, message in [
+        (("simulate", "--trace", "/no/such/file.csv"), "not found"),
+        (("simulate", "--schedulers", "fifo"), "unknown scheduler"),
+        (("simulate", "--synthetic", "dist-1", "--num-requests", "20"), "--request-rate or --clients"),
+        (("simulate", "--kv-cache-tokens", "4"), "smaller than one block"),
+    ]:
+        out = run_cli(*args)
+        assert out.returncode == 2, (args, out.stdout, out.stderr)
+        assert message in out.stderr and "Traceback" not in out.stderr
+    out = run_cli("simulate", "--rate-scales", "-1")
+    assert out.returncode == 2 and "positive" in out.stderr
