@@ -27,7 +27,4 @@ impl AdmissionPolicy for Conservative {
         self.reserved_blocks += need;
         true
     }
-    fn predicted_peak(&self) -> Option<u64> {
-        None
-    }
 }

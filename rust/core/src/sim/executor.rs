@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use super::cost_model::{CostModel, StepFeatures};
-use crate::engine::{ExecOutput, Executor, ReqId};
+use crate::engine::{ExecOutput, Executor};
 use crate::error::{HoraeError, Result};
 use crate::sched::{SchedulePlan, Scheduler};
 
@@ -15,13 +15,11 @@ pub struct SimExecutor {
     cost: CostModel,
     /// True output length by request id (ids are trace indices).
     true_lengths: Arc<Vec<u32>>,
-    /// Features and modelled time of every step, when asked for (to fit or check cost models).
-    pub record: Option<Vec<(StepFeatures, f64)>>,
 }
 
 impl SimExecutor {
     pub fn new(cost: CostModel, true_lengths: Arc<Vec<u32>>) -> Self {
-        Self { cost, true_lengths, record: None }
+        Self { cost, true_lengths }
     }
 }
 
@@ -29,9 +27,6 @@ impl Executor for SimExecutor {
     fn execute(&mut self, plan: &SchedulePlan, state: &Scheduler) -> Result<ExecOutput> {
         let features = StepFeatures::of_plan(plan);
         let dt = self.cost.step_time(&features);
-        if let Some(rec) = &mut self.record {
-            rec.push((features, dt));
-        }
         let mut sampled = Vec::new();
         for s in plan.seqs.iter().filter(|s| s.samples) {
             let r = state.request(s.id).ok_or(HoraeError::UnknownRequest(s.id))?;
@@ -48,6 +43,4 @@ impl Executor for SimExecutor {
     fn eos_token_ids(&self) -> Vec<u32> {
         vec![SIM_EOS]
     }
-
-    fn release(&mut self, _id: ReqId) {}
 }
