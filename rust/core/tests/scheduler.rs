@@ -227,3 +227,34 @@ fn abort_frees_blocks_at_once() {
     }
     assert_eq!(e.scheduler().kv().pool().num_used(), 0);
 }
+
+#[test]
+fn preempted_requests_are_marked_and_huge_max_tokens_is_refused() {
+    let t = trace(&mixed(150), 0.0);
+    let c = cfg(PolicyKind::Aggressive, 6000);
+    let lengths: Arc<Vec<u32>> = Arc::new(t.requests.iter().map(|r| r.output_len).collect());
+    let sched = Scheduler::new(c.sched.clone(), None).unwrap();
+    let mut e = Engine::new(sched, Box::new(SimExecutor::new(c.cost.clone(), lengths)), Box::new(VirtualClock::default()));
+    let huge = RequestSpec { prompt: Prompt::Tokens(vec![1; 10]), max_tokens: usize::MAX, ignore_eos: false, arrival: None };
+    assert!(e.add_request_with_id(10_000, huge).unwrap_err().to_string().contains("exceeds the whole KV pool"));
+    for (i, r) in t.requests.iter().enumerate() {
+        let spec = RequestSpec {
+            prompt: Prompt::Synthetic { len: r.prompt_len as usize, prefix_ids: vec![], unit: 1 },
+            max_tokens: c.max_tokens,
+            ignore_eos: false,
+            arrival: None,
+        };
+        e.add_request_with_id(i as u64, spec).unwrap();
+    }
+    let mut seen_preempted = false;
+    while e.has_work() {
+        let out = e.step().unwrap();
+        for id in out.preempted {
+            let r = e.scheduler().request(id).unwrap();
+            assert_eq!(r.state, horae_core::engine::RequestState::Preempted);
+            assert_eq!(r.num_computed, 0);
+            seen_preempted = true;
+        }
+    }
+    assert!(seen_preempted);
+}

@@ -59,6 +59,9 @@ impl FinishReason {
 pub enum RequestState {
     Waiting,
     Running,
+    /// Back in the queue after its blocks were taken; it keeps its generated tokens and is
+    /// recomputed when readmitted.
+    Preempted,
     Finished(FinishReason),
 }
 

@@ -112,7 +112,7 @@ impl Scheduler {
             return invalid("max_tokens must be at least 1".into());
         }
         let capacity = self.kv.capacity_tokens();
-        if req.prompt_len() + req.max_tokens > capacity {
+        if req.prompt_len().saturating_add(req.max_tokens) > capacity {
             return invalid(format!(
                 "prompt ({}) + max_tokens ({}) exceeds the whole KV pool ({capacity} tokens)",
                 req.prompt_len(),
@@ -238,7 +238,7 @@ impl Scheduler {
         self.stats.recomputed_tokens += r.num_computed as u64;
         r.num_computed = 0;
         r.preemptions += 1;
-        r.state = RequestState::Waiting;
+        r.state = RequestState::Preempted;
         self.stats.preemptions += 1;
         self.waiting.push_front(id);
     }
