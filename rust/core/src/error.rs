@@ -34,6 +34,11 @@ pub enum HoraeError {
     #[error("scheduler stalled: {0}")]
     Stalled(String),
 
+    /// A model folder that cannot be loaded: missing or corrupt files, unsupported architecture,
+    /// a tensor of the wrong shape.
+    #[error("model: {0}")]
+    Model(String),
+
     #[error("executor failed: {0}")]
     Executor(String),
 }

@@ -53,6 +53,7 @@ fn run_checked(t: &Trace, c: &SimConfig) -> Vec<horae_core::engine::Request> {
             max_tokens: c.max_tokens,
             ignore_eos: false,
             arrival: Some(0.0),
+            sampling: Default::default(),
         };
         e.add_request_with_id(i as u64, spec).unwrap();
     }
@@ -186,6 +187,7 @@ fn bad_input_gets_clear_errors() {
         max_tokens,
         ignore_eos: false,
         arrival: None,
+        sampling: Default::default(),
     };
     let msg = |r: Result<u64, HoraeError>| r.unwrap_err().to_string();
     assert!(msg(e.add_request(spec(0, 5))).contains("prompt is empty"));
@@ -210,7 +212,7 @@ fn abort_frees_blocks_at_once() {
     let sched = Scheduler::new(c.sched.clone(), None).unwrap();
     let mut e = Engine::new(sched, Box::new(SimExecutor::new(c.cost.clone(), lengths)), Box::new(VirtualClock::default()));
     for _ in 0..3 {
-        let spec = RequestSpec { prompt: Prompt::Tokens(vec![7; 300]), max_tokens: 500, ignore_eos: false, arrival: None };
+        let spec = RequestSpec { prompt: Prompt::Tokens(vec![7; 300]), max_tokens: 500, ignore_eos: false, arrival: None, sampling: Default::default() };
         e.add_request(spec).unwrap();
     }
     for _ in 0..5 {
@@ -235,7 +237,7 @@ fn preempted_requests_are_marked_and_huge_max_tokens_is_refused() {
     let lengths: Arc<Vec<u32>> = Arc::new(t.requests.iter().map(|r| r.output_len).collect());
     let sched = Scheduler::new(c.sched.clone(), None).unwrap();
     let mut e = Engine::new(sched, Box::new(SimExecutor::new(c.cost.clone(), lengths)), Box::new(VirtualClock::default()));
-    let huge = RequestSpec { prompt: Prompt::Tokens(vec![1; 10]), max_tokens: usize::MAX, ignore_eos: false, arrival: None };
+    let huge = RequestSpec { prompt: Prompt::Tokens(vec![1; 10]), max_tokens: usize::MAX, ignore_eos: false, arrival: None, sampling: Default::default() };
     assert!(e.add_request_with_id(10_000, huge).unwrap_err().to_string().contains("exceeds the whole KV pool"));
     for (i, r) in t.requests.iter().enumerate() {
         let spec = RequestSpec {
@@ -243,6 +245,7 @@ fn preempted_requests_are_marked_and_huge_max_tokens_is_refused() {
             max_tokens: c.max_tokens,
             ignore_eos: false,
             arrival: None,
+            sampling: Default::default(),
         };
         e.add_request_with_id(i as u64, spec).unwrap();
     }

@@ -3,6 +3,7 @@
 
 use crate::kv::hash::{synthetic_block_hashes, token_block_hashes};
 use crate::kv::BlockHash;
+use crate::sample::SamplingParams;
 
 pub type ReqId = u64;
 
@@ -73,6 +74,7 @@ pub struct RequestSpec {
     pub ignore_eos: bool,
     /// Arrival time on the engine's clock; `None` means now.
     pub arrival: Option<f64>,
+    pub sampling: SamplingParams,
 }
 
 /// Timestamps on the engine's clock, in seconds.
@@ -93,6 +95,7 @@ pub struct Request {
     pub prompt: Prompt,
     pub max_tokens: usize,
     pub ignore_eos: bool,
+    pub sampling: SamplingParams,
     pub output: Vec<u32>,
     /// Tokens (prompt, then outputs) whose KV is computed.
     pub num_computed: usize,
@@ -116,6 +119,7 @@ impl Request {
             prompt: spec.prompt,
             max_tokens: spec.max_tokens,
             ignore_eos: spec.ignore_eos,
+            sampling: spec.sampling,
             output: Vec::new(),
             num_computed: 0,
             state: RequestState::Waiting,

@@ -84,6 +84,7 @@ pub fn simulate(trace: &Trace, cfg: &SimConfig) -> Result<SimResult> {
             },
             max_tokens: cfg.max_tokens,
             ignore_eos: false,
+            sampling: Default::default(),
             arrival: Some(t),
         };
         match engine.add_request_with_id(i as u64, spec) {

@@ -1,0 +1,169 @@
+//! CPU ops on row-major f32 buffers. GEMMs go through faer (multi-threaded, runtime SIMD
+//! dispatch, so no `-march=native` is needed); attention is parallel over (token, head) with rayon.
+
+use faer::linalg::matmul::matmul;
+use faer::{Accum, MatMut, MatRef, Par};
+use rayon::prelude::*;
+
+/// `out[m x n] = x[m x k] * w[n x k]^T` (a linear layer with weights stored as HF does).
+pub fn linear(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, out: &mut [f32]) {
+    debug_assert_eq!(x.len(), m * k);
+    debug_assert_eq!(w.len(), n * k);
+    debug_assert_eq!(out.len(), m * n);
+    let a = MatRef::from_row_major_slice(x, m, k);
+    let b = MatRef::from_row_major_slice(w, n, k).transpose();
+    let c = MatMut::from_row_major_slice_mut(out, m, n);
+    let par = if m * n * k >= 1 << 16 { Par::rayon(0) } else { Par::Seq };
+    matmul(c, Accum::Replace, a, b, 1.0f32, par);
+}
+
+pub fn add_bias(x: &mut [f32], bias: &[f32]) {
+    for row in x.chunks_exact_mut(bias.len()) {
+        for (v, b) in row.iter_mut().zip(bias) {
+            *v += b;
+        }
+    }
+}
+
+/// RMSNorm of each row of `x` into `out`.
+pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
+    let d = weight.len();
+    for (row, o) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
+        let ms = row.iter().map(|v| v * v).sum::<f32>() / d as f32;
+        let inv = 1.0 / (ms + eps).sqrt();
+        for ((o, v), w) in o.iter_mut().zip(row).zip(weight) {
+            *o = v * inv * w;
+        }
+    }
+}
+
+/// Rotary embedding in the rotate-half (GPT-NeoX / HF Llama) layout, in place, for rows of
+/// `heads * head_dim` values at the given positions.
+pub fn rope(x: &mut [f32], positions: &[usize], heads: usize, head_dim: usize, inv_freq: &[f64]) {
+    let half = head_dim / 2;
+    for (row, &pos) in x.chunks_exact_mut(heads * head_dim).zip(positions) {
+        let (cos, sin): (Vec<f32>, Vec<f32>) = inv_freq
+            .iter()
+            .map(|f| {
+                let a = pos as f64 * f;
+                (a.cos() as f32, a.sin() as f32)
+            })
+            .unzip();
+        for h in row.chunks_exact_mut(head_dim) {
+            for i in 0..half {
+                let (x1, x2) = (h[i], h[i + half]);
+                h[i] = x1 * cos[i] - x2 * sin[i];
+                h[i + half] = x2 * cos[i] + x1 * sin[i];
+            }
+        }
+    }
+}
+
+/// `out = silu(gate) * up`, with `gate_up` holding gate in the first half of each row.
+pub fn silu_mul(gate: &[f32], up: &[f32], out: &mut [f32]) {
+    for ((o, g), u) in out.iter_mut().zip(gate).zip(up) {
+        *o = g / (1.0 + (-g).exp()) * u;
+    }
+}
+
+/// Where one sequence's rows of a flattened batch read their KV.
+pub struct AttnSeq<'a> {
+    /// First row of this sequence in the batch.
+    pub row: usize,
+    pub num_tokens: usize,
+    /// Position of the first of those tokens.
+    pub start: usize,
+    pub block_table: &'a [u32],
+}
+
+/// Paged attention for a flattened batch of prefill chunks and decode tokens (causal: the token at
+/// position `p` attends to positions `0..=p` of its own sequence, read from the paged cache).
+/// Cache layout per layer: `[num_blocks, block_size, num_kv_heads, head_dim]`.
+#[allow(clippy::too_many_arguments)]
+pub fn paged_attention(
+    q: &[f32],
+    seqs: &[AttnSeq<'_>],
+    k_cache: &[f32],
+    v_cache: &[f32],
+    block_size: usize,
+    num_heads: usize,
+    num_kv_heads: usize,
+    head_dim: usize,
+    out: &mut [f32],
+) {
+    let group = num_heads / num_kv_heads;
+    let scale = 1.0 / (head_dim as f32).sqrt();
+    let row_len = num_heads * head_dim;
+    // (row, sequence index) for every row, so rows can be processed independently.
+    let mut owner = vec![(0usize, 0usize); out.len() / row_len];
+    for (si, s) in seqs.iter().enumerate() {
+        for t in 0..s.num_tokens {
+            owner[s.row + t] = (si, s.start + t);
+        }
+    }
+    out.par_chunks_mut(head_dim).enumerate().for_each(|(i, o)| {
+        let (row, h) = (i / num_heads, i % num_heads);
+        let (si, pos) = owner[row];
+        let s = &seqs[si];
+        let kvh = h / group;
+        let qv = &q[row * row_len + h * head_dim..][..head_dim];
+        let at = |p: usize| (s.block_table[p / block_size] as usize * block_size + p % block_size) * num_kv_heads * head_dim + kvh * head_dim;
+        let mut scores: Vec<f32> = (0..=pos)
+            .map(|p| {
+                let k = &k_cache[at(p)..][..head_dim];
+                qv.iter().zip(k).map(|(a, b)| a * b).sum::<f32>() * scale
+            })
+            .collect();
+        let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut sum = 0.0;
+        for s in scores.iter_mut() {
+            *s = (*s - max).exp();
+            sum += *s;
+        }
+        o.fill(0.0);
+        for (p, w) in scores.iter().enumerate() {
+            let v = &v_cache[at(p)..][..head_dim];
+            let w = w / sum;
+            for (o, v) in o.iter_mut().zip(v) {
+                *o += w * v;
+            }
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn linear_matches_naive() {
+        let (m, k, n) = (3, 5, 4);
+        let x: Vec<f32> = (0..m * k).map(|i| i as f32 * 0.1).collect();
+        let w: Vec<f32> = (0..n * k).map(|i| (i as f32 - 7.0) * 0.05).collect();
+        let mut out = vec![0.0; m * n];
+        linear(&x, m, k, &w, n, &mut out);
+        for i in 0..m {
+            for j in 0..n {
+                let e: f32 = (0..k).map(|t| x[i * k + t] * w[j * k + t]).sum();
+                assert!((out[i * n + j] - e).abs() < 1e-5);
+            }
+        }
+    }
+
+    #[test]
+    fn attention_over_one_position_returns_its_value() {
+        // One token at position 0: softmax over a single score is 1, so out = v.
+        let (hd, bs) = (4, 2);
+        let q = vec![1.0; hd];
+        let mut k = vec![0.0; 2 * bs * hd];
+        let mut v = vec![0.0; 2 * bs * hd];
+        // Block table [1]: position 0 lives in block 1, slot 0.
+        k[bs * hd..bs * hd + hd].copy_from_slice(&[0.3; 4]);
+        v[bs * hd..bs * hd + hd].copy_from_slice(&[1.0, 2.0, 3.0, 4.0]);
+        let table = [1u32];
+        let seqs = [AttnSeq { row: 0, num_tokens: 1, start: 0, block_table: &table }];
+        let mut out = vec![0.0; hd];
+        paged_attention(&q, &seqs, &k, &v, bs, 1, 1, hd, &mut out);
+        assert_eq!(out, vec![1.0, 2.0, 3.0, 4.0]);
+    }
+}

@@ -1,0 +1,4 @@
+//! Operations a model needs. `cpu` is the reference backend (and the CPU runtime); CUDA kernels
+//! will be checked against it.
+
+pub mod cpu;

@@ -1,0 +1,174 @@
+//! The Llama-family forward pass (Llama 2/3, SmolLM2, Qwen2, Mistral) over one flattened batch of
+//! prefill chunks and decode tokens, reading and writing the paged KV cache.
+
+use std::path::Path;
+
+use super::config::ModelConfig;
+use super::weights::Weights;
+use crate::backend::cpu::{self, AttnSeq};
+use crate::error::{HoraeError, Result};
+
+struct Layer {
+    input_norm: Vec<f32>,
+    /// q, k and v projections stacked: `[(heads + 2 * kv_heads) * head_dim, hidden]`.
+    qkv: Vec<f32>,
+    qkv_bias: Option<Vec<f32>>,
+    o: Vec<f32>,
+    post_norm: Vec<f32>,
+    /// gate and up projections stacked: `[2 * intermediate, hidden]`.
+    gate_up: Vec<f32>,
+    down: Vec<f32>,
+}
+
+pub struct LlamaModel {
+    pub cfg: ModelConfig,
+    embed: Vec<f32>,
+    layers: Vec<Layer>,
+    norm: Vec<f32>,
+    /// `None` when tied to the embedding.
+    lm_head: Option<Vec<f32>>,
+    inv_freq: Vec<f64>,
+}
+
+/// The paged KV cache, one K and one V buffer per layer, `[blocks, block_size, kv_heads, head_dim]`.
+pub struct KvCache {
+    pub k: Vec<Vec<f32>>,
+    pub v: Vec<Vec<f32>>,
+    pub block_size: usize,
+    row: usize,
+}
+
+impl KvCache {
+    pub fn new(cfg: &ModelConfig, num_blocks: usize, block_size: usize) -> Self {
+        let row = cfg.num_kv_heads * cfg.head_dim;
+        let n = num_blocks * block_size * row;
+        Self { k: vec![vec![0.0; n]; cfg.num_layers], v: vec![vec![0.0; n]; cfg.num_layers], block_size, row }
+    }
+
+    /// Copy-on-write: block `src`'s KV into block `dst`, in every layer.
+    pub fn copy_block(&mut self, src: usize, dst: usize) {
+        let len = self.block_size * self.row;
+        for buf in self.k.iter_mut().chain(self.v.iter_mut()) {
+            buf.copy_within(src * len..(src + 1) * len, dst * len);
+        }
+    }
+}
+
+/// One step's input: a flattened batch.
+pub struct BatchInput<'a> {
+    pub tokens: Vec<u32>,
+    pub positions: Vec<usize>,
+    /// Cache slot (`block * block_size + offset`) of every token.
+    pub slots: Vec<usize>,
+    pub seqs: Vec<AttnSeq<'a>>,
+    /// Rows whose logits are wanted.
+    pub logit_rows: Vec<usize>,
+}
+
+impl LlamaModel {
+    pub fn load(dir: &Path) -> Result<Self> {
+        let cfg = ModelConfig::from_dir(dir)?;
+        let mut w = Weights::load(dir)?;
+        let (h, hd, nh, nkv, inter) = (cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads, cfg.intermediate_size);
+        let embed = w.take("model.embed_tokens.weight", &[cfg.vocab_size, h])?;
+        let mut layers = Vec::with_capacity(cfg.num_layers);
+        for i in 0..cfg.num_layers {
+            let p = |n: &str| format!("model.layers.{i}.{n}");
+            let mut qkv = w.take(&p("self_attn.q_proj.weight"), &[nh * hd, h])?;
+            qkv.extend(w.take(&p("self_attn.k_proj.weight"), &[nkv * hd, h])?);
+            qkv.extend(w.take(&p("self_attn.v_proj.weight"), &[nkv * hd, h])?);
+            let qkv_bias = if cfg.qkv_bias {
+                let mut b = w.take(&p("self_attn.q_proj.bias"), &[nh * hd])?;
+                b.extend(w.take(&p("self_attn.k_proj.bias"), &[nkv * hd])?);
+                b.extend(w.take(&p("self_attn.v_proj.bias"), &[nkv * hd])?);
+                Some(b)
+            } else {
+                None
+            };
+            let mut gate_up = w.take(&p("mlp.gate_proj.weight"), &[inter, h])?;
+            gate_up.extend(w.take(&p("mlp.up_proj.weight"), &[inter, h])?);
+            layers.push(Layer {
+                input_norm: w.take(&p("input_layernorm.weight"), &[h])?,
+                qkv,
+                qkv_bias,
+                o: w.take(&p("self_attn.o_proj.weight"), &[h, nh * hd])?,
+                post_norm: w.take(&p("post_attention_layernorm.weight"), &[h])?,
+                gate_up,
+                down: w.take(&p("mlp.down_proj.weight"), &[h, inter])?,
+            });
+        }
+        let norm = w.take("model.norm.weight", &[h])?;
+        let lm_head = if cfg.tie_word_embeddings && !w.contains("lm_head.weight") {
+            None
+        } else {
+            Some(w.take("lm_head.weight", &[cfg.vocab_size, h])?)
+        };
+        let inv_freq = cfg.rope_inv_freq();
+        Ok(Self { cfg, embed, layers, norm, lm_head, inv_freq })
+    }
+
+    /// Run the batch; returns `logit_rows.len() x vocab` logits.
+    pub fn forward(&self, input: &BatchInput<'_>, cache: &mut KvCache) -> Result<Vec<f32>> {
+        let c = &self.cfg;
+        let (h, hd, nh, nkv, inter) = (c.hidden_size, c.head_dim, c.num_heads, c.num_kv_heads, c.intermediate_size);
+        let t = input.tokens.len();
+        let mut x = vec![0.0f32; t * h];
+        for (row, &tok) in x.chunks_exact_mut(h).zip(&input.tokens) {
+            let tok = tok as usize;
+            if tok >= c.vocab_size {
+                return Err(HoraeError::Executor(format!("token id {tok} is outside the vocabulary ({})", c.vocab_size)));
+            }
+            row.copy_from_slice(&self.embed[tok * h..(tok + 1) * h]);
+        }
+        let qkv_n = (nh + 2 * nkv) * hd;
+        let (mut normed, mut qkv) = (vec![0.0; t * h], vec![0.0; t * qkv_n]);
+        let (mut q, mut k, mut v) = (vec![0.0; t * nh * hd], vec![0.0; t * nkv * hd], vec![0.0; t * nkv * hd]);
+        let (mut attn, mut proj) = (vec![0.0; t * nh * hd], vec![0.0; t * h]);
+        let (mut gu, mut act) = (vec![0.0; t * 2 * inter], vec![0.0; t * inter]);
+        let (mut gate, mut up) = (vec![0.0; t * inter], vec![0.0; t * inter]);
+        let row = nkv * hd;
+        for (li, l) in self.layers.iter().enumerate() {
+            cpu::rms_norm(&x, &l.input_norm, c.rms_norm_eps, &mut normed);
+            cpu::linear(&normed, t, h, &l.qkv, qkv_n, &mut qkv);
+            if let Some(b) = &l.qkv_bias {
+                cpu::add_bias(&mut qkv, b);
+            }
+            for r in 0..t {
+                let src = &qkv[r * qkv_n..(r + 1) * qkv_n];
+                q[r * nh * hd..(r + 1) * nh * hd].copy_from_slice(&src[..nh * hd]);
+                k[r * row..(r + 1) * row].copy_from_slice(&src[nh * hd..nh * hd + row]);
+                v[r * row..(r + 1) * row].copy_from_slice(&src[nh * hd + row..]);
+            }
+            cpu::rope(&mut q, &input.positions, nh, hd, &self.inv_freq);
+            cpu::rope(&mut k, &input.positions, nkv, hd, &self.inv_freq);
+            for (r, &slot) in input.slots.iter().enumerate() {
+                cache.k[li][slot * row..(slot + 1) * row].copy_from_slice(&k[r * row..(r + 1) * row]);
+                cache.v[li][slot * row..(slot + 1) * row].copy_from_slice(&v[r * row..(r + 1) * row]);
+            }
+            cpu::paged_attention(&q, &input.seqs, &cache.k[li], &cache.v[li], cache.block_size, nh, nkv, hd, &mut attn);
+            cpu::linear(&attn, t, nh * hd, &l.o, h, &mut proj);
+            x.iter_mut().zip(&proj).for_each(|(a, b)| *a += b);
+
+            cpu::rms_norm(&x, &l.post_norm, c.rms_norm_eps, &mut normed);
+            cpu::linear(&normed, t, h, &l.gate_up, 2 * inter, &mut gu);
+            for r in 0..t {
+                gate[r * inter..(r + 1) * inter].copy_from_slice(&gu[r * 2 * inter..r * 2 * inter + inter]);
+                up[r * inter..(r + 1) * inter].copy_from_slice(&gu[r * 2 * inter + inter..(r + 1) * 2 * inter]);
+            }
+            cpu::silu_mul(&gate, &up, &mut act);
+            cpu::linear(&act, t, inter, &l.down, h, &mut proj);
+            x.iter_mut().zip(&proj).for_each(|(a, b)| *a += b);
+        }
+        let rows = input.logit_rows.len();
+        let mut sel = Vec::with_capacity(rows * h);
+        for &r in &input.logit_rows {
+            sel.extend_from_slice(&x[r * h..(r + 1) * h]);
+        }
+        let mut final_norm = vec![0.0; rows * h];
+        cpu::rms_norm(&sel, &self.norm, c.rms_norm_eps, &mut final_norm);
+        let mut logits = vec![0.0; rows * c.vocab_size];
+        let head = self.lm_head.as_deref().unwrap_or(&self.embed);
+        cpu::linear(&final_norm, rows, h, head, c.vocab_size, &mut logits);
+        Ok(logits)
+    }
+}

@@ -1,0 +1,91 @@
+//! The real-model executor: builds the flattened batch from the plan, runs the forward pass,
+//! samples the next tokens. It plugs into the same `Engine` the simulator drives.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use rand::{rngs::SmallRng, SeedableRng};
+
+use super::llama::{BatchInput, KvCache, LlamaModel};
+use crate::backend::cpu::AttnSeq;
+use crate::engine::{ExecOutput, Executor, Prompt, ReqId};
+use crate::error::{HoraeError, Result};
+use crate::sample;
+use crate::sched::{SchedulePlan, Scheduler};
+
+pub struct ModelExecutor {
+    pub model: LlamaModel,
+    cache: KvCache,
+    eos: Vec<u32>,
+    rngs: HashMap<ReqId, SmallRng>,
+}
+
+impl ModelExecutor {
+    /// Load the model folder and allocate a KV cache of `num_blocks` blocks.
+    pub fn load(dir: &Path, num_blocks: usize, block_size: usize) -> Result<Self> {
+        let model = LlamaModel::load(dir)?;
+        let cache = KvCache::new(&model.cfg, num_blocks, block_size);
+        // generation_config.json's eos ids win over config.json's (as in transformers).
+        let mut eos = model.cfg.eos_token_ids.clone();
+        if let Ok(text) = std::fs::read_to_string(dir.join("generation_config.json")) {
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) {
+                match v.get("eos_token_id") {
+                    Some(serde_json::Value::Number(n)) => eos = n.as_u64().map(|x| vec![x as u32]).unwrap_or(eos),
+                    Some(serde_json::Value::Array(a)) => eos = a.iter().filter_map(|x| x.as_u64()).map(|x| x as u32).collect(),
+                    _ => {}
+                }
+            }
+        }
+        Ok(Self { model, cache, eos, rngs: HashMap::new() })
+    }
+}
+
+impl Executor for ModelExecutor {
+    fn execute(&mut self, plan: &SchedulePlan, state: &Scheduler) -> Result<ExecOutput> {
+        for c in &plan.copies {
+            self.cache.copy_block(c.src as usize, c.dst as usize);
+        }
+        let bs = self.cache.block_size;
+        let mut input = BatchInput { tokens: vec![], positions: vec![], slots: vec![], seqs: vec![], logit_rows: vec![] };
+        let mut samplers = Vec::new();
+        for s in &plan.seqs {
+            let r = state.request(s.id).ok_or(HoraeError::UnknownRequest(s.id))?;
+            let Prompt::Tokens(prompt) = &r.prompt else {
+                return Err(HoraeError::Executor(format!("request {} has no token ids", s.id)));
+            };
+            let table = state.kv().block_table(s.id).ok_or(HoraeError::UnknownRequest(s.id))?;
+            let row = input.tokens.len();
+            for p in s.start..s.start + s.num_tokens {
+                input.tokens.push(if p < prompt.len() { prompt[p] } else { r.output[p - prompt.len()] });
+                input.positions.push(p);
+                input.slots.push(table[p / bs] as usize * bs + p % bs);
+            }
+            input.seqs.push(AttnSeq { row, num_tokens: s.num_tokens, start: s.start, block_table: table });
+            if s.samples {
+                input.logit_rows.push(row + s.num_tokens - 1);
+                samplers.push(s.id);
+            }
+        }
+        let mut logits = self.model.forward(&input, &mut self.cache)?;
+        let vocab = self.model.cfg.vocab_size;
+        let mut sampled = Vec::with_capacity(samplers.len());
+        for (i, id) in samplers.into_iter().enumerate() {
+            let r = state.request(id).expect("checked above");
+            let Prompt::Tokens(prompt) = &r.prompt else { unreachable!("checked above") };
+            let row = &mut logits[i * vocab..(i + 1) * vocab];
+            let p = &r.sampling;
+            sample::apply_penalties(row, p, prompt, &r.output);
+            let rng = self.rngs.entry(id).or_insert_with(|| SmallRng::seed_from_u64(p.seed.unwrap_or(id ^ 0x9e37_79b9_7f4a_7c15)));
+            sampled.push((id, sample::sample(row, p, rng)));
+        }
+        Ok(ExecOutput { sampled, elapsed: None })
+    }
+
+    fn eos_token_ids(&self) -> Vec<u32> {
+        self.eos.clone()
+    }
+
+    fn release(&mut self, id: ReqId) {
+        self.rngs.remove(&id);
+    }
+}

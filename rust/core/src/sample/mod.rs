@@ -1,0 +1,189 @@
+//! Turning logits into the next token: penalties, temperature, top-k, top-p, min-p, seeded draws.
+
+use rand::{rngs::SmallRng, Rng};
+
+use crate::error::{HoraeError, Result};
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct SamplingParams {
+    /// 0 means greedy.
+    pub temperature: f32,
+    /// 0 means no limit.
+    pub top_k: usize,
+    pub top_p: f32,
+    pub min_p: f32,
+    /// HF/vLLM style, over prompt and output tokens; 1 is off.
+    pub repetition_penalty: f32,
+    /// OpenAI style, over output tokens.
+    pub presence_penalty: f32,
+    pub frequency_penalty: f32,
+    /// Per-request seed: the same seed gives the same tokens.
+    pub seed: Option<u64>,
+}
+
+impl Default for SamplingParams {
+    /// Greedy decoding.
+    fn default() -> Self {
+        Self {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+            repetition_penalty: 1.0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            seed: None,
+        }
+    }
+}
+
+impl SamplingParams {
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(HoraeError::InvalidConfig(m));
+        if !(self.temperature.is_finite() && self.temperature >= 0.0) {
+            return bad(format!("temperature must be >= 0, got {}", self.temperature));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return bad(format!("top_p must be in (0, 1], got {}", self.top_p));
+        }
+        if !(0.0..=1.0).contains(&self.min_p) {
+            return bad(format!("min_p must be in [0, 1], got {}", self.min_p));
+        }
+        if !(self.repetition_penalty.is_finite() && self.repetition_penalty > 0.0) {
+            return bad(format!("repetition_penalty must be > 0, got {}", self.repetition_penalty));
+        }
+        for (name, v) in [("presence_penalty", self.presence_penalty), ("frequency_penalty", self.frequency_penalty)] {
+            if !(-2.0..=2.0).contains(&v) {
+                return bad(format!("{name} must be in [-2, 2], got {v}"));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn is_greedy(&self) -> bool {
+        self.temperature == 0.0
+    }
+}
+
+/// Repetition, presence and frequency penalties, in place.
+pub fn apply_penalties(logits: &mut [f32], p: &SamplingParams, prompt: &[u32], output: &[u32]) {
+    if p.repetition_penalty != 1.0 {
+        let mut seen = vec![false; logits.len()];
+        for &t in prompt.iter().chain(output) {
+            let t = t as usize;
+            if t < logits.len() && !seen[t] {
+                seen[t] = true;
+                let l = &mut logits[t];
+                *l = if *l > 0.0 { *l / p.repetition_penalty } else { *l * p.repetition_penalty };
+            }
+        }
+    }
+    if p.presence_penalty != 0.0 || p.frequency_penalty != 0.0 {
+        let mut counts = std::collections::HashMap::<u32, u32>::new();
+        for &t in output {
+            *counts.entry(t).or_default() += 1;
+        }
+        for (t, c) in counts {
+            if let Some(l) = logits.get_mut(t as usize) {
+                *l -= p.presence_penalty + p.frequency_penalty * c as f32;
+            }
+        }
+    }
+}
+
+/// Index of the largest logit (the lowest index on ties).
+pub fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &l) in logits.iter().enumerate() {
+        if l > logits[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// Draw the next token from (already penalised) logits.
+pub fn sample(logits: &[f32], p: &SamplingParams, rng: &mut SmallRng) -> u32 {
+    if p.is_greedy() {
+        return argmax(logits);
+    }
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut cand: Vec<(u32, f32)> =
+        logits.iter().enumerate().map(|(i, &l)| (i as u32, ((l - max) / p.temperature).exp())).collect();
+    if p.top_k > 0 && p.top_k < cand.len() {
+        cand.select_nth_unstable_by(p.top_k - 1, |a, b| b.1.total_cmp(&a.1));
+        cand.truncate(p.top_k);
+    }
+    cand.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    let total: f32 = cand.iter().map(|c| c.1).sum();
+    if p.min_p > 0.0 {
+        let floor = p.min_p * cand[0].1;
+        cand.retain(|c| c.1 >= floor);
+    }
+    if p.top_p < 1.0 {
+        let mut acc = 0.0;
+        let keep = cand
+            .iter()
+            .position(|c| {
+                acc += c.1 / total;
+                acc >= p.top_p
+            })
+            .map_or(cand.len(), |i| i + 1);
+        cand.truncate(keep);
+    }
+    let mass: f32 = cand.iter().map(|c| c.1).sum();
+    let mut u = rng.random::<f32>() * mass;
+    for &(t, w) in &cand {
+        if u < w {
+            return t;
+        }
+        u -= w;
+    }
+    cand.last().map_or(0, |c| c.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+
+    #[test]
+    fn greedy_and_filters() {
+        let logits = [1.0, 3.0, 2.0, 3.0];
+        assert_eq!(argmax(&logits), 1);
+        let mut rng = SmallRng::seed_from_u64(0);
+        let top1 = SamplingParams { temperature: 1.0, top_k: 1, ..Default::default() };
+        assert!((0..50).all(|_| sample(&logits, &top1, &mut rng) == 1 || sample(&logits, &top1, &mut rng) == 3));
+        // top_p small keeps only the most likely token(s).
+        let tp = SamplingParams { temperature: 1.0, top_p: 0.01, ..Default::default() };
+        assert!((0..50).all(|_| sample(&logits, &tp, &mut rng) == 1));
+        // min_p 0.5 drops tokens under half the top probability (ids 0 and 2).
+        let mp = SamplingParams { temperature: 1.0, min_p: 0.5, ..Default::default() };
+        assert!((0..200).all(|_| [1, 3].contains(&sample(&logits, &mp, &mut rng))));
+    }
+
+    #[test]
+    fn sampling_follows_the_softmax() {
+        let logits = [0.0f32, (2.0f32).ln(), (5.0f32).ln()]; // probabilities 1/8, 2/8, 5/8
+        let p = SamplingParams { temperature: 1.0, ..Default::default() };
+        let mut rng = SmallRng::seed_from_u64(3);
+        let mut counts = [0usize; 3];
+        let n = 40_000;
+        for _ in 0..n {
+            counts[sample(&logits, &p, &mut rng) as usize] += 1;
+        }
+        for (c, e) in counts.iter().zip([0.125, 0.25, 0.625]) {
+            assert!((*c as f64 / n as f64 - e).abs() < 0.01, "{counts:?}");
+        }
+    }
+
+    #[test]
+    fn penalties() {
+        let mut l = vec![2.0, -2.0, 1.0];
+        let p = SamplingParams { repetition_penalty: 2.0, presence_penalty: 0.5, frequency_penalty: 0.25, ..Default::default() };
+        apply_penalties(&mut l, &p, &[0], &[1, 1]);
+        assert_eq!(l, vec![1.0, -4.0 - 0.5 - 0.5, 1.0]);
+        assert!(SamplingParams { top_p: 1.5, ..Default::default() }.validate().is_err());
+        assert!(SamplingParams { temperature: -1.0, ..Default::default() }.validate().is_err());
+    }
+}
