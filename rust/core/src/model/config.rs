@@ -48,6 +48,7 @@ pub struct ModelConfig {
 #[derive(Deserialize)]
 struct Raw {
     architectures: Option<Vec<String>>,
+    model_type: Option<String>,
     hidden_size: usize,
     intermediate_size: usize,
     num_hidden_layers: usize,
@@ -57,6 +58,8 @@ struct Raw {
     rms_norm_eps: Option<f64>,
     rope_theta: Option<f64>,
     rope_scaling: Option<Value>,
+    /// transformers >= 5 writes the rope settings (theta included) here instead.
+    rope_parameters: Option<Value>,
     vocab_size: usize,
     tie_word_embeddings: Option<bool>,
     max_position_embeddings: Option<usize>,
@@ -86,11 +89,18 @@ impl ModelConfig {
 
     pub fn from_json(text: &str) -> Result<Self> {
         let raw: Raw = serde_json::from_str(text).map_err(|e| HoraeError::Model(format!("bad config.json: {e}")))?;
-        let arch_name = raw.architectures.as_ref().and_then(|a| a.first()).cloned().unwrap_or_default();
+        // `architectures` names the class; configs written without it still carry `model_type`.
+        let arch_name = raw
+            .architectures
+            .as_ref()
+            .and_then(|a| a.first())
+            .cloned()
+            .or_else(|| raw.model_type.clone())
+            .unwrap_or_default();
         let arch = match arch_name.as_str() {
-            "LlamaForCausalLM" => Arch::Llama,
-            "Qwen2ForCausalLM" => Arch::Qwen2,
-            "MistralForCausalLM" => Arch::Mistral,
+            "LlamaForCausalLM" | "llama" => Arch::Llama,
+            "Qwen2ForCausalLM" | "qwen2" => Arch::Qwen2,
+            "MistralForCausalLM" | "mistral" => Arch::Mistral,
             other => {
                 return Err(HoraeError::Model(format!(
                     "unsupported architecture '{other}' (supported: LlamaForCausalLM, Qwen2ForCausalLM, MistralForCausalLM)"
@@ -108,7 +118,12 @@ impl ModelConfig {
         if head_dim == 0 || head_dim % 2 != 0 {
             return Err(HoraeError::Model(format!("head_dim must be even and positive, got {head_dim}")));
         }
-        let rope_scaling = match &raw.rope_scaling {
+        let rope_params = raw.rope_scaling.clone().filter(|v| !v.is_null()).or_else(|| raw.rope_parameters.clone());
+        let rope_theta = raw
+            .rope_theta
+            .or_else(|| raw.rope_parameters.as_ref().and_then(|v| v.get("rope_theta")).and_then(Value::as_f64))
+            .unwrap_or(10_000.0);
+        let rope_scaling = match &rope_params {
             None | Some(Value::Null) => None,
             Some(v) => {
                 let kind = v.get("rope_type").or_else(|| v.get("type")).and_then(Value::as_str).unwrap_or("");
@@ -134,7 +149,7 @@ impl ModelConfig {
             num_kv_heads,
             head_dim,
             rms_norm_eps: raw.rms_norm_eps.unwrap_or(1e-6) as f32,
-            rope_theta: raw.rope_theta.unwrap_or(10_000.0),
+            rope_theta,
             rope_scaling,
             vocab_size: raw.vocab_size,
             tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),
