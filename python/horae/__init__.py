@@ -1,10 +1,11 @@
 """horae: an LLM-serving core with the Past-Future scheduler.
 
-The Rust core (``horae._core``) holds the KV block manager, the schedulers, the engine loop and the
-simulator; this package is the Python front over it.
+The Rust core (``horae._core``) holds the KV block manager, the schedulers, the engine loop, the
+model runtime and the simulator; this package is the Python front over it.
 """
 
 from horae._core import HoraeCoreError
+from horae.llm import LLM, CompletionOutput, Engine, RequestOutput, SamplingParams
 
 __version__ = "0.1.0"
-__all__ = ["HoraeCoreError", "__version__"]
+__all__ = ["LLM", "Engine", "SamplingParams", "RequestOutput", "CompletionOutput", "HoraeCoreError", "__version__"]

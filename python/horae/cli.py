@@ -137,10 +137,88 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _generation_args(p) -> None:
+    p.add_argument("--model", help="model folder or .gguf file (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--scheduler", default="past-future")
+
+
+def _params(args):
+    from horae import SamplingParams
+
+    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                          top_k=args.top_k, seed=args.seed)
+
+
+def _stream(engine, prompt, params) -> str:
+    """Run one request, printing text as it arrives."""
+    rid = engine.add_request(None, prompt, params)
+    text = ""
+    try:
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                new = out.outputs[0].text[len(text):]
+                text = out.outputs[0].text
+                print(new, end="", flush=True)
+    except KeyboardInterrupt:
+        engine.abort(rid)
+    print(flush=True)
+    return text
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from horae import Engine
+
+    engine = Engine(args.model, scheduler=args.scheduler)
+    params = _params(args)
+    has_template = bool(engine.tokenizer_config.get("chat_template"))
+    prompt = args.prompt
+    if has_template and not args.raw:
+        prompt = engine.apply_chat_template([{"role": "user", "content": args.prompt}])
+    _stream(engine, prompt, params)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from horae import Engine
+
+    engine = Engine(args.model, scheduler=args.scheduler)
+    params = _params(args)
+    history = []
+    if args.system:
+        history.append({"role": "system", "content": args.system})
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            print("> ", end="", flush=True)
+        line = sys.stdin.readline()
+        if not line or line.strip() in ("exit", "quit"):
+            return 0
+        if not line.strip():
+            continue
+        history.append({"role": "user", "content": line.strip()})
+        reply = _stream(engine, engine.apply_chat_template(history), params)
+        history.append({"role": "assistant", "content": reply})
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="horae", description="horae: LLM serving with the Past-Future scheduler")
     sub = parser.add_subparsers(dest="command", required=True)
     _simulate_parser(sub)
+    g = sub.add_parser("generate", help="generate text from a prompt (default model: SmolLM2-135M-Instruct)")
+    g.add_argument("prompt")
+    g.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
+    _generation_args(g)
+    c = sub.add_parser("chat", help="chat on the terminal (one message a line; 'exit' or EOF ends)")
+    c.add_argument("--system", help="a system message")
+    _generation_args(c)
+    cv = sub.add_parser("convert-gguf", help="convert a Llama-architecture GGUF file into an HF-style folder")
+    cv.add_argument("gguf")
+    cv.add_argument("out")
     b = sub.add_parser("bench", help="benchmarks of the scheduling core")
     b.add_argument("what", choices=["admission", "sim-speed"])
     b.add_argument("--running", type=_ints, default=[64, 256, 1024], help="admission: batch sizes")
@@ -151,8 +229,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         if args.command == "simulate":
             return cmd_simulate(args)
+        if args.command == "generate":
+            return cmd_generate(args)
+        if args.command == "chat":
+            return cmd_chat(args)
+        if args.command == "convert-gguf":
+            from horae.models import convert_gguf
+
+            if Path(args.out).exists():
+                raise ValueError(f"{args.out} already exists")
+            print(f"wrote {convert_gguf(args.gguf, args.out)}")
+            return 0
         return cmd_bench(args)
-    except (ValueError, FileNotFoundError, TypeError) as e:
+    except (ValueError, FileNotFoundError, TypeError, RuntimeError) as e:
         print(f"horae: error: {e}", file=sys.stderr)
         return 2
 

@@ -182,6 +182,9 @@ def convert_gguf(gguf_path: os.PathLike, out_dir: os.PathLike) -> Path:
         (tmp / "tokenizer.json").write_text(json.dumps(_tokenizer_json(tokens, merges, types, _field(reader, "tokenizer.ggml.pre", ""))))
         (tmp / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2))
         (tmp / "generation_config.json").write_text(json.dumps(gen_cfg, indent=2))
+        os.chmod(tmp, 0o755)
+        for f in tmp.iterdir():
+            os.chmod(f, 0o644)
         try:
             os.rename(tmp, out)
         except OSError:

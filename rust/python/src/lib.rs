@@ -1,12 +1,19 @@
 //! `horae._core`: thin PyO3 wrappers over horae-core. Types and errors cross here; no logic lives
 //! here that Python or Rust users would need twice.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::Mutex;
 
-use horae_core::sched::{bench::admission_benchmark, PolicyKind, SchedulerConfig};
+use horae_core::backend::cpu::AttnSeq;
+use horae_core::engine::{Engine, Prompt, ReqId, RequestSpec, WallClock};
+use horae_core::model::llama::{BatchInput, KvCache};
+use horae_core::model::{IncrementalDetokenizer, LlamaModel, ModelConfig, ModelExecutor, Tokenizer};
+use horae_core::sample::SamplingParams;
+use horae_core::sched::{bench::admission_benchmark, PolicyKind, Scheduler, SchedulerConfig};
 use horae_core::sim::{self, CostModel, LengthDist, LoadModel, SimConfig, Sla, StepFeatures, Trace, TraceFormat};
 use horae_core::HoraeError;
-use numpy::{IntoPyArray, PyReadonlyArray1};
+use numpy::{IntoPyArray, PyArrayMethods, PyReadonlyArray1};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
@@ -236,10 +243,278 @@ fn bench_admission(py: Python<'_>, running: usize, iters: usize, seed: u64) -> (
     (t.first_decision_us, t.next_decision_us, t.naive_decision_us)
 }
 
+struct EngineState {
+    engine: Engine,
+    detok: HashMap<ReqId, IncrementalDetokenizer>,
+}
+
+/// The real engine on a model folder: scheduler + block manager + CPU model runtime + tokenizer.
+/// `step()` releases the GIL while the model runs.
+#[pyclass(name = "Engine", module = "horae._core")]
+struct PyEngine {
+    state: Mutex<EngineState>,
+    tokenizer: Tokenizer,
+    model_dir: PathBuf,
+    config: ModelConfig,
+    eos: Vec<u32>,
+    kv_cache_tokens: usize,
+}
+
+impl PyEngine {
+    fn lock(&self) -> std::sync::MutexGuard<'_, EngineState> {
+        // A panic while holding the lock would poison it; the state is still consistent because
+        // every mutation goes through the core's own checks, so keep serving.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+#[pymethods]
+impl PyEngine {
+    #[new]
+    #[pyo3(signature = (model_dir, *, scheduler = "past-future", kv_cache_tokens = 16384, block_size = 16,
+                        max_num_seqs = 64, max_batched_tokens = 2048, seed = 0))]
+    fn new(
+        py: Python<'_>,
+        model_dir: PathBuf,
+        scheduler: &str,
+        kv_cache_tokens: usize,
+        block_size: usize,
+        max_num_seqs: usize,
+        max_batched_tokens: usize,
+        seed: u64,
+    ) -> PyResult<Self> {
+        let policy: PolicyKind = scheduler.parse().map_err(to_py)?;
+        if policy == PolicyKind::Oracle {
+            return Err(HoraeCoreError::new_err("the oracle scheduler needs true output lengths and runs only in the simulator"));
+        }
+        let config = ModelConfig::from_dir(&model_dir).map_err(to_py)?;
+        let cfg = SchedulerConfig {
+            policy,
+            kv_cache_tokens,
+            block_size,
+            max_num_seqs,
+            max_batched_tokens,
+            max_output_bound: config.max_position_embeddings,
+            seed,
+            ..Default::default()
+        };
+        cfg.validate().map_err(to_py)?;
+        let dir = model_dir.clone();
+        let (exec, tokenizer) = py
+            .detach(|| {
+                let exec = ModelExecutor::load(&dir, kv_cache_tokens / block_size, block_size)?;
+                let tok = Tokenizer::from_dir(&dir)?;
+                Ok::<_, HoraeError>((exec, tok))
+            })
+            .map_err(to_py)?;
+        let eos = horae_core::engine::Executor::eos_token_ids(&exec);
+        let sched = Scheduler::new(cfg, None).map_err(to_py)?;
+        let engine = Engine::new(sched, Box::new(exec), Box::new(WallClock::default()));
+        Ok(Self {
+            state: Mutex::new(EngineState { engine, detok: HashMap::new() }),
+            tokenizer,
+            model_dir,
+            config,
+            eos,
+            kv_cache_tokens,
+        })
+    }
+
+    #[getter]
+    fn model_dir(&self) -> PathBuf {
+        self.model_dir.clone()
+    }
+    #[getter]
+    fn vocab_size(&self) -> usize {
+        self.config.vocab_size
+    }
+    #[getter]
+    fn max_model_len(&self) -> usize {
+        self.config.max_position_embeddings
+    }
+    #[getter]
+    fn eos_token_ids(&self) -> Vec<u32> {
+        self.eos.clone()
+    }
+    #[getter]
+    fn kv_cache_tokens(&self) -> usize {
+        self.kv_cache_tokens
+    }
+
+    #[pyo3(signature = (text, add_special_tokens = false))]
+    fn encode(&self, text: &str, add_special_tokens: bool) -> PyResult<Vec<u32>> {
+        self.tokenizer.encode(text, add_special_tokens).map_err(to_py)
+    }
+
+    #[pyo3(signature = (ids, skip_special_tokens = true))]
+    fn decode(&self, ids: Vec<u32>, skip_special_tokens: bool) -> PyResult<String> {
+        self.tokenizer.decode(&ids, skip_special_tokens).map_err(to_py)
+    }
+
+    /// Queue a request; returns its id. Raises on an empty prompt, token ids outside the
+    /// vocabulary, a prompt that leaves no room in the context, or bad sampling values.
+    #[pyo3(signature = (prompt_token_ids, *, max_tokens = 16, temperature = 1.0, top_k = 0, top_p = 1.0,
+                        min_p = 0.0, repetition_penalty = 1.0, presence_penalty = 0.0, frequency_penalty = 0.0,
+                        seed = None, ignore_eos = false))]
+    #[allow(clippy::too_many_arguments)]
+    fn add_request(
+        &self,
+        prompt_token_ids: Vec<i64>,
+        max_tokens: i64,
+        temperature: f32,
+        top_k: i64,
+        top_p: f32,
+        min_p: f32,
+        repetition_penalty: f32,
+        presence_penalty: f32,
+        frequency_penalty: f32,
+        seed: Option<u64>,
+        ignore_eos: bool,
+    ) -> PyResult<u64> {
+        let err = |m: String| Err(HoraeCoreError::new_err(m));
+        if prompt_token_ids.is_empty() {
+            return err("the prompt is empty".into());
+        }
+        let vocab = self.config.vocab_size as i64;
+        if let Some(bad) = prompt_token_ids.iter().find(|&&t| t < 0 || t >= vocab) {
+            return err(format!("token id {bad} is outside the vocabulary (0..{vocab})"));
+        }
+        if max_tokens < 1 {
+            return err(format!("max_tokens must be at least 1, got {max_tokens}"));
+        }
+        if top_k < 0 {
+            return err(format!("top_k must be >= 0 (0 = off), got {top_k}"));
+        }
+        let ctx = self.config.max_position_embeddings;
+        let n = prompt_token_ids.len();
+        if n >= ctx {
+            return err(format!("the prompt has {n} tokens, more than the model's context of {ctx} allows"));
+        }
+        // Like vLLM, max_tokens is capped to what the context leaves.
+        let max_tokens = (max_tokens as usize).min(ctx - n);
+        let sampling = SamplingParams {
+            temperature,
+            top_k: top_k as usize,
+            top_p,
+            min_p,
+            repetition_penalty,
+            presence_penalty,
+            frequency_penalty,
+            seed,
+        };
+        sampling.validate().map_err(to_py)?;
+        let ids: Vec<u32> = prompt_token_ids.iter().map(|&t| t as u32).collect();
+        let mut st = self.lock();
+        let detok = IncrementalDetokenizer::new(&ids);
+        let spec = RequestSpec { prompt: Prompt::Tokens(ids), max_tokens, ignore_eos, arrival: None, sampling };
+        let id = st.engine.add_request(spec).map_err(to_py)?;
+        st.detok.insert(id, detok);
+        Ok(id)
+    }
+
+    /// Stop a request now; its KV blocks are freed at once. Unknown ids raise.
+    fn abort(&self, request_id: u64) -> PyResult<()> {
+        let mut st = self.lock();
+        st.detok.remove(&request_id);
+        st.engine.abort(request_id).map(|_| ()).map_err(to_py)
+    }
+
+    fn has_unfinished(&self) -> bool {
+        self.lock().engine.has_work()
+    }
+
+    /// KV blocks in use, total blocks, running, waiting.
+    fn stats(&self) -> (usize, usize, usize, usize) {
+        let st = self.lock();
+        let s = st.engine.scheduler();
+        (s.kv().pool().num_used(), s.kv().pool().num_total(), s.num_running(), s.num_waiting())
+    }
+
+    /// One engine step. Returns `(request_id, new_token_ids, new_text, finish_reason or None)` for
+    /// every request that produced a token or finished.
+    fn step(&self, py: Python<'_>) -> PyResult<Vec<(u64, Vec<u32>, String, Option<&'static str>)>> {
+        let tok = &self.tokenizer;
+        py.detach(|| {
+            let mut st = self.lock();
+            let out = st.engine.step()?;
+            let mut events: Vec<(u64, Vec<u32>, String, Option<&'static str>)> = Vec::new();
+            let mut by_id: HashMap<u64, usize> = HashMap::new();
+            for (id, token) in &out.tokens {
+                let idx = *by_id.entry(*id).or_insert_with(|| {
+                    events.push((*id, Vec::new(), String::new(), None));
+                    events.len() - 1
+                });
+                events[idx].1.push(*token);
+            }
+            for e in events.iter_mut() {
+                let all: Option<Vec<u32>> = st.engine.scheduler().request(e.0).map(|r| {
+                    let Prompt::Tokens(p) = &r.prompt else { return Vec::new() };
+                    p.iter().chain(&r.output).copied().collect()
+                });
+                let all = match all {
+                    Some(a) => a,
+                    None => out
+                        .finished
+                        .iter()
+                        .find(|r| r.id == e.0)
+                        .map(|r| {
+                            let Prompt::Tokens(p) = &r.prompt else { return Vec::new() };
+                            p.iter().chain(&r.output).copied().collect()
+                        })
+                        .unwrap_or_default(),
+                };
+                if let Some(d) = st.detok.get_mut(&e.0) {
+                    e.2 = d.step(tok, &all)?;
+                }
+            }
+            for r in &out.finished {
+                st.detok.remove(&r.id);
+                let reason = r.finish_reason().map(|f| f.as_str());
+                match by_id.get(&r.id) {
+                    Some(&i) => events[i].3 = reason,
+                    None => events.push((r.id, Vec::new(), String::new(), reason)),
+                }
+            }
+            Ok::<_, HoraeError>(events)
+        })
+        .map_err(to_py)
+    }
+}
+
+/// Teacher-forced logits of a token sequence (`len x vocab`), outside the engine: for checks
+/// against a reference and for users who want raw logits.
+#[pyfunction]
+fn model_logits<'py>(py: Python<'py>, model_dir: PathBuf, token_ids: Vec<u32>) -> PyResult<Bound<'py, numpy::PyArray2<f32>>> {
+    if token_ids.is_empty() {
+        return Err(HoraeCoreError::new_err("token_ids is empty"));
+    }
+    let (logits, vocab) = py
+        .detach(|| {
+            let model = LlamaModel::load(&model_dir)?;
+            let n = token_ids.len();
+            let bs = 16;
+            let table: Vec<u32> = (0..n.div_ceil(bs) as u32).collect();
+            let mut cache = KvCache::new(&model.cfg, table.len(), bs);
+            let input = BatchInput {
+                tokens: token_ids.clone(),
+                positions: (0..n).collect(),
+                slots: (0..n).collect(),
+                seqs: vec![AttnSeq { row: 0, num_tokens: n, start: 0, block_table: &table }],
+                logit_rows: (0..n).collect(),
+            };
+            Ok::<_, HoraeError>((model.forward(&input, &mut cache)?, model.cfg.vocab_size))
+        })
+        .map_err(to_py)?;
+    let rows = logits.len() / vocab;
+    numpy::PyArray1::from_vec(py, logits).reshape([rows, vocab])
+}
+
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("HoraeCoreError", m.py().get_type::<HoraeCoreError>())?;
     m.add_class::<PyTrace>()?;
+    m.add_class::<PyEngine>()?;
+    m.add_function(wrap_pyfunction!(model_logits, m)?)?;
     m.add_function(wrap_pyfunction!(load_trace, m)?)?;
     m.add_function(wrap_pyfunction!(synthetic_trace, m)?)?;
     m.add_function(wrap_pyfunction!(simulate, m)?)?;

@@ -4,8 +4,10 @@
 pub mod config;
 pub mod llama;
 pub mod runner;
+pub mod tokenizer;
 pub mod weights;
 
 pub use config::{Arch, ModelConfig};
 pub use llama::{KvCache, LlamaModel};
 pub use runner::ModelExecutor;
+pub use tokenizer::{IncrementalDetokenizer, Tokenizer};

@@ -1,0 +1,318 @@
+"""Offline generation on the real engine: `LLM.generate` / `LLM.chat`, and the low-level `Engine`
+(add_request / abort / step) for writing your own serving loop. Names follow vLLM's."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Union
+
+from horae import _core
+from horae.models import resolve_model
+
+PromptType = Union[str, Dict[str, object]]
+
+
+@dataclass
+class SamplingParams:
+    """How to sample, as in vLLM. `temperature=0` is greedy; `seed` makes sampling reproducible."""
+
+    n: int = 1
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: Optional[int] = None
+    stop: Optional[Union[str, List[str]]] = None
+    stop_token_ids: Optional[List[int]] = None
+    ignore_eos: bool = False
+
+    def __post_init__(self):
+        def need(ok: bool, msg: str):
+            if not ok:
+                raise ValueError(msg)
+
+        num = (int, float)
+        need(isinstance(self.n, int) and self.n >= 1, f"n must be an integer >= 1, got {self.n!r}")
+        need(isinstance(self.max_tokens, int) and self.max_tokens >= 1, f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+        need(isinstance(self.temperature, num) and self.temperature >= 0, f"temperature must be >= 0, got {self.temperature!r}")
+        need(isinstance(self.top_p, num) and 0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p!r}")
+        if self.top_k == -1:  # vLLM's spelling of "off"
+            self.top_k = 0
+        need(isinstance(self.top_k, int) and self.top_k >= 0, f"top_k must be an integer >= 0 (0 or -1 = off), got {self.top_k!r}")
+        need(isinstance(self.min_p, num) and 0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p!r}")
+        need(isinstance(self.repetition_penalty, num) and self.repetition_penalty > 0, f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            need(isinstance(v, num) and -2 <= v <= 2, f"{name} must be in [-2, 2], got {v!r}")
+        need(self.seed is None or (isinstance(self.seed, int) and self.seed >= 0), f"seed must be a non-negative integer, got {self.seed!r}")
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = list(self.stop or [])
+        need(all(isinstance(s, str) and s for s in self.stop), "stop must be a non-empty string or a list of them")
+        self.stop_token_ids = list(self.stop_token_ids or [])
+        need(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids must be non-negative integers")
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    text: str
+    token_ids: List[int]
+    finish_reason: Optional[str] = None
+    stop_reason: Optional[Union[str, int]] = None
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt: Optional[str]
+    prompt_token_ids: List[int]
+    outputs: List[CompletionOutput]
+    finished: bool = False
+
+
+@dataclass
+class _Seq:
+    """One of a request's n samples, as a core request."""
+
+    index: int
+    core_id: int
+    text: str = ""
+    token_ids: List[int] = field(default_factory=list)
+    finish_reason: Optional[str] = None
+    stop_reason: Optional[Union[str, int]] = None
+
+
+@dataclass
+class _Req:
+    request_id: str
+    prompt: Optional[str]
+    prompt_token_ids: List[int]
+    params: SamplingParams
+    seqs: List[_Seq]
+
+    def output(self) -> RequestOutput:
+        outs = [CompletionOutput(s.index, s.text, list(s.token_ids), s.finish_reason, s.stop_reason) for s in self.seqs]
+        return RequestOutput(self.request_id, self.prompt, list(self.prompt_token_ids), outs,
+                             all(s.finish_reason is not None for s in self.seqs))
+
+
+class Engine:
+    """The low-level engine: `add_request`, `abort`, `step() -> list[RequestOutput]`.
+
+    >>> engine = Engine()                       # the default model
+    >>> engine.add_request("r1", "Hello", SamplingParams(max_tokens=8))
+    >>> while engine.has_unfinished_requests():
+    ...     for out in engine.step():
+    ...         print(out.request_id, out.outputs[0].text, out.finished)
+    """
+
+    def __init__(self, model: Optional[Union[str, Path]] = None, *, scheduler: str = "past-future",
+                 kv_cache_tokens: int = 16384, block_size: int = 16, max_num_seqs: int = 64,
+                 max_num_batched_tokens: int = 2048, seed: int = 0):
+        self.model_dir = resolve_model(model)
+        self._core = _core.Engine(str(self.model_dir), scheduler=scheduler, kv_cache_tokens=kv_cache_tokens,
+                                  block_size=block_size, max_num_seqs=max_num_seqs,
+                                  max_batched_tokens=max_num_batched_tokens, seed=seed)
+        self._requests: Dict[str, _Req] = {}
+        self._by_core: Dict[int, tuple] = {}
+        self._ids = itertools.count()
+        cfg_path = self.model_dir / "tokenizer_config.json"
+        self.tokenizer_config = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+
+    # -- tokenizer ----------------------------------------------------------------------------
+    def encode(self, text: str) -> List[int]:
+        return self._core.encode(text, False)
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        return self._core.decode(list(token_ids), True)
+
+    def _prompt_ids(self, prompt: PromptType):
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("the prompt is empty")
+            return prompt, self.encode(prompt)
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                ids = prompt["prompt_token_ids"]
+                if not isinstance(ids, (list, tuple)) or not all(isinstance(t, int) for t in ids):
+                    raise ValueError("prompt_token_ids must be a list of integers")
+                return prompt.get("prompt"), list(ids)
+            if "prompt" in prompt:
+                return self._prompt_ids(prompt["prompt"])
+        raise TypeError(f"a prompt is a string or {{'prompt_token_ids': [...]}}, got {type(prompt).__name__}")
+
+    # -- requests ---------------------------------------------------------------------------
+    def add_request(self, request_id: Optional[str], prompt: PromptType, params: Optional[SamplingParams] = None) -> str:
+        params = params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise TypeError("params must be a horae.SamplingParams")
+        request_id = str(next(self._ids)) if request_id is None else str(request_id)
+        if request_id in self._requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        text, ids = self._prompt_ids(prompt)
+        seqs: List[_Seq] = []
+        try:
+            for i in range(params.n):
+                seed = None if params.seed is None else params.seed + i
+                core_id = self._core.add_request(
+                    ids, max_tokens=params.max_tokens, temperature=float(params.temperature), top_k=params.top_k,
+                    top_p=float(params.top_p), min_p=float(params.min_p), repetition_penalty=float(params.repetition_penalty),
+                    presence_penalty=float(params.presence_penalty), frequency_penalty=float(params.frequency_penalty),
+                    seed=seed, ignore_eos=params.ignore_eos)
+                seqs.append(_Seq(i, core_id))
+        except Exception:
+            for s in seqs:  # all or nothing
+                self._core.abort(s.core_id)
+            raise
+        req = _Req(request_id, text, ids, params, seqs)
+        self._requests[request_id] = req
+        for s in seqs:
+            self._by_core[s.core_id] = (req, s)
+        return request_id
+
+    def abort(self, request_id: str) -> None:
+        req = self._requests.pop(str(request_id), None)
+        if req is None:
+            raise KeyError(f"unknown request id {request_id!r}")
+        for s in req.seqs:
+            self._by_core.pop(s.core_id, None)
+            if s.finish_reason is None:
+                self._core.abort(s.core_id)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._requests)
+
+    def _finish(self, req: _Req, seq: _Seq, reason: str, stop_reason=None, abort_core: bool = False):
+        seq.finish_reason, seq.stop_reason = reason, stop_reason
+        self._by_core.pop(seq.core_id, None)
+        if abort_core:
+            self._core.abort(seq.core_id)
+
+    def step(self) -> List[RequestOutput]:
+        """Run one engine step; returns the requests that made progress (finished ones last time)."""
+        touched: Dict[str, _Req] = {}
+        for core_id, new_ids, new_text, reason in self._core.step():
+            entry = self._by_core.get(core_id)
+            if entry is None:
+                continue
+            req, seq = entry
+            touched[req.request_id] = req
+            p = req.params
+            before = len(seq.text)
+            seq.token_ids.extend(new_ids)
+            seq.text += new_text
+            hit = next((t for t in new_ids if t in p.stop_token_ids), None)
+            if hit is not None:
+                self._finish(req, seq, "stop", hit, abort_core=reason is None)
+                continue
+            if p.stop:
+                # Search from where a stop string could start across the token boundary.
+                start = max(0, before - max(len(s) for s in p.stop) + 1)
+                found = [(seq.text.find(s, start), s) for s in p.stop]
+                found = [(i, s) for i, s in found if i >= 0]
+                if found:
+                    i, s = min(found)
+                    seq.text = seq.text[:i]
+                    self._finish(req, seq, "stop", s, abort_core=reason is None)
+                    continue
+            if reason is not None:
+                self._finish(req, seq, {"abort": "abort"}.get(reason, reason))
+        outs = []
+        for rid, req in touched.items():
+            out = req.output()
+            if out.finished:
+                self._requests.pop(rid, None)
+            outs.append(out)
+        return outs
+
+    # -- chat -------------------------------------------------------------------------------
+    def apply_chat_template(self, messages: List[Dict[str, str]], add_generation_prompt: bool = True) -> str:
+        """Render the model's chat template in a sandbox: a template cannot reach the file system,
+        import modules or mutate its inputs."""
+        from jinja2.exceptions import TemplateError
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        if not isinstance(messages, list) or not messages:
+            raise ValueError("messages must be a non-empty list of {'role', 'content'} dicts")
+        for m in messages:
+            if not isinstance(m, dict) or not isinstance(m.get("content"), str):
+                raise ValueError(f"each message needs a string 'content': {m!r}")
+            if m.get("role") not in ("system", "user", "assistant", "tool"):
+                raise ValueError(f"bad role {m.get('role')!r}: use system, user, assistant or tool")
+        template = self.tokenizer_config.get("chat_template")
+        if not template:
+            raise ValueError(f"{self.model_dir} has no chat template")
+
+        def raise_exception(msg):
+            raise TemplateError(msg)
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+        env.globals["raise_exception"] = raise_exception
+        return env.from_string(template).render(
+            messages=messages, add_generation_prompt=add_generation_prompt,
+            bos_token=self.tokenizer_config.get("bos_token") or "", eos_token=self.tokenizer_config.get("eos_token") or "")
+
+
+class LLM:
+    """Offline batch generation, as vLLM's `LLM`.
+
+    >>> llm = LLM()                                   # SmolLM2-135M-Instruct, converted once
+    >>> llm.generate(["The capital of France is"], SamplingParams(temperature=0, max_tokens=8))
+    """
+
+    def __init__(self, model: Optional[Union[str, Path]] = None, **engine_args):
+        self.engine = Engine(model, **engine_args)
+
+    def generate(self, prompts: Union[PromptType, Sequence[PromptType]], sampling_params: Optional[SamplingParams] = None,
+                 use_tqdm: bool = True) -> List[RequestOutput]:
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if not prompts:
+            return []
+        ids = []
+        try:
+            for p in prompts:
+                ids.append(self.engine.add_request(None, p, sampling_params))
+        except Exception:
+            for rid in ids:
+                self.engine.abort(rid)
+            raise
+        results: Dict[str, RequestOutput] = {}
+        bar = None
+        if use_tqdm and len(prompts) > 1:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(prompts), desc="generating", unit="req")
+        try:
+            while self.engine.has_unfinished_requests():
+                for out in self.engine.step():
+                    if out.finished:
+                        results[out.request_id] = out
+                        if bar is not None:
+                            bar.update()
+        except BaseException:
+            for rid in ids:
+                if rid not in results and rid in self.engine._requests:
+                    self.engine.abort(rid)
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+        return [results[rid] for rid in ids]
+
+    def chat(self, messages, sampling_params: Optional[SamplingParams] = None, use_tqdm: bool = True):
+        """One conversation (a list of messages) or several (a list of lists)."""
+        batch = messages and isinstance(messages[0], list)
+        convs = messages if batch else [messages]
+        prompts = [self.engine.apply_chat_template(c) for c in convs]
+        outs = self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+        return outs if batch else outs[0]

@@ -1,0 +1,156 @@
+"""The default model (SmolLM2-135M-Instruct, converted from its GGUF) on the real engine, against
+goldens written by HF transformers (scripts/make_goldens.py)."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from horae import LLM, Engine, HoraeCoreError, SamplingParams, _core
+
+GOLDEN = json.loads((Path(__file__).parent / "golden" / "smollm2.json").read_text())
+GREEDY = SamplingParams(temperature=0, max_tokens=GOLDEN["max_new_tokens"])
+
+
+@pytest.fixture(scope="module")
+def llm():
+    return LLM(kv_cache_tokens=8192)
+
+
+def test_tokenizer_and_chat_template_match_transformers(llm):
+    for case in GOLDEN["cases"]:
+        if case["kind"] == "chat":
+            text = llm.engine.apply_chat_template([{"role": "user", "content": case["text"]}])
+        else:
+            text = case["text"]
+        assert llm.engine.encode(text) == case["ids"], case["text"]
+
+
+def test_greedy_tokens_match_transformers_in_one_batch(llm):
+    prompts = [{"prompt_token_ids": c["ids"]} for c in GOLDEN["cases"]]
+    outs = llm.generate(prompts, GREEDY, use_tqdm=False)
+    for case, out in zip(GOLDEN["cases"], outs):
+        assert out.outputs[0].token_ids == case["greedy"], case["text"]
+    assert outs[0].outputs[0].text == "The capital of France is Paris."
+    assert outs[0].outputs[0].finish_reason == "stop"
+
+
+def test_teacher_forced_logits_match_transformers(llm):
+    for forced in GOLDEN["teacher_forced"]:
+        logits = _core.model_logits(str(llm.engine.model_dir), forced["ids"])
+        for row in forced["rows"]:
+            got = logits[row["position"], row["ids"]]
+            np.testing.assert_allclose(got, row["values"], atol=1e-3, rtol=0)
+
+
+def test_stop_strings_seeds_and_n(llm):
+    msgs = [{"role": "user", "content": "What is the capital of France?"}]
+    out = llm.chat(msgs, SamplingParams(temperature=0, max_tokens=32, stop=["Paris"]))
+    assert out.outputs[0].text == "The capital of France is "
+    assert (out.outputs[0].finish_reason, out.outputs[0].stop_reason) == ("stop", "Paris")
+    p = SamplingParams(temperature=1.0, max_tokens=12, seed=7, n=3)
+    a, b = llm.generate("Once upon a time", p, use_tqdm=False)[0], llm.generate("Once upon a time", p, use_tqdm=False)[0]
+    assert [o.token_ids for o in a.outputs] == [o.token_ids for o in b.outputs], "same seed, same tokens"
+    assert len({tuple(o.token_ids) for o in a.outputs}) > 1, "n samples with different seeds differ"
+    out = llm.generate("1, 2, 3,", SamplingParams(temperature=0, max_tokens=20, stop_token_ids=[28]), use_tqdm=False)[0]
+    assert out.outputs[0].token_ids[-1] == 28 and out.outputs[0].finish_reason == "stop"
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [({"top_p": 1.5}, "top_p"), ({"temperature": -1}, "temperature"), ({"n": 0}, "n must"),
+     ({"max_tokens": 0}, "max_tokens"), ({"top_k": -3}, "top_k"), ({"presence_penalty": 3}, "presence_penalty"),
+     ({"stop": [""]}, "stop"), ({"seed": -1}, "seed")],
+)
+def test_bad_sampling_values(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SamplingParams(**kwargs)
+
+
+def test_bad_prompts_leave_the_engine_serving(llm):
+    eng = llm.engine
+    with pytest.raises(ValueError, match="empty"):
+        llm.generate("", GREEDY)
+    with pytest.raises(HoraeCoreError, match="outside the vocabulary"):
+        llm.generate({"prompt_token_ids": [1, 2, 10**6]}, GREEDY)
+    with pytest.raises(HoraeCoreError, match="context"):
+        llm.generate({"prompt_token_ids": [5] * 9000}, GREEDY)
+    with pytest.raises(TypeError):
+        llm.generate([3.5], GREEDY)
+    with pytest.raises(ValueError, match="role"):
+        llm.chat([{"role": "wizard", "content": "hi"}])
+    # A request in flight, aborted mid-way, frees its blocks; the others finish.
+    rid = eng.add_request(None, "Tell me a long story", SamplingParams(temperature=0, max_tokens=200))
+    keep = eng.add_request(None, "The quick brown fox", SamplingParams(temperature=0, max_tokens=8))
+    for _ in range(3):
+        eng.step()
+    assert eng._core.stats()[0] > 0
+    eng.abort(rid)
+    done = {}
+    while eng.has_unfinished_requests():
+        for out in eng.step():
+            if out.finished:
+                done[out.request_id] = out
+    assert list(done) == [keep] and len(done[keep].outputs[0].token_ids) == 8
+    used, total, running, waiting = eng._core.stats()
+    assert (used, running, waiting) == (0, 0, 0), "nothing leaked"
+    with pytest.raises(KeyError):
+        eng.abort("no-such-request")
+
+
+def test_chat_template_is_sandboxed(llm):
+    eng = llm.engine
+    saved = eng.tokenizer_config["chat_template"]
+    try:
+        eng.tokenizer_config["chat_template"] = "{{ ''.__class__.__mro__[1].__subclasses__() }}"
+        from jinja2.exceptions import SecurityError
+
+        with pytest.raises(SecurityError):
+            eng.apply_chat_template([{"role": "user", "content": "hi"}])
+    finally:
+        eng.tokenizer_config["chat_template"] = saved
+
+
+def test_bad_model_paths(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        Engine(tmp_path / "missing")
+    with pytest.raises(ValueError, match="no config.json"):
+        Engine(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"], "hidden_size": 8,
+                                                      "intermediate_size": 8, "num_hidden_layers": 1,
+                                                      "num_attention_heads": 2, "vocab_size": 10}))
+    with pytest.raises(HoraeCoreError, match="unsupported architecture"):
+        Engine(tmp_path)
+    with pytest.raises(HoraeCoreError, match="unknown scheduler"):
+        Engine(None, scheduler="fifo")
+
+
+def test_cli_generate_and_chat(llm):
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "horae", "generate", "What is the capital of France?", "--max-tokens", "16"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "The capital of France is Paris." in out.stdout
+    out = subprocess.run([sys.executable, "-m", "horae", "chat", "--max-tokens", "16"], input="What is the capital of France?\n",
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "Paris" in out.stdout, out.stderr
+    bad = subprocess.run([sys.executable, "-m", "horae", "generate", "hi", "--top-p", "2"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "top_p" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_convert_gguf_cli_rejects_bad_files(tmp_path):
+    import subprocess
+    import sys
+
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"not a gguf file at all")
+    out = subprocess.run([sys.executable, "-m", "horae", "convert-gguf", str(bad), str(tmp_path / "out")],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "not a readable GGUF" in out.stderr, out.stderr
+    assert not (tmp_path / "out").exists(), "no partial folder is left behind"
+    out = subprocess.run([sys.executable, "-m", "horae", "convert-gguf", str(tmp_path / "nope.gguf"), str(tmp_path / "o")],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "not found" in out.stderr
