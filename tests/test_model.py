@@ -154,3 +154,20 @@ def test_convert_gguf_cli_rejects_bad_files(tmp_path):
     out = subprocess.run([sys.executable, "-m", "horae", "convert-gguf", str(tmp_path / "nope.gguf"), str(tmp_path / "o")],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "not found" in out.stderr
+
+
+def test_streamed_text_never_holds_a_broken_character(llm):
+    eng = llm.engine
+    prompt = "🍕🍕🍕 Emojis: 🍕🍕 🎉🎉 日本語のテキスト 日本語"
+    eng.add_request(None, prompt, SamplingParams(temperature=0, max_tokens=40))
+    chunks, last = [], None
+    while eng.has_unfinished_requests():
+        for out in eng.step():
+            chunks.append(out.outputs[0].text)
+            last = out
+    full = eng.decode(last.outputs[0].token_ids)
+    assert any(ord(c) > 0x3000 for c in full), "the continuation must contain multi-byte characters"
+    assert all("\ufffd" not in c for c in chunks)
+    # The streamed text is the full decode, less an incomplete character at the very end.
+    assert last.outputs[0].text == full.rstrip("\ufffd")
+    assert all(b.startswith(a) for a, b in zip(chunks, chunks[1:])), "text only grows"

@@ -114,6 +114,11 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from horae import _core, sim
 
+    if args.what == "model":
+        from horae.bench.model import run
+
+        run(args.model, hf=not args.no_hf)
+        return 0
     if args.what == "admission":
         print("Past-Future admission cost (one decision; the naive baseline re-samples and re-sorts the batch)")
         print(f"{'running':>8} {'first/step us':>14} {'next us':>9} {'naive us':>9} {'speedup':>8} {'vs 20us goal':>13}")
@@ -220,7 +225,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     cv.add_argument("gguf")
     cv.add_argument("out")
     b = sub.add_parser("bench", help="benchmarks of the scheduling core")
-    b.add_argument("what", choices=["admission", "sim-speed"])
+    b.add_argument("what", choices=["admission", "sim-speed", "model"])
+    b.add_argument("--model", help="model: model folder (default: SmolLM2-135M-Instruct)")
+    b.add_argument("--no-hf", action="store_true", help="model: skip the HF transformers comparison")
     b.add_argument("--running", type=_ints, default=[64, 256, 1024], help="admission: batch sizes")
     b.add_argument("--iters", type=int, default=2000)
     b.add_argument("--trace", help="sim-speed: trace file (default: the bundled sample)")

@@ -509,12 +509,20 @@ fn model_logits<'py>(py: Python<'py>, model_dir: PathBuf, token_ids: Vec<u32>) -
     numpy::PyArray1::from_vec(py, logits).reshape([rows, vocab])
 }
 
+/// GFLOP/s of a plain f32 GEMM (`m x k` times `(n x k)^T`), best of `iters`.
+#[pyfunction]
+#[pyo3(signature = (m, n, k, iters = 20))]
+fn bench_gemm(py: Python<'_>, m: usize, n: usize, k: usize, iters: usize) -> f64 {
+    py.detach(|| horae_core::backend::cpu::measure_gemm_gflops(m, n, k, iters))
+}
+
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("HoraeCoreError", m.py().get_type::<HoraeCoreError>())?;
     m.add_class::<PyTrace>()?;
     m.add_class::<PyEngine>()?;
     m.add_function(wrap_pyfunction!(model_logits, m)?)?;
+    m.add_function(wrap_pyfunction!(bench_gemm, m)?)?;
     m.add_function(wrap_pyfunction!(load_trace, m)?)?;
     m.add_function(wrap_pyfunction!(synthetic_trace, m)?)?;
     m.add_function(wrap_pyfunction!(simulate, m)?)?;

@@ -37,23 +37,43 @@ pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
     }
 }
 
+/// Cosines and sines of every (position, frequency) pair of a batch, computed once per step and
+/// shared by all layers: `[tokens, head_dim / 2]` each.
+pub struct RopeTable {
+    pub cos: Vec<f32>,
+    pub sin: Vec<f32>,
+    half: usize,
+}
+
+impl RopeTable {
+    pub fn new(positions: &[usize], inv_freq: &[f64]) -> Self {
+        let half = inv_freq.len();
+        let mut cos = Vec::with_capacity(positions.len() * half);
+        let mut sin = Vec::with_capacity(positions.len() * half);
+        for &p in positions {
+            for f in inv_freq {
+                let a = p as f64 * f;
+                cos.push(a.cos() as f32);
+                sin.push(a.sin() as f32);
+            }
+        }
+        Self { cos, sin, half }
+    }
+}
+
 /// Rotary embedding in the rotate-half (GPT-NeoX / HF Llama) layout, in place, for rows of
-/// `heads * head_dim` values at the given positions.
-pub fn rope(x: &mut [f32], positions: &[usize], heads: usize, head_dim: usize, inv_freq: &[f64]) {
-    let half = head_dim / 2;
-    for (row, &pos) in x.chunks_exact_mut(heads * head_dim).zip(positions) {
-        let (cos, sin): (Vec<f32>, Vec<f32>) = inv_freq
-            .iter()
-            .map(|f| {
-                let a = pos as f64 * f;
-                (a.cos() as f32, a.sin() as f32)
-            })
-            .unzip();
+/// `heads * head_dim` values.
+pub fn rope(x: &mut [f32], table: &RopeTable, heads: usize, head_dim: usize) {
+    let half = table.half;
+    debug_assert_eq!(head_dim, 2 * half);
+    for (r, row) in x.chunks_exact_mut(heads * head_dim).enumerate() {
+        let (cos, sin) = (&table.cos[r * half..(r + 1) * half], &table.sin[r * half..(r + 1) * half]);
         for h in row.chunks_exact_mut(head_dim) {
+            let (a, b) = h.split_at_mut(half);
             for i in 0..half {
-                let (x1, x2) = (h[i], h[i + half]);
-                h[i] = x1 * cos[i] - x2 * sin[i];
-                h[i + half] = x2 * cos[i] + x1 * sin[i];
+                let (x1, x2) = (a[i], b[i]);
+                a[i] = x1 * cos[i] - x2 * sin[i];
+                b[i] = x2 * cos[i] + x1 * sin[i];
             }
         }
     }
@@ -94,38 +114,47 @@ pub fn paged_attention(
     let group = num_heads / num_kv_heads;
     let scale = 1.0 / (head_dim as f32).sqrt();
     let row_len = num_heads * head_dim;
-    // (row, sequence index) for every row, so rows can be processed independently.
+    // (sequence, position) of every row, so rows can be processed independently.
     let mut owner = vec![(0usize, 0usize); out.len() / row_len];
     for (si, s) in seqs.iter().enumerate() {
         for t in 0..s.num_tokens {
             owner[s.row + t] = (si, s.start + t);
         }
     }
-    out.par_chunks_mut(head_dim).enumerate().for_each(|(i, o)| {
-        let (row, h) = (i / num_heads, i % num_heads);
+    // One task per row (all its heads): enough parallelism, and one score buffer per task.
+    out.par_chunks_mut(row_len).enumerate().for_each(|(row, o)| {
         let (si, pos) = owner[row];
         let s = &seqs[si];
-        let kvh = h / group;
-        let qv = &q[row * row_len + h * head_dim..][..head_dim];
-        let at = |p: usize| (s.block_table[p / block_size] as usize * block_size + p % block_size) * num_kv_heads * head_dim + kvh * head_dim;
-        let mut scores: Vec<f32> = (0..=pos)
-            .map(|p| {
-                let k = &k_cache[at(p)..][..head_dim];
-                qv.iter().zip(k).map(|(a, b)| a * b).sum::<f32>() * scale
-            })
-            .collect();
-        let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut sum = 0.0;
-        for s in scores.iter_mut() {
-            *s = (*s - max).exp();
-            sum += *s;
-        }
-        o.fill(0.0);
-        for (p, w) in scores.iter().enumerate() {
-            let v = &v_cache[at(p)..][..head_dim];
-            let w = w / sum;
-            for (o, v) in o.iter_mut().zip(v) {
-                *o += w * v;
+        let kv_row = num_kv_heads * head_dim;
+        let slot = |p: usize| (s.block_table[p / block_size] as usize * block_size + p % block_size) * kv_row;
+        let mut scores = vec![0.0f32; pos + 1];
+        for h in 0..num_heads {
+            let kvh = (h / group) * head_dim;
+            let qv = &q[row * row_len + h * head_dim..][..head_dim];
+            let mut max = f32::NEG_INFINITY;
+            for (p, sc) in scores.iter_mut().enumerate() {
+                let k = &k_cache[slot(p) + kvh..][..head_dim];
+                let mut acc = 0.0f32;
+                for i in 0..head_dim {
+                    acc += qv[i] * k[i];
+                }
+                *sc = acc * scale;
+                max = max.max(*sc);
+            }
+            let mut sum = 0.0f32;
+            for sc in scores.iter_mut() {
+                *sc = (*sc - max).exp();
+                sum += *sc;
+            }
+            let oh = &mut o[h * head_dim..(h + 1) * head_dim];
+            oh.fill(0.0);
+            let inv = 1.0 / sum;
+            for (p, &w) in scores.iter().enumerate() {
+                let v = &v_cache[slot(p) + kvh..][..head_dim];
+                let w = w * inv;
+                for i in 0..head_dim {
+                    oh[i] += w * v[i];
+                }
             }
         }
     });
@@ -166,4 +195,22 @@ mod tests {
         paged_attention(&q, &seqs, &k, &v, bs, 1, 1, hd, &mut out);
         assert_eq!(out, vec![1.0, 2.0, 3.0, 4.0]);
     }
+}
+
+/// The machine's GEMM rate through `linear`, in GFLOP/s: the best of `iters` runs of an
+/// `m x k` by `(n x k)^T` product. Benchmarks report model throughput as a ratio to this.
+pub fn measure_gemm_gflops(m: usize, n: usize, k: usize, iters: usize) -> f64 {
+    let x: Vec<f32> = (0..m * k).map(|i| (i % 7) as f32 * 0.01).collect();
+    let w: Vec<f32> = (0..n * k).map(|i| (i % 5) as f32 * 0.01).collect();
+    let mut out = vec![0.0; m * n];
+    linear(&x, m, k, &w, n, &mut out); // warm-up
+    let best = (0..iters.max(1))
+        .map(|_| {
+            let t = std::time::Instant::now();
+            linear(&x, m, k, &w, n, &mut out);
+            t.elapsed().as_secs_f64()
+        })
+        .fold(f64::INFINITY, f64::min);
+    std::hint::black_box(&out);
+    2.0 * (m * n * k) as f64 / best / 1e9
 }

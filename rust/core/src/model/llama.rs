@@ -127,6 +127,7 @@ impl LlamaModel {
         let (mut gu, mut act) = (vec![0.0; t * 2 * inter], vec![0.0; t * inter]);
         let (mut gate, mut up) = (vec![0.0; t * inter], vec![0.0; t * inter]);
         let row = nkv * hd;
+        let rope = cpu::RopeTable::new(&input.positions, &self.inv_freq);
         for (li, l) in self.layers.iter().enumerate() {
             cpu::rms_norm(&x, &l.input_norm, c.rms_norm_eps, &mut normed);
             cpu::linear(&normed, t, h, &l.qkv, qkv_n, &mut qkv);
@@ -139,8 +140,8 @@ impl LlamaModel {
                 k[r * row..(r + 1) * row].copy_from_slice(&src[nh * hd..nh * hd + row]);
                 v[r * row..(r + 1) * row].copy_from_slice(&src[nh * hd + row..]);
             }
-            cpu::rope(&mut q, &input.positions, nh, hd, &self.inv_freq);
-            cpu::rope(&mut k, &input.positions, nkv, hd, &self.inv_freq);
+            cpu::rope(&mut q, &rope, nh, hd);
+            cpu::rope(&mut k, &rope, nkv, hd);
             for (r, &slot) in input.slots.iter().enumerate() {
                 cache.k[li][slot * row..(slot + 1) * row].copy_from_slice(&k[r * row..(r + 1) * row]);
                 cache.v[li][slot * row..(slot + 1) * row].copy_from_slice(&v[r * row..(r + 1) * row]);
