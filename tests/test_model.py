@@ -171,3 +171,21 @@ def test_streamed_text_never_holds_a_broken_character(llm):
     # The streamed text is the full decode, less an incomplete character at the very end.
     assert last.outputs[0].text == full.rstrip("\ufffd")
     assert all(b.startswith(a) for a, b in zip(chunks, chunks[1:])), "text only grows"
+
+
+def test_logprobs_are_the_models_log_softmax(llm):
+    prompt = "The capital of France is"
+    out = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=6, logprobs=5), use_tqdm=False)[0].outputs[0]
+    assert len(out.logprobs) == len(out.token_ids) == 6
+    ids = llm.engine.encode(prompt)
+    logits = _core.model_logits(str(llm.engine.model_dir), ids + out.token_ids[:-1])
+    for i, (tok, lp) in enumerate(zip(out.token_ids, out.logprobs)):
+        row = logits[len(ids) - 1 + i].astype(np.float64)
+        ref = row - (row.max() + np.log(np.exp(row - row.max()).sum()))
+        assert len(lp) == 5, "greedy: the chosen token is the top one"
+        assert max(lp, key=lp.get) == tok
+        for t, v in lp.items():
+            assert abs(v - ref[t]) < 1e-4
+    assert out.cumulative_logprob == pytest.approx(sum(lp[t] for t, lp in zip(out.token_ids, out.logprobs)))
+    with pytest.raises(ValueError, match="logprobs"):
+        SamplingParams(logprobs=21)

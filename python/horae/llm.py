@@ -32,6 +32,8 @@ class SamplingParams:
     stop: Optional[Union[str, List[str]]] = None
     stop_token_ids: Optional[List[int]] = None
     ignore_eos: bool = False
+    #: Report log-probabilities of each output token and of this many most likely alternatives.
+    logprobs: Optional[int] = None
 
     def __post_init__(self):
         def need(ok: bool, msg: str):
@@ -58,6 +60,8 @@ class SamplingParams:
         need(all(isinstance(s, str) and s for s in self.stop), "stop must be a non-empty string or a list of them")
         self.stop_token_ids = list(self.stop_token_ids or [])
         need(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids must be non-negative integers")
+        need(self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= 20),
+             f"logprobs must be an integer in [0, 20], got {self.logprobs!r}")
 
 
 @dataclass
@@ -67,6 +71,9 @@ class CompletionOutput:
     token_ids: List[int]
     finish_reason: Optional[str] = None
     stop_reason: Optional[Union[str, int]] = None
+    #: Per output token, {token_id: logprob} for the chosen token and the top alternatives.
+    logprobs: Optional[List[Dict[int, float]]] = None
+    cumulative_logprob: Optional[float] = None
 
 
 @dataclass
@@ -88,6 +95,8 @@ class _Seq:
     token_ids: List[int] = field(default_factory=list)
     finish_reason: Optional[str] = None
     stop_reason: Optional[Union[str, int]] = None
+    logprobs: Optional[List[Dict[int, float]]] = None
+    cumulative_logprob: Optional[float] = None
 
 
 @dataclass
@@ -99,7 +108,9 @@ class _Req:
     seqs: List[_Seq]
 
     def output(self) -> RequestOutput:
-        outs = [CompletionOutput(s.index, s.text, list(s.token_ids), s.finish_reason, s.stop_reason) for s in self.seqs]
+        outs = [CompletionOutput(s.index, s.text, list(s.token_ids), s.finish_reason, s.stop_reason,
+                                 None if s.logprobs is None else list(s.logprobs), s.cumulative_logprob)
+                for s in self.seqs]
         return RequestOutput(self.request_id, self.prompt, list(self.prompt_token_ids), outs,
                              all(s.finish_reason is not None for s in self.seqs))
 
@@ -166,8 +177,11 @@ class Engine:
                     ids, max_tokens=params.max_tokens, temperature=float(params.temperature), top_k=params.top_k,
                     top_p=float(params.top_p), min_p=float(params.min_p), repetition_penalty=float(params.repetition_penalty),
                     presence_penalty=float(params.presence_penalty), frequency_penalty=float(params.frequency_penalty),
-                    seed=seed, ignore_eos=params.ignore_eos)
-                seqs.append(_Seq(i, core_id))
+                    seed=seed, ignore_eos=params.ignore_eos, logprobs=params.logprobs)
+                seq = _Seq(i, core_id)
+                if params.logprobs is not None:
+                    seq.logprobs, seq.cumulative_logprob = [], 0.0
+                seqs.append(seq)
         except Exception:
             for s in seqs:  # all or nothing
                 self._core.abort(s.core_id)
@@ -199,7 +213,7 @@ class Engine:
     def step(self) -> List[RequestOutput]:
         """Run one engine step; returns the requests that made progress (finished ones last time)."""
         touched: Dict[str, _Req] = {}
-        for core_id, new_ids, new_text, reason in self._core.step():
+        for core_id, new_ids, new_text, reason, new_lps in self._core.step():
             entry = self._by_core.get(core_id)
             if entry is None:
                 continue
@@ -209,6 +223,10 @@ class Engine:
             before = len(seq.text)
             seq.token_ids.extend(new_ids)
             seq.text += new_text
+            if seq.logprobs is not None:
+                for token, lp, top in new_lps:
+                    seq.logprobs.append({token: lp, **{t: v for t, v in top if t != token}})
+                    seq.cumulative_logprob += lp
             hit = next((t for t in new_ids if t in p.stop_token_ids), None)
             if hit is not None:
                 self._finish(req, seq, "stop", hit, abort_core=reason is None)

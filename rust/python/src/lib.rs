@@ -355,7 +355,7 @@ impl PyEngine {
     /// vocabulary, a prompt that leaves no room in the context, or bad sampling values.
     #[pyo3(signature = (prompt_token_ids, *, max_tokens = 16, temperature = 1.0, top_k = 0, top_p = 1.0,
                         min_p = 0.0, repetition_penalty = 1.0, presence_penalty = 0.0, frequency_penalty = 0.0,
-                        seed = None, ignore_eos = false))]
+                        seed = None, ignore_eos = false, logprobs = None))]
     #[allow(clippy::too_many_arguments)]
     fn add_request(
         &self,
@@ -370,6 +370,7 @@ impl PyEngine {
         frequency_penalty: f32,
         seed: Option<u64>,
         ignore_eos: bool,
+        logprobs: Option<usize>,
     ) -> PyResult<u64> {
         let err = |m: String| Err(HoraeCoreError::new_err(m));
         if prompt_token_ids.is_empty() {
@@ -401,6 +402,7 @@ impl PyEngine {
             presence_penalty,
             frequency_penalty,
             seed,
+            logprobs,
         };
         sampling.validate().map_err(to_py)?;
         let ids: Vec<u32> = prompt_token_ids.iter().map(|&t| t as u32).collect();
@@ -430,18 +432,21 @@ impl PyEngine {
         (s.kv().pool().num_used(), s.kv().pool().num_total(), s.num_running(), s.num_waiting())
     }
 
-    /// One engine step. Returns `(request_id, new_token_ids, new_text, finish_reason or None)` for
-    /// every request that produced a token or finished.
-    fn step(&self, py: Python<'_>) -> PyResult<Vec<(u64, Vec<u32>, String, Option<&'static str>)>> {
+    /// One engine step. Returns `(request_id, new_token_ids, new_text, finish_reason or None,
+    /// new_logprobs)` for every request that produced a token or finished; `new_logprobs` holds
+    /// `(token, logprob, [(top_token, logprob), ...])` per new token when the request asked for them.
+    #[allow(clippy::type_complexity)]
+    fn step(&self, py: Python<'_>) -> PyResult<Vec<(u64, Vec<u32>, String, Option<&'static str>, Vec<(u32, f32, Vec<(u32, f32)>)>)>> {
         let tok = &self.tokenizer;
         py.detach(|| {
             let mut st = self.lock();
             let out = st.engine.step()?;
-            let mut events: Vec<(u64, Vec<u32>, String, Option<&'static str>)> = Vec::new();
+            type Event = (u64, Vec<u32>, String, Option<&'static str>, Vec<(u32, f32, Vec<(u32, f32)>)>);
+            let mut events: Vec<Event> = Vec::new();
             let mut by_id: HashMap<u64, usize> = HashMap::new();
             for (id, token) in &out.tokens {
                 let idx = *by_id.entry(*id).or_insert_with(|| {
-                    events.push((*id, Vec::new(), String::new(), None));
+                    events.push((*id, Vec::new(), String::new(), None, Vec::new()));
                     events.len() - 1
                 });
                 events[idx].1.push(*token);
@@ -472,7 +477,24 @@ impl PyEngine {
                 let reason = r.finish_reason().map(|f| f.as_str());
                 match by_id.get(&r.id) {
                     Some(&i) => events[i].3 = reason,
-                    None => events.push((r.id, Vec::new(), String::new(), reason)),
+                    None => events.push((r.id, Vec::new(), String::new(), reason, Vec::new())),
+                }
+            }
+            // Logprobs of the new tokens: the last ones recorded on the (live or finished) request.
+            for e in events.iter_mut() {
+                let n = e.1.len();
+                if n == 0 {
+                    continue;
+                }
+                let lps = st
+                    .engine
+                    .scheduler()
+                    .request(e.0)
+                    .map(|r| r.logprobs.clone())
+                    .or_else(|| out.finished.iter().find(|r| r.id == e.0).map(|r| r.logprobs.clone()))
+                    .unwrap_or_default();
+                if lps.len() >= n {
+                    e.4 = lps[lps.len() - n..].iter().map(|l| (l.token, l.logprob, l.top.clone())).collect();
                 }
             }
             Ok::<_, HoraeError>(events)

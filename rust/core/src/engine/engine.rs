@@ -99,6 +99,9 @@ impl Engine {
         for s in &plan.seqs {
             self.sched.computed(s.id, s.num_tokens);
         }
+        for (id, lp) in out.logprobs {
+            self.sched.push_logprobs(id, lp);
+        }
         for &(id, token) in &out.sampled {
             self.sched.push_token(id, token, now);
             result.tokens.push((id, token));

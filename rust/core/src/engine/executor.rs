@@ -2,6 +2,7 @@
 //! [`Executor`], which is either a real model (CPU or CUDA) or the simulator's cost model.
 
 use super::ReqId;
+use crate::sample::TokenLogprobs;
 use crate::error::Result;
 use crate::sched::{SchedulePlan, Scheduler};
 
@@ -9,6 +10,8 @@ use crate::sched::{SchedulePlan, Scheduler};
 pub struct ExecOutput {
     /// One token for every scheduled sequence whose `samples` flag is set.
     pub sampled: Vec<(ReqId, u32)>,
+    /// Log-probabilities for the sampled tokens of requests that asked for them.
+    pub logprobs: Vec<(ReqId, TokenLogprobs)>,
     /// Seconds the step takes on a virtual clock; `None` when it ran in real time.
     pub elapsed: Option<f64>,
 }

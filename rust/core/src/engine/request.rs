@@ -107,6 +107,8 @@ pub struct Request {
     pub recomputed_tokens: u64,
     /// Prompt tokens served from the prefix cache, summed over admissions.
     pub cached_tokens: u64,
+    /// Per output token, when the request asked for logprobs.
+    pub logprobs: Vec<crate::sample::TokenLogprobs>,
     /// The admission policy's length predictions, kept between steps (see `SeqLoad::forecast`).
     pub forecast: [u32; crate::sched::MAX_SCENARIOS],
 }
@@ -129,6 +131,7 @@ impl Request {
             recomputed_tokens: 0,
             cached_tokens: 0,
             forecast: [0; crate::sched::MAX_SCENARIOS],
+            logprobs: Vec::new(),
         }
     }
 

@@ -69,16 +69,22 @@ impl Executor for ModelExecutor {
         let mut logits = self.model.forward(&input, &mut self.cache)?;
         let vocab = self.model.cfg.vocab_size;
         let mut sampled = Vec::with_capacity(samplers.len());
+        let mut logprobs = Vec::new();
         for (i, id) in samplers.into_iter().enumerate() {
             let r = state.request(id).expect("checked above");
             let Prompt::Tokens(prompt) = &r.prompt else { unreachable!("checked above") };
             let row = &mut logits[i * vocab..(i + 1) * vocab];
             let p = &r.sampling;
+            let raw = p.logprobs.map(|_| row.to_vec());
             sample::apply_penalties(row, p, prompt, &r.output);
             let rng = self.rngs.entry(id).or_insert_with(|| SmallRng::seed_from_u64(p.seed.unwrap_or(id ^ 0x9e37_79b9_7f4a_7c15)));
-            sampled.push((id, sample::sample(row, p, rng)));
+            let token = sample::sample(row, p, rng);
+            if let (Some(k), Some(raw)) = (p.logprobs, raw) {
+                logprobs.push((id, sample::logprobs(&raw, token, k)));
+            }
+            sampled.push((id, token));
         }
-        Ok(ExecOutput { sampled, elapsed: None })
+        Ok(ExecOutput { sampled, logprobs, elapsed: None })
     }
 
     fn eos_token_ids(&self) -> Vec<u32> {

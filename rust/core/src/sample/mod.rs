@@ -4,6 +4,34 @@ use rand::{rngs::SmallRng, Rng};
 
 use crate::error::{HoraeError, Result};
 
+/// Log-probabilities at one output position: the chosen token's, and the `k` most likely.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprobs {
+    pub token: u32,
+    pub logprob: f32,
+    /// The most likely tokens, most likely first.
+    pub top: Vec<(u32, f32)>,
+}
+
+/// Log-softmax of the model's raw logits (before penalties and temperature, as vLLM reports
+/// them) for `token`, and the `k` most likely tokens.
+pub fn logprobs(logits: &[f32], token: u32, k: usize) -> TokenLogprobs {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let lse = max + logits.iter().map(|&l| ((l - max) as f64).exp()).sum::<f64>().ln() as f32;
+    let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
+    let k = k.min(idx.len());
+    if k > 0 && k < idx.len() {
+        idx.select_nth_unstable_by(k - 1, |&a, &b| logits[b as usize].total_cmp(&logits[a as usize]));
+    }
+    idx.truncate(k);
+    idx.sort_unstable_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]).then(a.cmp(&b)));
+    TokenLogprobs {
+        token,
+        logprob: logits[token as usize] - lse,
+        top: idx.into_iter().map(|i| (i, logits[i as usize] - lse)).collect(),
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct SamplingParams {
     /// 0 means greedy.
@@ -19,6 +47,8 @@ pub struct SamplingParams {
     pub frequency_penalty: f32,
     /// Per-request seed: the same seed gives the same tokens.
     pub seed: Option<u64>,
+    /// Report log-probabilities with this many top alternatives (None = no logprobs).
+    pub logprobs: Option<usize>,
 }
 
 impl Default for SamplingParams {
@@ -33,6 +63,7 @@ impl Default for SamplingParams {
             presence_penalty: 0.0,
             frequency_penalty: 0.0,
             seed: None,
+            logprobs: None,
         }
     }
 }
@@ -56,6 +87,9 @@ impl SamplingParams {
             if !(-2.0..=2.0).contains(&v) {
                 return bad(format!("{name} must be in [-2, 2], got {v}"));
             }
+        }
+        if self.logprobs.is_some_and(|k| k > 20) {
+            return bad(format!("logprobs must be at most 20, got {}", self.logprobs.unwrap_or(0)));
         }
         Ok(())
     }
@@ -175,6 +209,16 @@ mod tests {
         for (c, e) in counts.iter().zip([0.125, 0.25, 0.625]) {
             assert!((*c as f64 / n as f64 - e).abs() < 0.01, "{counts:?}");
         }
+    }
+
+    #[test]
+    fn logprobs_are_a_log_softmax() {
+        let l = [1.0f32, 3.0, 2.0];
+        let lp = logprobs(&l, 2, 2);
+        let z: f32 = l.iter().map(|x| x.exp()).sum();
+        assert!((lp.logprob - (2.0f32.exp() / z).ln()).abs() < 1e-6);
+        assert_eq!(lp.top.iter().map(|t| t.0).collect::<Vec<_>>(), vec![1, 2]);
+        assert!((lp.top.iter().map(|t| t.1.exp()).sum::<f32>() - (3f32.exp() + 2f32.exp()) / z).abs() < 1e-6);
     }
 
     #[test]

@@ -258,6 +258,12 @@ impl Scheduler {
         }
     }
 
+    pub fn push_logprobs(&mut self, id: ReqId, lp: crate::sample::TokenLogprobs) {
+        if let Some(r) = self.requests.get_mut(&id) {
+            r.logprobs.push(lp);
+        }
+    }
+
     /// End a request, free its blocks and hand it back. Normal finishes feed the length history.
     pub fn finish(&mut self, id: ReqId, reason: FinishReason, now: f64) -> Result<Request> {
         let mut r = self.requests.remove(&id).ok_or(HoraeError::UnknownRequest(id))?;
