@@ -189,3 +189,17 @@ def test_logprobs_are_the_models_log_softmax(llm):
     assert out.cumulative_logprob == pytest.approx(sum(lp[t] for t, lp in zip(out.token_ids, out.logprobs)))
     with pytest.raises(ValueError, match="logprobs"):
         SamplingParams(logprobs=21)
+
+
+def test_min_tokens_and_logits_access(llm):
+    msgs = [{"role": "user", "content": "What is the capital of France?"}]
+    out = llm.chat(msgs, SamplingParams(temperature=0, max_tokens=20, min_tokens=12)).outputs[0]
+    assert len(out.token_ids) >= 12 and 2 not in out.token_ids[:12], "no end-of-sequence before min_tokens"
+    assert out.text.startswith("The capital of France is Paris.")
+    with pytest.raises(ValueError, match="min_tokens"):
+        SamplingParams(max_tokens=4, min_tokens=5)
+    logits = llm.logits({"prompt_token_ids": GOLDEN["teacher_forced"][0]["ids"]})
+    row = GOLDEN["teacher_forced"][0]["rows"][0]
+    np.testing.assert_allclose(logits[row["position"], row["ids"]], row["values"], atol=1e-3)
+    with pytest.raises(HoraeCoreError, match="vocabulary"):
+        llm.engine._core.logits([10**7])

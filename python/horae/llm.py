@@ -34,6 +34,8 @@ class SamplingParams:
     ignore_eos: bool = False
     #: Report log-probabilities of each output token and of this many most likely alternatives.
     logprobs: Optional[int] = None
+    #: End-of-sequence and stop strings/ids are ignored until this many tokens are generated.
+    min_tokens: int = 0
 
     def __post_init__(self):
         def need(ok: bool, msg: str):
@@ -60,6 +62,8 @@ class SamplingParams:
         need(all(isinstance(s, str) and s for s in self.stop), "stop must be a non-empty string or a list of them")
         self.stop_token_ids = list(self.stop_token_ids or [])
         need(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids must be non-negative integers")
+        need(isinstance(self.min_tokens, int) and 0 <= self.min_tokens <= self.max_tokens,
+             f"min_tokens must be an integer in [0, max_tokens], got {self.min_tokens!r}")
         need(self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= 20),
              f"logprobs must be an integer in [0, 20], got {self.logprobs!r}")
 
@@ -177,7 +181,8 @@ class Engine:
                     ids, max_tokens=params.max_tokens, temperature=float(params.temperature), top_k=params.top_k,
                     top_p=float(params.top_p), min_p=float(params.min_p), repetition_penalty=float(params.repetition_penalty),
                     presence_penalty=float(params.presence_penalty), frequency_penalty=float(params.frequency_penalty),
-                    seed=seed, ignore_eos=params.ignore_eos, logprobs=params.logprobs)
+                    seed=seed, ignore_eos=params.ignore_eos, logprobs=params.logprobs,
+                    min_tokens=params.min_tokens)
                 seq = _Seq(i, core_id)
                 if params.logprobs is not None:
                     seq.logprobs, seq.cumulative_logprob = [], 0.0
@@ -227,11 +232,12 @@ class Engine:
                 for token, lp, top in new_lps:
                     seq.logprobs.append({token: lp, **{t: v for t, v in top if t != token}})
                     seq.cumulative_logprob += lp
-            hit = next((t for t in new_ids if t in p.stop_token_ids), None)
+            early = len(seq.token_ids) <= p.min_tokens  # stop conditions wait for min_tokens
+            hit = None if early else next((t for t in new_ids if t in p.stop_token_ids), None)
             if hit is not None:
                 self._finish(req, seq, "stop", hit, abort_core=reason is None)
                 continue
-            if p.stop:
+            if p.stop and not early:
                 # Search from where a stop string could start across the token boundary.
                 start = max(0, before - max(len(s) for s in p.stop) + 1)
                 found = [(seq.text.find(s, start), s) for s in p.stop]
@@ -288,6 +294,11 @@ class LLM:
 
     def __init__(self, model: Optional[Union[str, Path]] = None, **engine_args):
         self.engine = Engine(model, **engine_args)
+
+    def logits(self, prompt: PromptType):
+        """Teacher-forced logits of a prompt on the model, as a numpy array `[tokens, vocab]`."""
+        _, ids = self.engine._prompt_ids(prompt)
+        return self.engine._core.logits(ids)
 
     def generate(self, prompts: Union[PromptType, Sequence[PromptType]], sampling_params: Optional[SamplingParams] = None,
                  use_tqdm: bool = True) -> List[RequestOutput]:

@@ -5,9 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
-use horae_core::backend::cpu::AttnSeq;
 use horae_core::engine::{Engine, Prompt, RequestSpec, WallClock};
-use horae_core::model::llama::{BatchInput, KvCache};
 use horae_core::model::{LlamaModel, ModelExecutor};
 use horae_core::sched::{PolicyKind, Scheduler, SchedulerConfig};
 use serde_json::Value;
@@ -32,18 +30,7 @@ fn teacher_forced_logits_match_transformers() {
         let g = golden(name);
         let model = LlamaModel::load(&dir(name)).unwrap();
         let seq = ids(&g["teacher_forced"]["ids"]);
-        let n = seq.len();
-        let bs = 16;
-        let table: Vec<u32> = (0..n.div_ceil(bs) as u32).collect();
-        let mut cache = KvCache::new(&model.cfg, table.len(), bs);
-        let input = BatchInput {
-            tokens: seq.clone(),
-            positions: (0..n).collect(),
-            slots: (0..n).collect(),
-            seqs: vec![AttnSeq { row: 0, num_tokens: n, start: 0, block_table: &table }],
-            logit_rows: (0..n).collect(),
-        };
-        let logits = model.forward(&input, &mut cache).unwrap();
+        let logits = model.logits(&seq).unwrap();
         let want: Vec<f32> = g["teacher_forced"]["logits"]
             .as_array()
             .unwrap()

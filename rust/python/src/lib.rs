@@ -5,9 +5,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Mutex;
 
-use horae_core::backend::cpu::AttnSeq;
 use horae_core::engine::{Engine, Prompt, ReqId, RequestSpec, WallClock};
-use horae_core::model::llama::{BatchInput, KvCache};
 use horae_core::model::{IncrementalDetokenizer, LlamaModel, ModelConfig, ModelExecutor, Tokenizer};
 use horae_core::sample::SamplingParams;
 use horae_core::sched::{bench::admission_benchmark, PolicyKind, Scheduler, SchedulerConfig};
@@ -253,6 +251,7 @@ struct EngineState {
 #[pyclass(name = "Engine", module = "horae._core")]
 struct PyEngine {
     state: Mutex<EngineState>,
+    model: std::sync::Arc<LlamaModel>,
     tokenizer: Tokenizer,
     model_dir: PathBuf,
     config: ModelConfig,
@@ -308,10 +307,12 @@ impl PyEngine {
             })
             .map_err(to_py)?;
         let eos = horae_core::engine::Executor::eos_token_ids(&exec);
+        let model = exec.model.clone();
         let sched = Scheduler::new(cfg, None).map_err(to_py)?;
         let engine = Engine::new(sched, Box::new(exec), Box::new(WallClock::default()));
         Ok(Self {
             state: Mutex::new(EngineState { engine, detok: HashMap::new() }),
+            model,
             tokenizer,
             model_dir,
             config,
@@ -355,7 +356,7 @@ impl PyEngine {
     /// vocabulary, a prompt that leaves no room in the context, or bad sampling values.
     #[pyo3(signature = (prompt_token_ids, *, max_tokens = 16, temperature = 1.0, top_k = 0, top_p = 1.0,
                         min_p = 0.0, repetition_penalty = 1.0, presence_penalty = 0.0, frequency_penalty = 0.0,
-                        seed = None, ignore_eos = false, logprobs = None))]
+                        seed = None, ignore_eos = false, logprobs = None, min_tokens = 0))]
     #[allow(clippy::too_many_arguments)]
     fn add_request(
         &self,
@@ -371,6 +372,7 @@ impl PyEngine {
         seed: Option<u64>,
         ignore_eos: bool,
         logprobs: Option<usize>,
+        min_tokens: usize,
     ) -> PyResult<u64> {
         let err = |m: String| Err(HoraeCoreError::new_err(m));
         if prompt_token_ids.is_empty() {
@@ -403,6 +405,7 @@ impl PyEngine {
             frequency_penalty,
             seed,
             logprobs,
+            min_tokens,
         };
         sampling.validate().map_err(to_py)?;
         let ids: Vec<u32> = prompt_token_ids.iter().map(|&t| t as u32).collect();
@@ -412,6 +415,25 @@ impl PyEngine {
         let id = st.engine.add_request(spec).map_err(to_py)?;
         st.detok.insert(id, detok);
         Ok(id)
+    }
+
+    /// Teacher-forced logits (`len x vocab`) of `token_ids` on the loaded model, outside the
+    /// engine's batch (the GIL is released meanwhile).
+    fn logits<'py>(&self, py: Python<'py>, token_ids: Vec<i64>) -> PyResult<Bound<'py, numpy::PyArray2<f32>>> {
+        let vocab = self.config.vocab_size;
+        if token_ids.is_empty() {
+            return Err(HoraeCoreError::new_err("token_ids is empty"));
+        }
+        if let Some(bad) = token_ids.iter().find(|&&t| t < 0 || t >= vocab as i64) {
+            return Err(HoraeCoreError::new_err(format!("token id {bad} is outside the vocabulary (0..{vocab})")));
+        }
+        if token_ids.len() > self.config.max_position_embeddings {
+            return Err(HoraeCoreError::new_err("token_ids is longer than the model's context"));
+        }
+        let ids: Vec<u32> = token_ids.iter().map(|&t| t as u32).collect();
+        let model = self.model.clone();
+        let logits = py.detach(|| model.logits(&ids)).map_err(to_py)?;
+        numpy::PyArray1::from_vec(py, logits).reshape([ids.len(), vocab])
     }
 
     /// Stop a request now; its KV blocks are freed at once. Unknown ids raise.
@@ -513,18 +535,7 @@ fn model_logits<'py>(py: Python<'py>, model_dir: PathBuf, token_ids: Vec<u32>) -
     let (logits, vocab) = py
         .detach(|| {
             let model = LlamaModel::load(&model_dir)?;
-            let n = token_ids.len();
-            let bs = 16;
-            let table: Vec<u32> = (0..n.div_ceil(bs) as u32).collect();
-            let mut cache = KvCache::new(&model.cfg, table.len(), bs);
-            let input = BatchInput {
-                tokens: token_ids.clone(),
-                positions: (0..n).collect(),
-                slots: (0..n).collect(),
-                seqs: vec![AttnSeq { row: 0, num_tokens: n, start: 0, block_table: &table }],
-                logit_rows: (0..n).collect(),
-            };
-            Ok::<_, HoraeError>((model.forward(&input, &mut cache)?, model.cfg.vocab_size))
+            Ok::<_, HoraeError>((model.logits(&token_ids)?, model.cfg.vocab_size))
         })
         .map_err(to_py)?;
     let rows = logits.len() / vocab;

@@ -66,6 +66,22 @@ pub struct BatchInput<'a> {
 }
 
 impl LlamaModel {
+    /// Teacher-forced logits of one sequence (`len x vocab`), with a private scratch cache.
+    pub fn logits(&self, tokens: &[u32]) -> Result<Vec<f32>> {
+        let n = tokens.len();
+        let bs = 16;
+        let table: Vec<u32> = (0..n.div_ceil(bs) as u32).collect();
+        let mut cache = KvCache::new(&self.cfg, table.len(), bs);
+        let input = BatchInput {
+            tokens: tokens.to_vec(),
+            positions: (0..n).collect(),
+            slots: (0..n).collect(),
+            seqs: vec![AttnSeq { row: 0, num_tokens: n, start: 0, block_table: &table }],
+            logit_rows: (0..n).collect(),
+        };
+        self.forward(&input, &mut cache)
+    }
+
     pub fn load(dir: &Path) -> Result<Self> {
         let cfg = ModelConfig::from_dir(dir)?;
         let mut w = Weights::load(dir)?;

@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Arc;
 
 use rand::{rngs::SmallRng, SeedableRng};
 
@@ -14,7 +15,8 @@ use crate::sample;
 use crate::sched::{SchedulePlan, Scheduler};
 
 pub struct ModelExecutor {
-    pub model: LlamaModel,
+    /// Shared so that callers can also run the model outside the engine (teacher-forced logits).
+    pub model: Arc<LlamaModel>,
     cache: KvCache,
     eos: Vec<u32>,
     rngs: HashMap<ReqId, SmallRng>,
@@ -23,7 +25,7 @@ pub struct ModelExecutor {
 impl ModelExecutor {
     /// Load the model folder and allocate a KV cache of `num_blocks` blocks.
     pub fn load(dir: &Path, num_blocks: usize, block_size: usize) -> Result<Self> {
-        let model = LlamaModel::load(dir)?;
+        let model = Arc::new(LlamaModel::load(dir)?);
         let cache = KvCache::new(&model.cfg, num_blocks, block_size);
         // generation_config.json's eos ids win over config.json's (as in transformers).
         let mut eos = model.cfg.eos_token_ids.clone();
@@ -77,6 +79,14 @@ impl Executor for ModelExecutor {
             let p = &r.sampling;
             let raw = p.logprobs.map(|_| row.to_vec());
             sample::apply_penalties(row, p, prompt, &r.output);
+            if r.output.len() < p.min_tokens {
+                // Too early to stop: end-of-sequence cannot be drawn.
+                for &e in &self.eos {
+                    if let Some(l) = row.get_mut(e as usize) {
+                        *l = f32::NEG_INFINITY;
+                    }
+                }
+            }
             let rng = self.rngs.entry(id).or_insert_with(|| SmallRng::seed_from_u64(p.seed.unwrap_or(id ^ 0x9e37_79b9_7f4a_7c15)));
             let token = sample::sample(row, p, rng);
             if let (Some(k), Some(raw)) = (p.logprobs, raw) {

@@ -49,6 +49,8 @@ pub struct SamplingParams {
     pub seed: Option<u64>,
     /// Report log-probabilities with this many top alternatives (None = no logprobs).
     pub logprobs: Option<usize>,
+    /// End-of-sequence is masked out until this many tokens are generated.
+    pub min_tokens: usize,
 }
 
 impl Default for SamplingParams {
@@ -64,6 +66,7 @@ impl Default for SamplingParams {
             frequency_penalty: 0.0,
             seed: None,
             logprobs: None,
+            min_tokens: 0,
         }
     }
 }
