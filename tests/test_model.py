@@ -203,3 +203,19 @@ def test_min_tokens_and_logits_access(llm):
     np.testing.assert_allclose(logits[row["position"], row["ids"]], row["values"], atol=1e-3)
     with pytest.raises(HoraeCoreError, match="vocabulary"):
         llm.engine._core.logits([10**7])
+
+
+def test_n_samples_share_the_prompt_blocks(llm):
+    eng = llm.engine
+    prompt = {"prompt_token_ids": [1 + (i * 37) % 4000 for i in range(320)]}  # 20 full blocks
+    rid = eng.add_request(None, prompt, SamplingParams(n=4, temperature=1.0, seed=3, max_tokens=24, ignore_eos=True))
+    peak, out = 0, None
+    while eng.has_unfinished_requests():
+        for o in eng.step():
+            out = o
+        peak = max(peak, eng._core.stats()[0])
+    assert out.request_id == rid and out.finished and len(out.outputs) == 4
+    assert all(len(o.token_ids) == 24 for o in out.outputs)
+    # Unshared, 4 samples would hold 4 x 22 blocks; shared, the 20 prompt blocks count once.
+    assert peak <= 20 + 4 * 3, f"{peak} blocks in use at the peak"
+    assert len({tuple(o.token_ids) for o in out.outputs}) == 4

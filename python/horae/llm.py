@@ -94,7 +94,7 @@ class _Seq:
     """One of a request's n samples, as a core request."""
 
     index: int
-    core_id: int
+    core_id: Optional[int]  # None while held back until the first sample's prompt is computed
     text: str = ""
     token_ids: List[int] = field(default_factory=list)
     finish_reason: Optional[str] = None
@@ -112,6 +112,7 @@ class _Req:
     seqs: List[_Seq]
 
     def output(self) -> RequestOutput:
+        # Held-back samples show as empty until they start.
         outs = [CompletionOutput(s.index, s.text, list(s.token_ids), s.finish_reason, s.stop_reason,
                                  None if s.logprobs is None else list(s.logprobs), s.cumulative_logprob)
                 for s in self.seqs]
@@ -173,29 +174,32 @@ class Engine:
         if request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         text, ids = self._prompt_ids(prompt)
-        seqs: List[_Seq] = []
-        try:
-            for i in range(params.n):
-                seed = None if params.seed is None else params.seed + i
-                core_id = self._core.add_request(
-                    ids, max_tokens=params.max_tokens, temperature=float(params.temperature), top_k=params.top_k,
-                    top_p=float(params.top_p), min_p=float(params.min_p), repetition_penalty=float(params.repetition_penalty),
-                    presence_penalty=float(params.presence_penalty), frequency_penalty=float(params.frequency_penalty),
-                    seed=seed, ignore_eos=params.ignore_eos, logprobs=params.logprobs,
-                    min_tokens=params.min_tokens)
-                seq = _Seq(i, core_id)
-                if params.logprobs is not None:
-                    seq.logprobs, seq.cumulative_logprob = [], 0.0
-                seqs.append(seq)
-        except Exception:
-            for s in seqs:  # all or nothing
-                self._core.abort(s.core_id)
-            raise
+        # Only the first of n samples is submitted now. The others are held back until its prompt is
+        # computed, so they take the prompt's full KV blocks from the prefix cache instead of
+        # computing them n times (the fork-after-prefill of vLLM v0).
+        first = _Seq(0, self._submit(ids, params, 0))
+        seqs = [first] + [_Seq(i, None) for i in range(1, params.n)]
+        for s in seqs:
+            if params.logprobs is not None:
+                s.logprobs, s.cumulative_logprob = [], 0.0
         req = _Req(request_id, text, ids, params, seqs)
         self._requests[request_id] = req
-        for s in seqs:
-            self._by_core[s.core_id] = (req, s)
+        self._by_core[first.core_id] = (req, first)
         return request_id
+
+    def _submit(self, ids: List[int], params: SamplingParams, index: int) -> int:
+        seed = None if params.seed is None else params.seed + index
+        return self._core.add_request(
+            ids, max_tokens=params.max_tokens, temperature=float(params.temperature), top_k=params.top_k,
+            top_p=float(params.top_p), min_p=float(params.min_p), repetition_penalty=float(params.repetition_penalty),
+            presence_penalty=float(params.presence_penalty), frequency_penalty=float(params.frequency_penalty),
+            seed=seed, ignore_eos=params.ignore_eos, logprobs=params.logprobs, min_tokens=params.min_tokens)
+
+    def _release_held(self, req: _Req) -> None:
+        for s in req.seqs:
+            if s.core_id is None and s.finish_reason is None:
+                s.core_id = self._submit(req.prompt_token_ids, req.params, s.index)
+                self._by_core[s.core_id] = (req, s)
 
     def abort(self, request_id: str) -> None:
         req = self._requests.pop(str(request_id), None)
@@ -203,7 +207,7 @@ class Engine:
             raise KeyError(f"unknown request id {request_id!r}")
         for s in req.seqs:
             self._by_core.pop(s.core_id, None)
-            if s.finish_reason is None:
+            if s.finish_reason is None and s.core_id is not None:
                 self._core.abort(s.core_id)
 
     def has_unfinished_requests(self) -> bool:
@@ -224,6 +228,8 @@ class Engine:
                 continue
             req, seq = entry
             touched[req.request_id] = req
+            if seq.index == 0 and new_ids:
+                self._release_held(req)  # the prompt's KV now exists: the other samples share it
             p = req.params
             before = len(seq.text)
             seq.token_ids.extend(new_ids)
