@@ -219,3 +219,22 @@ def test_n_samples_share_the_prompt_blocks(llm):
     # Unshared, 4 samples would hold 4 x 22 blocks; shared, the 20 prompt blocks count once.
     assert peak <= 20 + 4 * 3, f"{peak} blocks in use at the peak"
     assert len({tuple(o.token_ids) for o in out.outputs}) == 4
+
+
+def test_prompt_logprobs_match_the_teacher_forced_logits(llm):
+    prompt = "The theory of relativity states that"
+    ids = llm.engine.encode(prompt)
+    # Run the prompt once first so its blocks sit in the prefix cache: prompt logprobs must not use it.
+    llm.generate(prompt, SamplingParams(temperature=0, max_tokens=2), use_tqdm=False)
+    out = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=2, prompt_logprobs=3), use_tqdm=False)[0]
+    assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(ids)
+    logits = llm.logits(prompt).astype(np.float64)
+    for p in range(1, len(ids)):
+        row = logits[p - 1]
+        ref = row - (row.max() + np.log(np.exp(row - row.max()).sum()))
+        lp = out.prompt_logprobs[p]
+        assert ids[p] in lp and 3 <= len(lp) <= 4
+        for t, v in lp.items():
+            assert abs(v - ref[t]) < 1e-4
+    with pytest.raises(ValueError, match="prompt_logprobs"):
+        SamplingParams(prompt_logprobs=99)

@@ -36,6 +36,8 @@ class SamplingParams:
     logprobs: Optional[int] = None
     #: End-of-sequence and stop strings/ids are ignored until this many tokens are generated.
     min_tokens: int = 0
+    #: Report each prompt token's log-probability and this many alternatives (no prefix caching).
+    prompt_logprobs: Optional[int] = None
 
     def __post_init__(self):
         def need(ok: bool, msg: str):
@@ -64,6 +66,8 @@ class SamplingParams:
         need(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids must be non-negative integers")
         need(isinstance(self.min_tokens, int) and 0 <= self.min_tokens <= self.max_tokens,
              f"min_tokens must be an integer in [0, max_tokens], got {self.min_tokens!r}")
+        need(self.prompt_logprobs is None or (isinstance(self.prompt_logprobs, int) and 0 <= self.prompt_logprobs <= 20),
+             f"prompt_logprobs must be an integer in [0, 20], got {self.prompt_logprobs!r}")
         need(self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= 20),
              f"logprobs must be an integer in [0, 20], got {self.logprobs!r}")
 
@@ -87,6 +91,8 @@ class RequestOutput:
     prompt_token_ids: List[int]
     outputs: List[CompletionOutput]
     finished: bool = False
+    #: As vLLM: None for the first prompt token, then {token_id: logprob} per prompt token.
+    prompt_logprobs: Optional[List[Optional[Dict[int, float]]]] = None
 
 
 @dataclass
@@ -110,6 +116,7 @@ class _Req:
     prompt_token_ids: List[int]
     params: SamplingParams
     seqs: List[_Seq]
+    prompt_logprobs: Optional[List[Optional[Dict[int, float]]]] = None
 
     def output(self) -> RequestOutput:
         # Held-back samples show as empty until they start.
@@ -117,7 +124,7 @@ class _Req:
                                  None if s.logprobs is None else list(s.logprobs), s.cumulative_logprob)
                 for s in self.seqs]
         return RequestOutput(self.request_id, self.prompt, list(self.prompt_token_ids), outs,
-                             all(s.finish_reason is not None for s in self.seqs))
+                             all(s.finish_reason is not None for s in self.seqs), self.prompt_logprobs)
 
 
 class Engine:
@@ -193,7 +200,8 @@ class Engine:
             ids, max_tokens=params.max_tokens, temperature=float(params.temperature), top_k=params.top_k,
             top_p=float(params.top_p), min_p=float(params.min_p), repetition_penalty=float(params.repetition_penalty),
             presence_penalty=float(params.presence_penalty), frequency_penalty=float(params.frequency_penalty),
-            seed=seed, ignore_eos=params.ignore_eos, logprobs=params.logprobs, min_tokens=params.min_tokens)
+            seed=seed, ignore_eos=params.ignore_eos, logprobs=params.logprobs, min_tokens=params.min_tokens,
+            prompt_logprobs=params.prompt_logprobs if index == 0 else None)
 
     def _release_held(self, req: _Req) -> None:
         for s in req.seqs:
@@ -222,7 +230,7 @@ class Engine:
     def step(self) -> List[RequestOutput]:
         """Run one engine step; returns the requests that made progress (finished ones last time)."""
         touched: Dict[str, _Req] = {}
-        for core_id, new_ids, new_text, reason, new_lps in self._core.step():
+        for core_id, new_ids, new_text, reason, new_lps, prompt_lps in self._core.step():
             entry = self._by_core.get(core_id)
             if entry is None:
                 continue
@@ -231,6 +239,8 @@ class Engine:
             if seq.index == 0 and new_ids:
                 self._release_held(req)  # the prompt's KV now exists: the other samples share it
             p = req.params
+            if prompt_lps and seq.index == 0:
+                req.prompt_logprobs = [None] + [{t: lp, **{a: v for a, v in top if a != t}} for t, lp, top in prompt_lps]
             before = len(seq.text)
             seq.token_ids.extend(new_ids)
             seq.text += new_text

@@ -356,7 +356,7 @@ impl PyEngine {
     /// vocabulary, a prompt that leaves no room in the context, or bad sampling values.
     #[pyo3(signature = (prompt_token_ids, *, max_tokens = 16, temperature = 1.0, top_k = 0, top_p = 1.0,
                         min_p = 0.0, repetition_penalty = 1.0, presence_penalty = 0.0, frequency_penalty = 0.0,
-                        seed = None, ignore_eos = false, logprobs = None, min_tokens = 0))]
+                        seed = None, ignore_eos = false, logprobs = None, min_tokens = 0, prompt_logprobs = None))]
     #[allow(clippy::too_many_arguments)]
     fn add_request(
         &self,
@@ -373,6 +373,7 @@ impl PyEngine {
         ignore_eos: bool,
         logprobs: Option<usize>,
         min_tokens: usize,
+        prompt_logprobs: Option<usize>,
     ) -> PyResult<u64> {
         let err = |m: String| Err(HoraeCoreError::new_err(m));
         if prompt_token_ids.is_empty() {
@@ -406,6 +407,7 @@ impl PyEngine {
             seed,
             logprobs,
             min_tokens,
+            prompt_logprobs,
         };
         sampling.validate().map_err(to_py)?;
         let ids: Vec<u32> = prompt_token_ids.iter().map(|&t| t as u32).collect();
@@ -455,20 +457,23 @@ impl PyEngine {
     }
 
     /// One engine step. Returns `(request_id, new_token_ids, new_text, finish_reason or None,
-    /// new_logprobs)` for every request that produced a token or finished; `new_logprobs` holds
-    /// `(token, logprob, [(top_token, logprob), ...])` per new token when the request asked for them.
+    /// new_logprobs, prompt_logprobs)` for every request that produced a token or finished;
+    /// `new_logprobs` holds `(token, logprob, [(top_token, logprob), ...])` per new token when the
+    /// request asked for them, and `prompt_logprobs` the same per prompt token after the first,
+    /// once, when the request finishes.
     #[allow(clippy::type_complexity)]
-    fn step(&self, py: Python<'_>) -> PyResult<Vec<(u64, Vec<u32>, String, Option<&'static str>, Vec<(u32, f32, Vec<(u32, f32)>)>)>> {
+    fn step(&self, py: Python<'_>) -> PyResult<Vec<(u64, Vec<u32>, String, Option<&'static str>, Vec<(u32, f32, Vec<(u32, f32)>)>, Vec<(u32, f32, Vec<(u32, f32)>)>)>> {
         let tok = &self.tokenizer;
         py.detach(|| {
             let mut st = self.lock();
             let out = st.engine.step()?;
-            type Event = (u64, Vec<u32>, String, Option<&'static str>, Vec<(u32, f32, Vec<(u32, f32)>)>);
+            type Lps = Vec<(u32, f32, Vec<(u32, f32)>)>;
+            type Event = (u64, Vec<u32>, String, Option<&'static str>, Lps, Lps);
             let mut events: Vec<Event> = Vec::new();
             let mut by_id: HashMap<u64, usize> = HashMap::new();
             for (id, token) in &out.tokens {
                 let idx = *by_id.entry(*id).or_insert_with(|| {
-                    events.push((*id, Vec::new(), String::new(), None, Vec::new()));
+                    events.push((*id, Vec::new(), String::new(), None, Vec::new(), Vec::new()));
                     events.len() - 1
                 });
                 events[idx].1.push(*token);
@@ -497,9 +502,13 @@ impl PyEngine {
             for r in &out.finished {
                 st.detok.remove(&r.id);
                 let reason = r.finish_reason().map(|f| f.as_str());
+                let plp: Lps = r.prompt_logprobs.iter().map(|l| (l.token, l.logprob, l.top.clone())).collect();
                 match by_id.get(&r.id) {
-                    Some(&i) => events[i].3 = reason,
-                    None => events.push((r.id, Vec::new(), String::new(), reason, Vec::new())),
+                    Some(&i) => {
+                        events[i].3 = reason;
+                        events[i].5 = plp;
+                    }
+                    None => events.push((r.id, Vec::new(), String::new(), reason, Vec::new(), plp)),
                 }
             }
             // Logprobs of the new tokens: the last ones recorded on the (live or finished) request.

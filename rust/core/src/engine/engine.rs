@@ -102,6 +102,9 @@ impl Engine {
         for (id, lp) in out.logprobs {
             self.sched.push_logprobs(id, lp);
         }
+        for (id, pos, lp) in out.prompt_logprobs {
+            self.sched.push_prompt_logprobs(id, pos, lp);
+        }
         for &(id, token) in &out.sampled {
             self.sched.push_token(id, token, now);
             result.tokens.push((id, token));

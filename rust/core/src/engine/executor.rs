@@ -12,6 +12,8 @@ pub struct ExecOutput {
     pub sampled: Vec<(ReqId, u32)>,
     /// Log-probabilities for the sampled tokens of requests that asked for them.
     pub logprobs: Vec<(ReqId, TokenLogprobs)>,
+    /// `(request, prompt position p, logprobs of prompt token p)` for requests that asked.
+    pub prompt_logprobs: Vec<(ReqId, usize, TokenLogprobs)>,
     /// Seconds the step takes on a virtual clock; `None` when it ran in real time.
     pub elapsed: Option<f64>,
 }

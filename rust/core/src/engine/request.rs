@@ -109,6 +109,8 @@ pub struct Request {
     pub cached_tokens: u64,
     /// Per output token, when the request asked for logprobs.
     pub logprobs: Vec<crate::sample::TokenLogprobs>,
+    /// Per prompt token after the first, when the request asked for prompt logprobs.
+    pub prompt_logprobs: Vec<crate::sample::TokenLogprobs>,
     /// The admission policy's length predictions, kept between steps (see `SeqLoad::forecast`).
     pub forecast: [u32; crate::sched::MAX_SCENARIOS],
 }
@@ -132,6 +134,7 @@ impl Request {
             cached_tokens: 0,
             forecast: [0; crate::sched::MAX_SCENARIOS],
             logprobs: Vec::new(),
+            prompt_logprobs: Vec::new(),
         }
     }
 

@@ -50,6 +50,7 @@ impl Executor for ModelExecutor {
         let bs = self.cache.block_size;
         let mut input = BatchInput { tokens: vec![], positions: vec![], slots: vec![], seqs: vec![], logit_rows: vec![] };
         let mut samplers = Vec::new();
+        let mut prompt_rows: Vec<(ReqId, usize, u32, usize, usize)> = Vec::new();
         for s in &plan.seqs {
             let r = state.request(s.id).ok_or(HoraeError::UnknownRequest(s.id))?;
             let Prompt::Tokens(prompt) = &r.prompt else {
@@ -67,11 +68,27 @@ impl Executor for ModelExecutor {
                 input.logit_rows.push(row + s.num_tokens - 1);
                 samplers.push(s.id);
             }
+            if let Some(k) = r.sampling.prompt_logprobs {
+                // Row of position p predicts prompt token p + 1.
+                for p in s.start..(s.start + s.num_tokens).min(prompt.len() - 1) {
+                    prompt_rows.push((s.id, p + 1, prompt[p + 1], k, row + p - s.start));
+                }
+            }
         }
+        let num_sample_rows = input.logit_rows.len();
+        input.logit_rows.extend(prompt_rows.iter().map(|r| r.4));
         let mut logits = self.model.forward(&input, &mut self.cache)?;
         let vocab = self.model.cfg.vocab_size;
         let mut sampled = Vec::with_capacity(samplers.len());
         let mut logprobs = Vec::new();
+        let prompt_logprobs: Vec<(ReqId, usize, sample::TokenLogprobs)> = prompt_rows
+            .iter()
+            .enumerate()
+            .map(|(i, &(id, pos, token, k, _))| {
+                let row = &logits[(num_sample_rows + i) * vocab..(num_sample_rows + i + 1) * vocab];
+                (id, pos, sample::logprobs(row, token, k))
+            })
+            .collect();
         for (i, id) in samplers.into_iter().enumerate() {
             let r = state.request(id).expect("checked above");
             let Prompt::Tokens(prompt) = &r.prompt else { unreachable!("checked above") };
@@ -94,7 +111,7 @@ impl Executor for ModelExecutor {
             }
             sampled.push((id, token));
         }
-        Ok(ExecOutput { sampled, logprobs, elapsed: None })
+        Ok(ExecOutput { sampled, logprobs, prompt_logprobs, elapsed: None })
     }
 
     fn eos_token_ids(&self) -> Vec<u32> {

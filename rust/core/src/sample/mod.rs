@@ -51,6 +51,9 @@ pub struct SamplingParams {
     pub logprobs: Option<usize>,
     /// End-of-sequence is masked out until this many tokens are generated.
     pub min_tokens: usize,
+    /// Report each prompt token's log-probability (and this many alternatives). Such a request
+    /// does not read the prefix cache, since cached positions have no logits.
+    pub prompt_logprobs: Option<usize>,
 }
 
 impl Default for SamplingParams {
@@ -67,6 +70,7 @@ impl Default for SamplingParams {
             seed: None,
             logprobs: None,
             min_tokens: 0,
+            prompt_logprobs: None,
         }
     }
 }
@@ -91,8 +95,10 @@ impl SamplingParams {
                 return bad(format!("{name} must be in [-2, 2], got {v}"));
             }
         }
-        if self.logprobs.is_some_and(|k| k > 20) {
-            return bad(format!("logprobs must be at most 20, got {}", self.logprobs.unwrap_or(0)));
+        for (name, v) in [("logprobs", self.logprobs), ("prompt_logprobs", self.prompt_logprobs)] {
+            if v.is_some_and(|k| k > 20) {
+                return bad(format!("{name} must be at most 20, got {}", v.unwrap_or(0)));
+            }
         }
         Ok(())
     }

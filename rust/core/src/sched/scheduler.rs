@@ -188,8 +188,13 @@ impl Scheduler {
             }
             let r = &self.requests[&id];
             let total = r.total_len();
-            // Leave at least the last token to compute: its logits give the next token.
-            let lookup = ((total - 1) / bs).min(r.prompt_block_hashes.len());
+            // Leave at least the last token to compute: its logits give the next token. A request
+            // that wants prompt logprobs needs every position's logits: no cache for it.
+            let lookup = if r.sampling.prompt_logprobs.is_some() {
+                0
+            } else {
+                ((total - 1) / bs).min(r.prompt_block_hashes.len())
+            };
             let cached_blocks = self.kv.count_cached_prefix(&r.prompt_block_hashes[..lookup]);
             let cached = cached_blocks * bs;
             let n = (total - cached).min(*budget);
@@ -255,6 +260,16 @@ impl Scheduler {
     pub fn push_token(&mut self, id: ReqId, token: u32, now: f64) {
         if let Some(r) = self.requests.get_mut(&id) {
             r.push_token(token, now);
+        }
+    }
+
+    /// Prompt token `pos`'s logprobs; recomputation after a preemption reports them again and
+    /// those repeats are dropped.
+    pub fn push_prompt_logprobs(&mut self, id: ReqId, pos: usize, lp: crate::sample::TokenLogprobs) {
+        if let Some(r) = self.requests.get_mut(&id) {
+            if r.prompt_logprobs.len() + 1 == pos {
+                r.prompt_logprobs.push(lp);
+            }
         }
     }
 

@@ -37,7 +37,7 @@ impl Executor for SimExecutor {
             let token = if r.output.len() + 1 >= truth as usize { SIM_EOS } else { SIM_TOKEN };
             sampled.push((s.id, token));
         }
-        Ok(ExecOutput { sampled, logprobs: Vec::new(), elapsed: Some(dt) })
+        Ok(ExecOutput { sampled, elapsed: Some(dt), ..Default::default() })
     }
 
     fn eos_token_ids(&self) -> Vec<u32> {
