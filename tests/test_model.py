@@ -38,7 +38,7 @@ def test_greedy_tokens_match_transformers_in_one_batch(llm):
 
 def test_teacher_forced_logits_match_transformers(llm):
     for forced in GOLDEN["teacher_forced"]:
-        logits = _core.model_logits(str(llm.engine.model_dir), forced["ids"])
+        logits = llm.engine._core.logits(forced["ids"])
         for row in forced["rows"]:
             got = logits[row["position"], row["ids"]]
             np.testing.assert_allclose(got, row["values"], atol=1e-3, rtol=0)
@@ -178,7 +178,7 @@ def test_logprobs_are_the_models_log_softmax(llm):
     out = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=6, logprobs=5), use_tqdm=False)[0].outputs[0]
     assert len(out.logprobs) == len(out.token_ids) == 6
     ids = llm.engine.encode(prompt)
-    logits = _core.model_logits(str(llm.engine.model_dir), ids + out.token_ids[:-1])
+    logits = llm.engine._core.logits(ids + out.token_ids[:-1])
     for i, (tok, lp) in enumerate(zip(out.token_ids, out.logprobs)):
         row = logits[len(ids) - 1 + i].astype(np.float64)
         ref = row - (row.max() + np.log(np.exp(row - row.max()).sum()))

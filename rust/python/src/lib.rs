@@ -478,29 +478,7 @@ impl PyEngine {
                 });
                 events[idx].1.push(*token);
             }
-            for e in events.iter_mut() {
-                let all: Option<Vec<u32>> = st.engine.scheduler().request(e.0).map(|r| {
-                    let Prompt::Tokens(p) = &r.prompt else { return Vec::new() };
-                    p.iter().chain(&r.output).copied().collect()
-                });
-                let all = match all {
-                    Some(a) => a,
-                    None => out
-                        .finished
-                        .iter()
-                        .find(|r| r.id == e.0)
-                        .map(|r| {
-                            let Prompt::Tokens(p) = &r.prompt else { return Vec::new() };
-                            p.iter().chain(&r.output).copied().collect()
-                        })
-                        .unwrap_or_default(),
-                };
-                if let Some(d) = st.detok.get_mut(&e.0) {
-                    e.2 = d.step(tok, &all)?;
-                }
-            }
             for r in &out.finished {
-                st.detok.remove(&r.id);
                 let reason = r.finish_reason().map(|f| f.as_str());
                 let plp: Lps = r.prompt_logprobs.iter().map(|l| (l.token, l.logprob, l.top.clone())).collect();
                 match by_id.get(&r.id) {
@@ -511,22 +489,23 @@ impl PyEngine {
                     None => events.push((r.id, Vec::new(), String::new(), reason, Vec::new(), plp)),
                 }
             }
-            // Logprobs of the new tokens: the last ones recorded on the (live or finished) request.
+            let EngineState { engine, detok } = &mut *st;
             for e in events.iter_mut() {
-                let n = e.1.len();
-                if n == 0 {
+                // The request, live or finished this step: new text and the new tokens' logprobs.
+                let Some(r) = engine.scheduler().request(e.0).or_else(|| out.finished.iter().find(|r| r.id == e.0))
+                else {
                     continue;
+                };
+                if let Some(d) = detok.get_mut(&e.0) {
+                    e.2 = d.step(tok, &r.output)?;
                 }
-                let lps = st
-                    .engine
-                    .scheduler()
-                    .request(e.0)
-                    .map(|r| r.logprobs.clone())
-                    .or_else(|| out.finished.iter().find(|r| r.id == e.0).map(|r| r.logprobs.clone()))
-                    .unwrap_or_default();
-                if lps.len() >= n {
-                    e.4 = lps[lps.len() - n..].iter().map(|l| (l.token, l.logprob, l.top.clone())).collect();
+                let n = e.1.len();
+                if n > 0 && r.logprobs.len() >= n {
+                    e.4 = r.logprobs[r.logprobs.len() - n..].iter().map(|l| (l.token, l.logprob, l.top.clone())).collect();
                 }
+            }
+            for r in &out.finished {
+                detok.remove(&r.id);
             }
             Ok::<_, HoraeError>(events)
         })

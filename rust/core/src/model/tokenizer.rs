@@ -41,11 +41,15 @@ impl Tokenizer {
     }
 }
 
-/// Streams text out of a growing list of token ids (vLLM's approach): decode a short window that
-/// ends at the newest token, compare with the same window without it, and emit only the new
-/// suffix, holding back anything that ends in an incomplete character (U+FFFD).
+/// Streams text out of a growing list of output tokens (vLLM's approach): decode a short window
+/// that ends at the newest token, compare with the same window without it, and emit only the new
+/// suffix, holding back anything that ends in an incomplete character (U+FFFD). Only the window is
+/// decoded, so a step costs the same however long the sequence is.
 #[derive(Debug, Clone, Default)]
 pub struct IncrementalDetokenizer {
+    /// The prompt's last few tokens: context for the first output tokens (a leading space decodes
+    /// right). Positions below index into `context ++ output`.
+    context: Vec<u32>,
     /// Start of the window of tokens that gives context to the new ones.
     prefix_offset: usize,
     /// Tokens before this index have been emitted as text.
@@ -54,21 +58,26 @@ pub struct IncrementalDetokenizer {
 }
 
 impl IncrementalDetokenizer {
-    /// Start after the prompt, so that the first output token gets the prompt's last tokens as
-    /// context (a leading space decodes right).
     pub fn new(prompt: &[u32]) -> Self {
-        let read = prompt.len();
-        Self { prefix_offset: read.saturating_sub(5), read_offset: read, text: String::new() }
+        let context = prompt[prompt.len().saturating_sub(5)..].to_vec();
+        let read_offset = context.len();
+        Self { context, prefix_offset: 0, read_offset, text: String::new() }
     }
 
-    /// `all` is prompt + output tokens so far. Returns the newly complete text.
-    pub fn step(&mut self, tok: &Tokenizer, all: &[u32]) -> Result<String> {
-        let prefix = tok.decode(&all[self.prefix_offset..self.read_offset], true)?;
-        let full = tok.decode(&all[self.prefix_offset..], true)?;
+    fn window(&self, output: &[u32], from: usize, to: usize) -> Vec<u32> {
+        let c = self.context.len();
+        (from..to).map(|i| if i < c { self.context[i] } else { output[i - c] }).collect()
+    }
+
+    /// `output` is every output token so far. Returns the newly complete text.
+    pub fn step(&mut self, tok: &Tokenizer, output: &[u32]) -> Result<String> {
+        let end = self.context.len() + output.len();
+        let prefix = tok.decode(&self.window(output, self.prefix_offset, self.read_offset), true)?;
+        let full = tok.decode(&self.window(output, self.prefix_offset, end), true)?;
         if full.len() > prefix.len() && !full.ends_with('\u{fffd}') && full.starts_with(&prefix) {
             let new = full[prefix.len()..].to_string();
             self.prefix_offset = self.read_offset;
-            self.read_offset = all.len();
+            self.read_offset = end;
             self.text.push_str(&new);
             return Ok(new);
         }
