@@ -44,6 +44,37 @@ def test_teacher_forced_logits_match_transformers(llm):
             np.testing.assert_allclose(got, row["values"], atol=1e-3, rtol=0)
 
 
+def test_bfloat16_weights_within_documented_tolerance():
+    """dtype="bfloat16" rounds the weights to bf16 (products and sums stay f32). Against HF's f32
+    run on the f32 weights, the documented tolerance (docs/benchmarks.md) is: teacher-forced logits
+    within 0.3 max abs (measured 0.15); greedy output identical for the first 8 tokens of every
+    golden prompt and in full for at least 10 of the 12 (measured 11: one diverges at token 16)."""
+    llm = LLM(kv_cache_tokens=8192, dtype="bfloat16")
+    assert llm.engine.dtype == "bfloat16"
+    worst = 0.0
+    for forced in GOLDEN["teacher_forced"]:
+        logits = llm.engine._core.logits(forced["ids"])
+        for row in forced["rows"]:
+            worst = max(worst, float(np.abs(logits[row["position"], row["ids"]] - np.array(row["values"])).max()))
+    assert 1e-4 < worst < 0.3, worst  # above 1e-4: the weights really are rounded
+    prompts = [{"prompt_token_ids": c["ids"]} for c in GOLDEN["cases"]]
+    outs = llm.generate(prompts, GREEDY, use_tqdm=False)
+    identical = 0
+    for case, out in zip(GOLDEN["cases"], outs):
+        got = out.outputs[0].token_ids
+        assert got[:8] == case["greedy"][:8], case["text"]
+        identical += got == case["greedy"]
+    assert identical >= 10, identical
+
+
+def test_dtype_choice(llm):
+    assert llm.engine.dtype == "float32"  # "auto" on an f32 checkpoint
+    with pytest.raises(ValueError, match="bfloat16"):
+        Engine(dtype="float16")
+    with pytest.raises(ValueError, match="unknown dtype"):
+        Engine(dtype="int4")
+
+
 def test_stop_strings_seeds_and_n(llm):
     msgs = [{"role": "user", "content": "What is the capital of France?"}]
     out = llm.chat(msgs, SamplingParams(temperature=0, max_tokens=32, stop=["Paris"]))

@@ -117,7 +117,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.what == "model":
         from horae.bench.model import run
 
-        run(args.model, hf=not args.no_hf)
+        run(args.model, hf=not args.no_hf, dtypes=args.dtypes)
         return 0
     if args.what == "admission":
         print("Past-Future admission cost (one decision; the naive baseline re-samples and re-sorts the batch)")
@@ -150,6 +150,8 @@ def _generation_args(p) -> None:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--seed", type=int)
     p.add_argument("--scheduler", default="past-future")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="how weights are held (auto: the checkpoint's own)")
 
 
 def _params(args):
@@ -178,7 +180,7 @@ def _stream(engine, prompt, params) -> str:
 def cmd_generate(args: argparse.Namespace) -> int:
     from horae import Engine
 
-    engine = Engine(args.model, scheduler=args.scheduler)
+    engine = Engine(args.model, scheduler=args.scheduler, dtype=args.dtype)
     params = _params(args)
     has_template = bool(engine.tokenizer_config.get("chat_template"))
     prompt = args.prompt
@@ -191,7 +193,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_chat(args: argparse.Namespace) -> int:
     from horae import Engine
 
-    engine = Engine(args.model, scheduler=args.scheduler)
+    engine = Engine(args.model, scheduler=args.scheduler, dtype=args.dtype)
     params = _params(args)
     history = []
     if args.system:
@@ -228,6 +230,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     b.add_argument("what", choices=["admission", "sim-speed", "model"])
     b.add_argument("--model", help="model: model folder (default: SmolLM2-135M-Instruct)")
     b.add_argument("--no-hf", action="store_true", help="model: skip the HF transformers comparison")
+    b.add_argument("--dtypes", type=_names, default=["float32", "bfloat16"], help="model: weight dtypes to run")
     b.add_argument("--running", type=_ints, default=[64, 256, 1024], help="admission: batch sizes")
     b.add_argument("--iters", type=int, default=2000)
     b.add_argument("--trace", help="sim-speed: trace file (default: the bundled sample)")

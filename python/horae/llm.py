@@ -139,16 +139,23 @@ class Engine:
 
     def __init__(self, model: Optional[Union[str, Path]] = None, *, scheduler: str = "past-future",
                  kv_cache_tokens: int = 16384, block_size: int = 16, max_num_seqs: int = 64,
-                 max_num_batched_tokens: int = 2048, seed: int = 0):
+                 max_num_batched_tokens: int = 2048, seed: int = 0, dtype: str = "auto"):
+        # dtype: how the weights are held. "auto" keeps the checkpoint's (bf16/f16 checkpoints as
+        # bfloat16, others float32); "bfloat16" halves weight memory and bandwidth, computing in f32.
         self.model_dir = resolve_model(model)
         self._core = _core.Engine(str(self.model_dir), scheduler=scheduler, kv_cache_tokens=kv_cache_tokens,
                                   block_size=block_size, max_num_seqs=max_num_seqs,
-                                  max_batched_tokens=max_num_batched_tokens, seed=seed)
+                                  max_batched_tokens=max_num_batched_tokens, seed=seed, dtype=dtype)
         self._requests: Dict[str, _Req] = {}
         self._by_core: Dict[int, tuple] = {}
         self._ids = itertools.count()
         cfg_path = self.model_dir / "tokenizer_config.json"
         self.tokenizer_config = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+
+    @property
+    def dtype(self) -> str:
+        """How the weights are held: "float32" or "bfloat16"."""
+        return self._core.dtype
 
     # -- tokenizer ----------------------------------------------------------------------------
     def encode(self, text: str) -> List[int]:

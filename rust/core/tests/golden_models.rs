@@ -5,6 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
+use horae_core::backend::gemm::WeightDtype;
 use horae_core::engine::{Engine, Prompt, RequestSpec, WallClock};
 use horae_core::model::{LlamaModel, ModelExecutor};
 use horae_core::sched::{PolicyKind, Scheduler, SchedulerConfig};
@@ -26,9 +27,13 @@ fn ids(v: &Value) -> Vec<u32> {
 
 #[test]
 fn teacher_forced_logits_match_transformers() {
-    for name in TINY {
+    // The bf16 checkpoint also kept as bf16 (packed at half the bytes): its weights are exactly
+    // the stored ones, so the same f32 tolerance holds.
+    let runs = TINY.iter().map(|&n| (n, None)).chain([("tiny-llama-bf16", Some(WeightDtype::Bf16))]);
+    for (name, dtype) in runs {
         let g = golden(name);
-        let model = LlamaModel::load(&dir(name)).unwrap();
+        let model = LlamaModel::load(&dir(name), dtype).unwrap();
+        assert_eq!(model.dtype, dtype.unwrap_or(WeightDtype::F32));
         let seq = ids(&g["teacher_forced"]["ids"]);
         let logits = model.logits(&seq).unwrap();
         let want: Vec<f32> = g["teacher_forced"]["logits"]
@@ -39,7 +44,7 @@ fn teacher_forced_logits_match_transformers() {
             .collect();
         assert_eq!(logits.len(), want.len());
         let max = logits.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
-        assert!(max < 1e-3, "{name}: max |logit diff| {max}");
+        assert!(max < 1e-3, "{name} ({dtype:?}): max |logit diff| {max}");
     }
 }
 
@@ -52,7 +57,7 @@ fn engine(name: &str, policy: PolicyKind, kv_tokens: usize, max_batched_tokens: 
         max_output_bound: 64,
         ..Default::default()
     };
-    let exec = ModelExecutor::load(&dir(name), kv_tokens / 16, 16).unwrap();
+    let exec = ModelExecutor::load(&dir(name), None, kv_tokens / 16, 16).unwrap();
     Engine::new(Scheduler::new(cfg, None).unwrap(), Box::new(exec), Box::new(WallClock::default()))
 }
 
@@ -125,7 +130,7 @@ fn greedy_output_is_the_same_alone_batched_chunked_preempted_and_cached() {
 fn bad_model_folders_get_clear_errors() {
     let tmp = std::env::temp_dir().join(format!("horae-badmodel-{}", std::process::id()));
     std::fs::create_dir_all(&tmp).unwrap();
-    let err = |d: &Path| LlamaModel::load(d).err().map(|e| e.to_string()).unwrap_or_default();
+    let err = |d: &Path| LlamaModel::load(d, None).err().map(|e| e.to_string()).unwrap_or_default();
     assert!(err(&tmp).contains("config.json"), "{}", err(&tmp));
     let cfg = std::fs::read_to_string(dir("tiny-qwen2").join("config.json")).unwrap();
     std::fs::write(tmp.join("config.json"), cfg.replace("\"model_type\": \"qwen2\"", "\"model_type\": \"gpt_neox\"")).unwrap();

@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Mutex;
 
+use horae_core::backend::gemm::WeightDtype;
 use horae_core::engine::{Engine, Prompt, ReqId, RequestSpec, WallClock};
 use horae_core::model::{IncrementalDetokenizer, LlamaModel, ModelConfig, ModelExecutor, Tokenizer};
 use horae_core::sample::SamplingParams;
@@ -271,7 +272,8 @@ impl PyEngine {
 impl PyEngine {
     #[new]
     #[pyo3(signature = (model_dir, *, scheduler = "past-future", kv_cache_tokens = 16384, block_size = 16,
-                        max_num_seqs = 64, max_batched_tokens = 2048, seed = 0))]
+                        max_num_seqs = 64, max_batched_tokens = 2048, seed = 0, dtype = "auto"))]
+    #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
         model_dir: PathBuf,
@@ -281,7 +283,9 @@ impl PyEngine {
         max_num_seqs: usize,
         max_batched_tokens: usize,
         seed: u64,
+        dtype: &str,
     ) -> PyResult<Self> {
+        let dtype = parse_dtype(dtype)?;
         let policy: PolicyKind = scheduler.parse().map_err(to_py)?;
         if policy == PolicyKind::Oracle {
             return Err(HoraeCoreError::new_err("the oracle scheduler needs true output lengths and runs only in the simulator"));
@@ -301,7 +305,7 @@ impl PyEngine {
         let dir = model_dir.clone();
         let (exec, tokenizer) = py
             .detach(|| {
-                let exec = ModelExecutor::load(&dir, kv_cache_tokens / block_size, block_size)?;
+                let exec = ModelExecutor::load(&dir, dtype, kv_cache_tokens / block_size, block_size)?;
                 let tok = Tokenizer::from_dir(&dir)?;
                 Ok::<_, HoraeError>((exec, tok))
             })
@@ -324,6 +328,11 @@ impl PyEngine {
     #[getter]
     fn model_dir(&self) -> PathBuf {
         self.model_dir.clone()
+    }
+    /// How the weights are held: "float32" or "bfloat16".
+    #[getter]
+    fn dtype(&self) -> &'static str {
+        self.model.dtype.name()
     }
     #[getter]
     fn vocab_size(&self) -> usize {
@@ -516,18 +525,47 @@ impl PyEngine {
 /// Teacher-forced logits of a token sequence (`len x vocab`), outside the engine: for checks
 /// against a reference and for users who want raw logits.
 #[pyfunction]
-fn model_logits<'py>(py: Python<'py>, model_dir: PathBuf, token_ids: Vec<u32>) -> PyResult<Bound<'py, numpy::PyArray2<f32>>> {
+#[pyo3(signature = (model_dir, token_ids, dtype = "auto"))]
+fn model_logits<'py>(
+    py: Python<'py>,
+    model_dir: PathBuf,
+    token_ids: Vec<u32>,
+    dtype: &str,
+) -> PyResult<Bound<'py, numpy::PyArray2<f32>>> {
     if token_ids.is_empty() {
         return Err(HoraeCoreError::new_err("token_ids is empty"));
     }
+    let dtype = parse_dtype(dtype)?;
     let (logits, vocab) = py
         .detach(|| {
-            let model = LlamaModel::load(&model_dir)?;
+            let model = LlamaModel::load(&model_dir, dtype)?;
             Ok::<_, HoraeError>((model.logits(&token_ids)?, model.cfg.vocab_size))
         })
         .map_err(to_py)?;
     let rows = logits.len() / vocab;
     numpy::PyArray1::from_vec(py, logits).reshape([rows, vocab])
+}
+
+/// Linear-layer GFLOP/s on a model-shaped stack of layers at `m` rows: (faer f32 or None, packed).
+#[pyfunction]
+#[pyo3(signature = (shapes, layers, m, dtype = "float32", iters = 3))]
+fn bench_linear(py: Python<'_>, shapes: Vec<(usize, usize)>, layers: usize, m: usize, dtype: &str, iters: usize) -> PyResult<(Option<f64>, f64)> {
+    let dtype = parse_dtype(dtype)?.unwrap_or(WeightDtype::F32);
+    if shapes.is_empty() || layers == 0 || m == 0 {
+        return Err(HoraeCoreError::new_err("bench_linear needs at least one shape, one layer and one row"));
+    }
+    Ok(py.detach(|| horae_core::backend::gemm::compare_with_faer(&shapes, layers, m, dtype, iters)))
+}
+
+/// "auto" (the checkpoint's own), "float32" or "bfloat16".
+fn parse_dtype(s: &str) -> PyResult<Option<WeightDtype>> {
+    if s == "auto" {
+        return Ok(None);
+    }
+    WeightDtype::parse(s).map(Some).ok_or_else(|| {
+        let hint = if s == "float16" || s == "half" { " (the CPU backend keeps 16-bit weights as bfloat16)" } else { "" };
+        HoraeCoreError::new_err(format!("unknown dtype '{s}': use 'auto', 'float32' or 'bfloat16'{hint}"))
+    })
 }
 
 /// GFLOP/s of a plain f32 GEMM (`m x k` times `(n x k)^T`), best of `iters`.
@@ -544,6 +582,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyEngine>()?;
     m.add_function(wrap_pyfunction!(model_logits, m)?)?;
     m.add_function(wrap_pyfunction!(bench_gemm, m)?)?;
+    m.add_function(wrap_pyfunction!(bench_linear, m)?)?;
     m.add_function(wrap_pyfunction!(load_trace, m)?)?;
     m.add_function(wrap_pyfunction!(synthetic_trace, m)?)?;
     m.add_function(wrap_pyfunction!(simulate, m)?)?;

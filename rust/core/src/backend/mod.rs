@@ -2,3 +2,4 @@
 //! will be checked against it.
 
 pub mod cpu;
+pub mod gemm;

@@ -5,6 +5,7 @@ use std::path::Path;
 use serde::Deserialize;
 use serde_json::Value;
 
+use crate::backend::gemm::WeightDtype;
 use crate::error::{HoraeError, Result};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,6 +44,8 @@ pub struct ModelConfig {
     pub qkv_bias: bool,
     pub eos_token_ids: Vec<u32>,
     pub bos_token_id: Option<u32>,
+    /// The checkpoint's `torch_dtype` (`dtype` in transformers >= 5), e.g. "bfloat16".
+    pub torch_dtype: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -66,6 +69,8 @@ struct Raw {
     attention_bias: Option<bool>,
     eos_token_id: Option<Value>,
     bos_token_id: Option<Value>,
+    torch_dtype: Option<String>,
+    dtype: Option<String>,
 }
 
 fn ids(v: &Option<Value>) -> Vec<u32> {
@@ -157,6 +162,7 @@ impl ModelConfig {
             qkv_bias: raw.attention_bias.unwrap_or(arch == Arch::Qwen2),
             eos_token_ids: ids(&raw.eos_token_id),
             bos_token_id: ids(&raw.bos_token_id).first().copied(),
+            torch_dtype: raw.torch_dtype.or(raw.dtype),
         })
     }
 
@@ -181,6 +187,15 @@ impl ModelConfig {
                 }
             })
             .collect()
+    }
+
+    /// How weights are kept when the caller says "auto": a 16-bit checkpoint stays 16-bit (as
+    /// bf16, the CPU's 16-bit float), anything else is f32.
+    pub fn default_dtype(&self) -> WeightDtype {
+        match self.torch_dtype.as_deref() {
+            Some("bfloat16") | Some("float16") | Some("half") => WeightDtype::Bf16,
+            _ => WeightDtype::F32,
+        }
     }
 
     /// Bytes of K and V (f32) per token, across layers.

@@ -6,27 +6,31 @@ use std::path::Path;
 use super::config::ModelConfig;
 use super::weights::Weights;
 use crate::backend::cpu::{self, AttnSeq};
+use crate::backend::gemm::{PackedLinear, WeightDtype};
 use crate::error::{HoraeError, Result};
 
 struct Layer {
     input_norm: Vec<f32>,
     /// q, k and v projections stacked: `[(heads + 2 * kv_heads) * head_dim, hidden]`.
-    qkv: Vec<f32>,
+    qkv: PackedLinear,
     qkv_bias: Option<Vec<f32>>,
-    o: Vec<f32>,
+    o: PackedLinear,
     post_norm: Vec<f32>,
     /// gate and up projections stacked: `[2 * intermediate, hidden]`.
-    gate_up: Vec<f32>,
-    down: Vec<f32>,
+    gate_up: PackedLinear,
+    down: PackedLinear,
 }
 
 pub struct LlamaModel {
     pub cfg: ModelConfig,
-    embed: Vec<f32>,
+    /// `[vocab, hidden]`; rows are read for the embedding lookup and, when tied, it is the LM head.
+    embed: PackedLinear,
     layers: Vec<Layer>,
     norm: Vec<f32>,
     /// `None` when tied to the embedding.
-    lm_head: Option<Vec<f32>>,
+    lm_head: Option<PackedLinear>,
+    /// How the matmul weights are stored (norms and biases stay f32).
+    pub dtype: WeightDtype,
     inv_freq: Vec<f64>,
 }
 
@@ -79,14 +83,20 @@ impl LlamaModel {
             seqs: vec![AttnSeq { row: 0, num_tokens: n, start: 0, block_table: &table }],
             logit_rows: (0..n).collect(),
         };
-        self.forward(&input, &mut cache)
+        let mut logits = Vec::new();
+        self.forward(&input, &mut cache, &mut logits)?;
+        Ok(logits)
     }
 
-    pub fn load(dir: &Path) -> Result<Self> {
+    /// Load a model folder. `dtype` is how matmul weights are kept; `None` follows the folder's
+    /// `torch_dtype` (bf16 for bf16 or f16 checkpoints, else f32).
+    pub fn load(dir: &Path, dtype: Option<WeightDtype>) -> Result<Self> {
         let cfg = ModelConfig::from_dir(dir)?;
+        let dtype = dtype.unwrap_or(cfg.default_dtype());
         let mut w = Weights::load(dir)?;
         let (h, hd, nh, nkv, inter) = (cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads, cfg.intermediate_size);
-        let embed = w.take("model.embed_tokens.weight", &[cfg.vocab_size, h])?;
+        let pack = |data: Vec<f32>, n: usize, k: usize| PackedLinear::new(&data, n, k, dtype);
+        let embed = pack(w.take("model.embed_tokens.weight", &[cfg.vocab_size, h])?, cfg.vocab_size, h);
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for i in 0..cfg.num_layers {
             let p = |n: &str| format!("model.layers.{i}.{n}");
@@ -105,26 +115,28 @@ impl LlamaModel {
             gate_up.extend(w.take(&p("mlp.up_proj.weight"), &[inter, h])?);
             layers.push(Layer {
                 input_norm: w.take(&p("input_layernorm.weight"), &[h])?,
-                qkv,
+                qkv: pack(qkv, (nh + 2 * nkv) * hd, h),
                 qkv_bias,
-                o: w.take(&p("self_attn.o_proj.weight"), &[h, nh * hd])?,
+                o: pack(w.take(&p("self_attn.o_proj.weight"), &[h, nh * hd])?, h, nh * hd),
                 post_norm: w.take(&p("post_attention_layernorm.weight"), &[h])?,
-                gate_up,
-                down: w.take(&p("mlp.down_proj.weight"), &[h, inter])?,
+                gate_up: pack(gate_up, 2 * inter, h),
+                down: pack(w.take(&p("mlp.down_proj.weight"), &[h, inter])?, h, inter),
             });
         }
         let norm = w.take("model.norm.weight", &[h])?;
         let lm_head = if cfg.tie_word_embeddings && !w.contains("lm_head.weight") {
             None
         } else {
-            Some(w.take("lm_head.weight", &[cfg.vocab_size, h])?)
+            Some(pack(w.take("lm_head.weight", &[cfg.vocab_size, h])?, cfg.vocab_size, h))
         };
         let inv_freq = cfg.rope_inv_freq();
-        Ok(Self { cfg, embed, layers, norm, lm_head, inv_freq })
+        Ok(Self { cfg, embed, layers, norm, lm_head, dtype, inv_freq })
     }
 
-    /// Run the batch; returns `logit_rows.len() x vocab` logits.
-    pub fn forward(&self, input: &BatchInput<'_>, cache: &mut KvCache) -> Result<Vec<f32>> {
+    /// Run the batch, writing `logit_rows.len() x vocab` logits into `logits` (a buffer the caller
+    /// keeps between steps: at 32 rows it is 6 MB, and allocating it fresh cost page faults and a
+    /// memset every step).
+    pub fn forward(&self, input: &BatchInput<'_>, cache: &mut KvCache, logits: &mut Vec<f32>) -> Result<()> {
         let c = &self.cfg;
         let (h, hd, nh, nkv, inter) = (c.hidden_size, c.head_dim, c.num_heads, c.num_kv_heads, c.intermediate_size);
         let t = input.tokens.len();
@@ -134,19 +146,18 @@ impl LlamaModel {
             if tok >= c.vocab_size {
                 return Err(HoraeError::Executor(format!("token id {tok} is outside the vocabulary ({})", c.vocab_size)));
             }
-            row.copy_from_slice(&self.embed[tok * h..(tok + 1) * h]);
+            self.embed.row(tok, row);
         }
         let qkv_n = (nh + 2 * nkv) * hd;
         let (mut normed, mut qkv) = (vec![0.0; t * h], vec![0.0; t * qkv_n]);
         let (mut q, mut k, mut v) = (vec![0.0; t * nh * hd], vec![0.0; t * nkv * hd], vec![0.0; t * nkv * hd]);
         let (mut attn, mut proj) = (vec![0.0; t * nh * hd], vec![0.0; t * h]);
         let (mut gu, mut act) = (vec![0.0; t * 2 * inter], vec![0.0; t * inter]);
-        let (mut gate, mut up) = (vec![0.0; t * inter], vec![0.0; t * inter]);
         let row = nkv * hd;
         let rope = cpu::RopeTable::new(&input.positions, &self.inv_freq);
         for (li, l) in self.layers.iter().enumerate() {
             cpu::rms_norm(&x, &l.input_norm, c.rms_norm_eps, &mut normed);
-            cpu::linear(&normed, t, h, &l.qkv, qkv_n, &mut qkv);
+            l.qkv.forward(&normed, t, &mut qkv);
             if let Some(b) = &l.qkv_bias {
                 cpu::add_bias(&mut qkv, b);
             }
@@ -163,17 +174,16 @@ impl LlamaModel {
                 cache.v[li][slot * row..(slot + 1) * row].copy_from_slice(&v[r * row..(r + 1) * row]);
             }
             cpu::paged_attention(&q, &input.seqs, &cache.k[li], &cache.v[li], cache.block_size, nh, nkv, hd, &mut attn);
-            cpu::linear(&attn, t, nh * hd, &l.o, h, &mut proj);
+            l.o.forward(&attn, t, &mut proj);
             x.iter_mut().zip(&proj).for_each(|(a, b)| *a += b);
 
             cpu::rms_norm(&x, &l.post_norm, c.rms_norm_eps, &mut normed);
-            cpu::linear(&normed, t, h, &l.gate_up, 2 * inter, &mut gu);
-            for r in 0..t {
-                gate[r * inter..(r + 1) * inter].copy_from_slice(&gu[r * 2 * inter..r * 2 * inter + inter]);
-                up[r * inter..(r + 1) * inter].copy_from_slice(&gu[r * 2 * inter + inter..(r + 1) * 2 * inter]);
+            l.gate_up.forward(&normed, t, &mut gu);
+            for (gu, act) in gu.chunks_exact(2 * inter).zip(act.chunks_exact_mut(inter)) {
+                let (gate, up) = gu.split_at(inter);
+                cpu::silu_mul(gate, up, act);
             }
-            cpu::silu_mul(&gate, &up, &mut act);
-            cpu::linear(&act, t, inter, &l.down, h, &mut proj);
+            l.down.forward(&act, t, &mut proj);
             x.iter_mut().zip(&proj).for_each(|(a, b)| *a += b);
         }
         let rows = input.logit_rows.len();
@@ -183,9 +193,8 @@ impl LlamaModel {
         }
         let mut final_norm = vec![0.0; rows * h];
         cpu::rms_norm(&sel, &self.norm, c.rms_norm_eps, &mut final_norm);
-        let mut logits = vec![0.0; rows * c.vocab_size];
-        let head = self.lm_head.as_deref().unwrap_or(&self.embed);
-        cpu::linear(&final_norm, rows, h, head, c.vocab_size, &mut logits);
-        Ok(logits)
+        logits.resize(rows * c.vocab_size, 0.0);
+        self.lm_head.as_ref().unwrap_or(&self.embed).forward(&final_norm, rows, logits);
+        Ok(())
     }
 }

@@ -9,6 +9,7 @@ use rand::{rngs::SmallRng, SeedableRng};
 
 use super::llama::{BatchInput, KvCache, LlamaModel};
 use crate::backend::cpu::AttnSeq;
+use crate::backend::gemm::WeightDtype;
 use crate::engine::{ExecOutput, Executor, Prompt, ReqId};
 use crate::error::{HoraeError, Result};
 use crate::sample;
@@ -20,12 +21,14 @@ pub struct ModelExecutor {
     cache: KvCache,
     eos: Vec<u32>,
     rngs: HashMap<ReqId, SmallRng>,
+    logits: Vec<f32>,
 }
 
 impl ModelExecutor {
-    /// Load the model folder and allocate a KV cache of `num_blocks` blocks.
-    pub fn load(dir: &Path, num_blocks: usize, block_size: usize) -> Result<Self> {
-        let model = Arc::new(LlamaModel::load(dir)?);
+    /// Load the model folder (weights kept as `dtype`, `None` = the checkpoint's) and allocate a
+    /// KV cache of `num_blocks` blocks.
+    pub fn load(dir: &Path, dtype: Option<WeightDtype>, num_blocks: usize, block_size: usize) -> Result<Self> {
+        let model = Arc::new(LlamaModel::load(dir, dtype)?);
         let cache = KvCache::new(&model.cfg, num_blocks, block_size);
         // generation_config.json's eos ids win over config.json's (as in transformers).
         let mut eos = model.cfg.eos_token_ids.clone();
@@ -38,7 +41,7 @@ impl ModelExecutor {
                 }
             }
         }
-        Ok(Self { model, cache, eos, rngs: HashMap::new() })
+        Ok(Self { model, cache, eos, rngs: HashMap::new(), logits: Vec::new() })
     }
 }
 
@@ -77,7 +80,9 @@ impl Executor for ModelExecutor {
         }
         let num_sample_rows = input.logit_rows.len();
         input.logit_rows.extend(prompt_rows.iter().map(|r| r.4));
-        let mut logits = self.model.forward(&input, &mut self.cache)?;
+        // The logits buffer is kept between steps (an error just drops it).
+        let mut logits = std::mem::take(&mut self.logits);
+        self.model.forward(&input, &mut self.cache, &mut logits)?;
         let vocab = self.model.cfg.vocab_size;
         let mut sampled = Vec::with_capacity(samplers.len());
         let mut logprobs = Vec::new();
@@ -111,6 +116,7 @@ impl Executor for ModelExecutor {
             }
             sampled.push((id, token));
         }
+        self.logits = logits;
         Ok(ExecOutput { sampled, logprobs, prompt_logprobs, elapsed: None })
     }
 

@@ -1,0 +1,585 @@
+//! Linear layers with weights packed once at load time: `out[m x n] = x[m x k] * W[n x k]^T`.
+//!
+//! Why not call a GEMM crate per layer (faer did this until measured): a general GEMM re-packs the
+//! weight matrix on every call, and in decode (M = batch, 1..64) that packing is a second full pass
+//! over the weights, a quarter of the step time measured here. Weights never change, so we pack
+//! them once into 16-column panels (`[n / 16][k][16]`, the layout the micro-kernel streams) and
+//! each call reads every weight exactly once. The same layout stores bf16 weights at half the
+//! bytes, widened in registers, which no CPU GEMM crate offers for f32 activations.
+//!
+//! The micro-kernel keeps a 6 x 16 block of C in twelve AVX2 registers and runs one FMA per weight
+//! vector per row. It is chosen at run time (`is_x86_feature_detected!`), so the wheel needs no
+//! `-march=native`; other machines get the portable kernel, which computes the same sums.
+
+use rayon::prelude::*;
+
+/// Columns per panel: two AVX2 vectors of f32.
+const NR: usize = 16;
+/// Rows of C per micro-kernel call (6 x 2 accumulators + 2 weight vectors + 1 broadcast = 15 of
+/// the 16 AVX2 registers).
+const MR: usize = 6;
+/// Depth per pass: a 16-column panel of 256 rows is 16 KiB of f32, so it stays in L1 while every
+/// row block of x goes past it.
+const KC: usize = 256;
+/// Rows of x per pass over a task's panels: 96 x 256 f32 is 96 KiB, which stays in L2 while the
+/// panels stream through L1.
+const MC: usize = 192;
+
+/// How packed weights are stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WeightDtype {
+    F32,
+    /// bf16 storage (half the memory and bandwidth); products and sums are still f32.
+    Bf16,
+}
+
+impl WeightDtype {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "float32" | "f32" => Some(Self::F32),
+            "bfloat16" | "bf16" => Some(Self::Bf16),
+            _ => None,
+        }
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::F32 => "float32",
+            Self::Bf16 => "bfloat16",
+        }
+    }
+}
+
+enum Panels {
+    F32(Vec<f32>),
+    /// Within each group of 16 the columns are stored in the order 0-3, 8-11, 4-7, 12-15, so that
+    /// AVX2's in-lane unpack of one 32-byte load yields columns 0-7 and 8-15 as f32.
+    Bf16(Vec<u16>),
+}
+
+/// A weight matrix `[n, k]` (HF's `[out_features, in_features]`) packed for `linear`.
+pub struct PackedLinear {
+    n: usize,
+    k: usize,
+    panels: Panels,
+}
+
+/// Position of column `j` (0..16) inside a bf16 group.
+#[inline]
+fn bf16_slot(j: usize) -> usize {
+    [0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 12, 13, 14, 15][j]
+}
+
+fn to_bf16(v: f32) -> u16 {
+    half::bf16::from_f32(v).to_bits()
+}
+
+impl PackedLinear {
+    /// Pack row-major `w[n x k]`. With `Bf16`, values are rounded to nearest bf16 (exact for
+    /// weights that were stored as bf16).
+    pub fn new(w: &[f32], n: usize, k: usize, dtype: WeightDtype) -> Self {
+        assert_eq!(w.len(), n * k, "weight has {} values, expected {n} x {k}", w.len());
+        let np = n.div_ceil(NR);
+        let at = |p: usize, kk: usize, j: usize| {
+            let col = p * NR + j;
+            if col < n { w[col * k + kk] } else { 0.0 }
+        };
+        let panels = match dtype {
+            WeightDtype::F32 => {
+                let mut out = huge_page_vec::<f32>(np * k * NR);
+                out.par_chunks_mut((k * NR).max(1)).enumerate().for_each(|(p, panel)| {
+                    for kk in 0..k {
+                        for j in 0..NR {
+                            panel[kk * NR + j] = at(p, kk, j);
+                        }
+                    }
+                });
+                Panels::F32(out)
+            }
+            WeightDtype::Bf16 => {
+                let mut out = huge_page_vec::<u16>(np * k * NR);
+                out.par_chunks_mut((k * NR).max(1)).enumerate().for_each(|(p, panel)| {
+                    for kk in 0..k {
+                        for j in 0..NR {
+                            panel[kk * NR + bf16_slot(j)] = to_bf16(at(p, kk, j));
+                        }
+                    }
+                });
+                Panels::Bf16(out)
+            }
+        };
+        Self { n, k, panels }
+    }
+
+    pub fn out_features(&self) -> usize {
+        self.n
+    }
+    pub fn in_features(&self) -> usize {
+        self.k
+    }
+    pub fn dtype(&self) -> WeightDtype {
+        match self.panels {
+            Panels::F32(_) => WeightDtype::F32,
+            Panels::Bf16(_) => WeightDtype::Bf16,
+        }
+    }
+    pub fn bytes(&self) -> usize {
+        match &self.panels {
+            Panels::F32(v) => v.len() * 4,
+            Panels::Bf16(v) => v.len() * 2,
+        }
+    }
+
+    /// Row `i` of the original `[n, k]` matrix (an embedding lookup when the LM head is tied).
+    pub fn row(&self, i: usize, out: &mut [f32]) {
+        assert!(i < self.n && out.len() == self.k);
+        let (p, j) = (i / NR, i % NR);
+        let base = p * self.k * NR;
+        match &self.panels {
+            Panels::F32(v) => out.iter_mut().enumerate().for_each(|(kk, o)| *o = v[base + kk * NR + j]),
+            Panels::Bf16(v) => out
+                .iter_mut()
+                .enumerate()
+                .for_each(|(kk, o)| *o = half::bf16::from_bits(v[base + kk * NR + bf16_slot(j)]).to_f32()),
+        }
+    }
+
+    /// `out[m x n] = x[m x k] * W^T`, multi-threaded over column panels.
+    pub fn forward(&self, x: &[f32], m: usize, out: &mut [f32]) {
+        self.forward_with(x, m, out, Isa::detect());
+    }
+
+    fn forward_with(&self, x: &[f32], m: usize, out: &mut [f32], isa: Isa) {
+        let (n, k) = (self.n, self.k);
+        assert_eq!(x.len(), m * k, "input has {} values, expected {m} x {k}", x.len());
+        assert_eq!(out.len(), m * n);
+        if m == 0 || n == 0 {
+            return;
+        }
+        if k == 0 {
+            out.fill(0.0);
+            return;
+        }
+        let np = n.div_ceil(NR);
+        let mut a = PACKED_ROWS.with_borrow_mut(std::mem::take);
+        pack_rows(x, m, k, &mut a);
+        // Tasks are (row block of MC, group of panels): each owns a disjoint block of `out`.
+        // Aim for four per thread so rayon can balance uneven cores; tiny products run inline.
+        let m_blocks = m.div_ceil(MC);
+        let per_task = if m * n * k < 1 << 17 {
+            np
+        } else {
+            let groups = (rayon::current_num_threads() * 4).div_ceil(m_blocks);
+            np.div_ceil(groups).max(1)
+        };
+        let groups = np.div_ceil(per_task);
+        let out_ptr = SendPtr(out.as_mut_ptr());
+        let run = |task: usize| {
+            let out_ptr = &out_ptr;
+            let (mc0, p0) = ((task / groups) * MC, (task % groups) * per_task);
+            for k0 in (0..k).step_by(KC) {
+                let kc = KC.min(k - k0);
+                for p in p0..(p0 + per_task).min(np) {
+                    let cols = NR.min(n - p * NR);
+                    for m0 in (mc0..(mc0 + MC).min(m)).step_by(MR) {
+                        let rows = MR.min(m - m0);
+                        // SAFETY: the block [m0..m0+rows, p*NR..p*NR+cols] of `out` is in
+                        // bounds and written only by the task that owns this row block and
+                        // panel; `a` holds MR rows (zero-padded) for every row block.
+                        unsafe {
+                            let c = out_ptr.0.add(m0 * n + p * NR);
+                            let a = a.as_ptr().add(m0 * k + k0 * MR);
+                            let next = m0 == mc0 && p + 1 < (p0 + per_task).min(np);
+                            let mut tile = Tile { a, c, ldc: n, kc, rows, cols, accumulate: k0 > 0, prefetch: std::ptr::null() };
+                            match &self.panels {
+                                Panels::F32(v) => {
+                                    let b = v.as_ptr().add((p * k + k0) * NR);
+                                    if next {
+                                        tile.prefetch = b.add(k * NR) as *const u8;
+                                    }
+                                    tile.run_f32(b, isa)
+                                }
+                                Panels::Bf16(v) => {
+                                    let b = v.as_ptr().add((p * k + k0) * NR);
+                                    if next {
+                                        tile.prefetch = b.add(k * NR) as *const u8;
+                                    }
+                                    tile.run_bf16(b, isa)
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        };
+        let tasks = m_blocks * groups;
+        if tasks == 1 {
+            run(0);
+        } else {
+            (0..tasks).into_par_iter().for_each(run);
+        }
+        PACKED_ROWS.with_borrow_mut(|buf| *buf = a);
+    }
+}
+
+thread_local! {
+    /// The packed rows of x, kept between calls so a decode step does not allocate per layer.
+    static PACKED_ROWS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// `x[m x k]` as row blocks of MR interleaved rows, `[m / MR][k][MR]` (the last block
+/// zero-padded), so the micro-kernel reads its MR values for each k from one place.
+fn pack_rows(x: &[f32], m: usize, k: usize, a: &mut Vec<f32>) {
+    // Written in order, every element once (padding rows as zeros): no zero-fill pass first.
+    a.clear();
+    a.reserve(m.div_ceil(MR) * k * MR);
+    for b in 0..m.div_ceil(MR) {
+        let rows = MR.min(m - b * MR);
+        let src = &x[b * MR * k..(b * MR + rows) * k];
+        for kk in 0..k {
+            a.extend((0..MR).map(|r| if r < rows { src[r * k + kk] } else { 0.0 }));
+        }
+    }
+}
+
+/// A zeroed vector whose memory the kernel is asked to back with 2 MiB pages where it can
+/// (Linux, transparent huge pages in `madvise` mode, the common default). Decode streams every
+/// weight each step; on 4 KiB pages that is a TLB miss per page and the hardware prefetchers stop
+/// at every page boundary.
+fn huge_page_vec<T: Copy + Default>(len: usize) -> Vec<T> {
+    let mut v: Vec<T> = Vec::with_capacity(len);
+    #[cfg(target_os = "linux")]
+    {
+        const HUGE: usize = 2 << 20;
+        let bytes = len * std::mem::size_of::<T>();
+        let start = (v.as_ptr() as usize).next_multiple_of(HUGE);
+        let end = (v.as_ptr() as usize + bytes) / HUGE * HUGE;
+        if end > start {
+            // SAFETY: the range lies inside the vector's own allocation; the advice only changes
+            // how untouched pages get backed, and failure is harmless (4 KiB pages stay).
+            unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE) };
+        }
+    }
+    v.resize(len, T::default());
+    v
+}
+
+struct SendPtr(*mut f32);
+// SAFETY: tasks write disjoint column blocks (see `forward_with`).
+unsafe impl Sync for SendPtr {}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Isa {
+    Portable,
+    #[cfg(target_arch = "x86_64")]
+    Avx2Fma,
+}
+
+impl Isa {
+    fn detect() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::sync::OnceLock;
+            static ISA: OnceLock<Isa> = OnceLock::new();
+            *ISA.get_or_init(|| {
+                if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                    Isa::Avx2Fma
+                } else {
+                    Isa::Portable
+                }
+            })
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            Isa::Portable
+        }
+    }
+}
+
+/// One micro-kernel call: `rows x cols` of C (row stride `ldc`) from a packed `kc x MR` slice of
+/// A and a `kc x 16` panel slice.
+struct Tile {
+    a: *const f32,
+    c: *mut f32,
+    ldc: usize,
+    kc: usize,
+    rows: usize,
+    cols: usize,
+    accumulate: bool,
+    /// The same depth slice of the next panel, fetched into cache while this one computes (null:
+    /// none). Only the first row block of a panel does this: the later ones find it in L1.
+    prefetch: *const u8,
+}
+
+macro_rules! dispatch_rows {
+    ($rows:expr, $f:ident, $($arg:expr),*) => {
+        match $rows {
+            1 => $f::<1>($($arg),*),
+            2 => $f::<2>($($arg),*),
+            3 => $f::<3>($($arg),*),
+            4 => $f::<4>($($arg),*),
+            5 => $f::<5>($($arg),*),
+            _ => $f::<6>($($arg),*),
+        }
+    };
+}
+
+impl Tile {
+    unsafe fn run_f32(&self, b: *const f32, isa: Isa) {
+        // Scratch for a partial panel (or the portable kernel), left uninitialised: zeroing it on
+        // every tile was a memset the size of the LM head's output per call.
+        let mut scratch = std::mem::MaybeUninit::<[[f32; NR]; MR]>::uninit();
+        let acc = scratch.as_mut_ptr() as *mut f32;
+        let pending = match isa {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2Fma => unsafe { dispatch_rows!(self.rows, avx2_f32, self, b, acc) },
+            Isa::Portable => unsafe { dispatch_rows!(self.rows, portable_f32, self, b, acc) },
+        };
+        if pending {
+            unsafe { self.store(acc) }
+        }
+    }
+
+    unsafe fn run_bf16(&self, b: *const u16, isa: Isa) {
+        let mut scratch = std::mem::MaybeUninit::<[[f32; NR]; MR]>::uninit();
+        let acc = scratch.as_mut_ptr() as *mut f32;
+        let pending = match isa {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2Fma => unsafe { dispatch_rows!(self.rows, avx2_bf16, self, b, acc) },
+            Isa::Portable => unsafe { dispatch_rows!(self.rows, portable_bf16, self, b, acc) },
+        };
+        if pending {
+            unsafe { self.store(acc) }
+        }
+    }
+
+    /// Write (or add) the accumulated block into C, only its valid columns.
+    /// `acc` holds `rows` written rows of NR values.
+    unsafe fn store(&self, acc: *const f32) {
+        for r in 0..self.rows {
+            // SAFETY: the kernel wrote rows 0..rows of `acc`; the caller guarantees rows x cols
+            // of C at `c` with stride `ldc`.
+            let row = unsafe { std::slice::from_raw_parts(acc.add(r * NR), NR) };
+            let c = unsafe { std::slice::from_raw_parts_mut(self.c.add(r * self.ldc), self.cols) };
+            if self.accumulate {
+                c.iter_mut().zip(row).for_each(|(c, v)| *c += v);
+            } else {
+                c.copy_from_slice(&row[..self.cols]);
+            }
+        }
+    }
+}
+
+unsafe fn portable_f32<const R: usize>(t: &Tile, b: *const f32, out: *mut f32) -> bool {
+    let mut acc = [[0.0f32; NR]; R];
+    for kk in 0..t.kc {
+        let bv = unsafe { std::slice::from_raw_parts(b.add(kk * NR), NR) };
+        for (r, acc) in acc.iter_mut().enumerate() {
+            let a = unsafe { *t.a.add(kk * MR + r) };
+            acc.iter_mut().zip(bv).for_each(|(c, w)| *c += a * w);
+        }
+    }
+    unsafe { std::ptr::copy_nonoverlapping(acc.as_ptr() as *const f32, out, R * NR) };
+    true
+}
+
+unsafe fn portable_bf16<const R: usize>(t: &Tile, b: *const u16, out: *mut f32) -> bool {
+    let mut acc = [[0.0f32; NR]; R];
+    let mut bv = [0.0f32; NR];
+    for kk in 0..t.kc {
+        let raw = unsafe { std::slice::from_raw_parts(b.add(kk * NR), NR) };
+        for (j, w) in bv.iter_mut().enumerate() {
+            *w = f32::from_bits((raw[bf16_slot(j)] as u32) << 16);
+        }
+        for (r, acc) in acc.iter_mut().enumerate() {
+            let a = unsafe { *t.a.add(kk * MR + r) };
+            acc.iter_mut().zip(&bv).for_each(|(c, w)| *c += a * w);
+        }
+    }
+    unsafe { std::ptr::copy_nonoverlapping(acc.as_ptr() as *const f32, out, R * NR) };
+    true
+}
+
+/// Full tiles go from registers straight into C; a partial panel goes through `out` (returns
+/// whether it still needs storing).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn avx2_store<const R: usize>(t: &Tile, acc: &[[std::arch::x86_64::__m256; 2]; R], out: *mut f32) -> bool {
+    use std::arch::x86_64::*;
+    if t.cols == NR {
+        for (r, acc) in acc.iter().enumerate() {
+            unsafe {
+                let c = t.c.add(r * t.ldc);
+                let (mut lo, mut hi) = (acc[0], acc[1]);
+                if t.accumulate {
+                    lo = _mm256_add_ps(lo, _mm256_loadu_ps(c));
+                    hi = _mm256_add_ps(hi, _mm256_loadu_ps(c.add(8)));
+                }
+                _mm256_storeu_ps(c, lo);
+                _mm256_storeu_ps(c.add(8), hi);
+            }
+        }
+        return false;
+    }
+    for (r, acc) in acc.iter().enumerate() {
+        unsafe {
+            _mm256_storeu_ps(out.add(r * NR), acc[0]);
+            _mm256_storeu_ps(out.add(r * NR + 8), acc[1]);
+        }
+    }
+    true
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn avx2_f32<const R: usize>(t: &Tile, b: *const f32, out: *mut f32) -> bool {
+    use std::arch::x86_64::*;
+    let mut acc = [[_mm256_setzero_ps(); 2]; R];
+    let pf = !t.prefetch.is_null();
+    for kk in 0..t.kc {
+        if pf {
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(t.prefetch.add(kk * NR * 4) as *const i8) };
+        }
+        let b0 = unsafe { _mm256_loadu_ps(b.add(kk * NR)) };
+        let b1 = unsafe { _mm256_loadu_ps(b.add(kk * NR + 8)) };
+        for (r, acc) in acc.iter_mut().enumerate() {
+            let a = unsafe { _mm256_broadcast_ss(&*t.a.add(kk * MR + r)) };
+            acc[0] = _mm256_fmadd_ps(a, b0, acc[0]);
+            acc[1] = _mm256_fmadd_ps(a, b1, acc[1]);
+        }
+    }
+    unsafe { avx2_store(t, &acc, out) }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn avx2_bf16<const R: usize>(t: &Tile, b: *const u16, out: *mut f32) -> bool {
+    use std::arch::x86_64::*;
+    let zero = _mm256_setzero_si256();
+    let mut acc = [[_mm256_setzero_ps(); 2]; R];
+    let pf = !t.prefetch.is_null();
+    for kk in 0..t.kc {
+        if pf && kk % 2 == 0 {
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(t.prefetch.add(kk * NR * 2) as *const i8) };
+        }
+        // 16 bf16 in one load; interleaving zeros below each value widens it to f32 exactly.
+        let raw = unsafe { _mm256_loadu_si256(b.add(kk * NR) as *const __m256i) };
+        let b0 = _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, raw));
+        let b1 = _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, raw));
+        for (r, acc) in acc.iter_mut().enumerate() {
+            let a = unsafe { _mm256_broadcast_ss(&*t.a.add(kk * MR + r)) };
+            acc[0] = _mm256_fmadd_ps(a, b0, acc[0]);
+            acc[1] = _mm256_fmadd_ps(a, b1, acc[1]);
+        }
+    }
+    unsafe { avx2_store(t, &acc, out) }
+}
+
+/// GFLOP/s of a model-shaped stack of linear layers at `m` rows: `shapes` (`(n, k)` per layer)
+/// repeated `layers` times with distinct weights, so weights come from memory as in a real step.
+/// Returns (faer on row-major weights, packed with `dtype`); faer is `None` for bf16, which it
+/// cannot take. Best of `iters` passes. This is how the packed kernel was chosen (docs/benchmarks.md).
+pub fn compare_with_faer(shapes: &[(usize, usize)], layers: usize, m: usize, dtype: WeightDtype, iters: usize) -> (Option<f64>, f64) {
+    let dims: Vec<(usize, usize)> = (0..layers).flat_map(|_| shapes.iter().copied()).collect();
+    let weights: Vec<Vec<f32>> =
+        dims.iter().enumerate().map(|(l, &(n, k))| (0..n * k).map(|i| ((i + l) % 13) as f32 * 0.01 - 0.06).collect()).collect();
+    let xs: Vec<Vec<f32>> = dims.iter().map(|&(_, k)| (0..m * k).map(|i| (i % 7) as f32 * 0.1).collect()).collect();
+    let mut outs: Vec<Vec<f32>> = dims.iter().map(|&(n, _)| vec![0.0; m * n]).collect();
+    let flops: f64 = dims.iter().map(|&(n, k)| 2.0 * (m * n * k) as f64).sum();
+    let mut time = |f: &mut dyn FnMut(usize, &mut [f32])| {
+        (0..iters.max(1) + 1)
+            .map(|_| {
+                let t = std::time::Instant::now();
+                for (i, out) in outs.iter_mut().enumerate() {
+                    f(i, out);
+                }
+                t.elapsed().as_secs_f64()
+            })
+            .skip(1) // warm-up
+            .fold(f64::INFINITY, f64::min)
+    };
+    let faer = (dtype == WeightDtype::F32).then(|| {
+        let best = time(&mut |i, out| crate::backend::cpu::linear(&xs[i], m, dims[i].1, &weights[i], dims[i].0, out));
+        flops / best / 1e9
+    });
+    let packed: Vec<PackedLinear> = weights.iter().zip(&dims).map(|(w, &(n, k))| PackedLinear::new(w, n, k, dtype)).collect();
+    drop(weights);
+    let best = time(&mut |i, out| packed[i].forward(&xs[i], m, out));
+    (faer, flops / best / 1e9)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reference(x: &[f32], m: usize, k: usize, w: &[f32], n: usize) -> Vec<f32> {
+        let mut out = vec![0.0f32; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                out[i * n + j] = (0..k).map(|kk| x[i * k + kk] as f64 * w[j * k + kk] as f64).sum::<f64>() as f32;
+            }
+        }
+        out
+    }
+
+    fn data(len: usize, seed: u32) -> Vec<f32> {
+        (0..len).map(|i| ((i as u32).wrapping_mul(2654435761).wrapping_add(seed) % 2001) as f32 / 1000.0 - 1.0).collect()
+    }
+
+    fn isas() -> Vec<Isa> {
+        let mut v = vec![Isa::Portable];
+        if Isa::detect() != Isa::Portable {
+            v.push(Isa::detect());
+        }
+        v
+    }
+
+    #[test]
+    fn matches_reference_on_ragged_shapes() {
+        // m covers every row remainder, n a partial panel, k more than one depth pass.
+        for &(m, n, k) in &[(1, 16, 8), (5, 37, 300), (7, 64, 513), (13, 3, 1), (32, 200, 576), (2, 1, 0)] {
+            let (x, w) = (data(m * k, 1), data(n * k, 2));
+            let want = reference(&x, m, k, &w, n);
+            for isa in isas() {
+                for dtype in [WeightDtype::F32, WeightDtype::Bf16] {
+                    let packed = PackedLinear::new(&w, n, k, dtype);
+                    let mut got = vec![f32::NAN; m * n];
+                    packed.forward_with(&x, m, &mut got, isa);
+                    // bf16 weights differ from the f32 ones by up to 2^-9 relative.
+                    let tol = if dtype == WeightDtype::F32 { 1e-4 } else { 4e-3 } * (k as f32).sqrt().max(1.0);
+                    for (i, (g, e)) in got.iter().zip(&want).enumerate() {
+                        assert!((g - e).abs() <= tol, "{isa:?} {dtype:?} m={m} n={n} k={k} [{i}]: {g} vs {e}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn bf16_is_exact_for_bf16_weights() {
+        // Weights already representable in bf16 give the same result as the f32 packing.
+        let (m, n, k) = (9, 48, 300);
+        let x = data(m * k, 3);
+        let w: Vec<f32> = data(n * k, 4).iter().map(|&v| half::bf16::from_f32(v).to_f32()).collect();
+        for isa in isas() {
+            let (mut a, mut b) = (vec![0.0; m * n], vec![0.0; m * n]);
+            PackedLinear::new(&w, n, k, WeightDtype::F32).forward_with(&x, m, &mut a, isa);
+            PackedLinear::new(&w, n, k, WeightDtype::Bf16).forward_with(&x, m, &mut b, isa);
+            assert_eq!(a, b, "{isa:?}");
+        }
+    }
+
+    #[test]
+    fn row_recovers_the_original_matrix() {
+        let (n, k) = (37, 21);
+        let w: Vec<f32> = data(n * k, 5).iter().map(|&v| half::bf16::from_f32(v).to_f32()).collect();
+        for dtype in [WeightDtype::F32, WeightDtype::Bf16] {
+            let p = PackedLinear::new(&w, n, k, dtype);
+            let mut row = vec![0.0; k];
+            for i in 0..n {
+                p.row(i, &mut row);
+                assert_eq!(row, &w[i * k..(i + 1) * k], "{dtype:?} row {i}");
+            }
+        }
+    }
+}
