@@ -28,14 +28,23 @@ pub fn add_bias(x: &mut [f32], bias: &[f32]) {
 /// RMSNorm of each row of `x` into `out`.
 pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
     let d = weight.len();
-    for (row, o) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
+    let norm = |(row, o): (&[f32], &mut [f32])| {
         let ms = row.iter().map(|v| v * v).sum::<f32>() / d as f32;
         let inv = 1.0 / (ms + eps).sqrt();
         for ((o, v), w) in o.iter_mut().zip(row).zip(weight) {
             *o = v * inv * w;
         }
+    };
+    if x.len() >= PAR_ELEMENTS {
+        x.par_chunks_exact(d).zip(out.par_chunks_exact_mut(d)).for_each(norm);
+    } else {
+        x.chunks_exact(d).zip(out.chunks_exact_mut(d)).for_each(norm);
     }
 }
+
+/// Element-wise work on at least this many values is split over the cores: run on one thread
+/// while the other waits, it was a sixth of a 32-sequence decode step's wall time.
+const PAR_ELEMENTS: usize = 8192;
 
 /// Cosines and sines of every (position, frequency) pair of a batch, computed once per step and
 /// shared by all layers: `[tokens, head_dim / 2]` each.
@@ -83,6 +92,20 @@ pub fn rope(x: &mut [f32], table: &RopeTable, heads: usize, head_dim: usize) {
 pub fn silu_mul(gate: &[f32], up: &[f32], out: &mut [f32]) {
     for ((o, g), u) in out.iter_mut().zip(gate).zip(up) {
         *o = g / (1.0 + (-g).exp()) * u;
+    }
+}
+
+/// `silu_mul` on each row of `gate_up` (`[rows, 2 * inter]`: gate then up) into `out`
+/// (`[rows, inter]`), rows in parallel when there are enough values.
+pub fn silu_mul_rows(gate_up: &[f32], inter: usize, out: &mut [f32]) {
+    let row = |(gu, o): (&[f32], &mut [f32])| {
+        let (gate, up) = gu.split_at(inter);
+        silu_mul(gate, up, o);
+    };
+    if out.len() >= PAR_ELEMENTS {
+        gate_up.par_chunks_exact(2 * inter).zip(out.par_chunks_exact_mut(inter)).for_each(row);
+    } else {
+        gate_up.chunks_exact(2 * inter).zip(out.chunks_exact_mut(inter)).for_each(row);
     }
 }
 

@@ -230,15 +230,23 @@ thread_local! {
 /// `x[m x k]` as row blocks of MR interleaved rows, `[m / MR][k][MR]` (the last block
 /// zero-padded), so the micro-kernel reads its MR values for each k from one place.
 fn pack_rows(x: &[f32], m: usize, k: usize, a: &mut Vec<f32>) {
-    // Written in order, every element once (padding rows as zeros): no zero-fill pass first.
+    let blocks = m.div_ceil(MR);
     a.clear();
-    a.reserve(m.div_ceil(MR) * k * MR);
-    for b in 0..m.div_ceil(MR) {
+    a.resize(blocks * k * MR, 0.0); // small (M x K); the padding rows must be zero
+    let pack = |(b, dst): (usize, &mut [f32])| {
         let rows = MR.min(m - b * MR);
         let src = &x[b * MR * k..(b * MR + rows) * k];
-        for kk in 0..k {
-            a.extend((0..MR).map(|r| if r < rows { src[r * k + kk] } else { 0.0 }));
+        for (kk, d) in dst.chunks_exact_mut(MR).enumerate() {
+            for r in 0..rows {
+                d[r] = src[r * k + kk];
+            }
         }
+    };
+    // Split over the cores when big enough: the caller's thread would otherwise do it alone.
+    if m * k >= 1 << 14 {
+        a.par_chunks_mut(k * MR).enumerate().for_each(pack);
+    } else {
+        a.chunks_mut(k * MR).enumerate().for_each(pack);
     }
 }
 

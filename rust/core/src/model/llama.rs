@@ -179,10 +179,7 @@ impl LlamaModel {
 
             cpu::rms_norm(&x, &l.post_norm, c.rms_norm_eps, &mut normed);
             l.gate_up.forward(&normed, t, &mut gu);
-            for (gu, act) in gu.chunks_exact(2 * inter).zip(act.chunks_exact_mut(inter)) {
-                let (gate, up) = gu.split_at(inter);
-                cpu::silu_mul(gate, up, act);
-            }
+            cpu::silu_mul_rows(&gu, inter, &mut act);
             l.down.forward(&act, t, &mut proj);
             x.iter_mut().zip(&proj).for_each(|(a, b)| *a += b);
         }
