@@ -73,6 +73,18 @@ def test_dtype_choice(llm):
         Engine(dtype="float16")
     with pytest.raises(ValueError, match="unknown dtype"):
         Engine(dtype="int4")
+    with pytest.raises(ValueError, match="unknown dtype"):
+        _core.model_logits(str(llm.engine.model_dir), [1, 2], "half")
+    # The kernel benchmark's entry point and the CLI reject bad input before doing any work.
+    with pytest.raises(ValueError, match="unknown dtype"):
+        _core.bench_linear([(16, 16)], 1, 1, "fp8")
+    with pytest.raises(ValueError, match="at least one"):
+        _core.bench_linear([], 1, 1)
+    from horae.cli import main
+    assert main(["bench", "model", "--dtypes", "fp8", "--no-hf"]) == 2
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "--dtype", "fp8", "hi"])  # argparse: not one of the choices
+    assert e.value.code == 2
 
 
 def test_stop_strings_seeds_and_n(llm):

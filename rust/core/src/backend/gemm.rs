@@ -134,13 +134,15 @@ impl PackedLinear {
     pub fn row(&self, i: usize, out: &mut [f32]) {
         assert!(i < self.n && out.len() == self.k);
         let (p, j) = (i / NR, i % NR);
-        let base = p * self.k * NR;
+        fn column<T: PanelValue>(panel: &[T], j: usize, out: &mut [f32]) {
+            for (o, row) in out.iter_mut().zip(panel.chunks_exact(NR)) {
+                *o = T::widen(row)[j];
+            }
+        }
+        let panel = p * self.k * NR..(p + 1) * self.k * NR;
         match &self.panels {
-            Panels::F32(v) => out.iter_mut().enumerate().for_each(|(kk, o)| *o = v[base + kk * NR + j]),
-            Panels::Bf16(v) => out
-                .iter_mut()
-                .enumerate()
-                .for_each(|(kk, o)| *o = half::bf16::from_bits(v[base + kk * NR + bf16_slot(j)]).to_f32()),
+            Panels::F32(v) => column(&v[panel], j, out),
+            Panels::Bf16(v) => column(&v[panel], j, out),
         }
     }
 
@@ -190,22 +192,11 @@ impl PackedLinear {
                             let c = out_ptr.0.add(m0 * n + p * NR);
                             let a = a.as_ptr().add(m0 * k + k0 * MR);
                             let next = m0 == mc0 && p + 1 < (p0 + per_task).min(np);
-                            let mut tile = Tile { a, c, ldc: n, kc, rows, cols, accumulate: k0 > 0, prefetch: std::ptr::null() };
+                            let tile = Tile { a, c, ldc: n, kc, rows, cols, accumulate: k0 > 0 };
+                            let (b, stride) = ((p * k + k0) * NR, k * NR);
                             match &self.panels {
-                                Panels::F32(v) => {
-                                    let b = v.as_ptr().add((p * k + k0) * NR);
-                                    if next {
-                                        tile.prefetch = b.add(k * NR) as *const u8;
-                                    }
-                                    tile.run_f32(b, isa)
-                                }
-                                Panels::Bf16(v) => {
-                                    let b = v.as_ptr().add((p * k + k0) * NR);
-                                    if next {
-                                        tile.prefetch = b.add(k * NR) as *const u8;
-                                    }
-                                    tile.run_bf16(b, isa)
-                                }
+                                Panels::F32(v) => tile.run(v, b, next.then_some(b + stride), isa),
+                                Panels::Bf16(v) => tile.run(v, b, next.then_some(b + stride), isa),
                             }
                         }
                     }
@@ -314,47 +305,78 @@ struct Tile {
     rows: usize,
     cols: usize,
     accumulate: bool,
-    /// The same depth slice of the next panel, fetched into cache while this one computes (null:
-    /// none). Only the first row block of a panel does this: the later ones find it in L1.
-    prefetch: *const u8,
+}
+
+/// How one stored panel value becomes f32: `f32` as is, `u16` as bf16 bits (in the bf16 group
+/// order). Each type names its AVX2 kernel; the portable kernel is shared.
+trait PanelValue: Copy {
+    fn widen(raw: &[Self]) -> [f32; NR];
+    /// The portable kernel for `R` rows.
+    unsafe fn portable<const R: usize>(t: &Tile, b: *const Self, out: *mut f32) -> bool {
+        unsafe { portable::<R, Self>(t, b, out) }
+    }
+    /// The AVX2 kernel for `R` rows (see `avx2_f32`); returns whether `out` still needs storing.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn avx2<const R: usize>(t: &Tile, b: *const Self, prefetch: *const u8, out: *mut f32) -> bool;
+}
+
+impl PanelValue for f32 {
+    fn widen(raw: &[f32]) -> [f32; NR] {
+        raw.try_into().expect("a panel row holds NR values")
+    }
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn avx2<const R: usize>(t: &Tile, b: *const f32, prefetch: *const u8, out: *mut f32) -> bool {
+        unsafe { avx2_f32::<R>(t, b, prefetch, out) }
+    }
+}
+
+impl PanelValue for u16 {
+    fn widen(raw: &[u16]) -> [f32; NR] {
+        std::array::from_fn(|j| f32::from_bits((raw[bf16_slot(j)] as u32) << 16))
+    }
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn avx2<const R: usize>(t: &Tile, b: *const u16, prefetch: *const u8, out: *mut f32) -> bool {
+        unsafe { avx2_bf16::<R>(t, b, prefetch, out) }
+    }
 }
 
 macro_rules! dispatch_rows {
-    ($rows:expr, $f:ident, $($arg:expr),*) => {
+    ($rows:expr, $($f:ident)::+, $($arg:expr),*) => {
         match $rows {
-            1 => $f::<1>($($arg),*),
-            2 => $f::<2>($($arg),*),
-            3 => $f::<3>($($arg),*),
-            4 => $f::<4>($($arg),*),
-            5 => $f::<5>($($arg),*),
-            _ => $f::<6>($($arg),*),
+            1 => $($f)::+::<1>($($arg),*),
+            2 => $($f)::+::<2>($($arg),*),
+            3 => $($f)::+::<3>($($arg),*),
+            4 => $($f)::+::<4>($($arg),*),
+            5 => $($f)::+::<5>($($arg),*),
+            _ => $($f)::+::<6>($($arg),*),
         }
     };
 }
 
 impl Tile {
-    unsafe fn run_f32(&self, b: *const f32, isa: Isa) {
+    /// Run the kernel on the panel slice at `panels[b..]`, fetching `panels[next..]` (the next
+    /// panel's slice) meanwhile when given.
+    ///
+    /// # Safety
+    /// `b` (and `next`) index a `kc x NR` slice inside `panels`; `a` and `c` are valid as
+    /// `Tile` documents.
+    unsafe fn run<T: PanelValue>(&self, panels: &[T], b: usize, next: Option<usize>, isa: Isa) {
+        debug_assert!(b + self.kc * NR <= panels.len());
+        let b = unsafe { panels.as_ptr().add(b) };
         // Scratch for a partial panel (or the portable kernel), left uninitialised: zeroing it on
         // every tile was a memset the size of the LM head's output per call.
         let mut scratch = std::mem::MaybeUninit::<[[f32; NR]; MR]>::uninit();
         let acc = scratch.as_mut_ptr() as *mut f32;
         let pending = match isa {
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx2Fma => unsafe { dispatch_rows!(self.rows, avx2_f32, self, b, acc) },
-            Isa::Portable => unsafe { dispatch_rows!(self.rows, portable_f32, self, b, acc) },
-        };
-        if pending {
-            unsafe { self.store(acc) }
-        }
-    }
-
-    unsafe fn run_bf16(&self, b: *const u16, isa: Isa) {
-        let mut scratch = std::mem::MaybeUninit::<[[f32; NR]; MR]>::uninit();
-        let acc = scratch.as_mut_ptr() as *mut f32;
-        let pending = match isa {
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx2Fma => unsafe { dispatch_rows!(self.rows, avx2_bf16, self, b, acc) },
-            Isa::Portable => unsafe { dispatch_rows!(self.rows, portable_bf16, self, b, acc) },
+            Isa::Avx2Fma => {
+                let prefetch = next.map_or(std::ptr::null(), |i| panels[i..].as_ptr() as *const u8);
+                unsafe { dispatch_rows!(self.rows, T::avx2, self, b, prefetch, acc) }
+            }
+            Isa::Portable => {
+                let _ = next; // the portable kernel leaves prefetching to the hardware
+                unsafe { dispatch_rows!(self.rows, T::portable, self, b, acc) }
+            }
         };
         if pending {
             unsafe { self.store(acc) }
@@ -378,27 +400,10 @@ impl Tile {
     }
 }
 
-unsafe fn portable_f32<const R: usize>(t: &Tile, b: *const f32, out: *mut f32) -> bool {
+unsafe fn portable<const R: usize, T: PanelValue>(t: &Tile, b: *const T, out: *mut f32) -> bool {
     let mut acc = [[0.0f32; NR]; R];
     for kk in 0..t.kc {
-        let bv = unsafe { std::slice::from_raw_parts(b.add(kk * NR), NR) };
-        for (r, acc) in acc.iter_mut().enumerate() {
-            let a = unsafe { *t.a.add(kk * MR + r) };
-            acc.iter_mut().zip(bv).for_each(|(c, w)| *c += a * w);
-        }
-    }
-    unsafe { std::ptr::copy_nonoverlapping(acc.as_ptr() as *const f32, out, R * NR) };
-    true
-}
-
-unsafe fn portable_bf16<const R: usize>(t: &Tile, b: *const u16, out: *mut f32) -> bool {
-    let mut acc = [[0.0f32; NR]; R];
-    let mut bv = [0.0f32; NR];
-    for kk in 0..t.kc {
-        let raw = unsafe { std::slice::from_raw_parts(b.add(kk * NR), NR) };
-        for (j, w) in bv.iter_mut().enumerate() {
-            *w = f32::from_bits((raw[bf16_slot(j)] as u32) << 16);
-        }
+        let bv = T::widen(unsafe { std::slice::from_raw_parts(b.add(kk * NR), NR) });
         for (r, acc) in acc.iter_mut().enumerate() {
             let a = unsafe { *t.a.add(kk * MR + r) };
             acc.iter_mut().zip(&bv).for_each(|(c, w)| *c += a * w);
@@ -441,13 +446,13 @@ unsafe fn avx2_store<const R: usize>(t: &Tile, acc: &[[std::arch::x86_64::__m256
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn avx2_f32<const R: usize>(t: &Tile, b: *const f32, out: *mut f32) -> bool {
+unsafe fn avx2_f32<const R: usize>(t: &Tile, b: *const f32, prefetch: *const u8, out: *mut f32) -> bool {
     use std::arch::x86_64::*;
     let mut acc = [[_mm256_setzero_ps(); 2]; R];
-    let pf = !t.prefetch.is_null();
+    let pf = !prefetch.is_null();
     for kk in 0..t.kc {
         if pf {
-            unsafe { _mm_prefetch::<_MM_HINT_T0>(t.prefetch.add(kk * NR * 4) as *const i8) };
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(prefetch.add(kk * NR * 4) as *const i8) };
         }
         let b0 = unsafe { _mm256_loadu_ps(b.add(kk * NR)) };
         let b1 = unsafe { _mm256_loadu_ps(b.add(kk * NR + 8)) };
@@ -462,14 +467,14 @@ unsafe fn avx2_f32<const R: usize>(t: &Tile, b: *const f32, out: *mut f32) -> bo
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn avx2_bf16<const R: usize>(t: &Tile, b: *const u16, out: *mut f32) -> bool {
+unsafe fn avx2_bf16<const R: usize>(t: &Tile, b: *const u16, prefetch: *const u8, out: *mut f32) -> bool {
     use std::arch::x86_64::*;
     let zero = _mm256_setzero_si256();
     let mut acc = [[_mm256_setzero_ps(); 2]; R];
-    let pf = !t.prefetch.is_null();
+    let pf = !prefetch.is_null();
     for kk in 0..t.kc {
         if pf && kk % 2 == 0 {
-            unsafe { _mm_prefetch::<_MM_HINT_T0>(t.prefetch.add(kk * NR * 2) as *const i8) };
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(prefetch.add(kk * NR * 2) as *const i8) };
         }
         // 16 bf16 in one load; interleaving zeros below each value widens it to f32 exactly.
         let raw = unsafe { _mm256_loadu_si256(b.add(kk * NR) as *const __m256i) };
