@@ -1,4 +1,4 @@
-"""`horae` command line: `horae simulate` (scheduler study on a trace) and `horae bench`."""
+"""`horae` command line: generate, chat, serve, simulate (scheduler study on a trace), convert-gguf, bench."""
 
 from __future__ import annotations
 
@@ -226,8 +226,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     cv = sub.add_parser("convert-gguf", help="convert a Llama-architecture GGUF file into an HF-style folder")
     cv.add_argument("gguf")
     cv.add_argument("out")
-    b = sub.add_parser("bench", help="benchmarks of the scheduling core")
-    b.add_argument("what", choices=["admission", "sim-speed", "model"])
+    sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (default model: SmolLM2-135M-Instruct)")
+    from horae.serve import add_arguments
+
+    add_arguments(sv)
+    b = sub.add_parser("bench", help="benchmarks: admission, sim-speed, model; `horae bench serve -h` for the serving load generator")
+    b.add_argument("what", choices=["admission", "sim-speed", "model", "serve"])
     b.add_argument("--model", help="model: model folder (default: SmolLM2-135M-Instruct)")
     b.add_argument("--no-hf", action="store_true", help="model: skip the HF transformers comparison")
     b.add_argument("--dtypes", type=_names, default=["float32", "bfloat16"], help="model: weight dtypes to run")
@@ -235,8 +239,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     b.add_argument("--iters", type=int, default=2000)
     b.add_argument("--trace", help="sim-speed: trace file (default: the bundled sample)")
     b.add_argument("--schedulers", type=_names, default=["past-future", "aggressive", "conservative", "oracle"])
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:2] == ["bench", "serve"]:  # the load generator has its own (vLLM-style) options
+        from horae.bench.serve import main as bench_serve
+
+        return bench_serve(argv[2:])
     args = parser.parse_args(argv)
     try:
+        if args.command == "serve":
+            from horae.serve import run
+
+            return run(args)
         if args.command == "simulate":
             return cmd_simulate(args)
         if args.command == "generate":

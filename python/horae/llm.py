@@ -236,13 +236,21 @@ class Engine:
 
     def step(self) -> List[RequestOutput]:
         """Run one engine step; returns the requests that made progress (finished ones last time)."""
+        return self._process(self._core.step())
+
+    def _process(self, events) -> List[RequestOutput]:
+        """Apply one step's events from the core (tokens, text, finish reasons) to the requests:
+        stop strings and ids, n > 1 samples, logprobs. Returns their outputs."""
         touched: Dict[str, _Req] = {}
-        for core_id, new_ids, new_text, reason, new_lps, prompt_lps in self._core.step():
+        for core_id, new_ids, new_text, reason, new_lps, prompt_lps in events:
             entry = self._by_core.get(core_id)
             if entry is None:
                 continue
             req, seq = entry
             touched[req.request_id] = req
+            if reason == "error":  # refused by the engine after queueing: new_text is why
+                self._finish(req, seq, "error", new_text)
+                continue
             if seq.index == 0 and new_ids:
                 self._release_held(req)  # the prompt's KV now exists: the other samples share it
             p = req.params

@@ -1,15 +1,13 @@
 //! `horae._core`: thin PyO3 wrappers over horae-core. Types and errors cross here; no logic lives
 //! here that Python or Rust users would need twice.
 
-use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::Mutex;
+
+mod engine;
 
 use horae_core::backend::gemm::WeightDtype;
-use horae_core::engine::{Engine, Prompt, ReqId, RequestSpec, WallClock};
-use horae_core::model::{IncrementalDetokenizer, LlamaModel, ModelConfig, ModelExecutor, Tokenizer};
-use horae_core::sample::SamplingParams;
-use horae_core::sched::{bench::admission_benchmark, PolicyKind, Scheduler, SchedulerConfig};
+use horae_core::model::LlamaModel;
+use horae_core::sched::{bench::admission_benchmark, PolicyKind, SchedulerConfig};
 use horae_core::sim::{self, CostModel, LengthDist, LoadModel, SimConfig, Sla, StepFeatures, Trace, TraceFormat};
 use horae_core::HoraeError;
 use numpy::{IntoPyArray, PyArrayMethods, PyReadonlyArray1};
@@ -19,7 +17,7 @@ use pyo3::types::PyDict;
 
 pyo3::create_exception!(_core, HoraeCoreError, PyValueError, "An error reported by horae's Rust core.");
 
-fn to_py(e: HoraeError) -> PyErr {
+pub(crate) fn to_py(e: HoraeError) -> PyErr {
     HoraeCoreError::new_err(e.to_string())
 }
 
@@ -242,286 +240,6 @@ fn bench_admission(py: Python<'_>, running: usize, iters: usize, seed: u64) -> (
     (t.first_decision_us, t.next_decision_us, t.naive_decision_us)
 }
 
-struct EngineState {
-    engine: Engine,
-    detok: HashMap<ReqId, IncrementalDetokenizer>,
-}
-
-/// The real engine on a model folder: scheduler + block manager + CPU model runtime + tokenizer.
-/// `step()` releases the GIL while the model runs.
-#[pyclass(name = "Engine", module = "horae._core")]
-struct PyEngine {
-    state: Mutex<EngineState>,
-    model: std::sync::Arc<LlamaModel>,
-    tokenizer: Tokenizer,
-    model_dir: PathBuf,
-    config: ModelConfig,
-    eos: Vec<u32>,
-    kv_cache_tokens: usize,
-}
-
-impl PyEngine {
-    fn lock(&self) -> std::sync::MutexGuard<'_, EngineState> {
-        // A panic while holding the lock would poison it; the state is still consistent because
-        // every mutation goes through the core's own checks, so keep serving.
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-}
-
-#[pymethods]
-impl PyEngine {
-    #[new]
-    #[pyo3(signature = (model_dir, *, scheduler = "past-future", kv_cache_tokens = 16384, block_size = 16,
-                        max_num_seqs = 64, max_batched_tokens = 2048, seed = 0, dtype = "auto"))]
-    #[allow(clippy::too_many_arguments)]
-    fn new(
-        py: Python<'_>,
-        model_dir: PathBuf,
-        scheduler: &str,
-        kv_cache_tokens: usize,
-        block_size: usize,
-        max_num_seqs: usize,
-        max_batched_tokens: usize,
-        seed: u64,
-        dtype: &str,
-    ) -> PyResult<Self> {
-        let dtype = parse_dtype(dtype)?;
-        let policy: PolicyKind = scheduler.parse().map_err(to_py)?;
-        if policy == PolicyKind::Oracle {
-            return Err(HoraeCoreError::new_err("the oracle scheduler needs true output lengths and runs only in the simulator"));
-        }
-        let config = ModelConfig::from_dir(&model_dir).map_err(to_py)?;
-        let cfg = SchedulerConfig {
-            policy,
-            kv_cache_tokens,
-            block_size,
-            max_num_seqs,
-            max_batched_tokens,
-            max_output_bound: config.max_position_embeddings,
-            seed,
-            ..Default::default()
-        };
-        cfg.validate().map_err(to_py)?;
-        let dir = model_dir.clone();
-        let (exec, tokenizer) = py
-            .detach(|| {
-                let exec = ModelExecutor::load(&dir, dtype, kv_cache_tokens / block_size, block_size)?;
-                let tok = Tokenizer::from_dir(&dir)?;
-                Ok::<_, HoraeError>((exec, tok))
-            })
-            .map_err(to_py)?;
-        let eos = horae_core::engine::Executor::eos_token_ids(&exec);
-        let model = exec.model.clone();
-        let sched = Scheduler::new(cfg, None).map_err(to_py)?;
-        let engine = Engine::new(sched, Box::new(exec), Box::new(WallClock::default()));
-        Ok(Self {
-            state: Mutex::new(EngineState { engine, detok: HashMap::new() }),
-            model,
-            tokenizer,
-            model_dir,
-            config,
-            eos,
-            kv_cache_tokens,
-        })
-    }
-
-    #[getter]
-    fn model_dir(&self) -> PathBuf {
-        self.model_dir.clone()
-    }
-    /// How the weights are held: "float32" or "bfloat16".
-    #[getter]
-    fn dtype(&self) -> &'static str {
-        self.model.dtype.name()
-    }
-    #[getter]
-    fn vocab_size(&self) -> usize {
-        self.config.vocab_size
-    }
-    #[getter]
-    fn max_model_len(&self) -> usize {
-        self.config.max_position_embeddings
-    }
-    #[getter]
-    fn eos_token_ids(&self) -> Vec<u32> {
-        self.eos.clone()
-    }
-    #[getter]
-    fn kv_cache_tokens(&self) -> usize {
-        self.kv_cache_tokens
-    }
-
-    #[pyo3(signature = (text, add_special_tokens = false))]
-    fn encode(&self, text: &str, add_special_tokens: bool) -> PyResult<Vec<u32>> {
-        self.tokenizer.encode(text, add_special_tokens).map_err(to_py)
-    }
-
-    #[pyo3(signature = (ids, skip_special_tokens = true))]
-    fn decode(&self, ids: Vec<u32>, skip_special_tokens: bool) -> PyResult<String> {
-        self.tokenizer.decode(&ids, skip_special_tokens).map_err(to_py)
-    }
-
-    /// Queue a request; returns its id. Raises on an empty prompt, token ids outside the
-    /// vocabulary, a prompt that leaves no room in the context, or bad sampling values.
-    #[pyo3(signature = (prompt_token_ids, *, max_tokens = 16, temperature = 1.0, top_k = 0, top_p = 1.0,
-                        min_p = 0.0, repetition_penalty = 1.0, presence_penalty = 0.0, frequency_penalty = 0.0,
-                        seed = None, ignore_eos = false, logprobs = None, min_tokens = 0, prompt_logprobs = None))]
-    #[allow(clippy::too_many_arguments)]
-    fn add_request(
-        &self,
-        prompt_token_ids: Vec<i64>,
-        max_tokens: i64,
-        temperature: f32,
-        top_k: i64,
-        top_p: f32,
-        min_p: f32,
-        repetition_penalty: f32,
-        presence_penalty: f32,
-        frequency_penalty: f32,
-        seed: Option<u64>,
-        ignore_eos: bool,
-        logprobs: Option<usize>,
-        min_tokens: usize,
-        prompt_logprobs: Option<usize>,
-    ) -> PyResult<u64> {
-        let err = |m: String| Err(HoraeCoreError::new_err(m));
-        if prompt_token_ids.is_empty() {
-            return err("the prompt is empty".into());
-        }
-        let vocab = self.config.vocab_size as i64;
-        if let Some(bad) = prompt_token_ids.iter().find(|&&t| t < 0 || t >= vocab) {
-            return err(format!("token id {bad} is outside the vocabulary (0..{vocab})"));
-        }
-        if max_tokens < 1 {
-            return err(format!("max_tokens must be at least 1, got {max_tokens}"));
-        }
-        if top_k < 0 {
-            return err(format!("top_k must be >= 0 (0 = off), got {top_k}"));
-        }
-        let ctx = self.config.max_position_embeddings;
-        let n = prompt_token_ids.len();
-        if n >= ctx {
-            return err(format!("the prompt has {n} tokens, more than the model's context of {ctx} allows"));
-        }
-        // Like vLLM, max_tokens is capped to what the context leaves.
-        let max_tokens = (max_tokens as usize).min(ctx - n);
-        let sampling = SamplingParams {
-            temperature,
-            top_k: top_k as usize,
-            top_p,
-            min_p,
-            repetition_penalty,
-            presence_penalty,
-            frequency_penalty,
-            seed,
-            logprobs,
-            min_tokens,
-            prompt_logprobs,
-        };
-        sampling.validate().map_err(to_py)?;
-        let ids: Vec<u32> = prompt_token_ids.iter().map(|&t| t as u32).collect();
-        let mut st = self.lock();
-        let detok = IncrementalDetokenizer::new(&ids);
-        let spec = RequestSpec { prompt: Prompt::Tokens(ids), max_tokens, ignore_eos, arrival: None, sampling };
-        let id = st.engine.add_request(spec).map_err(to_py)?;
-        st.detok.insert(id, detok);
-        Ok(id)
-    }
-
-    /// Teacher-forced logits (`len x vocab`) of `token_ids` on the loaded model, outside the
-    /// engine's batch (the GIL is released meanwhile).
-    fn logits<'py>(&self, py: Python<'py>, token_ids: Vec<i64>) -> PyResult<Bound<'py, numpy::PyArray2<f32>>> {
-        let vocab = self.config.vocab_size;
-        if token_ids.is_empty() {
-            return Err(HoraeCoreError::new_err("token_ids is empty"));
-        }
-        if let Some(bad) = token_ids.iter().find(|&&t| t < 0 || t >= vocab as i64) {
-            return Err(HoraeCoreError::new_err(format!("token id {bad} is outside the vocabulary (0..{vocab})")));
-        }
-        if token_ids.len() > self.config.max_position_embeddings {
-            return Err(HoraeCoreError::new_err("token_ids is longer than the model's context"));
-        }
-        let ids: Vec<u32> = token_ids.iter().map(|&t| t as u32).collect();
-        let model = self.model.clone();
-        let logits = py.detach(|| model.logits(&ids)).map_err(to_py)?;
-        numpy::PyArray1::from_vec(py, logits).reshape([ids.len(), vocab])
-    }
-
-    /// Stop a request now; its KV blocks are freed at once. Unknown ids raise.
-    fn abort(&self, request_id: u64) -> PyResult<()> {
-        let mut st = self.lock();
-        st.detok.remove(&request_id);
-        st.engine.abort(request_id).map(|_| ()).map_err(to_py)
-    }
-
-    fn has_unfinished(&self) -> bool {
-        self.lock().engine.has_work()
-    }
-
-    /// KV blocks in use, total blocks, running, waiting.
-    fn stats(&self) -> (usize, usize, usize, usize) {
-        let st = self.lock();
-        let s = st.engine.scheduler();
-        (s.kv().pool().num_used(), s.kv().pool().num_total(), s.num_running(), s.num_waiting())
-    }
-
-    /// One engine step. Returns `(request_id, new_token_ids, new_text, finish_reason or None,
-    /// new_logprobs, prompt_logprobs)` for every request that produced a token or finished;
-    /// `new_logprobs` holds `(token, logprob, [(top_token, logprob), ...])` per new token when the
-    /// request asked for them, and `prompt_logprobs` the same per prompt token after the first,
-    /// once, when the request finishes.
-    #[allow(clippy::type_complexity)]
-    fn step(&self, py: Python<'_>) -> PyResult<Vec<(u64, Vec<u32>, String, Option<&'static str>, Vec<(u32, f32, Vec<(u32, f32)>)>, Vec<(u32, f32, Vec<(u32, f32)>)>)>> {
-        let tok = &self.tokenizer;
-        py.detach(|| {
-            let mut st = self.lock();
-            let out = st.engine.step()?;
-            type Lps = Vec<(u32, f32, Vec<(u32, f32)>)>;
-            type Event = (u64, Vec<u32>, String, Option<&'static str>, Lps, Lps);
-            let mut events: Vec<Event> = Vec::new();
-            let mut by_id: HashMap<u64, usize> = HashMap::new();
-            for (id, token) in &out.tokens {
-                let idx = *by_id.entry(*id).or_insert_with(|| {
-                    events.push((*id, Vec::new(), String::new(), None, Vec::new(), Vec::new()));
-                    events.len() - 1
-                });
-                events[idx].1.push(*token);
-            }
-            for r in &out.finished {
-                let reason = r.finish_reason().map(|f| f.as_str());
-                let plp: Lps = r.prompt_logprobs.iter().map(|l| (l.token, l.logprob, l.top.clone())).collect();
-                match by_id.get(&r.id) {
-                    Some(&i) => {
-                        events[i].3 = reason;
-                        events[i].5 = plp;
-                    }
-                    None => events.push((r.id, Vec::new(), String::new(), reason, Vec::new(), plp)),
-                }
-            }
-            let EngineState { engine, detok } = &mut *st;
-            for e in events.iter_mut() {
-                // The request, live or finished this step: new text and the new tokens' logprobs.
-                let Some(r) = engine.scheduler().request(e.0).or_else(|| out.finished.iter().find(|r| r.id == e.0))
-                else {
-                    continue;
-                };
-                if let Some(d) = detok.get_mut(&e.0) {
-                    e.2 = d.step(tok, &r.output)?;
-                }
-                let n = e.1.len();
-                if n > 0 && r.logprobs.len() >= n {
-                    e.4 = r.logprobs[r.logprobs.len() - n..].iter().map(|l| (l.token, l.logprob, l.top.clone())).collect();
-                }
-            }
-            for r in &out.finished {
-                detok.remove(&r.id);
-            }
-            Ok::<_, HoraeError>(events)
-        })
-        .map_err(to_py)
-    }
-}
-
 /// Teacher-forced logits of a token sequence (`len x vocab`), outside the engine: for checks
 /// against a reference and for users who want raw logits.
 #[pyfunction]
@@ -558,7 +276,7 @@ fn bench_linear(py: Python<'_>, shapes: Vec<(usize, usize)>, layers: usize, m: u
 }
 
 /// "auto" (the checkpoint's own), "float32" or "bfloat16".
-fn parse_dtype(s: &str) -> PyResult<Option<WeightDtype>> {
+pub(crate) fn parse_dtype(s: &str) -> PyResult<Option<WeightDtype>> {
     if s == "auto" {
         return Ok(None);
     }
@@ -579,7 +297,7 @@ fn bench_gemm(py: Python<'_>, m: usize, n: usize, k: usize, iters: usize) -> f64
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("HoraeCoreError", m.py().get_type::<HoraeCoreError>())?;
     m.add_class::<PyTrace>()?;
-    m.add_class::<PyEngine>()?;
+    m.add_class::<engine::PyEngine>()?;
     m.add_function(wrap_pyfunction!(model_logits, m)?)?;
     m.add_function(wrap_pyfunction!(bench_gemm, m)?)?;
     m.add_function(wrap_pyfunction!(bench_linear, m)?)?;

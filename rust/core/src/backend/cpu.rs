@@ -1,5 +1,5 @@
 //! CPU ops on row-major f32 buffers. GEMMs go through faer (multi-threaded, runtime SIMD
-//! dispatch, so no `-march=native` is needed); attention is parallel over (token, head) with rayon.
+//! dispatch, so no `-march=native` is needed). Paged attention lives in `attention.rs`.
 
 use faer::linalg::matmul::matmul;
 use faer::{Accum, MatMut, MatRef, Par};
@@ -90,6 +90,11 @@ pub fn rope(x: &mut [f32], table: &RopeTable, heads: usize, head_dim: usize) {
 
 /// `out = silu(gate) * up`, with `gate_up` holding gate in the first half of each row.
 pub fn silu_mul(gate: &[f32], up: &[f32], out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU has AVX2 and FMA (checked just above).
+        return unsafe { super::simd::silu_mul(gate, up, out) };
+    }
     for ((o, g), u) in out.iter_mut().zip(gate).zip(up) {
         *o = g / (1.0 + (-g).exp()) * u;
     }
@@ -106,130 +111,6 @@ pub fn silu_mul_rows(gate_up: &[f32], inter: usize, out: &mut [f32]) {
         gate_up.par_chunks_exact(2 * inter).zip(out.par_chunks_exact_mut(inter)).for_each(row);
     } else {
         gate_up.chunks_exact(2 * inter).zip(out.chunks_exact_mut(inter)).for_each(row);
-    }
-}
-
-/// Dot product with eight independent partial sums, so the compiler can vectorise it (a single
-/// running sum fixes the order of additions and stays scalar). Always inlined, so inside an
-/// `avx2`-enabled caller it becomes 8-wide code.
-#[inline(always)]
-pub fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0.0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
-    for (x, y) in ca.zip(cb) {
-        for i in 0..8 {
-            acc[i] += x[i] * y[i];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
-}
-
-/// Where one sequence's rows of a flattened batch read their KV.
-pub struct AttnSeq<'a> {
-    /// First row of this sequence in the batch.
-    pub row: usize,
-    pub num_tokens: usize,
-    /// Position of the first of those tokens.
-    pub start: usize,
-    pub block_table: &'a [u32],
-}
-
-/// Paged attention for a flattened batch of prefill chunks and decode tokens (causal: the token at
-/// position `p` attends to positions `0..=p` of its own sequence, read from the paged cache).
-/// Cache layout per layer: `[num_blocks, block_size, num_kv_heads, head_dim]`.
-#[allow(clippy::too_many_arguments)]
-pub fn paged_attention(
-    q: &[f32],
-    seqs: &[AttnSeq<'_>],
-    k_cache: &[f32],
-    v_cache: &[f32],
-    block_size: usize,
-    num_heads: usize,
-    num_kv_heads: usize,
-    head_dim: usize,
-    out: &mut [f32],
-) {
-    let row_len = num_heads * head_dim;
-    // (sequence, position) of every row, so rows can be processed independently.
-    let mut owner = vec![(0usize, 0usize); out.len() / row_len];
-    for (si, s) in seqs.iter().enumerate() {
-        for t in 0..s.num_tokens {
-            owner[s.row + t] = (si, s.start + t);
-        }
-    }
-    let shape = AttnShape { block_size, num_heads, num_kv_heads, head_dim };
-    // One task per row (all its heads): enough parallelism, and one score buffer per task.
-    out.par_chunks_mut(row_len).enumerate().for_each(|(row, o)| {
-        let (si, pos) = owner[row];
-        let q = &q[row * row_len..(row + 1) * row_len];
-        #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-            // SAFETY: the CPU has AVX2 and FMA (checked just above).
-            return unsafe { attend_row_avx2(q, &seqs[si], pos, k_cache, v_cache, &shape, o) };
-        }
-        attend_row(q, &seqs[si], pos, k_cache, v_cache, &shape, o)
-    });
-}
-
-struct AttnShape {
-    block_size: usize,
-    num_heads: usize,
-    num_kv_heads: usize,
-    head_dim: usize,
-}
-
-/// `attend_row` compiled for AVX2 + FMA: same code, 8-wide (picked at run time, so the wheel
-/// needs no `-march=native`).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn attend_row_avx2(q: &[f32], s: &AttnSeq<'_>, pos: usize, k_cache: &[f32], v_cache: &[f32], shape: &AttnShape, o: &mut [f32]) {
-    attend_row(q, s, pos, k_cache, v_cache, shape, o)
-}
-
-/// One query row (all heads) at position `pos` over positions `0..=pos` of its sequence.
-#[inline(always)]
-fn attend_row(q: &[f32], s: &AttnSeq<'_>, pos: usize, k_cache: &[f32], v_cache: &[f32], shape: &AttnShape, o: &mut [f32]) {
-    let AttnShape { block_size, num_heads, num_kv_heads, head_dim } = *shape;
-    let group = num_heads / num_kv_heads;
-    let scale = 1.0 / (head_dim as f32).sqrt();
-    let kv_row = num_kv_heads * head_dim;
-    let len = pos + 1;
-    // Cache offset of each position's KV row, computed once for all heads (a division per
-    // position per head was a tenth of a decode step).
-    let mut slots = Vec::with_capacity(len);
-    for (b, &block) in s.block_table.iter().enumerate().take(len.div_ceil(block_size)) {
-        let base = block as usize * block_size;
-        let n = block_size.min(len - b * block_size);
-        slots.extend((base..base + n).map(|slot| slot * kv_row));
-    }
-    // Positions outer, heads inner: each position's K (then V) row, all KV heads, is one
-    // contiguous read.
-    let mut scores = vec![0.0f32; num_heads * len];
-    for (p, &slot) in slots.iter().enumerate() {
-        let k = &k_cache[slot..slot + kv_row];
-        for (h, qh) in q.chunks_exact(head_dim).enumerate() {
-            scores[h * len + p] = dot(qh, &k[(h / group) * head_dim..][..head_dim]) * scale;
-        }
-    }
-    for sc in scores.chunks_exact_mut(len) {
-        let max = sc.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut sum = 0.0f32;
-        for v in sc.iter_mut() {
-            *v = (*v - max).exp();
-            sum += *v;
-        }
-        let inv = 1.0 / sum;
-        sc.iter_mut().for_each(|v| *v *= inv);
-    }
-    o.fill(0.0);
-    for (p, &slot) in slots.iter().enumerate() {
-        let v = &v_cache[slot..slot + kv_row];
-        for (h, oh) in o.chunks_exact_mut(head_dim).enumerate() {
-            let w = scores[h * len + p];
-            let vh = &v[(h / group) * head_dim..][..head_dim];
-            oh.iter_mut().zip(vh).for_each(|(o, v)| *o += w * v);
-        }
     }
 }
 
@@ -250,23 +131,6 @@ mod tests {
                 assert!((out[i * n + j] - e).abs() < 1e-5);
             }
         }
-    }
-
-    #[test]
-    fn attention_over_one_position_returns_its_value() {
-        // One token at position 0: softmax over a single score is 1, so out = v.
-        let (hd, bs) = (4, 2);
-        let q = vec![1.0; hd];
-        let mut k = vec![0.0; 2 * bs * hd];
-        let mut v = vec![0.0; 2 * bs * hd];
-        // Block table [1]: position 0 lives in block 1, slot 0.
-        k[bs * hd..bs * hd + hd].copy_from_slice(&[0.3; 4]);
-        v[bs * hd..bs * hd + hd].copy_from_slice(&[1.0, 2.0, 3.0, 4.0]);
-        let table = [1u32];
-        let seqs = [AttnSeq { row: 0, num_tokens: 1, start: 0, block_table: &table }];
-        let mut out = vec![0.0; hd];
-        paged_attention(&q, &seqs, &k, &v, bs, 1, 1, hd, &mut out);
-        assert_eq!(out, vec![1.0, 2.0, 3.0, 4.0]);
     }
 }
 

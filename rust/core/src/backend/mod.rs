@@ -1,5 +1,7 @@
 //! Operations a model needs. `cpu` is the reference backend (and the CPU runtime); CUDA kernels
 //! will be checked against it.
 
+pub mod attention;
 pub mod cpu;
 pub mod gemm;
+pub mod simd;

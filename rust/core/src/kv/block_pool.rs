@@ -100,11 +100,6 @@ impl BlockPool {
         Some(id)
     }
 
-    /// Count a prefix-cache miss (for the hit rate) without allocating.
-    pub fn record_miss(&mut self) {
-        self.queried_blocks += 1;
-    }
-
     /// A fresh block with one reference: from the free list, else by evicting the oldest cached one.
     pub fn allocate(&mut self) -> Result<BlockId> {
         let id = match self.free_list.pop() {

@@ -104,10 +104,7 @@ impl KvManager {
             for &h in prefix_hashes {
                 match self.pool.acquire_cached(h) {
                     Some(id) => table.blocks.push(id),
-                    None => {
-                        self.pool.record_miss();
-                        break;
-                    }
+                    None => break, // counted as a query by acquire_cached
                 }
             }
         }

@@ -5,7 +5,8 @@ use std::path::Path;
 
 use super::config::ModelConfig;
 use super::weights::Weights;
-use crate::backend::cpu::{self, AttnSeq};
+use crate::backend::attention::{self, AttnSeq};
+use crate::backend::cpu;
 use crate::backend::gemm::{PackedLinear, WeightDtype};
 use crate::error::{HoraeError, Result};
 
@@ -173,7 +174,7 @@ impl LlamaModel {
                 cache.k[li][slot * row..(slot + 1) * row].copy_from_slice(&k[r * row..(r + 1) * row]);
                 cache.v[li][slot * row..(slot + 1) * row].copy_from_slice(&v[r * row..(r + 1) * row]);
             }
-            cpu::paged_attention(&q, &input.seqs, &cache.k[li], &cache.v[li], cache.block_size, nh, nkv, hd, &mut attn);
+            attention::paged_attention(&q, &input.seqs, &cache.k[li], &cache.v[li], cache.block_size, nh, nkv, hd, &mut attn);
             l.o.forward(&attn, t, &mut proj);
             x.iter_mut().zip(&proj).for_each(|(a, b)| *a += b);
 

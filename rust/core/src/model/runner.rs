@@ -8,7 +8,7 @@ use std::sync::Arc;
 use rand::{rngs::SmallRng, SeedableRng};
 
 use super::llama::{BatchInput, KvCache, LlamaModel};
-use crate::backend::cpu::AttnSeq;
+use crate::backend::attention::AttnSeq;
 use crate::backend::gemm::WeightDtype;
 use crate::engine::{ExecOutput, Executor, Prompt, ReqId};
 use crate::error::{HoraeError, Result};

@@ -1,0 +1,155 @@
+"""Streaming generation for asyncio, as vLLM's `AsyncLLM`.
+
+The engine steps on a Rust thread with the GIL released (`_core.Engine.start_loop`). After each
+step that thread hands the step's events to the event loop with `call_soon_threadsafe`; the
+event loop applies them (stop strings, n > 1, logprobs) and feeds each request's queue. Adding and
+aborting requests only queue work for that thread, so nothing here blocks the event loop.
+
+>>> llm = AsyncLLM()
+>>> async for out in llm.generate("Hello", SamplingParams(max_tokens=8), request_id="r1"):
+...     print(out.outputs[0].text)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import AsyncIterator, Callable, Dict, List, Optional, Union
+
+from horae.llm import Engine, PromptType, RequestOutput, SamplingParams
+
+
+class EngineDeadError(RuntimeError):
+    """The engine failed a step; the requests in flight were aborted."""
+
+
+@dataclass
+class RequestTimes:
+    """When a request arrived, produced its first token and finished (time.monotonic seconds)."""
+
+    arrival: float
+    first_token: Optional[float] = None
+    last_token: Optional[float] = None
+    num_tokens: int = 0
+
+    @property
+    def ttft(self) -> Optional[float]:
+        return None if self.first_token is None else self.first_token - self.arrival
+
+
+class AsyncLLM:
+    """Any number of concurrent `generate` streams over one engine.
+
+    `listeners` are called on the event loop after every step as `f(outputs, stats, times)`:
+    the step's `RequestOutput`s, the engine's figures (running, waiting, KV blocks, predicted
+    peak, preemptions, prefix-cache counters, step time) and each touched request's timings.
+    """
+
+    def __init__(self, model: Optional[Union[str, Path]] = None, **engine_args):
+        self.engine = Engine(model, **engine_args)
+        self._streams: Dict[str, asyncio.Queue] = {}
+        self.times: Dict[str, RequestTimes] = {}
+        self.stats: Dict[str, object] = {}
+        self.listeners: List[Callable] = []
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
+
+    @property
+    def model_dir(self) -> Path:
+        return self.engine.model_dir
+
+    def _ensure_started(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self._loop is loop:
+            return
+        if self._loop is not None and not self._loop.is_closed():
+            raise RuntimeError("this AsyncLLM already runs on another event loop")
+        if self._loop is not None:  # its loop was closed (e.g. a second asyncio.run): start again
+            self.engine._core.stop_loop()
+        self._loop = loop
+        self.stats = self.engine._core.step_stats()
+
+        def on_step(events, stats):  # on the engine thread, GIL held: hand off at once
+            try:
+                loop.call_soon_threadsafe(self._on_step, events, stats)
+            except RuntimeError:
+                pass  # the loop has closed; nobody is listening
+
+        self.engine._core.start_loop(on_step)
+
+    def _on_step(self, events, stats) -> None:
+        if events is None:  # the step failed: `stats` is the message
+            self._fail_all(EngineDeadError(f"engine step failed: {stats}"))
+            return
+        self.stats = stats
+        now = time.monotonic()
+        outs = self.engine._process(events)
+        touched = {}
+        for out in outs:
+            t = self.times.get(out.request_id)
+            if t is not None:
+                n = sum(len(c.token_ids) for c in out.outputs)
+                if n > t.num_tokens:
+                    if t.first_token is None:
+                        t.first_token = now
+                    t.last_token, t.num_tokens = now, n
+                touched[out.request_id] = t
+            q = self._streams.get(out.request_id)
+            if q is not None:
+                q.put_nowait(out)
+        for f in self.listeners:
+            f(outs, stats, touched)
+        for out in outs:
+            if out.finished:
+                self.times.pop(out.request_id, None)
+
+    def _fail_all(self, err: BaseException) -> None:
+        for rid, q in list(self._streams.items()):
+            q.put_nowait(err)
+            if rid in self.engine._requests:
+                self.engine.abort(rid)
+
+    async def generate(self, prompt: PromptType, sampling_params: Optional[SamplingParams] = None,
+                       request_id: Optional[str] = None) -> AsyncIterator[RequestOutput]:
+        """Stream a request's outputs (cumulative, as vLLM's default); the last has `finished`.
+        Bad input raises before anything is queued. Closing or cancelling the stream aborts the
+        request, and its KV blocks are freed before the next step."""
+        self._ensure_started()
+        rid = self.engine.add_request(request_id, prompt, sampling_params)
+        q: asyncio.Queue = asyncio.Queue()
+        self._streams[rid] = q
+        self.times[rid] = RequestTimes(time.monotonic())
+        finished = False
+        try:
+            while not finished:
+                out = await q.get()
+                while not q.empty() and not isinstance(out, BaseException):
+                    out = q.get_nowait()  # outputs are cumulative: a late reader needs only the newest
+                if isinstance(out, BaseException):
+                    raise out
+                finished = out.finished
+                yield out
+        finally:
+            self._streams.pop(rid, None)
+            if not finished:
+                self.times.pop(rid, None)
+                if rid in self.engine._requests:
+                    self.engine.abort(rid)
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request; its stream ends with an error."""
+        self.engine.abort(request_id)
+        self.times.pop(request_id, None)
+        q = self._streams.get(request_id)
+        if q is not None:
+            q.put_nowait(asyncio.CancelledError(f"request {request_id} was aborted"))
+
+    @property
+    def num_in_flight(self) -> int:
+        return len(self.engine._requests)
+
+    def shutdown(self) -> None:
+        """Stop the engine thread (after its current step)."""
+        self.engine._core.stop_loop()
+        self._loop = None

@@ -1,0 +1,370 @@
+//! Paged attention on the CPU over a flattened batch of prefill chunks and decode tokens, as
+//! vLLM v1 runs it. The portable `attend_row` is the reference (and what CUDA kernels will be
+//! checked against); `avx2::attend_row` is the same computation with explicit FMA code, picked at
+//! run time.
+
+use rayon::prelude::*;
+
+/// Where one sequence's rows of a flattened batch read their KV.
+pub struct AttnSeq<'a> {
+    /// First row of this sequence in the batch.
+    pub row: usize,
+    pub num_tokens: usize,
+    /// Position of the first of those tokens.
+    pub start: usize,
+    pub block_table: &'a [u32],
+}
+
+#[derive(Clone, Copy)]
+struct AttnShape {
+    block_size: usize,
+    num_heads: usize,
+    num_kv_heads: usize,
+    head_dim: usize,
+}
+
+/// Paged attention (causal: the token at position `p` attends to positions `0..=p` of its own
+/// sequence, read from the paged cache). Cache layout per layer:
+/// `[num_blocks, block_size, num_kv_heads, head_dim]`.
+#[allow(clippy::too_many_arguments)]
+pub fn paged_attention(
+    q: &[f32],
+    seqs: &[AttnSeq<'_>],
+    k_cache: &[f32],
+    v_cache: &[f32],
+    block_size: usize,
+    num_heads: usize,
+    num_kv_heads: usize,
+    head_dim: usize,
+    out: &mut [f32],
+) {
+    let shape = AttnShape {
+        block_size,
+        num_heads,
+        num_kv_heads,
+        head_dim,
+    };
+    #[cfg(target_arch = "x86_64")]
+    if head_dim % avx2::DIMS == 0
+        && std::arch::is_x86_feature_detected!("avx2")
+        && std::arch::is_x86_feature_detected!("fma")
+    {
+        // SAFETY: the CPU has AVX2 and FMA (checked just above).
+        let kernel = |q: &[f32], s: &AttnSeq<'_>, pos, o: &mut [f32]| unsafe {
+            avx2::attend_row(q, s, pos, k_cache, v_cache, shape, o)
+        };
+        return for_each_row(q, seqs, shape, out, kernel);
+    }
+    for_each_row(q, seqs, shape, out, |q, s, pos, o| {
+        attend_row(q, s, pos, k_cache, v_cache, shape, o)
+    })
+}
+
+/// Runs `kernel` on every row of the batch, in parallel: one task per row (all its heads) is
+/// enough parallelism, and each task needs one score buffer.
+fn for_each_row<F>(q: &[f32], seqs: &[AttnSeq<'_>], shape: AttnShape, out: &mut [f32], kernel: F)
+where
+    F: Fn(&[f32], &AttnSeq<'_>, usize, &mut [f32]) + Sync,
+{
+    let row_len = shape.num_heads * shape.head_dim;
+    // (sequence, position) of every row, so rows can be processed independently.
+    let mut owner = vec![(0usize, 0usize); out.len() / row_len];
+    for (si, s) in seqs.iter().enumerate() {
+        for t in 0..s.num_tokens {
+            owner[s.row + t] = (si, s.start + t);
+        }
+    }
+    out.par_chunks_mut(row_len)
+        .enumerate()
+        .for_each(|(row, o)| {
+            let (si, pos) = owner[row];
+            kernel(&q[row * row_len..(row + 1) * row_len], &seqs[si], pos, o)
+        });
+}
+
+/// Cache offset of the KV row of each position `0..len` of a sequence, computed once for all
+/// heads (a division per position per head was a tenth of a decode step).
+fn kv_offsets(s: &AttnSeq<'_>, len: usize, shape: &AttnShape) -> Vec<usize> {
+    let kv_row = shape.num_kv_heads * shape.head_dim;
+    let mut slots = Vec::with_capacity(len);
+    for (b, &block) in s
+        .block_table
+        .iter()
+        .enumerate()
+        .take(len.div_ceil(shape.block_size))
+    {
+        let base = block as usize * shape.block_size;
+        let n = shape.block_size.min(len - b * shape.block_size);
+        slots.extend((base..base + n).map(|slot| slot * kv_row));
+    }
+    slots
+}
+
+/// One query row (all heads) at position `pos` over positions `0..=pos` of its sequence.
+fn attend_row(
+    q: &[f32],
+    s: &AttnSeq<'_>,
+    pos: usize,
+    k_cache: &[f32],
+    v_cache: &[f32],
+    shape: AttnShape,
+    o: &mut [f32],
+) {
+    let AttnShape {
+        num_heads,
+        num_kv_heads,
+        head_dim,
+        ..
+    } = shape;
+    let group = num_heads / num_kv_heads;
+    let scale = 1.0 / (head_dim as f32).sqrt();
+    let kv_row = num_kv_heads * head_dim;
+    let len = pos + 1;
+    let slots = kv_offsets(s, len, &shape);
+    let mut scores = vec![0.0f32; num_heads * len];
+    for (p, &slot) in slots.iter().enumerate() {
+        let k = &k_cache[slot..slot + kv_row];
+        for (h, qh) in q.chunks_exact(head_dim).enumerate() {
+            let kh = &k[(h / group) * head_dim..][..head_dim];
+            scores[h * len + p] = qh.iter().zip(kh).map(|(a, b)| a * b).sum::<f32>() * scale;
+        }
+    }
+    for sc in scores.chunks_exact_mut(len) {
+        let max = sc.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut sum = 0.0f32;
+        for v in sc.iter_mut() {
+            *v = (*v - max).exp();
+            sum += *v;
+        }
+        let inv = 1.0 / sum;
+        sc.iter_mut().for_each(|v| *v *= inv);
+    }
+    o.fill(0.0);
+    for (p, &slot) in slots.iter().enumerate() {
+        let v = &v_cache[slot..slot + kv_row];
+        for (h, oh) in o.chunks_exact_mut(head_dim).enumerate() {
+            let w = scores[h * len + p];
+            let vh = &v[(h / group) * head_dim..][..head_dim];
+            oh.iter_mut().zip(vh).for_each(|(o, v)| *o += w * v);
+        }
+    }
+}
+
+/// The AVX2 + FMA kernel. Profiled on SmolLM2 decode at 32 sequences, the auto-vectorised
+/// reference spent a sixth of the step here: separate multiply and add (Rust does not contract
+/// them to FMA), a store of the output after every position, and a scalar `exp` per score.
+/// This one keeps each head's output in registers while it walks the positions, fuses the
+/// multiply-adds and computes `exp` eight lanes at a time.
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::{kv_offsets, AttnSeq, AttnShape};
+    use crate::backend::simd::{exp8, hsum};
+    use std::arch::x86_64::*;
+
+    /// Head dimensions are handled in chunks of this many values (4 registers of accumulators).
+    pub const DIMS: usize = 32;
+
+    /// Softmax of `sc` in place.
+    #[target_feature(enable = "avx2,fma")]
+    fn softmax(sc: &mut [f32]) {
+        let max = sc.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let (body, tail) = sc.split_at_mut(sc.len() / 8 * 8);
+        let mut sum = _mm256_setzero_ps();
+        let maxv = _mm256_set1_ps(max);
+        for c in body.chunks_exact_mut(8) {
+            // SAFETY: `c` holds exactly eight values.
+            unsafe {
+                let e = exp8(_mm256_sub_ps(_mm256_loadu_ps(c.as_ptr()), maxv));
+                sum = _mm256_add_ps(sum, e);
+                _mm256_storeu_ps(c.as_mut_ptr(), e);
+            }
+        }
+        let mut total = hsum(sum);
+        if !tail.is_empty() {
+            let mut buf = [f32::NEG_INFINITY; 8];
+            buf[..tail.len()].copy_from_slice(tail);
+            // SAFETY: `buf` holds eight values; padding lanes come out about 1e-38.
+            let e = unsafe { exp8(_mm256_sub_ps(_mm256_loadu_ps(buf.as_ptr()), maxv)) };
+            unsafe { _mm256_storeu_ps(buf.as_mut_ptr(), e) };
+            tail.copy_from_slice(&buf[..tail.len()]);
+            total += hsum(e);
+        }
+        let inv = 1.0 / total;
+        sc.iter_mut().for_each(|v| *v *= inv);
+    }
+
+    /// Same contract as `super::attend_row`; `head_dim` is a multiple of `DIMS`.
+    ///
+    /// # Safety
+    /// The CPU has AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn attend_row(
+        q: &[f32],
+        s: &AttnSeq<'_>,
+        pos: usize,
+        k_cache: &[f32],
+        v_cache: &[f32],
+        shape: AttnShape,
+        o: &mut [f32],
+    ) {
+        let AttnShape {
+            num_heads,
+            num_kv_heads,
+            head_dim,
+            ..
+        } = shape;
+        let group = num_heads / num_kv_heads;
+        let scale = 1.0 / (head_dim as f32).sqrt();
+        let len = pos + 1;
+        let slots = kv_offsets(s, len, &shape);
+        assert!(slots
+            .last()
+            .is_some_and(|&l| l + num_kv_heads * head_dim <= k_cache.len().min(v_cache.len())));
+        assert!(q.len() == num_heads * head_dim && o.len() == q.len());
+        let mut scores = vec![0.0f32; num_heads * len];
+        for h in 0..num_heads {
+            let kv = (h / group) * head_dim;
+            let qh = &q[h * head_dim..][..head_dim];
+            let sc = &mut scores[h * len..][..len];
+            for (sc, &slot) in sc.iter_mut().zip(&slots) {
+                // SAFETY: slot + kv + head_dim <= k_cache.len() (asserted for the largest slot).
+                let k = unsafe { k_cache.as_ptr().add(slot + kv) };
+                let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+                for d in (0..head_dim).step_by(16) {
+                    unsafe {
+                        a0 = _mm256_fmadd_ps(
+                            _mm256_loadu_ps(qh.as_ptr().add(d)),
+                            _mm256_loadu_ps(k.add(d)),
+                            a0,
+                        );
+                        a1 = _mm256_fmadd_ps(
+                            _mm256_loadu_ps(qh.as_ptr().add(d + 8)),
+                            _mm256_loadu_ps(k.add(d + 8)),
+                            a1,
+                        );
+                    }
+                }
+                *sc = hsum(_mm256_add_ps(a0, a1)) * scale;
+            }
+            softmax(sc);
+        }
+        for h in 0..num_heads {
+            let kv = (h / group) * head_dim;
+            let sc = &scores[h * len..][..len];
+            for d in (0..head_dim).step_by(DIMS) {
+                let mut acc = [_mm256_setzero_ps(); DIMS / 8];
+                for (&w, &slot) in sc.iter().zip(&slots) {
+                    let w = _mm256_set1_ps(w);
+                    // SAFETY: as for K above.
+                    let v = unsafe { v_cache.as_ptr().add(slot + kv + d) };
+                    for (i, acc) in acc.iter_mut().enumerate() {
+                        *acc = _mm256_fmadd_ps(w, unsafe { _mm256_loadu_ps(v.add(8 * i)) }, *acc);
+                    }
+                }
+                for (i, acc) in acc.iter().enumerate() {
+                    // SAFETY: h * head_dim + d + DIMS <= o.len() (asserted above).
+                    unsafe { _mm256_storeu_ps(o.as_mut_ptr().add(h * head_dim + d + 8 * i), *acc) };
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn attention_over_one_position_returns_its_value() {
+        // One token at position 0: softmax over a single score is 1, so out = v.
+        for hd in [4, 32] {
+            let bs = 2;
+            let q = vec![1.0; hd];
+            let mut k = vec![0.0; 2 * bs * hd];
+            let mut v = vec![0.0; 2 * bs * hd];
+            // Block table [1]: position 0 lives in block 1, slot 0.
+            k[bs * hd..bs * hd + hd].fill(0.3);
+            let val: Vec<f32> = (1..=hd).map(|i| i as f32).collect();
+            v[bs * hd..bs * hd + hd].copy_from_slice(&val);
+            let table = [1u32];
+            let seqs = [AttnSeq {
+                row: 0,
+                num_tokens: 1,
+                start: 0,
+                block_table: &table,
+            }];
+            let mut out = vec![0.0; hd];
+            paged_attention(&q, &seqs, &k, &v, bs, 1, 1, hd, &mut out);
+            assert_eq!(out, val);
+        }
+    }
+
+    fn noise(len: usize, seed: u32) -> Vec<f32> {
+        (0..len)
+            .map(|i| {
+                (((i as u32).wrapping_mul(2_654_435_761).wrapping_add(seed) >> 8) % 2001) as f32
+                    / 1000.0
+                    - 1.0
+            })
+            .collect()
+    }
+
+    /// The AVX2 kernel against the portable reference: GQA, ragged block tables, a prefill chunk
+    /// that starts mid-sequence and decode rows, head_dim 64 and 128.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx2_kernel_matches_reference() {
+        if !(std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma"))
+        {
+            return; // nothing to compare on this CPU
+        }
+        for (nh, nkv, hd) in [(9, 3, 64), (4, 1, 128), (2, 2, 32)] {
+            let (bs, blocks) = (16, 12);
+            let shape = AttnShape {
+                block_size: bs,
+                num_heads: nh,
+                num_kv_heads: nkv,
+                head_dim: hd,
+            };
+            let kv = noise(blocks * bs * nkv * hd, 1);
+            let vv = noise(blocks * bs * nkv * hd, 2);
+            let (t0, t1, t2) = ([3u32, 0, 7], [5u32, 1, 9, 2, 11], [4u32]);
+            // rows: 5 prefill tokens at positions 30..35, one decode at 70, one at 0.
+            let seqs = [
+                AttnSeq {
+                    row: 0,
+                    num_tokens: 5,
+                    start: 30,
+                    block_table: &t0,
+                },
+                AttnSeq {
+                    row: 5,
+                    num_tokens: 1,
+                    start: 70,
+                    block_table: &t1,
+                },
+                AttnSeq {
+                    row: 6,
+                    num_tokens: 1,
+                    start: 0,
+                    block_table: &t2,
+                },
+            ];
+            let q: Vec<f32> = noise(7 * nh * hd, 3).iter().map(|x| 3.0 * x).collect();
+            let (mut fast, mut slow) = (vec![0.0; q.len()], vec![0.0; q.len()]);
+            for_each_row(&q, &seqs, shape, &mut slow, |q, s, pos, o| {
+                attend_row(q, s, pos, &kv, &vv, shape, o)
+            });
+            for_each_row(&q, &seqs, shape, &mut fast, |q, s, pos, o| unsafe {
+                avx2::attend_row(q, s, pos, &kv, &vv, shape, o)
+            });
+            let err = fast
+                .iter()
+                .zip(&slow)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0f32, f32::max);
+            assert!(err < 1e-5, "({nh}, {nkv}, {hd}): max error {err}");
+        }
+    }
+}

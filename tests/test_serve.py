@@ -1,0 +1,269 @@
+"""The OpenAI-compatible server on the default model, driven by the official `openai` client:
+chat and completions, streaming and not, errors in OpenAI's shape, concurrent clients, a client
+that disconnects mid-stream, overload, and a short schemathesis run. After each, /metrics and the
+block manager must show nothing leaked."""
+
+import asyncio
+import json
+import re
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+import uvicorn
+
+from horae.async_llm import AsyncLLM
+from horae.llm import SamplingParams
+from horae.serve import ServerConfig, build_app
+
+KEY = "sk-horae-test"
+CAPITAL = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class _Server:
+    def __init__(self, app):
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 30
+        while not self.server.started:
+            assert time.time() < deadline, "server did not start"
+            time.sleep(0.05)
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def server():
+    llm = AsyncLLM(kv_cache_tokens=4096, max_num_seqs=16)
+    app = build_app(llm, ServerConfig(model_name="smollm2", api_key=KEY, max_queue=64))
+    srv = _Server(app)
+    srv.app, srv.llm = app, llm
+    yield srv
+    srv.stop()
+    llm.shutdown()
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=120)
+
+
+def _metric(server, name: str) -> float:
+    text = httpx.get(server.url + "/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
+    m = re.search(rf"^{re.escape(name)}{{[^}}]*}} (\S+)$", text, re.M)
+    assert m, f"{name} missing from /metrics"
+    return float(m.group(1))
+
+
+def _assert_idle(server, timeout: float = 15.0):
+    """Every request finished or aborted, every KV block back (in use = 0), and /metrics agrees."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        used, _, running, waiting = server.llm.engine._core.stats()
+        if used == 0 and running == 0 and waiting == 0 and server.llm.num_in_flight == 0:
+            break
+        time.sleep(0.05)
+    assert server.llm.engine._core.stats()[0] == 0, "KV blocks leaked"
+    assert server.llm.num_in_flight == 0 and not server.llm._streams and not server.llm.times
+    assert _metric(server, "horae:num_requests_running") == 0
+    assert _metric(server, "horae:kv_cache_usage_perc") == 0
+
+
+def test_chat_non_streaming_and_streaming_agree(server, client):
+    r = client.chat.completions.create(model="smollm2", messages=CAPITAL, max_tokens=20, temperature=0)
+    assert r.choices[0].message.content == "The capital of France is Paris."  # the HF golden
+    assert r.choices[0].finish_reason == "stop" and r.object == "chat.completion"
+    prompt_tokens = httpx.post(server.url + "/tokenize", json={"messages": CAPITAL},
+                               headers={"Authorization": f"Bearer {KEY}"}).json()["count"]
+    assert r.usage.prompt_tokens == prompt_tokens and r.usage.completion_tokens == 8
+
+    chunks = list(client.chat.completions.create(model="smollm2", messages=CAPITAL, max_tokens=20, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == r.choices[0].message.content
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens == r.usage.total_tokens
+    _assert_idle(server)
+
+
+def test_chat_sampling_options_and_logprobs(server, client):
+    kw = dict(model="smollm2", messages=[{"role": "user", "content": "Tell me a story"}], max_completion_tokens=12,
+              temperature=0.9, top_p=0.9, seed=7, presence_penalty=0.5, frequency_penalty=0.5, user="u1")
+    a = client.chat.completions.create(**kw)
+    b = client.chat.completions.create(**kw)
+    assert a.choices[0].message.content == b.choices[0].message.content  # same seed, same text
+    r = client.chat.completions.create(model="smollm2", messages=CAPITAL, max_tokens=4, temperature=0, n=2,
+                                       logprobs=True, top_logprobs=3)
+    assert sorted(c.index for c in r.choices) == [0, 1]
+    lp = r.choices[0].logprobs.content
+    assert len(lp) == 4 and lp[0].token == "The" and len(lp[0].top_logprobs) == 3
+    assert lp[0].top_logprobs[0].logprob >= lp[0].top_logprobs[1].logprob and lp[0].logprob <= 0
+
+
+def test_completions(server, client):
+    r = client.completions.create(model="smollm2", prompt=["The capital of France is", "1, 2, 3,"], max_tokens=6,
+                                  temperature=0, logprobs=2)
+    assert [c.index for c in r.choices] == [0, 1]
+    assert r.choices[0].text.startswith(" Paris")
+    lp = r.choices[0].logprobs
+    assert "".join(lp.tokens) == r.choices[0].text and len(lp.top_logprobs[0]) == 2
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model="smollm2", prompt="The capital of France is", max_tokens=6, temperature=0, stream=True))
+    assert streamed == r.choices[0].text
+    # A stop string is not returned, and the reason says which.
+    s = client.completions.create(model="smollm2", prompt="The capital of France is", max_tokens=6, temperature=0,
+                                  stop=["."])
+    assert s.choices[0].text == " Paris" and s.choices[0].finish_reason == "stop"
+    # Token-id prompts and vLLM's extra fields.
+    ids = client.completions.create(model="smollm2", prompt=[504, 3575, 282, 4649, 314], max_tokens=3, temperature=0,
+                                    extra_body={"top_k": 5, "ignore_eos": True, "min_tokens": 3})
+    assert ids.usage.prompt_tokens == 5 and ids.usage.completion_tokens == 3
+    _assert_idle(server)
+
+
+def test_models_health_tokenize(server):
+    h = {"Authorization": f"Bearer {KEY}"}
+    assert httpx.get(server.url + "/health").status_code == 200  # no key needed
+    models = httpx.get(server.url + "/v1/models", headers=h).json()
+    assert models["data"][0]["id"] == "smollm2"
+    toks = httpx.post(server.url + "/tokenize", json={"prompt": "Hello world"}, headers=h).json()
+    back = httpx.post(server.url + "/detokenize", json={"tokens": toks["tokens"]}, headers=h).json()
+    assert back["prompt"] == "Hello world" and toks["count"] == len(toks["tokens"])
+
+
+def _error(resp, status):
+    assert resp.status_code == status, resp.text
+    body = resp.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}
+    assert body["error"]["message"]
+    return body["error"]
+
+
+def test_errors_in_openai_shape(server, client):
+    h = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    post = lambda path, body: httpx.post(server.url + path, content=body if isinstance(body, (bytes, str)) else json.dumps(body), headers=h)
+    chat = {"model": "smollm2", "messages": CAPITAL}
+    assert _error(post("/v1/chat/completions", "{not json"), 400)["message"]
+    assert _error(post("/v1/chat/completions", {**chat, "max_tokens": -1}), 400)["param"] == "max_tokens"
+    assert _error(post("/v1/chat/completions", {**chat, "n": 1000}), 400)["param"] == "n"
+    assert _error(post("/v1/chat/completions", {**chat, "messages": []}), 400)["param"] == "messages"
+    assert _error(post("/v1/chat/completions", {**chat, "messages": [{"role": "wizard", "content": "x"}]}), 400)
+    assert _error(post("/v1/chat/completions", {**chat, "temperature": "hot"}), 400)["param"] == "temperature"
+    assert "bogus" in _error(post("/v1/chat/completions", {**chat, "bogus": 1}), 400)["message"]
+    assert _error(post("/v1/completions", {"model": "smollm2", "prompt": ""}), 400)
+    assert _error(post("/v1/completions", {"model": "smollm2", "prompt": [10**9]}), 400)
+    assert _error(post("/v1/chat/completions", {**chat, "model": "gpt-4"}), 404)["code"] == "model_not_found"
+    long = {"model": "smollm2", "prompt": "hello " * 9000}
+    assert _error(post("/v1/completions", long), 400)["code"] == "context_length_exceeded"
+    assert _error(post("/v1/completions", {"model": "smollm2", "prompt": "hi", "max_tokens": 10**6}), 400)["code"] == "context_length_exceeded"
+    assert _error(post("/v1/completions", b"x" * (5 << 20)), 413)
+    assert _error(httpx.get(server.url + "/v1/models", headers={"Authorization": "Bearer wrong"}), 401)
+    assert _error(httpx.get(server.url + "/v1/models"), 401)
+    assert _error(httpx.get(server.url + "/v1/nothing", headers=h), 404)
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="nope", messages=CAPITAL)
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="smollm2", messages=CAPITAL, top_logprobs=3)
+    # The server is still up and serving.
+    assert client.chat.completions.create(model="smollm2", messages=CAPITAL, max_tokens=3, temperature=0).choices
+    _assert_idle(server)
+
+
+def test_concurrent_clients_share_the_engine(server, client):
+    def one(i):
+        if i % 2:
+            r = client.completions.create(model="smollm2", prompt=f"Number {i} is", max_tokens=16, temperature=0,
+                                          extra_body={"ignore_eos": True})
+            return r.usage.completion_tokens
+        chunks = client.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": f"Say {i}"}],
+                                                max_tokens=16, temperature=0, stream=True,
+                                                stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+        return list(chunks)[-1].usage.completion_tokens
+
+    with ThreadPoolExecutor(12) as pool:
+        assert list(pool.map(one, range(12))) == [16] * 12
+    _assert_idle(server)
+
+
+def test_disconnect_mid_stream_aborts_the_request(server):
+    body = {"model": "smollm2", "prompt": "Once upon a time", "max_tokens": 2000, "stream": True, "ignore_eos": True}
+    with httpx.Client(timeout=60) as c:
+        with c.stream("POST", server.url + "/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}) as r:
+            lines = r.iter_lines()  # kept alive: closing it would hang up already
+            assert sum(bool(next(lines).strip()) for _ in range(6)) == 3
+            assert server.llm.num_in_flight == 1 and server.llm.engine._core.stats()[0] > 0
+    # The client hung up long before 2000 tokens: the request is aborted and its blocks freed.
+    _assert_idle(server, timeout=10)
+
+
+def test_overload_answers_503_and_loses_nothing(server):
+    server.app.state.config.max_queue = 2
+    try:
+        def one(i):
+            return httpx.post(server.url + "/v1/completions", timeout=120, headers={"Authorization": f"Bearer {KEY}"},
+                              json={"model": "smollm2", "prompt": f"Count {i}:", "max_tokens": 24, "ignore_eos": True})
+
+        with ThreadPoolExecutor(16) as pool:
+            resps = list(pool.map(one, range(16)))
+    finally:
+        server.app.state.config.max_queue = 64
+    codes = [r.status_code for r in resps]
+    assert set(codes) <= {200, 503} and 503 in codes and 200 in codes, codes
+    for r in resps:
+        if r.status_code == 503:
+            assert r.headers["retry-after"] and _error(r, 503)["code"] == "overloaded"
+        else:
+            assert r.json()["usage"]["completion_tokens"] == 24  # every accepted request finished in full
+    _assert_idle(server)
+
+
+def test_async_llm_cancel_frees_blocks_within_a_step(server, client):
+    llm = server.llm
+    client.completions.create(model="smollm2", prompt="Hi", max_tokens=1)  # the engine runs on the server's loop
+
+    async def main():
+        gen = llm.generate("Once upon a time", SamplingParams(max_tokens=500, ignore_eos=True))
+        n = 0
+        async for out in gen:
+            n += 1
+            if n == 3:
+                break
+        await gen.aclose()  # what cancelling the consumer does
+        steps = llm.stats.get("step_seconds") or 0.1
+        await asyncio.sleep(3 * steps + 0.05)
+
+    asyncio.run_coroutine_threadsafe(main(), llm._loop).result(timeout=60)
+    assert llm.engine._core.stats()[0] == 0 and llm.num_in_flight == 0
+
+
+@pytest.mark.skipif(shutil.which("st") is None, reason="schemathesis not installed")
+def test_schemathesis_finds_no_server_error(server):
+    # Bounded: short contexts, few examples, a time limit.
+    server.app.state.config.max_model_len = 48
+    try:
+        run = subprocess.run(
+            ["st", "run", server.url + "/openapi.json", "--checks", "not_a_server_error", "--max-examples", "12",
+             "--header", f"Authorization: Bearer {KEY}", "--request-timeout", "60", "--seed", "1", "--no-color"],
+            capture_output=True, text=True, timeout=600)
+    finally:
+        server.app.state.config.max_model_len = None
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+    _assert_idle(server)
