@@ -7,54 +7,28 @@ import asyncio
 import json
 import re
 import shutil
-import socket
 import subprocess
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
 import pytest
-import uvicorn
 
 from horae.async_llm import AsyncLLM
 from horae.llm import SamplingParams
-from horae.serve import ServerConfig, build_app
+from horae.serve import ServerConfig, ServerThread, build_app
 
 KEY = "sk-horae-test"
 CAPITAL = [{"role": "user", "content": "What is the capital of France?"}]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class _Server:
-    def __init__(self, app):
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.time() + 30
-        while not self.server.started:
-            assert time.time() < deadline, "server did not start"
-            time.sleep(0.05)
-
-    def stop(self):
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
 
 
 @pytest.fixture(scope="module")
 def server():
     llm = AsyncLLM(kv_cache_tokens=4096, max_num_seqs=16)
     app = build_app(llm, ServerConfig(model_name="smollm2", api_key=KEY, max_queue=64))
-    srv = _Server(app)
-    srv.app, srv.llm = app, llm
+    srv = ServerThread(app)
+    srv.llm = llm
     yield srv
     srv.stop()
     llm.shutdown()

@@ -139,13 +139,17 @@ class Engine:
 
     def __init__(self, model: Optional[Union[str, Path]] = None, *, scheduler: str = "past-future",
                  kv_cache_tokens: int = 16384, block_size: int = 16, max_num_seqs: int = 64,
-                 max_num_batched_tokens: int = 2048, seed: int = 0, dtype: str = "auto"):
+                 max_num_batched_tokens: int = 2048, seed: int = 0, dtype: str = "auto",
+                 history_window: int = 1000, max_output_bound: Optional[int] = None):
         # dtype: how the weights are held. "auto" keeps the checkpoint's (bf16/f16 checkpoints as
         # bfloat16, others float32); "bfloat16" halves weight memory and bandwidth, computing in f32.
+        # history_window / max_output_bound: Past-Future's length history (finished lengths kept)
+        # and what it is primed with before any request finished (default: the model's context).
         self.model_dir = resolve_model(model)
         self._core = _core.Engine(str(self.model_dir), scheduler=scheduler, kv_cache_tokens=kv_cache_tokens,
                                   block_size=block_size, max_num_seqs=max_num_seqs,
-                                  max_batched_tokens=max_num_batched_tokens, seed=seed, dtype=dtype)
+                                  max_batched_tokens=max_num_batched_tokens, seed=seed, dtype=dtype,
+                                  history_window=history_window, max_output_bound=max_output_bound)
         self._requests: Dict[str, _Req] = {}
         self._by_core: Dict[int, tuple] = {}
         self._ids = itertools.count()

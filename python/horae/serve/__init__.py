@@ -7,7 +7,37 @@ from typing import Optional, Sequence
 
 from horae.serve.app import ServerConfig, build_app
 
-__all__ = ["ServerConfig", "build_app", "add_arguments", "run"]
+__all__ = ["ServerConfig", "ServerThread", "build_app", "add_arguments", "run"]
+
+
+class ServerThread:
+    """Serve an app with uvicorn on a background thread, on a free loopback port (tests, notebooks,
+    the serving study). `stop()` ends it; the app's engine keeps running until its `shutdown()`."""
+
+    def __init__(self, app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"):
+        import socket
+        import threading
+        import time
+
+        import uvicorn
+
+        if port == 0:
+            with socket.socket() as s:
+                s.bind((host, 0))
+                port = s.getsockname()[1]
+        self.app, self.port, self.url = app, port, f"http://{host}:{port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level))
+        self.thread = threading.Thread(target=self.server.run, name="horae-http", daemon=True)
+        self.thread.start()
+        deadline = time.time() + 30
+        while not self.server.started:
+            if not self.thread.is_alive() or time.time() > deadline:
+                raise RuntimeError(f"the server did not start on {self.url}")
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -17,6 +47,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-tokens", type=int, default=16384, help="tokens the KV pool holds")
     p.add_argument("--max-num-seqs", type=int, default=64, help="most requests in the running batch")
     p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="most tokens in one step")
+    p.add_argument("--history-window", type=int, default=1000, help="past-future: finished lengths remembered")
+    p.add_argument("--max-output-bound", type=int,
+                   help="past-future: the length its history is primed with (default: the model's context)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
@@ -34,7 +67,8 @@ def make_app(args: argparse.Namespace):
     if args.max_queue < 1 or args.max_body_bytes < 1 or (args.max_model_len is not None and args.max_model_len < 2):
         raise ValueError("--max-queue and --max-body-bytes must be at least 1, --max-model-len at least 2")
     llm = AsyncLLM(args.model, scheduler=args.scheduler, kv_cache_tokens=args.kv_cache_tokens,
-                   max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens, dtype=args.dtype)
+                   max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens, dtype=args.dtype,
+                   history_window=args.history_window, max_output_bound=args.max_output_bound)
     name = args.served_model_name or llm.model_dir.name
     return build_app(llm, ServerConfig(model_name=name, api_key=args.api_key, max_queue=args.max_queue,
                                        max_body_bytes=args.max_body_bytes, max_model_len=args.max_model_len))

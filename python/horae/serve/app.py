@@ -287,6 +287,9 @@ def build_app(llm: AsyncLLM, config: ServerConfig) -> FastAPI:
             return {**base, "choices": choices, "usage": usage(sum(map(len, ids_list)), completion_tokens)}
 
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        # vLLM's continuous_usage_stats: every chunk carries the token counts so far (what a
+        # benchmark client needs to stop at an exact length).
+        continuous = bool(req.stream_options and req.stream_options.continuous_usage_stats)
 
         async def events():
             sent: List[dict] = [{} for _ in streams]
@@ -299,7 +302,10 @@ def build_app(llm: AsyncLLM, config: ServerConfig) -> FastAPI:
                                       "logprobs": completion_logprobs(c, toks, chars),
                                       "finish_reason": c.finish_reason if fin else None,
                                       "stop_reason": c.stop_reason if fin else None}
-                            yield sse({**base, "choices": [choice], **({"usage": None} if include_usage else {})})
+                            so_far = sum(len(x.token_ids) for x in out.outputs)
+                            tail = ({"usage": usage(len(ids_list[i]), so_far)} if continuous
+                                    else {"usage": None} if include_usage else {})
+                            yield sse({**base, "choices": [choice], **tail})
                         totals[i] = sum(len(c.token_ids) for c in out.outputs)
                         if out.finished:
                             break
@@ -342,6 +348,7 @@ def build_app(llm: AsyncLLM, config: ServerConfig) -> FastAPI:
             return {**base, "choices": choices, "usage": usage(len(ids), sum(len(c.token_ids) for c in out.outputs))}
 
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        continuous = bool(req.stream_options and req.stream_options.continuous_usage_stats)
         chunk = {**base, "object": "chat.completion.chunk"}
         extra = {"usage": None} if include_usage else {}
 
@@ -355,8 +362,9 @@ def build_app(llm: AsyncLLM, config: ServerConfig) -> FastAPI:
                 while cur is not None:
                     for c, chars, toks, fin in new_parts(cur, sent):
                         delta = {"content": c.text[chars:]} if len(c.text) > chars or not fin else {}
+                        tail = {"usage": usage(len(ids), sum(len(x.token_ids) for x in cur.outputs))} if continuous else extra
                         yield sse({**chunk, "choices": [{"index": c.index, "delta": delta, "logprobs": chat_logprobs(c, toks, top),
-                                                         "finish_reason": c.finish_reason if fin else None}], **extra})
+                                                         "finish_reason": c.finish_reason if fin else None}], **tail})
                     if cur.finished:
                         break
                     cur = await stream.__anext__()

@@ -223,6 +223,14 @@ fn abort_frees_blocks_at_once() {
     let r = e.abort(1).unwrap();
     assert_eq!(r.finish_reason(), Some(FinishReason::Aborted));
     assert!(e.scheduler().kv().pool().num_used() < used);
+    // It had produced tokens: its length is what the client took, and goes into the history.
+    assert!(!r.output.is_empty());
+    assert_eq!(e.scheduler().stats().lengths_recorded, 1);
+    // One aborted before its first token tells nothing about lengths.
+    let spec = RequestSpec { prompt: Prompt::Tokens(vec![9; 50]), max_tokens: 50, ignore_eos: false, arrival: None, sampling: Default::default() };
+    let late = e.add_request(spec).unwrap();
+    assert!(e.abort(late).unwrap().output.is_empty());
+    assert_eq!(e.scheduler().stats().lengths_recorded, 1);
     e.scheduler().check_invariants().unwrap();
     while e.has_work() {
         e.step().unwrap();

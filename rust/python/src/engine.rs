@@ -9,12 +9,12 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use horae_core::engine::{Engine, Prompt, ReqId, RequestSpec, WallClock};
+use horae_core::engine::{Engine, Prompt, ReqId, RequestSpec, StepSample, WallClock};
 use horae_core::model::{IncrementalDetokenizer, LlamaModel, ModelConfig, ModelExecutor, Tokenizer};
 use horae_core::sample::SamplingParams;
 use horae_core::sched::{PolicyKind, Scheduler, SchedulerConfig};
 use horae_core::HoraeError;
-use numpy::PyArrayMethods;
+use numpy::{IntoPyArray, PyArrayMethods};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
@@ -33,7 +33,12 @@ struct EngineState {
     refused: Vec<(ReqId, String)>,
     /// Preemptions since the engine started (for metrics).
     preemptions: u64,
+    /// Per step: the cost model's features and the measured seconds (see `take_step_log`).
+    step_log: Vec<StepSample>,
 }
+
+/// Steps kept for `take_step_log` before the oldest are dropped.
+const STEP_LOG_CAP: usize = 1 << 20;
 
 /// Requests and aborts waiting for the engine lock. The lock is held for a whole step (tens of
 /// milliseconds on a CPU); queueing here keeps `add_request` and `abort` at microseconds, so an
@@ -129,6 +134,12 @@ impl Shared {
         }
         for r in &out.finished {
             detok.remove(&r.id);
+        }
+        if let Some(sample) = out.sample {
+            if st.step_log.len() == STEP_LOG_CAP {
+                st.step_log.drain(..STEP_LOG_CAP / 2);
+            }
+            st.step_log.push(sample);
         }
         let duration = out.sample.map(|s| s.duration);
         Ok((events, StepStats::of(&st, duration)))
@@ -228,7 +239,8 @@ impl PyEngine {
 impl PyEngine {
     #[new]
     #[pyo3(signature = (model_dir, *, scheduler = "past-future", kv_cache_tokens = 16384, block_size = 16,
-                        max_num_seqs = 64, max_batched_tokens = 2048, seed = 0, dtype = "auto"))]
+                        max_num_seqs = 64, max_batched_tokens = 2048, seed = 0, dtype = "auto",
+                        history_window = 1000, max_output_bound = None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -240,6 +252,8 @@ impl PyEngine {
         max_batched_tokens: usize,
         seed: u64,
         dtype: &str,
+        history_window: usize,
+        max_output_bound: Option<usize>,
     ) -> PyResult<Self> {
         let dtype = parse_dtype(dtype)?;
         let policy: PolicyKind = scheduler.parse().map_err(to_py)?;
@@ -253,7 +267,9 @@ impl PyEngine {
             block_size,
             max_num_seqs,
             max_batched_tokens,
-            max_output_bound: config.max_position_embeddings,
+            history_window,
+            // Past-Future primes its length history with this: by default the whole context.
+            max_output_bound: max_output_bound.unwrap_or(config.max_position_embeddings),
             seed,
             ..Default::default()
         };
@@ -271,7 +287,7 @@ impl PyEngine {
         let sched = Scheduler::new(cfg, None).map_err(to_py)?;
         let pool_tokens = sched.kv().capacity_tokens();
         let engine = Engine::new(sched, Box::new(exec), Box::new(WallClock::default()));
-        let state = EngineState { engine, detok: HashMap::new(), refused: Vec::new(), preemptions: 0 };
+        let state = EngineState { engine, detok: HashMap::new(), refused: Vec::new(), preemptions: 0, step_log: Vec::new() };
         let shared = Shared {
             state: Mutex::new(state),
             inbox: Mutex::new(Inbox::default()),
@@ -445,6 +461,23 @@ impl PyEngine {
     fn step_stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let s = py.detach(|| StepStats::of(&self.shared.lock(), None));
         s.to_dict(py)
+    }
+
+    /// The steps run since the last call, as numpy arrays: `num_tokens`, `num_seqs`,
+    /// `attention_pairs` (the simulator's cost-model features, see `horae.sim.fit_linear_cost`),
+    /// `seconds` (measured), `running`, `waiting`, `kv_usage`. Clears the log.
+    fn take_step_log<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let log = py.detach(|| std::mem::take(&mut self.shared.lock().step_log));
+        let d = PyDict::new(py);
+        let col = |f: &dyn Fn(&StepSample) -> f64| log.iter().map(f).collect::<Vec<f64>>().into_pyarray(py);
+        d.set_item("num_tokens", col(&|s| s.features.num_tokens))?;
+        d.set_item("num_seqs", col(&|s| s.features.num_seqs))?;
+        d.set_item("attention_pairs", col(&|s| s.features.attention_pairs))?;
+        d.set_item("seconds", col(&|s| s.duration))?;
+        d.set_item("running", col(&|s| s.running as f64))?;
+        d.set_item("waiting", col(&|s| s.waiting as f64))?;
+        d.set_item("kv_usage", col(&|s| s.kv_usage as f64))?;
+        Ok(d)
     }
 
     /// One engine step. Returns `(request_id, new_token_ids, new_text, finish_reason or None,

@@ -2,7 +2,7 @@
 
 use super::{Clock, Executor, FinishReason, ReqId, Request, RequestSpec};
 use crate::error::{HoraeError, Result};
-use crate::sched::{SchedulePlan, Scheduler};
+use crate::sched::{SchedulePlan, Scheduler, StepFeatures};
 
 /// One step as seen from outside, for KV-usage-over-time plots and metrics.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -17,6 +17,8 @@ pub struct StepSample {
     pub kv_usage: f32,
     /// The policy's predicted peak, in tokens (past-future and oracle only).
     pub predicted_peak: Option<u64>,
+    /// What the step computed, in the cost model's terms (to fit it to measured step times).
+    pub features: StepFeatures,
 }
 
 #[derive(Debug, Default)]
@@ -137,6 +139,7 @@ impl Engine {
             batched_tokens: plan.num_batched_tokens as u32,
             kv_usage: self.sched.kv().usage() as f32,
             predicted_peak: self.sched.predicted_peak(),
+            features: StepFeatures::of_plan(plan),
         }
     }
 }

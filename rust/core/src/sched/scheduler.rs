@@ -27,6 +27,34 @@ pub struct ScheduledSeq {
     pub samples: bool,
 }
 
+/// What a step computes, in the terms of the simulator's cost model (fitted to measured step
+/// times of the real engine).
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct StepFeatures {
+    /// Tokens computed this step (prefill chunks + one per decoding sequence).
+    pub num_tokens: f64,
+    pub num_seqs: f64,
+    /// Sum over sequences of the context length read by attention (KV traffic).
+    pub context_tokens: f64,
+    /// Sum over new tokens of the positions each attends to (attention arithmetic).
+    pub attention_pairs: f64,
+}
+
+impl StepFeatures {
+    /// What `plan` computes.
+    pub fn of_plan(plan: &SchedulePlan) -> Self {
+        let mut f = StepFeatures::default();
+        for s in &plan.seqs {
+            let (start, n) = (s.start as f64, s.num_tokens as f64);
+            f.num_tokens += n;
+            f.num_seqs += 1.0;
+            f.context_tokens += start + n;
+            f.attention_pairs += n * start + n * (n + 1.0) / 2.0;
+        }
+        f
+    }
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct SchedulePlan {
     pub seqs: Vec<ScheduledSeq>,
@@ -41,6 +69,8 @@ pub struct SchedulerStats {
     pub preemptions: u64,
     pub recomputed_tokens: u64,
     pub admitted: u64,
+    /// Output lengths handed to the policy's length history.
+    pub lengths_recorded: u64,
 }
 
 pub struct Scheduler {
@@ -279,7 +309,10 @@ impl Scheduler {
         }
     }
 
-    /// End a request, free its blocks and hand it back. Normal finishes feed the length history.
+    /// End a request, free its blocks and hand it back. Its output length feeds the length history
+    /// unless it was aborted before its first token: a request stopped from outside the core after
+    /// N tokens (a stop string, or a client that read what it wanted and hung up, which is how a
+    /// serving benchmark ends requests at their true length) is as long as the client wanted it.
     pub fn finish(&mut self, id: ReqId, reason: FinishReason, now: f64) -> Result<Request> {
         let mut r = self.requests.remove(&id).ok_or(HoraeError::UnknownRequest(id))?;
         if let Some(pos) = self.running.iter().position(|&x| x == id) {
@@ -290,8 +323,9 @@ impl Scheduler {
         self.kv.free(id);
         r.state = RequestState::Finished(reason);
         r.times.finished = Some(now);
-        if reason != FinishReason::Aborted {
+        if reason != FinishReason::Aborted || !r.output.is_empty() {
             self.policy.record_finished(r.output.len());
+            self.stats.lengths_recorded += 1;
         }
         Ok(r)
     }

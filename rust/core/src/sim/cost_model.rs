@@ -11,7 +11,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::error::{HoraeError, Result};
-use crate::sched::SchedulePlan;
+pub use crate::sched::StepFeatures;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ModelSpec {
@@ -102,30 +102,7 @@ impl HardwareSpec {
 }
 
 /// What a step's cost depends on.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
-pub struct StepFeatures {
-    /// Tokens computed this step (prefill chunks + one per decoding sequence).
-    pub num_tokens: f64,
-    pub num_seqs: f64,
-    /// Sum over sequences of the context length read by attention (KV traffic).
-    pub context_tokens: f64,
-    /// Sum over new tokens of the positions each attends to (attention arithmetic).
-    pub attention_pairs: f64,
-}
-
 impl StepFeatures {
-    pub fn of_plan(plan: &SchedulePlan) -> Self {
-        let mut f = StepFeatures::default();
-        for s in &plan.seqs {
-            let (start, n) = (s.start as f64, s.num_tokens as f64);
-            f.num_tokens += n;
-            f.num_seqs += 1.0;
-            f.context_tokens += start + n;
-            f.attention_pairs += n * start + n * (n + 1.0) / 2.0;
-        }
-        f
-    }
-
     fn as_row(&self) -> [f64; 4] {
         [1.0, self.num_tokens, self.num_seqs, self.attention_pairs]
     }
@@ -229,7 +206,8 @@ fn solve4(mut a: [[f64; 4]; 4], mut b: [f64; 4]) -> Option<[f64; 4]> {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    pub use crate::sched::StepFeatures;
+use super::*;
 
     fn decode(seqs: usize, ctx: usize) -> StepFeatures {
         let (s, c) = (seqs as f64, ctx as f64);
