@@ -6,8 +6,8 @@ block manager must show nothing leaked."""
 import asyncio
 import json
 import re
-import shutil
 import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -148,6 +148,9 @@ def test_errors_in_openai_shape(server, client):
     long = {"model": "smollm2", "prompt": "hello " * 9000}
     assert _error(post("/v1/completions", long), 400)["code"] == "context_length_exceeded"
     assert _error(post("/v1/completions", {"model": "smollm2", "prompt": "hi", "max_tokens": 10**6}), 400)["code"] == "context_length_exceeded"
+    # The pool (4,096 tokens here) bounds a request too, and a chat without max_tokens fits it.
+    assert httpx.get(server.url + "/v1/models", headers=h).json()["data"][0]["max_model_len"] == 4096
+    assert _error(post("/v1/completions", {"model": "smollm2", "prompt": "hi", "max_tokens": 5000}), 400)["code"] == "context_length_exceeded"
     assert _error(post("/v1/completions", b"x" * (5 << 20)), 413)
     assert _error(httpx.get(server.url + "/v1/models", headers={"Authorization": "Bearer wrong"}), 401)
     assert _error(httpx.get(server.url + "/v1/models"), 401)
@@ -228,16 +231,52 @@ def test_async_llm_cancel_frees_blocks_within_a_step(server, client):
     assert llm.engine._core.stats()[0] == 0 and llm.num_in_flight == 0
 
 
-@pytest.mark.skipif(shutil.which("st") is None, reason="schemathesis not installed")
 def test_schemathesis_finds_no_server_error(server):
     # Bounded: short contexts, few examples, a time limit.
     server.app.state.config.max_model_len = 48
     try:
         run = subprocess.run(
-            ["st", "run", server.url + "/openapi.json", "--checks", "not_a_server_error", "--max-examples", "12",
+            [sys.executable, "-m", "schemathesis.cli", "run", server.url + "/openapi.json", "--checks", "not_a_server_error", "--max-examples", "12",
              "--header", f"Authorization: Bearer {KEY}", "--request-timeout", "60", "--seed", "1", "--no-color"],
             capture_output=True, text=True, timeout=600)
     finally:
         server.app.state.config.max_model_len = None
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
     _assert_idle(server)
+
+
+def test_bench_serve_reaches_true_lengths_without_telling_the_server(server, tmp_path):
+    from types import SimpleNamespace
+
+    from horae.bench import serve as bench
+
+    trace = tmp_path / "t.jsonl"
+    rows = [(0, 12, 5), (50, 30, 9), (100, 7, 1), (150, 20, 14)]
+    trace.write_text("".join(json.dumps({"timestamp": t, "input_length": p, "output_length": o}) + "\n" for t, p, o in rows))
+    ns = SimpleNamespace(base_url=server.url, model=None, api_key=KEY, trace=str(trace), dataset=None, num_prompts=None,
+                         request_rate=float("inf"), burstiness=1.0, trace_scale=1.0, max_concurrency=None, length_scale=1.0,
+                         max_tokens=None, max_model_len=None, vocab_size=49152, goodput=["ttft:60000", "itl:60000"],
+                         timeout=120.0, seed=0, result_file=str(tmp_path / "r.json"), plot=str(tmp_path / "cdf.png"),
+                         no_progress=True)
+    summary = bench.run(ns)
+    assert summary["completed"] == 4 and summary["failed"] == 0, summary["errors"]
+    reqs = json.loads((tmp_path / "r.json").read_text())["requests"]
+    assert [(r["prompt_len"], r["output_len"]) for r in reqs] == [(p, o) for _, p, o in rows]
+    assert summary["goodput_rps"] == pytest.approx(summary["request_throughput"])  # loose bounds: all good
+    assert (tmp_path / "cdf.png").stat().st_size > 1000
+    _assert_idle(server)  # the client hung up at each true length: nothing left running
+    # Closed loop over a length set; impossible bounds give zero goodput.
+    ns2 = SimpleNamespace(**{**vars(ns), "trace": None, "dataset": "dist-3", "num_prompts": 3, "max_concurrency": 2, "trace_scale": None,
+                             "length_scale": 0.005, "goodput": ["ttft:0.001"], "result_file": None, "plot": None})
+    s2 = bench.run(ns2)
+    assert s2["completed"] == 3 and s2["goodput_rps"] == 0
+
+
+def test_bench_serve_bad_input():
+    from horae.bench import serve as bench
+
+    for bad in (["ttft"], ["speed:5"], ["ttft:-1"]):
+        with pytest.raises(ValueError):
+            bench.parse_goodput(bad)
+    assert bench.main(["--goodput", "nope:1", "--base-url", "http://127.0.0.1:9"]) == 2
+    assert bench.main(["--request-rate", "0"]) == 2

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import AsyncIterator, Callable, Dict, List, Optional, Union
@@ -77,6 +78,9 @@ class AsyncLLM:
                 pass  # the loop has closed; nobody is listening
 
         self.engine._core.start_loop(on_step)
+        # Stop the thread when this object goes away or the interpreter exits, whichever comes
+        # first (the thread must not call into a finalizing interpreter).
+        weakref.finalize(self, self.engine._core.stop_loop)
 
     def _on_step(self, events, stats) -> None:
         if events is None:  # the step failed: `stats` is the message

@@ -5,9 +5,17 @@ from __future__ import annotations
 import argparse
 from typing import Optional, Sequence
 
-from horae.serve.app import ServerConfig, build_app
-
 __all__ = ["ServerConfig", "ServerThread", "build_app", "add_arguments", "run"]
+
+
+def __getattr__(name):
+    # The app (FastAPI, pydantic) is imported on first use, so the CLI's other commands and
+    # `add_arguments` do not pay for it.
+    if name in ("ServerConfig", "build_app"):
+        from horae.serve import app
+
+        return getattr(app, name)
+    raise AttributeError(f"module 'horae.serve' has no attribute {name!r}")
 
 
 class ServerThread:
@@ -63,6 +71,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def make_app(args: argparse.Namespace):
     from horae.async_llm import AsyncLLM
+    from horae.serve.app import ServerConfig, build_app
 
     if args.max_queue < 1 or args.max_body_bytes < 1 or (args.max_model_len is not None and args.max_model_len < 2):
         raise ValueError("--max-queue and --max-body-bytes must be at least 1, --max-model-len at least 2")

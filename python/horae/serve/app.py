@@ -60,9 +60,13 @@ def build_app(llm: AsyncLLM, config: ServerConfig) -> FastAPI:
     app.state.llm, app.state.metrics, app.state.config = llm, metrics, config
     engine = llm.engine
     model_ctx = engine._core.max_model_len
+    pool = engine._core.step_stats()
+    pool_tokens = pool["kv_total_blocks"] * pool["block_size"]
 
     def context() -> int:
-        return min(model_ctx, config.max_model_len or model_ctx)
+        # As vLLM: a request's prompt + max_tokens must fit the model, the configured limit and the
+        # KV pool (a request larger than the whole pool could never run).
+        return min(model_ctx, config.max_model_len or model_ctx, pool_tokens)
 
     created = int(time.time())
     token_text: Dict[int, str] = {}
