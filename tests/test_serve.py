@@ -51,7 +51,7 @@ def _assert_idle(server, timeout: float = 15.0):
     deadline = time.time() + timeout
     while time.time() < deadline:
         used, _, running, waiting = server.llm.engine._core.stats()
-        if used == 0 and running == 0 and waiting == 0 and server.llm.num_in_flight == 0:
+        if used == 0 and running == 0 and waiting == 0 and server.llm.num_in_flight == 0 and not server.llm._streams:
             break
         time.sleep(0.05)
     assert server.llm.engine._core.stats()[0] == 0, "KV blocks leaked"

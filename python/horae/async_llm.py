@@ -133,6 +133,8 @@ class AsyncLLM:
                 if isinstance(out, BaseException):
                     raise out
                 finished = out.finished
+                if finished:  # release before handing over the last output: the consumer may stop here
+                    self._streams.pop(rid, None)
                 yield out
         finally:
             self._streams.pop(rid, None)

@@ -154,6 +154,18 @@ def build_app(llm: AsyncLLM, config: ServerConfig) -> FastAPI:
         except EngineDeadError as e:
             raise APIError(503, str(e), "server_error", None, "engine_error") from None
 
+    async def final_output(stream: AsyncIterator[RequestOutput], out: Optional[RequestOutput], raw: Request):
+        """Read a stream to its finished output (non-streaming responses). A client that has gone
+        ends it early: closing the stream aborts the request."""
+        try:
+            while out is not None and not out.finished:
+                if await disconnected(raw):
+                    raise APIError(499, "client disconnected")
+                out = await stream.__anext__()
+        finally:
+            await stream.aclose()
+        return out
+
     def usage(prompt_tokens: int, completion_tokens: int) -> dict:
         return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                 "total_tokens": prompt_tokens + completion_tokens}
@@ -277,13 +289,7 @@ def build_app(llm: AsyncLLM, config: ServerConfig) -> FastAPI:
         if not req.stream:
             choices, completion_tokens = [], 0
             for i, (s, out) in enumerate(zip(streams, firsts)):
-                try:
-                    while out is not None and not out.finished:
-                        if await disconnected(raw):
-                            raise APIError(499, "client disconnected")
-                        out = await s.__anext__()
-                finally:
-                    await s.aclose()
+                out = await final_output(s, out, raw)
                 for c in out.outputs:
                     completion_tokens += len(c.token_ids)
                     choices.append({"index": i * n + c.index, "text": c.text, "logprobs": completion_logprobs(c, 0, 0),
@@ -339,13 +345,7 @@ def build_app(llm: AsyncLLM, config: ServerConfig) -> FastAPI:
         rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         base = {"id": rid, "object": "chat.completion", "created": now, "model": config.model_name}
         if not req.stream:
-            try:
-                while out is not None and not out.finished:
-                    if await disconnected(raw):
-                        raise APIError(499, "client disconnected")
-                    out = await stream.__anext__()
-            finally:
-                await stream.aclose()
+            out = await final_output(stream, out, raw)
             choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
                         "logprobs": chat_logprobs(c, 0, top), "finish_reason": c.finish_reason,
                         "stop_reason": c.stop_reason} for c in out.outputs]
