@@ -7,7 +7,9 @@
    replays the workload against it over HTTP, and the engine's per-step log (the cost model's
    features and the measured seconds) is kept.
 3. A linear cost model is fitted to all measured steps, and the simulator runs the same workload,
-   scheduler and engine settings with it. The report compares simulated with measured goodput.
+   scheduler and engine settings with it. The report compares simulated with measured goodput,
+   also with a cost model fitted only to the other schedulers' steps (held out). Step logs are
+   saved as `steps_<scheduler>.npz`.
 
     python examples/serving_study.py --out docs/serving_study
 """
@@ -105,22 +107,36 @@ def main() -> int:
           f"{coef[1]*1e3:.3f} ms/token + {coef[2]*1e3:.3f} ms/seq + {coef[3]*1e6:.4f} us/attention pair; "
           f"median step error {100 * fit_err:.1f}%")
 
+    for s in logs:
+        np.savez_compressed(out / f"steps_{s}.npz", **logs[s])
+
+    def simulate(s, c):
+        return sim.simulate(trace, s, cost_coef=c, sla=sla, kv_cache_tokens=args.kv_cache_tokens, block_size=16,
+                            max_num_seqs=args.max_num_seqs, max_batched_tokens=args.max_batched_tokens,
+                            max_tokens=args.max_tokens, history_window=args.history_window)
+
     rows = []
     for s in real:
-        r = sim.simulate(trace, s, cost_coef=coef, sla=sla, kv_cache_tokens=args.kv_cache_tokens, block_size=16,
-                         max_num_seqs=args.max_num_seqs, max_batched_tokens=args.max_batched_tokens,
-                         max_tokens=args.max_tokens, history_window=args.history_window)
-        g_real, g_sim = real[s]["goodput_rps"], r.goodput_rps
+        r = simulate(s, coef)
+        # Held out: a cost model fitted only to the other schedulers' steps.
+        others = [x for x in logs if x != s]
+        held = (sim.fit_linear_cost(*(np.concatenate([logs[x][c] for x in others]) for c in cols))
+                if others else coef)
+        g_real, g_sim, g_held = real[s]["goodput_rps"], r.goodput_rps, simulate(s, held).goodput_rps
         rows.append({"scheduler": s, "real_goodput_rps": g_real, "sim_goodput_rps": g_sim,
                      "sim_vs_real": (g_sim - g_real) / g_real if g_real else None,
+                     "heldout_sim_goodput_rps": g_held,
+                     "heldout_sim_vs_real": (g_held - g_real) / g_real if g_real else None,
                      "real_ttft_p50_ms": real[s]["ttft_ms"]["p50"], "sim_ttft_p50_ms": float(r.summary["ttft"]["p50"]) * 1000,
                      "real_slo_attainment": real[s]["slo_attainment"],
                      "sim_preemptions": int(r.summary["preemptions"])})
-    print(f"\n{'scheduler':>13} {'real req/s':>11} {'sim req/s':>10} {'sim vs real':>12} {'real TTFT p50':>14} {'sim TTFT p50':>13}")
+    pct = lambda d: "-" if d is None else f"{100 * d:+.1f}%"
+    print(f"\n{'scheduler':>13} {'real req/s':>11} {'sim req/s':>10} {'sim vs real':>12} {'held-out sim':>13} "
+          f"{'vs real':>8} {'real TTFT p50':>14} {'sim TTFT p50':>13}")
     for row in rows:
-        d = row["sim_vs_real"]
         print(f"{row['scheduler']:>13} {row['real_goodput_rps']:>11.3f} {row['sim_goodput_rps']:>10.3f} "
-              f"{'-' if d is None else f'{100 * d:+.1f}%':>12} {row['real_ttft_p50_ms']:>12.0f}ms {row['sim_ttft_p50_ms']:>11.0f}ms")
+              f"{pct(row['sim_vs_real']):>12} {row['heldout_sim_goodput_rps']:>13.3f} {pct(row['heldout_sim_vs_real']):>8} "
+              f"{row['real_ttft_p50_ms']:>12.0f}ms {row['sim_ttft_p50_ms']:>11.0f}ms")
     (out / "study.json").write_text(json.dumps({"args": vars(args), "cost_coef": coef, "median_step_error": fit_err,
                                                 "rows": rows, "real": real}, indent=1, default=float))
     return 0

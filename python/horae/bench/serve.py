@@ -259,12 +259,12 @@ def plot_cdf(results: List[RequestResult], path: str) -> None:
 
     ok = [r for r in results if r.ok]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    for ax, (name, vals) in zip(axes, [("TTFT", [r.ttft for r in ok]), ("TPOT", [r.tpot for r in ok]),
-                                        ("e2e latency", [r.e2el for r in ok])]):
+    for ax, (name, unit, vals) in zip(axes, [("TTFT", "s", [r.ttft for r in ok]), ("TPOT", "ms", [r.tpot * 1000 for r in ok]),
+                                              ("e2e latency", "s", [r.e2el for r in ok])]):
         v = np.sort([x for x in vals if np.isfinite(x)])
         if v.size:
-            ax.plot(v * 1000, np.arange(1, v.size + 1) / v.size)
-        ax.set_xlabel(f"{name} (ms)")
+            ax.plot(v, np.arange(1, v.size + 1) / v.size)
+        ax.set_xlabel(f"{name} ({unit})")
         ax.set_ylabel("fraction of requests")
         ax.grid(alpha=0.3)
     fig.tight_layout()
