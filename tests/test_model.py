@@ -167,6 +167,10 @@ def test_bad_model_paths(tmp_path):
         Engine(tmp_path)
     with pytest.raises(HoraeCoreError, match="unknown scheduler"):
         Engine(None, scheduler="fifo")
+    with pytest.raises(HoraeCoreError, match="history_window"):
+        Engine(None, history_window=0)
+    with pytest.raises(HoraeCoreError, match="max_output_bound"):
+        Engine(None, max_output_bound=0)
 
 
 def test_cli_generate_and_chat(llm):

@@ -155,6 +155,8 @@ def test_errors_in_openai_shape(server, client):
     assert _error(httpx.get(server.url + "/v1/models", headers={"Authorization": "Bearer wrong"}), 401)
     assert _error(httpx.get(server.url + "/v1/models"), 401)
     assert _error(httpx.get(server.url + "/v1/nothing", headers=h), 404)
+    assert _error(post("/detokenize", {"tokens": [-1]}), 400)["param"] == "tokens"
+    assert _error(post("/tokenize", {"prompt": "a", "messages": CAPITAL}), 400)
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="nope", messages=CAPITAL)
     with pytest.raises(openai.BadRequestError):
@@ -280,3 +282,23 @@ def test_bench_serve_bad_input():
             bench.parse_goodput(bad)
     assert bench.main(["--goodput", "nope:1", "--base-url", "http://127.0.0.1:9"]) == 2
     assert bench.main(["--request-rate", "0"]) == 2
+
+
+def test_async_llm_bad_input_is_refused_before_queueing(server, client):
+    client.completions.create(model="smollm2", prompt="Hi", max_tokens=1)  # the engine runs on the server's loop
+    llm = server.llm
+
+    async def main():
+        for prompt, params, exc in [("", None, ValueError), (42, None, TypeError),
+                                    ({"prompt_token_ids": [10**9]}, None, ValueError),
+                                    ("hi", SamplingParams(max_tokens=5000), ValueError)]:
+            with pytest.raises(exc):
+                async for _ in llm.generate(prompt, params):
+                    pass
+        # and the engine still serves
+        outs = [o async for o in llm.generate("Hello", SamplingParams(max_tokens=3, ignore_eos=True))]
+        return outs[-1]
+
+    last = asyncio.run_coroutine_threadsafe(main(), llm._loop).result(timeout=60)
+    assert last.finished and len(last.outputs[0].token_ids) == 3
+    _assert_idle(server)

@@ -12,7 +12,7 @@ use std::time::Duration;
 use horae_core::engine::{Engine, Prompt, ReqId, RequestSpec, StepSample, WallClock};
 use horae_core::model::{IncrementalDetokenizer, LlamaModel, ModelConfig, ModelExecutor, Tokenizer};
 use horae_core::sample::SamplingParams;
-use horae_core::sched::{PolicyKind, Scheduler, SchedulerConfig};
+use horae_core::sched::{check_fits, PolicyKind, Scheduler, SchedulerConfig};
 use horae_core::HoraeError;
 use numpy::{IntoPyArray, PyArrayMethods};
 use pyo3::prelude::*;
@@ -389,12 +389,7 @@ impl PyEngine {
         }
         // Like vLLM, max_tokens is capped to what the context leaves.
         let max_tokens = (max_tokens as usize).min(ctx - n);
-        if n + max_tokens > self.pool_tokens {
-            return err(format!(
-                "prompt ({n}) + max_tokens ({max_tokens}) exceeds the whole KV pool ({} tokens)",
-                self.pool_tokens
-            ));
-        }
+        check_fits(n, max_tokens, self.pool_tokens).map_err(HoraeCoreError::new_err)?;
         let sampling = SamplingParams {
             temperature,
             top_k: top_k as usize,

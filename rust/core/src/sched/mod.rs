@@ -21,7 +21,7 @@ pub use aggressive::Aggressive;
 pub use conservative::Conservative;
 pub use past_future::{PastFuture, TrueLengths};
 pub use policy::{AdmissionPolicy, PoolView, SeqLoad, MAX_SCENARIOS};
-pub use scheduler::{SchedulePlan, ScheduledSeq, Scheduler, SchedulerStats, StepFeatures};
+pub use scheduler::{check_fits, SchedulePlan, ScheduledSeq, Scheduler, SchedulerStats, StepFeatures};
 
 use crate::error::{HoraeError, Result};
 

@@ -73,6 +73,22 @@ pub struct SchedulerStats {
     pub lengths_recorded: u64,
 }
 
+/// Whether a request of `prompt_len` tokens and up to `max_tokens` outputs can ever run in a pool
+/// of `capacity_tokens`: the message says why not. Callers that queue requests before they reach
+/// the scheduler (the Python binding's inbox) check with this, so they refuse at once.
+pub fn check_fits(prompt_len: usize, max_tokens: usize, capacity_tokens: usize) -> std::result::Result<(), String> {
+    if prompt_len == 0 {
+        return Err("the prompt is empty".into());
+    }
+    if max_tokens == 0 {
+        return Err("max_tokens must be at least 1".into());
+    }
+    if prompt_len.saturating_add(max_tokens) > capacity_tokens {
+        return Err(format!("prompt ({prompt_len}) + max_tokens ({max_tokens}) exceeds the whole KV pool ({capacity_tokens} tokens)"));
+    }
+    Ok(())
+}
+
 pub struct Scheduler {
     cfg: SchedulerConfig,
     kv: KvManager,
@@ -128,26 +144,15 @@ impl Scheduler {
         !self.requests.is_empty()
     }
 
-    /// Queue a request. One that could never fit the pool, even alone, is refused here rather
+    /// Queue a request (checked by `check_fits`). One that could never fit the pool, even alone, is refused here rather
     /// than left to block the queue forever.
     pub fn add(&mut self, req: Request) -> Result<()> {
         let invalid = |reason: String| Err(HoraeError::InvalidRequest { id: req.id, reason });
         if self.requests.contains_key(&req.id) {
             return Err(HoraeError::DuplicateRequest(req.id));
         }
-        if req.prompt_len() == 0 {
-            return invalid("the prompt is empty".into());
-        }
-        if req.max_tokens == 0 {
-            return invalid("max_tokens must be at least 1".into());
-        }
-        let capacity = self.kv.capacity_tokens();
-        if req.prompt_len().saturating_add(req.max_tokens) > capacity {
-            return invalid(format!(
-                "prompt ({}) + max_tokens ({}) exceeds the whole KV pool ({capacity} tokens)",
-                req.prompt_len(),
-                req.max_tokens
-            ));
+        if let Err(reason) = check_fits(req.prompt_len(), req.max_tokens, self.kv.capacity_tokens()) {
+            return invalid(reason);
         }
         self.waiting.push_back(req.id);
         self.requests.insert(req.id, req);
