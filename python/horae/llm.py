@@ -7,7 +7,7 @@ import itertools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 from horae import _core
 from horae.models import resolve_model
@@ -82,6 +82,9 @@ class CompletionOutput:
     #: Per output token, {token_id: logprob} for the chosen token and the top alternatives.
     logprobs: Optional[List[Dict[int, float]]] = None
     cumulative_logprob: Optional[float] = None
+    #: Speculative decoding, once finished: draft tokens verified for this sample, and accepted.
+    num_draft_tokens: Optional[int] = None
+    num_accepted_tokens: Optional[int] = None
 
 
 @dataclass
@@ -107,6 +110,7 @@ class _Seq:
     stop_reason: Optional[Union[str, int]] = None
     logprobs: Optional[List[Dict[int, float]]] = None
     cumulative_logprob: Optional[float] = None
+    spec: Optional[tuple] = None  # (draft tokens, accepted) once finished
 
 
 @dataclass
@@ -121,10 +125,24 @@ class _Req:
     def output(self) -> RequestOutput:
         # Held-back samples show as empty until they start.
         outs = [CompletionOutput(s.index, s.text, list(s.token_ids), s.finish_reason, s.stop_reason,
-                                 None if s.logprobs is None else list(s.logprobs), s.cumulative_logprob)
+                                 None if s.logprobs is None else list(s.logprobs), s.cumulative_logprob,
+                                 *(s.spec or (None, None)))
                 for s in self.seqs]
         return RequestOutput(self.request_id, self.prompt, list(self.prompt_token_ids), outs,
                              all(s.finish_reason is not None for s in self.seqs), self.prompt_logprobs)
+
+
+def _speculative_config(spec: Optional[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
+    """Check the `speculative=` dict's shape and resolve a draft model name to its folder; the
+    core checks every value."""
+    if spec is None:
+        return None
+    if not isinstance(spec, dict):
+        raise TypeError(f"speculative must be a dict such as {{'method': 'ngram', 'k_max': 4}}, got {type(spec).__name__}")
+    spec = dict(spec)
+    if spec.get("method") == "draft" and spec.get("model") is not None:
+        spec["model"] = str(resolve_model(spec["model"]))
+    return spec
 
 
 class Engine:
@@ -140,16 +158,23 @@ class Engine:
     def __init__(self, model: Optional[Union[str, Path]] = None, *, scheduler: str = "past-future",
                  kv_cache_tokens: int = 16384, block_size: int = 16, max_num_seqs: int = 64,
                  max_num_batched_tokens: int = 2048, seed: int = 0, dtype: str = "auto",
-                 history_window: int = 1000, max_output_bound: Optional[int] = None):
+                 history_window: int = 1000, max_output_bound: Optional[int] = None,
+                 speculative: Optional[Dict[str, Any]] = None):
         # dtype: how the weights are held. "auto" keeps the checkpoint's (bf16/f16 checkpoints as
         # bfloat16, others float32); "bfloat16" halves weight memory and bandwidth, computing in f32.
         # history_window / max_output_bound: Past-Future's length history (finished lengths kept)
         # and what it is primed with before any request finished (default: the model's context).
+        # speculative: speculative decoding, e.g. {"method": "ngram", "k_max": 4, "adaptive": True}
+        # (prompt lookup; also "prompt_lookup_min"/"prompt_lookup_max") or {"method": "draft",
+        # "model": folder or .gguf (default: this model), "num_layers": N (keep the first N)}.
+        # "adaptive" (default on) is SmartSpec: k chosen per step for goodput, 0 when it does not pay.
         self.model_dir = resolve_model(model)
+        speculative = _speculative_config(speculative)
         self._core = _core.Engine(str(self.model_dir), scheduler=scheduler, kv_cache_tokens=kv_cache_tokens,
                                   block_size=block_size, max_num_seqs=max_num_seqs,
                                   max_batched_tokens=max_num_batched_tokens, seed=seed, dtype=dtype,
-                                  history_window=history_window, max_output_bound=max_output_bound)
+                                  history_window=history_window, max_output_bound=max_output_bound,
+                                  speculative=speculative)
         self._requests: Dict[str, _Req] = {}
         self._by_core: Dict[int, tuple] = {}
         self._ids = itertools.count()
@@ -246,7 +271,7 @@ class Engine:
         """Apply one step's events from the core (tokens, text, finish reasons) to the requests:
         stop strings and ids, n > 1 samples, logprobs. Returns their outputs."""
         touched: Dict[str, _Req] = {}
-        for core_id, new_ids, new_text, reason, new_lps, prompt_lps in events:
+        for core_id, new_ids, new_text, reason, new_lps, prompt_lps, spec in events:
             entry = self._by_core.get(core_id)
             if entry is None:
                 continue
@@ -260,17 +285,28 @@ class Engine:
             p = req.params
             if prompt_lps and seq.index == 0:
                 req.prompt_logprobs = [None] + [{t: lp, **{a: v for a, v in top if a != t}} for t, lp, top in prompt_lps]
+            if spec is not None:
+                seq.spec = spec
             before = len(seq.text)
+            # A stop token id ends the output there, even when speculation delivered more tokens
+            # in the same step (stop conditions wait for min_tokens).
+            n_before = len(seq.token_ids)
+            cut = next((i for i, t in enumerate(new_ids) if t in p.stop_token_ids and n_before + i + 1 > p.min_tokens),
+                       None)
+            if cut is not None and cut + 1 < len(new_ids):
+                # The request ends here: its whole text, decoded once, replaces the streamed pieces.
+                new_ids, new_lps = new_ids[:cut + 1], new_lps[:cut + 1]
+                seq.text = self.decode(seq.token_ids + new_ids)
+            else:
+                seq.text += new_text
             seq.token_ids.extend(new_ids)
-            seq.text += new_text
             if seq.logprobs is not None:
                 for token, lp, top in new_lps:
                     seq.logprobs.append({token: lp, **{t: v for t, v in top if t != token}})
                     seq.cumulative_logprob += lp
             early = len(seq.token_ids) <= p.min_tokens  # stop conditions wait for min_tokens
-            hit = None if early else next((t for t in new_ids if t in p.stop_token_ids), None)
-            if hit is not None:
-                self._finish(req, seq, "stop", hit, abort_core=reason is None)
+            if cut is not None:
+                self._finish(req, seq, "stop", new_ids[-1], abort_core=reason is None)
                 continue
             if p.stop and not early:
                 # Search from where a stop string could start across the token boundary.

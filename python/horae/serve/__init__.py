@@ -48,6 +48,18 @@ class ServerThread:
         self.thread.join(timeout=10)
 
 
+def _json_dict(text: str) -> dict:
+    import json
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("expected a JSON object")
+    return value
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="model folder or .gguf file (default: SmolLM2-135M-Instruct)")
     p.add_argument("--served-model-name", help="the model id clients send (default: the model folder's name)")
@@ -59,6 +71,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-output-bound", type=int,
                    help="past-future: the length its history is primed with (default: the model's context)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    p.add_argument("--speculative", type=_json_dict, metavar="JSON",
+                   help='speculative decoding, e.g. \'{"method": "ngram", "k_max": 4}\' (adaptive k by default)')
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every route but /health")
@@ -77,7 +91,8 @@ def make_app(args: argparse.Namespace):
         raise ValueError("--max-queue and --max-body-bytes must be at least 1, --max-model-len at least 2")
     llm = AsyncLLM(args.model, scheduler=args.scheduler, kv_cache_tokens=args.kv_cache_tokens,
                    max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens, dtype=args.dtype,
-                   history_window=args.history_window, max_output_bound=args.max_output_bound)
+                   history_window=args.history_window, max_output_bound=args.max_output_bound,
+                   speculative=args.speculative)
     name = args.served_model_name or llm.model_dir.name
     return build_app(llm, ServerConfig(model_name=name, api_key=args.api_key, max_queue=args.max_queue,
                                        max_body_bytes=args.max_body_bytes, max_model_len=args.max_model_len))

@@ -43,7 +43,21 @@ class ServerMetrics:
         self.generation_tokens = c("horae:generation_tokens", "Generated tokens.")
         self._success = Counter("horae:request_success", "Finished requests by finish reason.",
                                 lbl + ["finished_reason"], registry=r)
-        self._last = {"preemptions": 0, "prefix_hit_blocks": 0, "prefix_queried_blocks": 0}
+        # Speculative decoding (vLLM's spec_decode names), present when the engine speculates.
+        self.spec_drafts = c("horae:spec_decode_num_drafts", "Sequence-steps that carried draft tokens.")
+        self.spec_draft_tokens = c("horae:spec_decode_num_draft_tokens", "Draft tokens verified.")
+        self.spec_accepted = c("horae:spec_decode_num_accepted_tokens", "Draft tokens accepted.")
+        self.spec_alpha = g("horae:spec_decode_acceptance_rate",
+                            "SmartSpec's acceptance estimate (moving average of accepted / drafted).")
+        self.spec_mean_len = g("horae:spec_decode_mean_accepted_length",
+                               "Tokens emitted per sequence-step with drafts: 1 + accepted / drafts, since start.")
+        self.spec_k = g("horae:spec_decode_k", "Draft tokens per sequence chosen for the last step (0 = off).")
+        self.spec_request_rate = Histogram("horae:request_spec_acceptance_rate",
+                                           "Per finished request: accepted / drafted tokens.", lbl,
+                                           buckets=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0),
+                                           registry=r).labels(model_name)
+        self._last = {"preemptions": 0, "prefix_hit_blocks": 0, "prefix_queried_blocks": 0,
+                      "spec_num_drafts": 0, "spec_draft_tokens": 0, "spec_accepted_tokens": 0}
 
     def observe_step(self, outs, stats, times) -> None:
         """An `AsyncLLM` listener: engine figures after a step, and the requests it touched."""
@@ -62,6 +76,17 @@ class ServerMetrics:
             if delta > 0:
                 counter.inc(delta)
             self._last[key] = stats[key]
+        if "spec_k" in stats:
+            for key, counter in (("spec_num_drafts", self.spec_drafts), ("spec_draft_tokens", self.spec_draft_tokens),
+                                 ("spec_accepted_tokens", self.spec_accepted)):
+                delta = stats[key] - self._last[key]
+                if delta > 0:
+                    counter.inc(delta)
+                self._last[key] = stats[key]
+            self.spec_alpha.set(stats["spec_alpha"])
+            self.spec_k.set(stats["spec_k"])
+            if stats["spec_num_drafts"]:
+                self.spec_mean_len.set(1 + stats["spec_accepted_tokens"] / stats["spec_num_drafts"])
         if stats["prefix_queried_blocks"]:
             self.prefix_hit_rate.set(stats["prefix_hit_blocks"] / stats["prefix_queried_blocks"])
         if stats.get("step_seconds") is not None:
@@ -79,6 +104,8 @@ class ServerMetrics:
             self.generation_tokens.inc(sum(len(c.token_ids) for c in out.outputs))
             for c in out.outputs:
                 self._success.labels(self._m, c.finish_reason or "abort").inc()
+                if c.num_draft_tokens:
+                    self.spec_request_rate.observe(c.num_accepted_tokens / c.num_draft_tokens)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

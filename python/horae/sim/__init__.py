@@ -99,7 +99,8 @@ def simulate(
     """Simulate one scheduler. Open loop replays the trace's arrivals (times ``rate_scale``);
     ``clients=N`` runs a closed loop instead. ``engine`` takes model, hardware, cost_coef,
     kv_cache_tokens, block_size, max_num_seqs, max_batched_tokens, max_tokens, prefix_caching,
-    history_window, reserve, watermark, seed."""
+    history_window, reserve, watermark, seed, and speculative (a dict: k_max, adaptive, acceptance =
+    the modelled proposer's mean acceptance rate, concentration of its per-request Beta)."""
     if not isinstance(trace, Trace):
         raise TypeError(f"trace must be a horae.sim.Trace, got {type(trace).__name__}")
     if rate_scale is not None and clients is not None:

@@ -10,5 +10,6 @@ pub mod model;
 pub mod sample;
 pub mod sched;
 pub mod sim;
+pub mod spec;
 
 pub use error::{HoraeError, Result};

@@ -27,6 +27,7 @@ fn cfg(policy: PolicyKind, kv: usize) -> SimConfig {
         cost: CostModel::roofline("llama-2-7b", "a100-80gb").unwrap(),
         max_tokens: 512,
         load: LoadModel::Open,
+        acceptance: None,
     }
 }
 

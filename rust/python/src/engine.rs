@@ -10,7 +10,8 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use horae_core::engine::{Engine, Prompt, ReqId, RequestSpec, StepSample, WallClock};
-use horae_core::model::{IncrementalDetokenizer, LlamaModel, ModelConfig, ModelExecutor, Tokenizer};
+use horae_core::model::{IncrementalDetokenizer, LlamaModel, ModelConfig, ModelExecutor, Proposer, Tokenizer};
+use horae_core::spec::DraftModel;
 use horae_core::sample::SamplingParams;
 use horae_core::sched::{check_fits, PolicyKind, Scheduler, SchedulerConfig};
 use horae_core::HoraeError;
@@ -18,13 +19,14 @@ use numpy::{IntoPyArray, PyArrayMethods};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
+use crate::spec::Method;
 use crate::{parse_dtype, to_py, HoraeCoreError};
 
 type Lps = Vec<(u32, f32, Vec<(u32, f32)>)>;
-/// `(request_id, new_token_ids, new_text, finish_reason or None, new_logprobs, prompt_logprobs)`.
-/// A request the engine refused after queueing comes back with reason "error" and the message as
-/// its text.
-type Event = (u64, Vec<u32>, String, Option<&'static str>, Lps, Lps);
+/// `(request_id, new_token_ids, new_text, finish_reason or None, new_logprobs, prompt_logprobs,
+/// (draft tokens, accepted) once finished with speculation on)`. A request the engine refused
+/// after queueing comes back with reason "error" and the message as its text.
+type Event = (u64, Vec<u32>, String, Option<&'static str>, Lps, Lps, Option<(u64, u64)>);
 
 struct EngineState {
     engine: Engine,
@@ -93,16 +95,17 @@ impl Shared {
     fn step(&self) -> Result<(Vec<Event>, StepStats), HoraeError> {
         let mut st = self.lock();
         let mut events: Vec<Event> =
-            st.refused.drain(..).map(|(id, msg)| (id, Vec::new(), msg, Some("error"), Vec::new(), Vec::new())).collect();
+            st.refused.drain(..).map(|(id, msg)| (id, Vec::new(), msg, Some("error"), Vec::new(), Vec::new(), None)).collect();
         if !st.engine.has_work() {
             return Ok((events, StepStats::of(&st, None)));
         }
         let out = st.engine.step()?;
         st.preemptions += out.preempted.len() as u64;
         let mut by_id: HashMap<u64, usize> = HashMap::new();
+        let speculating = st.engine.scheduler().spec_k_max().is_some();
         for (id, token) in &out.tokens {
             let idx = *by_id.entry(*id).or_insert_with(|| {
-                events.push((*id, Vec::new(), String::new(), None, Vec::new(), Vec::new()));
+                events.push((*id, Vec::new(), String::new(), None, Vec::new(), Vec::new(), None));
                 events.len() - 1
             });
             events[idx].1.push(*token);
@@ -110,12 +113,14 @@ impl Shared {
         for r in &out.finished {
             let reason = r.finish_reason().map(|f| f.as_str());
             let plp: Lps = r.prompt_logprobs.iter().map(|l| (l.token, l.logprob, l.top.clone())).collect();
+            let spec = speculating.then_some((r.spec_drafted, r.spec_accepted));
             match by_id.get(&r.id) {
                 Some(&i) => {
                     events[i].3 = reason;
                     events[i].5 = plp;
+                    events[i].6 = spec;
                 }
-                None => events.push((r.id, Vec::new(), String::new(), reason, Vec::new(), plp)),
+                None => events.push((r.id, Vec::new(), String::new(), reason, Vec::new(), plp, spec)),
             }
         }
         let EngineState { engine, detok, .. } = &mut *st;
@@ -172,6 +177,7 @@ struct StepStats {
     prefix_hit_blocks: u64,
     prefix_queried_blocks: u64,
     step_seconds: Option<f64>,
+    spec: Option<horae_core::spec::SpecStats>,
 }
 
 impl StepStats {
@@ -189,6 +195,7 @@ impl StepStats {
             prefix_hit_blocks: pool.hit_blocks,
             prefix_queried_blocks: pool.queried_blocks,
             step_seconds,
+            spec: s.spec_stats(),
         }
     }
 
@@ -204,6 +211,13 @@ impl StepStats {
         d.set_item("prefix_hit_blocks", self.prefix_hit_blocks)?;
         d.set_item("prefix_queried_blocks", self.prefix_queried_blocks)?;
         d.set_item("step_seconds", self.step_seconds)?;
+        if let Some(s) = &self.spec {
+            d.set_item("spec_num_drafts", s.num_drafts)?;
+            d.set_item("spec_draft_tokens", s.draft_tokens)?;
+            d.set_item("spec_accepted_tokens", s.accepted_tokens)?;
+            d.set_item("spec_alpha", s.alpha)?;
+            d.set_item("spec_k", s.k)?;
+        }
         Ok(d)
     }
 }
@@ -240,7 +254,7 @@ impl PyEngine {
     #[new]
     #[pyo3(signature = (model_dir, *, scheduler = "past-future", kv_cache_tokens = 16384, block_size = 16,
                         max_num_seqs = 64, max_batched_tokens = 2048, seed = 0, dtype = "auto",
-                        history_window = 1000, max_output_bound = None))]
+                        history_window = 1000, max_output_bound = None, speculative = None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -254,8 +268,10 @@ impl PyEngine {
         dtype: &str,
         history_window: usize,
         max_output_bound: Option<usize>,
+        speculative: Option<Bound<'_, PyDict>>,
     ) -> PyResult<Self> {
         let dtype = parse_dtype(dtype)?;
+        let spec = speculative.map(|d| crate::spec::parse(&d, false, seed)).transpose()?;
         let policy: PolicyKind = scheduler.parse().map_err(to_py)?;
         if policy == PolicyKind::Oracle {
             return Err(HoraeCoreError::new_err("the oracle scheduler needs true output lengths and runs only in the simulator"));
@@ -271,13 +287,25 @@ impl PyEngine {
             // Past-Future primes its length history with this: by default the whole context.
             max_output_bound: max_output_bound.unwrap_or(config.max_position_embeddings),
             seed,
+            spec: spec.as_ref().map(|s| s.cfg.clone()),
             ..Default::default()
         };
         cfg.validate().map_err(to_py)?;
         let dir = model_dir.clone();
         let (exec, tokenizer) = py
             .detach(|| {
-                let exec = ModelExecutor::load(&dir, dtype, kv_cache_tokens / block_size, block_size)?;
+                let blocks = kv_cache_tokens / block_size;
+                let mut exec = ModelExecutor::load(&dir, dtype, blocks, block_size)?;
+                match spec.map(|s| (s.method, s.cfg.k_max)) {
+                    Some((Method::Ngram { min_n, max_n }, _)) => exec.set_proposer(Proposer::Ngram { min_n, max_n }),
+                    Some((Method::Draft { model, num_layers }, k_max)) => {
+                        let draft_dir = model.unwrap_or_else(|| dir.clone());
+                        let vocab = exec.model.cfg.vocab_size;
+                        let draft = DraftModel::load(&draft_dir, dtype, num_layers, vocab, blocks, block_size, max_num_seqs, k_max)?;
+                        exec.set_proposer(Proposer::Draft(Box::new(draft)));
+                    }
+                    Some((Method::Simulated(_), _)) | None => {}
+                }
                 let tok = Tokenizer::from_dir(&dir)?;
                 Ok::<_, HoraeError>((exec, tok))
             })

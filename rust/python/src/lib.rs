@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 
 mod engine;
+mod spec;
 
 use horae_core::backend::gemm::WeightDtype;
 use horae_core::model::LlamaModel;
@@ -109,6 +110,7 @@ fn synthetic_trace(dist: &str, n: usize, seed: u64) -> PyResult<PyTrace> {
     cost_coef = None, kv_cache_tokens = 120_000, block_size = 16, max_num_seqs = 256,
     max_batched_tokens = 2048, max_tokens = 4096, prefix_caching = true, history_window = 1000,
     reserve = 0.05, watermark = 0.95, seed = 0, ttft = None, tpot = None, max_itl = None, e2e = None,
+    speculative = None,
 ))]
 #[allow(clippy::too_many_arguments)]
 fn simulate<'py>(
@@ -133,8 +135,14 @@ fn simulate<'py>(
     tpot: Option<f64>,
     max_itl: Option<f64>,
     e2e: Option<f64>,
+    speculative: Option<Bound<'py, PyDict>>,
 ) -> PyResult<(String, Bound<'py, PyDict>, Bound<'py, PyDict>)> {
     let policy: PolicyKind = scheduler.parse().map_err(to_py)?;
+    let spec = speculative.map(|d| spec::parse(&d, true, seed)).transpose()?;
+    let (spec, acceptance) = match spec {
+        Some(spec::SpecArgs { cfg, method: spec::Method::Simulated(a) }) => (Some(cfg), Some(a)),
+        _ => (None, None),
+    };
     let cost = match cost_coef {
         Some(coef) => CostModel::Linear { coef },
         None => CostModel::roofline(model, hardware).map_err(to_py)?,
@@ -152,10 +160,12 @@ fn simulate<'py>(
             reserve,
             watermark,
             seed,
+            spec,
         },
         cost,
         max_tokens,
         load: clients.map_or(LoadModel::Open, |clients| LoadModel::Closed { clients }),
+        acceptance,
     };
     let sla = Sla { ttft, tpot, max_itl, e2e };
     let inner = &trace.inner;
@@ -170,6 +180,14 @@ fn simulate<'py>(
     summary["policy"] = result.policy.clone().into();
     summary["prefix_hit_rate"] = result.prefix_hit_rate.into();
     summary["num_steps"] = result.steps.len().into();
+    if let Some(s) = result.spec {
+        summary["spec"] = serde_json::json!({
+            "num_drafts": s.num_drafts,
+            "draft_tokens": s.draft_tokens,
+            "accepted_tokens": s.accepted_tokens,
+            "alpha": s.alpha,
+        });
+    }
 
     let recs = &result.records;
     let req = PyDict::new(py);
@@ -203,6 +221,7 @@ fn simulate<'py>(
     col!(st, "waiting", steps, |s| s.waiting);
     col!(st, "batched_tokens", steps, |s| s.batched_tokens);
     col!(st, "kv_usage", steps, |s| s.kv_usage);
+    col!(st, "spec_k", steps, |s| s.spec_k);
     col!(st, "predicted_peak", steps, |s| s.predicted_peak.map_or(f64::NAN, |p| p as f64));
     Ok((summary.to_string(), req, st))
 }

@@ -19,6 +19,8 @@ pub struct StepSample {
     pub predicted_peak: Option<u64>,
     /// What the step computed, in the cost model's terms (to fit it to measured step times).
     pub features: StepFeatures,
+    /// Speculative decoding: the step's k (0 when off).
+    pub spec_k: u32,
 }
 
 #[derive(Debug, Default)]
@@ -81,7 +83,18 @@ impl Engine {
 
     pub fn step(&mut self) -> Result<StepResult> {
         let started = self.clock.now();
+        if let Some(k) = self.sched.spec_k_max() {
+            let ids = self.sched.spec_candidates();
+            if !ids.is_empty() {
+                for (id, draft) in self.executor.propose(&self.sched, &ids, k)? {
+                    self.sched.set_draft(id, draft);
+                }
+            }
+        }
         let plan = self.sched.schedule(started);
+        for &id in &plan.preempted {
+            self.executor.preempted(id);
+        }
         let mut result = StepResult { preempted: plan.preempted.clone(), ..Default::default() };
         if plan.seqs.is_empty() {
             if self.sched.has_work() && plan.preempted.is_empty() {
@@ -98,9 +111,20 @@ impl Engine {
             self.clock.advance(dt);
         }
         let now = self.clock.now();
+        let (mut drafted, mut accepted_total) = (0, 0);
         for s in &plan.seqs {
-            self.sched.computed(s.id, s.num_tokens);
+            if s.num_draft == 0 {
+                self.sched.computed(s.id, s.num_tokens);
+                continue;
+            }
+            let accepted = out.accepted.iter().find(|a| a.0 == s.id).map_or(0, |a| a.1).min(s.num_draft);
+            // The last real token and the accepted drafts now have KV; the rejected ones don't.
+            self.sched.computed(s.id, s.num_tokens - s.num_draft + accepted);
+            self.sched.drafts_verified(s.id, s.num_draft, accepted);
+            drafted += s.num_draft;
+            accepted_total += accepted;
         }
+        self.sched.spec_observe(&plan, now - started, drafted, accepted_total);
         for (id, lp) in out.logprobs {
             self.sched.push_logprobs(id, lp);
         }
@@ -108,6 +132,9 @@ impl Engine {
             self.sched.push_prompt_logprobs(id, pos, lp);
         }
         for &(id, token) in &out.sampled {
+            if self.sched.request(id).is_none() {
+                continue; // finished earlier in this step (e.g. EOS among accepted drafts)
+            }
             self.sched.push_token(id, token, now);
             result.tokens.push((id, token));
             if let Some(reason) = self.stop_reason(id, token) {
@@ -140,6 +167,7 @@ impl Engine {
             kv_usage: self.sched.kv().usage() as f32,
             predicted_peak: self.sched.predicted_peak(),
             features: StepFeatures::of_plan(plan),
+            spec_k: self.sched.spec_stats().map_or(0, |s| s.k as u32),
         }
     }
 }

@@ -8,8 +8,11 @@ use crate::sched::{SchedulePlan, Scheduler};
 
 #[derive(Debug, Clone, Default)]
 pub struct ExecOutput {
-    /// One token for every scheduled sequence whose `samples` flag is set.
+    /// One token for every scheduled sequence whose `samples` flag is set; a sequence that
+    /// carried drafts gets its accepted drafts and then one more token, in order.
     pub sampled: Vec<(ReqId, u32)>,
+    /// For every sequence scheduled with drafts: how many of them were accepted.
+    pub accepted: Vec<(ReqId, usize)>,
     /// Log-probabilities for the sampled tokens of requests that asked for them.
     pub logprobs: Vec<(ReqId, TokenLogprobs)>,
     /// `(request, prompt position p, logprobs of prompt token p)` for requests that asked.
@@ -27,4 +30,13 @@ pub trait Executor: Send {
 
     /// A request left the engine; drop any per-request state.
     fn release(&mut self, _id: ReqId) {}
+
+    /// A request was preempted: its KV is gone (a draft model's too) and will be recomputed.
+    fn preempted(&mut self, _id: ReqId) {}
+
+    /// Speculative decoding: propose up to `k` draft tokens for each of `ids` (running requests
+    /// about to decode). Requests left out, or given an empty draft, decode normally.
+    fn propose(&mut self, _state: &Scheduler, _ids: &[ReqId], _k: usize) -> Result<Vec<(ReqId, Vec<u32>)>> {
+        Ok(Vec::new())
+    }
 }

@@ -113,6 +113,11 @@ pub struct Request {
     pub prompt_logprobs: Vec<crate::sample::TokenLogprobs>,
     /// The admission policy's length predictions, kept between steps (see `SeqLoad::forecast`).
     pub forecast: [u32; crate::sched::MAX_SCENARIOS],
+    /// Speculative decoding: the tokens proposed for the next step (not yet part of `output`).
+    pub draft: Vec<u32>,
+    /// Draft tokens verified for this request, and how many were accepted.
+    pub spec_drafted: u64,
+    pub spec_accepted: u64,
 }
 
 impl Request {
@@ -135,6 +140,9 @@ impl Request {
             forecast: [0; crate::sched::MAX_SCENARIOS],
             logprobs: Vec::new(),
             prompt_logprobs: Vec::new(),
+            draft: Vec::new(),
+            spec_drafted: 0,
+            spec_accepted: 0,
         }
     }
 
@@ -152,6 +160,16 @@ impl Request {
         match self.state {
             RequestState::Finished(r) => Some(r),
             _ => None,
+        }
+    }
+
+    /// Token at position `p` of the sequence (prompt, then outputs); `None` past the end or for a
+    /// synthetic prompt.
+    pub fn token_at(&self, p: usize) -> Option<u32> {
+        match &self.prompt {
+            Prompt::Tokens(t) if p < t.len() => Some(t[p]),
+            Prompt::Tokens(t) => self.output.get(p - t.len()).copied(),
+            Prompt::Synthetic { .. } => None,
         }
     }
 

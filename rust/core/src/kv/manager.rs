@@ -155,6 +155,23 @@ impl KvManager {
         Ok(copies)
     }
 
+    /// Shrink `seq` to its first `num_tokens` slots, releasing the blocks past them (rejected
+    /// speculative tokens). Blocks already named in the prefix cache are never dropped here: they
+    /// hold computed tokens only.
+    pub fn truncate(&mut self, seq: SeqId, num_tokens: usize) {
+        let Some(t) = self.tables.get_mut(&seq) else { return };
+        if num_tokens >= t.num_tokens {
+            return;
+        }
+        t.num_tokens = num_tokens;
+        let keep = num_tokens.div_ceil(self.block_size).max(t.num_registered);
+        while t.blocks.len() > keep {
+            let b = t.blocks.pop().expect("len > keep");
+            self.pool.release(b);
+        }
+        t.num_tokens = t.num_tokens.max(t.num_registered * self.block_size);
+    }
+
     /// Name the full blocks of `seq` whose KV is now computed, so later requests can reuse them.
     /// `hashes` are the chained hashes of the sequence's full blocks (possibly more than computed).
     pub fn register_computed(&mut self, seq: SeqId, computed_tokens: usize, hashes: &[BlockHash]) {

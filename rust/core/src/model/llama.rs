@@ -92,7 +92,19 @@ impl LlamaModel {
     /// Load a model folder. `dtype` is how matmul weights are kept; `None` follows the folder's
     /// `torch_dtype` (bf16 for bf16 or f16 checkpoints, else f32).
     pub fn load(dir: &Path, dtype: Option<WeightDtype>) -> Result<Self> {
-        let cfg = ModelConfig::from_dir(dir)?;
+        Self::load_first_layers(dir, dtype, None)
+    }
+
+    /// Load only the first `layers` decoder layers (with the final norm and LM head): a cheap
+    /// draft model for speculative decoding made from any checkpoint.
+    pub fn load_first_layers(dir: &Path, dtype: Option<WeightDtype>, layers: Option<usize>) -> Result<Self> {
+        let mut cfg = ModelConfig::from_dir(dir)?;
+        if let Some(n) = layers {
+            if n == 0 || n > cfg.num_layers {
+                return Err(HoraeError::InvalidConfig(format!("the model has {} layers; cannot keep {n}", cfg.num_layers)));
+            }
+            cfg.num_layers = n;
+        }
         let dtype = dtype.unwrap_or(cfg.default_dtype());
         let mut w = Weights::load(dir)?;
         let (h, hd, nh, nkv, inter) = (cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads, cfg.intermediate_size);

@@ -9,5 +9,5 @@ pub mod weights;
 
 pub use config::{Arch, ModelConfig};
 pub use llama::{KvCache, LlamaModel};
-pub use runner::ModelExecutor;
+pub use runner::{ModelExecutor, Proposer};
 pub use tokenizer::{IncrementalDetokenizer, Tokenizer};

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
-use rand::{rngs::SmallRng, SeedableRng};
+use rand::rngs::SmallRng;
 
 use super::llama::{BatchInput, KvCache, LlamaModel};
 use crate::backend::attention::AttnSeq;
@@ -14,6 +14,7 @@ use crate::engine::{ExecOutput, Executor, Prompt, ReqId};
 use crate::error::{HoraeError, Result};
 use crate::sample;
 use crate::sched::{SchedulePlan, Scheduler};
+use crate::spec::{self, ngram, DraftModel, Verdict};
 
 pub struct ModelExecutor {
     /// Shared so that callers can also run the model outside the engine (teacher-forced logits).
@@ -22,6 +23,15 @@ pub struct ModelExecutor {
     eos: Vec<u32>,
     rngs: HashMap<ReqId, SmallRng>,
     logits: Vec<f32>,
+    proposer: Option<Proposer>,
+    /// The draft model's distribution for each of a request's pending drafts.
+    draft_probs: HashMap<ReqId, Vec<Vec<f32>>>,
+}
+
+/// Where speculative drafts come from.
+pub enum Proposer {
+    Ngram { min_n: usize, max_n: usize },
+    Draft(Box<DraftModel>),
 }
 
 impl ModelExecutor {
@@ -41,7 +51,79 @@ impl ModelExecutor {
                 }
             }
         }
-        Ok(Self { model, cache, eos, rngs: HashMap::new(), logits: Vec::new() })
+        Ok(Self { model, cache, eos, rngs: HashMap::new(), logits: Vec::new(), proposer: None, draft_probs: HashMap::new() })
+    }
+}
+
+/// One sequence whose logits are sampled this step: `rows` logit rows from `first`; more than one
+/// when it carries drafts to verify.
+struct SampleJob {
+    id: ReqId,
+    first: usize,
+    rows: usize,
+}
+
+impl ModelExecutor {
+    /// Speculative decoding: where drafts come from.
+    pub fn set_proposer(&mut self, proposer: Proposer) {
+        self.proposer = Some(proposer);
+    }
+
+    /// Sample one sequence's next token(s) from its logit rows: the plain case is one row; with
+    /// drafts, each row verifies the draft before it (rejection sampling, the target's
+    /// penalties and masks applied position by position) and the first rejection ends it.
+    fn sample_seq(
+        &mut self,
+        job: &SampleJob,
+        rows: &mut [f32],
+        r: &crate::engine::Request,
+        out: &mut ExecOutput,
+    ) {
+        let vocab = self.model.cfg.vocab_size;
+        let Prompt::Tokens(prompt) = &r.prompt else { unreachable!("checked by the caller") };
+        let p = &r.sampling;
+        let rng = self.rngs.entry(job.id).or_insert_with(|| sample::request_rng(job.id, p.seed));
+        let drafts = &r.draft[..job.rows - 1];
+        let draft_probs = self.draft_probs.remove(&job.id);
+        let mut output = std::borrow::Cow::Borrowed(&r.output[..]);
+        let mut accepted = 0;
+        for i in 0..job.rows {
+            let row = &mut rows[i * vocab..(i + 1) * vocab];
+            let raw = p.logprobs.map(|_| row.to_vec());
+            sample::apply_penalties(row, p, prompt, &output);
+            if output.len() < p.min_tokens {
+                // Too early to stop: end-of-sequence cannot be drawn.
+                for &e in &self.eos {
+                    if let Some(l) = row.get_mut(e as usize) {
+                        *l = f32::NEG_INFINITY;
+                    }
+                }
+            }
+            let (token, done) = if i < drafts.len() {
+                let target = sample::distribution(row, p);
+                let q = draft_probs.as_ref().and_then(|d| d.get(i)).map(|v| &v[..]);
+                match spec::check_draft(&target, drafts[i], q, rng) {
+                    Verdict::Accept => {
+                        accepted += 1;
+                        (drafts[i], false)
+                    }
+                    Verdict::Reject(t) => (t, true),
+                }
+            } else {
+                (sample::sample(row, p, rng), true)
+            };
+            if let (Some(k), Some(raw)) = (p.logprobs, raw) {
+                out.logprobs.push((job.id, sample::logprobs(&raw, token, k)));
+            }
+            out.sampled.push((job.id, token));
+            if done {
+                break;
+            }
+            output.to_mut().push(token);
+        }
+        if job.rows > 1 {
+            out.accepted.push((job.id, accepted));
+        }
     }
 }
 
@@ -49,10 +131,13 @@ impl Executor for ModelExecutor {
     fn execute(&mut self, plan: &SchedulePlan, state: &Scheduler) -> Result<ExecOutput> {
         for c in &plan.copies {
             self.cache.copy_block(c.src as usize, c.dst as usize);
+            if let Some(Proposer::Draft(d)) = &mut self.proposer {
+                d.copy_block(c.src as usize, c.dst as usize);
+            }
         }
         let bs = self.cache.block_size;
         let mut input = BatchInput { tokens: vec![], positions: vec![], slots: vec![], seqs: vec![], logit_rows: vec![] };
-        let mut samplers = Vec::new();
+        let mut jobs = Vec::new();
         let mut prompt_rows: Vec<(ReqId, usize, u32, usize, usize)> = Vec::new();
         for s in &plan.seqs {
             let r = state.request(s.id).ok_or(HoraeError::UnknownRequest(s.id))?;
@@ -61,15 +146,19 @@ impl Executor for ModelExecutor {
             };
             let table = state.kv().block_table(s.id).ok_or(HoraeError::UnknownRequest(s.id))?;
             let row = input.tokens.len();
+            let total = r.total_len();
             for p in s.start..s.start + s.num_tokens {
-                input.tokens.push(if p < prompt.len() { prompt[p] } else { r.output[p - prompt.len()] });
+                let token = if p < total { r.token_at(p) } else { r.draft.get(p - total).copied() };
+                input.tokens.push(token.ok_or_else(|| HoraeError::Executor(format!("request {} has no token at {p}", s.id)))?);
                 input.positions.push(p);
                 input.slots.push(table[p / bs] as usize * bs + p % bs);
             }
             input.seqs.push(AttnSeq { row, num_tokens: s.num_tokens, start: s.start, block_table: table });
             if s.samples {
-                input.logit_rows.push(row + s.num_tokens - 1);
-                samplers.push(s.id);
+                // The last real token's row, then one per draft.
+                let rows = 1 + s.num_draft;
+                jobs.push(SampleJob { id: s.id, first: input.logit_rows.len(), rows });
+                input.logit_rows.extend(row + s.num_tokens - rows..row + s.num_tokens);
             }
             if let Some(k) = r.sampling.prompt_logprobs {
                 // Row of position p predicts prompt token p + 1.
@@ -84,9 +173,8 @@ impl Executor for ModelExecutor {
         let mut logits = std::mem::take(&mut self.logits);
         self.model.forward(&input, &mut self.cache, &mut logits)?;
         let vocab = self.model.cfg.vocab_size;
-        let mut sampled = Vec::with_capacity(samplers.len());
-        let mut logprobs = Vec::new();
-        let prompt_logprobs: Vec<(ReqId, usize, sample::TokenLogprobs)> = prompt_rows
+        let mut out = ExecOutput::default();
+        out.prompt_logprobs = prompt_rows
             .iter()
             .enumerate()
             .map(|(i, &(id, pos, token, k, _))| {
@@ -94,30 +182,13 @@ impl Executor for ModelExecutor {
                 (id, pos, sample::logprobs(row, token, k))
             })
             .collect();
-        for (i, id) in samplers.into_iter().enumerate() {
-            let r = state.request(id).expect("checked above");
-            let Prompt::Tokens(prompt) = &r.prompt else { unreachable!("checked above") };
-            let row = &mut logits[i * vocab..(i + 1) * vocab];
-            let p = &r.sampling;
-            let raw = p.logprobs.map(|_| row.to_vec());
-            sample::apply_penalties(row, p, prompt, &r.output);
-            if r.output.len() < p.min_tokens {
-                // Too early to stop: end-of-sequence cannot be drawn.
-                for &e in &self.eos {
-                    if let Some(l) = row.get_mut(e as usize) {
-                        *l = f32::NEG_INFINITY;
-                    }
-                }
-            }
-            let rng = self.rngs.entry(id).or_insert_with(|| SmallRng::seed_from_u64(p.seed.unwrap_or(id ^ 0x9e37_79b9_7f4a_7c15)));
-            let token = sample::sample(row, p, rng);
-            if let (Some(k), Some(raw)) = (p.logprobs, raw) {
-                logprobs.push((id, sample::logprobs(&raw, token, k)));
-            }
-            sampled.push((id, token));
+        for job in &jobs {
+            let r = state.request(job.id).expect("checked above");
+            let rows = &mut logits[job.first * vocab..(job.first + job.rows) * vocab];
+            self.sample_seq(job, rows, r, &mut out);
         }
         self.logits = logits;
-        Ok(ExecOutput { sampled, logprobs, prompt_logprobs, elapsed: None })
+        Ok(out)
     }
 
     fn eos_token_ids(&self) -> Vec<u32> {
@@ -126,5 +197,44 @@ impl Executor for ModelExecutor {
 
     fn release(&mut self, id: ReqId) {
         self.rngs.remove(&id);
+        self.draft_probs.remove(&id);
+        if let Some(Proposer::Draft(d)) = &mut self.proposer {
+            d.forget(id);
+        }
+    }
+
+    fn preempted(&mut self, id: ReqId) {
+        self.draft_probs.remove(&id);
+        if let Some(Proposer::Draft(d)) = &mut self.proposer {
+            d.forget(id);
+        }
+    }
+
+    fn propose(&mut self, state: &Scheduler, ids: &[ReqId], k: usize) -> Result<Vec<(ReqId, Vec<u32>)>> {
+        match &mut self.proposer {
+            None => Ok(Vec::new()),
+            Some(Proposer::Ngram { min_n, max_n }) => {
+                let mut out = Vec::with_capacity(ids.len());
+                let mut tokens = Vec::new();
+                for &id in ids {
+                    let r = state.request(id).ok_or(HoraeError::UnknownRequest(id))?;
+                    let Prompt::Tokens(prompt) = &r.prompt else { continue };
+                    tokens.clear();
+                    tokens.extend_from_slice(prompt);
+                    tokens.extend_from_slice(&r.output);
+                    out.push((id, ngram::propose(&tokens, k, *min_n, *max_n)));
+                }
+                Ok(out)
+            }
+            Some(Proposer::Draft(d)) => {
+                let proposals = d.propose(state, ids, k, &mut self.rngs)?;
+                let mut out = Vec::with_capacity(proposals.len());
+                for (id, tokens, probs) in proposals {
+                    self.draft_probs.insert(id, probs);
+                    out.push((id, tokens));
+                }
+                Ok(out)
+            }
+        }
     }
 }

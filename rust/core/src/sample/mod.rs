@@ -145,11 +145,23 @@ pub fn argmax(logits: &[f32]) -> u32 {
     best as u32
 }
 
+/// A request's random stream: its own seed, or one derived from its id.
+pub fn request_rng(id: u64, seed: Option<u64>) -> SmallRng {
+    use rand::SeedableRng;
+    SmallRng::seed_from_u64(seed.unwrap_or(id ^ 0x9e37_79b9_7f4a_7c15))
+}
+
 /// Draw the next token from (already penalised) logits.
 pub fn sample(logits: &[f32], p: &SamplingParams, rng: &mut SmallRng) -> u32 {
     if p.is_greedy() {
         return argmax(logits);
     }
+    draw(&candidates(logits, p), rng)
+}
+
+/// The tokens `sample` may draw (temperature, top-k, min-p, top-p applied) with unnormalised
+/// weights, most likely first. Not for greedy parameters (temperature 0 is a point mass).
+pub fn candidates(logits: &[f32], p: &SamplingParams) -> Vec<(u32, f32)> {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let mut cand: Vec<(u32, f32)> =
         logits.iter().enumerate().map(|(i, &l)| (i as u32, ((l - max) / p.temperature).exp())).collect();
@@ -174,15 +186,36 @@ pub fn sample(logits: &[f32], p: &SamplingParams, rng: &mut SmallRng) -> u32 {
             .map_or(cand.len(), |i| i + 1);
         cand.truncate(keep);
     }
+    cand
+}
+
+/// The sampling distribution over the whole vocabulary (probabilities summing to 1): a point
+/// mass on the argmax for greedy parameters.
+pub fn distribution(logits: &[f32], p: &SamplingParams) -> Vec<f32> {
+    let mut probs = vec![0.0f32; logits.len()];
+    if p.is_greedy() {
+        probs[argmax(logits) as usize] = 1.0;
+        return probs;
+    }
+    let cand = candidates(logits, p);
+    let mass: f32 = cand.iter().map(|c| c.1).sum();
+    for (t, w) in cand {
+        probs[t as usize] = w / mass;
+    }
+    probs
+}
+
+/// One draw from unnormalised weights.
+pub fn draw(cand: &[(u32, f32)], rng: &mut SmallRng) -> u32 {
     let mass: f32 = cand.iter().map(|c| c.1).sum();
     let mut u = rng.random::<f32>() * mass;
-    for &(t, w) in &cand {
+    for &(t, w) in cand {
         if u < w {
             return t;
         }
         u -= w;
     }
-    cand.last().map_or(0, |c| c.0)
+    cand.iter().rev().find(|c| c.1 > 0.0).or(cand.last()).map_or(0, |c| c.0)
 }
 
 #[cfg(test)]

@@ -86,6 +86,8 @@ pub struct SchedulerConfig {
     /// Aggressive: admit while block use stays under this fraction.
     pub watermark: f64,
     pub seed: u64,
+    /// Speculative decoding: how many draft tokens, chosen how (None = off).
+    pub spec: Option<crate::spec::SpecConfig>,
 }
 
 impl Default for SchedulerConfig {
@@ -102,6 +104,7 @@ impl Default for SchedulerConfig {
             reserve: 0.05,
             watermark: 0.95,
             seed: 0,
+            spec: None,
         }
     }
 }
@@ -135,6 +138,9 @@ impl SchedulerConfig {
         }
         if !(self.watermark > 0.0 && self.watermark <= 1.0) {
             return bad(format!("watermark must be in (0, 1], got {}", self.watermark));
+        }
+        if let Some(s) = &self.spec {
+            s.validate()?;
         }
         Ok(())
     }

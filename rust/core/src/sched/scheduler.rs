@@ -16,6 +16,8 @@ use super::{SchedulerConfig, TrueLengths};
 use crate::engine::{FinishReason, ReqId, Request, RequestState};
 use crate::error::{HoraeError, Result};
 use crate::kv::{BlockCopy, KvManager};
+use crate::spec::{SpecController, SpecStats};
+use crate::spec::control::StepShape;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ScheduledSeq {
@@ -25,6 +27,9 @@ pub struct ScheduledSeq {
     pub num_tokens: usize,
     /// Whether this step reaches the end of the known tokens, so the executor samples one.
     pub samples: bool,
+    /// The last `num_draft` of the `num_tokens` are the request's draft tokens (speculative
+    /// decoding), to be verified; they have KV slots but are not yet part of its output.
+    pub num_draft: usize,
 }
 
 /// What a step computes, in the terms of the simulator's cost model (fitted to measured step
@@ -98,6 +103,9 @@ pub struct Scheduler {
     /// In admission order: the last one is the first to be preempted.
     running: Vec<ReqId>,
     stats: SchedulerStats,
+    spec: Option<SpecController>,
+    /// This step's speculation length (SmartSpec's k).
+    step_k: usize,
 }
 
 impl Scheduler {
@@ -105,7 +113,10 @@ impl Scheduler {
         cfg.validate()?;
         let kv = KvManager::with_token_budget(cfg.kv_cache_tokens, cfg.block_size, cfg.prefix_caching)?;
         let policy = cfg.build_policy(true_lengths)?;
+        let spec = cfg.spec.clone().map(SpecController::new).transpose()?;
         Ok(Self {
+            spec,
+            step_k: 0,
             cfg,
             kv,
             policy,
@@ -172,6 +183,7 @@ impl Scheduler {
     pub fn schedule(&mut self, now: f64) -> SchedulePlan {
         let mut plan = SchedulePlan::default();
         let mut budget = self.cfg.max_batched_tokens;
+        self.step_k = self.choose_spec_k(budget);
         self.schedule_running(&mut plan, &mut budget);
         if plan.preempted.is_empty() {
             self.admit_waiting(&mut plan, &mut budget, now);
@@ -186,9 +198,18 @@ impl Scheduler {
             let id = self.running[i];
             let r = &self.requests[&id];
             let (start, total) = (r.num_computed, r.total_len());
-            let n = (total - start).min(*budget);
+            let mut n = (total - start).min(*budget);
+            // Draft tokens ride along a decode step if the budget and the pool have room for
+            // them; they never cause a preemption.
+            let mut drafts = if n == total - start { self.step_k.min(r.draft.len()).min(*budget - n) } else { 0 };
             // Saturating: after a failed step the slots may already be there.
-            let slots = (start + n).saturating_sub(self.kv.num_tokens(id));
+            let slots_for = |kv: &KvManager, n: usize| (start + n).saturating_sub(kv.num_tokens(id));
+            if drafts > 0 && !self.kv.can_append(id, slots_for(&self.kv, n + drafts)) {
+                drafts = 0;
+            }
+            n += drafts;
+            self.requests.get_mut(&id).expect("running request exists").draft.truncate(drafts);
+            let slots = slots_for(&self.kv, n);
             let mut preempted_self = false;
             while !self.kv.can_append(id, slots) {
                 let victim = *self.running.last().expect("the current sequence is running");
@@ -203,7 +224,7 @@ impl Scheduler {
                 break;
             }
             plan.copies.extend(self.kv.append(id, slots).expect("can_append checked"));
-            plan.seqs.push(ScheduledSeq { id, start, num_tokens: n, samples: start + n == total });
+            plan.seqs.push(ScheduledSeq { id, start, num_tokens: n, samples: start + n >= total, num_draft: drafts });
             *budget -= n;
             i += 1;
         }
@@ -258,7 +279,7 @@ impl Scheduler {
             r.cached_tokens += got as u64;
             r.state = RequestState::Running;
             r.times.first_scheduled.get_or_insert(now);
-            plan.seqs.push(ScheduledSeq { id, start: got, num_tokens: n, samples: got + n == total });
+            plan.seqs.push(ScheduledSeq { id, start: got, num_tokens: n, samples: got + n == total, num_draft: 0 });
             self.running.push(id);
             self.stats.admitted += 1;
             *budget -= n;
@@ -278,6 +299,7 @@ impl Scheduler {
         self.stats.recomputed_tokens += r.num_computed as u64;
         r.num_computed = 0;
         r.preemptions += 1;
+        r.draft.clear();
         r.state = RequestState::Preempted;
         self.stats.preemptions += 1;
         self.waiting.push_front(id);
@@ -289,6 +311,96 @@ impl Scheduler {
             r.num_computed += n;
             self.kv.register_computed(id, r.num_computed, &r.prompt_block_hashes);
         }
+    }
+
+    /// Speculative decoding is on: the largest number of drafts a sequence may carry.
+    pub fn spec_k_max(&self) -> Option<usize> {
+        self.spec.as_ref().map(|s| s.config().k_max)
+    }
+
+    pub fn spec_stats(&self) -> Option<SpecStats> {
+        self.spec.as_ref().map(|s| s.stats())
+    }
+
+    /// Running requests whose next step is a decode step with room for at least one draft
+    /// (they may still generate two tokens or more): the ones a proposer should draft for.
+    pub fn spec_candidates(&self) -> Vec<ReqId> {
+        self.running
+            .iter()
+            .copied()
+            .filter(|id| {
+                let r = &self.requests[id];
+                r.total_len() == r.num_computed + 1 && r.output.len() + 1 < r.max_tokens
+            })
+            .collect()
+    }
+
+    /// A proposer's drafts for `id`, capped so that the request cannot overshoot `max_tokens`.
+    pub fn set_draft(&mut self, id: ReqId, mut draft: Vec<u32>) {
+        if let Some(r) = self.requests.get_mut(&id) {
+            draft.truncate(r.max_tokens.saturating_sub(r.output.len() + 1));
+            r.draft = draft;
+        }
+    }
+
+    /// SmartSpec's k for this step: the batch as it stands (running sequences, their drafts,
+    /// their KV), predicted with and without speculation.
+    fn choose_spec_k(&mut self, budget: usize) -> usize {
+        let Some(spec) = self.spec.as_mut() else { return 0 };
+        let mut draft_lens = Vec::new();
+        let mut ids = Vec::new();
+        let mut base = StepShape::default();
+        let mut others = 0usize;
+        for &id in &self.running {
+            let r = &self.requests[&id];
+            let left = r.total_len() - r.num_computed;
+            base.kv_tokens += r.total_len() as f64;
+            base.num_seqs += 1.0;
+            base.batched_tokens += left.min(budget) as f64;
+            if left == 1 && !r.draft.is_empty() {
+                draft_lens.push(r.draft.len());
+                ids.push(id);
+            } else if left <= budget {
+                others += 1;
+            }
+        }
+        let kv = &self.kv;
+        let requests = &self.requests;
+        let free = kv.pool().num_allocatable();
+        let fits = |k: usize| {
+            let need: usize = ids
+                .iter()
+                .map(|id| {
+                    let r = &requests[id];
+                    let n = r.total_len() + k.min(r.draft.len());
+                    kv.blocks_needed_to_append(*id, n.saturating_sub(kv.num_tokens(*id)))
+                })
+                .sum();
+            need <= free
+        };
+        spec.choose(&draft_lens, base, others, fits)
+    }
+
+    /// After a step that verified `drafted` draft tokens of `id`: `accepted` were kept. The
+    /// rejected drafts' KV slots are given back, so the pool holds only computed tokens.
+    pub fn drafts_verified(&mut self, id: ReqId, drafted: usize, accepted: usize) {
+        if let Some(r) = self.requests.get_mut(&id) {
+            r.spec_drafted += drafted as u64;
+            r.spec_accepted += accepted as u64;
+            r.draft.clear();
+            self.kv.truncate(id, r.num_computed);
+        }
+    }
+
+    /// Feed SmartSpec the step that just ran: what it computed, its measured seconds, and the
+    /// drafts verified in it.
+    pub fn spec_observe(&mut self, plan: &SchedulePlan, seconds: f64, drafted: usize, accepted: usize) {
+        let Some(spec) = self.spec.as_mut() else { return };
+        let f = StepFeatures::of_plan(plan);
+        let shape = StepShape { kv_tokens: f.context_tokens, batched_tokens: f.num_tokens, num_seqs: f.num_seqs };
+        spec.observe_step(shape, seconds);
+        let seqs = plan.seqs.iter().filter(|s| s.num_draft > 0).count();
+        spec.observe_acceptance(drafted, accepted, seqs);
     }
 
     /// Record a sampled token for a running request.

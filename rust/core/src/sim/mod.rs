@@ -9,7 +9,7 @@ pub mod trace;
 pub mod workload;
 
 pub use cost_model::{CostModel, HardwareSpec, ModelSpec, StepFeatures};
-pub use executor::SimExecutor;
+pub use executor::{Acceptance, SimExecutor};
 pub use report::{Percentiles, RequestRecord, Sla, Summary};
 pub use runner::{simulate, LoadModel, SimConfig, SimResult};
 pub use trace::{load_trace, Trace, TraceFormat, TraceRequest};

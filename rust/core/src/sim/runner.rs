@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use super::cost_model::CostModel;
-use super::executor::SimExecutor;
+use super::executor::{Acceptance, SimExecutor};
 use super::report::{RequestRecord, Sla, Summary};
 use super::trace::Trace;
 use crate::engine::{Engine, Prompt, RequestSpec, StepSample, VirtualClock};
@@ -26,6 +26,8 @@ pub struct SimConfig {
     /// The client's bound on every request's output; never the true length.
     pub max_tokens: usize,
     pub load: LoadModel,
+    /// Speculative decoding (with `sched.spec` set): how well the modelled proposer guesses.
+    pub acceptance: Option<Acceptance>,
 }
 
 #[derive(Debug, Clone)]
@@ -36,6 +38,7 @@ pub struct SimResult {
     pub steps: Vec<StepSample>,
     pub stats: SchedulerStats,
     pub prefix_hit_rate: f64,
+    pub spec: Option<crate::spec::SpecStats>,
 }
 
 impl SimResult {
@@ -67,7 +70,17 @@ pub fn simulate(trace: &Trace, cfg: &SimConfig) -> Result<SimResult> {
     // The oracle's lengths are handed to the scheduler only when the oracle policy is chosen.
     let sched = Scheduler::new(cfg.sched.clone(), Some(oracle))?;
     let policy = sched.policy_name().to_string();
-    let exec = SimExecutor::new(cfg.cost.clone(), true_lengths);
+    let mut exec = SimExecutor::new(cfg.cost.clone(), true_lengths);
+    match (&cfg.sched.spec, cfg.acceptance) {
+        (Some(_), Some(a)) => {
+            a.validate()?;
+            exec = exec.with_acceptance(a);
+        }
+        (Some(_), None) => {
+            return Err(HoraeError::InvalidConfig("simulated speculative decoding needs an acceptance model".into()))
+        }
+        (None, _) => {}
+    }
     let mut engine = Engine::new(sched, Box::new(exec), Box::new(VirtualClock::default()));
 
     let mut records: Vec<Option<RequestRecord>> = vec![None; reqs.len()];
@@ -137,10 +150,11 @@ pub fn simulate(trace: &Trace, cfg: &SimConfig) -> Result<SimResult> {
     }
     let stats = engine.scheduler().stats();
     let prefix_hit_rate = engine.scheduler().kv().pool().hit_rate();
+    let spec = engine.scheduler().spec_stats();
     let records = records
         .into_iter()
         .enumerate()
         .map(|(i, r)| r.ok_or_else(|| HoraeError::Stalled(format!("request {i} never finished"))))
         .collect::<Result<Vec<_>>>()?;
-    Ok(SimResult { policy, records, steps, stats, prefix_hit_rate })
+    Ok(SimResult { policy, records, steps, stats, prefix_hit_rate, spec })
 }
