@@ -83,11 +83,18 @@ impl Engine {
 
     pub fn step(&mut self) -> Result<StepResult> {
         let started = self.clock.now();
-        if let Some(k) = self.sched.spec_k_max() {
+        if let Some(k_max) = self.sched.spec_k_max() {
             let ids = self.sched.spec_candidates();
             if !ids.is_empty() {
-                for (id, draft) in self.executor.propose(&self.sched, &ids, k)? {
-                    self.sched.set_draft(id, draft);
+                let lookup = self.executor.lookup_proposals();
+                let k = if lookup { k_max } else { self.sched.plan_spec(Some(k_max)) };
+                if k > 0 {
+                    for (id, draft) in self.executor.propose(&self.sched, &ids, k)? {
+                        self.sched.set_draft(id, draft);
+                    }
+                }
+                if lookup {
+                    self.sched.plan_spec(None);
                 }
             }
         }
@@ -111,20 +118,27 @@ impl Engine {
             self.clock.advance(dt);
         }
         let now = self.clock.now();
-        let (mut drafted, mut accepted_total) = (0, 0);
+        let mut judged = crate::spec::Judged::default();
         for s in &plan.seqs {
             if s.num_draft == 0 {
                 self.sched.computed(s.id, s.num_tokens);
+                if let Some(first) = self.sched.take_unused_draft(s.id) {
+                    let drawn = out.sampled.iter().find(|t| t.0 == s.id).map(|t| t.1);
+                    judged.unused_judged += usize::from(drawn.is_some());
+                    judged.unused_matched += usize::from(drawn == Some(first));
+                }
                 continue;
             }
             let accepted = out.accepted.iter().find(|a| a.0 == s.id).map_or(0, |a| a.1).min(s.num_draft);
             // The last real token and the accepted drafts now have KV; the rejected ones don't.
             self.sched.computed(s.id, s.num_tokens - s.num_draft + accepted);
             self.sched.drafts_verified(s.id, s.num_draft, accepted);
-            drafted += s.num_draft;
-            accepted_total += accepted;
+            judged.sequences += 1;
+            judged.drafted += s.num_draft;
+            judged.accepted += accepted;
+            judged.rejections += usize::from(accepted < s.num_draft);
         }
-        self.sched.spec_observe(&plan, now - started, drafted, accepted_total);
+        self.sched.spec_observe(&plan, now - started, judged);
         for (id, lp) in out.logprobs {
             self.sched.push_logprobs(id, lp);
         }

@@ -34,6 +34,14 @@ pub trait Executor: Send {
     /// A request was preempted: its KV is gone (a draft model's too) and will be recomputed.
     fn preempted(&mut self, _id: ReqId) {}
 
+    /// Whether proposals are lookups: free to make before k is chosen (so k is chosen knowing
+    /// who has drafts) and deterministic (so a proposal left unused at k = 0 can still be checked
+    /// against the drawn token). Prompt lookup is; a draft model is not, and proposes only after
+    /// k is chosen, only when k > 0; nor is the simulator's modelled proposer.
+    fn lookup_proposals(&self) -> bool {
+        false
+    }
+
     /// Speculative decoding: propose up to `k` draft tokens for each of `ids` (running requests
     /// about to decode). Requests left out, or given an empty draft, decode normally.
     fn propose(&mut self, _state: &Scheduler, _ids: &[ReqId], _k: usize) -> Result<Vec<(ReqId, Vec<u32>)>> {

@@ -210,6 +210,10 @@ impl Executor for ModelExecutor {
         }
     }
 
+    fn lookup_proposals(&self) -> bool {
+        matches!(self.proposer, Some(Proposer::Ngram { .. }))
+    }
+
     fn propose(&mut self, state: &Scheduler, ids: &[ReqId], k: usize) -> Result<Vec<(ReqId, Vec<u32>)>> {
         match &mut self.proposer {
             None => Ok(Vec::new()),

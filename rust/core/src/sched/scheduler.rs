@@ -183,8 +183,8 @@ impl Scheduler {
     pub fn schedule(&mut self, now: f64) -> SchedulePlan {
         let mut plan = SchedulePlan::default();
         let mut budget = self.cfg.max_batched_tokens;
-        self.step_k = self.choose_spec_k(budget);
         self.schedule_running(&mut plan, &mut budget);
+        self.step_k = 0; // chosen by `plan_spec` for one step only
         if plan.preempted.is_empty() {
             self.admit_waiting(&mut plan, &mut budget, now);
         }
@@ -193,22 +193,30 @@ impl Scheduler {
     }
 
     fn schedule_running(&mut self, plan: &mut SchedulePlan, budget: &mut usize) {
+        // Tokens the running sequences need without drafts: drafts only get what is left over,
+        // so they never push another sequence's decode token or prefill chunk out of the step.
+        let mut base_left: usize = if self.step_k > 0 {
+            self.running.iter().map(|id| self.requests[id].total_len() - self.requests[id].num_computed).sum()
+        } else {
+            0
+        };
         let mut i = 0;
         while i < self.running.len() && *budget > 0 {
             let id = self.running[i];
             let r = &self.requests[&id];
             let (start, total) = (r.num_computed, r.total_len());
             let mut n = (total - start).min(*budget);
+            base_left = base_left.saturating_sub(total - start);
             // Draft tokens ride along a decode step if the budget and the pool have room for
             // them; they never cause a preemption.
-            let mut drafts = if n == total - start { self.step_k.min(r.draft.len()).min(*budget - n) } else { 0 };
+            let spare = budget.saturating_sub(n + base_left);
+            let mut drafts = if n == total - start { self.step_k.min(r.draft.len()).min(spare) } else { 0 };
             // Saturating: after a failed step the slots may already be there.
             let slots_for = |kv: &KvManager, n: usize| (start + n).saturating_sub(kv.num_tokens(id));
             if drafts > 0 && !self.kv.can_append(id, slots_for(&self.kv, n + drafts)) {
                 drafts = 0;
             }
             n += drafts;
-            self.requests.get_mut(&id).expect("running request exists").draft.truncate(drafts);
             let slots = slots_for(&self.kv, n);
             let mut preempted_self = false;
             while !self.kv.can_append(id, slots) {
@@ -343,9 +351,24 @@ impl Scheduler {
         }
     }
 
-    /// SmartSpec's k for this step: the batch as it stands (running sequences, their drafts,
-    /// their KV), predicted with and without speculation.
-    fn choose_spec_k(&mut self, budget: usize) -> usize {
+    /// Choose SmartSpec's k for the next `schedule`: the batch as it stands (running sequences,
+    /// their drafts, their KV), predicted with and without speculation. With `assume_drafts`,
+    /// every candidate is taken to have that many drafts (a proposer too costly to run before
+    /// k is known proposes afterwards, only when k > 0).
+    pub fn plan_spec(&mut self, assume_drafts: Option<usize>) -> usize {
+        self.step_k = self.choose_spec_k(assume_drafts);
+        self.step_k
+    }
+
+    fn draft_len(r: &Request, assume: Option<usize>) -> usize {
+        match assume {
+            Some(k) => k.min(r.max_tokens.saturating_sub(r.output.len() + 1)),
+            None => r.draft.len(),
+        }
+    }
+
+    fn choose_spec_k(&mut self, assume: Option<usize>) -> usize {
+        let budget = self.cfg.max_batched_tokens;
         let Some(spec) = self.spec.as_mut() else { return 0 };
         let mut draft_lens = Vec::new();
         let mut ids = Vec::new();
@@ -357,8 +380,9 @@ impl Scheduler {
             base.kv_tokens += r.total_len() as f64;
             base.num_seqs += 1.0;
             base.batched_tokens += left.min(budget) as f64;
-            if left == 1 && !r.draft.is_empty() {
-                draft_lens.push(r.draft.len());
+            let len = Self::draft_len(r, assume);
+            if left == 1 && len > 0 {
+                draft_lens.push(len);
                 ids.push(id);
             } else if left <= budget {
                 others += 1;
@@ -372,7 +396,7 @@ impl Scheduler {
                 .iter()
                 .map(|id| {
                     let r = &requests[id];
-                    let n = r.total_len() + k.min(r.draft.len());
+                    let n = r.total_len() + k.min(Self::draft_len(r, assume));
                     kv.blocks_needed_to_append(*id, n.saturating_sub(kv.num_tokens(*id)))
                 })
                 .sum();
@@ -392,15 +416,23 @@ impl Scheduler {
         }
     }
 
-    /// Feed SmartSpec the step that just ran: what it computed, its measured seconds, and the
-    /// drafts verified in it.
-    pub fn spec_observe(&mut self, plan: &SchedulePlan, seconds: f64, drafted: usize, accepted: usize) {
+    /// The proposal `id` had this step if it ran without drafts (k = 0), cleared: its first
+    /// token, to compare with the token actually drawn (see `SpecController::observe_acceptance`).
+    pub fn take_unused_draft(&mut self, id: ReqId) -> Option<u32> {
+        let r = self.requests.get_mut(&id)?;
+        let first = r.draft.first().copied();
+        r.draft.clear();
+        first
+    }
+
+    /// Feed SmartSpec the step that just ran: what it computed, its measured seconds, and what
+    /// became of the drafts (see `Judged`).
+    pub fn spec_observe(&mut self, plan: &SchedulePlan, seconds: f64, judged: crate::spec::Judged) {
         let Some(spec) = self.spec.as_mut() else { return };
         let f = StepFeatures::of_plan(plan);
         let shape = StepShape { kv_tokens: f.context_tokens, batched_tokens: f.num_tokens, num_seqs: f.num_seqs };
         spec.observe_step(shape, seconds);
-        let seqs = plan.seqs.iter().filter(|s| s.num_draft > 0).count();
-        spec.observe_acceptance(drafted, accepted, seqs);
+        spec.observe_acceptance(judged);
     }
 
     /// Record a sampled token for a running request.

@@ -3,14 +3,24 @@
 //! `0..=k_max` that maximises expected generated tokens per second of step time.
 //!
 //! - Acceptance: one global rate `alpha`, an exponential moving average as the authors' code
-//!   keeps it (`alpha <- 0.85 alpha + 0.15 accepted/drafted`, starting at 0.7), clamped below 1.
+//!   keeps it (`alpha <- 0.85 alpha + 0.15 accepted/judged`, starting at 0.7), clamped below 1.
+//!   "Judged" counts the draft tokens the verifier actually ruled on: the accepted ones plus the
+//!   first rejected one of each sequence. Drafts after a rejection were never judged; counting
+//!   them (plain accepted/drafted) estimates `(a - a^(k+1)) / ((1 - a) k)` instead of the
+//!   per-token rate `a` the expected-tokens formula needs (0.51 for a = 0.7 at k = 3), and the
+//!   bias grows with k, which pushed the choice towards small k in the simulator study.
 //! - Expected tokens of a sequence with `k` drafts: `(1 - alpha^(k+1)) / (1 - alpha)`; 1 for a
 //!   sequence without a proposal.
 //! - Step time: linear in KV tokens, batched tokens and batch size plus a fixed cost, fitted
-//!   online (non-negative least squares) to the step times the engine measures.
+//!   online (non-negative least squares) to the step times the engine measures. The fit used for
+//!   a choice weights the measured steps by how close their batched tokens are to the range the
+//!   candidates span: step time is a roofline (flat while weights and KV reads dominate, then
+//!   rising with tokens), and a single global line fitted through prefill-heavy steps charges
+//!   decode drafts the compute-bound price they do not pay.
 //! - Speculation must beat k = 0 by `margin` (10% in their code); a k whose extra KV does not
 //!   fit scores zero; the choice is remade every `rechoose_every` steps, and every
-//!   `probe_every` steps another k is run so that alpha and the time model stay observed.
+//!   `probe_every` steps another k is run so that alpha and the time model stay observed (a free
+//!   proposer's unused drafts are also checked against the drawn tokens, see `Judged`).
 
 use std::collections::VecDeque;
 
@@ -71,6 +81,23 @@ pub struct SpecStats {
     pub k: usize,
 }
 
+/// What became of one step's drafts.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Judged {
+    /// Sequences that carried drafts, their draft tokens, and how many were accepted.
+    pub sequences: usize,
+    pub drafted: usize,
+    pub accepted: usize,
+    /// Sequences whose drafts met a rejection (the others accepted all of theirs).
+    pub rejections: usize,
+    /// Sequences that had a free proposal (prompt lookup) but ran without drafts (k = 0), and
+    /// how many of those proposals' first token was the token then drawn. For a deterministic
+    /// proposal that is exactly an acceptance test (kept with probability p(d)), so alpha stays
+    /// observed at no cost while speculation is off.
+    pub unused_judged: usize,
+    pub unused_matched: usize,
+}
+
 /// What a step with a given k would run, as the time model sees it.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct StepShape {
@@ -87,7 +114,7 @@ impl StepShape {
 
 /// Measured steps kept for the time model.
 const WINDOW: usize = 512;
-/// Steps measured before the time model is trusted; until then k alternates 0 and k_max.
+/// Steps measured before the time model is trusted; until then k alternates 0 and 1.
 const WARMUP: usize = 12;
 
 #[derive(Debug, Clone)]
@@ -150,11 +177,22 @@ impl SpecController {
             return self.record_k(largest_fitting());
         }
         if self.coef.is_none() {
-            // Warm-up: both ends of the range, so that the time model sees the cost of drafts.
-            let k = if self.step % 2 == 0 { 0 } else { largest_fitting() };
+            // Warm-up: k = 0 and 1 in turn, so the time model sees what a draft token costs
+            // (cheaply: a big batch at k_max can take several times a normal step).
+            let k = if self.step % 2 == 0 { 0 } else { largest_fitting().min(1) };
             return self.record_k(k);
         }
         if (self.step - 1) % self.cfg.rechoose_every as u64 == 0 {
+            let lo = base.batched_tokens.max(1.0);
+            let hi = lo + draft_lens.iter().map(|&l| l.min(k_max) as f64).sum::<f64>();
+            let span = fit_nonnegative(&self.samples, |x| locality(x[2], lo, hi, 1.0)).or(self.coef).expect("fitted");
+            // Each candidate is predicted by the steps measured near its own size where there
+            // are enough of them, else by the fit over the whole span.
+            let predict = |s: &StepShape| {
+                let t = s.batched_tokens.max(1.0);
+                let c = fit_nonnegative(&self.samples, |x| locality(x[2], t, t, 0.5)).unwrap_or(span);
+                s.row().iter().zip(c).map(|(x, c)| x * c).sum::<f64>().max(1e-9)
+            };
             let score = |k: usize| -> f64 {
                 if !fits(k) {
                     return 0.0;
@@ -166,7 +204,7 @@ impl SpecController {
                     tokens += Self::expected_tokens(self.alpha, kk);
                     shape.batched_tokens += kk as f64;
                 }
-                tokens / self.predict(&shape).expect("fitted")
+                tokens / predict(&shape)
             };
             let none = score(0);
             let (best_k, best) = (1..=k_max).map(|k| (k, score(k))).fold((0, none), |a, b| if b.1 > a.1 { b } else { a });
@@ -200,50 +238,64 @@ impl SpecController {
         self.samples.push_back((shape.row(), seconds));
         self.since_fit += 1;
         if self.samples.len() >= WARMUP && (self.coef.is_none() || self.since_fit >= 8) {
-            if let Some(c) = fit_nonnegative(&self.samples) {
+            if let Some(c) = fit_nonnegative(&self.samples, |_| 1.0) {
                 self.coef = Some(c);
             }
             self.since_fit = 0;
         }
     }
 
-    /// Drafts were verified: `accepted` of `drafted` kept.
-    pub fn observe_acceptance(&mut self, drafted: usize, accepted: usize, sequences: usize) {
-        if drafted == 0 {
+    /// What became of one step's drafts.
+    pub fn observe_acceptance(&mut self, j: Judged) {
+        self.stats.num_drafts += j.sequences as u64;
+        self.stats.draft_tokens += j.drafted as u64;
+        self.stats.accepted_tokens += j.accepted as u64;
+        let judged = j.accepted + j.rejections + j.unused_judged;
+        if judged == 0 {
             return;
         }
-        let rate = accepted as f64 / drafted as f64;
+        let rate = (j.accepted + j.unused_matched) as f64 / judged as f64;
         self.alpha = (0.85 * self.alpha + 0.15 * rate).clamp(0.0, 0.99);
         self.stats.alpha = self.alpha;
-        self.stats.num_drafts += sequences as u64;
-        self.stats.draft_tokens += drafted as u64;
-        self.stats.accepted_tokens += accepted as u64;
     }
 }
 
-/// Non-negative least squares over the 4 features: every subset of non-zero coefficients is
-/// solved (16 small systems) and the best feasible one wins. Columns are scaled to unit RMS.
-fn fit_nonnegative(samples: &VecDeque<([f64; 4], f64)>) -> Option<[f64; 4]> {
-    let n = samples.len() as f64;
+/// Weight of a measured step with `tokens` batched tokens when predicting steps of `lo..=hi`
+/// tokens: 1 inside, falling off as a Gaussian in log2 distance outside, of width `sigma`.
+fn locality(tokens: f64, lo: f64, hi: f64, sigma: f64) -> f64 {
+    let t = tokens.max(1.0);
+    let d = if t < lo { (lo / t).log2() } else if t > hi { (t / hi).log2() } else { 0.0 } / sigma;
+    (-0.5 * d * d).exp()
+}
+
+/// Weighted non-negative least squares over the 4 features: every subset of non-zero
+/// coefficients is solved (15 small systems) and the best feasible one wins. Columns are scaled
+/// to unit weighted RMS. `None` when too little weight is near (fewer than ~6 steps' worth).
+fn fit_nonnegative(samples: &VecDeque<([f64; 4], f64)>, weight: impl Fn(&[f64; 4]) -> f64) -> Option<[f64; 4]> {
+    let w: Vec<f64> = samples.iter().map(|(x, _)| weight(x)).collect();
+    let n: f64 = w.iter().sum();
+    if n < 6.0 {
+        return None;
+    }
     let mut scale = [0.0f64; 4];
-    for (x, _) in samples {
+    for ((x, _), w) in samples.iter().zip(&w) {
         for i in 0..4 {
-            scale[i] += x[i] * x[i];
+            scale[i] += w * x[i] * x[i];
         }
     }
     let scale = scale.map(|s| if s > 0.0 { (s / n).sqrt() } else { 1.0 });
     let mut ata = [[0.0f64; 4]; 4];
     let mut atb = [0.0f64; 4];
     let mut btb = 0.0;
-    for (x, t) in samples {
+    for ((x, t), w) in samples.iter().zip(&w) {
         let x: [f64; 4] = std::array::from_fn(|i| x[i] / scale[i]);
         for i in 0..4 {
-            atb[i] += x[i] * t;
+            atb[i] += w * x[i] * t;
             for j in 0..4 {
-                ata[i][j] += x[i] * x[j];
+                ata[i][j] += w * x[i] * x[j];
             }
         }
-        btb += t * t;
+        btb += w * t * t;
     }
     let mut best: Option<([f64; 4], f64)> = None;
     for mask in 1u32..16 {
@@ -317,15 +369,30 @@ mod tests {
     fn speculates_at_low_load_and_stops_at_high_load() {
         let time = |s: &StepShape| 0.010 + 0.001 * s.batched_tokens;
         let mut c = SpecController::new(SpecConfig { k_max: 4, probe_every: 0, ..Default::default() }).unwrap();
-        let run = |c: &mut SpecController, batch: usize, accept: f64| -> Vec<usize> {
+        let mut x = 1u64;
+        let mut uniform = move || {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (x >> 11) as f64 / (1u64 << 53) as f64
+        };
+        let mut run = |c: &mut SpecController, batch: usize, accept: f64| -> Vec<usize> {
             let mut ks = Vec::new();
             for _ in 0..60 {
                 let base = StepShape { kv_tokens: 500.0 * batch as f64, batched_tokens: batch as f64, num_seqs: batch as f64 };
                 let k = c.choose(&vec![4; batch], base, 0, |_| true);
                 let shape = StepShape { batched_tokens: (batch * (k + 1)) as f64, ..base };
                 c.observe_step(shape, time(&shape));
-                let drafted = batch * k;
-                c.observe_acceptance(drafted, (drafted as f64 * accept) as usize, batch);
+                // Each sequence's drafts are accepted one by one until the first rejection.
+                let (mut accepted, mut rejections) = (0, 0);
+                for _ in 0..batch {
+                    let mut a = 0;
+                    while a < k && uniform() < accept {
+                        a += 1;
+                    }
+                    accepted += a;
+                    rejections += usize::from(a < k);
+                }
+                let j = Judged { sequences: if k > 0 { batch } else { 0 }, drafted: batch * k, accepted, rejections, ..Default::default() };
+                c.observe_acceptance(j);
                 ks.push(k);
             }
             ks
@@ -356,10 +423,16 @@ mod tests {
     #[test]
     fn alpha_is_the_authors_moving_average() {
         let mut c = SpecController::new(SpecConfig::default()).unwrap();
-        c.observe_acceptance(4, 2, 1);
-        assert!((c.alpha() - (0.85 * 0.7 + 0.15 * 0.5)).abs() < 1e-12);
+        // 2 accepted, then a rejection: 3 tokens judged, the fourth never was.
+        c.observe_acceptance(Judged { sequences: 1, drafted: 4, accepted: 2, rejections: 1, ..Default::default() });
+        assert!((c.alpha() - (0.85 * 0.7 + 0.15 * 2.0 / 3.0)).abs() < 1e-12);
+        // Unused proposals count as one judged token each.
+        let before = c.alpha();
+        c.observe_acceptance(Judged { unused_judged: 4, unused_matched: 1, ..Default::default() });
+        assert!((c.alpha() - (0.85 * before + 0.15 * 0.25)).abs() < 1e-12);
+        assert_eq!(c.stats().draft_tokens, 4);
         for _ in 0..200 {
-            c.observe_acceptance(4, 4, 1);
+            c.observe_acceptance(Judged { sequences: 1, drafted: 4, accepted: 4, ..Default::default() });
         }
         assert_eq!(c.alpha(), 0.99);
         assert!((SpecController::expected_tokens(0.5, 3) - 1.875).abs() < 1e-12);

@@ -13,6 +13,6 @@ pub mod draft;
 pub mod ngram;
 pub mod verify;
 
-pub use control::{SpecConfig, SpecController, SpecStats, MAX_SPEC_TOKENS};
+pub use control::{Judged, SpecConfig, SpecController, SpecStats, MAX_SPEC_TOKENS};
 pub use draft::DraftModel;
 pub use verify::{check_draft, Verdict};

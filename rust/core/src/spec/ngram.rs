@@ -2,8 +2,11 @@
 //! before them and propose what followed the match. Good on edits, code and quoting, where the
 //! output repeats the prompt; it proposes nothing when the suffix never occurred before.
 
-/// Up to `k` tokens that followed the latest earlier occurrence of the last `n` tokens of
-/// `tokens`, for the longest `n` in `min_n..=max_n` that occurs. Empty when none does.
+/// Up to `k` tokens that followed an earlier occurrence of the last `n` tokens of `tokens`, for
+/// the longest `n` in `min_n..=max_n` that occurs. The latest occurrence whose continuation
+/// holds `k` tokens wins (the most recent context is the likeliest to repeat; in periodic text
+/// the very latest one runs into the end after less than a period); failing that, the one with
+/// the longest continuation. Empty when no n-gram occurs.
 pub fn propose(tokens: &[u32], k: usize, min_n: usize, max_n: usize) -> Vec<u32> {
     let len = tokens.len();
     if k == 0 || min_n == 0 {
@@ -11,13 +14,18 @@ pub fn propose(tokens: &[u32], k: usize, min_n: usize, max_n: usize) -> Vec<u32>
     }
     for n in (min_n..=max_n.min(len.saturating_sub(1))).rev() {
         let suffix = &tokens[len - n..];
-        // Latest match first: the most recent context is the likeliest to be repeated next.
+        let mut best: Option<usize> = None;
         // A match must end before the suffix itself starts to mean anything.
         for start in (0..len - n).rev() {
             if &tokens[start..start + n] == suffix {
-                let from = start + n;
-                return tokens[from..(from + k).min(len)].to_vec();
+                best = Some(start + n);
+                if len - (start + n) >= k {
+                    break;
+                }
             }
+        }
+        if let Some(from) = best {
+            return tokens[from..(from + k).min(len)].to_vec();
         }
     }
     Vec::new()
@@ -33,8 +41,13 @@ mod tests {
         let t = [1, 2, 3, 4, 1, 2, 7, 8, 9, 1, 2];
         assert_eq!(propose(&t, 3, 1, 3), vec![7, 8, 9]);
         assert_eq!(propose(&t, 1, 1, 3), vec![7]);
-        // The longer n-gram "9 1 2" has no earlier match, "1 2" does.
-        assert_eq!(propose(&t, 10, 2, 3), vec![7, 8, 9, 1, 2]);
+        // The longer n-gram "9 1 2" has no earlier match, "1 2" does; for 6 tokens the latest
+        // match runs out, the earlier one has them.
+        assert_eq!(propose(&t, 6, 2, 3), vec![3, 4, 1, 2, 7, 8]);
+        assert_eq!(propose(&t, 10, 2, 3), vec![3, 4, 1, 2, 7, 8, 9, 1, 2]);
+        // Periodic text: the continuation covers k tokens, not just the rest of one period.
+        let p = [5, 6, 7, 5, 6, 7, 5, 6, 7, 5];
+        assert_eq!(propose(&p, 5, 1, 2), vec![6, 7, 5, 6, 7]);
         // Nothing matches: no proposal.
         assert!(propose(&[1, 2, 3, 4], 3, 1, 3).is_empty());
         assert!(propose(&t, 0, 1, 3).is_empty());
