@@ -139,15 +139,19 @@ impl Engine {
             judged.rejections += usize::from(accepted < s.num_draft);
         }
         self.sched.spec_observe(&plan, now - started, judged);
-        for (id, lp) in out.logprobs {
-            self.sched.push_logprobs(id, lp);
-        }
         for (id, pos, lp) in out.prompt_logprobs {
             self.sched.push_prompt_logprobs(id, pos, lp);
         }
+        // A request's logprobs come in the order of its sampled tokens; each goes with its token,
+        // so those of tokens dropped after a stop go too.
+        let mut logprobs = out.logprobs.into_iter().peekable();
         for &(id, token) in &out.sampled {
+            let lp = if logprobs.peek().is_some_and(|l| l.0 == id) { logprobs.next() } else { None };
             if self.sched.request(id).is_none() {
                 continue; // finished earlier in this step (e.g. EOS among accepted drafts)
+            }
+            if let Some((_, lp)) = lp {
+                self.sched.push_logprobs(id, lp);
             }
             self.sched.push_token(id, token, now);
             result.tokens.push((id, token));

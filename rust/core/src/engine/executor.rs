@@ -13,7 +13,8 @@ pub struct ExecOutput {
     pub sampled: Vec<(ReqId, u32)>,
     /// For every sequence scheduled with drafts: how many of them were accepted.
     pub accepted: Vec<(ReqId, usize)>,
-    /// Log-probabilities for the sampled tokens of requests that asked for them.
+    /// Log-probabilities for the sampled tokens of requests that asked for them, in the order of
+    /// `sampled`.
     pub logprobs: Vec<(ReqId, TokenLogprobs)>,
     /// `(request, prompt position p, logprobs of prompt token p)` for requests that asked.
     pub prompt_logprobs: Vec<(ReqId, usize, TokenLogprobs)>,

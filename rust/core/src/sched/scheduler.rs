@@ -332,7 +332,11 @@ impl Scheduler {
 
     /// Running requests whose next step is a decode step with room for at least one draft
     /// (they may still generate two tokens or more): the ones a proposer should draft for.
-    pub fn spec_candidates(&self) -> Vec<ReqId> {
+    /// Drafts left from a step that did not schedule their request are dropped here.
+    pub fn spec_candidates(&mut self) -> Vec<ReqId> {
+        for id in &self.running {
+            self.requests.get_mut(id).expect("running request exists").draft.clear();
+        }
         self.running
             .iter()
             .copied()
