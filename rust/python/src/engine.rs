@@ -488,7 +488,8 @@ impl PyEngine {
 
     /// The steps run since the last call, as numpy arrays: `num_tokens`, `num_seqs`,
     /// `attention_pairs` (the simulator's cost-model features, see `horae.sim.fit_linear_cost`),
-    /// `seconds` (measured), `running`, `waiting`, `kv_usage`. Clears the log.
+    /// `seconds` (measured), `running`, `waiting`, `kv_usage`, `spec_k` (speculation length; 0 when
+    /// off). Clears the log.
     fn take_step_log<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let log = py.detach(|| std::mem::take(&mut self.shared.lock().step_log));
         let d = PyDict::new(py);
@@ -500,6 +501,7 @@ impl PyEngine {
         d.set_item("running", col(&|s| s.running as f64))?;
         d.set_item("waiting", col(&|s| s.waiting as f64))?;
         d.set_item("kv_usage", col(&|s| s.kv_usage as f64))?;
+        d.set_item("spec_k", col(&|s| s.spec_k as f64))?;
         Ok(d)
     }
 

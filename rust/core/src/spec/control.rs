@@ -19,8 +19,9 @@
 //!   decode drafts the compute-bound price they do not pay.
 //! - Speculation must beat k = 0 by `margin` (10% in their code); a k whose extra KV does not
 //!   fit scores zero; the choice is remade every `rechoose_every` steps, and every
-//!   `probe_every` steps another k is run so that alpha and the time model stay observed (a free
-//!   proposer's unused drafts are also checked against the drawn tokens, see `Judged`).
+//!   `probe_every` steps (backing off while the choice holds) another k is run so that alpha and
+//!   the time model stay observed (a free proposer's unused drafts are also checked against the
+//!   drawn tokens, see `Judged`).
 
 use std::collections::VecDeque;
 
@@ -126,6 +127,8 @@ pub struct SpecController {
     since_fit: usize,
     step: u64,
     chosen: usize,
+    last_probe: u64,
+    probe_gap: u64,
     stats: SpecStats,
 }
 
@@ -134,7 +137,8 @@ impl SpecController {
         cfg.validate()?;
         let alpha = cfg.alpha_init;
         let stats = SpecStats { alpha, ..Default::default() };
-        Ok(Self { cfg, alpha, samples: VecDeque::new(), coef: None, since_fit: 0, step: 0, chosen: 0, stats })
+        let probe_gap = cfg.probe_every as u64;
+        Ok(Self { cfg, alpha, samples: VecDeque::new(), coef: None, since_fit: 0, step: 0, chosen: 0, last_probe: 0, probe_gap, stats })
     }
 
     pub fn config(&self) -> &SpecConfig {
@@ -208,13 +212,21 @@ impl SpecController {
             };
             let none = score(0);
             let (best_k, best) = (1..=k_max).map(|k| (k, score(k))).fold((0, none), |a, b| if b.1 > a.1 { b } else { a });
-            self.chosen = if best_k > 0 && best >= none * (1.0 + self.cfg.margin) { best_k } else { 0 };
+            let chosen = if best_k > 0 && best >= none * (1.0 + self.cfg.margin) { best_k } else { 0 };
+            if chosen != self.chosen {
+                self.probe_gap = self.cfg.probe_every as u64;
+            }
+            self.chosen = chosen;
         }
         let mut k = self.chosen;
-        if self.cfg.probe_every > 0 && self.step % self.cfg.probe_every as u64 == 0 {
+        if self.cfg.probe_every > 0 && self.step >= self.last_probe + self.probe_gap {
             // Run a neighbouring k now and then: k = 0 alone would never observe alpha again,
             // and a single k would leave the time model unable to tell fixed from per-token cost.
+            // While the choice holds, probes back off (up to 16x): at high load each k = 1 probe
+            // is a step several times longer than a plain one.
             k = if k == 0 { 1 } else { k - 1 };
+            self.last_probe = self.step;
+            self.probe_gap = (self.probe_gap * 2).min(16 * self.cfg.probe_every as u64);
         }
         while k > 0 && !fits(k) {
             k -= 1;
