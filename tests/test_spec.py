@@ -138,3 +138,27 @@ def test_simulated_speculation_across_load():
         run(1.0, {"k_max": 3, "acceptance": 1.5})
     with pytest.raises(HoraeCoreError, match="unknown key 'model'"):
         run(1.0, {"k_max": 3, "model": "x"})
+
+
+def test_server_with_speculation_reports_it_in_metrics():
+    import httpx
+
+    from horae.async_llm import AsyncLLM
+    from horae.serve import ServerConfig, ServerThread, build_app
+
+    llm = AsyncLLM(kv_cache_tokens=4096, speculative={"method": "ngram", "k_max": 4})
+    srv = ServerThread(build_app(llm, ServerConfig(model_name="smollm2")))
+    try:
+        body = {"model": "smollm2", "messages": [{"role": "user", "content": DAYS}], "temperature": 0, "max_tokens": 64}
+        r = httpx.post(srv.url + "/v1/chat/completions", json=body, timeout=120)
+        assert r.status_code == 200
+        plain = LLM(kv_cache_tokens=4096).chat([{"role": "user", "content": DAYS}],
+                                                 SamplingParams(temperature=0, max_tokens=64), use_tqdm=False)
+        assert r.json()["choices"][0]["message"]["content"] == plain.outputs[0].text
+        text = httpx.get(srv.url + "/metrics").text
+        accepted = [ln for ln in text.splitlines() if ln.startswith("horae:spec_decode_num_accepted_tokens_total")]
+        assert accepted and float(accepted[0].split()[-1]) > 0, text
+        assert "horae:request_spec_acceptance_rate_count" in text and "horae:spec_decode_k{" in text
+    finally:
+        srv.stop()
+        llm.shutdown()

@@ -215,6 +215,24 @@ impl Executor for ModelExecutor {
     }
 
     fn propose(&mut self, state: &Scheduler, ids: &[ReqId], k: usize) -> Result<Vec<(ReqId, Vec<u32>)>> {
+        let vocab = self.model.cfg.vocab_size as u32;
+        let mut proposals = self.propose_unchecked(state, ids, k)?;
+        // A draft token the target cannot embed would fail the whole batch's forward pass: cut
+        // that request's drafts there instead, so a bad proposal costs only its own speedup.
+        for (id, draft) in &mut proposals {
+            if let Some(bad) = draft.iter().position(|&t| t >= vocab) {
+                draft.truncate(bad);
+                if let Some(q) = self.draft_probs.get_mut(id) {
+                    q.truncate(bad);
+                }
+            }
+        }
+        Ok(proposals)
+    }
+}
+
+impl ModelExecutor {
+    fn propose_unchecked(&mut self, state: &Scheduler, ids: &[ReqId], k: usize) -> Result<Vec<(ReqId, Vec<u32>)>> {
         match &mut self.proposer {
             None => Ok(Vec::new()),
             Some(Proposer::Ngram { min_n, max_n }) => {

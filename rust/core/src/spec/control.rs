@@ -14,7 +14,7 @@
 //! - Step time: linear in KV tokens, batched tokens and batch size plus a fixed cost, fitted
 //!   online (non-negative least squares) to the step times the engine measures. The fit used for
 //!   a choice weights the measured steps by how close their batched tokens are to the range the
-//!   candidates span: step time is a roofline (flat while weights and KV reads dominate, then
+//!   candidates span, and their batch size to this step's: step time is a roofline (flat while weights and KV reads dominate, then
 //!   rising with tokens), and a single global line fitted through prefill-heavy steps charges
 //!   decode drafts the compute-bound price they do not pay.
 //! - Speculation must beat k = 0 by `margin` (10% in their code); a k whose extra KV does not
@@ -189,12 +189,16 @@ impl SpecController {
         if (self.step - 1) % self.cfg.rechoose_every as u64 == 0 {
             let lo = base.batched_tokens.max(1.0);
             let hi = lo + draft_lens.iter().map(|&l| l.min(k_max) as f64).sum::<f64>();
-            let span = fit_nonnegative(&self.samples, |x| locality(x[2], lo, hi, 1.0)).or(self.coef).expect("fitted");
+            // Steps of a different batch size count less too: a small batch's drafts are nearly
+            // free on a machine where a big batch's cost a whole token each.
+            let seqs = base.num_seqs.max(1.0);
+            let near = |x: &[f64; 4], lo: f64, hi: f64, sigma: f64| locality(x[2], lo, hi, sigma) * locality(x[3], seqs, seqs, 1.0);
+            let span = fit_nonnegative(&self.samples, |x| near(x, lo, hi, 1.0)).or(self.coef).expect("fitted");
             // Each candidate is predicted by the steps measured near its own size where there
             // are enough of them, else by the fit over the whole span.
             let predict = |s: &StepShape| {
                 let t = s.batched_tokens.max(1.0);
-                let c = fit_nonnegative(&self.samples, |x| locality(x[2], t, t, 0.5)).unwrap_or(span);
+                let c = fit_nonnegative(&self.samples, |x| near(x, t, t, 0.5)).unwrap_or(span);
                 s.row().iter().zip(c).map(|(x, c)| x * c).sum::<f64>().max(1e-9)
             };
             let score = |k: usize| -> f64 {
