@@ -70,19 +70,12 @@ class ServerMetrics:
         peak = stats.get("predicted_peak_tokens") or 0
         self.peak.set(peak)
         self.peak_ratio.set(peak / cap)
-        for key, counter in (("preemptions", self.preemptions), ("prefix_hit_blocks", self.prefix_hits),
-                             ("prefix_queried_blocks", self.prefix_queries)):
-            delta = stats[key] - self._last[key]
-            if delta > 0:
-                counter.inc(delta)
-            self._last[key] = stats[key]
+        self._count_since_last(stats, (("preemptions", self.preemptions), ("prefix_hit_blocks", self.prefix_hits),
+                                       ("prefix_queried_blocks", self.prefix_queries)))
         if "spec_k" in stats:
-            for key, counter in (("spec_num_drafts", self.spec_drafts), ("spec_draft_tokens", self.spec_draft_tokens),
-                                 ("spec_accepted_tokens", self.spec_accepted)):
-                delta = stats[key] - self._last[key]
-                if delta > 0:
-                    counter.inc(delta)
-                self._last[key] = stats[key]
+            self._count_since_last(stats, (("spec_num_drafts", self.spec_drafts),
+                                           ("spec_draft_tokens", self.spec_draft_tokens),
+                                           ("spec_accepted_tokens", self.spec_accepted)))
             self.spec_alpha.set(stats["spec_alpha"])
             self.spec_k.set(stats["spec_k"])
             if stats["spec_num_drafts"]:
@@ -106,6 +99,14 @@ class ServerMetrics:
                 self._success.labels(self._m, c.finish_reason or "abort").inc()
                 if c.num_draft_tokens:
                     self.spec_request_rate.observe(c.num_accepted_tokens / c.num_draft_tokens)
+
+    def _count_since_last(self, stats, pairs) -> None:
+        """The engine reports totals since it started; the counters advance by the difference."""
+        for key, counter in pairs:
+            delta = stats[key] - self._last[key]
+            if delta > 0:
+                counter.inc(delta)
+            self._last[key] = stats[key]
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
