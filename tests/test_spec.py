@@ -36,10 +36,13 @@ def test_greedy_output_equals_the_golden_with_speculation(spec, ngram):
     outs = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
     for case, out in zip(GOLDEN["cases"], outs):
         assert out.outputs[0].token_ids == case["greedy"], (spec, case["text"])
-    # The drafts were really proposed and verified, and some accepted.
+    # The drafts were really proposed and verified, and some accepted (with fixed k: adaptive k
+    # follows measured step times, and a loaded machine may keep it at 0).
     rep = llm.chat([{"role": "user", "content": DAYS}], SamplingParams(temperature=0, max_tokens=96), use_tqdm=False)
     c = rep.outputs[0]
-    assert c.num_draft_tokens > 0 and 0 < c.num_accepted_tokens <= c.num_draft_tokens, spec
+    assert c.num_draft_tokens is not None and c.num_accepted_tokens <= c.num_draft_tokens
+    if spec.get("adaptive") is False:
+        assert c.num_draft_tokens > 0 and c.num_accepted_tokens > 0, spec
     plain = LLM(kv_cache_tokens=8192).chat([{"role": "user", "content": DAYS}], SamplingParams(temperature=0, max_tokens=96),
                                             use_tqdm=False)
     assert c.token_ids == plain.outputs[0].token_ids
@@ -146,7 +149,7 @@ def test_server_with_speculation_reports_it_in_metrics():
     from horae.async_llm import AsyncLLM
     from horae.serve import ServerConfig, ServerThread, build_app
 
-    llm = AsyncLLM(kv_cache_tokens=4096, speculative={"method": "ngram", "k_max": 4})
+    llm = AsyncLLM(kv_cache_tokens=4096, speculative={"method": "ngram", "k_max": 4, "adaptive": False})
     srv = ServerThread(build_app(llm, ServerConfig(model_name="smollm2")))
     try:
         body = {"model": "smollm2", "messages": [{"role": "user", "content": DAYS}], "temperature": 0, "max_tokens": 64}

@@ -95,11 +95,16 @@ fn greedy_output_is_identical_with_speculation() {
         ("draft model, preempting", Method::Draft(dir.clone(), Some(1)), fixed.clone(), 480, PolicyKind::Aggressive),
     ];
     for (name, method, spec, kv, policy) in cases {
-        let (got, drafted, accepted, preempted) = run(&mut engine(&dir, &method, Some(spec), policy, kv), greedy());
+        let (got, drafted, accepted, preempted) = run(&mut engine(&dir, &method, Some(spec.clone()), policy, kv), greedy());
         for (i, (g, w)) in got.iter().zip(&want).enumerate() {
             assert_eq!(g, w, "{name}: prompt {i}");
         }
-        assert!(drafted > 0 && accepted > 0, "{name}: drafts must be proposed and accepted ({accepted}/{drafted})");
+        // Adaptive k depends on measured step times (a loaded machine may keep it at 0), so only
+        // the fixed-k runs must have drafted; every run must be exact.
+        if !spec.adaptive {
+            assert!(drafted > 0 && accepted > 0, "{name}: drafts must be proposed and accepted ({accepted}/{drafted})");
+        }
+        assert!(accepted <= drafted);
         if kv < 1000 {
             assert!(preempted > 0, "{name}: the test must exercise preemption");
         }
