@@ -173,32 +173,34 @@ impl CostModel {
         for (i, row) in ata.iter_mut().enumerate() {
             row[i] += 1e-9 * samples.len() as f64;
         }
-        let sol = solve4(ata, atb)
+        let sol = solve(ata.iter().map(|r| r.to_vec()).collect(), atb.to_vec())
             .ok_or_else(|| HoraeError::InvalidConfig("measured steps do not determine a linear cost model".into()))?;
         Ok(CostModel::Linear { coef: std::array::from_fn(|i| sol[i] / scale[i]) })
     }
 }
 
-/// Gaussian elimination with partial pivoting.
-fn solve4(mut a: [[f64; 4]; 4], mut b: [f64; 4]) -> Option<[f64; 4]> {
-    for col in 0..4 {
-        let pivot = (col..4).max_by(|&i, &j| a[i][col].abs().total_cmp(&a[j][col].abs()))?;
+/// Gaussian elimination with partial pivoting (`n x n`); `None` when singular. Shared with the
+/// speculative-decoding controller's online time model.
+pub(crate) fn solve(mut a: Vec<Vec<f64>>, mut b: Vec<f64>) -> Option<Vec<f64>> {
+    let n = b.len();
+    for col in 0..n {
+        let pivot = (col..n).max_by(|&i, &j| a[i][col].abs().total_cmp(&a[j][col].abs()))?;
         if a[pivot][col].abs() < 1e-300 {
             return None;
         }
         a.swap(col, pivot);
         b.swap(col, pivot);
-        for row in col + 1..4 {
+        for row in col + 1..n {
             let k = a[row][col] / a[col][col];
-            for c in col..4 {
+            for c in col..n {
                 a[row][c] -= k * a[col][c];
             }
             b[row] -= k * b[col];
         }
     }
-    let mut x = [0.0; 4];
-    for row in (0..4).rev() {
-        let s: f64 = (row + 1..4).map(|c| a[row][c] * x[c]).sum();
+    let mut x = vec![0.0; n];
+    for row in (0..n).rev() {
+        let s: f64 = (row + 1..n).map(|c| a[row][c] * x[c]).sum();
         x[row] = (b[row] - s) / a[row][row];
     }
     Some(x)

@@ -26,6 +26,7 @@
 use std::collections::VecDeque;
 
 use crate::error::{HoraeError, Result};
+use crate::sim::cost_model::solve;
 
 /// Most tokens one sequence may speculate in a step.
 pub const MAX_SPEC_TOKENS: usize = 16;
@@ -346,32 +347,6 @@ fn fit_nonnegative(samples: &VecDeque<([f64; 4], f64)>, weight: impl Fn(&[f64; 4
         }
     }
     best.map(|(c, _)| std::array::from_fn(|i| c[i] / scale[i]))
-}
-
-/// Gaussian elimination with partial pivoting.
-fn solve(mut a: Vec<Vec<f64>>, mut b: Vec<f64>) -> Option<Vec<f64>> {
-    let n = b.len();
-    for col in 0..n {
-        let pivot = (col..n).max_by(|&i, &j| a[i][col].abs().total_cmp(&a[j][col].abs()))?;
-        if a[pivot][col].abs() < 1e-300 {
-            return None;
-        }
-        a.swap(col, pivot);
-        b.swap(col, pivot);
-        for row in col + 1..n {
-            let k = a[row][col] / a[col][col];
-            for c in col..n {
-                a[row][c] -= k * a[col][c];
-            }
-            b[row] -= k * b[col];
-        }
-    }
-    let mut x = vec![0.0; n];
-    for row in (0..n).rev() {
-        let s: f64 = (row + 1..n).map(|c| a[row][c] * x[c]).sum();
-        x[row] = (b[row] - s) / a[row][row];
-    }
-    Some(x)
 }
 
 #[cfg(test)]
