@@ -5,4 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo test --release -p horae-core
 python3 -m pip install --quiet ".[test]"
+# Every CUDA kernel through NVRTC and ptxas for sm_80 and sm_90, with registers and spills in the
+# log (no GPU needed; tests/test_cuda_build.py asserts on the same build).
+python3 -m horae.cuda
 python3 -m pytest -q tests

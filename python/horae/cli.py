@@ -150,8 +150,9 @@ def _generation_args(p) -> None:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--seed", type=int)
     p.add_argument("--scheduler", default="past-future")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                   help="how weights are held (auto: the checkpoint's own)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="how weights are held (auto: the checkpoint's own on the CPU, bfloat16 on a GPU)")
+    p.add_argument("--device", default="auto", help="auto (a GPU if one works, else the CPU), cpu, cuda or cuda:N")
 
 
 def _params(args):
@@ -180,7 +181,7 @@ def _stream(engine, prompt, params) -> str:
 def cmd_generate(args: argparse.Namespace) -> int:
     from horae import Engine
 
-    engine = Engine(args.model, scheduler=args.scheduler, dtype=args.dtype)
+    engine = Engine(args.model, scheduler=args.scheduler, dtype=args.dtype, device=args.device)
     params = _params(args)
     has_template = bool(engine.tokenizer_config.get("chat_template"))
     prompt = args.prompt
@@ -193,7 +194,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_chat(args: argparse.Namespace) -> int:
     from horae import Engine
 
-    engine = Engine(args.model, scheduler=args.scheduler, dtype=args.dtype)
+    engine = Engine(args.model, scheduler=args.scheduler, dtype=args.dtype, device=args.device)
     params = _params(args)
     history = []
     if args.system:

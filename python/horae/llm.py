@@ -156,12 +156,19 @@ class Engine:
     """
 
     def __init__(self, model: Optional[Union[str, Path]] = None, *, scheduler: str = "past-future",
-                 kv_cache_tokens: int = 16384, block_size: int = 16, max_num_seqs: int = 64,
+                 kv_cache_tokens: Optional[int] = None, block_size: int = 16, max_num_seqs: int = 64,
                  max_num_batched_tokens: int = 2048, seed: int = 0, dtype: str = "auto",
                  history_window: int = 1000, max_output_bound: Optional[int] = None,
-                 speculative: Optional[Dict[str, Any]] = None):
-        # dtype: how the weights are held. "auto" keeps the checkpoint's (bf16/f16 checkpoints as
-        # bfloat16, others float32); "bfloat16" halves weight memory and bandwidth, computing in f32.
+                 speculative: Optional[Dict[str, Any]] = None, device: str = "auto",
+                 gpu_memory_utilization: float = 0.9):
+        # device: "auto" (the first GPU if one works, else the CPU; `cpu_fallback_reason` says
+        # why), "cpu", "cuda" or "cuda:N". A GPU needs an NVIDIA driver for CUDA 12+, Ampere or
+        # newer, and NVRTC + cuBLAS (`pip install horae[cuda]` brings them).
+        # kv_cache_tokens: the KV pool. Default: 16384 tokens on the CPU; on a GPU, whatever fits
+        # in gpu_memory_utilization of its memory after the weights and activations (as vLLM).
+        # dtype: how the weights are held. On the CPU "auto" keeps the checkpoint's (bf16/f16
+        # checkpoints as bfloat16, others float32); "bfloat16" halves weight memory and bandwidth,
+        # computing in f32. On a GPU: "auto" = "bfloat16", or "float16".
         # history_window / max_output_bound: Past-Future's length history (finished lengths kept)
         # and what it is primed with before any request finished (default: the model's context).
         # speculative: speculative decoding, e.g. {"method": "ngram", "k_max": 4, "adaptive": True}
@@ -170,11 +177,15 @@ class Engine:
         # "adaptive" (default on) is SmartSpec: k chosen per step for goodput, 0 when it does not pay.
         self.model_dir = resolve_model(model)
         speculative = _speculative_config(speculative)
+        if device != "cpu":
+            from horae.cuda import preload_libraries
+            preload_libraries()
         self._core = _core.Engine(str(self.model_dir), scheduler=scheduler, kv_cache_tokens=kv_cache_tokens,
                                   block_size=block_size, max_num_seqs=max_num_seqs,
                                   max_batched_tokens=max_num_batched_tokens, seed=seed, dtype=dtype,
                                   history_window=history_window, max_output_bound=max_output_bound,
-                                  speculative=speculative)
+                                  speculative=speculative, device=device,
+                                  gpu_memory_utilization=gpu_memory_utilization)
         self._requests: Dict[str, _Req] = {}
         self._by_core: Dict[int, tuple] = {}
         self._ids = itertools.count()
@@ -183,8 +194,18 @@ class Engine:
 
     @property
     def dtype(self) -> str:
-        """How the weights are held: "float32" or "bfloat16"."""
+        """How the weights are held: "float32", "bfloat16" or (GPU) "float16"."""
         return self._core.dtype
+
+    @property
+    def device(self) -> str:
+        """Where the model runs: "cpu" or "cuda:N (GPU name)"."""
+        return self._core.device
+
+    @property
+    def cpu_fallback_reason(self) -> Optional[str]:
+        """With device="auto" on the CPU: why no GPU was used."""
+        return self._core.cpu_fallback_reason
 
     # -- tokenizer ----------------------------------------------------------------------------
     def encode(self, text: str) -> List[int]:

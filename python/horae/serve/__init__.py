@@ -64,13 +64,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="model folder or .gguf file (default: SmolLM2-135M-Instruct)")
     p.add_argument("--served-model-name", help="the model id clients send (default: the model folder's name)")
     p.add_argument("--scheduler", default="past-future", choices=["past-future", "aggressive", "conservative"])
-    p.add_argument("--kv-cache-tokens", type=int, default=16384, help="tokens the KV pool holds")
+    p.add_argument("--device", default="auto", help="auto (a GPU if one works, else the CPU), cpu, cuda or cuda:N")
+    p.add_argument("--kv-cache-tokens", type=int,
+                   help="tokens the KV pool holds (default: 16384 on the CPU; on a GPU, what fits in --gpu-memory-utilization)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                   help="fraction of GPU memory for weights, activations and the KV pool")
     p.add_argument("--max-num-seqs", type=int, default=64, help="most requests in the running batch")
     p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="most tokens in one step")
     p.add_argument("--history-window", type=int, default=1000, help="past-future: finished lengths remembered")
     p.add_argument("--max-output-bound", type=int,
                    help="past-future: the length its history is primed with (default: the model's context)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="auto: the checkpoint's on the CPU, bfloat16 on a GPU; float16 is GPU-only")
     p.add_argument("--speculative", type=_json_dict, metavar="JSON",
                    help='speculative decoding, e.g. \'{"method": "ngram", "k_max": 4}\' (adaptive k by default)')
     p.add_argument("--host", default="127.0.0.1")
@@ -92,7 +97,10 @@ def make_app(args: argparse.Namespace):
     llm = AsyncLLM(args.model, scheduler=args.scheduler, kv_cache_tokens=args.kv_cache_tokens,
                    max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens, dtype=args.dtype,
                    history_window=args.history_window, max_output_bound=args.max_output_bound,
-                   speculative=args.speculative)
+                   speculative=args.speculative, device=args.device,
+                   gpu_memory_utilization=args.gpu_memory_utilization)
+    print(f"model on {llm.engine.device}" + (f" ({llm.engine.cpu_fallback_reason})" if llm.engine.cpu_fallback_reason else ""),
+          flush=True)
     name = args.served_model_name or llm.model_dir.name
     return build_app(llm, ServerConfig(model_name=name, api_key=args.api_key, max_queue=args.max_queue,
                                        max_body_bytes=args.max_body_bytes, max_model_len=args.max_model_len))

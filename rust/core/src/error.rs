@@ -41,6 +41,11 @@ pub enum HoraeError {
 
     #[error("executor failed: {0}")]
     Executor(String),
+
+    /// The CUDA backend cannot start or a GPU step failed: no GPU, a driver or NVRTC missing or
+    /// too old, out of GPU memory, a kernel error. The message says what to change.
+    #[error("cuda: {0}")]
+    Cuda(String),
 }
 
 pub type Result<T> = std::result::Result<T, HoraeError>;

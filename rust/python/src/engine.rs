@@ -19,7 +19,26 @@ use numpy::{IntoPyArray, PyArrayMethods};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
+use horae_core::backend::cuda::device::{resolve as resolve_device, Device, DeviceRequest, Gpu};
+use horae_core::backend::cuda::model::{CudaLlama, KvBudget};
+use horae_core::backend::cuda::ops::Dt;
+use std::sync::OnceLock;
+
 use crate::spec::Method;
+
+/// KV pool of a CPU engine when kv_cache_tokens is not given.
+const DEFAULT_CPU_KV_TOKENS: usize = 16384;
+
+/// The GPU runs 16-bit weights: "auto" is bfloat16 (every supported GPU has it).
+fn parse_gpu_dtype(s: &str) -> PyResult<Dt> {
+    match s {
+        "auto" | "bfloat16" | "bf16" => Ok(Dt::Bf16),
+        "float16" | "f16" | "half" => Ok(Dt::F16),
+        _ => Err(HoraeCoreError::new_err(format!(
+            "dtype '{s}' on the GPU: the CUDA backend runs 'bfloat16' or 'float16' (use device='cpu' for float32)"
+        ))),
+    }
+}
 use crate::{parse_dtype, to_py, HoraeCoreError};
 
 type Lps = Vec<(u32, f32, Vec<(u32, f32)>)>;
@@ -227,8 +246,13 @@ impl StepStats {
 #[pyclass(name = "Engine", module = "horae._core")]
 pub struct PyEngine {
     shared: Arc<Shared>,
-    model: Arc<LlamaModel>,
+    /// The CPU model: the engine's own on the CPU backend; on a GPU, loaded when `logits` is
+    /// first called.
+    model: OnceLock<Arc<LlamaModel>>,
     model_dir: PathBuf,
+    device: String,
+    cpu_fallback_reason: Option<String>,
+    dtype: &'static str,
     config: ModelConfig,
     eos: Vec<u32>,
     kv_cache_tokens: usize,
@@ -252,15 +276,16 @@ impl PyEngine {
 #[pymethods]
 impl PyEngine {
     #[new]
-    #[pyo3(signature = (model_dir, *, scheduler = "past-future", kv_cache_tokens = 16384, block_size = 16,
+    #[pyo3(signature = (model_dir, *, scheduler = "past-future", kv_cache_tokens = None, block_size = 16,
                         max_num_seqs = 64, max_batched_tokens = 2048, seed = 0, dtype = "auto",
-                        history_window = 1000, max_output_bound = None, speculative = None))]
+                        history_window = 1000, max_output_bound = None, speculative = None,
+                        device = "auto", gpu_memory_utilization = 0.9))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
         model_dir: PathBuf,
         scheduler: &str,
-        kv_cache_tokens: usize,
+        kv_cache_tokens: Option<usize>,
         block_size: usize,
         max_num_seqs: usize,
         max_batched_tokens: usize,
@@ -269,17 +294,36 @@ impl PyEngine {
         history_window: usize,
         max_output_bound: Option<usize>,
         speculative: Option<Bound<'_, PyDict>>,
+        device: &str,
+        gpu_memory_utilization: f64,
     ) -> PyResult<Self> {
-        let dtype = parse_dtype(dtype)?;
+        let request: DeviceRequest = device.parse().map_err(to_py)?;
+        if !(gpu_memory_utilization > 0.0 && gpu_memory_utilization <= 1.0) {
+            return Err(HoraeCoreError::new_err(format!("gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")));
+        }
+        let (device, cpu_reason) = resolve_device(request);
+        let gpu_dtype = match device {
+            Device::Cuda(_) => Some(parse_gpu_dtype(dtype)?),
+            Device::Cpu => None,
+        };
+        let dtype = if gpu_dtype.is_some() { None } else { parse_dtype(dtype)? };
         let spec = speculative.map(|d| crate::spec::parse(&d, false, seed)).transpose()?;
+        if matches!(device, Device::Cuda(_)) && matches!(spec.as_ref().map(|s| &s.method), Some(Method::Draft { .. })) {
+            // The draft model runs on the CPU with a KV cache as large as the target's pool,
+            // which on a GPU is millions of tokens.
+            return Err(HoraeCoreError::new_err(
+                "speculative decoding with a draft model runs on the CPU backend only; on a GPU use {\"method\": \"ngram\"} or device='cpu'",
+            ));
+        }
         let policy: PolicyKind = scheduler.parse().map_err(to_py)?;
         if policy == PolicyKind::Oracle {
             return Err(HoraeCoreError::new_err("the oracle scheduler needs true output lengths and runs only in the simulator"));
         }
         let config = ModelConfig::from_dir(&model_dir).map_err(to_py)?;
-        let cfg = SchedulerConfig {
+        let mut cfg = SchedulerConfig {
             policy,
-            kv_cache_tokens,
+            // The GPU pool size is known once the weights are loaded (set below).
+            kv_cache_tokens: kv_cache_tokens.unwrap_or(DEFAULT_CPU_KV_TOKENS),
             block_size,
             max_num_seqs,
             max_batched_tokens,
@@ -294,13 +338,20 @@ impl PyEngine {
         let dir = model_dir.clone();
         let (exec, tokenizer) = py
             .detach(|| {
-                let blocks = kv_cache_tokens / block_size;
-                let mut exec = ModelExecutor::load(&dir, dtype, blocks, block_size)?;
+                let mut exec = match (device, gpu_dtype) {
+                    (Device::Cuda(ordinal), Some(dt)) => {
+                        let budget = kv_cache_tokens.map_or(KvBudget::MemoryFraction(gpu_memory_utilization), KvBudget::Tokens);
+                        let model = CudaLlama::load(Gpu::open(ordinal)?, &dir, dt, budget, block_size, max_batched_tokens)?;
+                        ModelExecutor::on_gpu(&dir, model)
+                    }
+                    _ => ModelExecutor::load(&dir, dtype, cfg.kv_cache_tokens / block_size, block_size)?,
+                };
+                let blocks = exec.num_blocks();
                 match spec.map(|s| (s.method, s.cfg.k_max)) {
                     Some((Method::Ngram { min_n, max_n }, _)) => exec.set_proposer(Proposer::Ngram { min_n, max_n }),
                     Some((Method::Draft { model, num_layers }, k_max)) => {
                         let draft_dir = model.unwrap_or_else(|| dir.clone());
-                        let vocab = exec.model.cfg.vocab_size;
+                        let vocab = exec.cfg.vocab_size;
                         let draft = DraftModel::load(&draft_dir, dtype, num_layers, vocab, blocks, block_size, max_num_seqs, k_max)?;
                         exec.set_proposer(Proposer::Draft(Box::new(draft)));
                     }
@@ -311,7 +362,13 @@ impl PyEngine {
             })
             .map_err(to_py)?;
         let eos = horae_core::engine::Executor::eos_token_ids(&exec);
-        let model = exec.model.clone();
+        cfg.kv_cache_tokens = exec.num_blocks() * block_size;
+        let pool_kv_tokens = cfg.kv_cache_tokens;
+        let model = OnceLock::new();
+        if let Some(m) = exec.cpu_model() {
+            let _ = model.set(m);
+        }
+        let (device_name, dtype_name) = (exec.device(), exec.dtype_name());
         let sched = Scheduler::new(cfg, None).map_err(to_py)?;
         let pool_tokens = sched.kv().capacity_tokens();
         let engine = Engine::new(sched, Box::new(exec), Box::new(WallClock::default()));
@@ -327,9 +384,12 @@ impl PyEngine {
             shared: Arc::new(shared),
             model,
             model_dir,
+            device: device_name,
+            cpu_fallback_reason: cpu_reason,
+            dtype: dtype_name,
             config,
             eos,
-            kv_cache_tokens,
+            kv_cache_tokens: pool_kv_tokens,
             pool_tokens,
             next_id: AtomicU64::new(0),
             looper: Mutex::new(None),
@@ -343,7 +403,17 @@ impl PyEngine {
     /// How the weights are held: "float32" or "bfloat16".
     #[getter]
     fn dtype(&self) -> &'static str {
-        self.model.dtype.name()
+        self.dtype
+    }
+    /// Where the model runs: "cpu" or "cuda:N (name)".
+    #[getter]
+    fn device(&self) -> String {
+        self.device.clone()
+    }
+    /// With device="auto" on the CPU: why no GPU was used (None otherwise).
+    #[getter]
+    fn cpu_fallback_reason(&self) -> Option<String> {
+        self.cpu_fallback_reason.clone()
     }
     #[getter]
     fn vocab_size(&self) -> usize {
@@ -453,7 +523,11 @@ impl PyEngine {
             return Err(HoraeCoreError::new_err("token_ids is longer than the model's context"));
         }
         let ids: Vec<u32> = token_ids.iter().map(|&t| t as u32).collect();
-        let model = self.model.clone();
+        // On a GPU engine the reference CPU model is loaded on first use (a checking tool: the
+        // engine's KV cache is not disturbed).
+        let dir = self.model_dir.clone();
+        let model = py.detach(|| self.model.get().cloned().map_or_else(|| LlamaModel::load(&dir, None).map(Arc::new), Ok)).map_err(to_py)?;
+        let model = self.model.get_or_init(|| model).clone();
         let logits = py.detach(|| model.logits(&ids)).map_err(to_py)?;
         numpy::PyArray1::from_vec(py, logits).reshape([ids.len(), vocab])
     }

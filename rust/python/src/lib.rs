@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 
+mod cuda;
 mod engine;
 mod spec;
 
@@ -325,6 +326,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(simulate, m)?)?;
     m.add_function(wrap_pyfunction!(fit_linear_cost, m)?)?;
     m.add_function(wrap_pyfunction!(bench_admission, m)?)?;
+    cuda::register(m)?;
     m.add("MODEL_PRESETS", horae_core::sim::ModelSpec::PRESETS.to_vec())?;
     m.add("HARDWARE_PRESETS", horae_core::sim::HardwareSpec::PRESETS.to_vec())?;
     m.add("SCHEDULERS", PolicyKind::ALL.iter().map(|p| p.as_str()).collect::<Vec<_>>())?;

@@ -50,6 +50,10 @@ impl KvCache {
         Self { k: vec![vec![0.0; n]; cfg.num_layers], v: vec![vec![0.0; n]; cfg.num_layers], block_size, row }
     }
 
+    pub fn num_blocks(&self) -> usize {
+        self.k.first().map_or(0, |k| k.len() / (self.block_size * self.row))
+    }
+
     /// Copy-on-write: block `src`'s KV into block `dst`, in every layer.
     pub fn copy_block(&mut self, src: usize, dst: usize) {
         let len = self.block_size * self.row;

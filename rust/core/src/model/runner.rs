@@ -7,8 +7,12 @@ use std::sync::Arc;
 
 use rand::rngs::SmallRng;
 
+use super::config::ModelConfig;
 use super::llama::{BatchInput, KvCache, LlamaModel};
 use crate::backend::attention::AttnSeq;
+use crate::backend::cuda::model::CudaLlama;
+use crate::backend::cuda::ops::Ptr;
+use crate::backend::cuda::sampler;
 use crate::backend::gemm::WeightDtype;
 use crate::engine::{ExecOutput, Executor, Prompt, ReqId};
 use crate::error::{HoraeError, Result};
@@ -17,15 +21,21 @@ use crate::sched::{SchedulePlan, Scheduler};
 use crate::spec::{self, ngram, DraftModel, Verdict};
 
 pub struct ModelExecutor {
-    /// Shared so that callers can also run the model outside the engine (teacher-forced logits).
-    pub model: Arc<LlamaModel>,
-    cache: KvCache,
+    pub cfg: ModelConfig,
+    runtime: Runtime,
     eos: Vec<u32>,
     rngs: HashMap<ReqId, SmallRng>,
     logits: Vec<f32>,
     proposer: Option<Proposer>,
     /// The draft model's distribution for each of a request's pending drafts.
     draft_probs: HashMap<ReqId, Vec<Vec<f32>>>,
+}
+
+/// Where the forward pass runs. Both read the same block tables; only the KV memory differs.
+enum Runtime {
+    /// Shared so that callers can also run the model outside the engine (teacher-forced logits).
+    Cpu { model: Arc<LlamaModel>, cache: KvCache },
+    Cuda(Box<CudaLlama>),
 }
 
 /// Where speculative drafts come from.
@@ -40,8 +50,19 @@ impl ModelExecutor {
     pub fn load(dir: &Path, dtype: Option<WeightDtype>, num_blocks: usize, block_size: usize) -> Result<Self> {
         let model = Arc::new(LlamaModel::load(dir, dtype)?);
         let cache = KvCache::new(&model.cfg, num_blocks, block_size);
+        let cfg = model.cfg.clone();
+        Ok(Self::with_runtime(dir, cfg, Runtime::Cpu { model, cache }))
+    }
+
+    /// The same executor over a model already loaded on a GPU.
+    pub fn on_gpu(dir: &Path, model: CudaLlama) -> Self {
+        let cfg = model.cfg.clone();
+        Self::with_runtime(dir, cfg, Runtime::Cuda(Box::new(model)))
+    }
+
+    fn with_runtime(dir: &Path, cfg: ModelConfig, runtime: Runtime) -> Self {
         // generation_config.json's eos ids win over config.json's (as in transformers).
-        let mut eos = model.cfg.eos_token_ids.clone();
+        let mut eos = cfg.eos_token_ids.clone();
         if let Ok(text) = std::fs::read_to_string(dir.join("generation_config.json")) {
             if let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) {
                 match v.get("eos_token_id") {
@@ -51,7 +72,42 @@ impl ModelExecutor {
                 }
             }
         }
-        Ok(Self { model, cache, eos, rngs: HashMap::new(), logits: Vec::new(), proposer: None, draft_probs: HashMap::new() })
+        Self { cfg, runtime, eos, rngs: HashMap::new(), logits: Vec::new(), proposer: None, draft_probs: HashMap::new() }
+    }
+
+    /// The CPU model, when the forward pass runs on the CPU.
+    pub fn cpu_model(&self) -> Option<Arc<LlamaModel>> {
+        match &self.runtime {
+            Runtime::Cpu { model, .. } => Some(model.clone()),
+            Runtime::Cuda(_) => None,
+        }
+    }
+
+    /// KV blocks in the cache (the scheduler's pool must not exceed it).
+    pub fn num_blocks(&self) -> usize {
+        match &self.runtime {
+            Runtime::Cpu { cache, .. } => cache.num_blocks(),
+            Runtime::Cuda(m) => m.num_blocks,
+        }
+    }
+
+    /// "cpu" or "cuda:N (GPU name)".
+    pub fn device(&self) -> String {
+        match &self.runtime {
+            Runtime::Cpu { .. } => "cpu".into(),
+            Runtime::Cuda(m) => format!("cuda:{} ({})", m.gpu.ctx.ordinal(), m.gpu.name),
+        }
+    }
+
+    /// How weights are stored: "float32", "bfloat16", "float16".
+    pub fn dtype_name(&self) -> &'static str {
+        match &self.runtime {
+            Runtime::Cpu { model, .. } => model.dtype.name(),
+            Runtime::Cuda(m) => match m.dt {
+                crate::backend::cuda::ops::Dt::Bf16 => "bfloat16",
+                crate::backend::cuda::ops::Dt::F16 => "float16",
+            },
+        }
     }
 }
 
@@ -79,7 +135,7 @@ impl ModelExecutor {
         r: &crate::engine::Request,
         out: &mut ExecOutput,
     ) {
-        let vocab = self.model.cfg.vocab_size;
+        let vocab = self.cfg.vocab_size;
         let Prompt::Tokens(prompt) = &r.prompt else { unreachable!("checked by the caller") };
         let p = &r.sampling;
         let rng = self.rngs.entry(job.id).or_insert_with(|| sample::request_rng(job.id, p.seed));
@@ -130,12 +186,18 @@ impl ModelExecutor {
 impl Executor for ModelExecutor {
     fn execute(&mut self, plan: &SchedulePlan, state: &Scheduler) -> Result<ExecOutput> {
         for c in &plan.copies {
-            self.cache.copy_block(c.src as usize, c.dst as usize);
+            match &mut self.runtime {
+                Runtime::Cpu { cache, .. } => cache.copy_block(c.src as usize, c.dst as usize),
+                Runtime::Cuda(m) => m.copy_block(c.src as usize, c.dst as usize)?,
+            }
             if let Some(Proposer::Draft(d)) = &mut self.proposer {
                 d.copy_block(c.src as usize, c.dst as usize);
             }
         }
-        let bs = self.cache.block_size;
+        let bs = match &self.runtime {
+            Runtime::Cpu { cache, .. } => cache.block_size,
+            Runtime::Cuda(m) => m.block_size,
+        };
         let mut input = BatchInput { tokens: vec![], positions: vec![], slots: vec![], seqs: vec![], logit_rows: vec![] };
         let mut jobs = Vec::new();
         let mut prompt_rows: Vec<(ReqId, usize, u32, usize, usize)> = Vec::new();
@@ -169,11 +231,47 @@ impl Executor for ModelExecutor {
         }
         let num_sample_rows = input.logit_rows.len();
         input.logit_rows.extend(prompt_rows.iter().map(|r| r.4));
+        let vocab = self.cfg.vocab_size;
+        let mut out = ExecOutput::default();
         // The logits buffer is kept between steps (an error just drops it).
         let mut logits = std::mem::take(&mut self.logits);
-        self.model.forward(&input, &mut self.cache, &mut logits)?;
-        let vocab = self.model.cfg.vocab_size;
-        let mut out = ExecOutput::default();
+        // Jobs whose logits must come to the host (all of them on the CPU).
+        let mut host_jobs: Vec<&SampleJob> = jobs.iter().collect();
+        match &mut self.runtime {
+            Runtime::Cpu { model, cache } => model.forward(&input, cache, &mut logits)?,
+            Runtime::Cuda(m) => {
+                m.forward(&input)?;
+                let (gpu_jobs, rest): (Vec<&SampleJob>, Vec<&SampleJob>) = jobs.iter().partition(|j| {
+                    let r = state.request(j.id).expect("checked above");
+                    sampler::can_sample_on_gpu(&r.sampling, j.rows, r.output.len())
+                });
+                host_jobs = rest;
+                if !host_jobs.is_empty() || !prompt_rows.is_empty() {
+                    logits = m.logits_to_host(input.logit_rows.len())?;
+                }
+                // Each request's generator, taken out of the map for the draw.
+                let mut gens: Vec<(ReqId, SmallRng)> = gpu_jobs
+                    .iter()
+                    .map(|j| {
+                        let p = &state.request(j.id).expect("checked above").sampling;
+                        (j.id, self.rngs.remove(&j.id).unwrap_or_else(|| sample::request_rng(j.id, p.seed)))
+                    })
+                    .collect();
+                let mut draws: Vec<sampler::Draw<'_>> = gpu_jobs
+                    .iter()
+                    .zip(gens.iter_mut())
+                    .map(|(j, (_, rng))| sampler::Draw { row: j.first, params: &state.request(j.id).expect("checked above").sampling, rng })
+                    .collect();
+                let tokens = sampler::sample(&m.gpu, Ptr::of(&m.gpu, &m.logits), vocab, &mut draws);
+                drop(draws);
+                for (id, rng) in gens {
+                    self.rngs.insert(id, rng);
+                }
+                for (j, t) in gpu_jobs.iter().zip(tokens?) {
+                    out.sampled.push((j.id, t));
+                }
+            }
+        }
         out.prompt_logprobs = prompt_rows
             .iter()
             .enumerate()
@@ -182,7 +280,7 @@ impl Executor for ModelExecutor {
                 (id, pos, sample::logprobs(row, token, k))
             })
             .collect();
-        for job in &jobs {
+        for job in host_jobs {
             let r = state.request(job.id).expect("checked above");
             let rows = &mut logits[job.first * vocab..(job.first + job.rows) * vocab];
             self.sample_seq(job, rows, r, &mut out);
@@ -215,7 +313,7 @@ impl Executor for ModelExecutor {
     }
 
     fn propose(&mut self, state: &Scheduler, ids: &[ReqId], k: usize) -> Result<Vec<(ReqId, Vec<u32>)>> {
-        let vocab = self.model.cfg.vocab_size as u32;
+        let vocab = self.cfg.vocab_size as u32;
         let mut proposals = self.propose_unchecked(state, ids, k)?;
         // A draft token the target cannot embed would fail the whole batch's forward pass: cut
         // that request's drafts there instead, so a bad proposal costs only its own speedup.
