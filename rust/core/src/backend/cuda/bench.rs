@@ -93,6 +93,7 @@ pub struct ModelBench {
     pub decode: Vec<(usize, f64, f64, usize)>,
     /// (prompt tokens, ms, tokens/s)
     pub prefill: (usize, f64, f64),
+    /// Weights in GEMMs per token (2 x params FLOPs per token).
     pub params: usize,
     pub weight_bytes: usize,
     pub copy_gbps: f64,
@@ -110,7 +111,7 @@ pub fn model_throughput(gpu: Gpu, cfg: ModelConfig, batches: &[usize], ctx: usiz
     let mut m = CudaLlama::random(gpu, cfg.clone(), Dt::Bf16, KvBudget::Tokens(kv_tokens), bs, prefill_tokens.max(max_batch), 7)?;
     let copy = copy_gbps(&m.gpu, 1 << 30)?;
     let kv_per_token = m.kv_bytes_per_token();
-    let params = m.weight_bytes / 2;
+    let params = m.matmul_params;
     let stream = m.gpu.stream.clone();
     let mut decode = Vec::new();
     for &b in batches {

@@ -195,6 +195,13 @@ impl Gpu {
         Ok(f)
     }
 
+    /// Make this GPU's context current on the calling thread. Kernel launches and cudarc's copies
+    /// do it themselves; raw cuBLAS and driver calls do not, and the engine's step loop runs on
+    /// another thread than the one that opened the GPU.
+    pub fn bind(&self) -> Result<()> {
+        self.ctx.bind_to_thread().map_err(|e| cuda_err("binding the CUDA context", e))
+    }
+
     /// (free, total) device memory in bytes.
     pub fn memory(&self) -> Result<(usize, usize)> {
         self.ctx.mem_get_info().map_err(|e| cuda_err("cuMemGetInfo", e))

@@ -9,6 +9,7 @@ use cudarc::driver::{CudaSlice, DeviceRepr, ValidAsZeroBits};
 
 use super::device::Gpu;
 use super::ops::{self, AttnDims, DecodeScratch, Dt, Ptr, PrefillMeta, PREFILL_TILE};
+use crate::backend::attention::AttnSeq;
 use crate::model::llama::BatchInput;
 use crate::model::weights::Weights;
 use crate::model::ModelConfig;
@@ -66,6 +67,9 @@ pub struct CudaLlama {
     pub logits: CudaSlice<f32>,
     /// Bytes of weights on the GPU.
     pub weight_bytes: usize,
+    /// Weights that take part in a GEMM per token (all but an untied embedding table): the
+    /// 2 x params FLOPs per token of MFU.
+    pub matmul_params: usize,
 }
 
 fn oom(what: &str, bytes: usize, gpu: &Gpu, flag: &str) -> HoraeError {
@@ -175,8 +179,10 @@ impl CudaLlama {
         };
         let lm_head = if tied { None } else { Some(src.matrix(&gpu, dt, &[n("lm_head.weight", cfg.vocab_size)], h)?) };
         let inv_freq = upload(&gpu, &cfg.rope_inv_freq(), "rope frequencies")?;
-        let weight_bytes = 2 * (embed.len() + lm_head.as_ref().map_or(0, |l| l.len()))
-            + layers.iter().map(|l| 2 * (l.qkv.len() + l.o.len() + l.gate_up.len() + l.down.len())).sum::<usize>();
+        let layer_params: usize = layers.iter().map(|l| l.qkv.len() + l.o.len() + l.gate_up.len() + l.down.len()).sum();
+        let head_params = lm_head.as_ref().map_or(embed.len(), |l| l.len());
+        let weight_bytes = 2 * (layer_params + embed.len() + lm_head.as_ref().map_or(0, |l| l.len()));
+        let matmul_params = layer_params + head_params;
         let mut model = Self {
             decode_scratch: DecodeScratch { out: alloc(&gpu, 1, "scratch", "")?, max: alloc(&gpu, 1, "scratch", "")?, sum: alloc(&gpu, 1, "scratch", "")? },
             logits: alloc(&gpu, 1, "logits", "")?,
@@ -193,11 +199,13 @@ impl CudaLlama {
             block_size,
             acts: None,
             weight_bytes,
+            matmul_params,
             gpu,
         };
         // Activations for the largest step before the KV pool takes what is left.
         model.ensure_activations(max_tokens)?;
-        let logits_rows = max_tokens.min(1024);
+        // Grown on demand; most steps sample one row per running sequence.
+        let logits_rows = max_tokens.min(256);
         model.logits = alloc(&model.gpu, logits_rows * model.cfg.vocab_size, "the logits buffer", "lower max_batched_tokens")?;
         model.allocate_kv(budget)?;
         Ok(model)
@@ -269,6 +277,7 @@ impl CudaLlama {
 
     /// Copy-on-write: block `src` into block `dst`, every layer.
     pub fn copy_block(&mut self, src: usize, dst: usize) -> Result<()> {
+        self.gpu.bind()?;
         let len = self.block_size * self.cfg.num_kv_heads * self.cfg.head_dim;
         for buf in self.k_cache.iter().chain(self.v_cache.iter()) {
             let base = Ptr::of(&self.gpu, buf);
@@ -294,6 +303,7 @@ impl CudaLlama {
         if t == 0 {
             return Ok(());
         }
+        self.gpu.bind()?;
         if let Some(&bad) = input.tokens.iter().find(|&&tok| tok as usize >= c.vocab_size) {
             return Err(HoraeError::Executor(format!("token id {bad} is outside the vocabulary ({})", c.vocab_size)));
         }
@@ -432,7 +442,7 @@ impl StepMeta {
         let positions = put(&mut ints, &mut input.positions.iter().map(|&p| p as i32));
         let logit_rows = put(&mut ints, &mut input.logit_rows.iter().map(|&r| r as i32));
         let (decode, prefill): (Vec<_>, Vec<_>) = input.seqs.iter().partition(|s| s.num_tokens == 1);
-        let table = |ints: &mut Vec<i32>, seqs: &[&crate::backend::attention::AttnSeq<'_>]| {
+        let table = |ints: &mut Vec<i32>, seqs: &[&AttnSeq<'_>]| {
             // Only the blocks the step reads: positions 0 ..= the last query position.
             let width = seqs.iter().map(|s| (s.start + s.num_tokens).div_ceil(block_size)).max().unwrap_or(1).max(1);
             let off = ints.len();
@@ -485,5 +495,43 @@ impl StepMeta {
             tile_q0: tile_q0_off,
             tiles,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn step_metadata_splits_decode_and_prefill_rows() {
+        // Row layout: seq A decodes at position 40 (row 0); seq B prefills 70 tokens after a
+        // 20-token cached prefix (rows 1..71); seq C decodes at position 3 (row 71).
+        let (ta, tb, tc) = (vec![9u32, 4, 7], vec![5u32, 6, 1, 2, 8, 0], vec![3u32]);
+        let input = BatchInput {
+            tokens: (0..72).collect(),
+            positions: vec![0; 72],
+            slots: vec![0; 72],
+            seqs: vec![
+                AttnSeq { row: 0, num_tokens: 1, start: 40, block_table: &ta },
+                AttnSeq { row: 1, num_tokens: 70, start: 20, block_table: &tb },
+                AttnSeq { row: 71, num_tokens: 1, start: 3, block_table: &tc },
+            ],
+            logit_rows: vec![0, 70, 71],
+        };
+        let m = StepMeta::build(&input, 16);
+        let at = |off: usize, n: usize| m.ints[off..off + n].to_vec();
+        assert_eq!(at(m.logit_rows, 3), vec![0, 70, 71]);
+        assert_eq!(m.decode_seqs, 2);
+        assert_eq!(at(m.d_rows, 2), vec![0, 71]);
+        assert_eq!(at(m.d_ctx, 2), vec![41, 4]);
+        assert_eq!(m.d_max_ctx, 41);
+        // Width = blocks of the longest decode context (41 tokens: 3 blocks), zero-padded.
+        assert_eq!(m.d_width, 3);
+        assert_eq!(at(m.d_tables, 6), vec![9, 4, 7, 3, 0, 0]);
+        assert_eq!((at(m.p_row, 1), at(m.p_qlen, 1), at(m.p_pos0, 1)), (vec![1], vec![70], vec![20]));
+        // 90 positions need 6 blocks; 70 query rows make 3 tiles of 32.
+        assert_eq!((m.p_width, at(m.p_tables, 6)), (6, vec![5, 6, 1, 2, 8, 0]));
+        assert_eq!(m.tiles, 3);
+        assert_eq!((at(m.tile_seq, 3), at(m.tile_q0, 3)), (vec![0, 0, 0], vec![0, 32, 64]));
     }
 }

@@ -38,6 +38,7 @@ pub fn sample(gpu: &Gpu, logits: Ptr, vocab: usize, draws: &mut [Draw<'_>]) -> R
     if draws.is_empty() {
         return Ok(Vec::new());
     }
+    gpu.bind()?;
     let err = |e: cudarc::driver::DriverError| HoraeError::Cuda(format!("GPU sampling: {e:?}"));
     let (greedy, random): (Vec<usize>, Vec<usize>) = (0..draws.len()).partition(|&i| draws[i].params.is_greedy());
     let rows = |idx: &[usize]| idx.iter().map(|&i| draws[i].row as i32).collect::<Vec<i32>>();
