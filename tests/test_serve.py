@@ -302,3 +302,52 @@ def test_async_llm_bad_input_is_refused_before_queueing(server, client):
     last = asyncio.run_coroutine_threadsafe(main(), llm._loop).result(timeout=60)
     assert last.finished and len(last.outputs[0].token_ids) == 3
     _assert_idle(server)
+
+
+@pytest.mark.parametrize("events_before_failure", [0, 2])
+def test_a_request_the_model_fails_on_gets_an_error_and_the_server_goes_on(server, client, events_before_failure):
+    # The core reports a request whose step failed (a GPU fault, say) as an "error" event with
+    # the message (rust/core/tests/scheduler.rs checks the engine side). Make the next step's
+    # event for one request such an event, as the core would.
+    llm = server.llm
+    target = {}
+    original = llm._on_step
+
+    def on_step(events, stats):
+        # Fail it at its first event, or after it has streamed some tokens.
+        if events is not None and "core_id" in target and any(e[0] == target["core_id"] for e in events):
+            if target["skip"] == 0:
+                events = [(e[0], [], "cuda: an illegal memory access was encountered", "error", [], [], None)
+                          if e[0] == target["core_id"] else e for e in events]
+                target.pop("core_id")
+            else:
+                target["skip"] -= 1
+        original(events, stats)
+
+    llm._on_step = on_step
+    try:
+        def fail_next(request_id):
+            target["core_id"] = llm.engine._requests[request_id].seqs[0].core_id
+            target["skip"] = events_before_failure
+
+        real_generate = llm.engine.add_request
+
+        def add_and_mark(request_id, prompt, params):
+            rid = real_generate(request_id, prompt, params)
+            fail_next(rid)
+            return rid
+
+        llm.engine.add_request = add_and_mark
+        try:
+            with pytest.raises(openai.InternalServerError) as err:
+                client.chat.completions.create(model="smollm2", messages=CAPITAL, max_tokens=16, temperature=0)
+        finally:
+            del llm.engine.add_request
+        assert err.value.status_code == 500 and "illegal memory access" in str(err.value)
+        assert err.value.code == "engine_error"
+    finally:
+        del llm._on_step
+    # The server keeps serving, and nothing leaked.
+    ok = client.chat.completions.create(model="smollm2", messages=CAPITAL, max_tokens=8, temperature=0)
+    assert ok.choices[0].message.content
+    _assert_idle(server)

@@ -26,6 +26,11 @@ class EngineDeadError(RuntimeError):
     """The engine failed a step; the requests in flight were aborted."""
 
 
+class RequestFailedError(EngineDeadError):
+    """The model failed on a step this request was in (a GPU fault, say). The request was
+    dropped with its KV blocks; the engine and requests in other steps go on."""
+
+
 @dataclass
 class RequestTimes:
     """When a request arrived, produced its first token and finished (time.monotonic seconds)."""
@@ -132,6 +137,9 @@ class AsyncLLM:
                     out = q.get_nowait()  # outputs are cumulative: a late reader needs only the newest
                 if isinstance(out, BaseException):
                     raise out
+                failed = next((c for c in out.outputs if c.finish_reason == "error"), None)
+                if failed is not None:
+                    raise RequestFailedError(f"the engine failed on this request: {failed.stop_reason}")
                 finished = out.finished
                 if finished:  # release before handing over the last output: the consumer may stop here
                     self._streams.pop(rid, None)

@@ -19,7 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from horae.async_llm import AsyncLLM, EngineDeadError
+from horae.async_llm import AsyncLLM, EngineDeadError, RequestFailedError
 from horae.llm import RequestOutput, SamplingParams
 from horae.serve.metrics import ServerMetrics
 from horae.serve.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest)
@@ -152,7 +152,13 @@ def build_app(llm: AsyncLLM, config: ServerConfig) -> FastAPI:
         except (TypeError, ValueError) as e:
             raise APIError(400, _first_line(e)) from None
         except EngineDeadError as e:
-            raise APIError(503, str(e), "server_error", None, "engine_error") from None
+            raise engine_error(e) from None
+
+    def engine_error(e: EngineDeadError) -> APIError:
+        # A request the model failed on is the server's fault (500); a dead step loop is
+        # "try again" (503).
+        status = 500 if isinstance(e, RequestFailedError) else 503
+        return APIError(status, str(e), "server_error", None, "engine_error")
 
     async def final_output(stream: AsyncIterator[RequestOutput], out: Optional[RequestOutput], raw: Request):
         """Read a stream to its finished output (non-streaming responses). A client that has gone
@@ -162,6 +168,8 @@ def build_app(llm: AsyncLLM, config: ServerConfig) -> FastAPI:
                 if await disconnected(raw):
                     raise APIError(499, "client disconnected")
                 out = await stream.__anext__()
+        except EngineDeadError as e:
+            raise engine_error(e) from None
         finally:
             await stream.aclose()
         return out

@@ -270,3 +270,60 @@ fn preempted_requests_are_marked_and_huge_max_tokens_is_refused() {
     }
     assert!(seen_preempted);
 }
+
+/// Fails the steps whose batch holds request `bad` (as a GPU fault in its step would).
+struct FailsOn {
+    inner: SimExecutor,
+    bad: u64,
+}
+
+impl horae_core::engine::Executor for FailsOn {
+    fn execute(&mut self, plan: &horae_core::sched::SchedulePlan, state: &Scheduler) -> horae_core::Result<horae_core::engine::ExecOutput> {
+        if plan.seqs.iter().any(|s| s.id == self.bad) {
+            return Err(HoraeError::Cuda("an illegal memory access was encountered".into()));
+        }
+        self.inner.execute(plan, state)
+    }
+    fn eos_token_ids(&self) -> Vec<u32> {
+        self.inner.eos_token_ids()
+    }
+}
+
+#[test]
+fn a_failing_step_fails_its_requests_and_the_engine_goes_on() {
+    let c = cfg(PolicyKind::PastFuture, 4096);
+    let lengths = Arc::new(vec![40u32; 6]);
+    let sched = Scheduler::new(c.sched.clone(), None).unwrap();
+    let exec = FailsOn { inner: SimExecutor::new(c.cost.clone(), lengths), bad: 3 };
+    let mut e = Engine::new(sched, Box::new(exec), Box::new(VirtualClock::default()));
+    let add = |e: &mut Engine| {
+        let spec = RequestSpec { prompt: Prompt::Tokens(vec![5; 100]), max_tokens: 40, ignore_eos: false, arrival: None, sampling: Default::default() };
+        e.add_request(spec).unwrap()
+    };
+    // Three requests run together; request 3 joins later and its first step fails.
+    for _ in 0..3 {
+        add(&mut e);
+    }
+    for _ in 0..4 {
+        assert!(e.step().unwrap().failed.is_empty());
+    }
+    assert_eq!(add(&mut e), 3);
+    let out = e.step().unwrap();
+    let failed: Vec<u64> = out.failed.iter().map(|f| f.0).collect();
+    // Everyone in that batch fails with the error, blocks freed; nothing is recorded as a length.
+    assert!(failed.contains(&3) && failed.len() == 4, "{failed:?}");
+    assert!(out.failed.iter().all(|f| f.1.contains("illegal memory access")));
+    assert_eq!(e.scheduler().kv().pool().num_used(), 0);
+    assert_eq!(e.scheduler().stats().lengths_recorded, 0);
+    e.scheduler().check_invariants().unwrap();
+    // Later requests run to the end.
+    let (a, b) = (add(&mut e), add(&mut e));
+    let mut done = Vec::new();
+    while e.has_work() {
+        let out = e.step().unwrap();
+        assert!(out.failed.is_empty());
+        done.extend(out.finished.iter().map(|r| (r.id, r.output.len())));
+    }
+    assert_eq!(done.len(), 2);
+    assert!(done.iter().all(|&(id, n)| (id == a || id == b) && n == 40), "{done:?}");
+}

@@ -120,6 +120,11 @@ impl Shared {
         }
         let out = st.engine.step()?;
         st.preemptions += out.preempted.len() as u64;
+        // Requests the model failed on (a GPU fault): they end with the error as their text.
+        for (id, msg) in &out.failed {
+            st.detok.remove(id);
+            events.push((*id, Vec::new(), msg.clone(), Some("error"), Vec::new(), Vec::new(), None));
+        }
         let mut by_id: HashMap<u64, usize> = HashMap::new();
         let speculating = st.engine.scheduler().spec_k_max().is_some();
         for (id, token) in &out.tokens {

@@ -29,6 +29,9 @@ pub struct StepResult {
     pub finished: Vec<Request>,
     pub preempted: Vec<ReqId>,
     pub sample: Option<StepSample>,
+    /// Requests the executor failed on this step, with its error: they are finished with
+    /// `FinishReason::Error` and their blocks freed; the engine and every other request go on.
+    pub failed: Vec<(ReqId, String)>,
 }
 
 pub struct Engine {
@@ -113,7 +116,21 @@ impl Engine {
             }
             return Ok(result);
         }
-        let out = self.executor.execute(&plan, &self.sched)?;
+        let out = match self.executor.execute(&plan, &self.sched) {
+            Ok(out) => out,
+            Err(e) => {
+                // Fail this step's requests, not the engine: a GPU fault or a batch the model
+                // refuses must not take a server down with every other request in it.
+                let msg = e.to_string();
+                for s in &plan.seqs {
+                    if self.sched.finish(s.id, FinishReason::Error, self.clock.now()).is_ok() {
+                        self.executor.release(s.id);
+                        result.failed.push((s.id, msg.clone()));
+                    }
+                }
+                return Ok(result);
+            }
+        };
         if let Some(dt) = out.elapsed {
             self.clock.advance(dt);
         }

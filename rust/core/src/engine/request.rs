@@ -44,6 +44,8 @@ pub enum FinishReason {
     /// `max_tokens` reached.
     Length,
     Aborted,
+    /// The executor failed on a step this request was in (a GPU fault, say).
+    Error,
 }
 
 impl FinishReason {
@@ -52,6 +54,7 @@ impl FinishReason {
             FinishReason::Stop => "stop",
             FinishReason::Length => "length",
             FinishReason::Aborted => "abort",
+            FinishReason::Error => "error",
         }
     }
 }

@@ -476,7 +476,8 @@ impl Scheduler {
         self.kv.free(id);
         r.state = RequestState::Finished(reason);
         r.times.finished = Some(now);
-        if reason != FinishReason::Aborted || !r.output.is_empty() {
+        // A failed request's length says nothing about the workload.
+        if reason != FinishReason::Error && (reason != FinishReason::Aborted || !r.output.is_empty()) {
             self.policy.record_finished(r.output.len());
             self.stats.lengths_recorded += 1;
         }
