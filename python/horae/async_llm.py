@@ -139,7 +139,7 @@ class AsyncLLM:
                     raise out
                 failed = next((c for c in out.outputs if c.finish_reason == "error"), None)
                 if failed is not None:
-                    raise RequestFailedError(f"the engine failed on this request: {failed.stop_reason}")
+                    raise RequestFailedError(f"request failed: {failed.stop_reason}")
                 finished = out.finished
                 if finished:  # release before handing over the last output: the consumer may stop here
                     self._streams.pop(rid, None)

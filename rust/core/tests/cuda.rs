@@ -13,7 +13,7 @@ use horae_core::backend::attention::{paged_attention, AttnSeq};
 use horae_core::backend::cpu;
 use horae_core::backend::cuda::device::Gpu;
 use horae_core::backend::cuda::model::{CudaLlama, KvBudget};
-use horae_core::backend::cuda::ops::{self, AttnDims, DecodeScratch, Dt, Ptr, PrefillMeta};
+use horae_core::backend::cuda::ops::{self, AttnDims, AttnIo, DecodeScratch, Dt, Ptr, PrefillMeta};
 use horae_core::backend::cuda::sampler;
 use horae_core::engine::{Engine, Prompt, RequestSpec, WallClock};
 use horae_core::model::ModelExecutor;
@@ -252,13 +252,14 @@ impl AttnCase {
         let bt_d = up(g, &table_flat);
         let dims = AttnDims { max_blocks: width, ..self.dims };
         let p = |s: &CudaSlice<u16>| Ptr::of(g, s);
+        let io = AttnIo { out: p(&out_d), out_stride: nh * hd, q: p(&q_d), q_stride: nh * hd, k_cache: p(&kc_d), v_cache: p(&vc_d), block_tables: Ptr::of(g, &bt_d) };
         if self.seqs.iter().all(|s| s.1 == 1) {
             let q_rows: Vec<i32> = (0..self.seqs.len() as i32).collect();
             let ctx: Vec<i32> = self.seqs.iter().map(|s| (s.0 + 1) as i32).collect();
             let (qr_d, ctx_d) = (up(g, &q_rows), up(g, &ctx));
             let max_ctx = self.seqs.iter().map(|s| s.0 + 1).max().unwrap();
             let mut scratch = DecodeScratch { out: g.stream.alloc_zeros(1).unwrap(), max: g.stream.alloc_zeros(1).unwrap(), sum: g.stream.alloc_zeros(1).unwrap() };
-            ops::paged_decode(g, dt, dims, p(&out_d), nh * hd, p(&q_d), nh * hd, Ptr::of(g, &qr_d), p(&kc_d), p(&vc_d), Ptr::of(g, &bt_d), Ptr::of(g, &ctx_d), self.seqs.len(), max_ctx, &mut scratch).unwrap();
+            ops::paged_decode(g, dt, dims, io, Ptr::of(g, &qr_d), Ptr::of(g, &ctx_d), self.seqs.len(), max_ctx, &mut scratch).unwrap();
         } else {
             let (mut ts, mut tq) = (Vec::new(), Vec::new());
             for (i, s) in self.seqs.iter().enumerate() {
@@ -272,7 +273,7 @@ impl AttnCase {
             let pos0: Vec<i32> = self.seqs.iter().map(|s| s.0 as i32).collect();
             let (ts_d, tq_d, sr_d, ql_d, p0_d) = (up(g, &ts), up(g, &tq), up(g, &seq_row), up(g, &qlen), up(g, &pos0));
             let meta = PrefillMeta { tile_seq: Ptr::of(g, &ts_d), tile_q0: Ptr::of(g, &tq_d), seq_row: Ptr::of(g, &sr_d), seq_qlen: Ptr::of(g, &ql_d), seq_pos0: Ptr::of(g, &p0_d), tiles: ts.len() };
-            ops::prefill_attention(g, dt, dims, p(&out_d), nh * hd, p(&q_d), nh * hd, p(&kc_d), p(&vc_d), Ptr::of(g, &bt_d), &meta).unwrap();
+            ops::prefill_attention(g, dt, dims, io, &meta).unwrap();
         }
         rel_err(&down16(g, dt, &out_d), &want)
     }

@@ -301,7 +301,7 @@ pub(crate) fn parse_dtype(s: &str) -> PyResult<Option<WeightDtype>> {
         return Ok(None);
     }
     WeightDtype::parse(s).map(Some).ok_or_else(|| {
-        let hint = if s == "float16" || s == "half" { " (the CPU backend keeps 16-bit weights as bfloat16)" } else { "" };
+        let hint = if s == "float16" || s == "half" { " (float16 runs on a GPU, device='cuda'; the CPU backend keeps 16-bit weights as bfloat16)" } else { "" };
         HoraeCoreError::new_err(format!("unknown dtype '{s}': use 'auto', 'float32' or 'bfloat16'{hint}"))
     })
 }

@@ -6,7 +6,7 @@ use cudarc::driver::{CudaSlice, CudaStream};
 
 use super::device::Gpu;
 use super::model::{CudaLlama, KvBudget};
-use super::ops::{self, AttnDims, DecodeScratch, Dt, Ptr};
+use super::ops::{self, AttnDims, AttnIo, DecodeScratch, Dt, Ptr};
 use crate::backend::attention::AttnSeq;
 use crate::error::{HoraeError, Result};
 use crate::model::llama::BatchInput;
@@ -79,7 +79,8 @@ pub fn decode_attention(gpu: &Gpu, batch: usize, ctx: usize, heads: usize, kv_he
     let p = |s: &CudaSlice<u16>| Ptr::of(gpu, s);
     let (qr, cl, bt) = (Ptr::of(gpu, &rows), Ptr::of(gpu, &ctxs), Ptr::of(gpu, &table));
     let ms = time_ms(&gpu.stream, 3, 20, || {
-        ops::paged_decode(gpu, dt, dims, p(&out), heads * head_dim, p(&q), heads * head_dim, qr, p(&k), p(&v), bt, cl, batch, ctx, &mut scratch)
+        let io = AttnIo { out: p(&out), out_stride: heads * head_dim, q: p(&q), q_stride: heads * head_dim, k_cache: p(&k), v_cache: p(&v), block_tables: bt };
+        ops::paged_decode(gpu, dt, dims, io, qr, cl, batch, ctx, &mut scratch)
     })?;
     let kv_bytes = 2 * batch * ctx * kv_row * 2;
     let copy = copy_gbps(gpu, kv_bytes / 2)?;

@@ -127,16 +127,10 @@ pub fn compile(file: &str, arch: u32, cubin: bool) -> Result<Output> {
     out
 }
 
-/// FNV-1a: a stable hash for cache file names (std's hasher may change between Rust releases).
-fn fnv1a(parts: &[&[u8]]) -> u64 {
-    let mut h = 0xcbf2_9ce4_8422_2325u64;
-    for p in parts {
-        for &b in *p {
-            h = (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3);
-        }
-        h = (h ^ 0xff).wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    h
+/// The disk-cache key of a compiled file: the project's block hasher (fixed keys, so the same
+/// across runs; a new Rust release may change it, which only costs one recompile).
+fn cache_key(src: &str, nvrtc: (i32, i32)) -> u64 {
+    crate::kv::hash::chain_hash(None, &(src, OPTIONS, nvrtc))
 }
 
 /// Where compiled kernels are kept: `$HORAE_CACHE/kernels`, else `$XDG_CACHE_HOME/horae/kernels`,
@@ -157,7 +151,7 @@ pub fn cache_dir() -> Option<PathBuf> {
 pub fn cubin_cached(file: &str, arch: u32, dir: Option<&Path>) -> Result<Vec<u8>> {
     let (major, minor) = nvrtc_version()?;
     let src = source(file)?;
-    let key = fnv1a(&[src.as_bytes(), OPTIONS.join(" ").as_bytes(), format!("{major}.{minor}").as_bytes()]);
+    let key = cache_key(&src, (major, minor));
     let path = dir.map(|d| d.join(format!("{file}-sm{arch}-{key:016x}.cubin")));
     if let Some(bytes) = path.as_ref().and_then(|p| std::fs::read(p).ok()) {
         return Ok(bytes);
@@ -190,7 +184,8 @@ mod tests {
 
     #[test]
     fn cache_key_changes_with_the_source() {
-        assert_ne!(fnv1a(&[b"a", b"b"]), fnv1a(&[b"ab"]));
-        assert_eq!(fnv1a(&[b"x"]), fnv1a(&[b"x"]));
+        assert_ne!(cache_key("a", (12, 9)), cache_key("b", (12, 9)));
+        assert_ne!(cache_key("a", (12, 9)), cache_key("a", (12, 8)));
+        assert_eq!(cache_key("x", (12, 9)), cache_key("x", (12, 9)));
     }
 }

@@ -8,7 +8,7 @@ use std::path::Path;
 use cudarc::driver::{CudaSlice, DeviceRepr, ValidAsZeroBits};
 
 use super::device::Gpu;
-use super::ops::{self, AttnDims, DecodeScratch, Dt, Ptr, PrefillMeta, PREFILL_TILE};
+use super::ops::{self, AttnDims, AttnIo, DecodeScratch, Dt, Ptr, PrefillMeta, PREFILL_TILE};
 use crate::backend::attention::AttnSeq;
 use crate::model::llama::BatchInput;
 use crate::model::weights::Weights;
@@ -297,20 +297,21 @@ impl CudaLlama {
 
     /// Run the batch; the `logit_rows` rows' logits are left in `self.logits` (on the GPU).
     pub fn forward(&mut self, input: &BatchInput<'_>) -> Result<()> {
-        let c = self.cfg.clone();
+        let c = &self.cfg;
         let (h, hd, nh, nkv, inter) = (c.hidden_size, c.head_dim, c.num_heads, c.num_kv_heads, c.intermediate_size);
+        let (vocab, eps) = (c.vocab_size, c.rms_norm_eps);
         let t = input.tokens.len();
         if t == 0 {
             return Ok(());
         }
         self.gpu.bind()?;
-        if let Some(&bad) = input.tokens.iter().find(|&&tok| tok as usize >= c.vocab_size) {
-            return Err(HoraeError::Executor(format!("token id {bad} is outside the vocabulary ({})", c.vocab_size)));
+        if let Some(&bad) = input.tokens.iter().find(|&&tok| tok as usize >= vocab) {
+            return Err(HoraeError::Executor(format!("token id {bad} is outside the vocabulary ({})", vocab)));
         }
         self.ensure_activations(t)?;
         let rows = input.logit_rows.len();
-        if self.logits.len() < rows * c.vocab_size {
-            self.logits = alloc(&self.gpu, rows * c.vocab_size, "the logits buffer", "lower max_num_seqs")?;
+        if self.logits.len() < rows * vocab {
+            self.logits = alloc(&self.gpu, rows * vocab, "the logits buffer", "lower max_num_seqs")?;
         }
         let meta = StepMeta::build(input, self.block_size);
         let g = &self.gpu;
@@ -332,7 +333,7 @@ impl CudaLlama {
         let dt = self.dt;
         let qkv_n = (nh + 2 * nkv) * hd;
         let row = nkv * hd;
-        ops::embedding(g, dt, res, Ptr::of(g, &self.embed), at(meta.tokens), t, h, c.vocab_size)?;
+        ops::embedding(g, dt, res, Ptr::of(g, &self.embed), at(meta.tokens), t, h, vocab)?;
         let dims = |max_blocks| AttnDims { num_heads: nh, num_kv_heads: nkv, head_dim: hd, block_size: self.block_size, max_blocks };
         let prefill = PrefillMeta {
             tile_seq: at(meta.tile_seq),
@@ -345,7 +346,7 @@ impl CudaLlama {
         for (li, l) in self.layers.iter().enumerate() {
             // residual += previous layer's MLP output (nothing before layer 0), then norm.
             let delta = if li == 0 { Ptr::NULL } else { proj };
-            ops::add_rms_norm(g, dt, normed, res, delta, Ptr::of(g, &l.input_norm), Ptr::NULL, t, h, c.rms_norm_eps)?;
+            ops::add_rms_norm(g, dt, normed, res, delta, Ptr::of(g, &l.input_norm), Ptr::NULL, t, h, eps)?;
             ops::linear(g, dt, normed, t, h, Ptr::of(g, &l.qkv), qkv_n, qkv, false)?;
             if let Some(b) = &l.qkv_bias {
                 ops::add_bias(g, dt, qkv, Ptr::of(g, b), t, qkv_n)?;
@@ -354,38 +355,24 @@ impl CudaLlama {
             let (kc, vc) = (Ptr::of(g, &self.k_cache[li]), Ptr::of(g, &self.v_cache[li]));
             let (k, v) = (qkv.offset::<u16>(nh * hd), qkv.offset::<u16>(nh * hd + row));
             ops::reshape_and_cache(g, kc, vc, k, v, qkv_n, Ptr::of(g, &slots), t, row)?;
+            let io = AttnIo { out: attn, out_stride: nh * hd, q: qkv, q_stride: qkv_n, k_cache: kc, v_cache: vc, block_tables: at(meta.d_tables) };
             if meta.decode_seqs > 0 {
-                ops::paged_decode(
-                    g,
-                    dt,
-                    dims(meta.d_width),
-                    attn,
-                    nh * hd,
-                    qkv,
-                    qkv_n,
-                    at(meta.d_rows),
-                    kc,
-                    vc,
-                    at(meta.d_tables),
-                    at(meta.d_ctx),
-                    meta.decode_seqs,
-                    meta.d_max_ctx,
-                    &mut self.decode_scratch,
-                )?;
+                let scratch = &mut self.decode_scratch;
+                ops::paged_decode(g, dt, dims(meta.d_width), io, at(meta.d_rows), at(meta.d_ctx), meta.decode_seqs, meta.d_max_ctx, scratch)?;
             }
             if meta.tiles > 0 {
-                ops::prefill_attention(g, dt, dims(meta.p_width), attn, nh * hd, qkv, qkv_n, kc, vc, at(meta.p_tables), &prefill)?;
+                ops::prefill_attention(g, dt, dims(meta.p_width), AttnIo { block_tables: at(meta.p_tables), ..io }, &prefill)?;
             }
             ops::linear(g, dt, attn, t, nh * hd, Ptr::of(g, &l.o), h, proj, false)?;
-            ops::add_rms_norm(g, dt, normed, res, proj, Ptr::of(g, &l.post_norm), Ptr::NULL, t, h, c.rms_norm_eps)?;
+            ops::add_rms_norm(g, dt, normed, res, proj, Ptr::of(g, &l.post_norm), Ptr::NULL, t, h, eps)?;
             ops::linear(g, dt, normed, t, h, Ptr::of(g, &l.gate_up), 2 * inter, gu, false)?;
             ops::silu_and_mul(g, dt, act, gu, t, inter)?;
             ops::linear(g, dt, act, t, inter, Ptr::of(g, &l.down), h, proj, false)?;
         }
         // The final norm of the rows whose logits are wanted (adding the last MLP output).
-        ops::add_rms_norm(g, dt, normed, res, proj, Ptr::of(g, &self.norm), at(meta.logit_rows), rows, h, c.rms_norm_eps)?;
+        ops::add_rms_norm(g, dt, normed, res, proj, Ptr::of(g, &self.norm), at(meta.logit_rows), rows, h, eps)?;
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
-        ops::linear(g, dt, normed, rows, h, Ptr::of(g, head), c.vocab_size, Ptr::of(g, &self.logits), true)?;
+        ops::linear(g, dt, normed, rows, h, Ptr::of(g, head), vocab, Ptr::of(g, &self.logits), true)?;
         // The step's uploads must outlive the kernels that read them.
         g.sync()?;
         drop((ints, slots));

@@ -163,22 +163,30 @@ pub struct DecodeScratch {
     pub sum: CudaSlice<f32>,
 }
 
+/// Where an attention launch reads and writes: the query rows (q heads at the start of each
+/// fused QKV row, `q_stride` values apart), the output rows, the layer's K and V caches and the
+/// `[seqs, max_blocks]` i32 block tables.
+#[derive(Clone, Copy, Debug)]
+pub struct AttnIo {
+    pub out: Ptr,
+    pub out_stride: usize,
+    pub q: Ptr,
+    pub q_stride: usize,
+    pub k_cache: Ptr,
+    pub v_cache: Ptr,
+    pub block_tables: Ptr,
+}
+
 /// Paged decode attention for `seqs` single-token queries: q row `q_rows[i]` (i32) at context
-/// length `ctx_lens[i]`, output written to the same row of `out`. `block_tables` is
-/// `[seqs, max_blocks]` i32. `max_ctx` bounds the partitions.
+/// length `ctx_lens[i]`, output written to the same row of `io.out`. `max_ctx` bounds the
+/// partitions.
 #[allow(clippy::too_many_arguments)]
 pub fn paged_decode(
     gpu: &Gpu,
     dt: Dt,
     d: AttnDims,
-    out: Ptr,
-    out_stride: usize,
-    q: Ptr,
-    q_stride: usize,
+    io: AttnIo,
     q_rows: Ptr,
-    k_cache: Ptr,
-    v_cache: Ptr,
-    block_tables: Ptr,
     ctx_lens: Ptr,
     seqs: usize,
     max_ctx: usize,
@@ -193,8 +201,8 @@ pub fn paged_decode(
         scratch.sum = gpu.stream.alloc_zeros(need).map_err(|e| HoraeError::Cuda(format!("decode scratch: {e:?}")))?;
     }
     let (po, pm, ps) = (Ptr::of(gpu, &scratch.out).0, Ptr::of(gpu, &scratch.max).0, Ptr::of(gpu, &scratch.sum).0);
-    let (o, q, qr, kc, vc, bt, cl) = (out.0, q.0, q_rows.0, k_cache.0, v_cache.0, block_tables.0, ctx_lens.0);
-    let (qs, os) = (q_stride as i64, out_stride as i64);
+    let (o, q, qr, kc, vc, bt, cl) = (io.out.0, io.q.0, q_rows.0, io.k_cache.0, io.v_cache.0, io.block_tables.0, ctx_lens.0);
+    let (qs, os) = (io.q_stride as i64, io.out_stride as i64);
     let (mb, nh, nkv, mp) = (i32_of(d.max_blocks, "max_blocks")?, d.num_heads as i32, d.num_kv_heads as i32, parts as i32);
     let scale = 1.0 / (d.head_dim as f32).sqrt();
     let name = format!("paged_decode_{}_hd{}_bs{}", dt.suffix(), d.head_dim, d.block_size);
@@ -221,23 +229,10 @@ pub struct PrefillMeta {
 /// Query rows per prefill tile (kernels/prefill_attention.cu BQ).
 pub const PREFILL_TILE: usize = 32;
 
-#[allow(clippy::too_many_arguments)]
-pub fn prefill_attention(
-    gpu: &Gpu,
-    dt: Dt,
-    d: AttnDims,
-    out: Ptr,
-    out_stride: usize,
-    q: Ptr,
-    q_stride: usize,
-    k_cache: Ptr,
-    v_cache: Ptr,
-    block_tables: Ptr,
-    m: &PrefillMeta,
-) -> Result<()> {
+pub fn prefill_attention(gpu: &Gpu, dt: Dt, d: AttnDims, io: AttnIo, m: &PrefillMeta) -> Result<()> {
     d.check(false)?;
-    let (o, q, kc, vc, bt) = (out.0, q.0, k_cache.0, v_cache.0, block_tables.0);
-    let (os, qs) = (out_stride as i64, q_stride as i64);
+    let (o, q, kc, vc, bt) = (io.out.0, io.q.0, io.k_cache.0, io.v_cache.0, io.block_tables.0);
+    let (os, qs) = (io.out_stride as i64, io.q_stride as i64);
     let (ts, tq, sr, sq, sp) = (m.tile_seq.0, m.tile_q0.0, m.seq_row.0, m.seq_qlen.0, m.seq_pos0.0);
     let (mb, bs, nh, nkv) = (i32_of(d.max_blocks, "max_blocks")?, d.block_size as i32, d.num_heads as i32, d.num_kv_heads as i32);
     let scale = 1.0 / (d.head_dim as f32).sqrt();
