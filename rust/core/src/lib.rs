@@ -1,15 +1,35 @@
 //! horae's engine core: paged KV block manager, schedulers (Past-Future and baselines), the engine
-//! step loop behind an `Executor` seam, and a simulator that drives the same loop on traces.
-//! No Python here; `horae-python` wraps it.
+//! step loop behind an `Executor` seam, the model runtimes, and a simulator that drives the same
+//! loop on traces. No Python here; `horae-python` only converts types.
+//!
+//! Layers, lowest first; a module imports only from layers below its own (docs/architecture.md):
+//! 1. `error`, `stepcost`, `sample`, `kv`, `tokenizer`
+//! 2. `request` (one request's whole state)
+//! 3. `plan` (the step plan and the `Executor` seam)
+//! 4. `sched` (admission policies, the scheduling loop, SmartSpec's controller), `backend` (kernels)
+//! 5. `model` (Llama on the CPU and on a GPU)
+//! 6. `spec` (draft proposers and verification)
+//! 7. `runner` (`ModelExecutor`: a model behind the `Executor` seam)
+//! 8. `engine` (the step loop, stop checks, per-step outputs)
+//! 9. `sim` (the simulator) and `serving` (engine builder, request inbox, step thread, metrics)
 
 pub mod backend;
 pub mod engine;
 pub mod error;
 pub mod kv;
 pub mod model;
+pub mod plan;
+pub mod request;
+pub mod runner;
 pub mod sample;
 pub mod sched;
+pub mod serving;
 pub mod sim;
 pub mod spec;
+pub mod stepcost;
+pub mod tokenizer;
+
+#[cfg(feature = "bench")]
+pub mod bench;
 
 pub use error::{HoraeError, Result};

@@ -6,17 +6,18 @@
 //! Inputs are rounded to the kernel's 16-bit type first and the CPU reference runs in f32 on the
 //! rounded values, so the bounds only cover accumulation order and the output's own rounding.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use cudarc::driver::CudaSlice;
 use horae_core::backend::attention::{paged_attention, AttnSeq};
 use horae_core::backend::cpu;
 use horae_core::backend::cuda::device::Gpu;
-use horae_core::backend::cuda::model::{CudaLlama, KvBudget};
+use horae_core::model::cuda_llama::{CudaLlama, KvBudget};
 use horae_core::backend::cuda::ops::{self, AttnDims, AttnIo, DecodeScratch, Dt, Ptr, PrefillMeta};
 use horae_core::backend::cuda::sampler;
-use horae_core::engine::{Engine, Prompt, RequestSpec, WallClock};
-use horae_core::model::ModelExecutor;
+use horae_core::engine::{Engine, WallClock};
+use horae_core::request::{Prompt, RequestSpec};
+use horae_core::runner::ModelExecutor;
 use horae_core::sample::{self, SamplingParams};
 use horae_core::sched::{Scheduler, SchedulerConfig};
 
@@ -202,9 +203,8 @@ fn silu_mul_embedding_bias_and_cache_write_match_cpu() {
     assert!(k[..2 * row].iter().all(|&x| x == 0.0) || slots.contains(&0), "nothing else written");
 }
 
-fn golden_dir(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/golden").join(name)
-}
+mod common;
+use common::golden_dir;
 
 /// A paged-attention case: sequences with `(cached, new)` tokens over a shuffled block pool.
 struct AttnCase {
@@ -333,7 +333,11 @@ fn cublas_linear_matches_cpu() {
             ops::linear(&g, dt, Ptr::of(&g, &x_d), m, k, Ptr::of(&g, &w_d), n, Ptr::of(&g, &y16), false).unwrap();
             ops::linear(&g, dt, Ptr::of(&g, &x_d), m, k, Ptr::of(&g, &w_d), n, Ptr::of(&g, &y32), true).unwrap();
             let mut want = vec![0.0; m * n];
-            cpu::linear(&x, m, k, &w, n, &mut want);
+            for (i, row) in want.chunks_mut(n).enumerate() {
+                for (j, y) in row.iter_mut().enumerate() {
+                    *y = (0..k).map(|t| x[i * k + t] * w[j * k + t]).sum();
+                }
+            }
             assert!(rel_err(&down16(&g, dt, &y16), &want) < tol(dt), "{dt:?} {m}x{k}x{n}");
             assert!(rel_err(&down(&g, &y32), &want) < 1e-3, "{dt:?} {m}x{k}x{n} f32 out");
         }
@@ -369,7 +373,7 @@ fn gpu_argmax_is_exact_and_sampling_follows_the_cpu_distribution() {
     for p in sets {
         let n = 40_000;
         let want = sample::distribution(row, &p);
-        let mut rngs: Vec<rand::rngs::SmallRng> = (0..n).map(|i| sample::request_rng(i as u64, Some(i as u64))).collect();
+        let mut rngs: Vec<rand::rngs::SmallRng> = (0..n).map(|i| sample::request_rng(i as u64, Some(i as u64), None)).collect();
         let mut draws: Vec<sampler::Draw<'_>> = rngs.iter_mut().map(|rng| sampler::Draw { row: 0, params: &p, rng }).collect();
         let tokens = sampler::sample(&g, Ptr::of(&g, &l_d), vocab, &mut draws).unwrap();
         let mut freq = vec![0.0f64; vocab];
@@ -388,40 +392,17 @@ fn gpu_argmax_is_exact_and_sampling_follows_the_cpu_distribution() {
 /// A random Llama with GPU-sized heads (head_dim 64, GQA 2) and weights already bf16-exact,
 /// so the CPU and the GPU hold identical weights.
 fn random_llama(dir: &Path) {
-    use safetensors::tensor::{Dtype, TensorView};
-    std::fs::create_dir_all(dir).unwrap();
-    let cfg = std::fs::read_to_string(golden_dir("tiny-llama3").join("config.json")).unwrap();
-    let cfg = cfg
-        .replace("\"head_dim\": 16", "\"head_dim\": 64")
-        .replace("\"hidden_size\": 64", "\"hidden_size\": 256")
-        .replace("\"intermediate_size\": 128", "\"intermediate_size\": 512")
-        .replace("\"vocab_size\": 256", "\"vocab_size\": 512");
-    std::fs::write(dir.join("config.json"), cfg).unwrap();
-    let (h, inter, hd, nh, nkv, v) = (256usize, 512usize, 64usize, 4usize, 2usize, 512usize);
     let mut r = Rng(1234);
-    let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
-    let mut add = |name: String, shape: Vec<usize>, scale: Option<f32>| {
-        let n: usize = shape.iter().product();
-        let data: Vec<f32> = (0..n).map(|_| scale.map_or(1.0, |s| Dt::Bf16.decode(Dt::Bf16.encode(r.next() * s)))).collect();
-        tensors.push((name, shape, data.iter().flat_map(|f| f.to_le_bytes()).collect()));
-    };
-    add("model.embed_tokens.weight".into(), vec![v, h], Some(1.0));
-    add("model.norm.weight".into(), vec![h], None);
-    for l in 0..2 {
-        let p = |n: &str| format!("model.layers.{l}.{n}");
-        add(p("input_layernorm.weight"), vec![h], None);
-        add(p("post_attention_layernorm.weight"), vec![h], None);
-        add(p("self_attn.q_proj.weight"), vec![nh * hd, h], Some(0.15));
-        add(p("self_attn.k_proj.weight"), vec![nkv * hd, h], Some(0.15));
-        add(p("self_attn.v_proj.weight"), vec![nkv * hd, h], Some(0.15));
-        add(p("self_attn.o_proj.weight"), vec![h, nh * hd], Some(0.1));
-        add(p("mlp.gate_proj.weight"), vec![inter, h], Some(0.1));
-        add(p("mlp.up_proj.weight"), vec![inter, h], Some(0.1));
-        add(p("mlp.down_proj.weight"), vec![h, inter], Some(0.07));
-    }
-    let views: Vec<(String, TensorView)> =
-        tensors.iter().map(|(n, s, b)| (n.clone(), TensorView::new(Dtype::F32, s.clone(), b).unwrap())).collect();
-    safetensors::tensor::serialize_to_file(views, None, &dir.join("model.safetensors")).unwrap();
+    let shape = common::Shape { hidden: 256, inter: 512, head_dim: 64, heads: 4, kv_heads: 2, vocab: 512 };
+    common::write_random_llama(dir, shape, |name, n| {
+        let scale = match name.rsplit('.').nth(1).unwrap_or("") {
+            "embed_tokens" => 1.0,
+            "q_proj" | "k_proj" | "v_proj" => 0.15,
+            "down_proj" => 0.07,
+            _ => 0.1, // o, gate, up
+        };
+        (0..n).map(|_| Dt::Bf16.decode(Dt::Bf16.encode(r.next() * scale))).collect()
+    });
 }
 
 fn generate(exec: ModelExecutor, prompts: &[Vec<u32>], max_tokens: usize) -> Vec<Vec<u32>> {
@@ -429,12 +410,12 @@ fn generate(exec: ModelExecutor, prompts: &[Vec<u32>], max_tokens: usize) -> Vec
     let mut e = Engine::new(Scheduler::new(cfg, None).unwrap(), Box::new(exec), Box::new(WallClock::default()));
     let ids: Vec<u64> = prompts
         .iter()
-        .map(|p| e.add_request(RequestSpec { prompt: Prompt::Tokens(p.clone()), max_tokens, ignore_eos: true, arrival: None, sampling: SamplingParams::default() }).unwrap())
+        .map(|p| e.add_request(RequestSpec { prompt: Prompt::Tokens(p.clone()), max_tokens, ignore_eos: true, arrival: None, sampling: SamplingParams::greedy(), stop: Default::default() }).unwrap())
         .collect();
     let mut out: std::collections::HashMap<u64, Vec<u32>> = Default::default();
     while e.has_work() {
-        for (id, t) in e.step().unwrap().tokens {
-            out.entry(id).or_default().push(t);
+        for o in e.step().unwrap().outputs {
+            out.entry(o.id).or_default().extend(o.new_token_ids);
         }
     }
     ids.iter().map(|id| out.remove(id).unwrap_or_default()).collect()

@@ -3,19 +3,21 @@
 //! embeddings), Llama in bf16, Qwen2 (qkv bias) and Mistral. Then the same requests through the
 //! engine in every scheduling situation must give token-identical greedy output.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use horae_core::backend::gemm::WeightDtype;
-use horae_core::engine::{Engine, Prompt, RequestSpec, WallClock};
-use horae_core::model::{LlamaModel, ModelExecutor};
+use horae_core::engine::{Engine, WallClock};
+use horae_core::model::LlamaModel;
+use horae_core::request::{Prompt, RequestSpec};
+use horae_core::runner::ModelExecutor;
+use horae_core::sample::SamplingParams;
 use horae_core::sched::{PolicyKind, Scheduler, SchedulerConfig};
 use serde_json::Value;
 
 const TINY: [&str; 4] = ["tiny-llama3", "tiny-llama-bf16", "tiny-qwen2", "tiny-mistral"];
 
-fn dir(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/golden").join(name)
-}
+mod common;
+use common::golden_dir as dir;
 
 fn golden(name: &str) -> Value {
     serde_json::from_str(&std::fs::read_to_string(dir(name).join("golden.json")).unwrap()).unwrap()
@@ -62,7 +64,7 @@ fn engine(name: &str, policy: PolicyKind, kv_tokens: usize, max_batched_tokens: 
 }
 
 fn spec(prompt: Vec<u32>, max_tokens: usize) -> RequestSpec {
-    RequestSpec { prompt: Prompt::Tokens(prompt), max_tokens, ignore_eos: false, arrival: None, sampling: Default::default() }
+    RequestSpec { prompt: Prompt::Tokens(prompt), max_tokens, ignore_eos: false, arrival: None, sampling: SamplingParams::greedy(), stop: Default::default() }
 }
 
 /// Run every prompt to completion; outputs in submission order.

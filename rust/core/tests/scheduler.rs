@@ -3,7 +3,9 @@
 
 use std::sync::Arc;
 
-use horae_core::engine::{Engine, FinishReason, Prompt, RequestSpec, VirtualClock};
+use horae_core::engine::{Engine, StepResult, VirtualClock};
+use horae_core::plan::{ExecOutput, Executor, StepPlan};
+use horae_core::request::{FinishReason, Prompt, Request, RequestSpec, RequestState};
 use horae_core::sched::{PolicyKind, Scheduler, SchedulerConfig};
 use horae_core::sim::{self, CostModel, LoadModel, SimConfig, SimExecutor, Trace, TraceRequest};
 use horae_core::HoraeError;
@@ -43,7 +45,7 @@ fn mixed(n: usize) -> Vec<(u32, u32)> {
 }
 
 /// Drive an engine by hand so invariants can be checked after every step.
-fn run_checked(t: &Trace, c: &SimConfig) -> Vec<horae_core::engine::Request> {
+fn run_checked(t: &Trace, c: &SimConfig) -> Vec<Request> {
     let lengths: Arc<Vec<u32>> = Arc::new(t.requests.iter().map(|r| r.output_len).collect());
     let l2 = lengths.clone();
     let sched = Scheduler::new(c.sched.clone(), Some(Arc::new(move |id| l2.get(id as usize).map(|&x| x as usize)))).unwrap();
@@ -54,7 +56,7 @@ fn run_checked(t: &Trace, c: &SimConfig) -> Vec<horae_core::engine::Request> {
             max_tokens: c.max_tokens,
             ignore_eos: false,
             arrival: Some(0.0),
-            sampling: Default::default(),
+            sampling: Default::default(), stop: Default::default(),
         };
         e.add_request_with_id(i as u64, spec).unwrap();
     }
@@ -188,7 +190,7 @@ fn bad_input_gets_clear_errors() {
         max_tokens,
         ignore_eos: false,
         arrival: None,
-        sampling: Default::default(),
+        sampling: Default::default(), stop: Default::default(),
     };
     let msg = |r: Result<u64, HoraeError>| r.unwrap_err().to_string();
     assert!(msg(e.add_request(spec(0, 5))).contains("prompt is empty"));
@@ -213,7 +215,7 @@ fn abort_frees_blocks_at_once() {
     let sched = Scheduler::new(c.sched.clone(), None).unwrap();
     let mut e = Engine::new(sched, Box::new(SimExecutor::new(c.cost.clone(), lengths)), Box::new(VirtualClock::default()));
     for _ in 0..3 {
-        let spec = RequestSpec { prompt: Prompt::Tokens(vec![7; 300]), max_tokens: 500, ignore_eos: false, arrival: None, sampling: Default::default() };
+        let spec = RequestSpec { prompt: Prompt::Tokens(vec![7; 300]), max_tokens: 500, ignore_eos: false, arrival: None, sampling: Default::default(), stop: Default::default() };
         e.add_request(spec).unwrap();
     }
     for _ in 0..5 {
@@ -228,7 +230,7 @@ fn abort_frees_blocks_at_once() {
     assert!(!r.output.is_empty());
     assert_eq!(e.scheduler().stats().lengths_recorded, 1);
     // One aborted before its first token tells nothing about lengths.
-    let spec = RequestSpec { prompt: Prompt::Tokens(vec![9; 50]), max_tokens: 50, ignore_eos: false, arrival: None, sampling: Default::default() };
+    let spec = RequestSpec { prompt: Prompt::Tokens(vec![9; 50]), max_tokens: 50, ignore_eos: false, arrival: None, sampling: Default::default(), stop: Default::default() };
     let late = e.add_request(spec).unwrap();
     assert!(e.abort(late).unwrap().output.is_empty());
     assert_eq!(e.scheduler().stats().lengths_recorded, 1);
@@ -246,7 +248,7 @@ fn preempted_requests_are_marked_and_huge_max_tokens_is_refused() {
     let lengths: Arc<Vec<u32>> = Arc::new(t.requests.iter().map(|r| r.output_len).collect());
     let sched = Scheduler::new(c.sched.clone(), None).unwrap();
     let mut e = Engine::new(sched, Box::new(SimExecutor::new(c.cost.clone(), lengths)), Box::new(VirtualClock::default()));
-    let huge = RequestSpec { prompt: Prompt::Tokens(vec![1; 10]), max_tokens: usize::MAX, ignore_eos: false, arrival: None, sampling: Default::default() };
+    let huge = RequestSpec { prompt: Prompt::Tokens(vec![1; 10]), max_tokens: usize::MAX, ignore_eos: false, arrival: None, sampling: Default::default(), stop: Default::default() };
     assert!(e.add_request_with_id(10_000, huge).unwrap_err().to_string().contains("exceeds the whole KV pool"));
     for (i, r) in t.requests.iter().enumerate() {
         let spec = RequestSpec {
@@ -254,7 +256,7 @@ fn preempted_requests_are_marked_and_huge_max_tokens_is_refused() {
             max_tokens: c.max_tokens,
             ignore_eos: false,
             arrival: None,
-            sampling: Default::default(),
+            sampling: Default::default(), stop: Default::default(),
         };
         e.add_request_with_id(i as u64, spec).unwrap();
     }
@@ -263,7 +265,7 @@ fn preempted_requests_are_marked_and_huge_max_tokens_is_refused() {
         let out = e.step().unwrap();
         for id in out.preempted {
             let r = e.scheduler().request(id).unwrap();
-            assert_eq!(r.state, horae_core::engine::RequestState::Preempted);
+            assert_eq!(r.state, RequestState::Preempted);
             assert_eq!(r.num_computed, 0);
             seen_preempted = true;
         }
@@ -277,12 +279,17 @@ struct FailsOn {
     bad: u64,
 }
 
-impl horae_core::engine::Executor for FailsOn {
-    fn execute(&mut self, plan: &horae_core::sched::SchedulePlan, state: &Scheduler) -> horae_core::Result<horae_core::engine::ExecOutput> {
+/// The requests a step failed, with the error.
+fn failed(out: &StepResult) -> Vec<(u64, String)> {
+    out.outputs.iter().filter_map(|o| o.error.clone().map(|e| (o.id, e))).collect()
+}
+
+impl Executor for FailsOn {
+    fn execute(&mut self, plan: &StepPlan) -> horae_core::Result<ExecOutput> {
         if plan.seqs.iter().any(|s| s.id == self.bad) {
             return Err(HoraeError::Cuda("an illegal memory access was encountered".into()));
         }
-        self.inner.execute(plan, state)
+        self.inner.execute(plan)
     }
     fn eos_token_ids(&self) -> Vec<u32> {
         self.inner.eos_token_ids()
@@ -297,7 +304,7 @@ fn a_failing_step_fails_its_requests_and_the_engine_goes_on() {
     let exec = FailsOn { inner: SimExecutor::new(c.cost.clone(), lengths), bad: 3 };
     let mut e = Engine::new(sched, Box::new(exec), Box::new(VirtualClock::default()));
     let add = |e: &mut Engine| {
-        let spec = RequestSpec { prompt: Prompt::Tokens(vec![5; 100]), max_tokens: 40, ignore_eos: false, arrival: None, sampling: Default::default() };
+        let spec = RequestSpec { prompt: Prompt::Tokens(vec![5; 100]), max_tokens: 40, ignore_eos: false, arrival: None, sampling: Default::default(), stop: Default::default() };
         e.add_request(spec).unwrap()
     };
     // Three requests run together; request 3 joins later and its first step fails.
@@ -305,14 +312,15 @@ fn a_failing_step_fails_its_requests_and_the_engine_goes_on() {
         add(&mut e);
     }
     for _ in 0..4 {
-        assert!(e.step().unwrap().failed.is_empty());
+        assert!(failed(&e.step().unwrap()).is_empty());
     }
     assert_eq!(add(&mut e), 3);
     let out = e.step().unwrap();
-    let failed: Vec<u64> = out.failed.iter().map(|f| f.0).collect();
+    let errors = failed(&out);
+    let ids: Vec<u64> = errors.iter().map(|f| f.0).collect();
     // Everyone in that batch fails with the error, blocks freed; nothing is recorded as a length.
-    assert!(failed.contains(&3) && failed.len() == 4, "{failed:?}");
-    assert!(out.failed.iter().all(|f| f.1.contains("illegal memory access")));
+    assert!(ids.contains(&3) && ids.len() == 4, "{ids:?}");
+    assert!(errors.iter().all(|f| f.1.contains("illegal memory access")));
     assert_eq!(e.scheduler().kv().pool().num_used(), 0);
     assert_eq!(e.scheduler().stats().lengths_recorded, 0);
     e.scheduler().check_invariants().unwrap();
@@ -321,7 +329,7 @@ fn a_failing_step_fails_its_requests_and_the_engine_goes_on() {
     let mut done = Vec::new();
     while e.has_work() {
         let out = e.step().unwrap();
-        assert!(out.failed.is_empty());
+        assert!(failed(&out).is_empty());
         done.extend(out.finished.iter().map(|r| (r.id, r.output.len())));
     }
     assert_eq!(done.len(), 2);

@@ -5,15 +5,18 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use horae_core::engine::{Engine, Prompt, RequestSpec, WallClock};
-use horae_core::model::{LlamaModel, ModelExecutor, Proposer};
+use horae_core::engine::{Engine, WallClock};
+use horae_core::model::weights::names;
+use horae_core::model::LlamaModel;
+use horae_core::request::{Prompt, RequestSpec};
+use horae_core::runner::{ModelExecutor, Proposer};
 use horae_core::sample::SamplingParams;
 use horae_core::sched::{PolicyKind, Scheduler, SchedulerConfig};
-use horae_core::spec::{DraftModel, SpecConfig};
+use horae_core::sched::SpecConfig;
+use horae_core::spec::DraftModel;
 
-fn golden_dir(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/golden").join(name)
-}
+mod common;
+use common::golden_dir;
 
 #[derive(Clone)]
 enum Method {
@@ -48,7 +51,7 @@ fn engine(dir: &Path, method: &Method, spec: Option<SpecConfig>, policy: PolicyK
 }
 
 fn request(prompt: Vec<u32>, max_tokens: usize, sampling: SamplingParams) -> RequestSpec {
-    RequestSpec { prompt: Prompt::Tokens(prompt), max_tokens, ignore_eos: true, arrival: None, sampling }
+    RequestSpec { prompt: Prompt::Tokens(prompt), max_tokens, ignore_eos: true, arrival: None, sampling, stop: Default::default() }
 }
 
 /// Run the requests to the end; outputs in submission order, and (drafted, accepted) totals.
@@ -81,7 +84,7 @@ fn prompts() -> Vec<Vec<u32>> {
 #[test]
 fn greedy_output_is_identical_with_speculation() {
     let dir = golden_dir("tiny-llama3");
-    let greedy = || prompts().into_iter().map(|p| request(p, 40, SamplingParams::default())).collect::<Vec<_>>();
+    let greedy = || prompts().into_iter().map(|p| request(p, 40, SamplingParams::greedy())).collect::<Vec<_>>();
     let (want, ..) = run(&mut engine(&dir, &Method::Off, None, PolicyKind::PastFuture, 8192), greedy());
     let fixed = SpecConfig { k_max: 4, adaptive: false, ..Default::default() };
     let adaptive = SpecConfig { k_max: 5, adaptive: true, ..Default::default() };
@@ -118,7 +121,7 @@ fn greedy_output_is_identical_with_speculation() {
 #[test]
 fn penalties_and_min_tokens_apply_at_every_verified_position() {
     let dir = golden_dir("tiny-llama3");
-    let params = SamplingParams { repetition_penalty: 1.3, frequency_penalty: 0.5, min_tokens: 20, ..Default::default() };
+    let params = SamplingParams { repetition_penalty: 1.3, frequency_penalty: 0.5, min_tokens: 20, ..SamplingParams::greedy() };
     let reqs = || prompts().into_iter().map(|p| request(p, 30, params.clone())).collect::<Vec<_>>();
     let (want, ..) = run(&mut engine(&dir, &Method::Off, None, PolicyKind::PastFuture, 8192), reqs());
     let spec = SpecConfig { k_max: 4, adaptive: false, ..Default::default() };
@@ -129,11 +132,7 @@ fn penalties_and_min_tokens_apply_at_every_verified_position() {
 
 /// A random Llama with an 8-token vocabulary, written as a model folder.
 fn tiny_vocab_model(name: &str, seed: u64) -> PathBuf {
-    use safetensors::tensor::{Dtype, TensorView};
     let dir = std::env::temp_dir().join(format!("horae-spec-{name}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let cfg = std::fs::read_to_string(golden_dir("tiny-llama3").join("config.json")).unwrap();
-    std::fs::write(dir.join("config.json"), cfg.replace("\"vocab_size\": 256", "\"vocab_size\": 8")).unwrap();
     let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
     let mut normal = move |std: f32| -> f32 {
         // Sum of 4 uniforms: close enough to a normal for random weights.
@@ -148,30 +147,11 @@ fn tiny_vocab_model(name: &str, seed: u64) -> PathBuf {
             * std
             * 1.732
     };
-    let (h, inter, hd, nh, nkv, v) = (64usize, 128usize, 16usize, 4usize, 2usize, 8usize);
-    let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
-    let mut add = |name: String, shape: Vec<usize>, std: Option<f32>| {
-        let n: usize = shape.iter().product();
-        let data: Vec<f32> = (0..n).map(|_| std.map_or(1.0, &mut normal)).collect();
-        tensors.push((name, shape, data.iter().flat_map(|f| f.to_le_bytes()).collect()));
-    };
-    add("model.embed_tokens.weight".into(), vec![v, h], Some(0.6));
-    add("model.norm.weight".into(), vec![h], None);
-    for l in 0..2 {
-        let p = |n: &str| format!("model.layers.{l}.{n}");
-        add(p("input_layernorm.weight"), vec![h], None);
-        add(p("post_attention_layernorm.weight"), vec![h], None);
-        add(p("self_attn.q_proj.weight"), vec![nh * hd, h], Some(0.3));
-        add(p("self_attn.k_proj.weight"), vec![nkv * hd, h], Some(0.3));
-        add(p("self_attn.v_proj.weight"), vec![nkv * hd, h], Some(0.3));
-        add(p("self_attn.o_proj.weight"), vec![h, nh * hd], Some(0.3));
-        add(p("mlp.gate_proj.weight"), vec![inter, h], Some(0.3));
-        add(p("mlp.up_proj.weight"), vec![inter, h], Some(0.3));
-        add(p("mlp.down_proj.weight"), vec![h, inter], Some(0.3));
-    }
-    let views: Vec<(String, TensorView)> =
-        tensors.iter().map(|(n, s, b)| (n.clone(), TensorView::new(Dtype::F32, s.clone(), b).unwrap())).collect();
-    safetensors::tensor::serialize_to_file(views, None, &dir.join("model.safetensors")).unwrap();
+    let shape = common::Shape { hidden: 64, inter: 128, head_dim: 16, heads: 4, kv_heads: 2, vocab: 8 };
+    common::write_random_llama(&dir, shape, |name, n| {
+        let std = if name == names::EMBED { 0.6 } else { 0.3 };
+        (0..n).map(|_| normal(std)).collect()
+    });
     dir
 }
 

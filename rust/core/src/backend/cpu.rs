@@ -1,21 +1,7 @@
-//! CPU ops on row-major f32 buffers. GEMMs go through faer (multi-threaded, runtime SIMD
-//! dispatch, so no `-march=native` is needed). Paged attention lives in `attention.rs`.
+//! CPU ops on row-major f32 buffers: norms, RoPE, activations. GEMMs are `gemm.rs`, paged
+//! attention `attention.rs`.
 
-use faer::linalg::matmul::matmul;
-use faer::{Accum, MatMut, MatRef, Par};
 use rayon::prelude::*;
-
-/// `out[m x n] = x[m x k] * w[n x k]^T` (a linear layer with weights stored as HF does).
-pub fn linear(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, out: &mut [f32]) {
-    debug_assert_eq!(x.len(), m * k);
-    debug_assert_eq!(w.len(), n * k);
-    debug_assert_eq!(out.len(), m * n);
-    let a = MatRef::from_row_major_slice(x, m, k);
-    let b = MatRef::from_row_major_slice(w, n, k).transpose();
-    let c = MatMut::from_row_major_slice_mut(out, m, n);
-    let par = if m * n * k >= 1 << 16 { Par::rayon(0) } else { Par::Seq };
-    matmul(c, Accum::Replace, a, b, 1.0f32, par);
-}
 
 pub fn add_bias(x: &mut [f32], bias: &[f32]) {
     for row in x.chunks_exact_mut(bias.len()) {
@@ -112,42 +98,4 @@ pub fn silu_mul_rows(gate_up: &[f32], inter: usize, out: &mut [f32]) {
     } else {
         gate_up.chunks_exact(2 * inter).zip(out.chunks_exact_mut(inter)).for_each(row);
     }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn linear_matches_naive() {
-        let (m, k, n) = (3, 5, 4);
-        let x: Vec<f32> = (0..m * k).map(|i| i as f32 * 0.1).collect();
-        let w: Vec<f32> = (0..n * k).map(|i| (i as f32 - 7.0) * 0.05).collect();
-        let mut out = vec![0.0; m * n];
-        linear(&x, m, k, &w, n, &mut out);
-        for i in 0..m {
-            for j in 0..n {
-                let e: f32 = (0..k).map(|t| x[i * k + t] * w[j * k + t]).sum();
-                assert!((out[i * n + j] - e).abs() < 1e-5);
-            }
-        }
-    }
-}
-
-/// The machine's GEMM rate through `linear`, in GFLOP/s: the best of `iters` runs of an
-/// `m x k` by `(n x k)^T` product. Benchmarks report model throughput as a ratio to this.
-pub fn measure_gemm_gflops(m: usize, n: usize, k: usize, iters: usize) -> f64 {
-    let x: Vec<f32> = (0..m * k).map(|i| (i % 7) as f32 * 0.01).collect();
-    let w: Vec<f32> = (0..n * k).map(|i| (i % 5) as f32 * 0.01).collect();
-    let mut out = vec![0.0; m * n];
-    linear(&x, m, k, &w, n, &mut out); // warm-up
-    let best = (0..iters.max(1))
-        .map(|_| {
-            let t = std::time::Instant::now();
-            linear(&x, m, k, &w, n, &mut out);
-            t.elapsed().as_secs_f64()
-        })
-        .fold(f64::INFINITY, f64::min);
-    std::hint::black_box(&out);
-    2.0 * (m * n * k) as f64 / best / 1e9
 }

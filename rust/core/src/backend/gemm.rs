@@ -489,39 +489,6 @@ unsafe fn avx2_bf16<const R: usize>(t: &Tile, b: *const u16, prefetch: *const u8
     unsafe { avx2_store(t, &acc, out) }
 }
 
-/// GFLOP/s of a model-shaped stack of linear layers at `m` rows: `shapes` (`(n, k)` per layer)
-/// repeated `layers` times with distinct weights, so weights come from memory as in a real step.
-/// Returns (faer on row-major weights, packed with `dtype`); faer is `None` for bf16, which it
-/// cannot take. Best of `iters` passes. This is how the packed kernel was chosen (docs/benchmarks.md).
-pub fn compare_with_faer(shapes: &[(usize, usize)], layers: usize, m: usize, dtype: WeightDtype, iters: usize) -> (Option<f64>, f64) {
-    let dims: Vec<(usize, usize)> = (0..layers).flat_map(|_| shapes.iter().copied()).collect();
-    let weights: Vec<Vec<f32>> =
-        dims.iter().enumerate().map(|(l, &(n, k))| (0..n * k).map(|i| ((i + l) % 13) as f32 * 0.01 - 0.06).collect()).collect();
-    let xs: Vec<Vec<f32>> = dims.iter().map(|&(_, k)| (0..m * k).map(|i| (i % 7) as f32 * 0.1).collect()).collect();
-    let mut outs: Vec<Vec<f32>> = dims.iter().map(|&(n, _)| vec![0.0; m * n]).collect();
-    let flops: f64 = dims.iter().map(|&(n, k)| 2.0 * (m * n * k) as f64).sum();
-    let mut time = |f: &mut dyn FnMut(usize, &mut [f32])| {
-        (0..iters.max(1) + 1)
-            .map(|_| {
-                let t = std::time::Instant::now();
-                for (i, out) in outs.iter_mut().enumerate() {
-                    f(i, out);
-                }
-                t.elapsed().as_secs_f64()
-            })
-            .skip(1) // warm-up
-            .fold(f64::INFINITY, f64::min)
-    };
-    let faer = (dtype == WeightDtype::F32).then(|| {
-        let best = time(&mut |i, out| crate::backend::cpu::linear(&xs[i], m, dims[i].1, &weights[i], dims[i].0, out));
-        flops / best / 1e9
-    });
-    let packed: Vec<PackedLinear> = weights.iter().zip(&dims).map(|(w, &(n, k))| PackedLinear::new(w, n, k, dtype)).collect();
-    drop(weights);
-    let best = time(&mut |i, out| packed[i].forward(&xs[i], m, out));
-    (faer, flops / best / 1e9)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,8 +1,19 @@
-//! The step loop: schedule -> execute -> record tokens -> check stop conditions -> free.
+//! The step loop: propose drafts -> schedule -> execute -> record tokens -> check stop conditions
+//! -> free, and one [`RequestOutput`] for every request that moved.
 
-use super::{Clock, Executor, FinishReason, ReqId, Request, RequestSpec};
+use std::sync::Arc;
+
+use rustc_hash::FxHashMap as HashMap;
+
+use super::stop::{check_stop, find_stop_string};
+use super::Clock;
 use crate::error::{HoraeError, Result};
-use crate::sched::{SchedulePlan, Scheduler, StepFeatures};
+use crate::plan::{Executor, StepPlan};
+use crate::request::{FinishReason, Prompt, ReqId, Request, RequestSpec, StopReason};
+use crate::sample::TokenLogprobs;
+use crate::sched::{Judged, Scheduler};
+use crate::stepcost::StepFeatures;
+use crate::tokenizer::{IncrementalDetokenizer, Tokenizer};
 
 /// One step as seen from outside, for KV-usage-over-time plots and metrics.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -23,15 +34,36 @@ pub struct StepSample {
     pub spec_k: u32,
 }
 
+/// What one request did in one step: the new part of its output, and why it ended if it did.
+/// Tokens, text and logprobs live in the core's `Request`; callers get only what is new.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RequestOutput {
+    pub id: ReqId,
+    /// New output tokens the caller sees (an end-of-sequence token that ends the request is not
+    /// one of them).
+    pub new_token_ids: Vec<u32>,
+    /// New text, held back while it could still turn out to be the start of a stop string.
+    pub new_text: String,
+    /// Logprobs of `new_token_ids`, when the request asked for them.
+    pub new_logprobs: Vec<TokenLogprobs>,
+    /// Prompt logprobs (position 1 onwards), once, with the output that finishes the request.
+    pub prompt_logprobs: Vec<TokenLogprobs>,
+    pub finish_reason: Option<FinishReason>,
+    pub stop_reason: Option<StopReason>,
+    /// Why the request failed (`FinishReason::Error`).
+    pub error: Option<String>,
+    /// With speculation on, once finished: draft tokens verified and accepted.
+    pub spec: Option<(u64, u64)>,
+}
+
 #[derive(Debug, Default)]
 pub struct StepResult {
-    pub tokens: Vec<(ReqId, u32)>,
+    /// One per request that produced output or finished this step.
+    pub outputs: Vec<RequestOutput>,
+    /// The requests that finished this step, whole (the simulator's records read them).
     pub finished: Vec<Request>,
     pub preempted: Vec<ReqId>,
     pub sample: Option<StepSample>,
-    /// Requests the executor failed on this step, with its error: they are finished with
-    /// `FinishReason::Error` and their blocks freed; the engine and every other request go on.
-    pub failed: Vec<(ReqId, String)>,
 }
 
 pub struct Engine {
@@ -39,17 +71,28 @@ pub struct Engine {
     executor: Box<dyn Executor>,
     clock: Box<dyn Clock>,
     eos: Vec<u32>,
+    /// Streams text and finds stop strings; the simulator has none.
+    tokenizer: Option<Arc<Tokenizer>>,
     next_id: ReqId,
 }
 
 impl Engine {
     pub fn new(sched: Scheduler, executor: Box<dyn Executor>, clock: Box<dyn Clock>) -> Self {
         let eos = executor.eos_token_ids();
-        Self { sched, executor, clock, eos, next_id: 0 }
+        Self { sched, executor, clock, eos, tokenizer: None, next_id: 0 }
+    }
+
+    /// Detokenize outputs as they are generated (text in `RequestOutput`, stop strings).
+    pub fn with_tokenizer(mut self, tokenizer: Arc<Tokenizer>) -> Self {
+        self.tokenizer = Some(tokenizer);
+        self
     }
 
     pub fn scheduler(&self) -> &Scheduler {
         &self.sched
+    }
+    pub fn eos_token_ids(&self) -> &[u32] {
+        &self.eos
     }
     pub fn now(&self) -> f64 {
         self.clock.now()
@@ -71,7 +114,10 @@ impl Engine {
     /// Queue a request under a caller-chosen id (the simulator uses trace indices).
     pub fn add_request_with_id(&mut self, id: ReqId, spec: RequestSpec) -> Result<()> {
         let arrival = spec.arrival.unwrap_or_else(|| self.clock.now());
-        let req = Request::new(id, spec, arrival, self.sched.config().block_size);
+        let mut req = Request::new(id, spec, arrival, self.sched.config().block_size);
+        if let (Some(_), Prompt::Tokens(ids)) = (&self.tokenizer, &req.prompt) {
+            req.detok = Some(IncrementalDetokenizer::new(ids));
+        }
         self.sched.add(req)?;
         self.next_id = self.next_id.max(id + 1);
         Ok(())
@@ -86,21 +132,7 @@ impl Engine {
 
     pub fn step(&mut self) -> Result<StepResult> {
         let started = self.clock.now();
-        if let Some(k_max) = self.sched.spec_k_max() {
-            let ids = self.sched.spec_candidates();
-            if !ids.is_empty() {
-                let lookup = self.executor.lookup_proposals();
-                let k = if lookup { k_max } else { self.sched.plan_spec(Some(k_max)) };
-                if k > 0 {
-                    for (id, draft) in self.executor.propose(&self.sched, &ids, k)? {
-                        self.sched.set_draft(id, draft);
-                    }
-                }
-                if lookup {
-                    self.sched.plan_spec(None);
-                }
-            }
-        }
+        self.propose_drafts()?;
         let plan = self.sched.schedule(started);
         for &id in &plan.preempted {
             self.executor.preempted(id);
@@ -116,16 +148,18 @@ impl Engine {
             }
             return Ok(result);
         }
-        let out = match self.executor.execute(&plan, &self.sched) {
+        let out = match self.executor.execute(&plan) {
             Ok(out) => out,
             Err(e) => {
                 // Fail this step's requests, not the engine: a GPU fault or a batch the model
                 // refuses must not take a server down with every other request in it.
                 let msg = e.to_string();
                 for s in &plan.seqs {
-                    if self.sched.finish(s.id, FinishReason::Error, self.clock.now()).is_ok() {
+                    if let Ok(r) = self.sched.finish(s.id, FinishReason::Error, self.clock.now()) {
                         self.executor.release(s.id);
-                        result.failed.push((s.id, msg.clone()));
+                        let error = Some(msg.clone());
+                        result.outputs.push(RequestOutput { id: s.id, finish_reason: Some(FinishReason::Error), error, ..Default::default() });
+                        result.finished.push(r);
                     }
                 }
                 return Ok(result);
@@ -135,18 +169,79 @@ impl Engine {
             self.clock.advance(dt);
         }
         let now = self.clock.now();
-        let mut judged = crate::spec::Judged::default();
+        self.record_drafts(&plan, &out.sampled, &out.accepted, now - started);
+        for (id, pos, lp) in out.prompt_logprobs {
+            self.sched.push_prompt_logprobs(id, pos, lp);
+        }
+        // Tokens in order; a request's logprobs come in the order of its sampled tokens and each
+        // goes with its token, so those of tokens dropped after a stop go too.
+        let mut logprobs = out.logprobs.into_iter().peekable();
+        let mut moved: Vec<ReqId> = Vec::new();
+        let mut first_new: HashMap<ReqId, usize> = HashMap::default();
+        let mut ended: HashMap<ReqId, (FinishReason, Option<StopReason>)> = HashMap::default();
+        for &(id, token) in &out.sampled {
+            let lp = if logprobs.peek().is_some_and(|l| l.0 == id) { logprobs.next() } else { None };
+            if ended.contains_key(&id) {
+                continue; // a stop among accepted drafts: what follows it is dropped
+            }
+            let Some(r) = self.sched.request_mut(id) else { continue };
+            first_new.entry(id).or_insert_with(|| {
+                moved.push(id);
+                r.output.len()
+            });
+            if let Some((_, lp)) = lp {
+                r.logprobs.push(lp);
+            }
+            r.push_token(token, now);
+            if let Some(end) = check_stop(r, token, &self.eos) {
+                ended.insert(id, end);
+            }
+        }
+        for id in moved {
+            let end = ended.remove(&id);
+            let from = first_new[&id];
+            result.outputs.push(self.emit(id, from, end, now, &mut result.finished)?);
+        }
+        result.sample = Some(self.sample(&plan, started, now));
+        Ok(result)
+    }
+
+    /// Speculative decoding: drafts for the running requests about to decode, before scheduling
+    /// (which reserves their KV slots).
+    fn propose_drafts(&mut self) -> Result<()> {
+        let Some(k_max) = self.sched.spec_k_max() else { return Ok(()) };
+        let candidates = self.sched.spec_candidates();
+        if candidates.is_empty() {
+            return Ok(());
+        }
+        let lookup = self.executor.lookup_proposals();
+        let k = if lookup { k_max } else { self.sched.plan_spec(Some(k_max)) };
+        if k > 0 {
+            for (id, draft) in self.executor.propose(&candidates, k)? {
+                self.sched.set_draft(id, draft);
+            }
+        }
+        if lookup {
+            self.sched.plan_spec(None);
+        }
+        Ok(())
+    }
+
+    /// After a step: which tokens now have KV, what became of the drafts (SmartSpec learns from
+    /// both), and the rejected drafts' slots given back.
+    fn record_drafts(&mut self, plan: &StepPlan, sampled: &[(ReqId, u32)], accepted: &[(ReqId, usize)], seconds: f64) {
+        let mut judged = Judged::default();
         for s in &plan.seqs {
             if s.num_draft == 0 {
                 self.sched.computed(s.id, s.num_tokens);
                 if let Some(first) = self.sched.take_unused_draft(s.id) {
-                    let drawn = out.sampled.iter().find(|t| t.0 == s.id).map(|t| t.1);
+                    let drawn = sampled.iter().find(|t| t.0 == s.id).map(|t| t.1);
                     judged.unused_judged += usize::from(drawn.is_some());
                     judged.unused_matched += usize::from(drawn == Some(first));
                 }
                 continue;
             }
-            let accepted = out.accepted.iter().find(|a| a.0 == s.id).map_or(0, |a| a.1).min(s.num_draft);
+            let accepted = accepted.iter().find(|a| a.0 == s.id).map_or(0, |a| a.1).min(s.num_draft);
             // The last real token and the accepted drafts now have KV; the rejected ones don't.
             self.sched.computed(s.id, s.num_tokens - s.num_draft + accepted);
             self.sched.drafts_verified(s.id, s.num_draft, accepted);
@@ -155,44 +250,67 @@ impl Engine {
             judged.accepted += accepted;
             judged.rejections += usize::from(accepted < s.num_draft);
         }
-        self.sched.spec_observe(&plan, now - started, judged);
-        for (id, pos, lp) in out.prompt_logprobs {
-            self.sched.push_prompt_logprobs(id, pos, lp);
-        }
-        // A request's logprobs come in the order of its sampled tokens; each goes with its token,
-        // so those of tokens dropped after a stop go too.
-        let mut logprobs = out.logprobs.into_iter().peekable();
-        for &(id, token) in &out.sampled {
-            let lp = if logprobs.peek().is_some_and(|l| l.0 == id) { logprobs.next() } else { None };
-            if self.sched.request(id).is_none() {
-                continue; // finished earlier in this step (e.g. EOS among accepted drafts)
-            }
-            if let Some((_, lp)) = lp {
-                self.sched.push_logprobs(id, lp);
-            }
-            self.sched.push_token(id, token, now);
-            result.tokens.push((id, token));
-            if let Some(reason) = self.stop_reason(id, token) {
-                result.finished.push(self.sched.finish(id, reason, now)?);
-                self.executor.release(id);
-            }
-        }
-        result.sample = Some(self.sample(&plan, started, now));
-        Ok(result)
+        self.sched.spec_observe(plan, seconds, judged);
     }
 
-    fn stop_reason(&self, id: ReqId, token: u32) -> Option<FinishReason> {
-        let r = self.sched.request(id)?;
-        if !r.ignore_eos && self.eos.contains(&token) {
-            Some(FinishReason::Stop)
-        } else if r.output.len() >= r.max_tokens {
-            Some(FinishReason::Length)
-        } else {
-            None
+    /// The output of a request that got tokens this step (from output index `from`): its new
+    /// text, stop strings checked, and its end if it ended.
+    fn emit(
+        &mut self,
+        id: ReqId,
+        from: usize,
+        mut end: Option<(FinishReason, Option<StopReason>)>,
+        now: f64,
+        finished: &mut Vec<Request>,
+    ) -> Result<RequestOutput> {
+        let eos_end = end.as_ref().is_some_and(|e| e.0 == FinishReason::Stop && e.1.is_none());
+        let token_end = matches!(end, Some((_, Some(StopReason::Token(_)))));
+        let r = self.sched.request_mut(id).ok_or(HoraeError::UnknownRequest(id))?;
+        // The caller never sees the end-of-sequence token; a stop token is seen but not its text.
+        r.num_visible = r.output.len() - usize::from(eos_end);
+        let text_tokens = r.num_visible - usize::from(token_end);
+        if let (Some(tok), Some(d)) = (&self.tokenizer, r.detok.as_mut()) {
+            let before = d.text.len();
+            d.step(tok, &r.output[..text_tokens])?;
+            let early = r.output.len() <= r.sampling.min_tokens;
+            if !early && !r.stop.strings.is_empty() {
+                if let Some((at, s)) = find_stop_string(&d.text, before, &r.stop.strings) {
+                    d.text.truncate(at);
+                    end = Some((FinishReason::Stop, Some(StopReason::Text(s))));
+                }
+            }
         }
+        let mut out = RequestOutput { id, ..Default::default() };
+        let visible_from = from.min(r.num_visible);
+        out.new_token_ids = r.output[visible_from..r.num_visible].to_vec();
+        if r.sampling.logprobs.is_some() {
+            let n = r.logprobs.len().min(r.num_visible);
+            out.new_logprobs = r.logprobs[visible_from.min(n)..n].to_vec();
+        }
+        // Text that could still be the start of a stop string waits, unless the request ends.
+        let text = r.text();
+        let mut upto = if end.is_some() { text.len() } else { text.len().saturating_sub(r.stop.holdback()) };
+        while !text.is_char_boundary(upto) {
+            upto -= 1;
+        }
+        if upto > r.text_sent {
+            out.new_text = text[r.text_sent..upto].to_string();
+            r.text_sent = upto;
+        }
+        if let Some((reason, stop_reason)) = end {
+            r.stop_reason = stop_reason.clone();
+            let req = self.sched.finish(id, reason, now)?;
+            self.executor.release(id);
+            out.finish_reason = Some(reason);
+            out.stop_reason = stop_reason;
+            out.prompt_logprobs = req.prompt_logprobs.clone();
+            out.spec = self.sched.spec_k_max().map(|_| (req.spec_drafted, req.spec_accepted));
+            finished.push(req);
+        }
+        Ok(out)
     }
 
-    fn sample(&self, plan: &SchedulePlan, started: f64, now: f64) -> StepSample {
+    fn sample(&self, plan: &StepPlan, started: f64, now: f64) -> StepSample {
         StepSample {
             time: now,
             duration: now - started,
@@ -201,7 +319,7 @@ impl Engine {
             batched_tokens: plan.num_batched_tokens as u32,
             kv_usage: self.sched.kv().usage() as f32,
             predicted_peak: self.sched.predicted_peak(),
-            features: StepFeatures::of_plan(plan),
+            features: plan.features(),
             spec_k: self.sched.spec_stats().map_or(0, |s| s.k as u32),
         }
     }

@@ -1,12 +1,10 @@
-//! The engine: requests in, steps run, tokens and finished requests out.
+//! The engine: requests in, steps run, stop conditions checked, one output per request per step.
 
 mod clock;
 #[allow(clippy::module_inception)]
 mod engine;
-mod executor;
-mod request;
+mod stop;
 
 pub use clock::{Clock, VirtualClock, WallClock};
-pub use engine::{Engine, StepSample, StepResult};
-pub use executor::{ExecOutput, Executor};
-pub use request::{FinishReason, Prompt, ReqId, Request, RequestSpec, RequestState, RequestTimes};
+pub use engine::{Engine, RequestOutput, StepResult, StepSample};
+pub use stop::{check_stop, find_stop_string};

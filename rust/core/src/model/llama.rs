@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use super::config::ModelConfig;
-use super::weights::Weights;
+use super::weights::{names, Weights};
 use crate::backend::attention::{self, AttnSeq};
 use crate::backend::cpu;
 use crate::backend::gemm::{PackedLinear, WeightDtype};
@@ -113,38 +113,38 @@ impl LlamaModel {
         let mut w = Weights::load(dir)?;
         let (h, hd, nh, nkv, inter) = (cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads, cfg.intermediate_size);
         let pack = |data: Vec<f32>, n: usize, k: usize| PackedLinear::new(&data, n, k, dtype);
-        let embed = pack(w.take("model.embed_tokens.weight", &[cfg.vocab_size, h])?, cfg.vocab_size, h);
+        let embed = pack(w.take(names::EMBED, &[cfg.vocab_size, h])?, cfg.vocab_size, h);
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for i in 0..cfg.num_layers {
-            let p = |n: &str| format!("model.layers.{i}.{n}");
-            let mut qkv = w.take(&p("self_attn.q_proj.weight"), &[nh * hd, h])?;
-            qkv.extend(w.take(&p("self_attn.k_proj.weight"), &[nkv * hd, h])?);
-            qkv.extend(w.take(&p("self_attn.v_proj.weight"), &[nkv * hd, h])?);
+            let p = |n: &str| names::layer(i, n);
+            let mut qkv = w.take(&p(names::Q), &[nh * hd, h])?;
+            qkv.extend(w.take(&p(names::K), &[nkv * hd, h])?);
+            qkv.extend(w.take(&p(names::V), &[nkv * hd, h])?);
             let qkv_bias = if cfg.qkv_bias {
-                let mut b = w.take(&p("self_attn.q_proj.bias"), &[nh * hd])?;
-                b.extend(w.take(&p("self_attn.k_proj.bias"), &[nkv * hd])?);
-                b.extend(w.take(&p("self_attn.v_proj.bias"), &[nkv * hd])?);
+                let mut b = w.take(&p(names::Q_BIAS), &[nh * hd])?;
+                b.extend(w.take(&p(names::K_BIAS), &[nkv * hd])?);
+                b.extend(w.take(&p(names::V_BIAS), &[nkv * hd])?);
                 Some(b)
             } else {
                 None
             };
-            let mut gate_up = w.take(&p("mlp.gate_proj.weight"), &[inter, h])?;
-            gate_up.extend(w.take(&p("mlp.up_proj.weight"), &[inter, h])?);
+            let mut gate_up = w.take(&p(names::GATE), &[inter, h])?;
+            gate_up.extend(w.take(&p(names::UP), &[inter, h])?);
             layers.push(Layer {
-                input_norm: w.take(&p("input_layernorm.weight"), &[h])?,
+                input_norm: w.take(&p(names::INPUT_NORM), &[h])?,
                 qkv: pack(qkv, (nh + 2 * nkv) * hd, h),
                 qkv_bias,
-                o: pack(w.take(&p("self_attn.o_proj.weight"), &[h, nh * hd])?, h, nh * hd),
-                post_norm: w.take(&p("post_attention_layernorm.weight"), &[h])?,
+                o: pack(w.take(&p(names::O), &[h, nh * hd])?, h, nh * hd),
+                post_norm: w.take(&p(names::POST_NORM), &[h])?,
                 gate_up: pack(gate_up, 2 * inter, h),
-                down: pack(w.take(&p("mlp.down_proj.weight"), &[h, inter])?, h, inter),
+                down: pack(w.take(&p(names::DOWN), &[h, inter])?, h, inter),
             });
         }
-        let norm = w.take("model.norm.weight", &[h])?;
-        let lm_head = if cfg.tie_word_embeddings && !w.contains("lm_head.weight") {
+        let norm = w.take(names::NORM, &[h])?;
+        let lm_head = if cfg.tie_word_embeddings && !w.contains(names::LM_HEAD) {
             None
         } else {
-            Some(pack(w.take("lm_head.weight", &[cfg.vocab_size, h])?, cfg.vocab_size, h))
+            Some(pack(w.take(names::LM_HEAD, &[cfg.vocab_size, h])?, cfg.vocab_size, h))
         };
         let inv_freq = cfg.rope_inv_freq();
         Ok(Self { cfg, embed, layers, norm, lm_head, dtype, inv_freq })

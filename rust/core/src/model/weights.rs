@@ -11,6 +11,31 @@ use safetensors::{Dtype, SafeTensors};
 
 use crate::error::{HoraeError, Result};
 
+/// The HF names of a Llama-family checkpoint's tensors: the one table every loader (the CPU and
+/// the GPU runtime, tests that write checkpoints) reads them by.
+pub mod names {
+    pub const EMBED: &str = "model.embed_tokens.weight";
+    pub const NORM: &str = "model.norm.weight";
+    pub const LM_HEAD: &str = "lm_head.weight";
+    pub const INPUT_NORM: &str = "input_layernorm.weight";
+    pub const POST_NORM: &str = "post_attention_layernorm.weight";
+    pub const Q: &str = "self_attn.q_proj.weight";
+    pub const K: &str = "self_attn.k_proj.weight";
+    pub const V: &str = "self_attn.v_proj.weight";
+    pub const O: &str = "self_attn.o_proj.weight";
+    pub const Q_BIAS: &str = "self_attn.q_proj.bias";
+    pub const K_BIAS: &str = "self_attn.k_proj.bias";
+    pub const V_BIAS: &str = "self_attn.v_proj.bias";
+    pub const GATE: &str = "mlp.gate_proj.weight";
+    pub const UP: &str = "mlp.up_proj.weight";
+    pub const DOWN: &str = "mlp.down_proj.weight";
+
+    /// Layer `i`'s tensor `part` (one of the per-layer names above).
+    pub fn layer(i: usize, part: &str) -> String {
+        format!("model.layers.{i}.{part}")
+    }
+}
+
 pub struct Weights {
     tensors: HashMap<String, (Vec<usize>, Vec<f32>)>,
 }

@@ -57,10 +57,10 @@ pub struct SamplingParams {
 }
 
 impl Default for SamplingParams {
-    /// Greedy decoding.
+    /// Temperature 1, as OpenAI and vLLM default to.
     fn default() -> Self {
         Self {
-            temperature: 0.0,
+            temperature: 1.0,
             top_k: 0,
             top_p: 1.0,
             min_p: 0.0,
@@ -103,8 +103,19 @@ impl SamplingParams {
         Ok(())
     }
 
+    /// Greedy decoding, everything else default.
+    pub fn greedy() -> Self {
+        Self { temperature: 0.0, ..Default::default() }
+    }
+
     pub fn is_greedy(&self) -> bool {
         self.temperature == 0.0
+    }
+
+    /// Whether sampling reads the prompt and output so far (repetition, presence or frequency
+    /// penalties).
+    pub fn has_penalties(&self) -> bool {
+        self.repetition_penalty != 1.0 || self.presence_penalty != 0.0 || self.frequency_penalty != 0.0
     }
 }
 
@@ -145,10 +156,23 @@ pub fn argmax(logits: &[f32]) -> u32 {
     best as u32
 }
 
-/// A request's random stream: its own seed, or one derived from its id.
-pub fn request_rng(id: u64, seed: Option<u64>) -> SmallRng {
+/// A request's random stream: its own seed; else one derived from the engine's seed and its id;
+/// else fresh entropy (so unseeded requests differ between processes, as in vLLM).
+pub fn request_rng(id: u64, seed: Option<u64>, engine_seed: Option<u64>) -> SmallRng {
     use rand::SeedableRng;
-    SmallRng::seed_from_u64(seed.unwrap_or(id ^ 0x9e37_79b9_7f4a_7c15))
+    let seed = seed.unwrap_or_else(|| match engine_seed {
+        // A seeded engine makes the whole run reproducible: each request draws from its own
+        // stream, derived from the engine's seed and its id.
+        Some(s) => s ^ id.wrapping_add(1).wrapping_mul(0x9e37_79b9_7f4a_7c15),
+        // Otherwise fresh entropy: std's per-process random hash keys.
+        None => {
+            use std::hash::{BuildHasher, Hasher};
+            let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+            h.write_u64(id);
+            h.finish()
+        }
+    });
+    SmallRng::seed_from_u64(seed)
 }
 
 /// Draw the next token from (already penalised) logits.

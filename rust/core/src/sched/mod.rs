@@ -3,16 +3,17 @@
 //! [`Scheduler`] does what every policy shares (continuous batching, chunked prefill, preemption
 //! by recompute when blocks run out); an [`AdmissionPolicy`] decides only whether the next waiting
 //! request may join the batch. The scheduler never learns whether a model or the simulator runs
-//! the batch.
+//! the batch: it writes a self-contained `plan::StepPlan`. SmartSpec's controller (`smartspec`),
+//! which picks each step's speculation length, lives here because the scheduler owns it.
 
 mod aggressive;
-pub mod bench;
 mod conservative;
 pub mod history;
 mod past_future;
 pub mod peak;
 mod policy;
 mod scheduler;
+pub mod smartspec;
 
 use std::fmt;
 use std::str::FromStr;
@@ -21,7 +22,8 @@ pub use aggressive::Aggressive;
 pub use conservative::Conservative;
 pub use past_future::{PastFuture, TrueLengths};
 pub use policy::{AdmissionPolicy, PoolView, SeqLoad, MAX_SCENARIOS};
-pub use scheduler::{check_fits, SchedulePlan, ScheduledSeq, Scheduler, SchedulerStats, StepFeatures};
+pub use scheduler::{check_fits, Scheduler, SchedulerStats};
+pub use smartspec::{Judged, SpecConfig, SpecController, SpecStats, MAX_SPEC_TOKENS};
 
 use crate::error::{HoraeError, Result};
 
@@ -87,7 +89,7 @@ pub struct SchedulerConfig {
     pub watermark: f64,
     pub seed: u64,
     /// Speculative decoding: how many draft tokens, chosen how (None = off).
-    pub spec: Option<crate::spec::SpecConfig>,
+    pub spec: Option<SpecConfig>,
 }
 
 impl Default for SchedulerConfig {

@@ -10,7 +10,7 @@ use rand::{rngs::SmallRng, SeedableRng};
 use super::history::LengthHistory;
 use super::peak::{Forecast, Load};
 use super::policy::{AdmissionPolicy, PoolView, SeqLoad};
-use crate::engine::ReqId;
+use crate::request::ReqId;
 
 /// True output lengths by request id; only the simulator can provide this.
 pub type TrueLengths = Arc<dyn Fn(ReqId) -> Option<usize> + Send + Sync>;

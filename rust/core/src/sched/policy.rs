@@ -1,10 +1,8 @@
 //! The admission seam: the one decision on which the four schedulers differ. Everything else
 //! (continuous batching, chunked prefill, preemption) is shared in [`super::Scheduler`].
 
-use crate::engine::ReqId;
-
-/// Most Monte-Carlo scenarios a policy keeps per request.
-pub const MAX_SCENARIOS: usize = 5;
+pub use crate::request::MAX_SCENARIOS;
+use crate::request::ReqId;
 
 /// What a policy may know about a request: never its true output length.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

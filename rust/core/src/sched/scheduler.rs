@@ -12,62 +12,13 @@ use std::collections::VecDeque;
 use rustc_hash::FxHashMap as HashMap;
 
 use super::policy::{AdmissionPolicy, PoolView, SeqLoad};
+use super::smartspec::{Judged, SpecController, SpecStats};
 use super::{SchedulerConfig, TrueLengths};
-use crate::engine::{FinishReason, ReqId, Request, RequestState};
 use crate::error::{HoraeError, Result};
-use crate::kv::{BlockCopy, KvManager};
-use crate::spec::{SpecController, SpecStats};
-use crate::spec::control::StepShape;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ScheduledSeq {
-    pub id: ReqId,
-    /// Tokens already computed; this step computes positions `start .. start + num_tokens`.
-    pub start: usize,
-    pub num_tokens: usize,
-    /// Whether this step reaches the end of the known tokens, so the executor samples one.
-    pub samples: bool,
-    /// The last `num_draft` of the `num_tokens` are the request's draft tokens (speculative
-    /// decoding), to be verified; they have KV slots but are not yet part of its output.
-    pub num_draft: usize,
-}
-
-/// What a step computes, in the terms of the simulator's cost model (fitted to measured step
-/// times of the real engine).
-#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct StepFeatures {
-    /// Tokens computed this step (prefill chunks + one per decoding sequence).
-    pub num_tokens: f64,
-    pub num_seqs: f64,
-    /// Sum over sequences of the context length read by attention (KV traffic).
-    pub context_tokens: f64,
-    /// Sum over new tokens of the positions each attends to (attention arithmetic).
-    pub attention_pairs: f64,
-}
-
-impl StepFeatures {
-    /// What `plan` computes.
-    pub fn of_plan(plan: &SchedulePlan) -> Self {
-        let mut f = StepFeatures::default();
-        for s in &plan.seqs {
-            let (start, n) = (s.start as f64, s.num_tokens as f64);
-            f.num_tokens += n;
-            f.num_seqs += 1.0;
-            f.context_tokens += start + n;
-            f.attention_pairs += n * start + n * (n + 1.0) / 2.0;
-        }
-        f
-    }
-}
-
-#[derive(Debug, Clone, Default)]
-pub struct SchedulePlan {
-    pub seqs: Vec<ScheduledSeq>,
-    /// Copy-on-write block copies the executor performs before running the step.
-    pub copies: Vec<BlockCopy>,
-    pub preempted: Vec<ReqId>,
-    pub num_batched_tokens: usize,
-}
+use crate::kv::KvManager;
+use crate::plan::{DraftCandidate, ScheduledSeq, StepPlan};
+use crate::request::{FinishReason, Prompt, ReqId, Request, RequestState};
+use crate::stepcost::StepFeatures;
 
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct SchedulerStats {
@@ -145,6 +96,11 @@ impl Scheduler {
     pub fn request(&self, id: ReqId) -> Option<&Request> {
         self.requests.get(&id)
     }
+    /// For the engine's per-token bookkeeping (tokens, logprobs, text); scheduling state changes
+    /// only through the methods below.
+    pub fn request_mut(&mut self, id: ReqId) -> Option<&mut Request> {
+        self.requests.get_mut(&id)
+    }
     pub fn num_waiting(&self) -> usize {
         self.waiting.len()
     }
@@ -180,8 +136,8 @@ impl Scheduler {
         SeqLoad { id, prompt_len: r.prompt_len(), generated: r.output.len(), max_tokens: r.max_tokens, forecast: r.forecast }
     }
 
-    pub fn schedule(&mut self, now: f64) -> SchedulePlan {
-        let mut plan = SchedulePlan::default();
+    pub fn schedule(&mut self, now: f64) -> StepPlan {
+        let mut plan = StepPlan::default();
         let mut budget = self.cfg.max_batched_tokens;
         self.schedule_running(&mut plan, &mut budget);
         self.step_k = 0; // chosen by `plan_spec` for one step only
@@ -189,10 +145,51 @@ impl Scheduler {
             self.admit_waiting(&mut plan, &mut budget, now);
         }
         plan.num_batched_tokens = self.cfg.max_batched_tokens - budget;
+        for s in &mut plan.seqs {
+            self.fill(s);
+        }
         plan
     }
 
-    fn schedule_running(&mut self, plan: &mut SchedulePlan, budget: &mut usize) {
+    /// A sequence's place in the plan; `fill` adds its data once every block is allocated.
+    fn seq(id: ReqId, start: usize, num_tokens: usize, samples: bool, num_draft: usize) -> ScheduledSeq {
+        ScheduledSeq {
+            id,
+            start,
+            num_tokens,
+            samples,
+            num_draft,
+            token_ids: Vec::new(),
+            block_table: Vec::new(),
+            sampling: Default::default(),
+            prompt_len: 0,
+            num_output: 0,
+            context: None,
+        }
+    }
+
+    /// Everything the executor needs about `s`'s request, copied into the plan: its tokens at the
+    /// computed positions (drafts last), block table and sampling; the whole context only when
+    /// sampling reads it.
+    fn fill(&self, s: &mut ScheduledSeq) {
+        let r = &self.requests[&s.id];
+        let total = r.total_len();
+        if let Prompt::Tokens(_) = r.prompt {
+            s.token_ids = (s.start..s.start + s.num_tokens)
+                .map(|p| if p < total { r.token_at(p) } else { r.draft.get(p - total).copied() })
+                .collect::<Option<_>>()
+                .expect("scheduled positions hold tokens or drafts");
+            if r.sampling.has_penalties() || r.sampling.prompt_logprobs.is_some() {
+                s.context = Some(r.all_token_ids());
+            }
+        }
+        s.block_table = self.kv.block_table(s.id).expect("a scheduled request holds blocks").to_vec();
+        s.sampling = r.sampling.clone();
+        s.prompt_len = r.prompt_len();
+        s.num_output = r.output.len();
+    }
+
+    fn schedule_running(&mut self, plan: &mut StepPlan, budget: &mut usize) {
         // Tokens the running sequences need without drafts: drafts only get what is left over,
         // so they never push another sequence's decode token or prefill chunk out of the step.
         let mut base_left: usize = if self.step_k > 0 {
@@ -232,13 +229,13 @@ impl Scheduler {
                 break;
             }
             plan.copies.extend(self.kv.append(id, slots).expect("can_append checked"));
-            plan.seqs.push(ScheduledSeq { id, start, num_tokens: n, samples: start + n >= total, num_draft: drafts });
+            plan.seqs.push(Self::seq(id, start, n, start + n >= total, drafts));
             *budget -= n;
             i += 1;
         }
     }
 
-    fn admit_waiting(&mut self, plan: &mut SchedulePlan, budget: &mut usize, now: f64) {
+    fn admit_waiting(&mut self, plan: &mut StepPlan, budget: &mut usize, now: f64) {
         let pool = self.pool_view();
         let mut running: Vec<SeqLoad> = self.running.iter().map(|&id| self.load_of(id)).collect();
         self.policy.begin_step(&mut running, &pool);
@@ -287,7 +284,7 @@ impl Scheduler {
             r.cached_tokens += got as u64;
             r.state = RequestState::Running;
             r.times.first_scheduled.get_or_insert(now);
-            plan.seqs.push(ScheduledSeq { id, start: got, num_tokens: n, samples: got + n == total, num_draft: 0 });
+            plan.seqs.push(Self::seq(id, got, n, got + n == total, 0));
             self.running.push(id);
             self.stats.admitted += 1;
             *budget -= n;
@@ -333,16 +330,20 @@ impl Scheduler {
     /// Running requests whose next step is a decode step with room for at least one draft
     /// (they may still generate two tokens or more): the ones a proposer should draft for.
     /// Drafts left from a step that did not schedule their request are dropped here.
-    pub fn spec_candidates(&mut self) -> Vec<ReqId> {
+    pub fn spec_candidates(&mut self) -> Vec<DraftCandidate> {
         for id in &self.running {
             self.requests.get_mut(id).expect("running request exists").draft.clear();
         }
         self.running
             .iter()
-            .copied()
-            .filter(|id| {
-                let r = &self.requests[id];
-                r.total_len() == r.num_computed + 1 && r.output.len() + 1 < r.max_tokens
+            .map(|id| &self.requests[id])
+            .filter(|r| r.total_len() == r.num_computed + 1 && r.output.len() + 1 < r.max_tokens)
+            .map(|r| DraftCandidate {
+                id: r.id,
+                token_ids: r.all_token_ids(),
+                prompt_len: r.prompt_len(),
+                block_table: self.kv.block_table(r.id).expect("a running request holds blocks").to_vec(),
+                sampling: r.sampling.clone(),
             })
             .collect()
     }
@@ -376,14 +377,14 @@ impl Scheduler {
         let Some(spec) = self.spec.as_mut() else { return 0 };
         let mut draft_lens = Vec::new();
         let mut ids = Vec::new();
-        let mut base = StepShape::default();
+        let mut base = StepFeatures::default();
         let mut others = 0usize;
         for &id in &self.running {
             let r = &self.requests[&id];
             let left = r.total_len() - r.num_computed;
-            base.kv_tokens += r.total_len() as f64;
+            base.context_tokens += r.total_len() as f64;
             base.num_seqs += 1.0;
-            base.batched_tokens += left.min(budget) as f64;
+            base.num_tokens += left.min(budget) as f64;
             let len = Self::draft_len(r, assume);
             if left == 1 && len > 0 {
                 draft_lens.push(len);
@@ -431,19 +432,10 @@ impl Scheduler {
 
     /// Feed SmartSpec the step that just ran: what it computed, its measured seconds, and what
     /// became of the drafts (see `Judged`).
-    pub fn spec_observe(&mut self, plan: &SchedulePlan, seconds: f64, judged: crate::spec::Judged) {
+    pub fn spec_observe(&mut self, plan: &StepPlan, seconds: f64, judged: Judged) {
         let Some(spec) = self.spec.as_mut() else { return };
-        let f = StepFeatures::of_plan(plan);
-        let shape = StepShape { kv_tokens: f.context_tokens, batched_tokens: f.num_tokens, num_seqs: f.num_seqs };
-        spec.observe_step(shape, seconds);
+        spec.observe_step(plan.features(), seconds);
         spec.observe_acceptance(judged);
-    }
-
-    /// Record a sampled token for a running request.
-    pub fn push_token(&mut self, id: ReqId, token: u32, now: f64) {
-        if let Some(r) = self.requests.get_mut(&id) {
-            r.push_token(token, now);
-        }
     }
 
     /// Prompt token `pos`'s logprobs; recomputation after a preemption reports them again and
@@ -456,16 +448,10 @@ impl Scheduler {
         }
     }
 
-    pub fn push_logprobs(&mut self, id: ReqId, lp: crate::sample::TokenLogprobs) {
-        if let Some(r) = self.requests.get_mut(&id) {
-            r.logprobs.push(lp);
-        }
-    }
-
     /// End a request, free its blocks and hand it back. Its output length feeds the length history
-    /// unless it was aborted before its first token: a request stopped from outside the core after
-    /// N tokens (a stop string, or a client that read what it wanted and hung up, which is how a
-    /// serving benchmark ends requests at their true length) is as long as the client wanted it.
+    /// when the reason measures it (`FinishReason::measures_length`): a natural stop, the length
+    /// bound, or a client that hung up after some tokens (how a serving benchmark ends requests at
+    /// their true length); never an error or an abort before the first token.
     pub fn finish(&mut self, id: ReqId, reason: FinishReason, now: f64) -> Result<Request> {
         let mut r = self.requests.remove(&id).ok_or(HoraeError::UnknownRequest(id))?;
         if let Some(pos) = self.running.iter().position(|&x| x == id) {
@@ -476,8 +462,7 @@ impl Scheduler {
         self.kv.free(id);
         r.state = RequestState::Finished(reason);
         r.times.finished = Some(now);
-        // A failed request's length says nothing about the workload.
-        if reason != FinishReason::Error && (reason != FinishReason::Aborted || !r.output.is_empty()) {
+        if reason.measures_length(r.output.len()) {
             self.policy.record_finished(r.output.len());
             self.stats.lengths_recorded += 1;
         }

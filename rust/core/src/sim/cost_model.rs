@@ -11,7 +11,8 @@
 use serde::{Deserialize, Serialize};
 
 use crate::error::{HoraeError, Result};
-pub use crate::sched::StepFeatures;
+pub use crate::stepcost::StepFeatures;
+use crate::stepcost::solve;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ModelSpec {
@@ -101,11 +102,9 @@ impl HardwareSpec {
     }
 }
 
-/// What a step's cost depends on.
-impl StepFeatures {
-    fn as_row(&self) -> [f64; 4] {
-        [1.0, self.num_tokens, self.num_seqs, self.attention_pairs]
-    }
+/// The linear cost model's regressors: `[1, tokens, sequences, attention pairs]`.
+fn cost_row(f: &StepFeatures) -> [f64; 4] {
+    [1.0, f.num_tokens, f.num_seqs, f.attention_pairs]
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -133,7 +132,7 @@ impl CostModel {
                 h.step_overhead + compute.max(memory)
             }
             CostModel::Linear { coef } => {
-                let row = f.as_row();
+                let row = cost_row(f);
                 row.iter().zip(coef).map(|(x, c)| x * c).sum::<f64>().max(0.0)
             }
         }
@@ -151,7 +150,7 @@ impl CostModel {
         // (attention pairs reach 1e7 while the intercept is 1).
         let mut scale = [0.0f64; 4];
         for (f, _) in samples {
-            for (s, x) in scale.iter_mut().zip(f.as_row()) {
+            for (s, x) in scale.iter_mut().zip(cost_row(f)) {
                 *s += x * x;
             }
         }
@@ -159,7 +158,7 @@ impl CostModel {
         let mut ata = [[0.0f64; 4]; 4];
         let mut atb = [0.0f64; 4];
         for (f, t) in samples {
-            let row = f.as_row();
+            let row = cost_row(f);
             let x: [f64; 4] = std::array::from_fn(|i| row[i] / scale[i]);
             for i in 0..4 {
                 atb[i] += x[i] * t;
@@ -179,36 +178,8 @@ impl CostModel {
     }
 }
 
-/// Gaussian elimination with partial pivoting (`n x n`); `None` when singular. Shared with the
-/// speculative-decoding controller's online time model.
-pub(crate) fn solve(mut a: Vec<Vec<f64>>, mut b: Vec<f64>) -> Option<Vec<f64>> {
-    let n = b.len();
-    for col in 0..n {
-        let pivot = (col..n).max_by(|&i, &j| a[i][col].abs().total_cmp(&a[j][col].abs()))?;
-        if a[pivot][col].abs() < 1e-300 {
-            return None;
-        }
-        a.swap(col, pivot);
-        b.swap(col, pivot);
-        for row in col + 1..n {
-            let k = a[row][col] / a[col][col];
-            for c in col..n {
-                a[row][c] -= k * a[col][c];
-            }
-            b[row] -= k * b[col];
-        }
-    }
-    let mut x = vec![0.0; n];
-    for row in (0..n).rev() {
-        let s: f64 = (row + 1..n).map(|c| a[row][c] * x[c]).sum();
-        x[row] = (b[row] - s) / a[row][row];
-    }
-    Some(x)
-}
-
 #[cfg(test)]
 mod tests {
-    pub use crate::sched::StepFeatures;
 use super::*;
 
     fn decode(seqs: usize, ctx: usize) -> StepFeatures {

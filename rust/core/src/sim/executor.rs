@@ -9,10 +9,10 @@ use std::sync::Arc;
 use rand::{rngs::SmallRng, Rng, SeedableRng};
 use rand_distr::{Beta, Distribution};
 
-use super::cost_model::{CostModel, StepFeatures};
-use crate::engine::{ExecOutput, Executor, ReqId};
+use super::cost_model::CostModel;
 use crate::error::{HoraeError, Result};
-use crate::sched::{SchedulePlan, Scheduler};
+use crate::plan::{DraftCandidate, ExecOutput, Executor, StepPlan};
+use crate::request::ReqId;
 
 pub const SIM_TOKEN: u32 = 0;
 pub const SIM_EOS: u32 = 1;
@@ -67,12 +67,10 @@ impl SimExecutor {
 }
 
 impl Executor for SimExecutor {
-    fn execute(&mut self, plan: &SchedulePlan, state: &Scheduler) -> Result<ExecOutput> {
-        let features = StepFeatures::of_plan(plan);
-        let dt = self.cost.step_time(&features);
+    fn execute(&mut self, plan: &StepPlan) -> Result<ExecOutput> {
+        let dt = self.cost.step_time(&plan.features());
         let mut out = ExecOutput { elapsed: Some(dt), ..Default::default() };
         for s in plan.seqs.iter().filter(|s| s.samples) {
-            let r = state.request(s.id).ok_or(HoraeError::UnknownRequest(s.id))?;
             let truth = *self
                 .true_lengths
                 .get(s.id as usize)
@@ -87,7 +85,7 @@ impl Executor for SimExecutor {
                 out.accepted.push((s.id, accepted));
             }
             for j in 0..=accepted {
-                let done = r.output.len() + j + 1 >= truth;
+                let done = s.num_output + j + 1 >= truth;
                 out.sampled.push((s.id, if done { SIM_EOS } else { SIM_TOKEN }));
                 if done {
                     break;
@@ -101,10 +99,10 @@ impl Executor for SimExecutor {
         vec![SIM_EOS]
     }
 
-    fn propose(&mut self, _state: &Scheduler, ids: &[ReqId], k: usize) -> Result<Vec<(ReqId, Vec<u32>)>> {
+    fn propose(&mut self, candidates: &[DraftCandidate], k: usize) -> Result<Vec<(ReqId, Vec<u32>)>> {
         if self.acceptance.is_none() {
             return Ok(Vec::new());
         }
-        Ok(ids.iter().map(|&id| (id, vec![SIM_TOKEN; k])).collect())
+        Ok(candidates.iter().map(|c| (c.id, vec![SIM_TOKEN; k])).collect())
     }
 }

@@ -2,7 +2,7 @@
 
 use serde::Serialize;
 
-use crate::engine::{FinishReason, Request};
+use crate::request::{FinishReason, Request};
 
 /// Latency bounds a request must meet to count towards goodput; `None` means unbounded.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]

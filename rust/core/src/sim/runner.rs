@@ -7,7 +7,8 @@ use super::cost_model::CostModel;
 use super::executor::{Acceptance, SimExecutor};
 use super::report::{RequestRecord, Sla, Summary};
 use super::trace::Trace;
-use crate::engine::{Engine, Prompt, RequestSpec, StepSample, VirtualClock};
+use crate::engine::{Engine, StepSample, VirtualClock};
+use crate::request::{Prompt, RequestSpec};
 use crate::error::{HoraeError, Result};
 use crate::sched::{SchedulerConfig, Scheduler, SchedulerStats, TrueLengths};
 
@@ -38,7 +39,7 @@ pub struct SimResult {
     pub steps: Vec<StepSample>,
     pub stats: SchedulerStats,
     pub prefix_hit_rate: f64,
-    pub spec: Option<crate::spec::SpecStats>,
+    pub spec: Option<crate::sched::SpecStats>,
 }
 
 impl SimResult {
@@ -98,6 +99,7 @@ pub fn simulate(trace: &Trace, cfg: &SimConfig) -> Result<SimResult> {
             max_tokens: cfg.max_tokens,
             ignore_eos: false,
             sampling: Default::default(),
+            stop: Default::default(),
             arrival: Some(t),
         };
         match engine.add_request_with_id(i as u64, spec) {

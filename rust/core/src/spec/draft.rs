@@ -16,11 +16,11 @@ use rand::rngs::SmallRng;
 
 use crate::backend::attention::AttnSeq;
 use crate::backend::gemm::WeightDtype;
-use crate::engine::ReqId;
 use crate::error::{HoraeError, Result};
 use crate::model::llama::{BatchInput, KvCache, LlamaModel};
+use crate::plan::DraftCandidate;
+use crate::request::ReqId;
 use crate::sample;
-use crate::sched::Scheduler;
 
 pub struct DraftModel {
     pub model: Arc<LlamaModel>,
@@ -82,29 +82,31 @@ impl DraftModel {
         self.cache.copy_block(src, dst);
     }
 
-    /// Up to `k` drafts for each of `ids` (at most `max_seqs` of them get drafts).
+    /// Up to `k` drafts for each candidate (at most `max_seqs` of them get drafts); unseeded
+    /// requests' generators derive from `engine_seed` as the target's do.
     pub fn propose(
         &mut self,
-        state: &Scheduler,
-        ids: &[ReqId],
+        candidates: &[DraftCandidate],
         k: usize,
         rngs: &mut HashMap<ReqId, SmallRng>,
+        engine_seed: Option<u64>,
     ) -> Result<Vec<Proposal>> {
         let bs = self.cache.block_size;
-        let ids = &ids[..ids.len().min(self.max_seqs)];
-        if k == 0 || ids.is_empty() {
+        let candidates = &candidates[..candidates.len().min(self.max_seqs)];
+        if k == 0 || candidates.is_empty() {
             return Ok(Vec::new());
         }
         // Per sequence: its tokens, the draft's table (the target's blocks, then scratch), and
         // where the draft's KV stops being valid.
-        let mut seqs = Vec::with_capacity(ids.len());
-        for (i, &id) in ids.iter().enumerate() {
-            let r = state.request(id).ok_or(HoraeError::UnknownRequest(id))?;
-            let total = r.total_len();
-            let tokens: Vec<u32> = (0..total).map(|p| r.token_at(p)).collect::<Option<_>>().ok_or_else(|| {
-                HoraeError::Executor(format!("request {id} has no token ids for the draft model"))
-            })?;
-            let mut table: Vec<u32> = state.kv().block_table(id).ok_or(HoraeError::UnknownRequest(id))?.to_vec();
+        let mut seqs = Vec::with_capacity(candidates.len());
+        for (i, c) in candidates.iter().enumerate() {
+            let id = c.id;
+            let tokens = &c.token_ids;
+            let total = tokens.len();
+            if total == 0 {
+                return Err(HoraeError::Executor(format!("request {id} has no token ids for the draft model")));
+            }
+            let mut table: Vec<u32> = c.block_table.clone();
             let owned = table.len() * bs;
             let scratch = self.pool_blocks + i * self.scratch_per_seq;
             while table.len() * bs < total + k {
@@ -139,18 +141,18 @@ impl DraftModel {
             let mut logits = std::mem::take(&mut self.logits);
             self.model.forward(&input, &mut self.cache, &mut logits)?;
             for (i, (id, tokens, ..)) in seqs.iter().enumerate() {
-                let r = state.request(*id).expect("checked above");
-                let p = &r.sampling;
+                let c = &candidates[i];
+                let p = &c.sampling;
                 let row = &mut logits[i * vocab..(i + 1) * vocab];
-                let mut so_far = r.output.clone();
+                let mut so_far = tokens[c.prompt_len..].to_vec();
                 so_far.extend_from_slice(&drafts[i]);
-                let prompt = &tokens[..r.prompt_len()];
+                let prompt = &tokens[..c.prompt_len];
                 sample::apply_penalties(row, p, prompt, &so_far);
                 let token = if p.is_greedy() {
                     sample::argmax(row)
                 } else {
                     let q = sample::distribution(row, p);
-                    let rng = rngs.entry(*id).or_insert_with(|| sample::request_rng(*id, p.seed));
+                    let rng = rngs.entry(*id).or_insert_with(|| sample::request_rng(*id, p.seed, engine_seed));
                     let cand: Vec<(u32, f32)> = q.iter().enumerate().filter(|c| *c.1 > 0.0).map(|(t, &w)| (t as u32, w)).collect();
                     let t = sample::draw(&cand, rng);
                     probs[i].push(q);

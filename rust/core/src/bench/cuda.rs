@@ -4,9 +4,9 @@
 
 use cudarc::driver::{CudaSlice, CudaStream};
 
-use super::device::Gpu;
-use super::model::{CudaLlama, KvBudget};
-use super::ops::{self, AttnDims, AttnIo, DecodeScratch, Dt, Ptr};
+use crate::backend::cuda::device::Gpu;
+use crate::model::cuda_llama::{CudaLlama, KvBudget};
+use crate::backend::cuda::ops::{self, AttnDims, AttnIo, DecodeScratch, Dt, Ptr};
 use crate::backend::attention::AttnSeq;
 use crate::error::{HoraeError, Result};
 use crate::model::llama::BatchInput;

@@ -7,11 +7,11 @@ use std::path::Path;
 
 use cudarc::driver::{CudaSlice, DeviceRepr, ValidAsZeroBits};
 
-use super::device::Gpu;
-use super::ops::{self, AttnDims, AttnIo, DecodeScratch, Dt, Ptr, PrefillMeta, PREFILL_TILE};
+use crate::backend::cuda::device::Gpu;
+use crate::backend::cuda::ops::{self, AttnDims, AttnIo, DecodeScratch, Dt, Ptr, PrefillMeta, PREFILL_TILE};
 use crate::backend::attention::AttnSeq;
 use crate::model::llama::BatchInput;
-use crate::model::weights::Weights;
+use crate::model::weights::{names, Weights};
 use crate::model::ModelConfig;
 use crate::error::{HoraeError, Result};
 
@@ -152,32 +152,32 @@ impl CudaLlama {
         // Fail before any weight is uploaded if the shapes have no kernels.
         AttnDims { num_heads: nh, num_kv_heads: nkv, head_dim: hd, block_size, max_blocks: 1 }.check(true)?;
         let n = |s: &str, r: usize| (s.to_string(), r);
-        let embed = src.matrix(&gpu, dt, &[n("model.embed_tokens.weight", cfg.vocab_size)], h)?;
+        let embed = src.matrix(&gpu, dt, &[n(names::EMBED, cfg.vocab_size)], h)?;
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for i in 0..cfg.num_layers {
-            let p = |s: &str| format!("model.layers.{i}.{s}");
-            let qkv_names = [(p("self_attn.q_proj.weight"), nh * hd), (p("self_attn.k_proj.weight"), nkv * hd), (p("self_attn.v_proj.weight"), nkv * hd)];
+            let p = |s: &str| names::layer(i, s);
+            let qkv_names = [(p(names::Q), nh * hd), (p(names::K), nkv * hd), (p(names::V), nkv * hd)];
             let qkv_bias = if cfg.qkv_bias {
-                Some(src.vector(&gpu, &[(p("self_attn.q_proj.bias"), nh * hd), (p("self_attn.k_proj.bias"), nkv * hd), (p("self_attn.v_proj.bias"), nkv * hd)])?)
+                Some(src.vector(&gpu, &[(p(names::Q_BIAS), nh * hd), (p(names::K_BIAS), nkv * hd), (p(names::V_BIAS), nkv * hd)])?)
             } else {
                 None
             };
             layers.push(Layer {
-                input_norm: src.vector(&gpu, &[(p("input_layernorm.weight"), h)])?,
+                input_norm: src.vector(&gpu, &[(p(names::INPUT_NORM), h)])?,
                 qkv: src.matrix(&gpu, dt, &qkv_names, h)?,
                 qkv_bias,
-                o: src.matrix(&gpu, dt, &[(p("self_attn.o_proj.weight"), h)], nh * hd)?,
-                post_norm: src.vector(&gpu, &[(p("post_attention_layernorm.weight"), h)])?,
-                gate_up: src.matrix(&gpu, dt, &[(p("mlp.gate_proj.weight"), inter), (p("mlp.up_proj.weight"), inter)], h)?,
-                down: src.matrix(&gpu, dt, &[(p("mlp.down_proj.weight"), h)], inter)?,
+                o: src.matrix(&gpu, dt, &[(p(names::O), h)], nh * hd)?,
+                post_norm: src.vector(&gpu, &[(p(names::POST_NORM), h)])?,
+                gate_up: src.matrix(&gpu, dt, &[(p(names::GATE), inter), (p(names::UP), inter)], h)?,
+                down: src.matrix(&gpu, dt, &[(p(names::DOWN), h)], inter)?,
             });
         }
-        let norm = src.vector(&gpu, &[n("model.norm.weight", h)])?;
+        let norm = src.vector(&gpu, &[n(names::NORM, h)])?;
         let tied = match &src {
-            Source::Folder(w) => cfg.tie_word_embeddings && !w.contains("lm_head.weight"),
+            Source::Folder(w) => cfg.tie_word_embeddings && !w.contains(names::LM_HEAD),
             Source::Random { .. } => cfg.tie_word_embeddings,
         };
-        let lm_head = if tied { None } else { Some(src.matrix(&gpu, dt, &[n("lm_head.weight", cfg.vocab_size)], h)?) };
+        let lm_head = if tied { None } else { Some(src.matrix(&gpu, dt, &[n(names::LM_HEAD, cfg.vocab_size)], h)?) };
         let inv_freq = upload(&gpu, &cfg.rope_inv_freq(), "rope frequencies")?;
         let layer_params: usize = layers.iter().map(|l| l.qkv.len() + l.o.len() + l.gate_up.len() + l.down.len()).sum();
         let head_params = lm_head.as_ref().map_or(embed.len(), |l| l.len());

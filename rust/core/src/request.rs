@@ -1,11 +1,19 @@
-//! A request's state as it moves through the engine: waiting -> running -> (preempted -> waiting
-//! -> running ...) -> finished.
+//! One request's whole state, kept here and nowhere else: its prompt, sampling and stop rules,
+//! generated tokens, streamed text, logprobs, timestamps and scheduling counters. It moves
+//! waiting -> running -> (preempted -> waiting -> running ...) -> finished. A leaf of the core:
+//! schedulers, executors and the engine read it; it imports none of them.
+
+use std::sync::Arc;
 
 use crate::kv::hash::{synthetic_block_hashes, token_block_hashes};
 use crate::kv::BlockHash;
-use crate::sample::SamplingParams;
+use crate::sample::{SamplingParams, TokenLogprobs};
+use crate::tokenizer::IncrementalDetokenizer;
 
 pub type ReqId = u64;
+
+/// Most Monte-Carlo scenarios an admission policy keeps per request (see `forecast`).
+pub const MAX_SCENARIOS: usize = 5;
 
 /// What the prompt is. Real requests carry token ids; simulated ones only a length and, where the
 /// trace names them, the ids of shared prefix units (Mooncake's `hash_ids`).
@@ -37,14 +45,18 @@ impl Prompt {
     }
 }
 
+/// Why a request ended. The core decides every one of them, so the length history can tell the
+/// ends that measure the workload from the ends the server caused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FinishReason {
-    /// An end-of-sequence or stop token.
+    /// End-of-sequence, a stop token id or a stop string.
     Stop,
     /// `max_tokens` reached.
     Length,
+    /// The client cancelled it.
     Aborted,
-    /// The executor failed on a step this request was in (a GPU fault, say).
+    /// The executor failed on a step this request was in (a GPU fault, say), or the engine refused
+    /// it after it was queued.
     Error,
 }
 
@@ -56,6 +68,42 @@ impl FinishReason {
             FinishReason::Aborted => "abort",
             FinishReason::Error => "error",
         }
+    }
+
+    /// Whether the end says how long the client wanted the output: a natural stop, the length
+    /// bound, or a client that hung up after reading some tokens (`generated > 0`). Ends the
+    /// server caused (an error) say nothing about the workload.
+    pub fn measures_length(&self, generated: usize) -> bool {
+        match self {
+            FinishReason::Stop | FinishReason::Length => true,
+            FinishReason::Aborted => generated > 0,
+            FinishReason::Error => false,
+        }
+    }
+}
+
+/// What stopped a request with `FinishReason::Stop`, when it was not end-of-sequence (OpenAI's and
+/// vLLM's `stop_reason`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StopReason {
+    Token(u32),
+    Text(String),
+}
+
+/// The caller's stop rules, besides end-of-sequence and `max_tokens`. They wait for `min_tokens`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StopCriteria {
+    /// Token ids that end the output; the token stays in the output, its text does not (vLLM).
+    pub token_ids: Vec<u32>,
+    /// Strings that end the output; the text is cut before the first one found.
+    pub strings: Vec<String>,
+}
+
+impl StopCriteria {
+    /// Characters of text held back from streaming, so that a stop string that arrives across
+    /// several steps is never half sent (vLLM's stop buffer).
+    pub fn holdback(&self) -> usize {
+        self.strings.iter().map(|s| s.len()).max().map_or(0, |n| n - 1)
     }
 }
 
@@ -78,6 +126,7 @@ pub struct RequestSpec {
     /// Arrival time on the engine's clock; `None` means now.
     pub arrival: Option<f64>,
     pub sampling: SamplingParams,
+    pub stop: StopCriteria,
 }
 
 /// Timestamps on the engine's clock, in seconds.
@@ -98,8 +147,19 @@ pub struct Request {
     pub prompt: Prompt,
     pub max_tokens: usize,
     pub ignore_eos: bool,
-    pub sampling: SamplingParams,
+    /// Shared with every step plan that schedules the request.
+    pub sampling: Arc<SamplingParams>,
+    pub stop: StopCriteria,
     pub output: Vec<u32>,
+    /// Streams `output` as text; `None` where the engine has no tokenizer (the simulator).
+    pub detok: Option<IncrementalDetokenizer>,
+    /// Bytes of the detokenizer's text already handed out in step outputs.
+    pub text_sent: usize,
+    /// Why it finished with `FinishReason::Stop`, when not end-of-sequence.
+    pub stop_reason: Option<StopReason>,
+    /// Output tokens the caller sees: all of `output` but an end-of-sequence token that ended it
+    /// (OpenAI returns neither its text nor its logprob, nor counts it).
+    pub num_visible: usize,
     /// Tokens (prompt, then outputs) whose KV is computed.
     pub num_computed: usize,
     pub state: RequestState,
@@ -111,11 +171,11 @@ pub struct Request {
     /// Prompt tokens served from the prefix cache, summed over admissions.
     pub cached_tokens: u64,
     /// Per output token, when the request asked for logprobs.
-    pub logprobs: Vec<crate::sample::TokenLogprobs>,
+    pub logprobs: Vec<TokenLogprobs>,
     /// Per prompt token after the first, when the request asked for prompt logprobs.
-    pub prompt_logprobs: Vec<crate::sample::TokenLogprobs>,
-    /// The admission policy's length predictions, kept between steps (see `SeqLoad::forecast`).
-    pub forecast: [u32; crate::sched::MAX_SCENARIOS],
+    pub prompt_logprobs: Vec<TokenLogprobs>,
+    /// The admission policy's length predictions, kept between steps (see `sched::SeqLoad`).
+    pub forecast: [u32; MAX_SCENARIOS],
     /// Speculative decoding: the tokens proposed for the next step (not yet part of `output`).
     pub draft: Vec<u32>,
     /// Draft tokens verified for this request, and how many were accepted.
@@ -131,8 +191,13 @@ impl Request {
             prompt: spec.prompt,
             max_tokens: spec.max_tokens,
             ignore_eos: spec.ignore_eos,
-            sampling: spec.sampling,
+            sampling: Arc::new(spec.sampling),
+            stop: spec.stop,
             output: Vec::new(),
+            detok: None,
+            text_sent: 0,
+            stop_reason: None,
+            num_visible: 0,
             num_computed: 0,
             state: RequestState::Waiting,
             prompt_block_hashes,
@@ -140,7 +205,7 @@ impl Request {
             preemptions: 0,
             recomputed_tokens: 0,
             cached_tokens: 0,
-            forecast: [0; crate::sched::MAX_SCENARIOS],
+            forecast: [0; MAX_SCENARIOS],
             logprobs: Vec::new(),
             prompt_logprobs: Vec::new(),
             draft: Vec::new(),
@@ -174,6 +239,19 @@ impl Request {
             Prompt::Tokens(t) => self.output.get(p - t.len()).copied(),
             Prompt::Synthetic { .. } => None,
         }
+    }
+
+    /// Prompt and output so far (empty for a synthetic prompt).
+    pub fn all_token_ids(&self) -> Vec<u32> {
+        match &self.prompt {
+            Prompt::Tokens(t) => t.iter().chain(&self.output).copied().collect(),
+            Prompt::Synthetic { .. } => Vec::new(),
+        }
+    }
+
+    /// The streamed text so far (empty without a detokenizer).
+    pub fn text(&self) -> &str {
+        self.detok.as_ref().map_or("", |d| d.text.as_str())
     }
 
     /// Record one sampled token at time `now`.

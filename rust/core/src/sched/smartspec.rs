@@ -26,7 +26,7 @@
 use std::collections::VecDeque;
 
 use crate::error::{HoraeError, Result};
-use crate::sim::cost_model::solve;
+use crate::stepcost::{solve, StepFeatures};
 
 /// Most tokens one sequence may speculate in a step.
 pub const MAX_SPEC_TOKENS: usize = 16;
@@ -100,18 +100,9 @@ pub struct Judged {
     pub unused_matched: usize,
 }
 
-/// What a step with a given k would run, as the time model sees it.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct StepShape {
-    pub kv_tokens: f64,
-    pub batched_tokens: f64,
-    pub num_seqs: f64,
-}
-
-impl StepShape {
-    fn row(&self) -> [f64; 4] {
-        [1.0, self.kv_tokens, self.batched_tokens, self.num_seqs]
-    }
+/// The time model's regressors for a step: `[1, KV tokens read, tokens computed, sequences]`.
+fn time_row(f: &StepFeatures) -> [f64; 4] {
+    [1.0, f.context_tokens, f.num_tokens, f.num_seqs]
 }
 
 /// Measured steps kept for the time model.
@@ -162,16 +153,16 @@ impl SpecController {
     }
 
     /// Predicted seconds of a step (None before the model is fitted).
-    pub fn predict(&self, shape: &StepShape) -> Option<f64> {
+    pub fn predict(&self, shape: &StepFeatures) -> Option<f64> {
         let c = self.coef?;
-        Some(shape.row().iter().zip(c).map(|(x, c)| x * c).sum::<f64>().max(1e-9))
+        Some(time_row(&shape).iter().zip(c).map(|(x, c)| x * c).sum::<f64>().max(1e-9))
     }
 
     /// Choose this step's k. `draft_lens[i]` is how many drafts decoding sequence i has (its
     /// proposal, capped by what it may still generate); `base` is the step without drafts;
     /// `fits(k)` says whether the drafts' extra KV fits the pool; `others_sampling` counts the
     /// sequences that emit one token without drafting (prefill ends).
-    pub fn choose(&mut self, draft_lens: &[usize], base: StepShape, others_sampling: usize, fits: impl Fn(usize) -> bool) -> usize {
+    pub fn choose(&mut self, draft_lens: &[usize], base: StepFeatures, others_sampling: usize, fits: impl Fn(usize) -> bool) -> usize {
         self.step += 1;
         let k_max = self.cfg.k_max;
         let largest_fitting = || (0..=k_max).rev().find(|&k| fits(k)).unwrap_or(0);
@@ -188,7 +179,7 @@ impl SpecController {
             return self.record_k(k);
         }
         if (self.step - 1) % self.cfg.rechoose_every as u64 == 0 {
-            let lo = base.batched_tokens.max(1.0);
+            let lo = base.num_tokens.max(1.0);
             let hi = lo + draft_lens.iter().map(|&l| l.min(k_max) as f64).sum::<f64>();
             // Steps of a different batch size count less too: a small batch's drafts are nearly
             // free on a machine where a big batch's cost a whole token each.
@@ -197,10 +188,10 @@ impl SpecController {
             let span = fit_nonnegative(&self.samples, |x| near(x, lo, hi, 1.0)).or(self.coef).expect("fitted");
             // Each candidate is predicted by the steps measured near its own size where there
             // are enough of them, else by the fit over the whole span.
-            let predict = |s: &StepShape| {
-                let t = s.batched_tokens.max(1.0);
+            let predict = |s: &StepFeatures| {
+                let t = s.num_tokens.max(1.0);
                 let c = fit_nonnegative(&self.samples, |x| near(x, t, t, 0.5)).unwrap_or(span);
-                s.row().iter().zip(c).map(|(x, c)| x * c).sum::<f64>().max(1e-9)
+                time_row(s).iter().zip(c).map(|(x, c)| x * c).sum::<f64>().max(1e-9)
             };
             let score = |k: usize| -> f64 {
                 if !fits(k) {
@@ -211,7 +202,7 @@ impl SpecController {
                 for &l in draft_lens {
                     let kk = k.min(l);
                     tokens += Self::expected_tokens(self.alpha, kk);
-                    shape.batched_tokens += kk as f64;
+                    shape.num_tokens += kk as f64;
                 }
                 tokens / predict(&shape)
             };
@@ -245,14 +236,14 @@ impl SpecController {
     }
 
     /// A step ran: its shape and measured seconds.
-    pub fn observe_step(&mut self, shape: StepShape, seconds: f64) {
+    pub fn observe_step(&mut self, shape: StepFeatures, seconds: f64) {
         if !(seconds.is_finite() && seconds > 0.0) {
             return;
         }
         if self.samples.len() == WINDOW {
             self.samples.pop_front();
         }
-        self.samples.push_back((shape.row(), seconds));
+        self.samples.push_back((time_row(&shape), seconds));
         self.since_fit += 1;
         if self.samples.len() >= WARMUP && (self.coef.is_none() || self.since_fit >= 8) {
             if let Some(c) = fit_nonnegative(&self.samples, |_| 1.0) {
@@ -358,7 +349,7 @@ mod tests {
     /// draft token costs as much as a whole token, so don't.
     #[test]
     fn speculates_at_low_load_and_stops_at_high_load() {
-        let time = |s: &StepShape| 0.010 + 0.001 * s.batched_tokens;
+        let time = |s: &StepFeatures| 0.010 + 0.001 * s.num_tokens;
         let mut c = SpecController::new(SpecConfig { k_max: 4, probe_every: 0, ..Default::default() }).unwrap();
         let mut x = 1u64;
         let mut uniform = move || {
@@ -368,9 +359,9 @@ mod tests {
         let mut run = |c: &mut SpecController, batch: usize, accept: f64| -> Vec<usize> {
             let mut ks = Vec::new();
             for _ in 0..60 {
-                let base = StepShape { kv_tokens: 500.0 * batch as f64, batched_tokens: batch as f64, num_seqs: batch as f64 };
+                let base = StepFeatures { context_tokens: 500.0 * batch as f64, num_tokens: batch as f64, num_seqs: batch as f64, ..Default::default() };
                 let k = c.choose(&vec![4; batch], base, 0, |_| true);
-                let shape = StepShape { batched_tokens: (batch * (k + 1)) as f64, ..base };
+                let shape = StepFeatures { num_tokens: (batch * (k + 1)) as f64, ..base };
                 c.observe_step(shape, time(&shape));
                 // Each sequence's drafts are accepted one by one until the first rejection.
                 let (mut accepted, mut rejections) = (0, 0);
@@ -404,9 +395,9 @@ mod tests {
     #[test]
     fn drafts_that_do_not_fit_score_zero_and_fixed_k_is_fixed() {
         let mut c = SpecController::new(SpecConfig { k_max: 5, adaptive: false, ..Default::default() }).unwrap();
-        assert_eq!(c.choose(&[5, 5], StepShape::default(), 0, |_| true), 5);
-        assert_eq!(c.choose(&[5, 5], StepShape::default(), 0, |k| k <= 2), 2);
-        assert_eq!(c.choose(&[0, 0], StepShape::default(), 0, |_| true), 0);
+        assert_eq!(c.choose(&[5, 5], StepFeatures::default(), 0, |_| true), 5);
+        assert_eq!(c.choose(&[5, 5], StepFeatures::default(), 0, |k| k <= 2), 2);
+        assert_eq!(c.choose(&[0, 0], StepFeatures::default(), 0, |_| true), 0);
         assert!(SpecController::new(SpecConfig { k_max: 0, ..Default::default() }).is_err());
         assert!(SpecController::new(SpecConfig { k_max: 17, ..Default::default() }).is_err());
     }

@@ -6,10 +6,10 @@ use std::time::Instant;
 
 use rand::{rngs::SmallRng, Rng, SeedableRng};
 
-use super::history::LengthHistory;
-use super::peak::{peak_of, Load};
-use super::policy::{AdmissionPolicy, PoolView, SeqLoad, MAX_SCENARIOS};
-use super::PastFuture;
+use crate::sched::history::LengthHistory;
+use crate::sched::peak::{peak_of, Load};
+use crate::sched::{AdmissionPolicy, PoolView, SeqLoad, MAX_SCENARIOS};
+use crate::sched::PastFuture;
 
 #[derive(Debug, Clone, Copy)]
 pub struct AdmissionTiming {

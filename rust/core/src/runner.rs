@@ -1,5 +1,6 @@
 //! The real-model executor: builds the flattened batch from the plan, runs the forward pass,
-//! samples the next tokens. It plugs into the same `Engine` the simulator drives.
+//! samples the next tokens. It plugs into the same `Engine` the simulator drives, and reads
+//! nothing but the plan.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -7,17 +8,17 @@ use std::sync::Arc;
 
 use rand::rngs::SmallRng;
 
-use super::config::ModelConfig;
-use super::llama::{BatchInput, KvCache, LlamaModel};
 use crate::backend::attention::AttnSeq;
-use crate::backend::cuda::model::CudaLlama;
-use crate::backend::cuda::ops::Ptr;
+use crate::backend::cuda::ops::{Dt, Ptr};
 use crate::backend::cuda::sampler;
 use crate::backend::gemm::WeightDtype;
-use crate::engine::{ExecOutput, Executor, Prompt, ReqId};
 use crate::error::{HoraeError, Result};
+use crate::model::cuda_llama::CudaLlama;
+use crate::model::llama::{BatchInput, KvCache, LlamaModel};
+use crate::model::ModelConfig;
+use crate::plan::{DraftCandidate, ExecOutput, Executor, ScheduledSeq, StepPlan};
+use crate::request::ReqId;
 use crate::sample;
-use crate::sched::{SchedulePlan, Scheduler};
 use crate::spec::{self, ngram, DraftModel, Verdict};
 
 pub struct ModelExecutor {
@@ -29,6 +30,8 @@ pub struct ModelExecutor {
     proposer: Option<Proposer>,
     /// The draft model's distribution for each of a request's pending drafts.
     draft_probs: HashMap<ReqId, Vec<Vec<f32>>>,
+    /// Unseeded requests draw from streams derived from this (None: fresh entropy).
+    seed: Option<u64>,
 }
 
 /// Where the forward pass runs. Both read the same block tables; only the KV memory differs.
@@ -72,7 +75,7 @@ impl ModelExecutor {
                 }
             }
         }
-        Self { cfg, runtime, eos, rngs: HashMap::new(), logits: Vec::new(), proposer: None, draft_probs: HashMap::new() }
+        Self { cfg, runtime, eos, rngs: HashMap::new(), logits: Vec::new(), proposer: None, draft_probs: HashMap::new(), seed: None }
     }
 
     /// The CPU model, when the forward pass runs on the CPU.
@@ -104,8 +107,8 @@ impl ModelExecutor {
         match &self.runtime {
             Runtime::Cpu { model, .. } => model.dtype.name(),
             Runtime::Cuda(m) => match m.dt {
-                crate::backend::cuda::ops::Dt::Bf16 => "bfloat16",
-                crate::backend::cuda::ops::Dt::F16 => "float16",
+                Dt::Bf16 => "bfloat16",
+                Dt::F16 => "float16",
             },
         }
     }
@@ -114,6 +117,8 @@ impl ModelExecutor {
 /// One sequence whose logits are sampled this step: `rows` logit rows from `first`; more than one
 /// when it carries drafts to verify.
 struct SampleJob {
+    /// Index of the sequence in the plan.
+    seq: usize,
     id: ReqId,
     first: usize,
     rows: usize,
@@ -125,29 +130,33 @@ impl ModelExecutor {
         self.proposer = Some(proposer);
     }
 
+    /// Make unseeded sampling reproducible: each request's stream derives from `seed` and its id.
+    pub fn set_seed(&mut self, seed: Option<u64>) {
+        self.seed = seed;
+    }
+
+
     /// Sample one sequence's next token(s) from its logit rows: the plain case is one row; with
     /// drafts, each row verifies the draft before it (rejection sampling, the target's
     /// penalties and masks applied position by position) and the first rejection ends it.
-    fn sample_seq(
-        &mut self,
-        job: &SampleJob,
-        rows: &mut [f32],
-        r: &crate::engine::Request,
-        out: &mut ExecOutput,
-    ) {
+    fn sample_seq(&mut self, job: &SampleJob, rows: &mut [f32], s: &ScheduledSeq, out: &mut ExecOutput) {
         let vocab = self.cfg.vocab_size;
-        let Prompt::Tokens(prompt) = &r.prompt else { unreachable!("checked by the caller") };
-        let p = &r.sampling;
-        let rng = self.rngs.entry(job.id).or_insert_with(|| sample::request_rng(job.id, p.seed));
-        let drafts = &r.draft[..job.rows - 1];
+        let p = &s.sampling;
+        let prompt = s.prompt().unwrap_or(&[]);
+        let drafts = s.drafts();
         let draft_probs = self.draft_probs.remove(&job.id);
-        let mut output = std::borrow::Cow::Borrowed(&r.output[..]);
+        let engine_seed = self.seed;
+        let rng = self.rngs.entry(job.id).or_insert_with(|| sample::request_rng(job.id, p.seed, engine_seed));
+        // Penalties read the output so far (carried in the plan when they are on); the accepted
+        // drafts join it position by position.
+        let mut output = std::borrow::Cow::Borrowed(s.output().unwrap_or(&[]));
+        let mut num_output = s.num_output;
         let mut accepted = 0;
         for i in 0..job.rows {
             let row = &mut rows[i * vocab..(i + 1) * vocab];
             let raw = p.logprobs.map(|_| row.to_vec());
             sample::apply_penalties(row, p, prompt, &output);
-            if output.len() < p.min_tokens {
+            if num_output < p.min_tokens {
                 // Too early to stop: end-of-sequence cannot be drawn.
                 for &e in &self.eos {
                     if let Some(l) = row.get_mut(e as usize) {
@@ -176,6 +185,7 @@ impl ModelExecutor {
                 break;
             }
             output.to_mut().push(token);
+            num_output += 1;
         }
         if job.rows > 1 {
             out.accepted.push((job.id, accepted));
@@ -184,7 +194,7 @@ impl ModelExecutor {
 }
 
 impl Executor for ModelExecutor {
-    fn execute(&mut self, plan: &SchedulePlan, state: &Scheduler) -> Result<ExecOutput> {
+    fn execute(&mut self, plan: &StepPlan) -> Result<ExecOutput> {
         for c in &plan.copies {
             match &mut self.runtime {
                 Runtime::Cpu { cache, .. } => cache.copy_block(c.src as usize, c.dst as usize),
@@ -200,32 +210,27 @@ impl Executor for ModelExecutor {
         };
         let mut input = BatchInput { tokens: vec![], positions: vec![], slots: vec![], seqs: vec![], logit_rows: vec![] };
         let mut jobs = Vec::new();
-        let mut prompt_rows: Vec<(ReqId, usize, u32, usize, usize)> = Vec::new();
-        for s in &plan.seqs {
-            let r = state.request(s.id).ok_or(HoraeError::UnknownRequest(s.id))?;
-            let Prompt::Tokens(prompt) = &r.prompt else {
+        // (sequence index, prompt position p, prompt token p, top k, logit row)
+        let mut prompt_rows: Vec<(usize, usize, u32, usize, usize)> = Vec::new();
+        for (si, s) in plan.seqs.iter().enumerate() {
+            if s.token_ids.len() != s.num_tokens {
                 return Err(HoraeError::Executor(format!("request {} has no token ids", s.id)));
-            };
-            let table = state.kv().block_table(s.id).ok_or(HoraeError::UnknownRequest(s.id))?;
-            let row = input.tokens.len();
-            let total = r.total_len();
-            for p in s.start..s.start + s.num_tokens {
-                let token = if p < total { r.token_at(p) } else { r.draft.get(p - total).copied() };
-                input.tokens.push(token.ok_or_else(|| HoraeError::Executor(format!("request {} has no token at {p}", s.id)))?);
-                input.positions.push(p);
-                input.slots.push(table[p / bs] as usize * bs + p % bs);
             }
-            input.seqs.push(AttnSeq { row, num_tokens: s.num_tokens, start: s.start, block_table: table });
+            let row = input.tokens.len();
+            input.tokens.extend_from_slice(&s.token_ids);
+            input.positions.extend(s.start..s.start + s.num_tokens);
+            input.slots.extend(s.slots(bs));
+            input.seqs.push(AttnSeq { row, num_tokens: s.num_tokens, start: s.start, block_table: &s.block_table });
             if s.samples {
                 // The last real token's row, then one per draft.
                 let rows = 1 + s.num_draft;
-                jobs.push(SampleJob { id: s.id, first: input.logit_rows.len(), rows });
+                jobs.push(SampleJob { seq: si, id: s.id, first: input.logit_rows.len(), rows });
                 input.logit_rows.extend(row + s.num_tokens - rows..row + s.num_tokens);
             }
-            if let Some(k) = r.sampling.prompt_logprobs {
+            if let (Some(k), Some(prompt)) = (s.sampling.prompt_logprobs, s.prompt()) {
                 // Row of position p predicts prompt token p + 1.
                 for p in s.start..(s.start + s.num_tokens).min(prompt.len() - 1) {
-                    prompt_rows.push((s.id, p + 1, prompt[p + 1], k, row + p - s.start));
+                    prompt_rows.push((si, p + 1, prompt[p + 1], k, row + p - s.start));
                 }
             }
         }
@@ -242,25 +247,26 @@ impl Executor for ModelExecutor {
             Runtime::Cuda(m) => {
                 m.forward(&input)?;
                 let (gpu_jobs, rest): (Vec<&SampleJob>, Vec<&SampleJob>) = jobs.iter().partition(|j| {
-                    let r = state.request(j.id).expect("checked above");
-                    sampler::can_sample_on_gpu(&r.sampling, j.rows, r.output.len())
+                    let s = &plan.seqs[j.seq];
+                    sampler::can_sample_on_gpu(&s.sampling, j.rows, s.num_output)
                 });
                 host_jobs = rest;
                 if !host_jobs.is_empty() || !prompt_rows.is_empty() {
                     logits = m.logits_to_host(input.logit_rows.len())?;
                 }
                 // Each request's generator, taken out of the map for the draw.
+                let engine_seed = self.seed;
                 let mut gens: Vec<(ReqId, SmallRng)> = gpu_jobs
                     .iter()
                     .map(|j| {
-                        let p = &state.request(j.id).expect("checked above").sampling;
-                        (j.id, self.rngs.remove(&j.id).unwrap_or_else(|| sample::request_rng(j.id, p.seed)))
+                        let seed = plan.seqs[j.seq].sampling.seed;
+                        (j.id, self.rngs.remove(&j.id).unwrap_or_else(|| sample::request_rng(j.id, seed, engine_seed)))
                     })
                     .collect();
                 let mut draws: Vec<sampler::Draw<'_>> = gpu_jobs
                     .iter()
                     .zip(gens.iter_mut())
-                    .map(|(j, (_, rng))| sampler::Draw { row: j.first, params: &state.request(j.id).expect("checked above").sampling, rng })
+                    .map(|(j, (_, rng))| sampler::Draw { row: j.first, params: &plan.seqs[j.seq].sampling, rng })
                     .collect();
                 let tokens = sampler::sample(&m.gpu, Ptr::of(&m.gpu, &m.logits), vocab, &mut draws);
                 drop(draws);
@@ -275,15 +281,14 @@ impl Executor for ModelExecutor {
         out.prompt_logprobs = prompt_rows
             .iter()
             .enumerate()
-            .map(|(i, &(id, pos, token, k, _))| {
+            .map(|(i, &(si, pos, token, k, _))| {
                 let row = &logits[(num_sample_rows + i) * vocab..(num_sample_rows + i + 1) * vocab];
-                (id, pos, sample::logprobs(row, token, k))
+                (plan.seqs[si].id, pos, sample::logprobs(row, token, k))
             })
             .collect();
         for job in host_jobs {
-            let r = state.request(job.id).expect("checked above");
             let rows = &mut logits[job.first * vocab..(job.first + job.rows) * vocab];
-            self.sample_seq(job, rows, r, &mut out);
+            self.sample_seq(job, rows, &plan.seqs[job.seq], &mut out);
         }
         self.logits = logits;
         Ok(out)
@@ -312,9 +317,9 @@ impl Executor for ModelExecutor {
         matches!(self.proposer, Some(Proposer::Ngram { .. }))
     }
 
-    fn propose(&mut self, state: &Scheduler, ids: &[ReqId], k: usize) -> Result<Vec<(ReqId, Vec<u32>)>> {
+    fn propose(&mut self, candidates: &[DraftCandidate], k: usize) -> Result<Vec<(ReqId, Vec<u32>)>> {
         let vocab = self.cfg.vocab_size as u32;
-        let mut proposals = self.propose_unchecked(state, ids, k)?;
+        let mut proposals = self.propose_unchecked(candidates, k)?;
         // A draft token the target cannot embed would fail the whole batch's forward pass: cut
         // that request's drafts there instead, so a bad proposal costs only its own speedup.
         for (id, draft) in &mut proposals {
@@ -330,24 +335,16 @@ impl Executor for ModelExecutor {
 }
 
 impl ModelExecutor {
-    fn propose_unchecked(&mut self, state: &Scheduler, ids: &[ReqId], k: usize) -> Result<Vec<(ReqId, Vec<u32>)>> {
+    fn propose_unchecked(&mut self, candidates: &[DraftCandidate], k: usize) -> Result<Vec<(ReqId, Vec<u32>)>> {
         match &mut self.proposer {
             None => Ok(Vec::new()),
-            Some(Proposer::Ngram { min_n, max_n }) => {
-                let mut out = Vec::with_capacity(ids.len());
-                let mut tokens = Vec::new();
-                for &id in ids {
-                    let r = state.request(id).ok_or(HoraeError::UnknownRequest(id))?;
-                    let Prompt::Tokens(prompt) = &r.prompt else { continue };
-                    tokens.clear();
-                    tokens.extend_from_slice(prompt);
-                    tokens.extend_from_slice(&r.output);
-                    out.push((id, ngram::propose(&tokens, k, *min_n, *max_n)));
-                }
-                Ok(out)
-            }
+            Some(Proposer::Ngram { min_n, max_n }) => Ok(candidates
+                .iter()
+                .filter(|c| !c.token_ids.is_empty())
+                .map(|c| (c.id, ngram::propose(&c.token_ids, k, *min_n, *max_n)))
+                .collect()),
             Some(Proposer::Draft(d)) => {
-                let proposals = d.propose(state, ids, k, &mut self.rngs)?;
+                let proposals = d.propose(candidates, k, &mut self.rngs, self.seed)?;
                 let mut out = Vec::with_capacity(proposals.len());
                 for (id, tokens, probs) in proposals {
                     self.draft_probs.insert(id, probs);

@@ -1,0 +1,6 @@
+//! Benchmarks behind `horae bench ...`, compiled only with the `bench` feature (the Python
+//! extension enables it): none of this is on the engine's path.
+
+pub mod admission;
+pub mod cuda;
+pub mod gemm;

@@ -1,0 +1,216 @@
+//! From options to a running engine: resolve the device, load the model (CPU or GPU) and a draft
+//! model, size the KV pool, build the scheduler and the engine.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use super::handle::EngineHandle;
+use super::validate::RequestLimits;
+use crate::backend::cuda::device::{resolve as resolve_device, Device, DeviceRequest, Gpu};
+use crate::backend::cuda::ops::Dt;
+use crate::backend::gemm::WeightDtype;
+use crate::engine::{Engine, WallClock};
+use crate::error::{HoraeError, Result};
+use crate::model::cuda_llama::{CudaLlama, KvBudget};
+use crate::model::{LlamaModel, ModelConfig};
+use crate::plan::Executor;
+use crate::runner::{ModelExecutor, Proposer};
+use crate::sched::{PolicyKind, Scheduler, SchedulerConfig, SpecConfig};
+use crate::spec::DraftModel;
+use crate::tokenizer::Tokenizer;
+
+/// KV pool of a CPU engine when `kv_cache_tokens` is not given.
+pub const DEFAULT_CPU_KV_TOKENS: usize = 16384;
+
+/// Where speculative drafts come from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SpecMethod {
+    /// Prompt lookup with n-grams of `min_n ..= max_n` tokens.
+    Ngram { min_n: usize, max_n: usize },
+    /// A draft model: `model` (default: the target's own folder), its first `num_layers`.
+    Draft { model: Option<PathBuf>, num_layers: Option<usize> },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct SpecArgs {
+    pub cfg: SpecConfig,
+    pub method: SpecMethod,
+}
+
+/// Everything that configures a served engine (the names of vLLM's engine arguments).
+#[derive(Debug, Clone)]
+pub struct EngineArgs {
+    pub model_dir: PathBuf,
+    pub policy: PolicyKind,
+    /// `None`: 16,384 tokens on the CPU; on a GPU what fits in `gpu_memory_utilization`.
+    pub kv_cache_tokens: Option<usize>,
+    pub block_size: usize,
+    pub max_num_seqs: usize,
+    pub max_batched_tokens: usize,
+    /// `Some`: every unseeded request draws from a stream derived from it (a reproducible run);
+    /// `None`: fresh entropy.
+    pub seed: Option<u64>,
+    /// "auto", "float32", "bfloat16" (CPU) or "auto", "bfloat16", "float16" (GPU).
+    pub dtype: String,
+    pub history_window: usize,
+    /// `None`: the model's context.
+    pub max_output_bound: Option<usize>,
+    pub speculative: Option<SpecArgs>,
+    /// "auto", "cpu", "cuda" or "cuda:N".
+    pub device: String,
+    pub gpu_memory_utilization: f64,
+}
+
+impl EngineArgs {
+    pub fn new(model_dir: PathBuf) -> Self {
+        Self {
+            model_dir,
+            policy: PolicyKind::PastFuture,
+            kv_cache_tokens: None,
+            block_size: 16,
+            max_num_seqs: 64,
+            max_batched_tokens: 2048,
+            seed: None,
+            dtype: "auto".into(),
+            history_window: 1000,
+            max_output_bound: None,
+            speculative: None,
+            device: "auto".into(),
+            gpu_memory_utilization: 0.9,
+        }
+    }
+}
+
+/// What a built engine is, for front ends to report.
+pub struct EngineInfo {
+    pub model_dir: PathBuf,
+    pub config: ModelConfig,
+    /// "cpu" or "cuda:N (name)".
+    pub device: String,
+    /// With device "auto" on the CPU: why no GPU was used.
+    pub cpu_fallback_reason: Option<String>,
+    /// How the weights are held: "float32", "bfloat16" or "float16".
+    pub dtype: &'static str,
+    pub eos_token_ids: Vec<u32>,
+    pub kv_cache_tokens: usize,
+    pub limits: RequestLimits,
+    pub tokenizer: Arc<Tokenizer>,
+    /// The CPU model, when the engine runs on the CPU (for teacher-forced logits).
+    pub cpu_model: Option<Arc<LlamaModel>>,
+}
+
+/// "auto" (the checkpoint's own), "float32" or "bfloat16" for the CPU runtime.
+pub fn parse_cpu_dtype(s: &str) -> Result<Option<WeightDtype>> {
+    if s == "auto" {
+        return Ok(None);
+    }
+    WeightDtype::parse(s).map(Some).ok_or_else(|| {
+        let hint = if s == "float16" || s == "half" {
+            " (float16 runs on a GPU, device='cuda'; the CPU backend keeps 16-bit weights as bfloat16)"
+        } else {
+            ""
+        };
+        HoraeError::InvalidConfig(format!("unknown dtype '{s}': use 'auto', 'float32' or 'bfloat16'{hint}"))
+    })
+}
+
+/// The GPU runs 16-bit weights: "auto" is bfloat16 (every supported GPU has it).
+fn parse_gpu_dtype(s: &str) -> Result<Dt> {
+    match s {
+        "auto" | "bfloat16" | "bf16" => Ok(Dt::Bf16),
+        "float16" | "f16" | "half" => Ok(Dt::F16),
+        _ => Err(HoraeError::InvalidConfig(format!(
+            "dtype '{s}' on the GPU: the CUDA backend runs 'bfloat16' or 'float16' (use device='cpu' for float32)"
+        ))),
+    }
+}
+
+/// Load the model and start an engine for `args` (the step loop is not started).
+pub fn build(args: EngineArgs) -> Result<(EngineHandle, EngineInfo)> {
+    let request: DeviceRequest = args.device.parse()?;
+    let g = args.gpu_memory_utilization;
+    if !(g > 0.0 && g <= 1.0) {
+        return Err(HoraeError::InvalidConfig(format!("gpu_memory_utilization must be in (0, 1], got {g}")));
+    }
+    if args.policy == PolicyKind::Oracle {
+        return Err(HoraeError::InvalidConfig(
+            "the oracle scheduler needs true output lengths and runs only in the simulator".into(),
+        ));
+    }
+    let (device, cpu_fallback_reason) = resolve_device(request);
+    let gpu_dtype = match device {
+        Device::Cuda(_) => Some(parse_gpu_dtype(&args.dtype)?),
+        Device::Cpu => None,
+    };
+    let dtype = if gpu_dtype.is_some() { None } else { parse_cpu_dtype(&args.dtype)? };
+    if matches!(device, Device::Cuda(_)) && matches!(args.speculative.as_ref().map(|s| &s.method), Some(SpecMethod::Draft { .. })) {
+        // The draft model runs on the CPU with a KV cache as large as the target's pool, which on
+        // a GPU is millions of tokens.
+        return Err(HoraeError::InvalidConfig(
+            "speculative decoding with a draft model runs on the CPU backend only; on a GPU use {\"method\": \"ngram\"} or device='cpu'".into(),
+        ));
+    }
+    let config = ModelConfig::from_dir(&args.model_dir)?;
+    let mut cfg = SchedulerConfig {
+        policy: args.policy,
+        // The GPU pool size is known once the weights are loaded (set below).
+        kv_cache_tokens: args.kv_cache_tokens.unwrap_or(DEFAULT_CPU_KV_TOKENS),
+        block_size: args.block_size,
+        max_num_seqs: args.max_num_seqs,
+        max_batched_tokens: args.max_batched_tokens,
+        history_window: args.history_window,
+        // Past-Future primes its length history with this: by default the whole context.
+        max_output_bound: args.max_output_bound.unwrap_or(config.max_position_embeddings),
+        seed: args.seed.unwrap_or(0),
+        spec: args.speculative.as_ref().map(|s| s.cfg.clone()),
+        ..Default::default()
+    };
+    cfg.validate()?;
+    let dir = &args.model_dir;
+    let mut exec = match (device, gpu_dtype) {
+        (Device::Cuda(ordinal), Some(dt)) => {
+            let budget = args.kv_cache_tokens.map_or(KvBudget::MemoryFraction(g), KvBudget::Tokens);
+            let model = CudaLlama::load(Gpu::open(ordinal)?, dir, dt, budget, args.block_size, args.max_batched_tokens)?;
+            ModelExecutor::on_gpu(dir, model)
+        }
+        _ => ModelExecutor::load(dir, dtype, cfg.kv_cache_tokens / args.block_size, args.block_size)?,
+    };
+    exec.set_seed(args.seed);
+    let blocks = exec.num_blocks();
+    match args.speculative.map(|s| (s.method, s.cfg.k_max)) {
+        Some((SpecMethod::Ngram { min_n, max_n }, _)) => exec.set_proposer(Proposer::Ngram { min_n, max_n }),
+        Some((SpecMethod::Draft { model, num_layers }, k_max)) => {
+            let draft_dir = model.unwrap_or_else(|| dir.clone());
+            let vocab = exec.cfg.vocab_size;
+            let draft = DraftModel::load(&draft_dir, dtype, num_layers, vocab, blocks, args.block_size, args.max_num_seqs, k_max)?;
+            exec.set_proposer(Proposer::Draft(Box::new(draft)));
+        }
+        None => {}
+    }
+    let tokenizer = Arc::new(Tokenizer::from_dir(dir)?);
+    let eos_token_ids = exec.eos_token_ids();
+    cfg.kv_cache_tokens = blocks * args.block_size;
+    let cpu_model = exec.cpu_model();
+    let (device_name, dtype_name) = (exec.device(), exec.dtype_name());
+    let sched = Scheduler::new(cfg, None)?;
+    let limits = RequestLimits {
+        vocab_size: config.vocab_size,
+        max_model_len: config.max_position_embeddings,
+        pool_tokens: sched.kv().capacity_tokens(),
+    };
+    let kv_cache_tokens = limits.pool_tokens;
+    let engine = Engine::new(sched, Box::new(exec), Box::new(WallClock::default())).with_tokenizer(tokenizer.clone());
+    let info = EngineInfo {
+        model_dir: args.model_dir,
+        config,
+        device: device_name,
+        cpu_fallback_reason,
+        dtype: dtype_name,
+        eos_token_ids,
+        kv_cache_tokens,
+        limits,
+        tokenizer,
+        cpu_model,
+    };
+    Ok((EngineHandle::new(engine, limits), info))
+}

@@ -1,0 +1,257 @@
+//! The handle a front end holds: the engine behind a lock, an inbox so that adding or aborting a
+//! request never waits for a running step (tens of milliseconds on a CPU), the step loop on its
+//! own thread, the engine's figures for metrics and the per-step log for fitting cost models.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use super::validate::{RequestLimits, RequestParams};
+use crate::engine::{Engine, RequestOutput, StepSample};
+use crate::error::{HoraeError, Result};
+use crate::request::{FinishReason, ReqId, RequestSpec};
+use crate::sched::SpecStats;
+
+/// Steps kept for `take_step_log` before the oldest are dropped.
+const STEP_LOG_CAP: usize = 1 << 20;
+
+/// The engine's figures after a step, for metrics. Counters are totals since the engine started.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct EngineStats {
+    pub running: usize,
+    pub waiting: usize,
+    pub kv_used_blocks: usize,
+    pub kv_total_blocks: usize,
+    pub block_size: usize,
+    pub predicted_peak_tokens: Option<u64>,
+    pub preemptions: u64,
+    pub prefix_hit_blocks: u64,
+    pub prefix_queried_blocks: u64,
+    /// The step just run (None outside a step).
+    pub step_seconds: Option<f64>,
+    pub spec: Option<SpecStats>,
+}
+
+/// What one step produced.
+#[derive(Debug, Default)]
+pub struct StepEvents {
+    pub outputs: Vec<RequestOutput>,
+    pub stats: EngineStats,
+}
+
+struct EngineState {
+    engine: Engine,
+    /// Requests the engine refused when the inbox was applied: reported with the next events.
+    refused: Vec<RequestOutput>,
+    preemptions: u64,
+    step_log: Vec<StepSample>,
+}
+
+#[derive(Default)]
+struct Inbox {
+    adds: Vec<(ReqId, RequestSpec)>,
+    aborts: Vec<ReqId>,
+}
+
+struct Shared {
+    state: Mutex<EngineState>,
+    inbox: Mutex<Inbox>,
+    /// Signalled when the inbox gets work or the loop is told to stop.
+    wake: Condvar,
+    stop: AtomicBool,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding a lock poisons it; the state is still consistent because every
+    // mutation goes through the core's own checks, so keep serving.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Shared {
+    /// The engine, with everything queued in the inbox applied first.
+    fn engine(&self) -> MutexGuard<'_, EngineState> {
+        let mut st = lock(&self.state);
+        let inbox = std::mem::take(&mut *lock(&self.inbox));
+        for (id, spec) in inbox.adds {
+            if let Err(e) = st.engine.add_request_with_id(id, spec) {
+                let error = Some(e.to_string());
+                st.refused.push(RequestOutput { id, finish_reason: Some(FinishReason::Error), error, ..Default::default() });
+            }
+        }
+        for id in inbox.aborts {
+            // An id that already finished (or was refused) has nothing left to free.
+            let _ = st.engine.abort(id);
+        }
+        st
+    }
+
+    fn step(&self) -> Result<StepEvents> {
+        let mut st = self.engine();
+        let mut outputs = std::mem::take(&mut st.refused);
+        if !st.engine.has_work() {
+            return Ok(StepEvents { outputs, stats: stats_of(&st, None) });
+        }
+        let out = st.engine.step()?;
+        st.preemptions += out.preempted.len() as u64;
+        outputs.extend(out.outputs);
+        let duration = out.sample.map(|s| s.duration);
+        if let Some(sample) = out.sample {
+            if st.step_log.len() == STEP_LOG_CAP {
+                st.step_log.drain(..STEP_LOG_CAP / 2);
+            }
+            st.step_log.push(sample);
+        }
+        Ok(StepEvents { outputs, stats: stats_of(&st, duration) })
+    }
+
+    /// Blocks until there is something to do (a queued request or abort, or running requests),
+    /// or the loop is told to stop.
+    fn wait_for_work(&self) {
+        if self.engine().engine.has_work() {
+            return;
+        }
+        let inbox = lock(&self.inbox);
+        if inbox.adds.is_empty() && inbox.aborts.is_empty() && !self.stop.load(Ordering::Acquire) {
+            // The timeout only bounds a missed wake-up; every push notifies.
+            let _ = self.wake.wait_timeout(inbox, Duration::from_millis(200));
+        }
+    }
+}
+
+fn stats_of(st: &EngineState, step_seconds: Option<f64>) -> EngineStats {
+    let s = st.engine.scheduler();
+    let pool = s.kv().pool();
+    EngineStats {
+        running: s.num_running(),
+        waiting: s.num_waiting(),
+        kv_used_blocks: pool.num_used(),
+        kv_total_blocks: pool.num_total(),
+        block_size: s.kv().block_size(),
+        predicted_peak_tokens: s.predicted_peak(),
+        preemptions: st.preemptions,
+        prefix_hit_blocks: pool.hit_blocks,
+        prefix_queried_blocks: pool.queried_blocks,
+        step_seconds,
+        spec: s.spec_stats(),
+    }
+}
+
+/// A served engine. Every method takes `&self` and is safe to call from any thread.
+pub struct EngineHandle {
+    shared: Arc<Shared>,
+    limits: RequestLimits,
+    next_id: AtomicU64,
+    looper: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl EngineHandle {
+    pub fn new(engine: Engine, limits: RequestLimits) -> Self {
+        let state = EngineState { engine, refused: Vec::new(), preemptions: 0, step_log: Vec::new() };
+        let shared = Shared { state: Mutex::new(state), inbox: Mutex::default(), wake: Condvar::new(), stop: AtomicBool::new(false) };
+        Self { shared: Arc::new(shared), limits, next_id: AtomicU64::new(0), looper: Mutex::new(None) }
+    }
+
+    pub fn limits(&self) -> &RequestLimits {
+        &self.limits
+    }
+
+    fn push(&self, f: impl FnOnce(&mut Inbox)) {
+        f(&mut lock(&self.shared.inbox));
+        self.shared.wake.notify_all();
+    }
+
+    pub fn looping(&self) -> bool {
+        lock(&self.looper).is_some()
+    }
+
+    /// Check a request and queue it; returns its id. Never waits for a running step.
+    pub fn add_request(&self, params: RequestParams) -> Result<ReqId> {
+        let spec = params.into_spec(&self.limits)?;
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        self.push(|inbox| inbox.adds.push((id, spec)));
+        Ok(id)
+    }
+
+    /// Stop a request; its KV blocks are freed before the next step (at once when no loop runs).
+    /// Ids that already finished are ignored.
+    pub fn abort(&self, id: ReqId) {
+        self.push(|inbox| inbox.aborts.push(id));
+        if !self.looping() {
+            drop(self.shared.engine()); // no step can be running: apply it now
+        }
+    }
+
+    pub fn has_unfinished(&self) -> bool {
+        self.shared.engine().engine.has_work()
+    }
+
+    /// The figures metrics report, now (waits for a running step).
+    pub fn stats(&self) -> EngineStats {
+        stats_of(&self.shared.engine(), None)
+    }
+
+    /// The steps run since the last call (cost-model features, measured seconds, batch figures).
+    pub fn take_step_log(&self) -> Vec<StepSample> {
+        std::mem::take(&mut self.shared.engine().step_log)
+    }
+
+    /// One step on the caller's thread (not while the loop runs).
+    pub fn step(&self) -> Result<StepEvents> {
+        if self.looping() {
+            return Err(HoraeError::InvalidConfig("the background loop is running this engine; step() is not available".into()));
+        }
+        self.shared.step()
+    }
+
+    /// Run the step loop on a thread of its own: after every step with something to say,
+    /// `on_step` gets its events, or the error that failed the step.
+    pub fn start_loop(&self, mut on_step: impl FnMut(Result<StepEvents>) + Send + 'static) -> Result<()> {
+        let mut looper = lock(&self.looper);
+        if looper.is_some() {
+            return Err(HoraeError::InvalidConfig("the background loop is already running".into()));
+        }
+        self.shared.stop.store(false, Ordering::Release);
+        let shared = self.shared.clone();
+        let handle = std::thread::Builder::new()
+            .name("horae-engine".into())
+            .spawn(move || {
+                while !shared.stop.load(Ordering::Acquire) {
+                    shared.wait_for_work();
+                    if shared.stop.load(Ordering::Acquire) {
+                        break;
+                    }
+                    let result = shared.step();
+                    if matches!(&result, Ok(events) if events.outputs.is_empty()) {
+                        continue;
+                    }
+                    on_step(result);
+                }
+            })
+            .map_err(|e| HoraeError::InvalidConfig(format!("cannot start the engine thread: {e}")))?;
+        *looper = Some(handle);
+        Ok(())
+    }
+
+    /// Stop the loop after its current step and wait for it. `wait` runs the join (a binding
+    /// releases its interpreter lock there, since the loop's last callback may need it).
+    pub fn stop_loop(&self, wait: impl FnOnce(&mut dyn FnMut())) {
+        let handle = lock(&self.looper).take();
+        if let Some(h) = handle {
+            self.shared.stop.store(true, Ordering::Release);
+            self.shared.wake.notify_all();
+            let mut h = Some(h);
+            wait(&mut || {
+                if let Some(h) = h.take() {
+                    let _ = h.join();
+                }
+            });
+        }
+    }
+}
+
+impl Drop for EngineHandle {
+    fn drop(&mut self) {
+        self.stop_loop(|join| join());
+    }
+}
