@@ -59,7 +59,7 @@ def run_real(args, scheduler: str, workload: Path, out: Path):
             seed=0, result_file=str(out / f"real_{scheduler}.json"), plot=str(out / f"real_{scheduler}_cdf.png"),
             no_progress=True)
         summary = bench.run(ns)
-        steps = llm.engine._core.take_step_log()
+        steps = llm.engine.take_step_log()
     finally:
         srv.stop()
         llm.shutdown()

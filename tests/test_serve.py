@@ -50,12 +50,13 @@ def _assert_idle(server, timeout: float = 15.0):
     """Every request finished or aborted, every KV block back (in use = 0), and /metrics agrees."""
     deadline = time.time() + timeout
     while time.time() < deadline:
-        used, _, running, waiting = server.llm.engine._core.stats()
-        if used == 0 and running == 0 and waiting == 0 and server.llm.num_in_flight == 0 and not server.llm._streams:
+        st = server.llm.engine.stats()
+        used, running, waiting = st["kv_used_blocks"], st["running"], st["waiting"]
+        if used == 0 and running == 0 and waiting == 0 and server.llm.num_in_flight == 0 and server.llm.num_streams == 0:
             break
         time.sleep(0.05)
-    assert server.llm.engine._core.stats()[0] == 0, "KV blocks leaked"
-    assert server.llm.num_in_flight == 0 and not server.llm._streams and not server.llm.times
+    assert server.llm.engine.stats()["kv_used_blocks"] == 0, "KV blocks leaked"
+    assert server.llm.num_in_flight == 0 and server.llm.num_streams == 0 and not server.llm.times
     assert _metric(server, "horae:num_requests_running") == 0
     assert _metric(server, "horae:kv_cache_usage_perc") == 0
 
@@ -66,7 +67,8 @@ def test_chat_non_streaming_and_streaming_agree(server, client):
     assert r.choices[0].finish_reason == "stop" and r.object == "chat.completion"
     prompt_tokens = httpx.post(server.url + "/tokenize", json={"messages": CAPITAL},
                                headers={"Authorization": f"Bearer {KEY}"}).json()["count"]
-    assert r.usage.prompt_tokens == prompt_tokens and r.usage.completion_tokens == 8
+    # 7 tokens of text; the end-of-sequence token that ended it is neither counted nor listed.
+    assert r.usage.prompt_tokens == prompt_tokens and r.usage.completion_tokens == 7
 
     chunks = list(client.chat.completions.create(model="smollm2", messages=CAPITAL, max_tokens=20, temperature=0,
                                                  stream=True, stream_options={"include_usage": True}))
@@ -113,11 +115,15 @@ def test_completions(server, client):
     _assert_idle(server)
 
 
-def test_models_health_tokenize(server):
+def test_models_health_tokenize(server, client):
     h = {"Authorization": f"Bearer {KEY}"}
     assert httpx.get(server.url + "/health").status_code == 200  # no key needed
     models = httpx.get(server.url + "/v1/models", headers=h).json()
     assert models["data"][0]["id"] == "smollm2"
+    # The openai client's models.retrieve reads GET /v1/models/{id}.
+    assert client.models.retrieve("smollm2").id == "smollm2"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4")
     toks = httpx.post(server.url + "/tokenize", json={"prompt": "Hello world"}, headers=h).json()
     back = httpx.post(server.url + "/detokenize", json={"tokens": toks["tokens"]}, headers=h).json()
     assert back["prompt"] == "Hello world" and toks["count"] == len(toks["tokens"])
@@ -166,6 +172,58 @@ def test_errors_in_openai_shape(server, client):
     _assert_idle(server)
 
 
+def test_end_of_sequence_is_not_returned(server, client):
+    """OpenAI returns neither the end-of-sequence token's logprob nor counts it (nor does horae):
+    the logprobs cover exactly the counted tokens, and none of them is <|im_end|>."""
+    r = client.chat.completions.create(model="smollm2", messages=CAPITAL, max_tokens=20, temperature=0,
+                                       logprobs=True, top_logprobs=1)
+    lp = r.choices[0].logprobs.content
+    assert r.choices[0].finish_reason == "stop" and r.choices[0].message.content == "The capital of France is Paris."
+    assert len(lp) == r.usage.completion_tokens == 7
+    assert "".join(t.token for t in lp) == r.choices[0].message.content
+    assert all(t.token != "<|im_end|>" for t in lp)
+    ids = httpx.post(server.url + "/tokenize", json={"messages": CAPITAL}, headers={"Authorization": f"Bearer {KEY}"}).json()
+    c = client.completions.create(model="smollm2", prompt=ids["tokens"], max_tokens=20, temperature=0, logprobs=1)
+    assert c.choices[0].finish_reason == "stop"
+    assert len(c.choices[0].logprobs.tokens) == c.usage.completion_tokens
+    assert "<|im_end|>" not in c.choices[0].logprobs.tokens
+    _assert_idle(server)
+
+
+def test_malformed_input_gets_a_400_never_a_500(server):
+    """Defects found by outside clients: lone surrogates, integers past 64 bits, and loose type
+    coercion each get a 400 in OpenAI's shape, and the server goes on serving."""
+    h = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    post = lambda path, raw: httpx.post(server.url + path, content=raw, headers=h)
+    chat = {"model": "smollm2", "messages": CAPITAL, "max_tokens": 2}
+    # A lone surrogate, as JSON escapes it ("\ud800"), in a prompt, a message and /tokenize.
+    surrogate = json.dumps("a \ud800 b")
+    assert '\\ud800' in surrogate
+    for path, raw in [("/v1/completions", '{"model": "smollm2", "max_tokens": 2, "prompt": %s}' % surrogate),
+                      ("/v1/chat/completions", '{"model": "smollm2", "max_tokens": 2, "messages": [{"role": "user", "content": %s}]}' % surrogate),
+                      ("/v1/completions", '{"model": "smollm2", "max_tokens": 2, "prompt": "hi", "stop": [%s]}' % surrogate),
+                      ("/tokenize", '{"prompt": %s}' % surrogate)]:
+        assert _error(post(path, raw), 400)["message"], path
+    # The same character as raw bytes (ED A0 80): not UTF-8, so not JSON.
+    raw = b'{"model": "smollm2", "max_tokens": 2, "prompt": "a \xed\xa0\x80 b"}'
+    for path in ("/v1/completions", "/v1/chat/completions", "/tokenize"):
+        assert _error(post(path, raw), 400)
+    # Integers at or beyond 2^63: a 400 that names the field.
+    for field in ("top_k", "seed", "max_tokens", "min_tokens"):
+        assert _error(post("/v1/chat/completions", json.dumps({**chat, field: 2**63})), 400)["param"] == field, field
+    assert _error(post("/v1/completions", json.dumps({"model": "smollm2", "prompt": [2**64]})), 400)
+    # No loose coercion, as OpenAI and vLLM.
+    for field, value in [("max_tokens", "10"), ("n", "2"), ("stream", "yes"), ("temperature", "0.5")]:
+        assert _error(post("/v1/chat/completions", json.dumps({**chat, field: value})), 400)["param"] == field, field
+    assert _error(post("/v1/completions", json.dumps({"model": "smollm2", "prompt": [True, False]})), 400)
+    # Value rules are the engine's, with the field named.
+    assert _error(post("/v1/chat/completions", json.dumps({**chat, "temperature": -1})), 400)["param"] == "temperature"
+    assert _error(post("/v1/chat/completions", json.dumps({**chat, "top_k": -5})), 400)["param"] == "top_k"
+    assert _error(post("/v1/chat/completions", json.dumps({**chat, "stop_token_ids": [10**9]})), 400)["param"] == "stop_token_ids"
+    assert httpx.post(server.url + "/v1/chat/completions", json=chat, headers=h).status_code == 200
+    _assert_idle(server)
+
+
 def test_concurrent_clients_share_the_engine(server, client):
     def one(i):
         if i % 2:
@@ -188,9 +246,12 @@ def test_disconnect_mid_stream_aborts_the_request(server):
         with c.stream("POST", server.url + "/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}) as r:
             lines = r.iter_lines()  # kept alive: closing it would hang up already
             assert sum(bool(next(lines).strip()) for _ in range(6)) == 3
-            assert server.llm.num_in_flight == 1 and server.llm.engine._core.stats()[0] > 0
+            assert server.llm.num_in_flight == 1 and server.llm.engine.stats()["kv_used_blocks"] > 0
     # The client hung up long before 2000 tokens: the request is aborted and its blocks freed.
     _assert_idle(server, timeout=10)
+    # ... and counted, under its own finish reason.
+    text = httpx.get(server.url + "/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
+    assert re.search(r'^horae:request_success_total\{[^}]*finished_reason="abort"[^}]*\} [1-9]', text, re.M), text
 
 
 def test_overload_answers_503_and_loses_nothing(server):
@@ -230,21 +291,24 @@ def test_async_llm_cancel_frees_blocks_within_a_step(server, client):
         await asyncio.sleep(3 * steps + 0.05)
 
     asyncio.run_coroutine_threadsafe(main(), llm._loop).result(timeout=60)
-    assert llm.engine._core.stats()[0] == 0 and llm.num_in_flight == 0
+    assert llm.engine.stats()["kv_used_blocks"] == 0 and llm.num_in_flight == 0
 
 
-def test_schemathesis_finds_no_server_error(server):
-    # Bounded: short contexts, few examples, a time limit.
-    server.app.state.config.max_model_len = 48
+def test_schemathesis_finds_no_server_error():
+    # Bounded: a server of its own with short contexts, few examples, a time limit.
+    llm = AsyncLLM(kv_cache_tokens=1024, max_num_seqs=8, max_model_len=48)
+    srv = ServerThread(build_app(llm, ServerConfig(model_name="smollm2", api_key=KEY, max_queue=64)))
+    srv.llm = llm
     try:
         run = subprocess.run(
-            [sys.executable, "-m", "schemathesis.cli", "run", server.url + "/openapi.json", "--checks", "not_a_server_error", "--max-examples", "12",
+            [sys.executable, "-m", "schemathesis.cli", "run", srv.url + "/openapi.json", "--checks", "not_a_server_error", "--max-examples", "12",
              "--header", f"Authorization: Bearer {KEY}", "--request-timeout", "60", "--seed", "1", "--no-color"],
             capture_output=True, text=True, timeout=600)
+        assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+        _assert_idle(srv)
     finally:
-        server.app.state.config.max_model_len = None
-    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
-    _assert_idle(server)
+        srv.stop()
+        llm.shutdown()
 
 
 def test_bench_serve_reaches_true_lengths_without_telling_the_server(server, tmp_path):
@@ -306,43 +370,34 @@ def test_async_llm_bad_input_is_refused_before_queueing(server, client):
 
 @pytest.mark.parametrize("events_before_failure", [0, 2])
 def test_a_request_the_model_fails_on_gets_an_error_and_the_server_goes_on(server, client, events_before_failure):
-    # The core reports a request whose step failed (a GPU fault, say) as an "error" event with
-    # the message (rust/core/tests/scheduler.rs checks the engine side). Make the next step's
-    # event for one request such an event, as the core would.
+    # The core reports a request whose step failed (a GPU fault, say) as an output with finish
+    # reason "error" and the message (rust/core/tests/scheduler.rs checks the engine side). The
+    # server is otherwise idle: make the request's output after `events_before_failure` steps
+    # such an output, as the core would.
+    from types import SimpleNamespace
+
     llm = server.llm
-    target = {}
+    target = {"skip": events_before_failure}
     original = llm._on_step
 
-    def on_step(events, stats):
-        # Fail it at its first event, or after it has streamed some tokens.
-        if events is not None and "core_id" in target and any(e[0] == target["core_id"] for e in events):
+    def on_step(outputs, stats):
+        if outputs and target.get("armed"):
             if target["skip"] == 0:
-                events = [(e[0], [], "cuda: an illegal memory access was encountered", "error", [], [], None)
-                          if e[0] == target["core_id"] else e for e in events]
-                target.pop("core_id")
+                failed = SimpleNamespace(request_id=outputs[0].request_id, new_token_ids=[], new_text="",
+                                         new_logprobs=[], prompt_logprobs=[], finish_reason="error", stop_reason=None,
+                                         error="cuda: an illegal memory access was encountered",
+                                         num_draft_tokens=None, num_accepted_tokens=None)
+                outputs = [failed] + list(outputs[1:])
+                target["armed"] = False
             else:
                 target["skip"] -= 1
-        original(events, stats)
+        original(outputs, stats)
 
     llm._on_step = on_step
     try:
-        def fail_next(request_id):
-            target["core_id"] = llm.engine._requests[request_id].seqs[0].core_id
-            target["skip"] = events_before_failure
-
-        real_generate = llm.engine.add_request
-
-        def add_and_mark(request_id, prompt, params):
-            rid = real_generate(request_id, prompt, params)
-            fail_next(rid)
-            return rid
-
-        llm.engine.add_request = add_and_mark
-        try:
-            with pytest.raises(openai.InternalServerError) as err:
-                client.chat.completions.create(model="smollm2", messages=CAPITAL, max_tokens=16, temperature=0)
-        finally:
-            del llm.engine.add_request
+        target["armed"] = True
+        with pytest.raises(openai.InternalServerError) as err:
+            client.chat.completions.create(model="smollm2", messages=CAPITAL, max_tokens=16, temperature=0)
         assert err.value.status_code == 500 and "illegal memory access" in str(err.value)
         assert err.value.code == "engine_error"
     finally:

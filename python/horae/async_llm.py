@@ -1,13 +1,20 @@
 """Streaming generation for asyncio, as vLLM's `AsyncLLM`.
 
-The engine steps on a Rust thread with the GIL released (`_core.Engine.start_loop`). After each
-step that thread hands the step's events to the event loop with `call_soon_threadsafe`; the
-event loop applies them (stop strings, n > 1, logprobs) and feeds each request's queue. Adding and
-aborting requests only queue work for that thread, so nothing here blocks the event loop.
+The engine steps on a Rust thread with the GIL released (`Engine.start_loop`). After each step
+that thread hands the step's outputs to the event loop with `call_soon_threadsafe`; the event loop
+turns them into `RequestOutput`s (the engine's one output processor) and feeds each request's
+queue. Adding and aborting requests only queue work for that thread, so nothing here blocks the
+event loop.
 
->>> llm = AsyncLLM()
->>> async for out in llm.generate("Hello", SamplingParams(max_tokens=8), request_id="r1"):
-...     print(out.outputs[0].text)
+In a script:
+
+>>> async def main():
+...     llm = AsyncLLM()
+...     async for out in llm.generate("Hello", SamplingParams(max_tokens=8), request_id="r1"):
+...         print(out.outputs[0].text)
+>>> asyncio.run(main())
+
+In Jupyter, whose event loop is already running, `await` it in a cell instead of `asyncio.run`.
 """
 
 from __future__ import annotations
@@ -59,6 +66,8 @@ class AsyncLLM:
         self.times: Dict[str, RequestTimes] = {}
         self.stats: Dict[str, object] = {}
         self.listeners: List[Callable] = []
+        #: Called with the request id of every request a client cancelled.
+        self.abort_listeners: List[Callable[[str], None]] = []
         self._loop: Optional[asyncio.AbstractEventLoop] = None
 
     @property
@@ -72,9 +81,9 @@ class AsyncLLM:
         if self._loop is not None and not self._loop.is_closed():
             raise RuntimeError("this AsyncLLM already runs on another event loop")
         if self._loop is not None:  # its loop was closed (e.g. a second asyncio.run): start again
-            self.engine._core.stop_loop()
+            self.engine.stop_loop()
         self._loop = loop
-        self.stats = self.engine._core.step_stats()
+        self.stats = self.engine.stats()
 
         def on_step(events, stats):  # on the engine thread, GIL held: hand off at once
             try:
@@ -82,10 +91,10 @@ class AsyncLLM:
             except RuntimeError:
                 pass  # the loop has closed; nobody is listening
 
-        self.engine._core.start_loop(on_step)
+        self.engine.start_loop(on_step)
         # Stop the thread when this object goes away or the interpreter exits, whichever comes
         # first (the thread must not call into a finalizing interpreter).
-        weakref.finalize(self, self.engine._core.stop_loop)
+        weakref.finalize(self, self.engine.stop_loop)
 
     def _on_step(self, events, stats) -> None:
         if events is None:  # the step failed: `stats` is the message
@@ -93,7 +102,7 @@ class AsyncLLM:
             return
         self.stats = stats
         now = time.monotonic()
-        outs = self.engine._process(events)
+        outs = self.engine.process_outputs(events)
         touched = {}
         for out in outs:
             t = self.times.get(out.request_id)
@@ -116,7 +125,7 @@ class AsyncLLM:
     def _fail_all(self, err: BaseException) -> None:
         for rid, q in list(self._streams.items()):
             q.put_nowait(err)
-            if rid in self.engine._requests:
+            if self.engine.is_unfinished(rid):
                 self.engine.abort(rid)
 
     async def generate(self, prompt: PromptType, sampling_params: Optional[SamplingParams] = None,
@@ -148,12 +157,18 @@ class AsyncLLM:
             self._streams.pop(rid, None)
             if not finished:
                 self.times.pop(rid, None)
-                if rid in self.engine._requests:
+                if self.engine.is_unfinished(rid):
                     self.engine.abort(rid)
+                    self._aborted(rid)
+
+    def _aborted(self, request_id: str) -> None:
+        for f in self.abort_listeners:
+            f(request_id)
 
     def abort(self, request_id: str) -> None:
         """Stop a request; its stream ends with an error."""
         self.engine.abort(request_id)
+        self._aborted(request_id)
         self.times.pop(request_id, None)
         q = self._streams.get(request_id)
         if q is not None:
@@ -161,9 +176,14 @@ class AsyncLLM:
 
     @property
     def num_in_flight(self) -> int:
-        return len(self.engine._requests)
+        return self.engine.num_unfinished_requests
+
+    @property
+    def num_streams(self) -> int:
+        """Streams open now (a stream closes when its request finishes or is aborted)."""
+        return len(self._streams)
 
     def shutdown(self) -> None:
         """Stop the engine thread (after its current step)."""
-        self.engine._core.stop_loop()
+        self.engine.stop_loop()
         self._loop = None

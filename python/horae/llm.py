@@ -5,24 +5,32 @@ from __future__ import annotations
 
 import itertools
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 from horae import _core
 from horae.models import resolve_model
+from horae.outputs import CompletionOutput, OutputProcessor, RequestOutput
+
+__all__ = ["SamplingParams", "Engine", "LLM", "CompletionOutput", "RequestOutput", "PromptType"]
 
 PromptType = Union[str, Dict[str, object]]
 
 
 @dataclass
 class SamplingParams:
-    """How to sample, as in vLLM. `temperature=0` is greedy; `seed` makes sampling reproducible."""
+    """How to sample, as in vLLM. `temperature=0` is greedy; `seed` makes sampling reproducible.
+
+    Values are checked once, by the core, when a request is added (a `ValueError` that names the
+    field); here only `n` (the samples this front end fans out) and the spelling of `stop`."""
 
     n: int = 1
-    max_tokens: int = 16
+    #: None: up to the end of the model's context.
+    max_tokens: Optional[int] = 16
     temperature: float = 1.0
     top_p: float = 1.0
+    #: 0 or -1: off.
     top_k: int = 0
     min_p: float = 0.0
     repetition_penalty: float = 1.0
@@ -40,96 +48,24 @@ class SamplingParams:
     prompt_logprobs: Optional[int] = None
 
     def __post_init__(self):
-        def need(ok: bool, msg: str):
-            if not ok:
-                raise ValueError(msg)
-
-        num = (int, float)
-        need(isinstance(self.n, int) and self.n >= 1, f"n must be an integer >= 1, got {self.n!r}")
-        need(isinstance(self.max_tokens, int) and self.max_tokens >= 1, f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
-        need(isinstance(self.temperature, num) and self.temperature >= 0, f"temperature must be >= 0, got {self.temperature!r}")
-        need(isinstance(self.top_p, num) and 0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p!r}")
-        if self.top_k == -1:  # vLLM's spelling of "off"
-            self.top_k = 0
-        need(isinstance(self.top_k, int) and self.top_k >= 0, f"top_k must be an integer >= 0 (0 or -1 = off), got {self.top_k!r}")
-        need(isinstance(self.min_p, num) and 0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p!r}")
-        need(isinstance(self.repetition_penalty, num) and self.repetition_penalty > 0, f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
-        for name in ("presence_penalty", "frequency_penalty"):
-            v = getattr(self, name)
-            need(isinstance(v, num) and -2 <= v <= 2, f"{name} must be in [-2, 2], got {v!r}")
-        need(self.seed is None or (isinstance(self.seed, int) and self.seed >= 0), f"seed must be a non-negative integer, got {self.seed!r}")
+        if not isinstance(self.n, int) or isinstance(self.n, bool) or self.n < 1:
+            raise ValueError(f"n must be an integer >= 1, got {self.n!r}")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
-        need(all(isinstance(s, str) and s for s in self.stop), "stop must be a non-empty string or a list of them")
         self.stop_token_ids = list(self.stop_token_ids or [])
-        need(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids must be non-negative integers")
-        need(isinstance(self.min_tokens, int) and 0 <= self.min_tokens <= self.max_tokens,
-             f"min_tokens must be an integer in [0, max_tokens], got {self.min_tokens!r}")
-        need(self.prompt_logprobs is None or (isinstance(self.prompt_logprobs, int) and 0 <= self.prompt_logprobs <= 20),
-             f"prompt_logprobs must be an integer in [0, 20], got {self.prompt_logprobs!r}")
-        need(self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= 20),
-             f"logprobs must be an integer in [0, 20], got {self.logprobs!r}")
 
 
-@dataclass
-class CompletionOutput:
-    index: int
-    text: str
-    token_ids: List[int]
-    finish_reason: Optional[str] = None
-    stop_reason: Optional[Union[str, int]] = None
-    #: Per output token, {token_id: logprob} for the chosen token and the top alternatives.
-    logprobs: Optional[List[Dict[int, float]]] = None
-    cumulative_logprob: Optional[float] = None
-    #: Speculative decoding, once finished: draft tokens verified for this sample, and accepted.
-    num_draft_tokens: Optional[int] = None
-    num_accepted_tokens: Optional[int] = None
-
-
-@dataclass
-class RequestOutput:
-    request_id: str
-    prompt: Optional[str]
-    prompt_token_ids: List[int]
-    outputs: List[CompletionOutput]
-    finished: bool = False
-    #: As vLLM: None for the first prompt token, then {token_id: logprob} per prompt token.
-    prompt_logprobs: Optional[List[Optional[Dict[int, float]]]] = None
-
-
-@dataclass
-class _Seq:
-    """One of a request's n samples, as a core request."""
-
-    index: int
-    core_id: Optional[int]  # None while held back until the first sample's prompt is computed
-    text: str = ""
-    token_ids: List[int] = field(default_factory=list)
-    finish_reason: Optional[str] = None
-    stop_reason: Optional[Union[str, int]] = None
-    logprobs: Optional[List[Dict[int, float]]] = None
-    cumulative_logprob: Optional[float] = None
-    spec: Optional[tuple] = None  # (draft tokens, accepted) once finished
-
-
-@dataclass
-class _Req:
-    request_id: str
-    prompt: Optional[str]
-    prompt_token_ids: List[int]
-    params: SamplingParams
-    seqs: List[_Seq]
-    prompt_logprobs: Optional[List[Optional[Dict[int, float]]]] = None
-
-    def output(self) -> RequestOutput:
-        # Held-back samples show as empty until they start.
-        outs = [CompletionOutput(s.index, s.text, list(s.token_ids), s.finish_reason, s.stop_reason,
-                                 None if s.logprobs is None else list(s.logprobs), s.cumulative_logprob,
-                                 *(s.spec or (None, None)))
-                for s in self.seqs]
-        return RequestOutput(self.request_id, self.prompt, list(self.prompt_token_ids), outs,
-                             all(s.finish_reason is not None for s in self.seqs), self.prompt_logprobs)
+def _text(value: Any, name: str) -> str:
+    """A str that can be encoded as UTF-8: a lone surrogate (which a JSON body can carry as
+    "\\ud800") is refused, not passed on to fail inside the tokenizer."""
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a string, got {type(value).__name__}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{name} is not valid UTF-8 text: {e.reason} at position {e.start}") from None
+    return value
 
 
 def _speculative_config(spec: Optional[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
@@ -157,15 +93,17 @@ class Engine:
 
     def __init__(self, model: Optional[Union[str, Path]] = None, *, scheduler: str = "past-future",
                  kv_cache_tokens: Optional[int] = None, block_size: int = 16, max_num_seqs: int = 64,
-                 max_num_batched_tokens: int = 2048, seed: int = 0, dtype: str = "auto",
+                 max_num_batched_tokens: int = 2048, seed: Optional[int] = None, dtype: str = "auto",
                  history_window: int = 1000, max_output_bound: Optional[int] = None,
                  speculative: Optional[Dict[str, Any]] = None, device: str = "auto",
-                 gpu_memory_utilization: float = 0.9):
+                 gpu_memory_utilization: float = 0.9, max_model_len: Optional[int] = None):
         # device: "auto" (the first GPU if one works, else the CPU; `cpu_fallback_reason` says
         # why), "cpu", "cuda" or "cuda:N". A GPU needs an NVIDIA driver for CUDA 12+, Ampere or
         # newer, and NVRTC + cuBLAS (`pip install horae[cuda]` brings them).
         # kv_cache_tokens: the KV pool. Default: 16384 tokens on the CPU; on a GPU, whatever fits
         # in gpu_memory_utilization of its memory after the weights and activations (as vLLM).
+        # seed: None draws every unseeded request from fresh entropy; an int makes the whole run
+        # reproducible (each request's stream derives from it and the request's order).
         # dtype: how the weights are held. On the CPU "auto" keeps the checkpoint's (bf16/f16
         # checkpoints as bfloat16, others float32); "bfloat16" halves weight memory and bandwidth,
         # computing in f32. On a GPU: "auto" = "bfloat16", or "float16".
@@ -175,6 +113,7 @@ class Engine:
         # (prompt lookup; also "prompt_lookup_min"/"prompt_lookup_max") or {"method": "draft",
         # "model": folder or .gguf (default: this model), "num_layers": N (keep the first N)}.
         # "adaptive" (default on) is SmartSpec: k chosen per step for goodput, 0 when it does not pay.
+        # max_model_len: a context limit below the model's (prompt + max_tokens), as vLLM's.
         self.model_dir = resolve_model(model)
         speculative = _speculative_config(speculative)
         if device != "cpu":
@@ -185,13 +124,13 @@ class Engine:
                                   max_batched_tokens=max_num_batched_tokens, seed=seed, dtype=dtype,
                                   history_window=history_window, max_output_bound=max_output_bound,
                                   speculative=speculative, device=device,
-                                  gpu_memory_utilization=gpu_memory_utilization)
-        self._requests: Dict[str, _Req] = {}
-        self._by_core: Dict[int, tuple] = {}
+                                  gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len)
+        self._outputs = OutputProcessor()
         self._ids = itertools.count()
         cfg_path = self.model_dir / "tokenizer_config.json"
         self.tokenizer_config = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
 
+    # -- what the engine is ------------------------------------------------------------------
     @property
     def dtype(self) -> str:
         """How the weights are held: "float32", "bfloat16" or (GPU) "float16"."""
@@ -207,14 +146,48 @@ class Engine:
         """With device="auto" on the CPU: why no GPU was used."""
         return self._core.cpu_fallback_reason
 
+    @property
+    def vocab_size(self) -> int:
+        return self._core.vocab_size
+
+    @property
+    def max_model_len(self) -> int:
+        """The context limit of a request (prompt + max_tokens)."""
+        return self._core.max_model_len
+
+    @property
+    def max_request_tokens(self) -> int:
+        """The most tokens (prompt + max_tokens) one request can have: the context, or the KV
+        pool where that is smaller."""
+        return min(self._core.max_model_len, self._core.kv_cache_tokens)
+
+    @property
+    def kv_cache_tokens(self) -> int:
+        """Tokens the KV pool holds."""
+        return self._core.kv_cache_tokens
+
+    def stats(self) -> Dict[str, Any]:
+        """The engine's figures now: running, waiting, kv_used_blocks, kv_total_blocks,
+        block_size, predicted_peak_tokens, preemptions, prefix-cache counters (and speculation's)."""
+        return self._core.step_stats()
+
+    def take_step_log(self) -> Dict[str, Any]:
+        """Per step since the last call: the cost model's features and the measured seconds."""
+        return self._core.take_step_log()
+
     # -- tokenizer ----------------------------------------------------------------------------
-    def encode(self, text: str) -> List[int]:
-        return self._core.encode(text, False)
+    def encode(self, text: str, add_special_tokens: bool = False) -> List[int]:
+        return self._core.encode(_text(text, "prompt"), add_special_tokens)
 
-    def decode(self, token_ids: Sequence[int]) -> str:
-        return self._core.decode(list(token_ids), True)
+    def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return self._core.decode(list(token_ids), skip_special_tokens)
 
-    def _prompt_ids(self, prompt: PromptType):
+    def logits(self, token_ids: Sequence[int]):
+        """Teacher-forced logits of a token sequence on the model, as a numpy array `[tokens, vocab]`."""
+        return self._core.logits(list(token_ids))
+
+    def prompt_token_ids(self, prompt: PromptType):
+        """`(text or None, token ids)` of a prompt: a string, or `{"prompt_token_ids": [...]}`."""
         if isinstance(prompt, str):
             if not prompt:
                 raise ValueError("the prompt is empty")
@@ -222,132 +195,78 @@ class Engine:
         if isinstance(prompt, dict):
             if "prompt_token_ids" in prompt:
                 ids = prompt["prompt_token_ids"]
-                if not isinstance(ids, (list, tuple)) or not all(isinstance(t, int) for t in ids):
+                if not isinstance(ids, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
                     raise ValueError("prompt_token_ids must be a list of integers")
                 return prompt.get("prompt"), list(ids)
             if "prompt" in prompt:
-                return self._prompt_ids(prompt["prompt"])
+                return self.prompt_token_ids(prompt["prompt"])
         raise TypeError(f"a prompt is a string or {{'prompt_token_ids': [...]}}, got {type(prompt).__name__}")
 
     # -- requests ---------------------------------------------------------------------------
     def add_request(self, request_id: Optional[str], prompt: PromptType, params: Optional[SamplingParams] = None) -> str:
+        """Queue a request; returns its id. Bad input raises `ValueError` (or `TypeError`) before
+        anything is queued."""
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise TypeError("params must be a horae.SamplingParams")
         request_id = str(next(self._ids)) if request_id is None else str(request_id)
-        if request_id in self._requests:
+        if request_id in self._outputs:
             raise ValueError(f"request id {request_id!r} is already in use")
-        text, ids = self._prompt_ids(prompt)
-        # Only the first of n samples is submitted now. The others are held back until its prompt is
-        # computed, so they take the prompt's full KV blocks from the prefix cache instead of
-        # computing them n times (the fork-after-prefill of vLLM v0).
-        first = _Seq(0, self._submit(ids, params, 0))
-        seqs = [first] + [_Seq(i, None) for i in range(1, params.n)]
-        for s in seqs:
-            if params.logprobs is not None:
-                s.logprobs, s.cumulative_logprob = [], 0.0
-        req = _Req(request_id, text, ids, params, seqs)
-        self._requests[request_id] = req
-        self._by_core[first.core_id] = (req, first)
+        text, ids = self.prompt_token_ids(prompt)
+        for name in ("max_tokens", "top_k", "seed", "min_tokens", "logprobs", "prompt_logprobs"):
+            v = getattr(params, name)
+            if v is not None and not (isinstance(v, int) and not isinstance(v, bool) and -2**63 <= v < 2**63):
+                raise ValueError(f"{name} must be a 64-bit integer, got {v!r}")
+
+        def submit(index: int) -> int:
+            seed = None if params.seed is None else params.seed + index
+            try:
+                return self._core.add_request(
+                    ids, max_tokens=params.max_tokens, temperature=params.temperature, top_k=params.top_k,
+                    top_p=params.top_p, min_p=params.min_p, repetition_penalty=params.repetition_penalty,
+                    presence_penalty=params.presence_penalty, frequency_penalty=params.frequency_penalty,
+                    seed=seed, ignore_eos=params.ignore_eos, logprobs=params.logprobs, min_tokens=params.min_tokens,
+                    prompt_logprobs=params.prompt_logprobs if index == 0 else None, stop=params.stop,
+                    stop_token_ids=params.stop_token_ids)
+            except OverflowError as e:  # a token id past 64 bits: a bad value, not a server fault
+                raise ValueError(f"a token id is out of range: {e}") from None
+
+        self._outputs.add(request_id, text, ids, params.n, params.logprobs is not None, submit)
         return request_id
 
-    def _submit(self, ids: List[int], params: SamplingParams, index: int) -> int:
-        seed = None if params.seed is None else params.seed + index
-        return self._core.add_request(
-            ids, max_tokens=params.max_tokens, temperature=float(params.temperature), top_k=params.top_k,
-            top_p=float(params.top_p), min_p=float(params.min_p), repetition_penalty=float(params.repetition_penalty),
-            presence_penalty=float(params.presence_penalty), frequency_penalty=float(params.frequency_penalty),
-            seed=seed, ignore_eos=params.ignore_eos, logprobs=params.logprobs, min_tokens=params.min_tokens,
-            prompt_logprobs=params.prompt_logprobs if index == 0 else None)
-
-    def _release_held(self, req: _Req) -> None:
-        for s in req.seqs:
-            if s.core_id is None and s.finish_reason is None:
-                s.core_id = self._submit(req.prompt_token_ids, req.params, s.index)
-                self._by_core[s.core_id] = (req, s)
-
     def abort(self, request_id: str) -> None:
-        req = self._requests.pop(str(request_id), None)
-        if req is None:
-            raise KeyError(f"unknown request id {request_id!r}")
-        for s in req.seqs:
-            self._by_core.pop(s.core_id, None)
-            if s.finish_reason is None and s.core_id is not None:
-                self._core.abort(s.core_id)
+        """Stop a request and free its KV blocks; `KeyError` for an id not in flight."""
+        for core_id in self._outputs.remove(str(request_id)):
+            self._core.abort(core_id)
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self._requests)
+        return len(self._outputs) > 0
 
-    def _finish(self, req: _Req, seq: _Seq, reason: str, stop_reason=None, abort_core: bool = False):
-        seq.finish_reason, seq.stop_reason = reason, stop_reason
-        self._by_core.pop(seq.core_id, None)
-        if abort_core:
-            self._core.abort(seq.core_id)
+    def is_unfinished(self, request_id: str) -> bool:
+        return str(request_id) in self._outputs
+
+    @property
+    def num_unfinished_requests(self) -> int:
+        return len(self._outputs)
 
     def step(self) -> List[RequestOutput]:
-        """Run one engine step; returns the requests that made progress (finished ones last time)."""
-        return self._process(self._core.step())
+        """Run one engine step; returns the requests that made progress or finished."""
+        return self.process_outputs(self._core.step())
 
-    def _process(self, events) -> List[RequestOutput]:
-        """Apply one step's events from the core (tokens, text, finish reasons) to the requests:
-        stop strings and ids, n > 1 samples, logprobs. Returns their outputs."""
-        touched: Dict[str, _Req] = {}
-        for core_id, new_ids, new_text, reason, new_lps, prompt_lps, spec in events:
-            entry = self._by_core.get(core_id)
-            if entry is None:
-                continue
-            req, seq = entry
-            touched[req.request_id] = req
-            if reason == "error":  # refused by the engine after queueing: new_text is why
-                self._finish(req, seq, "error", new_text)
-                continue
-            if seq.index == 0 and new_ids:
-                self._release_held(req)  # the prompt's KV now exists: the other samples share it
-            p = req.params
-            if prompt_lps and seq.index == 0:
-                req.prompt_logprobs = [None] + [{t: lp, **{a: v for a, v in top if a != t}} for t, lp, top in prompt_lps]
-            if spec is not None:
-                seq.spec = spec
-            before = len(seq.text)
-            # A stop token id ends the output there, even when speculation delivered more tokens
-            # in the same step (stop conditions wait for min_tokens).
-            n_before = len(seq.token_ids)
-            cut = next((i for i, t in enumerate(new_ids) if t in p.stop_token_ids and n_before + i + 1 > p.min_tokens),
-                       None)
-            if cut is not None and cut + 1 < len(new_ids):
-                # The request ends here: its whole text, decoded once, replaces the streamed pieces.
-                new_ids, new_lps = new_ids[:cut + 1], new_lps[:cut + 1]
-                seq.text = self.decode(seq.token_ids + new_ids)
-            else:
-                seq.text += new_text
-            seq.token_ids.extend(new_ids)
-            if seq.logprobs is not None:
-                for token, lp, top in new_lps:
-                    seq.logprobs.append({token: lp, **{t: v for t, v in top if t != token}})
-                    seq.cumulative_logprob += lp
-            early = len(seq.token_ids) <= p.min_tokens  # stop conditions wait for min_tokens
-            if cut is not None:
-                self._finish(req, seq, "stop", new_ids[-1], abort_core=reason is None)
-                continue
-            if p.stop and not early:
-                # Search from where a stop string could start across the token boundary.
-                start = max(0, before - max(len(s) for s in p.stop) + 1)
-                found = [(seq.text.find(s, start), s) for s in p.stop]
-                found = [(i, s) for i, s in found if i >= 0]
-                if found:
-                    i, s = min(found)
-                    seq.text = seq.text[:i]
-                    self._finish(req, seq, "stop", s, abort_core=reason is None)
-                    continue
-            if reason is not None:
-                self._finish(req, seq, {"abort": "abort"}.get(reason, reason))
-        outs = []
-        for rid, req in touched.items():
-            out = req.output()
-            if out.finished:
-                self._requests.pop(rid, None)
-            outs.append(out)
-        return outs
+    def process_outputs(self, step_outputs) -> List[RequestOutput]:
+        """Turn one step's core outputs into `RequestOutput`s (what `step` returns; `AsyncLLM`
+        calls it with the outputs of steps run on the engine thread)."""
+        return self._outputs.process(step_outputs)
+
+    def start_loop(self, callback: Callable) -> None:
+        """Run steps on a background thread; `callback(step_outputs, stats)` after each step that
+        has something to say, or `callback(None, message)` when a step fails. `step()` is not
+        available meanwhile."""
+        self._core.start_loop(callback)
+
+    def stop_loop(self) -> None:
+        """Stop the background loop after its current step, and wait for it."""
+        self._core.stop_loop()
 
     # -- chat -------------------------------------------------------------------------------
     def apply_chat_template(self, messages: List[Dict[str, str]], add_generation_prompt: bool = True) -> str:
@@ -389,8 +308,8 @@ class LLM:
 
     def logits(self, prompt: PromptType):
         """Teacher-forced logits of a prompt on the model, as a numpy array `[tokens, vocab]`."""
-        _, ids = self.engine._prompt_ids(prompt)
-        return self.engine._core.logits(ids)
+        _, ids = self.engine.prompt_token_ids(prompt)
+        return self.engine.logits(ids)
 
     def generate(self, prompts: Union[PromptType, Sequence[PromptType]], sampling_params: Optional[SamplingParams] = None,
                  use_tqdm: bool = True) -> List[RequestOutput]:
@@ -422,7 +341,7 @@ class LLM:
                             bar.update()
         except BaseException:
             for rid in ids:
-                if rid not in results and rid in self.engine._requests:
+                if rid not in results and self.engine.is_unfinished(rid):
                     self.engine.abort(rid)
             raise
         finally:

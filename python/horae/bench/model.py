@@ -39,7 +39,8 @@ def _decode_rate(engine: Engine, batch: int, new_tokens: int) -> float:
         engine.add_request(None, {"prompt_token_ids": [1 + (7 * i + j) % 5000 for j in range(16)]}, p)
     times = []
     while engine.has_unfinished_requests():
-        _, _, running, waiting = engine._core.stats()
+        st = engine.stats()
+        running, waiting = st["running"], st["waiting"]
         t = time.perf_counter()
         outs = engine.step()
         dt = time.perf_counter() - t

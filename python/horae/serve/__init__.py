@@ -84,6 +84,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-queue", type=int, default=256,
                    help="requests accepted but not yet generating; beyond it the server answers 503 + Retry-After")
     p.add_argument("--max-model-len", type=int, help="context limit of a request (default: the model's)")
+    p.add_argument("--seed", type=int, help="make the run reproducible: unseeded requests draw from streams derived "
+                                            "from it (default: fresh entropy)")
     p.add_argument("--max-body-bytes", type=int, default=4 << 20, help="largest request body (413 beyond)")
     p.add_argument("--log-level", default="info")
 
@@ -92,18 +94,18 @@ def make_app(args: argparse.Namespace):
     from horae.async_llm import AsyncLLM
     from horae.serve.app import ServerConfig, build_app
 
-    if args.max_queue < 1 or args.max_body_bytes < 1 or (args.max_model_len is not None and args.max_model_len < 2):
-        raise ValueError("--max-queue and --max-body-bytes must be at least 1, --max-model-len at least 2")
+    if args.max_queue < 1 or args.max_body_bytes < 1:
+        raise ValueError("--max-queue and --max-body-bytes must be at least 1")
     llm = AsyncLLM(args.model, scheduler=args.scheduler, kv_cache_tokens=args.kv_cache_tokens,
                    max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens, dtype=args.dtype,
                    history_window=args.history_window, max_output_bound=args.max_output_bound,
-                   speculative=args.speculative, device=args.device,
-                   gpu_memory_utilization=args.gpu_memory_utilization)
+                   speculative=args.speculative, device=args.device, seed=args.seed,
+                   gpu_memory_utilization=args.gpu_memory_utilization, max_model_len=args.max_model_len)
     print(f"model on {llm.engine.device}" + (f" ({llm.engine.cpu_fallback_reason})" if llm.engine.cpu_fallback_reason else ""),
           flush=True)
     name = args.served_model_name or llm.model_dir.name
     return build_app(llm, ServerConfig(model_name=name, api_key=args.api_key, max_queue=args.max_queue,
-                                       max_body_bytes=args.max_body_bytes, max_model_len=args.max_model_len))
+                                       max_body_bytes=args.max_body_bytes))
 
 
 def run(args: argparse.Namespace) -> int:

@@ -100,6 +100,11 @@ class ServerMetrics:
                 if c.num_draft_tokens:
                     self.spec_request_rate.observe(c.num_accepted_tokens / c.num_draft_tokens)
 
+    def observe_abort(self, request_id: str) -> None:
+        """An `AsyncLLM` abort listener: a client cancelled a request (it hung up, or closed its
+        stream) before it finished."""
+        self._success.labels(self._m, "abort").inc()
+
     def _count_since_last(self, stats, pairs) -> None:
         """The engine reports totals since it started; the counters advance by the difference."""
         for key, counter in pairs:

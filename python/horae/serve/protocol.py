@@ -1,18 +1,24 @@
-"""Request bodies of the OpenAI-compatible API (pydantic). Unknown fields are rejected, as OpenAI
-does; vLLM's extra sampling fields (top_k, min_p, repetition_penalty, ignore_eos, min_tokens,
-stop_token_ids) are accepted, as vLLM's clients send them through `extra_body`."""
+"""Request bodies of the OpenAI-compatible API (pydantic): the JSON's shape only. Types are strict
+(no "10" for 10, "yes" for true, or true for a token id) and integers fit 64 bits, as OpenAI and
+vLLM refuse the rest; every value rule is the engine's (horae_core::serving::validate). Unknown
+fields are rejected, as OpenAI does; vLLM's extra sampling fields (top_k, min_p,
+repetition_penalty, ignore_eos, min_tokens, stop_token_ids) are accepted, as vLLM's clients send
+them through `extra_body`."""
 
 from __future__ import annotations
 
-from typing import List, Literal, Optional, Union
+from typing import Annotated, List, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 MAX_N = 16
 
+#: An integer the engine can take: beyond 64 bits it is refused here, naming the field.
+Int = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
+
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class StreamOptions(_Strict):
@@ -28,38 +34,33 @@ class _Sampling(_Strict):
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     stop: Optional[Union[str, List[str]]] = None
-    temperature: Optional[float] = Field(None, ge=0, le=2)
-    top_p: Optional[float] = Field(None, gt=0, le=1)
-    presence_penalty: Optional[float] = Field(None, ge=-2, le=2)
-    frequency_penalty: Optional[float] = Field(None, ge=-2, le=2)
-    seed: Optional[int] = Field(None, ge=0, le=2**63 - 1)
+    temperature: Optional[float] = None
+    top_p: Optional[float] = None
+    presence_penalty: Optional[float] = None
+    frequency_penalty: Optional[float] = None
+    seed: Optional[Int] = None
     user: Optional[str] = None
     # vLLM's extensions
-    top_k: Optional[int] = Field(None, ge=-1)
-    min_p: Optional[float] = Field(None, ge=0, le=1)
-    repetition_penalty: Optional[float] = Field(None, gt=0, le=10)
+    top_k: Optional[Int] = None
+    min_p: Optional[float] = None
+    repetition_penalty: Optional[float] = None
     ignore_eos: bool = False
-    min_tokens: int = Field(0, ge=0)
-    stop_token_ids: Optional[List[int]] = None
+    min_tokens: Int = 0
+    stop_token_ids: Optional[List[Int]] = None
 
     @model_validator(mode="after")
     def _check(self):
-        if isinstance(self.stop, list):
-            if len(self.stop) > 4 or not all(self.stop):
-                raise ValueError("stop takes up to 4 non-empty strings")
-        elif self.stop == "":
-            raise ValueError("stop must not be empty")
-        if self.stop_token_ids and any(t < 0 for t in self.stop_token_ids):
-            raise ValueError("stop_token_ids must be non-negative")
+        if isinstance(self.stop, list) and len(self.stop) > 4:
+            raise ValueError("stop takes up to 4 strings")
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options is only allowed when stream is true")
         return self
 
 
 class CompletionRequest(_Sampling):
-    prompt: Union[str, List[str], List[int], List[List[int]]]
-    max_tokens: Optional[int] = Field(16, ge=1)
-    logprobs: Optional[int] = Field(None, ge=0, le=20)
+    prompt: Union[str, List[str], List[Int], List[List[Int]]]
+    max_tokens: Optional[Int] = 16
+    logprobs: Optional[Int] = None
     echo: Literal[False] = False
     best_of: Optional[int] = Field(None, ge=1, le=MAX_N)
 
@@ -89,10 +90,10 @@ class ChatMessage(_Strict):
 
 class ChatCompletionRequest(_Sampling):
     messages: List[ChatMessage] = Field(..., min_length=1)
-    max_tokens: Optional[int] = Field(None, ge=1)
-    max_completion_tokens: Optional[int] = Field(None, ge=1)
+    max_tokens: Optional[Int] = None
+    max_completion_tokens: Optional[Int] = None
     logprobs: bool = False
-    top_logprobs: Optional[int] = Field(None, ge=0, le=20)
+    top_logprobs: Optional[Int] = None
     add_generation_prompt: bool = True
 
     @model_validator(mode="after")
@@ -117,4 +118,4 @@ class TokenizeRequest(_Strict):
 
 class DetokenizeRequest(_Strict):
     model: Optional[str] = None
-    tokens: List[int]
+    tokens: List[Int]

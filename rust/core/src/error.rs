@@ -13,6 +13,11 @@ pub enum HoraeError {
     #[error("invalid request {id}: {reason}")]
     InvalidRequest { id: u64, reason: String },
 
+    /// A request refused before it was queued: the field at fault (`param`, OpenAI's name for it)
+    /// and a message that names it and the bound.
+    #[error("{message}")]
+    BadRequest { param: Option<&'static str>, message: String },
+
     #[error("unknown request id {0}")]
     UnknownRequest(u64),
 

@@ -1,7 +1,7 @@
 //! The CUDA backend's Python surface: kernel compilation (what CI checks without a GPU), device
 //! resolution, and the GPU benchmarks behind `python -m horae.gpu_check`.
 
-use horae_core::backend::cuda::bench;
+use horae_core::bench::cuda as bench;
 use horae_core::backend::cuda::device::Gpu;
 use horae_core::model::ModelConfig;
 use pyo3::prelude::*;

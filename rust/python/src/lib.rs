@@ -8,8 +8,10 @@ mod engine;
 mod spec;
 
 use horae_core::backend::gemm::WeightDtype;
+use horae_core::bench::admission::admission_benchmark;
 use horae_core::model::LlamaModel;
-use horae_core::sched::{bench::admission_benchmark, PolicyKind, SchedulerConfig};
+use horae_core::sched::{PolicyKind, SchedulerConfig};
+use horae_core::serving::builder::parse_cpu_dtype;
 use horae_core::sim::{self, CostModel, LengthDist, LoadModel, SimConfig, Sla, StepFeatures, Trace, TraceFormat};
 use horae_core::HoraeError;
 use numpy::{IntoPyArray, PyArrayMethods, PyReadonlyArray1};
@@ -19,8 +21,15 @@ use pyo3::types::PyDict;
 
 pyo3::create_exception!(_core, HoraeCoreError, PyValueError, "An error reported by horae's Rust core.");
 
+/// A core error as `HoraeCoreError`; a refused request's carries the field at fault as `param`.
 pub(crate) fn to_py(e: HoraeError) -> PyErr {
-    HoraeCoreError::new_err(e.to_string())
+    let err = HoraeCoreError::new_err(e.to_string());
+    if let HoraeError::BadRequest { param: Some(param), .. } = e {
+        Python::attach(|py| {
+            let _ = err.value(py).setattr("param", param);
+        });
+    }
+    err
 }
 
 /// A request trace: arrival times and prompt/output lengths.
@@ -141,7 +150,7 @@ fn simulate<'py>(
     let policy: PolicyKind = scheduler.parse().map_err(to_py)?;
     let spec = speculative.map(|d| spec::parse(&d, true, seed)).transpose()?;
     let (spec, acceptance) = match spec {
-        Some(spec::SpecArgs { cfg, method: spec::Method::Simulated(a) }) => (Some(cfg), Some(a)),
+        Some((cfg, spec::Choice::Simulated(a))) => (Some(cfg), Some(a)),
         _ => (None, None),
     };
     let cost = match cost_coef {
@@ -292,25 +301,19 @@ fn bench_linear(py: Python<'_>, shapes: Vec<(usize, usize)>, layers: usize, m: u
     if shapes.is_empty() || layers == 0 || m == 0 {
         return Err(HoraeCoreError::new_err("bench_linear needs at least one shape, one layer and one row"));
     }
-    Ok(py.detach(|| horae_core::backend::gemm::compare_with_faer(&shapes, layers, m, dtype, iters)))
+    Ok(py.detach(|| horae_core::bench::gemm::compare_with_faer(&shapes, layers, m, dtype, iters)))
 }
 
 /// "auto" (the checkpoint's own), "float32" or "bfloat16".
-pub(crate) fn parse_dtype(s: &str) -> PyResult<Option<WeightDtype>> {
-    if s == "auto" {
-        return Ok(None);
-    }
-    WeightDtype::parse(s).map(Some).ok_or_else(|| {
-        let hint = if s == "float16" || s == "half" { " (float16 runs on a GPU, device='cuda'; the CPU backend keeps 16-bit weights as bfloat16)" } else { "" };
-        HoraeCoreError::new_err(format!("unknown dtype '{s}': use 'auto', 'float32' or 'bfloat16'{hint}"))
-    })
+fn parse_dtype(s: &str) -> PyResult<Option<WeightDtype>> {
+    parse_cpu_dtype(s).map_err(to_py)
 }
 
 /// GFLOP/s of a plain f32 GEMM (`m x k` times `(n x k)^T`), best of `iters`.
 #[pyfunction]
 #[pyo3(signature = (m, n, k, iters = 20))]
 fn bench_gemm(py: Python<'_>, m: usize, n: usize, k: usize, iters: usize) -> f64 {
-    py.detach(|| horae_core::backend::cpu::measure_gemm_gflops(m, n, k, iters))
+    py.detach(|| horae_core::bench::gemm::measure_gemm_gflops(m, n, k, iters))
 }
 
 #[pymodule]
@@ -318,6 +321,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("HoraeCoreError", m.py().get_type::<HoraeCoreError>())?;
     m.add_class::<PyTrace>()?;
     m.add_class::<engine::PyEngine>()?;
+    m.add_class::<engine::PyStepOutput>()?;
     m.add_function(wrap_pyfunction!(model_logits, m)?)?;
     m.add_function(wrap_pyfunction!(bench_gemm, m)?)?;
     m.add_function(wrap_pyfunction!(bench_linear, m)?)?;

@@ -1,33 +1,27 @@
 //! The `speculative={...}` dict that `Engine` and `simulate` take, parsed once, with every bad
 //! value a clear `HoraeCoreError` at configuration time.
 
-use std::path::PathBuf;
 
+use horae_core::sched::{SpecConfig, MAX_SPEC_TOKENS};
+use horae_core::serving::SpecMethod;
 use horae_core::sim::Acceptance;
-use horae_core::spec::SpecConfig;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
 use crate::HoraeCoreError;
 
-pub(crate) enum Method {
-    Ngram { min_n: usize, max_n: usize },
-    /// `model` None: the target's own folder (with `num_layers`, its first layers).
-    Draft { model: Option<PathBuf>, num_layers: Option<usize> },
-    /// The simulator's proposer: per-request acceptance rates ~ Beta(mean, concentration).
+/// Where drafts come from: a real proposer, or the simulator's model of one (per-request
+/// acceptance rates ~ Beta(mean, concentration)).
+pub(crate) enum Choice {
+    Engine(SpecMethod),
     Simulated(Acceptance),
-}
-
-pub(crate) struct SpecArgs {
-    pub cfg: SpecConfig,
-    pub method: Method,
 }
 
 const ENGINE_KEYS: &[&str] =
     &["method", "k_max", "adaptive", "prompt_lookup_min", "prompt_lookup_max", "model", "num_layers", "margin", "probe_every", "rechoose_every"];
 const SIM_KEYS: &[&str] = &["method", "k_max", "adaptive", "acceptance", "concentration", "margin", "probe_every", "rechoose_every"];
 
-pub(crate) fn parse(d: &Bound<'_, PyDict>, simulator: bool, seed: u64) -> PyResult<SpecArgs> {
+pub(crate) fn parse(d: &Bound<'_, PyDict>, simulator: bool, seed: u64) -> PyResult<(SpecConfig, Choice)> {
     let err = |m: String| HoraeCoreError::new_err(format!("speculative: {m}"));
     let allowed = if simulator { SIM_KEYS } else { ENGINE_KEYS };
     for key in d.keys() {
@@ -48,8 +42,8 @@ pub(crate) fn parse(d: &Bound<'_, PyDict>, simulator: bool, seed: u64) -> PyResu
     }
     let defaults = SpecConfig::default();
     let k_max: i64 = get(d, "k_max")?.unwrap_or(defaults.k_max as i64);
-    if !(1..=horae_core::spec::MAX_SPEC_TOKENS as i64).contains(&k_max) {
-        return Err(err(format!("k_max must be between 1 and {}, got {k_max}", horae_core::spec::MAX_SPEC_TOKENS)));
+    if !(1..=MAX_SPEC_TOKENS as i64).contains(&k_max) {
+        return Err(err(format!("k_max must be between 1 and {}, got {k_max}", MAX_SPEC_TOKENS)));
     }
     let cfg = SpecConfig {
         k_max: k_max as usize,
@@ -69,14 +63,14 @@ pub(crate) fn parse(d: &Bound<'_, PyDict>, simulator: bool, seed: u64) -> PyResu
             if min_n == 0 || max_n < min_n {
                 return Err(err(format!("need 1 <= prompt_lookup_min <= prompt_lookup_max, got {min_n} and {max_n}")));
             }
-            Method::Ngram { min_n, max_n }
+            Choice::Engine(SpecMethod::Ngram { min_n, max_n })
         }
         ("draft", false) => {
             let num_layers: Option<usize> = get(d, "num_layers")?;
             if num_layers == Some(0) {
                 return Err(err("num_layers must be at least 1".into()));
             }
-            Method::Draft { model: get(d, "model")?, num_layers }
+            Choice::Engine(SpecMethod::Draft { model: get(d, "model")?, num_layers })
         }
         ("simulated", true) => {
             let a = Acceptance {
@@ -85,10 +79,10 @@ pub(crate) fn parse(d: &Bound<'_, PyDict>, simulator: bool, seed: u64) -> PyResu
                 seed,
             };
             a.validate().map_err(|e| err(e.to_string()))?;
-            Method::Simulated(a)
+            Choice::Simulated(a)
         }
         (m, false) => return Err(err(format!("unknown method '{m}': use 'ngram' or 'draft'"))),
         (m, true) => return Err(err(format!("unknown method '{m}': the simulator models proposers as 'simulated'"))),
     };
-    Ok(SpecArgs { cfg, method })
+    Ok((cfg, method))
 }

@@ -103,6 +103,13 @@ impl SamplingParams {
         Ok(())
     }
 
+    /// The field a `validate` message is about (its first word), for errors that name it.
+    pub fn field_of(message: &str) -> &'static str {
+        const FIELDS: [&str; 9] = ["temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty",
+            "frequency_penalty", "prompt_logprobs", "logprobs", "top_k"];
+        FIELDS.iter().find(|f| message.starts_with(*f)).copied().unwrap_or("sampling")
+    }
+
     /// Greedy decoding, everything else default.
     pub fn greedy() -> Self {
         Self { temperature: 0.0, ..Default::default() }

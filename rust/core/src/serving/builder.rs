@@ -59,6 +59,8 @@ pub struct EngineArgs {
     /// "auto", "cpu", "cuda" or "cuda:N".
     pub device: String,
     pub gpu_memory_utilization: f64,
+    /// A context limit below the model's (prompt + max_tokens); `None`: the model's.
+    pub max_model_len: Option<usize>,
 }
 
 impl EngineArgs {
@@ -77,6 +79,7 @@ impl EngineArgs {
             speculative: None,
             device: "auto".into(),
             gpu_memory_utilization: 0.9,
+            max_model_len: None,
         }
     }
 }
@@ -151,6 +154,15 @@ pub fn build(args: EngineArgs) -> Result<(EngineHandle, EngineInfo)> {
         ));
     }
     let config = ModelConfig::from_dir(&args.model_dir)?;
+    let max_model_len = match args.max_model_len {
+        Some(m) if !(2..=config.max_position_embeddings).contains(&m) => {
+            return Err(HoraeError::InvalidConfig(format!(
+                "max_model_len must be between 2 and the model's context ({}), got {m}",
+                config.max_position_embeddings
+            )))
+        }
+        m => m.unwrap_or(config.max_position_embeddings),
+    };
     let mut cfg = SchedulerConfig {
         policy: args.policy,
         // The GPU pool size is known once the weights are loaded (set below).
@@ -195,7 +207,7 @@ pub fn build(args: EngineArgs) -> Result<(EngineHandle, EngineInfo)> {
     let sched = Scheduler::new(cfg, None)?;
     let limits = RequestLimits {
         vocab_size: config.vocab_size,
-        max_model_len: config.max_position_embeddings,
+        max_model_len,
         pool_tokens: sched.kv().capacity_tokens(),
     };
     let kv_cache_tokens = limits.pool_tokens;

@@ -233,25 +233,19 @@ impl EngineHandle {
         Ok(())
     }
 
-    /// Stop the loop after its current step and wait for it. `wait` runs the join (a binding
-    /// releases its interpreter lock there, since the loop's last callback may need it).
-    pub fn stop_loop(&self, wait: impl FnOnce(&mut dyn FnMut())) {
-        let handle = lock(&self.looper).take();
-        if let Some(h) = handle {
-            self.shared.stop.store(true, Ordering::Release);
-            self.shared.wake.notify_all();
-            let mut h = Some(h);
-            wait(&mut || {
-                if let Some(h) = h.take() {
-                    let _ = h.join();
-                }
-            });
-        }
+    /// Tell the loop to stop after its current step; the caller joins the returned thread (a
+    /// binding releases its interpreter lock first, since the loop's last callback may need it).
+    pub fn stop_loop(&self) -> Option<JoinHandle<()>> {
+        let handle = lock(&self.looper).take()?;
+        self.shared.stop.store(true, Ordering::Release);
+        self.shared.wake.notify_all();
+        Some(handle)
     }
 }
 
 impl Drop for EngineHandle {
     fn drop(&mut self) {
-        self.stop_loop(|join| join());
+        // Stop, but do not join: the loop may be waiting for the lock of whoever drops us.
+        let _ = self.stop_loop();
     }
 }

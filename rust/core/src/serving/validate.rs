@@ -4,7 +4,6 @@
 use crate::error::{HoraeError, Result};
 use crate::request::{Prompt, RequestSpec, StopCriteria};
 use crate::sample::SamplingParams;
-use crate::sched::check_fits;
 
 /// What the engine can serve.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -22,14 +21,22 @@ pub struct RequestParams {
     pub prompt_token_ids: Vec<i64>,
     /// `None`: up to the end of the context (vLLM's default for chat).
     pub max_tokens: Option<i64>,
+    /// Sampling; its integer fields are taken from the checked ones below.
     pub sampling: SamplingParams,
+    /// 0 or -1 (vLLM's spelling): off.
+    pub top_k: i64,
+    pub seed: Option<i64>,
+    pub min_tokens: i64,
+    pub logprobs: Option<i64>,
+    pub prompt_logprobs: Option<i64>,
     pub ignore_eos: bool,
     pub stop: Vec<String>,
     pub stop_token_ids: Vec<i64>,
 }
 
-fn invalid(reason: String) -> HoraeError {
-    HoraeError::InvalidRequest { id: 0, reason }
+/// A refusal of `param`'s value.
+fn invalid_at(param: &'static str, message: String) -> HoraeError {
+    HoraeError::BadRequest { param: Some(param), message }
 }
 
 impl RequestParams {
@@ -39,46 +46,65 @@ impl RequestParams {
         let vocab = limits.vocab_size as i64;
         let ctx = limits.max_model_len;
         if self.prompt_token_ids.is_empty() {
-            return Err(invalid("the prompt is empty".into()));
+            return Err(invalid_at("prompt", "the prompt is empty".into()));
         }
         if let Some(bad) = self.prompt_token_ids.iter().find(|&&t| t < 0 || t >= vocab) {
-            return Err(invalid(format!("prompt token id {bad} is outside the vocabulary (0..{vocab})")));
+            return Err(invalid_at("prompt", format!("prompt token id {bad} is outside the vocabulary (0..{vocab})")));
         }
         if let Some(bad) = self.stop_token_ids.iter().find(|&&t| t < 0 || t >= vocab) {
-            return Err(invalid(format!("stop_token_ids: {bad} is outside the vocabulary (0..{vocab})")));
+            return Err(invalid_at("stop_token_ids", format!("stop_token_ids: {bad} is outside the vocabulary (0..{vocab})")));
         }
         if self.stop.iter().any(|s| s.is_empty()) {
-            return Err(invalid("stop strings must not be empty".into()));
+            return Err(invalid_at("stop", "stop strings must not be empty".into()));
         }
         let n = self.prompt_token_ids.len();
-        if n >= ctx {
-            return Err(invalid(format!(
-                "this model's maximum context length is {ctx} tokens, but the prompt has {n} tokens"
+        // What one request may hold: the context, or the KV pool where that is smaller (a request
+        // larger than the whole pool could never run). Refused, never silently capped.
+        let limit = ctx.min(limits.pool_tokens);
+        let pool_note = if limits.pool_tokens < ctx { format!(" (the KV pool holds {} tokens)", limits.pool_tokens) } else { String::new() };
+        if n >= limit {
+            return Err(invalid_at("prompt", format!(
+                "this model's maximum context length is {limit} tokens{pool_note}, but the prompt has {n} tokens"
             )));
         }
         let max_tokens = match self.max_tokens {
-            None => ctx - n,
-            Some(m) if m < 1 => return Err(invalid(format!("max_tokens must be at least 1, got {m}"))),
+            // Up to the end of the context.
+            None => limit - n,
+            Some(m) if m < 1 => return Err(invalid_at("max_tokens", format!("max_tokens must be at least 1, got {m}"))),
             Some(m) => usize::try_from(m).unwrap_or(usize::MAX),
         };
-        // The context limit is refused, never silently capped (vLLM's rule for completions).
-        if n.saturating_add(max_tokens) > ctx {
-            return Err(invalid(format!(
-                "this model's maximum context length is {ctx} tokens, but {} were requested ({n} in the prompt, {max_tokens} for the completion)",
+        if n.saturating_add(max_tokens) > limit {
+            return Err(invalid_at("max_tokens", format!(
+                "this model's maximum context length is {limit} tokens{pool_note}, but {} were requested ({n} in the prompt, {max_tokens} for the completion)",
                 n.saturating_add(max_tokens)
             )));
         }
-        if self.sampling.min_tokens > max_tokens {
-            return Err(invalid(format!("min_tokens ({}) must not exceed max_tokens ({max_tokens})", self.sampling.min_tokens)));
+        let mut sampling = self.sampling;
+        sampling.top_k = match self.top_k {
+            -1 | 0 => 0,
+            k if k > 0 => usize::try_from(k).unwrap_or(usize::MAX),
+            k => return Err(invalid_at("top_k", format!("top_k must be >= 0 (0 or -1 = off), got {k}"))),
+        };
+        let non_negative = |name: &'static str, v: i64| {
+            usize::try_from(v).map_err(|_| invalid_at(name, format!("{name} must be a non-negative integer, got {v}")))
+        };
+        sampling.seed = self.seed.map(|s| non_negative("seed", s).map(|s| s as u64)).transpose()?;
+        sampling.min_tokens = non_negative("min_tokens", self.min_tokens)?;
+        sampling.logprobs = self.logprobs.map(|k| non_negative("logprobs", k)).transpose()?;
+        sampling.prompt_logprobs = self.prompt_logprobs.map(|k| non_negative("prompt_logprobs", k)).transpose()?;
+        sampling.validate().map_err(|e| match e {
+            HoraeError::InvalidConfig(m) => invalid_at(SamplingParams::field_of(&m), m),
+            e => e,
+        })?;
+        if sampling.min_tokens > max_tokens {
+            return Err(invalid_at("min_tokens", format!("min_tokens ({}) must not exceed max_tokens ({max_tokens})", sampling.min_tokens)));
         }
-        self.sampling.validate().map_err(|e| invalid(e.to_string().trim_start_matches("invalid config: ").to_string()))?;
-        check_fits(n, max_tokens, limits.pool_tokens).map_err(invalid)?;
         Ok(RequestSpec {
             prompt: Prompt::Tokens(self.prompt_token_ids.iter().map(|&t| t as u32).collect()),
             max_tokens,
             ignore_eos: self.ignore_eos,
             arrival: None,
-            sampling: self.sampling,
+            sampling,
             stop: StopCriteria { token_ids: self.stop_token_ids.iter().map(|&t| t as u32).collect(), strings: self.stop },
         })
     }
@@ -108,16 +134,20 @@ mod tests {
         assert!(refused(params(10, Some(60))).contains("maximum context length"));
         assert!(refused(params(10, Some(0))).contains("max_tokens"));
         // Inside the context but over the pool.
-        assert!(refused(params(10, Some(50))).contains("KV pool"));
+        assert!(refused(params(10, Some(50))).contains("the KV pool holds 48 tokens"));
         let hot = SamplingParams { temperature: -1.0, ..Default::default() };
         assert!(refused(RequestParams { sampling: hot, ..params(4, Some(4)) }).contains("temperature"));
-        let early = SamplingParams { min_tokens: 9, ..Default::default() };
-        assert!(refused(RequestParams { sampling: early, ..params(4, Some(4)) }).contains("min_tokens"));
+        assert!(refused(RequestParams { min_tokens: 9, ..params(4, Some(4)) }).contains("min_tokens"));
+        assert!(refused(RequestParams { seed: Some(-1), ..params(4, Some(4)) }).contains("seed"));
+        assert!(refused(RequestParams { top_k: -3, ..params(4, Some(4)) }).contains("top_k"));
+        assert!(refused(RequestParams { logprobs: Some(21), ..params(4, Some(4)) }).contains("logprobs"));
     }
 
     #[test]
     fn no_max_tokens_means_the_rest_of_the_context() {
         let spec = params(10, None).into_spec(&RequestLimits { pool_tokens: 1000, ..LIMITS }).unwrap();
         assert_eq!(spec.max_tokens, 54);
+        // ... or of the pool, where that is smaller.
+        assert_eq!(params(10, None).into_spec(&LIMITS).unwrap().max_tokens, 38);
     }
 }

@@ -1,0 +1,77 @@
+"""`POST /v1/chat/completions`: the model's chat template, n samples, streamed or not, with the
+chat logprobs format."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Optional
+
+from fastapi import APIRouter, Request
+
+from horae.serve.protocol import ChatCompletionRequest
+from horae.serve.state import ServerState, new_parts, usage
+from horae.serve.streaming import sse_response
+
+
+def chat_logprobs(state: ServerState, c, start: int, top: int) -> Optional[dict]:
+    if c.logprobs is None:
+        return None
+    content = []
+    for t, d in zip(c.token_ids[start:], c.logprobs[start:]):
+        s = state.piece(t)
+        alts = sorted(d.items(), key=lambda kv: -kv[1])[:top]
+        content.append({"token": s, "logprob": d[t], "bytes": list(s.encode()),
+                        "top_logprobs": [{"token": state.piece(a), "logprob": v, "bytes": list(state.piece(a).encode())}
+                                         for a, v in alts]})
+    return {"content": content}
+
+
+def router(state: ServerState) -> APIRouter:
+    r = APIRouter()
+
+    @r.post("/v1/chat/completions")
+    async def chat_completions(req: ChatCompletionRequest, raw: Request):
+        state.check_model(req.model)
+        ids = state.encode(state.chat_prompt(req.messages, req.add_generation_prompt), "messages")
+        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        top = req.top_logprobs or 0
+        params = state.sampling(req, max_tokens, top if req.logprobs else None)
+        state.check_capacity(1)
+        streams, (out,) = await state.start_all("chatcmpl", [ids], [params])
+        stream = streams[0]
+        base = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
+                "model": state.config.model_name}
+        if not req.stream:
+            out = await state.final_output(stream, out, raw)
+            choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
+                        "logprobs": chat_logprobs(state, c, 0, top), "finish_reason": c.finish_reason,
+                        "stop_reason": c.stop_reason} for c in out.outputs]
+            return {**base, "choices": choices, "usage": usage(len(ids), sum(len(c.token_ids) for c in out.outputs))}
+
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        continuous = bool(req.stream_options and req.stream_options.continuous_usage_stats)
+        chunk = {**base, "object": "chat.completion.chunk"}
+        extra = {"usage": None} if include_usage else {}
+
+        async def chunks():
+            sent: dict = {}
+            cur = out
+            for i in range(req.n):  # the role comes first, as OpenAI sends it
+                yield {**chunk, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                             "logprobs": None, "finish_reason": None}], **extra}
+            while cur is not None:
+                for c, chars, toks, fin in new_parts(cur, sent):
+                    delta = {"content": c.text[chars:]} if len(c.text) > chars or not fin else {}
+                    tail = {"usage": usage(len(ids), sum(len(x.token_ids) for x in cur.outputs))} if continuous else extra
+                    yield {**chunk, "choices": [{"index": c.index, "delta": delta, "logprobs": chat_logprobs(state, c, toks, top),
+                                                 "finish_reason": c.finish_reason if fin else None}], **tail}
+                if cur.finished:
+                    break
+                cur = await stream.__anext__()
+            if include_usage and cur is not None:
+                yield {**chunk, "choices": [], "usage": usage(len(ids), sum(len(c.token_ids) for c in cur.outputs))}
+
+        return sse_response(chunks(), streams)
+
+    return r

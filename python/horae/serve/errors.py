@@ -1,0 +1,127 @@
+"""Errors in OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, and the ASGI guard
+every request passes: the bearer key (compared in constant time) and the body-size limit."""
+
+from __future__ import annotations
+
+import hmac
+import json
+from typing import Dict, Optional
+
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: Optional[str] = None,
+                 code: Optional[str] = None, headers: Optional[Dict[str, str]] = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code, self.headers = status, message, type, param, code, headers
+
+
+def error_body(message: str, type: str, param=None, code=None) -> dict:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def first_line(e: BaseException) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def bad_request(e: BaseException, param: Optional[str] = None) -> APIError:
+    """A refusal from the engine's checks (a `ValueError` or `TypeError`; the core's name the
+    field at fault in `param`) as a 400; the context limit gets OpenAI's
+    `context_length_exceeded` code."""
+    msg = first_line(e)
+    param = getattr(e, "param", None) or param
+    if "maximum context length" in msg:
+        return APIError(400, msg, param=param, code="context_length_exceeded")
+    return APIError(400, msg, param=param)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def _api_error(_, e: APIError):
+        return JSONResponse(error_body(e.message, e.type, e.param, e.code), status_code=e.status, headers=e.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_, e: RequestValidationError):
+        errs = e.errors()
+        first = errs[0] if errs else {}
+        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+        param = ".".join(loc) or None
+        if first.get("type") == "json_invalid":
+            msg = "the request body is not valid JSON"
+        elif first.get("type") == "extra_forbidden":
+            msg = f"Unrecognized request argument supplied: {param}"
+        else:
+            msg = f"{param + ': ' if param else ''}{first.get('msg', 'invalid request')}"
+        return JSONResponse(error_body(msg, "invalid_request_error", param, first.get("type")), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_, e: StarletteHTTPException):
+        kind = {404: "not_found_error", 405: "invalid_request_error"}.get(e.status_code, "invalid_request_error")
+        return JSONResponse(error_body(str(e.detail), kind), status_code=e.status_code)
+
+
+class Guard:
+    """Bearer key on every route but /health, and the body-size limit, as plain ASGI middleware:
+    Starlette's BaseHTTPMiddleware makes a streaming response see a disconnect that did not
+    happen, which would abort every streamed request."""
+
+    def __init__(self, app, api_key: Optional[str], max_body_bytes: int):
+        self.app, self.max_body_bytes = app, max_body_bytes
+        self.expected = f"Bearer {api_key}".encode() if api_key else None
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v for k, v in scope.get("headers", [])}
+        # Constant time: how long the comparison takes says nothing about the key.
+        if self.expected is not None and scope["path"] != "/health" and \
+                not hmac.compare_digest(headers.get("authorization", b""), self.expected):
+            return await _reply(send, 401, error_body("Incorrect API key provided.", "authentication_error", None, "invalid_api_key"))
+        size = headers.get("content-length", b"").decode("latin-1") or None
+        limit = self.max_body_bytes
+        too_big = error_body(f"the request body is over the limit of {limit} bytes", "invalid_request_error", None,
+                             "request_too_large")
+        if size is not None and (not size.isdigit() or int(size) > limit):
+            return await _reply(send, 413, too_big)
+        seen = 0
+
+        async def limited_receive():
+            # A chunked body has no length up front: count it as it comes.
+            nonlocal seen
+            msg = await receive()
+            if msg["type"] == "http.request":
+                seen += len(msg.get("body", b""))
+                if seen > limit:
+                    raise _BodyTooLarge()
+            return msg
+
+        started = False
+
+        async def tracked_send(msg):
+            nonlocal started
+            started = started or msg["type"] == "http.response.start"
+            await send(msg)
+
+        try:
+            await self.app(scope, limited_receive, tracked_send)
+        except _BodyTooLarge:
+            if not started:
+                await _reply(send, 413, too_big)
+        except Exception as e:  # the last line of defence: never a traceback page
+            if not started:
+                await _reply(send, 500, error_body(f"internal error: {first_line(e)}", "server_error"))
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+async def _reply(send, status: int, body: dict) -> None:
+    data = json.dumps(body).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]})
+    await send({"type": "http.response.body", "body": data})

@@ -1,0 +1,160 @@
+"""What every endpoint shares: the engine, the server's configuration and metrics, and the steps
+from a parsed request to engine outputs (model check, capacity, sampling, start, read)."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass
+from typing import AsyncIterator, Dict, List, Optional
+
+from fastapi import Request
+
+from horae.async_llm import AsyncLLM, EngineDeadError, RequestFailedError
+from horae.llm import RequestOutput, SamplingParams
+from horae.serve.errors import APIError, bad_request, first_line
+from horae.serve.metrics import ServerMetrics
+
+
+@dataclass
+class ServerConfig:
+    model_name: str
+    api_key: Optional[str] = None
+    #: Requests accepted but not yet producing output; beyond it new ones get 503.
+    max_queue: int = 256
+    #: Largest request body, in bytes (413 beyond).
+    max_body_bytes: int = 4 << 20
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def new_parts(out: RequestOutput, sent: dict):
+    """Per sample of `out`, what is new since the last call: (sample, chars already sent, tokens
+    already sent, whether it finishes now). `sent` keeps the state between calls."""
+    for c in out.outputs:
+        chars, toks, done = sent.get(c.index, (0, 0, False))
+        finishing = c.finish_reason is not None and not done
+        if len(c.text) > chars or len(c.token_ids) > toks or finishing:
+            sent[c.index] = (len(c.text), len(c.token_ids), done or finishing)
+            yield c, chars, toks, finishing
+
+
+class ServerState:
+    def __init__(self, llm: AsyncLLM, config: ServerConfig):
+        self.llm, self.engine, self.config = llm, llm.engine, config
+        self.metrics = ServerMetrics(config.model_name)
+        llm.listeners.append(self.metrics.observe_step)
+        llm.abort_listeners.append(self.metrics.observe_abort)
+        self.created = int(time.time())
+        self._token_text: Dict[int, str] = {}
+
+    @property
+    def max_model_len(self) -> int:
+        """What one request may hold, prompt + max_tokens: the context, or the KV pool."""
+        return self.engine.max_request_tokens
+
+    def piece(self, token: int) -> str:
+        """A token's own text (logprobs name tokens by it)."""
+        s = self._token_text.get(token)
+        if s is None:
+            s = self._token_text[token] = self.engine.decode([token], skip_special_tokens=False)
+        return s
+
+    def check_model(self, name: Optional[str]) -> None:
+        if name is not None and name != self.config.model_name:
+            raise APIError(404, f"The model `{name}` does not exist.", "invalid_request_error", "model", "model_not_found")
+
+    def check_capacity(self, extra: int) -> None:
+        waiting = sum(1 for t in self.llm.times.values() if t.first_token is None)
+        if waiting + extra > self.config.max_queue:
+            raise APIError(503, f"the server is at capacity ({self.config.max_queue} requests queued); retry later",
+                           "server_overloaded", None, "overloaded", headers={"Retry-After": "1"})
+
+    def encode(self, text: str, param: str, add_special_tokens: bool = False) -> List[int]:
+        try:
+            return self.engine.encode(text, add_special_tokens)
+        except (TypeError, ValueError) as e:
+            raise bad_request(e, param) from None
+
+    def sampling(self, req, max_tokens: Optional[int], logprobs: Optional[int]) -> SamplingParams:
+        """The request's sampling as the engine takes it. Values are checked by the engine when
+        the request is added: here only absent fields get OpenAI's defaults."""
+        return SamplingParams(
+            n=req.n, max_tokens=max_tokens, temperature=1.0 if req.temperature is None else req.temperature,
+            top_p=1.0 if req.top_p is None else req.top_p, top_k=0 if req.top_k is None else req.top_k,
+            min_p=req.min_p or 0.0, repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+            presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0,
+            seed=req.seed, stop=req.stop, stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos,
+            logprobs=logprobs, min_tokens=req.min_tokens)
+
+    def start(self, prefix: str, prompt_ids: List[int], params: SamplingParams) -> AsyncIterator[RequestOutput]:
+        try:
+            return self.llm.generate({"prompt_token_ids": prompt_ids}, params, request_id=f"{prefix}-{uuid.uuid4().hex}")
+        except (TypeError, ValueError) as e:
+            raise bad_request(e) from None
+
+    @staticmethod
+    def engine_error(e: EngineDeadError) -> APIError:
+        # A request the model failed on is the server's fault (500); a dead step loop is
+        # "try again" (503).
+        status = 500 if isinstance(e, RequestFailedError) else 503
+        return APIError(status, str(e), "server_error", None, "engine_error")
+
+    async def first_output(self, stream: AsyncIterator[RequestOutput]) -> Optional[RequestOutput]:
+        """Pull one output, turning queue-time errors into API errors (before any byte is sent)."""
+        try:
+            return await stream.__anext__()
+        except StopAsyncIteration:
+            return None
+        except (TypeError, ValueError) as e:  # the engine refused the request when it was added
+            raise bad_request(e) from None
+        except EngineDeadError as e:
+            raise self.engine_error(e) from None
+
+    async def start_all(self, prefix: str, prompts: List[List[int]], params: List[SamplingParams]):
+        """Start one stream per prompt and pull each one's first output; on any error, every
+        stream is closed (its request aborted) before the error is answered."""
+        streams, firsts = [], []
+        try:
+            for ids, p in zip(prompts, params):
+                streams.append(self.start(prefix, ids, p))
+            for s in streams:
+                firsts.append(await self.first_output(s))
+        except BaseException:
+            for s in streams:
+                await s.aclose()
+            raise
+        return streams, firsts
+
+    async def final_output(self, stream: AsyncIterator[RequestOutput], out: Optional[RequestOutput], raw: Request):
+        """Read a stream to its finished output (non-streaming responses). A client that has gone
+        ends it early: closing the stream aborts the request."""
+        try:
+            while out is not None and not out.finished:
+                if await disconnected(raw):
+                    raise APIError(499, "client disconnected")
+                out = await stream.__anext__()
+        except EngineDeadError as e:
+            raise self.engine_error(e) from None
+        finally:
+            await stream.aclose()
+        return out
+
+    def chat_prompt(self, messages, add_generation_prompt: bool) -> str:
+        msgs = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages]
+        try:
+            return self.engine.apply_chat_template(msgs, add_generation_prompt=add_generation_prompt)
+        except ValueError as e:
+            raise APIError(400, first_line(e), param="messages") from None
+        except Exception as e:  # the template itself refused (jinja raise_exception)
+            raise APIError(400, f"the chat template rejected the messages: {first_line(e)}", param="messages") from None
+
+
+async def disconnected(request: Request) -> bool:
+    try:
+        return await request.is_disconnected()
+    except Exception:
+        return True

@@ -1,0 +1,14 @@
+"""Shared by the Python tests: the default model's goldens, written by HF transformers
+(scripts/make_goldens.py)."""
+
+import json
+from pathlib import Path
+
+GOLDEN = json.loads((Path(__file__).parent / "golden" / "smollm2.json").read_text())
+
+
+def returned_tokens(greedy):
+    """HF's greedy continuation as horae returns it: HF's includes the end-of-sequence token that
+    ended it; horae, like OpenAI, returns neither its text nor the token (docs/architecture.md)."""
+    eos = GOLDEN["eos"] if isinstance(GOLDEN["eos"], list) else [GOLDEN["eos"]]
+    return greedy[:-1] if greedy and greedy[-1] in eos else greedy
