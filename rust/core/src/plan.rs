@@ -41,7 +41,8 @@ pub struct ScheduledSeq {
 impl ScheduledSeq {
     /// KV slot of every computed position, in order.
     pub fn slots(&self, block_size: usize) -> impl Iterator<Item = usize> + '_ {
-        (self.start..self.start + self.num_tokens).map(move |p| self.block_table[p / block_size] as usize * block_size + p % block_size)
+        (self.start..self.start + self.num_tokens)
+            .map(move |p| self.block_table[p / block_size] as usize * block_size + p % block_size)
     }
 
     /// The draft tokens this step verifies.

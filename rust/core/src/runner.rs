@@ -37,7 +37,10 @@ pub struct ModelExecutor {
 /// Where the forward pass runs. Both read the same block tables; only the KV memory differs.
 enum Runtime {
     /// Shared so that callers can also run the model outside the engine (teacher-forced logits).
-    Cpu { model: Arc<LlamaModel>, cache: KvCache },
+    Cpu {
+        model: Arc<LlamaModel>,
+        cache: KvCache,
+    },
     Cuda(Box<CudaLlama>),
 }
 
@@ -70,12 +73,23 @@ impl ModelExecutor {
             if let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) {
                 match v.get("eos_token_id") {
                     Some(serde_json::Value::Number(n)) => eos = n.as_u64().map(|x| vec![x as u32]).unwrap_or(eos),
-                    Some(serde_json::Value::Array(a)) => eos = a.iter().filter_map(|x| x.as_u64()).map(|x| x as u32).collect(),
+                    Some(serde_json::Value::Array(a)) => {
+                        eos = a.iter().filter_map(|x| x.as_u64()).map(|x| x as u32).collect()
+                    }
                     _ => {}
                 }
             }
         }
-        Self { cfg, runtime, eos, rngs: HashMap::new(), logits: Vec::new(), proposer: None, draft_probs: HashMap::new(), seed: None }
+        Self {
+            cfg,
+            runtime,
+            eos,
+            rngs: HashMap::new(),
+            logits: Vec::new(),
+            proposer: None,
+            draft_probs: HashMap::new(),
+            seed: None,
+        }
     }
 
     /// The CPU model, when the forward pass runs on the CPU.
@@ -134,7 +148,6 @@ impl ModelExecutor {
     pub fn set_seed(&mut self, seed: Option<u64>) {
         self.seed = seed;
     }
-
 
     /// Sample one sequence's next token(s) from its logit rows: the plain case is one row; with
     /// drafts, each row verifies the draft before it (rejection sampling, the target's
@@ -208,7 +221,8 @@ impl Executor for ModelExecutor {
             Runtime::Cpu { cache, .. } => cache.block_size,
             Runtime::Cuda(m) => m.block_size,
         };
-        let mut input = BatchInput { tokens: vec![], positions: vec![], slots: vec![], seqs: vec![], logit_rows: vec![] };
+        let mut input =
+            BatchInput { tokens: vec![], positions: vec![], slots: vec![], seqs: vec![], logit_rows: vec![] };
         let mut jobs = Vec::new();
         // (sequence index, prompt position p, prompt token p, top k, logit row)
         let mut prompt_rows: Vec<(usize, usize, u32, usize, usize)> = Vec::new();

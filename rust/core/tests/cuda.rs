@@ -12,10 +12,10 @@ use cudarc::driver::CudaSlice;
 use horae_core::backend::attention::{paged_attention, AttnSeq};
 use horae_core::backend::cpu;
 use horae_core::backend::cuda::device::Gpu;
-use horae_core::model::cuda_llama::{CudaLlama, KvBudget};
-use horae_core::backend::cuda::ops::{self, AttnDims, AttnIo, DecodeScratch, Dt, Ptr, PrefillMeta};
+use horae_core::backend::cuda::ops::{self, AttnDims, AttnIo, DecodeScratch, Dt, PrefillMeta, Ptr};
 use horae_core::backend::cuda::sampler;
 use horae_core::engine::{Engine, WallClock};
+use horae_core::model::cuda_llama::{CudaLlama, KvBudget};
 use horae_core::request::{Prompt, RequestSpec};
 use horae_core::runner::ModelExecutor;
 use horae_core::sample::{self, SamplingParams};
@@ -95,14 +95,38 @@ fn add_rms_norm_matches_cpu() {
         let out_d = g.stream.alloc_zeros::<u16>(t * h).unwrap();
         let rows_d = up(&g, &[3i32, 0]);
         // All rows with the delta added, then two selected rows with nothing added.
-        ops::add_rms_norm(&g, dt, Ptr::of(&g, &out_d), Ptr::of(&g, &res_d), Ptr::of(&g, &delta_d), Ptr::of(&g, &w_d), Ptr::NULL, t, h, eps).unwrap();
+        ops::add_rms_norm(
+            &g,
+            dt,
+            Ptr::of(&g, &out_d),
+            Ptr::of(&g, &res_d),
+            Ptr::of(&g, &delta_d),
+            Ptr::of(&g, &w_d),
+            Ptr::NULL,
+            t,
+            h,
+            eps,
+        )
+        .unwrap();
         let got = down16(&g, dt, &out_d);
         let sum: Vec<f32> = residual.iter().zip(&delta).map(|(a, b)| a + b).collect();
         let mut want = vec![0.0; t * h];
         cpu::rms_norm(&sum, &w, eps, &mut want);
         assert!(rel_err(&got, &want) < tol(dt), "{dt:?}: {}", rel_err(&got, &want));
         assert!(rel_err(&down(&g, &res_d), &sum) < 1e-6, "residual written back");
-        ops::add_rms_norm(&g, dt, Ptr::of(&g, &out_d), Ptr::of(&g, &res_d), Ptr::NULL, Ptr::of(&g, &w_d), Ptr::of(&g, &rows_d), 2, h, eps).unwrap();
+        ops::add_rms_norm(
+            &g,
+            dt,
+            Ptr::of(&g, &out_d),
+            Ptr::of(&g, &res_d),
+            Ptr::NULL,
+            Ptr::of(&g, &w_d),
+            Ptr::of(&g, &rows_d),
+            2,
+            h,
+            eps,
+        )
+        .unwrap();
         let got = down16(&g, dt, &out_d);
         for (b, row) in [3usize, 0].into_iter().enumerate() {
             assert!(rel_err(&got[b * h..(b + 1) * h], &want[row * h..(row + 1) * h]) < tol(dt));
@@ -132,7 +156,8 @@ fn rope_matches_cpu() {
             let d = up16(&g, dt, &qkv);
             let pos_d = up(&g, &positions.iter().map(|&p| p as i32).collect::<Vec<_>>());
             let inv_d = up(&g, &inv);
-            ops::rope(&g, dt, Ptr::of(&g, &d), stride, Ptr::of(&g, &pos_d), Ptr::of(&g, &inv_d), t, nh + nkv, hd).unwrap();
+            ops::rope(&g, dt, Ptr::of(&g, &d), stride, Ptr::of(&g, &pos_d), Ptr::of(&g, &inv_d), t, nh + nkv, hd)
+                .unwrap();
             let got = down16(&g, dt, &d);
             let table = cpu::RopeTable::new(&positions, &inv);
             // The CPU rotates rows of (q + k) heads; the kernel works in place on fused rows.
@@ -168,8 +193,10 @@ fn silu_mul_embedding_bias_and_cache_write_match_cpu() {
         let tokens = [5i32, 999, 0, 5];
         let (tab_d, tok_d) = (up16(&g, dt, &table), up(&g, &tokens));
         let emb_d = g.stream.alloc_zeros::<f32>(tokens.len() * h).unwrap();
-        ops::embedding(&g, dt, Ptr::of(&g, &emb_d), Ptr::of(&g, &tab_d), Ptr::of(&g, &tok_d), tokens.len(), h, vocab).unwrap();
-        let want: Vec<f32> = tokens.iter().flat_map(|&t| table[t as usize * h..(t as usize + 1) * h].to_vec()).collect();
+        ops::embedding(&g, dt, Ptr::of(&g, &emb_d), Ptr::of(&g, &tab_d), Ptr::of(&g, &tok_d), tokens.len(), h, vocab)
+            .unwrap();
+        let want: Vec<f32> =
+            tokens.iter().flat_map(|&t| table[t as usize * h..(t as usize + 1) * h].to_vec()).collect();
         assert_eq!(down(&g, &emb_d), want, "embedding gather is exact");
 
         let x = rounded(dt, &r.vec(3 * 96, 1.0));
@@ -190,7 +217,18 @@ fn silu_mul_embedding_bias_and_cache_write_match_cpu() {
     let slots_d = up(&g, &slots);
     let (kc, vc) = (g.stream.alloc_zeros::<u16>(8 * row).unwrap(), g.stream.alloc_zeros::<u16>(8 * row).unwrap());
     let base = Ptr::of(&g, &qkv_d);
-    ops::reshape_and_cache(&g, Ptr::of(&g, &kc), Ptr::of(&g, &vc), base.offset::<u16>(2 * 64), base.offset::<u16>(4 * 64), stride, Ptr::of(&g, &slots_d), t, row).unwrap();
+    ops::reshape_and_cache(
+        &g,
+        Ptr::of(&g, &kc),
+        Ptr::of(&g, &vc),
+        base.offset::<u16>(2 * 64),
+        base.offset::<u16>(4 * 64),
+        stride,
+        Ptr::of(&g, &slots_d),
+        t,
+        row,
+    )
+    .unwrap();
     let (k, v) = (down16(&g, dt, &kc), down16(&g, dt, &vc));
     for (i, &s) in slots.iter().enumerate() {
         if s < 0 {
@@ -248,18 +286,44 @@ impl AttnCase {
         let (q_d, kc_d, vc_d) = (up16(g, dt, &q), up16(g, dt, &k_cache), up16(g, dt, &v_cache));
         let out_d = g.stream.alloc_zeros::<u16>(rows * nh * hd).unwrap();
         let width = blocks_per.iter().copied().max().unwrap();
-        let table_flat: Vec<i32> = tables.iter().flat_map(|t| t.iter().map(|&b| b as i32).chain(std::iter::repeat_n(0, width - t.len()))).collect();
+        let table_flat: Vec<i32> = tables
+            .iter()
+            .flat_map(|t| t.iter().map(|&b| b as i32).chain(std::iter::repeat_n(0, width - t.len())))
+            .collect();
         let bt_d = up(g, &table_flat);
         let dims = AttnDims { max_blocks: width, ..self.dims };
         let p = |s: &CudaSlice<u16>| Ptr::of(g, s);
-        let io = AttnIo { out: p(&out_d), out_stride: nh * hd, q: p(&q_d), q_stride: nh * hd, k_cache: p(&kc_d), v_cache: p(&vc_d), block_tables: Ptr::of(g, &bt_d) };
+        let io = AttnIo {
+            out: p(&out_d),
+            out_stride: nh * hd,
+            q: p(&q_d),
+            q_stride: nh * hd,
+            k_cache: p(&kc_d),
+            v_cache: p(&vc_d),
+            block_tables: Ptr::of(g, &bt_d),
+        };
         if self.seqs.iter().all(|s| s.1 == 1) {
             let q_rows: Vec<i32> = (0..self.seqs.len() as i32).collect();
             let ctx: Vec<i32> = self.seqs.iter().map(|s| (s.0 + 1) as i32).collect();
             let (qr_d, ctx_d) = (up(g, &q_rows), up(g, &ctx));
             let max_ctx = self.seqs.iter().map(|s| s.0 + 1).max().unwrap();
-            let mut scratch = DecodeScratch { out: g.stream.alloc_zeros(1).unwrap(), max: g.stream.alloc_zeros(1).unwrap(), sum: g.stream.alloc_zeros(1).unwrap() };
-            ops::paged_decode(g, dt, dims, io, Ptr::of(g, &qr_d), Ptr::of(g, &ctx_d), self.seqs.len(), max_ctx, &mut scratch).unwrap();
+            let mut scratch = DecodeScratch {
+                out: g.stream.alloc_zeros(1).unwrap(),
+                max: g.stream.alloc_zeros(1).unwrap(),
+                sum: g.stream.alloc_zeros(1).unwrap(),
+            };
+            ops::paged_decode(
+                g,
+                dt,
+                dims,
+                io,
+                Ptr::of(g, &qr_d),
+                Ptr::of(g, &ctx_d),
+                self.seqs.len(),
+                max_ctx,
+                &mut scratch,
+            )
+            .unwrap();
         } else {
             let (mut ts, mut tq) = (Vec::new(), Vec::new());
             for (i, s) in self.seqs.iter().enumerate() {
@@ -272,7 +336,14 @@ impl AttnCase {
             let qlen: Vec<i32> = self.seqs.iter().map(|s| s.1 as i32).collect();
             let pos0: Vec<i32> = self.seqs.iter().map(|s| s.0 as i32).collect();
             let (ts_d, tq_d, sr_d, ql_d, p0_d) = (up(g, &ts), up(g, &tq), up(g, &seq_row), up(g, &qlen), up(g, &pos0));
-            let meta = PrefillMeta { tile_seq: Ptr::of(g, &ts_d), tile_q0: Ptr::of(g, &tq_d), seq_row: Ptr::of(g, &sr_d), seq_qlen: Ptr::of(g, &ql_d), seq_pos0: Ptr::of(g, &p0_d), tiles: ts.len() };
+            let meta = PrefillMeta {
+                tile_seq: Ptr::of(g, &ts_d),
+                tile_q0: Ptr::of(g, &tq_d),
+                seq_row: Ptr::of(g, &sr_d),
+                seq_qlen: Ptr::of(g, &ql_d),
+                seq_pos0: Ptr::of(g, &p0_d),
+                tiles: ts.len(),
+            };
             ops::prefill_attention(g, dt, dims, io, &meta).unwrap();
         }
         rel_err(&down16(g, dt, &out_d), &want)
@@ -289,7 +360,16 @@ fn paged_decode_matches_cpu() {
         for hd in [64, 128] {
             for bs in [16, 32] {
                 for dt in DTS {
-                    let case = AttnCase { dims: AttnDims { num_heads: nh, num_kv_heads: nkv, head_dim: hd, block_size: bs, max_blocks: 0 }, seqs: ctx.clone() };
+                    let case = AttnCase {
+                        dims: AttnDims {
+                            num_heads: nh,
+                            num_kv_heads: nkv,
+                            head_dim: hd,
+                            block_size: bs,
+                            max_blocks: 0,
+                        },
+                        seqs: ctx.clone(),
+                    };
                     let e = case.run(&g, dt, (nh * hd + bs) as u64);
                     assert!(e < tol(dt), "decode {nh}/{nkv} heads, hd {hd}, bs {bs}, {dt:?}: rel err {e}");
                 }
@@ -309,7 +389,16 @@ fn prefill_attention_matches_cpu() {
         for hd in [64, 128] {
             for bs in [16, 32] {
                 for dt in DTS {
-                    let case = AttnCase { dims: AttnDims { num_heads: nh, num_kv_heads: nkv, head_dim: hd, block_size: bs, max_blocks: 0 }, seqs: seqs.clone() };
+                    let case = AttnCase {
+                        dims: AttnDims {
+                            num_heads: nh,
+                            num_kv_heads: nkv,
+                            head_dim: hd,
+                            block_size: bs,
+                            max_blocks: 0,
+                        },
+                        seqs: seqs.clone(),
+                    };
                     let e = case.run(&g, dt, (nh * hd + bs + 1) as u64);
                     assert!(e < tol(dt), "prefill {nh}/{nkv} heads, hd {hd}, bs {bs}, {dt:?}: rel err {e}");
                 }
@@ -373,8 +462,10 @@ fn gpu_argmax_is_exact_and_sampling_follows_the_cpu_distribution() {
     for p in sets {
         let n = 40_000;
         let want = sample::distribution(row, &p);
-        let mut rngs: Vec<rand::rngs::SmallRng> = (0..n).map(|i| sample::request_rng(i as u64, Some(i as u64), None)).collect();
-        let mut draws: Vec<sampler::Draw<'_>> = rngs.iter_mut().map(|rng| sampler::Draw { row: 0, params: &p, rng }).collect();
+        let mut rngs: Vec<rand::rngs::SmallRng> =
+            (0..n).map(|i| sample::request_rng(i as u64, Some(i as u64), None)).collect();
+        let mut draws: Vec<sampler::Draw<'_>> =
+            rngs.iter_mut().map(|rng| sampler::Draw { row: 0, params: &p, rng }).collect();
         let tokens = sampler::sample(&g, Ptr::of(&g, &l_d), vocab, &mut draws).unwrap();
         let mut freq = vec![0.0f64; vocab];
         for t in tokens {
@@ -410,7 +501,17 @@ fn generate(exec: ModelExecutor, prompts: &[Vec<u32>], max_tokens: usize) -> Vec
     let mut e = Engine::new(Scheduler::new(cfg, None).unwrap(), Box::new(exec), Box::new(WallClock::default()));
     let ids: Vec<u64> = prompts
         .iter()
-        .map(|p| e.add_request(RequestSpec { prompt: Prompt::Tokens(p.clone()), max_tokens, ignore_eos: true, arrival: None, sampling: SamplingParams::greedy(), stop: Default::default() }).unwrap())
+        .map(|p| {
+            e.add_request(RequestSpec {
+                prompt: Prompt::Tokens(p.clone()),
+                max_tokens,
+                ignore_eos: true,
+                arrival: None,
+                sampling: SamplingParams::greedy(),
+                stop: Default::default(),
+            })
+            .unwrap()
+        })
         .collect();
     let mut out: std::collections::HashMap<u64, Vec<u32>> = Default::default();
     while e.has_work() {
@@ -427,13 +528,15 @@ fn tiny_random_llama_greedy_matches_cpu() {
     let dir = std::env::temp_dir().join(format!("horae-cuda-tiny-{}", std::process::id()));
     random_llama(&dir);
     // Prompts longer than a prefill tile and a block, batched with short ones.
-    let prompts: Vec<Vec<u32>> = (0..6).map(|i| (0..(3 + i * 23)).map(|j| ((j * 7 + i * 13) % 512) as u32).collect()).collect();
+    let prompts: Vec<Vec<u32>> =
+        (0..6).map(|i| (0..(3 + i * 23)).map(|j| ((j * 7 + i * 13) % 512) as u32).collect()).collect();
     let cpu_exec = ModelExecutor::load(&dir, Some(horae_core::backend::gemm::WeightDtype::Bf16), 256, 16).unwrap();
     let want = generate(cpu_exec, &prompts, 24);
     for dt in DTS {
         let model = CudaLlama::load(gpu(), &dir, dt, KvBudget::Tokens(16 * 256), 16, 2048).unwrap();
         let got = generate(ModelExecutor::on_gpu(&dir, model), &prompts, 24);
-        let cpu_model = horae_core::model::LlamaModel::load(&dir, Some(horae_core::backend::gemm::WeightDtype::Bf16)).unwrap();
+        let cpu_model =
+            horae_core::model::LlamaModel::load(&dir, Some(horae_core::backend::gemm::WeightDtype::Bf16)).unwrap();
         for (i, (g, w)) in got.iter().zip(&want).enumerate() {
             if g == w {
                 continue;
@@ -448,7 +551,12 @@ fn tiny_random_llama_greedy_matches_cpu() {
             let range = last.iter().fold(f32::MIN, |m, &v| m.max(v)) - last.iter().fold(f32::MAX, |m, &v| m.min(v));
             let gap = (last[w[at] as usize] - last[g[at] as usize]).abs();
             println!("{dt:?} prompt {i}: diverges at token {at} (gap {gap:.4} of range {range:.2})");
-            assert!(gap < 0.02 * range, "{dt:?} prompt {i}: GPU chose {} over {} at {at}, a logit gap of {gap}", g[at], w[at]);
+            assert!(
+                gap < 0.02 * range,
+                "{dt:?} prompt {i}: GPU chose {} over {} at {at}, a logit gap of {gap}",
+                g[at],
+                w[at]
+            );
         }
     }
     let _ = std::fs::remove_dir_all(&dir);

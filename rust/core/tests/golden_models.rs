@@ -64,7 +64,14 @@ fn engine(name: &str, policy: PolicyKind, kv_tokens: usize, max_batched_tokens: 
 }
 
 fn spec(prompt: Vec<u32>, max_tokens: usize) -> RequestSpec {
-    RequestSpec { prompt: Prompt::Tokens(prompt), max_tokens, ignore_eos: false, arrival: None, sampling: SamplingParams::greedy(), stop: Default::default() }
+    RequestSpec {
+        prompt: Prompt::Tokens(prompt),
+        max_tokens,
+        ignore_eos: false,
+        arrival: None,
+        sampling: SamplingParams::greedy(),
+        stop: Default::default(),
+    }
 }
 
 /// Run every prompt to completion; outputs in submission order.
@@ -106,7 +113,8 @@ fn greedy_output_is_the_same_alone_batched_chunked_preempted_and_cached() {
     let max_tokens = want.len();
 
     // 16 mixed requests around the probe: other prompts of varied lengths.
-    let mut batch: Vec<Vec<u32>> = (0..15u32).map(|i| (0..(3 + i * 5)).map(|t| 3 + (t * 7 + i) % 250).collect()).collect();
+    let mut batch: Vec<Vec<u32>> =
+        (0..15u32).map(|i| (0..(3 + i * 5)).map(|t| 3 + (t * 7 + i) % 250).collect()).collect();
     batch.insert(7, probe.clone());
 
     let (alone, _) = run(&mut engine(name, PolicyKind::PastFuture, 4096, 2048), &[probe.clone()], max_tokens);
@@ -135,7 +143,8 @@ fn bad_model_folders_get_clear_errors() {
     let err = |d: &Path| LlamaModel::load(d, None).err().map(|e| e.to_string()).unwrap_or_default();
     assert!(err(&tmp).contains("config.json"), "{}", err(&tmp));
     let cfg = std::fs::read_to_string(dir("tiny-qwen2").join("config.json")).unwrap();
-    std::fs::write(tmp.join("config.json"), cfg.replace("\"model_type\": \"qwen2\"", "\"model_type\": \"gpt_neox\"")).unwrap();
+    std::fs::write(tmp.join("config.json"), cfg.replace("\"model_type\": \"qwen2\"", "\"model_type\": \"gpt_neox\""))
+        .unwrap();
     assert!(err(&tmp).contains("unsupported architecture"));
     std::fs::write(tmp.join("config.json"), &cfg).unwrap();
     assert!(err(&tmp).contains("no model.safetensors"));
@@ -143,7 +152,8 @@ fn bad_model_folders_get_clear_errors() {
     assert!(err(&tmp).contains("not a valid safetensors"));
     // A config that disagrees with the tensors: wrong hidden size.
     std::fs::copy(dir("tiny-qwen2").join("model.safetensors"), tmp.join("model.safetensors")).unwrap();
-    std::fs::write(tmp.join("config.json"), cfg.replace("\"intermediate_size\": 128", "\"intermediate_size\": 96")).unwrap();
+    std::fs::write(tmp.join("config.json"), cfg.replace("\"intermediate_size\": 128", "\"intermediate_size\": 96"))
+        .unwrap();
     assert!(err(&tmp).contains("has shape"), "{}", err(&tmp));
     std::fs::remove_dir_all(&tmp).unwrap();
 }

@@ -13,11 +13,25 @@ use proptest::prelude::*;
 enum Op {
     /// Open sequence `slot` with a prompt of `len` tokens following pattern `pattern`
     /// (prompts with the same pattern share a prefix, so the cache gets hits).
-    Open { slot: u8, pattern: u8, len: u8 },
-    Append { slot: u8, n: u8 },
-    Fork { parent: u8, child: u8 },
-    Free { slot: u8 },
-    Evict { n: u8 },
+    Open {
+        slot: u8,
+        pattern: u8,
+        len: u8,
+    },
+    Append {
+        slot: u8,
+        n: u8,
+    },
+    Fork {
+        parent: u8,
+        child: u8,
+    },
+    Free {
+        slot: u8,
+    },
+    Evict {
+        n: u8,
+    },
 }
 
 fn op() -> impl Strategy<Value = Op> {

@@ -16,7 +16,12 @@ fn trace(lens: &[(u32, u32)], gap: f64) -> Trace {
         requests: lens
             .iter()
             .enumerate()
-            .map(|(i, &(p, o))| TraceRequest { arrival: i as f64 * gap, prompt_len: p, output_len: o, prefix_ids: vec![] })
+            .map(|(i, &(p, o))| TraceRequest {
+                arrival: i as f64 * gap,
+                prompt_len: p,
+                output_len: o,
+                prefix_ids: vec![],
+            })
             .collect(),
         timed: true,
         prefix_unit: 512,
@@ -25,7 +30,13 @@ fn trace(lens: &[(u32, u32)], gap: f64) -> Trace {
 
 fn cfg(policy: PolicyKind, kv: usize) -> SimConfig {
     SimConfig {
-        sched: SchedulerConfig { policy, kv_cache_tokens: kv, max_output_bound: 512, history_window: 50, ..Default::default() },
+        sched: SchedulerConfig {
+            policy,
+            kv_cache_tokens: kv,
+            max_output_bound: 512,
+            history_window: 50,
+            ..Default::default()
+        },
         cost: CostModel::roofline("llama-2-7b", "a100-80gb").unwrap(),
         max_tokens: 512,
         load: LoadModel::Open,
@@ -48,15 +59,18 @@ fn mixed(n: usize) -> Vec<(u32, u32)> {
 fn run_checked(t: &Trace, c: &SimConfig) -> Vec<Request> {
     let lengths: Arc<Vec<u32>> = Arc::new(t.requests.iter().map(|r| r.output_len).collect());
     let l2 = lengths.clone();
-    let sched = Scheduler::new(c.sched.clone(), Some(Arc::new(move |id| l2.get(id as usize).map(|&x| x as usize)))).unwrap();
-    let mut e = Engine::new(sched, Box::new(SimExecutor::new(c.cost.clone(), lengths)), Box::new(VirtualClock::default()));
+    let sched =
+        Scheduler::new(c.sched.clone(), Some(Arc::new(move |id| l2.get(id as usize).map(|&x| x as usize)))).unwrap();
+    let mut e =
+        Engine::new(sched, Box::new(SimExecutor::new(c.cost.clone(), lengths)), Box::new(VirtualClock::default()));
     for (i, r) in t.requests.iter().enumerate() {
         let spec = RequestSpec {
             prompt: Prompt::Synthetic { len: r.prompt_len as usize, prefix_ids: vec![], unit: 1 },
             max_tokens: c.max_tokens,
             ignore_eos: false,
             arrival: Some(0.0),
-            sampling: Default::default(), stop: Default::default(),
+            sampling: Default::default(),
+            stop: Default::default(),
         };
         e.add_request_with_id(i as u64, spec).unwrap();
     }
@@ -118,7 +132,12 @@ fn past_future_preempts_less_than_aggressive_and_queues_less_than_conservative()
     let t = trace(&mixed(400), 0.0);
     let run = |p| sim::simulate(&t, &cfg(p, 8000)).unwrap();
     let (pf, ag, co) = (run(PolicyKind::PastFuture), run(PolicyKind::Aggressive), run(PolicyKind::Conservative));
-    assert!(pf.stats.preemptions < ag.stats.preemptions, "pf {} vs aggressive {}", pf.stats.preemptions, ag.stats.preemptions);
+    assert!(
+        pf.stats.preemptions < ag.stats.preemptions,
+        "pf {} vs aggressive {}",
+        pf.stats.preemptions,
+        ag.stats.preemptions
+    );
     assert!(pf.stats.preemptions < 400 / 10, "past-future preempted {} of 400", pf.stats.preemptions);
     let makespan = |r: &sim::SimResult| r.records.iter().map(|x| x.finished).fold(0.0, f64::max);
     assert!(makespan(&pf) < makespan(&co), "pf {} vs conservative {}", makespan(&pf), makespan(&co));
@@ -184,13 +203,15 @@ fn bad_input_gets_clear_errors() {
     let c = cfg(PolicyKind::PastFuture, 1024);
     let lengths = Arc::new(vec![5u32; 8]);
     let sched = Scheduler::new(c.sched.clone(), None).unwrap();
-    let mut e = Engine::new(sched, Box::new(SimExecutor::new(c.cost.clone(), lengths)), Box::new(VirtualClock::default()));
+    let mut e =
+        Engine::new(sched, Box::new(SimExecutor::new(c.cost.clone(), lengths)), Box::new(VirtualClock::default()));
     let spec = |len: usize, max_tokens: usize| RequestSpec {
         prompt: Prompt::Tokens((0..len as u32).collect()),
         max_tokens,
         ignore_eos: false,
         arrival: None,
-        sampling: Default::default(), stop: Default::default(),
+        sampling: Default::default(),
+        stop: Default::default(),
     };
     let msg = |r: Result<u64, HoraeError>| r.unwrap_err().to_string();
     assert!(msg(e.add_request(spec(0, 5))).contains("prompt is empty"));
@@ -213,9 +234,17 @@ fn abort_frees_blocks_at_once() {
     let c = cfg(PolicyKind::Aggressive, 4096);
     let lengths = Arc::new(vec![1000u32; 4]);
     let sched = Scheduler::new(c.sched.clone(), None).unwrap();
-    let mut e = Engine::new(sched, Box::new(SimExecutor::new(c.cost.clone(), lengths)), Box::new(VirtualClock::default()));
+    let mut e =
+        Engine::new(sched, Box::new(SimExecutor::new(c.cost.clone(), lengths)), Box::new(VirtualClock::default()));
     for _ in 0..3 {
-        let spec = RequestSpec { prompt: Prompt::Tokens(vec![7; 300]), max_tokens: 500, ignore_eos: false, arrival: None, sampling: Default::default(), stop: Default::default() };
+        let spec = RequestSpec {
+            prompt: Prompt::Tokens(vec![7; 300]),
+            max_tokens: 500,
+            ignore_eos: false,
+            arrival: None,
+            sampling: Default::default(),
+            stop: Default::default(),
+        };
         e.add_request(spec).unwrap();
     }
     for _ in 0..5 {
@@ -230,7 +259,14 @@ fn abort_frees_blocks_at_once() {
     assert!(!r.output.is_empty());
     assert_eq!(e.scheduler().stats().lengths_recorded, 1);
     // One aborted before its first token tells nothing about lengths.
-    let spec = RequestSpec { prompt: Prompt::Tokens(vec![9; 50]), max_tokens: 50, ignore_eos: false, arrival: None, sampling: Default::default(), stop: Default::default() };
+    let spec = RequestSpec {
+        prompt: Prompt::Tokens(vec![9; 50]),
+        max_tokens: 50,
+        ignore_eos: false,
+        arrival: None,
+        sampling: Default::default(),
+        stop: Default::default(),
+    };
     let late = e.add_request(spec).unwrap();
     assert!(e.abort(late).unwrap().output.is_empty());
     assert_eq!(e.scheduler().stats().lengths_recorded, 1);
@@ -247,8 +283,16 @@ fn preempted_requests_are_marked_and_huge_max_tokens_is_refused() {
     let c = cfg(PolicyKind::Aggressive, 6000);
     let lengths: Arc<Vec<u32>> = Arc::new(t.requests.iter().map(|r| r.output_len).collect());
     let sched = Scheduler::new(c.sched.clone(), None).unwrap();
-    let mut e = Engine::new(sched, Box::new(SimExecutor::new(c.cost.clone(), lengths)), Box::new(VirtualClock::default()));
-    let huge = RequestSpec { prompt: Prompt::Tokens(vec![1; 10]), max_tokens: usize::MAX, ignore_eos: false, arrival: None, sampling: Default::default(), stop: Default::default() };
+    let mut e =
+        Engine::new(sched, Box::new(SimExecutor::new(c.cost.clone(), lengths)), Box::new(VirtualClock::default()));
+    let huge = RequestSpec {
+        prompt: Prompt::Tokens(vec![1; 10]),
+        max_tokens: usize::MAX,
+        ignore_eos: false,
+        arrival: None,
+        sampling: Default::default(),
+        stop: Default::default(),
+    };
     assert!(e.add_request_with_id(10_000, huge).unwrap_err().to_string().contains("exceeds the whole KV pool"));
     for (i, r) in t.requests.iter().enumerate() {
         let spec = RequestSpec {
@@ -256,7 +300,8 @@ fn preempted_requests_are_marked_and_huge_max_tokens_is_refused() {
             max_tokens: c.max_tokens,
             ignore_eos: false,
             arrival: None,
-            sampling: Default::default(), stop: Default::default(),
+            sampling: Default::default(),
+            stop: Default::default(),
         };
         e.add_request_with_id(i as u64, spec).unwrap();
     }
@@ -304,7 +349,14 @@ fn a_failing_step_fails_its_requests_and_the_engine_goes_on() {
     let exec = FailsOn { inner: SimExecutor::new(c.cost.clone(), lengths), bad: 3 };
     let mut e = Engine::new(sched, Box::new(exec), Box::new(VirtualClock::default()));
     let add = |e: &mut Engine| {
-        let spec = RequestSpec { prompt: Prompt::Tokens(vec![5; 100]), max_tokens: 40, ignore_eos: false, arrival: None, sampling: Default::default(), stop: Default::default() };
+        let spec = RequestSpec {
+            prompt: Prompt::Tokens(vec![5; 100]),
+            max_tokens: 40,
+            ignore_eos: false,
+            arrival: None,
+            sampling: Default::default(),
+            stop: Default::default(),
+        };
         e.add_request(spec).unwrap()
     };
     // Three requests run together; request 3 joins later and its first step fails.

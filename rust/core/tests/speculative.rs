@@ -11,8 +11,8 @@ use horae_core::model::LlamaModel;
 use horae_core::request::{Prompt, RequestSpec};
 use horae_core::runner::{ModelExecutor, Proposer};
 use horae_core::sample::SamplingParams;
-use horae_core::sched::{PolicyKind, Scheduler, SchedulerConfig};
 use horae_core::sched::SpecConfig;
+use horae_core::sched::{PolicyKind, Scheduler, SchedulerConfig};
 use horae_core::spec::DraftModel;
 
 mod common;
@@ -51,7 +51,14 @@ fn engine(dir: &Path, method: &Method, spec: Option<SpecConfig>, policy: PolicyK
 }
 
 fn request(prompt: Vec<u32>, max_tokens: usize, sampling: SamplingParams) -> RequestSpec {
-    RequestSpec { prompt: Prompt::Tokens(prompt), max_tokens, ignore_eos: true, arrival: None, sampling, stop: Default::default() }
+    RequestSpec {
+        prompt: Prompt::Tokens(prompt),
+        max_tokens,
+        ignore_eos: true,
+        arrival: None,
+        sampling,
+        stop: Default::default(),
+    }
 }
 
 /// Run the requests to the end; outputs in submission order, and (drafted, accepted) totals.
@@ -91,14 +98,21 @@ fn greedy_output_is_identical_with_speculation() {
     let cases = [
         ("n-gram, fixed k", Method::Ngram, fixed.clone(), 8192, PolicyKind::PastFuture),
         ("n-gram, adaptive", Method::Ngram, adaptive.clone(), 8192, PolicyKind::PastFuture),
-        ("draft model (1 of 2 layers)", Method::Draft(dir.clone(), Some(1)), fixed.clone(), 8192, PolicyKind::PastFuture),
+        (
+            "draft model (1 of 2 layers)",
+            Method::Draft(dir.clone(), Some(1)),
+            fixed.clone(),
+            8192,
+            PolicyKind::PastFuture,
+        ),
         ("draft model = target", Method::Draft(dir.clone(), None), adaptive.clone(), 8192, PolicyKind::PastFuture),
         // A pool too small for the batch: preemption with drafts in flight.
         ("n-gram, preempting", Method::Ngram, fixed.clone(), 480, PolicyKind::Aggressive),
         ("draft model, preempting", Method::Draft(dir.clone(), Some(1)), fixed.clone(), 480, PolicyKind::Aggressive),
     ];
     for (name, method, spec, kv, policy) in cases {
-        let (got, drafted, accepted, preempted) = run(&mut engine(&dir, &method, Some(spec.clone()), policy, kv), greedy());
+        let (got, drafted, accepted, preempted) =
+            run(&mut engine(&dir, &method, Some(spec.clone()), policy, kv), greedy());
         for (i, (g, w)) in got.iter().zip(&want).enumerate() {
             assert_eq!(g, w, "{name}: prompt {i}");
         }
@@ -121,7 +135,8 @@ fn greedy_output_is_identical_with_speculation() {
 #[test]
 fn penalties_and_min_tokens_apply_at_every_verified_position() {
     let dir = golden_dir("tiny-llama3");
-    let params = SamplingParams { repetition_penalty: 1.3, frequency_penalty: 0.5, min_tokens: 20, ..SamplingParams::greedy() };
+    let params =
+        SamplingParams { repetition_penalty: 1.3, frequency_penalty: 0.5, min_tokens: 20, ..SamplingParams::greedy() };
     let reqs = || prompts().into_iter().map(|p| request(p, 30, params.clone())).collect::<Vec<_>>();
     let (want, ..) = run(&mut engine(&dir, &Method::Off, None, PolicyKind::PastFuture, 8192), reqs());
     let spec = SpecConfig { k_max: 4, adaptive: false, ..Default::default() };
@@ -205,7 +220,13 @@ fn sampled_tokens_follow_the_target_distribution() {
     for (name, method) in [("n-gram", Method::Ngram), ("draft model", Method::Draft(draft.clone(), None))] {
         let mut e = engine(&target, &method, Some(spec.clone()), PolicyKind::Aggressive, 1 << 16);
         let reqs: Vec<RequestSpec> = (0..n)
-            .map(|i| request(prompt.clone(), 4, SamplingParams { temperature: 1.0, seed: Some(1000 + i as u64), ..Default::default() }))
+            .map(|i| {
+                request(
+                    prompt.clone(),
+                    4,
+                    SamplingParams { temperature: 1.0, seed: Some(1000 + i as u64), ..Default::default() },
+                )
+            })
             .collect();
         let (outs, drafted, accepted, _) = run(&mut e, reqs);
         assert!(accepted > 0 && accepted < drafted, "{name}: {accepted}/{drafted} accepted");

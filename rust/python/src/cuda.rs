@@ -1,8 +1,8 @@
 //! The CUDA backend's Python surface: kernel compilation (what CI checks without a GPU), device
 //! resolution, and the GPU benchmarks behind `python -m horae.gpu_check`.
 
-use horae_core::bench::cuda as bench;
 use horae_core::backend::cuda::device::Gpu;
+use horae_core::bench::cuda as bench;
 use horae_core::model::ModelConfig;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
@@ -87,7 +87,10 @@ fn cuda_bench_decode_attention<'py>(
     ordinal: usize,
 ) -> PyResult<Bound<'py, PyDict>> {
     let r = py
-        .detach(|| Gpu::open(ordinal).and_then(|g| bench::decode_attention(&g, batch, ctx, heads, kv_heads, head_dim, block_size)))
+        .detach(|| {
+            Gpu::open(ordinal)
+                .and_then(|g| bench::decode_attention(&g, batch, ctx, heads, kv_heads, head_dim, block_size))
+        })
         .map_err(to_py)?;
     let d = PyDict::new(py);
     d.set_item("ms", r.ms)?;
@@ -113,7 +116,9 @@ fn cuda_bench_model<'py>(
         return Err(HoraeCoreError::new_err("batches and prefill_tokens must not be empty"));
     }
     let cfg = ModelConfig::from_json(config_json).map_err(to_py)?;
-    let r = py.detach(|| Gpu::open(ordinal).and_then(|g| bench::model_throughput(g, cfg, &batches, ctx, prefill_tokens))).map_err(to_py)?;
+    let r = py
+        .detach(|| Gpu::open(ordinal).and_then(|g| bench::model_throughput(g, cfg, &batches, ctx, prefill_tokens)))
+        .map_err(to_py)?;
     let d = PyDict::new(py);
     d.set_item("gpu", r.gpu)?;
     d.set_item("params", r.params)?;

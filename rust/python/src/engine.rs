@@ -286,7 +286,9 @@ impl PyEngine {
         // On a GPU engine the reference CPU model is loaded on first use (a checking tool: the
         // engine's KV cache is not disturbed).
         let dir = self.info.model_dir.clone();
-        let model = py.detach(|| self.model.get().cloned().map_or_else(|| LlamaModel::load(&dir, None).map(Arc::new), Ok)).map_err(to_py)?;
+        let model = py
+            .detach(|| self.model.get().cloned().map_or_else(|| LlamaModel::load(&dir, None).map(Arc::new), Ok))
+            .map_err(to_py)?;
         let model = self.model.get_or_init(|| model).clone();
         let logits = py.detach(|| model.logits(&ids)).map_err(to_py)?;
         numpy::PyArray1::from_vec(py, logits).reshape([ids.len(), vocab])
@@ -314,7 +316,9 @@ impl PyEngine {
     fn take_step_log<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let log = py.detach(|| self.handle.take_step_log());
         let d = PyDict::new(py);
-        let col = |f: &dyn Fn(&horae_core::engine::StepSample) -> f64| log.iter().map(f).collect::<Vec<f64>>().into_pyarray(py);
+        let col = |f: &dyn Fn(&horae_core::engine::StepSample) -> f64| {
+            log.iter().map(f).collect::<Vec<f64>>().into_pyarray(py)
+        };
         d.set_item("num_tokens", col(&|s| s.features.num_tokens))?;
         d.set_item("num_seqs", col(&|s| s.features.num_seqs))?;
         d.set_item("attention_pairs", col(&|s| s.features.attention_pairs))?;

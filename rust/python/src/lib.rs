@@ -296,7 +296,14 @@ fn model_logits<'py>(
 /// Linear-layer GFLOP/s on a model-shaped stack of layers at `m` rows: (faer f32 or None, packed).
 #[pyfunction]
 #[pyo3(signature = (shapes, layers, m, dtype = "float32", iters = 3))]
-fn bench_linear(py: Python<'_>, shapes: Vec<(usize, usize)>, layers: usize, m: usize, dtype: &str, iters: usize) -> PyResult<(Option<f64>, f64)> {
+fn bench_linear(
+    py: Python<'_>,
+    shapes: Vec<(usize, usize)>,
+    layers: usize,
+    m: usize,
+    dtype: &str,
+    iters: usize,
+) -> PyResult<(Option<f64>, f64)> {
     let dtype = parse_dtype(dtype)?.unwrap_or(WeightDtype::F32);
     if shapes.is_empty() || layers == 0 || m == 0 {
         return Err(HoraeCoreError::new_err("bench_linear needs at least one shape, one layer and one row"));

@@ -1,7 +1,6 @@
 //! The `speculative={...}` dict that `Engine` and `simulate` take, parsed once, with every bad
 //! value a clear `HoraeCoreError` at configuration time.
 
-
 use horae_core::sched::{SpecConfig, MAX_SPEC_TOKENS};
 use horae_core::serving::SpecMethod;
 use horae_core::sim::Acceptance;
@@ -17,9 +16,20 @@ pub(crate) enum Choice {
     Simulated(Acceptance),
 }
 
-const ENGINE_KEYS: &[&str] =
-    &["method", "k_max", "adaptive", "prompt_lookup_min", "prompt_lookup_max", "model", "num_layers", "margin", "probe_every", "rechoose_every"];
-const SIM_KEYS: &[&str] = &["method", "k_max", "adaptive", "acceptance", "concentration", "margin", "probe_every", "rechoose_every"];
+const ENGINE_KEYS: &[&str] = &[
+    "method",
+    "k_max",
+    "adaptive",
+    "prompt_lookup_min",
+    "prompt_lookup_max",
+    "model",
+    "num_layers",
+    "margin",
+    "probe_every",
+    "rechoose_every",
+];
+const SIM_KEYS: &[&str] =
+    &["method", "k_max", "adaptive", "acceptance", "concentration", "margin", "probe_every", "rechoose_every"];
 
 pub(crate) fn parse(d: &Bound<'_, PyDict>, simulator: bool, seed: u64) -> PyResult<(SpecConfig, Choice)> {
     let err = |m: String| HoraeCoreError::new_err(format!("speculative: {m}"));

@@ -38,12 +38,7 @@ pub fn paged_attention(
     head_dim: usize,
     out: &mut [f32],
 ) {
-    let shape = AttnShape {
-        block_size,
-        num_heads,
-        num_kv_heads,
-        head_dim,
-    };
+    let shape = AttnShape { block_size, num_heads, num_kv_heads, head_dim };
     #[cfg(target_arch = "x86_64")]
     if head_dim % avx2::DIMS == 0
         && std::arch::is_x86_feature_detected!("avx2")
@@ -55,9 +50,7 @@ pub fn paged_attention(
         };
         return for_each_row(q, seqs, shape, out, kernel);
     }
-    for_each_row(q, seqs, shape, out, |q, s, pos, o| {
-        attend_row(q, s, pos, k_cache, v_cache, shape, o)
-    })
+    for_each_row(q, seqs, shape, out, |q, s, pos, o| attend_row(q, s, pos, k_cache, v_cache, shape, o))
 }
 
 /// Runs `kernel` on every row of the batch, in parallel: one task per row (all its heads) is
@@ -74,12 +67,10 @@ where
             owner[s.row + t] = (si, s.start + t);
         }
     }
-    out.par_chunks_mut(row_len)
-        .enumerate()
-        .for_each(|(row, o)| {
-            let (si, pos) = owner[row];
-            kernel(&q[row * row_len..(row + 1) * row_len], &seqs[si], pos, o)
-        });
+    out.par_chunks_mut(row_len).enumerate().for_each(|(row, o)| {
+        let (si, pos) = owner[row];
+        kernel(&q[row * row_len..(row + 1) * row_len], &seqs[si], pos, o)
+    });
 }
 
 /// Cache offset of the KV row of each position `0..len` of a sequence, computed once for all
@@ -87,12 +78,7 @@ where
 fn kv_offsets(s: &AttnSeq<'_>, len: usize, shape: &AttnShape) -> Vec<usize> {
     let kv_row = shape.num_kv_heads * shape.head_dim;
     let mut slots = Vec::with_capacity(len);
-    for (b, &block) in s
-        .block_table
-        .iter()
-        .enumerate()
-        .take(len.div_ceil(shape.block_size))
-    {
+    for (b, &block) in s.block_table.iter().enumerate().take(len.div_ceil(shape.block_size)) {
         let base = block as usize * shape.block_size;
         let n = shape.block_size.min(len - b * shape.block_size);
         slots.extend((base..base + n).map(|slot| slot * kv_row));
@@ -110,12 +96,7 @@ fn attend_row(
     shape: AttnShape,
     o: &mut [f32],
 ) {
-    let AttnShape {
-        num_heads,
-        num_kv_heads,
-        head_dim,
-        ..
-    } = shape;
+    let AttnShape { num_heads, num_kv_heads, head_dim, .. } = shape;
     let group = num_heads / num_kv_heads;
     let scale = 1.0 / (head_dim as f32).sqrt();
     let kv_row = num_kv_heads * head_dim;
@@ -207,19 +188,12 @@ mod avx2 {
         shape: AttnShape,
         o: &mut [f32],
     ) {
-        let AttnShape {
-            num_heads,
-            num_kv_heads,
-            head_dim,
-            ..
-        } = shape;
+        let AttnShape { num_heads, num_kv_heads, head_dim, .. } = shape;
         let group = num_heads / num_kv_heads;
         let scale = 1.0 / (head_dim as f32).sqrt();
         let len = pos + 1;
         let slots = kv_offsets(s, len, &shape);
-        assert!(slots
-            .last()
-            .is_some_and(|&l| l + num_kv_heads * head_dim <= k_cache.len().min(v_cache.len())));
+        assert!(slots.last().is_some_and(|&l| l + num_kv_heads * head_dim <= k_cache.len().min(v_cache.len())));
         assert!(q.len() == num_heads * head_dim && o.len() == q.len());
         let mut scores = vec![0.0f32; num_heads * len];
         for h in 0..num_heads {
@@ -232,16 +206,9 @@ mod avx2 {
                 let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
                 for d in (0..head_dim).step_by(16) {
                     unsafe {
-                        a0 = _mm256_fmadd_ps(
-                            _mm256_loadu_ps(qh.as_ptr().add(d)),
-                            _mm256_loadu_ps(k.add(d)),
-                            a0,
-                        );
-                        a1 = _mm256_fmadd_ps(
-                            _mm256_loadu_ps(qh.as_ptr().add(d + 8)),
-                            _mm256_loadu_ps(k.add(d + 8)),
-                            a1,
-                        );
+                        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qh.as_ptr().add(d)), _mm256_loadu_ps(k.add(d)), a0);
+                        a1 =
+                            _mm256_fmadd_ps(_mm256_loadu_ps(qh.as_ptr().add(d + 8)), _mm256_loadu_ps(k.add(d + 8)), a1);
                     }
                 }
                 *sc = hsum(_mm256_add_ps(a0, a1)) * scale;
@@ -287,12 +254,7 @@ mod tests {
             let val: Vec<f32> = (1..=hd).map(|i| i as f32).collect();
             v[bs * hd..bs * hd + hd].copy_from_slice(&val);
             let table = [1u32];
-            let seqs = [AttnSeq {
-                row: 0,
-                num_tokens: 1,
-                start: 0,
-                block_table: &table,
-            }];
+            let seqs = [AttnSeq { row: 0, num_tokens: 1, start: 0, block_table: &table }];
             let mut out = vec![0.0; hd];
             paged_attention(&q, &seqs, &k, &v, bs, 1, 1, hd, &mut out);
             assert_eq!(out, val);
@@ -301,11 +263,7 @@ mod tests {
 
     fn noise(len: usize, seed: u32) -> Vec<f32> {
         (0..len)
-            .map(|i| {
-                (((i as u32).wrapping_mul(2_654_435_761).wrapping_add(seed) >> 8) % 2001) as f32
-                    / 1000.0
-                    - 1.0
-            })
+            .map(|i| (((i as u32).wrapping_mul(2_654_435_761).wrapping_add(seed) >> 8) % 2001) as f32 / 1000.0 - 1.0)
             .collect()
     }
 
@@ -314,56 +272,28 @@ mod tests {
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn avx2_kernel_matches_reference() {
-        if !(std::arch::is_x86_feature_detected!("avx2")
-            && std::arch::is_x86_feature_detected!("fma"))
-        {
+        if !(std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")) {
             return; // nothing to compare on this CPU
         }
         for (nh, nkv, hd) in [(9, 3, 64), (4, 1, 128), (2, 2, 32)] {
             let (bs, blocks) = (16, 12);
-            let shape = AttnShape {
-                block_size: bs,
-                num_heads: nh,
-                num_kv_heads: nkv,
-                head_dim: hd,
-            };
+            let shape = AttnShape { block_size: bs, num_heads: nh, num_kv_heads: nkv, head_dim: hd };
             let kv = noise(blocks * bs * nkv * hd, 1);
             let vv = noise(blocks * bs * nkv * hd, 2);
             let (t0, t1, t2) = ([3u32, 0, 7], [5u32, 1, 9, 2, 11], [4u32]);
             // rows: 5 prefill tokens at positions 30..35, one decode at 70, one at 0.
             let seqs = [
-                AttnSeq {
-                    row: 0,
-                    num_tokens: 5,
-                    start: 30,
-                    block_table: &t0,
-                },
-                AttnSeq {
-                    row: 5,
-                    num_tokens: 1,
-                    start: 70,
-                    block_table: &t1,
-                },
-                AttnSeq {
-                    row: 6,
-                    num_tokens: 1,
-                    start: 0,
-                    block_table: &t2,
-                },
+                AttnSeq { row: 0, num_tokens: 5, start: 30, block_table: &t0 },
+                AttnSeq { row: 5, num_tokens: 1, start: 70, block_table: &t1 },
+                AttnSeq { row: 6, num_tokens: 1, start: 0, block_table: &t2 },
             ];
             let q: Vec<f32> = noise(7 * nh * hd, 3).iter().map(|x| 3.0 * x).collect();
             let (mut fast, mut slow) = (vec![0.0; q.len()], vec![0.0; q.len()]);
-            for_each_row(&q, &seqs, shape, &mut slow, |q, s, pos, o| {
-                attend_row(q, s, pos, &kv, &vv, shape, o)
-            });
+            for_each_row(&q, &seqs, shape, &mut slow, |q, s, pos, o| attend_row(q, s, pos, &kv, &vv, shape, o));
             for_each_row(&q, &seqs, shape, &mut fast, |q, s, pos, o| unsafe {
                 avx2::attend_row(q, s, pos, &kv, &vv, shape, o)
             });
-            let err = fast
-                .iter()
-                .zip(&slow)
-                .map(|(a, b)| (a - b).abs())
-                .fold(0.0f32, f32::max);
+            let err = fast.iter().zip(&slow).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
             assert!(err < 1e-5, "({nh}, {nkv}, {hd}): max error {err}");
         }
     }

@@ -82,7 +82,11 @@ impl PackedLinear {
         let np = n.div_ceil(NR);
         let at = |p: usize, kk: usize, j: usize| {
             let col = p * NR + j;
-            if col < n { w[col * k + kk] } else { 0.0 }
+            if col < n {
+                w[col * k + kk]
+            } else {
+                0.0
+            }
         };
         let panels = match dtype {
             WeightDtype::F32 => {
@@ -504,7 +508,9 @@ mod tests {
     }
 
     fn data(len: usize, seed: u32) -> Vec<f32> {
-        (0..len).map(|i| ((i as u32).wrapping_mul(2654435761).wrapping_add(seed) % 2001) as f32 / 1000.0 - 1.0).collect()
+        (0..len)
+            .map(|i| ((i as u32).wrapping_mul(2654435761).wrapping_add(seed) % 2001) as f32 / 1000.0 - 1.0)
+            .collect()
     }
 
     fn isas() -> Vec<Isa> {

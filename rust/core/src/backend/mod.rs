@@ -2,7 +2,7 @@
 //! will be checked against it.
 
 pub mod attention;
-pub mod cuda;
 pub mod cpu;
+pub mod cuda;
 pub mod gemm;
 pub mod simd;

@@ -27,24 +27,11 @@ pub fn exp8(x: __m256) -> __m256 {
     let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_359_4), x);
     let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.121_944_4e-4), r);
     let mut p = _mm256_set1_ps(1.987_569_1e-4);
-    for c in [
-        1.398_199_9e-3,
-        8.333_452e-3,
-        4.166_579_6e-2,
-        1.666_666_5e-1,
-        5.000_000_1e-1,
-    ] {
+    for c in [1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 5.000_000_1e-1] {
         p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
     }
-    let p = _mm256_fmadd_ps(
-        p,
-        _mm256_mul_ps(r, r),
-        _mm256_add_ps(r, _mm256_set1_ps(1.0)),
-    );
-    let pow2n = _mm256_slli_epi32::<23>(_mm256_add_epi32(
-        _mm256_cvtps_epi32(n),
-        _mm256_set1_epi32(127),
-    ));
+    let p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0)));
+    let pow2n = _mm256_slli_epi32::<23>(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)));
     _mm256_mul_ps(p, _mm256_castsi256_ps(pow2n))
 }
 
@@ -77,9 +64,7 @@ mod tests {
     #[test]
     fn exp8_is_accurate_over_the_softmax_range() {
         use std::arch::x86_64::*;
-        if !(std::arch::is_x86_feature_detected!("avx2")
-            && std::arch::is_x86_feature_detected!("fma"))
-        {
+        if !(std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")) {
             return;
         }
         let mut worst = 0.0f64;
@@ -88,11 +73,7 @@ mod tests {
             let mut out = [0.0f32; 8];
             unsafe { _mm256_storeu_ps(out.as_mut_ptr(), exp8(_mm256_set1_ps(x))) };
             let want = (x as f64).exp();
-            let rel = if want < 1e-37 {
-                out[0] as f64
-            } else {
-                (out[0] as f64 - want).abs() / want
-            };
+            let rel = if want < 1e-37 { out[0] as f64 } else { (out[0] as f64 - want).abs() / want };
             worst = worst.max(rel);
         }
         assert!(worst < 1e-6, "worst relative error {worst}");
@@ -100,9 +81,7 @@ mod tests {
 
     #[test]
     fn silu_mul_matches_scalar() {
-        if !(std::arch::is_x86_feature_detected!("avx2")
-            && std::arch::is_x86_feature_detected!("fma"))
-        {
+        if !(std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")) {
             return;
         }
         let gate: Vec<f32> = (0..37).map(|i| i as f32 * 0.7 - 12.0).collect();
@@ -111,11 +90,7 @@ mod tests {
         unsafe { silu_mul(&gate, &up, &mut out) };
         for i in 0..37 {
             let want = gate[i] / (1.0 + (-gate[i]).exp()) * up[i];
-            assert!(
-                (out[i] - want).abs() <= 1e-6 * want.abs().max(1.0),
-                "{i}: {} vs {want}",
-                out[i]
-            );
+            assert!((out[i] - want).abs() <= 1e-6 * want.abs().max(1.0), "{i}: {} vs {want}", out[i]);
         }
     }
 }

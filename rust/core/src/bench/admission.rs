@@ -8,8 +8,8 @@ use rand::{rngs::SmallRng, Rng, SeedableRng};
 
 use crate::sched::history::LengthHistory;
 use crate::sched::peak::{peak_of, Load};
-use crate::sched::{AdmissionPolicy, PoolView, SeqLoad, MAX_SCENARIOS};
 use crate::sched::PastFuture;
+use crate::sched::{AdmissionPolicy, PoolView, SeqLoad, MAX_SCENARIOS};
 
 #[derive(Debug, Clone, Copy)]
 pub struct AdmissionTiming {
@@ -85,7 +85,9 @@ pub fn admission_benchmark(running: usize, iters: usize, seed: u64) -> Admission
                 .iter()
                 .map(|s| Load {
                     held: s.held() as u64,
-                    remaining: u64::from(history.sample_conditional(s.generated as u32, 4096, &mut rng) - s.generated as u32),
+                    remaining: u64::from(
+                        history.sample_conditional(s.generated as u32, 4096, &mut rng) - s.generated as u32,
+                    ),
                 })
                 .collect();
             loads.push(Load { held: 500, remaining: u64::from(history.sample_unconditional(4096, &mut rng)) });
@@ -94,5 +96,10 @@ pub fn admission_benchmark(running: usize, iters: usize, seed: u64) -> Admission
         std::hint::black_box(worst);
     }
     let naive = t.elapsed().as_secs_f64() / iters as f64;
-    AdmissionTiming { running, first_decision_us: first * 1e6, next_decision_us: next * 1e6, naive_decision_us: naive * 1e6 }
+    AdmissionTiming {
+        running,
+        first_decision_us: first * 1e6,
+        next_decision_us: next * 1e6,
+        naive_decision_us: naive * 1e6,
+    }
 }

@@ -4,11 +4,11 @@
 
 use cudarc::driver::{CudaSlice, CudaStream};
 
-use crate::backend::cuda::device::Gpu;
-use crate::model::cuda_llama::{CudaLlama, KvBudget};
-use crate::backend::cuda::ops::{self, AttnDims, AttnIo, DecodeScratch, Dt, Ptr};
 use crate::backend::attention::AttnSeq;
+use crate::backend::cuda::device::Gpu;
+use crate::backend::cuda::ops::{self, AttnDims, AttnIo, DecodeScratch, Dt, Ptr};
 use crate::error::{HoraeError, Result};
+use crate::model::cuda_llama::{CudaLlama, KvBudget};
 use crate::model::llama::BatchInput;
 use crate::model::ModelConfig;
 
@@ -17,7 +17,12 @@ fn err(e: impl std::fmt::Debug) -> HoraeError {
 }
 
 /// Milliseconds per call of `f`, averaged over `iters` after `warmup` calls, by CUDA events.
-pub fn time_ms(stream: &std::sync::Arc<CudaStream>, warmup: usize, iters: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+pub fn time_ms(
+    stream: &std::sync::Arc<CudaStream>,
+    warmup: usize,
+    iters: usize,
+    mut f: impl FnMut() -> Result<()>,
+) -> Result<f64> {
     for _ in 0..warmup {
         f()?;
     }
@@ -54,7 +59,15 @@ pub struct AttnBench {
 
 /// Paged decode attention over `batch` sequences of `ctx` tokens each, bf16, in a pool whose
 /// blocks are handed out in shuffled order (as a long-running server's are).
-pub fn decode_attention(gpu: &Gpu, batch: usize, ctx: usize, heads: usize, kv_heads: usize, head_dim: usize, block_size: usize) -> Result<AttnBench> {
+pub fn decode_attention(
+    gpu: &Gpu,
+    batch: usize,
+    ctx: usize,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    block_size: usize,
+) -> Result<AttnBench> {
     let dt = Dt::Bf16;
     let blocks_per = ctx.div_ceil(block_size);
     let total = batch * blocks_per;
@@ -75,11 +88,23 @@ pub fn decode_attention(gpu: &Gpu, batch: usize, ctx: usize, heads: usize, kv_he
         gpu.stream.clone_htod(&vec![ctx as i32; batch]).map_err(err)?,
     );
     let dims = AttnDims { num_heads: heads, num_kv_heads: kv_heads, head_dim, block_size, max_blocks: blocks_per };
-    let mut scratch = DecodeScratch { out: gpu.stream.alloc_zeros(1).map_err(err)?, max: gpu.stream.alloc_zeros(1).map_err(err)?, sum: gpu.stream.alloc_zeros(1).map_err(err)? };
+    let mut scratch = DecodeScratch {
+        out: gpu.stream.alloc_zeros(1).map_err(err)?,
+        max: gpu.stream.alloc_zeros(1).map_err(err)?,
+        sum: gpu.stream.alloc_zeros(1).map_err(err)?,
+    };
     let p = |s: &CudaSlice<u16>| Ptr::of(gpu, s);
     let (qr, cl, bt) = (Ptr::of(gpu, &rows), Ptr::of(gpu, &ctxs), Ptr::of(gpu, &table));
     let ms = time_ms(&gpu.stream, 3, 20, || {
-        let io = AttnIo { out: p(&out), out_stride: heads * head_dim, q: p(&q), q_stride: heads * head_dim, k_cache: p(&k), v_cache: p(&v), block_tables: bt };
+        let io = AttnIo {
+            out: p(&out),
+            out_stride: heads * head_dim,
+            q: p(&q),
+            q_stride: heads * head_dim,
+            k_cache: p(&k),
+            v_cache: p(&v),
+            block_tables: bt,
+        };
         ops::paged_decode(gpu, dt, dims, io, qr, cl, batch, ctx, &mut scratch)
     })?;
     let kv_bytes = 2 * batch * ctx * kv_row * 2;
@@ -103,25 +128,44 @@ pub struct ModelBench {
 
 /// A random-weight model of `cfg`'s shapes: decode steps at each batch size with every sequence
 /// at context `ctx`, and one prefill of `prefill_tokens` tokens.
-pub fn model_throughput(gpu: Gpu, cfg: ModelConfig, batches: &[usize], ctx: usize, prefill_tokens: usize) -> Result<ModelBench> {
+pub fn model_throughput(
+    gpu: Gpu,
+    cfg: ModelConfig,
+    batches: &[usize],
+    ctx: usize,
+    prefill_tokens: usize,
+) -> Result<ModelBench> {
     let bs = 16;
     let max_batch = batches.iter().copied().max().unwrap_or(1);
     let blocks_per = (ctx + 1).div_ceil(bs);
     let kv_tokens = (max_batch * blocks_per).max(prefill_tokens.div_ceil(bs)) * bs;
     let name = gpu.name.clone();
-    let mut m = CudaLlama::random(gpu, cfg.clone(), Dt::Bf16, KvBudget::Tokens(kv_tokens), bs, prefill_tokens.max(max_batch), 7)?;
+    let mut m = CudaLlama::random(
+        gpu,
+        cfg.clone(),
+        Dt::Bf16,
+        KvBudget::Tokens(kv_tokens),
+        bs,
+        prefill_tokens.max(max_batch),
+        7,
+    )?;
     let copy = copy_gbps(&m.gpu, 1 << 30)?;
     let kv_per_token = m.kv_bytes_per_token();
     let params = m.matmul_params;
     let stream = m.gpu.stream.clone();
     let mut decode = Vec::new();
     for &b in batches {
-        let tables: Vec<Vec<u32>> = (0..b).map(|s| ((s * blocks_per) as u32..((s + 1) * blocks_per) as u32).collect()).collect();
+        let tables: Vec<Vec<u32>> =
+            (0..b).map(|s| ((s * blocks_per) as u32..((s + 1) * blocks_per) as u32).collect()).collect();
         let input = BatchInput {
             tokens: (0..b).map(|i| (i * 31 % cfg.vocab_size) as u32).collect(),
             positions: vec![ctx; b],
             slots: tables.iter().map(|t| t[ctx / bs] as usize * bs + ctx % bs).collect(),
-            seqs: tables.iter().enumerate().map(|(i, t)| AttnSeq { row: i, num_tokens: 1, start: ctx, block_table: t }).collect(),
+            seqs: tables
+                .iter()
+                .enumerate()
+                .map(|(i, t)| AttnSeq { row: i, num_tokens: 1, start: ctx, block_table: t })
+                .collect(),
             logit_rows: (0..b).collect(),
         };
         let ms = time_ms(&stream, 2, 10, || m.forward(&input))?;
@@ -136,5 +180,12 @@ pub fn model_throughput(gpu: Gpu, cfg: ModelConfig, batches: &[usize], ctx: usiz
         logit_rows: vec![prefill_tokens - 1],
     };
     let ms = time_ms(&stream, 1, 5, || m.forward(&input))?;
-    Ok(ModelBench { decode, prefill: (prefill_tokens, ms, prefill_tokens as f64 / (ms * 1e-3)), params, weight_bytes: m.weight_bytes, copy_gbps: copy, gpu: name })
+    Ok(ModelBench {
+        decode,
+        prefill: (prefill_tokens, ms, prefill_tokens as f64 / (ms * 1e-3)),
+        params,
+        weight_bytes: m.weight_bytes,
+        copy_gbps: copy,
+        gpu: name,
+    })
 }

@@ -40,10 +40,19 @@ pub fn measure_gemm_gflops(m: usize, n: usize, k: usize, iters: usize) -> f64 {
 /// repeated `layers` times with distinct weights, so weights come from memory as in a real step.
 /// Returns (faer on row-major weights, packed with `dtype`); faer is `None` for bf16, which it
 /// cannot take. Best of `iters` passes. This is how the packed kernel was chosen (docs/benchmarks.md).
-pub fn compare_with_faer(shapes: &[(usize, usize)], layers: usize, m: usize, dtype: WeightDtype, iters: usize) -> (Option<f64>, f64) {
+pub fn compare_with_faer(
+    shapes: &[(usize, usize)],
+    layers: usize,
+    m: usize,
+    dtype: WeightDtype,
+    iters: usize,
+) -> (Option<f64>, f64) {
     let dims: Vec<(usize, usize)> = (0..layers).flat_map(|_| shapes.iter().copied()).collect();
-    let weights: Vec<Vec<f32>> =
-        dims.iter().enumerate().map(|(l, &(n, k))| (0..n * k).map(|i| ((i + l) % 13) as f32 * 0.01 - 0.06).collect()).collect();
+    let weights: Vec<Vec<f32>> = dims
+        .iter()
+        .enumerate()
+        .map(|(l, &(n, k))| (0..n * k).map(|i| ((i + l) % 13) as f32 * 0.01 - 0.06).collect())
+        .collect();
     let xs: Vec<Vec<f32>> = dims.iter().map(|&(_, k)| (0..m * k).map(|i| (i % 7) as f32 * 0.1).collect()).collect();
     let mut outs: Vec<Vec<f32>> = dims.iter().map(|&(n, _)| vec![0.0; m * n]).collect();
     let flops: f64 = dims.iter().map(|&(n, k)| 2.0 * (m * n * k) as f64).sum();
@@ -63,7 +72,8 @@ pub fn compare_with_faer(shapes: &[(usize, usize)], layers: usize, m: usize, dty
         let best = time(&mut |i, out| linear(&xs[i], m, dims[i].1, &weights[i], dims[i].0, out));
         flops / best / 1e9
     });
-    let packed: Vec<PackedLinear> = weights.iter().zip(&dims).map(|(w, &(n, k))| PackedLinear::new(w, n, k, dtype)).collect();
+    let packed: Vec<PackedLinear> =
+        weights.iter().zip(&dims).map(|(w, &(n, k))| PackedLinear::new(w, n, k, dtype)).collect();
     drop(weights);
     let best = time(&mut |i, out| packed[i].forward(&xs[i], m, out));
     (faer, flops / best / 1e9)
@@ -88,4 +98,3 @@ mod tests {
         }
     }
 }
-

@@ -158,7 +158,12 @@ impl Engine {
                     if let Ok(r) = self.sched.finish(s.id, FinishReason::Error, self.clock.now()) {
                         self.executor.release(s.id);
                         let error = Some(msg.clone());
-                        result.outputs.push(RequestOutput { id: s.id, finish_reason: Some(FinishReason::Error), error, ..Default::default() });
+                        result.outputs.push(RequestOutput {
+                            id: s.id,
+                            finish_reason: Some(FinishReason::Error),
+                            error,
+                            ..Default::default()
+                        });
                         result.finished.push(r);
                     }
                 }

@@ -27,10 +27,7 @@ pub fn find_stop_string(text: &str, before: usize, stops: &[String]) -> Option<(
     while !text.is_char_boundary(from) {
         from -= 1;
     }
-    stops
-        .iter()
-        .filter_map(|s| text[from..].find(s.as_str()).map(|i| (from + i, s.clone())))
-        .min_by_key(|(i, _)| *i)
+    stops.iter().filter_map(|s| text[from..].find(s.as_str()).map(|i| (from + i, s.clone()))).min_by_key(|(i, _)| *i)
 }
 
 #[cfg(test)]

@@ -36,9 +36,7 @@ pub struct KvManager {
 impl KvManager {
     pub fn new(num_blocks: usize, block_size: usize, prefix_caching: bool) -> Result<Self> {
         if !(1..=256).contains(&block_size) {
-            return Err(HoraeError::InvalidConfig(format!(
-                "block_size must be between 1 and 256, got {block_size}"
-            )));
+            return Err(HoraeError::InvalidConfig(format!("block_size must be between 1 and 256, got {block_size}")));
         }
         Ok(Self { pool: BlockPool::new(num_blocks)?, block_size, prefix_caching, tables: HashMap::default() })
     }
@@ -128,8 +126,7 @@ impl KvManager {
     }
 
     fn last_block_is_shared_partial(&self, t: &BlockTable) -> bool {
-        t.num_tokens % self.block_size != 0
-            && t.blocks.last().is_some_and(|&b| self.pool.ref_count(b) > 1)
+        t.num_tokens % self.block_size != 0 && t.blocks.last().is_some_and(|&b| self.pool.ref_count(b) > 1)
     }
 
     /// Give `seq` slots for `n` more tokens. All or nothing: on `OutOfBlocks` nothing changed.

@@ -7,13 +7,13 @@ use std::path::Path;
 
 use cudarc::driver::{CudaSlice, DeviceRepr, ValidAsZeroBits};
 
-use crate::backend::cuda::device::Gpu;
-use crate::backend::cuda::ops::{self, AttnDims, AttnIo, DecodeScratch, Dt, Ptr, PrefillMeta, PREFILL_TILE};
 use crate::backend::attention::AttnSeq;
+use crate::backend::cuda::device::Gpu;
+use crate::backend::cuda::ops::{self, AttnDims, AttnIo, DecodeScratch, Dt, PrefillMeta, Ptr, PREFILL_TILE};
+use crate::error::{HoraeError, Result};
 use crate::model::llama::BatchInput;
 use crate::model::weights::{names, Weights};
 use crate::model::ModelConfig;
-use crate::error::{HoraeError, Result};
 
 struct Layer {
     input_norm: CudaSlice<f32>,
@@ -87,9 +87,9 @@ fn alloc<T: DeviceRepr + ValidAsZeroBits>(gpu: &Gpu, n: usize, what: &str, flag:
 }
 
 fn upload<T: DeviceRepr>(gpu: &Gpu, host: &[T], what: &str) -> Result<CudaSlice<T>> {
-    gpu.stream
-        .clone_htod(host)
-        .map_err(|_| oom(what, std::mem::size_of_val(host), gpu, "use a smaller model or free the GPU (weights cannot shrink)"))
+    gpu.stream.clone_htod(host).map_err(|_| {
+        oom(what, std::mem::size_of_val(host), gpu, "use a smaller model or free the GPU (weights cannot shrink)")
+    })
 }
 
 /// Where weights come from: a checkpoint, or random values generated on the GPU (benchmarks).
@@ -143,12 +143,29 @@ impl CudaLlama {
     }
 
     /// A model of `cfg`'s shapes with random weights made on the GPU (benchmarks, tests).
-    pub fn random(gpu: Gpu, cfg: ModelConfig, dt: Dt, budget: KvBudget, block_size: usize, max_tokens: usize, seed: u64) -> Result<Self> {
+    pub fn random(
+        gpu: Gpu,
+        cfg: ModelConfig,
+        dt: Dt,
+        budget: KvBudget,
+        block_size: usize,
+        max_tokens: usize,
+        seed: u64,
+    ) -> Result<Self> {
         Self::build(gpu, cfg, Source::Random { seed }, dt, budget, block_size, max_tokens)
     }
 
-    fn build(gpu: Gpu, cfg: ModelConfig, mut src: Source, dt: Dt, budget: KvBudget, block_size: usize, max_tokens: usize) -> Result<Self> {
-        let (h, hd, nh, nkv, inter) = (cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads, cfg.intermediate_size);
+    fn build(
+        gpu: Gpu,
+        cfg: ModelConfig,
+        mut src: Source,
+        dt: Dt,
+        budget: KvBudget,
+        block_size: usize,
+        max_tokens: usize,
+    ) -> Result<Self> {
+        let (h, hd, nh, nkv, inter) =
+            (cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads, cfg.intermediate_size);
         // Fail before any weight is uploaded if the shapes have no kernels.
         AttnDims { num_heads: nh, num_kv_heads: nkv, head_dim: hd, block_size, max_blocks: 1 }.check(true)?;
         let n = |s: &str, r: usize| (s.to_string(), r);
@@ -158,7 +175,10 @@ impl CudaLlama {
             let p = |s: &str| names::layer(i, s);
             let qkv_names = [(p(names::Q), nh * hd), (p(names::K), nkv * hd), (p(names::V), nkv * hd)];
             let qkv_bias = if cfg.qkv_bias {
-                Some(src.vector(&gpu, &[(p(names::Q_BIAS), nh * hd), (p(names::K_BIAS), nkv * hd), (p(names::V_BIAS), nkv * hd)])?)
+                Some(src.vector(
+                    &gpu,
+                    &[(p(names::Q_BIAS), nh * hd), (p(names::K_BIAS), nkv * hd), (p(names::V_BIAS), nkv * hd)],
+                )?)
             } else {
                 None
             };
@@ -184,7 +204,11 @@ impl CudaLlama {
         let weight_bytes = 2 * (layer_params + embed.len() + lm_head.as_ref().map_or(0, |l| l.len()));
         let matmul_params = layer_params + head_params;
         let mut model = Self {
-            decode_scratch: DecodeScratch { out: alloc(&gpu, 1, "scratch", "")?, max: alloc(&gpu, 1, "scratch", "")?, sum: alloc(&gpu, 1, "scratch", "")? },
+            decode_scratch: DecodeScratch {
+                out: alloc(&gpu, 1, "scratch", "")?,
+                max: alloc(&gpu, 1, "scratch", "")?,
+                sum: alloc(&gpu, 1, "scratch", "")?,
+            },
             logits: alloc(&gpu, 1, "logits", "")?,
             cfg,
             dt,
@@ -206,7 +230,8 @@ impl CudaLlama {
         model.ensure_activations(max_tokens)?;
         // Grown on demand; most steps sample one row per running sequence.
         let logits_rows = max_tokens.min(256);
-        model.logits = alloc(&model.gpu, logits_rows * model.cfg.vocab_size, "the logits buffer", "lower max_batched_tokens")?;
+        model.logits =
+            alloc(&model.gpu, logits_rows * model.cfg.vocab_size, "the logits buffer", "lower max_batched_tokens")?;
         model.allocate_kv(budget)?;
         Ok(model)
     }
@@ -334,7 +359,13 @@ impl CudaLlama {
         let qkv_n = (nh + 2 * nkv) * hd;
         let row = nkv * hd;
         ops::embedding(g, dt, res, Ptr::of(g, &self.embed), at(meta.tokens), t, h, vocab)?;
-        let dims = |max_blocks| AttnDims { num_heads: nh, num_kv_heads: nkv, head_dim: hd, block_size: self.block_size, max_blocks };
+        let dims = |max_blocks| AttnDims {
+            num_heads: nh,
+            num_kv_heads: nkv,
+            head_dim: hd,
+            block_size: self.block_size,
+            max_blocks,
+        };
         let prefill = PrefillMeta {
             tile_seq: at(meta.tile_seq),
             tile_q0: at(meta.tile_q0),
@@ -355,13 +386,37 @@ impl CudaLlama {
             let (kc, vc) = (Ptr::of(g, &self.k_cache[li]), Ptr::of(g, &self.v_cache[li]));
             let (k, v) = (qkv.offset::<u16>(nh * hd), qkv.offset::<u16>(nh * hd + row));
             ops::reshape_and_cache(g, kc, vc, k, v, qkv_n, Ptr::of(g, &slots), t, row)?;
-            let io = AttnIo { out: attn, out_stride: nh * hd, q: qkv, q_stride: qkv_n, k_cache: kc, v_cache: vc, block_tables: at(meta.d_tables) };
+            let io = AttnIo {
+                out: attn,
+                out_stride: nh * hd,
+                q: qkv,
+                q_stride: qkv_n,
+                k_cache: kc,
+                v_cache: vc,
+                block_tables: at(meta.d_tables),
+            };
             if meta.decode_seqs > 0 {
                 let scratch = &mut self.decode_scratch;
-                ops::paged_decode(g, dt, dims(meta.d_width), io, at(meta.d_rows), at(meta.d_ctx), meta.decode_seqs, meta.d_max_ctx, scratch)?;
+                ops::paged_decode(
+                    g,
+                    dt,
+                    dims(meta.d_width),
+                    io,
+                    at(meta.d_rows),
+                    at(meta.d_ctx),
+                    meta.decode_seqs,
+                    meta.d_max_ctx,
+                    scratch,
+                )?;
             }
             if meta.tiles > 0 {
-                ops::prefill_attention(g, dt, dims(meta.p_width), AttnIo { block_tables: at(meta.p_tables), ..io }, &prefill)?;
+                ops::prefill_attention(
+                    g,
+                    dt,
+                    dims(meta.p_width),
+                    AttnIo { block_tables: at(meta.p_tables), ..io },
+                    &prefill,
+                )?;
             }
             ops::linear(g, dt, attn, t, nh * hd, Ptr::of(g, &l.o), h, proj, false)?;
             ops::add_rms_norm(g, dt, normed, res, proj, Ptr::of(g, &l.post_norm), Ptr::NULL, t, h, eps)?;

@@ -105,13 +105,17 @@ impl LlamaModel {
         let mut cfg = ModelConfig::from_dir(dir)?;
         if let Some(n) = layers {
             if n == 0 || n > cfg.num_layers {
-                return Err(HoraeError::InvalidConfig(format!("the model has {} layers; cannot keep {n}", cfg.num_layers)));
+                return Err(HoraeError::InvalidConfig(format!(
+                    "the model has {} layers; cannot keep {n}",
+                    cfg.num_layers
+                )));
             }
             cfg.num_layers = n;
         }
         let dtype = dtype.unwrap_or(cfg.default_dtype());
         let mut w = Weights::load(dir)?;
-        let (h, hd, nh, nkv, inter) = (cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads, cfg.intermediate_size);
+        let (h, hd, nh, nkv, inter) =
+            (cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads, cfg.intermediate_size);
         let pack = |data: Vec<f32>, n: usize, k: usize| PackedLinear::new(&data, n, k, dtype);
         let embed = pack(w.take(names::EMBED, &[cfg.vocab_size, h])?, cfg.vocab_size, h);
         let mut layers = Vec::with_capacity(cfg.num_layers);
@@ -161,7 +165,10 @@ impl LlamaModel {
         for (row, &tok) in x.chunks_exact_mut(h).zip(&input.tokens) {
             let tok = tok as usize;
             if tok >= c.vocab_size {
-                return Err(HoraeError::Executor(format!("token id {tok} is outside the vocabulary ({})", c.vocab_size)));
+                return Err(HoraeError::Executor(format!(
+                    "token id {tok} is outside the vocabulary ({})",
+                    c.vocab_size
+                )));
             }
             self.embed.row(tok, row);
         }
@@ -190,7 +197,17 @@ impl LlamaModel {
                 cache.k[li][slot * row..(slot + 1) * row].copy_from_slice(&k[r * row..(r + 1) * row]);
                 cache.v[li][slot * row..(slot + 1) * row].copy_from_slice(&v[r * row..(r + 1) * row]);
             }
-            attention::paged_attention(&q, &input.seqs, &cache.k[li], &cache.v[li], cache.block_size, nh, nkv, hd, &mut attn);
+            attention::paged_attention(
+                &q,
+                &input.seqs,
+                &cache.k[li],
+                &cache.v[li],
+                cache.block_size,
+                nh,
+                nkv,
+                hd,
+                &mut attn,
+            );
             l.o.forward(&attn, t, &mut proj);
             x.iter_mut().zip(&proj).for_each(|(a, b)| *a += b);
 

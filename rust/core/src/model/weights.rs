@@ -81,7 +81,12 @@ impl Weights {
                     Dtype::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
                     Dtype::BF16 => bytes.chunks_exact(2).map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
                     Dtype::F16 => bytes.chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
-                    other => return Err(model_err(format!("{}: tensor {name} has unsupported dtype {other:?}", path.display()))),
+                    other => {
+                        return Err(model_err(format!(
+                            "{}: tensor {name} has unsupported dtype {other:?}",
+                            path.display()
+                        )))
+                    }
                 };
                 tensors.insert(name, (view.shape().to_vec(), data));
             }

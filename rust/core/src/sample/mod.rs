@@ -105,8 +105,17 @@ impl SamplingParams {
 
     /// The field a `validate` message is about (its first word), for errors that name it.
     pub fn field_of(message: &str) -> &'static str {
-        const FIELDS: [&str; 9] = ["temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty",
-            "frequency_penalty", "prompt_logprobs", "logprobs", "top_k"];
+        const FIELDS: [&str; 9] = [
+            "temperature",
+            "top_p",
+            "min_p",
+            "repetition_penalty",
+            "presence_penalty",
+            "frequency_penalty",
+            "prompt_logprobs",
+            "logprobs",
+            "top_k",
+        ];
         FIELDS.iter().find(|f| message.starts_with(*f)).copied().unwrap_or("sampling")
     }
 
@@ -297,7 +306,12 @@ mod tests {
     #[test]
     fn penalties() {
         let mut l = vec![2.0, -2.0, 1.0];
-        let p = SamplingParams { repetition_penalty: 2.0, presence_penalty: 0.5, frequency_penalty: 0.25, ..Default::default() };
+        let p = SamplingParams {
+            repetition_penalty: 2.0,
+            presence_penalty: 0.5,
+            frequency_penalty: 0.25,
+            ..Default::default()
+        };
         apply_penalties(&mut l, &p, &[0], &[1, 1]);
         assert_eq!(l, vec![1.0, -4.0 - 0.5 - 0.5, 1.0]);
         assert!(SamplingParams { top_p: 1.5, ..Default::default() }.validate().is_err());

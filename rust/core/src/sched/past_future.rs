@@ -39,7 +39,11 @@ fn scenario_count(batch: usize) -> usize {
 impl PastFuture {
     pub fn new(history_window: usize, max_output_bound: usize, reserve: f64, seed: u64) -> Self {
         let history = LengthHistory::new(history_window, max_output_bound.min(u32::MAX as usize) as u32);
-        Self { lengths: Lengths::Sampled { history, rng: SmallRng::seed_from_u64(seed) }, reserve, scenarios: Vec::new() }
+        Self {
+            lengths: Lengths::Sampled { history, rng: SmallRng::seed_from_u64(seed) },
+            reserve,
+            scenarios: Vec::new(),
+        }
     }
 
     pub fn oracle(true_lengths: TrueLengths, reserve: f64) -> Self {

@@ -1,8 +1,8 @@
 //! The admission seam: the one decision on which the four schedulers differ. Everything else
 //! (continuous batching, chunked prefill, preemption) is shared in [`super::Scheduler`].
 
-pub use crate::request::MAX_SCENARIOS;
 use crate::request::ReqId;
+pub use crate::request::MAX_SCENARIOS;
 
 /// What a policy may know about a request: never its true output length.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

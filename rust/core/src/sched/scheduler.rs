@@ -40,7 +40,9 @@ pub fn check_fits(prompt_len: usize, max_tokens: usize, capacity_tokens: usize) 
         return Err("max_tokens must be at least 1".into());
     }
     if prompt_len.saturating_add(max_tokens) > capacity_tokens {
-        return Err(format!("prompt ({prompt_len}) + max_tokens ({max_tokens}) exceeds the whole KV pool ({capacity_tokens} tokens)"));
+        return Err(format!(
+            "prompt ({prompt_len}) + max_tokens ({max_tokens}) exceeds the whole KV pool ({capacity_tokens} tokens)"
+        ));
     }
     Ok(())
 }
@@ -133,7 +135,13 @@ impl Scheduler {
 
     fn load_of(&self, id: ReqId) -> SeqLoad {
         let r = &self.requests[&id];
-        SeqLoad { id, prompt_len: r.prompt_len(), generated: r.output.len(), max_tokens: r.max_tokens, forecast: r.forecast }
+        SeqLoad {
+            id,
+            prompt_len: r.prompt_len(),
+            generated: r.output.len(),
+            max_tokens: r.max_tokens,
+            forecast: r.forecast,
+        }
     }
 
     pub fn schedule(&mut self, now: f64) -> StepPlan {

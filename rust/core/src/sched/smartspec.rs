@@ -130,7 +130,18 @@ impl SpecController {
         let alpha = cfg.alpha_init;
         let stats = SpecStats { alpha, ..Default::default() };
         let probe_gap = cfg.probe_every as u64;
-        Ok(Self { cfg, alpha, samples: VecDeque::new(), coef: None, since_fit: 0, step: 0, chosen: 0, last_probe: 0, probe_gap, stats })
+        Ok(Self {
+            cfg,
+            alpha,
+            samples: VecDeque::new(),
+            coef: None,
+            since_fit: 0,
+            step: 0,
+            chosen: 0,
+            last_probe: 0,
+            probe_gap,
+            stats,
+        })
     }
 
     pub fn config(&self) -> &SpecConfig {
@@ -162,7 +173,13 @@ impl SpecController {
     /// proposal, capped by what it may still generate); `base` is the step without drafts;
     /// `fits(k)` says whether the drafts' extra KV fits the pool; `others_sampling` counts the
     /// sequences that emit one token without drafting (prefill ends).
-    pub fn choose(&mut self, draft_lens: &[usize], base: StepFeatures, others_sampling: usize, fits: impl Fn(usize) -> bool) -> usize {
+    pub fn choose(
+        &mut self,
+        draft_lens: &[usize],
+        base: StepFeatures,
+        others_sampling: usize,
+        fits: impl Fn(usize) -> bool,
+    ) -> usize {
         self.step += 1;
         let k_max = self.cfg.k_max;
         let largest_fitting = || (0..=k_max).rev().find(|&k| fits(k)).unwrap_or(0);
@@ -184,7 +201,9 @@ impl SpecController {
             // Steps of a different batch size count less too: a small batch's drafts are nearly
             // free on a machine where a big batch's cost a whole token each.
             let seqs = base.num_seqs.max(1.0);
-            let near = |x: &[f64; 4], lo: f64, hi: f64, sigma: f64| locality(x[2], lo, hi, sigma) * locality(x[3], seqs, seqs, 1.0);
+            let near = |x: &[f64; 4], lo: f64, hi: f64, sigma: f64| {
+                locality(x[2], lo, hi, sigma) * locality(x[3], seqs, seqs, 1.0)
+            };
             let span = fit_nonnegative(&self.samples, |x| near(x, lo, hi, 1.0)).or(self.coef).expect("fitted");
             // Each candidate is predicted by the steps measured near its own size where there
             // are enough of them, else by the fit over the whole span.
@@ -207,7 +226,8 @@ impl SpecController {
                 tokens / predict(&shape)
             };
             let none = score(0);
-            let (best_k, best) = (1..=k_max).map(|k| (k, score(k))).fold((0, none), |a, b| if b.1 > a.1 { b } else { a });
+            let (best_k, best) =
+                (1..=k_max).map(|k| (k, score(k))).fold((0, none), |a, b| if b.1 > a.1 { b } else { a });
             let chosen = if best_k > 0 && best >= none * (1.0 + self.cfg.margin) { best_k } else { 0 };
             if chosen != self.chosen {
                 self.probe_gap = self.cfg.probe_every as u64;
@@ -272,7 +292,13 @@ impl SpecController {
 /// tokens: 1 inside, falling off as a Gaussian in log2 distance outside, of width `sigma`.
 fn locality(tokens: f64, lo: f64, hi: f64, sigma: f64) -> f64 {
     let t = tokens.max(1.0);
-    let d = if t < lo { (lo / t).log2() } else if t > hi { (t / hi).log2() } else { 0.0 } / sigma;
+    let d = if t < lo {
+        (lo / t).log2()
+    } else if t > hi {
+        (t / hi).log2()
+    } else {
+        0.0
+    } / sigma;
     (-0.5 * d * d).exp()
 }
 
@@ -359,7 +385,12 @@ mod tests {
         let mut run = |c: &mut SpecController, batch: usize, accept: f64| -> Vec<usize> {
             let mut ks = Vec::new();
             for _ in 0..60 {
-                let base = StepFeatures { context_tokens: 500.0 * batch as f64, num_tokens: batch as f64, num_seqs: batch as f64, ..Default::default() };
+                let base = StepFeatures {
+                    context_tokens: 500.0 * batch as f64,
+                    num_tokens: batch as f64,
+                    num_seqs: batch as f64,
+                    ..Default::default()
+                };
                 let k = c.choose(&vec![4; batch], base, 0, |_| true);
                 let shape = StepFeatures { num_tokens: (batch * (k + 1)) as f64, ..base };
                 c.observe_step(shape, time(&shape));
@@ -373,7 +404,13 @@ mod tests {
                     accepted += a;
                     rejections += usize::from(a < k);
                 }
-                let j = Judged { sequences: if k > 0 { batch } else { 0 }, drafted: batch * k, accepted, rejections, ..Default::default() };
+                let j = Judged {
+                    sequences: if k > 0 { batch } else { 0 },
+                    drafted: batch * k,
+                    accepted,
+                    rejections,
+                    ..Default::default()
+                };
                 c.observe_acceptance(j);
                 ks.push(k);
             }

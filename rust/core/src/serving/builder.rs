@@ -146,7 +146,9 @@ pub fn build(args: EngineArgs) -> Result<(EngineHandle, EngineInfo)> {
         Device::Cpu => None,
     };
     let dtype = if gpu_dtype.is_some() { None } else { parse_cpu_dtype(&args.dtype)? };
-    if matches!(device, Device::Cuda(_)) && matches!(args.speculative.as_ref().map(|s| &s.method), Some(SpecMethod::Draft { .. })) {
+    if matches!(device, Device::Cuda(_))
+        && matches!(args.speculative.as_ref().map(|s| &s.method), Some(SpecMethod::Draft { .. }))
+    {
         // The draft model runs on the CPU with a KV cache as large as the target's pool, which on
         // a GPU is millions of tokens.
         return Err(HoraeError::InvalidConfig(
@@ -182,7 +184,8 @@ pub fn build(args: EngineArgs) -> Result<(EngineHandle, EngineInfo)> {
     let mut exec = match (device, gpu_dtype) {
         (Device::Cuda(ordinal), Some(dt)) => {
             let budget = args.kv_cache_tokens.map_or(KvBudget::MemoryFraction(g), KvBudget::Tokens);
-            let model = CudaLlama::load(Gpu::open(ordinal)?, dir, dt, budget, args.block_size, args.max_batched_tokens)?;
+            let model =
+                CudaLlama::load(Gpu::open(ordinal)?, dir, dt, budget, args.block_size, args.max_batched_tokens)?;
             ModelExecutor::on_gpu(dir, model)
         }
         _ => ModelExecutor::load(dir, dtype, cfg.kv_cache_tokens / args.block_size, args.block_size)?,
@@ -194,7 +197,16 @@ pub fn build(args: EngineArgs) -> Result<(EngineHandle, EngineInfo)> {
         Some((SpecMethod::Draft { model, num_layers }, k_max)) => {
             let draft_dir = model.unwrap_or_else(|| dir.clone());
             let vocab = exec.cfg.vocab_size;
-            let draft = DraftModel::load(&draft_dir, dtype, num_layers, vocab, blocks, args.block_size, args.max_num_seqs, k_max)?;
+            let draft = DraftModel::load(
+                &draft_dir,
+                dtype,
+                num_layers,
+                vocab,
+                blocks,
+                args.block_size,
+                args.max_num_seqs,
+                k_max,
+            )?;
             exec.set_proposer(Proposer::Draft(Box::new(draft)));
         }
         None => {}
@@ -205,11 +217,8 @@ pub fn build(args: EngineArgs) -> Result<(EngineHandle, EngineInfo)> {
     let cpu_model = exec.cpu_model();
     let (device_name, dtype_name) = (exec.device(), exec.dtype_name());
     let sched = Scheduler::new(cfg, None)?;
-    let limits = RequestLimits {
-        vocab_size: config.vocab_size,
-        max_model_len,
-        pool_tokens: sched.kv().capacity_tokens(),
-    };
+    let limits =
+        RequestLimits { vocab_size: config.vocab_size, max_model_len, pool_tokens: sched.kv().capacity_tokens() };
     let kv_cache_tokens = limits.pool_tokens;
     let engine = Engine::new(sched, Box::new(exec), Box::new(WallClock::default())).with_tokenizer(tokenizer.clone());
     let info = EngineInfo {

@@ -76,7 +76,12 @@ impl Shared {
         for (id, spec) in inbox.adds {
             if let Err(e) = st.engine.add_request_with_id(id, spec) {
                 let error = Some(e.to_string());
-                st.refused.push(RequestOutput { id, finish_reason: Some(FinishReason::Error), error, ..Default::default() });
+                st.refused.push(RequestOutput {
+                    id,
+                    finish_reason: Some(FinishReason::Error),
+                    error,
+                    ..Default::default()
+                });
             }
         }
         for id in inbox.aborts {
@@ -148,7 +153,12 @@ pub struct EngineHandle {
 impl EngineHandle {
     pub fn new(engine: Engine, limits: RequestLimits) -> Self {
         let state = EngineState { engine, refused: Vec::new(), preemptions: 0, step_log: Vec::new() };
-        let shared = Shared { state: Mutex::new(state), inbox: Mutex::default(), wake: Condvar::new(), stop: AtomicBool::new(false) };
+        let shared = Shared {
+            state: Mutex::new(state),
+            inbox: Mutex::default(),
+            wake: Condvar::new(),
+            stop: AtomicBool::new(false),
+        };
         Self { shared: Arc::new(shared), limits, next_id: AtomicU64::new(0), looper: Mutex::new(None) }
     }
 
@@ -199,7 +209,9 @@ impl EngineHandle {
     /// One step on the caller's thread (not while the loop runs).
     pub fn step(&self) -> Result<StepEvents> {
         if self.looping() {
-            return Err(HoraeError::InvalidConfig("the background loop is running this engine; step() is not available".into()));
+            return Err(HoraeError::InvalidConfig(
+                "the background loop is running this engine; step() is not available".into(),
+            ));
         }
         self.shared.step()
     }

@@ -52,7 +52,10 @@ impl RequestParams {
             return Err(invalid_at("prompt", format!("prompt token id {bad} is outside the vocabulary (0..{vocab})")));
         }
         if let Some(bad) = self.stop_token_ids.iter().find(|&&t| t < 0 || t >= vocab) {
-            return Err(invalid_at("stop_token_ids", format!("stop_token_ids: {bad} is outside the vocabulary (0..{vocab})")));
+            return Err(invalid_at(
+                "stop_token_ids",
+                format!("stop_token_ids: {bad} is outside the vocabulary (0..{vocab})"),
+            ));
         }
         if self.stop.iter().any(|s| s.is_empty()) {
             return Err(invalid_at("stop", "stop strings must not be empty".into()));
@@ -61,16 +64,25 @@ impl RequestParams {
         // What one request may hold: the context, or the KV pool where that is smaller (a request
         // larger than the whole pool could never run). Refused, never silently capped.
         let limit = ctx.min(limits.pool_tokens);
-        let pool_note = if limits.pool_tokens < ctx { format!(" (the KV pool holds {} tokens)", limits.pool_tokens) } else { String::new() };
+        let pool_note = if limits.pool_tokens < ctx {
+            format!(" (the KV pool holds {} tokens)", limits.pool_tokens)
+        } else {
+            String::new()
+        };
         if n >= limit {
-            return Err(invalid_at("prompt", format!(
-                "this model's maximum context length is {limit} tokens{pool_note}, but the prompt has {n} tokens"
-            )));
+            return Err(invalid_at(
+                "prompt",
+                format!(
+                    "this model's maximum context length is {limit} tokens{pool_note}, but the prompt has {n} tokens"
+                ),
+            ));
         }
         let max_tokens = match self.max_tokens {
             // Up to the end of the context.
             None => limit - n,
-            Some(m) if m < 1 => return Err(invalid_at("max_tokens", format!("max_tokens must be at least 1, got {m}"))),
+            Some(m) if m < 1 => {
+                return Err(invalid_at("max_tokens", format!("max_tokens must be at least 1, got {m}")))
+            }
             Some(m) => usize::try_from(m).unwrap_or(usize::MAX),
         };
         if n.saturating_add(max_tokens) > limit {
@@ -97,7 +109,10 @@ impl RequestParams {
             e => e,
         })?;
         if sampling.min_tokens > max_tokens {
-            return Err(invalid_at("min_tokens", format!("min_tokens ({}) must not exceed max_tokens ({max_tokens})", sampling.min_tokens)));
+            return Err(invalid_at(
+                "min_tokens",
+                format!("min_tokens ({}) must not exceed max_tokens ({max_tokens})", sampling.min_tokens),
+            ));
         }
         Ok(RequestSpec {
             prompt: Prompt::Tokens(self.prompt_token_ids.iter().map(|&t| t as u32).collect()),
@@ -105,7 +120,10 @@ impl RequestParams {
             ignore_eos: self.ignore_eos,
             arrival: None,
             sampling,
-            stop: StopCriteria { token_ids: self.stop_token_ids.iter().map(|&t| t as u32).collect(), strings: self.stop },
+            stop: StopCriteria {
+                token_ids: self.stop_token_ids.iter().map(|&t| t as u32).collect(),
+                strings: self.stop,
+            },
         })
     }
 }

@@ -11,8 +11,8 @@
 use serde::{Deserialize, Serialize};
 
 use crate::error::{HoraeError, Result};
-pub use crate::stepcost::StepFeatures;
 use crate::stepcost::solve;
+pub use crate::stepcost::StepFeatures;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ModelSpec {
@@ -109,9 +109,14 @@ fn cost_row(f: &StepFeatures) -> [f64; 4] {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum CostModel {
-    Roofline { model: ModelSpec, hardware: HardwareSpec },
+    Roofline {
+        model: ModelSpec,
+        hardware: HardwareSpec,
+    },
     /// `t = c0 + c1 * num_tokens + c2 * num_seqs + c3 * attention_pairs`.
-    Linear { coef: [f64; 4] },
+    Linear {
+        coef: [f64; 4],
+    },
 }
 
 impl CostModel {
@@ -180,7 +185,7 @@ impl CostModel {
 
 #[cfg(test)]
 mod tests {
-use super::*;
+    use super::*;
 
     fn decode(seqs: usize, ctx: usize) -> StepFeatures {
         let (s, c) = (seqs as f64, ctx as f64);

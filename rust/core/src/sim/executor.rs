@@ -40,7 +40,8 @@ impl Acceptance {
     /// Request `id`'s acceptance rate (the same every time it is asked).
     pub fn rate(&self, id: ReqId) -> f64 {
         let mut rng = SmallRng::seed_from_u64(self.seed ^ id.wrapping_mul(0x9e37_79b9_7f4a_7c15));
-        let beta = Beta::new(self.mean * self.concentration, (1.0 - self.mean) * self.concentration).expect("validated");
+        let beta =
+            Beta::new(self.mean * self.concentration, (1.0 - self.mean) * self.concentration).expect("validated");
         beta.sample(&mut rng)
     }
 }

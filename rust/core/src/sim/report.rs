@@ -223,9 +223,9 @@ mod tests {
     #[test]
     fn goodput_counts_only_requests_within_the_sla() {
         let records = vec![
-            rec(0.0, 1.0, 11.0, 11, 1.0),  // ok
-            rec(0.0, 12.0, 20.0, 9, 1.0),  // ttft 12 > 10
-            rec(1.0, 2.0, 20.0, 10, 2.0),  // max gap 2 > 1.5
+            rec(0.0, 1.0, 11.0, 11, 1.0), // ok
+            rec(0.0, 12.0, 20.0, 9, 1.0), // ttft 12 > 10
+            rec(1.0, 2.0, 20.0, 10, 2.0), // max gap 2 > 1.5
             RequestRecord::rejected(3, 2.0, 50),
         ];
         let s = Summary::new(&records, &Sla::paper(), &[]);

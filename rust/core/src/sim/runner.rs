@@ -8,9 +8,9 @@ use super::executor::{Acceptance, SimExecutor};
 use super::report::{RequestRecord, Sla, Summary};
 use super::trace::Trace;
 use crate::engine::{Engine, StepSample, VirtualClock};
-use crate::request::{Prompt, RequestSpec};
 use crate::error::{HoraeError, Result};
-use crate::sched::{SchedulerConfig, Scheduler, SchedulerStats, TrueLengths};
+use crate::request::{Prompt, RequestSpec};
+use crate::sched::{Scheduler, SchedulerConfig, SchedulerStats, TrueLengths};
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum LoadModel {

@@ -87,7 +87,11 @@ pub fn detect_format(path: &Path) -> Result<TraceFormat> {
     } else if head.is_empty() {
         return Err(err(path, Some(1), "the file is empty"));
     } else {
-        return Err(err(path, Some(1), format!("unrecognised trace header '{}'", head.chars().take(80).collect::<String>())));
+        return Err(err(
+            path,
+            Some(1),
+            format!("unrecognised trace header '{}'", head.chars().take(80).collect::<String>()),
+        ));
     };
     Ok(format)
 }
@@ -120,10 +124,7 @@ pub fn load_trace(path: &Path, format: Option<TraceFormat>) -> Result<Trace> {
 }
 
 fn csv_reader(path: &Path) -> Result<csv::Reader<File>> {
-    csv::ReaderBuilder::new()
-        .trim(csv::Trim::All)
-        .from_path(path)
-        .map_err(|e| err(path, None, e.to_string()))
+    csv::ReaderBuilder::new().trim(csv::Trim::All).from_path(path).map_err(|e| err(path, None, e.to_string()))
 }
 
 fn csv_err(path: &Path, e: csv::Error) -> HoraeError {
@@ -254,9 +255,8 @@ fn load_castillo(path: &Path) -> Result<Vec<TraceRequest>> {
         let row = row.map_err(|e| csv_err(path, e))?;
         let line = i + 2;
         let first = row.output_sizes.split(';').next().unwrap_or("").trim();
-        let output: i64 = first
-            .parse()
-            .map_err(|_| err(path, Some(line), format!("bad output_sizes '{}'", row.output_sizes)))?;
+        let output: i64 =
+            first.parse().map_err(|_| err(path, Some(line), format!("bad output_sizes '{}'", row.output_sizes)))?;
         out.push(TraceRequest {
             arrival: 0.0,
             prompt_len: length(path, line, "input_size", row.input_size)?,

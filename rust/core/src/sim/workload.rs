@@ -70,7 +70,9 @@ impl FromStr for LengthDist {
             "dist-1" | "dist1" => Ok(LengthDist::Dist1),
             "dist-2" | "dist2" => Ok(LengthDist::Dist2),
             "dist-3" | "dist3" => Ok(LengthDist::Dist3),
-            _ => Err(HoraeError::InvalidConfig(format!("unknown length set '{s}' (expected dist-1, dist-2 or dist-3)"))),
+            _ => {
+                Err(HoraeError::InvalidConfig(format!("unknown length set '{s}' (expected dist-1, dist-2 or dist-3)")))
+            }
         }
     }
 }

@@ -121,7 +121,8 @@ impl DraftModel {
         let mut probs: Vec<Vec<Vec<f32>>> = vec![Vec::new(); seqs.len()];
         for step in 0..k {
             // Step 0 catches up on the real tokens; each later step feeds the last draft.
-            let mut input = BatchInput { tokens: vec![], positions: vec![], slots: vec![], seqs: vec![], logit_rows: vec![] };
+            let mut input =
+                BatchInput { tokens: vec![], positions: vec![], slots: vec![], seqs: vec![], logit_rows: vec![] };
             for (i, (_, tokens, table, from, _)) in seqs.iter().enumerate() {
                 let (start, feed): (usize, Vec<u32>) = if step == 0 {
                     (*from, tokens[*from..].to_vec())
@@ -153,7 +154,8 @@ impl DraftModel {
                 } else {
                     let q = sample::distribution(row, p);
                     let rng = rngs.entry(*id).or_insert_with(|| sample::request_rng(*id, p.seed, engine_seed));
-                    let cand: Vec<(u32, f32)> = q.iter().enumerate().filter(|c| *c.1 > 0.0).map(|(t, &w)| (t as u32, w)).collect();
+                    let cand: Vec<(u32, f32)> =
+                        q.iter().enumerate().filter(|c| *c.1 > 0.0).map(|(t, &w)| (t as u32, w)).collect();
                     let t = sample::draw(&cand, rng);
                     probs[i].push(q);
                     t

@@ -30,9 +30,15 @@ pub fn write_random_llama(dir: &Path, shape: Shape, mut init: impl FnMut(&str, u
     let text = std::fs::read_to_string(golden_dir("tiny-llama3").join("config.json")).unwrap();
     let mut cfg: serde_json::Value = serde_json::from_str(&text).unwrap();
     let Shape { hidden: h, inter, head_dim: hd, heads: nh, kv_heads: nkv, vocab: v } = shape;
-    for (key, value) in [("hidden_size", h), ("intermediate_size", inter), ("head_dim", hd), ("num_attention_heads", nh),
-        ("num_key_value_heads", nkv), ("vocab_size", v), ("num_hidden_layers", 2)]
-    {
+    for (key, value) in [
+        ("hidden_size", h),
+        ("intermediate_size", inter),
+        ("head_dim", hd),
+        ("num_attention_heads", nh),
+        ("num_key_value_heads", nkv),
+        ("vocab_size", v),
+        ("num_hidden_layers", 2),
+    ] {
         cfg[key] = value.into();
     }
     std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(&cfg).unwrap()).unwrap();

@@ -96,8 +96,10 @@ pub fn compile(file: &str, arch: u32, cubin: bool) -> Result<Output> {
     require_nvrtc()?;
     let src = CString::new(source(file)?).expect("kernel sources hold no NUL");
     let name = CString::new(format!("{file}.cu")).expect("no NUL");
-    let prog = result::create_program(&src, Some(&name)).map_err(|e| HoraeError::Cuda(format!("nvrtcCreateProgram: {e:?}")))?;
-    let target = if cubin { format!("--gpu-architecture=sm_{arch}") } else { format!("--gpu-architecture=compute_{arch}") };
+    let prog = result::create_program(&src, Some(&name))
+        .map_err(|e| HoraeError::Cuda(format!("nvrtcCreateProgram: {e:?}")))?;
+    let target =
+        if cubin { format!("--gpu-architecture=sm_{arch}") } else { format!("--gpu-architecture=compute_{arch}") };
     let mut opts: Vec<String> = OPTIONS.iter().map(|s| s.to_string()).collect();
     opts.push(target);
     // SAFETY: `prog` was just created and is destroyed once below, after its last use.
@@ -111,11 +113,13 @@ pub fn compile(file: &str, arch: u32, cubin: bool) -> Result<Output> {
             }
             Ok(()) if cubin => {
                 let mut size = 0usize;
-                sys::nvrtcGetCUBINSize(prog, &mut size).result().and_then(|_| {
-                    let mut buf = vec![0u8; size];
-                    sys::nvrtcGetCUBIN(prog, buf.as_mut_ptr().cast()).result().map(|_| Output::Cubin(buf))
-                })
-                .map_err(|e| HoraeError::Cuda(format!("nvrtcGetCUBIN: {e:?}")))
+                sys::nvrtcGetCUBINSize(prog, &mut size)
+                    .result()
+                    .and_then(|_| {
+                        let mut buf = vec![0u8; size];
+                        sys::nvrtcGetCUBIN(prog, buf.as_mut_ptr().cast()).result().map(|_| Output::Cubin(buf))
+                    })
+                    .map_err(|e| HoraeError::Cuda(format!("nvrtcGetCUBIN: {e:?}")))
             }
             Ok(()) => result::get_ptx(prog)
                 .map(|p| Output::Ptx(CStr::from_ptr(p.as_ptr()).to_string_lossy().into_owned()))

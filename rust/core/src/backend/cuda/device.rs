@@ -107,7 +107,8 @@ pub fn check_device(ordinal: usize) -> Result<()> {
             device::get_attribute(dev, A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR),
         )
     };
-    let (major, minor) = (cc.0.map_err(|e| cuda_err("compute capability", e))?, cc.1.map_err(|e| cuda_err("compute capability", e))?);
+    let (major, minor) =
+        (cc.0.map_err(|e| cuda_err("compute capability", e))?, cc.1.map_err(|e| cuda_err("compute capability", e))?);
     if (major, minor) < MIN_COMPUTE_CAPABILITY {
         return Err(HoraeError::Cuda(format!(
             "{name} has compute capability {major}.{minor}; horae's kernels need 8.0 (Ampere) or newer"
@@ -175,7 +176,10 @@ impl Gpu {
         let mut modules = Vec::new();
         for (file, _) in compile::KERNEL_FILES {
             let cubin = compile::cubin_cached(file, arch, cache.as_deref())?;
-            modules.push(ctx.load_module(Ptx::from_binary(cubin)).map_err(|e| cuda_err(&format!("loading kernels/{file}.cu"), e))?);
+            modules.push(
+                ctx.load_module(Ptx::from_binary(cubin))
+                    .map_err(|e| cuda_err(&format!("loading kernels/{file}.cu"), e))?,
+            );
         }
         Ok(Self { ctx, stream, blas, arch, name, modules, functions: Mutex::new(HashMap::new()) })
     }

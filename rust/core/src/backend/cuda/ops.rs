@@ -81,19 +81,61 @@ fn i32_of(n: usize, what: &str) -> Result<i32> {
 
 /// `residual[rows[b]] += delta[rows[b]]` (delta may be NULL), then `out[b] = rmsnorm(residual)`.
 #[allow(clippy::too_many_arguments)]
-pub fn add_rms_norm(gpu: &Gpu, dt: Dt, out: Ptr, residual: Ptr, delta: Ptr, weight: Ptr, rows: Ptr, n: usize, hidden: usize, eps: f32) -> Result<()> {
+pub fn add_rms_norm(
+    gpu: &Gpu,
+    dt: Dt,
+    out: Ptr,
+    residual: Ptr,
+    delta: Ptr,
+    weight: Ptr,
+    rows: Ptr,
+    n: usize,
+    hidden: usize,
+    eps: f32,
+) -> Result<()> {
     let (out, residual, delta, weight, rows) = (out.0, residual.0, delta.0, weight.0, rows.0);
     let h = i32_of(hidden, "hidden")?;
-    launch!(gpu, format!("add_rms_norm_{}", dt.suffix()), cfg((n as u32, 1, 1), 256, 0), out, residual, delta, weight, rows, h, eps)
+    launch!(
+        gpu,
+        format!("add_rms_norm_{}", dt.suffix()),
+        cfg((n as u32, 1, 1), 256, 0),
+        out,
+        residual,
+        delta,
+        weight,
+        rows,
+        h,
+        eps
+    )
 }
 
 #[allow(clippy::too_many_arguments)]
 /// Rotary embedding in place on the first `rot_heads` heads of each fused QKV row.
-pub fn rope(gpu: &Gpu, dt: Dt, qkv: Ptr, row_stride: usize, positions: Ptr, inv_freq: Ptr, tokens: usize, rot_heads: usize, head_dim: usize) -> Result<()> {
+pub fn rope(
+    gpu: &Gpu,
+    dt: Dt,
+    qkv: Ptr,
+    row_stride: usize,
+    positions: Ptr,
+    inv_freq: Ptr,
+    tokens: usize,
+    rot_heads: usize,
+    head_dim: usize,
+) -> Result<()> {
     let (qkv, positions, inv_freq) = (qkv.0, positions.0, inv_freq.0);
     let (stride, rh, hd) = (row_stride as i64, i32_of(rot_heads, "heads")?, i32_of(head_dim, "head_dim")?);
     let threads = (head_dim as u32 / 2).next_multiple_of(32);
-    launch!(gpu, format!("rope_neox_{}", dt.suffix()), cfg((tokens as u32, 1, 1), threads, 0), qkv, stride, positions, inv_freq, rh, hd)
+    launch!(
+        gpu,
+        format!("rope_neox_{}", dt.suffix()),
+        cfg((tokens as u32, 1, 1), threads, 0),
+        qkv,
+        stride,
+        positions,
+        inv_freq,
+        rh,
+        hd
+    )
 }
 
 pub fn silu_and_mul(gpu: &Gpu, dt: Dt, out: Ptr, gate_up: Ptr, tokens: usize, inter: usize) -> Result<()> {
@@ -103,7 +145,16 @@ pub fn silu_and_mul(gpu: &Gpu, dt: Dt, out: Ptr, gate_up: Ptr, tokens: usize, in
 
 #[allow(clippy::too_many_arguments)]
 /// Embedding rows of `tokens` (i32) into the f32 residual stream.
-pub fn embedding(gpu: &Gpu, dt: Dt, out: Ptr, table: Ptr, tokens: Ptr, n: usize, hidden: usize, vocab: usize) -> Result<()> {
+pub fn embedding(
+    gpu: &Gpu,
+    dt: Dt,
+    out: Ptr,
+    table: Ptr,
+    tokens: Ptr,
+    n: usize,
+    hidden: usize,
+    vocab: usize,
+) -> Result<()> {
     let (out, table, tokens) = (out.0, table.0, tokens.0);
     let (h, v) = (i32_of(hidden, "hidden")?, i32_of(vocab, "vocab")?);
     launch!(gpu, format!("embedding_{}", dt.suffix()), cfg((n as u32, 1, 1), 256, 0), out, table, tokens, h, v)
@@ -111,7 +162,17 @@ pub fn embedding(gpu: &Gpu, dt: Dt, out: Ptr, table: Ptr, tokens: Ptr, n: usize,
 
 /// New K/V rows (stride `src_stride` elements) into their cache slots (i64, -1 = skip).
 #[allow(clippy::too_many_arguments)]
-pub fn reshape_and_cache(gpu: &Gpu, k_cache: Ptr, v_cache: Ptr, k: Ptr, v: Ptr, src_stride: usize, slots: Ptr, tokens: usize, row: usize) -> Result<()> {
+pub fn reshape_and_cache(
+    gpu: &Gpu,
+    k_cache: Ptr,
+    v_cache: Ptr,
+    k: Ptr,
+    v: Ptr,
+    src_stride: usize,
+    slots: Ptr,
+    tokens: usize,
+    row: usize,
+) -> Result<()> {
     if !row.is_multiple_of(8) {
         return Err(HoraeError::Cuda(format!("KV row of {row} values is not a multiple of 8")));
     }
@@ -136,16 +197,23 @@ impl AttnDims {
     pub fn check(&self, decode: bool) -> Result<()> {
         let group = self.num_heads / self.num_kv_heads.max(1);
         if !matches!(self.head_dim, 64 | 128) {
-            return Err(HoraeError::Cuda(format!("head_dim {} has no CUDA attention kernel (64 or 128); use device='cpu'", self.head_dim)));
+            return Err(HoraeError::Cuda(format!(
+                "head_dim {} has no CUDA attention kernel (64 or 128); use device='cpu'",
+                self.head_dim
+            )));
         }
-        if self.num_kv_heads == 0 || !self.num_heads.is_multiple_of(self.num_kv_heads) || (decode && group > MAX_GROUP) {
+        if self.num_kv_heads == 0 || !self.num_heads.is_multiple_of(self.num_kv_heads) || (decode && group > MAX_GROUP)
+        {
             return Err(HoraeError::Cuda(format!(
                 "{} query heads over {} KV heads: the CUDA decode kernel serves GQA groups of up to {MAX_GROUP}; use device='cpu'",
                 self.num_heads, self.num_kv_heads
             )));
         }
         if decode && !matches!(self.block_size, 16 | 32) {
-            return Err(HoraeError::Cuda(format!("the CUDA backend runs block_size 16 or 32, got {}", self.block_size)));
+            return Err(HoraeError::Cuda(format!(
+                "the CUDA backend runs block_size 16 or 32, got {}",
+                self.block_size
+            )));
         }
         Ok(())
     }
@@ -196,14 +264,19 @@ pub fn paged_decode(
     let parts = max_ctx.div_ceil(PARTITION).max(1);
     let need = seqs * d.num_heads * parts;
     if parts > 1 && scratch.max.len() < need {
-        scratch.out = gpu.stream.alloc_zeros(need * d.head_dim).map_err(|e| HoraeError::Cuda(format!("decode scratch: {e:?}")))?;
+        scratch.out = gpu
+            .stream
+            .alloc_zeros(need * d.head_dim)
+            .map_err(|e| HoraeError::Cuda(format!("decode scratch: {e:?}")))?;
         scratch.max = gpu.stream.alloc_zeros(need).map_err(|e| HoraeError::Cuda(format!("decode scratch: {e:?}")))?;
         scratch.sum = gpu.stream.alloc_zeros(need).map_err(|e| HoraeError::Cuda(format!("decode scratch: {e:?}")))?;
     }
     let (po, pm, ps) = (Ptr::of(gpu, &scratch.out).0, Ptr::of(gpu, &scratch.max).0, Ptr::of(gpu, &scratch.sum).0);
-    let (o, q, qr, kc, vc, bt, cl) = (io.out.0, io.q.0, q_rows.0, io.k_cache.0, io.v_cache.0, io.block_tables.0, ctx_lens.0);
+    let (o, q, qr, kc, vc, bt, cl) =
+        (io.out.0, io.q.0, q_rows.0, io.k_cache.0, io.v_cache.0, io.block_tables.0, ctx_lens.0);
     let (qs, os) = (io.q_stride as i64, io.out_stride as i64);
-    let (mb, nh, nkv, mp) = (i32_of(d.max_blocks, "max_blocks")?, d.num_heads as i32, d.num_kv_heads as i32, parts as i32);
+    let (mb, nh, nkv, mp) =
+        (i32_of(d.max_blocks, "max_blocks")?, d.num_heads as i32, d.num_kv_heads as i32, parts as i32);
     let scale = 1.0 / (d.head_dim as f32).sqrt();
     let name = format!("paged_decode_{}_hd{}_bs{}", dt.suffix(), d.head_dim, d.block_size);
     let grid = (d.num_kv_heads as u32, seqs as u32, parts as u32);
@@ -234,10 +307,32 @@ pub fn prefill_attention(gpu: &Gpu, dt: Dt, d: AttnDims, io: AttnIo, m: &Prefill
     let (o, q, kc, vc, bt) = (io.out.0, io.q.0, io.k_cache.0, io.v_cache.0, io.block_tables.0);
     let (os, qs) = (io.out_stride as i64, io.q_stride as i64);
     let (ts, tq, sr, sq, sp) = (m.tile_seq.0, m.tile_q0.0, m.seq_row.0, m.seq_qlen.0, m.seq_pos0.0);
-    let (mb, bs, nh, nkv) = (i32_of(d.max_blocks, "max_blocks")?, d.block_size as i32, d.num_heads as i32, d.num_kv_heads as i32);
+    let (mb, bs, nh, nkv) =
+        (i32_of(d.max_blocks, "max_blocks")?, d.block_size as i32, d.num_heads as i32, d.num_kv_heads as i32);
     let scale = 1.0 / (d.head_dim as f32).sqrt();
     let name = format!("prefill_attention_{}_hd{}", dt.suffix(), d.head_dim);
-    launch!(gpu, name, cfg((m.tiles as u32, d.num_heads as u32, 1), 128, 0), o, os, q, qs, kc, vc, bt, mb, bs, ts, tq, sr, sq, sp, nh, nkv, scale)
+    launch!(
+        gpu,
+        name,
+        cfg((m.tiles as u32, d.num_heads as u32, 1), 128, 0),
+        o,
+        os,
+        q,
+        qs,
+        kc,
+        vc,
+        bt,
+        mb,
+        bs,
+        ts,
+        tq,
+        sr,
+        sq,
+        sp,
+        nh,
+        nkv,
+        scale
+    )
 }
 
 /// Greedy tokens of logits rows `rows[0..n]` (i32) into `out[0..n]`.
