@@ -231,7 +231,7 @@ def real_one(prompts, concurrency, args):
     configs = [c for c in CONFIGS if args.configs is None or c[0] in args.configs]
     # With --repeats, the configurations take turns, and each reports its median run (the
     # machine's speed drifts by several percent over minutes).
-    for rep in range(args.repeats):
+    for _ in range(args.repeats):
         for name, spec in configs:
             times, wall = run_engine(spec, prompts, concurrency, args.max_tokens, args.dtype, warmup=2)
             r = summarize(times, wall)
@@ -245,7 +245,7 @@ def real_one(prompts, concurrency, args):
         rows[name]["runs_mean_tpot_ms"] = [r["mean_tpot_ms"] for r in rs]
     same = all(outputs[n] == outputs["no speculation"] for n in outputs)
     base = rows["no speculation"]
-    for name, r in rows.items():
+    for r in rows.values():
         r["tpot_speedup_vs_none"] = base["mean_tpot_ms"] / r["mean_tpot_ms"]
         r["throughput_vs_none"] = r["throughput_tok_s"] / base["throughput_tok_s"]
     print(f"  greedy outputs identical across configurations: {same}")

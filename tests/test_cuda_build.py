@@ -5,8 +5,7 @@ checked on a GPU (rust/core/tests/cuda.rs, run by scripts/gpu_check.sh)."""
 
 import pytest
 
-from horae import Engine, HoraeCoreError, _core
-from horae import cuda
+from horae import Engine, HoraeCoreError, _core, cuda
 
 # Every kernel the backend launches (rust/core/src/backend/cuda/ops.rs), so a kernel that stops
 # being built fails here rather than at run time on a GPU.

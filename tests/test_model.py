@@ -2,14 +2,13 @@
 goldens written by HF transformers (scripts/make_goldens.py)."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import GOLDEN, returned_tokens
 
 from horae import LLM, Engine, HoraeCoreError, SamplingParams, _core
 
-from conftest import GOLDEN, returned_tokens
 GREEDY = SamplingParams(temperature=0, max_tokens=GOLDEN["max_new_tokens"])
 
 
@@ -139,7 +138,7 @@ def test_bad_prompts_leave_the_engine_serving(llm):
                 done[out.request_id] = out
     assert list(done) == [keep] and len(done[keep].outputs[0].token_ids) == 8
     st = eng.stats()
-    used, total, running, waiting = st["kv_used_blocks"], st["kv_total_blocks"], st["running"], st["waiting"]
+    used, running, waiting = st["kv_used_blocks"], st["running"], st["waiting"]
     assert (used, running, waiting) == (0, 0, 0), "nothing leaked"
     with pytest.raises(KeyError):
         eng.abort("no-such-request")
@@ -187,7 +186,8 @@ def test_cli_generate_and_chat(llm):
     out = subprocess.run([sys.executable, "-m", "horae", "chat", "--max-tokens", "16"], input="What is the capital of France?\n",
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and "Paris" in out.stdout, out.stderr
-    bad = subprocess.run([sys.executable, "-m", "horae", "generate", "hi", "--top-p", "2"], capture_output=True, text=True, timeout=300)
+    bad = subprocess.run([sys.executable, "-m", "horae", "generate", "hi", "--top-p", "2"],
+                         capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "top_p" in bad.stderr and "Traceback" not in bad.stderr
 
 

@@ -139,7 +139,9 @@ def _error(resp, status):
 
 def test_errors_in_openai_shape(server, client):
     h = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
-    post = lambda path, body: httpx.post(server.url + path, content=body if isinstance(body, (bytes, str)) else json.dumps(body), headers=h)
+    def post(path, body):
+        return httpx.post(server.url + path, content=body if isinstance(body, (bytes, str)) else json.dumps(body), headers=h)
+
     chat = {"model": "smollm2", "messages": CAPITAL}
     assert _error(post("/v1/chat/completions", "{not json"), 400)["message"]
     assert _error(post("/v1/chat/completions", {**chat, "max_tokens": -1}), 400)["param"] == "max_tokens"
@@ -153,10 +155,12 @@ def test_errors_in_openai_shape(server, client):
     assert _error(post("/v1/chat/completions", {**chat, "model": "gpt-4"}), 404)["code"] == "model_not_found"
     long = {"model": "smollm2", "prompt": "hello " * 9000}
     assert _error(post("/v1/completions", long), 400)["code"] == "context_length_exceeded"
-    assert _error(post("/v1/completions", {"model": "smollm2", "prompt": "hi", "max_tokens": 10**6}), 400)["code"] == "context_length_exceeded"
+    huge = {"model": "smollm2", "prompt": "hi", "max_tokens": 10**6}
+    assert _error(post("/v1/completions", huge), 400)["code"] == "context_length_exceeded"
     # The pool (4,096 tokens here) bounds a request too, and a chat without max_tokens fits it.
     assert httpx.get(server.url + "/v1/models", headers=h).json()["data"][0]["max_model_len"] == 4096
-    assert _error(post("/v1/completions", {"model": "smollm2", "prompt": "hi", "max_tokens": 5000}), 400)["code"] == "context_length_exceeded"
+    over_pool = {"model": "smollm2", "prompt": "hi", "max_tokens": 5000}
+    assert _error(post("/v1/completions", over_pool), 400)["code"] == "context_length_exceeded"
     assert _error(post("/v1/completions", b"x" * (5 << 20)), 413)
     assert _error(httpx.get(server.url + "/v1/models", headers={"Authorization": "Bearer wrong"}), 401)
     assert _error(httpx.get(server.url + "/v1/models"), 401)
@@ -200,7 +204,8 @@ def test_malformed_input_gets_a_400_never_a_500(server):
     surrogate = json.dumps("a \ud800 b")
     assert '\\ud800' in surrogate
     for path, raw in [("/v1/completions", '{"model": "smollm2", "max_tokens": 2, "prompt": %s}' % surrogate),
-                      ("/v1/chat/completions", '{"model": "smollm2", "max_tokens": 2, "messages": [{"role": "user", "content": %s}]}' % surrogate),
+                      ("/v1/chat/completions",
+                       '{"model": "smollm2", "max_tokens": 2, "messages": [{"role": "user", "content": %s}]}' % surrogate),
                       ("/v1/completions", '{"model": "smollm2", "max_tokens": 2, "prompt": "hi", "stop": [%s]}' % surrogate),
                       ("/tokenize", '{"prompt": %s}' % surrogate)]:
         assert _error(post(path, raw), 400)["message"], path
@@ -282,7 +287,7 @@ def test_async_llm_cancel_frees_blocks_within_a_step(server, client):
     async def main():
         gen = llm.generate("Once upon a time", SamplingParams(max_tokens=500, ignore_eos=True))
         n = 0
-        async for out in gen:
+        async for _ in gen:
             n += 1
             if n == 3:
                 break
@@ -301,8 +306,9 @@ def test_schemathesis_finds_no_server_error():
     srv.llm = llm
     try:
         run = subprocess.run(
-            [sys.executable, "-m", "schemathesis.cli", "run", srv.url + "/openapi.json", "--checks", "not_a_server_error", "--max-examples", "12",
-             "--header", f"Authorization: Bearer {KEY}", "--request-timeout", "60", "--seed", "1", "--no-color"],
+            [sys.executable, "-m", "schemathesis.cli", "run", srv.url + "/openapi.json", "--checks", "not_a_server_error",
+             "--max-examples", "12", "--header", f"Authorization: Bearer {KEY}", "--request-timeout", "60", "--seed", "1",
+             "--no-color"],
             capture_output=True, text=True, timeout=600)
         assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
         _assert_idle(srv)
@@ -332,8 +338,9 @@ def test_bench_serve_reaches_true_lengths_without_telling_the_server(server, tmp
     assert (tmp_path / "cdf.png").stat().st_size > 1000
     _assert_idle(server)  # the client hung up at each true length: nothing left running
     # Closed loop over a length set; impossible bounds give zero goodput.
-    ns2 = SimpleNamespace(**{**vars(ns), "trace": None, "dataset": "dist-3", "num_prompts": 3, "max_concurrency": 2, "trace_scale": None,
-                             "length_scale": 0.005, "goodput": ["ttft:0.001"], "result_file": None, "plot": None})
+    ns2 = SimpleNamespace(**{**vars(ns), "trace": None, "dataset": "dist-3", "num_prompts": 3, "max_concurrency": 2,
+                             "trace_scale": None, "length_scale": 0.005, "goodput": ["ttft:0.001"], "result_file": None,
+                             "plot": None})
     s2 = bench.run(ns2)
     assert s2["completed"] == 3 and s2["goodput_rps"] == 0
 

@@ -132,7 +132,7 @@ def test_sweep_table_matches_per_request_arrays(sample):
 def test_closed_loop_sweep_on_synthetic_lengths():
     t = sim.synthetic("dist-3", 200, seed=3)
     rep = sim.sweep(t, ["past-future", "conservative"], clients=[8, 64], progress=False)
-    for (clients, s), r in rep.results.items():
+    for (clients, _), r in rep.results.items():
         assert r.summary["completed"] == 200
         assert int(r.steps["running"].max() + r.steps["waiting"].max()) <= clients * 2
         assert r.steps["running"].max() <= clients

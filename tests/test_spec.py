@@ -4,17 +4,16 @@ inside a batch of accepted drafts; every bad configuration a clear error; the me
 exports; and the simulator's spec decoding (the distribution test is in
 rust/core/tests/speculative.rs)."""
 
-import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import GOLDEN, returned_tokens
 
 from horae import LLM, HoraeCoreError, SamplingParams
 from horae import sim as hs
 
-from conftest import GOLDEN, returned_tokens
 GREEDY = SamplingParams(temperature=0, max_tokens=GOLDEN["max_new_tokens"])
 PROMPTS = [{"prompt_token_ids": c["ids"]} for c in GOLDEN["cases"]]
 # A repetitive prompt: prompt lookup finds its drafts here.
@@ -99,9 +98,9 @@ def test_speculative_must_be_a_dict_and_serve_rejects_bad_json():
 
 
 def test_metrics_export_acceptance_and_k():
-    from horae.serve.metrics import ServerMetrics
-    from horae.llm import CompletionOutput, RequestOutput
     from horae.async_llm import RequestTimes
+    from horae.llm import CompletionOutput, RequestOutput
+    from horae.serve.metrics import ServerMetrics
 
     m = ServerMetrics("m")
     stats = {"running": 1, "waiting": 0, "kv_total_blocks": 10, "kv_used_blocks": 2, "block_size": 16,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -14,7 +13,7 @@ def _floats(s: str) -> List[float]:
     try:
         vals = [float(x) for x in s.split(",") if x.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {s!r}")
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {s!r}") from None
     if not vals or any(not v > 0 for v in vals):
         raise argparse.ArgumentTypeError(f"expected positive numbers, got {s!r}")
     return vals
@@ -132,13 +131,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
     trace = sim.load_trace(trace_path) if trace_path else sim.bundled_trace()
     load_s = time.perf_counter() - t0
     print(f"{trace!r} loaded in {load_s:.3f}s")
-    print(f"{'scheduler':>13} {'sim seconds':>12} {'steps':>8} {'simulated s':>12} {'speedup vs real time':>21} {'vs 2s goal':>11}")
+    print(f"{'scheduler':>13} {'sim seconds':>12} {'steps':>8} {'simulated s':>12} "
+          f"{'speedup vs real time':>21} {'vs 2s goal':>11}")
     for s in args.schedulers:
         t0 = time.perf_counter()
         r = sim.simulate(trace, s)
         dt = time.perf_counter() - t0
         simulated = float(r.summary["duration"])
-        print(f"{s:>13} {dt:>12.3f} {int(r.summary['num_steps']):>8} {simulated:>12.0f} {simulated / dt:>20.0f}x {dt / 2.0:>10.2f}x")
+        print(f"{s:>13} {dt:>12.3f} {int(r.summary['num_steps']):>8} {simulated:>12.0f} "
+              f"{simulated / dt:>20.0f}x {dt / 2.0:>10.2f}x")
     return 0
 
 
@@ -231,7 +232,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from horae.serve import add_arguments
 
     add_arguments(sv)
-    b = sub.add_parser("bench", help="benchmarks: admission, sim-speed, model; `horae bench serve -h` for the serving load generator")
+    b = sub.add_parser("bench", help="benchmarks: admission, sim-speed, model; "
+                                     "`horae bench serve -h` for the serving load generator")
     b.add_argument("what", choices=["admission", "sim-speed", "model", "serve"])
     b.add_argument("--model", help="model: model folder (default: SmolLM2-135M-Instruct)")
     b.add_argument("--no-hf", action="store_true", help="model: skip the HF transformers comparison")

@@ -168,7 +168,8 @@ def main(argv=None) -> int:
     print(f"end-to-end greedy GPU vs CPU: {'ok' if e2e.get('ok') else 'FAILED'}")
     if "ratio_to_copy" in att:
         print(f"decode attention: {att['gbps']:.0f} GB/s of KV = {att['ratio_to_copy']:.2f} x device copy (goal >= 0.8)"
-              + (f"; {att['speedup_vs_torch']:.2f}x torch SDPA (goal >= 1.0)" if "speedup_vs_torch" in att else f"; {att['torch']}"))
+              + (f"; {att['speedup_vs_torch']:.2f}x torch SDPA (goal >= 1.0)" if "speedup_vs_torch" in att
+                 else f"; {att['torch']}"))
     for d in results.get("model_8b_random", {}).get("decode", []):
         mfu = f", MFU {d['mfu']:.1%}" if d["mfu"] is not None else ""
         print(f"8B decode batch {d['batch']:4}: {d['tokens_per_s']:9.0f} tok/s, {d['ms']:.2f} ms/step, "

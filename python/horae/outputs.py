@@ -9,7 +9,7 @@ appends each step's new tokens, text and logprobs to the outputs a caller reads.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Union
 
 

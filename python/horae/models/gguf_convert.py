@@ -109,7 +109,7 @@ def convert_gguf(gguf_path: os.PathLike, out_dir: os.PathLike) -> Path:
         import gguf
         from safetensors.numpy import save_file
     except ImportError as e:  # pragma: no cover - both are dependencies of horae
-        raise GGUFConversionError(f"GGUF conversion needs the 'gguf' and 'safetensors' packages: {e}")
+        raise GGUFConversionError(f"GGUF conversion needs the 'gguf' and 'safetensors' packages: {e}") from e
 
     src, out = Path(gguf_path), Path(out_dir)
     if not src.is_file():
@@ -130,7 +130,8 @@ def convert_gguf(gguf_path: os.PathLike, out_dir: os.PathLike) -> Path:
         try:
             w = gguf.quants.dequantize(t.data, t.tensor_type)
         except NotImplementedError as e:
-            raise GGUFConversionError(f"{src}: tensor {t.name} has type {t.tensor_type.name}, which gguf cannot dequantize") from e
+            raise GGUFConversionError(
+                f"{src}: tensor {t.name} has type {t.tensor_type.name}, which gguf cannot dequantize") from e
         w = np.asarray(w, dtype=np.float32).reshape([int(x) for x in reversed(t.shape.tolist())])
         if t.name.endswith("attn_q.weight"):
             w = _unpermute(w, n_head)
@@ -179,7 +180,8 @@ def convert_gguf(gguf_path: os.PathLike, out_dir: os.PathLike) -> Path:
     try:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt", "source": src.name})
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        (tmp / "tokenizer.json").write_text(json.dumps(_tokenizer_json(tokens, merges, types, _field(reader, "tokenizer.ggml.pre", ""))))
+        pre = _field(reader, "tokenizer.ggml.pre", "")
+        (tmp / "tokenizer.json").write_text(json.dumps(_tokenizer_json(tokens, merges, types, pre)))
         (tmp / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2))
         (tmp / "generation_config.json").write_text(json.dumps(gen_cfg, indent=2))
         os.chmod(tmp, 0o755)

@@ -80,7 +80,8 @@ class Guard:
         # Constant time: how long the comparison takes says nothing about the key.
         if self.expected is not None and scope["path"] != "/health" and \
                 not hmac.compare_digest(headers.get("authorization", b""), self.expected):
-            return await _reply(send, 401, error_body("Incorrect API key provided.", "authentication_error", None, "invalid_api_key"))
+            body = error_body("Incorrect API key provided.", "authentication_error", None, "invalid_api_key")
+            return await _reply(send, 401, body)
         size = headers.get("content-length", b"").decode("latin-1") or None
         limit = self.max_body_bytes
         too_big = error_body(f"the request body is over the limit of {limit} bytes", "invalid_request_error", None,

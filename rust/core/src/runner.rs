@@ -163,13 +163,13 @@ impl ModelExecutor {
         // Penalties read the output so far (carried in the plan when they are on); the accepted
         // drafts join it position by position.
         let mut output = std::borrow::Cow::Borrowed(s.output().unwrap_or(&[]));
-        let mut num_output = s.num_output;
         let mut accepted = 0;
         for i in 0..job.rows {
             let row = &mut rows[i * vocab..(i + 1) * vocab];
             let raw = p.logprobs.map(|_| row.to_vec());
             sample::apply_penalties(row, p, prompt, &output);
-            if num_output < p.min_tokens {
+            // Row i follows the i drafts accepted before it.
+            if s.num_output + i < p.min_tokens {
                 // Too early to stop: end-of-sequence cannot be drawn.
                 for &e in &self.eos {
                     if let Some(l) = row.get_mut(e as usize) {
@@ -198,7 +198,6 @@ impl ModelExecutor {
                 break;
             }
             output.to_mut().push(token);
-            num_output += 1;
         }
         if job.rows > 1 {
             out.accepted.push((job.id, accepted));

@@ -28,8 +28,9 @@ pub fn solve(mut a: Vec<Vec<f64>>, mut b: Vec<f64>) -> Option<Vec<f64>> {
         b.swap(col, pivot);
         for row in col + 1..n {
             let k = a[row][col] / a[col][col];
-            for c in col..n {
-                a[row][c] -= k * a[col][c];
+            let (above, below) = a.split_at_mut(row);
+            for (x, p) in below[0][col..].iter_mut().zip(&above[col][col..]) {
+                *x -= k * p;
             }
             b[row] -= k * b[col];
         }

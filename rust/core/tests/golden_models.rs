@@ -117,7 +117,8 @@ fn greedy_output_is_the_same_alone_batched_chunked_preempted_and_cached() {
         (0..15u32).map(|i| (0..(3 + i * 5)).map(|t| 3 + (t * 7 + i) % 250).collect()).collect();
     batch.insert(7, probe.clone());
 
-    let (alone, _) = run(&mut engine(name, PolicyKind::PastFuture, 4096, 2048), &[probe.clone()], max_tokens);
+    let (alone, _) =
+        run(&mut engine(name, PolicyKind::PastFuture, 4096, 2048), std::slice::from_ref(&probe), max_tokens);
     assert_eq!(alone[0], want, "alone");
     let (mixed, _) = run(&mut engine(name, PolicyKind::PastFuture, 8192, 2048), &batch, max_tokens);
     assert_eq!(mixed[7], want, "in a batch of 16");
@@ -129,8 +130,8 @@ fn greedy_output_is_the_same_alone_batched_chunked_preempted_and_cached() {
     assert_eq!(squeezed[7], want, "after preemption and recompute");
     // The same prompt twice: the second is served from the prefix cache.
     let mut e = engine(name, PolicyKind::PastFuture, 4096, 2048);
-    let (first, _) = run(&mut e, &[probe.clone()], max_tokens);
-    let (second, _) = run(&mut e, &[probe.clone()], max_tokens);
+    let (first, _) = run(&mut e, std::slice::from_ref(&probe), max_tokens);
+    let (second, _) = run(&mut e, std::slice::from_ref(&probe), max_tokens);
     assert!(e.scheduler().kv().pool().hit_rate() > 0.0, "second run must hit the prefix cache");
     assert_eq!(first[0], want);
     assert_eq!(second[0], want, "with its prefix from the cache");

@@ -40,7 +40,7 @@ pub fn paged_attention(
 ) {
     let shape = AttnShape { block_size, num_heads, num_kv_heads, head_dim };
     #[cfg(target_arch = "x86_64")]
-    if head_dim % avx2::DIMS == 0
+    if head_dim.is_multiple_of(avx2::DIMS)
         && std::arch::is_x86_feature_detected!("avx2")
         && std::arch::is_x86_feature_detected!("fma")
     {
@@ -193,7 +193,10 @@ mod avx2 {
         let scale = 1.0 / (head_dim as f32).sqrt();
         let len = pos + 1;
         let slots = kv_offsets(s, len, &shape);
-        assert!(slots.last().is_some_and(|&l| l + num_kv_heads * head_dim <= k_cache.len().min(v_cache.len())));
+        // Every read below is at a slot of the block table: assert for the largest one (a block
+        // table is not sorted; its last block need not be its highest).
+        let top = slots.iter().max().copied();
+        assert!(top.is_some_and(|t| t + num_kv_heads * head_dim <= k_cache.len().min(v_cache.len())), "KV slot out of bounds");
         assert!(q.len() == num_heads * head_dim && o.len() == q.len());
         let mut scores = vec![0.0f32; num_heads * len];
         for h in 0..num_heads {
@@ -267,6 +270,29 @@ mod tests {
             .collect()
     }
 
+    /// A block table whose last block is in the cache but an earlier one is not: the AVX2 kernel
+    /// must refuse it (a panic) instead of reading past the cache. It used to check only the
+    /// last slot.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx2_kernel_checks_the_largest_slot_not_the_last() {
+        if !(std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")) {
+            return; // nothing to check on this CPU
+        }
+        let (bs, blocks, nh, hd) = (4, 2, 1, 32);
+        let shape = AttnShape { block_size: bs, num_heads: nh, num_kv_heads: 1, head_dim: hd };
+        let (kv, vv) = (noise(blocks * bs * hd, 1), noise(blocks * bs * hd, 2));
+        let table = [1_000u32, 0]; // block 1000 is far outside a 2-block cache
+        let seq = AttnSeq { row: 0, num_tokens: 1, start: 5, block_table: &table };
+        let q = noise(nh * hd, 3);
+        let mut o = vec![0.0; nh * hd];
+        // SAFETY: the CPU has AVX2 and FMA (checked above); the kernel's own assert is under test.
+        let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| unsafe {
+            avx2::attend_row(&q, &seq, 5, &kv, &vv, shape, &mut o)
+        }));
+        assert!(ran.is_err(), "an out-of-bounds block must be refused");
+    }
+
     /// The AVX2 kernel against the portable reference: GQA, ragged block tables, a prefill chunk
     /// that starts mid-sequence and decode rows, head_dim 64 and 128.
     #[cfg(target_arch = "x86_64")]
@@ -290,6 +316,7 @@ mod tests {
             let q: Vec<f32> = noise(7 * nh * hd, 3).iter().map(|x| 3.0 * x).collect();
             let (mut fast, mut slow) = (vec![0.0; q.len()], vec![0.0; q.len()]);
             for_each_row(&q, &seqs, shape, &mut slow, |q, s, pos, o| attend_row(q, s, pos, &kv, &vv, shape, o));
+            // SAFETY: the CPU has AVX2 and FMA (checked at the top).
             for_each_row(&q, &seqs, shape, &mut fast, |q, s, pos, o| unsafe {
                 avx2::attend_row(q, s, pos, &kv, &vv, shape, o)
             });

@@ -301,6 +301,11 @@ impl Isa {
 
 /// One micro-kernel call: `rows x cols` of C (row stride `ldc`) from a packed `kc x MR` slice of
 /// A and a `kc x 16` panel slice.
+///
+/// The contract every `unsafe` kernel below relies on (`forward_with` builds tiles that keep it,
+/// and `run` asserts the parts it can see): `a` points at `kc x MR` readable values; `c` at
+/// `rows` rows of `cols` writable values, `ldc` apart, that no other tile writes; `rows <= MR`,
+/// `cols <= NR`; the panel slice `b` holds `kc x NR` values; `out` is `MR x NR` scratch.
 struct Tile {
     a: *const f32,
     c: *mut f32,
@@ -316,10 +321,17 @@ struct Tile {
 trait PanelValue: Copy {
     fn widen(raw: &[Self]) -> [f32; NR];
     /// The portable kernel for `R` rows.
+    ///
+    /// # Safety
+    /// The `Tile` contract, with `R == t.rows`.
     unsafe fn portable<const R: usize>(t: &Tile, b: *const Self, out: *mut f32) -> bool {
+        // SAFETY: passed on from the caller.
         unsafe { portable::<R, Self>(t, b, out) }
     }
     /// The AVX2 kernel for `R` rows (see `avx2_f32`); returns whether `out` still needs storing.
+    ///
+    /// # Safety
+    /// The `Tile` contract, with `R == t.rows`, on a CPU with AVX2 and FMA.
     #[cfg(target_arch = "x86_64")]
     unsafe fn avx2<const R: usize>(t: &Tile, b: *const Self, prefetch: *const u8, out: *mut f32) -> bool;
 }
@@ -330,6 +342,7 @@ impl PanelValue for f32 {
     }
     #[cfg(target_arch = "x86_64")]
     unsafe fn avx2<const R: usize>(t: &Tile, b: *const f32, prefetch: *const u8, out: *mut f32) -> bool {
+        // SAFETY: passed on from the caller.
         unsafe { avx2_f32::<R>(t, b, prefetch, out) }
     }
 }
@@ -340,6 +353,7 @@ impl PanelValue for u16 {
     }
     #[cfg(target_arch = "x86_64")]
     unsafe fn avx2<const R: usize>(t: &Tile, b: *const u16, prefetch: *const u8, out: *mut f32) -> bool {
+        // SAFETY: passed on from the caller.
         unsafe { avx2_bf16::<R>(t, b, prefetch, out) }
     }
 }
@@ -365,7 +379,10 @@ impl Tile {
     /// `b` (and `next`) index a `kc x NR` slice inside `panels`; `a` and `c` are valid as
     /// `Tile` documents.
     unsafe fn run<T: PanelValue>(&self, panels: &[T], b: usize, next: Option<usize>, isa: Isa) {
-        debug_assert!(b + self.kc * NR <= panels.len());
+        // The parts of the contract a tile can check: once per tile, nothing next to its flops.
+        assert!(b + self.kc * NR <= panels.len(), "panel slice out of bounds");
+        assert!(self.rows >= 1 && self.rows <= MR && self.cols >= 1 && self.cols <= NR, "tile shape");
+        // SAFETY: in bounds (asserted above).
         let b = unsafe { panels.as_ptr().add(b) };
         // Scratch for a partial panel (or the portable kernel), left uninitialised: zeroing it on
         // every tile was a memset the size of the LM head's output per call.
@@ -375,20 +392,26 @@ impl Tile {
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2Fma => {
                 let prefetch = next.map_or(std::ptr::null(), |i| panels[i..].as_ptr() as *const u8);
+                // SAFETY: the Tile contract (ours, from the caller); `Isa::Avx2Fma` is chosen only
+                // where the CPU has AVX2 and FMA; `rows` picks the kernel of that many rows.
                 unsafe { dispatch_rows!(self.rows, T::avx2, self, b, prefetch, acc) }
             }
             Isa::Portable => {
                 let _ = next; // the portable kernel leaves prefetching to the hardware
+                // SAFETY: as above, without the CPU features.
                 unsafe { dispatch_rows!(self.rows, T::portable, self, b, acc) }
             }
         };
         if pending {
+            // SAFETY: the kernel wrote `rows` rows of `acc`; `c` as the contract says.
             unsafe { self.store(acc) }
         }
     }
 
     /// Write (or add) the accumulated block into C, only its valid columns.
-    /// `acc` holds `rows` written rows of NR values.
+    ///
+    /// # Safety
+    /// `acc` holds `rows` written rows of NR values; `c` as the `Tile` contract says.
     unsafe fn store(&self, acc: *const f32) {
         for r in 0..self.rows {
             // SAFETY: the kernel wrote rows 0..rows of `acc`; the caller guarantees rows x cols
@@ -404,21 +427,29 @@ impl Tile {
     }
 }
 
+/// # Safety
+/// The `Tile` contract, with `R == t.rows`.
 unsafe fn portable<const R: usize, T: PanelValue>(t: &Tile, b: *const T, out: *mut f32) -> bool {
     let mut acc = [[0.0f32; NR]; R];
     for kk in 0..t.kc {
+        // SAFETY: kk < kc: inside the panel slice's kc x NR values.
         let bv = T::widen(unsafe { std::slice::from_raw_parts(b.add(kk * NR), NR) });
         for (r, acc) in acc.iter_mut().enumerate() {
+            // SAFETY: kk < kc and r < R <= MR: inside A's kc x MR values.
             let a = unsafe { *t.a.add(kk * MR + r) };
             acc.iter_mut().zip(&bv).for_each(|(c, w)| *c += a * w);
         }
     }
+    // SAFETY: `out` is MR x NR scratch and R <= MR.
     unsafe { std::ptr::copy_nonoverlapping(acc.as_ptr() as *const f32, out, R * NR) };
     true
 }
 
 /// Full tiles go from registers straight into C; a partial panel goes through `out` (returns
 /// whether it still needs storing).
+///
+/// # Safety
+/// The `Tile` contract, with `R == t.rows`, on a CPU with AVX2 and FMA.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 #[inline]
@@ -426,6 +457,7 @@ unsafe fn avx2_store<const R: usize>(t: &Tile, acc: &[[std::arch::x86_64::__m256
     use std::arch::x86_64::*;
     if t.cols == NR {
         for (r, acc) in acc.iter().enumerate() {
+            // SAFETY: a full tile: row r < rows of C has NR = 16 writable values at c + r * ldc.
             unsafe {
                 let c = t.c.add(r * t.ldc);
                 let (mut lo, mut hi) = (acc[0], acc[1]);
@@ -440,6 +472,7 @@ unsafe fn avx2_store<const R: usize>(t: &Tile, acc: &[[std::arch::x86_64::__m256
         return false;
     }
     for (r, acc) in acc.iter().enumerate() {
+        // SAFETY: `out` is MR x NR scratch and r < R <= MR.
         unsafe {
             _mm256_storeu_ps(out.add(r * NR), acc[0]);
             _mm256_storeu_ps(out.add(r * NR + 8), acc[1]);
@@ -448,6 +481,8 @@ unsafe fn avx2_store<const R: usize>(t: &Tile, acc: &[[std::arch::x86_64::__m256
     true
 }
 
+/// # Safety
+/// The `Tile` contract, with `R == t.rows`, on a CPU with AVX2 and FMA.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn avx2_f32<const R: usize>(t: &Tile, b: *const f32, prefetch: *const u8, out: *mut f32) -> bool {
@@ -456,8 +491,10 @@ unsafe fn avx2_f32<const R: usize>(t: &Tile, b: *const f32, prefetch: *const u8,
     let pf = !prefetch.is_null();
     for kk in 0..t.kc {
         if pf {
+            // SAFETY: a prefetch never faults, whatever the address.
             unsafe { _mm_prefetch::<_MM_HINT_T0>(prefetch.add(kk * NR * 4) as *const i8) };
         }
+        // SAFETY: kk < kc: the panel row's 16 values; kk < kc, r < MR: one value of A.
         let b0 = unsafe { _mm256_loadu_ps(b.add(kk * NR)) };
         let b1 = unsafe { _mm256_loadu_ps(b.add(kk * NR + 8)) };
         for (r, acc) in acc.iter_mut().enumerate() {
@@ -466,9 +503,12 @@ unsafe fn avx2_f32<const R: usize>(t: &Tile, b: *const f32, prefetch: *const u8,
             acc[1] = _mm256_fmadd_ps(a, b1, acc[1]);
         }
     }
+    // SAFETY: passed on from the caller.
     unsafe { avx2_store(t, &acc, out) }
 }
 
+/// # Safety
+/// The `Tile` contract, with `R == t.rows`, on a CPU with AVX2 and FMA.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn avx2_bf16<const R: usize>(t: &Tile, b: *const u16, prefetch: *const u8, out: *mut f32) -> bool {
@@ -478,18 +518,22 @@ unsafe fn avx2_bf16<const R: usize>(t: &Tile, b: *const u16, prefetch: *const u8
     let pf = !prefetch.is_null();
     for kk in 0..t.kc {
         if pf && kk % 2 == 0 {
+            // SAFETY: a prefetch never faults, whatever the address.
             unsafe { _mm_prefetch::<_MM_HINT_T0>(prefetch.add(kk * NR * 2) as *const i8) };
         }
         // 16 bf16 in one load; interleaving zeros below each value widens it to f32 exactly.
+        // SAFETY: kk < kc: the panel row's 16 values.
         let raw = unsafe { _mm256_loadu_si256(b.add(kk * NR) as *const __m256i) };
         let b0 = _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, raw));
         let b1 = _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, raw));
         for (r, acc) in acc.iter_mut().enumerate() {
+            // SAFETY: kk < kc, r < R <= MR: one value of A.
             let a = unsafe { _mm256_broadcast_ss(&*t.a.add(kk * MR + r)) };
             acc[0] = _mm256_fmadd_ps(a, b0, acc[0]);
             acc[1] = _mm256_fmadd_ps(a, b1, acc[1]);
         }
     }
+    // SAFETY: passed on from the caller.
     unsafe { avx2_store(t, &acc, out) }
 }
 

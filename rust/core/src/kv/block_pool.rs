@@ -6,6 +6,7 @@
 //! - *used*: `ref_count > 0`, held by one or more block tables;
 //! - *cached*: `ref_count == 0` but still holding the KV of a full block whose hash is known. It can
 //!   be revived by a prefix hit, or evicted (oldest first) when a fresh block is needed.
+//!
 //! This is vLLM v1's `BlockPool`, with a `BTreeMap` keyed by a release stamp as the LRU queue.
 
 use std::collections::BTreeMap;

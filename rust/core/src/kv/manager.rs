@@ -126,7 +126,7 @@ impl KvManager {
     }
 
     fn last_block_is_shared_partial(&self, t: &BlockTable) -> bool {
-        t.num_tokens % self.block_size != 0 && t.blocks.last().is_some_and(|&b| self.pool.ref_count(b) > 1)
+        !t.num_tokens.is_multiple_of(self.block_size) && t.blocks.last().is_some_and(|&b| self.pool.ref_count(b) > 1)
     }
 
     /// Give `seq` slots for `n` more tokens. All or nothing: on `OutOfBlocks` nothing changed.
@@ -177,8 +177,9 @@ impl KvManager {
         }
         let Some(t) = self.tables.get_mut(&seq) else { return };
         let full = (computed_tokens / self.block_size).min(hashes.len()).min(t.blocks.len());
-        for i in t.num_registered..full {
-            self.pool.register(t.blocks[i], hashes[i]);
+        let from = t.num_registered.min(full);
+        for (&block, &hash) in t.blocks[from..full].iter().zip(&hashes[from..full]) {
+            self.pool.register(block, hash);
         }
         t.num_registered = t.num_registered.max(full);
     }

@@ -114,13 +114,13 @@ impl ModelConfig {
         };
         let num_kv_heads = raw.num_key_value_heads.unwrap_or(raw.num_attention_heads);
         let head_dim = raw.head_dim.unwrap_or(raw.hidden_size / raw.num_attention_heads.max(1));
-        if raw.num_attention_heads == 0 || num_kv_heads == 0 || raw.num_attention_heads % num_kv_heads != 0 {
+        if raw.num_attention_heads == 0 || num_kv_heads == 0 || !raw.num_attention_heads.is_multiple_of(num_kv_heads) {
             return Err(HoraeError::Model(format!(
                 "{} attention heads cannot be grouped over {num_kv_heads} KV heads",
                 raw.num_attention_heads
             )));
         }
-        if head_dim == 0 || head_dim % 2 != 0 {
+        if head_dim == 0 || !head_dim.is_multiple_of(2) {
             return Err(HoraeError::Model(format!("head_dim must be even and positive, got {head_dim}")));
         }
         let rope_params = raw.rope_scaling.clone().filter(|v| !v.is_null()).or_else(|| raw.rope_parameters.clone());

@@ -29,11 +29,7 @@ pub struct PastFuture {
 
 /// LightLLM's scenario count: fewer draws for big batches, where one draw already averages out.
 fn scenario_count(batch: usize) -> usize {
-    if batch == 0 {
-        5
-    } else {
-        (200 / batch + 1).min(5)
-    }
+    200usize.checked_div(batch).map_or(5, |q| (q + 1).min(5))
 }
 
 impl PastFuture {

@@ -19,7 +19,7 @@ pub struct Load {
 /// Reference implementation, O(n log n): used by tests and the admission benchmark's baseline.
 pub fn peak_of(loads: &[Load]) -> u64 {
     let mut sorted = loads.to_vec();
-    sorted.sort_unstable_by(|a, b| b.remaining.cmp(&a.remaining));
+    sorted.sort_unstable_by_key(|l| std::cmp::Reverse(l.remaining));
     let mut prefix = 0u64;
     let mut peak = 0u64;
     for (k, l) in sorted.iter().enumerate() {
@@ -99,7 +99,7 @@ impl Forecast {
         self.loads.extend(self.keys.iter().rev().map(|&k| Load { held: k & 0xFFFF_FFFF, remaining: k >> 32 }));
         if !wide.is_empty() {
             self.loads.extend(wide);
-            self.loads.sort_by(|a, b| b.remaining.cmp(&a.remaining));
+            self.loads.sort_by_key(|l| std::cmp::Reverse(l.remaining));
         }
         self.rebuild();
     }

@@ -166,7 +166,7 @@ impl SpecController {
     /// Predicted seconds of a step (None before the model is fitted).
     pub fn predict(&self, shape: &StepFeatures) -> Option<f64> {
         let c = self.coef?;
-        Some(time_row(&shape).iter().zip(c).map(|(x, c)| x * c).sum::<f64>().max(1e-9))
+        Some(time_row(shape).iter().zip(c).map(|(x, c)| x * c).sum::<f64>().max(1e-9))
     }
 
     /// Choose this step's k. `draft_lens[i]` is how many drafts decoding sequence i has (its
@@ -192,10 +192,10 @@ impl SpecController {
         if self.coef.is_none() {
             // Warm-up: k = 0 and 1 in turn, so the time model sees what a draft token costs
             // (cheaply: a big batch at k_max can take several times a normal step).
-            let k = if self.step % 2 == 0 { 0 } else { largest_fitting().min(1) };
+            let k = if self.step.is_multiple_of(2) { 0 } else { largest_fitting().min(1) };
             return self.record_k(k);
         }
-        if (self.step - 1) % self.cfg.rechoose_every as u64 == 0 {
+        if (self.step - 1).is_multiple_of(self.cfg.rechoose_every as u64) {
             let lo = base.num_tokens.max(1.0);
             let hi = lo + draft_lens.iter().map(|&l| l.min(k_max) as f64).sum::<f64>();
             // Steps of a different batch size count less too: a small batch's drafts are nearly

@@ -28,7 +28,7 @@ pub struct Acceptance {
 
 impl Acceptance {
     pub fn validate(&self) -> Result<()> {
-        if !(self.mean > 0.0 && self.mean < 1.0) || !(self.concentration > 0.0 && self.concentration.is_finite()) {
+        if !(self.mean > 0.0 && self.mean < 1.0 && self.concentration > 0.0 && self.concentration.is_finite()) {
             return Err(HoraeError::InvalidConfig(format!(
                 "acceptance needs a mean in (0, 1) and a concentration > 0, got {} and {}",
                 self.mean, self.concentration
