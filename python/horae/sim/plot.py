@@ -26,13 +26,7 @@ def plot_goodput(report: SweepReport, path: Path, title: Optional[str] = None) -
     ax.set_xlabel("request rate scale" if report.load == "rate_scale" else "concurrent clients")
     ax.set_ylabel("goodput (tokens/s meeting SLA)")
     sla = ", ".join(f"{k}<={v:g}s" for k, v in report.sla.items())
-    ax.set_title(title or f"goodput vs load ({sla})")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return _finish(plt, fig, ax, title or f"goodput vs load ({sla})", path)
 
 
 def plot_kv_usage(report: SweepReport, point: float, path: Path, title: Optional[str] = None) -> Path:
@@ -47,7 +41,12 @@ def plot_kv_usage(report: SweepReport, point: float, path: Path, title: Optional
     ax.set_xlabel("simulated time (s)")
     ax.set_ylabel("KV blocks in use (fraction)")
     ax.set_ylim(0, 1.05)
-    ax.set_title(title or f"KV usage over time at {report.load} {point:g}")
+    return _finish(plt, fig, ax, title or f"KV usage over time at {report.load} {point:g}", path)
+
+
+def _finish(plt, fig, ax, title: str, path) -> Path:
+    """Title, grid and legend, then write the figure and free it."""
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

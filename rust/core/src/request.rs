@@ -221,9 +221,6 @@ impl Request {
     pub fn total_len(&self) -> usize {
         self.prompt.len() + self.output.len()
     }
-    pub fn is_finished(&self) -> bool {
-        matches!(self.state, RequestState::Finished(_))
-    }
     pub fn finish_reason(&self) -> Option<FinishReason> {
         match self.state {
             RequestState::Finished(r) => Some(r),

@@ -17,10 +17,6 @@ impl Tokenizer {
         Ok(Self { inner })
     }
 
-    pub fn vocab_size(&self) -> usize {
-        self.inner.get_vocab_size(true)
-    }
-
     /// Token ids of `text`; special tokens written in the text (e.g. `<|im_start|>`) are parsed.
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
         let enc = self
@@ -34,10 +30,6 @@ impl Tokenizer {
         self.inner
             .decode(ids, skip_special_tokens)
             .map_err(|e| HoraeError::InvalidConfig(format!("cannot detokenize: {e}")))
-    }
-
-    pub fn token_to_id(&self, token: &str) -> Option<u32> {
-        self.inner.token_to_id(token)
     }
 }
 

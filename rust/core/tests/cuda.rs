@@ -293,15 +293,7 @@ impl AttnCase {
         let bt_d = up(g, &table_flat);
         let dims = AttnDims { max_blocks: width, ..self.dims };
         let p = |s: &CudaSlice<u16>| Ptr::of(g, s);
-        let io = AttnIo {
-            out: p(&out_d),
-            out_stride: nh * hd,
-            q: p(&q_d),
-            q_stride: nh * hd,
-            k_cache: p(&kc_d),
-            v_cache: p(&vc_d),
-            block_tables: Ptr::of(g, &bt_d),
-        };
+        let io = AttnIo::packed(p(&out_d), p(&q_d), nh * hd, p(&kc_d), p(&vc_d), Ptr::of(g, &bt_d));
         if self.seqs.iter().all(|s| s.1 == 1) {
             let q_rows: Vec<i32> = (0..self.seqs.len() as i32).collect();
             let ctx: Vec<i32> = self.seqs.iter().map(|s| (s.0 + 1) as i32).collect();
@@ -350,28 +342,19 @@ impl AttnCase {
     }
 }
 
-#[test]
-#[ignore = "needs an NVIDIA GPU (scripts/gpu_check.sh)"]
-fn paged_decode_matches_cpu() {
+/// `seqs` (cached, new) against the CPU reference for every GQA group in `heads`, both head
+/// dims, both block sizes and both dtypes; `kind` names the kernel in failures.
+fn check_attention(kind: &str, seqs: &[(usize, usize)], heads: &[(usize, usize)], seed: u64) {
     let g = gpu();
-    // Contexts from one token to several partitions (split-K + reduce), GQA groups 1, 3, 4, 8.
-    let ctx = vec![(0, 1), (15, 1), (16, 1), (511, 1), (512, 1), (1300, 1), (4095, 1)];
-    for (nh, nkv) in [(4, 4), (9, 3), (32, 8), (16, 2)] {
+    for &(nh, nkv) in heads {
         for hd in [64, 128] {
             for bs in [16, 32] {
                 for dt in DTS {
-                    let case = AttnCase {
-                        dims: AttnDims {
-                            num_heads: nh,
-                            num_kv_heads: nkv,
-                            head_dim: hd,
-                            block_size: bs,
-                            max_blocks: 0,
-                        },
-                        seqs: ctx.clone(),
-                    };
-                    let e = case.run(&g, dt, (nh * hd + bs) as u64);
-                    assert!(e < tol(dt), "decode {nh}/{nkv} heads, hd {hd}, bs {bs}, {dt:?}: rel err {e}");
+                    let dims =
+                        AttnDims { num_heads: nh, num_kv_heads: nkv, head_dim: hd, block_size: bs, max_blocks: 0 };
+                    let case = AttnCase { dims, seqs: seqs.to_vec() };
+                    let e = case.run(&g, dt, (nh * hd + bs) as u64 + seed);
+                    assert!(e < tol(dt), "{kind} {nh}/{nkv} heads, hd {hd}, bs {bs}, {dt:?}: rel err {e}");
                 }
             }
         }
@@ -380,31 +363,19 @@ fn paged_decode_matches_cpu() {
 
 #[test]
 #[ignore = "needs an NVIDIA GPU (scripts/gpu_check.sh)"]
+fn paged_decode_matches_cpu() {
+    // Contexts from one token to several partitions (split-K + reduce), GQA groups 1, 3, 4, 8.
+    let ctx = [(0, 1), (15, 1), (16, 1), (511, 1), (512, 1), (1300, 1), (4095, 1)];
+    check_attention("decode", &ctx, &[(4, 4), (9, 3), (32, 8), (16, 2)], 0);
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU (scripts/gpu_check.sh)"]
 fn prefill_attention_matches_cpu() {
-    let g = gpu();
     // Whole prompts, chunks after a cached prefix (including a prefix ending mid-block), and
     // speculative verification rows (a few tokens after a long context).
-    let seqs = vec![(0, 1), (0, 37), (0, 100), (48, 20), (33, 64), (700, 5), (2000, 33)];
-    for (nh, nkv) in [(4, 4), (9, 3), (32, 8)] {
-        for hd in [64, 128] {
-            for bs in [16, 32] {
-                for dt in DTS {
-                    let case = AttnCase {
-                        dims: AttnDims {
-                            num_heads: nh,
-                            num_kv_heads: nkv,
-                            head_dim: hd,
-                            block_size: bs,
-                            max_blocks: 0,
-                        },
-                        seqs: seqs.clone(),
-                    };
-                    let e = case.run(&g, dt, (nh * hd + bs + 1) as u64);
-                    assert!(e < tol(dt), "prefill {nh}/{nkv} heads, hd {hd}, bs {bs}, {dt:?}: rel err {e}");
-                }
-            }
-        }
-    }
+    let seqs = [(0, 1), (0, 37), (0, 100), (48, 20), (33, 64), (700, 5), (2000, 33)];
+    check_attention("prefill", &seqs, &[(4, 4), (9, 3), (32, 8)], 1);
 }
 
 #[test]

@@ -39,18 +39,25 @@ pub fn paged_attention(
     out: &mut [f32],
 ) {
     let shape = AttnShape { block_size, num_heads, num_kv_heads, head_dim };
+    let cache = PagedKv { k: k_cache, v: v_cache, shape };
     #[cfg(target_arch = "x86_64")]
     if head_dim.is_multiple_of(avx2::DIMS)
         && std::arch::is_x86_feature_detected!("avx2")
         && std::arch::is_x86_feature_detected!("fma")
     {
         // SAFETY: the CPU has AVX2 and FMA (checked just above).
-        let kernel = |q: &[f32], s: &AttnSeq<'_>, pos, o: &mut [f32]| unsafe {
-            avx2::attend_row(q, s, pos, k_cache, v_cache, shape, o)
-        };
+        let kernel = |q: &[f32], s: &AttnSeq<'_>, pos, o: &mut [f32]| unsafe { avx2::attend_row(q, s, pos, cache, o) };
         return for_each_row(q, seqs, shape, out, kernel);
     }
-    for_each_row(q, seqs, shape, out, |q, s, pos, o| attend_row(q, s, pos, k_cache, v_cache, shape, o))
+    for_each_row(q, seqs, shape, out, |q, s, pos, o| attend_row(q, s, pos, cache, o))
+}
+
+/// One layer's paged K and V caches and their shape.
+#[derive(Clone, Copy)]
+struct PagedKv<'a> {
+    k: &'a [f32],
+    v: &'a [f32],
+    shape: AttnShape,
 }
 
 /// Runs `kernel` on every row of the batch, in parallel: one task per row (all its heads) is
@@ -87,15 +94,8 @@ fn kv_offsets(s: &AttnSeq<'_>, len: usize, shape: &AttnShape) -> Vec<usize> {
 }
 
 /// One query row (all heads) at position `pos` over positions `0..=pos` of its sequence.
-fn attend_row(
-    q: &[f32],
-    s: &AttnSeq<'_>,
-    pos: usize,
-    k_cache: &[f32],
-    v_cache: &[f32],
-    shape: AttnShape,
-    o: &mut [f32],
-) {
+fn attend_row(q: &[f32], s: &AttnSeq<'_>, pos: usize, kv: PagedKv<'_>, o: &mut [f32]) {
+    let PagedKv { k: k_cache, v: v_cache, shape } = kv;
     let AttnShape { num_heads, num_kv_heads, head_dim, .. } = shape;
     let group = num_heads / num_kv_heads;
     let scale = 1.0 / (head_dim as f32).sqrt();
@@ -138,7 +138,7 @@ fn attend_row(
 /// multiply-adds and computes `exp` eight lanes at a time.
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{kv_offsets, AttnSeq, AttnShape};
+    use super::{kv_offsets, AttnSeq, AttnShape, PagedKv};
     use crate::backend::simd::{exp8, hsum};
     use std::arch::x86_64::*;
 
@@ -179,15 +179,8 @@ mod avx2 {
     /// # Safety
     /// The CPU has AVX2 and FMA.
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn attend_row(
-        q: &[f32],
-        s: &AttnSeq<'_>,
-        pos: usize,
-        k_cache: &[f32],
-        v_cache: &[f32],
-        shape: AttnShape,
-        o: &mut [f32],
-    ) {
+    pub unsafe fn attend_row(q: &[f32], s: &AttnSeq<'_>, pos: usize, kv: PagedKv<'_>, o: &mut [f32]) {
+        let PagedKv { k: k_cache, v: v_cache, shape } = kv;
         let AttnShape { num_heads, num_kv_heads, head_dim, .. } = shape;
         let group = num_heads / num_kv_heads;
         let scale = 1.0 / (head_dim as f32).sqrt();
@@ -196,7 +189,10 @@ mod avx2 {
         // Every read below is at a slot of the block table: assert for the largest one (a block
         // table is not sorted; its last block need not be its highest).
         let top = slots.iter().max().copied();
-        assert!(top.is_some_and(|t| t + num_kv_heads * head_dim <= k_cache.len().min(v_cache.len())), "KV slot out of bounds");
+        assert!(
+            top.is_some_and(|t| t + num_kv_heads * head_dim <= k_cache.len().min(v_cache.len())),
+            "KV slot out of bounds"
+        );
         assert!(q.len() == num_heads * head_dim && o.len() == q.len());
         let mut scores = vec![0.0f32; num_heads * len];
         for h in 0..num_heads {
@@ -288,7 +284,7 @@ mod tests {
         let mut o = vec![0.0; nh * hd];
         // SAFETY: the CPU has AVX2 and FMA (checked above); the kernel's own assert is under test.
         let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| unsafe {
-            avx2::attend_row(&q, &seq, 5, &kv, &vv, shape, &mut o)
+            avx2::attend_row(&q, &seq, 5, PagedKv { k: &kv, v: &vv, shape }, &mut o)
         }));
         assert!(ran.is_err(), "an out-of-bounds block must be refused");
     }
@@ -315,10 +311,12 @@ mod tests {
             ];
             let q: Vec<f32> = noise(7 * nh * hd, 3).iter().map(|x| 3.0 * x).collect();
             let (mut fast, mut slow) = (vec![0.0; q.len()], vec![0.0; q.len()]);
-            for_each_row(&q, &seqs, shape, &mut slow, |q, s, pos, o| attend_row(q, s, pos, &kv, &vv, shape, o));
+            for_each_row(&q, &seqs, shape, &mut slow, |q, s, pos, o| {
+                attend_row(q, s, pos, PagedKv { k: &kv, v: &vv, shape }, o)
+            });
             // SAFETY: the CPU has AVX2 and FMA (checked at the top).
             for_each_row(&q, &seqs, shape, &mut fast, |q, s, pos, o| unsafe {
-                avx2::attend_row(q, s, pos, &kv, &vv, shape, o)
+                avx2::attend_row(q, s, pos, PagedKv { k: &kv, v: &vv, shape }, o)
             });
             let err = fast.iter().zip(&slow).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
             assert!(err < 1e-5, "({nh}, {nkv}, {hd}): max error {err}");

@@ -115,25 +115,6 @@ impl PackedLinear {
         Self { n, k, panels }
     }
 
-    pub fn out_features(&self) -> usize {
-        self.n
-    }
-    pub fn in_features(&self) -> usize {
-        self.k
-    }
-    pub fn dtype(&self) -> WeightDtype {
-        match self.panels {
-            Panels::F32(_) => WeightDtype::F32,
-            Panels::Bf16(_) => WeightDtype::Bf16,
-        }
-    }
-    pub fn bytes(&self) -> usize {
-        match &self.panels {
-            Panels::F32(v) => v.len() * 4,
-            Panels::Bf16(v) => v.len() * 2,
-        }
-    }
-
     /// Row `i` of the original `[n, k]` matrix (an embedding lookup when the LM head is tied).
     pub fn row(&self, i: usize, out: &mut [f32]) {
         assert!(i < self.n && out.len() == self.k);
@@ -398,7 +379,7 @@ impl Tile {
             }
             Isa::Portable => {
                 let _ = next; // the portable kernel leaves prefetching to the hardware
-                // SAFETY: as above, without the CPU features.
+                              // SAFETY: as above, without the CPU features.
                 unsafe { dispatch_rows!(self.rows, T::portable, self, b, acc) }
             }
         };

@@ -96,15 +96,7 @@ pub fn decode_attention(
     let p = |s: &CudaSlice<u16>| Ptr::of(gpu, s);
     let (qr, cl, bt) = (Ptr::of(gpu, &rows), Ptr::of(gpu, &ctxs), Ptr::of(gpu, &table));
     let ms = time_ms(&gpu.stream, 3, 20, || {
-        let io = AttnIo {
-            out: p(&out),
-            out_stride: heads * head_dim,
-            q: p(&q),
-            q_stride: heads * head_dim,
-            k_cache: p(&k),
-            v_cache: p(&v),
-            block_tables: bt,
-        };
+        let io = AttnIo::packed(p(&out), p(&q), heads * head_dim, p(&k), p(&v), bt);
         ops::paged_decode(gpu, dt, dims, io, qr, cl, batch, ctx, &mut scratch)
     })?;
     let kv_bytes = 2 * batch * ctx * kv_row * 2;

@@ -245,6 +245,14 @@ pub struct AttnIo {
     pub block_tables: Ptr,
 }
 
+impl AttnIo {
+    /// Queries and outputs in their own packed `[rows, row_len]` buffers (benchmarks, tests);
+    /// the model reads its queries out of the fused QKV rows instead.
+    pub fn packed(out: Ptr, q: Ptr, row_len: usize, k_cache: Ptr, v_cache: Ptr, block_tables: Ptr) -> Self {
+        Self { out, out_stride: row_len, q, q_stride: row_len, k_cache, v_cache, block_tables }
+    }
+}
+
 /// Paged decode attention for `seqs` single-token queries: q row `q_rows[i]` (i32) at context
 /// length `ctx_lens[i]`, output written to the same row of `io.out`. `max_ctx` bounds the
 /// partitions.
