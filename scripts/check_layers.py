@@ -23,12 +23,12 @@ RUST_LAYERS = [
     ["spec"],
     ["runner"],
     ["engine"],
-    ["sim", "serving"],
+    ["sim"],
     ["bench"],
 ]
 PY_LAYERS = [
     ["_core"],
-    ["models", "cuda", "outputs"],
+    ["models", "cuda"],
     ["llm"],
     ["async_llm"],
     ["serve", "sim", "gpu_check"],

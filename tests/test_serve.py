@@ -413,3 +413,35 @@ def test_a_request_the_model_fails_on_gets_an_error_and_the_server_goes_on(serve
     ok = client.chat.completions.create(model="smollm2", messages=CAPITAL, max_tokens=8, temperature=0)
     assert ok.choices[0].message.content
     _assert_idle(server)
+
+
+def test_readme_async_llm_runs_in_a_notebook_and_in_a_script(tmp_path):
+    """The README's AsyncLLM snippets: the notebook form runs as Jupyter runs a cell (top-level
+    `await` inside an already running event loop, where `asyncio.run` fails), the script form as
+    a script."""
+    import ast
+    import re as regex
+    from pathlib import Path
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    blocks = regex.findall(r"```python\n(.*?)```", readme, regex.S)
+    script = next(b for b in blocks if "asyncio.run(main())" in b)
+    cell = next(b for b in blocks if "async for" in b and "asyncio.run" not in b and "def " not in b)
+    cell = cell.replace("AsyncLLM()", "AsyncLLM(kv_cache_tokens=1024)")
+    code = compile("from horae import AsyncLLM, SamplingParams\n" + cell, "<cell>", "exec",
+                   flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT)
+    namespace: dict = {}
+
+    async def jupyter():  # a running loop, as in a notebook kernel
+        pending = asyncio.sleep(0)
+        with pytest.raises(RuntimeError):
+            asyncio.run(pending)  # what the old snippet did: refused inside a running loop
+        pending.close()
+        await eval(code, namespace)
+        namespace["llm"].shutdown()
+
+    asyncio.run(jupyter())
+    path = tmp_path / "snippet.py"
+    path.write_text(script.replace("AsyncLLM()", "AsyncLLM(kv_cache_tokens=1024)"))
+    out = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip(), out.stderr

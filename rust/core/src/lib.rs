@@ -4,14 +4,15 @@
 //!
 //! Layers, lowest first; a module imports only from layers below its own (docs/architecture.md):
 //! 1. `error`, `stepcost`, `sample`, `kv`, `tokenizer`
-//! 2. `request` (one request's whole state)
+//! 2. `request` (one request's whole state, its checks and its stop rules)
 //! 3. `plan` (the step plan and the `Executor` seam)
 //! 4. `sched` (admission policies, the scheduling loop, SmartSpec's controller), `backend` (kernels)
 //! 5. `model` (Llama on the CPU and on a GPU)
 //! 6. `spec` (draft proposers and verification)
 //! 7. `runner` (`ModelExecutor`: a model behind the `Executor` seam)
-//! 8. `engine` (the step loop, stop checks, per-step outputs)
-//! 9. `sim` (the simulator) and `serving` (engine builder, request inbox, step thread, metrics)
+//! 8. `engine` (the step loop and per-step outputs; for a real model, its builder and the handle
+//!    front ends hold: request inbox, step thread, figures)
+//! 9. `sim` (the simulator)
 
 pub mod backend;
 pub mod engine;
@@ -23,7 +24,6 @@ pub mod request;
 pub mod runner;
 pub mod sample;
 pub mod sched;
-pub mod serving;
 pub mod sim;
 pub mod spec;
 pub mod stepcost;

@@ -1,14 +1,13 @@
-//! `horae._core.Engine` and `StepOutput`: PyO3 conversion of `horae_core::serving`, nothing
+//! `horae._core.Engine` and `StepOutput`: PyO3 conversion of `horae_core::engine`'s handle, nothing
 //! more. The engine, its inbox, step loop, request checks and figures all live in the core.
 
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 
-use horae_core::engine::RequestOutput;
+use horae_core::engine::{self, EngineArgs, EngineHandle, EngineInfo, EngineStats, RequestOutput, StepEvents};
 use horae_core::model::LlamaModel;
-use horae_core::request::StopReason;
+use horae_core::request::{RequestParams, StopReason};
 use horae_core::sample::{SamplingParams, TokenLogprobs};
-use horae_core::serving::{self, EngineArgs, EngineHandle, EngineInfo, EngineStats, RequestParams, StepEvents};
 use numpy::{IntoPyArray, PyArrayMethods};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
@@ -137,7 +136,7 @@ impl PyEngine {
         max_model_len: Option<usize>,
     ) -> PyResult<Self> {
         let speculative = match speculative.map(|d| crate::spec::parse(&d, false, seed.unwrap_or(0))).transpose()? {
-            Some((cfg, crate::spec::Choice::Engine(method))) => Some(serving::SpecArgs { cfg, method }),
+            Some((cfg, crate::spec::Choice::Engine(method))) => Some(engine::SpecArgs { cfg, method }),
             _ => None,
         };
         let args = EngineArgs {
@@ -156,7 +155,7 @@ impl PyEngine {
             max_model_len,
             ..EngineArgs::new(model_dir)
         };
-        let (handle, info) = py.detach(|| serving::build(args)).map_err(to_py)?;
+        let (handle, info) = py.detach(|| engine::build(args)).map_err(to_py)?;
         let model = OnceLock::new();
         if let Some(m) = info.cpu_model.clone() {
             let _ = model.set(m);
@@ -217,9 +216,10 @@ impl PyEngine {
     }
 
     /// Check a request and queue it; returns its id. Every rule is the core's
-    /// (`horae_core::serving::validate`); a refusal raises `HoraeCoreError` naming the field.
-    /// `max_tokens=None` means up to the end of the context. Never waits for a running step.
-    #[pyo3(signature = (prompt_token_ids, *, max_tokens = None, temperature = 1.0, top_k = 0, top_p = 1.0,
+    /// (`horae_core::request::RequestParams`); a refusal raises `HoraeCoreError` naming the field.
+    /// `max_tokens=None` means up to the end of the context (16 by default, as vLLM). Never waits
+    /// for a running step.
+    #[pyo3(signature = (prompt_token_ids, *, max_tokens = Some(16), temperature = 1.0, top_k = 0, top_p = 1.0,
                         min_p = 0.0, repetition_penalty = 1.0, presence_penalty = 0.0, frequency_penalty = 0.0,
                         seed = None, ignore_eos = false, logprobs = None, min_tokens = 0, prompt_logprobs = None,
                         stop = Vec::new(), stop_token_ids = Vec::new()))]

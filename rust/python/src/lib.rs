@@ -9,9 +9,9 @@ mod spec;
 
 use horae_core::backend::gemm::WeightDtype;
 use horae_core::bench::admission::admission_benchmark;
+use horae_core::engine::builder::parse_cpu_dtype;
 use horae_core::model::LlamaModel;
 use horae_core::sched::{PolicyKind, SchedulerConfig};
-use horae_core::serving::builder::parse_cpu_dtype;
 use horae_core::sim::{self, CostModel, LengthDist, LoadModel, SimConfig, Sla, StepFeatures, Trace, TraceFormat};
 use horae_core::HoraeError;
 use numpy::{IntoPyArray, PyArrayMethods, PyReadonlyArray1};

@@ -1,8 +1,8 @@
 //! The `speculative={...}` dict that `Engine` and `simulate` take, parsed once, with every bad
 //! value a clear `HoraeCoreError` at configuration time.
 
+use horae_core::engine::SpecMethod;
 use horae_core::sched::{SpecConfig, MAX_SPEC_TOKENS};
-use horae_core::serving::SpecMethod;
 use horae_core::sim::Acceptance;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;

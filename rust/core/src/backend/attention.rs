@@ -139,7 +139,7 @@ fn attend_row(q: &[f32], s: &AttnSeq<'_>, pos: usize, kv: PagedKv<'_>, o: &mut [
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use super::{kv_offsets, AttnSeq, AttnShape, PagedKv};
-    use crate::backend::simd::{exp8, hsum};
+    use crate::backend::cpu::avx2::{exp8, hsum};
     use std::arch::x86_64::*;
 
     /// Head dimensions are handled in chunks of this many values (4 registers of accumulators).

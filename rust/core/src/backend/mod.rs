@@ -5,4 +5,3 @@ pub mod attention;
 pub mod cpu;
 pub mod cuda;
 pub mod gemm;
-pub mod simd;

@@ -1,19 +1,71 @@
 //! The step loop: propose drafts -> schedule -> execute -> record tokens -> check stop conditions
-//! -> free, and one [`RequestOutput`] for every request that moved.
+//! -> free, and one [`RequestOutput`] for every request that moved (`Engine`, on any executor and
+//! clock). Below it, the handle a front end holds to serve one (`EngineHandle`, vLLM's
+//! `EngineCoreProc` to `Engine`'s `EngineCore`): an inbox so that adding or aborting a request
+//! never waits for a running step (tens of milliseconds on a CPU), the step loop on its own
+//! thread, the engine's figures for metrics and the per-step log for fitting cost models.
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use rustc_hash::FxHashMap as HashMap;
 
-use super::stop::{check_stop, find_stop_string};
-use super::Clock;
 use crate::error::{HoraeError, Result};
 use crate::plan::{Executor, StepPlan};
-use crate::request::{FinishReason, Prompt, ReqId, Request, RequestSpec, StopReason};
+use crate::request::{FinishReason, Prompt, ReqId, Request, RequestLimits, RequestParams, RequestSpec, StopReason};
 use crate::sample::TokenLogprobs;
-use crate::sched::{Judged, Scheduler};
+use crate::sched::{Judged, Scheduler, SpecStats};
 use crate::stepcost::StepFeatures;
 use crate::tokenizer::{IncrementalDetokenizer, Tokenizer};
+
+// The engine's notion of time, injected so that the simulator runs on virtual time and the real
+// engine on the wall clock, through the same step loop.
+pub trait Clock: Send {
+    /// Seconds since the clock started.
+    fn now(&self) -> f64;
+    /// A step took `dt` seconds of executor time. Virtual clocks move; the wall clock already did.
+    fn advance(&mut self, dt: f64);
+    /// Nothing to do until `t` (simulation only: the wall clock does not jump).
+    fn advance_to(&mut self, t: f64);
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct VirtualClock {
+    now: f64,
+}
+
+impl Clock for VirtualClock {
+    fn now(&self) -> f64 {
+        self.now
+    }
+    fn advance(&mut self, dt: f64) {
+        self.now += dt.max(0.0);
+    }
+    fn advance_to(&mut self, t: f64) {
+        self.now = self.now.max(t);
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct WallClock {
+    start: Instant,
+}
+
+impl Default for WallClock {
+    fn default() -> Self {
+        Self { start: Instant::now() }
+    }
+}
+
+impl Clock for WallClock {
+    fn now(&self) -> f64 {
+        self.start.elapsed().as_secs_f64()
+    }
+    fn advance(&mut self, _dt: f64) {}
+    fn advance_to(&mut self, _t: f64) {}
+}
 
 /// One step as seen from outside, for KV-usage-over-time plots and metrics.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -198,7 +250,7 @@ impl Engine {
                 r.logprobs.push(lp);
             }
             r.push_token(token, now);
-            if let Some(end) = check_stop(r, token, &self.eos) {
+            if let Some(end) = r.check_stop(token, &self.eos) {
                 ended.insert(id, end);
             }
         }
@@ -279,7 +331,7 @@ impl Engine {
             d.step(tok, &r.output[..text_tokens])?;
             let early = r.output.len() <= r.sampling.min_tokens;
             if !early && !r.stop.strings.is_empty() {
-                if let Some((at, s)) = find_stop_string(&d.text, before, &r.stop.strings) {
+                if let Some((at, s)) = r.stop.find_string(&d.text, before) {
                     d.text.truncate(at);
                     end = Some((FinishReason::Stop, Some(StopReason::Text(s))));
                 }
@@ -327,5 +379,257 @@ impl Engine {
             features: plan.features(),
             spec_k: self.sched.spec_stats().map_or(0, |s| s.k as u32),
         }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Serving: the handle.
+
+/// Steps kept for `take_step_log` before the oldest are dropped.
+const STEP_LOG_CAP: usize = 1 << 20;
+
+/// The engine's figures after a step, for metrics. Counters are totals since the engine started.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct EngineStats {
+    pub running: usize,
+    pub waiting: usize,
+    pub kv_used_blocks: usize,
+    pub kv_total_blocks: usize,
+    pub block_size: usize,
+    pub predicted_peak_tokens: Option<u64>,
+    pub preemptions: u64,
+    pub prefix_hit_blocks: u64,
+    pub prefix_queried_blocks: u64,
+    /// The step just run (None outside a step).
+    pub step_seconds: Option<f64>,
+    pub spec: Option<SpecStats>,
+}
+
+/// What one step produced.
+#[derive(Debug, Default)]
+pub struct StepEvents {
+    pub outputs: Vec<RequestOutput>,
+    pub stats: EngineStats,
+}
+
+struct EngineState {
+    engine: Engine,
+    /// Requests the engine refused when the inbox was applied: reported with the next events.
+    refused: Vec<RequestOutput>,
+    preemptions: u64,
+    step_log: Vec<StepSample>,
+}
+
+#[derive(Default)]
+struct Inbox {
+    adds: Vec<(ReqId, RequestSpec)>,
+    aborts: Vec<ReqId>,
+}
+
+struct Shared {
+    state: Mutex<EngineState>,
+    inbox: Mutex<Inbox>,
+    /// Signalled when the inbox gets work or the loop is told to stop.
+    wake: Condvar,
+    stop: AtomicBool,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding a lock poisons it; the state is still consistent because every
+    // mutation goes through the core's own checks, so keep serving.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Shared {
+    /// The engine, with everything queued in the inbox applied first.
+    fn engine(&self) -> MutexGuard<'_, EngineState> {
+        let mut st = lock(&self.state);
+        let inbox = std::mem::take(&mut *lock(&self.inbox));
+        for (id, spec) in inbox.adds {
+            if let Err(e) = st.engine.add_request_with_id(id, spec) {
+                let error = Some(e.to_string());
+                st.refused.push(RequestOutput {
+                    id,
+                    finish_reason: Some(FinishReason::Error),
+                    error,
+                    ..Default::default()
+                });
+            }
+        }
+        for id in inbox.aborts {
+            // An id that already finished (or was refused) has nothing left to free.
+            let _ = st.engine.abort(id);
+        }
+        st
+    }
+
+    fn step(&self) -> Result<StepEvents> {
+        let mut st = self.engine();
+        let mut outputs = std::mem::take(&mut st.refused);
+        if !st.engine.has_work() {
+            return Ok(StepEvents { outputs, stats: stats_of(&st, None) });
+        }
+        let out = st.engine.step()?;
+        st.preemptions += out.preempted.len() as u64;
+        outputs.extend(out.outputs);
+        let duration = out.sample.map(|s| s.duration);
+        if let Some(sample) = out.sample {
+            if st.step_log.len() == STEP_LOG_CAP {
+                st.step_log.drain(..STEP_LOG_CAP / 2);
+            }
+            st.step_log.push(sample);
+        }
+        Ok(StepEvents { outputs, stats: stats_of(&st, duration) })
+    }
+
+    /// Blocks until there is something to do (a queued request or abort, or running requests),
+    /// or the loop is told to stop.
+    fn wait_for_work(&self) {
+        if self.engine().engine.has_work() {
+            return;
+        }
+        let inbox = lock(&self.inbox);
+        if inbox.adds.is_empty() && inbox.aborts.is_empty() && !self.stop.load(Ordering::Acquire) {
+            // The timeout only bounds a missed wake-up; every push notifies.
+            let _ = self.wake.wait_timeout(inbox, Duration::from_millis(200));
+        }
+    }
+}
+
+fn stats_of(st: &EngineState, step_seconds: Option<f64>) -> EngineStats {
+    let s = st.engine.scheduler();
+    let pool = s.kv().pool();
+    EngineStats {
+        running: s.num_running(),
+        waiting: s.num_waiting(),
+        kv_used_blocks: pool.num_used(),
+        kv_total_blocks: pool.num_total(),
+        block_size: s.kv().block_size(),
+        predicted_peak_tokens: s.predicted_peak(),
+        preemptions: st.preemptions,
+        prefix_hit_blocks: pool.hit_blocks,
+        prefix_queried_blocks: pool.queried_blocks,
+        step_seconds,
+        spec: s.spec_stats(),
+    }
+}
+
+/// A served engine. Every method takes `&self` and is safe to call from any thread.
+pub struct EngineHandle {
+    shared: Arc<Shared>,
+    limits: RequestLimits,
+    next_id: AtomicU64,
+    looper: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl EngineHandle {
+    pub fn new(engine: Engine, limits: RequestLimits) -> Self {
+        let state = EngineState { engine, refused: Vec::new(), preemptions: 0, step_log: Vec::new() };
+        let shared = Shared {
+            state: Mutex::new(state),
+            inbox: Mutex::default(),
+            wake: Condvar::new(),
+            stop: AtomicBool::new(false),
+        };
+        Self { shared: Arc::new(shared), limits, next_id: AtomicU64::new(0), looper: Mutex::new(None) }
+    }
+
+    pub fn limits(&self) -> &RequestLimits {
+        &self.limits
+    }
+
+    fn push(&self, f: impl FnOnce(&mut Inbox)) {
+        f(&mut lock(&self.shared.inbox));
+        self.shared.wake.notify_all();
+    }
+
+    pub fn looping(&self) -> bool {
+        lock(&self.looper).is_some()
+    }
+
+    /// Check a request and queue it; returns its id. Never waits for a running step.
+    pub fn add_request(&self, params: RequestParams) -> Result<ReqId> {
+        let spec = params.into_spec(&self.limits)?;
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        self.push(|inbox| inbox.adds.push((id, spec)));
+        Ok(id)
+    }
+
+    /// Stop a request; its KV blocks are freed before the next step (at once when no loop runs).
+    /// Ids that already finished are ignored.
+    pub fn abort(&self, id: ReqId) {
+        self.push(|inbox| inbox.aborts.push(id));
+        if !self.looping() {
+            drop(self.shared.engine()); // no step can be running: apply it now
+        }
+    }
+
+    pub fn has_unfinished(&self) -> bool {
+        self.shared.engine().engine.has_work()
+    }
+
+    /// The figures metrics report, now (waits for a running step).
+    pub fn stats(&self) -> EngineStats {
+        stats_of(&self.shared.engine(), None)
+    }
+
+    /// The steps run since the last call (cost-model features, measured seconds, batch figures).
+    pub fn take_step_log(&self) -> Vec<StepSample> {
+        std::mem::take(&mut self.shared.engine().step_log)
+    }
+
+    /// One step on the caller's thread (not while the loop runs).
+    pub fn step(&self) -> Result<StepEvents> {
+        if self.looping() {
+            return Err(HoraeError::InvalidConfig(
+                "the background loop is running this engine; step() is not available".into(),
+            ));
+        }
+        self.shared.step()
+    }
+
+    /// Run the step loop on a thread of its own: after every step with something to say,
+    /// `on_step` gets its events, or the error that failed the step.
+    pub fn start_loop(&self, mut on_step: impl FnMut(Result<StepEvents>) + Send + 'static) -> Result<()> {
+        let mut looper = lock(&self.looper);
+        if looper.is_some() {
+            return Err(HoraeError::InvalidConfig("the background loop is already running".into()));
+        }
+        self.shared.stop.store(false, Ordering::Release);
+        let shared = self.shared.clone();
+        let handle = std::thread::Builder::new()
+            .name("horae-engine".into())
+            .spawn(move || {
+                while !shared.stop.load(Ordering::Acquire) {
+                    shared.wait_for_work();
+                    if shared.stop.load(Ordering::Acquire) {
+                        break;
+                    }
+                    let result = shared.step();
+                    if matches!(&result, Ok(events) if events.outputs.is_empty()) {
+                        continue;
+                    }
+                    on_step(result);
+                }
+            })
+            .map_err(|e| HoraeError::InvalidConfig(format!("cannot start the engine thread: {e}")))?;
+        *looper = Some(handle);
+        Ok(())
+    }
+
+    /// Tell the loop to stop after its current step; the caller joins the returned thread (a
+    /// binding releases its interpreter lock first, since the loop's last callback may need it).
+    pub fn stop_loop(&self) -> Option<JoinHandle<()>> {
+        let handle = lock(&self.looper).take()?;
+        self.shared.stop.store(true, Ordering::Release);
+        self.shared.wake.notify_all();
+        Some(handle)
+    }
+}
+
+impl Drop for EngineHandle {
+    fn drop(&mut self) {
+        // Stop, but do not join: the loop may be waiting for the lock of whoever drops us.
+        let _ = self.stop_loop();
     }
 }

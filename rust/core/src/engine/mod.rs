@@ -1,10 +1,13 @@
-//! The engine: requests in, steps run, stop conditions checked, one output per request per step.
+//! The engine: requests in, steps run, stop conditions checked, one output per request per step,
+//! on any `Executor` and any `Clock` (`engine.rs`, which also holds the handle front ends serve
+//! it through); and the builder that loads a real model's engine from options (`builder.rs`).
 
-mod clock;
+pub mod builder;
 #[allow(clippy::module_inception)]
 mod engine;
-mod stop;
 
-pub use clock::{Clock, VirtualClock, WallClock};
-pub use engine::{Engine, RequestOutput, StepResult, StepSample};
-pub use stop::{check_stop, find_stop_string};
+pub use builder::{build, EngineArgs, EngineInfo, SpecArgs, SpecMethod};
+pub use engine::{
+    Clock, Engine, EngineHandle, EngineStats, RequestOutput, StepEvents, StepResult, StepSample, VirtualClock,
+    WallClock,
+};

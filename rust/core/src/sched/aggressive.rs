@@ -2,7 +2,7 @@
 //! watermark. Decoding then grows into the remaining blocks, and when they run out the shared
 //! scheduler preempts the most recently admitted request.
 
-use super::policy::{AdmissionPolicy, PoolView, SeqLoad};
+use super::scheduler::{AdmissionPolicy, PoolView, SeqLoad};
 
 #[derive(Debug)]
 pub struct Aggressive {

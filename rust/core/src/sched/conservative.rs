@@ -1,7 +1,7 @@
 //! Reserve prompt + `max_tokens` for every admitted request: it can never run out of memory, and
 //! never preempts, but it queues requests that would have fit.
 
-use super::policy::{AdmissionPolicy, PoolView, SeqLoad};
+use super::scheduler::{AdmissionPolicy, PoolView, SeqLoad};
 
 #[derive(Debug, Default)]
 pub struct Conservative {

@@ -8,10 +8,7 @@
 
 mod aggressive;
 mod conservative;
-pub mod history;
 mod past_future;
-pub mod peak;
-mod policy;
 mod scheduler;
 pub mod smartspec;
 
@@ -20,9 +17,8 @@ use std::str::FromStr;
 
 pub use aggressive::Aggressive;
 pub use conservative::Conservative;
-pub use past_future::{PastFuture, TrueLengths};
-pub use policy::{AdmissionPolicy, PoolView, SeqLoad, MAX_SCENARIOS};
-pub use scheduler::{check_fits, Scheduler, SchedulerStats};
+pub use past_future::{history, peak, PastFuture, TrueLengths};
+pub use scheduler::{check_fits, AdmissionPolicy, PoolView, Scheduler, SchedulerStats, SeqLoad, MAX_SCENARIOS};
 pub use smartspec::{Judged, SpecConfig, SpecController, SpecStats, MAX_SPEC_TOKENS};
 
 use crate::error::{HoraeError, Result};

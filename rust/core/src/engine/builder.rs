@@ -4,16 +4,15 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use super::handle::EngineHandle;
-use super::validate::RequestLimits;
+use super::{Engine, EngineHandle, WallClock};
 use crate::backend::cuda::device::{resolve as resolve_device, Device, DeviceRequest, Gpu};
 use crate::backend::cuda::ops::Dt;
 use crate::backend::gemm::WeightDtype;
-use crate::engine::{Engine, WallClock};
 use crate::error::{HoraeError, Result};
 use crate::model::cuda_llama::{CudaLlama, KvBudget};
 use crate::model::{LlamaModel, ModelConfig};
 use crate::plan::Executor;
+use crate::request::RequestLimits;
 use crate::runner::{ModelExecutor, Proposer};
 use crate::sched::{PolicyKind, Scheduler, SchedulerConfig, SpecConfig};
 use crate::spec::DraftModel;
