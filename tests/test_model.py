@@ -99,6 +99,21 @@ def test_stop_strings_seeds_and_n(llm):
     assert out.outputs[0].token_ids[-1] == 28 and out.outputs[0].finish_reason == "stop"
 
 
+def test_a_stop_string_is_never_half_streamed(llm):
+    """A stop string that arrives over several tokens: the text that could still be its start is
+    held back, so every streamed text is a prefix of the final one (none is taken back)."""
+    eng = llm.engine
+    prompt = eng.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}])
+    eng.add_request("stop-stream", prompt, SamplingParams(temperature=0, max_tokens=20, stop=["is Paris"]))
+    texts = []
+    while eng.has_unfinished_requests():
+        for out in eng.step():
+            texts.append(out.outputs[0].text)
+    final = out.outputs[0]
+    assert (final.text, final.finish_reason, final.stop_reason) == ("The capital of France ", "stop", "is Paris")
+    assert all(final.text.startswith(t) for t in texts), texts
+
+
 @pytest.mark.parametrize(
     "kwargs,message",
     [({"top_p": 1.5}, "top_p"), ({"temperature": -1}, "temperature"), ({"n": 0}, "n must"),

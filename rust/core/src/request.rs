@@ -452,6 +452,14 @@ mod tests {
     }
 
     #[test]
+    fn only_ends_that_measure_the_workload_feed_the_length_history() {
+        assert!(FinishReason::Stop.measures_length(0) && FinishReason::Length.measures_length(7));
+        // A client that hung up after reading some tokens wanted that many; before any, nothing.
+        assert!(FinishReason::Aborted.measures_length(3) && !FinishReason::Aborted.measures_length(0));
+        assert!(!FinishReason::Error.measures_length(12));
+    }
+
+    #[test]
     fn no_max_tokens_means_the_rest_of_the_context() {
         let spec = params(10, None).into_spec(&RequestLimits { pool_tokens: 1000, ..LIMITS }).unwrap();
         assert_eq!(spec.max_tokens, 54);

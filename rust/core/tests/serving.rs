@@ -1,0 +1,145 @@
+//! The served engine from Rust, as the Python binding drives it: `engine::build` on a model
+//! folder, the one set of request checks, the inbox, steps on the caller's thread and on the
+//! engine's own, stop rules decided in the core, aborts that free their blocks.
+
+mod common;
+
+use std::path::PathBuf;
+use std::sync::mpsc;
+use std::time::Duration;
+
+use horae_core::engine::{build, EngineArgs, EngineHandle, EngineInfo, RequestOutput};
+use horae_core::request::{FinishReason, RequestParams, StopReason};
+use horae_core::sample::SamplingParams;
+use horae_core::HoraeError;
+
+/// tiny-llama3 with a word-level tokenizer over its 256 ids ("t0" .. "t255").
+fn model_dir() -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("horae-serving-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(common::golden_dir("tiny-llama3").join(f), dir.join(f)).unwrap();
+    }
+    let vocab: serde_json::Map<String, serde_json::Value> = (0..256).map(|i| (format!("t{i}"), i.into())).collect();
+    let tokenizer = serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": [], "normalizer": null,
+        "pre_tokenizer": {"type": "WhitespaceSplit"}, "post_processor": null, "decoder": null,
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "t0"}
+    });
+    std::fs::write(dir.join("tokenizer.json"), tokenizer.to_string()).unwrap();
+    dir
+}
+
+fn engine() -> (EngineHandle, EngineInfo) {
+    let args = EngineArgs { device: "cpu".into(), kv_cache_tokens: Some(1024), seed: Some(1), ..EngineArgs::new(model_dir()) };
+    build(args).unwrap()
+}
+
+fn greedy(prompt: Vec<i64>, max_tokens: i64) -> RequestParams {
+    RequestParams {
+        prompt_token_ids: prompt,
+        max_tokens: Some(max_tokens),
+        sampling: SamplingParams::greedy(),
+        ignore_eos: true,
+        ..Default::default()
+    }
+}
+
+/// Step until every request finished; each request's outputs in order.
+fn run(h: &EngineHandle) -> std::collections::BTreeMap<u64, Vec<RequestOutput>> {
+    let mut outs: std::collections::BTreeMap<u64, Vec<RequestOutput>> = Default::default();
+    while h.has_unfinished() {
+        for o in h.step().unwrap().outputs {
+            outs.entry(o.id).or_default().push(o);
+        }
+    }
+    outs
+}
+
+#[test]
+fn requests_are_checked_once_with_the_field_named() {
+    let (h, info) = engine();
+    assert_eq!((info.device.as_str(), info.kv_cache_tokens), ("cpu", 1024));
+    let param = |p: RequestParams| match h.add_request(p) {
+        Err(HoraeError::BadRequest { param, .. }) => param,
+        other => panic!("expected a refusal, got {other:?}"),
+    };
+    assert_eq!(param(greedy(vec![], 4)), Some("prompt"));
+    assert_eq!(param(greedy(vec![300], 4)), Some("prompt"));
+    assert_eq!(param(greedy(vec![5; 10], 0)), Some("max_tokens"));
+    // tiny-llama3's context is 512 tokens: refused, not capped.
+    assert_eq!(param(greedy(vec![5; 10], 600)), Some("max_tokens"));
+    assert_eq!(param(RequestParams { top_k: -2, ..greedy(vec![5], 4) }), Some("top_k"));
+    assert_eq!(param(RequestParams { stop_token_ids: vec![999], ..greedy(vec![5], 4) }), Some("stop_token_ids"));
+    let hot = SamplingParams { temperature: -1.0, ..SamplingParams::greedy() };
+    assert_eq!(param(RequestParams { sampling: hot, ..greedy(vec![5], 4) }), Some("temperature"));
+    assert!(!h.has_unfinished(), "nothing refused was queued");
+}
+
+#[test]
+fn the_core_decides_every_stop_and_streams_text_once() {
+    let (h, _) = engine();
+    let prompt: Vec<i64> = (10..30).collect();
+    let plain = h.add_request(greedy(prompt.clone(), 12)).unwrap();
+    let outs = run(&h);
+    let tokens: Vec<u32> = outs[&plain].iter().flat_map(|o| o.new_token_ids.clone()).collect();
+    let plain_text: String = outs[&plain].iter().map(|o| o.new_text.as_str()).collect();
+    let text = plain_text.clone();
+    let last = outs[&plain].last().unwrap();
+    assert_eq!((tokens.len(), last.finish_reason), (12, Some(FinishReason::Length)));
+    let words: Vec<String> = tokens.iter().map(|t| format!("t{t}")).collect();
+    assert_eq!(text.split_whitespace().collect::<Vec<_>>(), words, "the text is the tokens' text, sent once");
+
+    // A stop token id: the last token returned, its text not.
+    let stop = tokens[5];
+    let first = tokens.iter().position(|&t| t == stop).unwrap();
+    let id = h.add_request(RequestParams { stop_token_ids: vec![stop as i64], ..greedy(prompt.clone(), 12) }).unwrap();
+    let outs = run(&h);
+    let got: Vec<u32> = outs[&id].iter().flat_map(|o| o.new_token_ids.clone()).collect();
+    let text: String = outs[&id].iter().map(|o| o.new_text.as_str()).collect();
+    assert_eq!(got, tokens[..=first]);
+    assert_eq!(text.split_whitespace().count(), first, "the stop token's text is left out");
+    assert_eq!(outs[&id].last().unwrap().stop_reason, Some(StopReason::Token(stop)));
+
+    // A stop string over two tokens: cut from the text, never half sent.
+    let s = format!("{} {}", words[3], words[4]);
+    let id = h.add_request(RequestParams { stop: vec![s.clone()], ..greedy(prompt, 12) }).unwrap();
+    let outs = run(&h);
+    let text: String = outs[&id].iter().map(|o| o.new_text.as_str()).collect();
+    let cut = plain_text.find(&s).expect("the stop string is in the plain output");
+    assert_eq!(text, plain_text[..cut], "cut before the stop string, and nothing past the cut was ever sent");
+    assert_eq!(outs[&id].last().unwrap().stop_reason, Some(StopReason::Text(s)));
+    assert_eq!(h.stats().kv_used_blocks, 0);
+}
+
+#[test]
+fn the_step_thread_serves_and_an_abort_frees_its_blocks() {
+    let (h, _) = engine();
+    let (tx, rx) = mpsc::channel();
+    h.start_loop(move |events| {
+        let _ = tx.send(events.map(|e| e.outputs));
+    })
+    .unwrap();
+    assert!(h.step().is_err(), "no step on the caller's thread while the loop runs");
+    let long = h.add_request(greedy((1..40).collect(), 400)).unwrap();
+    let short = h.add_request(greedy((50..60).collect(), 5)).unwrap();
+    let mut finished = Vec::new();
+    let mut seen_long = false;
+    while finished.is_empty() || !seen_long {
+        for o in rx.recv_timeout(Duration::from_secs(30)).unwrap().unwrap() {
+            seen_long |= o.id == long && !o.new_token_ids.is_empty();
+            if o.finish_reason.is_some() {
+                finished.push(o.id);
+            }
+        }
+    }
+    assert_eq!(finished, vec![short]);
+    assert!(h.stats().kv_used_blocks > 0);
+    h.abort(long);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while h.stats().kv_used_blocks > 0 || h.has_unfinished() {
+        assert!(std::time::Instant::now() < deadline, "the aborted request's blocks were not freed");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    h.stop_loop().unwrap().join().unwrap();
+}
