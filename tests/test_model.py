@@ -135,6 +135,10 @@ def test_bad_prompts_leave_the_engine_serving(llm):
         llm.generate({"prompt_token_ids": [1, 2, 10**6]}, GREEDY)
     with pytest.raises(HoraeCoreError, match="context"):
         llm.generate({"prompt_token_ids": [5] * 9000}, GREEDY)
+    # Past the context, max_tokens is refused here too (this path used to cap it silently).
+    with pytest.raises(HoraeCoreError, match="maximum context length") as err:
+        llm.generate("hi", SamplingParams(max_tokens=10**6))
+    assert err.value.param == "max_tokens"
     with pytest.raises(TypeError):
         llm.generate([3.5], GREEDY)
     with pytest.raises(ValueError, match="role"):

@@ -15,6 +15,7 @@
 //! This is vLLM v1's `BlockPool`, with a `BTreeMap` keyed by a release stamp as the LRU queue.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use rustc_hash::FxHashMap as HashMap;
 
@@ -239,7 +240,9 @@ pub struct BlockCopy {
 
 #[derive(Debug, Clone, Default)]
 struct BlockTable {
-    blocks: Vec<BlockId>,
+    /// Shared with the step plans that carry it (`shared_block_table`): a plan holds it only while
+    /// its step runs, so growing it afterwards copies nothing.
+    blocks: Arc<Vec<BlockId>>,
     /// Tokens that have a slot.
     num_tokens: usize,
     /// Leading full blocks already named in the prefix cache.
@@ -296,6 +299,11 @@ impl KvManager {
     pub fn block_table(&self, seq: SeqId) -> Option<&[BlockId]> {
         self.tables.get(&seq).map(|t| t.blocks.as_slice())
     }
+
+    /// The block table of `seq`, shared rather than copied (for step plans).
+    pub fn shared_block_table(&self, seq: SeqId) -> Option<Arc<Vec<BlockId>>> {
+        self.tables.get(&seq).map(|t| t.blocks.clone())
+    }
     pub fn num_tokens(&self, seq: SeqId) -> usize {
         self.tables.get(&seq).map_or(0, |t| t.num_tokens)
     }
@@ -322,7 +330,7 @@ impl KvManager {
         if self.prefix_caching {
             for &h in prefix_hashes {
                 match self.pool.acquire_cached(h) {
-                    Some(id) => table.blocks.push(id),
+                    Some(id) => Arc::make_mut(&mut table.blocks).push(id),
                     None => break, // counted as a query by acquire_cached
                 }
             }
@@ -363,12 +371,16 @@ impl KvManager {
             let src = *t.blocks.last().expect("partial block exists");
             let dst = self.pool.allocate()?;
             self.pool.release(src);
-            *t.blocks.last_mut().expect("partial block exists") = dst;
+            *Arc::make_mut(&mut t.blocks).last_mut().expect("partial block exists") = dst;
             copies.push(BlockCopy { src, dst });
         }
         t.num_tokens += n;
-        while t.blocks.len() < t.num_tokens.div_ceil(self.block_size) {
-            t.blocks.push(self.pool.allocate()?);
+        let want = t.num_tokens.div_ceil(self.block_size);
+        if t.blocks.len() < want {
+            let blocks = Arc::make_mut(&mut t.blocks);
+            while blocks.len() < want {
+                blocks.push(self.pool.allocate()?);
+            }
         }
         Ok(copies)
     }
@@ -383,9 +395,10 @@ impl KvManager {
         }
         t.num_tokens = num_tokens;
         let keep = num_tokens.div_ceil(self.block_size).max(t.num_registered);
-        while t.blocks.len() > keep {
-            let b = t.blocks.pop().expect("len > keep");
-            self.pool.release(b);
+        if t.blocks.len() > keep {
+            for b in Arc::make_mut(&mut t.blocks).drain(keep..).rev() {
+                self.pool.release(b);
+            }
         }
         t.num_tokens = t.num_tokens.max(t.num_registered * self.block_size);
     }
@@ -411,7 +424,7 @@ impl KvManager {
             return Err(HoraeError::DuplicateRequest(child));
         }
         let t = self.tables.get(&parent).ok_or(HoraeError::UnknownRequest(parent))?.clone();
-        for &b in &t.blocks {
+        for &b in t.blocks.iter() {
             self.pool.add_ref(b);
         }
         self.tables.insert(child, t);
@@ -441,7 +454,7 @@ impl KvManager {
             if t.blocks.len() != t.num_tokens.div_ceil(self.block_size) {
                 return Err(format!("seq {seq}: {} blocks for {} tokens", t.blocks.len(), t.num_tokens));
             }
-            for &b in &t.blocks {
+            for &b in t.blocks.iter() {
                 *refs.entry(b).or_default() += 1;
             }
         }

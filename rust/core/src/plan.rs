@@ -27,8 +27,9 @@ pub struct ScheduledSeq {
     /// Token ids at positions `start .. start + num_tokens`, drafts last. Empty for a simulated
     /// request, whose prompt is only a length.
     pub token_ids: Vec<u32>,
-    /// The sequence's KV blocks in order: position `p` lives in block `block_table[p / block_size]`.
-    pub block_table: Vec<u32>,
+    /// The sequence's KV blocks in order: position `p` lives in block `block_table[p / block_size]`
+    /// (shared with the block manager, not copied).
+    pub block_table: Arc<Vec<u32>>,
     pub sampling: Arc<SamplingParams>,
     pub prompt_len: usize,
     /// Output tokens generated before this step (`min_tokens`, the simulator's true lengths).
@@ -93,14 +94,15 @@ pub struct DraftCandidate {
     /// Prompt and output so far (empty for a simulated request).
     pub token_ids: Vec<u32>,
     pub prompt_len: usize,
-    pub block_table: Vec<u32>,
+    pub block_table: Arc<Vec<u32>>,
     pub sampling: Arc<SamplingParams>,
 }
 
 #[derive(Debug, Clone, Default)]
 pub struct ExecOutput {
     /// One token for every scheduled sequence whose `samples` flag is set; a sequence that
-    /// carried drafts gets its accepted drafts and then one more token, in order.
+    /// carried drafts gets its accepted drafts and then one more token, in order. A request's
+    /// tokens stand together.
     pub sampled: Vec<(ReqId, u32)>,
     /// For every sequence scheduled with drafts: how many of them were accepted.
     pub accepted: Vec<(ReqId, usize)>,

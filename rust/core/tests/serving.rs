@@ -31,7 +31,8 @@ fn model_dir() -> PathBuf {
 }
 
 fn engine() -> (EngineHandle, EngineInfo) {
-    let args = EngineArgs { device: "cpu".into(), kv_cache_tokens: Some(1024), seed: Some(1), ..EngineArgs::new(model_dir()) };
+    let args =
+        EngineArgs { device: "cpu".into(), kv_cache_tokens: Some(1024), seed: Some(1), ..EngineArgs::new(model_dir()) };
     build(args).unwrap()
 }
 

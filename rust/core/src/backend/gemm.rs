@@ -150,6 +150,8 @@ impl PackedLinear {
         let np = n.div_ceil(NR);
         let mut a = PACKED_ROWS.with_borrow_mut(std::mem::take);
         pack_rows(x, m, k, &mut a);
+        // The tile contract for A: MR (zero-padded) rows of k values for every row block.
+        assert!(a.len() >= m.div_ceil(MR) * MR * k, "packed rows");
         // Tasks are (row block of MC, group of panels): each owns a disjoint block of `out`.
         // Aim for four per thread so rayon can balance uneven cores; tiny products run inline.
         let m_blocks = m.div_ceil(MC);

@@ -10,8 +10,6 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use rustc_hash::FxHashMap as HashMap;
-
 use crate::error::{HoraeError, Result};
 use crate::plan::{Executor, StepPlan};
 use crate::request::{FinishReason, Prompt, ReqId, Request, RequestLimits, RequestParams, RequestSpec, StopReason};
@@ -125,18 +123,27 @@ pub struct Engine {
     eos: Vec<u32>,
     /// Streams text and finds stop strings; the simulator has none.
     tokenizer: Option<Arc<Tokenizer>>,
+    /// Whether `step` reports every request that moved, or only the ones that finished.
+    every_output: bool,
     next_id: ReqId,
 }
 
 impl Engine {
     pub fn new(sched: Scheduler, executor: Box<dyn Executor>, clock: Box<dyn Clock>) -> Self {
         let eos = executor.eos_token_ids();
-        Self { sched, executor, clock, eos, tokenizer: None, next_id: 0 }
+        Self { sched, executor, clock, eos, tokenizer: None, every_output: true, next_id: 0 }
     }
 
     /// Detokenize outputs as they are generated (text in `RequestOutput`, stop strings).
     pub fn with_tokenizer(mut self, tokenizer: Arc<Tokenizer>) -> Self {
         self.tokenizer = Some(tokenizer);
+        self
+    }
+
+    /// Report only finished requests from `step` (a simulation reads its records from them, and
+    /// building a new-token list per request per step is a third of a simulated step's cost).
+    pub fn finished_outputs_only(mut self) -> Self {
+        self.every_output = false;
         self
     }
 
@@ -231,33 +238,34 @@ impl Engine {
             self.sched.push_prompt_logprobs(id, pos, lp);
         }
         // Tokens in order; a request's logprobs come in the order of its sampled tokens and each
-        // goes with its token, so those of tokens dropped after a stop go too.
+        // goes with its token, so those of tokens dropped after a stop go too. An executor emits a
+        // request's tokens together, so `moved` (request, first new output index, end) is built
+        // by looking at its last entry only.
         let mut logprobs = out.logprobs.into_iter().peekable();
-        let mut moved: Vec<ReqId> = Vec::new();
-        let mut first_new: HashMap<ReqId, usize> = HashMap::default();
-        let mut ended: HashMap<ReqId, (FinishReason, Option<StopReason>)> = HashMap::default();
+        let mut moved: Vec<(ReqId, usize, Option<(FinishReason, Option<StopReason>)>)> = Vec::new();
         for &(id, token) in &out.sampled {
             let lp = if logprobs.peek().is_some_and(|l| l.0 == id) { logprobs.next() } else { None };
-            if ended.contains_key(&id) {
+            let Some(r) = self.sched.request_mut(id) else { continue };
+            if moved.last().is_none_or(|m| m.0 != id) {
+                debug_assert!(moved.iter().all(|m| m.0 != id), "an executor emits a request's tokens together");
+                moved.push((id, r.output.len(), None));
+            }
+            let at = moved.len() - 1;
+            if moved[at].2.is_some() {
                 continue; // a stop among accepted drafts: what follows it is dropped
             }
-            let Some(r) = self.sched.request_mut(id) else { continue };
-            first_new.entry(id).or_insert_with(|| {
-                moved.push(id);
-                r.output.len()
-            });
             if let Some((_, lp)) = lp {
                 r.logprobs.push(lp);
             }
             r.push_token(token, now);
-            if let Some(end) = r.check_stop(token, &self.eos) {
-                ended.insert(id, end);
-            }
+            moved[at].2 = r.check_stop(token, &self.eos);
         }
-        for id in moved {
-            let end = ended.remove(&id);
-            let from = first_new[&id];
-            result.outputs.push(self.emit(id, from, end, now, &mut result.finished)?);
+        for (id, from, end) in moved {
+            // Text needs every step (stop strings, what is safe to stream), so a tokenizer
+            // always gets it.
+            if self.every_output || end.is_some() || self.tokenizer.is_some() {
+                result.outputs.push(self.emit(id, from, end, now, &mut result.finished)?);
+            }
         }
         result.sample = Some(self.sample(&plan, started, now));
         Ok(result)

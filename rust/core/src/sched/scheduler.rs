@@ -108,6 +108,16 @@ pub fn check_fits(prompt_len: usize, max_tokens: usize, capacity_tokens: usize) 
     Ok(())
 }
 
+/// A sequence placed in this step: what `ScheduledSeq` is made of once the step's blocks are all
+/// allocated.
+struct Placed {
+    id: ReqId,
+    start: usize,
+    num_tokens: usize,
+    samples: bool,
+    num_draft: usize,
+}
+
 pub struct Scheduler {
     cfg: SchedulerConfig,
     kv: KvManager,
@@ -207,58 +217,50 @@ impl Scheduler {
 
     pub fn schedule(&mut self, now: f64) -> StepPlan {
         let mut plan = StepPlan::default();
+        let mut placed = Vec::with_capacity(self.running.len() + 8);
         let mut budget = self.cfg.max_batched_tokens;
-        self.schedule_running(&mut plan, &mut budget);
+        self.schedule_running(&mut placed, &mut plan, &mut budget);
         self.step_k = 0; // chosen by `plan_spec` for one step only
         if plan.preempted.is_empty() {
-            self.admit_waiting(&mut plan, &mut budget, now);
+            self.admit_waiting(&mut placed, &mut plan, &mut budget, now);
         }
         plan.num_batched_tokens = self.cfg.max_batched_tokens - budget;
-        for s in &mut plan.seqs {
-            self.fill(s);
-        }
+        plan.seqs = placed.into_iter().map(|p| self.scheduled(p)).collect();
         plan
     }
 
-    /// A sequence's place in the plan; `fill` adds its data once every block is allocated.
-    fn seq(id: ReqId, start: usize, num_tokens: usize, samples: bool, num_draft: usize) -> ScheduledSeq {
-        ScheduledSeq {
-            id,
-            start,
-            num_tokens,
-            samples,
-            num_draft,
-            token_ids: Vec::new(),
-            block_table: Vec::new(),
-            sampling: Default::default(),
-            prompt_len: 0,
-            num_output: 0,
-            context: None,
-        }
-    }
-
-    /// Everything the executor needs about `s`'s request, copied into the plan: its tokens at the
-    /// computed positions (drafts last), block table and sampling; the whole context only when
-    /// sampling reads it.
-    fn fill(&self, s: &mut ScheduledSeq) {
-        let r = &self.requests[&s.id];
+    /// Everything the executor needs about a placed sequence, once every block is allocated: its
+    /// tokens at the computed positions (drafts last), block table and sampling; the whole
+    /// context only when sampling reads it.
+    fn scheduled(&self, p: Placed) -> ScheduledSeq {
+        let r = &self.requests[&p.id];
         let total = r.total_len();
+        let (mut token_ids, mut context) = (Vec::new(), None);
         if let Prompt::Tokens(_) = r.prompt {
-            s.token_ids = (s.start..s.start + s.num_tokens)
-                .map(|p| if p < total { r.token_at(p) } else { r.draft.get(p - total).copied() })
+            token_ids = (p.start..p.start + p.num_tokens)
+                .map(|i| if i < total { r.token_at(i) } else { r.draft.get(i - total).copied() })
                 .collect::<Option<_>>()
                 .expect("scheduled positions hold tokens or drafts");
             if r.sampling.has_penalties() || r.sampling.prompt_logprobs.is_some() {
-                s.context = Some(r.all_token_ids());
+                context = Some(r.all_token_ids());
             }
         }
-        s.block_table = self.kv.block_table(s.id).expect("a scheduled request holds blocks").to_vec();
-        s.sampling = r.sampling.clone();
-        s.prompt_len = r.prompt_len();
-        s.num_output = r.output.len();
+        ScheduledSeq {
+            id: p.id,
+            start: p.start,
+            num_tokens: p.num_tokens,
+            samples: p.samples,
+            num_draft: p.num_draft,
+            token_ids,
+            block_table: self.kv.shared_block_table(p.id).expect("a scheduled request holds blocks"),
+            sampling: r.sampling.clone(),
+            prompt_len: r.prompt_len(),
+            num_output: r.output.len(),
+            context,
+        }
     }
 
-    fn schedule_running(&mut self, plan: &mut StepPlan, budget: &mut usize) {
+    fn schedule_running(&mut self, placed: &mut Vec<Placed>, plan: &mut StepPlan, budget: &mut usize) {
         // Tokens the running sequences need without drafts: drafts only get what is left over,
         // so they never push another sequence's decode token or prefill chunk out of the step.
         let mut base_left: usize = if self.step_k > 0 {
@@ -298,13 +300,13 @@ impl Scheduler {
                 break;
             }
             plan.copies.extend(self.kv.append(id, slots).expect("can_append checked"));
-            plan.seqs.push(Self::seq(id, start, n, start + n >= total, drafts));
+            placed.push(Placed { id, start, num_tokens: n, samples: start + n >= total, num_draft: drafts });
             *budget -= n;
             i += 1;
         }
     }
 
-    fn admit_waiting(&mut self, plan: &mut StepPlan, budget: &mut usize, now: f64) {
+    fn admit_waiting(&mut self, placed: &mut Vec<Placed>, plan: &mut StepPlan, budget: &mut usize, now: f64) {
         let pool = self.pool_view();
         let mut running: Vec<SeqLoad> = self.running.iter().map(|&id| self.load_of(id)).collect();
         self.policy.begin_step(&mut running, &pool);
@@ -353,7 +355,7 @@ impl Scheduler {
             r.cached_tokens += got as u64;
             r.state = RequestState::Running;
             r.times.first_scheduled.get_or_insert(now);
-            plan.seqs.push(Self::seq(id, got, n, got + n == total, 0));
+            placed.push(Placed { id, start: got, num_tokens: n, samples: got + n == total, num_draft: 0 });
             self.running.push(id);
             self.stats.admitted += 1;
             *budget -= n;
@@ -411,7 +413,7 @@ impl Scheduler {
                 id: r.id,
                 token_ids: r.all_token_ids(),
                 prompt_len: r.prompt_len(),
-                block_table: self.kv.block_table(r.id).expect("a running request holds blocks").to_vec(),
+                block_table: self.kv.shared_block_table(r.id).expect("a running request holds blocks"),
                 sampling: r.sampling.clone(),
             })
             .collect()

@@ -71,6 +71,7 @@ impl Executor for SimExecutor {
     fn execute(&mut self, plan: &StepPlan) -> Result<ExecOutput> {
         let dt = self.cost.step_time(&plan.features());
         let mut out = ExecOutput { elapsed: Some(dt), ..Default::default() };
+        out.sampled.reserve(plan.seqs.len());
         for s in plan.seqs.iter().filter(|s| s.samples) {
             let truth = *self
                 .true_lengths

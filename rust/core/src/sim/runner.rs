@@ -82,7 +82,7 @@ pub fn simulate(trace: &Trace, cfg: &SimConfig) -> Result<SimResult> {
         }
         (None, _) => {}
     }
-    let mut engine = Engine::new(sched, Box::new(exec), Box::new(VirtualClock::default()));
+    let mut engine = Engine::new(sched, Box::new(exec), Box::new(VirtualClock::default())).finished_outputs_only();
 
     let mut records: Vec<Option<RequestRecord>> = vec![None; reqs.len()];
     let mut steps = Vec::new();

@@ -106,7 +106,7 @@ impl DraftModel {
             if total == 0 {
                 return Err(HoraeError::Executor(format!("request {id} has no token ids for the draft model")));
             }
-            let mut table: Vec<u32> = c.block_table.clone();
+            let mut table: Vec<u32> = c.block_table.to_vec();
             let owned = table.len() * bs;
             let scratch = self.pool_blocks + i * self.scratch_per_seq;
             while table.len() * bs < total + k {
