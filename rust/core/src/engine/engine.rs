@@ -65,6 +65,9 @@ impl Clock for WallClock {
     fn advance_to(&mut self, _t: f64) {}
 }
 
+/// Why a request ends, and what stopped it.
+type End = (FinishReason, Option<StopReason>);
+
 /// One step as seen from outside, for KV-usage-over-time plots and metrics.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct StepSample {
@@ -242,7 +245,7 @@ impl Engine {
         // request's tokens together, so `moved` (request, first new output index, end) is built
         // by looking at its last entry only.
         let mut logprobs = out.logprobs.into_iter().peekable();
-        let mut moved: Vec<(ReqId, usize, Option<(FinishReason, Option<StopReason>)>)> = Vec::new();
+        let mut moved: Vec<(ReqId, usize, Option<End>)> = Vec::new();
         for &(id, token) in &out.sampled {
             let lp = if logprobs.peek().is_some_and(|l| l.0 == id) { logprobs.next() } else { None };
             let Some(r) = self.sched.request_mut(id) else { continue };
@@ -324,7 +327,7 @@ impl Engine {
         &mut self,
         id: ReqId,
         from: usize,
-        mut end: Option<(FinishReason, Option<StopReason>)>,
+        mut end: Option<End>,
         now: f64,
         finished: &mut Vec<Request>,
     ) -> Result<RequestOutput> {
