@@ -2,17 +2,16 @@
 //! more. The engine, its inbox, step loop, request checks and figures all live in the core.
 
 use std::path::PathBuf;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use horae_core::engine::{self, EngineArgs, EngineHandle, EngineInfo, EngineStats, RequestOutput, StepEvents};
-use horae_core::model::LlamaModel;
 use horae_core::request::{RequestParams, StopReason};
 use horae_core::sample::{SamplingParams, TokenLogprobs};
 use numpy::{IntoPyArray, PyArrayMethods};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
-use crate::{to_py, HoraeCoreError};
+use crate::to_py;
 
 /// `(token, logprob, [(top_token, logprob), ...])`
 type Lp = (u32, f32, Vec<(u32, f32)>);
@@ -106,8 +105,6 @@ fn outputs(py: Python<'_>, events: StepEvents) -> PyResult<Vec<PyStepOutput>> {
 pub struct PyEngine {
     handle: Arc<EngineHandle>,
     info: EngineInfo,
-    /// The CPU model for `logits`: the engine's own on the CPU; on a GPU, loaded on first use.
-    model: OnceLock<Arc<LlamaModel>>,
 }
 
 #[pymethods]
@@ -156,11 +153,7 @@ impl PyEngine {
             ..EngineArgs::new(model_dir)
         };
         let (handle, info) = py.detach(|| engine::build(args)).map_err(to_py)?;
-        let model = OnceLock::new();
-        if let Some(m) = info.cpu_model.clone() {
-            let _ = model.set(m);
-        }
-        Ok(Self { handle: Arc::new(handle), info, model })
+        Ok(Self { handle: Arc::new(handle), info })
     }
 
     #[getter]
@@ -207,12 +200,8 @@ impl PyEngine {
     }
 
     #[pyo3(signature = (ids, skip_special_tokens = true))]
-    fn decode(&self, ids: Vec<u32>, skip_special_tokens: bool) -> PyResult<String> {
-        let vocab = self.info.config.vocab_size;
-        if let Some(bad) = ids.iter().find(|&&t| t as usize >= vocab) {
-            return Err(HoraeCoreError::new_err(format!("token id {bad} is outside the vocabulary (0..{vocab})")));
-        }
-        self.info.tokenizer.decode(&ids, skip_special_tokens).map_err(to_py)
+    fn decode(&self, ids: Vec<i64>, skip_special_tokens: bool) -> PyResult<String> {
+        self.info.decode(&ids, skip_special_tokens).map_err(to_py)
     }
 
     /// Check a request and queue it; returns its id. Every rule is the core's
@@ -272,26 +261,8 @@ impl PyEngine {
     /// Teacher-forced logits (`len x vocab`) of `token_ids` on the loaded model, outside the
     /// engine's batch (the GIL is released meanwhile).
     fn logits<'py>(&self, py: Python<'py>, token_ids: Vec<i64>) -> PyResult<Bound<'py, numpy::PyArray2<f32>>> {
-        let vocab = self.info.config.vocab_size;
-        if token_ids.is_empty() {
-            return Err(HoraeCoreError::new_err("token_ids is empty"));
-        }
-        if let Some(bad) = token_ids.iter().find(|&&t| t < 0 || t as usize >= vocab) {
-            return Err(HoraeCoreError::new_err(format!("token id {bad} is outside the vocabulary (0..{vocab})")));
-        }
-        if token_ids.len() > self.info.config.max_position_embeddings {
-            return Err(HoraeCoreError::new_err("token_ids is longer than the model's context"));
-        }
-        let ids: Vec<u32> = token_ids.iter().map(|&t| t as u32).collect();
-        // On a GPU engine the reference CPU model is loaded on first use (a checking tool: the
-        // engine's KV cache is not disturbed).
-        let dir = self.info.model_dir.clone();
-        let model = py
-            .detach(|| self.model.get().cloned().map_or_else(|| LlamaModel::load(&dir, None).map(Arc::new), Ok))
-            .map_err(to_py)?;
-        let model = self.model.get_or_init(|| model).clone();
-        let logits = py.detach(|| model.logits(&ids)).map_err(to_py)?;
-        numpy::PyArray1::from_vec(py, logits).reshape([ids.len(), vocab])
+        let logits = py.detach(|| self.info.logits(&token_ids)).map_err(to_py)?;
+        numpy::PyArray1::from_vec(py, logits).reshape([token_ids.len(), self.info.config.vocab_size])
     }
 
     /// Stop a request; its KV blocks are freed before the next step runs (at once when no step

@@ -2,7 +2,7 @@
 //! model, size the KV pool, build the scheduler and the engine.
 
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use super::{Engine, EngineHandle, WallClock};
 use crate::backend::cuda::device::{resolve as resolve_device, Device, DeviceRequest, Gpu};
@@ -97,8 +97,53 @@ pub struct EngineInfo {
     pub kv_cache_tokens: usize,
     pub limits: RequestLimits,
     pub tokenizer: Arc<Tokenizer>,
-    /// The CPU model, when the engine runs on the CPU (for teacher-forced logits).
-    pub cpu_model: Option<Arc<LlamaModel>>,
+    /// The CPU model for teacher-forced logits: the engine's own on the CPU; on a GPU, loaded on
+    /// first use (a checking tool: the engine's KV cache is not disturbed).
+    cpu_model: OnceLock<Arc<LlamaModel>>,
+}
+
+impl EngineInfo {
+    /// Token ids as a caller gave them, refused outside the vocabulary.
+    pub fn token_ids(&self, ids: &[i64]) -> Result<Vec<u32>> {
+        let vocab = self.config.vocab_size as i64;
+        match ids.iter().find(|&&t| t < 0 || t >= vocab) {
+            Some(bad) => Err(HoraeError::BadRequest {
+                param: Some("tokens"),
+                message: format!("token id {bad} is outside the vocabulary (0..{vocab})"),
+            }),
+            None => Ok(ids.iter().map(|&t| t as u32).collect()),
+        }
+    }
+
+    /// The text of token ids.
+    pub fn decode(&self, ids: &[i64], skip_special_tokens: bool) -> Result<String> {
+        self.tokenizer.decode(&self.token_ids(ids)?, skip_special_tokens)
+    }
+
+    /// Teacher-forced logits (`ids.len() x vocab`, row-major) of a token sequence, outside the
+    /// engine's batch.
+    pub fn logits(&self, ids: &[i64]) -> Result<Vec<f32>> {
+        if ids.is_empty() {
+            return Err(HoraeError::BadRequest { param: Some("tokens"), message: "token_ids is empty".into() });
+        }
+        if ids.len() > self.config.max_position_embeddings {
+            let message = format!(
+                "{} token ids are more than the model's context ({})",
+                ids.len(),
+                self.config.max_position_embeddings
+            );
+            return Err(HoraeError::BadRequest { param: Some("tokens"), message });
+        }
+        let ids = self.token_ids(ids)?;
+        let model = match self.cpu_model.get() {
+            Some(m) => m.clone(),
+            None => {
+                let m = Arc::new(LlamaModel::load(&self.model_dir, None)?);
+                self.cpu_model.get_or_init(|| m).clone()
+            }
+        };
+        model.logits(&ids)
+    }
 }
 
 /// "auto" (the checkpoint's own), "float32" or "bfloat16" for the CPU runtime.
@@ -213,7 +258,10 @@ pub fn build(args: EngineArgs) -> Result<(EngineHandle, EngineInfo)> {
     let tokenizer = Arc::new(Tokenizer::from_dir(dir)?);
     let eos_token_ids = exec.eos_token_ids();
     cfg.kv_cache_tokens = blocks * args.block_size;
-    let cpu_model = exec.cpu_model();
+    let cpu_model = OnceLock::new();
+    if let Some(m) = exec.cpu_model() {
+        let _ = cpu_model.set(m);
+    }
     let (device_name, dtype_name) = (exec.device(), exec.dtype_name());
     let sched = Scheduler::new(cfg, None)?;
     let limits =
