@@ -116,31 +116,38 @@ fn the_core_decides_every_stop_and_streams_text_once() {
 #[test]
 fn the_step_thread_serves_and_an_abort_frees_its_blocks() {
     let (h, _) = engine();
+    // The loop thread hands each step's outputs over and waits for a go: the test sees every
+    // step, and acts between two of them, deterministically.
     let (tx, rx) = mpsc::channel();
+    let (go_tx, go_rx) = mpsc::channel::<()>();
     h.start_loop(move |events| {
         let _ = tx.send(events.map(|e| e.outputs));
+        let _ = go_rx.recv_timeout(Duration::from_secs(10));
     })
     .unwrap();
     assert!(h.step().is_err(), "no step on the caller's thread while the loop runs");
     let long = h.add_request(greedy((1..40).collect(), 400)).unwrap();
     let short = h.add_request(greedy((50..60).collect(), 5)).unwrap();
-    let mut finished = Vec::new();
-    let mut seen_long = false;
-    while finished.is_empty() || !seen_long {
+    let (mut finished, mut seen_long) = (Vec::new(), false);
+    loop {
         for o in rx.recv_timeout(Duration::from_secs(30)).unwrap().unwrap() {
             seen_long |= o.id == long && !o.new_token_ids.is_empty();
             if o.finish_reason.is_some() {
                 finished.push(o.id);
             }
         }
+        if finished.contains(&short) && seen_long {
+            break; // the loop now waits in its callback, between two steps
+        }
+        go_tx.send(()).unwrap();
     }
-    assert_eq!(finished, vec![short]);
+    assert_eq!(finished, vec![short], "the long request is still running");
     assert!(h.stats().kv_used_blocks > 0);
+    // An abort while the loop runs goes to the inbox; the next look at the engine applies it.
     h.abort(long);
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while h.stats().kv_used_blocks > 0 || h.has_unfinished() {
-        assert!(std::time::Instant::now() < deadline, "the aborted request's blocks were not freed");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    h.stop_loop().unwrap().join().unwrap();
+    assert!(!h.has_unfinished());
+    assert_eq!(h.stats().kv_used_blocks, 0, "the aborted request's blocks are free");
+    let loop_thread = h.stop_loop().unwrap();
+    go_tx.send(()).unwrap();
+    loop_thread.join().unwrap();
 }
