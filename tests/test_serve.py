@@ -445,3 +445,35 @@ def test_readme_async_llm_runs_in_a_notebook_and_in_a_script(tmp_path):
     path.write_text(script.replace("AsyncLLM()", "AsyncLLM(kv_cache_tokens=1024)"))
     out = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip(), out.stderr
+
+
+def test_queue_deadline_answers_503_and_the_engine_goes_on():
+    """With the server's queue deadline, a request still waiting when it passes gets a 503 with
+    Retry-After and code queue_timeout (it cost no compute), /metrics counts it, and the server
+    goes on serving."""
+    llm = AsyncLLM(kv_cache_tokens=2048, max_num_seqs=1, queue_timeout=0.3)
+    srv = ServerThread(build_app(llm, ServerConfig(model_name="smollm2")))
+    srv.llm = llm
+    try:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        long = dict(model="smollm2", prompt="Once upon a time", max_tokens=60, temperature=0,
+                    extra_body={"ignore_eos": True})
+        with ThreadPoolExecutor(2) as pool:
+            first = pool.submit(client.completions.create, **long)
+            time.sleep(0.2)  # the first is running; one sequence at a time, so the next waits
+            second = pool.submit(httpx.post, srv.url + "/v1/completions",
+                                 json={"model": "smollm2", "prompt": "Hi", "max_tokens": 4}, timeout=120)
+            assert first.result().usage.completion_tokens == 60
+            resp = second.result()
+        err = _error(resp, 503)
+        assert err["code"] == "queue_timeout" and resp.headers["Retry-After"] == "1"
+        text = httpx.get(srv.url + "/metrics").text
+        assert re.search(r'^horae:request_success_total\{[^}]*finished_reason="timeout"[^}]*\} 1\.0', text, re.M), text
+        assert client.completions.create(model="smollm2", prompt="Hi", max_tokens=3).usage.completion_tokens <= 3
+        _assert_idle(srv)
+    finally:
+        srv.stop()
+        llm.shutdown()
+    with pytest.raises(ValueError, match="queue_timeout"):
+        AsyncLLM(kv_cache_tokens=1024, queue_timeout=0)
+

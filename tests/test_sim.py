@@ -234,3 +234,24 @@ def test_cli_errors_are_clean():
         assert message in out.stderr and "Traceback" not in out.stderr
     out = run_cli("simulate", "--rate-scales", "-1")
     assert out.returncode == 2 and "positive" in out.stderr
+
+
+def test_server_rules_in_the_simulator():
+    """A queue deadline and a gap bound, the same for every policy: how each request ended is in
+    the per-request arrays, and the summary counts them."""
+    t = sim.synthetic("dist-3", 300, seed=1)
+    for scheduler in ("past-future", "aggressive"):
+        plain = sim.simulate(t, scheduler, clients=300, kv_cache_tokens=20_000, max_tokens=8192)
+        r = sim.simulate(t, scheduler, clients=300, kv_cache_tokens=20_000, max_tokens=8192, queue_timeout=8.0)
+        reasons = r.requests["finish_reason"]
+        timeouts = int((reasons == "timeout").sum())
+        assert timeouts > 0 and r.summary["timeouts"] == timeouts, scheduler
+        assert r.summary["completed"] + timeouts == 300
+        # Dropped before they started: no token, no compute.
+        assert np.all(r.requests["output_len"][reasons == "timeout"] == 0)
+        assert np.all(np.isnan(r.requests["first_scheduled"][reasons == "timeout"]))
+        assert plain.summary["timeouts"] == 0 and set(plain.requests["finish_reason"]) == {"stop"}
+    with pytest.raises(HoraeCoreError, match="queue_timeout"):
+        sim.simulate(t, "past-future", clients=10, queue_timeout=-1)
+    with pytest.raises(HoraeCoreError, match="max_itl_abort"):
+        sim.simulate(t, "past-future", clients=10, max_itl_abort=0)

@@ -33,6 +33,15 @@ class EngineDeadError(RuntimeError):
     """The engine failed a step; the requests in flight were aborted."""
 
 
+class RequestDroppedError(RuntimeError):
+    """The server's rules ended the request: `reason` is "timeout" (still queued at the deadline;
+    it cost nothing, so retrying is cheap) or "sla_abort" (no token for too long while running)."""
+
+    def __init__(self, reason: str, request_id: str):
+        super().__init__(f"request {request_id} was dropped by the server's rules: {reason}")
+        self.reason = reason
+
+
 class RequestFailedError(EngineDeadError):
     """The model failed on a step this request was in (a GPU fault, say). The request was
     dropped with its KV blocks; the engine and requests in other steps go on."""
@@ -149,6 +158,9 @@ class AsyncLLM:
                 failed = next((c for c in out.outputs if c.finish_reason == "error"), None)
                 if failed is not None:
                     raise RequestFailedError(f"request failed: {failed.stop_reason}")
+                dropped = next((c for c in out.outputs if c.finish_reason in ("timeout", "sla_abort")), None)
+                if dropped is not None:
+                    raise RequestDroppedError(dropped.finish_reason, rid)
                 finished = out.finished
                 if finished:  # release before handing over the last output: the consumer may stop here
                     self._streams.pop(rid, None)

@@ -254,7 +254,8 @@ class Engine:
                  max_num_batched_tokens: int = 2048, seed: Optional[int] = None, dtype: str = "auto",
                  history_window: int = 1000, max_output_bound: Optional[int] = None,
                  speculative: Optional[Dict[str, Any]] = None, device: str = "auto",
-                 gpu_memory_utilization: float = 0.9, max_model_len: Optional[int] = None):
+                 gpu_memory_utilization: float = 0.9, max_model_len: Optional[int] = None,
+                 queue_timeout: Optional[float] = None, max_itl_abort: Optional[float] = None):
         # device: "auto" (the first GPU if one works, else the CPU; `cpu_fallback_reason` says
         # why), "cpu", "cuda" or "cuda:N". A GPU needs an NVIDIA driver for CUDA 12+, Ampere or
         # newer, and NVRTC + cuBLAS (`pip install horae[cuda]` brings them).
@@ -272,6 +273,10 @@ class Engine:
         # "model": folder or .gguf (default: this model), "num_layers": N (keep the first N)}.
         # "adaptive" (default on) is SmartSpec: k chosen per step for goodput, 0 when it does not pay.
         # max_model_len: a context limit below the model's (prompt + max_tokens), as vLLM's.
+        # queue_timeout / max_itl_abort: the server's rules (off by default). A request still
+        # waiting `queue_timeout` seconds after it was added ends with finish_reason "timeout",
+        # having cost no compute; a started one without a token for `max_itl_abort` seconds ends
+        # with "sla_abort" and its KV blocks are freed. Neither length feeds Past-Future's history.
         self.model_dir = resolve_model(model)
         speculative = _speculative_config(speculative)
         if device != "cpu":
@@ -282,7 +287,8 @@ class Engine:
                                   max_batched_tokens=max_num_batched_tokens, seed=seed, dtype=dtype,
                                   history_window=history_window, max_output_bound=max_output_bound,
                                   speculative=speculative, device=device,
-                                  gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len)
+                                  gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
+                                  queue_timeout=queue_timeout, max_itl_abort=max_itl_abort)
         self._outputs = OutputProcessor()
         self._ids = itertools.count()
         cfg_path = self.model_dir / "tokenizer_config.json"

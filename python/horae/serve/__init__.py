@@ -84,6 +84,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-queue", type=int, default=256,
                    help="requests accepted but not yet generating; beyond it the server answers 503 + Retry-After")
     p.add_argument("--max-model-len", type=int, help="context limit of a request (default: the model's)")
+    p.add_argument("--queue-timeout", type=float, metavar="SECONDS",
+                   help="a request not started this long after it arrived is dropped: 503 + Retry-After, "
+                        "code queue_timeout (off by default; the Past-Future paper used 8)")
+    p.add_argument("--max-itl-abort", type=float, metavar="SECONDS",
+                   help="a running request without a token this long is cut: code sla_abort (off by default)")
     p.add_argument("--seed", type=int, help="make the run reproducible: unseeded requests draw from streams derived "
                                             "from it (default: fresh entropy)")
     p.add_argument("--max-body-bytes", type=int, default=4 << 20, help="largest request body (413 beyond)")
@@ -100,7 +105,8 @@ def make_app(args: argparse.Namespace):
                    max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens, dtype=args.dtype,
                    history_window=args.history_window, max_output_bound=args.max_output_bound,
                    speculative=args.speculative, device=args.device, seed=args.seed,
-                   gpu_memory_utilization=args.gpu_memory_utilization, max_model_len=args.max_model_len)
+                   gpu_memory_utilization=args.gpu_memory_utilization, max_model_len=args.max_model_len,
+                   queue_timeout=args.queue_timeout, max_itl_abort=args.max_itl_abort)
     print(f"model on {llm.engine.device}" + (f" ({llm.engine.cpu_fallback_reason})" if llm.engine.cpu_fallback_reason else ""),
           flush=True)
     name = args.served_model_name or llm.model_dir.name

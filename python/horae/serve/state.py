@@ -10,7 +10,7 @@ from typing import AsyncIterator, Dict, List, Optional
 
 from fastapi import Request
 
-from horae.async_llm import AsyncLLM, EngineDeadError, RequestFailedError
+from horae.async_llm import AsyncLLM, EngineDeadError, RequestDroppedError, RequestFailedError
 from horae.llm import RequestOutput, SamplingParams
 from horae.serve.errors import APIError, bad_request, first_line
 from horae.serve.metrics import ServerMetrics
@@ -97,6 +97,13 @@ class ServerState:
             raise bad_request(e) from None
 
     @staticmethod
+    def dropped(e: RequestDroppedError) -> APIError:
+        """The server's rules ended the request: 503 with Retry-After, so a client or a router
+        sends it again (the paper's clients do); the code says which rule."""
+        return APIError(503, str(e), "server_overloaded", None, "queue_timeout" if e.reason == "timeout" else "sla_abort",
+                        headers={"Retry-After": "1"})
+
+    @staticmethod
     def engine_error(e: EngineDeadError) -> APIError:
         # A request the model failed on is the server's fault (500); a dead step loop is
         # "try again" (503).
@@ -113,6 +120,8 @@ class ServerState:
             raise bad_request(e) from None
         except EngineDeadError as e:
             raise self.engine_error(e) from None
+        except RequestDroppedError as e:
+            raise self.dropped(e) from None
 
     async def start_all(self, prefix: str, prompts: List[List[int]], params: List[SamplingParams]):
         """Start one stream per prompt and pull each one's first output; on any error, every
@@ -139,6 +148,8 @@ class ServerState:
                 out = await stream.__anext__()
         except EngineDeadError as e:
             raise self.engine_error(e) from None
+        except RequestDroppedError as e:
+            raise self.dropped(e) from None
         finally:
             await stream.aclose()
         return out

@@ -10,7 +10,7 @@ from typing import AsyncIterator, List
 
 from fastapi.responses import StreamingResponse
 
-from horae.async_llm import EngineDeadError
+from horae.async_llm import EngineDeadError, RequestDroppedError
 from horae.serve.errors import error_body
 
 
@@ -26,6 +26,9 @@ def sse_response(chunks: AsyncIterator[dict], streams: List) -> StreamingRespons
             yield "data: [DONE]\n\n"
         except EngineDeadError as e:
             yield sse(error_body(str(e), "server_error", None, "engine_error"))
+        except RequestDroppedError as e:
+            code = "queue_timeout" if e.reason == "timeout" else "sla_abort"
+            yield sse(error_body(str(e), "server_overloaded", None, code))
         finally:
             for s in streams:
                 await s.aclose()  # a disconnect lands here: the requests are aborted

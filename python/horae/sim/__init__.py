@@ -99,8 +99,12 @@ def simulate(
     """Simulate one scheduler. Open loop replays the trace's arrivals (times ``rate_scale``);
     ``clients=N`` runs a closed loop instead. ``engine`` takes model, hardware, cost_coef,
     kv_cache_tokens, block_size, max_num_seqs, max_batched_tokens, max_tokens, prefix_caching,
-    history_window, reserve, watermark, seed, and speculative (a dict: k_max, adaptive, acceptance =
-    the modelled proposer's mean acceptance rate, concentration of its per-request Beta)."""
+    history_window, reserve, watermark, seed, speculative (a dict: k_max, adaptive, acceptance =
+    the modelled proposer's mean acceptance rate, concentration of its per-request Beta), and the
+    server's rules, the same for every policy: queue_timeout (seconds a request may wait before it
+    starts; then it ends with "timeout", having cost nothing) and max_itl_abort (seconds a started
+    request may go without a token; then "sla_abort"). `requests["finish_reason"]` says how each
+    request ended; the summary counts `timeouts` and `sla_aborts`."""
     if not isinstance(trace, Trace):
         raise TypeError(f"trace must be a horae.sim.Trace, got {type(trace).__name__}")
     if rate_scale is not None and clients is not None:
@@ -110,7 +114,8 @@ def simulate(
         trace = trace.scaled(float(rate_scale))
     summary, requests, steps = _core.simulate(trace, scheduler, clients=clients, **sla, **engine)
     s = json.loads(summary)
-    return SimResult(policy=s["policy"], summary=s, requests=dict(requests), steps=dict(steps))
+    requests = {k: np.asarray(v) for k, v in requests.items()}  # finish_reason comes as a list of str
+    return SimResult(policy=s["policy"], summary=s, requests=requests, steps=dict(steps))
 
 
 @dataclass

@@ -59,6 +59,11 @@ pub enum FinishReason {
     /// The executor failed on a step this request was in (a GPU fault, say), or the engine refused
     /// it after it was queued.
     Error,
+    /// Still waiting, never started, when the queue deadline passed (`ServerRules::queue_timeout`):
+    /// dropped before it cost any compute.
+    Timeout,
+    /// Running, but no token for longer than `ServerRules::max_itl_abort`: cut, blocks freed.
+    SlaAbort,
 }
 
 impl FinishReason {
@@ -68,17 +73,19 @@ impl FinishReason {
             FinishReason::Length => "length",
             FinishReason::Aborted => "abort",
             FinishReason::Error => "error",
+            FinishReason::Timeout => "timeout",
+            FinishReason::SlaAbort => "sla_abort",
         }
     }
 
     /// Whether the end says how long the client wanted the output: a natural stop, the length
     /// bound, or a client that hung up after reading some tokens (`generated > 0`). Ends the
-    /// server caused (an error) say nothing about the workload.
+    /// server caused (an error, a queue time-out, an SLA abort) say nothing about the workload.
     pub fn measures_length(&self, generated: usize) -> bool {
         match self {
             FinishReason::Stop | FinishReason::Length => true,
             FinishReason::Aborted => generated > 0,
-            FinishReason::Error => false,
+            FinishReason::Error | FinishReason::Timeout | FinishReason::SlaAbort => false,
         }
     }
 }
@@ -457,6 +464,7 @@ mod tests {
         // A client that hung up after reading some tokens wanted that many; before any, nothing.
         assert!(FinishReason::Aborted.measures_length(3) && !FinishReason::Aborted.measures_length(0));
         assert!(!FinishReason::Error.measures_length(12));
+        assert!(!FinishReason::Timeout.measures_length(0) && !FinishReason::SlaAbort.measures_length(40));
     }
 
     #[test]

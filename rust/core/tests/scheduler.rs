@@ -40,6 +40,7 @@ fn cfg(policy: PolicyKind, kv: usize) -> SimConfig {
         cost: CostModel::roofline("llama-2-7b", "a100-80gb").unwrap(),
         max_tokens: 512,
         load: LoadModel::Open,
+        rules: Default::default(),
         acceptance: None,
     }
 }
@@ -386,4 +387,52 @@ fn a_failing_step_fails_its_requests_and_the_engine_goes_on() {
     }
     assert_eq!(done.len(), 2);
     assert!(done.iter().all(|&(id, n)| (id == a || id == b) && n == 40), "{done:?}");
+}
+
+/// The server's rules, the same for every policy: a request still queued at its deadline ends
+/// with `timeout` having cost nothing; a started request without a token for longer than the gap
+/// bound ends with `sla_abort`; neither length feeds the history; the block manager stays whole.
+#[test]
+fn queue_deadline_and_gap_abort_end_requests_for_every_policy() {
+    use horae_core::engine::ServerRules;
+    let t = trace(&mixed(150), 0.0);
+    for policy in [PolicyKind::PastFuture, PolicyKind::Aggressive, PolicyKind::Conservative] {
+        let base = cfg(policy, 6000);
+        let plain = sim::simulate(&t, &base).unwrap();
+        // All 150 arrive at once: the queue holds most of them for seconds.
+        let deadline =
+            SimConfig { rules: ServerRules { queue_timeout: Some(0.5), max_itl_abort: None }, ..base.clone() };
+        let r = sim::simulate(&t, &deadline).unwrap();
+        let timed_out: Vec<_> = r.records.iter().filter(|x| x.finish_reason == "timeout").collect();
+        assert!(!timed_out.is_empty(), "{policy}: some requests must wait past 0.5 s");
+        for x in &timed_out {
+            // Never started: no compute, no token; dropped just past its deadline.
+            assert!(x.first_scheduled.is_nan() && x.output_len == 0, "{policy}: {x:?}");
+            assert!(x.finished - x.arrival > 0.5 && x.finished - x.arrival < 1.5, "{policy}: {x:?}");
+        }
+        let s = r.summary(&Default::default());
+        assert_eq!(s.timeouts, timed_out.len());
+        assert_eq!(s.completed + s.timeouts, 150, "{policy}: every other request completes");
+        assert_eq!(r.stats.lengths_recorded as usize, s.completed, "{policy}: timeouts are not lengths");
+        assert!(s.duration < plain.summary(&Default::default()).duration, "{policy}: dropped work is saved time");
+
+        // A tight gap bound: requests that stall (queued behind a preemption, or waiting for
+        // their next chunk) are cut; what ran and finished is untouched.
+        let gap = SimConfig { rules: ServerRules { queue_timeout: None, max_itl_abort: Some(0.05) }, ..base.clone() };
+        let r = sim::simulate(&t, &gap).unwrap();
+        let s = r.summary(&Default::default());
+        for x in r.records.iter().filter(|x| x.finish_reason == "sla_abort") {
+            assert!(x.output_len > 0, "{policy}: only started requests with a token are cut: {x:?}");
+        }
+        assert_eq!(s.completed + s.sla_aborts, 150, "{policy}");
+        assert_eq!(r.stats.lengths_recorded as usize, s.completed, "{policy}: SLA aborts are not lengths");
+        if policy == PolicyKind::Aggressive {
+            assert!(s.sla_aborts > 0, "aggressive preempts under this load, and its preempted requests stall");
+        }
+    }
+    let bad =
+        |rules| sim::simulate(&t, &SimConfig { rules, ..cfg(PolicyKind::PastFuture, 6000) }).unwrap_err().to_string();
+    assert!(bad(ServerRules { queue_timeout: Some(0.0), max_itl_abort: None }).contains("queue_timeout"));
+    assert!(bad(ServerRules { queue_timeout: None, max_itl_abort: Some(-1.0) }).contains("max_itl_abort"));
+    assert!(bad(ServerRules { queue_timeout: Some(f64::NAN), max_itl_abort: None }).contains("queue_timeout"));
 }

@@ -113,7 +113,8 @@ impl PyEngine {
     #[pyo3(signature = (model_dir, *, scheduler = "past-future", kv_cache_tokens = None, block_size = 16,
                         max_num_seqs = 64, max_batched_tokens = 2048, seed = None, dtype = "auto",
                         history_window = 1000, max_output_bound = None, speculative = None,
-                        device = "auto", gpu_memory_utilization = 0.9, max_model_len = None))]
+                        device = "auto", gpu_memory_utilization = 0.9, max_model_len = None, queue_timeout = None,
+                        max_itl_abort = None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -131,6 +132,8 @@ impl PyEngine {
         device: &str,
         gpu_memory_utilization: f64,
         max_model_len: Option<usize>,
+        queue_timeout: Option<f64>,
+        max_itl_abort: Option<f64>,
     ) -> PyResult<Self> {
         let speculative = match speculative.map(|d| crate::spec::parse(&d, false, seed.unwrap_or(0))).transpose()? {
             Some((cfg, crate::spec::Choice::Engine(method))) => Some(engine::SpecArgs { cfg, method }),
@@ -150,6 +153,7 @@ impl PyEngine {
             device: device.to_string(),
             gpu_memory_utilization,
             max_model_len,
+            rules: engine::ServerRules { queue_timeout, max_itl_abort },
             ..EngineArgs::new(model_dir)
         };
         let (handle, info) = py.detach(|| engine::build(args)).map_err(to_py)?;

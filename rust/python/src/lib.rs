@@ -10,6 +10,7 @@ mod spec;
 use horae_core::backend::gemm::WeightDtype;
 use horae_core::bench::admission::admission_benchmark;
 use horae_core::engine::builder::parse_cpu_dtype;
+use horae_core::engine::ServerRules;
 use horae_core::model::LlamaModel;
 use horae_core::sched::{PolicyKind, SchedulerConfig};
 use horae_core::sim::{self, CostModel, LengthDist, LoadModel, SimConfig, Sla, StepFeatures, Trace, TraceFormat};
@@ -120,7 +121,7 @@ fn synthetic_trace(dist: &str, n: usize, seed: u64) -> PyResult<PyTrace> {
     cost_coef = None, kv_cache_tokens = 120_000, block_size = 16, max_num_seqs = 256,
     max_batched_tokens = 2048, max_tokens = 4096, prefix_caching = true, history_window = 1000,
     reserve = 0.05, watermark = 0.95, seed = 0, ttft = None, tpot = None, max_itl = None, e2e = None,
-    speculative = None,
+    speculative = None, queue_timeout = None, max_itl_abort = None,
 ))]
 #[allow(clippy::too_many_arguments)]
 fn simulate<'py>(
@@ -146,6 +147,8 @@ fn simulate<'py>(
     max_itl: Option<f64>,
     e2e: Option<f64>,
     speculative: Option<Bound<'py, PyDict>>,
+    queue_timeout: Option<f64>,
+    max_itl_abort: Option<f64>,
 ) -> PyResult<(String, Bound<'py, PyDict>, Bound<'py, PyDict>)> {
     let policy: PolicyKind = scheduler.parse().map_err(to_py)?;
     let spec = speculative.map(|d| spec::parse(&d, true, seed)).transpose()?;
@@ -176,6 +179,7 @@ fn simulate<'py>(
         max_tokens,
         load: clients.map_or(LoadModel::Open, |clients| LoadModel::Closed { clients }),
         acceptance,
+        rules: ServerRules { queue_timeout, max_itl_abort },
     };
     let sla = Sla { ttft, tpot, max_itl, e2e };
     let inner = &trace.inner;
@@ -221,6 +225,7 @@ fn simulate<'py>(
     col!(req, "cached_tokens", recs, |r| r.cached_tokens);
     col!(req, "rejected", recs, |r| r.rejected);
     col!(req, "completed", recs, |r| r.completed);
+    req.set_item("finish_reason", recs.iter().map(|r| r.finish_reason).collect::<Vec<_>>())?;
     col!(req, "met_sla", recs, |r| r.meets(&sla));
 
     let steps = &result.steps;

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 
-use super::{Engine, EngineHandle, WallClock};
+use super::{Engine, EngineHandle, ServerRules, WallClock};
 use crate::backend::cuda::device::{resolve as resolve_device, Device, DeviceRequest, Gpu};
 use crate::backend::cuda::ops::Dt;
 use crate::backend::gemm::WeightDtype;
@@ -60,6 +60,8 @@ pub struct EngineArgs {
     pub gpu_memory_utilization: f64,
     /// A context limit below the model's (prompt + max_tokens); `None`: the model's.
     pub max_model_len: Option<usize>,
+    /// The server's rules: a queue deadline and a gap abort (off by default).
+    pub rules: ServerRules,
 }
 
 impl EngineArgs {
@@ -79,6 +81,7 @@ impl EngineArgs {
             device: "auto".into(),
             gpu_memory_utilization: 0.9,
             max_model_len: None,
+            rules: ServerRules::default(),
         }
     }
 }
@@ -174,6 +177,7 @@ fn parse_gpu_dtype(s: &str) -> Result<Dt> {
 
 /// Load the model and start an engine for `args` (the step loop is not started).
 pub fn build(args: EngineArgs) -> Result<(EngineHandle, EngineInfo)> {
+    args.rules.validate()?; // before any weight is loaded
     let request: DeviceRequest = args.device.parse()?;
     let g = args.gpu_memory_utilization;
     if !(g > 0.0 && g <= 1.0) {
@@ -267,7 +271,9 @@ pub fn build(args: EngineArgs) -> Result<(EngineHandle, EngineInfo)> {
     let limits =
         RequestLimits { vocab_size: config.vocab_size, max_model_len, pool_tokens: sched.kv().capacity_tokens() };
     let kv_cache_tokens = limits.pool_tokens;
-    let engine = Engine::new(sched, Box::new(exec), Box::new(WallClock::default())).with_tokenizer(tokenizer.clone());
+    let engine = Engine::new(sched, Box::new(exec), Box::new(WallClock::default()))
+        .with_tokenizer(tokenizer.clone())
+        .with_rules(args.rules)?;
     let info = EngineInfo {
         model_dir: args.model_dir,
         config,

@@ -68,6 +68,33 @@ impl Clock for WallClock {
 /// Why a request ends, and what stopped it.
 type End = (FinishReason, Option<StopReason>);
 
+/// Rules a server applies to every request, whatever the policy (the Past-Future paper's
+/// LightLLM router applies both). Off by default.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct ServerRules {
+    /// Seconds a request may wait before it starts; then it ends with `FinishReason::Timeout`,
+    /// having cost no compute (the paper's 8 s).
+    pub queue_timeout: Option<f64>,
+    /// Seconds a started request may go without a token; then it ends with
+    /// `FinishReason::SlaAbort` and its blocks are freed.
+    pub max_itl_abort: Option<f64>,
+}
+
+impl ServerRules {
+    pub fn validate(&self) -> Result<()> {
+        for (name, v) in [("queue_timeout", self.queue_timeout), ("max_itl_abort", self.max_itl_abort)] {
+            if let Some(v) = v {
+                if !(v.is_finite() && v > 0.0) {
+                    return Err(HoraeError::InvalidConfig(format!(
+                        "{name} must be a positive number of seconds, got {v}"
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 /// One step as seen from outside, for KV-usage-over-time plots and metrics.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct StepSample {
@@ -128,19 +155,36 @@ pub struct Engine {
     tokenizer: Option<Arc<Tokenizer>>,
     /// Whether `step` reports every request that moved, or only the ones that finished.
     every_output: bool,
+    rules: ServerRules,
     next_id: ReqId,
 }
 
 impl Engine {
     pub fn new(sched: Scheduler, executor: Box<dyn Executor>, clock: Box<dyn Clock>) -> Self {
         let eos = executor.eos_token_ids();
-        Self { sched, executor, clock, eos, tokenizer: None, every_output: true, next_id: 0 }
+        Self {
+            sched,
+            executor,
+            clock,
+            eos,
+            tokenizer: None,
+            every_output: true,
+            rules: ServerRules::default(),
+            next_id: 0,
+        }
     }
 
     /// Detokenize outputs as they are generated (text in `RequestOutput`, stop strings).
     pub fn with_tokenizer(mut self, tokenizer: Arc<Tokenizer>) -> Self {
         self.tokenizer = Some(tokenizer);
         self
+    }
+
+    /// Apply `rules` (a queue deadline, a gap abort) from the next step on.
+    pub fn with_rules(mut self, rules: ServerRules) -> Result<Self> {
+        rules.validate()?;
+        self.rules = rules;
+        Ok(self)
     }
 
     /// Report only finished requests from `step` (a simulation reads its records from them, and
@@ -194,12 +238,14 @@ impl Engine {
 
     pub fn step(&mut self) -> Result<StepResult> {
         let started = self.clock.now();
+        let mut result = StepResult::default();
+        self.enforce_rules(started, &mut result)?;
         self.propose_drafts()?;
         let plan = self.sched.schedule(started);
         for &id in &plan.preempted {
             self.executor.preempted(id);
         }
-        let mut result = StepResult { preempted: plan.preempted.clone(), ..Default::default() };
+        result.preempted = plan.preempted.clone();
         if plan.seqs.is_empty() {
             if self.sched.has_work() && plan.preempted.is_empty() {
                 return Err(HoraeError::Stalled(format!(
@@ -272,6 +318,22 @@ impl Engine {
         }
         result.sample = Some(self.sample(&plan, started, now));
         Ok(result)
+    }
+
+    /// End the requests the server's rules end now (before anything is scheduled, so a request
+    /// past its queue deadline costs nothing).
+    fn enforce_rules(&mut self, now: f64, result: &mut StepResult) -> Result<()> {
+        let ServerRules { queue_timeout, max_itl_abort } = self.rules;
+        if queue_timeout.is_none() && max_itl_abort.is_none() {
+            return Ok(());
+        }
+        for (id, reason) in self.sched.expired(now, queue_timeout, max_itl_abort) {
+            let r = self.sched.finish(id, reason, now)?;
+            self.executor.release(id);
+            result.outputs.push(RequestOutput { id, finish_reason: Some(reason), ..Default::default() });
+            result.finished.push(r);
+        }
+        Ok(())
     }
 
     /// Speculative decoding: drafts for the running requests about to decode, before scheduling

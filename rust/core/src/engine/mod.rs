@@ -8,6 +8,6 @@ mod engine;
 
 pub use builder::{build, EngineArgs, EngineInfo, SpecArgs, SpecMethod};
 pub use engine::{
-    Clock, Engine, EngineHandle, EngineStats, RequestOutput, StepEvents, StepResult, StepSample, VirtualClock,
-    WallClock,
+    Clock, Engine, EngineHandle, EngineStats, RequestOutput, ServerRules, StepEvents, StepResult, StepSample,
+    VirtualClock, WallClock,
 };

@@ -389,6 +389,40 @@ impl Scheduler {
         }
     }
 
+    /// Requests the server's rules end at `now`: waiting ones never started whose queue deadline
+    /// passed (`queue_timeout` seconds after arrival), and started ones (running, or preempted and
+    /// waiting) whose last token is older than `max_itl_abort` seconds. The queue is in arrival
+    /// order behind the preempted requests at its head, so the deadline scan stops at the first
+    /// request still inside it.
+    pub fn expired(
+        &self,
+        now: f64,
+        queue_timeout: Option<f64>,
+        max_itl_abort: Option<f64>,
+    ) -> Vec<(ReqId, FinishReason)> {
+        let mut out = Vec::new();
+        let stale = |r: &Request| max_itl_abort.is_some_and(|g| r.times.last_token.is_some_and(|t| now - t > g));
+        for &id in &self.running {
+            if stale(&self.requests[&id]) {
+                out.push((id, FinishReason::SlaAbort));
+            }
+        }
+        for &id in &self.waiting {
+            let r = &self.requests[&id];
+            if r.times.first_scheduled.is_some() {
+                if stale(r) {
+                    out.push((id, FinishReason::SlaAbort));
+                }
+                continue;
+            }
+            match queue_timeout {
+                Some(d) if now - r.times.arrival > d => out.push((id, FinishReason::Timeout)),
+                _ => break,
+            }
+        }
+        out
+    }
+
     /// Speculative decoding is on: the largest number of drafts a sequence may carry.
     pub fn spec_k_max(&self) -> Option<usize> {
         self.spec.as_ref().map(|s| s.config().k_max)

@@ -36,6 +36,8 @@ pub struct RequestRecord {
     pub recomputed_tokens: u64,
     pub cached_tokens: u64,
     pub rejected: bool,
+    /// Why it ended: a `FinishReason` name, or "rejected".
+    pub finish_reason: &'static str,
     /// Finished by a stop token or `max_tokens` (not aborted, not rejected).
     pub completed: bool,
 }
@@ -56,6 +58,7 @@ impl RequestRecord {
             recomputed_tokens: r.recomputed_tokens,
             cached_tokens: r.cached_tokens,
             rejected: false,
+            finish_reason: r.finish_reason().map_or("running", |f| f.as_str()),
             completed: matches!(r.finish_reason(), Some(FinishReason::Stop | FinishReason::Length)),
         }
     }
@@ -75,6 +78,7 @@ impl RequestRecord {
             recomputed_tokens: 0,
             cached_tokens: 0,
             rejected: true,
+            finish_reason: "rejected",
             completed: false,
         }
     }
@@ -134,6 +138,10 @@ pub struct Summary {
     pub num_requests: usize,
     pub completed: usize,
     pub rejected: usize,
+    /// Dropped at the queue deadline, never started (the server rules).
+    pub timeouts: usize,
+    /// Cut by the gap bound while running (the server rules).
+    pub sla_aborts: usize,
     pub met_sla: usize,
     /// First arrival to last finish, seconds.
     pub duration: f64,
@@ -181,6 +189,8 @@ impl Summary {
             num_requests: records.len(),
             completed: done.len(),
             rejected: records.iter().filter(|r| r.rejected).count(),
+            timeouts: records.iter().filter(|r| r.finish_reason == "timeout").count(),
+            sla_aborts: records.iter().filter(|r| r.finish_reason == "sla_abort").count(),
             met_sla: good.len(),
             duration,
             throughput_rps: per_s(done.len() as f64),

@@ -7,7 +7,7 @@ use super::cost_model::CostModel;
 use super::executor::{Acceptance, SimExecutor};
 use super::report::{RequestRecord, Sla, Summary};
 use super::trace::Trace;
-use crate::engine::{Engine, StepSample, VirtualClock};
+use crate::engine::{Engine, ServerRules, StepSample, VirtualClock};
 use crate::error::{HoraeError, Result};
 use crate::request::{Prompt, RequestSpec};
 use crate::sched::{Scheduler, SchedulerConfig, SchedulerStats, TrueLengths};
@@ -29,6 +29,8 @@ pub struct SimConfig {
     pub load: LoadModel,
     /// Speculative decoding (with `sched.spec` set): how well the modelled proposer guesses.
     pub acceptance: Option<Acceptance>,
+    /// The server's rules (queue deadline, gap abort), the same for every policy.
+    pub rules: ServerRules,
 }
 
 #[derive(Debug, Clone)]
@@ -82,7 +84,9 @@ pub fn simulate(trace: &Trace, cfg: &SimConfig) -> Result<SimResult> {
         }
         (None, _) => {}
     }
-    let mut engine = Engine::new(sched, Box::new(exec), Box::new(VirtualClock::default())).finished_outputs_only();
+    let mut engine = Engine::new(sched, Box::new(exec), Box::new(VirtualClock::default()))
+        .finished_outputs_only()
+        .with_rules(cfg.rules)?;
 
     let mut records: Vec<Option<RequestRecord>> = vec![None; reqs.len()];
     let mut steps = Vec::new();
