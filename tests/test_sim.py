@@ -255,3 +255,23 @@ def test_server_rules_in_the_simulator():
         sim.simulate(t, "past-future", clients=10, queue_timeout=-1)
     with pytest.raises(HoraeCoreError, match="max_itl_abort"):
         sim.simulate(t, "past-future", clients=10, max_itl_abort=0)
+
+
+def test_clients_that_retry_failed_requests():
+    """The paper's clients send a failed request again: with a queue deadline every request ends up
+    served, a time-out wastes nothing (it never started), and times count from the last send."""
+    t = sim.synthetic("dist-3", 300, seed=1)
+    kw = dict(clients=300, kv_cache_tokens=20_000, max_tokens=8192, queue_timeout=8.0, retry_failed=True)
+    r = sim.simulate(t, "past-future", **kw)
+    assert r.summary["completed"] == 300 and r.summary["timeouts"] == 0
+    assert set(r.requests["finish_reason"]) == {"stop"}
+    assert r.requests["attempts"].max() > 1 and r.summary["attempts_per_request"] > 1
+    assert r.summary["wasted_tokens"] == 0, "a queue time-out costs no compute"
+    # Each request's time to first token counts from its last send: within the deadline.
+    assert np.nanmax(r.requests["first_scheduled"] - r.requests["arrival"]) <= 8.0 + 1e-9
+    # A gap bound cuts running requests: their retries waste what they computed.
+    g = sim.simulate(t, "aggressive", clients=300, kv_cache_tokens=20_000, max_tokens=8192, max_itl_abort=0.05,
+                     retry_failed=True)
+    assert g.summary["completed"] + g.summary["sla_aborts"] == 300
+    if g.requests["attempts"].max() > 1:
+        assert g.summary["wasted_tokens"] > 0

@@ -62,6 +62,8 @@ def _simulate_parser(sub) -> None:
                    help="server rule: drop a request not started this long after it arrived (paper: 8)")
     p.add_argument("--max-itl-abort", type=float, metavar="SECONDS",
                    help="server rule: cut a started request without a token for this long")
+    p.add_argument("--retry-failed", action="store_true",
+                   help="closed loop: clients send a request the server's rules failed again, as the paper's do")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--plot", metavar="DIR", help="write goodput-vs-load and KV-usage PNGs here")
     p.add_argument("--json", metavar="FILE", help="write all summaries as JSON")
@@ -100,7 +102,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         progress=not args.no_progress, block_size=args.block_size, max_num_seqs=args.max_num_seqs,
         max_batched_tokens=args.max_batched_tokens, max_tokens=args.max_tokens,
         prefix_caching=not args.no_prefix_caching, seed=args.seed,
-        queue_timeout=args.queue_timeout, max_itl_abort=args.max_itl_abort,
+        queue_timeout=args.queue_timeout, max_itl_abort=args.max_itl_abort, retry_failed=args.retry_failed,
     )
     print(report.format())
     print(f"\n{len(report.results)} simulations in {time.perf_counter() - t0:.1f}s")

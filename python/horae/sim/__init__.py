@@ -104,7 +104,11 @@ def simulate(
     server's rules, the same for every policy: queue_timeout (seconds a request may wait before it
     starts; then it ends with "timeout", having cost nothing) and max_itl_abort (seconds a started
     request may go without a token; then "sla_abort"). `requests["finish_reason"]` says how each
-    request ended; the summary counts `timeouts` and `sla_aborts`."""
+    request ended; the summary counts `timeouts` and `sla_aborts`. With ``retry_failed=True`` (closed
+    loop) a client sends a request the rules failed again at once, as the paper's clients do:
+    `requests["attempts"]` and `requests["wasted_tokens"]` (computed for failed attempts) say what
+    that cost, times count from the last send, and the summary has `attempts_per_request` and
+    `wasted_tokens`."""
     if not isinstance(trace, Trace):
         raise TypeError(f"trace must be a horae.sim.Trace, got {type(trace).__name__}")
     if rate_scale is not None and clients is not None:

@@ -41,6 +41,7 @@ fn cfg(policy: PolicyKind, kv: usize) -> SimConfig {
         max_tokens: 512,
         load: LoadModel::Open,
         rules: Default::default(),
+        retry_failed: false,
         acceptance: None,
     }
 }

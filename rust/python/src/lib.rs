@@ -121,7 +121,7 @@ fn synthetic_trace(dist: &str, n: usize, seed: u64) -> PyResult<PyTrace> {
     cost_coef = None, kv_cache_tokens = 120_000, block_size = 16, max_num_seqs = 256,
     max_batched_tokens = 2048, max_tokens = 4096, prefix_caching = true, history_window = 1000,
     reserve = 0.05, watermark = 0.95, seed = 0, ttft = None, tpot = None, max_itl = None, e2e = None,
-    speculative = None, queue_timeout = None, max_itl_abort = None,
+    speculative = None, queue_timeout = None, max_itl_abort = None, retry_failed = false,
 ))]
 #[allow(clippy::too_many_arguments)]
 fn simulate<'py>(
@@ -149,6 +149,7 @@ fn simulate<'py>(
     speculative: Option<Bound<'py, PyDict>>,
     queue_timeout: Option<f64>,
     max_itl_abort: Option<f64>,
+    retry_failed: bool,
 ) -> PyResult<(String, Bound<'py, PyDict>, Bound<'py, PyDict>)> {
     let policy: PolicyKind = scheduler.parse().map_err(to_py)?;
     let spec = speculative.map(|d| spec::parse(&d, true, seed)).transpose()?;
@@ -180,6 +181,7 @@ fn simulate<'py>(
         load: clients.map_or(LoadModel::Open, |clients| LoadModel::Closed { clients }),
         acceptance,
         rules: ServerRules { queue_timeout, max_itl_abort },
+        retry_failed,
     };
     let sla = Sla { ttft, tpot, max_itl, e2e };
     let inner = &trace.inner;
@@ -225,6 +227,8 @@ fn simulate<'py>(
     col!(req, "cached_tokens", recs, |r| r.cached_tokens);
     col!(req, "rejected", recs, |r| r.rejected);
     col!(req, "completed", recs, |r| r.completed);
+    col!(req, "attempts", recs, |r| r.attempts);
+    col!(req, "wasted_tokens", recs, |r| r.wasted_tokens);
     req.set_item("finish_reason", recs.iter().map(|r| r.finish_reason).collect::<Vec<_>>())?;
     col!(req, "met_sla", recs, |r| r.meets(&sla));
 

@@ -40,6 +40,11 @@ pub struct RequestRecord {
     pub finish_reason: &'static str,
     /// Finished by a stop token or `max_tokens` (not aborted, not rejected).
     pub completed: bool,
+    /// Times the client sent it (more than one when the server's rules failed it and the client
+    /// retried); its times count from the last send.
+    pub attempts: u32,
+    /// Tokens computed for its failed attempts (prefill, recomputation and outputs), thrown away.
+    pub wasted_tokens: u64,
 }
 
 impl RequestRecord {
@@ -60,6 +65,8 @@ impl RequestRecord {
             rejected: false,
             finish_reason: r.finish_reason().map_or("running", |f| f.as_str()),
             completed: matches!(r.finish_reason(), Some(FinishReason::Stop | FinishReason::Length)),
+            attempts: 1,
+            wasted_tokens: 0,
         }
     }
 
@@ -80,6 +87,8 @@ impl RequestRecord {
             rejected: true,
             finish_reason: "rejected",
             completed: false,
+            attempts: 1,
+            wasted_tokens: 0,
         }
     }
 
@@ -161,6 +170,10 @@ pub struct Summary {
     pub preempted_requests: usize,
     pub recomputed_tokens: u64,
     pub cached_prompt_tokens: u64,
+    /// Sends per request, on average (1 without retries).
+    pub attempts_per_request: f64,
+    /// Tokens computed for attempts that failed.
+    pub wasted_tokens: u64,
     pub mean_kv_usage: f64,
     pub peak_kv_usage: f64,
 }
@@ -207,6 +220,12 @@ impl Summary {
             preempted_requests: records.iter().filter(|r| r.preemptions > 0).count(),
             recomputed_tokens: records.iter().map(|r| r.recomputed_tokens).sum(),
             cached_prompt_tokens: records.iter().map(|r| r.cached_tokens).sum(),
+            attempts_per_request: if records.is_empty() {
+                0.0
+            } else {
+                records.iter().map(|r| r.attempts as f64).sum::<f64>() / records.len() as f64
+            },
+            wasted_tokens: records.iter().map(|r| r.wasted_tokens).sum(),
             mean_kv_usage: if span > 0.0 { area / span } else { 0.0 },
             peak_kv_usage: peak,
         }

@@ -9,7 +9,7 @@ use super::report::{RequestRecord, Sla, Summary};
 use super::trace::Trace;
 use crate::engine::{Engine, ServerRules, StepSample, VirtualClock};
 use crate::error::{HoraeError, Result};
-use crate::request::{Prompt, RequestSpec};
+use crate::request::{FinishReason, Prompt, RequestSpec};
 use crate::sched::{Scheduler, SchedulerConfig, SchedulerStats, TrueLengths};
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -31,7 +31,16 @@ pub struct SimConfig {
     pub acceptance: Option<Acceptance>,
     /// The server's rules (queue deadline, gap abort), the same for every policy.
     pub rules: ServerRules,
+    /// Closed loop: a client sends a request the server's rules failed again, at once, as the
+    /// paper's clients do: after a time-out always (it cost nothing, and a resent request is
+    /// admitted before its new deadline whenever the batch has room), after an SLA abort at most
+    /// `MAX_SLA_ATTEMPTS` times.
+    pub retry_failed: bool,
 }
+
+/// Sends of one request the gap bound keeps cutting before its client gives up: a bound no
+/// request can meet (shorter than a step) would otherwise retry forever, wasting compute.
+pub const MAX_SLA_ATTEMPTS: u32 = 100;
 
 #[derive(Debug, Clone)]
 pub struct SimResult {
@@ -89,6 +98,7 @@ pub fn simulate(trace: &Trace, cfg: &SimConfig) -> Result<SimResult> {
         .with_rules(cfg.rules)?;
 
     let mut records: Vec<Option<RequestRecord>> = vec![None; reqs.len()];
+    let (mut attempts, mut wasted) = (vec![1u32; reqs.len()], vec![0u64; reqs.len()]);
     let mut steps = Vec::new();
     let mut next = 0usize;
     // Submit request `i` at time `t`; a request that can never fit is recorded as rejected.
@@ -140,7 +150,25 @@ pub fn simulate(trace: &Trace, cfg: &SimConfig) -> Result<SimResult> {
         let out = engine.step()?;
         steps.extend(out.sample);
         for r in out.finished {
-            records[r.id as usize] = Some(RequestRecord::from_request(&r));
+            let i = r.id as usize;
+            let failed = matches!(r.finish_reason(), Some(FinishReason::Timeout | FinishReason::SlaAbort));
+            let retry = match r.finish_reason() {
+                Some(FinishReason::Timeout) => true,
+                Some(FinishReason::SlaAbort) => attempts[i] < MAX_SLA_ATTEMPTS,
+                _ => false,
+            };
+            if retry && cfg.retry_failed && matches!(cfg.load, LoadModel::Closed { .. }) {
+                // The same client sends it again now; what the failed attempt computed is lost.
+                attempts[i] += 1;
+                wasted[i] += r.recomputed_tokens + r.num_computed as u64;
+                let now = engine.now();
+                submit(&mut engine, &mut records, i, now)?;
+                continue;
+            }
+            let mut record = RequestRecord::from_request(&r);
+            record.attempts = attempts[i];
+            record.wasted_tokens = wasted[i] + if failed { r.recomputed_tokens + r.num_computed as u64 } else { 0 };
+            records[i] = Some(record);
             if let LoadModel::Closed { .. } = cfg.load {
                 // The client that got this answer sends its next request (skipping rejected ones).
                 let now = engine.now();
