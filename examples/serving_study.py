@@ -57,7 +57,7 @@ def run_real(args, scheduler: str, workload: Path, out: Path):
             request_rate=float("inf"), burstiness=1.0, trace_scale=1.0, max_concurrency=None, length_scale=1.0,
             max_tokens=args.max_tokens, max_model_len=None, vocab_size=49152, goodput=args.goodput, timeout=3600.0,
             seed=0, result_file=str(out / f"real_{scheduler}.json"), plot=str(out / f"real_{scheduler}_cdf.png"),
-            no_progress=True)
+            no_progress=True, retry_failed=False)
         summary = bench.run(ns)
         steps = llm.engine.take_step_log()
     finally:

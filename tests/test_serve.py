@@ -329,7 +329,7 @@ def test_bench_serve_reaches_true_lengths_without_telling_the_server(server, tmp
                          request_rate=float("inf"), burstiness=1.0, trace_scale=1.0, max_concurrency=None, length_scale=1.0,
                          max_tokens=None, max_model_len=None, vocab_size=49152, goodput=["ttft:60000", "itl:60000"],
                          timeout=120.0, seed=0, result_file=str(tmp_path / "r.json"), plot=str(tmp_path / "cdf.png"),
-                         no_progress=True)
+                         no_progress=True, retry_failed=False)
     summary = bench.run(ns)
     assert summary["completed"] == 4 and summary["failed"] == 0, summary["errors"]
     reqs = json.loads((tmp_path / "r.json").read_text())["requests"]
@@ -477,3 +477,34 @@ def test_queue_deadline_answers_503_and_the_engine_goes_on():
     with pytest.raises(ValueError, match="queue_timeout"):
         AsyncLLM(kv_cache_tokens=1024, queue_timeout=0)
 
+
+
+def test_bench_serve_retries_what_the_queue_deadline_turned_away(tmp_path):
+    """`horae bench serve --retry-failed` against a server with a queue deadline and room for one
+    request at a time: requests turned away with 503 queue_timeout are sent again until served,
+    and the summary counts the attempts; a time-out wastes no tokens."""
+    from types import SimpleNamespace
+
+    from horae.bench import serve as bench
+
+    llm = AsyncLLM(kv_cache_tokens=2048, max_num_seqs=1, queue_timeout=0.2)
+    srv = ServerThread(build_app(llm, ServerConfig(model_name="smollm2")))
+    srv.llm = llm
+    try:
+        trace = tmp_path / "t.jsonl"
+        trace.write_text("".join(json.dumps({"timestamp": 0, "input_length": 8, "output_length": 24}) + "\n"
+                                 for _ in range(4)))
+        ns = SimpleNamespace(base_url=srv.url, model=None, api_key=None, trace=str(trace), dataset=None, num_prompts=None,
+                             request_rate=float("inf"), burstiness=1.0, trace_scale=None, max_concurrency=None,
+                             length_scale=1.0, max_tokens=None, max_model_len=None, vocab_size=49152, goodput=None,
+                             timeout=120.0, seed=0, result_file=None, plot=None, no_progress=True, retry_failed=True)
+        s = bench.run(ns)
+        assert s["completed"] == 4 and s["failed"] == 0, s["errors"]
+        assert s["timeouts"] > 0 and s["attempts_per_request"] > 1 and s["wasted_tokens"] == 0, s
+        # Without retries the same load loses requests to the deadline.
+        s = bench.run(SimpleNamespace(**{**vars(ns), "retry_failed": False}))
+        assert s["failed"] > 0 and s["timeouts"] == s["failed"], s
+        _assert_idle(srv)
+    finally:
+        srv.stop()
+        llm.shutdown()

@@ -14,6 +14,11 @@ never the true length, so the scheduler is not told what it must predict.
 
 Reports TTFT, TPOT, ITL, e2e latency at p50/p90/p99, throughput, and goodput: requests per
 second (and their output tokens per second) that meet every `--goodput` bound.
+
+With `--retry-failed` a request the server turned away or cut (a 503, or an SSE error with code
+`queue_timeout`, `sla_abort` or `overloaded`) is sent again at once, as the Past-Future paper's
+client does, up to `MAX_ATTEMPTS` times; its times count from the last send, and the summary
+reports attempts per request, time-outs, SLA aborts and the tokens wasted on failed attempts.
 """
 
 from __future__ import annotations
@@ -31,6 +36,11 @@ import numpy as np
 
 SLO_KEYS = {"ttft": "ttft", "tpot": "tpot", "e2el": "e2el", "itl": "max_itl"}
 
+#: Sends of one request before a retrying client gives up.
+MAX_ATTEMPTS = 100
+#: Error codes a server uses for "turned away or cut by a rule: send it again".
+RETRY_CODES = ("queue_timeout", "sla_abort", "overloaded")
+
 
 @dataclass
 class RequestResult:
@@ -43,6 +53,14 @@ class RequestResult:
     ttft: float = float("nan")
     e2el: float = float("nan")
     itls: List[float] = field(default_factory=list)
+    #: The server's error code when it turned the request away or cut it (a retry may help).
+    code: Optional[str] = None
+    attempts: int = 1
+    #: Failed sends of this request, by cause.
+    timeouts: int = 0
+    sla_aborts: int = 0
+    #: Prompt and output tokens of failed attempts that had started (a time-out costs nothing).
+    wasted_tokens: int = 0
 
     @property
     def tpot(self) -> float:
@@ -120,7 +138,12 @@ async def _one(client, url: str, model: str, prompt: List[int], target: int, max
     try:
         async with client.stream("POST", url, json=body, headers=headers) as resp:
             if resp.status_code != 200:
-                res.error = f"HTTP {resp.status_code}: {(await resp.aread())[:200]!r}"
+                body = await resp.aread()
+                res.error = f"HTTP {resp.status_code}: {body[:200]!r}"
+                try:
+                    res.code = json.loads(body)["error"]["code"]
+                except (ValueError, KeyError, TypeError):
+                    res.code = "overloaded" if resp.status_code == 503 else None
                 return
             async for line in resp.aiter_lines():
                 if not line.startswith("data:"):
@@ -131,6 +154,7 @@ async def _one(client, url: str, model: str, prompt: List[int], target: int, max
                 chunk = json.loads(data)
                 if "error" in chunk:
                     res.error = str(chunk["error"])[:200]
+                    res.code = (chunk["error"] or {}).get("code") if isinstance(chunk["error"], dict) else None
                     return
                 if not chunk.get("choices"):
                     continue
@@ -186,12 +210,27 @@ async def run_load(args, arrivals, prompt_lens, output_lens) -> tuple:
             res = RequestResult(p, o, time.perf_counter() - start)
             results.append(res)
             prompt = [rng.randrange(100, vocab_hi) for _ in range(p)]
+
+            async def send():
+                while True:
+                    await _one(client, base + "/v1/completions", model, prompt, o, bound, res, headers)
+                    if res.ok or not args.retry_failed or res.code not in RETRY_CODES or res.attempts >= MAX_ATTEMPTS:
+                        return
+                    # Sent again at once; its times count from this send.
+                    if res.code == "sla_abort":
+                        res.wasted_tokens += res.prompt_len + res.output_len
+                    res.timeouts += res.code == "queue_timeout"
+                    res.sla_aborts += res.code == "sla_abort"
+                    res.attempts += 1
+                    res.error, res.code, res.output_len, res.itls = "", None, 0, []
+                    res.ttft = res.e2el = float("nan")
+
             if sem is None:
-                await _one(client, base + "/v1/completions", model, prompt, o, bound, res, headers)
+                await send()
             else:
                 async with sem:
                     res.arrival = time.perf_counter() - start
-                    await _one(client, base + "/v1/completions", model, prompt, o, bound, res, headers)
+                    await send()
             bar.update()
 
         for i in range(len(prompt_lens)):
@@ -231,11 +270,18 @@ def summarize(results: List[RequestResult], duration: float, slo: Dict[str, floa
         "itl_ms": pct(x for r in ok for x in r.itls), "max_itl_ms": pct(r.max_itl for r in ok),
         "e2el_ms": pct(r.e2el for r in ok),
         "errors": sorted({r.error for r in results if r.error})[:5],
+        "attempts_per_request": sum(r.attempts for r in results) / len(results) if results else None,
+        "timeouts": sum(r.timeouts + (r.code == "queue_timeout") for r in results),
+        "sla_aborts": sum(r.sla_aborts + (r.code == "sla_abort") for r in results),
+        "wasted_tokens": sum(r.wasted_tokens for r in results),
     }
 
 
 def print_summary(s: dict) -> None:
     print(f"completed {s['completed']}, failed {s['failed']}, in {s['duration_s']:.1f} s")
+    if s["attempts_per_request"] and s["attempts_per_request"] > 1:
+        print(f"retries: {s['attempts_per_request']:.2f} sends per request, {s['timeouts']} queue time-outs, "
+              f"{s['sla_aborts']} SLA aborts, {s['wasted_tokens']} tokens wasted on failed attempts")
     print(f"throughput: {s['request_throughput']:.3f} req/s, {s['output_throughput']:.1f} output tok/s, "
           f"{s['total_token_throughput']:.1f} total tok/s")
     if s["goodput_rps"] is not None:
@@ -290,6 +336,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vocab-size", type=int, default=49152, help="prompt token ids are drawn from [100, this)")
     p.add_argument("--goodput", nargs="+", metavar="METRIC:MS", help="SLO bounds: ttft, tpot, e2el, itl (max gap)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
+    p.add_argument("--retry-failed", action="store_true",
+                   help="send a request the server turned away or cut (503, queue_timeout, sla_abort) again, "
+                        "as the Past-Future paper's client does")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--result-file", help="write the summary and per-request figures as JSON")
     p.add_argument("--plot", help="write latency CDFs to this PNG")
