@@ -275,3 +275,17 @@ def test_clients_that_retry_failed_requests():
     assert g.summary["completed"] + g.summary["sla_aborts"] == 300
     if g.requests["attempts"].max() > 1:
         assert g.summary["wasted_tokens"] > 0
+
+
+def test_usage_json_traces_such_as_sharegpt_o1(tmp_path):
+    # The first three records of the Past-Future paper's ShareGPT-o1.json (WuSiYu/lightllm-ae @ d93ff69c07d4).
+    rows = [{"completion_tokens": 1822, "prompt_tokens": 40, "total_tokens": 1862, "reasoning_tokens": 1024},
+            {"completion_tokens": 976, "prompt_tokens": 24, "total_tokens": 1000, "reasoning_tokens": 768},
+            {"completion_tokens": 1333, "prompt_tokens": 69, "total_tokens": 1402, "reasoning_tokens": 640}]
+    path = tmp_path / "ShareGPT-o1.json"
+    path.write_text(json.dumps(rows, indent=4))
+    for fmt in (None, "usage-json", "sharegpt-o1"):
+        t = sim.load_trace(path, fmt)
+        assert not t.timed and list(t.prompt_lens()) == [40, 24, 69] and list(t.output_lens()) == [1822, 976, 1333]
+    r = sim.simulate(t, "past-future", clients=2, max_tokens=12_000)
+    assert r.summary["completed"] == 3

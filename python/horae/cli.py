@@ -35,7 +35,8 @@ def _simulate_parser(sub) -> None:
 
     p = sub.add_parser("simulate", help="compare schedulers on a trace in the simulator (no GPU)")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--trace", help="trace file (azure/mooncake/burstgpt csv or jsonl, sharegpt, castillo); "
+    src.add_argument("--trace", help="trace file (azure/mooncake/burstgpt csv or jsonl, sharegpt, castillo, "
+                     "usage-json such as the paper's ShareGPT-o1.json); "
                      "default: the bundled 10-minute Azure conv sample")
     src.add_argument("--synthetic", choices=["dist-1", "dist-2", "dist-3"], help="the paper's length sets")
     p.add_argument("--format", help="trace format, if not detected from the header")

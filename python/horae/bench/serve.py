@@ -322,7 +322,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base-url", default="http://127.0.0.1:8000", help="server root (the /v1 routes are under it)")
     p.add_argument("--model", help="model id (default: the server's first)")
     p.add_argument("--api-key")
-    p.add_argument("--trace", help="trace file (azure/mooncake/burstgpt csv or jsonl, sharegpt, castillo); "
+    p.add_argument("--trace", help="trace file (azure/mooncake/burstgpt csv or jsonl, sharegpt, castillo, "
+                   "usage-json); "
                    "default: the bundled 10-minute Azure conv sample")
     p.add_argument("--dataset", choices=["dist-1", "dist-2", "dist-3"], help="a synthetic length set instead of a trace")
     p.add_argument("--num-prompts", type=int, help="use the first N requests")

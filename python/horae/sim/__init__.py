@@ -36,7 +36,7 @@ __all__ = [
 
 
 def load_trace(path: Union[str, os.PathLike], format: Optional[str] = None) -> Trace:
-    """Load a trace file; the format (azure, mooncake, burstgpt, sharegpt, castillo) is detected
+    """Load a trace file; the format (azure, mooncake, burstgpt, sharegpt, castillo, usage-json) is detected
     from its header unless given. Length-only formats come back untimed: use
     ``trace.with_arrivals(rate)`` or closed-loop ``clients``."""
     p = Path(path)

@@ -46,6 +46,9 @@ pub enum TraceFormat {
     BurstGpt,
     ShareGpt,
     Castillo,
+    /// A JSON list of OpenAI usage records, `{"prompt_tokens", "completion_tokens", ...}`: the
+    /// Past-Future paper's ShareGPT-o1.json. Lengths only.
+    UsageJson,
 }
 
 impl FromStr for TraceFormat {
@@ -57,8 +60,9 @@ impl FromStr for TraceFormat {
             "burstgpt" => Ok(Self::BurstGpt),
             "sharegpt" => Ok(Self::ShareGpt),
             "castillo" => Ok(Self::Castillo),
+            "usage-json" | "sharegpt-o1" => Ok(Self::UsageJson),
             _ => Err(HoraeError::InvalidConfig(format!(
-                "unknown trace format '{s}' (expected azure, mooncake, burstgpt, sharegpt or castillo)"
+                "unknown trace format '{s}' (expected azure, mooncake, burstgpt, sharegpt, castillo or usage-json)"
             ))),
         }
     }
@@ -74,7 +78,9 @@ pub fn detect_format(path: &Path) -> Result<TraceFormat> {
     let mut first = String::new();
     BufReader::new(file).take(64 * 1024).read_line(&mut first).map_err(|e| err(path, Some(1), e.to_string()))?;
     let head = first.trim_start_matches('\u{feff}').trim();
-    let format = if head.starts_with('{') {
+    let format = if head.starts_with('[') {
+        TraceFormat::UsageJson
+    } else if head.starts_with('{') {
         TraceFormat::Mooncake
     } else if head.starts_with("TIMESTAMP,ContextTokens,GeneratedTokens") {
         TraceFormat::Azure
@@ -108,6 +114,7 @@ pub fn load_trace(path: &Path, format: Option<TraceFormat>) -> Result<Trace> {
         TraceFormat::BurstGpt => (load_burstgpt(path)?, true, 0),
         TraceFormat::ShareGpt => (load_sharegpt(path)?, false, 0),
         TraceFormat::Castillo => (load_castillo(path)?, false, 0),
+        TraceFormat::UsageJson => (load_usage_json(path)?, false, 0),
     };
     if requests.is_empty() {
         return Err(err(path, None, "no requests in the trace"));
@@ -137,10 +144,15 @@ fn csv_err(path: &Path, e: csv::Error) -> HoraeError {
 }
 
 fn length(path: &Path, line: usize, what: &str, v: i64) -> Result<u32> {
+    length_at(path, Some(line), what, v)
+}
+
+/// A positive token count that fits a `u32`; `line` where the file has lines.
+fn length_at(path: &Path, line: Option<usize>, what: &str, v: i64) -> Result<u32> {
     if v <= 0 {
-        return Err(err(path, Some(line), format!("{what} must be positive, got {v}")));
+        return Err(err(path, line, format!("{what} must be positive, got {v}")));
     }
-    u32::try_from(v).map_err(|_| err(path, Some(line), format!("{what} {v} is too large")))
+    u32::try_from(v).map_err(|_| err(path, line, format!("{what} {v} is too large")))
 }
 
 /// `YYYY-MM-DD HH:MM:SS[.fraction]` to seconds since 1970 (UTC, proleptic Gregorian).
@@ -242,6 +254,30 @@ fn load_sharegpt(path: &Path) -> Result<Vec<TraceRequest>> {
     Ok(out)
 }
 
+/// A JSON list of usage records; other fields (`total_tokens`, `reasoning_tokens`) are ignored.
+fn load_usage_json(path: &Path) -> Result<Vec<TraceRequest>> {
+    #[derive(Deserialize)]
+    struct Usage {
+        prompt_tokens: i64,
+        completion_tokens: i64,
+    }
+    let file = File::open(path).map_err(|e| err(path, None, e.to_string()))?;
+    let rows: Vec<Usage> = serde_json::from_reader(BufReader::new(file))
+        .map_err(|e| err(path, Some(e.line()), format!("not a JSON list of usage records: {e}")))?;
+    rows.iter()
+        .enumerate()
+        .map(|(i, u)| {
+            let what = |field: &str| format!("record {}: {field}", i + 1);
+            Ok(TraceRequest {
+                arrival: 0.0,
+                prompt_len: length_at(path, None, &what("prompt_tokens"), u.prompt_tokens)?,
+                output_len: length_at(path, None, &what("completion_tokens"), u.completion_tokens)?,
+                prefix_ids: Vec::new(),
+            })
+        })
+        .collect()
+}
+
 /// CASTILLO rows hold ten sampled response lengths for one prompt; each row becomes one request
 /// with the first sample, a real draw from that prompt's length distribution.
 fn load_castillo(path: &Path) -> Result<Vec<TraceRequest>> {
@@ -339,6 +375,32 @@ mod tests {
         assert_eq!(parse_datetime("1970-01-01 00:00:00"), Some(0.0));
         assert!(parse_datetime("2023-13-01 00:00:00").is_none());
         assert!(parse_datetime("garbage").is_none());
+    }
+
+    #[test]
+    fn usage_json_lists_load_and_bad_ones_are_refused() {
+        let dir = std::env::temp_dir().join(format!("horae-usage-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let good = dir.join("o1.json");
+        // The first two records of the paper's ShareGPT-o1.json (WuSiYu/lightllm-ae @ d93ff69c07d4).
+        std::fs::write(&good, "[\n {\"completion_tokens\": 1822, \"prompt_tokens\": 40, \"total_tokens\": 1862, \"reasoning_tokens\": 1024},\n {\"completion_tokens\": 976, \"prompt_tokens\": 24, \"total_tokens\": 1000, \"reasoning_tokens\": 768}\n]").unwrap();
+        let t = load_trace(&good, None).unwrap();
+        assert!(!t.timed);
+        assert_eq!(
+            t.requests.iter().map(|r| (r.prompt_len, r.output_len)).collect::<Vec<_>>(),
+            vec![(40, 1822), (24, 976)]
+        );
+        let bad = dir.join("bad.json");
+        std::fs::write(&bad, "[{\"prompt_tokens\": 5, \"completion_tokens\": 0}]").unwrap();
+        assert!(load_trace(&bad, None)
+            .unwrap_err()
+            .to_string()
+            .contains("record 1: completion_tokens must be positive"));
+        std::fs::write(&bad, "[{\"prompt_tokens\": 5}]").unwrap();
+        assert!(load_trace(&bad, None).unwrap_err().to_string().contains("completion_tokens"));
+        std::fs::write(&bad, "[1, 2").unwrap();
+        assert!(load_trace(&bad, None).unwrap_err().to_string().contains("not a JSON list"));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
