@@ -267,6 +267,9 @@ def test_clients_that_retry_failed_requests():
     assert set(r.requests["finish_reason"]) == {"stop"}
     assert r.requests["attempts"].max() > 1 and r.summary["attempts_per_request"] > 1
     assert r.summary["wasted_tokens"] == 0, "a queue time-out costs no compute"
+    table = sim.sweep(t, ["past-future"], clients=[300], progress=False, **{k: v for k, v in kw.items() if k != "clients"})
+    assert "sends per request (retries)" in table.format() and "time-outs at the queue deadline" in table.format()
+    assert "sends per request" not in sim.sweep(t, ["past-future"], clients=[8], progress=False).format()
     # Each request's time to first token counts from its last send: within the deadline.
     assert np.nanmax(r.requests["first_scheduled"] - r.requests["arrival"]) <= 8.0 + 1e-9
     # A gap bound cuts running requests: their retries waste what they computed.

@@ -144,7 +144,8 @@ class SweepReport:
         return {p: {s: self.results[(p, s)].summary[field_name] for s in self.schedulers} for p in self.points}
 
     def format(self) -> str:
-        """The goodput tables as text, plus SLA attainment and preemptions."""
+        """The goodput tables as text, plus SLA attainment and preemptions; with the server's
+        rules on, also time-outs, SLA aborts, sends per request and wasted tokens."""
         out = []
         blocks = [
             ("goodput (tok/s of requests meeting the SLA)", "goodput_tps", "{:>12.1f}"),
@@ -152,6 +153,14 @@ class SweepReport:
             ("SLA attainment", "sla_attainment", "{:>12.3f}"),
             ("preemptions", "preemptions", "{:>12d}"),
         ]
+        summaries = [r.summary for r in self.results.values()]
+        if any(x.get("timeouts") or x.get("sla_aborts") or x.get("attempts_per_request", 1) > 1 for x in summaries):
+            blocks += [
+                ("time-outs at the queue deadline (final attempts)", "timeouts", "{:>12d}"),
+                ("SLA aborts (final attempts)", "sla_aborts", "{:>12d}"),
+                ("sends per request (retries)", "attempts_per_request", "{:>12.2f}"),
+                ("tokens wasted on failed attempts", "wasted_tokens", "{:>12d}"),
+            ]
         sla = ", ".join(f"{k} <= {v:g}s" for k, v in self.sla.items())
         out.append(f"SLA: {sla}")
         for title, key, fmt in blocks:
