@@ -353,6 +353,8 @@ def test_bench_serve_bad_input():
             bench.parse_goodput(bad)
     assert bench.main(["--goodput", "nope:1", "--base-url", "http://127.0.0.1:9"]) == 2
     assert bench.main(["--request-rate", "0"]) == 2
+    # Nothing listening: a clear error, not a traceback.
+    assert bench.main(["--base-url", "http://127.0.0.1:9", "--num-prompts", "1", "--retry-failed", "--no-progress"]) == 2
 
 
 def test_async_llm_bad_input_is_refused_before_queueing(server, client):

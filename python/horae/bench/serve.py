@@ -377,10 +377,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="horae bench serve", description=__doc__.split("\n\n")[0])
     add_arguments(p)
     args = p.parse_args(argv)
+    import httpx
+
     try:
         summary = run(args)
     except (ValueError, FileNotFoundError, OSError) as e:
         print(f"horae bench serve: error: {e}", file=sys.stderr)
+        return 2
+    except httpx.HTTPError as e:  # the server cannot be reached at all (each request's own errors are counted)
+        print(f"horae bench serve: error: cannot reach {args.base_url}: {e}", file=sys.stderr)
         return 2
     print_summary(summary)
     return 0
