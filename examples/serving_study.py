@@ -12,6 +12,14 @@
    saved as `steps_<scheduler>.npz`.
 
     python examples/serving_study.py --out docs/serving_study
+
+With `--clients N` the load is a closed loop of N clients instead of the trace's arrivals (for
+length-only traces such as the Past-Future paper's ShareGPT-o1.json), and `--queue-timeout S
+--retry-failed` apply the paper's server rules on both sides (issue 14's real-engine check):
+
+    python examples/serving_study.py --trace ../shared/data/ShareGPT-o1.json --requests 150 \
+        --length-scale 0.05 --clients 16 --kv-cache-tokens 1024 --max-tokens 600 \
+        --queue-timeout 8 --retry-failed --schedulers past-future,aggressive --out docs/study/cpu_paper
 """
 
 from __future__ import annotations
@@ -33,7 +41,8 @@ from horae.serve import ServerConfig, ServerThread, build_app
 def write_workload(args, path: Path) -> sim.Trace:
     trace = sim.load_trace(args.trace) if args.trace else sim.bundled_trace()
     trace = trace.head(min(args.requests, len(trace)))
-    t = trace.arrivals() - trace.arrivals()[0]
+    # Length-only traces (closed loop) get 1 ms apart timestamps: the clients decide when to send.
+    t = trace.arrivals() - trace.arrivals()[0] if trace.timed else np.arange(len(trace)) * 1e-3
     p = np.maximum(1, np.round(trace.prompt_lens() * args.length_scale)).astype(int)
     o = np.maximum(1, np.round(trace.output_lens() * args.length_scale)).astype(int)
     with open(path, "w") as f:
@@ -45,7 +54,7 @@ def write_workload(args, path: Path) -> sim.Trace:
 def engine_args(args, scheduler: str) -> dict:
     return dict(scheduler=scheduler, kv_cache_tokens=args.kv_cache_tokens, max_num_seqs=args.max_num_seqs,
                 max_num_batched_tokens=args.max_batched_tokens, history_window=args.history_window,
-                max_output_bound=args.max_tokens)
+                max_output_bound=args.max_tokens, queue_timeout=args.queue_timeout)
 
 
 def run_real(args, scheduler: str, workload: Path, out: Path):
@@ -54,10 +63,10 @@ def run_real(args, scheduler: str, workload: Path, out: Path):
     try:
         ns = SimpleNamespace(
             base_url=srv.url, model=None, api_key=None, trace=str(workload), dataset=None, num_prompts=None,
-            request_rate=float("inf"), burstiness=1.0, trace_scale=1.0, max_concurrency=None, length_scale=1.0,
+            request_rate=float("inf"), burstiness=1.0, trace_scale=1.0, max_concurrency=args.clients, length_scale=1.0,
             max_tokens=args.max_tokens, max_model_len=None, vocab_size=49152, goodput=args.goodput, timeout=3600.0,
             seed=0, result_file=str(out / f"real_{scheduler}.json"), plot=str(out / f"real_{scheduler}_cdf.png"),
-            no_progress=True, retry_failed=False)
+            no_progress=True, retry_failed=args.retry_failed)
         summary = bench.run(ns)
         steps = llm.engine.take_step_log()
     finally:
@@ -80,6 +89,9 @@ def main() -> int:
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--goodput", nargs="+", default=["ttft:10000", "itl:1500"], help="the paper's SLA by default")
     p.add_argument("--schedulers", default="past-future,aggressive,conservative")
+    p.add_argument("--clients", type=int, help="closed loop: this many clients (default: the trace's arrivals)")
+    p.add_argument("--queue-timeout", type=float, help="the server's queue deadline, seconds (the paper's rule)")
+    p.add_argument("--retry-failed", action="store_true", help="clients resend what the deadline turned away")
     p.add_argument("--out", default="serving_study")
     args = p.parse_args()
     out = Path(args.out)
@@ -113,7 +125,8 @@ def main() -> int:
     def simulate(s, c):
         return sim.simulate(trace, s, cost_coef=c, sla=sla, kv_cache_tokens=args.kv_cache_tokens, block_size=16,
                             max_num_seqs=args.max_num_seqs, max_batched_tokens=args.max_batched_tokens,
-                            max_tokens=args.max_tokens, history_window=args.history_window)
+                            max_tokens=args.max_tokens, history_window=args.history_window, clients=args.clients,
+                            queue_timeout=args.queue_timeout, retry_failed=args.retry_failed and args.clients is not None)
 
     rows = []
     for s in real:
@@ -127,6 +140,10 @@ def main() -> int:
                      "sim_vs_real": (g_sim - g_real) / g_real if g_real else None,
                      "heldout_sim_goodput_rps": g_held,
                      "heldout_sim_vs_real": (g_held - g_real) / g_real if g_real else None,
+                     "real_goodput_tps": real[s]["goodput_tps"], "sim_goodput_tps": r.goodput_tps,
+                     "sim_vs_real_tps": (r.goodput_tps - real[s]["goodput_tps"]) / real[s]["goodput_tps"]
+                     if real[s]["goodput_tps"] else None,
+                     "sim_timeouts": int(r.summary.get("timeouts", 0)),
                      "real_ttft_p50_ms": real[s]["ttft_ms"]["p50"], "sim_ttft_p50_ms": float(r.summary["ttft"]["p50"]) * 1000,
                      "real_slo_attainment": real[s]["slo_attainment"],
                      "sim_preemptions": int(r.summary["preemptions"])})
@@ -137,6 +154,15 @@ def main() -> int:
         print(f"{row['scheduler']:>13} {row['real_goodput_rps']:>11.3f} {row['sim_goodput_rps']:>10.3f} "
               f"{pct(row['sim_vs_real']):>12} {row['heldout_sim_goodput_rps']:>13.3f} {pct(row['heldout_sim_vs_real']):>8} "
               f"{row['real_ttft_p50_ms']:>12.0f}ms {row['sim_ttft_p50_ms']:>11.0f}ms")
+    print(f"\n{'scheduler':>13} {'real tok/s':>11} {'sim tok/s':>10} {'sim vs real':>12}   (goodput, the paper's measure)")
+    for row in rows:
+        print(f"{row['scheduler']:>13} {row['real_goodput_tps']:>11.1f} {row['sim_goodput_tps']:>10.1f} "
+              f"{pct(row['sim_vs_real_tps']):>12}")
+    by = {row["scheduler"]: row for row in rows}
+    if "past-future" in by and "aggressive" in by and by["aggressive"]["real_goodput_tps"]:
+        pf, ag = by["past-future"], by["aggressive"]
+        print(f"past-future / aggressive: real {pf['real_goodput_tps'] / ag['real_goodput_tps']:.2f}, "
+              f"simulated {pf['sim_goodput_tps'] / max(ag['sim_goodput_tps'], 1e-9):.2f}")
     (out / "study.json").write_text(json.dumps({"args": vars(args), "cost_coef": coef, "median_step_error": fit_err,
                                                 "rows": rows, "real": real}, indent=1, default=float))
     return 0

@@ -28,7 +28,7 @@ RUST_LAYERS = [
 ]
 PY_LAYERS = [
     ["_core"],
-    ["models", "cuda"],
+    ["models", "cuda", "priors"],
     ["llm"],
     ["async_llm"],
     ["serve", "sim", "gpu_check"],

@@ -332,3 +332,45 @@ def test_unseeded_sampling_differs_between_processes_and_a_seed_fixes_the_run(tm
 
     assert run("none") != run("none"), "two fresh processes drew the same unseeded text"
     assert run("5") == run("5"), "a seeded engine must reproduce its run"
+
+
+def test_history_file_gives_a_warm_restart_and_bad_files_start_cold(tmp_path, caplog):
+    """Past-Future's history is saved (on demand, every 64 finishes, when the engine goes) and a
+    new engine on the same file starts from it; a corrupt file or another model's starts cold,
+    with a warning, and never fails the engine."""
+    import gc
+    import logging
+
+    path = tmp_path / "state" / "history.json"
+    e = Engine(kv_cache_tokens=1024, history_file=path)
+    warm, message = e.history_status
+    assert not warm and "no length history" in message and "starts cold" in message
+    for i, n in enumerate((5, 7, 9)):
+        e.add_request(f"r{i}", "Count to ten:", SamplingParams(max_tokens=n, ignore_eos=True))
+    while e.has_unfinished_requests():
+        e.step()
+    assert e.history_lengths() == [5, 7, 9]
+    assert e.save_history() and json.loads(path.read_text())["lengths"] == [5, 7, 9]
+
+    again = Engine(kv_cache_tokens=1024, history_file=path)
+    assert again.history_status[0] and again.history_lengths() == [5, 7, 9]
+    again.add_request("x", "Hi", SamplingParams(max_tokens=3, ignore_eos=True))
+    while again.has_unfinished_requests():
+        again.step()
+    del again
+    gc.collect()
+    assert json.loads(path.read_text())["lengths"] == [5, 7, 9, 3], "an engine that goes saves its history"
+
+    data = json.loads(path.read_text())
+    for text, says in [(json.dumps({**data, "model": "llama-2-7b"}), "is for model 'llama-2-7b'"),
+                       ("{half a file", "not a horae history file")]:
+        path.write_text(text)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="horae"):
+            cold = Engine(kv_cache_tokens=1024, history_file=path)
+        assert not cold.history_status[0] and cold.history_lengths() == []
+        assert says in caplog.text and "starts cold" in caplog.text
+    # Other policies keep no history; a bad prior is a clear error before any weight loads.
+    assert Engine(kv_cache_tokens=1024, scheduler="aggressive").history_lengths() is None
+    with pytest.raises(ValueError, match="neither a bundled prior"):
+        Engine(kv_cache_tokens=1024, history_prior="no-such-prior")

@@ -109,7 +109,7 @@ def test_sweep_table_matches_per_request_arrays(sample):
     sla = {"ttft": 10.0, "max_itl": 1.5}
     rep = sim.sweep(sample, rate_scales=[0.5, 2.0], sla=sla, progress=False)
     table = rep.goodput_table()
-    assert set(table) == {0.5, 2.0} and all(set(row) == set(sim.SCHEDULERS) for row in table.values())
+    assert set(table) == {0.5, 2.0} and all(set(row) == set(sim.POLICIES) for row in table.values())
     for (point, sched), r in rep.results.items():
         req = r.requests
         # Recompute goodput from the raw per-request arrays: the summary must agree.
@@ -214,7 +214,7 @@ def test_cli_simulate_prints_the_table_and_plots(tmp_path):
                   "--plot", str(tmp_path), "--json", str(tmp_path / "r.json"))
     assert out.returncode == 0, out.stderr
     assert "goodput (tok/s of requests meeting the SLA)" in out.stdout
-    for s in sim.SCHEDULERS:
+    for s in sim.POLICIES:
         assert s in out.stdout
     pngs = sorted(p.name for p in tmp_path.glob("*.png"))
     assert pngs == ["azure_conv_10min_goodput.png", "azure_conv_10min_kv_usage.png"]
@@ -292,3 +292,73 @@ def test_usage_json_traces_such_as_sharegpt_o1(tmp_path):
         assert not t.timed and list(t.prompt_lens()) == [40, 24, 69] and list(t.output_lens()) == [1822, 976, 1333]
     r = sim.simulate(t, "past-future", clients=2, max_tokens=12_000)
     assert r.summary["completed"] == 3
+
+
+# --- Past-Future's history: priors, warm starts, and the paper's baselines -------------------------
+
+
+def test_a_warm_history_admits_more_at_once_than_a_cold_prior():
+    """A cold history samples from its prior (by default the largest output) until real lengths
+    replace it; a run started from an earlier run's history (`SimResult.history`) admits as many
+    requests as that history says fit, from the first step."""
+    t = sim.synthetic("dist-3", 200, seed=2)
+    kw = dict(clients=200, kv_cache_tokens=60_000, max_tokens=8192, max_batched_tokens=18_000)
+    cold = sim.simulate(t, "past-future", **kw)
+    assert cold.history is not None and len(cold.history) == 200 and cold.history.min() >= 1
+    assert sorted(cold.history) == sorted(t.output_lens()), "every finished length is recorded"
+    assert sim.simulate(t, "aggressive", **kw).history is None
+    warm = sim.simulate(t, "past-future", history=cold.history, **kw)
+    first = lambda r: int(r.steps["running"][:10].max())  # noqa: E731  (the first prefills)
+    # 60k tokens hold 7 requests at 8,192 each: the cold prior's answer; the warm history's mean
+    # output (~2k) lets about three times as many start.
+    assert first(cold) <= 8 and first(warm) >= 2 * first(cold), (first(cold), first(warm))
+    # The prior can be a distribution (bundled, a CSV, a list) with a chosen weight.
+    short = sim.simulate(t, "past-future", history_prior=[100] * 4, history_prior_weight=4, **kw)
+    assert first(short) > first(cold)
+    sharegpt = sim.simulate(t, "past-future", history_prior="sharegpt", **kw)
+    assert first(sharegpt) > first(cold)
+
+
+def test_history_prior_files_and_bad_input(tmp_path):
+    from horae.priors import read_lengths_csv, resolve_prior
+
+    assert resolve_prior(None) is None and resolve_prior("max-tokens") is None
+    bundled = resolve_prior("sharegpt")
+    assert len(bundled) == 128 and 400 < sum(bundled) / len(bundled) < 480
+    assert read_lengths_csv(write(tmp_path, "one.csv", "12\n7\n\n30\n")) == [12, 7, 30]
+    assert read_lengths_csv(write(tmp_path, "named.csv", "prompt_len,output_len\n5,40\n6,41\n")) == [40, 41]
+    t = sim.synthetic("dist-3", 20, seed=0)
+    for prior, message in [
+        (write(tmp_path, "bad.csv", "output_len\n12\n-3\n"), "row 3: '-3' is not an output length"),
+        (write(tmp_path, "cols.csv", "a,b\n1,2\n"), "none named output_len"),
+        (write(tmp_path, "empty.csv", "\n"), "is empty"),
+        (str(tmp_path / "missing.csv"), "neither a bundled prior"),
+        ([10, 0], "at least 1 token"),
+        ([10.5], "at least 1 token"),
+        ("chat", "neither a bundled prior"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            sim.simulate(t, "past-future", clients=2, history_prior=prior)
+    with pytest.raises(ValueError, match="history_prior_weight must be a positive integer"):
+        sim.simulate(t, "past-future", clients=2, history_prior_weight=0)
+    with pytest.raises(ValueError, match="history must hold output lengths"):
+        sim.simulate(t, "past-future", clients=2, history=[5, 0])
+
+
+def test_the_papers_baselines_and_presets():
+    """aggressive-99 (LightLLM's agg99, vLLM's 1%-free rule) admits past aggressive's 95%; the 70B
+    preset runs tensor parallel on four GPUs."""
+    assert "aggressive-99" in sim.SCHEDULERS and "aggressive-99" not in sim.POLICIES
+    assert "llama-2-70b" in sim.MODEL_PRESETS and "a100-80gb-tp4" in sim.HARDWARE_PRESETS
+    t = sim.synthetic("dist-1", 60, seed=3)
+    kw = dict(clients=60, kv_cache_tokens=40_000, max_tokens=8192, max_batched_tokens=18_000)
+    r95, r99 = (sim.simulate(t, s, **kw) for s in ("aggressive", "aggressive-99"))
+    assert r99.policy == "aggressive-99" and r99.summary["policy"] == "aggressive-99"
+    # Admission stops at 95% or 99% of the blocks; decoding then grows into the rest.
+    assert r99.steps["kv_usage"][:5].max() > 0.95 >= r95.steps["kv_usage"][:5].max()
+    one = sim.simulate(t, "oracle", model="llama-2-70b", hardware="a100-80gb", **kw)
+    four = sim.simulate(t, "oracle", model="llama-2-70b", hardware="a100-80gb-tp4", **kw)
+    assert four.steps["duration"].mean() < 0.5 * one.steps["duration"].mean()
+    rest = {k: v for k, v in kw.items() if k != "clients"}
+    report = sim.sweep(t, ["aggressive-99", "past-future"], clients=[20], progress=False, **rest)
+    assert "aggressive-99" in report.format()

@@ -31,7 +31,8 @@ def _names(s: str) -> List[str]:
 
 
 def _simulate_parser(sub) -> None:
-    from horae.sim import HARDWARE_PRESETS, MODEL_PRESETS, SCHEDULERS
+    from horae.serve import add_prior_arguments
+    from horae.sim import HARDWARE_PRESETS, MODEL_PRESETS, POLICIES
 
     p = sub.add_parser("simulate", help="compare schedulers on a trace in the simulator (no GPU)")
     src = p.add_mutually_exclusive_group()
@@ -41,7 +42,8 @@ def _simulate_parser(sub) -> None:
     src.add_argument("--synthetic", choices=["dist-1", "dist-2", "dist-3"], help="the paper's length sets")
     p.add_argument("--format", help="trace format, if not detected from the header")
     p.add_argument("--num-requests", type=int, help="use only the first N requests (default: all; 1000 for --synthetic)")
-    p.add_argument("--schedulers", type=_names, default=list(SCHEDULERS), help="comma-separated (default: all four)")
+    p.add_argument("--schedulers", type=_names, default=list(POLICIES),
+                   help="comma-separated (default: the four policies; also aggressive-99)")
     load = p.add_mutually_exclusive_group()
     load.add_argument("--rate-scales", type=_floats, help="open loop: arrival-rate multipliers (default 0.5,0.75,1,1.25,1.5)")
     load.add_argument("--clients", type=_ints, help="closed loop: numbers of concurrent clients, e.g. 10,20,50,100")
@@ -65,6 +67,8 @@ def _simulate_parser(sub) -> None:
                    help="server rule: cut a started request without a token for this long")
     p.add_argument("--retry-failed", action="store_true",
                    help="closed loop: clients send a request the server's rules failed again, as the paper's do")
+    p.add_argument("--history-window", type=int, default=1000, help="past-future: finished lengths remembered")
+    add_prior_arguments(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--plot", metavar="DIR", help="write goodput-vs-load and KV-usage PNGs here")
     p.add_argument("--json", metavar="FILE", help="write all summaries as JSON")
@@ -104,6 +108,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         max_batched_tokens=args.max_batched_tokens, max_tokens=args.max_tokens,
         prefix_caching=not args.no_prefix_caching, seed=args.seed,
         queue_timeout=args.queue_timeout, max_itl_abort=args.max_itl_abort, retry_failed=args.retry_failed,
+        history_window=args.history_window, history_prior=args.history_prior,
+        history_prior_weight=args.history_prior_weight,
     )
     print(report.format())
     print(f"\n{len(report.results)} simulations in {time.perf_counter() - t0:.1f}s")

@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from horae import _core
 from horae.models import resolve_model
+from horae.priors import Prior, check_prior_weight, resolve_prior
+
+logger = logging.getLogger("horae")
 
 __all__ = ["SamplingParams", "Engine", "LLM", "CompletionOutput", "RequestOutput", "PromptType"]
 
@@ -255,7 +259,9 @@ class Engine:
                  history_window: int = 1000, max_output_bound: Optional[int] = None,
                  speculative: Optional[Dict[str, Any]] = None, device: str = "auto",
                  gpu_memory_utilization: float = 0.9, max_model_len: Optional[int] = None,
-                 queue_timeout: Optional[float] = None, max_itl_abort: Optional[float] = None):
+                 queue_timeout: Optional[float] = None, max_itl_abort: Optional[float] = None,
+                 history_file: Optional[Union[str, Path]] = None, history_prior: Prior = None,
+                 history_prior_weight: Optional[int] = None):
         # device: "auto" (the first GPU if one works, else the CPU; `cpu_fallback_reason` says
         # why), "cpu", "cuda" or "cuda:N". A GPU needs an NVIDIA driver for CUDA 12+, Ampere or
         # newer, and NVRTC + cuBLAS (`pip install horae[cuda]` brings them).
@@ -277,7 +283,15 @@ class Engine:
         # waiting `queue_timeout` seconds after it was added ends with finish_reason "timeout",
         # having cost no compute; a started one without a token for `max_itl_abort` seconds ends
         # with "sla_abort" and its KV blocks are freed. Neither length feeds Past-Future's history.
+        # history_file: Past-Future's history is loaded from this file at start and written to it
+        # every 64 finished requests and when the engine stops, so a restarted server starts warm.
+        # A missing, corrupt or other model's file means a cold start, logged, never an error.
+        # history_prior / history_prior_weight: what a cold history samples from (see
+        # horae.priors: "max-tokens" (default), "sharegpt", a CSV path or a list of lengths) and
+        # how many entries of it (default half the window); each finished request replaces one.
         self.model_dir = resolve_model(model)
+        prior = resolve_prior(history_prior)
+        history_prior_weight = check_prior_weight(history_prior_weight)
         speculative = _speculative_config(speculative)
         if device != "cpu":
             from horae.cuda import preload_libraries
@@ -288,7 +302,15 @@ class Engine:
                                   history_window=history_window, max_output_bound=max_output_bound,
                                   speculative=speculative, device=device,
                                   gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
-                                  queue_timeout=queue_timeout, max_itl_abort=max_itl_abort)
+                                  queue_timeout=queue_timeout, max_itl_abort=max_itl_abort,
+                                  history_file=None if history_file is None else str(history_file),
+                                  history_prior=prior, history_prior_weight=history_prior_weight)
+        status = self._core.history_status
+        if status is not None:
+            warm, message = status
+            # A first start has no file yet: that is normal. Anything else that starts cold is not.
+            level = logging.INFO if warm or not Path(history_file).exists() else logging.WARNING
+            logger.log(level, "horae: %s", message)
         self._outputs = OutputProcessor()
         self._ids = itertools.count()
         cfg_path = self.model_dir / "tokenizer_config.json"
@@ -429,8 +451,23 @@ class Engine:
         self._core.start_loop(callback)
 
     def stop_loop(self) -> None:
-        """Stop the background loop after its current step, and wait for it."""
+        """Stop the background loop after its current step, and wait for it (the loop writes the
+        history file, if there is one, as it ends)."""
         self._core.stop_loop()
+
+    # -- Past-Future's history -------------------------------------------------------------
+    @property
+    def history_status(self) -> Optional[Tuple[bool, str]]:
+        """With a history file: (whether it was loaded, what was found)."""
+        return self._core.history_status
+
+    def history_lengths(self) -> Optional[List[int]]:
+        """Past-Future's recorded output lengths, oldest first (None for other schedulers)."""
+        return self._core.history_lengths()
+
+    def save_history(self) -> bool:
+        """Write the history file now; False when there is no file (or no history)."""
+        return self._core.save_history()
 
     # -- chat -------------------------------------------------------------------------------
     def apply_chat_template(self, messages: List[Dict[str, str]], add_generation_prompt: bool = True) -> str:

@@ -60,6 +60,14 @@ def _json_dict(text: str) -> dict:
     return value
 
 
+def add_prior_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--history-prior", metavar="PRIOR",
+                   help="past-future: what a cold history samples from until real lengths replace it: max-tokens "
+                        "(default), sharegpt (bundled), or a CSV file of output lengths")
+    p.add_argument("--history-prior-weight", type=int, metavar="N",
+                   help="past-future: entries of the prior in a cold history (default: half the window)")
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="model folder or .gguf file (default: SmolLM2-135M-Instruct)")
     p.add_argument("--served-model-name", help="the model id clients send (default: the model folder's name)")
@@ -74,6 +82,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--history-window", type=int, default=1000, help="past-future: finished lengths remembered")
     p.add_argument("--max-output-bound", type=int,
                    help="past-future: the length its history is primed with (default: the model's context)")
+    p.add_argument("--history-file", metavar="PATH",
+                   help="past-future: load its length history from here at start, save it as requests finish and "
+                        "at shutdown, so a restart starts warm (missing or unusable: start cold, logged)")
+    add_prior_arguments(p)
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="auto: the checkpoint's on the CPU, bfloat16 on a GPU; float16 is GPU-only")
     p.add_argument("--speculative", type=_json_dict, metavar="JSON",
@@ -106,7 +118,11 @@ def make_app(args: argparse.Namespace):
                    history_window=args.history_window, max_output_bound=args.max_output_bound,
                    speculative=args.speculative, device=args.device, seed=args.seed,
                    gpu_memory_utilization=args.gpu_memory_utilization, max_model_len=args.max_model_len,
-                   queue_timeout=args.queue_timeout, max_itl_abort=args.max_itl_abort)
+                   queue_timeout=args.queue_timeout, max_itl_abort=args.max_itl_abort,
+                   history_file=args.history_file, history_prior=args.history_prior,
+                   history_prior_weight=args.history_prior_weight)
+    if llm.engine.history_status is not None:
+        print(f"history: {llm.engine.history_status[1]}", flush=True)
     print(f"model on {llm.engine.device}" + (f" ({llm.engine.cpu_fallback_reason})" if llm.engine.cpu_fallback_reason else ""),
           flush=True)
     name = args.served_model_name or llm.model_dir.name

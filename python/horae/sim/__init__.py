@@ -20,8 +20,14 @@ import numpy as np
 
 from horae import _core
 from horae._core import HoraeCoreError, Trace
+from horae.priors import Prior, check_prior_weight, resolve_prior
 
-SCHEDULERS: Tuple[str, ...] = tuple(_core.SCHEDULERS)
+#: Baselines that are a policy with one setting changed: "aggressive-99" admits until 99% of the
+#: pool's blocks are used (LightLLM's "agg99", and vLLM's rule: keep 1% of blocks free, preempt
+#: the newest by recompute); plain "aggressive" stops at 95% (LightLLM's default).
+VARIANTS: Dict[str, Tuple[str, Dict[str, object]]] = {"aggressive-99": ("aggressive", {"watermark": 0.99})}
+POLICIES: Tuple[str, ...] = tuple(_core.SCHEDULERS)
+SCHEDULERS: Tuple[str, ...] = POLICIES + tuple(VARIANTS)
 MODEL_PRESETS: Tuple[str, ...] = tuple(_core.MODEL_PRESETS)
 HARDWARE_PRESETS: Tuple[str, ...] = tuple(_core.HARDWARE_PRESETS)
 SLA_KEYS = ("ttft", "tpot", "max_itl", "e2e")
@@ -77,6 +83,9 @@ class SimResult:
     summary: Dict[str, object]
     requests: Dict[str, np.ndarray]
     steps: Dict[str, np.ndarray]
+    #: Past-Future's recorded output lengths at the end, oldest first (what a server stopping
+    #: here saves; pass it as ``history=`` to start another run warm). None for other policies.
+    history: Optional[np.ndarray] = None
 
     @property
     def goodput_tps(self) -> float:
@@ -94,6 +103,8 @@ def simulate(
     rate_scale: Optional[float] = None,
     clients: Optional[int] = None,
     sla: Optional[Mapping[str, float]] = None,
+    history: Optional[Sequence[int]] = None,
+    history_prior: Prior = None,
     **engine: object,
 ) -> SimResult:
     """Simulate one scheduler. Open loop replays the trace's arrivals (times ``rate_scale``);
@@ -108,7 +119,15 @@ def simulate(
     loop) a client sends a request the rules failed again at once, as the paper's clients do:
     `requests["attempts"]` and `requests["wasted_tokens"]` (computed for failed attempts) say what
     that cost, times count from the last send, and the summary has `attempts_per_request` and
-    `wasted_tokens`."""
+    `wasted_tokens`.
+
+    Past-Future's history: ``history`` (lengths an earlier run recorded, as
+    ``SimResult.history``) starts it warm; ``history_prior`` (see ``horae.priors``) and
+    ``history_prior_weight`` say what a cold history samples from until real lengths replace it.
+    The forecast's studied alternatives: ``scenarios`` (a fixed count instead of 1 + 800/batch, at
+    most 16), ``redraw`` (LightLLM's fresh draws every step), ``fitted_tail`` (an exponential tail
+    past the longest recorded length) and ``max_admit_per_step`` (LightLLM admits one per round).
+    Scheduler ``aggressive-99`` is aggressive at a 99% watermark (LightLLM's agg99, vLLM's rule)."""
     if not isinstance(trace, Trace):
         raise TypeError(f"trace must be a horae.sim.Trace, got {type(trace).__name__}")
     if rate_scale is not None and clients is not None:
@@ -116,10 +135,24 @@ def simulate(
     sla = _check_sla(sla)
     if rate_scale is not None:
         trace = trace.scaled(float(rate_scale))
-    summary, requests, steps = _core.simulate(trace, scheduler, clients=clients, **sla, **engine)
+    if history is not None:
+        history = [int(v) for v in history]
+        if any(v < 1 for v in history):
+            raise ValueError("history must hold output lengths of at least 1 token")
+    if "history_prior_weight" in engine:
+        engine["history_prior_weight"] = check_prior_weight(engine["history_prior_weight"])
+    label = scheduler
+    if scheduler in VARIANTS:
+        scheduler, settings = VARIANTS[scheduler]
+        engine = {**engine, **settings}
+    summary, requests, steps, recorded = _core.simulate(
+        trace, scheduler, clients=clients, history=history, history_prior=resolve_prior(history_prior), **sla, **engine
+    )
     s = json.loads(summary)
+    s["policy"] = label
     requests = {k: np.asarray(v) for k, v in requests.items()}  # finish_reason comes as a list of str
-    return SimResult(policy=s["policy"], summary=s, requests=requests, steps=dict(steps))
+    recorded = None if recorded is None else np.asarray(recorded, dtype=np.int64)
+    return SimResult(policy=s["policy"], summary=s, requests=requests, steps=dict(steps), history=recorded)
 
 
 @dataclass
@@ -197,7 +230,7 @@ class SweepReport:
 
 def sweep(
     trace: Trace,
-    schedulers: Sequence[str] = SCHEDULERS,
+    schedulers: Sequence[str] = POLICIES,
     rate_scales: Optional[Iterable[float]] = None,
     clients: Optional[Iterable[int]] = None,
     *,

@@ -63,3 +63,50 @@ def plot_report(report: SweepReport, out_dir: Path, prefix: str = "sim") -> List
         plot_goodput(report, out / f"{prefix}_goodput.png"),
         plot_kv_usage(report, heaviest, out / f"{prefix}_kv_usage.png"),
     ]
+
+
+#: Line styles of the paper study's policies, in legend order.
+PAPER_POLICIES = [
+    ("oracle", "oracle (true lengths: the paper's live curves)", "k", ":"),
+    ("past-future-warm", "Past-Future, warm start", "tab:blue", "-"),
+    ("past-future", "Past-Future, cold start", "tab:blue", "--"),
+    ("aggressive", "aggressive 95%", "tab:red", "-"),
+    ("aggressive-99", "aggressive 99% (vLLM-like)", "tab:orange", "-"),
+    ("conservative", "conservative (max_tokens)", "tab:green", "-"),
+]
+
+
+def plot_paper_grid(results, path: Path, rules: str = "paper") -> List[Path]:
+    """The paper's layout (its Figure 7): one panel per workload (columns) and model (rows),
+    goodput against clients, one line per policy. ``results`` maps ``"workload/model"`` to
+    ``{clients: {policy: {"goodput_tps": ...}}}`` (what examples/paper_study.py writes)."""
+    plt = _pyplot()
+    workloads = list(dict.fromkeys(k.split("/")[0] for k in results))
+    models = list(dict.fromkeys(k.split("/")[1] for k in results))
+    fig, axes = plt.subplots(len(models), len(workloads), figsize=(3.4 * len(workloads), 2.8 * len(models)),
+                             squeeze=False)
+    for i, m in enumerate(models):
+        for j, w in enumerate(workloads):
+            ax = axes[i][j]
+            panel = results.get(f"{w}/{m}")
+            if not panel:
+                ax.set_visible(False)
+                continue
+            clients = sorted(panel, key=float)
+            for key, label, color, style in PAPER_POLICIES:
+                ys = [panel[c][key]["goodput_tps"] for c in clients if key in panel[c]]
+                if len(ys) == len(clients):
+                    ax.plot([float(c) for c in clients], ys, style, color=color, marker="o", markersize=3, label=label)
+            ax.set_title(f"{w}, Llama-2-{m.upper()}", fontsize=9)
+            ax.grid(alpha=0.3)
+            if i == len(models) - 1:
+                ax.set_xlabel("clients")
+            if j == 0:
+                ax.set_ylabel("goodput (tok/s)")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8)
+    fig.suptitle(f"Goodput against clients, {rules} rules", fontsize=10)
+    fig.tight_layout(rect=(0, 0.08, 1, 0.97))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [Path(path)]

@@ -51,6 +51,10 @@ pub enum HoraeError {
     /// too old, out of GPU memory, a kernel error. The message says what to change.
     #[error("cuda: {0}")]
     Cuda(String),
+
+    /// A file the engine writes (its length history) could not be written.
+    #[error("{0}")]
+    Io(String),
 }
 
 pub type Result<T> = std::result::Result<T, HoraeError>;

@@ -14,7 +14,7 @@ use crate::tokenizer::IncrementalDetokenizer;
 pub type ReqId = u64;
 
 /// Most Monte-Carlo scenarios an admission policy keeps per request (see `forecast`).
-pub const MAX_SCENARIOS: usize = 5;
+pub const MAX_SCENARIOS: usize = 16;
 
 /// What the prompt is. Real requests carry token ids; simulated ones only a length and, where the
 /// trace names them, the ids of shared prefix units (Mooncake's `hash_ids`).

@@ -437,3 +437,34 @@ fn queue_deadline_and_gap_abort_end_requests_for_every_policy() {
     assert!(bad(ServerRules { queue_timeout: None, max_itl_abort: Some(-1.0) }).contains("max_itl_abort"));
     assert!(bad(ServerRules { queue_timeout: Some(f64::NAN), max_itl_abort: None }).contains("queue_timeout"));
 }
+
+#[test]
+fn admission_pace_and_forecast_options_keep_every_request_exact() {
+    use horae_core::sched::Tuning;
+    let t = trace(&mixed(150), 0.0);
+    // One admission per step (LightLLM's pace): the first steps grow the batch one by one.
+    let mut one = cfg(PolicyKind::Aggressive, 6000);
+    one.sched.max_admit_per_step = Some(1);
+    let r = sim::simulate(&t, &one).unwrap();
+    let running: Vec<u32> = r.steps.iter().take(5).map(|s| s.running).collect();
+    assert_eq!(running, vec![1, 2, 3, 4, 5]);
+    assert!(sim::simulate(&t, &cfg(PolicyKind::Aggressive, 6000)).unwrap().steps[0].running > 5);
+    // Every forecast option still finishes every request at its exact length.
+    for tuning in [
+        Tuning { scenarios: Some(16), ..Default::default() },
+        Tuning { redraw: true, ..Default::default() },
+        Tuning { fitted_tail: true, ..Default::default() },
+    ] {
+        let mut c = cfg(PolicyKind::PastFuture, 6000);
+        c.sched.tuning = tuning;
+        let done = run_checked(&t, &c);
+        assert_eq!(done.len(), 150, "{tuning:?}");
+        assert!(done.iter().all(|r| r.output.len() == t.requests[r.id as usize].output_len as usize));
+    }
+    let mut bad = cfg(PolicyKind::PastFuture, 6000);
+    bad.sched.tuning.scenarios = Some(17);
+    assert!(matches!(sim::simulate(&t, &bad), Err(HoraeError::InvalidConfig(m)) if m.contains("scenarios")));
+    bad.sched.tuning.scenarios = None;
+    bad.sched.max_admit_per_step = Some(0);
+    assert!(matches!(sim::simulate(&t, &bad), Err(HoraeError::InvalidConfig(m)) if m.contains("max_admit_per_step")));
+}

@@ -114,7 +114,8 @@ impl PyEngine {
                         max_num_seqs = 64, max_batched_tokens = 2048, seed = None, dtype = "auto",
                         history_window = 1000, max_output_bound = None, speculative = None,
                         device = "auto", gpu_memory_utilization = 0.9, max_model_len = None, queue_timeout = None,
-                        max_itl_abort = None))]
+                        max_itl_abort = None, history_file = None, history_prior = None,
+                        history_prior_weight = None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -134,6 +135,9 @@ impl PyEngine {
         max_model_len: Option<usize>,
         queue_timeout: Option<f64>,
         max_itl_abort: Option<f64>,
+        history_file: Option<PathBuf>,
+        history_prior: Option<Vec<u32>>,
+        history_prior_weight: Option<usize>,
     ) -> PyResult<Self> {
         let speculative = match speculative.map(|d| crate::spec::parse(&d, false, seed.unwrap_or(0))).transpose()? {
             Some((cfg, crate::spec::Choice::Engine(method))) => Some(engine::SpecArgs { cfg, method }),
@@ -154,6 +158,9 @@ impl PyEngine {
             gpu_memory_utilization,
             max_model_len,
             rules: engine::ServerRules { queue_timeout, max_itl_abort },
+            history_file,
+            history_prior,
+            history_prior_weight,
             ..EngineArgs::new(model_dir)
         };
         let (handle, info) = py.detach(|| engine::build(args)).map_err(to_py)?;
@@ -196,6 +203,20 @@ impl PyEngine {
     #[getter]
     fn kv_cache_tokens(&self) -> usize {
         self.info.kv_cache_tokens
+    }
+    /// With a history file: `(warm, message)`, whether it was loaded and what was found.
+    #[getter]
+    fn history_status(&self) -> Option<(bool, String)> {
+        self.info.history.as_ref().map(|h| (h.warm, h.message.clone()))
+    }
+    /// Past-Future's recorded output lengths, oldest first (None for other schedulers).
+    fn history_lengths(&self) -> Option<Vec<u32>> {
+        self.handle.recorded_lengths()
+    }
+    /// Write the history file now; False when there is none (or nothing to write).
+    fn save_history(&self, py: Python<'_>) -> PyResult<bool> {
+        let handle = self.handle.clone();
+        py.detach(move || handle.save_history()).map_err(to_py)
     }
 
     #[pyo3(signature = (text, add_special_tokens = false))]

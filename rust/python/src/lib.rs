@@ -2,6 +2,7 @@
 //! here that Python or Rust users would need twice.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 mod cuda;
 mod engine;
@@ -12,7 +13,7 @@ use horae_core::bench::admission::admission_benchmark;
 use horae_core::engine::builder::parse_cpu_dtype;
 use horae_core::engine::ServerRules;
 use horae_core::model::LlamaModel;
-use horae_core::sched::{PolicyKind, SchedulerConfig};
+use horae_core::sched::{HistoryStart, PolicyKind, SchedulerConfig, Tuning};
 use horae_core::sim::{self, CostModel, LengthDist, LoadModel, SimConfig, Sla, StepFeatures, Trace, TraceFormat};
 use horae_core::HoraeError;
 use numpy::{IntoPyArray, PyArrayMethods, PyReadonlyArray1};
@@ -122,6 +123,8 @@ fn synthetic_trace(dist: &str, n: usize, seed: u64) -> PyResult<PyTrace> {
     max_batched_tokens = 2048, max_tokens = 4096, prefix_caching = true, history_window = 1000,
     reserve = 0.05, watermark = 0.95, seed = 0, ttft = None, tpot = None, max_itl = None, e2e = None,
     speculative = None, queue_timeout = None, max_itl_abort = None, retry_failed = false,
+    history = None, history_prior = None, history_prior_weight = None, scenarios = None, redraw = false,
+    fitted_tail = false, max_admit_per_step = None,
 ))]
 #[allow(clippy::too_many_arguments)]
 fn simulate<'py>(
@@ -150,7 +153,14 @@ fn simulate<'py>(
     queue_timeout: Option<f64>,
     max_itl_abort: Option<f64>,
     retry_failed: bool,
-) -> PyResult<(String, Bound<'py, PyDict>, Bound<'py, PyDict>)> {
+    history: Option<Vec<u32>>,
+    history_prior: Option<Vec<u32>>,
+    history_prior_weight: Option<usize>,
+    scenarios: Option<usize>,
+    redraw: bool,
+    fitted_tail: bool,
+    max_admit_per_step: Option<usize>,
+) -> PyResult<SimOutput<'py>> {
     let policy: PolicyKind = scheduler.parse().map_err(to_py)?;
     let spec = speculative.map(|d| spec::parse(&d, true, seed)).transpose()?;
     let (spec, acceptance) = match spec {
@@ -171,6 +181,13 @@ fn simulate<'py>(
             prefix_caching,
             history_window,
             max_output_bound: max_tokens.max(1),
+            history_start: HistoryStart {
+                prior: history_prior.map(Arc::from),
+                prior_weight: history_prior_weight,
+                recorded: history.map(Arc::from).unwrap_or_default(),
+            },
+            tuning: Tuning { scenarios, redraw, fitted_tail },
+            max_admit_per_step,
             reserve,
             watermark,
             seed,
@@ -242,8 +259,12 @@ fn simulate<'py>(
     col!(st, "kv_usage", steps, |s| s.kv_usage);
     col!(st, "spec_k", steps, |s| s.spec_k);
     col!(st, "predicted_peak", steps, |s| s.predicted_peak.map_or(f64::NAN, |p| p as f64));
-    Ok((summary.to_string(), req, st))
+    Ok((summary.to_string(), req, st, result.history))
 }
+
+/// `simulate`'s answer: summary JSON, per-request arrays, per-step arrays, and Past-Future's
+/// recorded lengths at the end (None for the other policies).
+type SimOutput<'py> = (String, Bound<'py, PyDict>, Bound<'py, PyDict>, Option<Vec<u32>>);
 
 /// Least-squares fit of `t = c0 + c1*num_tokens + c2*num_seqs + c3*attention_pairs` to measured
 /// step times; pass the result as `cost_coef` to `simulate`.

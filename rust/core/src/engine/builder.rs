@@ -1,9 +1,10 @@
 //! From options to a running engine: resolve the device, load the model (CPU or GPU) and a draft
 //! model, size the KV pool, build the scheduler and the engine.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
+use super::history_file::{HistoryFile, Loaded};
 use super::{Engine, EngineHandle, ServerRules, WallClock};
 use crate::backend::cuda::device::{resolve as resolve_device, Device, DeviceRequest, Gpu};
 use crate::backend::cuda::ops::Dt;
@@ -54,6 +55,13 @@ pub struct EngineArgs {
     pub history_window: usize,
     /// `None`: the model's context.
     pub max_output_bound: Option<usize>,
+    /// Past-Future's prior: lengths its history starts from (`None`: `max_output_bound`), and
+    /// how many entries of it (`None`: half the window).
+    pub history_prior: Option<Vec<u32>>,
+    pub history_prior_weight: Option<usize>,
+    /// Where Past-Future's history is loaded from at start and saved to as requests finish and
+    /// when the engine stops: a restarted server starts warm.
+    pub history_file: Option<PathBuf>,
     pub speculative: Option<SpecArgs>,
     /// "auto", "cpu", "cuda" or "cuda:N".
     pub device: String,
@@ -77,6 +85,9 @@ impl EngineArgs {
             dtype: "auto".into(),
             history_window: 1000,
             max_output_bound: None,
+            history_prior: None,
+            history_prior_weight: None,
+            history_file: None,
             speculative: None,
             device: "auto".into(),
             gpu_memory_utilization: 0.9,
@@ -98,6 +109,8 @@ pub struct EngineInfo {
     pub dtype: &'static str,
     pub eos_token_ids: Vec<u32>,
     pub kv_cache_tokens: usize,
+    /// With a history file: what loading it found (warm, or cold and why).
+    pub history: Option<Loaded>,
     pub limits: RequestLimits,
     pub tokenizer: Arc<Tokenizer>,
     /// The CPU model for teacher-forced logits: the engine's own on the CPU; on a GPU, loaded on
@@ -227,6 +240,17 @@ pub fn build(args: EngineArgs) -> Result<(EngineHandle, EngineInfo)> {
         spec: args.speculative.as_ref().map(|s| s.cfg.clone()),
         ..Default::default()
     };
+    cfg.history_start.prior = args.history_prior.as_deref().map(Arc::from);
+    cfg.history_start.prior_weight = args.history_prior_weight;
+    if args.history_prior.as_ref().is_some_and(|p| p.is_empty() || p.contains(&0)) {
+        return Err(HoraeError::InvalidConfig("history_prior must be output lengths of at least 1 token".into()));
+    }
+    let history_file =
+        args.history_file.as_ref().map(|p| HistoryFile::new(p, model_identity(&args.model_dir, &config)));
+    let history = history_file.as_ref().map(HistoryFile::load);
+    if let Some(h) = &history {
+        cfg.history_start.recorded = Arc::from(h.lengths.as_slice());
+    }
     cfg.validate()?;
     let dir = &args.model_dir;
     let mut exec = match (device, gpu_dtype) {
@@ -282,9 +306,17 @@ pub fn build(args: EngineArgs) -> Result<(EngineHandle, EngineInfo)> {
         dtype: dtype_name,
         eos_token_ids,
         kv_cache_tokens,
+        history,
         limits,
         tokenizer,
         cpu_model,
     };
-    Ok((EngineHandle::new(engine, limits), info))
+    Ok((EngineHandle::new(engine, limits).with_history_file(history_file), info))
+}
+
+/// What a history file is checked against: the model folder's name and the shapes that make it
+/// that model (a fine-tune with the same shapes under the same name counts as the same model).
+fn model_identity(dir: &Path, c: &ModelConfig) -> String {
+    let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    format!("{name} (layers {}, hidden {}, vocab {})", c.num_layers, c.hidden_size, c.vocab_size)
 }

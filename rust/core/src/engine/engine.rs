@@ -10,6 +10,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use super::history_file::{self, HistoryFile};
 use crate::error::{HoraeError, Result};
 use crate::plan::{Executor, StepPlan};
 use crate::request::{FinishReason, Prompt, ReqId, Request, RequestLimits, RequestParams, RequestSpec, StopReason};
@@ -491,6 +492,24 @@ struct EngineState {
     refused: Vec<RequestOutput>,
     preemptions: u64,
     step_log: Vec<StepSample>,
+    /// Where Past-Future's history is saved, and the recorded count at the last save.
+    history: Option<(HistoryFile, u64)>,
+}
+
+impl EngineState {
+    /// Write the history file if one is set and `force` or `SAVE_EVERY` lengths came since the
+    /// last write. A failed write is reported and retried at the next chance, never fatal.
+    fn save_history(&mut self, force: bool) -> Result<bool> {
+        let recorded = self.engine.scheduler().stats().lengths_recorded;
+        let Some((file, saved_at)) = &mut self.history else { return Ok(false) };
+        if !force && recorded < *saved_at + history_file::SAVE_EVERY {
+            return Ok(false);
+        }
+        let Some(lengths) = self.engine.scheduler().recorded_lengths() else { return Ok(false) };
+        *saved_at = recorded;
+        file.save(&lengths)?;
+        Ok(true)
+    }
 }
 
 #[derive(Default)]
@@ -543,6 +562,9 @@ impl Shared {
             return Ok(StepEvents { outputs, stats: stats_of(&st, None) });
         }
         let out = st.engine.step()?;
+        if let Err(e) = st.save_history(false) {
+            eprintln!("horae: {e}");
+        }
         st.preemptions += out.preempted.len() as u64;
         outputs.extend(out.outputs);
         let duration = out.sample.map(|s| s.duration);
@@ -597,7 +619,7 @@ pub struct EngineHandle {
 
 impl EngineHandle {
     pub fn new(engine: Engine, limits: RequestLimits) -> Self {
-        let state = EngineState { engine, refused: Vec::new(), preemptions: 0, step_log: Vec::new() };
+        let state = EngineState { engine, refused: Vec::new(), preemptions: 0, step_log: Vec::new(), history: None };
         let shared = Shared {
             state: Mutex::new(state),
             inbox: Mutex::default(),
@@ -605,6 +627,23 @@ impl EngineHandle {
             stop: AtomicBool::new(false),
         };
         Self { shared: Arc::new(shared), limits, next_id: AtomicU64::new(0), looper: Mutex::new(None) }
+    }
+
+    /// Save Past-Future's history to `file` as requests finish and when the engine stops.
+    pub fn with_history_file(self, file: Option<HistoryFile>) -> Self {
+        lock(&self.shared.state).history = file.map(|f| (f, 0));
+        self
+    }
+
+    /// Past-Future's recorded lengths, oldest first (waits for a running step).
+    pub fn recorded_lengths(&self) -> Option<Vec<u32>> {
+        self.shared.engine().engine.scheduler().recorded_lengths()
+    }
+
+    /// Write the history file now (the front ends call this on shutdown); `false` when there is
+    /// no file or no history to write.
+    pub fn save_history(&self) -> Result<bool> {
+        lock(&self.shared.state).save_history(true)
     }
 
     pub fn limits(&self) -> &RequestLimits {
@@ -684,6 +723,9 @@ impl EngineHandle {
                     }
                     on_step(result);
                 }
+                if let Err(e) = lock(&shared.state).save_history(true) {
+                    eprintln!("horae: {e}");
+                }
             })
             .map_err(|e| HoraeError::InvalidConfig(format!("cannot start the engine thread: {e}")))?;
         *looper = Some(handle);
@@ -702,7 +744,14 @@ impl EngineHandle {
 
 impl Drop for EngineHandle {
     fn drop(&mut self) {
-        // Stop, but do not join: the loop may be waiting for the lock of whoever drops us.
-        let _ = self.stop_loop();
+        // Stop, but do not join: the loop may be waiting for the lock of whoever drops us. The
+        // loop saves the history as it ends; without a loop, save here if no one holds the lock.
+        if self.stop_loop().is_none() {
+            if let Ok(mut st) = self.shared.state.try_lock() {
+                if let Err(e) = st.save_history(true) {
+                    eprintln!("horae: {e}");
+                }
+            }
+        }
     }
 }

@@ -17,7 +17,7 @@ use std::str::FromStr;
 
 pub use aggressive::Aggressive;
 pub use conservative::Conservative;
-pub use past_future::{history, peak, PastFuture, TrueLengths};
+pub use past_future::{history, history::HistoryStart, peak, PastFuture, TrueLengths, Tuning};
 pub use scheduler::{check_fits, AdmissionPolicy, PoolView, Scheduler, SchedulerStats, SeqLoad, MAX_SCENARIOS};
 pub use smartspec::{Judged, SpecConfig, SpecController, SpecStats, MAX_SPEC_TOKENS};
 
@@ -77,8 +77,16 @@ pub struct SchedulerConfig {
     pub prefix_caching: bool,
     /// Past-Future: finished output lengths remembered.
     pub history_window: usize,
-    /// Past-Future: the largest output a client may ask for; the history starts primed with it.
+    /// Past-Future: the largest output a client may ask for; a history without a prior starts
+    /// primed with it.
     pub max_output_bound: usize,
+    /// Past-Future: what the history starts from (a prior, lengths a saved history recorded).
+    pub history_start: HistoryStart,
+    /// Past-Future: how the forecast is drawn (scenario count, redraws, the tail).
+    pub tuning: Tuning,
+    /// Most requests admitted in one step (`None`: as many as fit). LightLLM's Past-Future and
+    /// conservative servers admit one per admission round.
+    pub max_admit_per_step: Option<usize>,
     /// Past-Future and oracle: fraction of the pool kept free of predicted use.
     pub reserve: f64,
     /// Aggressive: admit while block use stays under this fraction.
@@ -99,6 +107,9 @@ impl Default for SchedulerConfig {
             prefix_caching: true,
             history_window: 1000,
             max_output_bound: 4096,
+            history_start: HistoryStart::default(),
+            tuning: Tuning::default(),
+            max_admit_per_step: None,
             reserve: 0.05,
             watermark: 0.95,
             seed: 0,
@@ -131,6 +142,15 @@ impl SchedulerConfig {
         if self.max_output_bound == 0 {
             return bad("max_output_bound must be at least 1".into());
         }
+        if let Some(n) = self.tuning.scenarios.filter(|n| !(1..=MAX_SCENARIOS).contains(n)) {
+            return bad(format!("scenarios must be between 1 and {MAX_SCENARIOS}, got {n}"));
+        }
+        if self.max_admit_per_step == Some(0) {
+            return bad("max_admit_per_step must be at least 1 (leave it unset for no limit)".into());
+        }
+        if self.history_start.prior_weight == Some(0) {
+            return bad("history_prior_weight must be at least 1 (leave it unset for half the window)".into());
+        }
         if !(0.0..1.0).contains(&self.reserve) {
             return bad(format!("reserve must be in [0, 1), got {}", self.reserve));
         }
@@ -146,9 +166,16 @@ impl SchedulerConfig {
     /// The admission policy this config names. The oracle needs the true lengths.
     pub fn build_policy(&self, true_lengths: Option<TrueLengths>) -> Result<Box<dyn AdmissionPolicy>> {
         Ok(match self.policy {
-            PolicyKind::PastFuture => {
-                Box::new(PastFuture::new(self.history_window, self.max_output_bound, self.reserve, self.seed))
-            }
+            PolicyKind::PastFuture => Box::new(
+                PastFuture::with_history(
+                    self.history_window,
+                    self.max_output_bound,
+                    &self.history_start,
+                    self.reserve,
+                    self.seed,
+                )
+                .with_tuning(self.tuning),
+            ),
             PolicyKind::Aggressive => Box::new(Aggressive::new(self.watermark)),
             PolicyKind::Conservative => Box::new(Conservative::default()),
             PolicyKind::Oracle => {

@@ -8,10 +8,10 @@ use std::sync::Arc;
 
 use rand::{rngs::SmallRng, SeedableRng};
 
-use self::history::LengthHistory;
+use self::history::{HistoryStart, LengthHistory};
 use self::peak::{Forecast, Load};
 use super::scheduler::{AdmissionPolicy, PoolView, SeqLoad};
-use crate::request::ReqId;
+use crate::request::{ReqId, MAX_SCENARIOS};
 
 /// True output lengths by request id; only the simulator can provide this.
 pub type TrueLengths = Arc<dyn Fn(ReqId) -> Option<usize> + Send + Sync>;
@@ -21,30 +21,66 @@ enum Lengths {
     Oracle(TrueLengths),
 }
 
+/// How Past-Future turns its history into a forecast. The defaults are what the study in
+/// docs/benchmarks.md kept; the alternatives stay selectable so the study can be rerun.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Tuning {
+    /// Scenarios per step (the worst decides); `None`: LightLLM's rule, fewer for big batches.
+    pub scenarios: Option<usize>,
+    /// Redraw every running request's length every step, as LightLLM does, instead of keeping a
+    /// draw while it is still possible.
+    pub redraw: bool,
+    /// A request that outlived every recorded length: `false` draws uniformly up to
+    /// `max_tokens`; `true` draws from an exponential tail fitted to the history's longest tenth.
+    pub fitted_tail: bool,
+}
+
 pub struct PastFuture {
     lengths: Lengths,
+    tuning: Tuning,
     reserve: f64,
     /// One forecast per Monte-Carlo scenario; the worst one decides.
     scenarios: Vec<Forecast>,
 }
 
-/// LightLLM's scenario count: fewer draws for big batches, where one draw already averages out.
+/// Scenarios per step: fewer for big batches, where one draw already averages out (LightLLM's
+/// rule, `min(5, 1 + 200 / batch)`, with four times the draws: the study in docs/benchmarks.md
+/// found five too few on heavy-tailed outputs; at 1,024 running requests it is still one).
 fn scenario_count(batch: usize) -> usize {
-    200usize.checked_div(batch).map_or(5, |q| (q + 1).min(5))
+    800usize.checked_div(batch).map_or(MAX_SCENARIOS, |q| (q + 1).min(MAX_SCENARIOS))
 }
 
 impl PastFuture {
     pub fn new(history_window: usize, max_output_bound: usize, reserve: f64, seed: u64) -> Self {
-        let history = LengthHistory::new(history_window, max_output_bound.min(u32::MAX as usize) as u32);
+        Self::with_history(history_window, max_output_bound, &HistoryStart::default(), reserve, seed)
+    }
+
+    /// Past-Future whose history starts from `start` (a prior, a saved history) instead of
+    /// LightLLM's `max_output_bound` priming.
+    pub fn with_history(
+        history_window: usize,
+        max_output_bound: usize,
+        start: &HistoryStart,
+        reserve: f64,
+        seed: u64,
+    ) -> Self {
+        let prime = max_output_bound.min(u32::MAX as usize) as u32;
+        let history = LengthHistory::start(history_window, prime, start);
         Self {
             lengths: Lengths::Sampled { history, rng: SmallRng::seed_from_u64(seed) },
+            tuning: Tuning::default(),
             reserve,
             scenarios: Vec::new(),
         }
     }
 
+    pub fn with_tuning(mut self, tuning: Tuning) -> Self {
+        self.tuning = tuning;
+        self
+    }
+
     pub fn oracle(true_lengths: TrueLengths, reserve: f64) -> Self {
-        Self { lengths: Lengths::Oracle(true_lengths), reserve, scenarios: Vec::new() }
+        Self { lengths: Lengths::Oracle(true_lengths), tuning: Tuning::default(), reserve, scenarios: Vec::new() }
     }
 
     /// Draw a final output length for `s`: the true one for the oracle; else from the history,
@@ -55,6 +91,7 @@ impl PastFuture {
         match &mut self.lengths {
             Lengths::Oracle(f) => f(s.id).unwrap_or(s.max_tokens).clamp(s.generated + 1, s.max_tokens.max(1)) as u32,
             Lengths::Sampled { history, rng } if fresh && generated == 0 => history.sample_unconditional(max, rng),
+            Lengths::Sampled { history, rng } if self.tuning.fitted_tail => history.sample_fitted(generated, max, rng),
             Lengths::Sampled { history, rng } => history.sample_conditional(generated, max, rng),
         }
     }
@@ -85,8 +122,13 @@ impl AdmissionPolicy for PastFuture {
     fn begin_step(&mut self, running: &mut [SeqLoad], _pool: &PoolView) {
         let n = match self.lengths {
             Lengths::Oracle(_) => 1,
-            Lengths::Sampled { .. } => scenario_count(running.len()),
+            Lengths::Sampled { .. } => self.tuning.scenarios.unwrap_or_else(|| scenario_count(running.len())),
         };
+        if self.tuning.redraw {
+            for s in running.iter_mut() {
+                s.forecast = [0; MAX_SCENARIOS];
+            }
+        }
         let mut scenarios = std::mem::take(&mut self.scenarios);
         scenarios.resize_with(n, Forecast::default);
         let mut loads = Vec::with_capacity(running.len());
@@ -122,51 +164,127 @@ impl AdmissionPolicy for PastFuture {
     fn predicted_peak(&self) -> Option<u64> {
         self.scenarios.iter().map(Forecast::peak).max()
     }
+
+    fn recorded_lengths(&self) -> Option<Vec<u32>> {
+        match &self.lengths {
+            Lengths::Sampled { history, .. } => Some(history.recorded()),
+            Lengths::Oracle(_) => None,
+        }
+    }
 }
 
 /// The *past*: output lengths of recently finished requests, and the conditional length
 /// distribution the Past-Future scheduler samples from.
 pub mod history {
     use std::collections::VecDeque;
+    use std::sync::Arc;
 
     use rand::Rng;
 
-    /// A sliding window of output lengths, kept both in arrival order (to drop the oldest) and sorted
-    /// (to sample). Updates cost one binary search and a memmove of at most `window` entries.
+    /// Prior entries in a cold history. LightLLM primes half its window (100 of 200) with the
+    /// largest output and keeps them until the window fills; the study in docs/benchmarks.md
+    /// found 8, replaced first, best across workloads (cold starts within 0.86-0.92x the oracle
+    /// instead of 0.75x).
+    pub const DEFAULT_PRIOR_WEIGHT: usize = 8;
+
+    /// What a history starts from, before this run has finished anything.
+    #[derive(Debug, Clone, Default, PartialEq)]
+    pub struct HistoryStart {
+        /// Lengths the history is primed with until real ones replace them; `None` primes with
+        /// the largest allowed output, so a cold scheduler starts conservative.
+        pub prior: Option<Arc<[u32]>>,
+        /// How many prior entries the history holds at the start (spread over the prior's
+        /// quantiles); every recorded length replaces one, so after `prior_weight` finishes the
+        /// prior is gone. `None`: [`DEFAULT_PRIOR_WEIGHT`].
+        pub prior_weight: Option<usize>,
+        /// Lengths an earlier run recorded (a saved history, oldest first): they count as real
+        /// and replace prior entries like new ones do.
+        pub recorded: Arc<[u32]>,
+    }
+
+    /// A sliding window of output lengths, kept both in arrival order (to drop the oldest) and
+    /// sorted (to sample), plus what is left of the prior. Updates cost one binary search and a
+    /// memmove of at most `window` entries.
     #[derive(Debug, Clone)]
     pub struct LengthHistory {
         window: usize,
         ring: VecDeque<u32>,
+        /// Prior entries not yet replaced, in the order they leave (last first).
+        prior: Vec<u32>,
+        /// `ring` and `prior` together, sorted.
         sorted: Vec<u32>,
     }
 
+    /// Bit-reversed order of `0..n`: removing entries in this order keeps the rest spread over
+    /// the whole range (a van der Corput sequence), so a half-replaced prior is still its shape.
+    fn spread_order(n: usize) -> Vec<usize> {
+        let bits = usize::BITS - n.next_power_of_two().trailing_zeros();
+        let mut order: Vec<usize> = (0..n).collect();
+        order.sort_by_key(|&i| i.reverse_bits() >> bits.min(usize::BITS - 1));
+        order
+    }
+
     impl LengthHistory {
-        /// Primed with `window / 2` copies of `prime_len` (the largest allowed output) so that a fresh
-        /// scheduler starts conservative and loosens as real lengths come in.
+        /// Primed with `DEFAULT_PRIOR_WEIGHT` copies of `prime_len`.
         pub fn new(window: usize, prime_len: u32) -> Self {
+            Self::start(window, prime_len, &HistoryStart::default())
+        }
+
+        /// A history per `start`: its prior spread over `prior_weight` entries (capped at the
+        /// window), then its recorded lengths, each replacing one prior entry.
+        pub fn start(window: usize, prime_len: u32, start: &HistoryStart) -> Self {
             let window = window.max(1);
-            let mut h = Self { window, ring: VecDeque::with_capacity(window), sorted: Vec::with_capacity(window) };
-            for _ in 0..(window / 2).max(1) {
-                h.record(prime_len);
+            let weight = start.prior_weight.unwrap_or(DEFAULT_PRIOR_WEIGHT).clamp(1, window);
+            let mut prior_sorted: Vec<u32> = match &start.prior {
+                Some(p) if !p.is_empty() => p.to_vec(),
+                _ => vec![prime_len],
+            };
+            prior_sorted.sort_unstable();
+            // Entry i is the prior's (i + 0.5) / weight quantile.
+            let quantile = |i: usize| prior_sorted[((2 * i + 1) * prior_sorted.len()) / (2 * weight)];
+            let prior: Vec<u32> = spread_order(weight).into_iter().rev().map(quantile).collect();
+            let mut sorted = prior.clone();
+            sorted.sort_unstable();
+            let mut h = Self { window, ring: VecDeque::with_capacity(window), prior, sorted };
+            let skip = start.recorded.len().saturating_sub(window);
+            for &v in &start.recorded[skip..] {
+                h.record(v);
             }
             h
         }
 
+        /// Lengths in the sample set (recorded plus what is left of the prior).
         pub fn len(&self) -> usize {
-            self.ring.len()
+            self.sorted.len()
         }
         pub fn is_empty(&self) -> bool {
-            self.ring.is_empty()
+            self.sorted.is_empty()
         }
         pub fn sorted(&self) -> &[u32] {
             &self.sorted
         }
+        /// Recorded lengths, oldest first: what a saved history holds.
+        pub fn recorded(&self) -> Vec<u32> {
+            self.ring.iter().copied().collect()
+        }
+        /// Prior entries not yet replaced.
+        pub fn prior_left(&self) -> usize {
+            self.prior.len()
+        }
 
+        fn remove_sorted(&mut self, v: u32) {
+            let at = self.sorted.partition_point(|&x| x < v);
+            self.sorted.remove(at);
+        }
+
+        /// A finished request's output length: it replaces a prior entry while any is left,
+        /// else the oldest recorded length once the window is full.
         pub fn record(&mut self, output_len: u32) {
-            if self.ring.len() == self.window {
+            if let Some(p) = self.prior.pop() {
+                self.remove_sorted(p);
+            } else if self.ring.len() == self.window {
                 let old = self.ring.pop_front().expect("window is full");
-                let at = self.sorted.partition_point(|&v| v < old);
-                self.sorted.remove(at);
+                self.remove_sorted(old);
             }
             self.ring.push_back(output_len);
             let at = self.sorted.partition_point(|&v| v < output_len);
@@ -207,6 +325,22 @@ pub mod history {
             let v = lo + (u - g as f64) * (hi - lo);
             (v.ceil() as u32).clamp(generated + 1, max_tokens)
         }
+
+        /// As `sample_conditional`, except past every recorded length: there, instead of uniform
+        /// up to `max_tokens`, `generated` plus an exponential excess whose mean is that of the
+        /// longest tenth of the history over its smallest value (the mean excess of the tail).
+        pub fn sample_fitted<R: Rng>(&self, generated: u32, max_tokens: u32, rng: &mut R) -> u32 {
+            let longest = self.sorted.last().copied().unwrap_or(0);
+            if generated < longest || generated + 1 >= max_tokens {
+                return self.sample_conditional(generated, max_tokens, rng);
+            }
+            let top = &self.sorted[self.sorted.len() - self.sorted.len().div_ceil(10)..];
+            let floor = top[0] as f64;
+            let mean_excess = (top.iter().map(|&v| v as f64 - floor).sum::<f64>() / top.len() as f64).max(1.0);
+            let u: f64 = rng.random::<f64>();
+            let v = generated as f64 - mean_excess * (1.0 - u).ln();
+            (v.ceil().min(max_tokens as f64) as u32).clamp(generated + 1, max_tokens)
+        }
     }
 
     #[cfg(test)]
@@ -214,15 +348,73 @@ pub mod history {
         use super::*;
         use rand::{rngs::SmallRng, SeedableRng};
 
+        fn start(prior: &[u32], weight: usize, recorded: &[u32]) -> HistoryStart {
+            HistoryStart { prior: Some(Arc::from(prior)), prior_weight: Some(weight), recorded: Arc::from(recorded) }
+        }
+
         #[test]
         fn window_drops_oldest_and_stays_sorted() {
-            let mut h = LengthHistory::new(4, 100);
+            let mut h = LengthHistory::start(4, 0, &start(&[100], 2, &[]));
             assert_eq!(h.sorted(), &[100, 100]);
             for v in [5, 3, 9, 7] {
                 h.record(v);
             }
             assert_eq!(h.len(), 4);
-            assert_eq!(h.sorted(), &[3, 5, 7, 9], "the two primes were the oldest and left first");
+            assert_eq!(h.sorted(), &[3, 5, 7, 9], "the primes were replaced first");
+            h.record(1);
+            assert_eq!(h.sorted(), &[1, 3, 7, 9], "then the oldest recorded length (5) leaves");
+            assert_eq!(h.recorded(), vec![3, 9, 7, 1]);
+        }
+
+        #[test]
+        fn a_prior_is_spread_over_its_quantiles_and_fades_evenly() {
+            let prior: Vec<u32> = (1..=1000).collect();
+            let mut h = LengthHistory::start(100, 0, &start(&prior, 8, &[]));
+            // The (i + 0.5) / 8 quantiles of 1..=1000.
+            assert_eq!(h.sorted(), &[63, 188, 313, 438, 563, 688, 813, 938]);
+            assert_eq!(h.prior_left(), 8);
+            for _ in 0..4 {
+                h.record(500);
+            }
+            // Half replaced: the prior left still spans low to high.
+            let left: Vec<u32> = h.sorted().iter().copied().filter(|&v| v != 500).collect();
+            assert_eq!(left.len(), 4);
+            assert!(left[0] < 200 && left[3] > 800, "{left:?}");
+            for _ in 0..4 {
+                h.record(500);
+            }
+            assert_eq!(h.prior_left(), 0);
+            assert!(h.sorted().iter().all(|&v| v == 500));
+            // The default is the largest output, DEFAULT_PRIOR_WEIGHT times.
+            let cold = LengthHistory::new(1000, 4096);
+            assert_eq!(cold.sorted(), &[4096; DEFAULT_PRIOR_WEIGHT]);
+        }
+
+        #[test]
+        fn a_saved_history_starts_warm_and_keeps_only_the_newest_window() {
+            let saved: Vec<u32> = (1..=12).collect();
+            let h = LengthHistory::start(10, 4096, &start(&[4096], 8, &saved));
+            assert_eq!(h.prior_left(), 0, "ten recorded lengths replaced all eight primes");
+            assert_eq!(h.recorded(), (3..=12).collect::<Vec<_>>());
+            let few = LengthHistory::start(10, 4096, &start(&[4096], 8, &[7, 9]));
+            assert_eq!(few.sorted(), &[7, 9, 4096, 4096, 4096, 4096, 4096, 4096]);
+        }
+
+        #[test]
+        fn the_fitted_tail_is_exponential_past_the_longest_length() {
+            let mut h = LengthHistory::start(100, 0, &start(&[1], 1, &[]));
+            for v in 1..=100 {
+                h.record(v * 10); // 10 ..= 1000; the longest tenth is 910..=1000, mean excess 45
+            }
+            let mut rng = SmallRng::seed_from_u64(3);
+            let n = 20_000;
+            let xs: Vec<u32> = (0..n).map(|_| h.sample_fitted(1200, 100_000, &mut rng)).collect();
+            assert!(xs.iter().all(|&x| x > 1200));
+            let mean = xs.iter().map(|&x| x as f64 - 1200.0).sum::<f64>() / n as f64;
+            assert!((mean - 45.5).abs() < 2.0, "mean excess {mean}");
+            // Below the longest recorded length it is the conditional draw.
+            assert!((0..100).all(|_| h.sample_fitted(500, 100_000, &mut rng) <= 100_000));
+            assert_eq!(h.sample_fitted(1200, 1201, &mut rng), 1201);
         }
 
         #[test]

@@ -77,6 +77,12 @@ pub trait AdmissionPolicy: Send {
     fn predicted_peak(&self) -> Option<u64> {
         None
     }
+
+    /// The output lengths the policy has recorded, oldest first, where it keeps a history (what
+    /// a saved history file holds).
+    fn recorded_lengths(&self) -> Option<Vec<u32>> {
+        None
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -162,6 +168,9 @@ impl Scheduler {
     }
     pub fn predicted_peak(&self) -> Option<u64> {
         self.policy.predicted_peak()
+    }
+    pub fn recorded_lengths(&self) -> Option<Vec<u32>> {
+        self.policy.recorded_lengths()
     }
     pub fn stats(&self) -> SchedulerStats {
         self.stats
@@ -314,8 +323,10 @@ impl Scheduler {
             self.requests.get_mut(&s.id).expect("running request exists").forecast = s.forecast;
         }
         let bs = self.kv.block_size();
+        let most = self.cfg.max_admit_per_step.unwrap_or(usize::MAX);
+        let mut admitted = 0;
         while let Some(&id) = self.waiting.front() {
-            if self.running.len() >= self.cfg.max_num_seqs || *budget == 0 {
+            if self.running.len() >= self.cfg.max_num_seqs || *budget == 0 || admitted == most {
                 break;
             }
             let r = &self.requests[&id];
@@ -358,6 +369,7 @@ impl Scheduler {
             placed.push(Placed { id, start: got, num_tokens: n, samples: got + n == total, num_draft: 0 });
             self.running.push(id);
             self.stats.admitted += 1;
+            admitted += 1;
             *budget -= n;
             if !accepted {
                 // Forced in past a refusal: the policy's view of the batch lacks it, so stop here.

@@ -27,7 +27,7 @@ pub struct ModelSpec {
 }
 
 impl ModelSpec {
-    pub const PRESETS: [&'static str; 4] = ["llama-2-7b", "llama-3-8b", "llama-2-13b", "smollm2-135m"];
+    pub const PRESETS: [&'static str; 5] = ["llama-2-7b", "llama-3-8b", "llama-2-13b", "llama-2-70b", "smollm2-135m"];
 
     pub fn preset(name: &str) -> Result<Self> {
         let m = |layers, hidden, heads, kv_heads, head_dim, params: f64, bytes| ModelSpec {
@@ -44,6 +44,7 @@ impl ModelSpec {
             "llama-2-7b" => m(32, 4096, 32, 32, 128, 6.74e9, 2.0),
             "llama-3-8b" => m(32, 4096, 32, 8, 128, 8.03e9, 2.0),
             "llama-2-13b" => m(40, 5120, 40, 40, 128, 13.0e9, 2.0),
+            "llama-2-70b" => m(80, 8192, 64, 8, 128, 68.98e9, 2.0),
             "smollm2-135m" => m(30, 576, 9, 3, 64, 1.35e8, 4.0),
             _ => {
                 return Err(HoraeError::InvalidConfig(format!(
@@ -72,10 +73,16 @@ pub struct HardwareSpec {
     pub bandwidth_efficiency: f64,
     /// Seconds per step that do not scale with the batch.
     pub step_overhead: f64,
+    /// GPUs the model is split over (tensor parallel): weights, KV and FLOPs split this many
+    /// ways, plus two all-reduces of the activations per layer.
+    pub tensor_parallel: usize,
+    /// Per-GPU all-reduce bus bandwidth (bytes/s) and the fixed cost of one all-reduce.
+    pub link_bandwidth: f64,
+    pub link_latency: f64,
 }
 
 impl HardwareSpec {
-    pub const PRESETS: [&'static str; 4] = ["a100-80gb", "h100-sxm", "h200", "cpu-2core"];
+    pub const PRESETS: [&'static str; 5] = ["a100-80gb", "a100-80gb-tp4", "h100-sxm", "h200", "cpu-2core"];
 
     pub fn preset(name: &str) -> Result<Self> {
         let h = |flops: f64, bw: f64, fe, be, overhead| HardwareSpec {
@@ -85,9 +92,20 @@ impl HardwareSpec {
             flops_efficiency: fe,
             bandwidth_efficiency: be,
             step_overhead: overhead,
+            tensor_parallel: 1,
+            link_bandwidth: 0.0,
+            link_latency: 0.0,
         };
         Ok(match name {
             "a100-80gb" => h(312e12, 2.039e12, 0.6, 0.8, 4e-3),
+            // Four A100s on NVLink 3 (the paper's 70B setup): about 240 GB/s of all-reduce bus
+            // bandwidth per GPU as NCCL measures it, and ~20 us per small all-reduce.
+            "a100-80gb-tp4" => HardwareSpec {
+                tensor_parallel: 4,
+                link_bandwidth: 240e9,
+                link_latency: 20e-6,
+                ..h(312e12, 2.039e12, 0.6, 0.8, 6e-3)
+            },
             "h100-sxm" => h(989e12, 3.35e12, 0.5, 0.8, 3e-3),
             "h200" => h(989e12, 4.8e12, 0.5, 0.8, 3e-3),
             // The project's own 2-core machine (f32 GEMM peak measured ~190 GFLOP/s).
@@ -100,6 +118,18 @@ impl HardwareSpec {
             }
         })
     }
+}
+
+/// Two ring all-reduces of the step's activations per layer (after attention, after the MLP):
+/// each moves `2 (tp - 1) / tp` of the tensor over every GPU's link. Zero without tensor parallel.
+fn all_reduce_time(m: &ModelSpec, h: &HardwareSpec, num_tokens: f64) -> f64 {
+    let tp = h.tensor_parallel.max(1) as f64;
+    if tp <= 1.0 {
+        return 0.0;
+    }
+    let bytes = num_tokens * m.hidden_size as f64 * m.dtype_bytes;
+    let one = h.link_latency + 2.0 * (tp - 1.0) / tp * bytes / h.link_bandwidth;
+    2.0 * m.num_layers as f64 * one
 }
 
 /// The linear cost model's regressors: `[1, tokens, sequences, attention pairs]`.
@@ -132,9 +162,11 @@ impl CostModel {
                 let kv = m.kv_bytes_per_token();
                 // Weights once per step, every sequence's KV once, and the new KV written.
                 let bytes = m.num_params * m.dtype_bytes + kv * f.context_tokens + kv * f.num_tokens;
-                let compute = flops / (h.peak_flops * h.flops_efficiency);
-                let memory = bytes / (h.mem_bandwidth * h.bandwidth_efficiency);
-                h.step_overhead + compute.max(memory)
+                // Tensor parallel: each GPU holds and computes 1/tp of it, in step with the others.
+                let tp = h.tensor_parallel.max(1) as f64;
+                let compute = flops / tp / (h.peak_flops * h.flops_efficiency);
+                let memory = bytes / tp / (h.mem_bandwidth * h.bandwidth_efficiency);
+                h.step_overhead + compute.max(memory) + all_reduce_time(m, h, f.num_tokens)
             }
             CostModel::Linear { coef } => {
                 let row = cost_row(f);
@@ -237,6 +269,25 @@ mod tests {
             assert!((c - t).abs() <= 1e-6 * t.abs().max(1e-9) + 1e-12, "{coef:?} vs {truth:?}");
         }
         assert!(CostModel::fit_linear(&samples[..3]).is_err());
+    }
+
+    #[test]
+    fn tensor_parallel_splits_the_work_and_adds_all_reduces() {
+        let one = CostModel::roofline("llama-2-70b", "a100-80gb").unwrap();
+        let four = CostModel::roofline("llama-2-70b", "a100-80gb-tp4").unwrap();
+        let f = decode(64, 999);
+        // 138 GB of weights at 1.63 TB/s is ~85 ms on one GPU; a quarter on four, plus
+        // 160 all-reduces of 64 x 8192 x 2 bytes (1 MiB) at ~20 us + 6.6 us each, plus 2 ms more
+        // overhead.
+        let ar = 160.0 * (20e-6 + 1.5 * 64.0 * 8192.0 * 2.0 / 240e9);
+        let mem = |tp: f64| {
+            (68.98e9 * 2.0 + 2.0 * 80.0 * 8.0 * 128.0 * 2.0 * 64.0 * 1000.0 + 2.0 * 80.0 * 8.0 * 128.0 * 2.0 * 64.0)
+                / tp
+                / (2.039e12 * 0.8)
+        };
+        assert!((one.step_time(&f) - (4e-3 + mem(1.0))).abs() < 1e-9);
+        assert!((four.step_time(&f) - (6e-3 + mem(4.0) + ar)).abs() < 1e-9, "{}", four.step_time(&f));
+        assert!(four.step_time(&f) < 0.4 * one.step_time(&f));
     }
 
     #[test]

@@ -51,6 +51,9 @@ pub struct SimResult {
     pub stats: SchedulerStats,
     pub prefix_hit_rate: f64,
     pub spec: Option<crate::sched::SpecStats>,
+    /// Past-Future's recorded lengths at the end, oldest first: what a server shutting down here
+    /// would save, and what a warm restart starts from.
+    pub history: Option<Vec<u32>>,
 }
 
 impl SimResult {
@@ -185,10 +188,11 @@ pub fn simulate(trace: &Trace, cfg: &SimConfig) -> Result<SimResult> {
     let stats = engine.scheduler().stats();
     let prefix_hit_rate = engine.scheduler().kv().pool().hit_rate();
     let spec = engine.scheduler().spec_stats();
+    let history = engine.scheduler().recorded_lengths();
     let records = records
         .into_iter()
         .enumerate()
         .map(|(i, r)| r.ok_or_else(|| HoraeError::Stalled(format!("request {i} never finished"))))
         .collect::<Result<Vec<_>>>()?;
-    Ok(SimResult { policy, records, steps, stats, prefix_hit_rate, spec })
+    Ok(SimResult { policy, records, steps, stats, prefix_hit_rate, spec, history })
 }

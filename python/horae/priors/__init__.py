@@ -1,0 +1,92 @@
+"""Priors for Past-Future's length history: what it samples from before requests have finished.
+
+A cold history holds ``history_prior_weight`` entries drawn from the prior, spread over its
+quantiles; every finished request replaces one, so the prior fades as real lengths arrive. Choices:
+
+- ``None`` or ``"max-tokens"``: every entry is the largest allowed output (LightLLM's priming): safe
+  and conservative until real lengths replace it.
+- ``"sharegpt"``: a bundled distribution, 128 quantiles of the output lengths of 30,731 ShareGPT
+  conversations (mean 439 tokens; source in ``SOURCES.md`` here).
+- a path to a CSV file: one output length per row, either a single column or a column named
+  ``output_len`` (a header line is optional).
+- a sequence of positive ints.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+from typing import List, Optional, Sequence, Union
+
+Prior = Union[None, str, os.PathLike, Sequence[int]]
+
+BUNDLED = {"sharegpt": "sharegpt_output_lengths.csv"}
+
+__all__ = ["resolve_prior", "check_prior_weight", "read_lengths_csv", "BUNDLED", "Prior"]
+
+
+def read_lengths_csv(path: Union[str, os.PathLike]) -> List[int]:
+    """Output lengths from a CSV file (see the module's docstring); a clear ValueError otherwise."""
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"history prior file not found: {p}")
+    with p.open(newline="") as f:
+        rows = [r for r in csv.reader(f) if r and any(c.strip() for c in r)]
+    if not rows:
+        raise ValueError(f"history prior file {p} is empty")
+    first = [c.strip() for c in rows[0]]
+    has_header = not all(_is_int(c) for c in first)
+    names = [c.lower() for c in first]
+    if len(first) == 1:
+        column = 0
+    elif has_header and "output_len" in names:
+        column = names.index("output_len")
+    else:
+        raise ValueError(f"history prior file {p} has several columns and none named output_len: {rows[0]}")
+    body, start = (rows[1:], 2) if has_header else (rows, 1)
+    lengths = []
+    for line, r in enumerate(body, start=start):
+        cell = r[column].strip() if column < len(r) else ""
+        if not _is_int(cell) or int(cell) < 1:
+            raise ValueError(f"history prior file {p}, row {line}: {cell!r} is not an output length (a positive integer)")
+        lengths.append(int(cell))
+    if not lengths:
+        raise ValueError(f"history prior file {p} has a header but no lengths")
+    return lengths
+
+
+def _is_int(s: str) -> bool:
+    return s.strip().lstrip("+-").isdigit()
+
+
+def resolve_prior(prior: Prior) -> Optional[List[int]]:
+    """The prior's lengths, or None for the largest-output priming."""
+    if prior is None:
+        return None
+    if isinstance(prior, (str, os.PathLike)):
+        name = str(prior)
+        if name in ("max-tokens", "max_tokens"):
+            return None
+        if name in BUNDLED:
+            return read_lengths_csv(Path(__file__).parent / BUNDLED[name])
+        if not Path(name).is_file():
+            raise ValueError(
+                f"history prior {name!r} is neither a bundled prior ({', '.join(BUNDLED)}), 'max-tokens', nor a CSV file"
+            )
+        return read_lengths_csv(name)
+    try:
+        lengths = [int(v) for v in prior]
+    except (TypeError, ValueError):
+        raise ValueError("history prior must be a name, a CSV path or a sequence of output lengths") from None
+    if not lengths or any(v < 1 or v != x for v, x in zip(lengths, prior)):
+        raise ValueError("history prior must hold output lengths of at least 1 token (integers)")
+    return lengths
+
+
+def check_prior_weight(weight: Optional[int]) -> Optional[int]:
+    if weight is None:
+        return None
+    if isinstance(weight, bool) or not isinstance(weight, int) or weight < 1:
+        raise ValueError(f"history_prior_weight must be a positive integer, got {weight!r}")
+    return weight
