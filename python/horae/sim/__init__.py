@@ -125,7 +125,8 @@ def simulate(
     ``SimResult.history``) starts it warm; ``history_prior`` (see ``horae.priors``) and
     ``history_prior_weight`` say what a cold history samples from until real lengths replace it.
     The forecast's studied alternatives: ``scenarios`` (a fixed count instead of 1 + 800/batch, at
-    most 16), ``redraw`` (LightLLM's fresh draws every step), ``fitted_tail`` (an exponential tail
+    most 16), ``quantile`` (the q-quantile of the scenarios' peaks decides instead of the worst),
+    ``redraw`` (LightLLM's fresh draws every step), ``fitted_tail`` (an exponential tail
     past the longest recorded length) and ``max_admit_per_step`` (LightLLM admits one per round).
     Scheduler ``aggressive-99`` is aggressive at a 99% watermark (LightLLM's agg99, vLLM's rule)."""
     if not isinstance(trace, Trace):

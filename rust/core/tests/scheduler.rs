@@ -454,6 +454,7 @@ fn admission_pace_and_forecast_options_keep_every_request_exact() {
         Tuning { scenarios: Some(16), ..Default::default() },
         Tuning { redraw: true, ..Default::default() },
         Tuning { fitted_tail: true, ..Default::default() },
+        Tuning { scenarios: Some(16), quantile: Some(0.75), ..Default::default() },
     ] {
         let mut c = cfg(PolicyKind::PastFuture, 6000);
         c.sched.tuning = tuning;
@@ -465,6 +466,9 @@ fn admission_pace_and_forecast_options_keep_every_request_exact() {
     bad.sched.tuning.scenarios = Some(17);
     assert!(matches!(sim::simulate(&t, &bad), Err(HoraeError::InvalidConfig(m)) if m.contains("scenarios")));
     bad.sched.tuning.scenarios = None;
+    bad.sched.tuning.quantile = Some(1.5);
+    assert!(matches!(sim::simulate(&t, &bad), Err(HoraeError::InvalidConfig(m)) if m.contains("quantile")));
+    bad.sched.tuning.quantile = None;
     bad.sched.max_admit_per_step = Some(0);
     assert!(matches!(sim::simulate(&t, &bad), Err(HoraeError::InvalidConfig(m)) if m.contains("max_admit_per_step")));
 }

@@ -123,8 +123,8 @@ fn synthetic_trace(dist: &str, n: usize, seed: u64) -> PyResult<PyTrace> {
     max_batched_tokens = 2048, max_tokens = 4096, prefix_caching = true, history_window = 1000,
     reserve = 0.05, watermark = 0.95, seed = 0, ttft = None, tpot = None, max_itl = None, e2e = None,
     speculative = None, queue_timeout = None, max_itl_abort = None, retry_failed = false,
-    history = None, history_prior = None, history_prior_weight = None, scenarios = None, redraw = false,
-    fitted_tail = false, max_admit_per_step = None,
+    history = None, history_prior = None, history_prior_weight = None, scenarios = None, quantile = None,
+    redraw = false, fitted_tail = false, max_admit_per_step = None,
 ))]
 #[allow(clippy::too_many_arguments)]
 fn simulate<'py>(
@@ -157,6 +157,7 @@ fn simulate<'py>(
     history_prior: Option<Vec<u32>>,
     history_prior_weight: Option<usize>,
     scenarios: Option<usize>,
+    quantile: Option<f64>,
     redraw: bool,
     fitted_tail: bool,
     max_admit_per_step: Option<usize>,
@@ -186,7 +187,7 @@ fn simulate<'py>(
                 prior_weight: history_prior_weight,
                 recorded: history.map(Arc::from).unwrap_or_default(),
             },
-            tuning: Tuning { scenarios, redraw, fitted_tail },
+            tuning: Tuning { scenarios, quantile, redraw, fitted_tail },
             max_admit_per_step,
             reserve,
             watermark,

@@ -145,6 +145,9 @@ impl SchedulerConfig {
         if let Some(n) = self.tuning.scenarios.filter(|n| !(1..=MAX_SCENARIOS).contains(n)) {
             return bad(format!("scenarios must be between 1 and {MAX_SCENARIOS}, got {n}"));
         }
+        if let Some(q) = self.tuning.quantile.filter(|q| !(*q > 0.0 && *q <= 1.0)) {
+            return bad(format!("quantile must be in (0, 1], got {q}"));
+        }
         if self.max_admit_per_step == Some(0) {
             return bad("max_admit_per_step must be at least 1 (leave it unset for no limit)".into());
         }

@@ -25,8 +25,11 @@ enum Lengths {
 /// docs/benchmarks.md kept; the alternatives stay selectable so the study can be rerun.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct Tuning {
-    /// Scenarios per step (the worst decides); `None`: LightLLM's rule, fewer for big batches.
+    /// Scenarios per step; `None`: `min(16, 1 + 800 / batch)`, fewer for big batches.
     pub scenarios: Option<usize>,
+    /// Which scenario's peak decides: `None`, the worst; `Some(q)`, the q-quantile of the
+    /// scenarios' peaks (nearest rank), a high quantile instead of the worst.
+    pub quantile: Option<f64>,
     /// Redraw every running request's length every step, as LightLLM does, instead of keeping a
     /// draw while it is still possible.
     pub redraw: bool,
@@ -145,8 +148,18 @@ impl AdmissionPolicy for PastFuture {
     fn admit(&mut self, c: &mut SeqLoad, _new_blocks: usize, pool: &PoolView) -> bool {
         let budget = self.budget(pool);
         let draws: Vec<Load> = (0..self.scenarios.len()).map(|k| self.load(c, k, true)).collect();
-        let worst = self.scenarios.iter_mut().zip(&draws).map(|(f, &l)| f.peak_with(l)).max().unwrap_or(0);
-        if worst > budget {
+        let peaks = self.scenarios.iter_mut().zip(&draws).map(|(f, &l)| f.peak_with(l));
+        let decisive = match self.tuning.quantile {
+            None => peaks.max().unwrap_or(0),
+            Some(q) => {
+                // Nearest rank: the smallest peak at or above a fraction q of the scenarios.
+                let mut peaks: Vec<u64> = peaks.collect();
+                peaks.sort_unstable();
+                let rank = ((q * peaks.len() as f64).ceil() as usize).clamp(1, peaks.len().max(1));
+                peaks.get(rank - 1).copied().unwrap_or(0)
+            }
+        };
+        if decisive > budget {
             return false;
         }
         for (f, l) in self.scenarios.iter_mut().zip(draws) {
