@@ -341,8 +341,9 @@ def test_history_prior_files_and_bad_input(tmp_path):
             sim.simulate(t, "past-future", clients=2, history_prior=prior)
     with pytest.raises(ValueError, match="history_prior_weight must be a positive integer"):
         sim.simulate(t, "past-future", clients=2, history_prior_weight=0)
-    with pytest.raises(ValueError, match="history must hold output lengths"):
-        sim.simulate(t, "past-future", clients=2, history=[5, 0])
+    for bad in ([5, 0], [5.5], ["7"], 3):
+        with pytest.raises(ValueError, match="history must hold output lengths"):
+            sim.simulate(t, "past-future", clients=2, history=bad)
 
 
 def test_the_papers_baselines_and_presets():

@@ -15,6 +15,7 @@ quantiles; every finished request replaces one, so the prior fades as real lengt
 from __future__ import annotations
 
 import csv
+import operator
 import os
 from pathlib import Path
 from typing import List, Optional, Sequence, Union
@@ -23,7 +24,7 @@ Prior = Union[None, str, os.PathLike, Sequence[int]]
 
 BUNDLED = {"sharegpt": "sharegpt_output_lengths.csv"}
 
-__all__ = ["resolve_prior", "check_prior_weight", "read_lengths_csv", "BUNDLED", "Prior"]
+__all__ = ["resolve_prior", "check_prior_weight", "check_lengths", "read_lengths_csv", "BUNDLED", "Prior"]
 
 
 def read_lengths_csv(path: Union[str, os.PathLike]) -> List[int]:
@@ -75,12 +76,18 @@ def resolve_prior(prior: Prior) -> Optional[List[int]]:
                 f"history prior {name!r} is neither a bundled prior ({', '.join(BUNDLED)}), 'max-tokens', nor a CSV file"
             )
         return read_lengths_csv(name)
+    return check_lengths(prior, "history prior")
+
+
+def check_lengths(values, what: str) -> List[int]:
+    """`values` as a list of output lengths (integers of at least 1 token), or a ValueError
+    naming `what`: the one check for a prior given as a list and for a saved history."""
     try:
-        lengths = [int(v) for v in prior]
-    except (TypeError, ValueError):
-        raise ValueError("history prior must be a name, a CSV path or a sequence of output lengths") from None
-    if not lengths or any(v < 1 or v != x for v, x in zip(lengths, prior)):
-        raise ValueError("history prior must hold output lengths of at least 1 token (integers)")
+        lengths = [operator.index(v) for v in values]  # ints and numpy ints; not floats or strings
+    except TypeError:
+        lengths = []
+    if not lengths or min(lengths) < 1:
+        raise ValueError(f"{what} must hold output lengths of at least 1 token (integers)")
     return lengths
 
 

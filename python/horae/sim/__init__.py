@@ -20,7 +20,7 @@ import numpy as np
 
 from horae import _core
 from horae._core import HoraeCoreError, Trace
-from horae.priors import Prior, check_prior_weight, resolve_prior
+from horae.priors import Prior, check_lengths, check_prior_weight, resolve_prior
 
 #: Baselines that are a policy with one setting changed: "aggressive-99" admits until 99% of the
 #: pool's blocks are used (LightLLM's "agg99", and vLLM's rule: keep 1% of blocks free, preempt
@@ -137,9 +137,7 @@ def simulate(
     if rate_scale is not None:
         trace = trace.scaled(float(rate_scale))
     if history is not None:
-        history = [int(v) for v in history]
-        if any(v < 1 for v in history):
-            raise ValueError("history must hold output lengths of at least 1 token")
+        history = check_lengths(history, "history")
     if "history_prior_weight" in engine:
         engine["history_prior_weight"] = check_prior_weight(engine["history_prior_weight"])
     label = scheduler

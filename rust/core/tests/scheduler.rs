@@ -469,6 +469,9 @@ fn admission_pace_and_forecast_options_keep_every_request_exact() {
     bad.sched.tuning.quantile = Some(1.5);
     assert!(matches!(sim::simulate(&t, &bad), Err(HoraeError::InvalidConfig(m)) if m.contains("quantile")));
     bad.sched.tuning.quantile = None;
+    bad.sched.history_start.recorded = Arc::from([3u32, 0].as_slice());
+    assert!(matches!(sim::simulate(&t, &bad), Err(HoraeError::InvalidConfig(m)) if m.contains("at least 1 token")));
+    bad.sched.history_start.recorded = Arc::from([].as_slice());
     bad.sched.max_admit_per_step = Some(0);
     assert!(matches!(sim::simulate(&t, &bad), Err(HoraeError::InvalidConfig(m)) if m.contains("max_admit_per_step")));
 }

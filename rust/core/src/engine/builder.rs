@@ -242,9 +242,6 @@ pub fn build(args: EngineArgs) -> Result<(EngineHandle, EngineInfo)> {
     };
     cfg.history_start.prior = args.history_prior.as_deref().map(Arc::from);
     cfg.history_start.prior_weight = args.history_prior_weight;
-    if args.history_prior.as_ref().is_some_and(|p| p.is_empty() || p.contains(&0)) {
-        return Err(HoraeError::InvalidConfig("history_prior must be output lengths of at least 1 token".into()));
-    }
     let history_file =
         args.history_file.as_ref().map(|p| HistoryFile::new(p, model_identity(&args.model_dir, &config)));
     let history = history_file.as_ref().map(HistoryFile::load);

@@ -151,6 +151,10 @@ impl SchedulerConfig {
         if self.max_admit_per_step == Some(0) {
             return bad("max_admit_per_step must be at least 1 (leave it unset for no limit)".into());
         }
+        let start = &self.history_start;
+        if start.prior.as_ref().is_some_and(|p| p.is_empty() || p.contains(&0)) || start.recorded.contains(&0) {
+            return bad("a history prior or saved history must be output lengths of at least 1 token".into());
+        }
         if self.history_start.prior_weight == Some(0) {
             return bad("history_prior_weight must be at least 1 (leave it unset for half the window)".into());
         }

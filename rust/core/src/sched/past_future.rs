@@ -42,7 +42,7 @@ pub struct PastFuture {
     lengths: Lengths,
     tuning: Tuning,
     reserve: f64,
-    /// One forecast per Monte-Carlo scenario; the worst one decides.
+    /// One forecast per Monte-Carlo scenario; the worst (or `tuning.quantile`'s) decides.
     scenarios: Vec<Forecast>,
 }
 
