@@ -298,12 +298,12 @@ def test_usage_json_traces_such_as_sharegpt_o1(tmp_path):
 
 
 def test_a_warm_history_admits_more_at_once_than_a_cold_prior():
-    """A cold history samples from its prior (by default the largest output) until real lengths
-    replace it; a run started from an earlier run's history (`SimResult.history`) admits as many
-    requests as that history says fit, from the first step."""
+    """A cold history samples from its prior until real lengths replace it; a run started from an
+    earlier run's history (`SimResult.history`) admits as many requests as that history says fit,
+    from the first step."""
     t = sim.synthetic("dist-3", 200, seed=2)
     kw = dict(clients=200, kv_cache_tokens=60_000, max_tokens=8192, max_batched_tokens=18_000)
-    cold = sim.simulate(t, "past-future", **kw)
+    cold = sim.simulate(t, "past-future", history_prior="max-tokens", **kw)
     assert cold.history is not None and len(cold.history) == 200 and cold.history.min() >= 1
     assert sorted(cold.history) == sorted(t.output_lens()), "every finished length is recorded"
     assert sim.simulate(t, "aggressive", **kw).history is None
@@ -312,6 +312,9 @@ def test_a_warm_history_admits_more_at_once_than_a_cold_prior():
     # 60k tokens hold 7 requests at 8,192 each: the cold prior's answer; the warm history's mean
     # output (~2k) lets about three times as many start.
     assert first(cold) <= 8 and first(warm) >= 2 * first(cold), (first(cold), first(warm))
+    # The default prior, uniform up to max_tokens, starts in between (here 7 against 5 and 13).
+    uniform = sim.simulate(t, "past-future", **kw)
+    assert first(cold) < first(uniform) < first(warm), (first(cold), first(uniform), first(warm))
     # The prior can be a distribution (bundled, a CSV, a list) with a chosen weight.
     short = sim.simulate(t, "past-future", history_prior=[100] * 4, history_prior_weight=4, **kw)
     assert first(short) > first(cold)
@@ -322,7 +325,8 @@ def test_a_warm_history_admits_more_at_once_than_a_cold_prior():
 def test_history_prior_files_and_bad_input(tmp_path):
     from horae.priors import read_lengths_csv, resolve_prior
 
-    assert resolve_prior(None) is None and resolve_prior("max-tokens") is None
+    assert resolve_prior(None) is None and resolve_prior("uniform") == "uniform"
+    assert resolve_prior("max-tokens") == resolve_prior("max_tokens") == "max-tokens"
     bundled = resolve_prior("sharegpt")
     assert len(bundled) == 128 and 400 < sum(bundled) / len(bundled) < 480
     assert read_lengths_csv(write(tmp_path, "one.csv", "12\n7\n\n30\n")) == [12, 7, 30]
@@ -341,6 +345,8 @@ def test_history_prior_files_and_bad_input(tmp_path):
             sim.simulate(t, "past-future", clients=2, history_prior=prior)
     with pytest.raises(ValueError, match="history_prior_weight must be a positive integer"):
         sim.simulate(t, "past-future", clients=2, history_prior_weight=0)
+    with pytest.raises(ValueError, match='unknown censoring "sometimes"'):
+        sim.simulate(t, "past-future", clients=2, censoring="sometimes")
     for bad in ([5, 0], [5.5], ["7"], 3):
         with pytest.raises(ValueError, match="history must hold output lengths"):
             sim.simulate(t, "past-future", clients=2, history=bad)

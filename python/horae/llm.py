@@ -287,8 +287,8 @@ class Engine:
         # every 64 finished requests and when the engine stops, so a restarted server starts warm.
         # A missing, corrupt or other model's file means a cold start, logged, never an error.
         # history_prior / history_prior_weight: what a cold history samples from (see
-        # horae.priors: "max-tokens" (default), "sharegpt", a CSV path or a list of lengths) and
-        # how many entries of it (default half the window); each finished request replaces one.
+        # horae.priors: "uniform" (default), "max-tokens", "sharegpt", a CSV path or a list of
+        # lengths) and how many entries of it (default 8); each finished request replaces one.
         self.model_dir = resolve_model(model)
         prior = resolve_prior(history_prior)
         history_prior_weight = check_prior_weight(history_prior_weight)

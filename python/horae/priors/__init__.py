@@ -3,8 +3,11 @@
 A cold history holds ``history_prior_weight`` entries drawn from the prior, spread over its
 quantiles; every finished request replaces one, so the prior fades as real lengths arrive. Choices:
 
-- ``None`` or ``"max-tokens"``: every entry is the largest allowed output (LightLLM's priming): safe
-  and conservative until real lengths replace it.
+- ``None`` or ``"uniform"`` (the default): uniform up to the largest allowed output, nothing known
+  but the bound. While the history fills, running requests count as censored lengths ("at least
+  what they generated"), so the first, short finishes do not make it admit too much.
+- ``"max-tokens"``: every entry is the largest allowed output (LightLLM's priming): admits as
+  conservative does until real lengths replace it.
 - ``"sharegpt"``: a bundled distribution, 128 quantiles of the output lengths of 30,731 ShareGPT
   conversations (mean 439 tokens; source in ``SOURCES.md`` here).
 - a path to a CSV file: one output length per row, either a single column or a column named
@@ -24,7 +27,7 @@ Prior = Union[None, str, os.PathLike, Sequence[int]]
 
 BUNDLED = {"sharegpt": "sharegpt_output_lengths.csv"}
 
-__all__ = ["resolve_prior", "check_prior_weight", "check_lengths", "read_lengths_csv", "BUNDLED", "Prior"]
+__all__ = ["SHAPES", "resolve_prior", "check_prior_weight", "check_lengths", "read_lengths_csv", "BUNDLED", "Prior"]
 
 
 def read_lengths_csv(path: Union[str, os.PathLike]) -> List[int]:
@@ -61,19 +64,24 @@ def _is_int(s: str) -> bool:
     return s.strip().lstrip("+-").isdigit()
 
 
-def resolve_prior(prior: Prior) -> Optional[List[int]]:
-    """The prior's lengths, or None for the largest-output priming."""
+#: Priors shaped by the largest allowed output, resolved in the core.
+SHAPES = ("uniform", "max-tokens")
+
+
+def resolve_prior(prior: Prior) -> Union[None, str, List[int]]:
+    """The prior as the core takes it: None (the default), a shape's name, or lengths."""
     if prior is None:
         return None
     if isinstance(prior, (str, os.PathLike)):
-        name = str(prior)
-        if name in ("max-tokens", "max_tokens"):
-            return None
+        name = "max-tokens" if str(prior) == "max_tokens" else str(prior)
+        if name in SHAPES:
+            return name
         if name in BUNDLED:
             return read_lengths_csv(Path(__file__).parent / BUNDLED[name])
         if not Path(name).is_file():
             raise ValueError(
-                f"history prior {name!r} is neither a bundled prior ({', '.join(BUNDLED)}), 'max-tokens', nor a CSV file"
+                f"history prior {name!r} is neither a bundled prior ({', '.join(BUNDLED)}), "
+                f"{' nor '.join(SHAPES)}, nor a CSV file"
             )
         return read_lengths_csv(name)
     return check_lengths(prior, "history prior")

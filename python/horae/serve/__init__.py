@@ -62,10 +62,11 @@ def _json_dict(text: str) -> dict:
 
 def add_prior_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--history-prior", metavar="PRIOR",
-                   help="past-future: what a cold history samples from until real lengths replace it: max-tokens "
-                        "(default), sharegpt (bundled), or a CSV file of output lengths")
+                   help="past-future: what a cold history samples from until real lengths replace it: uniform "
+                        "(default; up to the largest output), max-tokens (LightLLM's), sharegpt (bundled), "
+                        "or a CSV file of output lengths")
     p.add_argument("--history-prior-weight", type=int, metavar="N",
-                   help="past-future: entries of the prior in a cold history (default: half the window)")
+                   help="past-future: entries of the prior in a cold history (default: 8)")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -440,7 +440,7 @@ fn queue_deadline_and_gap_abort_end_requests_for_every_policy() {
 
 #[test]
 fn admission_pace_and_forecast_options_keep_every_request_exact() {
-    use horae_core::sched::Tuning;
+    use horae_core::sched::{Censoring, Tuning};
     let t = trace(&mixed(150), 0.0);
     // One admission per step (LightLLM's pace): the first steps grow the batch one by one.
     let mut one = cfg(PolicyKind::Aggressive, 6000);
@@ -455,6 +455,8 @@ fn admission_pace_and_forecast_options_keep_every_request_exact() {
         Tuning { redraw: true, ..Default::default() },
         Tuning { fitted_tail: true, ..Default::default() },
         Tuning { scenarios: Some(16), quantile: Some(0.75), ..Default::default() },
+        Tuning { censoring: Censoring::Off, ..Default::default() },
+        Tuning { censoring: Censoring::Always, ..Default::default() },
     ] {
         let mut c = cfg(PolicyKind::PastFuture, 6000);
         c.sched.tuning = tuning;

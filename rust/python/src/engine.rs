@@ -136,7 +136,7 @@ impl PyEngine {
         queue_timeout: Option<f64>,
         max_itl_abort: Option<f64>,
         history_file: Option<PathBuf>,
-        history_prior: Option<Vec<u32>>,
+        history_prior: Option<crate::PriorArg>,
         history_prior_weight: Option<usize>,
     ) -> PyResult<Self> {
         let speculative = match speculative.map(|d| crate::spec::parse(&d, false, seed.unwrap_or(0))).transpose()? {
@@ -159,7 +159,7 @@ impl PyEngine {
             max_model_len,
             rules: engine::ServerRules { queue_timeout, max_itl_abort },
             history_file,
-            history_prior,
+            history_prior: crate::PriorArg::resolve(history_prior)?,
             history_prior_weight,
             ..EngineArgs::new(model_dir)
         };

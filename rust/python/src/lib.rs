@@ -13,13 +13,31 @@ use horae_core::bench::admission::admission_benchmark;
 use horae_core::engine::builder::parse_cpu_dtype;
 use horae_core::engine::ServerRules;
 use horae_core::model::LlamaModel;
-use horae_core::sched::{HistoryStart, PolicyKind, SchedulerConfig, Tuning};
+use horae_core::sched::{Censoring, HistoryStart, PolicyKind, Prior, SchedulerConfig, Tuning};
 use horae_core::sim::{self, CostModel, LengthDist, LoadModel, SimConfig, Sla, StepFeatures, Trace, TraceFormat};
 use horae_core::HoraeError;
 use numpy::{IntoPyArray, PyArrayMethods, PyReadonlyArray1};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
+
+/// Past-Future's prior as Python gives it: a name ("uniform", "max-tokens") or output lengths
+/// (`horae.priors` resolves bundled names and CSV files to lengths first).
+#[derive(FromPyObject)]
+pub(crate) enum PriorArg {
+    Name(String),
+    Lengths(Vec<u32>),
+}
+
+impl PriorArg {
+    pub(crate) fn resolve(arg: Option<Self>) -> PyResult<Prior> {
+        match arg {
+            None => Ok(Prior::default()),
+            Some(Self::Name(name)) => name.parse().map_err(PyValueError::new_err),
+            Some(Self::Lengths(lengths)) => Ok(Prior::Lengths(Arc::from(lengths))),
+        }
+    }
+}
 
 pyo3::create_exception!(_core, HoraeCoreError, PyValueError, "An error reported by horae's Rust core.");
 
@@ -124,7 +142,7 @@ fn synthetic_trace(dist: &str, n: usize, seed: u64) -> PyResult<PyTrace> {
     reserve = 0.05, watermark = 0.95, seed = 0, ttft = None, tpot = None, max_itl = None, e2e = None,
     speculative = None, queue_timeout = None, max_itl_abort = None, retry_failed = false,
     history = None, history_prior = None, history_prior_weight = None, scenarios = None, quantile = None,
-    redraw = false, fitted_tail = false, max_admit_per_step = None,
+    redraw = false, fitted_tail = false, censoring = None, max_admit_per_step = None,
 ))]
 #[allow(clippy::too_many_arguments)]
 fn simulate<'py>(
@@ -154,12 +172,13 @@ fn simulate<'py>(
     max_itl_abort: Option<f64>,
     retry_failed: bool,
     history: Option<Vec<u32>>,
-    history_prior: Option<Vec<u32>>,
+    history_prior: Option<PriorArg>,
     history_prior_weight: Option<usize>,
     scenarios: Option<usize>,
     quantile: Option<f64>,
     redraw: bool,
     fitted_tail: bool,
+    censoring: Option<&str>,
     max_admit_per_step: Option<usize>,
 ) -> PyResult<SimOutput<'py>> {
     let policy: PolicyKind = scheduler.parse().map_err(to_py)?;
@@ -183,11 +202,21 @@ fn simulate<'py>(
             history_window,
             max_output_bound: max_tokens.max(1),
             history_start: HistoryStart {
-                prior: history_prior.map(Arc::from),
+                prior: PriorArg::resolve(history_prior)?,
                 prior_weight: history_prior_weight,
                 recorded: history.map(Arc::from).unwrap_or_default(),
             },
-            tuning: Tuning { scenarios, quantile, redraw, fitted_tail },
+            tuning: Tuning {
+                scenarios,
+                quantile,
+                redraw,
+                fitted_tail,
+                censoring: censoring
+                    .map(str::parse::<Censoring>)
+                    .transpose()
+                    .map_err(PyValueError::new_err)?
+                    .unwrap_or_default(),
+            },
             max_admit_per_step,
             reserve,
             watermark,

@@ -72,7 +72,7 @@ pub fn admission_benchmark(running: usize, iters: usize, seed: u64) -> Admission
     }
     let next = t.elapsed().as_secs_f64() / extra as f64;
 
-    let mut history = LengthHistory::new(1000, 4096);
+    let mut history = LengthHistory::start(1000, 4096, &Default::default());
     for _ in 0..1000 {
         history.record(rng.random_range(1..800));
     }

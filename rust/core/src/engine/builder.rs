@@ -15,7 +15,7 @@ use crate::model::{LlamaModel, ModelConfig};
 use crate::plan::Executor;
 use crate::request::RequestLimits;
 use crate::runner::{ModelExecutor, Proposer};
-use crate::sched::{PolicyKind, Scheduler, SchedulerConfig, SpecConfig};
+use crate::sched::{PolicyKind, Prior, Scheduler, SchedulerConfig, SpecConfig};
 use crate::spec::DraftModel;
 use crate::tokenizer::Tokenizer;
 
@@ -55,9 +55,9 @@ pub struct EngineArgs {
     pub history_window: usize,
     /// `None`: the model's context.
     pub max_output_bound: Option<usize>,
-    /// Past-Future's prior: lengths its history starts from (`None`: `max_output_bound`), and
-    /// how many entries of it (`None`: half the window).
-    pub history_prior: Option<Vec<u32>>,
+    /// Past-Future's prior: what its history samples from until requests finish (up to
+    /// `max_output_bound`), and how many entries of it (`None`: the default weight).
+    pub history_prior: Prior,
     pub history_prior_weight: Option<usize>,
     /// Where Past-Future's history is loaded from at start and saved to as requests finish and
     /// when the engine stops: a restarted server starts warm.
@@ -85,7 +85,7 @@ impl EngineArgs {
             dtype: "auto".into(),
             history_window: 1000,
             max_output_bound: None,
-            history_prior: None,
+            history_prior: Prior::default(),
             history_prior_weight: None,
             history_file: None,
             speculative: None,
@@ -240,7 +240,7 @@ pub fn build(args: EngineArgs) -> Result<(EngineHandle, EngineInfo)> {
         spec: args.speculative.as_ref().map(|s| s.cfg.clone()),
         ..Default::default()
     };
-    cfg.history_start.prior = args.history_prior.as_deref().map(Arc::from);
+    cfg.history_start.prior = args.history_prior.clone();
     cfg.history_start.prior_weight = args.history_prior_weight;
     let history_file =
         args.history_file.as_ref().map(|p| HistoryFile::new(p, model_identity(&args.model_dir, &config)));

@@ -17,7 +17,8 @@ use std::str::FromStr;
 
 pub use aggressive::Aggressive;
 pub use conservative::Conservative;
-pub use past_future::{history, history::HistoryStart, peak, PastFuture, TrueLengths, Tuning};
+pub use past_future::history::{self, HistoryStart, Prior};
+pub use past_future::{peak, Censoring, PastFuture, TrueLengths, Tuning};
 pub use scheduler::{check_fits, AdmissionPolicy, PoolView, Scheduler, SchedulerStats, SeqLoad, MAX_SCENARIOS};
 pub use smartspec::{Judged, SpecConfig, SpecController, SpecStats, MAX_SPEC_TOKENS};
 
@@ -152,11 +153,12 @@ impl SchedulerConfig {
             return bad("max_admit_per_step must be at least 1 (leave it unset for no limit)".into());
         }
         let start = &self.history_start;
-        if start.prior.as_ref().is_some_and(|p| p.is_empty() || p.contains(&0)) || start.recorded.contains(&0) {
+        let bad_prior = matches!(&start.prior, Prior::Lengths(p) if p.is_empty() || p.contains(&0));
+        if bad_prior || start.recorded.contains(&0) {
             return bad("a history prior or saved history must be output lengths of at least 1 token".into());
         }
         if self.history_start.prior_weight == Some(0) {
-            return bad("history_prior_weight must be at least 1 (leave it unset for half the window)".into());
+            return bad("history_prior_weight must be at least 1 (leave it unset for the default, 8)".into());
         }
         if !(0.0..1.0).contains(&self.reserve) {
             return bad(format!("reserve must be in [0, 1), got {}", self.reserve));
