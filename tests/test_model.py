@@ -361,6 +361,16 @@ def test_history_file_gives_a_warm_restart_and_bad_files_start_cold(tmp_path, ca
     gc.collect()
     assert json.loads(path.read_text())["lengths"] == [5, 7, 9, 3], "an engine that goes saves its history"
 
+    # Every 64 finishes the engine writes the file on its own (after the step, outside its lock).
+    periodic = Engine(kv_cache_tokens=1024, history_file=path, max_num_seqs=64)
+    for i in range(64):
+        periodic.add_request(f"p{i}", "Hi", SamplingParams(max_tokens=2, ignore_eos=True))
+    while periodic.has_unfinished_requests():
+        periodic.step()
+    assert json.loads(path.read_text())["lengths"] == [5, 7, 9, 3] + [2] * 64
+    del periodic
+    gc.collect()
+
     data = json.loads(path.read_text())
     for text, says in [(json.dumps({**data, "model": "llama-2-7b"}), "is for model 'llama-2-7b'"),
                        ("{half a file", "not a horae history file")]:

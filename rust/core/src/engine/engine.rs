@@ -496,19 +496,27 @@ struct EngineState {
     history: Option<(HistoryFile, u64)>,
 }
 
+/// Lengths to write to the history file, taken under the engine lock and written after it is
+/// released, so that a step never waits on the disk.
+struct HistoryWrite {
+    file: HistoryFile,
+    lengths: Vec<u32>,
+    /// Lengths recorded when the snapshot was taken: orders concurrent writes.
+    recorded: u64,
+}
+
 impl EngineState {
-    /// Write the history file if one is set and `force` or `SAVE_EVERY` lengths came since the
-    /// last write. A failed write is reported and retried at the next chance, never fatal.
-    fn save_history(&mut self, force: bool) -> Result<bool> {
+    /// The history to write, if a file is set and `force` or `SAVE_EVERY` lengths came since the
+    /// last snapshot. A failed write is reported and retried at the next snapshot, never fatal.
+    fn history_due(&mut self, force: bool) -> Option<HistoryWrite> {
         let recorded = self.engine.scheduler().stats().lengths_recorded;
-        let Some((file, saved_at)) = &mut self.history else { return Ok(false) };
+        let (file, saved_at) = self.history.as_mut()?;
         if !force && recorded < *saved_at + history_file::SAVE_EVERY {
-            return Ok(false);
+            return None;
         }
-        let Some(lengths) = self.engine.scheduler().recorded_lengths() else { return Ok(false) };
+        let lengths = self.engine.scheduler().recorded_lengths()?;
         *saved_at = recorded;
-        file.save(&lengths)?;
-        Ok(true)
+        Some(HistoryWrite { file: file.clone(), lengths, recorded })
     }
 }
 
@@ -524,6 +532,9 @@ struct Shared {
     /// Signalled when the inbox gets work or the loop is told to stop.
     wake: Condvar,
     stop: AtomicBool,
+    /// Held while the history file is written; the recorded count of the last write, so that an
+    /// older snapshot never overwrites a newer one.
+    history_written: Mutex<u64>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -562,9 +573,7 @@ impl Shared {
             return Ok(StepEvents { outputs, stats: stats_of(&st, None) });
         }
         let out = st.engine.step()?;
-        if let Err(e) = st.save_history(false) {
-            eprintln!("horae: {e}");
-        }
+        let due = st.history_due(false);
         st.preemptions += out.preempted.len() as u64;
         outputs.extend(out.outputs);
         let duration = out.sample.map(|s| s.duration);
@@ -574,7 +583,29 @@ impl Shared {
             }
             st.step_log.push(sample);
         }
-        Ok(StepEvents { outputs, stats: stats_of(&st, duration) })
+        let stats = stats_of(&st, duration);
+        drop(st);
+        self.report_history_write(due);
+        Ok(StepEvents { outputs, stats })
+    }
+
+    /// Write a history snapshot (outside the engine lock).
+    fn write_history(&self, due: Option<HistoryWrite>) -> Result<bool> {
+        let Some(w) = due else { return Ok(false) };
+        let mut written = lock(&self.history_written);
+        if w.recorded < *written {
+            return Ok(false);
+        }
+        w.file.save(&w.lengths)?;
+        *written = w.recorded;
+        Ok(true)
+    }
+
+    /// As `write_history`, for the engine thread: a failed write is logged, never fatal.
+    fn report_history_write(&self, due: Option<HistoryWrite>) {
+        if let Err(e) = self.write_history(due) {
+            eprintln!("horae: {e}");
+        }
     }
 
     /// Blocks until there is something to do (a queued request or abort, or running requests),
@@ -625,6 +656,7 @@ impl EngineHandle {
             inbox: Mutex::default(),
             wake: Condvar::new(),
             stop: AtomicBool::new(false),
+            history_written: Mutex::new(0),
         };
         Self { shared: Arc::new(shared), limits, next_id: AtomicU64::new(0), looper: Mutex::new(None) }
     }
@@ -643,7 +675,8 @@ impl EngineHandle {
     /// Write the history file now (the front ends call this on shutdown); `false` when there is
     /// no file or no history to write.
     pub fn save_history(&self) -> Result<bool> {
-        lock(&self.shared.state).save_history(true)
+        let due = lock(&self.shared.state).history_due(true);
+        self.shared.write_history(due)
     }
 
     pub fn limits(&self) -> &RequestLimits {
@@ -723,9 +756,8 @@ impl EngineHandle {
                     }
                     on_step(result);
                 }
-                if let Err(e) = lock(&shared.state).save_history(true) {
-                    eprintln!("horae: {e}");
-                }
+                let due = lock(&shared.state).history_due(true);
+                shared.report_history_write(due);
             })
             .map_err(|e| HoraeError::InvalidConfig(format!("cannot start the engine thread: {e}")))?;
         *looper = Some(handle);
@@ -747,11 +779,8 @@ impl Drop for EngineHandle {
         // Stop, but do not join: the loop may be waiting for the lock of whoever drops us. The
         // loop saves the history as it ends; without a loop, save here if no one holds the lock.
         if self.stop_loop().is_none() {
-            if let Ok(mut st) = self.shared.state.try_lock() {
-                if let Err(e) = st.save_history(true) {
-                    eprintln!("horae: {e}");
-                }
-            }
+            let due = self.shared.state.try_lock().ok().and_then(|mut st| st.history_due(true));
+            self.shared.report_history_write(due);
         }
     }
 }
