@@ -384,3 +384,16 @@ def test_history_file_gives_a_warm_restart_and_bad_files_start_cold(tmp_path, ca
     assert Engine(kv_cache_tokens=1024, scheduler="aggressive").history_lengths() is None
     with pytest.raises(ValueError, match="neither a bundled prior"):
         Engine(kv_cache_tokens=1024, history_prior="no-such-prior")
+
+
+def test_a_long_prefill_threshold_keeps_greedy_tokens_exact(llm):
+    """Capping a prompt's tokens per step (long_prefill_token_threshold) splits its prefill into
+    more chunks; the KV it writes, hence the greedy continuation, must not change."""
+    prompt = "A list of the rivers of Europe, with their lengths and the seas they reach: " * 12
+    params = SamplingParams(temperature=0, max_tokens=8)
+    plain = llm.generate(prompt, params, use_tqdm=False)[0].outputs[0].token_ids
+    capped = LLM(long_prefill_token_threshold=48)
+    assert len(capped.engine.encode(prompt)) > 4 * 48
+    assert capped.generate(prompt, params, use_tqdm=False)[0].outputs[0].token_ids == plain
+    with pytest.raises(HoraeCoreError, match="long_prefill_token_threshold must be at least 1"):
+        Engine(long_prefill_token_threshold=0)

@@ -261,7 +261,8 @@ class Engine:
                  gpu_memory_utilization: float = 0.9, max_model_len: Optional[int] = None,
                  queue_timeout: Optional[float] = None, max_itl_abort: Optional[float] = None,
                  history_file: Optional[Union[str, Path]] = None, history_prior: Prior = None,
-                 history_prior_weight: Optional[int] = None):
+                 history_prior_weight: Optional[int] = None,
+                 long_prefill_token_threshold: Optional[int] = None):
         # device: "auto" (the first GPU if one works, else the CPU; `cpu_fallback_reason` says
         # why), "cpu", "cuda" or "cuda:N". A GPU needs an NVIDIA driver for CUDA 12+, Ampere or
         # newer, and NVRTC + cuBLAS (`pip install horae[cuda]` brings them).
@@ -289,6 +290,9 @@ class Engine:
         # history_prior / history_prior_weight: what a cold history samples from (see
         # horae.priors: "uniform" (default), "max-tokens", "sharegpt", a CSV path or a list of
         # lengths) and how many entries of it (default 8); each finished request replaces one.
+        # long_prefill_token_threshold: the most tokens of one prompt prefilled in a step (vLLM's
+        # option; default: a chunk may take the whole max_num_batched_tokens). A long prompt then
+        # takes more steps, and short requests start beside it instead of after its prefill.
         self.model_dir = resolve_model(model)
         prior = resolve_prior(history_prior)
         history_prior_weight = check_prior_weight(history_prior_weight)
@@ -304,7 +308,8 @@ class Engine:
                                   gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
                                   queue_timeout=queue_timeout, max_itl_abort=max_itl_abort,
                                   history_file=None if history_file is None else str(history_file),
-                                  history_prior=prior, history_prior_weight=history_prior_weight)
+                                  history_prior=prior, history_prior_weight=history_prior_weight,
+                                  long_prefill_token_threshold=long_prefill_token_threshold)
         status = self._core.history_status
         if status is not None:
             warm, message = status

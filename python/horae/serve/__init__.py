@@ -80,6 +80,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="fraction of GPU memory for weights, activations and the KV pool")
     p.add_argument("--max-num-seqs", type=int, default=64, help="most requests in the running batch")
     p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="most tokens in one step")
+    p.add_argument("--long-prefill-token-threshold", type=int, metavar="N",
+                   help="most tokens of one prompt prefilled in a step, so short requests start beside a long "
+                        "prompt (vLLM's option; default: no limit)")
     p.add_argument("--history-window", type=int, default=1000, help="past-future: finished lengths remembered")
     p.add_argument("--max-output-bound", type=int,
                    help="past-future: the length its history is primed with (default: the model's context)")
@@ -121,7 +124,8 @@ def make_app(args: argparse.Namespace):
                    gpu_memory_utilization=args.gpu_memory_utilization, max_model_len=args.max_model_len,
                    queue_timeout=args.queue_timeout, max_itl_abort=args.max_itl_abort,
                    history_file=args.history_file, history_prior=args.history_prior,
-                   history_prior_weight=args.history_prior_weight)
+                   history_prior_weight=args.history_prior_weight,
+                   long_prefill_token_threshold=args.long_prefill_token_threshold)
     if llm.engine.history_status is not None:
         print(f"history: {llm.engine.history_status[1]}", flush=True)
     print(f"model on {llm.engine.device}" + (f" ({llm.engine.cpu_fallback_reason})" if llm.engine.cpu_fallback_reason else ""),

@@ -158,6 +158,29 @@ fn chunked_prefill_spreads_a_long_prompt_over_steps() {
 }
 
 #[test]
+fn a_long_prefill_threshold_lets_short_requests_start_beside_a_long_prompt() {
+    // A 6,000-token prompt, then a short one a moment later, on a 2,048-token step budget.
+    let t = trace(&[(6000, 4), (20, 4)], 0.001);
+    let mut c = cfg(PolicyKind::PastFuture, 16_384);
+    c.sched.max_batched_tokens = 2048;
+    let plain = sim::simulate(&t, &c).unwrap();
+    c.sched.long_prefill_token_threshold = Some(512);
+    let capped = sim::simulate(&t, &c).unwrap();
+    let ttft = |r: &sim::SimResult, i: usize| r.records[i].first_token - r.records[i].arrival;
+    // Without the cap the long prompt takes the whole budget for three steps and the short one
+    // waits behind it; with it the short one starts in the long prompt's second step.
+    assert!(ttft(&capped, 1) < 0.5 * ttft(&plain, 1), "{} vs {}", ttft(&capped, 1), ttft(&plain, 1));
+    assert!(capped.steps.iter().all(|s| s.batched_tokens <= 512 + 20));
+    // The long prompt pays: 12 chunks of at most 512 tokens instead of 3 of 2,048.
+    assert!(ttft(&capped, 0) > ttft(&plain, 0));
+    assert!(capped.records.iter().all(|r| r.output_len == 4));
+    c.sched.long_prefill_token_threshold = Some(0);
+    assert!(
+        matches!(sim::simulate(&t, &c), Err(HoraeError::InvalidConfig(m)) if m.contains("long_prefill_token_threshold"))
+    );
+}
+
+#[test]
 fn mooncake_style_prefixes_hit_the_cache() {
     let mut t = trace(&[(2048, 4), (2048, 4), (1536, 4)], 100.0);
     t.requests[0].prefix_ids = vec![1, 2, 3, 4];

@@ -115,7 +115,7 @@ impl PyEngine {
                         history_window = 1000, max_output_bound = None, speculative = None,
                         device = "auto", gpu_memory_utilization = 0.9, max_model_len = None, queue_timeout = None,
                         max_itl_abort = None, history_file = None, history_prior = None,
-                        history_prior_weight = None))]
+                        history_prior_weight = None, long_prefill_token_threshold = None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -138,6 +138,7 @@ impl PyEngine {
         history_file: Option<PathBuf>,
         history_prior: Option<crate::PriorArg>,
         history_prior_weight: Option<usize>,
+        long_prefill_token_threshold: Option<usize>,
     ) -> PyResult<Self> {
         let speculative = match speculative.map(|d| crate::spec::parse(&d, false, seed.unwrap_or(0))).transpose()? {
             Some((cfg, crate::spec::Choice::Engine(method))) => Some(engine::SpecArgs { cfg, method }),
@@ -161,6 +162,7 @@ impl PyEngine {
             history_file,
             history_prior: crate::PriorArg::resolve(history_prior)?,
             history_prior_weight,
+            long_prefill_token_threshold,
             ..EngineArgs::new(model_dir)
         };
         let (handle, info) = py.detach(|| engine::build(args)).map_err(to_py)?;

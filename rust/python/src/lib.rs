@@ -143,6 +143,7 @@ fn synthetic_trace(dist: &str, n: usize, seed: u64) -> PyResult<PyTrace> {
     speculative = None, queue_timeout = None, max_itl_abort = None, retry_failed = false,
     history = None, history_prior = None, history_prior_weight = None, scenarios = None, quantile = None,
     redraw = false, fitted_tail = false, censoring = None, max_admit_per_step = None,
+    long_prefill_token_threshold = None,
 ))]
 #[allow(clippy::too_many_arguments)]
 fn simulate<'py>(
@@ -180,6 +181,7 @@ fn simulate<'py>(
     fitted_tail: bool,
     censoring: Option<&str>,
     max_admit_per_step: Option<usize>,
+    long_prefill_token_threshold: Option<usize>,
 ) -> PyResult<SimOutput<'py>> {
     let policy: PolicyKind = scheduler.parse().map_err(to_py)?;
     let spec = speculative.map(|d| spec::parse(&d, true, seed)).transpose()?;
@@ -198,6 +200,7 @@ fn simulate<'py>(
             block_size,
             max_num_seqs,
             max_batched_tokens,
+            long_prefill_token_threshold,
             prefix_caching,
             history_window,
             max_output_bound: max_tokens.max(1),

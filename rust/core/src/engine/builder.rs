@@ -68,6 +68,8 @@ pub struct EngineArgs {
     pub gpu_memory_utilization: f64,
     /// A context limit below the model's (prompt + max_tokens); `None`: the model's.
     pub max_model_len: Option<usize>,
+    /// The most tokens of one prompt prefilled in a step (see `SchedulerConfig`).
+    pub long_prefill_token_threshold: Option<usize>,
     /// The server's rules: a queue deadline and a gap abort (off by default).
     pub rules: ServerRules,
 }
@@ -92,6 +94,7 @@ impl EngineArgs {
             device: "auto".into(),
             gpu_memory_utilization: 0.9,
             max_model_len: None,
+            long_prefill_token_threshold: None,
             rules: ServerRules::default(),
         }
     }
@@ -233,6 +236,7 @@ pub fn build(args: EngineArgs) -> Result<(EngineHandle, EngineInfo)> {
         block_size: args.block_size,
         max_num_seqs: args.max_num_seqs,
         max_batched_tokens: args.max_batched_tokens,
+        long_prefill_token_threshold: args.long_prefill_token_threshold,
         history_window: args.history_window,
         // Past-Future primes its length history with this: by default the whole context.
         max_output_bound: args.max_output_bound.unwrap_or(config.max_position_embeddings),

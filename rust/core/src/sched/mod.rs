@@ -75,6 +75,10 @@ pub struct SchedulerConfig {
     pub max_num_seqs: usize,
     /// Token budget of one step (prefill chunks plus one token per decoding sequence).
     pub max_batched_tokens: usize,
+    /// The most tokens of one prompt computed in a step (vLLM's `long_prefill_token_threshold`;
+    /// `None`: a chunk may take the whole budget). A long prompt then takes more steps, and the
+    /// budget it leaves lets short requests start instead of waiting for its whole prefill.
+    pub long_prefill_token_threshold: Option<usize>,
     pub prefix_caching: bool,
     /// Past-Future: finished output lengths remembered.
     pub history_window: usize,
@@ -105,6 +109,7 @@ impl Default for SchedulerConfig {
             block_size: 16,
             max_num_seqs: 256,
             max_batched_tokens: 2048,
+            long_prefill_token_threshold: None,
             prefix_caching: true,
             history_window: 1000,
             max_output_bound: 4096,
@@ -148,6 +153,9 @@ impl SchedulerConfig {
         }
         if let Some(q) = self.tuning.quantile.filter(|q| !(*q > 0.0 && *q <= 1.0)) {
             return bad(format!("quantile must be in (0, 1], got {q}"));
+        }
+        if self.long_prefill_token_threshold == Some(0) {
+            return bad("long_prefill_token_threshold must be at least 1 (leave it unset for no limit)".into());
         }
         if self.max_admit_per_step == Some(0) {
             return bad("max_admit_per_step must be at least 1 (leave it unset for no limit)".into());

@@ -269,6 +269,15 @@ impl Scheduler {
         }
     }
 
+    /// Tokens of a sequence with `left` to compute that go into this step: what the budget
+    /// allows, and for a prefill (more than one token left) at most the long-prefill threshold.
+    fn chunk(&self, left: usize, budget: usize) -> usize {
+        match self.cfg.long_prefill_token_threshold {
+            Some(cap) if left > 1 => left.min(budget).min(cap),
+            _ => left.min(budget),
+        }
+    }
+
     fn schedule_running(&mut self, placed: &mut Vec<Placed>, plan: &mut StepPlan, budget: &mut usize) {
         // Tokens the running sequences need without drafts: drafts only get what is left over,
         // so they never push another sequence's decode token or prefill chunk out of the step.
@@ -282,7 +291,7 @@ impl Scheduler {
             let id = self.running[i];
             let r = &self.requests[&id];
             let (start, total) = (r.num_computed, r.total_len());
-            let mut n = (total - start).min(*budget);
+            let mut n = self.chunk(total - start, *budget);
             base_left = base_left.saturating_sub(total - start);
             // Draft tokens ride along a decode step if the budget and the pool have room for
             // them; they never cause a preemption.
@@ -340,7 +349,7 @@ impl Scheduler {
             };
             let cached_blocks = self.kv.count_cached_prefix(&r.prompt_block_hashes[..lookup]);
             let cached = cached_blocks * bs;
-            let n = (total - cached).min(*budget);
+            let n = self.chunk(total - cached, *budget);
             let chunk_blocks = self.kv.blocks_for(cached + n) - cached_blocks;
             // Reviving cached blocks takes them out of the allocatable pool too.
             if chunk_blocks + cached_blocks > self.kv.pool().num_allocatable() {
