@@ -82,8 +82,8 @@ pub struct SchedulerConfig {
     pub prefix_caching: bool,
     /// Past-Future: finished output lengths remembered.
     pub history_window: usize,
-    /// Past-Future: the largest output a client may ask for; a history without a prior starts
-    /// primed with it.
+    /// Past-Future: the largest output a client may ask for: the bound the uniform and
+    /// all-`max_tokens` priors are shaped by.
     pub max_output_bound: usize,
     /// Past-Future: what the history starts from (a prior, lengths a saved history recorded).
     pub history_start: HistoryStart,

@@ -38,6 +38,7 @@ pub struct Tuning {
     pub redraw: bool,
     /// A request that outlived every recorded length: `false` draws uniformly up to
     /// `max_tokens`; `true` draws from an exponential tail fitted to the history's longest tenth.
+    /// Not used while censoring is on: the survival curve has its own tail.
     pub fitted_tail: bool,
     /// When running requests count as censored lengths (see [`Censoring`]).
     pub censoring: Censoring,
@@ -55,7 +56,7 @@ pub enum Censoring {
     /// and the running requests, longer by selection, would bias it long.
     #[default]
     WhileFilling,
-    /// Always.
+    /// Always (studied, not the default: it biases a full window long and loses at light load).
     Always,
 }
 
@@ -133,7 +134,8 @@ impl PastFuture {
 
     /// Draw a final output length for `s`: the true one for the oracle; else from the history,
     /// unconditionally for a fresh candidate, conditioned on what it generated otherwise (a
-    /// preempted request keeps that evidence; LightLLM forgets it).
+    /// preempted request keeps that evidence; LightLLM forgets it). While censoring is on, from
+    /// the survival curve `begin_step` built.
     fn draw(&mut self, s: &SeqLoad, fresh: bool) -> u32 {
         let (generated, max) = (s.generated as u32, s.max_tokens.min(u32::MAX as usize) as u32);
         match &mut self.lengths {
