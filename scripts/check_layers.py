@@ -27,7 +27,7 @@ RUST_LAYERS = [
     ["bench"],
 ]
 PY_LAYERS = [
-    ["_core"],
+    ["_core", "checks"],
     ["models", "cuda", "priors"],
     ["llm"],
     ["async_llm"],

@@ -395,5 +395,6 @@ def test_a_long_prefill_threshold_keeps_greedy_tokens_exact(llm):
     capped = LLM(long_prefill_token_threshold=48)
     assert len(capped.engine.encode(prompt)) > 4 * 48
     assert capped.generate(prompt, params, use_tqdm=False)[0].outputs[0].token_ids == plain
-    with pytest.raises(HoraeCoreError, match="long_prefill_token_threshold must be at least 1"):
-        Engine(long_prefill_token_threshold=0)
+    for bad in (0, -1, "64"):
+        with pytest.raises(ValueError, match="long_prefill_token_threshold must be a positive integer"):
+            Engine(long_prefill_token_threshold=bad)

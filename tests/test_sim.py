@@ -345,10 +345,12 @@ def test_history_prior_files_and_bad_input(tmp_path):
             sim.simulate(t, "past-future", clients=2, history_prior=prior)
     with pytest.raises(ValueError, match="history_prior_weight must be a positive integer"):
         sim.simulate(t, "past-future", clients=2, history_prior_weight=0)
-    with pytest.raises(ValueError, match="long_prefill_token_threshold must be at least 1"):
-        sim.simulate(t, "past-future", clients=2, long_prefill_token_threshold=0)
-    with pytest.raises(ValueError, match='unknown censoring "sometimes"'):
-        sim.simulate(t, "past-future", clients=2, censoring="sometimes")
+    for bad in (0, -1, True, "64", 1.5):
+        with pytest.raises(ValueError, match="long_prefill_token_threshold must be a positive integer"):
+            sim.simulate(t, "past-future", clients=2, long_prefill_token_threshold=bad)
+    for bad in ("sometimes", 3):
+        with pytest.raises(ValueError, match=f'unknown censoring "{bad}"'):
+            sim.simulate(t, "past-future", clients=2, censoring=bad)
     for bad in ([5, 0], [5.5], ["7"], 3):
         with pytest.raises(ValueError, match="history must hold output lengths"):
             sim.simulate(t, "past-future", clients=2, history=bad)

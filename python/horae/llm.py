@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from horae import _core
+from horae.checks import optional_positive_int
 from horae.models import resolve_model
-from horae.priors import Prior, check_prior_weight, resolve_prior
+from horae.priors import Prior, resolve_prior
 
 logger = logging.getLogger("horae")
 
@@ -295,7 +296,8 @@ class Engine:
         # takes more steps, and short requests start beside it instead of after its prefill.
         self.model_dir = resolve_model(model)
         prior = resolve_prior(history_prior)
-        history_prior_weight = check_prior_weight(history_prior_weight)
+        history_prior_weight = optional_positive_int(history_prior_weight, "history_prior_weight")
+        long_prefill_token_threshold = optional_positive_int(long_prefill_token_threshold, "long_prefill_token_threshold")
         speculative = _speculative_config(speculative)
         if device != "cpu":
             from horae.cuda import preload_libraries

@@ -21,13 +21,13 @@ import csv
 import operator
 import os
 from pathlib import Path
-from typing import List, Optional, Sequence, Union
+from typing import List, Sequence, Union
 
 Prior = Union[None, str, os.PathLike, Sequence[int]]
 
 BUNDLED = {"sharegpt": "sharegpt_output_lengths.csv"}
 
-__all__ = ["SHAPES", "resolve_prior", "check_prior_weight", "check_lengths", "read_lengths_csv", "BUNDLED", "Prior"]
+__all__ = ["SHAPES", "resolve_prior", "check_lengths", "read_lengths_csv", "BUNDLED", "Prior"]
 
 
 def read_lengths_csv(path: Union[str, os.PathLike]) -> List[int]:
@@ -98,10 +98,3 @@ def check_lengths(values, what: str) -> List[int]:
         raise ValueError(f"{what} must hold output lengths of at least 1 token (integers)")
     return lengths
 
-
-def check_prior_weight(weight: Optional[int]) -> Optional[int]:
-    if weight is None:
-        return None
-    if isinstance(weight, bool) or not isinstance(weight, int) or weight < 1:
-        raise ValueError(f"history_prior_weight must be a positive integer, got {weight!r}")
-    return weight

@@ -20,7 +20,8 @@ import numpy as np
 
 from horae import _core
 from horae._core import HoraeCoreError, Trace
-from horae.priors import Prior, check_lengths, check_prior_weight, resolve_prior
+from horae.checks import optional_positive_int
+from horae.priors import Prior, check_lengths, resolve_prior
 
 #: Baselines that are a policy with one setting changed: "aggressive-99" admits until 99% of the
 #: pool's blocks are used (LightLLM's "agg99", and vLLM's rule: keep 1% of blocks free, preempt
@@ -138,8 +139,11 @@ def simulate(
         trace = trace.scaled(float(rate_scale))
     if history is not None:
         history = check_lengths(history, "history")
-    if "history_prior_weight" in engine:
-        engine["history_prior_weight"] = check_prior_weight(engine["history_prior_weight"])
+    for name in ("history_prior_weight", "long_prefill_token_threshold", "max_admit_per_step", "scenarios"):
+        if name in engine:
+            engine[name] = optional_positive_int(engine[name], name)
+    if engine.get("censoring") is not None:
+        engine["censoring"] = str(engine["censoring"])  # the core names the choices
     label = scheduler
     if scheduler in VARIANTS:
         scheduler, settings = VARIANTS[scheduler]

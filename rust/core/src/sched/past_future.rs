@@ -188,9 +188,8 @@ impl AdmissionPolicy for PastFuture {
                 Censoring::Always => true,
             };
             if self.censored {
-                let mut censored: Vec<u32> = running.iter().map(|s| s.generated as u32).filter(|&g| g > 0).collect();
-                censored.sort_unstable();
-                self.survival.build(history.sorted(), &censored);
+                let censored = running.iter().map(|s| s.generated as u32).filter(|&g| g > 0);
+                self.survival.build(history.sorted(), censored);
             }
         }
         let mut scenarios = std::mem::take(&mut self.scenarios);

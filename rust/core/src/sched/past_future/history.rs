@@ -213,11 +213,18 @@ pub struct Survival {
     surv: Vec<f64>,
     /// Censored counts at or past the last event: the mass left past it is theirs.
     tail: Vec<u32>,
+    /// The censored counts, sorted (kept to reuse its allocation every step).
+    censored: Vec<u32>,
 }
 
 impl Survival {
-    /// Rebuild from `events` and `censored`, both sorted ascending.
-    pub fn build(&mut self, events: &[u32], censored: &[u32]) {
+    /// Rebuild from `events` (sorted ascending) and the censored counts.
+    pub fn build(&mut self, events: &[u32], censored: impl IntoIterator<Item = u32>) {
+        let mut sorted = std::mem::take(&mut self.censored);
+        sorted.clear();
+        sorted.extend(censored);
+        sorted.sort_unstable();
+        let censored = sorted.as_slice();
         self.times.clear();
         self.surv.clear();
         let (mut i, mut s) = (0usize, 1.0f64);
@@ -234,6 +241,7 @@ impl Survival {
         let last = self.times.last().copied().unwrap_or(0);
         self.tail.clear();
         self.tail.extend(censored.iter().copied().filter(|&c| c >= last));
+        self.censored = sorted;
     }
 
     /// A final length for a request that has generated `generated` tokens, at most `max_tokens`:
@@ -382,7 +390,7 @@ mod tests {
     #[test]
     fn survival_without_censoring_is_the_empirical_distribution() {
         let mut s = Survival::default();
-        s.build(&[100, 100, 200, 400], &[]);
+        s.build(&[100, 100, 200, 400], []);
         let mut rng = SmallRng::seed_from_u64(5);
         let n = 40_000;
         let xs: Vec<u32> = (0..n).map(|_| s.sample(0, 1000, &mut rng)).collect();
@@ -401,7 +409,7 @@ mod tests {
         // Two requests finished at 100 tokens while eight are still running past 300: the finished
         // alone say every length is 100; counted as censored, eight in ten are longer than 300.
         let mut s = Survival::default();
-        s.build(&[100, 100], &[300; 8]);
+        s.build(&[100, 100], [300; 8]);
         let mut rng = SmallRng::seed_from_u64(9);
         let n = 40_000;
         let xs: Vec<u32> = (0..n).map(|_| s.sample(0, 1000, &mut rng)).collect();
