@@ -109,7 +109,9 @@ def targets(results) -> str:
 
     def verdict(xs, goal):
         # Judged on the unrounded minimum: 0.9698 prints as 0.970 but misses 0.97.
-        return f"(target >= {goal}: {'met' if xs and min(xs) >= goal else f'MISSED, min {min(xs):.4f}'})"
+        if not xs:
+            return "(not in this run)"
+        return f"(target >= {goal}: {'met' if min(xs) >= goal else f'MISSED, min {min(xs):.4f}'})"
 
     for pf in ("past-future", "past-future-warm"):
         name = "cold" if pf == "past-future" else "warm"

@@ -13,6 +13,12 @@
 
     python examples/serving_study.py --out docs/serving_study
 
+`--queue slo` runs the SLO queue on both sides, the server's default SLO being the SLA the client
+measures (`--goodput`). Issue 15's overload check (the SLO queue at the knee and at twice it):
+
+    python examples/serving_study.py --requests 300 --trace-scale 0.4 --goodput ttft:2000 itl:1500 \
+        --queue slo --schedulers past-future --out docs/study/cpu_slo/slo-1x
+
 With `--clients N` the load is a closed loop of N clients instead of the trace's arrivals (for
 length-only traces such as the Past-Future paper's ShareGPT-o1.json), and `--queue-timeout S
 --retry-failed` apply the paper's server rules on both sides (issue 14's real-engine check):
@@ -51,14 +57,15 @@ def write_workload(args, path: Path) -> sim.Trace:
     return sim.load_trace(str(path))
 
 
-def engine_args(args, scheduler: str) -> dict:
+def engine_args(args, scheduler: str, sla: dict) -> dict:
+    # The server promises the SLA the client measures: its default SLO (what queue="slo" orders by).
     return dict(scheduler=scheduler, kv_cache_tokens=args.kv_cache_tokens, max_num_seqs=args.max_num_seqs,
                 max_num_batched_tokens=args.max_batched_tokens, history_window=args.history_window,
-                max_output_bound=args.max_tokens, queue_timeout=args.queue_timeout)
+                max_output_bound=args.max_tokens, queue_timeout=args.queue_timeout, queue=args.queue, slo=sla)
 
 
-def run_real(args, scheduler: str, workload: Path, out: Path):
-    llm = AsyncLLM(None, dtype=args.dtype, **engine_args(args, scheduler))
+def run_real(args, scheduler: str, workload: Path, out: Path, sla: dict):
+    llm = AsyncLLM(None, dtype=args.dtype, **engine_args(args, scheduler, sla))
     srv = ServerThread(build_app(llm, ServerConfig(model_name="horae", max_queue=10_000)))
     try:
         ns = SimpleNamespace(
@@ -92,6 +99,7 @@ def main() -> int:
     p.add_argument("--clients", type=int, help="closed loop: this many clients (default: the trace's arrivals)")
     p.add_argument("--queue-timeout", type=float, help="the server's queue deadline, seconds (the paper's rule)")
     p.add_argument("--retry-failed", action="store_true", help="clients resend what the deadline turned away")
+    p.add_argument("--queue", default="fcfs", choices=["fcfs", "slo"], help="the queue discipline, both sides")
     p.add_argument("--out", default="serving_study")
     args = p.parse_args()
     out = Path(args.out)
@@ -105,7 +113,7 @@ def main() -> int:
     real, logs = {}, {}
     for s in args.schedulers.split(","):
         t0 = time.time()
-        real[s], logs[s] = run_real(args, s, workload, out)
+        real[s], logs[s] = run_real(args, s, workload, out, sla)
         print(f"real {s}: goodput {real[s]['goodput_rps']:.3f} req/s, completed {real[s]['completed']}, "
               f"{len(logs[s]['seconds'])} steps, {time.time() - t0:.0f} s")
         bench.print_summary(real[s])
@@ -126,7 +134,8 @@ def main() -> int:
         return sim.simulate(trace, s, cost_coef=c, sla=sla, kv_cache_tokens=args.kv_cache_tokens, block_size=16,
                             max_num_seqs=args.max_num_seqs, max_batched_tokens=args.max_batched_tokens,
                             max_tokens=args.max_tokens, history_window=args.history_window, clients=args.clients,
-                            queue_timeout=args.queue_timeout, retry_failed=args.retry_failed and args.clients is not None)
+                            queue_timeout=args.queue_timeout, retry_failed=args.retry_failed and args.clients is not None,
+                            queue=args.queue)
 
     rows = []
     for s in real:
@@ -144,6 +153,7 @@ def main() -> int:
                      "sim_vs_real_tps": (r.goodput_tps - real[s]["goodput_tps"]) / real[s]["goodput_tps"]
                      if real[s]["goodput_tps"] else None,
                      "sim_timeouts": int(r.summary.get("timeouts", 0)),
+                     "real_timeouts": int(real[s].get("timeouts", 0)),
                      "real_ttft_p50_ms": real[s]["ttft_ms"]["p50"], "sim_ttft_p50_ms": float(r.summary["ttft"]["p50"]) * 1000,
                      "real_slo_attainment": real[s]["slo_attainment"],
                      "sim_preemptions": int(r.summary["preemptions"])})

@@ -225,6 +225,15 @@ def test_malformed_input_gets_a_400_never_a_500(server):
     assert _error(post("/v1/chat/completions", json.dumps({**chat, "temperature": -1})), 400)["param"] == "temperature"
     assert _error(post("/v1/chat/completions", json.dumps({**chat, "top_k": -5})), 400)["param"] == "top_k"
     assert _error(post("/v1/chat/completions", json.dumps({**chat, "stop_token_ids": [10**9]})), 400)["param"] == "stop_token_ids"
+    # Issue 15's fields: an SLO of zero or below, an unknown SLO key, a priority that is no integer.
+    for body, param in [({"slo": {"ttft": 0}}, "slo"), ({"slo": {"e2e": -3}}, "slo"), ({"slo": {"deadline": 1}}, "slo"),
+                        ({"slo": {"ttft": "1"}}, "slo"), ({"slo": [1]}, "slo"), ({"priority": 1.5}, "priority"),
+                        ({"priority": "high"}, "priority"), ({"priority": 2**63}, "priority")]:
+        err = _error(post("/v1/chat/completions", json.dumps({**chat, **body})), 400)
+        assert err["param"].split(".")[0] == param and err["message"], (body, err)
+    assert "unknown slo key" in _error(post("/v1/chat/completions", json.dumps({**chat, "slo": {"x": 1}})), 400)["message"]
+    ok = {**chat, "slo": {"ttft": 30, "max_itl": 5.5}, "priority": -2}
+    assert httpx.post(server.url + "/v1/chat/completions", json=ok, headers=h).status_code == 200
     assert httpx.post(server.url + "/v1/chat/completions", json=chat, headers=h).status_code == 200
     _assert_idle(server)
 
@@ -364,7 +373,12 @@ def test_async_llm_bad_input_is_refused_before_queueing(server, client):
     async def main():
         for prompt, params, exc in [("", None, ValueError), (42, None, TypeError),
                                     ({"prompt_token_ids": [10**9]}, None, ValueError),
-                                    ("hi", SamplingParams(max_tokens=5000), ValueError)]:
+                                    ("hi", SamplingParams(max_tokens=5000), ValueError),
+                                    ("hi", SamplingParams(slo={"ttft": -1}), ValueError),
+                                    ("hi", SamplingParams(slo={"latency": 1}), ValueError),
+                                    ("hi", SamplingParams(slo=5), ValueError),
+                                    ("hi", SamplingParams(priority="high"), ValueError),
+                                    ("hi", SamplingParams(priority=None), ValueError)]:
             with pytest.raises(exc):
                 async for _ in llm.generate(prompt, params):
                     pass
@@ -479,6 +493,42 @@ def test_queue_deadline_answers_503_and_the_engine_goes_on():
     with pytest.raises(ValueError, match="queue_timeout"):
         AsyncLLM(kv_cache_tokens=1024, queue_timeout=0)
 
+
+
+def test_slo_queue_sheds_a_request_that_cannot_meet_its_slo_with_a_503():
+    """`queue="slo"`: a request whose first-token bound cannot be met behind a running one (one
+    sequence at a time) is answered at once with 503 + Retry-After, code queue_timeout, having
+    cost nothing; one with a bound it can meet is served; the engine goes on."""
+    llm = AsyncLLM(kv_cache_tokens=2048, max_num_seqs=1, queue="slo", slo={"max_itl": 30.0})
+    srv = ServerThread(build_app(llm, ServerConfig(model_name="smollm2")))
+    srv.llm = llm
+    try:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        long = dict(model="smollm2", prompt="Once upon a time", max_tokens=60, temperature=0,
+                    extra_body={"ignore_eos": True})
+        with ThreadPoolExecutor(2) as pool:
+            first = pool.submit(client.completions.create, **long)
+            time.sleep(0.2)  # the first is running
+            t0 = time.monotonic()
+            hopeless = httpx.post(srv.url + "/v1/completions", timeout=120,
+                                  json={"model": "smollm2", "prompt": "Hi", "max_tokens": 4, "slo": {"ttft": 0.05}})
+            waited = time.monotonic() - t0
+            assert first.result().usage.completion_tokens == 60
+        err = _error(hopeless, 503)
+        assert err["code"] == "queue_timeout" and hopeless.headers["Retry-After"] == "1"
+        assert "SLO" in err["message"]
+        assert waited < 5, f"shed as soon as it could not make it, not after the long request ({waited:.1f} s)"
+        served = client.completions.create(model="smollm2", prompt="Hi", max_tokens=3,
+                                           extra_body={"slo": {"ttft": 60}, "priority": 1})
+        assert served.usage.completion_tokens <= 3
+        _assert_idle(srv)
+    finally:
+        srv.stop()
+        llm.shutdown()
+    with pytest.raises(ValueError, match="fcfs or slo"):
+        AsyncLLM(kv_cache_tokens=1024, queue="edf")
+    with pytest.raises(ValueError, match="slo.ttft"):
+        AsyncLLM(kv_cache_tokens=1024, slo={"ttft": 0})
 
 
 def test_bench_serve_retries_what_the_queue_deadline_turned_away(tmp_path):

@@ -163,6 +163,10 @@ def test_requests_bigger_than_the_pool_are_rejected_not_hung(sample):
         ({"sla": {"latency": 1.0}}, "unknown SLA"),
         ({"sla": {"ttft": -1.0}}, "positive"),
         ({"rate_scale": 1.0, "clients": 4}, "not both"),
+        ({"queue": "edf"}, "fcfs or slo"),
+        ({"slo_classes": [{"deadline": 1.0}]}, "unknown slo key"),
+        ({"slo_classes": [{"ttft": 0}]}, "slo.ttft must be a positive"),
+        ({"preemption": "random"}, "newest or least-loss"),
     ],
 )
 def test_bad_simulation_input(sample, kwargs, message):
@@ -373,3 +377,21 @@ def test_the_papers_baselines_and_presets():
     rest = {k: v for k, v in kw.items() if k != "clients"}
     report = sim.sweep(t, ["aggressive-99", "past-future"], clients=[20], progress=False, **rest)
     assert "aggressive-99" in report.format()
+
+
+def test_the_slo_queue_under_overload_with_mixed_classes():
+    """Issue 15 on the bundled trace at 2x its rate: half the requests interactive (1 s / 0.2 s),
+    half batch (300 s). FCFS with the paper's 8 s deadline admits interactive requests too late
+    to help; the SLO queue serves both classes and sheds what cannot make it, before any compute."""
+    t = sim.bundled_trace()
+    kw = dict(rate_scale=2.0, sla={}, slo_classes=[{"ttft": 1.0, "max_itl": 0.2}, {"e2e": 300.0}])
+    fcfs = sim.simulate(t, "past-future", queue_timeout=8.0, **kw)
+    slo = sim.simulate(t, "past-future", queue="slo", **kw)
+    assert slo.goodput_tps >= 1.5 * fcfs.goodput_tps, (slo.goodput_tps, fcfs.goodput_tps)
+    shed = slo.requests["finish_reason"] == "timeout"
+    assert shed.any() and np.isnan(slo.requests["first_scheduled"][shed]).all()
+    met = slo.requests["met_sla"].astype(bool)
+    assert met[0::2].mean() > 0.3 and met[1::2].mean() > 0.3, "both classes are served"
+    # Judged on its own class: an interactive request that took 5 s to its first token missed.
+    late = slo.requests["ttft"][0::2] > 1.0
+    assert not met[0::2][late].any()

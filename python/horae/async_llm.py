@@ -38,7 +38,9 @@ class RequestDroppedError(RuntimeError):
     it cost nothing, so retrying is cheap) or "sla_abort" (no token for too long while running)."""
 
     def __init__(self, reason: str, request_id: str):
-        super().__init__(f"request {request_id} was dropped by the server's rules: {reason}")
+        why = ("not started in time (the queue deadline passed, or its SLO could no longer be met); it cost "
+               "nothing, retry" if reason == "timeout" else "no token for longer than the gap bound")
+        super().__init__(f"request {request_id} was dropped by the server's rules ({reason}): {why}")
         self.reason = reason
 
 

@@ -13,3 +13,16 @@ def optional_positive_int(value: object, name: str) -> Optional[int]:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
     return value
+
+
+def slo_dict(value: object, name: str = "slo") -> Optional[dict]:
+    """`value` if it is None or a dict of names to numbers of seconds (not bools), for the core,
+    which checks the names and that each is positive; a ValueError naming `name` otherwise."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ValueError(f"{name} must be a dict like {{'ttft': 1.0, 'max_itl': 0.2, 'e2e': 300}}, got {value!r}")
+    for k, v in value.items():
+        if not isinstance(k, str) or isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise ValueError(f"{name} maps a bound's name to seconds, got {k!r}: {v!r}")
+    return {k: float(v) for k, v in value.items()}

@@ -67,6 +67,9 @@ def _simulate_parser(sub) -> None:
                    help="server rule: cut a started request without a token for this long")
     p.add_argument("--retry-failed", action="store_true",
                    help="closed loop: clients send a request the server's rules failed again, as the paper's do")
+    p.add_argument("--queue", default="fcfs", choices=["fcfs", "slo"],
+                   help="queue discipline: arrival order, or least slack against the SLA first with hopeless "
+                        "requests shed (see horae serve --queue)")
     p.add_argument("--history-window", type=int, default=1000, help="past-future: finished lengths remembered")
     add_prior_arguments(p)
     p.add_argument("--seed", type=int, default=0)
@@ -108,7 +111,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         max_batched_tokens=args.max_batched_tokens, max_tokens=args.max_tokens,
         prefix_caching=not args.no_prefix_caching, seed=args.seed,
         queue_timeout=args.queue_timeout, max_itl_abort=args.max_itl_abort, retry_failed=args.retry_failed,
-        history_window=args.history_window, history_prior=args.history_prior,
+        queue=args.queue, history_window=args.history_window, history_prior=args.history_prior,
         history_prior_weight=args.history_prior_weight,
     )
     print(report.format())
@@ -138,6 +141,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
         for n in args.running:
             first, nxt, naive = _core.bench_admission(n, args.iters, 0)
             print(f"{n:>8} {first:>14.2f} {nxt:>9.2f} {naive:>9.2f} {naive / first:>7.1f}x {first / 20.0:>12.2f}x")
+        return 0
+    if args.what == "queue":
+        print("Engine time per step with FCFS and with the SLO queue (in the same process), against the step it")
+        print("schedules (Llama-2-7B on an A100, modelled); the SLO queue orders and scans every waiting request")
+        print(f"{'running':>8} {'waiting':>8} {'fcfs us':>9} {'slo us':>9} {'step ms':>8} {'slo / step':>11} {'vs 2% goal':>11}")
+        for n in args.running:
+            fcfs, slo, step = _core.bench_queue(n, 2 * n, min(args.iters, 200))
+            share = slo / step
+            print(f"{n:>8} {2 * n:>8} {fcfs:>9.1f} {slo:>9.1f} {step / 1e3:>8.2f} {share:>10.2%} {share / 0.02:>10.2f}x")
         return 0
     # sim-speed: one scheduler over a whole trace
     trace_path = args.trace
@@ -246,13 +258,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from horae.serve import add_arguments
 
     add_arguments(sv)
-    b = sub.add_parser("bench", help="benchmarks: admission, sim-speed, model; "
+    b = sub.add_parser("bench", help="benchmarks: admission, queue, sim-speed, model; "
                                      "`horae bench serve -h` for the serving load generator")
-    b.add_argument("what", choices=["admission", "sim-speed", "model", "serve"])
+    b.add_argument("what", choices=["admission", "queue", "sim-speed", "model", "serve"])
     b.add_argument("--model", help="model: model folder (default: SmolLM2-135M-Instruct)")
     b.add_argument("--no-hf", action="store_true", help="model: skip the HF transformers comparison")
     b.add_argument("--dtypes", type=_names, default=["float32", "bfloat16"], help="model: weight dtypes to run")
-    b.add_argument("--running", type=_ints, default=[64, 256, 1024], help="admission: batch sizes")
+    b.add_argument("--running", type=_ints, default=[64, 256, 1024], help="admission, queue: running requests")
     b.add_argument("--iters", type=int, default=2000)
     b.add_argument("--trace", help="sim-speed: trace file (default: the bundled sample)")
     b.add_argument("--schedulers", type=_names, default=["past-future", "aggressive", "conservative", "oracle"])

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from horae import _core
-from horae.checks import optional_positive_int
+from horae.checks import optional_positive_int, slo_dict
 from horae.models import resolve_model
 from horae.priors import Prior, resolve_prior
 
@@ -56,6 +56,11 @@ class SamplingParams:
     min_tokens: int = 0
     #: Report each prompt token's log-probability and this many alternatives (no prefix caching).
     prompt_logprobs: Optional[int] = None
+    #: This request's latency bounds in seconds, any of "ttft", "max_itl", "tpot", "e2e" (the
+    #: engine's `slo` fills the rest). It is judged on them, and `queue="slo"` schedules by them.
+    slo: Optional[Dict[str, float]] = None
+    #: vLLM's priority: lower values are served first (ties in arrival or SLO order).
+    priority: int = 0
 
     def __post_init__(self):
         if not isinstance(self.n, int) or isinstance(self.n, bool) or self.n < 1:
@@ -263,7 +268,8 @@ class Engine:
                  queue_timeout: Optional[float] = None, max_itl_abort: Optional[float] = None,
                  history_file: Optional[Union[str, Path]] = None, history_prior: Prior = None,
                  history_prior_weight: Optional[int] = None,
-                 long_prefill_token_threshold: Optional[int] = None):
+                 long_prefill_token_threshold: Optional[int] = None, queue: str = "fcfs",
+                 slo: Optional[Dict[str, float]] = None):
         # device: "auto" (the first GPU if one works, else the CPU; `cpu_fallback_reason` says
         # why), "cpu", "cuda" or "cuda:N". A GPU needs an NVIDIA driver for CUDA 12+, Ampere or
         # newer, and NVRTC + cuBLAS (`pip install horae[cuda]` brings them).
@@ -294,6 +300,11 @@ class Engine:
         # long_prefill_token_threshold: the most tokens of one prompt prefilled in a step (vLLM's
         # option; default: a chunk may take the whole max_num_batched_tokens). A long prompt then
         # takes more steps, and short requests start beside it instead of after its prefill.
+        # queue: "fcfs" (arrival order) or "slo": waiting requests by least slack against their
+        # SLO, the hopeless ones ended at once with finish_reason "timeout" (no compute spent),
+        # and preemption takes the request whose loss costs the least goodput. Both serve lower
+        # `priority` first. slo: the bounds a request's own `SamplingParams.slo` leaves out,
+        # e.g. {"ttft": 2.0, "max_itl": 0.5}.
         self.model_dir = resolve_model(model)
         prior = resolve_prior(history_prior)
         history_prior_weight = optional_positive_int(history_prior_weight, "history_prior_weight")
@@ -311,7 +322,8 @@ class Engine:
                                   queue_timeout=queue_timeout, max_itl_abort=max_itl_abort,
                                   history_file=None if history_file is None else str(history_file),
                                   history_prior=prior, history_prior_weight=history_prior_weight,
-                                  long_prefill_token_threshold=long_prefill_token_threshold)
+                                  long_prefill_token_threshold=long_prefill_token_threshold,
+                                  queue=str(queue), slo=slo_dict(slo))
         status = self._core.history_status
         if status is not None:
             warm, message = status
@@ -406,10 +418,13 @@ class Engine:
         if request_id in self._outputs:
             raise ValueError(f"request id {request_id!r} is already in use")
         text, ids = self.prompt_token_ids(prompt)
-        for name in ("max_tokens", "top_k", "seed", "min_tokens", "logprobs", "prompt_logprobs"):
+        slo = slo_dict(params.slo, "slo")
+        for name in ("max_tokens", "top_k", "seed", "min_tokens", "logprobs", "prompt_logprobs", "priority"):
             v = getattr(params, name)
             if v is not None and not (isinstance(v, int) and not isinstance(v, bool) and -2**63 <= v < 2**63):
                 raise ValueError(f"{name} must be a 64-bit integer, got {v!r}")
+        if params.priority is None:
+            raise ValueError("priority must be an integer, got None")
 
         def submit(index: int) -> int:
             seed = None if params.seed is None else params.seed + index
@@ -420,7 +435,7 @@ class Engine:
                     presence_penalty=params.presence_penalty, frequency_penalty=params.frequency_penalty,
                     seed=seed, ignore_eos=params.ignore_eos, logprobs=params.logprobs, min_tokens=params.min_tokens,
                     prompt_logprobs=params.prompt_logprobs if index == 0 else None, stop=params.stop,
-                    stop_token_ids=params.stop_token_ids)
+                    stop_token_ids=params.stop_token_ids, slo=slo, priority=params.priority)
             except OverflowError as e:  # a token id past 64 bits: a bad value, not a server fault
                 raise ValueError(f"a token id is out of range: {e}") from None
 

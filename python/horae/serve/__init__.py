@@ -105,6 +105,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "code queue_timeout (off by default; the Past-Future paper used 8)")
     p.add_argument("--max-itl-abort", type=float, metavar="SECONDS",
                    help="a running request without a token this long is cut: code sla_abort (off by default)")
+    p.add_argument("--queue", default="fcfs", choices=["fcfs", "slo"],
+                   help="fcfs: arrival order; slo: least slack against each request's SLO first, hopeless ones "
+                        "answered 503 + Retry-After at once, preemption where it loses the least goodput")
+    p.add_argument("--slo-ttft", type=float, metavar="SECONDS",
+                   help="default first-token bound of a request whose body has no slo.ttft")
+    p.add_argument("--slo-max-itl", type=float, metavar="SECONDS",
+                   help="default bound on the gap between two tokens of a request whose body has no slo.max_itl")
     p.add_argument("--seed", type=int, help="make the run reproducible: unseeded requests draw from streams derived "
                                             "from it (default: fresh entropy)")
     p.add_argument("--max-body-bytes", type=int, default=4 << 20, help="largest request body (413 beyond)")
@@ -125,7 +132,8 @@ def make_app(args: argparse.Namespace):
                    queue_timeout=args.queue_timeout, max_itl_abort=args.max_itl_abort,
                    history_file=args.history_file, history_prior=args.history_prior,
                    history_prior_weight=args.history_prior_weight,
-                   long_prefill_token_threshold=args.long_prefill_token_threshold)
+                   long_prefill_token_threshold=args.long_prefill_token_threshold, queue=args.queue,
+                   slo={k: v for k, v in (("ttft", args.slo_ttft), ("max_itl", args.slo_max_itl)) if v is not None})
     if llm.engine.history_status is not None:
         print(f"history: {llm.engine.history_status[1]}", flush=True)
     print(f"model on {llm.engine.device}" + (f" ({llm.engine.cpu_fallback_reason})" if llm.engine.cpu_fallback_reason else ""),

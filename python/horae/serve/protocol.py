@@ -2,12 +2,12 @@
 (no "10" for 10, "yes" for true, or true for a token id) and integers fit 64 bits, as OpenAI and
 vLLM refuse the rest; every value rule is the engine's (horae_core::serving::validate). Unknown
 fields are rejected, as OpenAI does; vLLM's extra sampling fields (top_k, min_p,
-repetition_penalty, ignore_eos, min_tokens, stop_token_ids) are accepted, as vLLM's clients send
-them through `extra_body`."""
+repetition_penalty, ignore_eos, min_tokens, stop_token_ids, priority) are accepted, as vLLM's
+clients send them through `extra_body`, and so is horae's `slo`."""
 
 from __future__ import annotations
 
-from typing import Annotated, List, Literal, Optional, Union
+from typing import Annotated, Dict, List, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -47,6 +47,10 @@ class _Sampling(_Strict):
     ignore_eos: bool = False
     min_tokens: Int = 0
     stop_token_ids: Optional[List[Int]] = None
+    priority: Int = 0
+    # horae's extension: this request's latency bounds in seconds ("ttft", "max_itl", "tpot",
+    # "e2e"); the engine checks the names and values.
+    slo: Optional[Dict[str, float]] = None
 
     @model_validator(mode="after")
     def _check(self):

@@ -129,7 +129,14 @@ def simulate(
     most 16), ``quantile`` (the q-quantile of the scenarios' peaks decides instead of the worst),
     ``redraw`` (LightLLM's fresh draws every step), ``fitted_tail`` (an exponential tail
     past the longest recorded length) and ``max_admit_per_step`` (LightLLM admits one per round).
-    Scheduler ``aggressive-99`` is aggressive at a 99% watermark (LightLLM's agg99, vLLM's rule)."""
+    Scheduler ``aggressive-99`` is aggressive at a 99% watermark (LightLLM's agg99, vLLM's rule).
+
+    SLOs: ``sla`` is what each request is judged on and the server's default SLO;
+    ``slo_classes=[{"ttft": 1, "max_itl": 0.2}, {"e2e": 300}]`` gives request i class i % len as its
+    own bounds (what a class leaves out comes from ``sla``). ``queue="slo"`` (default "fcfs")
+    orders waiting requests by slack against their bounds, sheds the hopeless ones ("timeout",
+    nothing computed) and preempts where the least goodput is lost; ``preemption="newest"`` or
+    ``"least-loss"`` overrides the last."""
     if not isinstance(trace, Trace):
         raise TypeError(f"trace must be a horae.sim.Trace, got {type(trace).__name__}")
     if rate_scale is not None and clients is not None:

@@ -110,3 +110,41 @@ def plot_paper_grid(results, path: Path, rules: str = "paper") -> List[Path]:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return [Path(path)]
+
+
+SLO_QUEUES = [("fcfs", "FCFS", "tab:gray", "--"), ("fcfs+deadline", "FCFS + 8 s deadline", "tab:blue", "-."),
+              ("slo", "SLO queue", "tab:red", "-")]
+
+
+def plot_slo_study(results, path: Path, classes: bool = True) -> List[Path]:
+    """examples/slo_study.py's figure: per workload (columns), goodput against load (top row) and,
+    with SLO classes, each class's attainment (bottom row: interactive solid, batch dotted), one
+    line per queue. ``results`` maps a workload to ``(knee, {load: {queue: point}})``."""
+    plt = _pyplot()
+    rows = 2 if classes else 1
+    fig, axes = plt.subplots(rows, len(results), figsize=(3.6 * len(results), 2.9 * rows), squeeze=False)
+    for j, (w, (knee, panel)) in enumerate(results.items()):
+        loads = sorted(panel)
+        for key, label, color, style in SLO_QUEUES:
+            xs = [x for x in loads if key in panel[x]]
+            axes[0][j].plot(xs, [panel[x][key]["goodput_tps"] for x in xs], style, color=color, marker="o",
+                            markersize=3, label=label)
+            if classes:
+                for k, cls_style in enumerate(("-", ":")):
+                    axes[1][j].plot(xs, [panel[x][key]["per_class"][k] for x in xs], cls_style, color=color,
+                                    marker="o", markersize=3)
+        for i in range(rows):
+            axes[i][j].axvline(knee, color="black", alpha=0.3, linewidth=0.8)
+            axes[i][j].grid(alpha=0.3)
+            axes[i][j].set_xlabel("load (x the trace's rate)")
+        axes[0][j].set_title(f"{w} (knee {knee}x)", fontsize=9)
+        axes[0][j].set_ylabel("goodput (tok/s)")
+        if classes:
+            axes[1][j].set_ylabel("attainment (solid: interactive, dotted: batch)", fontsize=7)
+            axes[1][j].set_ylim(0, 1.02)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [Path(path)]

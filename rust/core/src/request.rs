@@ -139,6 +139,81 @@ pub enum RequestState {
     Finished(FinishReason),
 }
 
+/// A request's latency bounds, in seconds (`None`: unbounded). It counts towards goodput only
+/// if it meets all of them; `queue = "slo"` schedules by them. The server's defaults fill what a
+/// request leaves out (`Slo::or`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
+pub struct Slo {
+    /// To the first token, from arrival.
+    pub ttft: Option<f64>,
+    /// Mean time per output token after the first.
+    pub tpot: Option<f64>,
+    /// Largest gap between two consecutive tokens (the Past-Future paper's bound).
+    pub max_itl: Option<f64>,
+    /// From arrival to the last token.
+    pub e2e: Option<f64>,
+}
+
+impl Slo {
+    pub const KEYS: [&'static str; 4] = ["ttft", "tpot", "max_itl", "e2e"];
+
+    /// The Past-Future paper's SLA for a 7B-class model: TTFT <= 10 s, no gap over 1.5 s.
+    pub fn paper() -> Self {
+        Slo { ttft: Some(10.0), max_itl: Some(1.5), ..Default::default() }
+    }
+
+    /// Each bound set here, else `default`'s.
+    pub fn or(self, default: &Slo) -> Slo {
+        Slo {
+            ttft: self.ttft.or(default.ttft),
+            tpot: self.tpot.or(default.tpot),
+            max_itl: self.max_itl.or(default.max_itl),
+            e2e: self.e2e.or(default.e2e),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        *self == Slo::default()
+    }
+
+    /// Every bound must be a positive, finite number of seconds.
+    pub fn validate(&self) -> Result<()> {
+        for (key, v) in Self::KEYS.iter().zip([self.ttft, self.tpot, self.max_itl, self.e2e]) {
+            if let Some(v) = v {
+                if !(v.is_finite() && v > 0.0) {
+                    return Err(invalid_at("slo", format!("slo.{key} must be a positive number of seconds, got {v}")));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// From `(key, seconds)` pairs (a JSON object, a Python dict), each checked.
+    pub fn from_pairs<'a>(pairs: impl IntoIterator<Item = (&'a str, f64)>) -> Result<Slo> {
+        let mut slo = Slo::default();
+        for (k, v) in pairs {
+            slo.set(k, v)?;
+        }
+        slo.validate()?;
+        Ok(slo)
+    }
+
+    /// Set bound `key` (one of [`Slo::KEYS`]); an unknown key is refused with the known ones.
+    pub fn set(&mut self, key: &str, v: f64) -> Result<()> {
+        let slot = match key {
+            "ttft" => &mut self.ttft,
+            "tpot" => &mut self.tpot,
+            "max_itl" => &mut self.max_itl,
+            "e2e" => &mut self.e2e,
+            other => {
+                return Err(invalid_at("slo", format!("unknown slo key {other:?}: expected {}", Self::KEYS.join(", "))))
+            }
+        };
+        *slot = Some(v);
+        Ok(())
+    }
+}
+
 /// What a caller hands to `Engine::add_request`.
 #[derive(Debug, Clone)]
 pub struct RequestSpec {
@@ -149,6 +224,10 @@ pub struct RequestSpec {
     pub arrival: Option<f64>,
     pub sampling: SamplingParams,
     pub stop: StopCriteria,
+    /// The request's own latency bounds (the server's defaults fill the rest).
+    pub slo: Slo,
+    /// vLLM's `priority`: lower is served first (0 by default).
+    pub priority: i64,
 }
 
 /// What the engine can serve.
@@ -178,6 +257,8 @@ pub struct RequestParams {
     pub ignore_eos: bool,
     pub stop: Vec<String>,
     pub stop_token_ids: Vec<i64>,
+    pub slo: Slo,
+    pub priority: i64,
 }
 
 /// A refusal of `param`'s value.
@@ -254,6 +335,7 @@ impl RequestParams {
             HoraeError::InvalidConfig(m) => invalid_at(SamplingParams::field_of(&m), m),
             e => e,
         })?;
+        self.slo.validate()?;
         if sampling.min_tokens > max_tokens {
             return Err(invalid_at(
                 "min_tokens",
@@ -270,6 +352,8 @@ impl RequestParams {
                 token_ids: self.stop_token_ids.iter().map(|&t| t as u32).collect(),
                 strings: self.stop,
             },
+            slo: self.slo,
+            priority: self.priority,
         })
     }
 }
@@ -295,6 +379,10 @@ pub struct Request {
     /// Shared with every step plan that schedules the request.
     pub sampling: Arc<SamplingParams>,
     pub stop: StopCriteria,
+    /// Its latency bounds, the server's defaults filled in (`Scheduler::add`).
+    pub slo: Slo,
+    /// Lower is served first.
+    pub priority: i64,
     pub output: Vec<u32>,
     /// Streams `output` as text; `None` where the engine has no tokenizer (the simulator).
     pub detok: Option<IncrementalDetokenizer>,
@@ -338,6 +426,8 @@ impl Request {
             ignore_eos: spec.ignore_eos,
             sampling: Arc::new(spec.sampling),
             stop: spec.stop,
+            slo: spec.slo,
+            priority: spec.priority,
             output: Vec::new(),
             detok: None,
             text_sent: 0,
@@ -456,6 +546,9 @@ mod tests {
         assert!(refused(RequestParams { seed: Some(-1), ..params(4, Some(4)) }).contains("seed"));
         assert!(refused(RequestParams { top_k: -3, ..params(4, Some(4)) }).contains("top_k"));
         assert!(refused(RequestParams { logprobs: Some(21), ..params(4, Some(4)) }).contains("logprobs"));
+        let zero = Slo { ttft: Some(0.0), ..Default::default() };
+        assert!(refused(RequestParams { slo: zero, ..params(4, Some(4)) }).contains("slo.ttft must be a positive"));
+        assert!(Slo::default().set("deadline", 1.0).unwrap_err().to_string().contains("unknown slo key"));
     }
 
     #[test]

@@ -474,6 +474,8 @@ fn generate(exec: ModelExecutor, prompts: &[Vec<u32>], max_tokens: usize) -> Vec
         .iter()
         .map(|p| {
             e.add_request(RequestSpec {
+                slo: Default::default(),
+                priority: 0,
                 prompt: Prompt::Tokens(p.clone()),
                 max_tokens,
                 ignore_eos: true,

@@ -65,6 +65,8 @@ fn engine(name: &str, policy: PolicyKind, kv_tokens: usize, max_batched_tokens: 
 
 fn spec(prompt: Vec<u32>, max_tokens: usize) -> RequestSpec {
     RequestSpec {
+        slo: Default::default(),
+        priority: 0,
         prompt: Prompt::Tokens(prompt),
         max_tokens,
         ignore_eos: false,

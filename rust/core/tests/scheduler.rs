@@ -5,8 +5,8 @@ use std::sync::Arc;
 
 use horae_core::engine::{Engine, StepResult, VirtualClock};
 use horae_core::plan::{ExecOutput, Executor, StepPlan};
-use horae_core::request::{FinishReason, Prompt, Request, RequestSpec, RequestState};
-use horae_core::sched::{PolicyKind, Scheduler, SchedulerConfig};
+use horae_core::request::{FinishReason, Prompt, Request, RequestSpec, RequestState, Slo};
+use horae_core::sched::{PolicyKind, Preemption, QueueDiscipline, Scheduler, SchedulerConfig};
 use horae_core::sim::{self, CostModel, LoadModel, SimConfig, SimExecutor, Trace, TraceRequest};
 use horae_core::HoraeError;
 
@@ -43,6 +43,7 @@ fn cfg(policy: PolicyKind, kv: usize) -> SimConfig {
         rules: Default::default(),
         retry_failed: false,
         acceptance: None,
+        slo_classes: Vec::new(),
     }
 }
 
@@ -67,6 +68,8 @@ fn run_checked(t: &Trace, c: &SimConfig) -> Vec<Request> {
         Engine::new(sched, Box::new(SimExecutor::new(c.cost.clone(), lengths)), Box::new(VirtualClock::default()));
     for (i, r) in t.requests.iter().enumerate() {
         let spec = RequestSpec {
+            slo: c.slo_classes.get(i % c.slo_classes.len().max(1)).copied().unwrap_or_default(),
+            priority: 0,
             prompt: Prompt::Synthetic { len: r.prompt_len as usize, prefix_ids: vec![], unit: 1 },
             max_tokens: c.max_tokens,
             ignore_eos: false,
@@ -231,6 +234,8 @@ fn bad_input_gets_clear_errors() {
     let mut e =
         Engine::new(sched, Box::new(SimExecutor::new(c.cost.clone(), lengths)), Box::new(VirtualClock::default()));
     let spec = |len: usize, max_tokens: usize| RequestSpec {
+        slo: Default::default(),
+        priority: 0,
         prompt: Prompt::Tokens((0..len as u32).collect()),
         max_tokens,
         ignore_eos: false,
@@ -263,6 +268,8 @@ fn abort_frees_blocks_at_once() {
         Engine::new(sched, Box::new(SimExecutor::new(c.cost.clone(), lengths)), Box::new(VirtualClock::default()));
     for _ in 0..3 {
         let spec = RequestSpec {
+            slo: Default::default(),
+            priority: 0,
             prompt: Prompt::Tokens(vec![7; 300]),
             max_tokens: 500,
             ignore_eos: false,
@@ -285,6 +292,8 @@ fn abort_frees_blocks_at_once() {
     assert_eq!(e.scheduler().stats().lengths_recorded, 1);
     // One aborted before its first token tells nothing about lengths.
     let spec = RequestSpec {
+        slo: Default::default(),
+        priority: 0,
         prompt: Prompt::Tokens(vec![9; 50]),
         max_tokens: 50,
         ignore_eos: false,
@@ -311,6 +320,8 @@ fn preempted_requests_are_marked_and_huge_max_tokens_is_refused() {
     let mut e =
         Engine::new(sched, Box::new(SimExecutor::new(c.cost.clone(), lengths)), Box::new(VirtualClock::default()));
     let huge = RequestSpec {
+        slo: Default::default(),
+        priority: 0,
         prompt: Prompt::Tokens(vec![1; 10]),
         max_tokens: usize::MAX,
         ignore_eos: false,
@@ -321,6 +332,8 @@ fn preempted_requests_are_marked_and_huge_max_tokens_is_refused() {
     assert!(e.add_request_with_id(10_000, huge).unwrap_err().to_string().contains("exceeds the whole KV pool"));
     for (i, r) in t.requests.iter().enumerate() {
         let spec = RequestSpec {
+            slo: Default::default(),
+            priority: 0,
             prompt: Prompt::Synthetic { len: r.prompt_len as usize, prefix_ids: vec![], unit: 1 },
             max_tokens: c.max_tokens,
             ignore_eos: false,
@@ -375,6 +388,8 @@ fn a_failing_step_fails_its_requests_and_the_engine_goes_on() {
     let mut e = Engine::new(sched, Box::new(exec), Box::new(VirtualClock::default()));
     let add = |e: &mut Engine| {
         let spec = RequestSpec {
+            slo: Default::default(),
+            priority: 0,
             prompt: Prompt::Tokens(vec![5; 100]),
             max_tokens: 40,
             ignore_eos: false,
@@ -434,17 +449,17 @@ fn queue_deadline_and_gap_abort_end_requests_for_every_policy() {
             assert!(x.first_scheduled.is_nan() && x.output_len == 0, "{policy}: {x:?}");
             assert!(x.finished - x.arrival > 0.5 && x.finished - x.arrival < 1.5, "{policy}: {x:?}");
         }
-        let s = r.summary(&Default::default());
+        let s = r.summary();
         assert_eq!(s.timeouts, timed_out.len());
         assert_eq!(s.completed + s.timeouts, 150, "{policy}: every other request completes");
         assert_eq!(r.stats.lengths_recorded as usize, s.completed, "{policy}: timeouts are not lengths");
-        assert!(s.duration < plain.summary(&Default::default()).duration, "{policy}: dropped work is saved time");
+        assert!(s.duration < plain.summary().duration, "{policy}: dropped work is saved time");
 
         // A tight gap bound: requests that stall (queued behind a preemption, or waiting for
         // their next chunk) are cut; what ran and finished is untouched.
         let gap = SimConfig { rules: ServerRules { queue_timeout: None, max_itl_abort: Some(0.05) }, ..base.clone() };
         let r = sim::simulate(&t, &gap).unwrap();
-        let s = r.summary(&Default::default());
+        let s = r.summary();
         for x in r.records.iter().filter(|x| x.finish_reason == "sla_abort") {
             assert!(x.output_len > 0, "{policy}: only started requests with a token are cut: {x:?}");
         }
@@ -499,4 +514,99 @@ fn admission_pace_and_forecast_options_keep_every_request_exact() {
     bad.sched.history_start.recorded = Arc::from([].as_slice());
     bad.sched.max_admit_per_step = Some(0);
     assert!(matches!(sim::simulate(&t, &bad), Err(HoraeError::InvalidConfig(m)) if m.contains("max_admit_per_step")));
+}
+
+/// Every other request interactive (first token within 1 s, no gap over 0.2 s), the rest batch.
+fn mixed_slos() -> Vec<Slo> {
+    vec![
+        Slo { ttft: Some(1.0), max_itl: Some(0.2), ..Default::default() },
+        Slo { e2e: Some(120.0), ..Default::default() },
+    ]
+}
+
+#[test]
+fn the_slo_queue_keeps_goodput_under_overload_and_sheds_only_what_never_started() {
+    use horae_core::engine::ServerRules;
+    // 100 arrivals a second, open loop: more than the engine serves (the SLO queue sheds ~550).
+    let t = trace(&mixed(3000), 0.01);
+    let base = SimConfig { slo_classes: mixed_slos(), max_tokens: 512, ..cfg(PolicyKind::PastFuture, 60_000) };
+    let deadline = SimConfig { rules: ServerRules { queue_timeout: Some(8.0), max_itl_abort: None }, ..base.clone() };
+    let slo =
+        SimConfig { sched: SchedulerConfig { queue: QueueDiscipline::Slo, ..base.sched.clone() }, ..base.clone() };
+    let (d, q) = (sim::simulate(&t, &deadline).unwrap(), sim::simulate(&t, &slo).unwrap());
+    let (ds, qs) = (d.summary(), q.summary());
+    assert!(
+        qs.goodput_tps >= 1.5 * ds.goodput_tps,
+        "slo {} against fcfs + deadline {}",
+        qs.goodput_tps,
+        ds.goodput_tps
+    );
+    assert!(qs.timeouts > 0);
+    for x in q.records.iter().filter(|x| x.finish_reason == "timeout") {
+        assert!(x.first_scheduled.is_nan() && x.output_len == 0, "shed before it cost anything: {x:?}");
+    }
+    assert_eq!(qs.completed + qs.timeouts, 3000);
+    // Both classes are served, not one starved for the other.
+    let met = |k: usize| q.records.iter().skip(k).step_by(2).filter(|r| r.meets()).count();
+    assert!(met(0) > 100 && met(1) > 100, "interactive {} batch {}", met(0), met(1));
+}
+
+#[test]
+fn the_slo_queue_serves_priority_then_least_slack_and_fcfs_serves_priority_then_arrival() {
+    let order = |queue: QueueDiscipline| {
+        let c = SimConfig {
+            sched: SchedulerConfig { queue, max_num_seqs: 1, ..cfg(PolicyKind::Aggressive, 6000).sched },
+            ..cfg(PolicyKind::Aggressive, 6000)
+        };
+        let lengths = Arc::new(vec![5u32; 4]);
+        let sched = Scheduler::new(c.sched.clone(), None).unwrap();
+        let mut e =
+            Engine::new(sched, Box::new(SimExecutor::new(c.cost.clone(), lengths)), Box::new(VirtualClock::default()));
+        // (TTFT bound, priority): a loose one first, a tight one, a low-priority-value one, none.
+        for (i, (ttft, priority)) in [(Some(100.0), 0), (Some(5.0), 0), (None, -1), (None, 0)].into_iter().enumerate() {
+            let spec = RequestSpec {
+                slo: Slo { ttft, ..Default::default() },
+                priority,
+                prompt: Prompt::Synthetic { len: 16, prefix_ids: vec![], unit: 1 },
+                max_tokens: 8,
+                ignore_eos: false,
+                arrival: Some(0.0),
+                sampling: Default::default(),
+                stop: Default::default(),
+            };
+            e.add_request_with_id(i as u64, spec).unwrap();
+        }
+        let mut done = Vec::new();
+        while e.has_work() {
+            done.extend(e.step().unwrap().finished.into_iter().map(|r| r.id));
+        }
+        done
+    };
+    assert_eq!(order(QueueDiscipline::Fcfs), vec![2, 0, 1, 3]);
+    assert_eq!(order(QueueDiscipline::Slo), vec![2, 1, 0, 3]);
+}
+
+#[test]
+fn least_loss_preemption_spares_the_requests_it_would_fail() {
+    // A pool far too small for the batch (aggressive admits, then preempts), half the requests
+    // bound by a gap: the least-loss victim takes the batch requests first.
+    let t = trace(&mixed(300), 0.0);
+    let classes = vec![Slo { max_itl: Some(0.5), ..Default::default() }, Slo::default()];
+    let run = |preemption| {
+        let base = cfg(PolicyKind::Aggressive, 6000);
+        let c = SimConfig {
+            sched: SchedulerConfig { queue: QueueDiscipline::Slo, preemption: Some(preemption), ..base.sched.clone() },
+            slo_classes: classes.clone(),
+            ..base
+        };
+        // Invariants after every step with either victim rule.
+        assert_eq!(run_checked(&t, &c).len(), 300);
+        let r = sim::simulate(&t, &c).unwrap();
+        let pre = |k: usize| r.records.iter().skip(k).step_by(2).map(|x| x.preemptions as usize).sum::<usize>();
+        let met = r.records.iter().step_by(2).filter(|x| x.meets()).count();
+        (pre(0), pre(1), met)
+    };
+    let (newest, least) = (run(Preemption::Newest), run(Preemption::LeastLoss));
+    assert!(least.0 < newest.0, "gap-bound requests preempted: least-loss {} newest {}", least.0, newest.0);
+    assert!(least.2 >= newest.2, "gap-bound requests that met their bound: least-loss {} newest {}", least.2, newest.2);
 }

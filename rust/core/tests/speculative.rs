@@ -52,6 +52,8 @@ fn engine(dir: &Path, method: &Method, spec: Option<SpecConfig>, policy: PolicyK
 
 fn request(prompt: Vec<u32>, max_tokens: usize, sampling: SamplingParams) -> RequestSpec {
     RequestSpec {
+        slo: Default::default(),
+        priority: 0,
         prompt: Prompt::Tokens(prompt),
         max_tokens,
         ignore_eos: true,

@@ -1,11 +1,12 @@
 //! `horae._core.Engine` and `StepOutput`: PyO3 conversion of `horae_core::engine`'s handle, nothing
 //! more. The engine, its inbox, step loop, request checks and figures all live in the core.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use horae_core::engine::{self, EngineArgs, EngineHandle, EngineInfo, EngineStats, RequestOutput, StepEvents};
-use horae_core::request::{RequestParams, StopReason};
+use horae_core::request::{RequestParams, Slo, StopReason};
 use horae_core::sample::{SamplingParams, TokenLogprobs};
 use numpy::{IntoPyArray, PyArrayMethods};
 use pyo3::prelude::*;
@@ -99,6 +100,11 @@ fn outputs(py: Python<'_>, events: StepEvents) -> PyResult<Vec<PyStepOutput>> {
     events.outputs.into_iter().map(|o| PyStepOutput::new(py, o)).collect()
 }
 
+/// A `{"ttft": s, "max_itl": s, "e2e": s}` dict as the core's `Slo` (each key and value checked).
+fn slo_arg(slo: Option<HashMap<String, f64>>) -> PyResult<Slo> {
+    Slo::from_pairs(slo.iter().flatten().map(|(k, v)| (k.as_str(), *v))).map_err(to_py)
+}
+
 /// The real engine on a model folder. `step()` releases the GIL while the model runs;
 /// `start_loop(callback)` runs steps on a background thread instead.
 #[pyclass(name = "Engine", module = "horae._core")]
@@ -115,7 +121,8 @@ impl PyEngine {
                         history_window = 1000, max_output_bound = None, speculative = None,
                         device = "auto", gpu_memory_utilization = 0.9, max_model_len = None, queue_timeout = None,
                         max_itl_abort = None, history_file = None, history_prior = None,
-                        history_prior_weight = None, long_prefill_token_threshold = None))]
+                        history_prior_weight = None, long_prefill_token_threshold = None, queue = "fcfs",
+                        slo = None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -139,6 +146,8 @@ impl PyEngine {
         history_prior: Option<crate::PriorArg>,
         history_prior_weight: Option<usize>,
         long_prefill_token_threshold: Option<usize>,
+        queue: &str,
+        slo: Option<HashMap<String, f64>>,
     ) -> PyResult<Self> {
         let speculative = match speculative.map(|d| crate::spec::parse(&d, false, seed.unwrap_or(0))).transpose()? {
             Some((cfg, crate::spec::Choice::Engine(method))) => Some(engine::SpecArgs { cfg, method }),
@@ -163,6 +172,8 @@ impl PyEngine {
             history_prior: crate::PriorArg::resolve(history_prior)?,
             history_prior_weight,
             long_prefill_token_threshold,
+            queue: queue.parse().map_err(to_py)?,
+            default_slo: slo_arg(slo)?,
             ..EngineArgs::new(model_dir)
         };
         let (handle, info) = py.detach(|| engine::build(args)).map_err(to_py)?;
@@ -238,7 +249,7 @@ impl PyEngine {
     #[pyo3(signature = (prompt_token_ids, *, max_tokens = Some(16), temperature = 1.0, top_k = 0, top_p = 1.0,
                         min_p = 0.0, repetition_penalty = 1.0, presence_penalty = 0.0, frequency_penalty = 0.0,
                         seed = None, ignore_eos = false, logprobs = None, min_tokens = 0, prompt_logprobs = None,
-                        stop = Vec::new(), stop_token_ids = Vec::new()))]
+                        stop = Vec::new(), stop_token_ids = Vec::new(), slo = None, priority = 0))]
     #[allow(clippy::too_many_arguments)]
     fn add_request(
         &self,
@@ -258,6 +269,8 @@ impl PyEngine {
         prompt_logprobs: Option<i64>,
         stop: Vec<String>,
         stop_token_ids: Vec<i64>,
+        slo: Option<HashMap<String, f64>>,
+        priority: i64,
     ) -> PyResult<u64> {
         let sampling = SamplingParams {
             temperature,
@@ -281,6 +294,8 @@ impl PyEngine {
             ignore_eos,
             stop,
             stop_token_ids,
+            slo: slo_arg(slo)?,
+            priority,
         };
         self.handle.add_request(params).map_err(to_py)
     }

@@ -1,6 +1,7 @@
 //! `horae._core`: thin PyO3 wrappers over horae-core. Types and errors cross here; no logic lives
 //! here that Python or Rust users would need twice.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -10,11 +11,13 @@ mod spec;
 
 use horae_core::backend::gemm::WeightDtype;
 use horae_core::bench::admission::admission_benchmark;
+use horae_core::bench::queue::queue_benchmark;
 use horae_core::engine::builder::parse_cpu_dtype;
 use horae_core::engine::ServerRules;
 use horae_core::model::LlamaModel;
+use horae_core::request::Slo;
 use horae_core::sched::{Censoring, HistoryStart, PolicyKind, Prior, SchedulerConfig, Tuning};
-use horae_core::sim::{self, CostModel, LengthDist, LoadModel, SimConfig, Sla, StepFeatures, Trace, TraceFormat};
+use horae_core::sim::{self, CostModel, LengthDist, LoadModel, SimConfig, StepFeatures, Trace, TraceFormat};
 use horae_core::HoraeError;
 use numpy::{IntoPyArray, PyArrayMethods, PyReadonlyArray1};
 use pyo3::exceptions::PyValueError;
@@ -143,7 +146,7 @@ fn synthetic_trace(dist: &str, n: usize, seed: u64) -> PyResult<PyTrace> {
     speculative = None, queue_timeout = None, max_itl_abort = None, retry_failed = false,
     history = None, history_prior = None, history_prior_weight = None, scenarios = None, quantile = None,
     redraw = false, fitted_tail = false, censoring = None, max_admit_per_step = None,
-    long_prefill_token_threshold = None,
+    long_prefill_token_threshold = None, queue = "fcfs", slo_classes = None, preemption = None,
 ))]
 #[allow(clippy::too_many_arguments)]
 fn simulate<'py>(
@@ -182,8 +185,17 @@ fn simulate<'py>(
     censoring: Option<&str>,
     max_admit_per_step: Option<usize>,
     long_prefill_token_threshold: Option<usize>,
+    queue: &str,
+    slo_classes: Option<Vec<HashMap<String, f64>>>,
+    preemption: Option<&str>,
 ) -> PyResult<SimOutput<'py>> {
     let policy: PolicyKind = scheduler.parse().map_err(to_py)?;
+    let slo_classes = slo_classes
+        .unwrap_or_default()
+        .iter()
+        .map(|c| Slo::from_pairs(c.iter().map(|(k, v)| (k.as_str(), *v))))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(to_py)?;
     let spec = speculative.map(|d| spec::parse(&d, true, seed)).transpose()?;
     let (spec, acceptance) = match spec {
         Some((cfg, spec::Choice::Simulated(a))) => (Some(cfg), Some(a)),
@@ -221,6 +233,9 @@ fn simulate<'py>(
                     .unwrap_or_default(),
             },
             max_admit_per_step,
+            queue: queue.parse().map_err(to_py)?,
+            preemption: preemption.map(str::parse).transpose().map_err(to_py)?,
+            default_slo: Slo { ttft, tpot, max_itl, e2e },
             reserve,
             watermark,
             seed,
@@ -232,13 +247,13 @@ fn simulate<'py>(
         acceptance,
         rules: ServerRules { queue_timeout, max_itl_abort },
         retry_failed,
+        slo_classes,
     };
-    let sla = Sla { ttft, tpot, max_itl, e2e };
     let inner = &trace.inner;
     let (result, summary) = py
         .detach(|| {
             let r = sim::simulate(inner, &cfg)?;
-            let s = r.summary(&sla);
+            let s = r.summary();
             Ok::<_, HoraeError>((r, s))
         })
         .map_err(to_py)?;
@@ -280,7 +295,7 @@ fn simulate<'py>(
     col!(req, "attempts", recs, |r| r.attempts);
     col!(req, "wasted_tokens", recs, |r| r.wasted_tokens);
     req.set_item("finish_reason", recs.iter().map(|r| r.finish_reason).collect::<Vec<_>>())?;
-    col!(req, "met_sla", recs, |r| r.meets(&sla));
+    col!(req, "met_sla", recs, |r| r.meets());
 
     let steps = &result.steps;
     let st = PyDict::new(py);
@@ -330,6 +345,14 @@ fn fit_linear_cost(
 fn bench_admission(py: Python<'_>, running: usize, iters: usize, seed: u64) -> (f64, f64, f64) {
     let t = py.detach(|| admission_benchmark(running, iters, seed));
     (t.first_decision_us, t.next_decision_us, t.naive_decision_us)
+}
+
+/// `horae bench queue`: engine microseconds per step with FCFS and with the SLO queue, and the
+/// modelled step's, at `running` running and `waiting` waiting requests.
+#[pyfunction]
+fn bench_queue(py: Python<'_>, running: usize, waiting: usize, steps: usize) -> (f64, f64, f64) {
+    let t = py.detach(|| queue_benchmark(running, waiting, steps));
+    (t.fcfs_us, t.slo_us, t.step_us)
 }
 
 /// Teacher-forced logits of a token sequence (`len x vocab`), outside the engine: for checks
@@ -400,6 +423,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(simulate, m)?)?;
     m.add_function(wrap_pyfunction!(fit_linear_cost, m)?)?;
     m.add_function(wrap_pyfunction!(bench_admission, m)?)?;
+    m.add_function(wrap_pyfunction!(bench_queue, m)?)?;
     cuda::register(m)?;
     m.add("MODEL_PRESETS", horae_core::sim::ModelSpec::PRESETS.to_vec())?;
     m.add("HARDWARE_PRESETS", horae_core::sim::HardwareSpec::PRESETS.to_vec())?;

@@ -4,3 +4,4 @@
 pub mod admission;
 pub mod cuda;
 pub mod gemm;
+pub mod queue;

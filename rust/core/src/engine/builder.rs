@@ -13,9 +13,9 @@ use crate::error::{HoraeError, Result};
 use crate::model::cuda_llama::{CudaLlama, KvBudget};
 use crate::model::{LlamaModel, ModelConfig};
 use crate::plan::Executor;
-use crate::request::RequestLimits;
+use crate::request::{RequestLimits, Slo};
 use crate::runner::{ModelExecutor, Proposer};
-use crate::sched::{PolicyKind, Prior, Scheduler, SchedulerConfig, SpecConfig};
+use crate::sched::{PolicyKind, Prior, QueueDiscipline, Scheduler, SchedulerConfig, SpecConfig};
 use crate::spec::DraftModel;
 use crate::tokenizer::Tokenizer;
 
@@ -72,6 +72,9 @@ pub struct EngineArgs {
     pub long_prefill_token_threshold: Option<usize>,
     /// The server's rules: a queue deadline and a gap abort (off by default).
     pub rules: ServerRules,
+    /// Queue discipline and the SLO a request's own bounds are filled from (see `SchedulerConfig`).
+    pub queue: QueueDiscipline,
+    pub default_slo: Slo,
 }
 
 impl EngineArgs {
@@ -96,6 +99,8 @@ impl EngineArgs {
             max_model_len: None,
             long_prefill_token_threshold: None,
             rules: ServerRules::default(),
+            queue: QueueDiscipline::Fcfs,
+            default_slo: Slo::default(),
         }
     }
 }
@@ -237,6 +242,8 @@ pub fn build(args: EngineArgs) -> Result<(EngineHandle, EngineInfo)> {
         max_num_seqs: args.max_num_seqs,
         max_batched_tokens: args.max_batched_tokens,
         long_prefill_token_threshold: args.long_prefill_token_threshold,
+        queue: args.queue,
+        default_slo: args.default_slo,
         history_window: args.history_window,
         // Past-Future primes its length history with this: by default the whole context.
         max_output_bound: args.max_output_bound.unwrap_or(config.max_position_embeddings),

@@ -15,7 +15,7 @@ use crate::error::{HoraeError, Result};
 use crate::plan::{Executor, StepPlan};
 use crate::request::{FinishReason, Prompt, ReqId, Request, RequestLimits, RequestParams, RequestSpec, StopReason};
 use crate::sample::TokenLogprobs;
-use crate::sched::{Judged, Scheduler, SpecStats};
+use crate::sched::{Judged, QueueDiscipline, Scheduler, SpecStats};
 use crate::stepcost::StepFeatures;
 use crate::tokenizer::{IncrementalDetokenizer, Tokenizer};
 
@@ -283,6 +283,7 @@ impl Engine {
             self.clock.advance(dt);
         }
         let now = self.clock.now();
+        self.sched.observe_step(plan.num_batched_tokens, now - started);
         self.record_drafts(&plan, &out.sampled, &out.accepted, now - started);
         for (id, pos, lp) in out.prompt_logprobs {
             self.sched.push_prompt_logprobs(id, pos, lp);
@@ -325,7 +326,8 @@ impl Engine {
     /// past its queue deadline costs nothing).
     fn enforce_rules(&mut self, now: f64, result: &mut StepResult) -> Result<()> {
         let ServerRules { queue_timeout, max_itl_abort } = self.rules;
-        if queue_timeout.is_none() && max_itl_abort.is_none() {
+        let sheds = self.sched.config().queue == QueueDiscipline::Slo;
+        if queue_timeout.is_none() && max_itl_abort.is_none() && !sheds {
             return Ok(());
         }
         for (id, reason) in self.sched.expired(now, queue_timeout, max_itl_abort) {

@@ -10,6 +10,7 @@ mod aggressive;
 mod conservative;
 mod past_future;
 mod scheduler;
+mod slo;
 pub mod smartspec;
 
 use std::fmt;
@@ -20,9 +21,11 @@ pub use conservative::Conservative;
 pub use past_future::history::{self, HistoryStart, Prior};
 pub use past_future::{peak, Censoring, PastFuture, TrueLengths, Tuning};
 pub use scheduler::{check_fits, AdmissionPolicy, PoolView, Scheduler, SchedulerStats, SeqLoad, MAX_SCENARIOS};
+pub use slo::{Preemption, QueueDiscipline, StepTimes};
 pub use smartspec::{Judged, SpecConfig, SpecController, SpecStats, MAX_SPEC_TOKENS};
 
 use crate::error::{HoraeError, Result};
+use crate::request::Slo;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum PolicyKind {
@@ -92,6 +95,12 @@ pub struct SchedulerConfig {
     /// Most requests admitted in one step (`None`: as many as fit). LightLLM's Past-Future and
     /// conservative servers admit one per admission round.
     pub max_admit_per_step: Option<usize>,
+    /// In what order waiting requests are offered to the policy, and what is shed (see `slo`).
+    pub queue: QueueDiscipline,
+    /// Who a preemption takes; `None`: the newest under FCFS, the least loss under `slo`.
+    pub preemption: Option<Preemption>,
+    /// Bounds for what a request leaves out of its own `slo` (the server's `--slo-ttft` ...).
+    pub default_slo: Slo,
     /// Past-Future and oracle: fraction of the pool kept free of predicted use.
     pub reserve: f64,
     /// Aggressive: admit while block use stays under this fraction.
@@ -116,6 +125,9 @@ impl Default for SchedulerConfig {
             history_start: HistoryStart::default(),
             tuning: Tuning::default(),
             max_admit_per_step: None,
+            queue: QueueDiscipline::Fcfs,
+            preemption: None,
+            default_slo: Slo::default(),
             reserve: 0.05,
             watermark: 0.95,
             seed: 0,
@@ -160,6 +172,7 @@ impl SchedulerConfig {
         if self.max_admit_per_step == Some(0) {
             return bad("max_admit_per_step must be at least 1 (leave it unset for no limit)".into());
         }
+        self.default_slo.validate()?;
         let start = &self.history_start;
         let bad_prior = matches!(&start.prior, Prior::Lengths(p) if p.is_empty() || p.contains(&0));
         if bad_prior || start.recorded.contains(&0) {

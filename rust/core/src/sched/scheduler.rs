@@ -11,6 +11,7 @@ use std::collections::VecDeque;
 
 use rustc_hash::FxHashMap as HashMap;
 
+use super::slo::{Outlook, OutputLengths, Preemption, QueueDiscipline, StepTimes};
 use super::smartspec::{Judged, SpecController, SpecStats};
 use super::{SchedulerConfig, TrueLengths};
 use crate::error::{HoraeError, Result};
@@ -136,6 +137,15 @@ pub struct Scheduler {
     spec: Option<SpecController>,
     /// This step's speculation length (SmartSpec's k).
     step_k: usize,
+    /// Step seconds learned from the steps that ran, and recent output lengths: what the `slo`
+    /// queue predicts with.
+    times: StepTimes,
+    lengths: OutputLengths,
+    /// Whether any request so far had a non-zero priority (else ordering is a no-op in FCFS).
+    prioritized: bool,
+    /// When the waiting queue was last put in order, if no request was added since: a step
+    /// orders it once (the rules' scan, then admission).
+    ordered_at: Option<f64>,
 }
 
 impl Scheduler {
@@ -154,6 +164,10 @@ impl Scheduler {
             waiting: VecDeque::new(),
             running: Vec::new(),
             stats: SchedulerStats::default(),
+            times: StepTimes::default(),
+            lengths: OutputLengths::default(),
+            prioritized: false,
+            ordered_at: None,
         })
     }
 
@@ -203,6 +217,10 @@ impl Scheduler {
         if let Err(reason) = check_fits(req.prompt_len(), req.max_tokens, self.kv.capacity_tokens()) {
             return invalid(reason);
         }
+        let mut req = req;
+        req.slo = req.slo.or(&self.cfg.default_slo);
+        self.prioritized |= req.priority != 0;
+        self.ordered_at = None;
         self.waiting.push_back(req.id);
         self.requests.insert(req.id, req);
         Ok(())
@@ -228,9 +246,10 @@ impl Scheduler {
         let mut plan = StepPlan::default();
         let mut placed = Vec::with_capacity(self.running.len() + 8);
         let mut budget = self.cfg.max_batched_tokens;
-        self.schedule_running(&mut placed, &mut plan, &mut budget);
+        self.schedule_running(&mut placed, &mut plan, &mut budget, now);
         self.step_k = 0; // chosen by `plan_spec` for one step only
         if plan.preempted.is_empty() {
+            self.order_waiting(now);
             self.admit_waiting(&mut placed, &mut plan, &mut budget, now);
         }
         plan.num_batched_tokens = self.cfg.max_batched_tokens - budget;
@@ -278,7 +297,7 @@ impl Scheduler {
         }
     }
 
-    fn schedule_running(&mut self, placed: &mut Vec<Placed>, plan: &mut StepPlan, budget: &mut usize) {
+    fn schedule_running(&mut self, placed: &mut Vec<Placed>, plan: &mut StepPlan, budget: &mut usize, now: f64) {
         // Tokens the running sequences need without drafts: drafts only get what is left over,
         // so they never push another sequence's decode token or prefill chunk out of the step.
         let mut base_left: usize = if self.step_k > 0 {
@@ -306,7 +325,7 @@ impl Scheduler {
             let slots = slots_for(&self.kv, n);
             let mut preempted_self = false;
             while !self.kv.can_append(id, slots) {
-                let victim = *self.running.last().expect("the current sequence is running");
+                let victim = self.victim(i, now);
                 self.preempt(victim);
                 plan.preempted.push(victim);
                 if victim == id {
@@ -322,6 +341,71 @@ impl Scheduler {
             *budget -= n;
             i += 1;
         }
+    }
+
+    /// Who a preemption takes while placing `running[at]` (`SchedulerConfig::preemption`): the
+    /// newest, or the one whose preemption loses the least goodput (`Outlook::preemption_loss`;
+    /// ties: the newest). Only requests not yet placed this step are candidates, the current one
+    /// included.
+    fn victim(&self, at: usize, now: f64) -> ReqId {
+        let newest = *self.running.last().expect("the current sequence is running");
+        let rule = self.cfg.preemption.unwrap_or(match self.cfg.queue {
+            QueueDiscipline::Fcfs => Preemption::Newest,
+            QueueDiscipline::Slo => Preemption::LeastLoss,
+        });
+        if rule == Preemption::Newest {
+            return newest;
+        }
+        let outlook = self.outlook();
+        let out = self.planned_output();
+        let loss = |id: &ReqId| outlook.preemption_loss(&self.requests[id], now, out);
+        let mut best = (newest, loss(&newest));
+        for id in self.running[at..].iter().rev() {
+            let l = loss(id);
+            if l < best.1 {
+                best = (*id, l);
+            }
+        }
+        best.0
+    }
+
+    fn outlook(&self) -> Outlook<'_> {
+        Outlook { times: &self.times, budget: self.cfg.max_batched_tokens, decode_step: self.times.mean_step() }
+    }
+
+    /// The output length the `slo` queue plans a request's decode time with (`OutputLengths`).
+    fn planned_output(&self) -> f64 {
+        self.lengths.planned()
+    }
+
+    /// Put the waiting queue in serving order. Started (preempted) requests stay first, in their
+    /// order; then by priority; then FCFS keeps arrival order, the `slo` queue puts the least
+    /// slack first (the latest start that still meets the bounds, `planned_output`).
+    /// Stable sorts of a queue already nearly in order cost about one pass.
+    fn order_waiting(&mut self, now: f64) {
+        let slo = self.cfg.queue == QueueDiscipline::Slo;
+        if (!slo && !self.prioritized) || self.ordered_at == Some(now) {
+            return;
+        }
+        self.ordered_at = Some(now);
+        let outlook = self.outlook();
+        let out = self.planned_output();
+        let requests = &self.requests;
+        let key = |id: &ReqId| {
+            let r = &requests[id];
+            let started = r.times.first_scheduled.is_some();
+            let slack = if slo && !started { outlook.latest_start(r, out) } else { f64::NEG_INFINITY };
+            (!started, r.priority, slack)
+        };
+        let mut keyed: Vec<_> = self.waiting.iter().map(|id| (key(id), *id)).collect();
+        keyed.sort_by(|a, b| a.0 .0.cmp(&b.0 .0).then(a.0 .1.cmp(&b.0 .1)).then(a.0 .2.total_cmp(&b.0 .2)));
+        self.waiting = keyed.into_iter().map(|(_, id)| id).collect();
+    }
+
+    /// The engine ran a step of `tokens` tokens in `seconds`: the `slo` queue's step times learn
+    /// from it.
+    pub fn observe_step(&mut self, tokens: usize, seconds: f64) {
+        self.times.observe(tokens, seconds);
     }
 
     fn admit_waiting(&mut self, placed: &mut Vec<Placed>, plan: &mut StepPlan, budget: &mut usize, now: f64) {
@@ -412,11 +496,12 @@ impl Scheduler {
 
     /// Requests the server's rules end at `now`: waiting ones never started whose queue deadline
     /// passed (`queue_timeout` seconds after arrival), and started ones (running, or preempted and
-    /// waiting) whose last token is older than `max_itl_abort` seconds. The queue is in arrival
-    /// order behind the preempted requests at its head, so the deadline scan stops at the first
-    /// request still inside it.
+    /// waiting) whose last token is older than `max_itl_abort` seconds. The `slo` queue also sheds
+    /// waiting requests that can no longer meet their bounds: even started now, behind the
+    /// prefills of the feasible requests ahead of them, they would start after their latest
+    /// start (`planned_output`). They end with `FinishReason::Timeout`, having cost nothing.
     pub fn expired(
-        &self,
+        &mut self,
         now: f64,
         queue_timeout: Option<f64>,
         max_itl_abort: Option<f64>,
@@ -428,6 +513,14 @@ impl Scheduler {
                 out.push((id, FinishReason::SlaAbort));
             }
         }
+        let slo = self.cfg.queue == QueueDiscipline::Slo;
+        if slo {
+            self.order_waiting(now);
+        }
+        let outlook = self.outlook();
+        let out_len = self.planned_output();
+        let budget = self.cfg.max_batched_tokens;
+        let mut ahead = 0usize;
         for &id in &self.waiting {
             let r = &self.requests[&id];
             if r.times.first_scheduled.is_some() {
@@ -436,9 +529,16 @@ impl Scheduler {
                 }
                 continue;
             }
-            match queue_timeout {
-                Some(d) if now - r.times.arrival > d => out.push((id, FinishReason::Timeout)),
-                _ => break,
+            if queue_timeout.is_some_and(|d| now - r.times.arrival > d)
+                || (slo && now + self.times.queueing(ahead, budget) > outlook.latest_start(r, out_len))
+            {
+                out.push((id, FinishReason::Timeout));
+            } else if slo {
+                ahead += r.total_len();
+            } else if !self.prioritized {
+                // FCFS: the queue is in arrival order behind the preempted requests, so the
+                // deadline scan stops at the first request still inside it.
+                break;
             }
         }
         out
@@ -590,6 +690,7 @@ impl Scheduler {
         r.times.finished = Some(now);
         if reason.measures_length(r.output.len()) {
             self.policy.record_finished(r.output.len());
+            self.lengths.record(r.output.len());
             self.stats.lengths_recorded += 1;
         }
         Ok(r)

@@ -10,7 +10,7 @@ pub mod workload;
 
 pub use cost_model::{CostModel, HardwareSpec, ModelSpec, StepFeatures};
 pub use executor::{Acceptance, SimExecutor};
-pub use report::{Percentiles, RequestRecord, Sla, Summary};
+pub use report::{Percentiles, RequestRecord, Summary};
 pub use runner::{simulate, LoadModel, SimConfig, SimResult};
 pub use trace::{load_trace, Trace, TraceFormat, TraceRequest};
 pub use workload::{assign_arrivals, scale_rate, synthetic, LengthDist};

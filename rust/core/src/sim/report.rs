@@ -2,24 +2,7 @@
 
 use serde::Serialize;
 
-use crate::request::{FinishReason, Request};
-
-/// Latency bounds a request must meet to count towards goodput; `None` means unbounded.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
-pub struct Sla {
-    pub ttft: Option<f64>,
-    pub tpot: Option<f64>,
-    /// Largest gap between two consecutive tokens (the Past-Future paper's bound).
-    pub max_itl: Option<f64>,
-    pub e2e: Option<f64>,
-}
-
-impl Sla {
-    /// The paper's SLA for a 7B-class model: TTFT <= 10 s and no gap between tokens over 1.5 s.
-    pub fn paper() -> Self {
-        Sla { ttft: Some(10.0), max_itl: Some(1.5), ..Default::default() }
-    }
-}
+use crate::request::{FinishReason, Request, Slo};
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct RequestRecord {
@@ -45,6 +28,9 @@ pub struct RequestRecord {
     pub attempts: u32,
     /// Tokens computed for its failed attempts (prefill, recomputation and outputs), thrown away.
     pub wasted_tokens: u64,
+    /// The bounds it is judged on: its own, the server's defaults filled in.
+    #[serde(skip)]
+    pub slo: Slo,
 }
 
 impl RequestRecord {
@@ -67,10 +53,11 @@ impl RequestRecord {
             completed: matches!(r.finish_reason(), Some(FinishReason::Stop | FinishReason::Length)),
             attempts: 1,
             wasted_tokens: 0,
+            slo: r.slo,
         }
     }
 
-    pub fn rejected(id: u64, arrival: f64, prompt_len: u32) -> Self {
+    pub fn rejected(id: u64, arrival: f64, prompt_len: u32, slo: Slo) -> Self {
         let nan = f64::NAN;
         Self {
             id,
@@ -89,6 +76,7 @@ impl RequestRecord {
             completed: false,
             attempts: 1,
             wasted_tokens: 0,
+            slo,
         }
     }
 
@@ -107,8 +95,10 @@ impl RequestRecord {
         self.finished - self.arrival
     }
 
-    pub fn meets(&self, sla: &Sla) -> bool {
+    /// Completed within every bound of its SLO.
+    pub fn meets(&self) -> bool {
         let ok = |bound: Option<f64>, v: f64| bound.is_none_or(|b| v <= b);
+        let sla = &self.slo;
         self.completed
             && ok(sla.ttft, self.ttft())
             && ok(sla.tpot, self.tpot())
@@ -179,9 +169,9 @@ pub struct Summary {
 }
 
 impl Summary {
-    pub fn new(records: &[RequestRecord], sla: &Sla, kv_usage: &[(f64, f64)]) -> Self {
+    pub fn new(records: &[RequestRecord], kv_usage: &[(f64, f64)]) -> Self {
         let done: Vec<&RequestRecord> = records.iter().filter(|r| r.completed).collect();
-        let good: Vec<&RequestRecord> = done.iter().copied().filter(|r| r.meets(sla)).collect();
+        let good: Vec<&RequestRecord> = done.iter().copied().filter(|r| r.meets()).collect();
         let start = records.iter().map(|r| r.arrival).fold(f64::INFINITY, f64::min);
         let end = done.iter().map(|r| r.finished).fold(f64::NEG_INFINITY, f64::max);
         let duration = if end > start { end - start } else { 0.0 };
@@ -245,7 +235,7 @@ mod tests {
             max_itl: itl,
             completed: true,
             rejected: false,
-            ..RequestRecord::rejected(0, arrival, 100)
+            ..RequestRecord::rejected(0, arrival, 100, Slo::paper())
         }
     }
 
@@ -255,9 +245,9 @@ mod tests {
             rec(0.0, 1.0, 11.0, 11, 1.0), // ok
             rec(0.0, 12.0, 20.0, 9, 1.0), // ttft 12 > 10
             rec(1.0, 2.0, 20.0, 10, 2.0), // max gap 2 > 1.5
-            RequestRecord::rejected(3, 2.0, 50),
+            RequestRecord::rejected(3, 2.0, 50, Slo::paper()),
         ];
-        let s = Summary::new(&records, &Sla::paper(), &[]);
+        let s = Summary::new(&records, &[]);
         assert_eq!((s.completed, s.met_sla, s.rejected), (3, 1, 1));
         assert_eq!(s.duration, 20.0);
         assert!((s.goodput_rps - 1.0 / 20.0).abs() < 1e-12);

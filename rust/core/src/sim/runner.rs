@@ -5,11 +5,11 @@ use std::sync::Arc;
 
 use super::cost_model::CostModel;
 use super::executor::{Acceptance, SimExecutor};
-use super::report::{RequestRecord, Sla, Summary};
+use super::report::{RequestRecord, Summary};
 use super::trace::Trace;
 use crate::engine::{Engine, ServerRules, StepSample, VirtualClock};
 use crate::error::{HoraeError, Result};
-use crate::request::{FinishReason, Prompt, RequestSpec};
+use crate::request::{FinishReason, Prompt, RequestSpec, Slo};
 use crate::sched::{Scheduler, SchedulerConfig, SchedulerStats, TrueLengths};
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -36,6 +36,9 @@ pub struct SimConfig {
     /// admitted before its new deadline whenever the batch has room), after an SLA abort at most
     /// `MAX_SLA_ATTEMPTS` times.
     pub retry_failed: bool,
+    /// Per-request SLOs: request `i` carries class `i % len` (none when empty); what a class
+    /// leaves out, `sched.default_slo` fills. Every request is judged on its own.
+    pub slo_classes: Vec<Slo>,
 }
 
 /// Sends of one request the gap bound keeps cutting before its client gives up: a bound no
@@ -57,9 +60,9 @@ pub struct SimResult {
 }
 
 impl SimResult {
-    pub fn summary(&self, sla: &Sla) -> Summary {
+    pub fn summary(&self) -> Summary {
         let usage: Vec<(f64, f64)> = self.steps.iter().map(|s| (s.time, s.kv_usage as f64)).collect();
-        Summary::new(&self.records, sla, &usage)
+        Summary::new(&self.records, &usage)
     }
 }
 
@@ -107,7 +110,10 @@ pub fn simulate(trace: &Trace, cfg: &SimConfig) -> Result<SimResult> {
     // Submit request `i` at time `t`; a request that can never fit is recorded as rejected.
     let submit = |engine: &mut Engine, records: &mut Vec<Option<RequestRecord>>, i: usize, t: f64| -> Result<bool> {
         let r = &reqs[i];
+        let slo = if cfg.slo_classes.is_empty() { Slo::default() } else { cfg.slo_classes[i % cfg.slo_classes.len()] };
         let spec = RequestSpec {
+            slo,
+            priority: 0,
             prompt: Prompt::Synthetic {
                 len: r.prompt_len as usize,
                 prefix_ids: r.prefix_ids.clone(),
@@ -122,7 +128,7 @@ pub fn simulate(trace: &Trace, cfg: &SimConfig) -> Result<SimResult> {
         match engine.add_request_with_id(i as u64, spec) {
             Ok(()) => Ok(true),
             Err(HoraeError::InvalidRequest { .. }) => {
-                records[i] = Some(RequestRecord::rejected(i as u64, t, r.prompt_len));
+                records[i] = Some(RequestRecord::rejected(i as u64, t, r.prompt_len, slo.or(&cfg.sched.default_slo)));
                 Ok(false)
             }
             Err(e) => Err(e),
