@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RUST_LAYERS = [
     ["error"],
     ["stepcost", "sample", "kv", "tokenizer"],
-    ["request"],
+    ["request", "route"],
     ["plan"],
     ["sched", "backend"],
     ["model"],

@@ -232,12 +232,18 @@ def test_cli_errors_are_clean():
         (("simulate", "--schedulers", "fifo"), "unknown scheduler"),
         (("simulate", "--synthetic", "dist-1", "--num-requests", "20"), "--request-rate or --clients"),
         (("simulate", "--kv-cache-tokens", "4"), "smaller than one block"),
+        (("simulate", "--replicas", "0"), "replicas must be a positive integer"),
+        (("simulate", "--replicas", "2", "--router", "random"), "invalid choice"),
+        (("simulate", "--replicas", "2", "--schedulers", "oracle", "--no-progress"), "not a replica policy"),
     ]:
         out = run_cli(*args)
         assert out.returncode == 2, (args, out.stdout, out.stderr)
         assert message in out.stderr and "Traceback" not in out.stderr
     out = run_cli("simulate", "--rate-scales", "-1")
     assert out.returncode == 2 and "positive" in out.stderr
+    out = run_cli("simulate", "--replicas", "2", "--router", "prefix", "--schedulers", "past-future",
+                  "--rate-scales", "1", "--no-progress")
+    assert out.returncode == 0 and "goodput" in out.stdout, out.stderr
 
 
 def test_server_rules_in_the_simulator():
@@ -395,3 +401,53 @@ def test_the_slo_queue_under_overload_with_mixed_classes():
     # Judged on its own class: an interactive request that took 5 s to its first token missed.
     late = slo.requests["ttft"][0::2] > 1.0
     assert not met[0::2][late].any()
+
+
+def _shared_prefix_trace(path, n=600, rate=40.0, groups=48, seed=0):
+    """A Mooncake-style trace: prompts of 8-16 shared 512-token units (`hash_ids`) from a few
+    groups, then a unit of their own; arrivals at `rate` per second."""
+    rng = np.random.default_rng(seed)
+    lines = []
+    for i in range(n):
+        g = int(rng.integers(groups))
+        shared = [g * 100 + k for k in range(int(rng.integers(8, 16)))]
+        ids = shared + [10_000 + i]
+        lines.append(json.dumps({"timestamp": int(1000 * i / rate), "input_length": 512 * len(ids),
+                                 "output_length": int(rng.integers(20, 200)), "hash_ids": ids}))
+    path.write_text("\n".join(lines) + "\n")
+    return sim.load_trace(path)
+
+
+def test_replicas_behind_each_router(tmp_path):
+    """Issue 16's cluster simulator: every router serves every request; the forecast router keeps
+    shared prefixes together (a higher prefix hit rate than power-of-two) without losing goodput;
+    a request a replica sheds is retried on another one."""
+    t = _shared_prefix_trace(tmp_path / "t.jsonl")
+    # 48 shared prefixes of 4-8k tokens, and caches too small for all of them on every replica.
+    kw = dict(model="llama-3-8b", hardware="h200", kv_cache_tokens=100_000, max_tokens=512, replicas=4,
+              sla={"ttft": 5.0, "max_itl": 1.5})
+    runs = {r: sim.simulate(t, "past-future", router=r, **kw) for r in sim.ROUTERS}
+    for r, res in runs.items():
+        s = res.summary
+        assert s["router"] == r and s["replicas"] == 4 and len(s["per_replica"]) == 4
+        assert s["completed"] + s["timeouts"] + s["rejected"] == len(t), r
+        assert sum(p["requests"] for p in s["per_replica"]) >= len(t)
+    f, p2 = runs["forecast"].summary, runs["power-of-two"].summary
+    assert f["prefix_hit_rate"] > p2["prefix_hit_rate"] + 0.1, (f["prefix_hit_rate"], p2["prefix_hit_rate"])
+    assert f["goodput_tps"] >= p2["goodput_tps"], (f["goodput_tps"], p2["goodput_tps"])
+    # Overloaded, with the SLO queue: what one replica sheds goes to another before it ends.
+    heavy = sim.simulate(t.scaled(4.0), "past-future", router="forecast", queue="slo", **kw)
+    assert (heavy.requests["attempts"] > 1).any()
+    shed = heavy.requests["finish_reason"] == "timeout"
+    assert (heavy.requests["attempts"][shed] == 4).all(), "a request ends shed only once every replica turned it away"
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"replicas": 0}, "replicas must be a positive integer"),
+    ({"replicas": 2, "router": "random"}, "unknown router.*round-robin, power-of-two, prefix, forecast"),
+    ({"replicas": 2, "staleness": -1.0}, "staleness"),
+    ({"replicas": 2, "clients": 4}, "open loop"),
+])
+def test_bad_cluster_input(sample, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        sim.simulate(sample, "past-future", **kwargs)

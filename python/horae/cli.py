@@ -72,6 +72,9 @@ def _simulate_parser(sub) -> None:
                         "requests shed (see horae serve --queue)")
     p.add_argument("--history-window", type=int, default=1000, help="past-future: finished lengths remembered")
     add_prior_arguments(p)
+    p.add_argument("--replicas", type=int, help="open loop: this many replicas behind --router (default: one engine)")
+    p.add_argument("--router", default="forecast", choices=["round-robin", "power-of-two", "prefix", "forecast"],
+                   help="with --replicas: how requests are spread (forecast: horae's, forecast- and prefix-aware)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--plot", metavar="DIR", help="write goodput-vs-load and KV-usage PNGs here")
     p.add_argument("--json", metavar="FILE", help="write all summaries as JSON")
@@ -112,6 +115,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         prefix_caching=not args.no_prefix_caching, seed=args.seed,
         queue_timeout=args.queue_timeout, max_itl_abort=args.max_itl_abort, retry_failed=args.retry_failed,
         queue=args.queue, history_window=args.history_window, history_prior=args.history_prior,
+        **({} if args.replicas is None else {"replicas": args.replicas, "router": args.router}),
         history_prior_weight=args.history_prior_weight,
     )
     print(report.format())
@@ -150,6 +154,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
             fcfs, slo, step = _core.bench_queue(n, 2 * n, min(args.iters, 200))
             share = slo / step
             print(f"{n:>8} {2 * n:>8} {fcfs:>9.1f} {slo:>9.1f} {step / 1e3:>8.2f} {share:>10.2%} {share / 0.02:>10.2f}x")
+        return 0
+    if args.what == "route":
+        print("One routing decision (us): replicas each publishing 30,000 cached block hashes; a request of")
+        print("2,500 blocks (a 40k-token prompt)")
+        for n in args.replicas:
+            row = _core.bench_route(n, 30_000, 2_500, args.iters)
+            print(f"{n:>4} replicas  " + "  ".join(f"{k} {us:.2f}" for k, us in row)
+                  + f"  (forecast vs 50 us goal: {dict(row)['forecast'] / 50:.2f}x)")
         return 0
     # sim-speed: one scheduler over a whole trace
     trace_path = args.trace
@@ -258,13 +270,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from horae.serve import add_arguments
 
     add_arguments(sv)
-    b = sub.add_parser("bench", help="benchmarks: admission, queue, sim-speed, model; "
+    b = sub.add_parser("bench", help="benchmarks: admission, queue, route, sim-speed, model; "
                                      "`horae bench serve -h` for the serving load generator")
-    b.add_argument("what", choices=["admission", "queue", "sim-speed", "model", "serve"])
+    b.add_argument("what", choices=["admission", "queue", "route", "sim-speed", "model", "serve"])
     b.add_argument("--model", help="model: model folder (default: SmolLM2-135M-Instruct)")
     b.add_argument("--no-hf", action="store_true", help="model: skip the HF transformers comparison")
     b.add_argument("--dtypes", type=_names, default=["float32", "bfloat16"], help="model: weight dtypes to run")
     b.add_argument("--running", type=_ints, default=[64, 256, 1024], help="admission, queue: running requests")
+    b.add_argument("--replicas", type=_ints, default=[8, 64], help="route: replica counts")
     b.add_argument("--iters", type=int, default=2000)
     b.add_argument("--trace", help="sim-speed: trace file (default: the bundled sample)")
     b.add_argument("--schedulers", type=_names, default=["past-future", "aggressive", "conservative", "oracle"])

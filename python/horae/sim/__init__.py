@@ -32,13 +32,14 @@ SCHEDULERS: Tuple[str, ...] = POLICIES + tuple(VARIANTS)
 MODEL_PRESETS: Tuple[str, ...] = tuple(_core.MODEL_PRESETS)
 HARDWARE_PRESETS: Tuple[str, ...] = tuple(_core.HARDWARE_PRESETS)
 SLA_KEYS = ("ttft", "tpot", "max_itl", "e2e")
+ROUTERS: Tuple[str, ...] = tuple(_core.ROUTERS)
 #: The Past-Future paper's SLA for a 7B model: first token within 10 s, no gap over 1.5 s.
 PAPER_SLA = {"ttft": 10.0, "max_itl": 1.5}
 BUNDLED = {"azure-conv-10min": "azure_conv_10min.csv"}
 
 __all__ = [
     "Trace", "HoraeCoreError", "load_trace", "bundled_trace", "synthetic", "simulate", "sweep",
-    "SimResult", "SweepReport", "fit_linear_cost", "SCHEDULERS", "PAPER_SLA",
+    "SimResult", "SweepReport", "fit_linear_cost", "SCHEDULERS", "ROUTERS", "PAPER_SLA",
 ]
 
 
@@ -136,7 +137,13 @@ def simulate(
     own bounds (what a class leaves out comes from ``sla``). ``queue="slo"`` (default "fcfs")
     orders waiting requests by slack against their bounds, sheds the hopeless ones ("timeout",
     nothing computed) and preempts where the least goodput is lost; ``preemption="newest"`` or
-    ``"least-loss"`` overrides the last."""
+    ``"least-loss"`` overrides the last.
+
+    A cluster: ``replicas=N`` runs N simulated engines (open loop) behind ``router`` (one of
+    ``ROUTERS``: "round-robin", "power-of-two", "prefix", "forecast", the default), which sees
+    each replica's stats as published every ``staleness`` seconds (default 1). The summary adds
+    ``router``, ``load_imbalance`` (the busiest replica's mean running count over the mean) and
+    ``per_replica``; ``prefix_hit_rate`` is the cluster's."""
     if not isinstance(trace, Trace):
         raise TypeError(f"trace must be a horae.sim.Trace, got {type(trace).__name__}")
     if rate_scale is not None and clients is not None:
@@ -146,7 +153,7 @@ def simulate(
         trace = trace.scaled(float(rate_scale))
     if history is not None:
         history = check_lengths(history, "history")
-    for name in ("history_prior_weight", "long_prefill_token_threshold", "max_admit_per_step", "scenarios"):
+    for name in ("history_prior_weight", "long_prefill_token_threshold", "max_admit_per_step", "scenarios", "replicas"):
         if name in engine:
             engine[name] = optional_positive_int(engine[name], name)
     if engine.get("censoring") is not None:

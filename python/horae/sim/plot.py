@@ -59,10 +59,11 @@ def plot_report(report: SweepReport, out_dir: Path, prefix: str = "sim") -> List
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     heaviest = report.points[-1]
-    return [
-        plot_goodput(report, out / f"{prefix}_goodput.png"),
-        plot_kv_usage(report, heaviest, out / f"{prefix}_kv_usage.png"),
-    ]
+    paths = [plot_goodput(report, out / f"{prefix}_goodput.png")]
+    # A cluster run (replicas=N) keeps no per-step series: one engine's KV usage is not the picture.
+    if all("time" in report.results[(heaviest, s)].steps for s in report.schedulers):
+        paths.append(plot_kv_usage(report, heaviest, out / f"{prefix}_kv_usage.png"))
+    return paths
 
 
 #: Line styles of the paper study's policies, in legend order.

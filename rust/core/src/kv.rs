@@ -89,6 +89,12 @@ impl BlockPool {
     }
 
     /// Whether a full block with this hash is resident (used or cached), without touching it.
+    /// The hash index of every block holding a full, hashed block (in use or cached): a copy,
+    /// for a replica's routing stats.
+    pub fn hash_index(&self) -> HashMap<BlockHash, BlockId> {
+        self.by_hash.clone()
+    }
+
     pub fn contains(&self, hash: BlockHash) -> bool {
         self.by_hash.contains_key(&hash)
     }

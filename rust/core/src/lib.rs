@@ -4,7 +4,8 @@
 //!
 //! Layers, lowest first; a module imports only from layers below its own (docs/architecture.md):
 //! 1. `error`, `stepcost`, `sample`, `kv`, `tokenizer`
-//! 2. `request` (one request's whole state, its checks and its stop rules)
+//! 2. `request` (one request's whole state, its checks and its stop rules), `route` (which
+//!    replica a request goes to)
 //! 3. `plan` (the step plan and the `Executor` seam)
 //! 4. `sched` (admission policies, the scheduling loop, SmartSpec's controller), `backend` (kernels)
 //! 5. `model` (Llama on the CPU and on a GPU)
@@ -21,6 +22,7 @@ pub mod kv;
 pub mod model;
 pub mod plan;
 pub mod request;
+pub mod route;
 pub mod runner;
 pub mod sample;
 pub mod sched;

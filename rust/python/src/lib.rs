@@ -12,12 +12,16 @@ mod spec;
 use horae_core::backend::gemm::WeightDtype;
 use horae_core::bench::admission::admission_benchmark;
 use horae_core::bench::queue::queue_benchmark;
+use horae_core::bench::route::route_benchmark;
 use horae_core::engine::builder::parse_cpu_dtype;
 use horae_core::engine::ServerRules;
 use horae_core::model::LlamaModel;
 use horae_core::request::Slo;
+use horae_core::route::RouterKind;
 use horae_core::sched::{Censoring, HistoryStart, PolicyKind, Prior, SchedulerConfig, Tuning};
-use horae_core::sim::{self, CostModel, LengthDist, LoadModel, SimConfig, StepFeatures, Trace, TraceFormat};
+use horae_core::sim::{
+    self, ClusterConfig, CostModel, LengthDist, LoadModel, SimConfig, StepFeatures, Trace, TraceFormat,
+};
 use horae_core::HoraeError;
 use numpy::{IntoPyArray, PyArrayMethods, PyReadonlyArray1};
 use pyo3::exceptions::PyValueError;
@@ -147,6 +151,7 @@ fn synthetic_trace(dist: &str, n: usize, seed: u64) -> PyResult<PyTrace> {
     history = None, history_prior = None, history_prior_weight = None, scenarios = None, quantile = None,
     redraw = false, fitted_tail = false, censoring = None, max_admit_per_step = None,
     long_prefill_token_threshold = None, queue = "fcfs", slo_classes = None, preemption = None,
+    replicas = None, router = "forecast", staleness = 1.0,
 ))]
 #[allow(clippy::too_many_arguments)]
 fn simulate<'py>(
@@ -188,6 +193,9 @@ fn simulate<'py>(
     queue: &str,
     slo_classes: Option<Vec<HashMap<String, f64>>>,
     preemption: Option<&str>,
+    replicas: Option<usize>,
+    router: &str,
+    staleness: f64,
 ) -> PyResult<SimOutput<'py>> {
     let policy: PolicyKind = scheduler.parse().map_err(to_py)?;
     let slo_classes = slo_classes
@@ -250,6 +258,28 @@ fn simulate<'py>(
         slo_classes,
     };
     let inner = &trace.inner;
+    if let Some(replicas) = replicas {
+        let router: RouterKind = router.parse().map_err(to_py)?;
+        let cluster = ClusterConfig { sim: cfg, replicas, router, staleness };
+        let result = py.detach(|| sim::simulate_cluster(inner, &cluster)).map_err(to_py)?;
+        let mut summary = serde_json::to_value(result.summary()).map_err(|e| HoraeCoreError::new_err(e.to_string()))?;
+        summary["policy"] = scheduler.into();
+        summary["router"] = router.as_str().into();
+        summary["replicas"] = replicas.into();
+        summary["prefix_hit_rate"] = result.prefix_hit_rate.into();
+        summary["load_imbalance"] = result.load_imbalance.into();
+        summary["per_replica"] = result
+            .replicas
+            .iter()
+            .map(|r| {
+                serde_json::json!({"requests": r.requests, "preemptions": r.stats.preemptions,
+                                   "prefix_hit_rate": r.prefix_hit_rate, "mean_running": r.mean_running})
+            })
+            .collect::<Vec<_>>()
+            .into();
+        let req = request_columns(py, &result.records)?;
+        return Ok((summary.to_string(), req, PyDict::new(py), None));
+    }
     let (result, summary) = py
         .detach(|| {
             let r = sim::simulate(inner, &cfg)?;
@@ -270,7 +300,28 @@ fn simulate<'py>(
         });
     }
 
-    let recs = &result.records;
+    let req = request_columns(py, &result.records)?;
+    macro_rules! col {
+        ($dict:ident, $name:literal, $src:expr, $f:expr) => {
+            $dict.set_item($name, $src.iter().map($f).collect::<Vec<_>>().into_pyarray(py))?;
+        };
+    }
+
+    let steps = &result.steps;
+    let st = PyDict::new(py);
+    col!(st, "time", steps, |s| s.time);
+    col!(st, "duration", steps, |s| s.duration);
+    col!(st, "running", steps, |s| s.running);
+    col!(st, "waiting", steps, |s| s.waiting);
+    col!(st, "batched_tokens", steps, |s| s.batched_tokens);
+    col!(st, "kv_usage", steps, |s| s.kv_usage);
+    col!(st, "spec_k", steps, |s| s.spec_k);
+    col!(st, "predicted_peak", steps, |s| s.predicted_peak.map_or(f64::NAN, |p| p as f64));
+    Ok((summary.to_string(), req, st, result.history))
+}
+
+/// The per-request arrays of a simulation, in trace order.
+fn request_columns<'py>(py: Python<'py>, recs: &[sim::RequestRecord]) -> PyResult<Bound<'py, PyDict>> {
     let req = PyDict::new(py);
     macro_rules! col {
         ($dict:ident, $name:literal, $src:expr, $f:expr) => {
@@ -296,18 +347,7 @@ fn simulate<'py>(
     col!(req, "wasted_tokens", recs, |r| r.wasted_tokens);
     req.set_item("finish_reason", recs.iter().map(|r| r.finish_reason).collect::<Vec<_>>())?;
     col!(req, "met_sla", recs, |r| r.meets());
-
-    let steps = &result.steps;
-    let st = PyDict::new(py);
-    col!(st, "time", steps, |s| s.time);
-    col!(st, "duration", steps, |s| s.duration);
-    col!(st, "running", steps, |s| s.running);
-    col!(st, "waiting", steps, |s| s.waiting);
-    col!(st, "batched_tokens", steps, |s| s.batched_tokens);
-    col!(st, "kv_usage", steps, |s| s.kv_usage);
-    col!(st, "spec_k", steps, |s| s.spec_k);
-    col!(st, "predicted_peak", steps, |s| s.predicted_peak.map_or(f64::NAN, |p| p as f64));
-    Ok((summary.to_string(), req, st, result.history))
+    Ok(req)
 }
 
 /// `simulate`'s answer: summary JSON, per-request arrays, per-step arrays, and Past-Future's
@@ -353,6 +393,21 @@ fn bench_admission(py: Python<'_>, running: usize, iters: usize, seed: u64) -> (
 fn bench_queue(py: Python<'_>, running: usize, waiting: usize, steps: usize) -> (f64, f64, f64) {
     let t = py.detach(|| queue_benchmark(running, waiting, steps));
     (t.fcfs_us, t.slo_us, t.step_us)
+}
+
+/// `horae bench route`: microseconds per routing decision for each router.
+#[pyfunction]
+fn bench_route(
+    py: Python<'_>,
+    replicas: usize,
+    cached_blocks: usize,
+    prompt_blocks: usize,
+    iters: usize,
+) -> Vec<(String, f64)> {
+    py.detach(|| route_benchmark(replicas, cached_blocks, prompt_blocks, iters))
+        .into_iter()
+        .map(|(k, us)| (k.as_str().to_string(), us))
+        .collect()
 }
 
 /// Teacher-forced logits of a token sequence (`len x vocab`), outside the engine: for checks
@@ -424,6 +479,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(fit_linear_cost, m)?)?;
     m.add_function(wrap_pyfunction!(bench_admission, m)?)?;
     m.add_function(wrap_pyfunction!(bench_queue, m)?)?;
+    m.add_function(wrap_pyfunction!(bench_route, m)?)?;
+    m.add("ROUTERS", RouterKind::ALL.iter().map(|k| k.as_str()).collect::<Vec<_>>())?;
     cuda::register(m)?;
     m.add("MODEL_PRESETS", horae_core::sim::ModelSpec::PRESETS.to_vec())?;
     m.add("HARDWARE_PRESETS", horae_core::sim::HardwareSpec::PRESETS.to_vec())?;

@@ -5,3 +5,4 @@ pub mod admission;
 pub mod cuda;
 pub mod gemm;
 pub mod queue;
+pub mod route;

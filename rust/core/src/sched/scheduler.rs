@@ -200,6 +200,10 @@ impl Scheduler {
     pub fn num_waiting(&self) -> usize {
         self.waiting.len()
     }
+    /// Tokens the waiting requests still have to compute: the prefill work queued here.
+    pub fn waiting_tokens(&self) -> u64 {
+        self.waiting.iter().map(|id| (self.requests[id].total_len() - self.requests[id].num_computed) as u64).sum()
+    }
     pub fn num_running(&self) -> usize {
         self.running.len()
     }
@@ -374,7 +378,7 @@ impl Scheduler {
     }
 
     /// The output length the `slo` queue plans a request's decode time with (`OutputLengths`).
-    fn planned_output(&self) -> f64 {
+    pub fn planned_output(&self) -> f64 {
         self.lengths.planned()
     }
 

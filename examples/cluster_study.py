@@ -1,0 +1,109 @@
+#!/usr/bin/env python3
+"""Replicas behind a router, in the cluster simulator (issue 16): the routers side by side.
+
+Each replica is a simulated engine with the real scheduler and block manager (Past-Future, and
+the SLO queue so that past the knee it sheds instead of collapsing); the router is
+`horae_core::route`, the code the Ray Serve deployment is to route with, and it sees each
+replica's stats as published every ``--staleness`` seconds plus what it sent since.
+
+Workloads (open loop, arrivals scaled by the load):
+- ``mooncake``: the Mooncake synthetic trace (Kimi's cluster; `hash_ids` name shared 512-token
+  prefixes), Llama-3-8B on H200s with 1M KV tokens each;
+- ``azure-conv``: the Azure conv hour, Llama-2-7B with 120k;
+- ``sharegpt-o1``: the paper's ShareGPT-o1 with Poisson arrivals, Llama-2-13B with 64k.
+
+    examples/cluster_study.py --out docs/study/cluster --plot
+    examples/cluster_study.py --workloads mooncake --replicas 8 --loads 1,2,3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from horae import sim
+
+ROUTERS = ["round-robin", "power-of-two", "prefix", "forecast"]
+WORKLOADS = {
+    # name: (model, hardware, KV tokens per replica, max_tokens, SLA)
+    # Llama-3-8B on an H200: 141 GB less 16 GB of weights holds about 1M tokens at 128 KB each.
+    "mooncake": ("llama-3-8b", "h200", 1_000_000, 1024, {"ttft": 30.0, "max_itl": 1.5}),
+    "azure-conv": ("llama-2-7b", "a100-80gb", 120_000, 4096, {"ttft": 10.0, "max_itl": 1.5}),
+    "sharegpt-o1": ("llama-2-13b", "a100-80gb", 64_000, 12_000, {"ttft": 10.0, "max_itl": 1.5}),
+}
+
+
+def workload(name: str, data: Path, replicas: int):
+    if name == "mooncake":
+        return sim.load_trace(data / "synthetic_trace.jsonl")
+    if name == "azure-conv":
+        return sim.load_trace(data / "AzureLLMInferenceTrace_conv.csv")
+    if name == "sharegpt-o1":
+        # 0.06 req/s a replica: about its capacity on 13B/64k (the paper's 100 clients).
+        return sim.load_trace(data / "ShareGPT-o1.json").with_arrivals(0.06 * replicas, 1.0, 0)
+    raise ValueError(f"unknown workload {name!r}; known: {', '.join(WORKLOADS)}")
+
+
+def run(trace, name, replicas, router, load, staleness):
+    model, hardware, kv, max_tokens, sla = WORKLOADS[name]
+    t0 = time.perf_counter()
+    # Every replica runs the SLO queue (issue 15): past the knee it sheds what cannot make its
+    # SLO, and the router retries it on another replica.
+    r = sim.simulate(trace, "past-future", rate_scale=load, model=model, hardware=hardware, kv_cache_tokens=kv,
+                     max_tokens=max_tokens, sla=sla, replicas=replicas, router=router, staleness=staleness,
+                     queue="slo")
+    s = r.summary
+    return {"goodput_tps": s["goodput_tps"], "sla_attainment": s["sla_attainment"],
+            "prefix_hit_rate": s["prefix_hit_rate"], "load_imbalance": s["load_imbalance"],
+            "preemptions": s["preemptions"], "seconds": time.perf_counter() - t0}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared/data")
+    ap.add_argument("--workloads", default=",".join(WORKLOADS))
+    ap.add_argument("--replicas", type=int, default=8)
+    ap.add_argument("--loads", default="0.5,1,1.5,2,3", help="arrival-rate multipliers")
+    ap.add_argument("--staleness", type=float, default=1.0, help="seconds between published routing stats")
+    ap.add_argument("--out", type=Path)
+    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    args = ap.parse_args()
+    loads = [float(x) for x in args.loads.split(",")]
+    results = {}
+    for w in args.workloads.split(","):
+        trace = workload(w, args.data, args.replicas)
+        jobs = [(x, r) for x in loads for r in ROUTERS]
+        with ThreadPoolExecutor(args.workers) as pool:
+            runs = [pool.submit(run, trace, w, args.replicas, r, x, args.staleness) for x, r in jobs]
+            out = {j: f.result() for j, f in zip(jobs, runs)}
+        results[w] = {str(x): {r: out[(x, r)] for r in ROUTERS} for x in loads}
+        print(f"\n{w}, {args.replicas} replicas: goodput tok/s (prefix hit rate, load imbalance max/mean, preemptions)")
+        print(f"{'load':>6} " + " ".join(f"{r:>30}" for r in ROUTERS))
+        for x in loads:
+            cells = [f"{p['goodput_tps']:>8.0f} ({p['prefix_hit_rate']:.2f}, {p['load_imbalance']:.2f}, {p['preemptions']:>4})"
+                     for p in (out[(x, r)] for r in ROUTERS)]
+            print(f"{x:>6} " + " ".join(f"{c:>30}" for c in cells), flush=True)
+        # The knee: the load at which the cluster's goodput (its best router's) peaks.
+        knee = max(loads, key=lambda x: max(out[(x, r)]["goodput_tps"] for r in ROUTERS))
+        for label, x in (("at the knee", knee), ("at the heaviest load", max(loads))):
+            f, p2, pre = (out[(x, r)]["goodput_tps"] for r in ("forecast", "power-of-two", "prefix"))
+            best_hit = max(out[(x, r)]["prefix_hit_rate"] for r in ROUTERS)
+            print(f"{label} ({x}x): forecast / power-of-two {f / p2:.2f}, forecast / prefix {f / pre:.2f}, "
+                  f"hit rate {out[(x, 'forecast')]['prefix_hit_rate']:.3f} against the best {best_hit:.3f}")
+        light = [x for x in loads if out[(x, "power-of-two")]["sla_attainment"] >= 0.95]
+        ratios = [out[(x, "forecast")]["goodput_tps"] / out[(x, "power-of-two")]["goodput_tps"] for x in light]
+        print("light load (power-of-two meets the SLA for >= 95%): forecast / power-of-two "
+              + (", ".join(f"{v:.3f}" for v in ratios) or "n/a"), flush=True)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / f"cluster-{args.replicas}.json").write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,334 @@
+//! Which replica a request goes to: one implementation for the cluster simulator (`sim::cluster`)
+//! and for the Ray Serve deployment, which calls it through the Python binding. A router sees
+//! what replicas publish ([`ReplicaStats`], possibly stale, as Ray polls them) plus what it sent
+//! since, and a request's prompt block hashes.
+//!
+//! - `round-robin`: in turn.
+//! - `power-of-two`: the shorter queue of two replicas drawn at random (Ray Serve's default).
+//! - `prefix`: the replica holding the longest cached prefix, unless the queues are out of balance
+//!   (then power-of-two), in the spirit of Ray's `PrefixCacheAffinityRouter`.
+//! - `forecast` (horae's): among the replicas whose Past-Future forecast leaves room for the
+//!   request (it will not wait for memory nor cause preemption), those whose prefill work ahead
+//!   of its first token (the queue's uncomputed prompts plus its own prompt less what that
+//!   replica has cached) is at most twice the least plus one prompt; of them, the longest cached
+//!   prefix, then the least work, then the shortest queue.
+//!   So the cache counts as saved work, and a shared prefix stays on one replica instead of
+//!   being spread (and evicted) over all.
+
+use std::fmt;
+use std::str::FromStr;
+
+use rand::{rngs::SmallRng, Rng, SeedableRng};
+use rustc_hash::FxHashMap as HashMap;
+
+use crate::error::HoraeError;
+use crate::kv::{BlockHash, BlockId};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RouterKind {
+    RoundRobin,
+    PowerOfTwo,
+    Prefix,
+    Forecast,
+}
+
+impl RouterKind {
+    pub const ALL: [RouterKind; 4] =
+        [RouterKind::RoundRobin, RouterKind::PowerOfTwo, RouterKind::Prefix, RouterKind::Forecast];
+
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            RouterKind::RoundRobin => "round-robin",
+            RouterKind::PowerOfTwo => "power-of-two",
+            RouterKind::Prefix => "prefix",
+            RouterKind::Forecast => "forecast",
+        }
+    }
+}
+
+impl fmt::Display for RouterKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for RouterKind {
+    type Err = HoraeError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        RouterKind::ALL.into_iter().find(|k| k.as_str() == s.trim()).ok_or_else(|| {
+            let names: Vec<_> = RouterKind::ALL.iter().map(|k| k.as_str()).collect();
+            HoraeError::InvalidConfig(format!("unknown router {s:?}: expected one of {}", names.join(", ")))
+        })
+    }
+}
+
+/// What a replica publishes for routing (Ray Serve's `record_routing_stats`).
+#[derive(Debug, Clone, Default)]
+pub struct ReplicaStats {
+    pub waiting: usize,
+    pub running: usize,
+    /// Tokens the waiting requests still have to compute (their prefill work).
+    pub waiting_tokens: u64,
+    /// Tokens the KV pool holds.
+    pub capacity_tokens: u64,
+    /// The admission policy's predicted peak KV use of the running batch (Past-Future's
+    /// forecast); where the policy has none, the tokens in use.
+    pub predicted_peak_tokens: u64,
+    /// Output tokens it plans a request with (the 90th percentile of its recent lengths).
+    pub planned_output: u64,
+    /// The blocks its prefix cache holds, by hash (a copy of the pool's index: cheap to take).
+    pub cached: HashMap<BlockHash, BlockId>,
+}
+
+impl ReplicaStats {
+    /// Leading blocks of `hashes` this replica has cached. Block hashes are chained (a block's
+    /// hash covers every token before it), so a cached block implies its prefix was cached when
+    /// it was registered: a binary search for the last cached one, O(log n) lookups.
+    pub fn cached_prefix_blocks(&self, hashes: &[BlockHash]) -> usize {
+        hashes.partition_point(|h| self.cached.contains_key(h))
+    }
+}
+
+/// What the router knows of a request.
+#[derive(Debug, Clone, Copy)]
+pub struct RouteRequest<'a> {
+    pub block_hashes: &'a [BlockHash],
+    pub block_size: usize,
+    pub prompt_len: usize,
+    pub max_tokens: usize,
+}
+
+impl RouteRequest<'_> {
+    /// KV tokens it will hold on replica `s`: its prompt and the output that replica plans with.
+    fn need(&self, s: &ReplicaStats) -> u64 {
+        (self.prompt_len as u64) + (s.planned_output.min(self.max_tokens as u64))
+    }
+}
+
+/// Queues more than this far apart (max over min + 1) and `prefix` stops following the cache.
+const IMBALANCE: f64 = 2.0;
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Sent {
+    requests: usize,
+    tokens: u64,
+    prefill: u64,
+}
+
+pub struct Router {
+    kind: RouterKind,
+    next: usize,
+    rng: SmallRng,
+    /// Sent to each replica since its stats were last published: requests, KV tokens they will
+    /// hold, prompt tokens they must compute. The router's own view of what the stale stats
+    /// miss (Ray's router counts its in-flight requests the same way).
+    sent: Vec<Sent>,
+}
+
+impl Router {
+    pub fn new(kind: RouterKind, seed: u64) -> Self {
+        Router { kind, next: 0, rng: SmallRng::seed_from_u64(seed), sent: Vec::new() }
+    }
+
+    pub fn kind(&self) -> RouterKind {
+        self.kind
+    }
+
+    /// Replica `i` published fresh stats: what was sent to it before is in them now.
+    pub fn refreshed(&mut self, i: usize) {
+        if let Some(s) = self.sent.get_mut(i) {
+            *s = Sent::default();
+        }
+    }
+
+    fn queue(&self, stats: &[ReplicaStats], i: usize) -> usize {
+        stats[i].waiting + stats[i].running + self.sent[i].requests
+    }
+
+    fn room(&self, stats: &[ReplicaStats], i: usize) -> i64 {
+        let s = &stats[i];
+        s.capacity_tokens as i64 - s.predicted_peak_tokens as i64 - self.sent[i].tokens as i64
+    }
+
+    /// The shorter queue of two of `cands` drawn at random.
+    fn power_of_two(&mut self, stats: &[ReplicaStats], cands: &[usize]) -> usize {
+        let n = cands.len();
+        let a = self.rng.random_range(0..n);
+        let b = if n > 1 { (a + self.rng.random_range(1..n)) % n } else { a };
+        let (a, b) = (cands[a], cands[b]);
+        if self.queue(stats, b) < self.queue(stats, a) {
+            b
+        } else {
+            a
+        }
+    }
+
+    /// The replica for `req` among `stats` (at least one).
+    pub fn choose(&mut self, req: &RouteRequest, stats: &[ReplicaStats]) -> usize {
+        self.choose_except(req, stats, &[])
+    }
+
+    /// The same, never one of `tried` (replicas that already turned the request away) unless
+    /// every replica has.
+    pub fn choose_except(&mut self, req: &RouteRequest, stats: &[ReplicaStats], tried: &[usize]) -> usize {
+        let n = stats.len();
+        assert!(n > 0, "routing needs at least one replica");
+        self.sent.resize(n, Sent::default());
+        let mut cands: Vec<usize> = (0..n).filter(|i| !tried.contains(i)).collect();
+        if cands.is_empty() {
+            cands = (0..n).collect();
+        }
+        // Cached prefix lengths, looked up once per candidate (the costly part of a decision).
+        let cached: Vec<usize> = match self.kind {
+            RouterKind::Prefix | RouterKind::Forecast => (0..n)
+                .map(|i| if cands.contains(&i) { stats[i].cached_prefix_blocks(req.block_hashes) } else { 0 })
+                .collect(),
+            _ => Vec::new(),
+        };
+        let hits = |i: usize| cached.get(i).copied().unwrap_or(0);
+        let pick = match self.kind {
+            RouterKind::RoundRobin => {
+                self.next = self.next.wrapping_add(1);
+                cands[self.next % cands.len()]
+            }
+            RouterKind::PowerOfTwo => self.power_of_two(stats, &cands),
+            RouterKind::Prefix => {
+                let queues: Vec<usize> = cands.iter().map(|&i| self.queue(stats, i)).collect();
+                let (lo, hi) = (*queues.iter().min().unwrap(), *queues.iter().max().unwrap());
+                let best = *cands.iter().max_by_key(|&&i| (hits(i), std::cmp::Reverse(self.queue(stats, i)))).unwrap();
+                if hi as f64 > IMBALANCE * (lo + 1) as f64 || hits(best) == 0 {
+                    self.power_of_two(stats, &cands)
+                } else {
+                    best
+                }
+            }
+            RouterKind::Forecast => {
+                let fresh = |i: usize| req.prompt_len.saturating_sub(hits(i) * req.block_size) as u64;
+                // Does the forecast leave room (counting the prompt tokens its cache saves)?
+                let fits = |i: usize| {
+                    self.room(stats, i) - req.need(&stats[i]) as i64 + (hits(i) * req.block_size) as i64 >= 0
+                };
+                // Prefill work ahead of its first token there: the queue's, then its own
+                // uncached prompt.
+                let work = |i: usize| stats[i].waiting_tokens + self.sent[i].prefill + fresh(i);
+                // Replicas with room first; among them the least work.
+                let (any_fit, least) = cands.iter().map(|&i| (fits(i), std::cmp::Reverse(work(i)))).max().unwrap();
+                // Locality: the longest cached prefix among the replicas whose work ahead is at
+                // most twice the least plus one prompt (the prefix router's balance rule, in
+                // work): a prefix kept on one replica stays cached; spread over all, each cache
+                // holds less of it.
+                let near = |i: usize| {
+                    fits(i) == any_fit && work(i) as f64 <= IMBALANCE * least.0 as f64 + req.prompt_len as f64
+                };
+                // Ties (no prefix anywhere, idle replicas): the least work, then the shortest queue.
+                let key = |i: usize| (hits(i), std::cmp::Reverse(work(i)), std::cmp::Reverse(self.queue(stats, i)));
+                *cands.iter().filter(|&&i| near(i)).max_by_key(|&&i| key(i)).unwrap()
+            }
+        };
+        let hit = stats[pick].cached_prefix_blocks(req.block_hashes) * req.block_size;
+        let sent = &mut self.sent[pick];
+        sent.requests += 1;
+        sent.tokens += req.need(&stats[pick]);
+        sent.prefill += req.prompt_len.saturating_sub(hit) as u64;
+        pick
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stats(waiting: usize, room: u64, cached: &[BlockHash]) -> ReplicaStats {
+        ReplicaStats {
+            waiting,
+            running: 4,
+            waiting_tokens: 1000 * waiting as u64,
+            capacity_tokens: 10_000,
+            predicted_peak_tokens: 10_000 - room,
+            planned_output: 100,
+            cached: cached.iter().map(|&h| (h, 0)).collect(),
+        }
+    }
+
+    fn req(hashes: &[BlockHash]) -> RouteRequest<'_> {
+        RouteRequest { block_hashes: hashes, block_size: 16, prompt_len: 16 * hashes.len(), max_tokens: 4096 }
+    }
+
+    #[test]
+    fn names_parse_and_unknown_ones_list_the_choices() {
+        for k in RouterKind::ALL {
+            assert_eq!(k.as_str().parse::<RouterKind>().unwrap(), k);
+        }
+        let e = "random".parse::<RouterKind>().unwrap_err().to_string();
+        assert!(e.contains("round-robin, power-of-two, prefix, forecast"), "{e}");
+    }
+
+    #[test]
+    fn cached_prefix_is_the_leading_run() {
+        let s = stats(0, 5000, &[1, 2, 3, 9]);
+        assert_eq!(s.cached_prefix_blocks(&[1, 2, 3, 4, 5]), 3);
+        assert_eq!(s.cached_prefix_blocks(&[7, 8]), 0);
+        assert_eq!(s.cached_prefix_blocks(&[]), 0);
+    }
+
+    #[test]
+    fn forecast_follows_the_cache_where_there_is_room_and_room_where_there_is_none() {
+        let hashes = [11, 12, 13, 14];
+        let mut r = Router::new(RouterKind::Forecast, 0);
+        // Replica 1 holds the prefix and has room: it gets the request.
+        let s = vec![stats(0, 5000, &[]), stats(0, 5000, &[11, 12, 13]), stats(0, 9000, &[])];
+        assert_eq!(r.choose(&req(&hashes), &s), 1);
+        // The same, but replica 1's forecast is full: elsewhere, despite its cache.
+        let mut r = Router::new(RouterKind::Forecast, 0);
+        let s = vec![stats(0, 5000, &[]), stats(0, 10, &[11, 12, 13]), stats(0, 9000, &[])];
+        assert_ne!(r.choose(&req(&hashes), &s), 1);
+        // A long queue of prefill work outweighs a short cached prefix.
+        let mut r = Router::new(RouterKind::Forecast, 0);
+        let s = vec![stats(0, 5000, &[]), stats(9, 5000, &[11])];
+        assert_eq!(r.choose(&req(&hashes), &s), 0);
+        // What it sent since the stats were published counts against the room.
+        let mut r = Router::new(RouterKind::Forecast, 0);
+        let s = vec![stats(0, 300, &[]), stats(0, 300, &[])];
+        let first = r.choose(&req(&hashes), &s);
+        assert_ne!(r.choose(&req(&hashes), &s), first);
+    }
+
+    #[test]
+    fn prefix_falls_back_to_power_of_two_when_queues_are_out_of_balance() {
+        let hashes = [5, 6];
+        let mut r = Router::new(RouterKind::Prefix, 0);
+        let s = vec![stats(0, 5000, &[5, 6]), stats(0, 5000, &[])];
+        assert_eq!(r.choose(&req(&hashes), &s), 0);
+        let s = vec![stats(40, 5000, &[5, 6]), stats(0, 5000, &[])];
+        assert_eq!(r.choose(&req(&hashes), &s), 1, "44 queued against 4: balance first");
+    }
+
+    #[test]
+    fn a_retry_goes_to_a_replica_that_did_not_turn_it_away() {
+        let s = vec![stats(0, 5000, &[1, 2]), stats(0, 5000, &[]), stats(0, 5000, &[])];
+        for kind in RouterKind::ALL {
+            let mut r = Router::new(kind, 0);
+            for _ in 0..10 {
+                let k = r.choose_except(&req(&[1, 2]), &s, &[0, 2]);
+                assert_eq!(k, 1, "{kind}");
+            }
+            // Every replica tried: any of them.
+            assert!(r.choose_except(&req(&[1, 2]), &s, &[0, 1, 2]) < 3);
+        }
+    }
+
+    #[test]
+    fn round_robin_and_power_of_two_spread_the_load() {
+        let s = vec![stats(0, 5000, &[]); 4];
+        let mut rr = Router::new(RouterKind::RoundRobin, 0);
+        let picks: Vec<usize> = (0..8).map(|_| rr.choose(&req(&[]), &s)).collect();
+        assert_eq!(picks, vec![1, 2, 3, 0, 1, 2, 3, 0]);
+        let mut p2 = Router::new(RouterKind::PowerOfTwo, 0);
+        let mut count = [0usize; 4];
+        for _ in 0..400 {
+            count[p2.choose(&req(&[]), &s)] += 1;
+        }
+        // With the router's own counts as the queue, no replica runs away.
+        assert!(count.iter().all(|&c| (90..=110).contains(&c)), "{count:?}");
+    }
+}

@@ -1,0 +1,239 @@
+//! Several simulated replicas behind one router (`route::Router`, the same code the Ray Serve
+//! deployment routes with): a discrete-event loop over N engines, each with the real scheduler and
+//! block manager and its own virtual clock. The router sees each replica's stats as last
+//! published (every `staleness` seconds, as Ray polls them) plus what it sent since. Open loop.
+//! A request a replica sheds (its queue deadline, or the SLO queue finding it hopeless) is routed
+//! again to a replica that has not turned it away, as the Ray deployment retries a 503; its
+//! times still count from its first arrival.
+
+use std::sync::Arc;
+
+use super::executor::SimExecutor;
+use super::report::{RequestRecord, Summary};
+use super::runner::{LoadModel, SimConfig};
+use super::trace::Trace;
+use crate::engine::{Engine, VirtualClock};
+use crate::error::{HoraeError, Result};
+use crate::request::{FinishReason, Prompt, RequestSpec, Slo};
+use crate::route::{ReplicaStats, RouteRequest, Router, RouterKind};
+use crate::sched::{Scheduler, SchedulerStats};
+
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    /// Every replica's engine, cost model, rules and SLOs.
+    pub sim: SimConfig,
+    pub replicas: usize,
+    pub router: RouterKind,
+    /// Seconds between two publications of a replica's routing stats.
+    pub staleness: f64,
+}
+
+/// One replica's share of a run.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ReplicaReport {
+    pub requests: usize,
+    pub stats: SchedulerStats,
+    pub prefix_hit_rate: f64,
+    /// Running requests, averaged over the run's simulated time.
+    pub mean_running: f64,
+}
+
+#[derive(Debug, Clone)]
+pub struct ClusterResult {
+    /// One per trace request, in trace order.
+    pub records: Vec<RequestRecord>,
+    pub replicas: Vec<ReplicaReport>,
+    /// Prompt tokens served from a prefix cache, of all prompt tokens admitted.
+    pub prefix_hit_rate: f64,
+    /// Load imbalance: the busiest replica's mean running count over the mean of all.
+    pub load_imbalance: f64,
+}
+
+impl ClusterResult {
+    pub fn summary(&self) -> Summary {
+        Summary::new(&self.records, &[])
+    }
+}
+
+fn publish(e: &Engine) -> ReplicaStats {
+    let s = e.scheduler();
+    let kv = s.kv();
+    let used = (kv.pool().num_used() * kv.block_size()) as u64;
+    ReplicaStats {
+        waiting: s.num_waiting(),
+        running: s.num_running(),
+        waiting_tokens: s.waiting_tokens(),
+        capacity_tokens: kv.capacity_tokens() as u64,
+        predicted_peak_tokens: s.predicted_peak().unwrap_or(used).max(used),
+        planned_output: s.planned_output() as u64,
+        cached: kv.pool().hash_index(),
+    }
+}
+
+pub fn simulate_cluster(trace: &Trace, cfg: &ClusterConfig) -> Result<ClusterResult> {
+    let sim = &cfg.sim;
+    if cfg.replicas == 0 {
+        return Err(HoraeError::InvalidConfig("replicas must be at least 1".into()));
+    }
+    if !(cfg.staleness.is_finite() && cfg.staleness >= 0.0) {
+        return Err(HoraeError::InvalidConfig(format!("staleness must be >= 0 seconds, got {}", cfg.staleness)));
+    }
+    if sim.load != LoadModel::Open || !trace.timed {
+        return Err(HoraeError::InvalidConfig(
+            "the cluster simulator replays a trace's arrivals (open loop): give a timed trace".into(),
+        ));
+    }
+    if sim.sched.policy == crate::sched::PolicyKind::Oracle {
+        return Err(HoraeError::InvalidConfig("the oracle is not a replica policy".into()));
+    }
+    let reqs = &trace.requests;
+    let lengths: Arc<Vec<u32>> = Arc::new(reqs.iter().map(|r| r.output_len).collect());
+    let mut engines = Vec::with_capacity(cfg.replicas);
+    for k in 0..cfg.replicas {
+        let mut sched_cfg = sim.sched.clone();
+        sched_cfg.seed = sched_cfg.seed.wrapping_add(k as u64);
+        let exec = SimExecutor::new(sim.cost.clone(), lengths.clone());
+        let e = Engine::new(Scheduler::new(sched_cfg, None)?, Box::new(exec), Box::new(VirtualClock::default()))
+            .finished_outputs_only()
+            .with_rules(sim.rules)?;
+        engines.push(e);
+    }
+    let mut router = Router::new(cfg.router, sim.sched.seed);
+    let mut stats: Vec<ReplicaStats> = engines.iter().map(publish).collect();
+    let mut next_publish = cfg.staleness;
+    let mut records: Vec<Option<RequestRecord>> = vec![None; reqs.len()];
+    let mut routed = vec![0usize; cfg.replicas];
+    // Time-weighted running counts per replica (their mean over the run).
+    let mut running_area = vec![0.0f64; cfg.replicas];
+    let block_size = sim.sched.block_size;
+    let mut tried: Vec<Vec<usize>> = vec![Vec::new(); reqs.len()];
+    let spec_of = |i: usize| {
+        let r = &reqs[i];
+        let slo = if sim.slo_classes.is_empty() { Slo::default() } else { sim.slo_classes[i % sim.slo_classes.len()] };
+        let prompt = Prompt::Synthetic {
+            len: r.prompt_len as usize,
+            prefix_ids: r.prefix_ids.clone(),
+            unit: trace.prefix_unit.max(1),
+        };
+        RequestSpec {
+            prompt,
+            max_tokens: sim.max_tokens,
+            ignore_eos: false,
+            arrival: Some(r.arrival),
+            sampling: Default::default(),
+            stop: Default::default(),
+            slo,
+            priority: 0,
+        }
+    };
+    let mut next = 0usize;
+    loop {
+        // The replica furthest behind that has work steps next, unless an arrival comes first.
+        let behind = (0..engines.len())
+            .filter(|&k| engines[k].has_work())
+            .min_by(|&a, &b| engines[a].now().total_cmp(&engines[b].now()));
+        let arrival = reqs.get(next).map(|r| r.arrival);
+        match (arrival, behind) {
+            (Some(t), b) if b.is_none_or(|k| t <= engines[k].now()) => {
+                if t >= next_publish {
+                    stats = engines.iter().map(publish).collect();
+                    for k in 0..engines.len() {
+                        router.refreshed(k);
+                    }
+                    next_publish = t + cfg.staleness;
+                }
+                let spec = spec_of(next);
+                let hashes = spec.prompt.block_hashes(block_size, next as u64);
+                let route = RouteRequest {
+                    block_hashes: &hashes,
+                    block_size,
+                    prompt_len: spec.prompt.len(),
+                    max_tokens: sim.max_tokens,
+                };
+                let k = router.choose(&route, &stats);
+                let e = &mut engines[k];
+                if !e.has_work() && e.now() < t {
+                    e.advance_clock_to(t);
+                }
+                let slo = spec.slo;
+                match e.add_request_with_id(next as u64, spec) {
+                    Ok(()) => {
+                        routed[k] += 1;
+                        tried[next].push(k);
+                    }
+                    Err(HoraeError::InvalidRequest { .. }) => {
+                        records[next] = Some(RequestRecord::rejected(
+                            next as u64,
+                            t,
+                            reqs[next].prompt_len,
+                            slo.or(&sim.sched.default_slo),
+                        ))
+                    }
+                    Err(e) => return Err(e),
+                }
+                next += 1;
+            }
+            (_, Some(k)) => {
+                let out = engines[k].step()?;
+                if let Some(s) = out.sample {
+                    running_area[k] += s.duration * s.running as f64;
+                }
+                let now = engines[k].now();
+                for r in out.finished {
+                    let i = r.id as usize;
+                    if r.finish_reason() == Some(FinishReason::Timeout) && tried[i].len() < engines.len() {
+                        // Shed before it cost anything: the router sends it elsewhere.
+                        let spec = spec_of(i);
+                        let hashes = spec.prompt.block_hashes(block_size, i as u64);
+                        let route = RouteRequest {
+                            block_hashes: &hashes,
+                            block_size,
+                            prompt_len: spec.prompt.len(),
+                            max_tokens: sim.max_tokens,
+                        };
+                        let j = router.choose_except(&route, &stats, &tried[i]);
+                        tried[i].push(j);
+                        let e = &mut engines[j];
+                        if !e.has_work() && e.now() < now {
+                            e.advance_clock_to(now);
+                        }
+                        e.add_request_with_id(i as u64, spec)?;
+                        routed[j] += 1;
+                        continue;
+                    }
+                    let mut record = RequestRecord::from_request(&r);
+                    record.attempts = tried[i].len() as u32;
+                    records[i] = Some(record);
+                }
+            }
+            (None, None) => break,
+            (Some(_), None) => unreachable!("an arrival with no busy replica is routed above"),
+        }
+    }
+    let records = records
+        .into_iter()
+        .enumerate()
+        .map(|(i, r)| r.ok_or_else(|| HoraeError::Stalled(format!("request {i} never finished"))))
+        .collect::<Result<Vec<_>>>()?;
+    let span = engines.iter().map(|e| e.now()).fold(0.0, f64::max).max(1e-9);
+    let replicas: Vec<ReplicaReport> = engines
+        .iter()
+        .enumerate()
+        .map(|(k, e)| ReplicaReport {
+            requests: routed[k],
+            stats: e.scheduler().stats(),
+            prefix_hit_rate: e.scheduler().kv().pool().hit_rate(),
+            mean_running: running_area[k] / span,
+        })
+        .collect();
+    let started = records.iter().filter(|r| !r.first_scheduled.is_nan());
+    let (hit, asked) = started.fold((0u64, 0u64), |(h, q), r| (h + r.cached_tokens, q + r.prompt_len as u64));
+    let mean = replicas.iter().map(|r| r.mean_running).sum::<f64>() / replicas.len() as f64;
+    let max = replicas.iter().map(|r| r.mean_running).fold(0.0, f64::max);
+    Ok(ClusterResult {
+        records,
+        replicas,
+        prefix_hit_rate: if asked == 0 { 0.0 } else { hit as f64 / asked as f64 },
+        load_imbalance: if mean > 0.0 { max / mean } else { 1.0 },
+    })
+}
