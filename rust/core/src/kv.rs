@@ -340,6 +340,9 @@ impl KvManager {
                     None => break, // counted as a query by acquire_cached
                 }
             }
+            // Every full prompt block counts as queried, as vLLM counts every prompt token: the
+            // ones after the first miss were not looked up, and missed all the same.
+            self.pool.queried_blocks += (prefix_hashes.len() - table.blocks.len()).saturating_sub(1) as u64;
         }
         table.num_tokens = table.blocks.len() * self.block_size;
         table.num_registered = table.blocks.len();

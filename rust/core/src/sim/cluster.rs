@@ -43,7 +43,7 @@ pub struct ClusterResult {
     /// One per trace request, in trace order.
     pub records: Vec<RequestRecord>,
     pub replicas: Vec<ReplicaReport>,
-    /// Prompt tokens served from a prefix cache, of all prompt tokens admitted.
+    /// Full prompt blocks served from a prefix cache, of all looked up, over every replica.
     pub prefix_hit_rate: f64,
     /// Load imbalance: the busiest replica's mean running count over the mean of all.
     pub load_imbalance: f64,
@@ -226,8 +226,10 @@ pub fn simulate_cluster(trace: &Trace, cfg: &ClusterConfig) -> Result<ClusterRes
             mean_running: running_area[k] / span,
         })
         .collect();
-    let started = records.iter().filter(|r| !r.first_scheduled.is_nan());
-    let (hit, asked) = started.fold((0u64, 0u64), |(h, q), r| (h + r.cached_tokens, q + r.prompt_len as u64));
+    let (hit, asked) = engines.iter().fold((0u64, 0u64), |(h, q), e| {
+        let p = e.scheduler().kv().pool();
+        (h + p.hit_blocks, q + p.queried_blocks)
+    });
     let mean = replicas.iter().map(|r| r.mean_running).sum::<f64>() / replicas.len() as f64;
     let max = replicas.iter().map(|r| r.mean_running).fold(0.0, f64::max);
     Ok(ClusterResult {
