@@ -269,7 +269,7 @@ class Engine:
                  history_file: Optional[Union[str, Path]] = None, history_prior: Prior = None,
                  history_prior_weight: Optional[int] = None,
                  long_prefill_token_threshold: Optional[int] = None, queue: str = "fcfs",
-                 slo: Optional[Dict[str, float]] = None):
+                 slo: Optional[Dict[str, float]] = None, max_long_partial_prefills: int = 1):
         # device: "auto" (the first GPU if one works, else the CPU; `cpu_fallback_reason` says
         # why), "cpu", "cuda" or "cuda:N". A GPU needs an NVIDIA driver for CUDA 12+, Ampere or
         # newer, and NVRTC + cuBLAS (`pip install horae[cuda]` brings them).
@@ -300,6 +300,8 @@ class Engine:
         # long_prefill_token_threshold: the most tokens of one prompt prefilled in a step (vLLM's
         # option; default: a chunk may take the whole max_num_batched_tokens). A long prompt then
         # takes more steps, and short requests start beside it instead of after its prefill.
+        # max_long_partial_prefills: with a threshold, how many long prompts (longer than it)
+        # prefill in one step (vLLM's option, default 1); shorter requests may pass the others.
         # queue: "fcfs" (arrival order) or "slo": waiting requests by least slack against their
         # SLO, the hopeless ones ended at once with finish_reason "timeout" (no compute spent),
         # and preemption takes the request whose loss costs the least goodput. Both serve lower
@@ -309,6 +311,7 @@ class Engine:
         prior = resolve_prior(history_prior)
         history_prior_weight = optional_positive_int(history_prior_weight, "history_prior_weight")
         long_prefill_token_threshold = optional_positive_int(long_prefill_token_threshold, "long_prefill_token_threshold")
+        max_long_partial_prefills = optional_positive_int(max_long_partial_prefills, "max_long_partial_prefills") or 1
         speculative = _speculative_config(speculative)
         if device != "cpu":
             from horae.cuda import preload_libraries
@@ -323,7 +326,8 @@ class Engine:
                                   history_file=None if history_file is None else str(history_file),
                                   history_prior=prior, history_prior_weight=history_prior_weight,
                                   long_prefill_token_threshold=long_prefill_token_threshold,
-                                  queue=str(queue), slo=slo_dict(slo))
+                                  queue=str(queue), slo=slo_dict(slo),
+                                  max_long_partial_prefills=max_long_partial_prefills)
         status = self._core.history_status
         if status is not None:
             warm, message = status

@@ -83,6 +83,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--long-prefill-token-threshold", type=int, metavar="N",
                    help="most tokens of one prompt prefilled in a step, so short requests start beside a long "
                         "prompt (vLLM's option; default: no limit)")
+    p.add_argument("--max-long-partial-prefills", type=int, default=1, metavar="N",
+                   help="with --long-prefill-token-threshold: long prompts that prefill in one step (vLLM's option)")
     p.add_argument("--history-window", type=int, default=1000, help="past-future: finished lengths remembered")
     p.add_argument("--max-output-bound", type=int,
                    help="past-future: the length its history is primed with (default: the model's context)")
@@ -133,6 +135,7 @@ def make_app(args: argparse.Namespace):
                    history_file=args.history_file, history_prior=args.history_prior,
                    history_prior_weight=args.history_prior_weight,
                    long_prefill_token_threshold=args.long_prefill_token_threshold, queue=args.queue,
+                   max_long_partial_prefills=args.max_long_partial_prefills,
                    slo={k: v for k, v in (("ttft", args.slo_ttft), ("max_itl", args.slo_max_itl)) if v is not None})
     if llm.engine.history_status is not None:
         print(f"history: {llm.engine.history_status[1]}", flush=True)

@@ -153,9 +153,12 @@ def simulate(
         trace = trace.scaled(float(rate_scale))
     if history is not None:
         history = check_lengths(history, "history")
-    for name in ("history_prior_weight", "long_prefill_token_threshold", "max_admit_per_step", "scenarios", "replicas"):
+    for name in ("history_prior_weight", "long_prefill_token_threshold", "max_admit_per_step", "scenarios", "replicas",
+                 "max_long_partial_prefills"):
         if name in engine:
             engine[name] = optional_positive_int(engine[name], name)
+    if engine.get("max_long_partial_prefills", 1) is None:
+        del engine["max_long_partial_prefills"]  # None: the default
     if engine.get("censoring") is not None:
         engine["censoring"] = str(engine["censoring"])  # the core names the choices
     label = scheduler

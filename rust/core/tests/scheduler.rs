@@ -184,6 +184,31 @@ fn a_long_prefill_threshold_lets_short_requests_start_beside_a_long_prompt() {
 }
 
 #[test]
+fn long_prefills_together_take_at_most_their_share_of_a_step() {
+    // Three 6,000-token prompts at once, then a short one: with a 512-token threshold and one
+    // long prefill a step (vLLM's default), long prompts take at most 512 tokens of any step.
+    let t = trace(&[(6000, 4), (6000, 4), (6000, 4), (20, 4)], 0.001);
+    let mut c = cfg(PolicyKind::PastFuture, 40_000);
+    c.sched.max_batched_tokens = 2048;
+    c.sched.long_prefill_token_threshold = Some(512);
+    let one = sim::simulate(&t, &c).unwrap();
+    assert!(one.steps.iter().all(|s| s.batched_tokens <= 512 + 20 + 4), "one long prefill a step");
+    c.sched.max_long_partial_prefills = 3;
+    let three = sim::simulate(&t, &c).unwrap();
+    assert!(three.steps.iter().any(|s| s.batched_tokens > 1024), "three long prefills share a step");
+    for r in [&one, &three] {
+        assert!(r.records.iter().all(|x| x.output_len == 4));
+    }
+    // The short request never waits for a whole long prompt.
+    let ttft = |r: &sim::SimResult| r.records[3].first_token - r.records[3].arrival;
+    assert!(ttft(&one) <= ttft(&three) + 1e-9, "{} vs {}", ttft(&one), ttft(&three));
+    c.sched.max_long_partial_prefills = 0;
+    assert!(
+        matches!(sim::simulate(&t, &c), Err(HoraeError::InvalidConfig(m)) if m.contains("max_long_partial_prefills"))
+    );
+}
+
+#[test]
 fn mooncake_style_prefixes_hit_the_cache() {
     let mut t = trace(&[(2048, 4), (2048, 4), (1536, 4)], 100.0);
     t.requests[0].prefix_ids = vec![1, 2, 3, 4];

@@ -122,7 +122,7 @@ impl PyEngine {
                         device = "auto", gpu_memory_utilization = 0.9, max_model_len = None, queue_timeout = None,
                         max_itl_abort = None, history_file = None, history_prior = None,
                         history_prior_weight = None, long_prefill_token_threshold = None, queue = "fcfs",
-                        slo = None))]
+                        slo = None, max_long_partial_prefills = 1))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -148,6 +148,7 @@ impl PyEngine {
         long_prefill_token_threshold: Option<usize>,
         queue: &str,
         slo: Option<HashMap<String, f64>>,
+        max_long_partial_prefills: usize,
     ) -> PyResult<Self> {
         let speculative = match speculative.map(|d| crate::spec::parse(&d, false, seed.unwrap_or(0))).transpose()? {
             Some((cfg, crate::spec::Choice::Engine(method))) => Some(engine::SpecArgs { cfg, method }),
@@ -172,6 +173,7 @@ impl PyEngine {
             history_prior: crate::PriorArg::resolve(history_prior)?,
             history_prior_weight,
             long_prefill_token_threshold,
+            max_long_partial_prefills,
             queue: queue.parse().map_err(to_py)?,
             default_slo: slo_arg(slo)?,
             ..EngineArgs::new(model_dir)

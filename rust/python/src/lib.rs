@@ -151,7 +151,7 @@ fn synthetic_trace(dist: &str, n: usize, seed: u64) -> PyResult<PyTrace> {
     history = None, history_prior = None, history_prior_weight = None, scenarios = None, quantile = None,
     redraw = false, fitted_tail = false, censoring = None, max_admit_per_step = None,
     long_prefill_token_threshold = None, queue = "fcfs", slo_classes = None, preemption = None,
-    replicas = None, router = "forecast", staleness = 1.0,
+    replicas = None, router = "forecast", staleness = 1.0, max_long_partial_prefills = 1,
 ))]
 #[allow(clippy::too_many_arguments)]
 fn simulate<'py>(
@@ -196,6 +196,7 @@ fn simulate<'py>(
     replicas: Option<usize>,
     router: &str,
     staleness: f64,
+    max_long_partial_prefills: usize,
 ) -> PyResult<SimOutput<'py>> {
     let policy: PolicyKind = scheduler.parse().map_err(to_py)?;
     let slo_classes = slo_classes
@@ -221,6 +222,7 @@ fn simulate<'py>(
             max_num_seqs,
             max_batched_tokens,
             long_prefill_token_threshold,
+            max_long_partial_prefills,
             prefix_caching,
             history_window,
             max_output_bound: max_tokens.max(1),

@@ -70,6 +70,8 @@ pub struct EngineArgs {
     pub max_model_len: Option<usize>,
     /// The most tokens of one prompt prefilled in a step (see `SchedulerConfig`).
     pub long_prefill_token_threshold: Option<usize>,
+    /// Long prefills that may advance in one step (see `SchedulerConfig`).
+    pub max_long_partial_prefills: usize,
     /// The server's rules: a queue deadline and a gap abort (off by default).
     pub rules: ServerRules,
     /// Queue discipline and the SLO a request's own bounds are filled from (see `SchedulerConfig`).
@@ -98,6 +100,7 @@ impl EngineArgs {
             gpu_memory_utilization: 0.9,
             max_model_len: None,
             long_prefill_token_threshold: None,
+            max_long_partial_prefills: 1,
             rules: ServerRules::default(),
             queue: QueueDiscipline::Fcfs,
             default_slo: Slo::default(),
@@ -242,6 +245,7 @@ pub fn build(args: EngineArgs) -> Result<(EngineHandle, EngineInfo)> {
         max_num_seqs: args.max_num_seqs,
         max_batched_tokens: args.max_batched_tokens,
         long_prefill_token_threshold: args.long_prefill_token_threshold,
+        max_long_partial_prefills: args.max_long_partial_prefills,
         queue: args.queue,
         default_slo: args.default_slo,
         history_window: args.history_window,

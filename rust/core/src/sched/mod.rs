@@ -82,6 +82,11 @@ pub struct SchedulerConfig {
     /// `None`: a chunk may take the whole budget). A long prompt then takes more steps, and the
     /// budget it leaves lets short requests start instead of waiting for its whole prefill.
     pub long_prefill_token_threshold: Option<usize>,
+    /// With a threshold: how many long prefills (prompts longer than the threshold, still
+    /// prefilling) may advance in one step (vLLM's `max_long_partial_prefills`, default 1). So long prompts
+    /// together take at most this many thresholds of a step, and the rest of the budget is for
+    /// decodes and short prompts.
+    pub max_long_partial_prefills: usize,
     pub prefix_caching: bool,
     /// Past-Future: finished output lengths remembered.
     pub history_window: usize,
@@ -119,6 +124,7 @@ impl Default for SchedulerConfig {
             max_num_seqs: 256,
             max_batched_tokens: 2048,
             long_prefill_token_threshold: None,
+            max_long_partial_prefills: 1,
             prefix_caching: true,
             history_window: 1000,
             max_output_bound: 4096,
@@ -168,6 +174,9 @@ impl SchedulerConfig {
         }
         if self.long_prefill_token_threshold == Some(0) {
             return bad("long_prefill_token_threshold must be at least 1 (leave it unset for no limit)".into());
+        }
+        if self.max_long_partial_prefills == 0 {
+            return bad("max_long_partial_prefills must be at least 1".into());
         }
         if self.max_admit_per_step == Some(0) {
             return bad("max_admit_per_step must be at least 1 (leave it unset for no limit)".into());

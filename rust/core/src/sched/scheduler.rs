@@ -146,6 +146,8 @@ pub struct Scheduler {
     /// When the waiting queue was last put in order, if no request was added since: a step
     /// orders it once (the rules' scan, then admission).
     ordered_at: Option<f64>,
+    /// Long prefills given tokens in the step being scheduled (`max_long_partial_prefills`).
+    long_in_step: usize,
 }
 
 impl Scheduler {
@@ -168,6 +170,7 @@ impl Scheduler {
             lengths: OutputLengths::default(),
             prioritized: false,
             ordered_at: None,
+            long_in_step: 0,
         })
     }
 
@@ -250,6 +253,7 @@ impl Scheduler {
         let mut plan = StepPlan::default();
         let mut placed = Vec::with_capacity(self.running.len() + 8);
         let mut budget = self.cfg.max_batched_tokens;
+        self.long_in_step = 0;
         self.schedule_running(&mut placed, &mut plan, &mut budget, now);
         self.step_k = 0; // chosen by `plan_spec` for one step only
         if plan.preempted.is_empty() {
@@ -292,6 +296,21 @@ impl Scheduler {
         }
     }
 
+    /// Whether a sequence of `total` tokens with `left` to compute is a long prefill: still
+    /// prefilling a prompt (or recomputing a sequence) longer than the threshold, as vLLM counts.
+    fn is_long_prefill(&self, left: usize, total: usize) -> bool {
+        left > 1 && self.cfg.long_prefill_token_threshold.is_some_and(|t| total > t)
+    }
+
+    /// Whether this long prefill must wait: the step has as many as `max_long_partial_prefills`.
+    fn long_prefill_waits(&self, left: usize, total: usize) -> bool {
+        self.is_long_prefill(left, total) && self.long_in_step >= self.cfg.max_long_partial_prefills
+    }
+
+    fn count_long_prefill(&mut self, left: usize, total: usize) {
+        self.long_in_step += usize::from(self.is_long_prefill(left, total));
+    }
+
     /// Tokens of a sequence with `left` to compute that go into this step: what the budget
     /// allows, and for a prefill (more than one token left) at most the long-prefill threshold.
     fn chunk(&self, left: usize, budget: usize) -> usize {
@@ -314,6 +333,12 @@ impl Scheduler {
             let id = self.running[i];
             let r = &self.requests[&id];
             let (start, total) = (r.num_computed, r.total_len());
+            if self.long_prefill_waits(total - start, total) {
+                // Enough long prefills advance this step: this one waits for the next.
+                base_left = base_left.saturating_sub(total - start);
+                i += 1;
+                continue;
+            }
             let mut n = self.chunk(total - start, *budget);
             base_left = base_left.saturating_sub(total - start);
             // Draft tokens ride along a decode step if the budget and the pool have room for
@@ -342,6 +367,7 @@ impl Scheduler {
             }
             plan.copies.extend(self.kv.append(id, slots).expect("can_append checked"));
             placed.push(Placed { id, start, num_tokens: n, samples: start + n >= total, num_draft: drafts });
+            self.count_long_prefill(total - start, total);
             *budget -= n;
             i += 1;
         }
@@ -422,7 +448,10 @@ impl Scheduler {
         let bs = self.kv.block_size();
         let most = self.cfg.max_admit_per_step.unwrap_or(usize::MAX);
         let mut admitted = 0;
-        while let Some(&id) = self.waiting.front() {
+        // The next waiting request to consider: the head, but for long prompts held back by
+        // `max_long_partial_prefills`, which shorter requests may pass (as in vLLM).
+        let mut at = 0;
+        while let Some(&id) = self.waiting.get(at) {
             if self.running.len() >= self.cfg.max_num_seqs || *budget == 0 || admitted == most {
                 break;
             }
@@ -437,6 +466,10 @@ impl Scheduler {
             };
             let cached_blocks = self.kv.count_cached_prefix(&r.prompt_block_hashes[..lookup]);
             let cached = cached_blocks * bs;
+            if self.long_prefill_waits(total - cached, total) {
+                at += 1;
+                continue;
+            }
             let n = self.chunk(total - cached, *budget);
             let chunk_blocks = self.kv.blocks_for(cached + n) - cached_blocks;
             // Reviving cached blocks takes them out of the allocatable pool too.
@@ -453,7 +486,7 @@ impl Scheduler {
             if !accepted && !lone {
                 break;
             }
-            self.waiting.pop_front();
+            self.waiting.remove(at);
             let hashes = &self.requests[&id].prompt_block_hashes[..lookup];
             let got = self.kv.open(id, hashes).expect("a waiting request has no block table");
             debug_assert_eq!(got, cached);
@@ -464,6 +497,7 @@ impl Scheduler {
             r.state = RequestState::Running;
             r.times.first_scheduled.get_or_insert(now);
             placed.push(Placed { id, start: got, num_tokens: n, samples: got + n == total, num_draft: 0 });
+            self.count_long_prefill(total - got, total);
             self.running.push(id);
             self.stats.admitted += 1;
             admitted += 1;
