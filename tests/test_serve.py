@@ -4,6 +4,7 @@ that disconnects mid-stream, overload, and a short schemathesis run. After each,
 block manager must show nothing leaked."""
 
 import asyncio
+import contextlib
 import json
 import re
 import subprocess
@@ -463,33 +464,49 @@ def test_readme_async_llm_runs_in_a_notebook_and_in_a_script(tmp_path):
     assert out.returncode == 0 and out.stdout.strip(), out.stderr
 
 
+@contextlib.contextmanager
+def _one_at_a_time(**engine):
+    """The default model served with a 2,048-token pool and one sequence at a time (so a second
+    request waits behind the first), stopped afterwards."""
+    llm = AsyncLLM(kv_cache_tokens=2048, max_num_seqs=1, **engine)
+    srv = ServerThread(build_app(llm, ServerConfig(model_name="smollm2")))
+    srv.llm = llm
+    try:
+        yield srv
+    finally:
+        srv.stop()
+        llm.shutdown()
+
+
+def _behind_a_long_request(srv, body):
+    """Send a 60-token completion, then, while it runs, POST `body`: the first's usage, the
+    second's response, and how long the second took."""
+    client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    long = dict(model="smollm2", prompt="Once upon a time", max_tokens=60, temperature=0,
+                extra_body={"ignore_eos": True})
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(client.completions.create, **long)
+        time.sleep(0.2)  # the first is running; one sequence at a time, so the next waits
+        t0 = time.monotonic()
+        second = httpx.post(srv.url + "/v1/completions", json=body, timeout=120)
+        waited = time.monotonic() - t0
+        return first.result().usage, second, waited
+
+
 def test_queue_deadline_answers_503_and_the_engine_goes_on():
     """With the server's queue deadline, a request still waiting when it passes gets a 503 with
     Retry-After and code queue_timeout (it cost no compute), /metrics counts it, and the server
     goes on serving."""
-    llm = AsyncLLM(kv_cache_tokens=2048, max_num_seqs=1, queue_timeout=0.3)
-    srv = ServerThread(build_app(llm, ServerConfig(model_name="smollm2")))
-    srv.llm = llm
-    try:
+    with _one_at_a_time(queue_timeout=0.3) as srv:
         client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=120)
-        long = dict(model="smollm2", prompt="Once upon a time", max_tokens=60, temperature=0,
-                    extra_body={"ignore_eos": True})
-        with ThreadPoolExecutor(2) as pool:
-            first = pool.submit(client.completions.create, **long)
-            time.sleep(0.2)  # the first is running; one sequence at a time, so the next waits
-            second = pool.submit(httpx.post, srv.url + "/v1/completions",
-                                 json={"model": "smollm2", "prompt": "Hi", "max_tokens": 4}, timeout=120)
-            assert first.result().usage.completion_tokens == 60
-            resp = second.result()
+        usage, resp, _ = _behind_a_long_request(srv, {"model": "smollm2", "prompt": "Hi", "max_tokens": 4})
+        assert usage.completion_tokens == 60
         err = _error(resp, 503)
         assert err["code"] == "queue_timeout" and resp.headers["Retry-After"] == "1"
         text = httpx.get(srv.url + "/metrics").text
         assert re.search(r'^horae:request_success_total\{[^}]*finished_reason="timeout"[^}]*\} 1\.0', text, re.M), text
         assert client.completions.create(model="smollm2", prompt="Hi", max_tokens=3).usage.completion_tokens <= 3
         _assert_idle(srv)
-    finally:
-        srv.stop()
-        llm.shutdown()
     with pytest.raises(ValueError, match="queue_timeout"):
         AsyncLLM(kv_cache_tokens=1024, queue_timeout=0)
 
@@ -499,21 +516,11 @@ def test_slo_queue_sheds_a_request_that_cannot_meet_its_slo_with_a_503():
     """`queue="slo"`: a request whose first-token bound cannot be met behind a running one (one
     sequence at a time) is answered at once with 503 + Retry-After, code queue_timeout, having
     cost nothing; one with a bound it can meet is served; the engine goes on."""
-    llm = AsyncLLM(kv_cache_tokens=2048, max_num_seqs=1, queue="slo", slo={"max_itl": 30.0})
-    srv = ServerThread(build_app(llm, ServerConfig(model_name="smollm2")))
-    srv.llm = llm
-    try:
+    with _one_at_a_time(queue="slo", slo={"max_itl": 30.0}) as srv:
         client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=120)
-        long = dict(model="smollm2", prompt="Once upon a time", max_tokens=60, temperature=0,
-                    extra_body={"ignore_eos": True})
-        with ThreadPoolExecutor(2) as pool:
-            first = pool.submit(client.completions.create, **long)
-            time.sleep(0.2)  # the first is running
-            t0 = time.monotonic()
-            hopeless = httpx.post(srv.url + "/v1/completions", timeout=120,
-                                  json={"model": "smollm2", "prompt": "Hi", "max_tokens": 4, "slo": {"ttft": 0.05}})
-            waited = time.monotonic() - t0
-            assert first.result().usage.completion_tokens == 60
+        usage, hopeless, waited = _behind_a_long_request(
+            srv, {"model": "smollm2", "prompt": "Hi", "max_tokens": 4, "slo": {"ttft": 0.05}})
+        assert usage.completion_tokens == 60
         err = _error(hopeless, 503)
         assert err["code"] == "queue_timeout" and hopeless.headers["Retry-After"] == "1"
         assert "SLO" in err["message"]
@@ -522,9 +529,6 @@ def test_slo_queue_sheds_a_request_that_cannot_meet_its_slo_with_a_503():
                                            extra_body={"slo": {"ttft": 60}, "priority": 1})
         assert served.usage.completion_tokens <= 3
         _assert_idle(srv)
-    finally:
-        srv.stop()
-        llm.shutdown()
     with pytest.raises(ValueError, match="fcfs or slo"):
         AsyncLLM(kv_cache_tokens=1024, queue="edf")
     with pytest.raises(ValueError, match="slo.ttft"):
@@ -539,10 +543,7 @@ def test_bench_serve_retries_what_the_queue_deadline_turned_away(tmp_path):
 
     from horae.bench import serve as bench
 
-    llm = AsyncLLM(kv_cache_tokens=2048, max_num_seqs=1, queue_timeout=0.2)
-    srv = ServerThread(build_app(llm, ServerConfig(model_name="smollm2")))
-    srv.llm = llm
-    try:
+    with _one_at_a_time(queue_timeout=0.2) as srv:
         trace = tmp_path / "t.jsonl"
         trace.write_text("".join(json.dumps({"timestamp": 0, "input_length": 8, "output_length": 24}) + "\n"
                                  for _ in range(4)))
@@ -557,6 +558,3 @@ def test_bench_serve_retries_what_the_queue_deadline_turned_away(tmp_path):
         s = bench.run(SimpleNamespace(**{**vars(ns), "retry_failed": False}))
         assert s["failed"] > 0 and s["timeouts"] == s["failed"], s
         _assert_idle(srv)
-    finally:
-        srv.stop()
-        llm.shutdown()

@@ -58,6 +58,20 @@ fn mixed(n: usize) -> Vec<(u32, u32)> {
         .collect()
 }
 
+/// A request of `len` synthetic prompt tokens arriving at 0.
+fn synthetic(len: usize, max_tokens: usize, slo: Slo, priority: i64) -> RequestSpec {
+    RequestSpec {
+        prompt: Prompt::Synthetic { len, prefix_ids: vec![], unit: 1 },
+        max_tokens,
+        ignore_eos: false,
+        arrival: Some(0.0),
+        sampling: Default::default(),
+        stop: Default::default(),
+        slo,
+        priority,
+    }
+}
+
 /// Drive an engine by hand so invariants can be checked after every step.
 fn run_checked(t: &Trace, c: &SimConfig) -> Vec<Request> {
     let lengths: Arc<Vec<u32>> = Arc::new(t.requests.iter().map(|r| r.output_len).collect());
@@ -67,17 +81,8 @@ fn run_checked(t: &Trace, c: &SimConfig) -> Vec<Request> {
     let mut e =
         Engine::new(sched, Box::new(SimExecutor::new(c.cost.clone(), lengths)), Box::new(VirtualClock::default()));
     for (i, r) in t.requests.iter().enumerate() {
-        let spec = RequestSpec {
-            slo: c.slo_classes.get(i % c.slo_classes.len().max(1)).copied().unwrap_or_default(),
-            priority: 0,
-            prompt: Prompt::Synthetic { len: r.prompt_len as usize, prefix_ids: vec![], unit: 1 },
-            max_tokens: c.max_tokens,
-            ignore_eos: false,
-            arrival: Some(0.0),
-            sampling: Default::default(),
-            stop: Default::default(),
-        };
-        e.add_request_with_id(i as u64, spec).unwrap();
+        let slo = c.slo_classes.get(i % c.slo_classes.len().max(1)).copied().unwrap_or_default();
+        e.add_request_with_id(i as u64, synthetic(r.prompt_len as usize, c.max_tokens, slo, 0)).unwrap();
     }
     let mut done = Vec::new();
     let mut steps = 0;
@@ -589,17 +594,8 @@ fn the_slo_queue_serves_priority_then_least_slack_and_fcfs_serves_priority_then_
             Engine::new(sched, Box::new(SimExecutor::new(c.cost.clone(), lengths)), Box::new(VirtualClock::default()));
         // (TTFT bound, priority): a loose one first, a tight one, a low-priority-value one, none.
         for (i, (ttft, priority)) in [(Some(100.0), 0), (Some(5.0), 0), (None, -1), (None, 0)].into_iter().enumerate() {
-            let spec = RequestSpec {
-                slo: Slo { ttft, ..Default::default() },
-                priority,
-                prompt: Prompt::Synthetic { len: 16, prefix_ids: vec![], unit: 1 },
-                max_tokens: 8,
-                ignore_eos: false,
-                arrival: Some(0.0),
-                sampling: Default::default(),
-                stop: Default::default(),
-            };
-            e.add_request_with_id(i as u64, spec).unwrap();
+            let slo = Slo { ttft, ..Default::default() };
+            e.add_request_with_id(i as u64, synthetic(16, 8, slo, priority)).unwrap();
         }
         let mut done = Vec::new();
         while e.has_work() {

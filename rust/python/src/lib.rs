@@ -303,52 +303,53 @@ fn simulate<'py>(
     }
 
     let req = request_columns(py, &result.records)?;
-    macro_rules! col {
-        ($dict:ident, $name:literal, $src:expr, $f:expr) => {
-            $dict.set_item($name, $src.iter().map($f).collect::<Vec<_>>().into_pyarray(py))?;
-        };
-    }
-
-    let steps = &result.steps;
-    let st = PyDict::new(py);
-    col!(st, "time", steps, |s| s.time);
-    col!(st, "duration", steps, |s| s.duration);
-    col!(st, "running", steps, |s| s.running);
-    col!(st, "waiting", steps, |s| s.waiting);
-    col!(st, "batched_tokens", steps, |s| s.batched_tokens);
-    col!(st, "kv_usage", steps, |s| s.kv_usage);
-    col!(st, "spec_k", steps, |s| s.spec_k);
-    col!(st, "predicted_peak", steps, |s| s.predicted_peak.map_or(f64::NAN, |p| p as f64));
+    let st = step_columns(py, &result.steps)?;
     Ok((summary.to_string(), req, st, result.history))
+}
+
+/// `dict[name] = numpy array of f over src`.
+macro_rules! col {
+    ($py:expr, $dict:ident, $name:literal, $src:expr, $f:expr) => {
+        $dict.set_item($name, $src.iter().map($f).collect::<Vec<_>>().into_pyarray($py))?;
+    };
+}
+
+/// The per-step arrays of a simulation.
+fn step_columns<'py>(py: Python<'py>, steps: &[horae_core::engine::StepSample]) -> PyResult<Bound<'py, PyDict>> {
+    let st = PyDict::new(py);
+    col!(py, st, "time", steps, |s| s.time);
+    col!(py, st, "duration", steps, |s| s.duration);
+    col!(py, st, "running", steps, |s| s.running);
+    col!(py, st, "waiting", steps, |s| s.waiting);
+    col!(py, st, "batched_tokens", steps, |s| s.batched_tokens);
+    col!(py, st, "kv_usage", steps, |s| s.kv_usage);
+    col!(py, st, "spec_k", steps, |s| s.spec_k);
+    col!(py, st, "predicted_peak", steps, |s| s.predicted_peak.map_or(f64::NAN, |p| p as f64));
+    Ok(st)
 }
 
 /// The per-request arrays of a simulation, in trace order.
 fn request_columns<'py>(py: Python<'py>, recs: &[sim::RequestRecord]) -> PyResult<Bound<'py, PyDict>> {
     let req = PyDict::new(py);
-    macro_rules! col {
-        ($dict:ident, $name:literal, $src:expr, $f:expr) => {
-            $dict.set_item($name, $src.iter().map($f).collect::<Vec<_>>().into_pyarray(py))?;
-        };
-    }
-    col!(req, "arrival", recs, |r| r.arrival);
-    col!(req, "first_scheduled", recs, |r| r.first_scheduled);
-    col!(req, "first_token", recs, |r| r.first_token);
-    col!(req, "finished", recs, |r| r.finished);
-    col!(req, "prompt_len", recs, |r| r.prompt_len);
-    col!(req, "output_len", recs, |r| r.output_len);
-    col!(req, "ttft", recs, |r| r.ttft());
-    col!(req, "tpot", recs, |r| r.tpot());
-    col!(req, "max_itl", recs, |r| r.max_itl);
-    col!(req, "e2e", recs, |r| r.e2e());
-    col!(req, "preemptions", recs, |r| r.preemptions);
-    col!(req, "recomputed_tokens", recs, |r| r.recomputed_tokens);
-    col!(req, "cached_tokens", recs, |r| r.cached_tokens);
-    col!(req, "rejected", recs, |r| r.rejected);
-    col!(req, "completed", recs, |r| r.completed);
-    col!(req, "attempts", recs, |r| r.attempts);
-    col!(req, "wasted_tokens", recs, |r| r.wasted_tokens);
+    col!(py, req, "arrival", recs, |r| r.arrival);
+    col!(py, req, "first_scheduled", recs, |r| r.first_scheduled);
+    col!(py, req, "first_token", recs, |r| r.first_token);
+    col!(py, req, "finished", recs, |r| r.finished);
+    col!(py, req, "prompt_len", recs, |r| r.prompt_len);
+    col!(py, req, "output_len", recs, |r| r.output_len);
+    col!(py, req, "ttft", recs, |r| r.ttft());
+    col!(py, req, "tpot", recs, |r| r.tpot());
+    col!(py, req, "max_itl", recs, |r| r.max_itl);
+    col!(py, req, "e2e", recs, |r| r.e2e());
+    col!(py, req, "preemptions", recs, |r| r.preemptions);
+    col!(py, req, "recomputed_tokens", recs, |r| r.recomputed_tokens);
+    col!(py, req, "cached_tokens", recs, |r| r.cached_tokens);
+    col!(py, req, "rejected", recs, |r| r.rejected);
+    col!(py, req, "completed", recs, |r| r.completed);
+    col!(py, req, "attempts", recs, |r| r.attempts);
+    col!(py, req, "wasted_tokens", recs, |r| r.wasted_tokens);
     req.set_item("finish_reason", recs.iter().map(|r| r.finish_reason).collect::<Vec<_>>())?;
-    col!(req, "met_sla", recs, |r| r.meets());
+    col!(py, req, "met_sla", recs, |r| r.meets());
     Ok(req)
 }
 
@@ -392,9 +393,12 @@ fn bench_admission(py: Python<'_>, running: usize, iters: usize, seed: u64) -> (
 /// `horae bench queue`: engine microseconds per step with FCFS and with the SLO queue, and the
 /// modelled step's, at `running` running and `waiting` waiting requests.
 #[pyfunction]
-fn bench_queue(py: Python<'_>, running: usize, waiting: usize, steps: usize) -> (f64, f64, f64) {
+fn bench_queue(py: Python<'_>, running: usize, waiting: usize, steps: usize) -> PyResult<(f64, f64, f64)> {
+    if running == 0 {
+        return Err(HoraeCoreError::new_err("bench_queue needs at least one running request"));
+    }
     let t = py.detach(|| queue_benchmark(running, waiting, steps));
-    (t.fcfs_us, t.slo_us, t.step_us)
+    Ok((t.fcfs_us, t.slo_us, t.step_us))
 }
 
 /// `horae bench route`: microseconds per routing decision for each router.
@@ -405,11 +409,15 @@ fn bench_route(
     cached_blocks: usize,
     prompt_blocks: usize,
     iters: usize,
-) -> Vec<(String, f64)> {
-    py.detach(|| route_benchmark(replicas, cached_blocks, prompt_blocks, iters))
+) -> PyResult<Vec<(String, f64)>> {
+    if replicas == 0 {
+        return Err(HoraeCoreError::new_err("bench_route needs at least one replica"));
+    }
+    Ok(py
+        .detach(|| route_benchmark(replicas, cached_blocks, prompt_blocks, iters))
         .into_iter()
         .map(|(k, us)| (k.as_str().to_string(), us))
-        .collect()
+        .collect())
 }
 
 /// Teacher-forced logits of a token sequence (`len x vocab`), outside the engine: for checks

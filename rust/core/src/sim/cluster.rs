@@ -10,11 +10,11 @@ use std::sync::Arc;
 
 use super::executor::SimExecutor;
 use super::report::{RequestRecord, Summary};
-use super::runner::{LoadModel, SimConfig};
+use super::runner::{trace_request, LoadModel, SimConfig};
 use super::trace::Trace;
 use crate::engine::{Engine, VirtualClock};
 use crate::error::{HoraeError, Result};
-use crate::request::{FinishReason, Prompt, RequestSpec, Slo};
+use crate::request::{FinishReason, RequestSpec};
 use crate::route::{ReplicaStats, RouteRequest, Router, RouterKind};
 use crate::sched::{Scheduler, SchedulerStats};
 
@@ -70,6 +70,29 @@ fn publish(e: &Engine) -> ReplicaStats {
     }
 }
 
+/// The replica for request `i` (as `spec`), never one of `tried` unless all are.
+fn route(
+    router: &mut Router,
+    stats: &[ReplicaStats],
+    spec: &RequestSpec,
+    i: usize,
+    block_size: usize,
+    tried: &[usize],
+) -> usize {
+    let hashes = spec.prompt.block_hashes(block_size, i as u64);
+    let req =
+        RouteRequest { block_hashes: &hashes, block_size, prompt_len: spec.prompt.len(), max_tokens: spec.max_tokens };
+    router.choose_except(&req, stats, tried)
+}
+
+/// Hand request `i` to a replica at time `at`; an idle replica's clock first moves up to it.
+fn hand_over(e: &mut Engine, i: usize, spec: RequestSpec, at: f64) -> Result<()> {
+    if !e.has_work() && e.now() < at {
+        e.advance_clock_to(at);
+    }
+    e.add_request_with_id(i as u64, spec)
+}
+
 pub fn simulate_cluster(trace: &Trace, cfg: &ClusterConfig) -> Result<ClusterResult> {
     let sim = &cfg.sim;
     if cfg.replicas == 0 {
@@ -107,25 +130,6 @@ pub fn simulate_cluster(trace: &Trace, cfg: &ClusterConfig) -> Result<ClusterRes
     let mut running_area = vec![0.0f64; cfg.replicas];
     let block_size = sim.sched.block_size;
     let mut tried: Vec<Vec<usize>> = vec![Vec::new(); reqs.len()];
-    let spec_of = |i: usize| {
-        let r = &reqs[i];
-        let slo = if sim.slo_classes.is_empty() { Slo::default() } else { sim.slo_classes[i % sim.slo_classes.len()] };
-        let prompt = Prompt::Synthetic {
-            len: r.prompt_len as usize,
-            prefix_ids: r.prefix_ids.clone(),
-            unit: trace.prefix_unit.max(1),
-        };
-        RequestSpec {
-            prompt,
-            max_tokens: sim.max_tokens,
-            ignore_eos: false,
-            arrival: Some(r.arrival),
-            sampling: Default::default(),
-            stop: Default::default(),
-            slo,
-            priority: 0,
-        }
-    };
     let mut next = 0usize;
     loop {
         // The replica furthest behind that has work steps next, unless an arrival comes first.
@@ -142,21 +146,10 @@ pub fn simulate_cluster(trace: &Trace, cfg: &ClusterConfig) -> Result<ClusterRes
                     }
                     next_publish = t + cfg.staleness;
                 }
-                let spec = spec_of(next);
-                let hashes = spec.prompt.block_hashes(block_size, next as u64);
-                let route = RouteRequest {
-                    block_hashes: &hashes,
-                    block_size,
-                    prompt_len: spec.prompt.len(),
-                    max_tokens: sim.max_tokens,
-                };
-                let k = router.choose(&route, &stats);
-                let e = &mut engines[k];
-                if !e.has_work() && e.now() < t {
-                    e.advance_clock_to(t);
-                }
+                let spec = trace_request(trace, next, sim, t);
+                let k = route(&mut router, &stats, &spec, next, block_size, &[]);
                 let slo = spec.slo;
-                match e.add_request_with_id(next as u64, spec) {
+                match hand_over(&mut engines[k], next, spec, t) {
                     Ok(()) => {
                         routed[k] += 1;
                         tried[next].push(k);
@@ -183,21 +176,10 @@ pub fn simulate_cluster(trace: &Trace, cfg: &ClusterConfig) -> Result<ClusterRes
                     let i = r.id as usize;
                     if r.finish_reason() == Some(FinishReason::Timeout) && tried[i].len() < engines.len() {
                         // Shed before it cost anything: the router sends it elsewhere.
-                        let spec = spec_of(i);
-                        let hashes = spec.prompt.block_hashes(block_size, i as u64);
-                        let route = RouteRequest {
-                            block_hashes: &hashes,
-                            block_size,
-                            prompt_len: spec.prompt.len(),
-                            max_tokens: sim.max_tokens,
-                        };
-                        let j = router.choose_except(&route, &stats, &tried[i]);
+                        let spec = trace_request(trace, i, sim, reqs[i].arrival);
+                        let j = route(&mut router, &stats, &spec, i, block_size, &tried[i]);
                         tried[i].push(j);
-                        let e = &mut engines[j];
-                        if !e.has_work() && e.now() < now {
-                            e.advance_clock_to(now);
-                        }
-                        e.add_request_with_id(i as u64, spec)?;
+                        hand_over(&mut engines[j], i, spec, now)?;
                         routed[j] += 1;
                         continue;
                     }

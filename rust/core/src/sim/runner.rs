@@ -66,6 +66,27 @@ impl SimResult {
     }
 }
 
+/// Trace request `i` as the engine takes it, sent at `arrival`: a synthetic prompt (with the
+/// trace's shared prefix units), the client's `max_tokens`, and its SLO class.
+pub(super) fn trace_request(trace: &Trace, i: usize, cfg: &SimConfig, arrival: f64) -> RequestSpec {
+    let r = &trace.requests[i];
+    let slo = if cfg.slo_classes.is_empty() { Slo::default() } else { cfg.slo_classes[i % cfg.slo_classes.len()] };
+    RequestSpec {
+        prompt: Prompt::Synthetic {
+            len: r.prompt_len as usize,
+            prefix_ids: r.prefix_ids.clone(),
+            unit: trace.prefix_unit.max(1),
+        },
+        max_tokens: cfg.max_tokens,
+        ignore_eos: false,
+        arrival: Some(arrival),
+        sampling: Default::default(),
+        stop: Default::default(),
+        slo,
+        priority: 0,
+    }
+}
+
 pub fn simulate(trace: &Trace, cfg: &SimConfig) -> Result<SimResult> {
     if cfg.max_tokens == 0 {
         return Err(HoraeError::InvalidConfig("max_tokens must be at least 1".into()));
@@ -109,26 +130,13 @@ pub fn simulate(trace: &Trace, cfg: &SimConfig) -> Result<SimResult> {
     let mut next = 0usize;
     // Submit request `i` at time `t`; a request that can never fit is recorded as rejected.
     let submit = |engine: &mut Engine, records: &mut Vec<Option<RequestRecord>>, i: usize, t: f64| -> Result<bool> {
-        let r = &reqs[i];
-        let slo = if cfg.slo_classes.is_empty() { Slo::default() } else { cfg.slo_classes[i % cfg.slo_classes.len()] };
-        let spec = RequestSpec {
-            slo,
-            priority: 0,
-            prompt: Prompt::Synthetic {
-                len: r.prompt_len as usize,
-                prefix_ids: r.prefix_ids.clone(),
-                unit: trace.prefix_unit.max(1),
-            },
-            max_tokens: cfg.max_tokens,
-            ignore_eos: false,
-            sampling: Default::default(),
-            stop: Default::default(),
-            arrival: Some(t),
-        };
+        let spec = trace_request(trace, i, cfg, t);
+        let slo = spec.slo;
         match engine.add_request_with_id(i as u64, spec) {
             Ok(()) => Ok(true),
             Err(HoraeError::InvalidRequest { .. }) => {
-                records[i] = Some(RequestRecord::rejected(i as u64, t, r.prompt_len, slo.or(&cfg.sched.default_slo)));
+                let len = reqs[i].prompt_len;
+                records[i] = Some(RequestRecord::rejected(i as u64, t, len, slo.or(&cfg.sched.default_slo)));
                 Ok(false)
             }
             Err(e) => Err(e),
