@@ -49,14 +49,14 @@ def workload(name: str, data: Path, replicas: int):
     raise ValueError(f"unknown workload {name!r}; known: {', '.join(WORKLOADS)}")
 
 
-def run(trace, name, replicas, router, load, staleness):
+def run(trace, name, replicas, router, load, staleness, retry_shed):
     model, hardware, kv, max_tokens, sla = WORKLOADS[name]
     t0 = time.perf_counter()
     # Every replica runs the SLO queue (issue 15): past the knee it sheds what cannot make its
-    # SLO, and the router retries it on another replica.
+    # SLO, and the router sends it to another replica that can still start it in time.
     r = sim.simulate(trace, "past-future", rate_scale=load, model=model, hardware=hardware, kv_cache_tokens=kv,
                      max_tokens=max_tokens, sla=sla, replicas=replicas, router=router, staleness=staleness,
-                     queue="slo")
+                     queue="slo", retry_shed=retry_shed)
     s = r.summary
     return {"goodput_tps": s["goodput_tps"], "sla_attainment": s["sla_attainment"],
             "prefix_hit_rate": s["prefix_hit_rate"], "load_imbalance": s["load_imbalance"],
@@ -70,6 +70,9 @@ def main() -> int:
     ap.add_argument("--replicas", type=int, default=8)
     ap.add_argument("--loads", default="0.5,1,1.5,2,3", help="arrival-rate multipliers")
     ap.add_argument("--staleness", type=float, default=1.0, help="seconds between published routing stats")
+    ap.add_argument("--retry-shed", default="in-time", choices=["in-time", "always", "never"],
+                    help="where a shed request goes: a replica that can start it in time (the Ray ingress's rule), "
+                         "any replica not tried, or nowhere")
     ap.add_argument("--out", type=Path)
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     args = ap.parse_args()
@@ -79,7 +82,7 @@ def main() -> int:
         trace = workload(w, args.data, args.replicas)
         jobs = [(x, r) for x in loads for r in ROUTERS]
         with ThreadPoolExecutor(args.workers) as pool:
-            runs = [pool.submit(run, trace, w, args.replicas, r, x, args.staleness) for x, r in jobs]
+            runs = [pool.submit(run, trace, w, args.replicas, r, x, args.staleness, args.retry_shed) for x, r in jobs]
             out = {j: f.result() for j, f in zip(jobs, runs)}
         results[w] = {str(x): {r: out[(x, r)] for r in ROUTERS} for x in loads}
         print(f"\n{w}, {args.replicas} replicas: goodput tok/s (prefix hit rate, load imbalance max/mean, preemptions)")
@@ -101,7 +104,8 @@ def main() -> int:
               + (", ".join(f"{v:.3f}" for v in ratios) or "n/a"), flush=True)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / f"cluster-{args.replicas}.json").write_text(json.dumps(results, indent=1))
+        suffix = "" if args.retry_shed == "in-time" else f"-retry-{args.retry_shed}"
+        (args.out / f"cluster-{args.replicas}{suffix}.json").write_text(json.dumps(results, indent=1))
     return 0
 
 

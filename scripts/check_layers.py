@@ -32,6 +32,7 @@ PY_LAYERS = [
     ["llm"],
     ["async_llm"],
     ["serve", "sim", "gpu_check"],
+    ["cluster"],
     ["bench"],
     ["cli"],
     ["__main__"],

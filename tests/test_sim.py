@@ -421,7 +421,7 @@ def _shared_prefix_trace(path, n=600, rate=40.0, groups=48, seed=0):
 def test_replicas_behind_each_router(tmp_path):
     """Issue 16's cluster simulator: every router serves every request; the forecast router keeps
     shared prefixes together (a higher prefix hit rate than power-of-two) without losing goodput;
-    a request a replica sheds is retried on another one."""
+    where a request a replica sheds goes next."""
     t = _shared_prefix_trace(tmp_path / "t.jsonl")
     # 48 shared prefixes of 4-8k tokens, and caches too small for all of them on every replica.
     kw = dict(model="llama-3-8b", hardware="h200", kv_cache_tokens=100_000, max_tokens=512, replicas=4,
@@ -435,11 +435,18 @@ def test_replicas_behind_each_router(tmp_path):
     f, p2 = runs["forecast"].summary, runs["power-of-two"].summary
     assert f["prefix_hit_rate"] > p2["prefix_hit_rate"] + 0.1, (f["prefix_hit_rate"], p2["prefix_hit_rate"])
     assert f["goodput_tps"] >= p2["goodput_tps"], (f["goodput_tps"], p2["goodput_tps"])
-    # Overloaded, with the SLO queue: what one replica sheds goes to another before it ends.
-    heavy = sim.simulate(t.scaled(4.0), "past-future", router="forecast", queue="slo", **kw)
-    assert (heavy.requests["attempts"] > 1).any()
-    shed = heavy.requests["finish_reason"] == "timeout"
-    assert (heavy.requests["attempts"][shed] == 4).all(), "a request ends shed only once every replica turned it away"
+    # Overloaded, with the SLO queue. "always": what one replica sheds goes to another, and ends
+    # shed only once every replica turned it away; "never": it ends where it was shed.
+    heavy = {rule: sim.simulate(t.scaled(4.0), "past-future", router="forecast", queue="slo", retry_shed=rule, **kw)
+             for rule in ("always", "never", "in-time")}
+    always, never, in_time = (heavy[k].requests for k in ("always", "never", "in-time"))
+    assert (always["attempts"] > 1).any()
+    assert (always["attempts"][always["finish_reason"] == "timeout"] == 4).all()
+    assert (never["attempts"] == 1).all()
+    # "in-time" (the default) resends only to a replica with nothing waiting: far fewer resends
+    # than "always", and no loss of goodput by it.
+    assert (in_time["attempts"] > 1).sum() < (always["attempts"] > 1).sum()
+    assert heavy["in-time"].summary["goodput_tps"] >= heavy["always"].summary["goodput_tps"]
 
 
 @pytest.mark.parametrize("kwargs,message", [
@@ -447,6 +454,7 @@ def test_replicas_behind_each_router(tmp_path):
     ({"replicas": 2, "router": "random"}, "unknown router.*round-robin, power-of-two, prefix, forecast"),
     ({"replicas": 2, "staleness": -1.0}, "staleness"),
     ({"replicas": 2, "clients": 4}, "open loop"),
+    ({"replicas": 2, "retry_shed": "sometimes"}, "unknown retry rule.*in-time, always or never"),
 ])
 def test_bad_cluster_input(sample, kwargs, message):
     with pytest.raises(ValueError, match=message):

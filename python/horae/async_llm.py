@@ -188,6 +188,26 @@ class AsyncLLM:
         if q is not None:
             q.put_nowait(asyncio.CancelledError(f"request {request_id} was aborted"))
 
+    # -- what a server needs besides `generate` (`horae.serve`'s engine client; the Ray ingress's
+    # `RemoteLLM` offers the same over replicas) ---------------------------------------------
+    @property
+    def max_request_tokens(self) -> int:
+        return self.engine.max_request_tokens
+
+    @property
+    def num_waiting(self) -> int:
+        """Streams whose request has not produced a token yet."""
+        return sum(1 for t in self.times.values() if t.first_token is None)
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> List[int]:
+        return self.engine.encode(text, add_special_tokens)
+
+    def decode(self, token_ids, skip_special_tokens: bool = True) -> str:
+        return self.engine.decode(token_ids, skip_special_tokens)
+
+    def apply_chat_template(self, messages, add_generation_prompt: bool = True) -> str:
+        return self.engine.apply_chat_template(messages, add_generation_prompt)
+
     @property
     def num_in_flight(self) -> int:
         return self.engine.num_unfinished_requests

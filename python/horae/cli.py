@@ -162,6 +162,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
             row = _core.bench_route(n, 30_000, 2_500, args.iters)
             print(f"{n:>4} replicas  " + "  ".join(f"{k} {us:.2f}" for k, us in row)
                   + f"  (forecast vs 50 us goal: {dict(row)['forecast'] / 50:.2f}x)")
+        print("The Ray router's call from Python (horae.cluster.router): stats published as Bloom filters,")
+        print("the prompt's token ids hashed into blocks in the call (us per decision, forecast)")
+        for n in args.replicas:
+            print(f"{n:>4} replicas  " + "  ".join(f"{tokens}-token prompt {_ray_route_us(n, tokens, args.iters):.1f}"
+                                                   for tokens in (2_000, 40_000)))
         return 0
     # sim-speed: one scheduler over a whole trace
     trace_path = args.trace
@@ -179,6 +184,26 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(f"{s:>13} {dt:>12.3f} {int(r.summary['num_steps']):>8} {simulated:>12.0f} "
               f"{simulated / dt:>20.0f}x {dt / 2.0:>10.2f}x")
     return 0
+
+
+def _ray_route_us(replicas: int, prompt_tokens: int, iters: int) -> float:
+    import random
+
+    from horae import _core
+
+    rng = random.Random(0)
+    router = _core.Router("forecast")
+    for i in range(replicas):
+        router.publish(i, {"waiting": rng.randrange(4), "running": rng.randrange(8, 64), "waiting_tokens": rng.randrange(50_000),
+                           "capacity_tokens": 400_000, "predicted_peak_tokens": rng.randrange(100_000, 400_000),
+                           "planned_output": 200, "prefill_rate": 20_000.0, "block_size": 16,
+                           "cached_bloom": rng.randbytes((30_000 * 10 + 63) // 64 * 8)})
+    tokens = [rng.randrange(100, 49_000) for _ in range(prompt_tokens)]
+    iters = max(1, min(iters, 500))
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        router.choose(tokens, 1024)
+    return (time.perf_counter() - t0) * 1e6 / iters
 
 
 def _generation_args(p) -> None:
@@ -288,7 +313,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return bench_serve(argv[2:])
     args = parser.parse_args(argv)
     try:
+        if args.command == "serve" and args.replicas is not None:
+            from horae.cluster.deploy import run
+
+            return run(args)
         if args.command == "serve":
+            if args.ray_address is not None:
+                raise ValueError("--ray-address needs --replicas N")
             from horae.serve import run
 
             return run(args)
@@ -306,7 +337,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"wrote {convert_gguf(args.gguf, args.out)}")
             return 0
         return cmd_bench(args)
-    except (ValueError, FileNotFoundError, TypeError, RuntimeError) as e:
+    except (ValueError, FileNotFoundError, TypeError, RuntimeError, ImportError, ConnectionError) as e:
         print(f"horae: error: {e}", file=sys.stderr)
         return 2
 

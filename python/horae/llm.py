@@ -336,8 +336,7 @@ class Engine:
             logger.log(level, "horae: %s", message)
         self._outputs = OutputProcessor()
         self._ids = itertools.count()
-        cfg_path = self.model_dir / "tokenizer_config.json"
-        self.tokenizer_config = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+        self.tokenizer_config = read_tokenizer_config(self.model_dir)
 
     # -- what the engine is ------------------------------------------------------------------
     @property
@@ -379,6 +378,12 @@ class Engine:
         """The engine's figures now: running, waiting, kv_used_blocks, kv_total_blocks,
         block_size, predicted_peak_tokens, preemptions, prefix-cache counters (and speculation's)."""
         return self._core.step_stats()
+
+    def routing_stats(self) -> Dict[str, Any]:
+        """What a router needs of this engine, now: waiting, running, waiting_tokens,
+        capacity_tokens, predicted_peak_tokens, planned_output, block_size, cached_blocks and
+        cached_bloom (its prefix cache as a Bloom filter of block hashes). See `horae.cluster`."""
+        return self._core.routing_stats()
 
     def take_step_log(self) -> Dict[str, Any]:
         """Per step since the last call: the cost model's features and the measured seconds."""
@@ -499,28 +504,40 @@ class Engine:
     def apply_chat_template(self, messages: List[Dict[str, str]], add_generation_prompt: bool = True) -> str:
         """Render the model's chat template in a sandbox: a template cannot reach the file system,
         import modules or mutate its inputs."""
-        from jinja2.exceptions import TemplateError
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
+        return render_chat_template(self.model_dir, self.tokenizer_config, messages, add_generation_prompt)
 
-        if not isinstance(messages, list) or not messages:
-            raise ValueError("messages must be a non-empty list of {'role', 'content'} dicts")
-        for m in messages:
-            if not isinstance(m, dict) or not isinstance(m.get("content"), str):
-                raise ValueError(f"each message needs a string 'content': {m!r}")
-            if m.get("role") not in ("system", "user", "assistant", "tool"):
-                raise ValueError(f"bad role {m.get('role')!r}: use system, user, assistant or tool")
-        template = self.tokenizer_config.get("chat_template")
-        if not template:
-            raise ValueError(f"{self.model_dir} has no chat template")
 
-        def raise_exception(msg):
-            raise TemplateError(msg)
+def render_chat_template(model_dir: Path, tokenizer_config: Dict[str, Any], messages: List[Dict[str, str]],
+                         add_generation_prompt: bool = True) -> str:
+    """A model folder's chat template (from its `tokenizer_config.json`) rendered in jinja2's
+    sandbox: the engine's and the replicas' ingress's one way of doing it."""
+    from jinja2.exceptions import TemplateError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
-        env.globals["raise_exception"] = raise_exception
-        return env.from_string(template).render(
-            messages=messages, add_generation_prompt=add_generation_prompt,
-            bos_token=self.tokenizer_config.get("bos_token") or "", eos_token=self.tokenizer_config.get("eos_token") or "")
+    if not isinstance(messages, list) or not messages:
+        raise ValueError("messages must be a non-empty list of {'role', 'content'} dicts")
+    for m in messages:
+        if not isinstance(m, dict) or not isinstance(m.get("content"), str):
+            raise ValueError(f"each message needs a string 'content': {m!r}")
+        if m.get("role") not in ("system", "user", "assistant", "tool"):
+            raise ValueError(f"bad role {m.get('role')!r}: use system, user, assistant or tool")
+    template = tokenizer_config.get("chat_template")
+    if not template:
+        raise ValueError(f"{model_dir} has no chat template")
+
+    def raise_exception(msg):
+        raise TemplateError(msg)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.globals["raise_exception"] = raise_exception
+    return env.from_string(template).render(
+        messages=messages, add_generation_prompt=add_generation_prompt,
+        bos_token=tokenizer_config.get("bos_token") or "", eos_token=tokenizer_config.get("eos_token") or "")
+
+
+def read_tokenizer_config(model_dir: Path) -> Dict[str, Any]:
+    path = Path(model_dir) / "tokenizer_config.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 class LLM:

@@ -118,25 +118,40 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                             "from it (default: fresh entropy)")
     p.add_argument("--max-body-bytes", type=int, default=4 << 20, help="largest request body (413 beyond)")
     p.add_argument("--log-level", default="info")
+    r = p.add_argument_group("replicas (Ray Serve; pip install \"horae[ray]\")")
+    r.add_argument("--replicas", type=int, metavar="N",
+                   help="serve N engines on Ray Serve behind one ingress on --host/--port (default: one engine in "
+                        "this process, no Ray)")
+    r.add_argument("--router", default="forecast", metavar="NAME",
+                   help="with --replicas: forecast (horae's: Past-Future headroom, cached prefix, prefill work ahead), "
+                        "prefix, power-of-two (Ray's default) or round-robin")
+    r.add_argument("--ray-address", metavar="ADDR",
+                   help="with --replicas: join this Ray cluster (host:port, ray://host:port or auto) instead of "
+                        "starting a local one")
+
+
+def engine_args(args: argparse.Namespace) -> dict:
+    """The engine's keyword arguments from `horae serve`'s options (one engine, or each replica)."""
+    if args.max_queue < 1 or args.max_body_bytes < 1:
+        raise ValueError("--max-queue and --max-body-bytes must be at least 1")
+    return dict(scheduler=args.scheduler, kv_cache_tokens=args.kv_cache_tokens,
+                max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens, dtype=args.dtype,
+                history_window=args.history_window, max_output_bound=args.max_output_bound,
+                speculative=args.speculative, device=args.device, seed=args.seed,
+                gpu_memory_utilization=args.gpu_memory_utilization, max_model_len=args.max_model_len,
+                queue_timeout=args.queue_timeout, max_itl_abort=args.max_itl_abort,
+                history_file=args.history_file, history_prior=args.history_prior,
+                history_prior_weight=args.history_prior_weight,
+                long_prefill_token_threshold=args.long_prefill_token_threshold, queue=args.queue,
+                max_long_partial_prefills=args.max_long_partial_prefills,
+                slo={k: v for k, v in (("ttft", args.slo_ttft), ("max_itl", args.slo_max_itl)) if v is not None})
 
 
 def make_app(args: argparse.Namespace):
     from horae.async_llm import AsyncLLM
     from horae.serve.app import ServerConfig, build_app
 
-    if args.max_queue < 1 or args.max_body_bytes < 1:
-        raise ValueError("--max-queue and --max-body-bytes must be at least 1")
-    llm = AsyncLLM(args.model, scheduler=args.scheduler, kv_cache_tokens=args.kv_cache_tokens,
-                   max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens, dtype=args.dtype,
-                   history_window=args.history_window, max_output_bound=args.max_output_bound,
-                   speculative=args.speculative, device=args.device, seed=args.seed,
-                   gpu_memory_utilization=args.gpu_memory_utilization, max_model_len=args.max_model_len,
-                   queue_timeout=args.queue_timeout, max_itl_abort=args.max_itl_abort,
-                   history_file=args.history_file, history_prior=args.history_prior,
-                   history_prior_weight=args.history_prior_weight,
-                   long_prefill_token_threshold=args.long_prefill_token_threshold, queue=args.queue,
-                   max_long_partial_prefills=args.max_long_partial_prefills,
-                   slo={k: v for k, v in (("ttft", args.slo_ttft), ("max_itl", args.slo_max_itl)) if v is not None})
+    llm = AsyncLLM(args.model, **engine_args(args))
     if llm.engine.history_status is not None:
         print(f"history: {llm.engine.history_status[1]}", flush=True)
     print(f"model on {llm.engine.device}" + (f" ({llm.engine.cpu_fallback_reason})" if llm.engine.cpu_fallback_reason else ""),

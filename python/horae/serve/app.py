@@ -7,20 +7,24 @@ request aborted; a full queue answers 503 with Retry-After."""
 
 from __future__ import annotations
 
+from typing import Optional
+
 from fastapi import FastAPI
 
 from horae.async_llm import AsyncLLM
 from horae.serve import chat, completions, models, tokens
 from horae.serve.errors import Guard, install_error_handlers
+from horae.serve.metrics import MetricsSource
 from horae.serve.state import ServerConfig, ServerState
 
 __all__ = ["ServerConfig", "build_app"]
 
 
-def build_app(llm: AsyncLLM, config: ServerConfig) -> FastAPI:
-    """A FastAPI app serving `llm`. The engine thread starts with the first request."""
+def build_app(llm: AsyncLLM, config: ServerConfig, metrics: Optional[MetricsSource] = None) -> FastAPI:
+    """A FastAPI app serving `llm` (an `AsyncLLM`, or the Ray ingress's client of replicas, with
+    its own `metrics`). The engine thread starts with the first request."""
     app = FastAPI(title="horae", description="OpenAI-compatible server on the horae engine", version="0.1.0")
-    state = ServerState(llm, config)
+    state = ServerState(llm, config, metrics)
     app.state.llm, app.state.metrics, app.state.config, app.state.server = llm, state.metrics, config, state
     install_error_handlers(app)
     for family in (models, completions, chat, tokens):

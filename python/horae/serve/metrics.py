@@ -4,6 +4,9 @@ several servers (or tests) in one process do not collide."""
 
 from __future__ import annotations
 
+import asyncio
+from typing import Protocol
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
@@ -115,3 +118,23 @@ class ServerMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class MetricsSource(Protocol):
+    async def render(self) -> bytes:
+        """The Prometheus text `/metrics` answers."""
+
+
+class EngineMetrics:
+    """One engine's metrics, fed by its `AsyncLLM`'s step and abort listeners."""
+
+    def __init__(self, llm, model_name: str):
+        self.llm, self.metrics = llm, ServerMetrics(model_name)
+        llm.listeners.append(self.metrics.observe_step)
+        llm.abort_listeners.append(self.metrics.observe_abort)
+
+    async def render(self) -> bytes:
+        # Gauges as of now, not of the last step that produced output (an abort changes them too).
+        # The engine's figures wait for a running step without the GIL, so off the event loop.
+        self.metrics.observe_step([], await asyncio.to_thread(self.llm.engine.stats), {})
+        return self.metrics.render()

@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import asyncio
-
 from fastapi import APIRouter, Response
 
 from horae.serve.errors import APIError
@@ -35,9 +33,6 @@ def router(state: ServerState) -> APIRouter:
 
     @r.get("/metrics")
     async def prom():
-        # Gauges as of now, not of the last step that produced output (an abort changes them too).
-        # The engine's figures wait for a running step without the GIL, so off the event loop.
-        state.metrics.observe_step([], await asyncio.to_thread(state.engine.stats), {})
-        return Response(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+        return Response(await state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     return r

@@ -13,7 +13,7 @@ from fastapi import Request
 from horae.async_llm import AsyncLLM, EngineDeadError, RequestDroppedError, RequestFailedError
 from horae.llm import RequestOutput, SamplingParams
 from horae.serve.errors import APIError, bad_request, first_line
-from horae.serve.metrics import ServerMetrics
+from horae.serve.metrics import EngineMetrics, MetricsSource
 
 
 @dataclass
@@ -43,24 +43,27 @@ def new_parts(out: RequestOutput, sent: dict):
 
 
 class ServerState:
-    def __init__(self, llm: AsyncLLM, config: ServerConfig):
-        self.llm, self.engine, self.config = llm, llm.engine, config
-        self.metrics = ServerMetrics(config.model_name)
-        llm.listeners.append(self.metrics.observe_step)
-        llm.abort_listeners.append(self.metrics.observe_abort)
+    """`llm` is the engine client: an `AsyncLLM`, or the Ray ingress's `RemoteLLM` over replicas.
+    The server uses only `generate`, `num_waiting`, `model_dir`, `max_request_tokens`, `encode`,
+    `decode` and `apply_chat_template` of it (vLLM's `EngineClient` idea), so both serve the same
+    routes, errors and streams. `metrics` renders `/metrics` (default: this engine's)."""
+
+    def __init__(self, llm: AsyncLLM, config: ServerConfig, metrics: Optional[MetricsSource] = None):
+        self.llm, self.config = llm, config
+        self.metrics = metrics if metrics is not None else EngineMetrics(llm, config.model_name)
         self.created = int(time.time())
         self._token_text: Dict[int, str] = {}
 
     @property
     def max_model_len(self) -> int:
         """What one request may hold, prompt + max_tokens: the context, or the KV pool."""
-        return self.engine.max_request_tokens
+        return self.llm.max_request_tokens
 
     def piece(self, token: int) -> str:
         """A token's own text (logprobs name tokens by it)."""
         s = self._token_text.get(token)
         if s is None:
-            s = self._token_text[token] = self.engine.decode([token], skip_special_tokens=False)
+            s = self._token_text[token] = self.llm.decode([token], skip_special_tokens=False)
         return s
 
     def check_model(self, name: Optional[str]) -> None:
@@ -68,14 +71,13 @@ class ServerState:
             raise APIError(404, f"The model `{name}` does not exist.", "invalid_request_error", "model", "model_not_found")
 
     def check_capacity(self, extra: int) -> None:
-        waiting = sum(1 for t in self.llm.times.values() if t.first_token is None)
-        if waiting + extra > self.config.max_queue:
+        if self.llm.num_waiting + extra > self.config.max_queue:
             raise APIError(503, f"the server is at capacity ({self.config.max_queue} requests queued); retry later",
                            "server_overloaded", None, "overloaded", headers={"Retry-After": "1"})
 
     def encode(self, text: str, param: str, add_special_tokens: bool = False) -> List[int]:
         try:
-            return self.engine.encode(text, add_special_tokens)
+            return self.llm.encode(text, add_special_tokens)
         except (TypeError, ValueError) as e:
             raise bad_request(e, param) from None
 
@@ -105,10 +107,11 @@ class ServerState:
 
     @staticmethod
     def engine_error(e: EngineDeadError) -> APIError:
-        # A request the model failed on is the server's fault (500); a dead step loop is
-        # "try again" (503).
-        status = 500 if isinstance(e, RequestFailedError) else 503
-        return APIError(status, str(e), "server_error", None, "engine_error")
+        # A request the model failed on is the server's fault (500); a dead step loop or a lost
+        # replica is "try again" (503).
+        if isinstance(e, RequestFailedError):
+            return APIError(500, str(e), "server_error", None, "engine_error")
+        return APIError(503, str(e), "server_error", None, getattr(e, "code", "engine_error"), headers={"Retry-After": "1"})
 
     async def first_output(self, stream: AsyncIterator[RequestOutput]) -> Optional[RequestOutput]:
         """Pull one output, turning queue-time errors into API errors (before any byte is sent)."""
@@ -157,7 +160,7 @@ class ServerState:
     def chat_prompt(self, messages, add_generation_prompt: bool) -> str:
         msgs = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages]
         try:
-            return self.engine.apply_chat_template(msgs, add_generation_prompt=add_generation_prompt)
+            return self.llm.apply_chat_template(msgs, add_generation_prompt=add_generation_prompt)
         except ValueError as e:
             raise APIError(400, first_line(e), param="messages") from None
         except Exception as e:  # the template itself refused (jinja raise_exception)

@@ -25,7 +25,7 @@ def sse_response(chunks: AsyncIterator[dict], streams: List) -> StreamingRespons
                 yield sse(chunk)
             yield "data: [DONE]\n\n"
         except EngineDeadError as e:
-            yield sse(error_body(str(e), "server_error", None, "engine_error"))
+            yield sse(error_body(str(e), "server_error", None, getattr(e, "code", "engine_error")))
         except RequestDroppedError as e:
             code = "queue_timeout" if e.reason == "timeout" else "sla_abort"
             yield sse(error_body(str(e), "server_overloaded", None, code))

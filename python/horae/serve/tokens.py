@@ -23,7 +23,7 @@ def router(state: ServerState) -> APIRouter:
     async def detokenize(req: DetokenizeRequest):
         state.check_model(req.model)
         try:
-            return {"prompt": state.engine.decode(req.tokens)}
+            return {"prompt": state.llm.decode(req.tokens)}
         except (TypeError, ValueError, OverflowError) as e:
             raise bad_request(e, "tokens") from None
 

@@ -141,7 +141,10 @@ def simulate(
 
     A cluster: ``replicas=N`` runs N simulated engines (open loop) behind ``router`` (one of
     ``ROUTERS``: "round-robin", "power-of-two", "prefix", "forecast", the default), which sees
-    each replica's stats as published every ``staleness`` seconds (default 1). The summary adds
+    each replica's stats as published every ``staleness`` seconds (default 1). A request a replica
+    sheds goes, with ``retry_shed="in-time"`` (the default, the Ray ingress's rule), to a replica
+    that can still start it before its first-token bound; "always": to any replica not tried yet;
+    "never": nowhere. The summary adds
     ``router``, ``load_imbalance`` (the busiest replica's mean running count over the mean) and
     ``per_replica``; ``prefix_hit_rate`` is the cluster's."""
     if not isinstance(trace, Trace):

@@ -33,6 +33,18 @@ impl Tokenizer {
     }
 }
 
+/// Token ids as a caller gave them, refused outside the vocabulary (`0..vocab`).
+pub fn checked_ids(ids: &[i64], vocab: usize) -> Result<Vec<u32>> {
+    let vocab = vocab as i64;
+    match ids.iter().find(|&&t| t < 0 || t >= vocab) {
+        Some(bad) => Err(HoraeError::BadRequest {
+            param: Some("tokens"),
+            message: format!("token id {bad} is outside the vocabulary (0..{vocab})"),
+        }),
+        None => Ok(ids.iter().map(|&t| t as u32).collect()),
+    }
+}
+
 /// Streams text out of a growing list of output tokens (vLLM's approach): decode a short window
 /// that ends at the newest token, compare with the same window without it, and emit only the new
 /// suffix, holding back anything that ends in an incomplete character (U+FFFD). Only the window is

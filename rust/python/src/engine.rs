@@ -325,6 +325,14 @@ impl PyEngine {
         stats_dict(py, &s)
     }
 
+    /// What this engine publishes for a router (Ray Serve's `record_routing_stats`): `waiting`,
+    /// `running`, `waiting_tokens`, `capacity_tokens`, `predicted_peak_tokens`, `planned_output`,
+    /// `block_size`, `cached_blocks` and `cached_bloom` (its prefix cache as a Bloom filter).
+    fn routing_stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let (s, block_size) = py.detach(|| (self.handle.replica_stats(), self.handle.stats().block_size));
+        crate::route::stats_dict(py, &s, block_size)
+    }
+
     /// The steps run since the last call, as numpy arrays: `num_tokens`, `num_seqs`,
     /// `attention_pairs` (the simulator's cost-model features, see `horae.sim.fit_linear_cost`),
     /// `seconds` (measured), `running`, `waiting`, `kv_usage`, `spec_k` (0 when off). Clears it.

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 mod cuda;
 mod engine;
+mod route;
 mod spec;
 
 use horae_core::backend::gemm::WeightDtype;
@@ -151,7 +152,7 @@ fn synthetic_trace(dist: &str, n: usize, seed: u64) -> PyResult<PyTrace> {
     history = None, history_prior = None, history_prior_weight = None, scenarios = None, quantile = None,
     redraw = false, fitted_tail = false, censoring = None, max_admit_per_step = None,
     long_prefill_token_threshold = None, queue = "fcfs", slo_classes = None, preemption = None,
-    replicas = None, router = "forecast", staleness = 1.0, max_long_partial_prefills = 1,
+    replicas = None, router = "forecast", staleness = 1.0, max_long_partial_prefills = 1, retry_shed = "in-time",
 ))]
 #[allow(clippy::too_many_arguments)]
 fn simulate<'py>(
@@ -197,6 +198,7 @@ fn simulate<'py>(
     router: &str,
     staleness: f64,
     max_long_partial_prefills: usize,
+    retry_shed: &str,
 ) -> PyResult<SimOutput<'py>> {
     let policy: PolicyKind = scheduler.parse().map_err(to_py)?;
     let slo_classes = slo_classes
@@ -262,7 +264,8 @@ fn simulate<'py>(
     let inner = &trace.inner;
     if let Some(replicas) = replicas {
         let router: RouterKind = router.parse().map_err(to_py)?;
-        let cluster = ClusterConfig { sim: cfg, replicas, router, staleness };
+        let retry = retry_shed.parse().map_err(to_py)?;
+        let cluster = ClusterConfig { sim: cfg, replicas, router, staleness, retry };
         let result = py.detach(|| sim::simulate_cluster(inner, &cluster)).map_err(to_py)?;
         let mut summary = serde_json::to_value(result.summary()).map_err(|e| HoraeCoreError::new_err(e.to_string()))?;
         summary["policy"] = scheduler.into();
@@ -492,6 +495,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(bench_route, m)?)?;
     m.add("ROUTERS", RouterKind::ALL.iter().map(|k| k.as_str()).collect::<Vec<_>>())?;
     cuda::register(m)?;
+    route::register(m)?;
     m.add("MODEL_PRESETS", horae_core::sim::ModelSpec::PRESETS.to_vec())?;
     m.add("HARDWARE_PRESETS", horae_core::sim::HardwareSpec::PRESETS.to_vec())?;
     m.add("SCHEDULERS", PolicyKind::ALL.iter().map(|p| p.as_str()).collect::<Vec<_>>())?;

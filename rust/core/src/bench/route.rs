@@ -31,7 +31,8 @@ pub fn route_benchmark(
                 capacity_tokens: 400_000,
                 predicted_peak_tokens: rng.random_range(100_000..400_000),
                 planned_output: 200,
-                cached,
+                prefill_rate: 20_000.0,
+                cached: crate::route::CachedBlocks::Index(cached),
             }
         })
         .collect();

@@ -132,14 +132,7 @@ pub struct EngineInfo {
 impl EngineInfo {
     /// Token ids as a caller gave them, refused outside the vocabulary.
     pub fn token_ids(&self, ids: &[i64]) -> Result<Vec<u32>> {
-        let vocab = self.config.vocab_size as i64;
-        match ids.iter().find(|&&t| t < 0 || t >= vocab) {
-            Some(bad) => Err(HoraeError::BadRequest {
-                param: Some("tokens"),
-                message: format!("token id {bad} is outside the vocabulary (0..{vocab})"),
-            }),
-            None => Ok(ids.iter().map(|&t| t as u32).collect()),
-        }
+        crate::tokenizer::checked_ids(ids, self.config.vocab_size)
     }
 
     /// The text of token ids.

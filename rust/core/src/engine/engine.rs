@@ -14,6 +14,7 @@ use super::history_file::{self, HistoryFile};
 use crate::error::{HoraeError, Result};
 use crate::plan::{Executor, StepPlan};
 use crate::request::{FinishReason, Prompt, ReqId, Request, RequestLimits, RequestParams, RequestSpec, StopReason};
+use crate::route::{CachedBlocks, ReplicaStats};
 use crate::sample::TokenLogprobs;
 use crate::sched::{Judged, QueueDiscipline, Scheduler, SpecStats};
 use crate::stepcost::StepFeatures;
@@ -197,6 +198,25 @@ impl Engine {
 
     pub fn scheduler(&self) -> &Scheduler {
         &self.sched
+    }
+
+    /// What this engine publishes for a router (`route::ReplicaStats`): its queue, the prefill
+    /// work waiting, the forecast's peak against the pool, the output length it plans with, and
+    /// its prefix cache's index. The cluster simulator and a Ray replica publish the same.
+    pub fn replica_stats(&self) -> ReplicaStats {
+        let s = &self.sched;
+        let kv = s.kv();
+        let used = (kv.pool().num_used() * kv.block_size()) as u64;
+        ReplicaStats {
+            waiting: s.num_waiting(),
+            running: s.num_running(),
+            waiting_tokens: s.waiting_tokens(),
+            capacity_tokens: kv.capacity_tokens() as u64,
+            predicted_peak_tokens: s.predicted_peak().unwrap_or(used).max(used),
+            planned_output: s.planned_output() as u64,
+            prefill_rate: s.prefill_rate(),
+            cached: CachedBlocks::Index(kv.pool().hash_index()),
+        }
     }
     pub fn eos_token_ids(&self) -> &[u32] {
         &self.eos
@@ -718,6 +738,11 @@ impl EngineHandle {
     /// The figures metrics report, now (waits for a running step).
     pub fn stats(&self) -> EngineStats {
         stats_of(&self.shared.engine(), None)
+    }
+
+    /// What this engine publishes for a router, now (waits for a running step).
+    pub fn replica_stats(&self) -> ReplicaStats {
+        self.shared.engine().engine.replica_stats()
     }
 
     /// The steps run since the last call (cost-model features, measured seconds, batch figures).

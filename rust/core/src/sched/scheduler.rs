@@ -408,6 +408,18 @@ impl Scheduler {
         self.lengths.planned()
     }
 
+    /// Prompt tokens a second that full prefill steps compute, from the step times measured so
+    /// far (0 before any step): what a router estimates a replica's queue wait with.
+    pub fn prefill_rate(&self) -> f64 {
+        let budget = self.cfg.max_batched_tokens;
+        let seconds = self.times.step(budget);
+        if seconds > 0.0 {
+            budget as f64 / seconds
+        } else {
+            0.0
+        }
+    }
+
     /// Put the waiting queue in serving order. Started (preempted) requests stay first, in their
     /// order; then by priority; then FCFS keeps arrival order, the `slo` queue puts the least
     /// slack first (the latest start that still meets the bounds, `planned_output`).

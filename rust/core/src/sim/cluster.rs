@@ -26,6 +26,42 @@ pub struct ClusterConfig {
     pub router: RouterKind,
     /// Seconds between two publications of a replica's routing stats.
     pub staleness: f64,
+    /// Where a request a replica shed is sent next.
+    pub retry: RetryShed,
+}
+
+/// What happens to a request a replica shed (its deadline, or the SLO queue finding it hopeless).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RetryShed {
+    /// To a replica with spare capacity that can still give it its first token in time
+    /// (`Router::retry_target`), as the Ray deployment's ingress does; failed where none can.
+    #[default]
+    InTime,
+    /// To any replica that has not turned it away yet.
+    Always,
+    /// Nowhere: the client gets the 503.
+    Never,
+}
+
+impl RetryShed {
+    pub const ALL: [RetryShed; 3] = [RetryShed::InTime, RetryShed::Always, RetryShed::Never];
+
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            RetryShed::InTime => "in-time",
+            RetryShed::Always => "always",
+            RetryShed::Never => "never",
+        }
+    }
+}
+
+impl std::str::FromStr for RetryShed {
+    type Err = HoraeError;
+    fn from_str(s: &str) -> Result<Self> {
+        RetryShed::ALL.into_iter().find(|k| k.as_str() == s.trim()).ok_or_else(|| {
+            HoraeError::InvalidConfig(format!("unknown retry rule {s:?}: expected in-time, always or never"))
+        })
+    }
 }
 
 /// One replica's share of a run.
@@ -55,34 +91,12 @@ impl ClusterResult {
     }
 }
 
-fn publish(e: &Engine) -> ReplicaStats {
-    let s = e.scheduler();
-    let kv = s.kv();
-    let used = (kv.pool().num_used() * kv.block_size()) as u64;
-    ReplicaStats {
-        waiting: s.num_waiting(),
-        running: s.num_running(),
-        waiting_tokens: s.waiting_tokens(),
-        capacity_tokens: kv.capacity_tokens() as u64,
-        predicted_peak_tokens: s.predicted_peak().unwrap_or(used).max(used),
-        planned_output: s.planned_output() as u64,
-        cached: kv.pool().hash_index(),
-    }
-}
-
-/// The replica for request `i` (as `spec`), never one of `tried` unless all are.
-fn route(
-    router: &mut Router,
-    stats: &[ReplicaStats],
-    spec: &RequestSpec,
-    i: usize,
-    block_size: usize,
-    tried: &[usize],
-) -> usize {
+/// The replica for request `i` (as `spec`).
+fn route(router: &mut Router, stats: &[ReplicaStats], spec: &RequestSpec, i: usize, block_size: usize) -> usize {
     let hashes = spec.prompt.block_hashes(block_size, i as u64);
     let req =
         RouteRequest { block_hashes: &hashes, block_size, prompt_len: spec.prompt.len(), max_tokens: spec.max_tokens };
-    router.choose_except(&req, stats, tried)
+    router.choose(&req, stats)
 }
 
 /// Hand request `i` to a replica at time `at`; an idle replica's clock first moves up to it.
@@ -122,7 +136,7 @@ pub fn simulate_cluster(trace: &Trace, cfg: &ClusterConfig) -> Result<ClusterRes
         engines.push(e);
     }
     let mut router = Router::new(cfg.router, sim.sched.seed);
-    let mut stats: Vec<ReplicaStats> = engines.iter().map(publish).collect();
+    let mut stats: Vec<ReplicaStats> = engines.iter().map(Engine::replica_stats).collect();
     let mut next_publish = cfg.staleness;
     let mut records: Vec<Option<RequestRecord>> = vec![None; reqs.len()];
     let mut routed = vec![0usize; cfg.replicas];
@@ -140,14 +154,14 @@ pub fn simulate_cluster(trace: &Trace, cfg: &ClusterConfig) -> Result<ClusterRes
         match (arrival, behind) {
             (Some(t), b) if b.is_none_or(|k| t <= engines[k].now()) => {
                 if t >= next_publish {
-                    stats = engines.iter().map(publish).collect();
+                    stats = engines.iter().map(Engine::replica_stats).collect();
                     for k in 0..engines.len() {
                         router.refreshed(k);
                     }
                     next_publish = t + cfg.staleness;
                 }
                 let spec = trace_request(trace, next, sim, t);
-                let k = route(&mut router, &stats, &spec, next, block_size, &[]);
+                let k = route(&mut router, &stats, &spec, next, block_size);
                 let slo = spec.slo;
                 match hand_over(&mut engines[k], next, spec, t) {
                     Ok(()) => {
@@ -174,14 +188,30 @@ pub fn simulate_cluster(trace: &Trace, cfg: &ClusterConfig) -> Result<ClusterRes
                 let now = engines[k].now();
                 for r in out.finished {
                     let i = r.id as usize;
-                    if r.finish_reason() == Some(FinishReason::Timeout) && tried[i].len() < engines.len() {
-                        // Shed before it cost anything: the router sends it elsewhere.
+                    if r.finish_reason() == Some(FinishReason::Timeout) {
+                        // Shed before it cost anything: the router may send it elsewhere.
                         let spec = trace_request(trace, i, sim, reqs[i].arrival);
-                        let j = route(&mut router, &stats, &spec, i, block_size, &tried[i]);
-                        tried[i].push(j);
-                        hand_over(&mut engines[j], i, spec, now)?;
-                        routed[j] += 1;
-                        continue;
+                        let ttft_left = spec.slo.or(&sim.sched.default_slo).ttft.map(|t| reqs[i].arrival + t - now);
+                        let hashes = spec.prompt.block_hashes(block_size, i as u64);
+                        let req = RouteRequest {
+                            block_hashes: &hashes,
+                            block_size,
+                            prompt_len: spec.prompt.len(),
+                            max_tokens: spec.max_tokens,
+                        };
+                        let target = match cfg.retry {
+                            RetryShed::InTime => router.retry_target(&req, &stats, &tried[i], ttft_left),
+                            RetryShed::Always if tried[i].len() < engines.len() => {
+                                Some(router.choose_except(&req, &stats, &tried[i]))
+                            }
+                            _ => None,
+                        };
+                        if let Some(j) = target {
+                            tried[i].push(j);
+                            hand_over(&mut engines[j], i, spec, now)?;
+                            routed[j] += 1;
+                            continue;
+                        }
                     }
                     let mut record = RequestRecord::from_request(&r);
                     record.attempts = tried[i].len() as u32;

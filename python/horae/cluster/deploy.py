@@ -1,0 +1,137 @@
+"""Start the replicas and the ingress on a Ray cluster (a local one unless an address is given)."""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from horae import _core
+from horae.models import resolve_model
+
+RAY_HINT = 'replicas run on Ray Serve, which is not installed: pip install "horae[ray]"'
+APP = "horae"
+
+
+def require_ray():
+    """Ray Serve, or an ImportError that says how to install it."""
+    try:
+        import ray
+        from ray import serve  # noqa: F401
+    except ImportError:
+        raise ImportError(RAY_HINT) from None
+    return ray
+
+
+def check_args(replicas: Any, router: str) -> None:
+    if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 1:
+        raise ValueError(f"replicas must be a whole number >= 1, got {replicas!r}")
+    if router not in _core.ROUTERS:
+        raise ValueError(f"unknown router {router!r}: expected one of {', '.join(_core.ROUTERS)}")
+
+
+def _check_reachable(address: str, timeout: float = 3.0) -> None:
+    """Fail fast, with the address in the message, where `ray.init` would wait a long time."""
+    if address in ("auto", "local"):
+        return
+    hostport = address.split("://", 1)[-1]
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"a Ray address is host:port, ray://host:port or 'auto', got {address!r}")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise ConnectionError(f"cannot reach the Ray cluster at {address} ({e}); start one with `ray start --head` "
+                              "there, or leave out the address to start a local one") from None
+
+
+@dataclass
+class Cluster:
+    url: str
+    replicas: int
+    router: str
+    #: Whether `serve_replicas` connected to Ray (else the caller had): then `shutdown` disconnects.
+    owns_ray: bool = True
+
+    def shutdown(self) -> None:
+        """Stop Serve (the replicas and the ingress), and disconnect from Ray if `serve_replicas`
+        connected (a local instance it started stops with it)."""
+        ray = require_ray()
+        from ray import serve
+
+        serve.shutdown()
+        if self.owns_ray and ray.is_initialized():
+            ray.shutdown()
+
+
+def serve_replicas(model: Optional[str] = None, *, replicas: int = 2, router: str = "forecast",
+                   ray_address: Optional[str] = None, host: str = "127.0.0.1", port: int = 8000,
+                   served_model_name: Optional[str] = None, api_key: Optional[str] = None, max_queue: int = 256,
+                   max_body_bytes: int = 4 << 20, stats_period: float = 0.5, threads_per_replica: Optional[int] = None,
+                   log_level: str = "WARNING",
+                   **engine_args: Any) -> Cluster:
+    """`replicas` engines of `model` (each an `AsyncLLM` with `engine_args`) behind `router`
+    (`_core.ROUTERS`; "forecast" is horae's) and one ingress serving `horae serve`'s routes on
+    host:port. Replicas publish routing stats every `stats_period` seconds. Each replica's kernels
+    use `threads_per_replica` threads (default: this machine's cores shared evenly)."""
+    check_args(replicas, router)
+    ray = require_ray()
+    from ray import serve
+    from ray.serve.config import HTTPOptions, RequestRouterConfig
+    from ray.serve.schema import LoggingConfig
+
+    from horae.cluster.ingress import REPLICAS, Ingress
+    from horae.cluster.replica import HoraeReplica
+    from horae.serve.app import ServerConfig
+
+    if ray_address is not None:
+        _check_reachable(ray_address)
+    model_dir = resolve_model(model)  # fetched and converted once, here, before any replica starts
+    threads = threads_per_replica or max(1, (os.cpu_count() or 1) // replicas)
+    owns_ray = not ray.is_initialized()
+    if owns_ray:
+        # The replicas read the model from this machine's cache; the engine's kernels use `threads`.
+        ray.init(address=ray_address, include_dashboard=False, logging_level="warning",
+                 runtime_env={"env_vars": {"RAYON_NUM_THREADS": str(threads),
+                                           **{k: v for k, v in os.environ.items() if k.startswith("HORAE_")}}})
+    serve.start(http_options=HTTPOptions(host=host, port=port))
+    name = served_model_name or model_dir.name
+    replica = serve.deployment(
+        HoraeReplica, name=REPLICAS, num_replicas=replicas, max_ongoing_requests=100_000,
+        # CPU accounting is left to the threads above: a replica reserving whole cores would
+        # not fit two on a two-core machine beside Serve's own actors.
+        ray_actor_options={"num_cpus": 0},
+        request_router_config=RequestRouterConfig(
+            request_router_class="horae.cluster.router.HoraeRequestRouter", request_router_kwargs={"router": router},
+            request_routing_stats_period_s=stats_period, request_routing_stats_timeout_s=max(5.0, 10 * stats_period)),
+        health_check_period_s=2.0, health_check_timeout_s=30.0,
+    ).bind(str(model_dir), engine_args, name)
+    ingress = serve.deployment(serve.ingress()(Ingress), name="horae-ingress", num_replicas=1,
+                               max_ongoing_requests=100_000, ray_actor_options={"num_cpus": 0})
+    config = ServerConfig(model_name=name, api_key=api_key, max_queue=max_queue, max_body_bytes=max_body_bytes)
+    logging = LoggingConfig(log_level=log_level.upper(), enable_access_log=log_level.upper() in ("DEBUG", "INFO"))
+    serve.run(ingress.bind(replica, config), name=APP, route_prefix="/", blocking=False, logging_config=logging)
+    return Cluster(url=f"http://{host}:{port}", replicas=replicas, router=router, owns_ray=owns_ray)
+
+
+def run(args) -> int:
+    """`horae serve --replicas N`: start, print where, serve until interrupted, then stop."""
+    import time
+
+    from horae.serve import engine_args
+
+    check_args(args.replicas, args.router)
+    cluster = serve_replicas(args.model, replicas=args.replicas, router=args.router, ray_address=args.ray_address,
+                             host=args.host, port=args.port, served_model_name=args.served_model_name,
+                             api_key=args.api_key, max_queue=args.max_queue, max_body_bytes=args.max_body_bytes,
+                             log_level=args.log_level, **engine_args(args))
+    print(f"serving {args.replicas} replicas (router: {args.router}) on {cluster.url}/v1", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        cluster.shutdown()
+    return 0

@@ -1,0 +1,87 @@
+"""One horae engine as a Ray Serve replica: an `AsyncLLM` whose streams the ingress pulls through a
+deployment handle, and the routing stats it publishes (`record_routing_stats`, polled by Ray's
+controller every `request_routing_stats_period_s`)."""
+
+from __future__ import annotations
+
+import itertools
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, AsyncIterator, Dict, List, Optional, Sequence, Union
+
+from horae.async_llm import AsyncLLM, RequestDroppedError
+from horae.llm import RequestOutput, SamplingParams
+from horae.serve.metrics import EngineMetrics
+
+
+@dataclass
+class Refusal:
+    """How a replica ends a stream it refuses (bad input) or drops (its rules): the last item of
+    the stream rather than an exception, which Ray would log with a traceback as a failure. The
+    ingress raises it as the server's exception (`error()`)."""
+
+    message: str
+    #: The field at fault of a bad request.
+    param: Optional[str] = None
+    #: Why the server's rules dropped it ("timeout": never started, so cheap to send elsewhere;
+    #: "sla_abort"); None for a bad request.
+    dropped: Optional[str] = None
+    request_id: str = ""
+    replica: str = ""
+
+    def error(self) -> Exception:
+        if self.dropped is not None:
+            return RequestDroppedError(self.dropped, self.request_id)
+        e = ValueError(self.message)
+        e.param = self.param
+        return e
+
+
+class HoraeReplica:
+    """`generate` streams one request's cumulative outputs; `tried` (the replicas that already shed
+    it) and `replica` (where a retry was sent) are for the router (`horae.cluster.router`) and are
+    not used here."""
+
+    def __init__(self, model: str, engine_args: Dict[str, Any], model_name: str):
+        from ray import serve
+
+        ctx = serve.get_replica_context()
+        if engine_args.get("history_file"):
+            # One history per replica rank: a replica Ray restarts in its place starts warm from it.
+            path = Path(engine_args["history_file"])
+            engine_args = {**engine_args, "history_file": path.with_name(f"{path.stem}.replica{ctx.rank.rank}{path.suffix}")}
+        self.llm = AsyncLLM(model, **engine_args)
+        self.default_slo = dict(engine_args.get("slo") or {})
+        self.metrics = EngineMetrics(self.llm, model_name)
+        self.replica_id = ctx.replica_id.to_full_id_str()
+        self._published = itertools.count()
+
+    async def generate(self, prompt_token_ids: List[int], params: SamplingParams, request_id: str,
+                       tried: Sequence[str] = (), replica: Optional[str] = None
+                       ) -> AsyncIterator[Union[RequestOutput, Refusal]]:
+        try:
+            async for out in self.llm.generate({"prompt_token_ids": prompt_token_ids}, params, request_id):
+                yield out
+        except RequestDroppedError as e:
+            yield Refusal(str(e), dropped=e.reason, request_id=request_id, replica=self.replica_id)
+        except (TypeError, ValueError) as e:
+            yield Refusal(str(e), param=getattr(e, "param", None), request_id=request_id, replica=self.replica_id)
+
+    def info(self) -> Dict[str, Any]:
+        eng = self.llm.engine
+        return {"model_dir": str(eng.model_dir), "vocab_size": eng.vocab_size,
+                "max_request_tokens": eng.max_request_tokens, "replica": self.replica_id, "slo": self.default_slo}
+
+    async def record_routing_stats(self) -> Dict[str, Any]:
+        """What the router decides with (see `_core.Engine.routing_stats`: the queue, the forecast
+        against the pool, a Bloom filter of the prefix cache), plus `seq` (new stats, so the router
+        forgets what it sent since the last ones) and this replica's metrics, compressed, which the
+        ingress's `/metrics` gathers."""
+        import asyncio
+
+        stats = await asyncio.to_thread(self.llm.engine.routing_stats)
+        stats["seq"] = next(self._published)
+        stats["replica"] = self.replica_id
+        stats["metrics"] = zlib.compress(await self.metrics.render())
+        return stats

@@ -1,0 +1,286 @@
+"""Replicas on Ray Serve (horae.cluster): two replicas of the default model behind horae's router
+and the ingress, on loopback. One Ray session for the module (starting one takes seconds).
+
+CI installs Ray (the test extra), so these run there; elsewhere they skip without it."""
+
+import concurrent.futures as cf
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from horae import _core
+
+if os.environ.get("CI"):
+    import ray  # noqa: F401  (CI must run these: a missing Ray is a failure, not a skip)
+else:
+    pytest.importorskip("ray")
+
+MODEL = "SmolLM2-135M-Instruct"
+REPLICA_PROCESS = "ServeReplica:horae:horae-replica"
+
+
+def _replica_pids() -> list:
+    """The replica processes (Ray titles them `ray::ServeReplica:<app>:<deployment>`)."""
+    from pathlib import Path
+
+    pids = []
+    for d in Path("/proc").iterdir():
+        try:
+            if d.name.isdigit() and REPLICA_PROCESS in (d / "cmdline").read_bytes().decode(errors="replace"):
+                pids.append(int(d.name))
+        except OSError:
+            pass
+    return pids
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    from horae.cluster import serve_replicas
+
+    c = serve_replicas(replicas=2, port=_free_port(), kv_cache_tokens=4096, seed=0)
+    _wait_until(lambda: _replica_series(c) >= 2, 60, "both replicas publishing")
+    yield c
+    c.shutdown()
+
+
+def _wait_until(cond, timeout: float, what: str):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if cond():
+                return
+        except (OSError, urllib.error.URLError):
+            pass
+        time.sleep(0.25)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _get(c, path: str) -> str:
+    with urllib.request.urlopen(c.url + path, timeout=30) as r:
+        return r.read().decode()
+
+
+def _post(c, path: str, body: dict):
+    """(status, JSON body) of a POST; errors included."""
+    req = urllib.request.Request(c.url + path, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def _replica_values(c, metric: str) -> dict:
+    """{replica id: value} of one series in /metrics/replicas."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out = {}
+    for fam in text_string_to_metric_families(_get(c, "/metrics/replicas")):
+        for s in fam.samples:
+            if s.name == metric:
+                out[s.labels["replica"]] = out.get(s.labels["replica"], 0) + s.value
+    return out
+
+
+def _replica_ids(c) -> set:
+    return set(_replica_values(c, "horae:kv_cache_capacity_tokens"))
+
+
+def _replica_series(c) -> int:
+    return len(_replica_ids(c))
+
+
+def _finished(c) -> dict:
+    return _replica_values(c, "horae:request_success_total")
+
+
+def test_the_openai_client_works_through_the_ingress(cluster):
+    import openai
+
+    client = openai.OpenAI(base_url=cluster.url + "/v1", api_key="none", max_retries=0)
+    out = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=8, temperature=0)
+    assert "Paris" in out.choices[0].text
+    stream = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "What is the capital of France?"}],
+                                            max_tokens=12, temperature=0, stream=True)
+    assert "Paris" in "".join(ch.choices[0].delta.content or "" for ch in stream if ch.choices)
+    assert [m.id for m in client.models.list().data] == [MODEL]
+
+
+def test_bad_input_gets_the_servers_400s_through_the_ingress(cluster):
+    status, body = _post(cluster, "/v1/completions", {"model": MODEL, "prompt": "hi", "temperature": -1})
+    assert status == 400 and body["error"]["param"] == "temperature", body
+    assert "ray::" not in body["error"]["message"], "Ray's wrapping leaked into the message"
+    status, body = _post(cluster, "/v1/completions", {"model": MODEL, "prompt": [[10**9]]})
+    assert status == 400, body
+    status, body = _post(cluster, "/v1/completions", {"model": "nope", "prompt": "hi"})
+    assert status == 404 and body["error"]["code"] == "model_not_found"
+    status, body = _post(cluster, "/v1/chat/completions", {"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]})
+    assert status == 400, body
+
+
+def test_metrics_per_replica_and_summed(cluster):
+    _post(cluster, "/v1/completions", {"model": MODEL, "prompt": "Count: 1, 2, 3,", "max_tokens": 4})
+    time.sleep(1.5)  # the replicas publish every 0.5 s
+    per = _replica_values(cluster, "horae:kv_cache_capacity_tokens")
+    assert len(per) == 2 and all(v == 4096 for v in per.values()), per
+    total = _get(cluster, "/metrics")
+    assert 'horae:kv_cache_capacity_tokens{model_name="SmolLM2-135M-Instruct"} 8192.0' in total
+    assert "horae:replicas_publishing 2.0" in total
+    finished = _finished(cluster)
+    summed = sum(float(line.split()[-1]) for line in total.splitlines()
+                 if line.startswith("horae:request_success_total"))
+    assert summed == sum(finished.values()) >= 1
+
+
+def test_a_client_that_hangs_up_mid_stream_aborts_its_request_on_the_replica(cluster):
+    import http.client
+
+    conn = http.client.HTTPConnection(cluster.url.split("//")[1], timeout=60)
+    conn.request("POST", "/v1/completions", json.dumps({"model": MODEL, "prompt": "Tell me everything.", "max_tokens": 400,
+                                                         "ignore_eos": True, "stream": True}),
+                 {"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    assert resp.status == 200 and resp.readline().startswith(b"data: ")
+    conn.close()  # gone mid-stream
+
+    def aborted() -> float:
+        from prometheus_client.parser import text_string_to_metric_families
+
+        return sum(s.value for fam in text_string_to_metric_families(_get(cluster, "/metrics")) for s in fam.samples
+                   if s.name == "horae:request_success_total" and s.labels["finished_reason"] == "abort")
+
+    _wait_until(lambda: aborted() >= 1, 30, "the replica to abort the request")
+    _wait_until(lambda: sum(_replica_values(cluster, "horae:num_requests_running").values()) == 0, 30, "an idle cluster")
+
+
+def _completion_with_retries(url: str, prompt: str, tries: int = 30):
+    """A client that retries what the server answered with a 503 (or a dropped connection), as the
+    paper's clients do. Returns (text, the errors it saw)."""
+    seen = []
+    body = json.dumps({"model": MODEL, "prompt": prompt, "max_tokens": 24, "temperature": 0, "ignore_eos": True}).encode()
+    for _ in range(tries):
+        req = urllib.request.Request(url + "/v1/completions", body, {"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=120) as r:
+                return json.loads(r.read())["choices"][0]["text"], seen
+        except urllib.error.HTTPError as e:
+            err = json.loads(e.read())["error"]
+            seen.append((e.code, err.get("code"), err["message"]))
+            assert e.code == 503, (e.code, err)
+        except (urllib.error.URLError, ConnectionError) as e:
+            seen.append((None, None, str(e)))
+        time.sleep(0.5)
+    raise AssertionError(f"no answer after {tries} tries: {seen[-3:]}")
+
+
+def test_a_killed_replica_is_replaced_and_retrying_clients_lose_nothing(cluster):
+    from ray import serve
+
+    before = _replica_ids(cluster)
+    assert len(before) == 2
+    pids = _replica_pids()
+    assert len(pids) == 2, pids
+    prompts = [f"Request {i}: tell me a story about the number {i}." for i in range(16)]
+    with cf.ThreadPoolExecutor(16) as pool:
+        futures = [pool.submit(_completion_with_retries, cluster.url, p) for p in prompts]
+        time.sleep(1.0)  # the load is on both replicas
+        os.kill(pids[0], signal.SIGKILL)
+        results = [f.result(timeout=300) for f in futures]
+    # Every request got its answer; the only failures clients saw were the lost replica's 503s
+    # (or a connection the ingress dropped with it).
+    assert all(len(text) > 0 for text, _ in results)
+    errors = [e for _, seen in results for e in seen]
+    assert all(code in (503, None) for code, _, _ in errors), errors
+    assert all(c in ("replica_lost", None) for _, c, _ in errors), errors
+    assert any(c == "replica_lost" for _, c, _ in errors), "the kill hit no request in flight: no fault was tested"
+    assert any(not seen for _, seen in results), "requests on the surviving replica failed too"
+    # Once a request failed on the dead replica, the router stopped sending there: its retry
+    # went to the survivor (at most one more miss while Ray learns of the death).
+    assert max(len(seen) for _, seen in results) <= 2, [len(seen) for _, seen in results]
+    # Ray replaces it; the router then sends to the newcomer.
+    _wait_until(lambda: serve.status().applications["horae"].deployments["horae-replica"].replica_states.get("RUNNING") == 2,
+                90, "Ray to replace the killed replica")
+    _wait_until(lambda: len(_replica_ids(cluster)) == 2 and _replica_ids(cluster) != before, 60,
+                "the new replica to publish")
+    new = (_replica_ids(cluster) - before).pop()
+    for i in range(8):
+        assert _completion_with_retries(cluster.url, f"After the fault, {i} plus {i} is")[1] == []
+    time.sleep(1.5)
+    assert _finished(cluster).get(new, 0) >= 1, "the router never sent to the replacement"
+    # The survivor leaked nothing: no request left running anywhere.
+    _wait_until(lambda: sum(_replica_values(cluster, "horae:num_requests_running").values()) == 0, 30, "an idle cluster")
+
+
+def test_bad_cluster_arguments_are_named(monkeypatch):
+    from horae.cluster import serve_replicas
+    from horae.cluster.deploy import _check_reachable
+
+    with pytest.raises(ValueError, match="replicas must be a whole number >= 1, got 0"):
+        serve_replicas(replicas=0)
+    with pytest.raises(ValueError, match="unknown router 'random': expected one of " + ", ".join(_core.ROUTERS)):
+        serve_replicas(router="random")
+    with pytest.raises(ConnectionError, match="cannot reach the Ray cluster at 127.0.0.1:1"):
+        _check_reachable("127.0.0.1:1")
+    with pytest.raises(ValueError, match="a Ray address is host:port"):
+        _check_reachable("nowhere")
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed
+    with pytest.raises(ImportError, match=r'pip install "horae\[ray\]"'):
+        serve_replicas(replicas=2)
+
+
+def test_cli_names_bad_replica_options():
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "horae", "serve", *args], capture_output=True, text=True, timeout=120)
+
+    r = run("--replicas", "0")
+    assert r.returncode == 2 and "replicas must be a whole number >= 1" in r.stderr, r.stderr
+    r = run("--replicas", "2", "--router", "random")
+    assert r.returncode == 2 and "expected one of round-robin, power-of-two, prefix, forecast" in r.stderr, r.stderr
+    r = run("--replicas", "2", "--ray-address", "127.0.0.1:1")
+    assert r.returncode == 2 and "cannot reach the Ray cluster at 127.0.0.1:1" in r.stderr, r.stderr
+    r = run("--ray-address", "127.0.0.1:1")
+    assert r.returncode == 2 and "--ray-address needs --replicas N" in r.stderr, r.stderr
+
+
+def test_a_request_a_replica_sheds_is_retried_on_another(cluster):
+    """Last in the module: it redeploys the application with other engine settings. Each replica
+    runs one request at a time and drops one still waiting after 1 s (the queue deadline, 503
+    there). Round-robin sends the third request to the replica still busy with the first; that
+    replica sheds it, and the ingress sends it to the other, so the client sees an answer."""
+    from horae.cluster import serve_replicas
+
+    port = int(cluster.url.rsplit(":", 1)[1])  # Serve's proxy keeps the port it started on
+    c = serve_replicas(replicas=2, router="round-robin", port=port, kv_cache_tokens=4096, seed=0,
+                       max_num_seqs=1, queue_timeout=1.0)
+    _wait_until(lambda: _replica_series(c) == 2, 60, "both replicas publishing")
+    long = {"model": MODEL, "prompt": "Write a long story.", "max_tokens": 400, "ignore_eos": True}
+    short = {"model": MODEL, "prompt": "Hi", "max_tokens": 2}
+    with cf.ThreadPoolExecutor(3) as pool:
+        first = pool.submit(_post, c, "/v1/completions", long)
+        time.sleep(0.5)
+        assert _post(c, "/v1/completions", short)[0] == 200  # the other replica, done at once
+        third = _post(c, "/v1/completions", short)  # round-robin: the busy one, which sheds it
+        assert third[0] == 200, third
+        assert first.result()[0] == 200
+    time.sleep(1.5)
+    from prometheus_client.parser import text_string_to_metric_families
+
+    ends = [(s.labels["replica"], s.labels["finished_reason"], s.value)
+            for fam in text_string_to_metric_families(_get(c, "/metrics/replicas")) for s in fam.samples
+            if s.name == "horae:request_success_total"]
+    assert sum(v for _, why, v in ends if why == "timeout") == 1, ends
