@@ -10,10 +10,11 @@ Workloads (open loop, arrivals scaled by the load):
 - ``mooncake``: the Mooncake synthetic trace (Kimi's cluster; `hash_ids` name shared 512-token
   prefixes), Llama-3-8B on H200s with 1M KV tokens each;
 - ``azure-conv``: the Azure conv hour, Llama-2-7B with 120k;
-- ``sharegpt-o1``: the paper's ShareGPT-o1 with Poisson arrivals, Llama-2-13B with 64k.
+- ``sharegpt-o1``: the paper's ShareGPT-o1 with Poisson arrivals, Llama-2-7B with 120k (the
+  paper's 7B pool).
 
-    examples/cluster_study.py --out docs/study/cluster --plot
     examples/cluster_study.py --workloads mooncake --replicas 8 --loads 1,2,3
+    examples/cluster_study.py --out docs/study/cluster --plot-only     # the figure from the saved runs
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ WORKLOADS = {
     # Llama-3-8B on an H200: 141 GB less 16 GB of weights holds about 1M tokens at 128 KB each.
     "mooncake": ("llama-3-8b", "h200", 1_000_000, 1024, {"ttft": 30.0, "max_itl": 1.5}),
     "azure-conv": ("llama-2-7b", "a100-80gb", 120_000, 4096, {"ttft": 10.0, "max_itl": 1.5}),
-    "sharegpt-o1": ("llama-2-13b", "a100-80gb", 64_000, 12_000, {"ttft": 10.0, "max_itl": 1.5}),
+    "sharegpt-o1": ("llama-2-7b", "a100-80gb", 120_000, 12_000, {"ttft": 10.0, "max_itl": 1.5}),
 }
 
 
@@ -44,7 +45,7 @@ def workload(name: str, data: Path, replicas: int):
     if name == "azure-conv":
         return sim.load_trace(data / "AzureLLMInferenceTrace_conv.csv")
     if name == "sharegpt-o1":
-        # 0.06 req/s a replica: about its capacity on 13B/64k (the paper's 100 clients).
+        # 0.06 req/s a replica at load 1; the sweep's loads cross 7B/120k's capacity.
         return sim.load_trace(data / "ShareGPT-o1.json").with_arrivals(0.06 * replicas, 1.0, 0)
     raise ValueError(f"unknown workload {name!r}; known: {', '.join(WORKLOADS)}")
 
@@ -75,7 +76,11 @@ def main() -> int:
                          "any replica not tried, or nowhere")
     ap.add_argument("--out", type=Path)
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--plot-only", action="store_true",
+                    help="no runs: plot the saved <workloads>-<replicas>.json under --out into <workloads>.png there")
     args = ap.parse_args()
+    if args.plot_only:
+        return plot_saved(args.out)
     loads = [float(x) for x in args.loads.split(",")]
     results = {}
     for w in args.workloads.split(","):
@@ -105,7 +110,28 @@ def main() -> int:
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         suffix = "" if args.retry_shed == "in-time" else f"-retry-{args.retry_shed}"
-        (args.out / f"cluster-{args.replicas}{suffix}.json").write_text(json.dumps(results, indent=1))
+        name = "+".join(args.workloads.split(","))
+        (args.out / f"{name}-{args.replicas}{suffix}.json").write_text(json.dumps(results, indent=1))
+    return 0
+
+
+def plot_saved(out: Path) -> int:
+    """One figure per set of workloads (`<workloads>.png`), a column per saved run."""
+    from horae.sim.plot import plot_cluster_study
+
+    def order(f: Path):
+        stem = f.stem.split("-retry-")[0]
+        return ("-retry-" in f.stem, int(stem.rsplit("-", 1)[1]), f.stem)
+
+    groups: dict = {}
+    for f in sorted(out.glob("*.json"), key=order):
+        rule = f.stem.split("-retry-")[1] if "-retry-" in f.stem else None
+        name, replicas = f.stem.split("-retry-")[0].rsplit("-", 1)
+        for w, panel in json.loads(f.read_text()).items():
+            groups.setdefault(name, {})[f"{w}, {replicas} replicas" + (f" (retry {rule})" if rule else "")] = panel
+    for name, panels in groups.items():
+        for p in plot_cluster_study(panels, out / f"{name}.png"):
+            print(f"wrote {p}")
     return 0
 
 

@@ -117,7 +117,8 @@ def serve_replicas(model: Optional[str] = None, *, replicas: int = 2, router: st
 
 def run(args) -> int:
     """`horae serve --replicas N`: start, print where, serve until interrupted, then stop."""
-    import time
+    import signal
+    import threading
 
     from horae.serve import engine_args
 
@@ -127,11 +128,13 @@ def run(args) -> int:
                              api_key=args.api_key, max_queue=args.max_queue, max_body_bytes=args.max_body_bytes,
                              log_level=args.log_level, **engine_args(args))
     print(f"serving {args.replicas} replicas (router: {args.router}) on {cluster.url}/v1", flush=True)
+    # Ctrl-C or SIGTERM (a service manager's stop) ends it, and Serve and Ray stop with it.
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
     try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        pass
+        while not stop.wait(1.0):
+            pass
     finally:
         cluster.shutdown()
     return 0

@@ -149,3 +149,36 @@ def plot_slo_study(results, path: Path, classes: bool = True) -> List[Path]:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return [Path(path)]
+
+
+CLUSTER_ROUTERS = (("round-robin", "tab:gray", ":"), ("power-of-two", "tab:blue", "--"), ("prefix", "tab:orange", "-."),
+                   ("forecast", "tab:green", "-"))
+
+
+def plot_cluster_study(panels, path: Path) -> List[Path]:
+    """examples/cluster_study.py's figure: per panel (columns: a workload and replica count),
+    goodput against load (top row) and the cluster's prefix hit rate (bottom row), one line per
+    router. ``panels`` maps a title to ``{load: {router: point}}``."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(2, len(panels), figsize=(3.6 * len(panels), 5.6), squeeze=False)
+    for j, (title, panel) in enumerate(panels.items()):
+        loads = sorted(panel, key=float)
+        for router, color, style in CLUSTER_ROUTERS:
+            xs = [float(x) for x in loads]
+            axes[0][j].plot(xs, [panel[x][router]["goodput_tps"] for x in loads], style, color=color, marker="o",
+                            markersize=3, label=router)
+            axes[1][j].plot(xs, [panel[x][router]["prefix_hit_rate"] for x in loads], style, color=color, marker="o",
+                            markersize=3)
+        axes[0][j].set_title(title, fontsize=9)
+        axes[0][j].set_ylabel("goodput (tok/s)")
+        axes[1][j].set_ylabel("prefix hit rate")
+        axes[1][j].set_ylim(0, 1)
+        for i in range(2):
+            axes[i][j].grid(alpha=0.3)
+            axes[i][j].set_xlabel("load (x the trace's rate)")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [Path(path)]
