@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Optional
 
 from horae import _core
@@ -87,26 +88,31 @@ def serve_replicas(model: Optional[str] = None, *, replicas: int = 2, router: st
 
     if ray_address is not None:
         _check_reachable(ray_address)
-    model_dir = resolve_model(model)  # fetched and converted once, here, before any replica starts
+    # Fetched and converted once, here, before any replica starts (a replica on this machine then
+    # finds it in the cache). A model given as a local path goes to the replicas as an absolute
+    # one (Ray workers do not start in this directory); a default or named model is resolved by
+    # each replica, on its own node.
+    model_dir = resolve_model(model)
+    if model is not None and Path(model).exists():
+        model = str(Path(model).resolve())
     threads = threads_per_replica or max(1, (os.cpu_count() or 1) // replicas)
     owns_ray = not ray.is_initialized()
     if owns_ray:
-        # The replicas read the model from this machine's cache; the engine's kernels use `threads`.
-        ray.init(address=ray_address, include_dashboard=False, logging_level="warning",
-                 runtime_env={"env_vars": {"RAYON_NUM_THREADS": str(threads),
-                                           **{k: v for k, v in os.environ.items() if k.startswith("HORAE_")}}})
+        ray.init(address=ray_address, include_dashboard=False, logging_level="warning")
     serve.start(http_options=HTTPOptions(host=host, port=port))
     name = served_model_name or model_dir.name
     replica = serve.deployment(
         HoraeReplica, name=REPLICAS, num_replicas=replicas, max_ongoing_requests=100_000,
-        # CPU accounting is left to the threads above: a replica reserving whole cores would
-        # not fit two on a two-core machine beside Serve's own actors.
-        ray_actor_options={"num_cpus": 0},
+        # CPU accounting is left to the kernels' threads: a replica reserving whole cores would not
+        # fit two on a two-core machine beside Serve's own actors. horae's settings (the model
+        # cache) go with each replica.
+        ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": {
+            "RAYON_NUM_THREADS": str(threads), **{k: v for k, v in os.environ.items() if k.startswith("HORAE_")}}}},
         request_router_config=RequestRouterConfig(
             request_router_class="horae.cluster.router.HoraeRequestRouter", request_router_kwargs={"router": router},
             request_routing_stats_period_s=stats_period, request_routing_stats_timeout_s=max(5.0, 10 * stats_period)),
         health_check_period_s=2.0, health_check_timeout_s=30.0,
-    ).bind(str(model_dir), engine_args, name)
+    ).bind(model, engine_args, name)
     ingress = serve.deployment(serve.ingress()(Ingress), name="horae-ingress", num_replicas=1,
                                max_ongoing_requests=100_000, ray_actor_options={"num_cpus": 0})
     config = ServerConfig(model_name=name, api_key=api_key, max_queue=max_queue, max_body_bytes=max_body_bytes)

@@ -43,7 +43,7 @@ class HoraeReplica:
     it) and `replica` (where a retry was sent) are for the router (`horae.cluster.router`) and are
     not used here."""
 
-    def __init__(self, model: str, engine_args: Dict[str, Any], model_name: str):
+    def __init__(self, model: Optional[str], engine_args: Dict[str, Any], model_name: str):
         from ray import serve
 
         ctx = serve.get_replica_context()
