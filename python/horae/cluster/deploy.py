@@ -95,6 +95,8 @@ def serve_replicas(model: Optional[str] = None, *, replicas: int = 2, router: st
     model_dir = resolve_model(model)
     if model is not None and Path(model).exists():
         model = str(Path(model).resolve())
+    if engine_args.get("history_file"):  # likewise; each replica adds its rank to the name
+        engine_args["history_file"] = str(Path(engine_args["history_file"]).resolve())
     threads = threads_per_replica or max(1, (os.cpu_count() or 1) // replicas)
     owns_ray = not ray.is_initialized()
     if owns_ray:

@@ -69,8 +69,11 @@ class RemoteLLM:
         self._started[request_id] = False
         try:
             while True:
-                stream = self.handle.options(stream=True).generate.remote(ids, params, request_id, tried=tuple(tried),
-                                                                          replica=target)
+                # What the router reads (`router.py`): the replicas that shed it, a retry's chosen
+                # replica, and the seconds it may still wait for its first token.
+                left = None if ttft is None else arrival + ttft - time.monotonic()
+                route = {"tried": list(tried), "replica": target, "ttft": left}
+                stream = self.handle.options(stream=True).generate.remote(ids, params, request_id, route=route)
                 try:
                     async for out in _replica_errors(stream, request_id):
                         if not isinstance(out, Refusal):

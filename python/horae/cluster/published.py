@@ -17,7 +17,8 @@ def replica_stats(deployment: str) -> Dict[str, Dict[str, Any]]:
     return router.replica_stats() if router is not None else {}
 
 
-def retry_target(deployment: str, prompt, max_tokens, tried, ttft_left):
-    """Where the deployment's router would send a request that `tried` shed (None: nowhere)."""
+def retry_target(deployment: str, prompt, max_tokens, tried, ttft):
+    """Where the deployment's router would send a request that `tried` shed and that may wait
+    `ttft` more seconds for its first token (None: nowhere)."""
     router = ROUTERS.get(deployment)
-    return router.retry_target(prompt, max_tokens, tried, ttft_left) if router is not None else None
+    return router.retry_target(prompt, max_tokens, tried, ttft) if router is not None else None

@@ -8,7 +8,7 @@ import itertools
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AsyncIterator, Dict, List, Optional, Sequence, Union
+from typing import Any, AsyncIterator, Dict, List, Optional, Union
 
 from horae.async_llm import AsyncLLM, RequestDroppedError
 from horae.llm import RequestOutput, SamplingParams
@@ -39,9 +39,8 @@ class Refusal:
 
 
 class HoraeReplica:
-    """`generate` streams one request's cumulative outputs; `tried` (the replicas that already shed
-    it) and `replica` (where a retry was sent) are for the router (`horae.cluster.router`) and are
-    not used here."""
+    """`generate` streams one request's cumulative outputs. `route` is for the router
+    (`horae.cluster.router`, which reads the call's arguments) and is not used here."""
 
     def __init__(self, model: Optional[str], engine_args: Dict[str, Any], model_name: str):
         from ray import serve
@@ -58,8 +57,7 @@ class HoraeReplica:
         self._published = itertools.count()
 
     async def generate(self, prompt_token_ids: List[int], params: SamplingParams, request_id: str,
-                       tried: Sequence[str] = (), replica: Optional[str] = None
-                       ) -> AsyncIterator[Union[RequestOutput, Refusal]]:
+                       route: Optional[Dict[str, Any]] = None) -> AsyncIterator[Union[RequestOutput, Refusal]]:
         try:
             async for out in self.llm.generate({"prompt_token_ids": prompt_token_ids}, params, request_id):
                 yield out
@@ -85,3 +83,10 @@ class HoraeReplica:
         stats["replica"] = self.replica_id
         stats["metrics"] = zlib.compress(await self.metrics.render())
         return stats
+
+    def __del__(self):
+        # Serve calls this when it stops the replica (scale down, redeploy, shutdown): the engine
+        # loop ends after its step and writes Past-Future's history file, if there is one.
+        llm = getattr(self, "llm", None)
+        if llm is not None:
+            llm.shutdown()

@@ -55,25 +55,27 @@ class HoraeRequestRouter(RequestRouter):
         everyone = self._sync(candidate_replicas)
         order = self._order
         candidates = {r.replica_id.to_full_id_str() for r in candidate_replicas}
-        pinned = pending_request.kwargs.get("replica")
+        hints = pending_request.kwargs.get("route") or {}  # set by the ingress (`RemoteLLM`)
+        pinned = hints.get("replica")
         if pinned in candidates:  # a retry `retry_target` already chose (and counted)
             return [[everyone[pinned]]]
-        tried = set(pending_request.kwargs.get("tried") or ()) | (set(order) - candidates)
+        tried = set(hints.get("tried") or ()) | (set(order) - candidates)
         prompt, params = pending_request.args[0], pending_request.args[1]
         max_tokens = params.max_tokens if params.max_tokens is not None else 1 << 30
-        i = self._core.choose(list(prompt), max_tokens, [k for k, rid in enumerate(order) if rid in tried])
+        i = self._core.choose(list(prompt), max_tokens, [k for k, rid in enumerate(order) if rid in tried],
+                              hints.get("ttft"))
         if order[i] not in candidates:  # every candidate had turned it away: any candidate
             return [candidate_replicas]
         return [[everyone[order[i]]]]
 
     def retry_target(self, prompt: List[int], max_tokens: Optional[int], tried: List[str],
-                     ttft_left: Optional[float]) -> Optional[str]:
+                     ttft: Optional[float]) -> Optional[str]:
         """The replica a request that `tried` shed should go to, or None (`_core.Router.retry_target`:
         one with spare capacity that can still give it its first token in time)."""
         if not self._sync():
             return None
         i = self._core.retry_target(list(prompt), max_tokens if max_tokens is not None else 1 << 30,
-                                    [k for k, rid in enumerate(self._order) if rid in tried], ttft_left)
+                                    [k for k, rid in enumerate(self._order) if rid in tried], ttft)
         return None if i is None else self._order[i]
 
 

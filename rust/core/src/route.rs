@@ -10,10 +10,15 @@
 //! - `forecast` (horae's): among the replicas whose Past-Future forecast leaves room for the
 //!   request (it will not wait for memory nor cause preemption), those whose prefill work ahead
 //!   of its first token (the queue's uncomputed prompts plus its own prompt less what that
-//!   replica has cached) is at most twice the least plus one prompt; of them, the longest cached
-//!   prefix, then the least work, then the shortest queue.
-//!   So the cache counts as saved work, and a shared prefix stays on one replica instead of
-//!   being spread (and evicted) over all.
+//!   replica has cached) is at most twice the least plus one prompt, or still ends within the
+//!   request's TTFT bound at that replica's measured prefill rate; of them, the longest cached
+//!   prefix, then the least work, then the shortest queue, then one of the tied at random.
+//!   So the cache counts as saved work, and a shared prefix stays on one replica while that
+//!   replica still meets its requests' first-token bound, instead of being spread (and evicted)
+//!   over all.
+//!
+//! A request a replica shed goes on only to a replica with spare capacity that can still meet
+//! its TTFT (`Router::retry_target`), for every router alike.
 
 use std::fmt;
 use std::str::FromStr;
@@ -178,12 +183,24 @@ pub struct RouteRequest<'a> {
     pub block_size: usize,
     pub prompt_len: usize,
     pub max_tokens: usize,
+    /// Seconds it may still wait for its first token (its TTFT bound less what it has waited);
+    /// None without a bound.
+    pub ttft: Option<f64>,
 }
 
 impl RouteRequest<'_> {
     /// KV tokens it will hold on replica `s`: its prompt and the output that replica plans with.
     fn need(&self, s: &ReplicaStats) -> u64 {
         (self.prompt_len as u64) + (s.planned_output.min(self.max_tokens as u64))
+    }
+
+    /// Whether `tokens` of prefill work, at replica `s`'s measured rate, end within its TTFT
+    /// bound (without a bound or a measured rate: yes).
+    fn in_time(&self, s: &ReplicaStats, tokens: u64) -> bool {
+        match (self.ttft, s.prefill_rate > 0.0) {
+            (Some(left), true) => tokens as f64 / s.prefill_rate <= left,
+            _ => true,
+        }
     }
 }
 
@@ -247,30 +264,19 @@ impl Router {
 
     /// Where to send a request that replicas `tried` shed, or None: only to a replica with spare
     /// capacity, one with nothing waiting (in its stats or sent since) that can also prefill the
-    /// request's uncached prompt, at its measured rate, within `ttft_left` seconds; chosen among
-    /// those as any request is. A shed request sent to a busy replica waits there, takes a full
-    /// prefill's compute where its prefix is not cached, pushes out that replica's cached prefixes
-    /// and is often shed again: in the cluster simulator (Mooncake, 8 replicas), retrying wherever
-    /// it had not been tried cost 27-38% of goodput past the knee, and retrying wherever the queue
-    /// could start it in time still cost 12-17%. Without a measured rate or a first-token bound
-    /// the time check passes.
-    pub fn retry_target(
-        &mut self,
-        req: &RouteRequest,
-        stats: &[ReplicaStats],
-        tried: &[usize],
-        ttft_left: Option<f64>,
-    ) -> Option<usize> {
+    /// request's uncached prompt, at its measured rate, within `req.ttft`; chosen among those as
+    /// any request is. A shed request sent to a busy replica waits there, takes a full prefill's
+    /// compute where its prefix is not cached, pushes out that replica's cached prefixes and is
+    /// often shed again: in the cluster simulator (Mooncake, 8 replicas), retrying wherever it
+    /// had not been tried cost 27-38% of goodput past the knee, and retrying wherever the queue
+    /// could start it in time still cost 12-17%.
+    pub fn retry_target(&mut self, req: &RouteRequest, stats: &[ReplicaStats], tried: &[usize]) -> Option<usize> {
         let n = stats.len();
         self.sent.resize(n, Sent::default());
         let spare = |i: usize| {
             let s = &stats[i];
-            if s.waiting + self.sent[i].requests > 0 {
-                return false;
-            }
-            let (Some(left), true) = (ttft_left, s.prefill_rate > 0.0) else { return true };
             let fresh = req.prompt_len.saturating_sub(s.cached_prefix_blocks(req.block_hashes) * req.block_size);
-            fresh as f64 / s.prefill_rate <= left
+            s.waiting + self.sent[i].requests == 0 && req.in_time(s, fresh as u64)
         };
         let avoid: Vec<usize> = (0..n).filter(|&i| tried.contains(&i) || !spare(i)).collect();
         (avoid.len() < n).then(|| self.choose_except(req, stats, &avoid))
@@ -328,10 +334,14 @@ impl Router {
                 let (any_fit, least) = cands.iter().map(|&i| (fits(i), std::cmp::Reverse(work(i)))).max().unwrap();
                 // Locality: the longest cached prefix among the replicas whose work ahead is at
                 // most twice the least plus one prompt (the prefix router's balance rule, in
-                // work): a prefix kept on one replica stays cached; spread over all, each cache
-                // holds less of it.
+                // work), or still within the request's TTFT: a prefix kept on one replica stays
+                // cached; spread over all, each cache holds less of it.
+                // A replica whose work ahead still gives the request its first token within its
+                // TTFT bound is near too: it meets its SLO there, and its cached prefix saves work.
                 let near = |i: usize| {
-                    fits(i) == any_fit && work(i) as f64 <= IMBALANCE * least.0 as f64 + req.prompt_len as f64
+                    let balanced = work(i) as f64 <= IMBALANCE * least.0 as f64 + req.prompt_len as f64;
+                    let slo_met = req.ttft.is_some() && req.in_time(&stats[i], work(i));
+                    fits(i) == any_fit && (balanced || slo_met)
                 };
                 // Ties (no prefix anywhere, idle replicas): the least work, then the shortest queue;
                 // a tie that remains (several idle replicas) goes to one of them at random, so new
@@ -369,7 +379,17 @@ mod tests {
     }
 
     fn req(hashes: &[BlockHash]) -> RouteRequest<'_> {
-        RouteRequest { block_hashes: hashes, block_size: 16, prompt_len: 16 * hashes.len(), max_tokens: 4096 }
+        RouteRequest {
+            block_hashes: hashes,
+            block_size: 16,
+            prompt_len: 16 * hashes.len(),
+            max_tokens: 4096,
+            ttft: None,
+        }
+    }
+
+    fn within(hashes: &[BlockHash], ttft: f64) -> RouteRequest<'_> {
+        RouteRequest { ttft: Some(ttft), ..req(hashes) }
     }
 
     #[test]
@@ -404,6 +424,12 @@ mod tests {
         let mut r = Router::new(RouterKind::Forecast, 0);
         let s = vec![stats(0, 5000, &[]), stats(9, 5000, &[11])];
         assert_eq!(r.choose(&req(&hashes), &s), 0);
+        // ... unless that queue still meets the request's TTFT: then the cache wins (10,000 prompt
+        // tokens a second: 9,000 tokens of work ahead is 0.9 s).
+        let mut r = Router::new(RouterKind::Forecast, 0);
+        assert_eq!(r.choose(&within(&hashes, 5.0), &s), 1);
+        let mut r = Router::new(RouterKind::Forecast, 0);
+        assert_eq!(r.choose(&within(&hashes, 0.5), &s), 0);
         // What it sent since the stats were published counts against the room.
         let mut r = Router::new(RouterKind::Forecast, 0);
         let s = vec![stats(0, 300, &[]), stats(0, 300, &[])];
@@ -458,21 +484,21 @@ mod tests {
         let hashes: Vec<BlockHash> = (1..=50).collect(); // an 800-token prompt: 0.08 s to prefill
         let s = vec![stats(0, 5000, &[]), stats(3, 5000, &[]), stats(0, 5000, &[]), stats(0, 5000, &[])];
         let mut r = Router::new(RouterKind::Forecast, 0);
-        assert!(matches!(r.retry_target(&req(&hashes), &s, &[0], Some(5.0)), Some(2 | 3)));
-        assert_eq!(r.retry_target(&req(&hashes), &s, &[0, 2, 3], Some(5.0)), None, "only a busy replica is left");
-        assert_eq!(r.retry_target(&req(&hashes), &s, &[0], Some(0.05)), None, "its prefill alone takes 0.08 s");
+        assert!(matches!(r.retry_target(&within(&hashes, 5.0), &s, &[0]), Some(2 | 3)));
+        assert_eq!(r.retry_target(&within(&hashes, 5.0), &s, &[0, 2, 3]), None, "only a busy replica is left");
+        assert_eq!(r.retry_target(&within(&hashes, 0.05), &s, &[0]), None, "its prefill alone takes 0.08 s");
         // What the router sent since the stats were published counts as waiting: one retry per
         // idle replica.
         let mut r = Router::new(RouterKind::Forecast, 0);
-        let first = r.retry_target(&req(&hashes), &s, &[0], Some(5.0)).unwrap();
-        let second = r.retry_target(&req(&hashes), &s, &[0], Some(5.0)).unwrap();
+        let first = r.retry_target(&within(&hashes, 5.0), &s, &[0]).unwrap();
+        let second = r.retry_target(&within(&hashes, 5.0), &s, &[0]).unwrap();
         assert_ne!(first, second);
-        assert_eq!(r.retry_target(&req(&hashes), &s, &[0], Some(5.0)), None);
+        assert_eq!(r.retry_target(&within(&hashes, 5.0), &s, &[0]), None);
         // No first-token bound, or no measured rate: the time check passes.
         let mut r = Router::new(RouterKind::Forecast, 0);
-        assert!(matches!(r.retry_target(&req(&hashes), &s, &[0], None), Some(2 | 3)));
+        assert!(matches!(r.retry_target(&req(&hashes), &s, &[0]), Some(2 | 3)));
         let unmeasured: Vec<ReplicaStats> = s.iter().map(|x| ReplicaStats { prefill_rate: 0.0, ..x.clone() }).collect();
-        assert!(matches!(r.retry_target(&req(&hashes), &unmeasured, &[0], Some(0.01)), Some(2 | 3)));
+        assert!(matches!(r.retry_target(&within(&hashes, 0.01), &unmeasured, &[0]), Some(2 | 3)));
     }
 
     #[test]

@@ -112,24 +112,34 @@ impl PyRouter {
         Ok(())
     }
 
-    #[pyo3(signature = (token_ids, max_tokens, tried = Vec::new()))]
-    fn choose(&mut self, py: Python<'_>, token_ids: Vec<u32>, max_tokens: usize, tried: Vec<usize>) -> PyResult<usize> {
-        self.with_request(py, &token_ids, max_tokens, |router, req, stats| router.choose_except(req, stats, &tried))
+    /// `ttft`: seconds the request may still wait for its first token (None: no bound).
+    #[pyo3(signature = (token_ids, max_tokens, tried = Vec::new(), ttft = None))]
+    fn choose(
+        &mut self,
+        py: Python<'_>,
+        token_ids: Vec<u32>,
+        max_tokens: usize,
+        tried: Vec<usize>,
+        ttft: Option<f64>,
+    ) -> PyResult<usize> {
+        self.with_request(py, &token_ids, max_tokens, ttft, |router, req, stats| {
+            router.choose_except(req, stats, &tried)
+        })
     }
 
     /// Where a request that replicas `tried` shed should go (`route::Router::retry_target`): a
-    /// replica that can start it within `ttft_left` seconds, or None.
-    #[pyo3(signature = (token_ids, max_tokens, tried, ttft_left = None))]
+    /// replica with spare capacity that can give it its first token within `ttft` seconds, or None.
+    #[pyo3(signature = (token_ids, max_tokens, tried, ttft = None))]
     fn retry_target(
         &mut self,
         py: Python<'_>,
         token_ids: Vec<u32>,
         max_tokens: usize,
         tried: Vec<usize>,
-        ttft_left: Option<f64>,
+        ttft: Option<f64>,
     ) -> PyResult<Option<usize>> {
-        self.with_request(py, &token_ids, max_tokens, |router, req, stats| {
-            router.retry_target(req, stats, &tried, ttft_left)
+        self.with_request(py, &token_ids, max_tokens, ttft, |router, req, stats| {
+            router.retry_target(req, stats, &tried)
         })
     }
 }
@@ -142,6 +152,7 @@ impl PyRouter {
         py: Python<'_>,
         token_ids: &[u32],
         max_tokens: usize,
+        ttft: Option<f64>,
         f: impl FnOnce(&mut Router, &RouteRequest, &[ReplicaStats]) -> T + Send,
     ) -> PyResult<T> {
         if self.stats.is_empty() {
@@ -150,7 +161,7 @@ impl PyRouter {
         let (router, stats, block_size) = (&mut self.router, &self.stats, self.block_size);
         Ok(py.detach(|| {
             let hashes = token_block_hashes(token_ids, block_size);
-            let req = RouteRequest { block_hashes: &hashes, block_size, prompt_len: token_ids.len(), max_tokens };
+            let req = RouteRequest { block_hashes: &hashes, block_size, prompt_len: token_ids.len(), max_tokens, ttft };
             f(router, &req, stats)
         }))
     }

@@ -36,7 +36,13 @@ pub fn route_benchmark(
             }
         })
         .collect();
-    let req = RouteRequest { block_hashes: &prompt, block_size: 16, prompt_len: prompt_blocks * 16, max_tokens: 1024 };
+    let req = RouteRequest {
+        block_hashes: &prompt,
+        block_size: 16,
+        prompt_len: prompt_blocks * 16,
+        max_tokens: 1024,
+        ttft: Some(30.0),
+    };
     RouterKind::ALL
         .into_iter()
         .map(|kind| {

@@ -92,10 +92,16 @@ impl ClusterResult {
 }
 
 /// The replica for request `i` (as `spec`).
-fn route(router: &mut Router, stats: &[ReplicaStats], spec: &RequestSpec, i: usize, block_size: usize) -> usize {
+fn route(router: &mut Router, stats: &[ReplicaStats], spec: &RequestSpec, i: usize, cfg: &SimConfig) -> usize {
+    let block_size = cfg.sched.block_size;
     let hashes = spec.prompt.block_hashes(block_size, i as u64);
-    let req =
-        RouteRequest { block_hashes: &hashes, block_size, prompt_len: spec.prompt.len(), max_tokens: spec.max_tokens };
+    let req = RouteRequest {
+        block_hashes: &hashes,
+        block_size,
+        prompt_len: spec.prompt.len(),
+        max_tokens: spec.max_tokens,
+        ttft: spec.slo.or(&cfg.sched.default_slo).ttft,
+    };
     router.choose(&req, stats)
 }
 
@@ -161,7 +167,7 @@ pub fn simulate_cluster(trace: &Trace, cfg: &ClusterConfig) -> Result<ClusterRes
                     next_publish = t + cfg.staleness;
                 }
                 let spec = trace_request(trace, next, sim, t);
-                let k = route(&mut router, &stats, &spec, next, block_size);
+                let k = route(&mut router, &stats, &spec, next, sim);
                 let slo = spec.slo;
                 match hand_over(&mut engines[k], next, spec, t) {
                     Ok(()) => {
@@ -191,16 +197,16 @@ pub fn simulate_cluster(trace: &Trace, cfg: &ClusterConfig) -> Result<ClusterRes
                     if r.finish_reason() == Some(FinishReason::Timeout) {
                         // Shed before it cost anything: the router may send it elsewhere.
                         let spec = trace_request(trace, i, sim, reqs[i].arrival);
-                        let ttft_left = spec.slo.or(&sim.sched.default_slo).ttft.map(|t| reqs[i].arrival + t - now);
                         let hashes = spec.prompt.block_hashes(block_size, i as u64);
                         let req = RouteRequest {
                             block_hashes: &hashes,
                             block_size,
                             prompt_len: spec.prompt.len(),
                             max_tokens: spec.max_tokens,
+                            ttft: spec.slo.or(&sim.sched.default_slo).ttft.map(|t| reqs[i].arrival + t - now),
                         };
                         let target = match cfg.retry {
-                            RetryShed::InTime => router.retry_target(&req, &stats, &tried[i], ttft_left),
+                            RetryShed::InTime => router.retry_target(&req, &stats, &tried[i]),
                             RetryShed::Always if tried[i].len() < engines.len() => {
                                 Some(router.choose_except(&req, &stats, &tried[i]))
                             }
