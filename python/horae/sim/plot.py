@@ -55,6 +55,16 @@ def _finish(plt, fig, ax, title: str, path) -> Path:
     return Path(path)
 
 
+def _finish_grid(plt, fig, axes, path, ncol: int) -> List[Path]:
+    """A grid of panels: one legend (the first panel's lines) below them, then write and free it."""
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=8)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [Path(path)]
+
+
 def plot_report(report: SweepReport, out_dir: Path, prefix: str = "sim") -> List[Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -143,12 +153,7 @@ def plot_slo_study(results, path: Path, classes: bool = True) -> List[Path]:
         if classes:
             axes[1][j].set_ylabel("attainment (solid: interactive, dotted: batch)", fontsize=7)
             axes[1][j].set_ylim(0, 1.02)
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8)
-    fig.tight_layout(rect=(0, 0.06, 1, 1))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return [Path(path)]
+    return _finish_grid(plt, fig, axes, path, ncol=3)
 
 
 CLUSTER_ROUTERS = (("round-robin", "tab:gray", ":"), ("power-of-two", "tab:blue", "--"), ("prefix", "tab:orange", "-."),
@@ -176,9 +181,4 @@ def plot_cluster_study(panels, path: Path) -> List[Path]:
         for i in range(2):
             axes[i][j].grid(alpha=0.3)
             axes[i][j].set_xlabel("load (x the trace's rate)")
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8)
-    fig.tight_layout(rect=(0, 0.06, 1, 1))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return [Path(path)]
+    return _finish_grid(plt, fig, axes, path, ncol=4)

@@ -91,18 +91,18 @@ impl ClusterResult {
     }
 }
 
-/// The replica for request `i` (as `spec`).
-fn route(router: &mut Router, stats: &[ReplicaStats], spec: &RequestSpec, i: usize, cfg: &SimConfig) -> usize {
+/// `f` on request `i` (as `spec`) as the router sees it, `waited` seconds after it arrived: its
+/// prompt's block hashes and what is left of its first-token bound.
+fn as_routed<T>(spec: &RequestSpec, i: usize, cfg: &SimConfig, waited: f64, f: impl FnOnce(&RouteRequest) -> T) -> T {
     let block_size = cfg.sched.block_size;
     let hashes = spec.prompt.block_hashes(block_size, i as u64);
-    let req = RouteRequest {
+    f(&RouteRequest {
         block_hashes: &hashes,
         block_size,
         prompt_len: spec.prompt.len(),
         max_tokens: spec.max_tokens,
-        ttft: spec.slo.or(&cfg.sched.default_slo).ttft,
-    };
-    router.choose(&req, stats)
+        ttft: spec.slo.or(&cfg.sched.default_slo).ttft.map(|t| t - waited),
+    })
 }
 
 /// Hand request `i` to a replica at time `at`; an idle replica's clock first moves up to it.
@@ -148,7 +148,6 @@ pub fn simulate_cluster(trace: &Trace, cfg: &ClusterConfig) -> Result<ClusterRes
     let mut routed = vec![0usize; cfg.replicas];
     // Time-weighted running counts per replica (their mean over the run).
     let mut running_area = vec![0.0f64; cfg.replicas];
-    let block_size = sim.sched.block_size;
     let mut tried: Vec<Vec<usize>> = vec![Vec::new(); reqs.len()];
     let mut next = 0usize;
     loop {
@@ -167,7 +166,7 @@ pub fn simulate_cluster(trace: &Trace, cfg: &ClusterConfig) -> Result<ClusterRes
                     next_publish = t + cfg.staleness;
                 }
                 let spec = trace_request(trace, next, sim, t);
-                let k = route(&mut router, &stats, &spec, next, sim);
+                let k = as_routed(&spec, next, sim, 0.0, |req| router.choose(req, &stats));
                 let slo = spec.slo;
                 match hand_over(&mut engines[k], next, spec, t) {
                     Ok(()) => {
@@ -197,21 +196,13 @@ pub fn simulate_cluster(trace: &Trace, cfg: &ClusterConfig) -> Result<ClusterRes
                     if r.finish_reason() == Some(FinishReason::Timeout) {
                         // Shed before it cost anything: the router may send it elsewhere.
                         let spec = trace_request(trace, i, sim, reqs[i].arrival);
-                        let hashes = spec.prompt.block_hashes(block_size, i as u64);
-                        let req = RouteRequest {
-                            block_hashes: &hashes,
-                            block_size,
-                            prompt_len: spec.prompt.len(),
-                            max_tokens: spec.max_tokens,
-                            ttft: spec.slo.or(&sim.sched.default_slo).ttft.map(|t| reqs[i].arrival + t - now),
-                        };
-                        let target = match cfg.retry {
-                            RetryShed::InTime => router.retry_target(&req, &stats, &tried[i]),
+                        let target = as_routed(&spec, i, sim, now - reqs[i].arrival, |req| match cfg.retry {
+                            RetryShed::InTime => router.retry_target(req, &stats, &tried[i]),
                             RetryShed::Always if tried[i].len() < engines.len() => {
-                                Some(router.choose_except(&req, &stats, &tried[i]))
+                                Some(router.choose_except(req, &stats, &tried[i]))
                             }
                             _ => None,
-                        };
+                        });
                         if let Some(j) = target {
                             tried[i].push(j);
                             hand_over(&mut engines[j], i, spec, now)?;
