@@ -12,3 +12,12 @@ def returned_tokens(greedy):
     ended it; horae, like OpenAI, returns neither its text nor the token (docs/architecture.md)."""
     eos = GOLDEN["eos"] if isinstance(GOLDEN["eos"], list) else [GOLDEN["eos"]]
     return greedy[:-1] if greedy and greedy[-1] in eos else greedy
+
+
+def pytest_report_header(config):
+    """Which CPU kernels this machine runs, so a log says which ones its tests covered (the Rust
+    tests check each available kernel against the portable one)."""
+    from horae import _core
+
+    k = _core.cpu_kernels()
+    return f"horae CPU kernels: {', '.join(k['available'])} (the engine uses {k['selected']})"

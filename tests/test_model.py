@@ -43,6 +43,48 @@ def test_teacher_forced_logits_match_transformers(llm):
             np.testing.assert_allclose(got, row["values"], atol=1e-3, rtol=0)
 
 
+def test_every_cpu_kernel_matches_transformers(tmp_path):
+    """Each CPU kernel this machine runs (portable, AVX2, AVX-512: the GEMM and the tiled
+    prefill attention), forced with HORAE_CPU_KERNEL in a fresh process, gives HF's teacher-forced
+    logits and greedy tokens on the real model."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "kernel.py"
+    script.write_text(
+        "import json, sys\n"
+        "from horae import LLM, SamplingParams, _core\n"
+        "forced, prompts, n = json.loads(sys.stdin.read())\n"
+        "llm = LLM(kv_cache_tokens=2048)\n"
+        "rows = [llm.engine.logits(f['ids'])[[r['position'] for r in f['rows']]].tolist() for f in forced]\n"
+        "outs = llm.generate([{'prompt_token_ids': p} for p in prompts],\n"
+        "                    SamplingParams(temperature=0, max_tokens=n), use_tqdm=False)\n"
+        "print(json.dumps([_core.cpu_kernels()['selected'], rows, [o.outputs[0].token_ids for o in outs]]))\n")
+    forced = GOLDEN["teacher_forced"][:1]
+    cases = GOLDEN["cases"][:3]
+    payload = json.dumps([forced, [c["ids"] for c in cases], GOLDEN["max_new_tokens"]])
+    for kernel in _core.cpu_kernels()["available"]:
+        env = dict(os.environ, HORAE_CPU_KERNEL=kernel)
+        out = subprocess.run([sys.executable, str(script)], input=payload, capture_output=True, text=True,
+                             timeout=600, env=env)
+        assert out.returncode == 0, out.stderr
+        selected, rows, greedy = json.loads(out.stdout.strip().splitlines()[-1])
+        assert selected == kernel
+        for f, got in zip(forced, rows):
+            for row, logits in zip(f["rows"], got):
+                np.testing.assert_allclose(np.array(logits)[row["ids"]], row["values"], atol=1e-3, rtol=0,
+                                           err_msg=f"{kernel} kernel")
+        for case, tokens in zip(cases, greedy):
+            assert tokens == returned_tokens(case["greedy"]), f"{kernel} kernel: {case['text']}"
+    # An unknown name caps nothing and says so, naming the choices.
+    env = dict(os.environ, HORAE_CPU_KERNEL="sse9")
+    out = subprocess.run([sys.executable, "-c", "from horae import _core; print(_core.cpu_kernels()['selected'])"],
+                         capture_output=True, text=True, timeout=60, env=env)
+    assert out.returncode == 0 and out.stdout.strip() == _core.cpu_kernels()["available"][-1]
+    assert '"sse9" is not one of portable' in out.stderr, out.stderr
+
+
 def test_bfloat16_weights_within_documented_tolerance():
     """dtype="bfloat16" rounds the weights to bf16 (products and sums stay f32). Against HF's f32
     run on the f32 weights, the documented tolerance (docs/benchmarks.md) is: teacher-forced logits

@@ -1,17 +1,24 @@
 """`horae bench model`: the CPU engine on a model (default: SmolLM2-135M-Instruct).
 
 Prints, all measured in the same run:
+- the CPU, and the kernels it runs (portable, avx2, avx512) with the one the engine picked;
 - the machine's GEMM peak: a plain f32 GEMM (faer, 512 x intermediate x hidden);
 - the linear-layer kernels on the model's own shapes at 1, 8, 32 and 512 rows: faer on row-major
-  weights against horae's packed kernel in f32 and bf16 (why the packed kernel is used);
-- for each weight dtype (float32, bfloat16): prefill tokens/s and decode tokens/s at 1, 8 and 32
-  concurrent sequences, each as model FLOP/s (2 x parameters x tokens) and as a ratio to the peak;
+  weights against horae's packed kernel in f32 and bf16, with every packed kernel the CPU runs
+  (why the packed kernel is used, and what each instruction set gives);
+- one layer's prefill attention over the long prompt: the row kernel against the tiled kernel,
+  with every kernel the CPU runs;
+- for each weight dtype (float32, bfloat16): prefill tokens/s for a 512-token prompt and a long
+  one (6,000 tokens; the long one's per-token rate as a ratio to the short one's: attention's
+  share), and decode tokens/s at 1, 8 and 32 concurrent sequences, each as model FLOP/s
+  (2 x parameters x tokens) and as a ratio to the peak;
 - with torch and transformers installed, HF transformers' batch-1 greedy decode on the same weights.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import time
 from typing import List, Optional
@@ -49,8 +56,10 @@ def _decode_rate(engine: Engine, batch: int, new_tokens: int) -> float:
     return batch / statistics.median(times) if times else float("nan")
 
 
-def _prefill_rate(engine: Engine, length: int) -> float:
-    ids = [1 + (13 * j) % 5000 for j in range(length)]
+def _prefill_rate(engine: Engine, length: int, salt: int = 0) -> float:
+    """Tokens/s of one prompt's prefill; prompts with different `salt` share no prefix, so none
+    is served from the prefix cache."""
+    ids = [1 + (13 * j + 101 * salt) % 5000 for j in range(length)]
     engine.add_request(None, {"prompt_token_ids": ids}, SamplingParams(temperature=0, max_tokens=1))
     t = time.perf_counter()
     while engine.has_unfinished_requests():
@@ -81,8 +90,27 @@ def _shapes(cfg: dict) -> List[tuple]:
     return [((nh + 2 * nkv) * hd, h), (h, nh * hd), (2 * i, h), (h, i)]
 
 
+def _cpu_name() -> str:
+    """The CPU as /proc/cpuinfo names it, with its family and model (a virtual machine's name can be
+    as bare as "AMD EPYC") and the vector features the kernels care about."""
+    import platform
+
+    try:
+        info = {}
+        for line in open("/proc/cpuinfo"):
+            key, _, value = line.partition(":")
+            info.setdefault(key.strip(), value.strip())
+    except OSError:
+        return platform.processor() or platform.machine()
+    flags = set(info.get("flags", "").split())
+    wanted = ["avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8"]
+    have = [f for f in wanted if f in flags]
+    return (f"{info.get('model name', platform.machine())} (family {info.get('cpu family', '?')}, "
+            f"model {info.get('model', '?')}; {' '.join(have) or 'no AVX2'}; {os.cpu_count()} threads)")
+
+
 def run(model=None, batches: List[int] = (1, 8, 32), new_tokens: int = 64, prefill: int = 512, hf: bool = True,
-        dtypes: List[str] = ("float32", "bfloat16")) -> dict:
+        dtypes: List[str] = ("float32", "bfloat16"), long_prefill: int = 6000) -> dict:
     import gc
 
     from horae.models import resolve_model
@@ -100,27 +128,54 @@ def run(model=None, batches: List[int] = (1, 8, 32), new_tokens: int = 64, prefi
 
     # This machine's speed drifts (shared cores): the peak is measured again after each dtype's
     # runs and the highest of all is the one every ratio is taken against (the strict choice).
+    kernels = _core.cpu_kernels()
     peaks = [gemm_peak()]
-    res = {"model": str(model_dir), "params_matmul": params, "linear": {}, "dtypes": {}}
+    res = {"model": str(model_dir), "params_matmul": params, "linear": {}, "dtypes": {}, "cpu": _cpu_name(),
+           "kernels": kernels}
+    print(f"CPU {res['cpu']}; kernels it runs: {', '.join(kernels['available'])}; the engine uses {kernels['selected']}")
     print(f"model {model_dir.name}: {params / 1e6:.0f}M matmul parameters")
     print(f"GEMM peak (faer f32, 512x{i}x{h}, same run): {peaks[0]:.1f} GFLOP/s")
 
     print(f"linear layers of this model ({cfg['num_hidden_layers']} layers, weights from memory), GFLOP/s:")
-    print(f"{'rows':>6} {'faer f32':>9} {'packed f32':>11} {'packed bf16':>12}")
+    # The portable kernel is the fallback where no SIMD kernel runs (and far slower: 10-20x); where
+    # one runs, the table leaves it out to keep the bench short (the tests still check it).
+    simd = [k for k in kernels["available"] if k != "portable"] or ["portable"]
+    cols = [(d, k) for k in simd for d in ("float32", "bfloat16")]
+    print(f"{'rows':>6} {'faer f32':>9} " + " ".join(f"{k + (' f32' if d == 'float32' else ' bf16'):>16}" for d, k in cols))
     for m in (1, 8, 32, 512):
-        faer, packed = _core.bench_linear(_shapes(cfg), cfg["num_hidden_layers"], m, "float32")
-        _, packed16 = _core.bench_linear(_shapes(cfg), cfg["num_hidden_layers"], m, "bfloat16")
-        res["linear"][m] = {"faer_f32": faer, "packed_f32": packed, "packed_bf16": packed16}
-        print(f"{m:>6} {faer:9.1f} {packed:11.1f} {packed16:12.1f}")
+        row = {}
+        for d, k in cols:
+            faer, row[f"{k}_{d}"] = _core.bench_linear(_shapes(cfg), cfg["num_hidden_layers"], m, d, kernel=k)
+            if faer is not None:
+                row["faer_f32"] = faer
+        res["linear"][m] = row
+        print(f"{m:>6} {row['faer_f32']:9.1f} " + " ".join(f"{row[f'{k}_{d}']:16.1f}" for d, k in cols))
+
+    if long_prefill:
+        nh, nkv = cfg["num_attention_heads"], cfg.get("num_key_value_heads", cfg["num_attention_heads"])
+        hd = cfg.get("head_dim", h // nh)
+        rows, tiled = _core.bench_attention(long_prefill, nh, nkv, hd, iters=1)
+        flops = 4 * long_prefill * long_prefill / 2 * nh * hd
+        res["attention"] = {"tokens": long_prefill, "rows_s": rows, "tiled_s": dict(tiled)}
+        print(f"prefill attention, one layer, {long_prefill} tokens ({nh} heads, {nkv} KV heads, head_dim {hd}):")
+        print(f"  row kernel {rows * 1e3:8.1f} ms = {flops / rows / 1e9:6.1f} GFLOP/s")
+        for name, t in tiled:
+            print(f"  tiled {name:>8} {t * 1e3:6.1f} ms = {flops / t / 1e9:6.1f} GFLOP/s, {rows / t:5.1f}x the row kernel")
 
     for dtype in dtypes:
-        engine = Engine(model_dir, kv_cache_tokens=max(8192, max(batches) * (16 + new_tokens) * 2),
+        engine = Engine(model_dir, kv_cache_tokens=max(8192, max(batches) * (16 + new_tokens) * 2, long_prefill + 16),
                         max_num_seqs=max(batches), dtype=dtype)
         r = {}
         print(f"-- weights {dtype}")
+        _prefill_rate(engine, 64, salt=1)  # warm-up: thread pool, buffers
         pre = _prefill_rate(engine, prefill)
         r["prefill_tok_s"] = pre
         print(f"prefill {prefill} tokens: {pre:8.1f} tok/s = {2 * params * pre / 1e9:6.1f} GFLOP/s")
+        if long_prefill:
+            long = _prefill_rate(engine, long_prefill, salt=2)
+            r[f"prefill_{long_prefill}_tok_s"] = long
+            print(f"prefill {long_prefill} tokens: {long:8.1f} tok/s, {long / pre:.2f}x the per-token rate of "
+                  f"{prefill} tokens")
         for b in batches:
             rate = _decode_rate(engine, b, new_tokens)
             r[f"decode_{b}_tok_s"] = rate

@@ -10,7 +10,7 @@ mod engine;
 mod route;
 mod spec;
 
-use horae_core::backend::gemm::WeightDtype;
+use horae_core::backend::gemm::{Isa, WeightDtype};
 use horae_core::bench::admission::admission_benchmark;
 use horae_core::bench::queue::queue_benchmark;
 use horae_core::bench::route::route_benchmark;
@@ -447,9 +447,10 @@ fn model_logits<'py>(
     numpy::PyArray1::from_vec(py, logits).reshape([rows, vocab])
 }
 
-/// Linear-layer GFLOP/s on a model-shaped stack of layers at `m` rows: (faer f32 or None, packed).
+/// Linear-layer GFLOP/s on a model-shaped stack of layers at `m` rows: (faer f32 or None,
+/// packed), the packed kernel the one named by `kernel` (see `cpu_kernels`) or the engine's.
 #[pyfunction]
-#[pyo3(signature = (shapes, layers, m, dtype = "float32", iters = 3))]
+#[pyo3(signature = (shapes, layers, m, dtype = "float32", iters = 3, kernel = None))]
 fn bench_linear(
     py: Python<'_>,
     shapes: Vec<(usize, usize)>,
@@ -457,12 +458,58 @@ fn bench_linear(
     m: usize,
     dtype: &str,
     iters: usize,
+    kernel: Option<&str>,
 ) -> PyResult<(Option<f64>, f64)> {
     let dtype = parse_dtype(dtype)?.unwrap_or(WeightDtype::F32);
     if shapes.is_empty() || layers == 0 || m == 0 {
         return Err(HoraeCoreError::new_err("bench_linear needs at least one shape, one layer and one row"));
     }
-    Ok(py.detach(|| horae_core::bench::gemm::compare_with_faer(&shapes, layers, m, dtype, iters)))
+    let isa = match kernel {
+        None => None,
+        Some(name) => Some(Isa::available().into_iter().find(|i| i.name() == name).ok_or_else(|| {
+            let names: Vec<_> = Isa::available().iter().map(|i| i.name()).collect();
+            HoraeCoreError::new_err(format!("kernel {name:?} does not run on this CPU; it runs: {}", names.join(", ")))
+        })?),
+    };
+    Ok(py.detach(|| horae_core::bench::gemm::compare_with_faer(&shapes, layers, m, dtype, iters, isa)))
+}
+
+/// One layer's prefill attention over a `tokens`-token prompt, in seconds: (the row kernel,
+/// [(kernel name, the tiled kernel)] for every kernel the CPU runs).
+#[pyfunction]
+#[pyo3(signature = (tokens, num_heads, num_kv_heads, head_dim, iters = 2))]
+fn bench_attention(
+    py: Python<'_>,
+    tokens: usize,
+    num_heads: usize,
+    num_kv_heads: usize,
+    head_dim: usize,
+    iters: usize,
+) -> PyResult<(f64, Vec<(&'static str, f64)>)> {
+    if tokens == 0
+        || num_kv_heads == 0
+        || !num_heads.is_multiple_of(num_kv_heads)
+        || !head_dim.is_multiple_of(16)
+        || head_dim == 0
+    {
+        return Err(HoraeCoreError::new_err(
+            "bench_attention needs tokens > 0, num_heads a multiple of num_kv_heads and head_dim a multiple of 16",
+        ));
+    }
+    Ok(py.detach(|| {
+        horae_core::bench::attention::compare_prefill_attention(tokens, num_heads, num_kv_heads, head_dim, iters)
+    }))
+}
+
+/// The CPU kernels: `{"selected": name, "available": [names]}` (names: "portable", "avx2",
+/// "avx512"). `selected` is what the engine runs: the best available, capped by
+/// `HORAE_CPU_KERNEL` where set.
+#[pyfunction]
+fn cpu_kernels(py: Python<'_>) -> PyResult<Bound<'_, pyo3::types::PyDict>> {
+    let d = pyo3::types::PyDict::new(py);
+    d.set_item("selected", Isa::detect().name())?;
+    d.set_item("available", Isa::available().iter().map(|i| i.name()).collect::<Vec<_>>())?;
+    Ok(d)
 }
 
 /// "auto" (the checkpoint's own), "float32" or "bfloat16".
@@ -486,6 +533,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(model_logits, m)?)?;
     m.add_function(wrap_pyfunction!(bench_gemm, m)?)?;
     m.add_function(wrap_pyfunction!(bench_linear, m)?)?;
+    m.add_function(wrap_pyfunction!(cpu_kernels, m)?)?;
+    m.add_function(wrap_pyfunction!(bench_attention, m)?)?;
     m.add_function(wrap_pyfunction!(load_trace, m)?)?;
     m.add_function(wrap_pyfunction!(synthetic_trace, m)?)?;
     m.add_function(wrap_pyfunction!(simulate, m)?)?;

@@ -1,11 +1,16 @@
 //! Paged attention on the CPU over a flattened batch of prefill chunks and decode tokens, as
 //! vLLM v1 runs it. The portable `attend_row` is the reference (and what CUDA kernels will be
 //! checked against); `avx2::attend_row` is the same computation with explicit FMA code, picked at
-//! run time.
+//! run time. Decode rows go row by row; prefill chunks (more than one token) go through
+//! `prefill_attention` in tiles.
 
 use rayon::prelude::*;
 
+use super::gemm::Isa;
+use super::prefill_attention::{self, Paged};
+
 /// Where one sequence's rows of a flattened batch read their KV.
+#[derive(Clone, Copy)]
 pub struct AttnSeq<'a> {
     /// First row of this sequence in the batch.
     pub row: usize,
@@ -28,6 +33,38 @@ struct AttnShape {
 /// `[num_blocks, block_size, num_kv_heads, head_dim]`.
 #[allow(clippy::too_many_arguments)]
 pub fn paged_attention(
+    q: &[f32],
+    seqs: &[AttnSeq<'_>],
+    k_cache: &[f32],
+    v_cache: &[f32],
+    block_size: usize,
+    num_heads: usize,
+    num_kv_heads: usize,
+    head_dim: usize,
+    out: &mut [f32],
+) {
+    // Chunks of several tokens in tiles; decode rows (and shapes the tiles do not take) by row.
+    let tiled = |s: &AttnSeq<'_>| s.num_tokens > 1 && prefill_attention::supports(head_dim);
+    let tokens = seqs.iter().filter(|s| tiled(s)).map(|s| s.num_tokens).sum();
+    let bq = prefill_attention::query_tile(tokens, num_kv_heads);
+    let tiles: Vec<_> = seqs
+        .iter()
+        .filter(|s| tiled(s))
+        .flat_map(|s| prefill_attention::tiles(s.row, s.start, s.num_tokens, s.block_table, num_kv_heads, bq))
+        .collect();
+    if !tiles.is_empty() {
+        let kv = Paged { k: k_cache, v: v_cache, block_size, num_heads, num_kv_heads, head_dim };
+        prefill_attention::run(q, &tiles, kv, out, Isa::detect());
+    }
+    let rows: Vec<AttnSeq<'_>> = seqs.iter().filter(|s| !tiled(s)).copied().collect();
+    attention_by_rows(q, &rows, k_cache, v_cache, block_size, num_heads, num_kv_heads, head_dim, out);
+}
+
+/// The rows of `seqs` one at a time, each over its whole KV history: what decode rows take, and
+/// the baseline `bench::attention` measures the tiles against. Rows outside `seqs` are left
+/// as they are.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_by_rows(
     q: &[f32],
     seqs: &[AttnSeq<'_>],
     k_cache: &[f32],
@@ -67,16 +104,18 @@ where
     F: Fn(&[f32], &AttnSeq<'_>, usize, &mut [f32]) + Sync,
 {
     let row_len = shape.num_heads * shape.head_dim;
-    // (sequence, position) of every row, so rows can be processed independently.
-    let mut owner = vec![(0usize, 0usize); out.len() / row_len];
+    // (sequence, position) of every row `seqs` cover, so rows can be processed independently;
+    // the other rows of `out` are left as they are.
+    let mut owner = vec![None; out.len() / row_len];
     for (si, s) in seqs.iter().enumerate() {
         for t in 0..s.num_tokens {
-            owner[s.row + t] = (si, s.start + t);
+            owner[s.row + t] = Some((si, s.start + t));
         }
     }
     out.par_chunks_mut(row_len).enumerate().for_each(|(row, o)| {
-        let (si, pos) = owner[row];
-        kernel(&q[row * row_len..(row + 1) * row_len], &seqs[si], pos, o)
+        if let Some((si, pos)) = owner[row] {
+            kernel(&q[row * row_len..(row + 1) * row_len], &seqs[si], pos, o)
+        }
     });
 }
 
@@ -321,5 +360,71 @@ mod tests {
             let err = fast.iter().zip(&slow).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
             assert!(err < 1e-5, "({nh}, {nkv}, {hd}): max error {err}");
         }
+    }
+
+    /// The tiled prefill kernel, with every instruction set this CPU has, against the row
+    /// reference: GQA and plain heads, chunks that start mid-sequence, ragged block tables, a
+    /// chunk longer than a query tile and one crossing several KV tiles, beside a decode row.
+    #[test]
+    fn tiled_prefill_matches_the_row_reference() {
+        use crate::backend::gemm::Isa;
+        use crate::backend::prefill_attention::{self, Paged};
+        for (nh, nkv, hd) in [(9, 3, 64), (4, 1, 128), (2, 2, 32), (3, 3, 16)] {
+            let (bs, blocks) = (16, 24);
+            let shape = AttnShape { block_size: bs, num_heads: nh, num_kv_heads: nkv, head_dim: hd };
+            let kv = noise(blocks * bs * nkv * hd, 1);
+            let vv = noise(blocks * bs * nkv * hd, 2);
+            let t0: Vec<u32> = (0..12).rev().collect(); // 192 positions, blocks in reverse
+            let t1 = [13u32, 20, 14, 21, 15];
+            let t2 = [23u32];
+            // rows: 70 tokens at 100..170 (mid-sequence), 40 tokens at 0..40, one decode at 9.
+            let seqs = [
+                AttnSeq { row: 0, num_tokens: 70, start: 100, block_table: &t0 },
+                AttnSeq { row: 70, num_tokens: 40, start: 0, block_table: &t1 },
+                AttnSeq { row: 110, num_tokens: 1, start: 9, block_table: &t2 },
+            ];
+            let q: Vec<f32> = noise(111 * nh * hd, 3).iter().map(|x| 3.0 * x).collect();
+            let mut want = vec![0.0; q.len()];
+            for_each_row(&q, &seqs, shape, &mut want, |q, s, pos, o| {
+                attend_row(q, s, pos, PagedKv { k: &kv, v: &vv, shape }, o)
+            });
+            let tiles: Vec<_> = seqs[..2]
+                .iter()
+                .flat_map(|s| prefill_attention::tiles(s.row, s.start, s.num_tokens, s.block_table, nkv, 32))
+                .collect();
+            let paged = Paged { k: &kv, v: &vv, block_size: bs, num_heads: nh, num_kv_heads: nkv, head_dim: hd };
+            for isa in Isa::available() {
+                let mut got = vec![f32::NAN; q.len()];
+                prefill_attention::run(&q, &tiles, paged, &mut got, isa);
+                let rows = 110 * nh * hd; // the decode row is not a tile's
+                let err = got[..rows].iter().zip(&want[..rows]).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+                eprintln!("tiled prefill attention, {} kernel, ({nh}, {nkv}, {hd}): max error {err:.2e}", isa.name());
+                assert!(err < 2e-5, "{isa:?} ({nh}, {nkv}, {hd}): max error {err}");
+                assert!(got[rows..].iter().all(|v| v.is_nan()), "a tile wrote outside its rows");
+            }
+            // The whole layer through the public entry point (tiles and the decode row).
+            let mut all = vec![0.0; q.len()];
+            paged_attention(&q, &seqs, &kv, &vv, bs, nh, nkv, hd, &mut all);
+            let err = all.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+            assert!(err < 2e-5, "paged_attention ({nh}, {nkv}, {hd}): max error {err}");
+        }
+    }
+
+    /// A tile whose block table points outside the cache is refused, not read.
+    #[test]
+    fn tiled_prefill_refuses_blocks_outside_the_cache() {
+        use crate::backend::gemm::Isa;
+        use crate::backend::prefill_attention::{self, Paged};
+        let (bs, nh, hd) = (4, 1, 16);
+        let (kv, vv) = (noise(2 * bs * hd, 1), noise(2 * bs * hd, 2));
+        let table = [1_000u32, 0];
+        let tiles: Vec<_> = prefill_attention::tiles(0, 0, 6, &table, 1, 16).collect();
+        let q = noise(6 * nh * hd, 3);
+        let mut o = vec![0.0; q.len()];
+        let paged = Paged { k: &kv, v: &vv, block_size: bs, num_heads: nh, num_kv_heads: 1, head_dim: hd };
+        let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            prefill_attention::run(&q, &tiles, paged, &mut o, Isa::Portable)
+        }));
+        assert!(ran.is_err(), "an out-of-bounds block must be refused");
     }
 }

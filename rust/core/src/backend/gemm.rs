@@ -7,15 +7,23 @@
 //! each call reads every weight exactly once. The same layout stores bf16 weights at half the
 //! bytes, widened in registers, which no CPU GEMM crate offers for f32 activations.
 //!
-//! The micro-kernel keeps a 6 x 16 block of C in twelve AVX2 registers and runs one FMA per weight
-//! vector per row; x is packed per call (small: M x K) so each row block's values sit together.
-//! While a panel's first row block computes, the next panel's slice is prefetched. It is chosen at run time (`is_x86_feature_detected!`), so the wheel needs no
-//! `-march=native`; other machines get the portable kernel, which computes the same sums.
+//! The AVX2 micro-kernel keeps a 6 x 16 block of C in twelve registers and runs one FMA per
+//! weight vector per row; x is packed per call (small: M x K) so each row block's values sit
+//! together. While a panel's first row block computes, the next panel's slice is prefetched.
+//! The AVX-512 kernel reads four panels side by side and keeps a 6 x 64 block of C in 24 of its
+//! 32 registers: per step of k, 24 FMAs for 4 weight loads and 6 broadcasts, where AVX2's 6 x 16
+//! block has 12 FMAs for 8 loads (on a Zen 4 with AVX-512 the AVX2 kernel ran model-shaped
+//! layers at half faer's rate, limited by those loads). The kernel is chosen at run time
+//! (`is_x86_feature_detected!`), so the wheel needs no `-march=native`; other machines get the
+//! portable kernel, which computes the same sums. `HORAE_CPU_KERNEL=portable|avx2|avx512` caps
+//! the choice (for comparisons; a kernel the CPU lacks is never used).
 
 use rayon::prelude::*;
 
-/// Columns per panel: two AVX2 vectors of f32.
+/// Columns per panel: two AVX2 vectors of f32, one AVX-512 vector.
 const NR: usize = 16;
+/// Panels one AVX-512 tile reads side by side (6 x 4 accumulators of 16 values: 24 of 32 registers).
+const WIDE: usize = 4;
 /// Rows of C per micro-kernel call (6 x 2 accumulators + 2 weight vectors + 1 broadcast = 15 of
 /// the 16 AVX2 registers).
 const MR: usize = 6;
@@ -136,7 +144,9 @@ impl PackedLinear {
         self.forward_with(x, m, out, Isa::detect());
     }
 
-    fn forward_with(&self, x: &[f32], m: usize, out: &mut [f32], isa: Isa) {
+    /// `forward` with the kernel for `isa` (which the CPU must have: see `Isa::available`).
+    pub fn forward_with(&self, x: &[f32], m: usize, out: &mut [f32], isa: Isa) {
+        assert!(isa.runs_here(), "this CPU cannot run the {} kernel", isa.name());
         let (n, k) = (self.n, self.k);
         assert_eq!(x.len(), m * k, "input has {} values, expected {m} x {k}", x.len());
         assert_eq!(out.len(), m * n);
@@ -155,35 +165,40 @@ impl PackedLinear {
         // Tasks are (row block of MC, group of panels): each owns a disjoint block of `out`.
         // Aim for four per thread so rayon can balance uneven cores; tiny products run inline.
         let m_blocks = m.div_ceil(MC);
+        let wide = isa.panels_per_tile();
         let per_task = if m * n * k < 1 << 17 {
             np
         } else {
             let groups = (rayon::current_num_threads() * 4).div_ceil(m_blocks);
-            np.div_ceil(groups).max(1)
+            // Whole tiles per task, so only the matrix's last tile is narrow.
+            np.div_ceil(groups).max(1).next_multiple_of(wide)
         };
         let groups = np.div_ceil(per_task);
         let out_ptr = SendPtr(out.as_mut_ptr());
         let run = |task: usize| {
             let out_ptr = &out_ptr;
             let (mc0, p0) = ((task / groups) * MC, (task % groups) * per_task);
+            let p_end = (p0 + per_task).min(np);
             for k0 in (0..k).step_by(KC) {
                 let kc = KC.min(k - k0);
-                for p in p0..(p0 + per_task).min(np) {
-                    let cols = NR.min(n - p * NR);
+                for p in (p0..p_end).step_by(wide) {
+                    let panels = wide.min(p_end - p);
+                    let cols = (panels * NR).min(n - p * NR);
                     for m0 in (mc0..(mc0 + MC).min(m)).step_by(MR) {
                         let rows = MR.min(m - m0);
                         // SAFETY: the block [m0..m0+rows, p*NR..p*NR+cols] of `out` is in
                         // bounds and written only by the task that owns this row block and
-                        // panel; `a` holds MR rows (zero-padded) for every row block.
+                        // these panels; `a` holds MR rows (zero-padded) for every row block.
                         unsafe {
                             let c = out_ptr.0.add(m0 * n + p * NR);
                             let a = a.as_ptr().add(m0 * k + k0 * MR);
-                            let next = m0 == mc0 && p + 1 < (p0 + per_task).min(np);
-                            let tile = Tile { a, c, ldc: n, kc, rows, cols, accumulate: k0 > 0 };
-                            let (b, stride) = ((p * k + k0) * NR, k * NR);
+                            let next = m0 == mc0 && p + panels < p_end;
+                            let stride = k * NR;
+                            let tile = Tile { a, c, ldc: n, kc, rows, cols, panels, stride, accumulate: k0 > 0 };
+                            let b = (p * k + k0) * NR;
                             match &self.panels {
-                                Panels::F32(v) => tile.run(v, b, next.then_some(b + stride), isa),
-                                Panels::Bf16(v) => tile.run(v, b, next.then_some(b + stride), isa),
+                                Panels::F32(v) => tile.run(v, b, next.then_some(b + panels * stride), isa),
+                                Panels::Bf16(v) => tile.run(v, b, next.then_some(b + panels * stride), isa),
                             }
                         }
                     }
@@ -254,41 +269,97 @@ struct SendPtr(*mut f32);
 // SAFETY: tasks write disjoint column blocks (see `forward_with`).
 unsafe impl Sync for SendPtr {}
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Isa {
+/// The instruction sets the kernels are written for, in order of preference.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Isa {
     Portable,
     #[cfg(target_arch = "x86_64")]
     Avx2Fma,
+    #[cfg(target_arch = "x86_64")]
+    Avx512,
 }
 
 impl Isa {
-    fn detect() -> Self {
-        #[cfg(target_arch = "x86_64")]
-        {
-            use std::sync::OnceLock;
-            static ISA: OnceLock<Isa> = OnceLock::new();
-            *ISA.get_or_init(|| {
-                if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-                    Isa::Avx2Fma
-                } else {
-                    Isa::Portable
-                }
-            })
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Portable => "portable",
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2Fma => "avx2",
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => "avx512",
         }
-        #[cfg(not(target_arch = "x86_64"))]
-        {
-            Isa::Portable
+    }
+
+    /// Whether this CPU has the features the kernel needs (std caches the detection).
+    pub fn runs_here(self) -> bool {
+        match self {
+            Isa::Portable => true,
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2Fma => is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => is_x86_feature_detected!("avx512f"),
+        }
+    }
+
+    /// Every kernel this CPU can run, portable first.
+    pub fn available() -> Vec<Isa> {
+        Isa::ALL.iter().copied().filter(|i| i.runs_here()).collect()
+    }
+
+    /// The best kernel this CPU runs, capped by `HORAE_CPU_KERNEL` where set. Decided once.
+    pub fn detect() -> Self {
+        use std::sync::OnceLock;
+        static ISA: OnceLock<Isa> = OnceLock::new();
+        *ISA.get_or_init(|| {
+            let all = Isa::available();
+            let best = *all.last().expect("portable is always available");
+            let cap = match std::env::var("HORAE_CPU_KERNEL").ok().as_deref().map(str::trim) {
+                None | Some("") => best,
+                Some(name) => match Isa::ALL.iter().find(|i| i.name() == name) {
+                    Some(&cap) => cap,
+                    None => {
+                        let names: Vec<_> = Isa::ALL.iter().map(|i| i.name()).collect();
+                        eprintln!("horae: HORAE_CPU_KERNEL={name:?} is not one of {}; ignored", names.join(", "));
+                        best
+                    }
+                },
+            };
+            let isa = *all.iter().rev().find(|&&i| i <= cap).expect("portable is always available");
+            if best == Isa::Portable {
+                eprintln!(
+                    "horae: this CPU has neither AVX2 with FMA nor AVX-512; the portable CPU kernels run (several times slower)"
+                );
+            }
+            isa
+        })
+    }
+
+    const ALL: &'static [Isa] = &[
+        Isa::Portable,
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2Fma,
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512,
+    ];
+
+    /// Panels one micro-kernel call reads side by side.
+    fn panels_per_tile(self) -> usize {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => WIDE,
+            _ => 1,
         }
     }
 }
 
 /// One micro-kernel call: `rows x cols` of C (row stride `ldc`) from a packed `kc x MR` slice of
-/// A and a `kc x 16` panel slice.
+/// A and `panels` side-by-side `kc x 16` panel slices, `stride` values apart.
 ///
 /// The contract every `unsafe` kernel below relies on (`forward_with` builds tiles that keep it,
 /// and `run` asserts the parts it can see): `a` points at `kc x MR` readable values; `c` at
 /// `rows` rows of `cols` writable values, `ldc` apart, that no other tile writes; `rows <= MR`,
-/// `cols <= NR`; the panel slice `b` holds `kc x NR` values; `out` is `MR x NR` scratch.
+/// `cols <= panels x NR`, `panels <= WIDE` (1 but for the AVX-512 kernel); each panel slice
+/// holds `kc x NR` values; `out` is `MR x SCRATCH` scratch.
 struct Tile {
     a: *const f32,
     c: *mut f32,
@@ -296,8 +367,13 @@ struct Tile {
     kc: usize,
     rows: usize,
     cols: usize,
+    panels: usize,
+    stride: usize,
     accumulate: bool,
 }
+
+/// Row length of a tile's scratch block: the widest tile's columns.
+const SCRATCH: usize = WIDE * NR;
 
 /// How one stored panel value becomes f32: `f32` as is, `u16` as bf16 bits (in the bf16 group
 /// order). Each type names its AVX2 kernel; the portable kernel is shared.
@@ -317,6 +393,21 @@ trait PanelValue: Copy {
     /// The `Tile` contract, with `R == t.rows`, on a CPU with AVX2 and FMA.
     #[cfg(target_arch = "x86_64")]
     unsafe fn avx2<const R: usize>(t: &Tile, b: *const Self, prefetch: *const u8, out: *mut f32) -> bool;
+    /// The AVX-512 kernel for `R` rows and `P` panels (see `avx512`).
+    ///
+    /// # Safety
+    /// The `Tile` contract, with `R == t.rows` and `P == t.panels`, on a CPU with AVX-512F.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn avx512<const R: usize, const P: usize>(t: &Tile, b: *const Self, out: *mut f32) -> bool {
+        // SAFETY: passed on from the caller.
+        unsafe { avx512::<R, P, Self>(t, b, out) }
+    }
+    /// One panel row (16 values) as f32, in column order.
+    ///
+    /// # Safety
+    /// `p` points at NR values; the CPU has AVX-512F.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512;
 }
 
 impl PanelValue for f32 {
@@ -328,6 +419,12 @@ impl PanelValue for f32 {
         // SAFETY: passed on from the caller.
         unsafe { avx2_f32::<R>(t, b, prefetch, out) }
     }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(p: *const f32) -> std::arch::x86_64::__m512 {
+        // SAFETY: passed on from the caller.
+        unsafe { std::arch::x86_64::_mm512_loadu_ps(p) }
+    }
 }
 
 impl PanelValue for u16 {
@@ -338,6 +435,20 @@ impl PanelValue for u16 {
     unsafe fn avx2<const R: usize>(t: &Tile, b: *const u16, prefetch: *const u8, out: *mut f32) -> bool {
         // SAFETY: passed on from the caller.
         unsafe { avx2_bf16::<R>(t, b, prefetch, out) }
+    }
+    /// Widened in storage order (0-3, 8-11, 4-7, 12-15) and put back in column order with one
+    /// permute: the group order serves AVX2's in-lane unpack, and the permute costs one shuffle
+    /// per 16 weights, off the FMA ports.
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(p: *const u16) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        // SAFETY: passed on from the caller (16 values of 2 bytes).
+        unsafe {
+            let wide = _mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(_mm256_loadu_si256(p as *const __m256i)));
+            let order = _mm512_setr_epi32(0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 12, 13, 14, 15);
+            _mm512_permutexvar_ps(order, _mm512_castsi512_ps(wide))
+        }
     }
 }
 
@@ -354,6 +465,29 @@ macro_rules! dispatch_rows {
     };
 }
 
+/// `dispatch_rows` over a kernel that also takes the number of panels (1..=WIDE).
+#[cfg(target_arch = "x86_64")]
+macro_rules! dispatch_tile {
+    ($rows:expr, $panels:expr, $($f:ident)::+, $($arg:expr),*) => {
+        match $panels {
+            1 => dispatch_tile!(@rows $rows, 1, $($f)::+, $($arg),*),
+            2 => dispatch_tile!(@rows $rows, 2, $($f)::+, $($arg),*),
+            3 => dispatch_tile!(@rows $rows, 3, $($f)::+, $($arg),*),
+            _ => dispatch_tile!(@rows $rows, 4, $($f)::+, $($arg),*),
+        }
+    };
+    (@rows $rows:expr, $p:literal, $($f:ident)::+, $($arg:expr),*) => {
+        match $rows {
+            1 => $($f)::+::<1, $p>($($arg),*),
+            2 => $($f)::+::<2, $p>($($arg),*),
+            3 => $($f)::+::<3, $p>($($arg),*),
+            4 => $($f)::+::<4, $p>($($arg),*),
+            5 => $($f)::+::<5, $p>($($arg),*),
+            _ => $($f)::+::<6, $p>($($arg),*),
+        }
+    };
+}
+
 impl Tile {
     /// Run the kernel on the panel slice at `panels[b..]`, fetching `panels[next..]` (the next
     /// panel's slice) meanwhile when given.
@@ -363,15 +497,24 @@ impl Tile {
     /// `Tile` documents.
     unsafe fn run<T: PanelValue>(&self, panels: &[T], b: usize, next: Option<usize>, isa: Isa) {
         // The parts of the contract a tile can check: once per tile, nothing next to its flops.
-        assert!(b + self.kc * NR <= panels.len(), "panel slice out of bounds");
-        assert!(self.rows >= 1 && self.rows <= MR && self.cols >= 1 && self.cols <= NR, "tile shape");
+        let last = b + (self.panels - 1) * self.stride + self.kc * NR;
+        assert!(self.panels >= 1 && last <= panels.len(), "panel slice out of bounds");
+        assert!(self.panels == 1 || isa.panels_per_tile() >= self.panels, "a wide tile needs the wide kernel");
+        assert!(self.rows >= 1 && self.rows <= MR && self.cols >= 1 && self.cols <= self.panels * NR, "tile shape");
         // SAFETY: in bounds (asserted above).
         let b = unsafe { panels.as_ptr().add(b) };
         // Scratch for a partial panel (or the portable kernel), left uninitialised: zeroing it on
         // every tile was a memset the size of the LM head's output per call.
-        let mut scratch = std::mem::MaybeUninit::<[[f32; NR]; MR]>::uninit();
+        let mut scratch = std::mem::MaybeUninit::<[[f32; SCRATCH]; MR]>::uninit();
         let acc = scratch.as_mut_ptr() as *mut f32;
         let pending = match isa {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => {
+                let _ = next; // four sequential streams: the hardware prefetchers follow them
+                              // SAFETY: the Tile contract; `Isa::Avx512` is chosen only where the CPU
+                              // has AVX-512F; `rows` and `panels` pick the kernel of that shape.
+                unsafe { dispatch_tile!(self.rows, self.panels, T::avx512, self, b, acc) }
+            }
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2Fma => {
                 let prefetch = next.map_or(std::ptr::null(), |i| panels[i..].as_ptr() as *const u8);
@@ -394,17 +537,18 @@ impl Tile {
     /// Write (or add) the accumulated block into C, only its valid columns.
     ///
     /// # Safety
-    /// `acc` holds `rows` written rows of NR values; `c` as the `Tile` contract says.
+    /// `acc` holds `rows` written rows of `cols` values, SCRATCH apart; `c` as the `Tile`
+    /// contract says.
     unsafe fn store(&self, acc: *const f32) {
         for r in 0..self.rows {
             // SAFETY: the kernel wrote rows 0..rows of `acc`; the caller guarantees rows x cols
             // of C at `c` with stride `ldc`.
-            let row = unsafe { std::slice::from_raw_parts(acc.add(r * NR), NR) };
+            let row = unsafe { std::slice::from_raw_parts(acc.add(r * SCRATCH), self.cols) };
             let c = unsafe { std::slice::from_raw_parts_mut(self.c.add(r * self.ldc), self.cols) };
             if self.accumulate {
                 c.iter_mut().zip(row).for_each(|(c, v)| *c += v);
             } else {
-                c.copy_from_slice(&row[..self.cols]);
+                c.copy_from_slice(row);
             }
         }
     }
@@ -423,8 +567,10 @@ unsafe fn portable<const R: usize, T: PanelValue>(t: &Tile, b: *const T, out: *m
             acc.iter_mut().zip(&bv).for_each(|(c, w)| *c += a * w);
         }
     }
-    // SAFETY: `out` is MR x NR scratch and R <= MR.
-    unsafe { std::ptr::copy_nonoverlapping(acc.as_ptr() as *const f32, out, R * NR) };
+    for (r, acc) in acc.iter().enumerate() {
+        // SAFETY: `out` is MR x SCRATCH scratch and r < R <= MR.
+        unsafe { std::ptr::copy_nonoverlapping(acc.as_ptr(), out.add(r * SCRATCH), NR) };
+    }
     true
 }
 
@@ -455,13 +601,53 @@ unsafe fn avx2_store<const R: usize>(t: &Tile, acc: &[[std::arch::x86_64::__m256
         return false;
     }
     for (r, acc) in acc.iter().enumerate() {
-        // SAFETY: `out` is MR x NR scratch and r < R <= MR.
+        // SAFETY: `out` is MR x SCRATCH scratch and r < R <= MR.
         unsafe {
-            _mm256_storeu_ps(out.add(r * NR), acc[0]);
-            _mm256_storeu_ps(out.add(r * NR + 8), acc[1]);
+            _mm256_storeu_ps(out.add(r * SCRATCH), acc[0]);
+            _mm256_storeu_ps(out.add(r * SCRATCH + 8), acc[1]);
         }
     }
     true
+}
+
+/// The AVX-512 kernel: `R` rows by `P` panels of 16 columns, accumulators in registers for the
+/// whole depth; full tiles go straight into C, a partial last panel through `out`.
+///
+/// # Safety
+/// The `Tile` contract, with `R == t.rows` and `P == t.panels`, on a CPU with AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn avx512<const R: usize, const P: usize, T: PanelValue>(t: &Tile, b: *const T, out: *mut f32) -> bool {
+    use std::arch::x86_64::*;
+    let mut acc = [[_mm512_setzero_ps(); P]; R];
+    for kk in 0..t.kc {
+        // SAFETY: kk < kc and p < P = panels: inside panel p's kc x NR slice.
+        let w: [__m512; P] = std::array::from_fn(|p| unsafe { T::load16(b.add(p * t.stride + kk * NR)) });
+        for (r, acc) in acc.iter_mut().enumerate() {
+            // SAFETY: kk < kc, r < R <= MR: one value of A.
+            let a = _mm512_set1_ps(unsafe { *t.a.add(kk * MR + r) });
+            for (acc, w) in acc.iter_mut().zip(&w) {
+                *acc = _mm512_fmadd_ps(a, *w, *acc);
+            }
+        }
+    }
+    let full = t.cols == P * NR;
+    for (r, acc) in acc.iter().enumerate() {
+        for (p, &v) in acc.iter().enumerate() {
+            // SAFETY: a full tile: row r < rows of C has P x NR writable values at c + r * ldc;
+            // otherwise `out` is MR x SCRATCH scratch, P x NR <= SCRATCH.
+            unsafe {
+                if full {
+                    let c = t.c.add(r * t.ldc + p * NR);
+                    let v = if t.accumulate { _mm512_add_ps(v, _mm512_loadu_ps(c)) } else { v };
+                    _mm512_storeu_ps(c, v);
+                } else {
+                    _mm512_storeu_ps(out.add(r * SCRATCH + p * NR), v);
+                }
+            }
+        }
+    }
+    !full
 }
 
 /// # Safety
@@ -540,18 +726,27 @@ mod tests {
             .collect()
     }
 
+    /// Every kernel this CPU runs, each checked against the reference (the names are printed:
+    /// `cargo test -- --nocapture` shows which ran).
     fn isas() -> Vec<Isa> {
-        let mut v = vec![Isa::Portable];
-        if Isa::detect() != Isa::Portable {
-            v.push(Isa::detect());
-        }
+        let v = Isa::available();
+        eprintln!("gemm kernels on this CPU: {}", v.iter().map(|i| i.name()).collect::<Vec<_>>().join(", "));
         v
     }
 
     #[test]
     fn matches_reference_on_ragged_shapes() {
         // m covers every row remainder, n a partial panel, k more than one depth pass.
-        for &(m, n, k) in &[(1, 16, 8), (5, 37, 300), (7, 64, 513), (13, 3, 1), (32, 200, 576), (2, 1, 0)] {
+        for &(m, n, k) in &[
+            (1, 16, 8),
+            (5, 37, 300),
+            (7, 64, 513),
+            (13, 3, 1),
+            (32, 200, 576),
+            (2, 1, 0),
+            (19, 100, 40),
+            (12, 129, 257),
+        ] {
             let (x, w) = (data(m * k, 1), data(n * k, 2));
             let want = reference(&x, m, k, &w, n);
             for isa in isas() {

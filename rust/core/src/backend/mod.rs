@@ -5,3 +5,4 @@ pub mod attention;
 pub mod cpu;
 pub mod cuda;
 pub mod gemm;
+pub mod prefill_attention;

@@ -4,7 +4,7 @@
 use faer::linalg::matmul::matmul;
 use faer::{Accum, MatMut, MatRef, Par};
 
-use crate::backend::gemm::{PackedLinear, WeightDtype};
+use crate::backend::gemm::{Isa, PackedLinear, WeightDtype};
 
 /// `out[m x n] = x[m x k] * w[n x k]^T` (a linear layer with weights stored as HF does).
 pub fn linear(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, out: &mut [f32]) {
@@ -38,15 +38,18 @@ pub fn measure_gemm_gflops(m: usize, n: usize, k: usize, iters: usize) -> f64 {
 
 /// GFLOP/s of a model-shaped stack of linear layers at `m` rows: `shapes` (`(n, k)` per layer)
 /// repeated `layers` times with distinct weights, so weights come from memory as in a real step.
-/// Returns (faer on row-major weights, packed with `dtype`); faer is `None` for bf16, which it
-/// cannot take. Best of `iters` passes. This is how the packed kernel was chosen (docs/benchmarks.md).
+/// Returns (faer on row-major weights, packed with `dtype` through the `isa` kernel, or the one
+/// the engine picks); faer is `None` for bf16, which it cannot take. Best of `iters` passes.
+/// This is how the packed kernel was chosen (docs/benchmarks.md).
 pub fn compare_with_faer(
     shapes: &[(usize, usize)],
     layers: usize,
     m: usize,
     dtype: WeightDtype,
     iters: usize,
+    isa: Option<Isa>,
 ) -> (Option<f64>, f64) {
+    let isa = isa.unwrap_or_else(Isa::detect);
     let dims: Vec<(usize, usize)> = (0..layers).flat_map(|_| shapes.iter().copied()).collect();
     let weights: Vec<Vec<f32>> = dims
         .iter()
@@ -75,7 +78,7 @@ pub fn compare_with_faer(
     let packed: Vec<PackedLinear> =
         weights.iter().zip(&dims).map(|(w, &(n, k))| PackedLinear::new(w, n, k, dtype)).collect();
     drop(weights);
-    let best = time(&mut |i, out| packed[i].forward(&xs[i], m, out));
+    let best = time(&mut |i, out| packed[i].forward_with(&xs[i], m, out, isa));
     (faer, flops / best / 1e9)
 }
 

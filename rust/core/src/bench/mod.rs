@@ -2,6 +2,7 @@
 //! extension enables it): none of this is on the engine's path.
 
 pub mod admission;
+pub mod attention;
 pub mod cuda;
 pub mod gemm;
 pub mod queue;

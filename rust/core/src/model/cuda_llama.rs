@@ -483,7 +483,7 @@ impl StepMeta {
         let tokens = put(&mut ints, &mut input.tokens.iter().map(|&t| t as i32));
         let positions = put(&mut ints, &mut input.positions.iter().map(|&p| p as i32));
         let logit_rows = put(&mut ints, &mut input.logit_rows.iter().map(|&r| r as i32));
-        let (decode, prefill): (Vec<_>, Vec<_>) = input.seqs.iter().partition(|s| s.num_tokens == 1);
+        let (decode, prefill): (Vec<&AttnSeq<'_>>, Vec<_>) = input.seqs.iter().partition(|s| s.num_tokens == 1);
         let table = |ints: &mut Vec<i32>, seqs: &[&AttnSeq<'_>]| {
             // Only the blocks the step reads: positions 0 ..= the last query position.
             let width = seqs.iter().map(|s| (s.start + s.num_tokens).div_ceil(block_size)).max().unwrap_or(1).max(1);

@@ -1,0 +1,44 @@
+//! Prefill attention: the tiled kernel (`backend::prefill_attention`) with every instruction set
+//! the CPU runs, against the row kernel it replaced for prefill chunks, on one prompt in the same
+//! run (`horae bench model` prints it).
+
+use crate::backend::attention::{attention_by_rows, AttnSeq};
+use crate::backend::gemm::Isa;
+use crate::backend::prefill_attention::{query_tile, run, tiles, Paged};
+
+/// Seconds for one layer's attention over a `tokens`-token prompt with the given heads: the row
+/// kernel first, then the tiled one for each kernel name the CPU runs; each the best of `iters`.
+pub fn compare_prefill_attention(
+    tokens: usize,
+    num_heads: usize,
+    num_kv_heads: usize,
+    head_dim: usize,
+    iters: usize,
+) -> (f64, Vec<(&'static str, f64)>) {
+    let bs = 16;
+    let blocks = tokens.div_ceil(bs);
+    let kv_len = blocks * bs * num_kv_heads * head_dim;
+    let k: Vec<f32> = (0..kv_len).map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5).collect();
+    let v: Vec<f32> = (0..kv_len).map(|i| ((i * 6007) % 1000) as f32 / 1000.0 - 0.5).collect();
+    let q: Vec<f32> = (0..tokens * num_heads * head_dim).map(|i| ((i * 104_729) % 1000) as f32 / 500.0 - 1.0).collect();
+    let table: Vec<u32> = (0..blocks as u32).collect();
+    let mut out = vec![0.0; q.len()];
+    let best = |f: &mut dyn FnMut()| {
+        (0..iters.max(1))
+            .map(|_| {
+                let t = std::time::Instant::now();
+                f();
+                t.elapsed().as_secs_f64()
+            })
+            .fold(f64::INFINITY, f64::min)
+    };
+    let seq = [AttnSeq { row: 0, num_tokens: tokens, start: 0, block_table: &table }];
+    let rows = best(&mut || attention_by_rows(&q, &seq, &k, &v, bs, num_heads, num_kv_heads, head_dim, &mut out));
+    let paged = Paged { k: &k, v: &v, block_size: bs, num_heads, num_kv_heads, head_dim };
+    let ts: Vec<_> = tiles(0, 0, tokens, &table, num_kv_heads, query_tile(tokens, num_kv_heads)).collect();
+    let tiled = Isa::available()
+        .into_iter()
+        .map(|isa| (isa.name(), best(&mut || run(&q, &ts, paged, &mut out, isa))))
+        .collect();
+    (rows, tiled)
+}
