@@ -100,7 +100,7 @@ def test_bad_device_arguments_are_rejected():
 def test_cpu_engine_reports_its_device():
     e = Engine(device="cpu", kv_cache_tokens=1024)
     assert e.device == "cpu" and e.cpu_fallback_reason is None
-    assert e.dtype in ("float32", "bfloat16")
+    assert e.dtype == "q4_1"  # the default model's own GGUF blocks
     auto = Engine(kv_cache_tokens=1024)
     if not _has_gpu():
         assert auto.device == "cpu" and "NVIDIA" in auto.cpu_fallback_reason

@@ -2,6 +2,7 @@
 goldens written by HF transformers (scripts/make_goldens.py)."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,6 +10,7 @@ from conftest import GOLDEN, returned_tokens
 
 from horae import LLM, Engine, HoraeCoreError, SamplingParams, _core
 
+GOLDEN_DIR = Path(__file__).parent / "golden"
 GREEDY = SamplingParams(temperature=0, max_tokens=GOLDEN["max_new_tokens"])
 
 
@@ -26,7 +28,16 @@ def test_tokenizer_and_chat_template_match_transformers(llm):
         assert llm.engine.encode(text) == case["ids"], case["text"]
 
 
-def test_greedy_tokens_match_transformers_in_one_batch(llm):
+@pytest.fixture(scope="module")
+def llm_f32():
+    return LLM(kv_cache_tokens=8192, dtype="float32")
+
+
+@pytest.mark.parametrize("which", ["llm", "llm_f32"])
+def test_greedy_tokens_match_transformers_in_one_batch(which, request):
+    """The default model's own Q4_1 blocks ("auto") and its f32 dequantization both give HF's
+    greedy tokens on the same (dequantized) weights, for all 12 golden prompts."""
+    llm = request.getfixturevalue(which)
     prompts = [{"prompt_token_ids": c["ids"]} for c in GOLDEN["cases"]]
     outs = llm.generate(prompts, GREEDY, use_tqdm=False)
     for case, out in zip(GOLDEN["cases"], outs):
@@ -35,7 +46,9 @@ def test_greedy_tokens_match_transformers_in_one_batch(llm):
     assert outs[0].outputs[0].finish_reason == "stop"
 
 
-def test_teacher_forced_logits_match_transformers(llm):
+@pytest.mark.parametrize("which", ["llm", "llm_f32"])
+def test_teacher_forced_logits_match_transformers(which, request):
+    llm = request.getfixturevalue(which)
     for forced in GOLDEN["teacher_forced"]:
         logits = llm.engine.logits(forced["ids"])
         for row in forced["rows"]:
@@ -109,7 +122,14 @@ def test_bfloat16_weights_within_documented_tolerance():
 
 
 def test_dtype_choice(llm):
-    assert llm.engine.dtype == "float32"  # "auto" on an f32 checkpoint
+    assert llm.engine.dtype == "q4_1"  # "auto" on a converted GGUF: its own blocks
+    # An HF checkpoint ("auto" is float32 there: the Rust goldens check it) has no 4-bit blocks to run;
+    # Q8_0 is made at load and stays close to f32.
+    tiny = str(GOLDEN_DIR / "tiny-llama3")
+    with pytest.raises(ValueError, match="q4_1.*has none.*HF checkpoint.*q8_0"):
+        _core.model_logits(tiny, [1, 2, 3], "q4_1")
+    f32, q8 = _core.model_logits(tiny, [1, 2, 3], "float32"), _core.model_logits(tiny, [1, 2, 3], "q8_0")
+    assert 0 < np.abs(f32 - q8).max() < 0.05 * np.abs(f32).max()
     with pytest.raises(ValueError, match="bfloat16"):
         Engine(dtype="float16")
     with pytest.raises(ValueError, match="unknown dtype"):
@@ -121,6 +141,8 @@ def test_dtype_choice(llm):
         _core.bench_linear([(16, 16)], 1, 1, "fp8")
     with pytest.raises(ValueError, match="at least one"):
         _core.bench_linear([], 1, 1)
+    with pytest.raises(ValueError, match="q4_1 needs inputs in blocks of 32; a shape has 16"):
+        _core.bench_linear([(16, 16)], 1, 1, "q4_1")
     from horae.cli import main
     assert main(["bench", "model", "--dtypes", "fp8", "--no-hf"]) == 2
     with pytest.raises(SystemExit) as e:

@@ -214,8 +214,9 @@ def _generation_args(p) -> None:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--seed", type=int)
     p.add_argument("--scheduler", default="past-future")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="how weights are held (auto: the checkpoint's own on the CPU, bfloat16 on a GPU)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16", "q8_0", "q4_1"],
+                   help="how weights are held (auto: the checkpoint's own on the CPU, a GGUF's Q4_1/Q8_0 blocks included; "
+                        "bfloat16 on a GPU; q8_0 quantizes at load)")
     p.add_argument("--device", default="auto", help="auto (a GPU if one works, else the CPU), cpu, cuda or cuda:N")
 
 
@@ -300,7 +301,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     b.add_argument("what", choices=["admission", "queue", "route", "sim-speed", "model", "serve"])
     b.add_argument("--model", help="model: model folder (default: SmolLM2-135M-Instruct)")
     b.add_argument("--no-hf", action="store_true", help="model: skip the HF transformers comparison")
-    b.add_argument("--dtypes", type=_names, default=["float32", "bfloat16"], help="model: weight dtypes to run")
+    b.add_argument("--dtypes", type=_names, default=["float32", "bfloat16", "q4_1"],
+                   help="model: weight dtypes to run (q4_1 and q8_0 need a converted GGUF, as the default model)")
     b.add_argument("--running", type=_ints, default=[64, 256, 1024], help="admission, queue: running requests")
     b.add_argument("--replicas", type=_ints, default=[8, 64], help="route: replica counts")
     b.add_argument("--iters", type=int, default=2000)

@@ -277,9 +277,11 @@ class Engine:
         # in gpu_memory_utilization of its memory after the weights and activations (as vLLM).
         # seed: None draws every unseeded request from fresh entropy; an int makes the whole run
         # reproducible (each request's stream derives from it and the request's order).
-        # dtype: how the weights are held. On the CPU "auto" keeps the checkpoint's (bf16/f16
-        # checkpoints as bfloat16, others float32); "bfloat16" halves weight memory and bandwidth,
-        # computing in f32. On a GPU: "auto" = "bfloat16", or "float16".
+        # dtype: how the weights are held. On the CPU "auto" keeps the checkpoint's (a GGUF's own
+        # Q4_1/Q8_0 blocks, as the default model's; bf16/f16 checkpoints as bfloat16, others
+        # float32); "bfloat16" halves weight memory and bandwidth; "q8_0" quantizes at load (or
+        # keeps a GGUF's Q8_0 blocks); "q4_1" runs a GGUF's own 4-bit blocks. Products and sums
+        # are f32 in every case. On a GPU: "auto" = "bfloat16", or "float16".
         # history_window / max_output_bound: Past-Future's length history (finished lengths kept)
         # and what it is primed with before any request finished (default: the model's context).
         # speculative: speculative decoding, e.g. {"method": "ngram", "k_max": 4, "adaptive": True}
@@ -341,7 +343,7 @@ class Engine:
     # -- what the engine is ------------------------------------------------------------------
     @property
     def dtype(self) -> str:
-        """How the weights are held: "float32", "bfloat16" or (GPU) "float16"."""
+        """How the weights are held: "float32", "bfloat16", "q8_0", "q4_1" or (GPU) "float16"."""
         return self._core.dtype
 
     @property

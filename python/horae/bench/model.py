@@ -4,8 +4,8 @@ Prints, all measured in the same run:
 - the CPU, and the kernels it runs (portable, avx2, avx512) with the one the engine picked;
 - the machine's GEMM peak: a plain f32 GEMM (faer, 512 x intermediate x hidden);
 - the linear-layer kernels on the model's own shapes at 1, 8, 32 and 512 rows: faer on row-major
-  weights against horae's packed kernel in f32 and bf16, with every packed kernel the CPU runs
-  (why the packed kernel is used, and what each instruction set gives);
+  weights against horae's packed kernel in f32, bf16 and Q4_1 (GGML blocks), with every packed
+  kernel the CPU runs (why the packed kernel is used, and what each instruction set gives);
 - one layer's prefill attention over the long prompt: the row kernel against the tiled kernel,
   with every kernel the CPU runs;
 - for each weight dtype (float32, bfloat16): prefill tokens/s for a 512-token prompt and a long
@@ -110,14 +110,14 @@ def _cpu_name() -> str:
 
 
 def run(model=None, batches: List[int] = (1, 8, 32), new_tokens: int = 64, prefill: int = 512, hf: bool = True,
-        dtypes: List[str] = ("float32", "bfloat16"), long_prefill: int = 6000) -> dict:
+        dtypes: List[str] = ("float32", "bfloat16", "q4_1"), long_prefill: int = 6000) -> dict:
     import gc
 
     from horae.models import resolve_model
 
-    bad = [d for d in dtypes if d not in ("auto", "float32", "bfloat16")]
+    bad = [d for d in dtypes if d not in ("auto", "float32", "bfloat16", "q8_0", "q4_1")]
     if bad:
-        raise ValueError(f"unknown dtype {bad[0]!r}: use 'auto', 'float32' or 'bfloat16'")
+        raise ValueError(f"unknown dtype {bad[0]!r}: use 'auto', 'float32', 'bfloat16', 'q8_0' or 'q4_1'")
     model_dir = resolve_model(model)
     cfg = json.loads((model_dir / "config.json").read_text())
     h, i = cfg["hidden_size"], cfg["intermediate_size"]
@@ -140,8 +140,9 @@ def run(model=None, batches: List[int] = (1, 8, 32), new_tokens: int = 64, prefi
     # The portable kernel is the fallback where no SIMD kernel runs (and far slower: 10-20x); where
     # one runs, the table leaves it out to keep the bench short (the tests still check it).
     simd = [k for k in kernels["available"] if k != "portable"] or ["portable"]
-    cols = [(d, k) for k in simd for d in ("float32", "bfloat16")]
-    print(f"{'rows':>6} {'faer f32':>9} " + " ".join(f"{k + (' f32' if d == 'float32' else ' bf16'):>16}" for d, k in cols))
+    short = {"float32": "f32", "bfloat16": "bf16", "q4_1": "q4_1"}
+    cols = [(d, k) for k in simd for d in short]
+    print(f"{'rows':>6} {'faer f32':>9} " + " ".join(f"{k + ' ' + short[d]:>12}" for d, k in cols))
     for m in (1, 8, 32, 512):
         row = {}
         for d, k in cols:
@@ -149,7 +150,7 @@ def run(model=None, batches: List[int] = (1, 8, 32), new_tokens: int = 64, prefi
             if faer is not None:
                 row["faer_f32"] = faer
         res["linear"][m] = row
-        print(f"{m:>6} {row['faer_f32']:9.1f} " + " ".join(f"{row[f'{k}_{d}']:16.1f}" for d, k in cols))
+        print(f"{m:>6} {row['faer_f32']:9.1f} " + " ".join(f"{row[f'{k}_{d}']:12.1f}" for d, k in cols))
 
     if long_prefill:
         nh, nkv = cfg["num_attention_heads"], cfg.get("num_key_value_heads", cfg["num_attention_heads"])

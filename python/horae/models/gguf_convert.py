@@ -1,9 +1,12 @@
 """Convert a Llama-architecture GGUF file into an HF-style model folder: dequantized f32
 safetensors, config.json, tokenizer.json (from the GGUF's BPE vocabulary and merges),
-tokenizer_config.json (chat template, special tokens) and generation_config.json.
+tokenizer_config.json (chat template, special tokens) and generation_config.json; and
+`quantized.safetensors`, the GGUF's Q4_1 and Q8_0 tensors kept as their raw GGML blocks, which the
+CPU runtime runs as they are (`dtype="auto"` or `"q4_1"`). The f32 copy is what HF transformers
+(and the goldens) read, and what `dtype="float32"` / `"bfloat16"` load.
 
 llama.cpp stores the attention Q and K weights permuted for its rope layout; the converter undoes
-that permutation (without it the model only emits end-of-sequence).
+that permutation (without it the model only emits end-of-sequence), on the blocks' rows too.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Dict, List
@@ -33,6 +37,15 @@ _LAYER_NAMES = {
 
 class GGUFConversionError(ValueError):
     pass
+
+
+# The GGML formats the runtime runs natively (`rust/core/src/backend/quant.rs`).
+NATIVE = ("Q4_1", "Q8_0")
+QUANTIZED_FILE = "quantized.safetensors"
+# Written last into a converted folder: a folder without it (or of an older converter) is
+# converted again.
+MARKER = "horae_gguf.json"
+CONVERTER_VERSION = 2
 
 
 def _field(reader, key, default=None):
@@ -126,7 +139,21 @@ def convert_gguf(gguf_path: os.PathLike, out_dir: os.PathLike) -> Path:
     hidden = int(g("embedding_length"))
 
     tensors: Dict[str, np.ndarray] = {}
+    blocks: Dict[str, np.ndarray] = {}
+    kinds: Dict[str, str] = {}
+    others: Dict[str, int] = {}
     for t in reader.tensors:
+        kind = t.tensor_type.name
+        if kind in NATIVE and len(t.shape) == 2:
+            raw = np.asarray(t.data, dtype=np.uint8)
+            if t.name.endswith("attn_q.weight"):
+                raw = _unpermute(raw, n_head)
+            elif t.name.endswith("attn_k.weight"):
+                raw = _unpermute(raw, n_kv)
+            blocks[_hf_name(t.name)] = np.ascontiguousarray(raw)
+            kinds[_hf_name(t.name)] = kind.lower()
+        elif kind not in ("F32", "F16", "BF16"):
+            others[kind] = others.get(kind, 0) + 1
         try:
             w = gguf.quants.dequantize(t.data, t.tensor_type)
         except NotImplementedError as e:
@@ -138,6 +165,9 @@ def convert_gguf(gguf_path: os.PathLike, out_dir: os.PathLike) -> Path:
         elif t.name.endswith("attn_k.weight"):
             w = _unpermute(w, n_kv)
         tensors[_hf_name(t.name)] = np.ascontiguousarray(w)
+    if others:
+        print(f"horae: {src.name} holds {', '.join(f'{n} {k}' for k, n in sorted(others.items()))} tensors, which horae "
+              f"does not run natively (it runs {' and '.join(NATIVE)}); they are dequantized to f32", file=sys.stderr)
     tied = "lm_head.weight" not in tensors
     vocab_size = tensors["model.embed_tokens.weight"].shape[0]
 
@@ -179,6 +209,11 @@ def convert_gguf(gguf_path: os.PathLike, out_dir: os.PathLike) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt", "source": src.name})
+        # Always written (possibly empty): its metadata also names the formats that were not kept.
+        save_file(blocks, str(tmp / QUANTIZED_FILE),
+                  metadata={"source": src.name, "horae.quant": json.dumps(kinds), "horae.gguf_other": json.dumps(others)})
+        (tmp / MARKER).write_text(json.dumps({"source": src.name, "converter": CONVERTER_VERSION,
+                                              "native": sorted(set(kinds.values())), "dequantized": others}))
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         pre = _field(reader, "tokenizer.ggml.pre", "")
         (tmp / "tokenizer.json").write_text(json.dumps(_tokenizer_json(tokens, merges, types, pre)))

@@ -92,8 +92,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="past-future: load its length history from here at start, save it as requests finish and "
                         "at shutdown, so a restart starts warm (missing or unusable: start cold, logged)")
     add_prior_arguments(p)
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="auto: the checkpoint's on the CPU, bfloat16 on a GPU; float16 is GPU-only")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16", "q8_0", "q4_1"],
+                   help="auto: the checkpoint's on the CPU (a GGUF's Q4_1/Q8_0 blocks included), bfloat16 on a GPU; "
+                        "float16 is GPU-only; q8_0 quantizes at load")
     p.add_argument("--speculative", type=_json_dict, metavar="JSON",
                    help='speculative decoding, e.g. \'{"method": "ngram", "k_max": 4}\' (adaptive k by default)')
     p.add_argument("--host", default="127.0.0.1")

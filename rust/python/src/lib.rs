@@ -464,6 +464,11 @@ fn bench_linear(
     if shapes.is_empty() || layers == 0 || m == 0 {
         return Err(HoraeCoreError::new_err("bench_linear needs at least one shape, one layer and one row"));
     }
+    if let (WeightDtype::Quant(q), Some(&(_, k))) =
+        (dtype, shapes.iter().find(|(_, k)| !k.is_multiple_of(32) || *k == 0))
+    {
+        return Err(HoraeCoreError::new_err(format!("{} needs inputs in blocks of 32; a shape has {k}", q.name())));
+    }
     let isa = match kernel {
         None => None,
         Some(name) => Some(Isa::available().into_iter().find(|i| i.name() == name).ok_or_else(|| {

@@ -20,6 +20,8 @@
 
 use rayon::prelude::*;
 
+use super::quant::{self, QPanels, QuantKind};
+
 /// Columns per panel: two AVX2 vectors of f32, one AVX-512 vector.
 const NR: usize = 16;
 /// Panels one AVX-512 tile reads side by side (6 x 4 accumulators of 16 values: 24 of 32 registers).
@@ -40,6 +42,8 @@ pub enum WeightDtype {
     F32,
     /// bf16 storage (half the memory and bandwidth); products and sums are still f32.
     Bf16,
+    /// GGML blocks (`quant`): widened in registers, products and sums in f32.
+    Quant(QuantKind),
 }
 
 impl WeightDtype {
@@ -47,13 +51,14 @@ impl WeightDtype {
         match s {
             "float32" | "f32" => Some(Self::F32),
             "bfloat16" | "bf16" => Some(Self::Bf16),
-            _ => None,
+            _ => QuantKind::parse(s).map(Self::Quant),
         }
     }
     pub fn name(self) -> &'static str {
         match self {
             Self::F32 => "float32",
             Self::Bf16 => "bfloat16",
+            Self::Quant(q) => q.name(),
         }
     }
 }
@@ -63,6 +68,7 @@ enum Panels {
     /// Within each group of 16 the columns are stored in the order 0-3, 8-11, 4-7, 12-15, so that
     /// AVX2's in-lane unpack of one 32-byte load yields columns 0-7 and 8-15 as f32.
     Bf16(Vec<u16>),
+    Quant(QPanels),
 }
 
 /// A weight matrix `[n, k]` (HF's `[out_features, in_features]`) packed for `linear`.
@@ -84,9 +90,15 @@ fn to_bf16(v: f32) -> u16 {
 
 impl PackedLinear {
     /// Pack row-major `w[n x k]`. With `Bf16`, values are rounded to nearest bf16 (exact for
-    /// weights that were stored as bf16).
+    /// weights that were stored as bf16); a quantized dtype quantizes each row into its blocks
+    /// (`k` must then be a multiple of 32).
     pub fn new(w: &[f32], n: usize, k: usize, dtype: WeightDtype) -> Self {
         assert_eq!(w.len(), n * k, "weight has {} values, expected {n} x {k}", w.len());
+        if let WeightDtype::Quant(kind) = dtype {
+            assert!(k.is_multiple_of(quant::QK) && k > 0, "{} needs rows of whole blocks of 32", kind.name());
+            let raw: Vec<u8> = w.par_chunks(k).flat_map_iter(|row| quant::quantize_row(kind, row)).collect();
+            return Self::from_ggml(kind, &raw, n, k).expect("quantized rows have the right size");
+        }
         let np = n.div_ceil(NR);
         let at = |p: usize, kk: usize, j: usize| {
             let col = p * NR + j;
@@ -119,8 +131,23 @@ impl PackedLinear {
                 });
                 Panels::Bf16(out)
             }
+            WeightDtype::Quant(_) => unreachable!("quantized above"),
         };
         Self { n, k, panels }
+    }
+
+    /// `n` rows of GGML blocks (a GGUF tensor's bytes) as they are, no widening.
+    pub fn from_ggml(kind: QuantKind, raw: &[u8], n: usize, k: usize) -> Result<Self, String> {
+        Ok(Self { n, k, panels: Panels::Quant(QPanels::from_ggml(kind, raw, n, k)?) })
+    }
+
+    /// How the weights are stored.
+    pub fn dtype(&self) -> WeightDtype {
+        match &self.panels {
+            Panels::F32(_) => WeightDtype::F32,
+            Panels::Bf16(_) => WeightDtype::Bf16,
+            Panels::Quant(q) => WeightDtype::Quant(q.kind()),
+        }
     }
 
     /// Row `i` of the original `[n, k]` matrix (an embedding lookup when the LM head is tied).
@@ -136,6 +163,7 @@ impl PackedLinear {
         match &self.panels {
             Panels::F32(v) => column(&v[panel], j, out),
             Panels::Bf16(v) => column(&v[panel], j, out),
+            Panels::Quant(q) => q.row(i, out),
         }
     }
 
@@ -165,7 +193,10 @@ impl PackedLinear {
         // Tasks are (row block of MC, group of panels): each owns a disjoint block of `out`.
         // Aim for four per thread so rayon can balance uneven cores; tiny products run inline.
         let m_blocks = m.div_ceil(MC);
-        let wide = isa.panels_per_tile();
+        let wide = match &self.panels {
+            Panels::Quant(_) => quant::panels_per_tile(isa),
+            _ => isa.panels_per_tile(),
+        };
         let per_task = if m * n * k < 1 << 17 {
             np
         } else {
@@ -199,6 +230,7 @@ impl PackedLinear {
                             match &self.panels {
                                 Panels::F32(v) => tile.run(v, b, next.then_some(b + panels * stride), isa),
                                 Panels::Bf16(v) => tile.run(v, b, next.then_some(b + panels * stride), isa),
+                                Panels::Quant(q) => tile.run_quant(q, p, k0, isa),
                             }
                         }
                     }
@@ -295,7 +327,9 @@ impl Isa {
         match self {
             Isa::Portable => true,
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx2Fma => is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"),
+            Isa::Avx2Fma => {
+                is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c")
+            }
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512 => is_x86_feature_detected!("avx512f"),
         }
@@ -534,6 +568,37 @@ impl Tile {
         }
     }
 
+    /// Run the quantized kernel on panels `p..p + panels` of `q` from weight `k0` (a multiple of
+    /// 32, as `kc` is: KC is one, and quantized matrices have `k` a multiple of 32).
+    ///
+    /// # Safety
+    /// `a` and `c` are valid as `Tile` documents.
+    unsafe fn run_quant(&self, q: &QPanels, p: usize, k0: usize, isa: Isa) {
+        let last = q.offset(p + self.panels - 1, k0 + self.kc);
+        assert!(last <= q.bytes().len() && self.kc.is_multiple_of(quant::QK), "quantized panel slice out of bounds");
+        assert!(self.panels <= quant::panels_per_tile(isa), "a wide tile needs the wide kernel");
+        assert!(self.rows >= 1 && self.rows <= MR && self.cols >= 1 && self.cols <= self.panels * NR, "tile shape");
+        let mut scratch = std::mem::MaybeUninit::<[[f32; SCRATCH]; MR]>::uninit();
+        let acc = scratch.as_mut_ptr() as *mut f32;
+        let t = quant::QTile {
+            a: self.a,
+            kc: self.kc,
+            rows: self.rows,
+            panels: self.panels,
+            // SAFETY: in bounds (asserted above).
+            b: unsafe { q.bytes().as_ptr().add(q.offset(p, k0)) },
+            stride: q.stride(),
+            out: acc,
+            out_stride: SCRATCH,
+        };
+        // SAFETY: the panels' blocks are in bounds (asserted), `a` as the Tile contract says,
+        // `acc` is MR x SCRATCH scratch, and `isa` runs on this CPU (forward_with checks).
+        unsafe {
+            quant::run(isa, q.kind(), &t);
+            self.store(acc);
+        }
+    }
+
     /// Write (or add) the accumulated block into C, only its valid columns.
     ///
     /// # Safety
@@ -760,6 +825,41 @@ mod tests {
                         assert!((g - e).abs() <= tol, "{isa:?} {dtype:?} m={m} n={n} k={k} [{i}]: {g} vs {e}");
                     }
                 }
+            }
+        }
+    }
+
+    /// Quantized panels against the f32 reference on the dequantized weights (what the kernel
+    /// must equal up to summation order), every kernel, ragged shapes, depth past one pass.
+    #[test]
+    fn quantized_matches_the_dequantized_reference() {
+        for &(m, n, k) in
+            &[(1, 16, 32), (5, 37, 320), (7, 64, 544), (13, 3, 32), (32, 200, 576), (12, 129, 256), (19, 100, 64)]
+        {
+            let (x, w) = (data(m * k, 1), data(n * k, 2));
+            for kind in QuantKind::ALL {
+                let raw: Vec<u8> = w.chunks_exact(k).flat_map(|r| quant::quantize_row(kind, r)).collect();
+                let mut deq = vec![0.0; n * k];
+                for (r, o) in raw.chunks_exact(raw.len() / n).zip(deq.chunks_exact_mut(k)) {
+                    quant::dequantize_row(kind, r, o);
+                }
+                let want = reference(&x, m, k, &deq, n);
+                let packed = PackedLinear::from_ggml(kind, &raw, n, k).unwrap();
+                assert_eq!(packed.dtype(), WeightDtype::Quant(kind));
+                for isa in isas() {
+                    let mut got = vec![f32::NAN; m * n];
+                    packed.forward_with(&x, m, &mut got, isa);
+                    let tol = 1e-4 * (k as f32).sqrt();
+                    for (i, (g, e)) in got.iter().zip(&want).enumerate() {
+                        assert!((g - e).abs() <= tol, "{isa:?} {kind:?} m={m} n={n} k={k} [{i}]: {g} vs {e}");
+                    }
+                }
+                // Quantizing at load gives the same blocks as quantizing first.
+                let mut a = vec![0.0; m * n];
+                let mut b = vec![0.0; m * n];
+                packed.forward_with(&x, m, &mut a, Isa::Portable);
+                PackedLinear::new(&w, n, k, WeightDtype::Quant(kind)).forward_with(&x, m, &mut b, Isa::Portable);
+                assert_eq!(a, b, "{kind:?}");
             }
         }
     }

@@ -5,4 +5,6 @@ pub mod attention;
 pub mod cpu;
 pub mod cuda;
 pub mod gemm;
+mod muladd;
 pub mod prefill_attention;
+pub mod quant;

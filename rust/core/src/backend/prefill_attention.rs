@@ -19,6 +19,9 @@
 use rayon::prelude::*;
 
 use super::gemm::Isa;
+#[cfg(target_arch = "x86_64")]
+use super::muladd::Fused;
+use super::muladd::{MulAdd, Plain};
 
 /// KV positions per tile.
 const BK: usize = 64;
@@ -307,28 +310,6 @@ fn softmax<M: MulAdd>(
             *x = exp_one::<M>(*x - m);
             *s += *x;
         }
-    }
-}
-
-/// Multiply-add as the instruction set does it: fused where there is FMA, `a * b + c` where
-/// there is not (`mul_add` without FMA is a slow library call).
-trait MulAdd {
-    fn madd(a: f32, b: f32, c: f32) -> f32;
-}
-struct Plain;
-impl MulAdd for Plain {
-    #[inline(always)]
-    fn madd(a: f32, b: f32, c: f32) -> f32 {
-        a * b + c
-    }
-}
-#[cfg(target_arch = "x86_64")]
-struct Fused;
-#[cfg(target_arch = "x86_64")]
-impl MulAdd for Fused {
-    #[inline(always)]
-    fn madd(a: f32, b: f32, c: f32) -> f32 {
-        a.mul_add(b, c)
     }
 }
 

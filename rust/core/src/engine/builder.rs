@@ -166,7 +166,7 @@ impl EngineInfo {
     }
 }
 
-/// "auto" (the checkpoint's own), "float32" or "bfloat16" for the CPU runtime.
+/// "auto" (the checkpoint's own), "float32", "bfloat16", "q8_0" or "q4_1" for the CPU runtime.
 pub fn parse_cpu_dtype(s: &str) -> Result<Option<WeightDtype>> {
     if s == "auto" {
         return Ok(None);
@@ -177,7 +177,9 @@ pub fn parse_cpu_dtype(s: &str) -> Result<Option<WeightDtype>> {
         } else {
             ""
         };
-        HoraeError::InvalidConfig(format!("unknown dtype '{s}': use 'auto', 'float32' or 'bfloat16'{hint}"))
+        HoraeError::InvalidConfig(format!(
+            "unknown dtype '{s}': use 'auto', 'float32', 'bfloat16', 'q8_0' or 'q4_1'{hint}"
+        ))
     })
 }
 
@@ -187,7 +189,7 @@ fn parse_gpu_dtype(s: &str) -> Result<Dt> {
         "auto" | "bfloat16" | "bf16" => Ok(Dt::Bf16),
         "float16" | "f16" | "half" => Ok(Dt::F16),
         _ => Err(HoraeError::InvalidConfig(format!(
-            "dtype '{s}' on the GPU: the CUDA backend runs 'bfloat16' or 'float16' (use device='cpu' for float32)"
+            "dtype '{s}' on the GPU: the CUDA backend runs 'bfloat16' or 'float16' (use device='cpu' for float32, q8_0 or q4_1)"
         ))),
     }
 }

@@ -8,6 +8,7 @@ use super::weights::{names, Weights};
 use crate::backend::attention::{self, AttnSeq};
 use crate::backend::cpu;
 use crate::backend::gemm::{PackedLinear, WeightDtype};
+use crate::backend::quant::{self, QuantKind};
 use crate::error::{HoraeError, Result};
 
 struct Layer {
@@ -93,8 +94,9 @@ impl LlamaModel {
         Ok(logits)
     }
 
-    /// Load a model folder. `dtype` is how matmul weights are kept; `None` follows the folder's
-    /// `torch_dtype` (bf16 for bf16 or f16 checkpoints, else f32).
+    /// Load a model folder. `dtype` is how matmul weights are kept; `None` runs a converted
+    /// GGUF's own quantized blocks, else follows the folder's `torch_dtype` (bf16 for bf16 or f16
+    /// checkpoints, else f32).
     pub fn load(dir: &Path, dtype: Option<WeightDtype>) -> Result<Self> {
         Self::load_first_layers(dir, dtype, None)
     }
@@ -112,43 +114,38 @@ impl LlamaModel {
             }
             cfg.num_layers = n;
         }
-        let dtype = dtype.unwrap_or(cfg.default_dtype());
         let mut w = Weights::load(dir)?;
+        let dtype = resolve_dtype(dir, &w, dtype.unwrap_or(default_dtype(&cfg, &w)))?;
         let (h, hd, nh, nkv, inter) =
             (cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads, cfg.intermediate_size);
-        let pack = |data: Vec<f32>, n: usize, k: usize| PackedLinear::new(&data, n, k, dtype);
-        let embed = pack(w.take(names::EMBED, &[cfg.vocab_size, h])?, cfg.vocab_size, h);
+        let p = |i: usize, n: &str| names::layer(i, n);
+        let embed = pack(&mut w, &[(names::EMBED.into(), cfg.vocab_size)], h, dtype)?;
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for i in 0..cfg.num_layers {
-            let p = |n: &str| names::layer(i, n);
-            let mut qkv = w.take(&p(names::Q), &[nh * hd, h])?;
-            qkv.extend(w.take(&p(names::K), &[nkv * hd, h])?);
-            qkv.extend(w.take(&p(names::V), &[nkv * hd, h])?);
+            let qkv_parts = [(p(i, names::Q), nh * hd), (p(i, names::K), nkv * hd), (p(i, names::V), nkv * hd)];
             let qkv_bias = if cfg.qkv_bias {
-                let mut b = w.take(&p(names::Q_BIAS), &[nh * hd])?;
-                b.extend(w.take(&p(names::K_BIAS), &[nkv * hd])?);
-                b.extend(w.take(&p(names::V_BIAS), &[nkv * hd])?);
+                let mut b = w.take(&p(i, names::Q_BIAS), &[nh * hd])?;
+                b.extend(w.take(&p(i, names::K_BIAS), &[nkv * hd])?);
+                b.extend(w.take(&p(i, names::V_BIAS), &[nkv * hd])?);
                 Some(b)
             } else {
                 None
             };
-            let mut gate_up = w.take(&p(names::GATE), &[inter, h])?;
-            gate_up.extend(w.take(&p(names::UP), &[inter, h])?);
             layers.push(Layer {
-                input_norm: w.take(&p(names::INPUT_NORM), &[h])?,
-                qkv: pack(qkv, (nh + 2 * nkv) * hd, h),
+                input_norm: w.take(&p(i, names::INPUT_NORM), &[h])?,
+                qkv: pack(&mut w, &qkv_parts, h, dtype)?,
                 qkv_bias,
-                o: pack(w.take(&p(names::O), &[h, nh * hd])?, h, nh * hd),
-                post_norm: w.take(&p(names::POST_NORM), &[h])?,
-                gate_up: pack(gate_up, 2 * inter, h),
-                down: pack(w.take(&p(names::DOWN), &[h, inter])?, h, inter),
+                o: pack(&mut w, &[(p(i, names::O), h)], nh * hd, dtype)?,
+                post_norm: w.take(&p(i, names::POST_NORM), &[h])?,
+                gate_up: pack(&mut w, &[(p(i, names::GATE), inter), (p(i, names::UP), inter)], h, dtype)?,
+                down: pack(&mut w, &[(p(i, names::DOWN), h)], inter, dtype)?,
             });
         }
         let norm = w.take(names::NORM, &[h])?;
         let lm_head = if cfg.tie_word_embeddings && !w.contains(names::LM_HEAD) {
             None
         } else {
-            Some(pack(w.take(names::LM_HEAD, &[cfg.vocab_size, h])?, cfg.vocab_size, h))
+            Some(pack(&mut w, &[(names::LM_HEAD.into(), cfg.vocab_size)], h, dtype)?)
         };
         let inv_freq = cfg.rope_inv_freq();
         Ok(Self { cfg, embed, layers, norm, lm_head, dtype, inv_freq })
@@ -228,4 +225,75 @@ impl LlamaModel {
         self.lm_head.as_ref().unwrap_or(&self.embed).forward(&final_norm, rows, logits);
         Ok(())
     }
+}
+
+/// "auto": a checkpoint converted from a GGUF runs its own blocks (named by its 4-bit format if
+/// it has one); others follow `torch_dtype`.
+fn default_dtype(cfg: &ModelConfig, w: &Weights) -> WeightDtype {
+    let kinds = w.quant_kinds();
+    match kinds.iter().find(|&&k| k == QuantKind::Q4_1).or(kinds.first()) {
+        Some(&k) => WeightDtype::Quant(k),
+        None => cfg.default_dtype(),
+    }
+}
+
+/// Check that `dtype` fits the checkpoint: Q4_1 runs a GGUF's own 4-bit blocks and is not made
+/// at load (4-bit quantization loses what the GGUF's quantizer chose to keep); Q8_0 can be.
+fn resolve_dtype(dir: &Path, w: &Weights, dtype: WeightDtype) -> Result<WeightDtype> {
+    if dtype == WeightDtype::Quant(QuantKind::Q4_1) && !w.quant_kinds().contains(&QuantKind::Q4_1) {
+        let native: Vec<&str> = QuantKind::ALL.iter().map(|k| k.name()).collect();
+        let has = match (w.quant_kinds().first(), w.other_formats()) {
+            (Some(k), _) => format!("its quantized blocks are {}", k.name()),
+            (None, []) => "it holds no quantized blocks (an HF checkpoint)".to_string(),
+            (None, other) => format!(
+                "its GGUF held {}, which horae does not run natively (it runs {}), so they were dequantized at conversion",
+                other.join(", "),
+                native.join(" and ")
+            ),
+        };
+        return Err(HoraeError::InvalidConfig(format!(
+            "dtype 'q4_1' runs the Q4_1 blocks of a GGUF checkpoint (convert one with `horae convert-gguf`), \
+             and {} has none: {has}. Use 'q8_0' to quantize at load, or 'float32' / 'bfloat16'",
+            dir.display()
+        )));
+    }
+    Ok(dtype)
+}
+
+/// The matrix stacking `parts` (each `(name, rows)`, all `k` wide) in `dtype`. A quantized dtype
+/// takes the checkpoint's own blocks where every part has them in one format (Q4_1 takes any
+/// format the checkpoint has, Q8_0 only Q8_0), else quantizes the weights to Q8_0 at load.
+fn pack(w: &mut Weights, parts: &[(String, usize)], k: usize, dtype: WeightDtype) -> Result<PackedLinear> {
+    let n: usize = parts.iter().map(|(_, rows)| rows).sum();
+    if let WeightDtype::Quant(want) = dtype {
+        let kinds: Vec<_> = parts.iter().map(|(name, _)| w.quant_kind(name)).collect();
+        let native =
+            kinds[0].filter(|&q| kinds.iter().all(|&o| o == Some(q)) && (want == QuantKind::Q4_1 || q == want));
+        if let Some(kind) = native {
+            let mut raw = Vec::new();
+            for (name, rows) in parts {
+                let (_, bytes) = w.take_quantized(name, &[*rows, k])?.expect("checked above");
+                raw.extend(bytes);
+            }
+            return PackedLinear::from_ggml(kind, &raw, n, k)
+                .map_err(|e| HoraeError::Model(format!("{}: {e}", parts[0].0)));
+        }
+        if !k.is_multiple_of(quant::QK) {
+            return Err(HoraeError::InvalidConfig(format!(
+                "dtype '{}' keeps weights in blocks of {} along the input, and {} has {k} inputs: use 'float32' or 'bfloat16'",
+                dtype.name(),
+                quant::QK,
+                parts[0].0
+            )));
+        }
+    }
+    let mut data = Vec::with_capacity(n * k);
+    for (name, rows) in parts {
+        data.extend(w.take(name, &[*rows, k])?);
+    }
+    let dtype = match dtype {
+        WeightDtype::Quant(_) => WeightDtype::Quant(QuantKind::Q8_0),
+        other => other,
+    };
+    Ok(PackedLinear::new(&data, n, k, dtype))
 }

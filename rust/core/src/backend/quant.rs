@@ -1,0 +1,581 @@
+//! Quantized weights in GGML's block formats, Q8_0 and Q4_1 (the default model's GGUF holds its
+//! layers in Q4_1 and its embedding in Q8_0), run as they are: no widening at load.
+//!
+//! A GGML block holds 32 consecutive weights of one output row with an f16 scale `d`: Q8_0 is
+//! `d * q` with `q` an i8 (34 bytes a block, 8.5 bits a weight); Q4_1 is `d * q + m` with `q` a
+//! nibble and an f16 offset `m` (20 bytes, 5 bits). `QPanels` rearranges the blocks the way
+//! `gemm`'s panels are laid out, 16 output columns side by side, so the micro-kernel reads one
+//! 16-wide row of quantized weights per step of k, widens it in registers (`d * q + m`, one
+//! multiply-add per weight, shared by every row of x) and accumulates in f32. Activations stay
+//! f32: results are those of the dequantized weights up to summation order, which is what the
+//! goldens check (HF transformers on the dequantized GGUF).
+//!
+//! The portable kernel is plain arithmetic (and the reference the others are tested against);
+//! the AVX2 and AVX-512 kernels widen 16 weights with `vpmovzxbd`/`vpmovsxbd` and
+//! `vcvtdq2ps`, and the f16 scales with `vcvtph2ps`.
+
+use half::f16;
+
+use super::gemm::Isa;
+use super::muladd::{MulAdd, Plain};
+
+/// Weights per block.
+pub const QK: usize = 32;
+/// Columns per panel (`gemm`'s panel width).
+const NR: usize = 16;
+
+/// The block formats the kernels run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum QuantKind {
+    Q8_0,
+    Q4_1,
+}
+
+impl QuantKind {
+    pub const ALL: [QuantKind; 2] = [QuantKind::Q8_0, QuantKind::Q4_1];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            QuantKind::Q8_0 => "q8_0",
+            QuantKind::Q4_1 => "q4_1",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        QuantKind::ALL.into_iter().find(|k| k.name() == s.to_ascii_lowercase())
+    }
+
+    /// Bytes of one GGML block of 32 weights.
+    pub fn block_bytes(self) -> usize {
+        match self {
+            QuantKind::Q8_0 => 2 + QK,
+            QuantKind::Q4_1 => 2 + 2 + QK / 2,
+        }
+    }
+
+    /// Bytes of 16 columns' blocks in a panel: 16 f16 scales (and 16 offsets), then the weights.
+    fn panel_block_bytes(self) -> usize {
+        NR * self.block_bytes()
+    }
+}
+
+/// One row (`x.len()` a multiple of 32) as GGML blocks, the way ggml's reference quantizers do it
+/// (Q8_0: `d = max |x| / 127`, `q = round(x / d)`; Q4_1: `m = min`, `d = (max - min) / 15`,
+/// `q = round((x - m) / d)`).
+pub fn quantize_row(kind: QuantKind, x: &[f32]) -> Vec<u8> {
+    assert!(x.len().is_multiple_of(QK), "a quantized row holds whole blocks of {QK}");
+    let mut out = Vec::with_capacity(x.len() / QK * kind.block_bytes());
+    for b in x.chunks_exact(QK) {
+        match kind {
+            QuantKind::Q8_0 => {
+                let amax = b.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+                let d = amax / 127.0;
+                let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+                out.extend(f16::from_f32(d).to_le_bytes());
+                out.extend(b.iter().map(|v| (v * id).round() as i8 as u8));
+            }
+            QuantKind::Q4_1 => {
+                let (min, max) =
+                    b.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &v| (lo.min(v), hi.max(v)));
+                let d = (max - min) / 15.0;
+                let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+                out.extend(f16::from_f32(d).to_le_bytes());
+                out.extend(f16::from_f32(min).to_le_bytes());
+                let q = |v: f32| (((v - min) * id + 0.5) as u8).min(15);
+                out.extend((0..QK / 2).map(|j| q(b[j]) | (q(b[j + QK / 2]) << 4)));
+            }
+        }
+    }
+    out
+}
+
+/// GGML blocks of one row back to f32 (`out.len()` weights).
+pub fn dequantize_row(kind: QuantKind, raw: &[u8], out: &mut [f32]) {
+    assert_eq!(raw.len(), out.len() / QK * kind.block_bytes());
+    for (blk, o) in raw.chunks_exact(kind.block_bytes()).zip(out.chunks_exact_mut(QK)) {
+        let d = f16::from_le_bytes([blk[0], blk[1]]).to_f32();
+        match kind {
+            QuantKind::Q8_0 => o.iter_mut().zip(&blk[2..]).for_each(|(o, &q)| *o = d * (q as i8) as f32),
+            QuantKind::Q4_1 => {
+                let m = f16::from_le_bytes([blk[2], blk[3]]).to_f32();
+                for (j, &q) in blk[4..].iter().enumerate() {
+                    o[j] = d * (q & 15) as f32 + m;
+                    o[j + QK / 2] = d * (q >> 4) as f32 + m;
+                }
+            }
+        }
+    }
+}
+
+/// A weight matrix `[n, k]` of GGML blocks in panels: for each panel of 16 output columns, for
+/// each block of 32 along k, the 16 columns' scales `d` (f16), for Q4_1 their offsets `m` (f16),
+/// then the weights with the 16 columns side by side: Q8_0 as `[32][16]` i8; Q4_1 as `[16][16]`
+/// bytes, GGML's own nibble order (byte i holds weight i low and weight i + 16 high). Columns past
+/// `n` are zero (scale and offset 0: they come out 0).
+pub struct QPanels {
+    kind: QuantKind,
+    n: usize,
+    k: usize,
+    data: Vec<u8>,
+}
+
+impl QPanels {
+    /// From `n` rows of GGML blocks (`raw`, row after row, as a GGUF stores a tensor).
+    pub fn from_ggml(kind: QuantKind, raw: &[u8], n: usize, k: usize) -> Result<Self, String> {
+        if !k.is_multiple_of(QK) || k == 0 {
+            return Err(format!(
+                "{} needs rows of whole blocks of {QK} weights; this matrix has rows of {k}",
+                kind.name()
+            ));
+        }
+        let (blocks, bb) = (k / QK, kind.block_bytes());
+        if raw.len() != n * blocks * bb {
+            return Err(format!(
+                "{} data for {n} x {k} weights is {} bytes, expected {}",
+                kind.name(),
+                raw.len(),
+                n * blocks * bb
+            ));
+        }
+        let pb = kind.panel_block_bytes();
+        let mut data = vec![0u8; n.div_ceil(NR) * blocks * pb];
+        for (col, row) in raw.chunks_exact(blocks * bb).enumerate() {
+            let (p, j) = (col / NR, col % NR);
+            for (kb, blk) in row.chunks_exact(bb).enumerate() {
+                let dst = &mut data[(p * blocks + kb) * pb..][..pb];
+                dst[2 * j..2 * j + 2].copy_from_slice(&blk[..2]);
+                match kind {
+                    QuantKind::Q8_0 => {
+                        for (i, &q) in blk[2..].iter().enumerate() {
+                            dst[2 * NR + i * NR + j] = q;
+                        }
+                    }
+                    QuantKind::Q4_1 => {
+                        dst[2 * NR + 2 * j..2 * NR + 2 * j + 2].copy_from_slice(&blk[2..4]);
+                        for (i, &q) in blk[4..].iter().enumerate() {
+                            dst[4 * NR + i * NR + j] = q;
+                        }
+                    }
+                }
+            }
+        }
+        Ok(QPanels { kind, n, k, data })
+    }
+
+    pub fn kind(&self) -> QuantKind {
+        self.kind
+    }
+
+    /// Bytes between one panel and the next.
+    pub(super) fn stride(&self) -> usize {
+        self.k / QK * self.kind.panel_block_bytes()
+    }
+
+    /// Byte offset of panel `p`'s block holding weight `k0` (a multiple of 32).
+    pub(super) fn offset(&self, p: usize, k0: usize) -> usize {
+        p * self.stride() + k0 / QK * self.kind.panel_block_bytes()
+    }
+
+    pub(super) fn bytes(&self) -> &[u8] {
+        &self.data
+    }
+
+    /// Row `i` of the `[n, k]` matrix, dequantized (an embedding lookup).
+    pub fn row(&self, i: usize, out: &mut [f32]) {
+        assert!(i < self.n && out.len() == self.k);
+        let (p, j, pb) = (i / NR, i % NR, self.kind.panel_block_bytes());
+        for (kb, o) in out.chunks_exact_mut(QK).enumerate() {
+            let blk = &self.data[self.offset(p, kb * QK)..][..pb];
+            let d = f16::from_le_bytes([blk[2 * j], blk[2 * j + 1]]).to_f32();
+            match self.kind {
+                QuantKind::Q8_0 => {
+                    o.iter_mut().enumerate().for_each(|(kk, o)| *o = d * (blk[2 * NR + kk * NR + j] as i8) as f32)
+                }
+                QuantKind::Q4_1 => {
+                    let m = f16::from_le_bytes([blk[2 * NR + 2 * j], blk[2 * NR + 2 * j + 1]]).to_f32();
+                    for kk in 0..QK / 2 {
+                        let q = blk[4 * NR + kk * NR + j];
+                        o[kk] = d * (q & 15) as f32 + m;
+                        o[kk + QK / 2] = d * (q >> 4) as f32 + m;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// One micro-kernel call on quantized panels: `rows` (<= 6) rows of x, packed `[kc][6]` at `a`
+/// (gemm's row-block layout), times `panels` side-by-side panels from byte `b` (`stride` bytes
+/// apart), `kc` a multiple of 32; the `rows x (panels x 16)` products go to `out`, rows
+/// `out_stride` apart.
+pub(super) struct QTile {
+    pub a: *const f32,
+    pub kc: usize,
+    pub rows: usize,
+    pub panels: usize,
+    pub b: *const u8,
+    pub stride: usize,
+    pub out: *mut f32,
+    pub out_stride: usize,
+}
+
+/// Rows of x per packed block (gemm's MR).
+const MR: usize = 6;
+
+/// Panels one call reads side by side: two on AVX-512 (2 x 6 accumulators of 16 lanes and the
+/// widened weights fit its 32 registers), one elsewhere.
+pub(super) fn panels_per_tile(isa: Isa) -> usize {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => 2,
+        _ => 1,
+    }
+}
+
+/// Run `t` on `kind` panels with the `isa` kernel.
+///
+/// # Safety
+/// `t.a` holds `kc x 6` values; each of `t.panels` panels holds `kc / 32` blocks from `t.b`;
+/// `t.out` has `rows` rows of `panels x 16` writable values; `rows` in 1..=6, `panels` in
+/// 1..=`panels_per_tile(isa)`; the CPU runs `isa`.
+pub(super) unsafe fn run(isa: Isa, kind: QuantKind, t: &QTile) {
+    debug_assert!(t.rows >= 1 && t.rows <= MR && t.panels >= 1 && t.panels <= panels_per_tile(isa));
+    macro_rules! rows {
+        ($($f:ident)::+, $p:literal, $q:ty) => {
+            match t.rows {
+                1 => $($f)::+::<1, $p, $q>(t),
+                2 => $($f)::+::<2, $p, $q>(t),
+                3 => $($f)::+::<3, $p, $q>(t),
+                4 => $($f)::+::<4, $p, $q>(t),
+                5 => $($f)::+::<5, $p, $q>(t),
+                _ => $($f)::+::<6, $p, $q>(t),
+            }
+        };
+    }
+    macro_rules! shapes {
+        ($($f:ident)::+) => {
+            match (kind, t.panels) {
+                (QuantKind::Q8_0, 1) => rows!($($f)::+, 1, Q8),
+                (QuantKind::Q8_0, _) => rows!($($f)::+, 2, Q8),
+                (QuantKind::Q4_1, 1) => rows!($($f)::+, 1, Q4),
+                (QuantKind::Q4_1, _) => rows!($($f)::+, 2, Q4),
+            }
+        };
+    }
+    // SAFETY: passed on from the caller; each kernel runs only where `isa` runs.
+    unsafe {
+        match isa {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => shapes!(simd::avx512),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2Fma => shapes!(simd::avx2),
+            Isa::Portable => shapes!(kernel_portable),
+        }
+    }
+}
+
+/// # Safety
+/// `run`'s contract.
+unsafe fn kernel_portable<const R: usize, const P: usize, Q: Format>(t: &QTile) {
+    // SAFETY: passed on.
+    unsafe { kernel::<R, P, Q, Plain>(t) }
+}
+
+/// A block format as the kernels read it from a panel block.
+trait Format {
+    const KIND: QuantKind;
+    /// Q4_1 (nibbles and offsets) rather than Q8_0 (bytes): how the x86 kernels widen a row.
+    #[cfg(target_arch = "x86_64")]
+    const Q4: bool;
+    /// The 16 columns' scales and offsets (offsets 0 for Q8_0).
+    ///
+    /// # Safety
+    /// `blk` points at a whole panel block.
+    unsafe fn scales(blk: *const u8) -> ([f32; NR], [f32; NR]);
+    /// Weight `kk` (0..32) of the 16 columns, widened: `d * q + m`.
+    ///
+    /// # Safety
+    /// As `scales`.
+    unsafe fn weights<M: MulAdd>(blk: *const u8, kk: usize, d: &[f32; NR], m: &[f32; NR]) -> [f32; NR];
+}
+
+/// f16 bits to f32 without branches (so it vectorises): the exponent is rebased by a multiply by
+/// 2^112, exact for normal and subnormal values and zero; scales are never infinite or NaN.
+#[inline(always)]
+fn f16_to_f32(h: u16) -> f32 {
+    let mag = f32::from_bits(((h as u32) & 0x7fff) << 13) * f32::from_bits(0x7780_0000);
+    f32::from_bits(mag.to_bits() | (((h as u32) & 0x8000) << 16))
+}
+
+/// # Safety
+/// `p` points at 16 f16 values.
+#[inline(always)]
+unsafe fn load_f16x16(p: *const u8) -> [f32; NR] {
+    // SAFETY: passed on (unaligned reads of 2 bytes each).
+    std::array::from_fn(|j| f16_to_f32(unsafe { (p.add(2 * j) as *const u16).read_unaligned() }.to_le()))
+}
+
+struct Q8;
+impl Format for Q8 {
+    const KIND: QuantKind = QuantKind::Q8_0;
+    #[cfg(target_arch = "x86_64")]
+    const Q4: bool = false;
+    #[inline(always)]
+    unsafe fn scales(blk: *const u8) -> ([f32; NR], [f32; NR]) {
+        // SAFETY: passed on.
+        (unsafe { load_f16x16(blk) }, [0.0; NR])
+    }
+    #[inline(always)]
+    unsafe fn weights<M: MulAdd>(blk: *const u8, kk: usize, d: &[f32; NR], _m: &[f32; NR]) -> [f32; NR] {
+        // SAFETY: row kk of the [32][16] i8 weights after the scales.
+        let q = unsafe { &*(blk.add(2 * NR + kk * NR) as *const [i8; NR]) };
+        std::array::from_fn(|j| d[j] * q[j] as f32)
+    }
+}
+
+struct Q4;
+impl Format for Q4 {
+    const KIND: QuantKind = QuantKind::Q4_1;
+    #[cfg(target_arch = "x86_64")]
+    const Q4: bool = true;
+    #[inline(always)]
+    unsafe fn scales(blk: *const u8) -> ([f32; NR], [f32; NR]) {
+        // SAFETY: passed on.
+        unsafe { (load_f16x16(blk), load_f16x16(blk.add(2 * NR))) }
+    }
+    #[inline(always)]
+    unsafe fn weights<M: MulAdd>(blk: *const u8, kk: usize, d: &[f32; NR], m: &[f32; NR]) -> [f32; NR] {
+        // SAFETY: byte row kk % 16 of the [16][16] nibble pairs after the scales and offsets.
+        let q = unsafe { &*(blk.add(4 * NR + (kk % (QK / 2)) * NR) as *const [u8; NR]) };
+        let shift = if kk < QK / 2 { 0 } else { 4 };
+        std::array::from_fn(|j| M::madd(d[j], ((q[j] >> shift) & 15) as f32, m[j]))
+    }
+}
+
+/// The micro-kernel: `R` rows by `P` panels of accumulators, each 32-weight block's scales read
+/// once, each widened weight row shared by the `R` rows.
+///
+/// # Safety
+/// `run`'s contract, with `R == t.rows` and `P == t.panels`.
+#[inline(always)]
+unsafe fn kernel<const R: usize, const P: usize, Q: Format, M: MulAdd>(t: &QTile) {
+    let pb = Q::KIND.panel_block_bytes();
+    let mut acc = [[[0.0f32; NR]; P]; R];
+    for kb in 0..t.kc / QK {
+        // SAFETY: block kb of panel p is inside the panel (kb < kc / 32).
+        let blk: [*const u8; P] = std::array::from_fn(|p| unsafe { t.b.add(p * t.stride + kb * pb) });
+        let scales: [([f32; NR], [f32; NR]); P] = std::array::from_fn(|p| unsafe { Q::scales(blk[p]) });
+        for kk in 0..QK {
+            let w: [[f32; NR]; P] =
+                std::array::from_fn(|p| unsafe { Q::weights::<M>(blk[p], kk, &scales[p].0, &scales[p].1) });
+            for (r, acc) in acc.iter_mut().enumerate() {
+                // SAFETY: kb * 32 + kk < kc and r < R <= 6: one value of the packed rows.
+                let a = unsafe { *t.a.add((kb * QK + kk) * MR + r) };
+                for (acc, w) in acc.iter_mut().zip(&w) {
+                    for (c, &w) in acc.iter_mut().zip(w) {
+                        *c = M::madd(a, w, *c);
+                    }
+                }
+            }
+        }
+    }
+    for (r, acc) in acc.iter().enumerate() {
+        for (p, acc) in acc.iter().enumerate() {
+            // SAFETY: row r < rows of `out`, panel p's 16 values.
+            unsafe { std::ptr::copy_nonoverlapping(acc.as_ptr(), t.out.add(r * t.out_stride + p * NR), NR) };
+        }
+    }
+}
+
+/// The x86 kernels: the portable kernel's loop with the widening written in intrinsics (the
+/// compiler did not vectorise the generic byte-to-float code: 1-7 GFLOP/s).
+#[cfg(target_arch = "x86_64")]
+mod simd {
+    use super::{Format, QTile, MR, NR, QK};
+    use std::arch::x86_64::*;
+
+    /// AVX-512: `P` panels of 16 columns, one register each, `R` rows.
+    ///
+    /// # Safety
+    /// `run`'s contract; the CPU has AVX-512F.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn avx512<const R: usize, const P: usize, Q: Format>(t: &QTile) {
+        let pb = Q::KIND.panel_block_bytes();
+        let nibble = _mm512_set1_epi32(15);
+        let mut acc = [[_mm512_setzero_ps(); P]; R];
+        // SAFETY (every read below): block kb of panel p lies inside the panel (kb < kc / 32);
+        // its scales, offsets and weight rows are at the offsets `QPanels` writes them; the
+        // packed rows hold kc x MR values.
+        for kb in 0..t.kc / QK {
+            let blk: [*const u8; P] = std::array::from_fn(|p| unsafe { t.b.add(p * t.stride + kb * pb) });
+            let d: [__m512; P] =
+                std::array::from_fn(|p| unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(blk[p] as *const __m256i)) });
+            let a = |kk: usize, r: usize| unsafe { _mm512_set1_ps(*t.a.add((kb * QK + kk) * MR + r)) };
+            if Q::Q4 {
+                let m: [__m512; P] = std::array::from_fn(|p| unsafe {
+                    _mm512_cvtph_ps(_mm256_loadu_si256(blk[p].add(2 * NR) as *const __m256i))
+                });
+                for i in 0..QK / 2 {
+                    let q: [__m512i; P] = std::array::from_fn(|p| unsafe {
+                        _mm512_cvtepu8_epi32(_mm_loadu_si128(blk[p].add(4 * NR + i * NR) as *const __m128i))
+                    });
+                    let lo: [__m512; P] = std::array::from_fn(|p| {
+                        _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(q[p], nibble)), d[p], m[p])
+                    });
+                    let hi: [__m512; P] = std::array::from_fn(|p| {
+                        _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32::<4>(q[p])), d[p], m[p])
+                    });
+                    for (r, acc) in acc.iter_mut().enumerate() {
+                        let (x_lo, x_hi) = (a(i, r), a(i + QK / 2, r));
+                        for p in 0..P {
+                            acc[p] = _mm512_fmadd_ps(x_lo, lo[p], acc[p]);
+                            acc[p] = _mm512_fmadd_ps(x_hi, hi[p], acc[p]);
+                        }
+                    }
+                }
+            } else {
+                for kk in 0..QK {
+                    let w: [__m512; P] = std::array::from_fn(|p| unsafe {
+                        let q = _mm512_cvtepi8_epi32(_mm_loadu_si128(blk[p].add(2 * NR + kk * NR) as *const __m128i));
+                        _mm512_mul_ps(_mm512_cvtepi32_ps(q), d[p])
+                    });
+                    for (r, acc) in acc.iter_mut().enumerate() {
+                        let x = a(kk, r);
+                        for p in 0..P {
+                            acc[p] = _mm512_fmadd_ps(x, w[p], acc[p]);
+                        }
+                    }
+                }
+            }
+        }
+        for (r, acc) in acc.iter().enumerate() {
+            for (p, &v) in acc.iter().enumerate() {
+                // SAFETY: row r < rows of `out`, panel p's 16 values.
+                unsafe { _mm512_storeu_ps(t.out.add(r * t.out_stride + p * NR), v) };
+            }
+        }
+    }
+
+    /// AVX2: one panel as two 8-wide halves, `R` rows (`P` is 1).
+    ///
+    /// # Safety
+    /// `run`'s contract; the CPU has AVX2, FMA and F16C.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn avx2<const R: usize, const P: usize, Q: Format>(t: &QTile) {
+        debug_assert_eq!(P, 1);
+        let pb = Q::KIND.panel_block_bytes();
+        let nibble = _mm256_set1_epi32(15);
+        let mut acc = [[_mm256_setzero_ps(); 2]; R];
+        // SAFETY (every read below): as in `avx512`, for panel 0.
+        for kb in 0..t.kc / QK {
+            let blk = unsafe { t.b.add(kb * pb) };
+            let half = |p: *const u8| unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)) };
+            let d = [half(blk), half(unsafe { blk.add(NR) })];
+            let a = |kk: usize, r: usize| unsafe { _mm256_broadcast_ss(&*t.a.add((kb * QK + kk) * MR + r)) };
+            // 8 weights of one row: bytes at `p` widened (zero- or sign-extended) to f32.
+            let widen_u8 = |p: *const u8| unsafe { _mm256_cvtepu8_epi32(_mm_loadl_epi64(p as *const __m128i)) };
+            if Q::Q4 {
+                let m = [half(unsafe { blk.add(2 * NR) }), half(unsafe { blk.add(3 * NR) })];
+                for i in 0..QK / 2 {
+                    let row = unsafe { blk.add(4 * NR + i * NR) };
+                    let q = [widen_u8(row), widen_u8(unsafe { row.add(8) })];
+                    for (shift, kk) in [(0, i), (4, i + QK / 2)] {
+                        let w: [__m256; 2] = std::array::from_fn(|h| {
+                            let v = _mm256_and_si256(_mm256_srlv_epi32(q[h], _mm256_set1_epi32(shift)), nibble);
+                            _mm256_fmadd_ps(_mm256_cvtepi32_ps(v), d[h], m[h])
+                        });
+                        for (r, acc) in acc.iter_mut().enumerate() {
+                            let x = a(kk, r);
+                            acc[0] = _mm256_fmadd_ps(x, w[0], acc[0]);
+                            acc[1] = _mm256_fmadd_ps(x, w[1], acc[1]);
+                        }
+                    }
+                }
+            } else {
+                for kk in 0..QK {
+                    let row = unsafe { blk.add(2 * NR + kk * NR) };
+                    let w: [__m256; 2] = std::array::from_fn(|h| unsafe {
+                        let q = _mm256_cvtepi8_epi32(_mm_loadl_epi64(row.add(8 * h) as *const __m128i));
+                        _mm256_mul_ps(_mm256_cvtepi32_ps(q), d[h])
+                    });
+                    for (r, acc) in acc.iter_mut().enumerate() {
+                        let x = a(kk, r);
+                        acc[0] = _mm256_fmadd_ps(x, w[0], acc[0]);
+                        acc[1] = _mm256_fmadd_ps(x, w[1], acc[1]);
+                    }
+                }
+            }
+        }
+        for (r, acc) in acc.iter().enumerate() {
+            // SAFETY: row r < rows of `out`, 16 values.
+            unsafe {
+                _mm256_storeu_ps(t.out.add(r * t.out_stride), acc[0]);
+                _mm256_storeu_ps(t.out.add(r * t.out_stride + 8), acc[1]);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data(len: usize, seed: u32) -> Vec<f32> {
+        (0..len)
+            .map(|i| ((i as u32).wrapping_mul(2_654_435_761).wrapping_add(seed) % 2001) as f32 / 1000.0 - 1.0)
+            .collect()
+    }
+
+    #[test]
+    fn quantize_then_dequantize_is_within_half_a_step() {
+        let x = data(96, 1);
+        for kind in QuantKind::ALL {
+            let raw = quantize_row(kind, &x);
+            assert_eq!(raw.len(), 3 * kind.block_bytes());
+            let mut back = vec![0.0; 96];
+            dequantize_row(kind, &raw, &mut back);
+            let step = match kind {
+                QuantKind::Q8_0 => 1.0 / 127.0,
+                QuantKind::Q4_1 => 2.0 / 15.0,
+            };
+            let err = x.iter().zip(&back).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+            assert!(err <= 0.5 * step * 1.01, "{kind:?}: max error {err}");
+        }
+    }
+
+    #[test]
+    fn panels_give_back_every_row() {
+        let (n, k) = (37, 64);
+        for kind in QuantKind::ALL {
+            let w = data(n * k, 2);
+            let raw: Vec<u8> = w.chunks_exact(k).flat_map(|r| quantize_row(kind, r)).collect();
+            let p = QPanels::from_ggml(kind, &raw, n, k).unwrap();
+            let (mut want, mut got) = (vec![0.0; k], vec![0.0; k]);
+            for i in 0..n {
+                dequantize_row(kind, &raw[i * raw.len() / n..(i + 1) * raw.len() / n], &mut want);
+                p.row(i, &mut got);
+                assert_eq!(got, want, "{kind:?} row {i}");
+            }
+        }
+    }
+
+    #[test]
+    fn bad_shapes_are_refused_with_the_reason() {
+        let err = QPanels::from_ggml(QuantKind::Q4_1, &[0; 20], 1, 48).err().unwrap();
+        assert!(err.contains("whole blocks of 32"), "{err}");
+        let err = QPanels::from_ggml(QuantKind::Q8_0, &[0; 10], 1, 32).err().unwrap();
+        assert!(err.contains("expected 34"), "{err}");
+        assert_eq!(QuantKind::parse("Q4_1"), Some(QuantKind::Q4_1));
+        assert_eq!(QuantKind::parse("q4_k"), None);
+    }
+
+    #[test]
+    fn f16_widening_matches_half() {
+        for bits in (0u16..=u16::MAX).step_by(7) {
+            let h = f16::from_bits(bits);
+            if h.is_finite() {
+                assert_eq!(f16_to_f32(bits).to_bits(), h.to_f32().to_bits(), "{bits:#x}");
+            }
+        }
+    }
+}
