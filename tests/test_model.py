@@ -123,6 +123,9 @@ def test_bfloat16_weights_within_documented_tolerance():
 
 def test_dtype_choice(llm):
     assert llm.engine.dtype == "q4_1"  # "auto" on a converted GGUF: its own blocks
+    # ... kept as blocks, not widened: 30 layers of 3,538,944 weights at 20 bytes a block of 32
+    # (Q4_1) and the 49,152 x 576 tied embedding at 34 bytes a block (Q8_0).
+    assert llm.engine.decode_weight_bytes == 30 * 3_538_944 * 20 // 32 + 49_152 * 576 * 34 // 32
     # An HF checkpoint ("auto" is float32 there: the Rust goldens check it) has no 4-bit blocks to run;
     # Q8_0 is made at load and stays close to f32.
     tiny = str(GOLDEN_DIR / "tiny-llama3")

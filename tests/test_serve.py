@@ -478,11 +478,17 @@ def _one_at_a_time(**engine):
         llm.shutdown()
 
 
+# The long request's length: over a second even at 200 tok/s (the default model's Q4_1 blocks
+# decode at about 140 tok/s on an AVX-512 machine; 60 tokens once took 2 s and now take 0.4 s,
+# less than the deadline below needs).
+LONG_TOKENS = 300
+
+
 def _behind_a_long_request(srv, body):
-    """Send a 60-token completion, then, while it runs, POST `body`: the first's usage, the
-    second's response, and how long the second took."""
+    """Send a long completion (LONG_TOKENS), then, while it runs, POST `body`: the first's usage,
+    the second's response, and how long the second took."""
     client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=120)
-    long = dict(model="smollm2", prompt="Once upon a time", max_tokens=60, temperature=0,
+    long = dict(model="smollm2", prompt="Once upon a time", max_tokens=LONG_TOKENS, temperature=0,
                 extra_body={"ignore_eos": True})
     with ThreadPoolExecutor(2) as pool:
         first = pool.submit(client.completions.create, **long)
@@ -500,7 +506,7 @@ def test_queue_deadline_answers_503_and_the_engine_goes_on():
     with _one_at_a_time(queue_timeout=0.3) as srv:
         client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=120)
         usage, resp, _ = _behind_a_long_request(srv, {"model": "smollm2", "prompt": "Hi", "max_tokens": 4})
-        assert usage.completion_tokens == 60
+        assert usage.completion_tokens == LONG_TOKENS
         err = _error(resp, 503)
         assert err["code"] == "queue_timeout" and resp.headers["Retry-After"] == "1"
         text = httpx.get(srv.url + "/metrics").text
@@ -520,7 +526,7 @@ def test_slo_queue_sheds_a_request_that_cannot_meet_its_slo_with_a_503():
         client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=120)
         usage, hopeless, waited = _behind_a_long_request(
             srv, {"model": "smollm2", "prompt": "Hi", "max_tokens": 4, "slo": {"ttft": 0.05}})
-        assert usage.completion_tokens == 60
+        assert usage.completion_tokens == LONG_TOKENS
         err = _error(hopeless, 503)
         assert err["code"] == "queue_timeout" and hopeless.headers["Retry-After"] == "1"
         assert "SLO" in err["message"]

@@ -347,6 +347,11 @@ class Engine:
         return self._core.dtype
 
     @property
+    def decode_weight_bytes(self) -> Optional[int]:
+        """On the CPU: bytes of weights one decode step reads (None on a GPU)."""
+        return self._core.decode_weight_bytes
+
+    @property
     def device(self) -> str:
         """Where the model runs: "cpu" or "cuda:N (GPU name)"."""
         return self._core.device

@@ -12,7 +12,11 @@ Prints, all measured in the same run:
   one (6,000 tokens; the long one's per-token rate as a ratio to the short one's: attention's
   share), and decode tokens/s at 1, 8 and 32 concurrent sequences, each as model FLOP/s
   (2 x parameters x tokens) and as a ratio to the peak;
-- with torch and transformers installed, HF transformers' batch-1 greedy decode on the same weights.
+- the machine's memory read bandwidth (every thread reading 1 GiB), and batch-1 decode's as a
+  fraction of it (the weight bytes a step reads times the steps a second);
+- with torch and transformers installed, HF transformers' batch-1 greedy decode on the same weights;
+- with llama-cpp-python installed and the default model, llama.cpp on the very GGUF horae's Q4_1
+  blocks come from: 512-token prefill and batch-1 decode, with horae's q4_1 as a ratio to them.
 """
 
 from __future__ import annotations
@@ -83,6 +87,32 @@ def _hf_decode_rate(model_dir, new_tokens: int) -> Optional[float]:
     return (out.shape[1] - ids.shape[1]) / dt
 
 
+def _llamacpp_rates(gguf, prefill: int, new_tokens: int) -> Optional[dict]:
+    """llama.cpp (through llama-cpp-python, if installed) on `gguf`: prefill tokens/s for one
+    `prefill`-token prompt and batch-1 decode tokens/s (the median step), timed as horae's are."""
+    try:
+        import llama_cpp
+    except ImportError:
+        return None
+    threads = os.cpu_count() or 1
+    llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=prefill + new_tokens + 64, n_batch=prefill, n_ubatch=prefill,
+                          n_threads=threads, n_threads_batch=threads, verbose=False)
+    ids = [1 + (13 * j + 101 * 3) % 5000 for j in range(prefill)]
+    llm.eval(ids[:64])  # warm-up
+    llm.reset()
+    t = time.perf_counter()
+    llm.eval(ids)
+    pre = prefill / (time.perf_counter() - t)
+    llm.reset()
+    llm.eval(ids[:16])
+    times = []
+    for i in range(new_tokens):
+        t = time.perf_counter()
+        llm.eval([1 + (7 * i) % 5000])
+        times.append(time.perf_counter() - t)
+    return {"version": llama_cpp.__version__, "prefill_tok_s": pre, "decode_1_tok_s": 1 / statistics.median(times)}
+
+
 def _shapes(cfg: dict) -> List[tuple]:
     """(out, in) of each linear layer of one decoder layer, as the runtime stacks them."""
     h, i, nh = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_attention_heads"]
@@ -135,6 +165,9 @@ def run(model=None, batches: List[int] = (1, 8, 32), new_tokens: int = 64, prefi
     print(f"CPU {res['cpu']}; kernels it runs: {', '.join(kernels['available'])}; the engine uses {kernels['selected']}")
     print(f"model {model_dir.name}: {params / 1e6:.0f}M matmul parameters")
     print(f"GEMM peak (faer f32, 512x{i}x{h}, same run): {peaks[0]:.1f} GFLOP/s")
+    bandwidth = _core.bench_read_bandwidth()
+    res["read_bandwidth_gbs"] = bandwidth
+    print(f"memory read bandwidth (all threads, 1 GiB, same run): {bandwidth:.1f} GB/s")
 
     print(f"linear layers of this model ({cfg['num_hidden_layers']} layers, weights from memory), GFLOP/s:")
     # The portable kernel is the fallback where no SIMD kernel runs (and far slower: 10-20x); where
@@ -181,7 +214,13 @@ def run(model=None, batches: List[int] = (1, 8, 32), new_tokens: int = 64, prefi
             rate = _decode_rate(engine, b, new_tokens)
             r[f"decode_{b}_tok_s"] = rate
             gf = 2 * params * rate / 1e9
-            print(f"decode at {b:>2} sequences: {rate:8.1f} tok/s = {gf:6.1f} GFLOP/s")
+            line = f"decode at {b:>2} sequences: {rate:8.1f} tok/s = {gf:6.1f} GFLOP/s"
+            if b == 1 and engine.decode_weight_bytes:
+                gbs = engine.decode_weight_bytes * rate / 1e9
+                r["decode_1_gbs"] = gbs
+                line += (f", {engine.decode_weight_bytes / 1e6:.0f} MB of weights a step: {gbs:.1f} GB/s = "
+                         f"{gbs / bandwidth:.2f} of the read bandwidth")
+            print(line)
         res["dtypes"][dtype] = r
         del engine
         gc.collect()
@@ -195,6 +234,20 @@ def run(model=None, batches: List[int] = (1, 8, 32), new_tokens: int = 64, prefi
         cells = [f"prefill {2 * params * r['prefill_tok_s'] / 1e9 / peak:.2f}"]
         cells += [f"decode@{b} {2 * params * r[f'decode_{b}_tok_s'] / 1e9 / peak:.2f}" for b in batches]
         print(f"  {dtype:>8}: " + "  ".join(cells))
+    if model is None and "q4_1" in res["dtypes"]:
+        from horae.models import _find_default_gguf, cache_dir
+
+        peer = _llamacpp_rates(_find_default_gguf(cache_dir() / "downloads"), prefill, new_tokens)
+        if peer is None:
+            print("llama.cpp: not installed (pip install llama-cpp-python to compare on the same GGUF)")
+        else:
+            res["llama_cpp"] = peer
+            ours = res["dtypes"]["q4_1"]
+            print(f"llama.cpp {peer['version']} on the same GGUF (Q4_1 layers, Q8_0 embedding), {os.cpu_count()} threads: "
+                  f"prefill {prefill} tokens {peer['prefill_tok_s']:.1f} tok/s, decode at 1 sequence "
+                  f"{peer['decode_1_tok_s']:.1f} tok/s; horae q4_1 / llama.cpp: prefill "
+                  f"{ours['prefill_tok_s'] / peer['prefill_tok_s']:.2f}x, decode "
+                  f"{ours['decode_1_tok_s'] / peer['decode_1_tok_s']:.2f}x")
     if hf:
         rate = _hf_decode_rate(model_dir, new_tokens)
         if rate is None:

@@ -186,10 +186,15 @@ impl PyEngine {
     fn model_dir(&self) -> PathBuf {
         self.info.model_dir.clone()
     }
-    /// How the weights are held: "float32", "bfloat16" or "float16".
+    /// How the weights are held: "float32", "bfloat16", "q8_0", "q4_1" or "float16".
     #[getter]
     fn dtype(&self) -> &'static str {
         self.info.dtype
+    }
+    /// On the CPU: bytes of weights one decode step reads (None on a GPU).
+    #[getter]
+    fn decode_weight_bytes(&self) -> Option<usize> {
+        self.info.decode_weight_bytes
     }
     /// Where the model runs: "cpu" or "cuda:N (name)".
     #[getter]

@@ -506,6 +506,14 @@ fn bench_attention(
     }))
 }
 
+/// The machine's memory read bandwidth in GB/s: every thread reading a `mib`-MiB buffer, best
+/// of `iters` passes.
+#[pyfunction]
+#[pyo3(signature = (mib = 1024, iters = 3))]
+fn bench_read_bandwidth(py: Python<'_>, mib: usize, iters: usize) -> f64 {
+    py.detach(|| horae_core::bench::memory::read_bandwidth_gbs(mib << 20, iters))
+}
+
 /// The CPU kernels: `{"selected": name, "available": [names]}` (names: "portable", "avx2",
 /// "avx512"). `selected` is what the engine runs: the best available, capped by
 /// `HORAE_CPU_KERNEL` where set.
@@ -540,6 +548,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(bench_linear, m)?)?;
     m.add_function(wrap_pyfunction!(cpu_kernels, m)?)?;
     m.add_function(wrap_pyfunction!(bench_attention, m)?)?;
+    m.add_function(wrap_pyfunction!(bench_read_bandwidth, m)?)?;
     m.add_function(wrap_pyfunction!(load_trace, m)?)?;
     m.add_function(wrap_pyfunction!(synthetic_trace, m)?)?;
     m.add_function(wrap_pyfunction!(simulate, m)?)?;

@@ -141,6 +141,15 @@ impl PackedLinear {
         Ok(Self { n, k, panels: Panels::Quant(QPanels::from_ggml(kind, raw, n, k)?) })
     }
 
+    /// Bytes the packed weights take (what a pass over the layer reads from memory).
+    pub fn bytes(&self) -> usize {
+        match &self.panels {
+            Panels::F32(v) => 4 * v.len(),
+            Panels::Bf16(v) => 2 * v.len(),
+            Panels::Quant(q) => q.bytes().len(),
+        }
+    }
+
     /// How the weights are stored.
     pub fn dtype(&self) -> WeightDtype {
         match &self.panels {
@@ -194,7 +203,7 @@ impl PackedLinear {
         // Aim for four per thread so rayon can balance uneven cores; tiny products run inline.
         let m_blocks = m.div_ceil(MC);
         let wide = match &self.panels {
-            Panels::Quant(_) => quant::panels_per_tile(isa),
+            Panels::Quant(_) => quant::panels_per_tile(isa, m),
             _ => isa.panels_per_tile(),
         };
         let per_task = if m * n * k < 1 << 17 {
@@ -576,7 +585,7 @@ impl Tile {
     unsafe fn run_quant(&self, q: &QPanels, p: usize, k0: usize, isa: Isa) {
         let last = q.offset(p + self.panels - 1, k0 + self.kc);
         assert!(last <= q.bytes().len() && self.kc.is_multiple_of(quant::QK), "quantized panel slice out of bounds");
-        assert!(self.panels <= quant::panels_per_tile(isa), "a wide tile needs the wide kernel");
+        assert!(self.panels <= quant::max_panels(isa), "a wide tile needs the wide kernel");
         assert!(self.rows >= 1 && self.rows <= MR && self.cols >= 1 && self.cols <= self.panels * NR, "tile shape");
         let mut scratch = std::mem::MaybeUninit::<[[f32; SCRATCH]; MR]>::uninit();
         let acc = scratch.as_mut_ptr() as *mut f32;
@@ -833,9 +842,18 @@ mod tests {
     /// must equal up to summation order), every kernel, ragged shapes, depth past one pass.
     #[test]
     fn quantized_matches_the_dequantized_reference() {
-        for &(m, n, k) in
-            &[(1, 16, 32), (5, 37, 320), (7, 64, 544), (13, 3, 32), (32, 200, 576), (12, 129, 256), (19, 100, 64)]
-        {
+        for &(m, n, k) in &[
+            (1, 16, 32),
+            (5, 37, 320),
+            (7, 64, 544),
+            (13, 3, 32),
+            (32, 200, 576),
+            (12, 129, 256),
+            (19, 100, 64),
+            (1, 200, 96),
+            (2, 100, 288),
+            (1, 48, 64),
+        ] {
             let (x, w) = (data(m * k, 1), data(n * k, 2));
             for kind in QuantKind::ALL {
                 let raw: Vec<u8> = w.chunks_exact(k).flat_map(|r| quant::quantize_row(kind, r)).collect();

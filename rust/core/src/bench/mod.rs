@@ -5,5 +5,6 @@ pub mod admission;
 pub mod attention;
 pub mod cuda;
 pub mod gemm;
+pub mod memory;
 pub mod queue;
 pub mod route;

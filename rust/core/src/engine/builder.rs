@@ -116,8 +116,10 @@ pub struct EngineInfo {
     pub device: String,
     /// With device "auto" on the CPU: why no GPU was used.
     pub cpu_fallback_reason: Option<String>,
-    /// How the weights are held: "float32", "bfloat16" or "float16".
+    /// How the weights are held: "float32", "bfloat16", "q8_0", "q4_1" or "float16".
     pub dtype: &'static str,
+    /// On the CPU: bytes of weights a decode step streams (`LlamaModel::decode_weight_bytes`).
+    pub decode_weight_bytes: Option<usize>,
     pub eos_token_ids: Vec<u32>,
     pub kv_cache_tokens: usize,
     /// With a history file: what loading it found (warm, or cold and why).
@@ -311,6 +313,7 @@ pub fn build(args: EngineArgs) -> Result<(EngineHandle, EngineInfo)> {
         device: device_name,
         cpu_fallback_reason,
         dtype: dtype_name,
+        decode_weight_bytes: cpu_model.get().map(|m| m.decode_weight_bytes()),
         eos_token_ids,
         kv_cache_tokens,
         history,

@@ -151,6 +151,15 @@ impl LlamaModel {
         Ok(Self { cfg, embed, layers, norm, lm_head, dtype, inv_freq })
     }
 
+    /// Bytes of weights one decode step streams from memory: every layer's matrices and the LM
+    /// head (the embedding table when tied); norms are negligible and the embedding lookup reads
+    /// one row a token. The bench divides it by the step time for the bandwidth decode reaches.
+    pub fn decode_weight_bytes(&self) -> usize {
+        let layers: usize =
+            self.layers.iter().map(|l| l.qkv.bytes() + l.o.bytes() + l.gate_up.bytes() + l.down.bytes()).sum();
+        layers + self.lm_head.as_ref().unwrap_or(&self.embed).bytes()
+    }
+
     /// Run the batch, writing `logit_rows.len() x vocab` logits into `logits` (a buffer the caller
     /// keeps between steps: at 32 rows it is 6 MB, and allocating it fresh cost page faults and a
     /// memset every step).
