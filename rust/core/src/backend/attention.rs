@@ -52,29 +52,19 @@ pub fn paged_attention(
         .filter(|s| tiled(s))
         .flat_map(|s| prefill_attention::tiles(s.row, s.start, s.num_tokens, s.block_table, num_kv_heads, bq))
         .collect();
+    let kv = Paged { k: k_cache, v: v_cache, block_size, num_heads, num_kv_heads, head_dim };
     if !tiles.is_empty() {
-        let kv = Paged { k: k_cache, v: v_cache, block_size, num_heads, num_kv_heads, head_dim };
         prefill_attention::run(q, &tiles, kv, out, Isa::detect());
     }
     let rows: Vec<AttnSeq<'_>> = seqs.iter().filter(|s| !tiled(s)).copied().collect();
-    attention_by_rows(q, &rows, k_cache, v_cache, block_size, num_heads, num_kv_heads, head_dim, out);
+    attention_by_rows(q, &rows, kv, out);
 }
 
 /// The rows of `seqs` one at a time, each over its whole KV history: what decode rows take, and
 /// the baseline `bench::attention` measures the tiles against. Rows outside `seqs` are left
 /// as they are.
-#[allow(clippy::too_many_arguments)]
-pub fn attention_by_rows(
-    q: &[f32],
-    seqs: &[AttnSeq<'_>],
-    k_cache: &[f32],
-    v_cache: &[f32],
-    block_size: usize,
-    num_heads: usize,
-    num_kv_heads: usize,
-    head_dim: usize,
-    out: &mut [f32],
-) {
+pub fn attention_by_rows(q: &[f32], seqs: &[AttnSeq<'_>], kv: Paged<'_>, out: &mut [f32]) {
+    let Paged { k: k_cache, v: v_cache, block_size, num_heads, num_kv_heads, head_dim } = kv;
     let shape = AttnShape { block_size, num_heads, num_kv_heads, head_dim };
     let cache = PagedKv { k: k_cache, v: v_cache, shape };
     #[cfg(target_arch = "x86_64")]

@@ -127,7 +127,13 @@ struct Scratch {
     /// The KV tile's K and V rows, `[BK][d]` each.
     k: Vec<f32>,
     v: Vec<f32>,
-    /// Per column: running max, running sum, this tile's max, the rescale factor.
+    online: Online,
+}
+
+/// The online softmax's state, one value per column (query row): running max, running sum,
+/// this KV tile's max, and the factor that rescales what the column had.
+#[derive(Default)]
+struct Online {
     max: Vec<f32>,
     sum: Vec<f32>,
     tile_max: Vec<f32>,
@@ -165,10 +171,10 @@ fn attend_tile(q: &[f32], t: &Tile<'_>, kv: Paged<'_>, out: &mut [f32], s: &mut 
         }
     }
     fresh(&mut s.o, rows * d, 0.0);
-    fresh(&mut s.max, cols, f32::NEG_INFINITY);
-    fresh(&mut s.sum, cols, 0.0);
-    fresh(&mut s.tile_max, cols, f32::NEG_INFINITY);
-    fresh(&mut s.alpha, cols, 0.0);
+    fresh(&mut s.online.max, cols, f32::NEG_INFINITY);
+    fresh(&mut s.online.sum, cols, 0.0);
+    fresh(&mut s.online.tile_max, cols, f32::NEG_INFINITY);
+    fresh(&mut s.online.alpha, cols, 0.0);
     s.st.resize(BK * cols, 0.0);
     s.k.resize(BK * d, 0.0);
     s.v.resize(BK * d, 0.0);
@@ -193,8 +199,8 @@ fn attend_tile(q: &[f32], t: &Tile<'_>, kv: Paged<'_>, out: &mut [f32], s: &mut 
             let hidden = ((j0 + c).saturating_sub(first) * group).min(cols);
             s.st[c * cols..c * cols + hidden].fill(f32::NEG_INFINITY);
         }
-        softmax_step(isa, &mut s.st[..n * cols], cols, &mut s.max, &mut s.sum, &mut s.tile_max, &mut s.alpha);
-        for (o, &a) in s.o.chunks_exact_mut(d).zip(&s.alpha) {
+        softmax_step(isa, &mut s.st[..n * cols], cols, &mut s.online);
+        for (o, &a) in s.o.chunks_exact_mut(d).zip(&s.online.alpha) {
             if a != 1.0 {
                 o.iter_mut().for_each(|o| *o *= a);
             }
@@ -206,7 +212,7 @@ fn attend_tile(q: &[f32], t: &Tile<'_>, kv: Paged<'_>, out: &mut [f32], s: &mut 
     for (r, o) in s.o.chunks_exact(d).enumerate() {
         let (i, g) = (t.t0 + r / group, r % group);
         let h = t.kvh * group + g;
-        let inv = 1.0 / s.sum[r];
+        let inv = 1.0 / s.online.sum[r];
         out[(t.row + i) * row_len + h * d..][..d].iter_mut().zip(o).for_each(|(y, x)| *y = x * inv);
     }
 }
@@ -263,35 +269,21 @@ fn matmul(
 /// One KV tile's step of the online softmax over `st` (`[n][cols]` scores, columns the query
 /// rows): per column, the new running max, the factor `alpha` that rescales what the column had
 /// (exp of old max minus new), the scores replaced by their weights and the sum updated.
-fn softmax_step(
-    isa: Isa,
-    st: &mut [f32],
-    cols: usize,
-    max: &mut [f32],
-    sum: &mut [f32],
-    tile_max: &mut [f32],
-    alpha: &mut [f32],
-) {
+fn softmax_step(isa: Isa, st: &mut [f32], cols: usize, online: &mut Online) {
     match isa {
         // SAFETY: each variant runs only where its features were detected.
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => unsafe { simd::softmax_avx512(st, cols, max, sum, tile_max, alpha) },
+        Isa::Avx512 => unsafe { simd::softmax_avx512(st, cols, online) },
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2Fma => unsafe { simd::softmax_avx2(st, cols, max, sum, tile_max, alpha) },
-        Isa::Portable => softmax::<Plain>(st, cols, max, sum, tile_max, alpha),
+        Isa::Avx2Fma => unsafe { simd::softmax_avx2(st, cols, online) },
+        Isa::Portable => softmax::<Plain>(st, cols, online),
     }
 }
 
 /// `softmax_step` in plain arithmetic over whole rows of columns, which the compiler vectorises.
 #[inline(always)]
-fn softmax<M: MulAdd>(
-    st: &mut [f32],
-    cols: usize,
-    max: &mut [f32],
-    sum: &mut [f32],
-    tile_max: &mut [f32],
-    alpha: &mut [f32],
-) {
+fn softmax<M: MulAdd>(st: &mut [f32], cols: usize, online: &mut Online) {
+    let Online { max, sum, tile_max, alpha } = online;
     tile_max.fill(f32::NEG_INFINITY);
     for row in st.chunks_exact(cols) {
         tile_max.iter_mut().zip(row).for_each(|(m, &x)| *m = m.max(x));
@@ -411,7 +403,7 @@ fn exp_one<M: MulAdd>(y: f32) -> f32 {
 /// The three instantiations for x86-64 (`Isa::Portable` uses the generic code as it is).
 #[cfg(target_arch = "x86_64")]
 mod simd {
-    use super::{mm, softmax, Fused, Mm};
+    use super::{mm, softmax, Fused, Mm, Online};
 
     /// # Safety
     /// `mm`'s contract; the CPU has AVX-512F.
@@ -434,28 +426,14 @@ mod simd {
     /// # Safety
     /// The CPU has AVX-512F.
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn softmax_avx512(
-        st: &mut [f32],
-        cols: usize,
-        max: &mut [f32],
-        sum: &mut [f32],
-        tile_max: &mut [f32],
-        alpha: &mut [f32],
-    ) {
-        softmax::<Fused>(st, cols, max, sum, tile_max, alpha)
+    pub unsafe fn softmax_avx512(st: &mut [f32], cols: usize, online: &mut Online) {
+        softmax::<Fused>(st, cols, online)
     }
 
     /// # Safety
     /// The CPU has AVX2 and FMA.
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn softmax_avx2(
-        st: &mut [f32],
-        cols: usize,
-        max: &mut [f32],
-        sum: &mut [f32],
-        tile_max: &mut [f32],
-        alpha: &mut [f32],
-    ) {
-        softmax::<Fused>(st, cols, max, sum, tile_max, alpha)
+    pub unsafe fn softmax_avx2(st: &mut [f32], cols: usize, online: &mut Online) {
+        softmax::<Fused>(st, cols, online)
     }
 }

@@ -33,8 +33,8 @@ pub fn compare_prefill_attention(
             .fold(f64::INFINITY, f64::min)
     };
     let seq = [AttnSeq { row: 0, num_tokens: tokens, start: 0, block_table: &table }];
-    let rows = best(&mut || attention_by_rows(&q, &seq, &k, &v, bs, num_heads, num_kv_heads, head_dim, &mut out));
     let paged = Paged { k: &k, v: &v, block_size: bs, num_heads, num_kv_heads, head_dim };
+    let rows = best(&mut || attention_by_rows(&q, &seq, paged, &mut out));
     let ts: Vec<_> = tiles(0, 0, tokens, &table, num_kv_heads, query_tile(tokens, num_kv_heads)).collect();
     let tiled = Isa::available()
         .into_iter()
