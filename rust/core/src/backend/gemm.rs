@@ -553,9 +553,10 @@ impl Tile {
         let pending = match isa {
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512 => {
-                let _ = next; // four sequential streams: the hardware prefetchers follow them
-                              // SAFETY: the Tile contract; `Isa::Avx512` is chosen only where the CPU
-                              // has AVX-512F; `rows` and `panels` pick the kernel of that shape.
+                // No software prefetch: four sequential streams, which the hardware follows.
+                let _ = next;
+                // SAFETY: the Tile contract; `Isa::Avx512` is chosen only where the CPU has
+                // AVX-512F; `rows` and `panels` pick the kernel of that shape.
                 unsafe { dispatch_tile!(self.rows, self.panels, T::avx512, self, b, acc) }
             }
             #[cfg(target_arch = "x86_64")]
@@ -566,8 +567,9 @@ impl Tile {
                 unsafe { dispatch_rows!(self.rows, T::avx2, self, b, prefetch, acc) }
             }
             Isa::Portable => {
-                let _ = next; // the portable kernel leaves prefetching to the hardware
-                              // SAFETY: as above, without the CPU features.
+                // The portable kernel leaves prefetching to the hardware.
+                let _ = next;
+                // SAFETY: as above, without the CPU features.
                 unsafe { dispatch_rows!(self.rows, T::portable, self, b, acc) }
             }
         };

@@ -418,8 +418,8 @@ mod simd {
     pub unsafe fn avx512<const R: usize, const P: usize, Q: Format>(t: &QTile) {
         let pb = Q::KIND.panel_block_bytes();
         let nibble = _mm512_set1_epi32(15);
-        // Two accumulator sets (Q4_1: low and high nibbles; Q8_0: even and odd k), summed at the
-        // end: twice the independent FMA chains, which one or two rows need to hide FMA latency.
+        // Two accumulator sets, summed at the end: for many rows, Q4_1's low and high nibbles go
+        // to one each; for one or two rows, `acc2` takes the offsets' term (`m * sum x`).
         let mut acc = [[_mm512_setzero_ps(); P]; R];
         let mut acc2 = [[_mm512_setzero_ps(); P]; R];
         // SAFETY (every read below): block kb of panel p lies inside the panel (kb < kc / 32);
@@ -509,7 +509,6 @@ mod simd {
                         let q = _mm512_cvtepi8_epi32(_mm_loadu_si128(blk[p].add(2 * NR + kk * NR) as *const __m128i));
                         _mm512_mul_ps(_mm512_cvtepi32_ps(q), d[p])
                     });
-                    let acc = if kk % 2 == 0 { &mut acc } else { &mut acc2 };
                     for (r, acc) in acc.iter_mut().enumerate() {
                         let x = a(kk, r);
                         for p in 0..P {
