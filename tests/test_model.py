@@ -146,6 +146,12 @@ def test_dtype_choice(llm):
         _core.bench_linear([], 1, 1)
     with pytest.raises(ValueError, match="q4_1 needs inputs in blocks of 32; a shape has 16"):
         _core.bench_linear([(16, 16)], 1, 1, "q4_1")
+    with pytest.raises(ValueError, match='kernel "sse9" does not run on this CPU; it runs: portable'):
+        _core.bench_linear([(16, 32)], 1, 1, kernel="sse9")
+    with pytest.raises(ValueError, match="head_dim a multiple of 16"):
+        _core.bench_attention(64, 9, 3, 60)
+    with pytest.raises(ValueError, match="num_heads a multiple of num_kv_heads"):
+        _core.bench_attention(64, 9, 2, 64)
     from horae.cli import main
     assert main(["bench", "model", "--dtypes", "fp8", "--no-hf"]) == 2
     with pytest.raises(SystemExit) as e:

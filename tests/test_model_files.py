@@ -136,3 +136,21 @@ def test_a_conversion_from_an_older_converter_is_redone(tmp_path):
     assert "horae: converting" in out.stderr
     assert (old / "quantized.safetensors").is_file() and (old / "horae_gguf.json").is_file()
     assert not [p for p in (fresh / "models").iterdir() if "stale" in p.name], "the stale folder is removed"
+
+
+def test_a_bad_quantized_file_is_named(tmp_path):
+    """A quantized.safetensors without its formats, or with a format horae does not run, or a
+    tensor that is not whole blocks, fails the load with the file and the reason."""
+    folder = _quantized_folder(tmp_path)
+    qfile = folder / "quantized.safetensors"
+    blocks = load_file(str(qfile))
+    name = "model.layers.0.mlp.down_proj.weight"
+    cases = [
+        ({}, blocks, "no horae.quant metadata"),
+        ({"horae.quant": json.dumps({name: "q4_k"})}, {name: blocks[name]}, f"tensor {name} has no supported format"),
+        ({"horae.quant": json.dumps({name: "q4_1"})}, {name: blocks[name][:, :-1].copy()}, "is not whole q4_1 blocks"),
+    ]
+    for meta, tensors, message in cases:
+        save_file(tensors, str(qfile), metadata=meta or None)
+        with pytest.raises(ValueError, match=message):
+            _core.model_logits(str(folder), [1, 2])
