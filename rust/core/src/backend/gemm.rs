@@ -32,6 +32,8 @@ const MR: usize = 6;
 /// Depth per pass: a 16-column panel of 256 rows is 16 KiB of f32, so it stays in L1 while every
 /// row block of x goes past it.
 const KC: usize = 256;
+/// How far ahead of its reads a decode tile prefetches each panel stream, in bytes.
+pub(super) const PREFETCH: usize = 1024;
 /// Rows of x per pass over a task's panels: 192 x 256 f32 is 192 KiB, which stays in a 512 KiB L2
 /// while the panels stream through L1 (192 measured faster than 96 at 512 rows here).
 const MC: usize = 192;
@@ -214,13 +216,17 @@ impl PackedLinear {
             np.div_ceil(groups).max(1).next_multiple_of(wide)
         };
         let groups = np.div_ceil(per_task);
+        // One row block (decode): the whole depth in one pass. x is a few KiB, so nothing is
+        // gained by keeping panel slices in L1, and each panel is then read as one sequential
+        // stream instead of k / KC pieces (the prefetchers ramp up again at every piece).
+        let depth = if m <= MR { k } else { KC };
         let out_ptr = SendPtr(out.as_mut_ptr());
         let run = |task: usize| {
             let out_ptr = &out_ptr;
             let (mc0, p0) = ((task / groups) * MC, (task % groups) * per_task);
             let p_end = (p0 + per_task).min(np);
-            for k0 in (0..k).step_by(KC) {
-                let kc = KC.min(k - k0);
+            for k0 in (0..k).step_by(depth) {
+                let kc = depth.min(k - k0);
                 for p in (p0..p_end).step_by(wide) {
                     let panels = wide.min(p_end - p);
                     let cols = (panels * NR).min(n - p * NR);
@@ -288,7 +294,7 @@ fn pack_rows(x: &[f32], m: usize, k: usize, a: &mut Vec<f32>) {
 /// (Linux, transparent huge pages in `madvise` mode, the common default). Decode streams every
 /// weight each step; on 4 KiB pages that is a TLB miss per page and the hardware prefetchers stop
 /// at every page boundary.
-fn huge_page_vec<T: Copy + Default>(len: usize) -> Vec<T> {
+pub(crate) fn huge_page_vec<T: Copy + Default>(len: usize) -> Vec<T> {
     let mut v: Vec<T> = Vec::with_capacity(len);
     #[cfg(target_os = "linux")]
     {
@@ -445,12 +451,19 @@ trait PanelValue: Copy {
         // SAFETY: passed on from the caller.
         unsafe { avx512::<R, P, Self>(t, b, out) }
     }
-    /// One panel row (16 values) as f32, in column order.
+    /// One panel row (16 values) as f32, in storage order: `in_column_order` puts a sum of such
+    /// rows in column order, once per tile instead of once per row.
     ///
     /// # Safety
     /// `p` points at NR values; the CPU has AVX-512F.
     #[cfg(target_arch = "x86_64")]
     unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512;
+    /// Lanes in storage order to column order (f32 is stored in column order).
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    fn in_column_order(v: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 {
+        v
+    }
 }
 
 impl PanelValue for f32 {
@@ -479,9 +492,9 @@ impl PanelValue for u16 {
         // SAFETY: passed on from the caller.
         unsafe { avx2_bf16::<R>(t, b, prefetch, out) }
     }
-    /// Widened in storage order (0-3, 8-11, 4-7, 12-15) and put back in column order with one
-    /// permute: the group order serves AVX2's in-lane unpack, and the permute costs one shuffle
-    /// per 16 weights, off the FMA ports.
+    /// Widened in storage order (columns 0-3, 8-11, 4-7, 12-15: the group order serves AVX2's
+    /// in-lane unpack). The kernel sums rows in that order and permutes its accumulators once at
+    /// the end: a shuffle per 16 weights was a fifth of the batch-1 decode loop.
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
     unsafe fn load16(p: *const u16) -> std::arch::x86_64::__m512 {
@@ -489,8 +502,17 @@ impl PanelValue for u16 {
         // SAFETY: passed on from the caller (16 values of 2 bytes).
         unsafe {
             let wide = _mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(_mm256_loadu_si256(p as *const __m256i)));
+            _mm512_castsi512_ps(wide)
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    fn in_column_order(v: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        // SAFETY: a register permute; the kernels calling this run with AVX-512F.
+        unsafe {
             let order = _mm512_setr_epi32(0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 12, 13, 14, 15);
-            _mm512_permutexvar_ps(order, _mm512_castsi512_ps(wide))
+            _mm512_permutexvar_ps(order, v)
         }
     }
 }
@@ -696,7 +718,19 @@ unsafe fn avx2_store<const R: usize>(t: &Tile, acc: &[[std::arch::x86_64::__m256
 unsafe fn avx512<const R: usize, const P: usize, T: PanelValue>(t: &Tile, b: *const T, out: *mut f32) -> bool {
     use std::arch::x86_64::*;
     let mut acc = [[_mm512_setzero_ps(); P]; R];
+    // Panel rows to a cache line (f32: 1, bf16: 2).
+    let per_line = (64 / (NR * std::mem::size_of::<T>())).max(1);
     for kk in 0..t.kc {
+        if R <= 2 && kk % per_line == 0 {
+            // Decode: a few FMAs per weight, so the streams are latency-bound and the hardware
+            // prefetchers alone keep too few lines in flight (single-threaded, bf16 weights read
+            // 15 GB/s from memory against 33-52 from cache). Each panel's line PREFETCH bytes
+            // ahead is asked for now (a prefetch never faults, so one past the panel is harmless).
+            for p in 0..P {
+                let ahead = b.wrapping_add(p * t.stride + kk * NR) as *const u8;
+                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(PREFETCH) as *const i8);
+            }
+        }
         // SAFETY: kk < kc and p < P = panels: inside panel p's kc x NR slice.
         let w: [__m512; P] = std::array::from_fn(|p| unsafe { T::load16(b.add(p * t.stride + kk * NR)) });
         for (r, acc) in acc.iter_mut().enumerate() {
@@ -710,6 +744,7 @@ unsafe fn avx512<const R: usize, const P: usize, T: PanelValue>(t: &Tile, b: *co
     let full = t.cols == P * NR;
     for (r, acc) in acc.iter().enumerate() {
         for (p, &v) in acc.iter().enumerate() {
+            let v = T::in_column_order(v);
             // SAFETY: a full tile: row r < rows of C has P x NR writable values at c + r * ldc;
             // otherwise `out` is MR x SCRATCH scratch, P x NR <= SCRATCH.
             unsafe {

@@ -141,7 +141,8 @@ impl QPanels {
             ));
         }
         let pb = kind.panel_block_bytes();
-        let mut data = vec![0u8; n.div_ceil(NR) * blocks * pb];
+        // Decode streams these every step: on 2 MiB pages, as the f32 and bf16 panels are.
+        let mut data = super::gemm::huge_page_vec::<u8>(n.div_ceil(NR) * blocks * pb);
         for (col, row) in raw.chunks_exact(blocks * bb).enumerate() {
             let (p, j) = (col / NR, col % NR);
             for (kb, blk) in row.chunks_exact(bb).enumerate() {
@@ -407,6 +408,7 @@ unsafe fn kernel<const R: usize, const P: usize, Q: Format, M: MulAdd>(t: &QTile
 /// compiler did not vectorise the generic byte-to-float code: 1-7 GFLOP/s).
 #[cfg(target_arch = "x86_64")]
 mod simd {
+    use super::super::gemm::PREFETCH;
     use super::{Format, QTile, MR, NR, QK};
     use std::arch::x86_64::*;
 
@@ -436,7 +438,16 @@ mod simd {
                 // once a block: one FMA a weight row fewer, and 2 x R x P independent chains.
                 let mut sq = [[_mm512_setzero_ps(); P]; R];
                 let mut sq2 = [[_mm512_setzero_ps(); P]; R];
+                let lines = pb.div_ceil(64);
                 for i in 0..QK / 2 {
+                    if i < lines {
+                        // The decode streams are latency-bound: line i of the block PREFETCH
+                        // bytes ahead, in each panel (as the f32/bf16 decode tiles do).
+                        for b in &blk {
+                            let ahead = b.wrapping_add(PREFETCH + i * 64) as *const i8;
+                            _mm_prefetch::<_MM_HINT_T0>(ahead);
+                        }
+                    }
                     // Q4_1: nibbles i (low) and i + 16 (high); Q8_0: rows 2i and 2i + 1.
                     let (k1, k2) = if Q::Q4 { (i, i + QK / 2) } else { (2 * i, 2 * i + 1) };
                     let (w1, w2): ([__m512; P], [__m512; P]) = if Q::Q4 {

@@ -164,6 +164,18 @@ impl LlamaModel {
     /// keeps between steps: at 32 rows it is 6 MB, and allocating it fresh cost page faults and a
     /// memset every step).
     pub fn forward(&self, input: &BatchInput<'_>, cache: &mut KvCache, logits: &mut Vec<f32>) -> Result<()> {
+        // The whole step runs on one of rayon's workers. Called from the engine's own thread,
+        // every parallel region (about five a layer) would inject its job into the pool and put
+        // the caller to sleep on a latch: a futex wake and a context switch per region, 150 a
+        // decode step, which cost a quarter of a batch-1 step on two cores. From a worker, the
+        // regions' jobs go on its own deque and the other workers steal them.
+        if rayon::current_thread_index().is_none() {
+            return rayon::scope(|_| self.forward_on_worker(input, cache, logits));
+        }
+        self.forward_on_worker(input, cache, logits)
+    }
+
+    fn forward_on_worker(&self, input: &BatchInput<'_>, cache: &mut KvCache, logits: &mut Vec<f32>) -> Result<()> {
         let c = &self.cfg;
         let (h, hd, nh, nkv, inter) = (c.hidden_size, c.head_dim, c.num_heads, c.num_kv_heads, c.intermediate_size);
         let t = input.tokens.len();
