@@ -99,10 +99,12 @@ def test_every_cpu_kernel_matches_transformers(tmp_path):
 
 
 def test_bfloat16_weights_within_documented_tolerance():
-    """dtype="bfloat16" rounds the weights to bf16 (products and sums stay f32). Against HF's f32
+    """dtype="bfloat16" rounds the weights to bf16 (the linear layers' products and sums stay f32;
+    where the CPU has AVX-512 BF16 the prefill attention's products are bf16). Against HF's f32
     run on the f32 weights, the documented tolerance (docs/benchmarks.md) is: teacher-forced logits
-    within 0.3 max abs (measured 0.15); greedy output identical for the first 8 tokens of every
-    golden prompt and in full for at least 10 of the 12 (measured 11: one diverges at token 16)."""
+    within 0.3 max abs (measured 0.15 with f32 attention, 0.22 with bf16 products; HF itself in
+    bf16: 0.68); greedy output identical for the first 8 tokens of every golden prompt and in full
+    for at least 10 of the 12 (measured 11 either way: one diverges at token 16)."""
     llm = LLM(kv_cache_tokens=8192, dtype="bfloat16")
     assert llm.engine.dtype == "bfloat16"
     worst = 0.0

@@ -14,6 +14,7 @@ use horae_core::backend::cpu;
 use horae_core::backend::cuda::device::Gpu;
 use horae_core::backend::cuda::ops::{self, AttnDims, AttnIo, DecodeScratch, Dt, PrefillMeta, Ptr};
 use horae_core::backend::cuda::sampler;
+use horae_core::backend::prefill_attention::Products;
 use horae_core::engine::{Engine, WallClock};
 use horae_core::model::cuda_llama::{CudaLlama, KvBudget};
 use horae_core::request::{Prompt, RequestSpec};
@@ -281,7 +282,7 @@ impl AttnCase {
             row += n;
         }
         let mut want = vec![0.0; rows * nh * hd];
-        paged_attention(&q, &attn_seqs, &k_cache, &v_cache, bs, nh, nkv, hd, &mut want);
+        paged_attention(&q, &attn_seqs, &k_cache, &v_cache, bs, nh, nkv, hd, Products::F32, &mut want);
 
         let (q_d, kc_d, vc_d) = (up16(g, dt, &q), up16(g, dt, &k_cache), up16(g, dt, &v_cache));
         let out_d = g.stream.alloc_zeros::<u16>(rows * nh * hd).unwrap();

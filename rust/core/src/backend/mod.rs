@@ -2,6 +2,7 @@
 //! will be checked against it.
 
 pub mod attention;
+mod bf16_dot;
 pub mod cpu;
 pub mod cuda;
 pub mod gemm;

@@ -18,6 +18,7 @@
 
 use rayon::prelude::*;
 
+use super::bf16_dot as bf16;
 use super::gemm::Isa;
 #[cfg(target_arch = "x86_64")]
 use super::muladd::Fused;
@@ -25,6 +26,26 @@ use super::muladd::{MulAdd, Plain};
 
 /// KV positions per tile.
 const BK: usize = 64;
+
+/// The arithmetic of a tile's two products, Q K^T and P V (the softmax is f32 either way).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Products {
+    /// f32 operands and sums (within 2e-5 of the row kernel).
+    F32,
+    /// Q, K, P and V rounded to bf16, sums in f32, through `vdpbf16ps` (twice an FMA's products
+    /// an instruction): what flash attention does in a bf16 model. Only where `bf16_runs`.
+    Bf16,
+}
+
+/// Whether `Products::Bf16` runs with the `isa` kernels on this CPU (AVX-512 with BF16).
+pub fn bf16_runs(isa: Isa) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx512 {
+        return super::bf16_dot::runs_here();
+    }
+    let _ = isa;
+    false
+}
 
 /// One layer's paged KV and its shape, as `attention::paged_attention` takes them.
 #[derive(Clone, Copy)]
@@ -91,10 +112,11 @@ unsafe impl Sync for OutPtr {}
 
 /// Attention for every tile, in parallel: `q` and `out` are the batch's `[rows, num_heads *
 /// head_dim]` query and output. Tiles must not overlap (each (row, KV head) in at most one).
-pub fn run(q: &[f32], tiles: &[Tile<'_>], kv: Paged<'_>, out: &mut [f32], isa: Isa) {
+pub fn run(q: &[f32], tiles: &[Tile<'_>], kv: Paged<'_>, out: &mut [f32], isa: Isa, products: Products) {
     let row_len = kv.num_heads * kv.head_dim;
     assert!(supports(kv.head_dim) && kv.num_heads.is_multiple_of(kv.num_kv_heads));
     assert!(isa.runs_here(), "this CPU cannot run the {} kernel", isa.name());
+    assert!(products == Products::F32 || bf16_runs(isa), "bf16 products need AVX-512 BF16");
     assert_eq!(q.len(), out.len());
     for t in tiles {
         assert!(t.t0 < t.t1 && (t.row + t.t1) * row_len <= out.len() && t.kvh < kv.num_kv_heads, "tile out of range");
@@ -111,7 +133,7 @@ pub fn run(q: &[f32], tiles: &[Tile<'_>], kv: Paged<'_>, out: &mut [f32], isa: I
             // SAFETY: the tile's rows and heads are in bounds (asserted above) and no other tile
             // writes them (the caller's contract).
             let out = unsafe { std::slice::from_raw_parts_mut(out_ptr.0, q.len()) };
-            attend_tile(q, t, kv, out, s, isa)
+            attend_tile(q, t, kv, out, s, isa, products)
         })
     });
 }
@@ -127,6 +149,12 @@ struct Scratch {
     /// The KV tile's K and V rows, `[BK][d]` each.
     k: Vec<f32>,
     v: Vec<f32>,
+    /// For `Products::Bf16`, bf16 pairs along each product's sum: Q^T `[d / 2][cols]`, K
+    /// `[BK][d / 2]`, V `[BK / 2][d]` and P^T `[BK / 2][cols]`.
+    qt2: Vec<u32>,
+    k2: Vec<u32>,
+    v2: Vec<u32>,
+    pt2: Vec<u32>,
     online: Online,
 }
 
@@ -148,7 +176,7 @@ thread_local! {
 /// One tile, with the scores transposed: S^T = K Q^T is `[KV positions][query rows]`, so the
 /// softmax's running max, rescale and sums run across query rows, 16 lanes at a time, with no
 /// transpose of K (the tile's queries are transposed once and reused for every KV tile).
-fn attend_tile(q: &[f32], t: &Tile<'_>, kv: Paged<'_>, out: &mut [f32], s: &mut Scratch, isa: Isa) {
+fn attend_tile(q: &[f32], t: &Tile<'_>, kv: Paged<'_>, out: &mut [f32], s: &mut Scratch, isa: Isa, products: Products) {
     let Paged { block_size, num_heads, num_kv_heads, head_dim: d, .. } = kv;
     let group = num_heads / num_kv_heads;
     let row_len = num_heads * d;
@@ -178,6 +206,17 @@ fn attend_tile(q: &[f32], t: &Tile<'_>, kv: Paged<'_>, out: &mut [f32], s: &mut 
     s.st.resize(BK * cols, 0.0);
     s.k.resize(BK * d, 0.0);
     s.v.resize(BK * d, 0.0);
+    let bf16 = products == Products::Bf16;
+    if bf16 {
+        s.qt2.resize(d / 2 * cols, 0);
+        s.k2.resize(BK * d / 2, 0);
+        s.v2.resize(BK / 2 * d, 0);
+        s.pt2.resize(BK / 2 * cols, 0);
+        for (i, pair) in s.qt2.chunks_exact_mut(cols).enumerate() {
+            let (lo, hi) = (&s.qt[2 * i * cols..][..cols], &s.qt[(2 * i + 1) * cols..][..cols]);
+            bf16::pair_rows(lo, Some(hi), pair);
+        }
+    }
     // Positions of the tile's first and last query tokens: KV up to the last is read; KV tiles
     // past the first token's position need the causal mask.
     let (first, last) = (t.start + t.t0, t.start + t.t1 - 1);
@@ -191,8 +230,26 @@ fn attend_tile(q: &[f32], t: &Tile<'_>, kv: Paged<'_>, out: &mut [f32], s: &mut 
             s.v[c * d..(c + 1) * d].copy_from_slice(&kv.v[off..off + d]);
         }
         // S^T[n x cols] = K[n x d] Q^T[d x cols].
-        let a = Operand { data: &s.k, row_stride: d, col_stride: 1 };
-        matmul(isa, a, &s.qt, cols, d, &mut s.st, cols, n, cols, false);
+        if bf16 {
+            for (k, pair) in s.k[..n * d].chunks_exact(d).zip(s.k2.chunks_exact_mut(d / 2)) {
+                bf16::pair_along(k, pair);
+            }
+            let qk = bf16::Product {
+                a: &s.k2,
+                ars: d / 2,
+                acs: 1,
+                b: &s.qt2,
+                ldb: cols,
+                kp: d / 2,
+                rows: n,
+                n: cols,
+                ldc: cols,
+            };
+            bf16::product(&qk, &mut s.st, false);
+        } else {
+            let a = Operand { data: &s.k, row_stride: d, col_stride: 1 };
+            matmul(isa, a, &s.qt, cols, d, &mut s.st, cols, n, cols, false);
+        }
         // Causal mask: KV position j0 + c is visible to the query at first + col / group when
         // j0 + c <= that position, so row c hides a leading run of columns.
         for c in 0..n {
@@ -206,8 +263,22 @@ fn attend_tile(q: &[f32], t: &Tile<'_>, kv: Paged<'_>, out: &mut [f32], s: &mut 
             }
         }
         // O[rows x d] += P[rows x n] V[n x d], P read from P^T.
-        let p = Operand { data: &s.st, row_stride: 1, col_stride: cols };
-        matmul(isa, p, &s.v, d, n, &mut s.o, d, rows, d, true);
+        if bf16 {
+            // Pairs along the KV positions; an odd last one is paired with zeros.
+            let pairs = n.div_ceil(2);
+            for c in 0..pairs {
+                let odd = 2 * c + 1 < n;
+                let p_hi = odd.then(|| &s.st[(2 * c + 1) * cols..][..cols]);
+                bf16::pair_rows(&s.st[2 * c * cols..][..cols], p_hi, &mut s.pt2[c * cols..][..cols]);
+                let v_hi = odd.then(|| &s.v[(2 * c + 1) * d..][..d]);
+                bf16::pair_rows(&s.v[2 * c * d..][..d], v_hi, &mut s.v2[c * d..][..d]);
+            }
+            let pv = bf16::Product { a: &s.pt2, ars: 1, acs: cols, b: &s.v2, ldb: d, kp: pairs, rows, n: d, ldc: d };
+            bf16::product(&pv, &mut s.o, true);
+        } else {
+            let p = Operand { data: &s.st, row_stride: 1, col_stride: cols };
+            matmul(isa, p, &s.v, d, n, &mut s.o, d, rows, d, true);
+        }
     }
     for (r, o) in s.o.chunks_exact(d).enumerate() {
         let (i, g) = (t.t0 + r / group, r % group);

@@ -4,10 +4,11 @@
 
 use crate::backend::attention::{attention_by_rows, AttnSeq};
 use crate::backend::gemm::Isa;
-use crate::backend::prefill_attention::{query_tile, run, tiles, Paged};
+use crate::backend::prefill_attention::{bf16_runs, query_tile, run, tiles, Paged, Products};
 
 /// Seconds for one layer's attention over a `tokens`-token prompt with the given heads: the row
-/// kernel first, then the tiled one for each kernel name the CPU runs; each the best of `iters`.
+/// kernel first, then the tiled one for each kernel name the CPU runs (f32 products, and bf16
+/// ones where the CPU has AVX-512 BF16); each the best of `iters`.
 pub fn compare_prefill_attention(
     tokens: usize,
     num_heads: usize,
@@ -36,9 +37,14 @@ pub fn compare_prefill_attention(
     let paged = Paged { k: &k, v: &v, block_size: bs, num_heads, num_kv_heads, head_dim };
     let rows = best(&mut || attention_by_rows(&q, &seq, paged, &mut out));
     let ts: Vec<_> = tiles(0, 0, tokens, &table, num_kv_heads, query_tile(tokens, num_kv_heads)).collect();
-    let tiled = Isa::available()
+    let mut tiled: Vec<_> = Isa::available()
         .into_iter()
-        .map(|isa| (isa.name(), best(&mut || run(&q, &ts, paged, &mut out, isa))))
+        .map(|isa| (isa.name(), best(&mut || run(&q, &ts, paged, &mut out, isa, Products::F32))))
         .collect();
+    #[cfg(target_arch = "x86_64")]
+    if bf16_runs(Isa::Avx512) {
+        // What a bf16 model's prefill runs: bf16 products through `vdpbf16ps`.
+        tiled.push(("avx512 bf16", best(&mut || run(&q, &ts, paged, &mut out, Isa::Avx512, Products::Bf16))));
+    }
     (rows, tiled)
 }

@@ -7,7 +7,8 @@ use super::config::ModelConfig;
 use super::weights::{names, Weights};
 use crate::backend::attention::{self, AttnSeq};
 use crate::backend::cpu;
-use crate::backend::gemm::{PackedLinear, WeightDtype};
+use crate::backend::gemm::{Isa, PackedLinear, WeightDtype};
+use crate::backend::prefill_attention::{self, Products};
 use crate::backend::quant::{self, QuantKind};
 use crate::error::{HoraeError, Result};
 
@@ -33,6 +34,9 @@ pub struct LlamaModel {
     lm_head: Option<PackedLinear>,
     /// How the matmul weights are stored (norms and biases stay f32).
     pub dtype: WeightDtype,
+    /// The prefill attention tiles' products: bf16 in a bf16 model where the CPU has
+    /// `vdpbf16ps` (as a bf16 model's flash attention does), f32 otherwise.
+    attn_products: Products,
     inv_freq: Vec<f64>,
 }
 
@@ -148,7 +152,26 @@ impl LlamaModel {
             Some(pack(&mut w, &[(names::LM_HEAD.into(), cfg.vocab_size)], h, dtype)?)
         };
         let inv_freq = cfg.rope_inv_freq();
-        Ok(Self { cfg, embed, layers, norm, lm_head, dtype, inv_freq })
+        let attn_products = if dtype == WeightDtype::Bf16 && prefill_attention::bf16_runs(Isa::detect()) {
+            Products::Bf16
+        } else {
+            Products::F32
+        };
+        Ok(Self { cfg, embed, layers, norm, lm_head, dtype, attn_products, inv_freq })
+    }
+
+    /// The prefill attention tiles' products: `Products::F32` (exact where a bf16 model's
+    /// weights are, as the goldens check), or `Products::Bf16` where the CPU runs it.
+    pub fn with_attention_products(mut self, products: Products) -> Result<Self> {
+        if products == Products::Bf16 && !prefill_attention::bf16_runs(Isa::detect()) {
+            return Err(HoraeError::InvalidConfig("bf16 attention products need a CPU with AVX-512 BF16".into()));
+        }
+        self.attn_products = products;
+        Ok(self)
+    }
+
+    pub fn attention_products(&self) -> Products {
+        self.attn_products
     }
 
     /// Bytes of weights one decode step streams from memory: every layer's matrices and the LM
@@ -224,6 +247,7 @@ impl LlamaModel {
                 nh,
                 nkv,
                 hd,
+                self.attn_products,
                 &mut attn,
             );
             l.o.forward(&attn, t, &mut proj);
