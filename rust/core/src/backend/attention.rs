@@ -354,6 +354,13 @@ mod tests {
         }
     }
 
+    /// The portable row kernel's output for every row `seqs` cover (0 elsewhere).
+    fn row_reference(q: &[f32], seqs: &[AttnSeq<'_>], shape: AttnShape, k: &[f32], v: &[f32]) -> Vec<f32> {
+        let mut want = vec![0.0; q.len()];
+        for_each_row(q, seqs, shape, &mut want, |q, s, pos, o| attend_row(q, s, pos, PagedKv { k, v, shape }, o));
+        want
+    }
+
     /// The tiled prefill kernel, with every instruction set this CPU has, against the row
     /// reference: GQA and plain heads, chunks that start mid-sequence, ragged block tables, a
     /// chunk longer than a query tile and one crossing several KV tiles, beside a decode row.
@@ -376,10 +383,7 @@ mod tests {
                 AttnSeq { row: 110, num_tokens: 1, start: 9, block_table: &t2 },
             ];
             let q: Vec<f32> = noise(111 * nh * hd, 3).iter().map(|x| 3.0 * x).collect();
-            let mut want = vec![0.0; q.len()];
-            for_each_row(&q, &seqs, shape, &mut want, |q, s, pos, o| {
-                attend_row(q, s, pos, PagedKv { k: &kv, v: &vv, shape }, o)
-            });
+            let want = row_reference(&q, &seqs, shape, &kv, &vv);
             let tiles: Vec<_> = seqs[..2]
                 .iter()
                 .flat_map(|s| prefill_attention::tiles(s.row, s.start, s.num_tokens, s.block_table, nkv, 32))
@@ -426,10 +430,7 @@ mod tests {
                 AttnSeq { row: 75, num_tokens: 33, start: 0, block_table: &t1 },
             ];
             let q: Vec<f32> = noise(108 * nh * hd, 3).iter().map(|x| 3.0 * x).collect();
-            let mut want = vec![0.0; q.len()];
-            for_each_row(&q, &seqs, shape, &mut want, |q, s, pos, o| {
-                attend_row(q, s, pos, PagedKv { k: &kv, v: &vv, shape }, o)
-            });
+            let want = row_reference(&q, &seqs, shape, &kv, &vv);
             let tiles: Vec<_> = seqs
                 .iter()
                 .flat_map(|s| prefill_attention::tiles(s.row, s.start, s.num_tokens, s.block_table, nkv, 32))
