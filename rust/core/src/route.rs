@@ -222,29 +222,11 @@ pub struct Router {
     /// hold, prompt tokens they must compute. The router's own view of what the stale stats
     /// miss (Ray's router counts its in-flight requests the same way).
     sent: Vec<Sent>,
-    /// Salts the rendezvous hash of recurring prefixes (the seed's hash, so each seed places
-    /// them differently and a study over seeds covers the placement's luck).
-    salt: u64,
-    /// First blocks of the prompts routed so far (forecast router), to tell a recurring prefix.
-    seen: std::collections::HashSet<BlockHash>,
 }
-
-/// `Router::seen` is cleared when it reaches this many first blocks (8 MiB of hashes): a prefix
-/// not seen since then is new again, which costs one request its home.
-const SEEN_LIMIT: usize = 1 << 20;
 
 impl Router {
     pub fn new(kind: RouterKind, seed: u64) -> Self {
-        // The salt is the seed's own hash, not a draw: the other routers' random choices stay
-        // what they were for each seed.
-        Router {
-            kind,
-            next: 0,
-            rng: SmallRng::seed_from_u64(seed),
-            sent: Vec::new(),
-            salt: rendezvous(seed, usize::MAX),
-            seen: Default::default(),
-        }
+        Router { kind, next: 0, rng: SmallRng::seed_from_u64(seed), sent: Vec::new() }
     }
 
     pub fn kind(&self) -> RouterKind {
@@ -356,46 +338,20 @@ impl Router {
                 // cached; spread over all, each cache holds less of it.
                 // A replica whose work ahead still gives the request its first token within its
                 // TTFT bound is near too: it meets its SLO there, and its cached prefix saves work.
-                let balanced = |i: usize| work(i) as f64 <= IMBALANCE * least.0 as f64 + req.prompt_len as f64;
                 let near = |i: usize| {
+                    let balanced = work(i) as f64 <= IMBALANCE * least.0 as f64 + req.prompt_len as f64;
                     let slo_met = req.ttft.is_some() && req.in_time(&stats[i], work(i));
-                    fits(i) == any_fit && (balanced(i) || slo_met)
+                    fits(i) == any_fit && (balanced || slo_met)
                 };
                 // Ties (no prefix anywhere, idle replicas): the least work, then the shortest queue;
                 // a tie that remains (several idle replicas) goes to one of them at random, so new
                 // prefixes spread over the caches instead of piling on one replica.
                 let key = |i: usize| (hits(i), std::cmp::Reverse(work(i)), std::cmp::Reverse(self.queue(stats, i)));
                 let best = cands.iter().filter(|&&i| near(i)).map(|&i| key(i)).max().unwrap();
-                // A recurring prefix (its first block routed before) that no eligible replica
-                // shows cached goes to its home: of the balanced replicas, the highest
-                // (first block, replica) hash (rendezvous hashing). Requests that share a prefix
-                // share its first block, so they meet on one replica even before its stats show
-                // the prefix cached (a burst of them arrives within one publication), instead of
-                // each filling a different cache with the same blocks. A first block seen for
-                // the first time keeps the least-work choice: where prompts never share a
-                // prefix, hashing them would only unbalance the replicas (ShareGPT-o1 at 16
-                // replicas: 0.92 of power-of-two at light load).
-                let recurring = |first: &BlockHash| self.seen.contains(first);
-                let home = req.block_hashes.first().filter(|f| best.0 == 0 && recurring(f)).and_then(|&first| {
-                    cands
-                        .iter()
-                        .copied()
-                        .filter(|&i| near(i) && balanced(i))
-                        .max_by_key(|&i| rendezvous(first ^ self.salt, i))
-                });
                 let tied: Vec<usize> = cands.iter().copied().filter(|&i| near(i) && key(i) == best).collect();
-                match home {
-                    Some(home) => home,
-                    None => tied[self.rng.random_range(0..tied.len())],
-                }
+                tied[self.rng.random_range(0..tied.len())]
             }
         };
-        if let (RouterKind::Forecast, Some(&first)) = (self.kind, req.block_hashes.first()) {
-            if self.seen.len() >= SEEN_LIMIT {
-                self.seen.clear();
-            }
-            self.seen.insert(first);
-        }
         let hit = stats[pick].cached_prefix_blocks(req.block_hashes) * req.block_size;
         let sent = &mut self.sent[pick];
         sent.requests += 1;
@@ -403,16 +359,6 @@ impl Router {
         sent.prefill += req.prompt_len.saturating_sub(hit) as u64;
         pick
     }
-}
-
-/// Replica `i`'s weight for a prefix whose first block hashes to `first`: the highest weight
-/// is the prefix's home (a SplitMix64 finaliser over the pair, so every replica's weight is an
-/// independent draw and a replica leaving moves only the prefixes it was home to).
-fn rendezvous(first: BlockHash, i: usize) -> u64 {
-    let mut z = first ^ (i as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
 }
 
 #[cfg(test)]
@@ -489,32 +435,6 @@ mod tests {
         let s = vec![stats(0, 300, &[]), stats(0, 300, &[])];
         let first = r.choose(&req(&hashes), &s);
         assert_ne!(r.choose(&req(&hashes), &s), first);
-    }
-
-    #[test]
-    fn a_recurring_prefix_no_replica_holds_goes_to_one_home_while_it_is_in_balance() {
-        let mut r = Router::new(RouterKind::Forecast, 0);
-        // Stale stats: no replica shows the prefix cached, all are idle.
-        let s = vec![stats(0, 9000, &[]), stats(0, 9000, &[]), stats(0, 9000, &[]), stats(0, 9000, &[])];
-        // Prefixes seen once (first blocks that never recur, as in a workload with no shared
-        // prefixes) go where the least work is, ties at random: they spread over every replica.
-        let firsts: std::collections::HashSet<usize> = (0..64u64).map(|f| r.choose(&req(&[1000 + f, 1]), &s)).collect();
-        assert_eq!(firsts.len(), 4, "new prefixes should spread over every replica: {firsts:?}");
-        // A first block seen before goes to its home, whatever follows it, while the work sent
-        // there stays within twice the least plus a prompt; then elsewhere.
-        let mut r = Router::new(RouterKind::Forecast, 0);
-        r.choose(&req(&[101, 102, 103]), &s);
-        let home = r.choose(&req(&[101, 7, 8]), &s);
-        let mut stayed = 1;
-        while r.choose(&req(&[101, 9, stayed as u64]), &s) == home {
-            stayed += 1;
-            assert!(stayed <= 4, "the home takes no more than its balance allows");
-        }
-        assert!(stayed >= 2, "requests sharing a first block should meet on its home ({stayed})");
-        // The home is the same for every router with that seed (it is a hash, not a draw).
-        let mut again = Router::new(RouterKind::Forecast, 0);
-        again.choose(&req(&[101, 1, 1]), &s);
-        assert_eq!(again.choose(&req(&[101, 2, 2]), &s), home);
     }
 
     #[test]
