@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use rand::{rngs::SmallRng, SeedableRng};
 
-use self::history::{HistoryStart, LengthHistory, Survival};
+use self::history::{bootstrap_weights, HistoryStart, LengthHistory, Survival};
 use self::peak::{Forecast, Load};
 use super::scheduler::{AdmissionPolicy, PoolView, SeqLoad};
 use crate::request::{ReqId, MAX_SCENARIOS};
@@ -42,6 +42,12 @@ pub struct Tuning {
     pub fitted_tail: bool,
     /// When running requests count as censored lengths (see [`Censoring`]).
     pub censoring: Censoring,
+    /// While censoring, each scenario draws from its own Bayesian-bootstrap survival curve (the
+    /// history's lengths, prior entries included, weighted Exp(1), the weights kept until the
+    /// history changes) instead of one shared curve: the worst scenario is then also a pessimistic
+    /// draw of the distribution, not only of the lengths. Studied, not the default (see
+    /// docs/benchmarks.md: it fixes Dist-2 on 70B and loses light load elsewhere).
+    pub bootstrap: bool,
 }
 
 /// When Past-Future's draws count running requests as censored lengths ("at least what they
@@ -72,11 +78,44 @@ impl std::str::FromStr for Censoring {
     }
 }
 
+/// One scenario's survival curve while censoring, with its bootstrap weights (drawn again only
+/// when the history changed, so a scenario keeps its draw of the distribution between finishes).
+#[derive(Default)]
+struct Curve {
+    survival: Survival,
+    weights: Vec<f64>,
+    /// `history.records()` when the weights were drawn.
+    weights_at: Option<u64>,
+}
+
+impl Curve {
+    /// Rebuild from the history and the censored counts; with `bootstrap`, weighted by the
+    /// curve's own draw, redrawn if the history changed since.
+    fn build(&mut self, history: &LengthHistory, bootstrap: Option<&mut SmallRng>, censored: &[u32]) {
+        let weights = match bootstrap {
+            Some(rng) => {
+                if self.weights_at != Some(history.records()) {
+                    bootstrap_weights(history.len(), rng, &mut self.weights);
+                    self.weights_at = Some(history.records());
+                }
+                Some(self.weights.as_slice())
+            }
+            None => None,
+        };
+        self.survival.build(history.sorted(), weights, censored);
+    }
+}
+
 pub struct PastFuture {
     lengths: Lengths,
     tuning: Tuning,
-    /// The censored survival curve, rebuilt each step while `censored` is on.
-    survival: Survival,
+    /// The censored survival curves while `censored` is on: one shared, or one per scenario
+    /// with `tuning.bootstrap`.
+    curves: Vec<Curve>,
+    /// Steps since censoring began: whose turn it is to be rebuilt.
+    turn: usize,
+    /// The running requests' generated counts, sorted: the censored lengths of this step.
+    censored_counts: Vec<u32>,
     censored: bool,
     reserve: f64,
     /// One forecast per Monte-Carlo scenario; the worst (or `tuning.quantile`'s) decides.
@@ -109,7 +148,9 @@ impl PastFuture {
         Self {
             lengths: Lengths::Sampled { history, rng: SmallRng::seed_from_u64(seed) },
             tuning: Tuning::default(),
-            survival: Survival::default(),
+            curves: Vec::new(),
+            turn: 0,
+            censored_counts: Vec::new(),
             censored: false,
             reserve,
             scenarios: Vec::new(),
@@ -125,7 +166,9 @@ impl PastFuture {
         Self {
             lengths: Lengths::Oracle(true_lengths),
             tuning: Tuning::default(),
-            survival: Survival::default(),
+            curves: Vec::new(),
+            turn: 0,
+            censored_counts: Vec::new(),
             censored: false,
             reserve,
             scenarios: Vec::new(),
@@ -136,11 +179,13 @@ impl PastFuture {
     /// unconditionally for a fresh candidate, conditioned on what it generated otherwise (a
     /// preempted request keeps that evidence; LightLLM forgets it). While censoring is on, from
     /// the survival curve `begin_step` built.
-    fn draw(&mut self, s: &SeqLoad, fresh: bool) -> u32 {
+    fn draw(&mut self, s: &SeqLoad, k: usize, fresh: bool) -> u32 {
         let (generated, max) = (s.generated as u32, s.max_tokens.min(u32::MAX as usize) as u32);
         match &mut self.lengths {
             Lengths::Oracle(f) => f(s.id).unwrap_or(s.max_tokens).clamp(s.generated + 1, s.max_tokens.max(1)) as u32,
-            Lengths::Sampled { rng, .. } if self.censored => self.survival.sample(generated, max, rng),
+            Lengths::Sampled { rng, .. } if self.censored => {
+                self.curves[k.min(self.curves.len() - 1)].survival.sample(generated, max, rng)
+            }
             Lengths::Sampled { history, rng } if fresh && generated == 0 => history.sample_unconditional(max, rng),
             Lengths::Sampled { history, rng } if self.tuning.fitted_tail => history.sample_fitted(generated, max, rng),
             Lengths::Sampled { history, rng } => history.sample_conditional(generated, max, rng),
@@ -152,7 +197,7 @@ impl PastFuture {
     /// so only predictions overtaken by the generated count are re-drawn.
     fn load(&mut self, s: &mut SeqLoad, k: usize, fresh: bool) -> Load {
         if s.forecast[k] as usize <= s.generated {
-            s.forecast[k] = self.draw(s, fresh);
+            s.forecast[k] = self.draw(s, k, fresh);
         }
         Load { held: s.held() as u64, remaining: u64::from(s.forecast[k]) - s.generated as u64 }
     }
@@ -181,15 +226,32 @@ impl AdmissionPolicy for PastFuture {
             }
         }
         self.censored = false;
-        if let Lengths::Sampled { history, .. } = &self.lengths {
+        if let Lengths::Sampled { history, rng } = &mut self.lengths {
             self.censored = match self.tuning.censoring {
                 Censoring::Off => false,
                 Censoring::WhileFilling => !history.is_full(),
                 Censoring::Always => true,
             };
             if self.censored {
-                let censored = running.iter().map(|s| s.generated as u32).filter(|&g| g > 0);
-                self.survival.build(history.sorted(), censored);
+                self.censored_counts.clear();
+                self.censored_counts.extend(running.iter().map(|s| s.generated as u32).filter(|&g| g > 0));
+                self.censored_counts.sort_unstable();
+                let bootstrap = self.tuning.bootstrap;
+                let count = if bootstrap { n } else { 1 };
+                let built = self.curves.len().min(count);
+                self.curves.resize_with(count, Curve::default);
+                // A curve costs the whole history to build. The shared one is rebuilt every
+                // step; bootstrap curves one a step in turn (their censored counts at most
+                // `count` steps old), and new ones at once.
+                let turn = self.turn % count;
+                self.turn += 1;
+                for (k, c) in self.curves.iter_mut().enumerate() {
+                    if !bootstrap || k >= built || k == turn {
+                        c.build(history, bootstrap.then_some(&mut *rng), &self.censored_counts);
+                    }
+                }
+            } else {
+                self.curves.clear();
             }
         }
         let mut scenarios = std::mem::take(&mut self.scenarios);

@@ -78,6 +78,8 @@ pub struct LengthHistory {
     prior: Vec<u32>,
     /// `ring` and `prior` together, sorted.
     sorted: Vec<u32>,
+    /// Lengths recorded since the start: tells a cached view of `sorted` that it is stale.
+    records: u64,
 }
 
 /// Bit-reversed order of `0..n`: removing entries in this order keeps the rest spread over
@@ -99,7 +101,7 @@ impl LengthHistory {
         let prior: Vec<u32> = spread_order(weight).into_iter().rev().map(|i| quantiles[i]).collect();
         let mut sorted = prior.clone();
         sorted.sort_unstable();
-        let mut h = Self { window, ring: VecDeque::with_capacity(window), prior, sorted };
+        let mut h = Self { window, ring: VecDeque::with_capacity(window), prior, sorted, records: 0 };
         let skip = start.recorded.len().saturating_sub(window);
         for &v in &start.recorded[skip..] {
             h.record(v);
@@ -125,6 +127,10 @@ impl LengthHistory {
     pub fn is_full(&self) -> bool {
         self.ring.len() == self.window
     }
+    /// Lengths recorded since the start (saved ones included).
+    pub fn records(&self) -> u64 {
+        self.records
+    }
     /// Prior entries not yet replaced.
     pub fn prior_left(&self) -> usize {
         self.prior.len()
@@ -138,6 +144,7 @@ impl LengthHistory {
     /// A finished request's output length: it replaces a prior entry while any is left,
     /// else the oldest recorded length once the window is full.
     pub fn record(&mut self, output_len: u32) {
+        self.records += 1;
         if let Some(p) = self.prior.pop() {
             self.remove_sorted(p);
         } else if self.ring.len() == self.window {
@@ -201,6 +208,14 @@ impl LengthHistory {
     }
 }
 
+/// A Bayesian bootstrap's weights for `n` observations: independent Exp(1) draws, so that the
+/// weights normalised are Dirichlet(1, ..., 1). A survival curve built with them is one draw of
+/// the length distribution the observations leave possible, not just the most likely one.
+pub fn bootstrap_weights<R: Rng>(n: usize, rng: &mut R, out: &mut Vec<f64>) {
+    out.clear();
+    out.extend((0..n).map(|_| -(1.0 - rng.random::<f64>()).ln()));
+}
+
 /// Kaplan-Meier survival of output lengths: finished lengths are events, and a running request's
 /// generated count is censored ("at least this long"). Early in a run the finished requests are the
 /// short ones (a request that finished early is short); counting the running ones as censored keeps
@@ -213,35 +228,41 @@ pub struct Survival {
     surv: Vec<f64>,
     /// Censored counts at or past the last event: the mass left past it is theirs.
     tail: Vec<u32>,
-    /// The censored counts, sorted (kept to reuse its allocation every step).
-    censored: Vec<u32>,
+    /// `event_after[i]`: the weight of events `i..` (kept to reuse its allocation).
+    event_after: Vec<f64>,
 }
 
 impl Survival {
-    /// Rebuild from `events` (sorted ascending) and the censored counts.
-    pub fn build(&mut self, events: &[u32], censored: impl IntoIterator<Item = u32>) {
-        let mut sorted = std::mem::take(&mut self.censored);
-        sorted.clear();
-        sorted.extend(censored);
-        sorted.sort_unstable();
-        let censored = sorted.as_slice();
+    /// Rebuild from `events` (sorted ascending) and the censored counts (sorted ascending).
+    /// `weights`, one per event, weigh the events (a Bayesian bootstrap's draw, see
+    /// [`bootstrap_weights`]); `None` counts each once.
+    pub fn build(&mut self, events: &[u32], weights: Option<&[f64]>, censored: &[u32]) {
+        self.event_after.clear();
+        self.event_after.resize(events.len() + 1, 0.0);
+        for i in (0..events.len()).rev() {
+            self.event_after[i] = self.event_after[i + 1] + weights.map_or(1.0, |w| w[i]);
+        }
         self.times.clear();
         self.surv.clear();
-        let (mut i, mut s) = (0usize, 1.0f64);
+        // `below`: censored counts under the current event time (both walk upwards).
+        let (mut i, mut s, mut below) = (0usize, 1.0f64, 0usize);
         while i < events.len() {
             let t = events[i];
-            let d = events[i..].partition_point(|&v| v == t);
+            let n = events[i..].partition_point(|&v| v == t);
+            while below < censored.len() && censored[below] < t {
+                below += 1;
+            }
+            let d = self.event_after[i] - self.event_after[i + n];
             // At risk at t: events at or after t, and requests censored at or after t.
-            let at_risk = (events.len() - i) + (censored.len() - censored.partition_point(|&c| c < t));
-            s *= 1.0 - d as f64 / at_risk as f64;
+            let at_risk = self.event_after[i] + (censored.len() - below) as f64;
+            s *= (1.0 - d / at_risk).max(0.0);
             self.times.push(t);
             self.surv.push(s);
-            i += d;
+            i += n;
         }
         let last = self.times.last().copied().unwrap_or(0);
         self.tail.clear();
         self.tail.extend(censored.iter().copied().filter(|&c| c >= last));
-        self.censored = sorted;
     }
 
     /// A final length for a request that has generated `generated` tokens, at most `max_tokens`:
@@ -390,7 +411,7 @@ mod tests {
     #[test]
     fn survival_without_censoring_is_the_empirical_distribution() {
         let mut s = Survival::default();
-        s.build(&[100, 100, 200, 400], []);
+        s.build(&[100, 100, 200, 400], None, &[]);
         let mut rng = SmallRng::seed_from_u64(5);
         let n = 40_000;
         let xs: Vec<u32> = (0..n).map(|_| s.sample(0, 1000, &mut rng)).collect();
@@ -409,12 +430,35 @@ mod tests {
         // Two requests finished at 100 tokens while eight are still running past 300: the finished
         // alone say every length is 100; counted as censored, eight in ten are longer than 300.
         let mut s = Survival::default();
-        s.build(&[100, 100], [300; 8]);
+        s.build(&[100, 100], None, &[300; 8]);
         let mut rng = SmallRng::seed_from_u64(9);
         let n = 40_000;
         let xs: Vec<u32> = (0..n).map(|_| s.sample(0, 1000, &mut rng)).collect();
         let long = xs.iter().filter(|&&x| x > 300).count() as f64 / n as f64;
         assert!((long - 0.8).abs() < 0.02, "share longer than 300: {long}");
         assert!(xs.iter().all(|&x| x == 100 || (300..=1000).contains(&x)));
+    }
+
+    #[test]
+    fn weighted_events_count_as_often_as_their_weight() {
+        // Weight 3 on 100 and 1 on 200: as if 100 had finished three times.
+        let mut s = Survival::default();
+        s.build(&[100, 200], Some(&[3.0, 1.0]), &[]);
+        let mut rng = SmallRng::seed_from_u64(11);
+        let n = 40_000;
+        let short = (0..n).filter(|_| s.sample(0, 1000, &mut rng) == 100).count() as f64 / n as f64;
+        assert!((short - 0.75).abs() < 0.02, "share at 100: {short}");
+        // Censored counts are at risk with weight 1: two running past 300 leave two thirds of
+        // what is past 120 beyond 200.
+        s.build(&[100, 200], Some(&[1.0, 1.0]), &[300, 300]);
+        let long = (0..n).filter(|_| s.sample(120, 1000, &mut rng) > 200).count() as f64 / n as f64;
+        assert!((long - 2.0 / 3.0).abs() < 0.02, "share past 200 given past 120: {long}");
+        // Bootstrap weights: positive, mean 1, a fresh draw each call.
+        let (mut w1, mut w2) = (Vec::new(), Vec::new());
+        bootstrap_weights(10_000, &mut rng, &mut w1);
+        bootstrap_weights(10_000, &mut rng, &mut w2);
+        assert!(w1.iter().all(|&w| w > 0.0) && w1 != w2);
+        let mean = w1.iter().sum::<f64>() / w1.len() as f64;
+        assert!((mean - 1.0).abs() < 0.05, "Exp(1) mean {mean}");
     }
 }
