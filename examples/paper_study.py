@@ -78,7 +78,8 @@ def run_panel(wname, mname, data, rules, pf_settings, workers):
         for (c, p), r in pool.map(one, jobs):
             s = r.summary
             out.setdefault(c, {})[p] = {k: s[k] for k in ("goodput_tps", "sla_attainment", "preemptions",
-                                                          "attempts_per_request", "wasted_tokens", "timeouts")}
+                                                          "attempts_per_request", "wasted_tokens", "timeouts",
+                                                          "timed_out_sends")}
     return out
 
 

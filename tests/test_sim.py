@@ -255,7 +255,7 @@ def test_server_rules_in_the_simulator():
         r = sim.simulate(t, scheduler, clients=300, kv_cache_tokens=20_000, max_tokens=8192, queue_timeout=8.0)
         reasons = r.requests["finish_reason"]
         timeouts = int((reasons == "timeout").sum())
-        assert timeouts > 0 and r.summary["timeouts"] == timeouts, scheduler
+        assert timeouts > 0 and r.summary["timeouts"] == timeouts == r.summary["timed_out_sends"], scheduler
         assert r.summary["completed"] + timeouts == 300
         # Dropped before they started: no token, no compute.
         assert np.all(r.requests["output_len"][reasons == "timeout"] == 0)
@@ -277,6 +277,9 @@ def test_clients_that_retry_failed_requests():
     assert set(r.requests["finish_reason"]) == {"stop"}
     assert r.requests["attempts"].max() > 1 and r.summary["attempts_per_request"] > 1
     assert r.summary["wasted_tokens"] == 0, "a queue time-out costs no compute"
+    # Every failed send was a time-out answer, though no request ended as one.
+    resent = int((r.requests["attempts"] - 1).sum())
+    assert resent > 0 and r.summary["timed_out_sends"] == resent == int(r.requests["timed_out"].sum())
     table = sim.sweep(t, ["past-future"], clients=[300], progress=False, **{k: v for k, v in kw.items() if k != "clients"})
     assert "sends per request (retries)" in table.format() and "time-outs at the queue deadline" in table.format()
     assert "sends per request" not in sim.sweep(t, ["past-future"], clients=[8], progress=False).format()
@@ -442,6 +445,10 @@ def test_replicas_behind_each_router(tmp_path):
     always, never, in_time = (heavy[k].requests for k in ("always", "never", "in-time"))
     assert (always["attempts"] > 1).any()
     assert (always["attempts"][always["finish_reason"] == "timeout"] == 4).all()
+    # Each shed send is a time-out answer: every send but a served request's last one.
+    served = always["finish_reason"] != "timeout"
+    assert (always["timed_out"] == always["attempts"] - served).all()
+    assert heavy["always"].summary["timed_out_sends"] == int(always["timed_out"].sum()) > heavy["always"].summary["timeouts"]
     assert (never["attempts"] == 1).all()
     # "in-time" (the default) resends only to a replica with nothing waiting: far fewer resends
     # than "always", and no loss of goodput by it.

@@ -117,11 +117,12 @@ def simulate(
     server's rules, the same for every policy: queue_timeout (seconds a request may wait before it
     starts; then it ends with "timeout", having cost nothing) and max_itl_abort (seconds a started
     request may go without a token; then "sla_abort"). `requests["finish_reason"]` says how each
-    request ended; the summary counts `timeouts` and `sla_aborts`. With ``retry_failed=True`` (closed
-    loop) a client sends a request the rules failed again at once, as the paper's clients do:
-    `requests["attempts"]` and `requests["wasted_tokens"]` (computed for failed attempts) say what
-    that cost, times count from the last send, and the summary has `attempts_per_request` and
-    `wasted_tokens`.
+    request ended; the summary counts `timeouts` and `sla_aborts` (requests that ended so). With
+    ``retry_failed=True`` (closed loop) a client sends a request the rules failed again at once, as
+    the paper's clients do: `requests["attempts"]`, `requests["timed_out"]` (its sends the deadline
+    turned away) and `requests["wasted_tokens"]` (computed for failed attempts) say what that cost,
+    times count from the last send, and the summary has `attempts_per_request`, `timed_out_sends`
+    (every time-out answer, as `horae bench serve` counts them) and `wasted_tokens`.
 
     Past-Future's history: ``history`` (lengths an earlier run recorded, as
     ``SimResult.history``) starts it warm; ``history_prior`` (see ``horae.priors``) and
@@ -214,6 +215,7 @@ class SweepReport:
         if any(x.get("timeouts") or x.get("sla_aborts") or x.get("attempts_per_request", 1) > 1 for x in summaries):
             blocks += [
                 ("time-outs at the queue deadline (final attempts)", "timeouts", "{:>12d}"),
+                ("time-outs at the queue deadline (every send)", "timed_out_sends", "{:>12d}"),
                 ("SLA aborts (final attempts)", "sla_aborts", "{:>12d}"),
                 ("sends per request (retries)", "attempts_per_request", "{:>12.2f}"),
                 ("tokens wasted on failed attempts", "wasted_tokens", "{:>12d}"),

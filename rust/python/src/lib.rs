@@ -353,6 +353,7 @@ fn request_columns<'py>(py: Python<'py>, recs: &[sim::RequestRecord]) -> PyResul
     col!(py, req, "completed", recs, |r| r.completed);
     col!(py, req, "attempts", recs, |r| r.attempts);
     col!(py, req, "wasted_tokens", recs, |r| r.wasted_tokens);
+    col!(py, req, "timed_out", recs, |r| r.timed_out);
     req.set_item("finish_reason", recs.iter().map(|r| r.finish_reason).collect::<Vec<_>>())?;
     col!(py, req, "met_sla", recs, |r| r.meets());
     Ok(req)

@@ -212,6 +212,8 @@ pub fn simulate_cluster(trace: &Trace, cfg: &ClusterConfig) -> Result<ClusterRes
                     }
                     let mut record = RequestRecord::from_request(&r);
                     record.attempts = tried[i].len() as u32;
+                    // Every send before the last was shed (a time-out); the last counts its own.
+                    record.timed_out += record.attempts.saturating_sub(1);
                     records[i] = Some(record);
                 }
             }

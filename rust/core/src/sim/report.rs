@@ -28,6 +28,8 @@ pub struct RequestRecord {
     pub attempts: u32,
     /// Tokens computed for its failed attempts (prefill, recomputation and outputs), thrown away.
     pub wasted_tokens: u64,
+    /// Its sends the queue deadline turned away before they started, the last one included.
+    pub timed_out: u32,
     /// The bounds it is judged on: its own, the server's defaults filled in.
     #[serde(skip)]
     pub slo: Slo,
@@ -53,6 +55,7 @@ impl RequestRecord {
             completed: matches!(r.finish_reason(), Some(FinishReason::Stop | FinishReason::Length)),
             attempts: 1,
             wasted_tokens: 0,
+            timed_out: u32::from(r.finish_reason() == Some(FinishReason::Timeout)),
             slo: r.slo,
         }
     }
@@ -76,6 +79,7 @@ impl RequestRecord {
             completed: false,
             attempts: 1,
             wasted_tokens: 0,
+            timed_out: 0,
             slo,
         }
     }
@@ -137,8 +141,11 @@ pub struct Summary {
     pub num_requests: usize,
     pub completed: usize,
     pub rejected: usize,
-    /// Dropped at the queue deadline, never started (the server rules).
+    /// Requests whose last send the queue deadline dropped, never started (the server rules).
     pub timeouts: usize,
+    /// Sends the queue deadline dropped, retried ones included: what a client counts as
+    /// time-out answers (`horae bench serve`'s `timeouts`), and the server's `/metrics`.
+    pub timed_out_sends: usize,
     /// Cut by the gap bound while running (the server rules).
     pub sla_aborts: usize,
     pub met_sla: usize,
@@ -193,6 +200,7 @@ impl Summary {
             completed: done.len(),
             rejected: records.iter().filter(|r| r.rejected).count(),
             timeouts: records.iter().filter(|r| r.finish_reason == "timeout").count(),
+            timed_out_sends: records.iter().map(|r| r.timed_out as usize).sum(),
             sla_aborts: records.iter().filter(|r| r.finish_reason == "sla_abort").count(),
             met_sla: good.len(),
             duration,

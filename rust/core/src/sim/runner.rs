@@ -126,6 +126,8 @@ pub fn simulate(trace: &Trace, cfg: &SimConfig) -> Result<SimResult> {
 
     let mut records: Vec<Option<RequestRecord>> = vec![None; reqs.len()];
     let (mut attempts, mut wasted) = (vec![1u32; reqs.len()], vec![0u64; reqs.len()]);
+    // Sends of each request the queue deadline turned away and the client sent again.
+    let mut timed_out = vec![0u32; reqs.len()];
     let mut steps = Vec::new();
     let mut next = 0usize;
     // Submit request `i` at time `t`; a request that can never fit is recorded as rejected.
@@ -177,6 +179,7 @@ pub fn simulate(trace: &Trace, cfg: &SimConfig) -> Result<SimResult> {
             if retry && cfg.retry_failed && matches!(cfg.load, LoadModel::Closed { .. }) {
                 // The same client sends it again now; what the failed attempt computed is lost.
                 attempts[i] += 1;
+                timed_out[i] += u32::from(r.finish_reason() == Some(FinishReason::Timeout));
                 wasted[i] += r.recomputed_tokens + r.num_computed as u64;
                 let now = engine.now();
                 submit(&mut engine, &mut records, i, now)?;
@@ -184,6 +187,7 @@ pub fn simulate(trace: &Trace, cfg: &SimConfig) -> Result<SimResult> {
             }
             let mut record = RequestRecord::from_request(&r);
             record.attempts = attempts[i];
+            record.timed_out += timed_out[i];
             record.wasted_tokens = wasted[i] + if failed { r.recomputed_tokens + r.num_computed as u64 } else { 0 };
             records[i] = Some(record);
             if let LoadModel::Closed { .. } = cfg.load {
