@@ -13,8 +13,15 @@ use horae_core::request::{FinishReason, RequestParams, StopReason};
 use horae_core::sample::SamplingParams;
 use horae_core::HoraeError;
 
-/// tiny-llama3 with a word-level tokenizer over its 256 ids ("t0" .. "t255").
+/// tiny-llama3 with a word-level tokenizer over its 256 ids ("t0" .. "t255"), written once per
+/// process: the tests run in parallel, and rewriting a weights file that another test's engine
+/// has mapped is a SIGBUS (it happened in CI).
 fn model_dir() -> PathBuf {
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(write_model_dir).clone()
+}
+
+fn write_model_dir() -> PathBuf {
     let dir = std::env::temp_dir().join(format!("horae-serving-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     for f in ["config.json", "model.safetensors"] {
