@@ -130,8 +130,10 @@ def simulate(
     The forecast's studied alternatives: ``scenarios`` (a fixed count instead of 1 + 800/batch, at
     most 16), ``quantile`` (the q-quantile of the scenarios' peaks decides instead of the worst),
     ``redraw`` (LightLLM's fresh draws every step), ``fitted_tail`` (an exponential tail
-    past the longest recorded length), ``bootstrap`` (while censoring, each scenario draws from its
-    own Bayesian-bootstrap survival curve) and ``max_admit_per_step`` (LightLLM admits one per round).
+    past the longest recorded length), ``bootstrap=False`` (one shared survival curve instead of a
+    Bayesian-bootstrap curve per scenario while prior entries are left), ``linear_tail=False``
+    (survivors past every finished length drawn up to ``max_tokens`` instead of to where the
+    survival curve's slope ends) and ``max_admit_per_step`` (LightLLM admits one per round).
     Scheduler ``aggressive-99`` is aggressive at a 99% watermark (LightLLM's agg99, vLLM's rule).
 
     SLOs: ``sla`` is what each request is judged on and the server's default SLO;

@@ -525,7 +525,8 @@ fn admission_pace_and_forecast_options_keep_every_request_exact() {
         Tuning { scenarios: Some(16), quantile: Some(0.75), ..Default::default() },
         Tuning { censoring: Censoring::Off, ..Default::default() },
         Tuning { censoring: Censoring::Always, ..Default::default() },
-        Tuning { bootstrap: true, ..Default::default() },
+        Tuning { bootstrap: false, ..Default::default() },
+        Tuning { linear_tail: false, ..Default::default() },
     ] {
         let mut c = cfg(PolicyKind::PastFuture, 6000);
         c.sched.tuning = tuning;

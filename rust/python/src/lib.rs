@@ -150,7 +150,7 @@ fn synthetic_trace(dist: &str, n: usize, seed: u64) -> PyResult<PyTrace> {
     reserve = 0.05, watermark = 0.95, seed = 0, ttft = None, tpot = None, max_itl = None, e2e = None,
     speculative = None, queue_timeout = None, max_itl_abort = None, retry_failed = false,
     history = None, history_prior = None, history_prior_weight = None, scenarios = None, quantile = None,
-    redraw = false, fitted_tail = false, censoring = None, bootstrap = false, max_admit_per_step = None,
+    redraw = false, fitted_tail = false, censoring = None, bootstrap = true, linear_tail = true, max_admit_per_step = None,
     long_prefill_token_threshold = None, queue = "fcfs", slo_classes = None, preemption = None,
     replicas = None, router = "forecast", staleness = 1.0, max_long_partial_prefills = 1, retry_shed = "in-time",
 ))]
@@ -190,6 +190,7 @@ fn simulate<'py>(
     fitted_tail: bool,
     censoring: Option<&str>,
     bootstrap: bool,
+    linear_tail: bool,
     max_admit_per_step: Option<usize>,
     long_prefill_token_threshold: Option<usize>,
     queue: &str,
@@ -245,6 +246,7 @@ fn simulate<'py>(
                     .map_err(PyValueError::new_err)?
                     .unwrap_or_default(),
                 bootstrap,
+                linear_tail,
             },
             max_admit_per_step,
             queue: queue.parse().map_err(to_py)?,

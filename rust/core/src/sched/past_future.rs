@@ -26,7 +26,7 @@ enum Lengths {
 
 /// How Past-Future turns its history into a forecast. The defaults are what the study in
 /// docs/benchmarks.md kept; the alternatives stay selectable so the study can be rerun.
-#[derive(Debug, Clone, Copy, PartialEq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Tuning {
     /// Scenarios per step; `None`: `min(16, 1 + 800 / batch)`, fewer for big batches.
     pub scenarios: Option<usize>,
@@ -42,12 +42,31 @@ pub struct Tuning {
     pub fitted_tail: bool,
     /// When running requests count as censored lengths (see [`Censoring`]).
     pub censoring: Censoring,
-    /// While censoring, each scenario draws from its own Bayesian-bootstrap survival curve (the
-    /// history's lengths, prior entries included, weighted Exp(1), the weights kept until the
-    /// history changes) instead of one shared curve: the worst scenario is then also a pessimistic
-    /// draw of the distribution, not only of the lengths. Studied, not the default (see
-    /// docs/benchmarks.md: it fixes Dist-2 on 70B and loses light load elsewhere).
+    /// While prior entries are left (before the history's first `prior_weight` finishes), each
+    /// scenario draws from its own Bayesian-bootstrap survival curve (the history's lengths
+    /// weighted Exp(1), the weights kept until the history changes) instead of one shared
+    /// curve. The worst scenario is then also a pessimistic draw of the distribution, not only of
+    /// the lengths: "most of these requests are long" is among the scenarios of a first wave.
     pub bootstrap: bool,
+    /// While censoring, a request that outlived every finished length is drawn up to where the
+    /// survival curve, continued at its average slope, reaches zero, instead of up to
+    /// `max_tokens`; up to `max_tokens` again once a request outlives that end.
+    pub linear_tail: bool,
+}
+
+impl Default for Tuning {
+    /// What the study in docs/benchmarks.md kept.
+    fn default() -> Self {
+        Self {
+            scenarios: None,
+            quantile: None,
+            redraw: false,
+            fitted_tail: false,
+            censoring: Censoring::default(),
+            bootstrap: true,
+            linear_tail: true,
+        }
+    }
 }
 
 /// When Past-Future's draws count running requests as censored lengths ("at least what they
@@ -91,7 +110,13 @@ struct Curve {
 impl Curve {
     /// Rebuild from the history and the censored counts; with `bootstrap`, weighted by the
     /// curve's own draw, redrawn if the history changed since.
-    fn build(&mut self, history: &LengthHistory, bootstrap: Option<&mut SmallRng>, censored: &[u32]) {
+    fn build(
+        &mut self,
+        history: &LengthHistory,
+        bootstrap: Option<&mut SmallRng>,
+        censored: &[u32],
+        linear_tail: bool,
+    ) {
         let weights = match bootstrap {
             Some(rng) => {
                 if self.weights_at != Some(history.records()) {
@@ -102,7 +127,7 @@ impl Curve {
             }
             None => None,
         };
-        self.survival.build(history.sorted(), weights, censored);
+        self.survival.build(history.sorted(), weights, censored, linear_tail);
     }
 }
 
@@ -236,7 +261,10 @@ impl AdmissionPolicy for PastFuture {
                 self.censored_counts.clear();
                 self.censored_counts.extend(running.iter().map(|s| s.generated as u32).filter(|&g| g > 0));
                 self.censored_counts.sort_unstable();
-                let bootstrap = self.tuning.bootstrap;
+                // Only while prior entries are left: once real lengths have replaced them, the
+                // draws' spread comes from the evidence.
+                let bootstrap = self.tuning.bootstrap && history.prior_left() > 0;
+                let linear_tail = self.tuning.linear_tail;
                 let count = if bootstrap { n } else { 1 };
                 let built = self.curves.len().min(count);
                 self.curves.resize_with(count, Curve::default);
@@ -247,7 +275,7 @@ impl AdmissionPolicy for PastFuture {
                 self.turn += 1;
                 for (k, c) in self.curves.iter_mut().enumerate() {
                     if !bootstrap || k >= built || k == turn {
-                        c.build(history, bootstrap.then_some(&mut *rng), &self.censored_counts);
+                        c.build(history, bootstrap.then_some(&mut *rng), &self.censored_counts, linear_tail);
                     }
                 }
             } else {

@@ -230,13 +230,18 @@ pub struct Survival {
     tail: Vec<u32>,
     /// `event_after[i]`: the weight of events `i..` (kept to reuse its allocation).
     event_after: Vec<f64>,
+    /// With the linear tail: where the survival curve, continued from its last event at its
+    /// average slope so far, reaches zero (`last / (1 - S(last))`); None while nothing has
+    /// finished for certain (the curve never fell) or without it.
+    linear_end: Option<f64>,
 }
 
 impl Survival {
     /// Rebuild from `events` (sorted ascending) and the censored counts (sorted ascending).
     /// `weights`, one per event, weigh the events (a Bayesian bootstrap's draw, see
-    /// [`bootstrap_weights`]); `None` counts each once.
-    pub fn build(&mut self, events: &[u32], weights: Option<&[f64]>, censored: &[u32]) {
+    /// [`bootstrap_weights`]); `None` counts each once. `linear_tail`: the mass past the last
+    /// event ends where the curve's average slope takes it to zero, not at `max_tokens`.
+    pub fn build(&mut self, events: &[u32], weights: Option<&[f64]>, censored: &[u32], linear_tail: bool) {
         self.event_after.clear();
         self.event_after.resize(events.len() + 1, 0.0);
         for i in (0..events.len()).rev() {
@@ -263,6 +268,8 @@ impl Survival {
         let last = self.times.last().copied().unwrap_or(0);
         self.tail.clear();
         self.tail.extend(censored.iter().copied().filter(|&c| c >= last));
+        let s_last = self.surv.last().copied().unwrap_or(1.0);
+        self.linear_end = (linear_tail && last > 0 && s_last < 1.0).then(|| last as f64 / (1.0 - s_last));
     }
 
     /// A final length for a request that has generated `generated` tokens, at most `max_tokens`:
@@ -284,7 +291,14 @@ impl Survival {
         let last = self.times.last().copied().unwrap_or(0);
         let from = if self.tail.is_empty() { last } else { self.tail[rng.random_range(0..self.tail.len())] };
         let lo = from.max(generated) as f64;
-        let v = lo + rng.random::<f64>() * (max_tokens as f64 - lo);
+        // With the linear tail, up to where the curve, continued at its average slope, reaches
+        // zero; but a request that outlived that end has shown the line wrong for it, and the
+        // honest bound is all that is left.
+        let hi = match self.linear_end {
+            Some(end) if end > lo + 1.0 => end.min(max_tokens as f64),
+            _ => max_tokens as f64,
+        };
+        let v = lo + rng.random::<f64>() * (hi - lo);
         (v.ceil() as u32).clamp(generated + 1, max_tokens)
     }
 }
@@ -411,7 +425,7 @@ mod tests {
     #[test]
     fn survival_without_censoring_is_the_empirical_distribution() {
         let mut s = Survival::default();
-        s.build(&[100, 100, 200, 400], None, &[]);
+        s.build(&[100, 100, 200, 400], None, &[], false);
         let mut rng = SmallRng::seed_from_u64(5);
         let n = 40_000;
         let xs: Vec<u32> = (0..n).map(|_| s.sample(0, 1000, &mut rng)).collect();
@@ -430,7 +444,7 @@ mod tests {
         // Two requests finished at 100 tokens while eight are still running past 300: the finished
         // alone say every length is 100; counted as censored, eight in ten are longer than 300.
         let mut s = Survival::default();
-        s.build(&[100, 100], None, &[300; 8]);
+        s.build(&[100, 100], None, &[300; 8], false);
         let mut rng = SmallRng::seed_from_u64(9);
         let n = 40_000;
         let xs: Vec<u32> = (0..n).map(|_| s.sample(0, 1000, &mut rng)).collect();
@@ -443,14 +457,14 @@ mod tests {
     fn weighted_events_count_as_often_as_their_weight() {
         // Weight 3 on 100 and 1 on 200: as if 100 had finished three times.
         let mut s = Survival::default();
-        s.build(&[100, 200], Some(&[3.0, 1.0]), &[]);
+        s.build(&[100, 200], Some(&[3.0, 1.0]), &[], false);
         let mut rng = SmallRng::seed_from_u64(11);
         let n = 40_000;
         let short = (0..n).filter(|_| s.sample(0, 1000, &mut rng) == 100).count() as f64 / n as f64;
         assert!((short - 0.75).abs() < 0.02, "share at 100: {short}");
         // Censored counts are at risk with weight 1: two running past 300 leave two thirds of
         // what is past 120 beyond 200.
-        s.build(&[100, 200], Some(&[1.0, 1.0]), &[300, 300]);
+        s.build(&[100, 200], Some(&[1.0, 1.0]), &[300, 300], false);
         let long = (0..n).filter(|_| s.sample(120, 1000, &mut rng) > 200).count() as f64 / n as f64;
         assert!((long - 2.0 / 3.0).abs() < 0.02, "share past 200 given past 120: {long}");
         // Bootstrap weights: positive, mean 1, a fresh draw each call.
@@ -460,5 +474,26 @@ mod tests {
         assert!(w1.iter().all(|&w| w > 0.0) && w1 != w2);
         let mean = w1.iter().sum::<f64>() / w1.len() as f64;
         assert!((mean - 1.0).abs() < 0.05, "Exp(1) mean {mean}");
+    }
+
+    #[test]
+    fn the_linear_tail_ends_where_the_curve_would_reach_zero() {
+        // One of four finished at 100 and three run past 200: S(100) = 3/4, so the line from
+        // (0, 1) through (100, 3/4) reaches zero at 400.
+        let mut s = Survival::default();
+        s.build(&[100], None, &[200, 200, 200], true);
+        let mut rng = SmallRng::seed_from_u64(13);
+        let xs: Vec<u32> = (0..20_000).map(|_| s.sample(250, 8000, &mut rng)).collect();
+        assert!(xs.iter().all(|&x| (251..=400).contains(&x)), "{:?}", xs.iter().max());
+        // A request past that end proved the line wrong: uniform up to max_tokens again.
+        let far: Vec<u32> = (0..20_000).map(|_| s.sample(500, 8000, &mut rng)).collect();
+        let mean = far.iter().map(|&x| x as f64).sum::<f64>() / far.len() as f64;
+        assert!(far.iter().all(|&x| x > 500) && (mean - 4250.0).abs() < 60.0, "mean {mean}");
+        // Nothing finished: no line to continue, the bound as before.
+        s.build(&[], None, &[200, 200], true);
+        assert!((0..2000).map(|_| s.sample(250, 8000, &mut rng)).any(|x| x > 4000));
+        // Without the option the tail runs to max_tokens.
+        s.build(&[100], None, &[200, 200, 200], false);
+        assert!((0..2000).map(|_| s.sample(250, 8000, &mut rng)).any(|x| x > 4000));
     }
 }
