@@ -176,6 +176,12 @@ def test_bad_simulation_input(sample, kwargs, message):
         sim.simulate(sample, scheduler, **kwargs)
 
 
+@pytest.mark.parametrize("name", ["bootstrap", "linear_tail", "redraw", "retry_failed"])
+def test_switches_must_be_booleans(sample, name):
+    with pytest.raises(TypeError, match=f"{name} must be True or False, got 'yes'"):
+        sim.simulate(sample, "past-future", clients=2, **{name: "yes"})
+
+
 def test_bad_sweep_input(sample):
     with pytest.raises(ValueError, match="exactly one"):
         sim.sweep(sample, progress=False)

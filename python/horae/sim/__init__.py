@@ -164,6 +164,10 @@ def simulate(
                  "max_long_partial_prefills"):
         if name in engine:
             engine[name] = optional_positive_int(engine[name], name)
+    # Switches, named in the error (the core's own message would not say which argument).
+    for name in ("prefix_caching", "retry_failed", "redraw", "fitted_tail", "bootstrap", "linear_tail"):
+        if name in engine and not isinstance(engine[name], bool):
+            raise TypeError(f"{name} must be True or False, got {engine[name]!r}")
     if engine.get("max_long_partial_prefills", 1) is None:
         del engine["max_long_partial_prefills"]  # None: the default
     if engine.get("censoring") is not None:
