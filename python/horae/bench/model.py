@@ -12,8 +12,10 @@ Prints, all measured in the same run:
   one (6,000 tokens; the long one's per-token rate as a ratio to the short one's: attention's
   share), and decode tokens/s at 1, 8 and 32 concurrent sequences, each as model FLOP/s
   (2 x parameters x tokens) and as a ratio to the peak;
-- the machine's memory read bandwidth (every thread reading 1 GiB; measured after each dtype too,
-  the highest used), and batch-1 decode's (the weight bytes a step reads times the steps a second);
+- the machine's memory read bandwidth (every thread reading 1 GiB; measured after each dtype and
+  just before and after each batch-1 decode run too, the highest used for the rooflines), and
+  batch-1 decode's (the weight bytes a step reads times the steps a second), also as a ratio to
+  the higher of the two readings taken around it (the same minute: this machine's bandwidth drifts);
 - decode at each batch size as a fraction of its roofline: b / max(weight bytes / read bandwidth,
   step FLOPs / GEMM peak);
 - with torch and transformers installed, HF transformers' bf16 decode at the same batch sizes on the
@@ -227,7 +229,12 @@ def run(model=None, batches: List[int] = (1, 8, 32), new_tokens: int = 64, prefi
             print(f"prefill {long_prefill} tokens: {long:8.1f} tok/s, {long / pre:.2f}x the per-token rate of "
                   f"{prefill} tokens")
         for b in batches:
+            # Batch-1 decode is bound by the read bandwidth, which drifts on a shared machine by a
+            # third within minutes: it is measured just before and after this run too.
+            around = [_core.bench_read_bandwidth()] if b == 1 else []
             rate = _decode_rate(engine, b, new_tokens)
+            around += [_core.bench_read_bandwidth()] if b == 1 else []
+            bandwidths += around
             r[f"decode_{b}_tok_s"] = rate
             gf = 2 * params * rate / 1e9
             line = f"decode at {b:>2} sequences: {rate:8.1f} tok/s = {gf:6.1f} GFLOP/s"
@@ -235,7 +242,10 @@ def run(model=None, batches: List[int] = (1, 8, 32), new_tokens: int = 64, prefi
             if b == 1 and engine.decode_weight_bytes:
                 gbs = engine.decode_weight_bytes * rate / 1e9
                 r["decode_1_gbs"] = gbs
-                line += f", {engine.decode_weight_bytes / 1e6:.0f} MB of weights a step: {gbs:.1f} GB/s"
+                r["decode_1_bandwidth_around"] = around
+                line += (f", {engine.decode_weight_bytes / 1e6:.0f} MB of weights a step: {gbs:.1f} GB/s = "
+                         f"{gbs / max(around):.2f} of the read bandwidth measured just before and after "
+                         f"({around[0]:.1f}, {around[1]:.1f} GB/s)")
             print(line)
         res["dtypes"][dtype] = r
         del engine

@@ -5,7 +5,9 @@
 //! over the weights, a quarter of the step time measured here. Weights never change, so we pack
 //! them once into 16-column panels (`[n / 16][k][16]`, the layout the micro-kernel streams) and
 //! each call reads every weight exactly once. The same layout stores bf16 weights at half the
-//! bytes, widened in registers, which no CPU GEMM crate offers for f32 activations.
+//! bytes, widened in registers, which no CPU GEMM crate offers for f32 activations; where the
+//! AVX-512 kernel runs, bf16 panels are interleaved four by four (`Layout`) so that a decode tile
+//! reads one stream.
 //!
 //! The AVX2 micro-kernel keeps a 6 x 16 block of C in twelve registers and runs one FMA per
 //! weight vector per row; x is packed per call (small: M x K) so each row block's values sit
@@ -78,6 +80,46 @@ pub struct PackedLinear {
     n: usize,
     k: usize,
     panels: Panels,
+    /// Panels interleaved row by row (f32 and bf16 panels; see `Layout`).
+    layout: Layout,
+}
+
+/// Where panel values sit: panels come in groups of `group`, and a group stores its panels' row
+/// `kk` side by side (`[n / (16 group)][k][group][16]`, the last group zero-padded).
+///
+/// Why groups: a batch-1 decode tile on AVX-512 reads four panels together. Stored apart they are
+/// four streams 32 bytes a row each (bf16), and one thread read bf16 weights at 0.65 of its
+/// bandwidth; interleaved they are one sequential stream and it read them 1.1-1.2x faster
+/// (docs/benchmarks.md, issue 17). f32 panels stay ungrouped: at 64 bytes a row they already
+/// streamed at the bandwidth, and grouping measured no faster. The AVX2 and portable kernels read
+/// one panel a tile, so there bf16 stays ungrouped too (`PackedLinear::new`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Layout {
+    k: usize,
+    group: usize,
+}
+
+impl Layout {
+    /// Values between row `kk` and row `kk + 1` of a panel.
+    fn ldb(self) -> usize {
+        self.group * NR
+    }
+    /// Values between panel `p` and `p + 1` inside a group (a tile's panels are in one group).
+    fn stride(self) -> usize {
+        if self.group == 1 {
+            self.k * NR
+        } else {
+            NR
+        }
+    }
+    /// Index of row `kk` of panel `p`.
+    fn offset(self, p: usize, kk: usize) -> usize {
+        (p / self.group) * self.k * self.ldb() + kk * self.ldb() + (p % self.group) * NR
+    }
+    /// Values a matrix of `np` panels takes.
+    fn len(self, np: usize) -> usize {
+        np.next_multiple_of(self.group) * self.k * NR
+    }
 }
 
 /// Position of column `j` (0..16) inside a bf16 group.
@@ -95,13 +137,27 @@ impl PackedLinear {
     /// weights that were stored as bf16); a quantized dtype quantizes each row into its blocks
     /// (`k` must then be a multiple of 32).
     pub fn new(w: &[f32], n: usize, k: usize, dtype: WeightDtype) -> Self {
+        Self::new_for(w, n, k, dtype, Isa::detect())
+    }
+
+    /// `new` in the layout the `isa` kernel reads fastest (`Layout`); every kernel reads every
+    /// layout, so this only matters for speed (benchmarks pack for the kernel they time).
+    pub fn new_for(w: &[f32], n: usize, k: usize, dtype: WeightDtype, isa: Isa) -> Self {
+        let group = if dtype == WeightDtype::Bf16 && isa.panels_per_tile() == WIDE { WIDE } else { 1 };
+        Self::with_group(w, n, k, dtype, group)
+    }
+
+    /// `new` with panels in groups of `group` (1 or WIDE; every kernel reads either).
+    fn with_group(w: &[f32], n: usize, k: usize, dtype: WeightDtype, group: usize) -> Self {
         assert_eq!(w.len(), n * k, "weight has {} values, expected {n} x {k}", w.len());
+        assert!(group == 1 || group == WIDE, "panel groups of 1 or {WIDE}");
         if let WeightDtype::Quant(kind) = dtype {
             assert!(k.is_multiple_of(quant::QK) && k > 0, "{} needs rows of whole blocks of 32", kind.name());
             let raw: Vec<u8> = w.par_chunks(k).flat_map_iter(|row| quant::quantize_row(kind, row)).collect();
             return Self::from_ggml(kind, &raw, n, k).expect("quantized rows have the right size");
         }
         let np = n.div_ceil(NR);
+        let layout = Layout { k, group };
         let at = |p: usize, kk: usize, j: usize| {
             let col = p * NR + j;
             if col < n {
@@ -111,36 +167,18 @@ impl PackedLinear {
             }
         };
         let panels = match dtype {
-            WeightDtype::F32 => {
-                let mut out = huge_page_vec::<f32>(np * k * NR);
-                out.par_chunks_mut((k * NR).max(1)).enumerate().for_each(|(p, panel)| {
-                    for kk in 0..k {
-                        for j in 0..NR {
-                            panel[kk * NR + j] = at(p, kk, j);
-                        }
-                    }
-                });
-                Panels::F32(out)
-            }
+            WeightDtype::F32 => Panels::F32(pack_panels(layout, np, |p, kk, j| (j, at(p, kk, j)))),
             WeightDtype::Bf16 => {
-                let mut out = huge_page_vec::<u16>(np * k * NR);
-                out.par_chunks_mut((k * NR).max(1)).enumerate().for_each(|(p, panel)| {
-                    for kk in 0..k {
-                        for j in 0..NR {
-                            panel[kk * NR + bf16_slot(j)] = to_bf16(at(p, kk, j));
-                        }
-                    }
-                });
-                Panels::Bf16(out)
+                Panels::Bf16(pack_panels(layout, np, |p, kk, j| (bf16_slot(j), to_bf16(at(p, kk, j)))))
             }
             WeightDtype::Quant(_) => unreachable!("quantized above"),
         };
-        Self { n, k, panels }
+        Self { n, k, panels, layout }
     }
 
     /// `n` rows of GGML blocks (a GGUF tensor's bytes) as they are, no widening.
     pub fn from_ggml(kind: QuantKind, raw: &[u8], n: usize, k: usize) -> Result<Self, String> {
-        Ok(Self { n, k, panels: Panels::Quant(QPanels::from_ggml(kind, raw, n, k)?) })
+        Ok(Self { n, k, panels: Panels::Quant(QPanels::from_ggml(kind, raw, n, k)?), layout: Layout { k, group: 1 } })
     }
 
     /// Bytes the packed weights take (what a pass over the layer reads from memory).
@@ -165,15 +203,15 @@ impl PackedLinear {
     pub fn row(&self, i: usize, out: &mut [f32]) {
         assert!(i < self.n && out.len() == self.k);
         let (p, j) = (i / NR, i % NR);
-        fn column<T: PanelValue>(panel: &[T], j: usize, out: &mut [f32]) {
-            for (o, row) in out.iter_mut().zip(panel.chunks_exact(NR)) {
-                *o = T::widen(row)[j];
+        fn column<T: PanelValue>(v: &[T], layout: Layout, p: usize, j: usize, out: &mut [f32]) {
+            for (kk, o) in out.iter_mut().enumerate() {
+                let at = layout.offset(p, kk);
+                *o = T::widen(&v[at..at + NR])[j];
             }
         }
-        let panel = p * self.k * NR..(p + 1) * self.k * NR;
         match &self.panels {
-            Panels::F32(v) => column(&v[panel], j, out),
-            Panels::Bf16(v) => column(&v[panel], j, out),
+            Panels::F32(v) => column(v, self.layout, p, j, out),
+            Panels::Bf16(v) => column(v, self.layout, p, j, out),
             Panels::Quant(q) => q.row(i, out),
         }
     }
@@ -221,6 +259,7 @@ impl PackedLinear {
         // stream instead of k / KC pieces (the prefetchers ramp up again at every piece).
         let depth = if m <= MR { k } else { KC };
         let out_ptr = SendPtr(out.as_mut_ptr());
+        let layout = self.layout;
         let run = |task: usize| {
             let out_ptr = &out_ptr;
             let (mc0, p0) = ((task / groups) * MC, (task % groups) * per_task);
@@ -229,6 +268,8 @@ impl PackedLinear {
                 let kc = depth.min(k - k0);
                 for p in (p0..p_end).step_by(wide) {
                     let panels = wide.min(p_end - p);
+                    // A tile's panels sit in one group (tasks start at multiples of `wide`).
+                    assert!(layout.group == 1 || p % layout.group + panels <= layout.group);
                     let cols = (panels * NR).min(n - p * NR);
                     for m0 in (mc0..(mc0 + MC).min(m)).step_by(MR) {
                         let rows = MR.min(m - m0);
@@ -238,13 +279,13 @@ impl PackedLinear {
                         unsafe {
                             let c = out_ptr.0.add(m0 * n + p * NR);
                             let a = a.as_ptr().add(m0 * k + k0 * MR);
-                            let next = m0 == mc0 && p + panels < p_end;
-                            let stride = k * NR;
-                            let tile = Tile { a, c, ldc: n, kc, rows, cols, panels, stride, accumulate: k0 > 0 };
-                            let b = (p * k + k0) * NR;
+                            let next = (m0 == mc0 && p + panels < p_end).then(|| layout.offset(p + panels, k0));
+                            let (stride, ldb) = (layout.stride(), layout.ldb());
+                            let tile = Tile { a, c, ldc: n, kc, rows, cols, panels, stride, ldb, accumulate: k0 > 0 };
+                            let b = layout.offset(p, k0);
                             match &self.panels {
-                                Panels::F32(v) => tile.run(v, b, next.then_some(b + panels * stride), isa),
-                                Panels::Bf16(v) => tile.run(v, b, next.then_some(b + panels * stride), isa),
+                                Panels::F32(v) => tile.run(v, b, next, isa),
+                                Panels::Bf16(v) => tile.run(v, b, next, isa),
                                 Panels::Quant(q) => tile.run_quant(q, p, k0, isa),
                             }
                         }
@@ -260,6 +301,29 @@ impl PackedLinear {
         }
         PACKED_ROWS.with_borrow_mut(|buf| *buf = a);
     }
+}
+
+/// Panels in `layout` (`np` of them, the last group's missing ones zero): `value(p, kk, j)` is
+/// (the slot of column j in a panel row, its stored value).
+fn pack_panels<T: Copy + Default + Send + Sync>(
+    layout: Layout,
+    np: usize,
+    value: impl Fn(usize, usize, usize) -> (usize, T) + Sync,
+) -> Vec<T> {
+    let mut out = huge_page_vec::<T>(layout.len(np));
+    let group_len = (layout.k * layout.ldb()).max(1);
+    out.par_chunks_mut(group_len).enumerate().for_each(|(g, group)| {
+        for p in (g * layout.group..(g + 1) * layout.group).filter(|&p| p < np) {
+            for kk in 0..layout.k {
+                let row = kk * layout.ldb() + (p % layout.group) * NR;
+                for j in 0..NR {
+                    let (slot, v) = value(p, kk, j);
+                    group[row + slot] = v;
+                }
+            }
+        }
+    });
+    out
 }
 
 thread_local! {
@@ -402,13 +466,14 @@ impl Isa {
 }
 
 /// One micro-kernel call: `rows x cols` of C (row stride `ldc`) from a packed `kc x MR` slice of
-/// A and `panels` side-by-side `kc x 16` panel slices, `stride` values apart.
+/// A and `panels` side-by-side `kc x 16` panel slices, `stride` values apart, each row of a slice
+/// `ldb` values after the one before (`Layout`).
 ///
 /// The contract every `unsafe` kernel below relies on (`forward_with` builds tiles that keep it,
 /// and `run` asserts the parts it can see): `a` points at `kc x MR` readable values; `c` at
 /// `rows` rows of `cols` writable values, `ldc` apart, that no other tile writes; `rows <= MR`,
 /// `cols <= panels x NR`, `panels <= WIDE` (1 but for the AVX-512 kernel); each panel slice
-/// holds `kc x NR` values; `out` is `MR x SCRATCH` scratch.
+/// holds `kc` rows of NR values, `ldb` apart; `out` is `MR x SCRATCH` scratch.
 struct Tile {
     a: *const f32,
     c: *mut f32,
@@ -418,6 +483,7 @@ struct Tile {
     cols: usize,
     panels: usize,
     stride: usize,
+    ldb: usize,
     accumulate: bool,
 }
 
@@ -558,12 +624,11 @@ impl Tile {
     /// panel's slice) meanwhile when given.
     ///
     /// # Safety
-    /// `b` (and `next`) index a `kc x NR` slice inside `panels`; `a` and `c` are valid as
-    /// `Tile` documents.
+    /// `a` and `c` are valid as `Tile` documents.
     unsafe fn run<T: PanelValue>(&self, panels: &[T], b: usize, next: Option<usize>, isa: Isa) {
         // The parts of the contract a tile can check: once per tile, nothing next to its flops.
-        let last = b + (self.panels - 1) * self.stride + self.kc * NR;
-        assert!(self.panels >= 1 && last <= panels.len(), "panel slice out of bounds");
+        let last = b + (self.panels - 1) * self.stride + (self.kc - 1) * self.ldb + NR;
+        assert!(self.panels >= 1 && self.kc >= 1 && last <= panels.len(), "panel slice out of bounds");
         assert!(self.panels == 1 || isa.panels_per_tile() >= self.panels, "a wide tile needs the wide kernel");
         assert!(self.rows >= 1 && self.rows <= MR && self.cols >= 1 && self.cols <= self.panels * NR, "tile shape");
         // SAFETY: in bounds (asserted above).
@@ -583,7 +648,8 @@ impl Tile {
             }
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2Fma => {
-                let prefetch = next.map_or(std::ptr::null(), |i| panels[i..].as_ptr() as *const u8);
+                // (Only ever an address to prefetch: never read through, so it may lie anywhere.)
+                let prefetch = next.map_or(std::ptr::null(), |i| panels.as_ptr().wrapping_add(i) as *const u8);
                 // SAFETY: the Tile contract (ours, from the caller); `Isa::Avx2Fma` is chosen only
                 // where the CPU has AVX2 and FMA; `rows` picks the kernel of that many rows.
                 unsafe { dispatch_rows!(self.rows, T::avx2, self, b, prefetch, acc) }
@@ -658,7 +724,7 @@ unsafe fn portable<const R: usize, T: PanelValue>(t: &Tile, b: *const T, out: *m
     let mut acc = [[0.0f32; NR]; R];
     for kk in 0..t.kc {
         // SAFETY: kk < kc: inside the panel slice's kc x NR values.
-        let bv = T::widen(unsafe { std::slice::from_raw_parts(b.add(kk * NR), NR) });
+        let bv = T::widen(unsafe { std::slice::from_raw_parts(b.add(kk * t.ldb), NR) });
         for (r, acc) in acc.iter_mut().enumerate() {
             // SAFETY: kk < kc and r < R <= MR: inside A's kc x MR values.
             let a = unsafe { *t.a.add(kk * MR + r) };
@@ -718,21 +784,31 @@ unsafe fn avx2_store<const R: usize>(t: &Tile, acc: &[[std::arch::x86_64::__m256
 unsafe fn avx512<const R: usize, const P: usize, T: PanelValue>(t: &Tile, b: *const T, out: *mut f32) -> bool {
     use std::arch::x86_64::*;
     let mut acc = [[_mm512_setzero_ps(); P]; R];
-    // Panel rows to a cache line (f32: 1, bf16: 2).
-    let per_line = (64 / (NR * std::mem::size_of::<T>())).max(1);
+    let size = std::mem::size_of::<T>();
+    // The tile's rows are one stream when its panels are a whole group (`Layout`); otherwise
+    // each panel is a stream of its own, with `per_line` of its rows to a cache line.
+    let one_stream = P > 1 && t.stride == NR && t.ldb == P * NR;
+    let per_line = (64 / (t.ldb * size)).max(1);
     for kk in 0..t.kc {
-        if R <= 2 && kk % per_line == 0 {
-            // Decode: a few FMAs per weight, so the streams are latency-bound and the hardware
-            // prefetchers alone keep too few lines in flight (single-threaded, bf16 weights read
-            // 15 GB/s from memory against 33-52 from cache). Each panel's line PREFETCH bytes
-            // ahead is asked for now (a prefetch never faults, so one past the panel is harmless).
+        // Decode: a few FMAs per weight, so the streams are latency-bound and the hardware
+        // prefetchers alone keep too few lines in flight (single-threaded, bf16 weights read
+        // 15 GB/s from memory against 33-52 from cache). Lines PREFETCH bytes ahead in each
+        // stream are asked for now (a prefetch never faults, so one past the panel is harmless).
+        // One stream is prefetched at any row count: the first row block of a batch reads it
+        // from memory, and two prefetches a row are little next to 4 R FMAs.
+        if one_stream {
+            let ahead = b.wrapping_add(kk * t.ldb) as *const u8;
+            for line in (0..t.ldb * size).step_by(64) {
+                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(P * PREFETCH + line) as *const i8);
+            }
+        } else if R <= 2 && kk % per_line == 0 {
             for p in 0..P {
-                let ahead = b.wrapping_add(p * t.stride + kk * NR) as *const u8;
+                let ahead = b.wrapping_add(p * t.stride + kk * t.ldb) as *const u8;
                 _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(PREFETCH) as *const i8);
             }
         }
-        // SAFETY: kk < kc and p < P = panels: inside panel p's kc x NR slice.
-        let w: [__m512; P] = std::array::from_fn(|p| unsafe { T::load16(b.add(p * t.stride + kk * NR)) });
+        // SAFETY: kk < kc and p < P = panels: inside panel p's slice.
+        let w: [__m512; P] = std::array::from_fn(|p| unsafe { T::load16(b.add(p * t.stride + kk * t.ldb)) });
         for (r, acc) in acc.iter_mut().enumerate() {
             // SAFETY: kk < kc, r < R <= MR: one value of A.
             let a = _mm512_set1_ps(unsafe { *t.a.add(kk * MR + r) });
@@ -771,12 +847,11 @@ unsafe fn avx2_f32<const R: usize>(t: &Tile, b: *const f32, prefetch: *const u8,
     let pf = !prefetch.is_null();
     for kk in 0..t.kc {
         if pf {
-            // SAFETY: a prefetch never faults, whatever the address.
-            unsafe { _mm_prefetch::<_MM_HINT_T0>(prefetch.add(kk * NR * 4) as *const i8) };
+            _mm_prefetch::<_MM_HINT_T0>(prefetch.wrapping_add(kk * t.ldb * 4) as *const i8);
         }
         // SAFETY: kk < kc: the panel row's 16 values; kk < kc, r < MR: one value of A.
-        let b0 = unsafe { _mm256_loadu_ps(b.add(kk * NR)) };
-        let b1 = unsafe { _mm256_loadu_ps(b.add(kk * NR + 8)) };
+        let b0 = unsafe { _mm256_loadu_ps(b.add(kk * t.ldb)) };
+        let b1 = unsafe { _mm256_loadu_ps(b.add(kk * t.ldb + 8)) };
         for (r, acc) in acc.iter_mut().enumerate() {
             let a = unsafe { _mm256_broadcast_ss(&*t.a.add(kk * MR + r)) };
             acc[0] = _mm256_fmadd_ps(a, b0, acc[0]);
@@ -796,14 +871,15 @@ unsafe fn avx2_bf16<const R: usize>(t: &Tile, b: *const u16, prefetch: *const u8
     let zero = _mm256_setzero_si256();
     let mut acc = [[_mm256_setzero_ps(); 2]; R];
     let pf = !prefetch.is_null();
+    // Panel rows to a cache line: 2 when the panels are not grouped.
+    let per_line = (32 / t.ldb).max(1);
     for kk in 0..t.kc {
-        if pf && kk % 2 == 0 {
-            // SAFETY: a prefetch never faults, whatever the address.
-            unsafe { _mm_prefetch::<_MM_HINT_T0>(prefetch.add(kk * NR * 2) as *const i8) };
+        if pf && kk % per_line == 0 {
+            _mm_prefetch::<_MM_HINT_T0>(prefetch.wrapping_add(kk * t.ldb * 2) as *const i8);
         }
         // 16 bf16 in one load; interleaving zeros below each value widens it to f32 exactly.
         // SAFETY: kk < kc: the panel row's 16 values.
-        let raw = unsafe { _mm256_loadu_si256(b.add(kk * NR) as *const __m256i) };
+        let raw = unsafe { _mm256_loadu_si256(b.add(kk * t.ldb) as *const __m256i) };
         let b0 = _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, raw));
         let b1 = _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, raw));
         for (r, acc) in acc.iter_mut().enumerate() {
@@ -862,13 +938,19 @@ mod tests {
             let want = reference(&x, m, k, &w, n);
             for isa in isas() {
                 for dtype in [WeightDtype::F32, WeightDtype::Bf16] {
-                    let packed = PackedLinear::new(&w, n, k, dtype);
-                    let mut got = vec![f32::NAN; m * n];
-                    packed.forward_with(&x, m, &mut got, isa);
-                    // bf16 weights differ from the f32 ones by up to 2^-9 relative.
-                    let tol = if dtype == WeightDtype::F32 { 1e-4 } else { 4e-3 } * (k as f32).sqrt().max(1.0);
-                    for (i, (g, e)) in got.iter().zip(&want).enumerate() {
-                        assert!((g - e).abs() <= tol, "{isa:?} {dtype:?} m={m} n={n} k={k} [{i}]: {g} vs {e}");
+                    // Every kernel reads both layouts (`Layout`): grouped panels and apart.
+                    for group in [1, WIDE] {
+                        let packed = PackedLinear::with_group(&w, n, k, dtype, group);
+                        let mut got = vec![f32::NAN; m * n];
+                        packed.forward_with(&x, m, &mut got, isa);
+                        // bf16 weights differ from the f32 ones by up to 2^-9 relative.
+                        let tol = if dtype == WeightDtype::F32 { 1e-4 } else { 4e-3 } * (k as f32).sqrt().max(1.0);
+                        for (i, (g, e)) in got.iter().zip(&want).enumerate() {
+                            assert!(
+                                (g - e).abs() <= tol,
+                                "{isa:?} {dtype:?} group {group} m={m} n={n} k={k} [{i}]: {g} vs {e}"
+                            );
+                        }
                     }
                 }
             }
@@ -927,9 +1009,11 @@ mod tests {
         let w: Vec<f32> = data(n * k, 4).iter().map(|&v| half::bf16::from_f32(v).to_f32()).collect();
         for isa in isas() {
             let (mut a, mut b) = (vec![0.0; m * n], vec![0.0; m * n]);
-            PackedLinear::new(&w, n, k, WeightDtype::F32).forward_with(&x, m, &mut a, isa);
-            PackedLinear::new(&w, n, k, WeightDtype::Bf16).forward_with(&x, m, &mut b, isa);
-            assert_eq!(a, b, "{isa:?}");
+            for group in [1, WIDE] {
+                PackedLinear::with_group(&w, n, k, WeightDtype::F32, group).forward_with(&x, m, &mut a, isa);
+                PackedLinear::with_group(&w, n, k, WeightDtype::Bf16, group).forward_with(&x, m, &mut b, isa);
+                assert_eq!(a, b, "{isa:?} group {group}");
+            }
         }
     }
 
@@ -938,11 +1022,13 @@ mod tests {
         let (n, k) = (37, 21);
         let w: Vec<f32> = data(n * k, 5).iter().map(|&v| half::bf16::from_f32(v).to_f32()).collect();
         for dtype in [WeightDtype::F32, WeightDtype::Bf16] {
-            let p = PackedLinear::new(&w, n, k, dtype);
-            let mut row = vec![0.0; k];
-            for i in 0..n {
-                p.row(i, &mut row);
-                assert_eq!(row, &w[i * k..(i + 1) * k], "{dtype:?} row {i}");
+            for group in [1, WIDE] {
+                let p = PackedLinear::with_group(&w, n, k, dtype, group);
+                let mut row = vec![0.0; k];
+                for i in 0..n {
+                    p.row(i, &mut row);
+                    assert_eq!(row, &w[i * k..(i + 1) * k], "{dtype:?} group {group} row {i}");
+                }
             }
         }
     }

@@ -76,7 +76,7 @@ pub fn compare_with_faer(
         flops / best / 1e9
     });
     let packed: Vec<PackedLinear> =
-        weights.iter().zip(&dims).map(|(w, &(n, k))| PackedLinear::new(w, n, k, dtype)).collect();
+        weights.iter().zip(&dims).map(|(w, &(n, k))| PackedLinear::new_for(w, n, k, dtype, isa)).collect();
     drop(weights);
     let best = time(&mut |i, out| packed[i].forward_with(&xs[i], m, out, isa));
     (faer, flops / best / 1e9)
