@@ -59,17 +59,23 @@ pub fn compare_with_faer(
     let xs: Vec<Vec<f32>> = dims.iter().map(|&(_, k)| (0..m * k).map(|i| (i % 7) as f32 * 0.1).collect()).collect();
     let mut outs: Vec<Vec<f32>> = dims.iter().map(|&(n, _)| vec![0.0; m * n]).collect();
     let flops: f64 = dims.iter().map(|&(n, k)| 2.0 * (m * n * k) as f64).sum();
-    let mut time = |f: &mut dyn FnMut(usize, &mut [f32])| {
-        (0..iters.max(1) + 1)
-            .map(|_| {
-                let t = std::time::Instant::now();
-                for (i, out) in outs.iter_mut().enumerate() {
-                    f(i, out);
-                }
-                t.elapsed().as_secs_f64()
-            })
-            .skip(1) // warm-up
-            .fold(f64::INFINITY, f64::min)
+    // Timed on one of rayon's workers, as the engine's forward pass runs (`LlamaModel::forward`):
+    // called from another thread, each layer's parallel region waits for a wake-up (bf16 at one
+    // row on one thread: 21-23 GB/s from there, 29-31 from a worker).
+    let mut time = |f: &mut (dyn FnMut(usize, &mut [f32]) + Send)| {
+        let outs = &mut outs;
+        rayon::scope(move |_| {
+            (0..iters.max(1) + 1)
+                .map(|_| {
+                    let t = std::time::Instant::now();
+                    for (i, out) in outs.iter_mut().enumerate() {
+                        f(i, out);
+                    }
+                    t.elapsed().as_secs_f64()
+                })
+                .skip(1) // warm-up
+                .fold(f64::INFINITY, f64::min)
+        })
     };
     let faer = (dtype == WeightDtype::F32).then(|| {
         let best = time(&mut |i, out| linear(&xs[i], m, dims[i].1, &weights[i], dims[i].0, out));
