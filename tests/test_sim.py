@@ -180,6 +180,8 @@ def test_bad_simulation_input(sample, kwargs, message):
 def test_switches_must_be_booleans(sample, name):
     with pytest.raises(TypeError, match=f"{name} must be True or False, got 'yes'"):
         sim.simulate(sample, "past-future", clients=2, **{name: "yes"})
+    # numpy's bool is a boolean too (a value read from an array of settings).
+    assert sim.simulate(sample.head(20), "past-future", clients=2, **{name: np.False_}).summary["completed"] == 20
 
 
 def test_bad_sweep_input(sample):

@@ -164,9 +164,10 @@ def simulate(
                  "max_long_partial_prefills"):
         if name in engine:
             engine[name] = optional_positive_int(engine[name], name)
-    # Switches, named in the error (the core's own message would not say which argument).
+    # Switches, named in the error (the core's own message would not say which argument); numpy's
+    # bool passes, as the core takes it.
     for name in ("prefix_caching", "retry_failed", "redraw", "fitted_tail", "bootstrap", "linear_tail"):
-        if name in engine and not isinstance(engine[name], bool):
+        if name in engine and not isinstance(engine[name], (bool, np.bool_)):
             raise TypeError(f"{name} must be True or False, got {engine[name]!r}")
     if engine.get("max_long_partial_prefills", 1) is None:
         del engine["max_long_partial_prefills"]  # None: the default
