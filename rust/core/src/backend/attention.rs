@@ -93,6 +93,8 @@ struct PagedKv<'a> {
 
 /// KV positions a piece takes at least: fewer and the task costs more than it saves.
 const MIN_PIECE: usize = 128;
+/// Below this many positions over all pieces, they run on the calling thread.
+const SERIAL_POSITIONS: usize = 1024;
 
 /// One row's query heads that share KV head `kvh`, over positions `p0..p1` of its history
 /// (sequence `seq` of the batch).
@@ -146,10 +148,17 @@ where
     }
     let part_len = group * (d + 2);
     let mut parts = vec![0.0f32; pieces.len() * part_len];
-    parts.par_chunks_mut(part_len).zip(&pieces).for_each(|(part, p)| {
+    let run = |(part, p): (&mut [f32], &Piece)| {
         let q = &q[p.row * row_len + p.kvh * group * d..][..group * d];
         kernel(q, &slots[p.seq][p.p0..p.p1], p.kvh, part)
-    });
+    };
+    // A few hundred positions in all (a short history at batch 1) take microseconds: less than
+    // handing pieces to other threads and waiting for them.
+    if pieces.iter().map(|p| p.p1 - p.p0).sum::<usize>() < SERIAL_POSITIONS {
+        parts.chunks_mut(part_len).zip(&pieces).for_each(run);
+    } else {
+        parts.par_chunks_mut(part_len).zip(&pieces).for_each(run);
+    }
     // The pieces of one row and KV head are consecutive.
     let mut i = 0;
     while i < pieces.len() {
