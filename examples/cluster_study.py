@@ -50,18 +50,26 @@ def workload(name: str, data: Path, replicas: int):
     raise ValueError(f"unknown workload {name!r}; known: {', '.join(WORKLOADS)}")
 
 
-def run(trace, name, replicas, router, load, staleness, retry_shed):
+def run(trace, name, replicas, router, load, staleness, retry_shed, seeds=1):
+    """One point of the sweep: the mean of each figure over seeds 0..seeds-1 (the seed draws the
+    routers' and schedulers' random choices; past the knee one seed's goodput can move by a
+    quarter), with each seed's goodput kept under "goodput_per_seed"."""
     model, hardware, kv, max_tokens, sla = WORKLOADS[name]
     t0 = time.perf_counter()
-    # Every replica runs the SLO queue (issue 15): past the knee it sheds what cannot make its
-    # SLO, and the router sends it to another replica that can still start it in time.
-    r = sim.simulate(trace, "past-future", rate_scale=load, model=model, hardware=hardware, kv_cache_tokens=kv,
-                     max_tokens=max_tokens, sla=sla, replicas=replicas, router=router, staleness=staleness,
-                     queue="slo", retry_shed=retry_shed)
-    s = r.summary
-    return {"goodput_tps": s["goodput_tps"], "sla_attainment": s["sla_attainment"],
-            "prefix_hit_rate": s["prefix_hit_rate"], "load_imbalance": s["load_imbalance"],
-            "preemptions": s["preemptions"], "seconds": time.perf_counter() - t0}
+    keys = ("goodput_tps", "sla_attainment", "prefix_hit_rate", "load_imbalance", "preemptions")
+    per_seed = []
+    for seed in range(seeds):
+        # Every replica runs the SLO queue (issue 15): past the knee it sheds what cannot make its
+        # SLO, and the router sends it to another replica that can still start it in time.
+        r = sim.simulate(trace, "past-future", rate_scale=load, model=model, hardware=hardware, kv_cache_tokens=kv,
+                         max_tokens=max_tokens, sla=sla, replicas=replicas, router=router, staleness=staleness,
+                         queue="slo", retry_shed=retry_shed, seed=seed)
+        per_seed.append({k: r.summary[k] for k in keys})
+    out = {k: sum(p[k] for p in per_seed) / seeds for k in keys}
+    if seeds > 1:
+        out["goodput_per_seed"] = [p["goodput_tps"] for p in per_seed]
+    out["seconds"] = time.perf_counter() - t0
+    return out
 
 
 def main() -> int:
@@ -74,6 +82,8 @@ def main() -> int:
     ap.add_argument("--retry-shed", default="in-time", choices=["in-time", "always", "never"],
                     help="where a shed request goes: a replica that can start it in time (the Ray ingress's rule), "
                          "any replica not tried, or nowhere")
+    ap.add_argument("--seeds", type=int, default=1,
+                    help="run each point with seeds 0..N-1 and report the means (default 1: seed 0 alone)")
     ap.add_argument("--out", type=Path)
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--plot-only", action="store_true",
@@ -81,16 +91,20 @@ def main() -> int:
     args = ap.parse_args()
     if args.plot_only:
         return plot_saved(args.out)
+    if args.seeds < 1:
+        ap.error(f"--seeds must be at least 1, got {args.seeds}")
     loads = [float(x) for x in args.loads.split(",")]
     results = {}
     for w in args.workloads.split(","):
         trace = workload(w, args.data, args.replicas)
         jobs = [(x, r) for x in loads for r in ROUTERS]
         with ThreadPoolExecutor(args.workers) as pool:
-            runs = [pool.submit(run, trace, w, args.replicas, r, x, args.staleness, args.retry_shed) for x, r in jobs]
+            runs = [pool.submit(run, trace, w, args.replicas, r, x, args.staleness, args.retry_shed, args.seeds)
+                    for x, r in jobs]
             out = {j: f.result() for j, f in zip(jobs, runs)}
         results[w] = {str(x): {r: out[(x, r)] for r in ROUTERS} for x in loads}
-        print(f"\n{w}, {args.replicas} replicas: goodput tok/s (prefix hit rate, load imbalance max/mean, preemptions)")
+        seeds = f", means over seeds 0-{args.seeds - 1}" if args.seeds > 1 else ""
+        print(f"\n{w}, {args.replicas} replicas{seeds}: goodput tok/s (prefix hit rate, load imbalance max/mean, preemptions)")
         print(f"{'load':>6} " + " ".join(f"{r:>30}" for r in ROUTERS))
         for x in loads:
             cells = [f"{p['goodput_tps']:>8.0f} ({p['prefix_hit_rate']:.2f}, {p['load_imbalance']:.2f}, {p['preemptions']:>4})"
@@ -103,13 +117,18 @@ def main() -> int:
             best_hit = max(out[(x, r)]["prefix_hit_rate"] for r in ROUTERS)
             print(f"{label} ({x}x): forecast / power-of-two {f / p2:.2f}, forecast / prefix {f / pre:.2f}, "
                   f"hit rate {out[(x, 'forecast')]['prefix_hit_rate']:.3f} against the best {best_hit:.3f}")
+        if args.seeds > 1:
+            for x in loads:
+                f, pre = (out[(x, r)]["goodput_per_seed"] for r in ("forecast", "prefix"))
+                print(f"{x}x, forecast / prefix seed by seed: " + ", ".join(f"{a / b:.2f}" for a, b in zip(f, pre)))
         light = [x for x in loads if out[(x, "power-of-two")]["sla_attainment"] >= 0.95]
         ratios = [out[(x, "forecast")]["goodput_tps"] / out[(x, "power-of-two")]["goodput_tps"] for x in light]
         print("light load (power-of-two meets the SLA for >= 95%): forecast / power-of-two "
               + (", ".join(f"{v:.3f}" for v in ratios) or "n/a"), flush=True)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
-        suffix = "" if args.retry_shed == "in-time" else f"-retry-{args.retry_shed}"
+        suffix = ("" if args.retry_shed == "in-time" else f"-retry-{args.retry_shed}") + (
+            f"-seeds-{args.seeds}" if args.seeds > 1 else "")
         name = "+".join(args.workloads.split(","))
         (args.out / f"{name}-{args.replicas}{suffix}.json").write_text(json.dumps(results, indent=1))
     return 0
@@ -124,7 +143,8 @@ def plot_saved(out: Path) -> int:
         return ("-retry-" in f.stem, int(stem.rsplit("-", 1)[1]), f.stem)
 
     groups: dict = {}
-    for f in sorted(out.glob("*.json"), key=order):
+    # Runs over several seeds (`-seeds-N`) are tables only; the figure shows the seed-0 runs.
+    for f in sorted((f for f in out.glob("*.json") if "-seeds-" not in f.stem), key=order):
         rule = f.stem.split("-retry-")[1] if "-retry-" in f.stem else None
         name, replicas = f.stem.split("-retry-")[0].rsplit("-", 1)
         for w, panel in json.loads(f.read_text()).items():
