@@ -1,7 +1,7 @@
 //! Paged attention on the CPU over a flattened batch of prefill chunks and decode tokens, as
 //! vLLM v1 runs it. Prefill chunks (more than one token) go through `prefill_attention` in
-//! tiles; decode rows go in pieces (`by_pieces`: per KV head, and per run of positions where the
-//! batch is small), each piece by `attend_piece`, with explicit FMA code (`avx2::attend_piece`)
+//! tiles; decode rows go in pieces (`by_pieces`: runs of positions where the batch is small or
+//! the history long), each piece by `attend_piece`, with explicit FMA code (`avx2::attend_piece`)
 //! where the CPU has it. The portable `attend_row` is the reference both are tested against.
 
 use rayon::prelude::*;
@@ -93,28 +93,31 @@ struct PagedKv<'a> {
 
 /// KV positions a piece takes at least: fewer and the task costs more than it saves.
 const MIN_PIECE: usize = 128;
+/// Bytes of K a piece reads at most (for each KV head, a pass over the rows that holds in L2).
+const PIECE_BYTES: usize = 256 << 10;
 /// Below this many positions over all pieces, they run on the calling thread.
 const SERIAL_POSITIONS: usize = 1024;
 
-/// One row's query heads that share KV head `kvh`, over positions `p0..p1` of its history
-/// (sequence `seq` of the batch).
+/// One row's attention over positions `p0..p1` of its history (sequence `seq` of the batch).
 struct Piece {
     seq: usize,
     row: usize,
-    kvh: usize,
     p0: usize,
     p1: usize,
 }
 
-/// Flash decoding on the CPU: every row's attention in pieces, one per KV head and, where the
-/// batch has fewer rows times KV heads than four per thread, one per run of at least
-/// `MIN_PIECE` positions too, so a lone sequence's attention uses every core. With one task a
-/// row, one core walked a long history while the others waited: a batch-1 decode step of
-/// SmolLM2 took 23.7 ms at 2,000 tokens of context against 7.5 at 16 (2 threads, Zen 5).
-/// `kernel(q, slots, kvh, part)` leaves, for each query head of `q` (the group's heads, in
-/// order), its unnormalised output over the positions at cache offsets `slots`, then their
-/// running max and sum of weights (`head_dim + 2` values a head). Pieces are merged, each
-/// rescaled to the common max, as the tiles' online softmax does.
+/// Flash decoding on the CPU: every row's attention in pieces, runs of its positions, so a lone
+/// sequence's attention uses every core: where the batch has fewer rows than four per thread, a
+/// row is cut into that many runs of at least `MIN_PIECE` positions, and a long one into runs of
+/// at most `PIECE_BYTES` of K. With one task a row, one core walked a long history while the
+/// others waited: a batch-1 decode step of SmolLM2 took 23.7 ms at 2,000 tokens of context
+/// against 7.5 at 16 (2 threads, Zen 5). A piece takes every KV head in turn over its run:
+/// pieces per KV head instead read a third of each cache row each, interleaved with the other
+/// threads' thirds, and measured 1.1-1.2x slower. `kernel(q, slots, kvh, part)` leaves, for
+/// each query head of `q` (those reading KV head `kvh`, in order), its unnormalised output over
+/// the positions at cache offsets `slots`, then their max and sum of weights (`head_dim + 2`
+/// values a head). Pieces are merged, each rescaled to the common max, as the tiles' online
+/// softmax does.
 fn by_pieces<F>(q: &[f32], seqs: &[AttnSeq<'_>], cache: PagedKv<'_>, out: &mut [f32], threads: usize, kernel: F)
 where
     F: Fn(&[f32], &[usize], usize, &mut [f32]) + Sync,
@@ -128,54 +131,52 @@ where
     let top = slots.iter().flatten().max().copied();
     assert!(top.is_none_or(|t| t + num_kv_heads * d <= cache.k.len().min(cache.v.len())), "KV slot out of bounds");
     let rows: usize = seqs.iter().map(|s| s.num_tokens).sum();
-    let per_head = (4 * threads).div_ceil((rows * num_kv_heads).max(1));
+    let per_row = (4 * threads).div_ceil(rows.max(1));
+    // At most this many positions a piece, so its K and V rows stay in L2 while it walks them
+    // once per KV head.
+    let max_piece = (PIECE_BYTES / (4 * num_kv_heads * d)).max(MIN_PIECE);
     let mut pieces = Vec::new();
     for (seq, s) in seqs.iter().enumerate() {
         for t in 0..s.num_tokens {
             let len = s.start + t + 1;
             assert!((s.row + t + 1) * row_len <= out.len(), "row outside the batch");
-            let step = len.div_ceil(per_head.min(len.div_ceil(MIN_PIECE)).max(1));
-            for kvh in 0..num_kv_heads {
-                pieces.extend((0..len).step_by(step).map(|p0| Piece {
-                    seq,
-                    row: s.row + t,
-                    kvh,
-                    p0,
-                    p1: len.min(p0 + step),
-                }));
-            }
+            let chunks = per_row.min(len.div_ceil(MIN_PIECE)).max(len.div_ceil(max_piece)).max(1);
+            let step = len.div_ceil(chunks);
+            pieces.extend((0..len).step_by(step).map(|p0| Piece { seq, row: s.row + t, p0, p1: len.min(p0 + step) }));
         }
     }
-    let part_len = group * (d + 2);
+    let part_len = num_heads * (d + 2);
     let mut parts = vec![0.0f32; pieces.len() * part_len];
     let run = |(part, p): (&mut [f32], &Piece)| {
-        let q = &q[p.row * row_len + p.kvh * group * d..][..group * d];
-        kernel(q, &slots[p.seq][p.p0..p.p1], p.kvh, part)
+        for (kvh, part) in part.chunks_exact_mut(group * (d + 2)).enumerate() {
+            let q = &q[p.row * row_len + kvh * group * d..][..group * d];
+            kernel(q, &slots[p.seq][p.p0..p.p1], kvh, part)
+        }
     };
     // A few hundred positions in all (a short history at batch 1) take microseconds: less than
     // handing pieces to other threads and waiting for them.
-    if pieces.iter().map(|p| p.p1 - p.p0).sum::<usize>() < SERIAL_POSITIONS {
+    if pieces.iter().map(|p| p.p1 - p.p0).sum::<usize>() * num_kv_heads < SERIAL_POSITIONS {
         parts.chunks_mut(part_len).zip(&pieces).for_each(run);
     } else {
         parts.par_chunks_mut(part_len).zip(&pieces).for_each(run);
     }
-    // The pieces of one row and KV head are consecutive.
+    // The pieces of one row are consecutive.
     let mut i = 0;
     while i < pieces.len() {
-        let (row, kvh) = (pieces[i].row, pieces[i].kvh);
-        let n = pieces[i..].iter().take_while(|p| p.row == row && p.kvh == kvh).count();
+        let row = pieces[i].row;
+        let n = pieces[i..].iter().take_while(|p| p.row == row).count();
         let parts = &parts[i * part_len..(i + n) * part_len];
-        for g in 0..group {
-            let head = |k: usize| &parts[k * part_len + g * (d + 2)..][..d + 2];
+        for h in 0..num_heads {
+            let head = |k: usize| &parts[k * part_len + h * (d + 2)..][..d + 2];
             let max = (0..n).map(|k| head(k)[d]).fold(f32::NEG_INFINITY, f32::max);
-            let o = &mut out[row * row_len + (kvh * group + g) * d..][..d];
+            let o = &mut out[row * row_len + h * d..][..d];
             o.fill(0.0);
             let mut sum = 0.0f32;
             for k in 0..n {
-                let h = head(k);
-                let w = (h[d] - max).exp();
-                sum += w * h[d + 1];
-                o.iter_mut().zip(&h[..d]).for_each(|(o, x)| *o += w * x);
+                let x = head(k);
+                let w = (x[d] - max).exp();
+                sum += w * x[d + 1];
+                o.iter_mut().zip(&x[..d]).for_each(|(o, x)| *o += w * x);
             }
             o.iter_mut().for_each(|o| *o /= sum);
         }
@@ -401,10 +402,10 @@ mod tests {
         assert!(ran.is_err(), "an out-of-bounds block must be refused");
     }
 
-    /// The row path (`by_pieces`) with each kernel, in one piece a row and KV head and split
-    /// into as many as 16 threads would take, against the portable reference: GQA, ragged block
-    /// tables, a chunk that starts mid-sequence, decode rows over short and long histories (one
-    /// of 700 positions, split three to six ways at 16 threads), head_dim 16 to 128.
+    /// The row path (`by_pieces`) with each kernel, with pieces for 1 and for 16 threads, against
+    /// the portable reference: GQA, ragged block tables, a chunk that starts mid-sequence, decode
+    /// rows over short and long histories (one of 700 positions, split into three to six runs),
+    /// head_dim 16 to 128.
     #[test]
     fn pieces_match_the_reference() {
         for (nh, nkv, hd) in [(9, 3, 64), (4, 1, 128), (2, 2, 32), (3, 3, 16)] {
