@@ -11,7 +11,8 @@ Prints, all measured in the same run:
 - for each weight dtype (float32, bfloat16 and q4_1 by default): prefill tokens/s for a 512-token prompt and a long
   one (6,000 tokens; the long one's per-token rate as a ratio to the short one's: attention's
   share), and decode tokens/s at 1, 8 and 32 concurrent sequences, each as model FLOP/s
-  (2 x parameters x tokens) and as a ratio to the peak;
+  (2 x parameters x tokens) and as a ratio to the peak, and at 1 sequence after a 2,000-token
+  prompt, as a ratio to the rate after 16 tokens (what a long history costs decode attention);
 - the machine's memory read bandwidth (every thread reading 1 GiB; measured after each dtype and
   just before and after each batch-1 decode run too, the highest used for the rooflines), and
   batch-1 decode's (the weight bytes a step reads times the steps a second), also as a ratio to
@@ -21,7 +22,8 @@ Prints, all measured in the same run:
 - with torch and transformers installed, HF transformers' bf16 decode at the same batch sizes on the
   same weights, timed the same way (the median step), with horae's bf16 as a ratio to it;
 - with llama-cpp-python installed and the default model, llama.cpp on the very GGUF horae's Q4_1
-  blocks come from: 512-token prefill and batch-1 decode, with horae's q4_1 as a ratio to them.
+  blocks come from: 512-token prefill and batch-1 decode (after 16 tokens and after 2,000), with
+  horae's q4_1 as a ratio to them.
 """
 
 from __future__ import annotations
@@ -46,13 +48,13 @@ def _params(model_dir) -> float:
     return layers * per_layer + v * h
 
 
-def _decode_rate(engine: Engine, batch: int, new_tokens: int) -> float:
+def _decode_rate(engine: Engine, batch: int, new_tokens: int, prompt_len: int = 16) -> float:
     """Decode tokens/s with `batch` sequences all decoding: `batch` over the median time of the
     steps where every sequence decodes one token (prefill steps excluded). The median, because
     this shared machine has bursts of contention that a mean would charge to the engine."""
     p = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
     for i in range(batch):
-        engine.add_request(None, {"prompt_token_ids": [1 + (7 * i + j) % 5000 for j in range(16)]}, p)
+        engine.add_request(None, {"prompt_token_ids": [1 + (7 * i + j) % 5000 for j in range(prompt_len)]}, p)
     times = []
     while engine.has_unfinished_requests():
         waiting = engine.stats()["waiting"]
@@ -106,16 +108,17 @@ def _hf_decode_rates(model_dir, batches: List[int], new_tokens: int) -> Optional
             "threads": torch.get_num_threads(), "decode_tok_s": rates}
 
 
-def _llamacpp_rates(gguf, prefill: int, new_tokens: int) -> Optional[dict]:
+def _llamacpp_rates(gguf, prefill: int, new_tokens: int, long_decode: int = 0) -> Optional[dict]:
     """llama.cpp (through llama-cpp-python, if installed) on `gguf`: prefill tokens/s for one
-    `prefill`-token prompt and batch-1 decode tokens/s (the median step), timed as horae's are."""
+    `prefill`-token prompt and batch-1 decode tokens/s (the median step), timed as horae's are;
+    with `long_decode`, batch-1 decode after a prompt that long too (16 steps)."""
     try:
         import llama_cpp
     except ImportError:
         return None
     threads = os.cpu_count() or 1
-    llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=prefill + new_tokens + 64, n_batch=prefill, n_ubatch=prefill,
-                          n_threads=threads, n_threads_batch=threads, verbose=False)
+    llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=max(prefill + new_tokens, long_decode + 16) + 64, n_batch=prefill,
+                          n_ubatch=prefill, n_threads=threads, n_threads_batch=threads, verbose=False)
     ids = [1 + (13 * j + 101 * 3) % 5000 for j in range(prefill)]
     llm.eval(ids[:64])  # warm-up
     llm.reset()
@@ -124,12 +127,21 @@ def _llamacpp_rates(gguf, prefill: int, new_tokens: int) -> Optional[dict]:
     pre = prefill / (time.perf_counter() - t)
     llm.reset()
     llm.eval(ids[:16])
-    times = []
-    for i in range(new_tokens):
-        t = time.perf_counter()
-        llm.eval([1 + (7 * i) % 5000])
-        times.append(time.perf_counter() - t)
-    return {"version": llama_cpp.__version__, "prefill_tok_s": pre, "decode_1_tok_s": 1 / statistics.median(times)}
+
+    def decode(steps: int) -> float:
+        times = []
+        for i in range(steps):
+            t = time.perf_counter()
+            llm.eval([1 + (7 * i) % 5000])
+            times.append(time.perf_counter() - t)
+        return 1 / statistics.median(times)
+
+    out = {"version": llama_cpp.__version__, "prefill_tok_s": pre, "decode_1_tok_s": decode(new_tokens)}
+    if long_decode:
+        llm.reset()
+        llm.eval([1 + (7 * j) % 5000 for j in range(long_decode)])
+        out[f"decode_1_after_{long_decode}_tok_s"] = decode(16)
+    return out
 
 
 def _shapes(cfg: dict) -> List[tuple]:
@@ -159,7 +171,7 @@ def _cpu_name() -> str:
 
 
 def run(model=None, batches: List[int] = (1, 8, 32), new_tokens: int = 64, prefill: int = 512, hf: bool = True,
-        dtypes: List[str] = ("float32", "bfloat16", "q4_1"), long_prefill: int = 6000) -> dict:
+        dtypes: List[str] = ("float32", "bfloat16", "q4_1"), long_prefill: int = 6000, long_decode: int = 2000) -> dict:
     import gc
 
     from horae.models import resolve_model
@@ -247,6 +259,14 @@ def run(model=None, batches: List[int] = (1, 8, 32), new_tokens: int = 64, prefi
                          f"{gbs / max(around):.2f} of the read bandwidth measured just before and after "
                          f"({around[0]:.1f}, {around[1]:.1f} GB/s)")
             print(line)
+        if long_decode:
+            # A long history: decode attention reads it all every step, which the short-prompt
+            # rows above do not show.
+            rate = _decode_rate(engine, 1, 16, prompt_len=long_decode)
+            r[f"decode_1_after_{long_decode}_tok_s"] = rate
+            short = r.get("decode_1_tok_s")
+            print(f"decode at  1 sequence after a {long_decode}-token prompt: {rate:8.1f} tok/s"
+                  + (f", {rate / short:.2f}x the rate after 16 tokens" if short else ""))
         res["dtypes"][dtype] = r
         del engine
         gc.collect()
@@ -286,7 +306,7 @@ def run(model=None, batches: List[int] = (1, 8, 32), new_tokens: int = 64, prefi
     if model is None and "q4_1" in res["dtypes"]:
         from horae.models import _find_default_gguf, cache_dir
 
-        peer = _llamacpp_rates(_find_default_gguf(cache_dir() / "downloads"), prefill, new_tokens)
+        peer = _llamacpp_rates(_find_default_gguf(cache_dir() / "downloads"), prefill, new_tokens, long_decode)
         if peer is None:
             print("llama.cpp: not installed (pip install llama-cpp-python to compare on the same GGUF)")
         else:
@@ -297,6 +317,10 @@ def run(model=None, batches: List[int] = (1, 8, 32), new_tokens: int = 64, prefi
                   f"{peer['decode_1_tok_s']:.1f} tok/s; horae q4_1 / llama.cpp: prefill "
                   f"{ours['prefill_tok_s'] / peer['prefill_tok_s']:.2f}x, decode "
                   f"{ours['decode_1_tok_s'] / peer['decode_1_tok_s']:.2f}x")
+            key = f"decode_1_after_{long_decode}_tok_s"
+            if long_decode and key in ours:
+                print(f"  decode at 1 sequence after a {long_decode}-token prompt: llama.cpp {peer[key]:.1f} tok/s, "
+                      f"horae q4_1 / llama.cpp {ours[key] / peer[key]:.2f}x")
     if hf:
         peer = _hf_decode_rates(model_dir, batches, new_tokens)
         if peer is None:
