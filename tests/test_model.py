@@ -154,6 +154,10 @@ def test_dtype_choice(llm):
         _core.bench_attention(64, 9, 3, 60)
     with pytest.raises(ValueError, match="num_heads a multiple of num_kv_heads"):
         _core.bench_attention(64, 9, 2, 64)
+    from horae.bench.model import run as bench_model
+    for name in ("long_prefill", "long_decode"):
+        with pytest.raises(ValueError, match=f"{name} must be a whole number of tokens, 0 to skip it; got -5"):
+            bench_model(**{name: -5})
     from horae.cli import main
     assert main(["bench", "model", "--dtypes", "fp8", "--no-hf"]) == 2
     with pytest.raises(SystemExit) as e:

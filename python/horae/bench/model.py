@@ -179,6 +179,9 @@ def run(model=None, batches: List[int] = (1, 8, 32), new_tokens: int = 64, prefi
     bad = [d for d in dtypes if d not in ("auto", "float32", "bfloat16", "q8_0", "q4_1")]
     if bad:
         raise ValueError(f"unknown dtype {bad[0]!r}: use 'auto', 'float32', 'bfloat16', 'q8_0' or 'q4_1'")
+    for name, value in (("long_prefill", long_prefill), ("long_decode", long_decode)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name} must be a whole number of tokens, 0 to skip it; got {value!r}")
     model_dir = resolve_model(model)
     cfg = json.loads((model_dir / "config.json").read_text())
     h, i = cfg["hidden_size"], cfg["intermediate_size"]
@@ -227,7 +230,8 @@ def run(model=None, batches: List[int] = (1, 8, 32), new_tokens: int = 64, prefi
             print(f"  tiled {name:>8} {t * 1e3:6.1f} ms = {flops / t / 1e9:6.1f} GFLOP/s, {rows / t:5.1f}x the row kernel")
 
     for dtype in dtypes:
-        engine = Engine(model_dir, kv_cache_tokens=max(8192, max(batches) * (16 + new_tokens) * 2, long_prefill + 16),
+        engine = Engine(model_dir, kv_cache_tokens=max(8192, max(batches) * (16 + new_tokens) * 2, long_prefill + 16,
+                                                        long_decode + 16),
                         max_num_seqs=max(batches), dtype=dtype)
         r = {}
         print(f"-- weights {dtype}")

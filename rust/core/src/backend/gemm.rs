@@ -640,7 +640,8 @@ impl Tile {
         let pending = match isa {
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512 => {
-                // No software prefetch: four sequential streams, which the hardware follows.
+                // The kernel prefetches its own streams (`PREFETCH` bytes ahead in each);
+                // `next` is for the AVX2 kernel.
                 let _ = next;
                 // SAFETY: the Tile contract; `Isa::Avx512` is chosen only where the CPU has
                 // AVX-512F; `rows` and `panels` pick the kernel of that shape.

@@ -1,7 +1,7 @@
 //! Prefill attention in tiles: flash attention's scheme on the CPU.
 //!
-//! The row kernel (`attention::attend_row`) reads a sequence's whole KV history for every query
-//! row and head, so a prompt of n tokens reads n^2 / 2 KV rows per head from memory: 2,000
+//! The row path (`attention::attention_by_rows`, what decode rows take) reads a sequence's whole
+//! KV history for every query row and head, so a prompt of n tokens reads n^2 / 2 KV rows per head from memory: 2,000
 //! tokens took 5.5 s and 6,000 took 45 s (issue 17), far from the FLOPs. Here a tile of query
 //! tokens, with every query head that shares one KV head (GQA), walks the KV history in tiles of
 //! `BK` positions. Each KV tile is gathered from the paged cache once, both products are small
