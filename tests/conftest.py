@@ -20,4 +20,5 @@ def pytest_report_header(config):
     from horae import _core
 
     k = _core.cpu_kernels()
-    return f"horae CPU kernels: {', '.join(k['available'])} (the engine uses {k['selected']})"
+    amx = f"; AMX tiles for bf16 products from {k['amx_min_rows']} rows" if k["amx_min_rows"] else ""
+    return f"horae CPU kernels: {', '.join(k['available'])} (the engine uses {k['selected']}{amx})"

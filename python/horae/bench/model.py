@@ -108,6 +108,24 @@ def _hf_decode_rates(model_dir, batches: List[int], new_tokens: int) -> Optional
             "threads": torch.get_num_threads(), "decode_tok_s": rates}
 
 
+def _llamacpp_peer(gguf, prefill: int, new_tokens: int, long_decode: int = 0) -> Optional[dict]:
+    """`_llamacpp_rates` in a child process, so that a peer that crashes (llama.cpp's AMX kernels
+    were seen to segfault on a Xeon VM) costs its figures, not the bench: None if llama-cpp-python
+    is not installed, {"error": ...} if the run failed."""
+    import subprocess
+    import sys
+
+    code = ("import json, sys; from horae.bench.model import _llamacpp_rates; "
+            "print(json.dumps(_llamacpp_rates(*json.loads(sys.argv[1]))))")
+    args = json.dumps([str(gguf), prefill, new_tokens, long_decode])
+    run = subprocess.run([sys.executable, "-c", code, args], capture_output=True, text=True)
+    if run.returncode != 0:
+        why = f"signal {-run.returncode}" if run.returncode < 0 else f"exit status {run.returncode}"
+        tail = run.stderr.strip().splitlines()[-1:] or [""]
+        return {"error": f"llama.cpp run failed ({why}) {tail[0]}".strip()}
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
 def _llamacpp_rates(gguf, prefill: int, new_tokens: int, long_decode: int = 0) -> Optional[dict]:
     """llama.cpp (through llama-cpp-python, if installed) on `gguf`: prefill tokens/s for one
     `prefill`-token prompt and batch-1 decode tokens/s (the median step), timed as horae's are;
@@ -196,7 +214,9 @@ def run(model=None, batches: List[int] = (1, 8, 32), new_tokens: int = 64, prefi
     peaks = [gemm_peak()]
     res = {"model": str(model_dir), "params_matmul": params, "linear": {}, "dtypes": {}, "cpu": _cpu_name(),
            "kernels": kernels}
-    print(f"CPU {res['cpu']}; kernels it runs: {', '.join(kernels['available'])}; the engine uses {kernels['selected']}")
+    amx = (f", and AMX tiles for a bf16 model's products from {kernels['amx_min_rows']} rows" if kernels["amx_min_rows"]
+           else "")
+    print(f"CPU {res['cpu']}; kernels it runs: {', '.join(kernels['available'])}; the engine uses {kernels['selected']}{amx}")
     print(f"model {model_dir.name}: {params / 1e6:.0f}M matmul parameters")
     print(f"GEMM peak (faer f32, 512x{i}x{h}, same run): {peaks[0]:.1f} GFLOP/s")
     bandwidths = [_core.bench_read_bandwidth()]
@@ -206,8 +226,11 @@ def run(model=None, batches: List[int] = (1, 8, 32), new_tokens: int = 64, prefi
     # The portable kernel is the fallback where no SIMD kernel runs (and far slower: 10-20x); where
     # one runs, the table leaves it out to keep the bench short (the tests still check it).
     simd = [k for k in kernels["available"] if k != "portable"] or ["portable"]
+    simd += ["amx"] if kernels["amx_min_rows"] else []
     short = {"float32": "f32", "bfloat16": "bf16", "q4_1": "q4_1"}
-    cols = [(d, k) for k in simd for d in short]
+    # AMX tiles run a bf16 model's products only (from kernels["amx_min_rows"] rows; below, the
+    # AVX-512 kernel runs, as in the engine).
+    cols = [(d, k) for k in simd for d in short if k != "amx" or d == "bfloat16"]
     print(f"{'rows':>6} {'faer f32':>9} " + " ".join(f"{k + ' ' + short[d]:>12}" for d, k in cols))
     for m in (1, 8, 32, 512):
         row = {}
@@ -310,9 +333,12 @@ def run(model=None, batches: List[int] = (1, 8, 32), new_tokens: int = 64, prefi
     if model is None and "q4_1" in res["dtypes"]:
         from horae.models import _find_default_gguf, cache_dir
 
-        peer = _llamacpp_rates(_find_default_gguf(cache_dir() / "downloads"), prefill, new_tokens, long_decode)
+        peer = _llamacpp_peer(_find_default_gguf(cache_dir() / "downloads"), prefill, new_tokens, long_decode)
         if peer is None:
             print("llama.cpp: not installed (pip install llama-cpp-python to compare on the same GGUF)")
+        elif "error" in peer:
+            res["llama_cpp"] = peer
+            print(f"llama.cpp: {peer['error']}; no comparison")
         else:
             res["llama_cpp"] = peer
             ours = res["dtypes"]["q4_1"]

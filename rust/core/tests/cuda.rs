@@ -14,7 +14,7 @@ use horae_core::backend::cpu;
 use horae_core::backend::cuda::device::Gpu;
 use horae_core::backend::cuda::ops::{self, AttnDims, AttnIo, DecodeScratch, Dt, PrefillMeta, Ptr};
 use horae_core::backend::cuda::sampler;
-use horae_core::backend::prefill_attention::Products;
+use horae_core::backend::gemm::Products;
 use horae_core::engine::{Engine, WallClock};
 use horae_core::model::cuda_llama::{CudaLlama, KvBudget};
 use horae_core::request::{Prompt, RequestSpec};

@@ -10,7 +10,7 @@ mod engine;
 mod route;
 mod spec;
 
-use horae_core::backend::gemm::{Isa, WeightDtype};
+use horae_core::backend::gemm::{self, Isa, Products, WeightDtype};
 use horae_core::bench::admission::admission_benchmark;
 use horae_core::bench::queue::queue_benchmark;
 use horae_core::bench::route::route_benchmark;
@@ -474,14 +474,22 @@ fn bench_linear(
     {
         return Err(HoraeCoreError::new_err(format!("{} needs inputs in blocks of 32; a shape has {k}", q.name())));
     }
+    // "amx": bf16 weights with a bf16 model's products, on AMX tiles from AMX_MIN_ROWS rows.
+    let amx = kernel == Some("amx");
+    if amx && !(gemm::amx_runs() && dtype == WeightDtype::Bf16) {
+        return Err(HoraeCoreError::new_err("kernel \"amx\" runs bfloat16 weights only, where the CPU runs AMX tiles"));
+    }
     let isa = match kernel {
         None => None,
+        Some(_) if amx => None,
         Some(name) => Some(Isa::available().into_iter().find(|i| i.name() == name).ok_or_else(|| {
-            let names: Vec<_> = Isa::available().iter().map(|i| i.name()).collect();
+            let mut names: Vec<_> = Isa::available().iter().map(|i| i.name()).collect();
+            names.extend(gemm::amx_runs().then_some("amx"));
             HoraeCoreError::new_err(format!("kernel {name:?} does not run on this CPU; it runs: {}", names.join(", ")))
         })?),
     };
-    Ok(py.detach(|| horae_core::bench::gemm::compare_with_faer(&shapes, layers, m, dtype, iters, isa)))
+    let products = if amx { Products::Bf16 } else { Products::F32 };
+    Ok(py.detach(|| horae_core::bench::gemm::compare_with_faer(&shapes, layers, m, dtype, iters, isa, products)))
 }
 
 /// One layer's prefill attention over a `tokens`-token prompt, in seconds: (the row kernel,
@@ -519,14 +527,17 @@ fn bench_read_bandwidth(py: Python<'_>, mib: usize, iters: usize) -> f64 {
     py.detach(|| horae_core::bench::memory::read_bandwidth_gbs(mib << 20, iters))
 }
 
-/// The CPU kernels: `{"selected": name, "available": [names]}` (names: "portable", "avx2",
-/// "avx512"). `selected` is what the engine runs: the best available, capped by
-/// `HORAE_CPU_KERNEL` where set.
+/// The CPU kernels: `{"selected": name, "available": [names], "amx_min_rows": rows or None}`
+/// (names: "portable", "avx2", "avx512"). `selected` is the vector kernel the engine runs: the
+/// best available, capped by `HORAE_CPU_KERNEL` where set. Where AMX tiles run (and no cap is
+/// set), a bf16 model's linear layers go through them from `amx_min_rows` rows (`bench_linear`
+/// names that kernel "amx").
 #[pyfunction]
 fn cpu_kernels(py: Python<'_>) -> PyResult<Bound<'_, pyo3::types::PyDict>> {
     let d = pyo3::types::PyDict::new(py);
     d.set_item("selected", Isa::detect().name())?;
     d.set_item("available", Isa::available().iter().map(|i| i.name()).collect::<Vec<_>>())?;
+    d.set_item("amx_min_rows", gemm::amx_runs().then_some(gemm::AMX_MIN_ROWS))?;
     Ok(d)
 }
 

@@ -7,7 +7,8 @@
 use rayon::prelude::*;
 
 use super::gemm::Isa;
-use super::prefill_attention::{self, Paged, Products};
+use super::gemm::Products;
+use super::prefill_attention::{self, Paged};
 
 /// Where one sequence's rows of a flattened batch read their KV.
 #[derive(Clone, Copy)]

@@ -22,6 +22,7 @@
 
 use rayon::prelude::*;
 
+use super::amx;
 use super::quant::{self, QPanels, QuantKind};
 
 /// Columns per panel: two AVX2 vectors of f32, one AVX-512 vector.
@@ -65,6 +66,33 @@ impl WeightDtype {
             Self::Quant(q) => q.name(),
         }
     }
+}
+
+/// The arithmetic of a bf16 model's products: its prefill attention tiles' (Q K^T and P V) and,
+/// where AMX runs, its linear layers' at `AMX_MIN_ROWS` rows or more. Sums are f32 either way.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Products {
+    /// f32 operands (exact for bf16 weights, as the goldens check).
+    F32,
+    /// Activations rounded to bf16 as well: what a bf16 model does in HF transformers and in
+    /// flash attention, and what `vdpbf16ps` and AMX tiles multiply. Only where the CPU runs them.
+    Bf16,
+}
+
+/// Rows from which a bf16 product goes through AMX tiles (`amx`), where they run. Below, the
+/// AVX-512 kernel is bound by reading the weights and AMX's conversions would cost more than its
+/// products save.
+pub const AMX_MIN_ROWS: usize = 16;
+
+/// Whether bf16 products of the linear layers run on AMX tiles here: the CPU and OS allow them,
+/// and `HORAE_CPU_KERNEL` is unset or `amx` (any other cap keeps the vector kernels).
+pub fn amx_runs() -> bool {
+    use std::sync::OnceLock;
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| {
+        let cap = std::env::var("HORAE_CPU_KERNEL").unwrap_or_default();
+        matches!(cap.trim(), "" | "amx") && Isa::detect() == Isa::best() && amx::runs_here()
+    })
 }
 
 enum Panels {
@@ -219,6 +247,29 @@ impl PackedLinear {
     /// `out[m x n] = x[m x k] * W^T`, multi-threaded over column panels.
     pub fn forward(&self, x: &[f32], m: usize, out: &mut [f32]) {
         self.forward_with(x, m, out, Isa::detect());
+    }
+
+    /// `forward` with a bf16 model's `products`: `Products::Bf16` runs bf16 weights on AMX
+    /// tiles from `AMX_MIN_ROWS` rows where `amx_runs`; everything else is `forward`.
+    pub fn forward_products(&self, x: &[f32], m: usize, out: &mut [f32], products: Products) {
+        match &self.panels {
+            Panels::Bf16(v) if products == Products::Bf16 && m >= AMX_MIN_ROWS && amx_runs() => {
+                self.forward_amx(v, x, m, out)
+            }
+            _ => self.forward(x, m, out),
+        }
+    }
+
+    /// The AMX kernel on bf16 panels (panics unless `amx::runs_here`).
+    fn forward_amx(&self, v: &[u16], x: &[f32], m: usize, out: &mut [f32]) {
+        let layout = self.layout;
+        let panels = amx::Panels {
+            values: v,
+            offset: move |p, kk| layout.offset(p, kk),
+            slot: std::array::from_fn(|j| bf16_slot(j) as u8),
+            count: self.n.div_ceil(NR),
+        };
+        amx::gemm_bf16(&panels, self.n, self.k, x, m, out);
     }
 
     /// `forward` with the kernel for `isa` (which the CPU must have: see `Isa::available`).
@@ -419,20 +470,26 @@ impl Isa {
         Isa::ALL.iter().copied().filter(|i| i.runs_here()).collect()
     }
 
+    /// The best kernel this CPU runs, whatever `HORAE_CPU_KERNEL` says.
+    pub fn best() -> Isa {
+        *Isa::available().last().expect("portable is always available")
+    }
+
     /// The best kernel this CPU runs, capped by `HORAE_CPU_KERNEL` where set. Decided once.
     pub fn detect() -> Self {
         use std::sync::OnceLock;
         static ISA: OnceLock<Isa> = OnceLock::new();
         *ISA.get_or_init(|| {
             let all = Isa::available();
-            let best = *all.last().expect("portable is always available");
+            let best = Isa::best();
             let cap = match std::env::var("HORAE_CPU_KERNEL").ok().as_deref().map(str::trim) {
-                None | Some("") => best,
+                // `amx` is the default's name where AMX runs (`amx_runs`).
+                None | Some("") | Some("amx") => best,
                 Some(name) => match Isa::ALL.iter().find(|i| i.name() == name) {
                     Some(&cap) => cap,
                     None => {
                         let names: Vec<_> = Isa::ALL.iter().map(|i| i.name()).collect();
-                        eprintln!("horae: HORAE_CPU_KERNEL={name:?} is not one of {}; ignored", names.join(", "));
+                        eprintln!("horae: HORAE_CPU_KERNEL={name:?} is not one of {}, amx; ignored", names.join(", "));
                         best
                     }
                 },
@@ -998,6 +1055,33 @@ mod tests {
                 packed.forward_with(&x, m, &mut a, Isa::Portable);
                 PackedLinear::new(&w, n, k, WeightDtype::Quant(kind)).forward_with(&x, m, &mut b, Isa::Portable);
                 assert_eq!(a, b, "{kind:?}");
+            }
+        }
+    }
+
+    /// AMX tiles against the reference on bf16-rounded activations and weights (what the tiles
+    /// multiply: only the summation order differs), on ragged shapes: partial row blocks and
+    /// panel pairs, k not a multiple of 32, more than one task of rows, both panel layouts.
+    #[test]
+    fn amx_matches_the_bf16_reference() {
+        if !amx::runs_here() {
+            eprintln!("AMX bf16 tiles: not run, this CPU or OS does not allow them");
+            return;
+        }
+        eprintln!("AMX bf16 tiles: run");
+        let round = |v: &[f32]| v.iter().map(|&v| half::bf16::from_f32(v).to_f32()).collect::<Vec<_>>();
+        for &(m, n, k) in &[(16, 16, 32), (17, 37, 100), (33, 64, 576), (300, 200, 48), (64, 1, 7), (600, 96, 1536)] {
+            let (x, w) = (data(m * k, 1), data(n * k, 2));
+            let want = reference(&round(&x), m, k, &round(&w), n);
+            for group in [1, WIDE] {
+                let packed = PackedLinear::with_group(&w, n, k, WeightDtype::Bf16, group);
+                let mut got = vec![f32::NAN; m * n];
+                let Panels::Bf16(v) = &packed.panels else { unreachable!() };
+                packed.forward_amx(v, &x, m, &mut got);
+                let tol = 1e-5 * (k as f32).sqrt().max(1.0);
+                for (i, (g, e)) in got.iter().zip(&want).enumerate() {
+                    assert!((g - e).abs() <= tol, "AMX group {group} m={m} n={n} k={k} [{i}]: {g} vs {e}");
+                }
             }
         }
     }

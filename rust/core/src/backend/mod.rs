@@ -1,6 +1,7 @@
 //! Operations a model needs. `cpu` is the reference backend (and the CPU runtime); CUDA kernels
 //! will be checked against it.
 
+mod amx;
 pub mod attention;
 mod bf16_dot;
 pub mod cpu;

@@ -19,23 +19,13 @@
 use rayon::prelude::*;
 
 use super::bf16_dot as bf16;
-use super::gemm::Isa;
+use super::gemm::{Isa, Products};
 #[cfg(target_arch = "x86_64")]
 use super::muladd::Fused;
 use super::muladd::{MulAdd, Plain};
 
 /// KV positions per tile.
 const BK: usize = 64;
-
-/// The arithmetic of a tile's two products, Q K^T and P V (the softmax is f32 either way).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Products {
-    /// f32 operands and sums (within 2e-5 of the row kernel).
-    F32,
-    /// Q, K, P and V rounded to bf16, sums in f32, through `vdpbf16ps` (twice an FMA's products
-    /// an instruction): what flash attention does in a bf16 model. Only where `bf16_runs`.
-    Bf16,
-}
 
 /// Whether `Products::Bf16` runs with the `isa` kernels on this CPU (AVX-512 with BF16).
 pub fn bf16_runs(isa: Isa) -> bool {

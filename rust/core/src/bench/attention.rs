@@ -4,7 +4,8 @@
 
 use crate::backend::attention::{attention_by_rows, AttnSeq};
 use crate::backend::gemm::Isa;
-use crate::backend::prefill_attention::{bf16_runs, query_tile, run, tiles, Paged, Products};
+use crate::backend::gemm::Products;
+use crate::backend::prefill_attention::{bf16_runs, query_tile, run, tiles, Paged};
 
 /// Seconds for one layer's attention over a `tokens`-token prompt with the given heads: the row
 /// kernel first, then the tiled one for each kernel name the CPU runs (f32 products, and bf16

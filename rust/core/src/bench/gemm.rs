@@ -4,7 +4,7 @@
 use faer::linalg::matmul::matmul;
 use faer::{Accum, MatMut, MatRef, Par};
 
-use crate::backend::gemm::{Isa, PackedLinear, WeightDtype};
+use crate::backend::gemm::{Isa, PackedLinear, Products, WeightDtype};
 
 /// `out[m x n] = x[m x k] * w[n x k]^T` (a linear layer with weights stored as HF does).
 pub fn linear(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, out: &mut [f32]) {
@@ -40,6 +40,8 @@ pub fn measure_gemm_gflops(m: usize, n: usize, k: usize, iters: usize) -> f64 {
 /// repeated `layers` times with distinct weights, so weights come from memory as in a real step.
 /// Returns (faer on row-major weights, packed with `dtype` through the `isa` kernel, or the one
 /// the engine picks); faer is `None` for bf16, which it cannot take. Best of `iters` passes.
+/// `Products::Bf16` runs bf16 weights as a bf16 model does (AMX tiles from `AMX_MIN_ROWS` rows
+/// where they run).
 /// This is how the packed kernel was chosen (docs/benchmarks.md).
 pub fn compare_with_faer(
     shapes: &[(usize, usize)],
@@ -48,6 +50,7 @@ pub fn compare_with_faer(
     dtype: WeightDtype,
     iters: usize,
     isa: Option<Isa>,
+    products: Products,
 ) -> (Option<f64>, f64) {
     let isa = isa.unwrap_or_else(Isa::detect);
     let dims: Vec<(usize, usize)> = (0..layers).flat_map(|_| shapes.iter().copied()).collect();
@@ -84,7 +87,10 @@ pub fn compare_with_faer(
     let packed: Vec<PackedLinear> =
         weights.iter().zip(&dims).map(|(w, &(n, k))| PackedLinear::new_for(w, n, k, dtype, isa)).collect();
     drop(weights);
-    let best = time(&mut |i, out| packed[i].forward_with(&xs[i], m, out, isa));
+    let best = match products {
+        Products::F32 => time(&mut |i, out| packed[i].forward_with(&xs[i], m, out, isa)),
+        Products::Bf16 => time(&mut |i, out| packed[i].forward_products(&xs[i], m, out, products)),
+    };
     (faer, flops / best / 1e9)
 }
 

@@ -7,8 +7,8 @@ use super::config::ModelConfig;
 use super::weights::{names, Weights};
 use crate::backend::attention::{self, AttnSeq};
 use crate::backend::cpu;
-use crate::backend::gemm::{Isa, PackedLinear, WeightDtype};
-use crate::backend::prefill_attention::{self, Products};
+use crate::backend::gemm::{Isa, PackedLinear, Products, WeightDtype};
+use crate::backend::prefill_attention;
 use crate::backend::quant::{self, QuantKind};
 use crate::error::{HoraeError, Result};
 
@@ -34,9 +34,9 @@ pub struct LlamaModel {
     lm_head: Option<PackedLinear>,
     /// How the matmul weights are stored (norms and biases stay f32).
     pub dtype: WeightDtype,
-    /// The prefill attention tiles' products: bf16 in a bf16 model where the CPU has
-    /// `vdpbf16ps` (as a bf16 model's flash attention does), f32 otherwise.
-    attn_products: Products,
+    /// A bf16 model's products (prefill attention tiles, and linear layers where AMX runs): bf16
+    /// where the CPU has `vdpbf16ps` (as a bf16 model's flash attention does), f32 otherwise.
+    products: Products,
     inv_freq: Vec<f64>,
 }
 
@@ -152,26 +152,27 @@ impl LlamaModel {
             Some(pack(&mut w, &[(names::LM_HEAD.into(), cfg.vocab_size)], h, dtype)?)
         };
         let inv_freq = cfg.rope_inv_freq();
-        let attn_products = if dtype == WeightDtype::Bf16 && prefill_attention::bf16_runs(Isa::detect()) {
+        let products = if dtype == WeightDtype::Bf16 && prefill_attention::bf16_runs(Isa::detect()) {
             Products::Bf16
         } else {
             Products::F32
         };
-        Ok(Self { cfg, embed, layers, norm, lm_head, dtype, attn_products, inv_freq })
+        Ok(Self { cfg, embed, layers, norm, lm_head, dtype, products, inv_freq })
     }
 
-    /// The prefill attention tiles' products: `Products::F32` (exact where a bf16 model's
-    /// weights are, as the goldens check), or `Products::Bf16` where the CPU runs it.
-    pub fn with_attention_products(mut self, products: Products) -> Result<Self> {
+    /// A bf16 model's products: `Products::F32` (exact where a bf16 model's weights are, as the
+    /// goldens check), or `Products::Bf16` where the CPU runs them (the prefill attention through
+    /// `vdpbf16ps`; the linear layers through AMX tiles where `gemm::amx_runs`).
+    pub fn with_products(mut self, products: Products) -> Result<Self> {
         if products == Products::Bf16 && !prefill_attention::bf16_runs(Isa::detect()) {
-            return Err(HoraeError::InvalidConfig("bf16 attention products need a CPU with AVX-512 BF16".into()));
+            return Err(HoraeError::InvalidConfig("bf16 products need a CPU with AVX-512 BF16".into()));
         }
-        self.attn_products = products;
+        self.products = products;
         Ok(self)
     }
 
-    pub fn attention_products(&self) -> Products {
-        self.attn_products
+    pub fn products(&self) -> Products {
+        self.products
     }
 
     /// Bytes of weights one decode step streams from memory: every layer's matrices and the LM
@@ -222,7 +223,7 @@ impl LlamaModel {
         let rope = cpu::RopeTable::new(&input.positions, &self.inv_freq);
         for (li, l) in self.layers.iter().enumerate() {
             cpu::rms_norm(&x, &l.input_norm, c.rms_norm_eps, &mut normed);
-            l.qkv.forward(&normed, t, &mut qkv);
+            l.qkv.forward_products(&normed, t, &mut qkv, self.products);
             if let Some(b) = &l.qkv_bias {
                 cpu::add_bias(&mut qkv, b);
             }
@@ -247,16 +248,16 @@ impl LlamaModel {
                 nh,
                 nkv,
                 hd,
-                self.attn_products,
+                self.products,
                 &mut attn,
             );
-            l.o.forward(&attn, t, &mut proj);
+            l.o.forward_products(&attn, t, &mut proj, self.products);
             x.iter_mut().zip(&proj).for_each(|(a, b)| *a += b);
 
             cpu::rms_norm(&x, &l.post_norm, c.rms_norm_eps, &mut normed);
-            l.gate_up.forward(&normed, t, &mut gu);
+            l.gate_up.forward_products(&normed, t, &mut gu, self.products);
             cpu::silu_mul_rows(&gu, inter, &mut act);
-            l.down.forward(&act, t, &mut proj);
+            l.down.forward_products(&act, t, &mut proj, self.products);
             x.iter_mut().zip(&proj).for_each(|(a, b)| *a += b);
         }
         let rows = input.logit_rows.len();
@@ -267,7 +268,7 @@ impl LlamaModel {
         let mut final_norm = vec![0.0; rows * h];
         cpu::rms_norm(&sel, &self.norm, c.rms_norm_eps, &mut final_norm);
         logits.resize(rows * c.vocab_size, 0.0);
-        self.lm_head.as_ref().unwrap_or(&self.embed).forward(&final_norm, rows, logits);
+        self.lm_head.as_ref().unwrap_or(&self.embed).forward_products(&final_norm, rows, logits, self.products);
         Ok(())
     }
 }
