@@ -7,12 +7,13 @@
 //! the kernel runs only where the model's products are bf16 (`gemm::Products`); with f32 products
 //! the AVX-512 kernel keeps the exact path that the goldens check.
 //!
-//! The weights stay in `gemm`'s panels, the layout a batch-1 decode streams fastest; no second
-//! copy. A task turns each pair of its panels into the tile layout AMX reads (pairs of
-//! consecutive k for each column: `[k / 2][16][2]`) once, into a scratch buffer that stays in
-//! L2, and then runs every row block of its rows against it; one `vpermt2w` makes a tile row.
-//! C is 32 x 32 (four tiles), the 2 x 2 blocking that keeps all eight tile registers busy: per
-//! 32 values of k, two A tiles and two B tiles are loaded for four products.
+//! Where AMX runs, a bf16 matrix is packed in the order the tiles read (`TileOrder`: for each
+//! panel of 16 columns, tiles of 32 values of k stored as 16 rows of (k, k + 1) pairs), so a tile
+//! is one 1 KiB load straight from the weights; the AVX-512 kernel reads the same order for the
+//! rows below `AMX_MIN_ROWS` (`gemm`), so there is one copy. Turning the usual panels into tiles
+//! on every call cost 0.7-0.85x at 512 rows and more at 32. C is 32 x 32 (four tiles), the 2 x 2
+//! blocking that keeps all eight tile registers busy: per 32 values of k, two A tiles and two B
+//! tiles are loaded for four products.
 //!
 //! Linux only lets a process use the tile registers after asking (`arch_prctl`); `runs_here`
 //! asks once. Tiles are released at the end of every task, so a thread that is switched out
@@ -26,9 +27,13 @@ const TR: usize = 16;
 const TK: usize = 32;
 /// Rows of C a block covers: two A tiles.
 pub(super) const BLOCK_ROWS: usize = 2 * TR;
-/// Rows of x a task runs against the panels it converts once: 256 rows of 1,536 bf16 values
-/// are 768 KiB, inside a 2 MiB L2 with the converted panels beside them.
-const TASK_ROWS: usize = 512;
+/// Steps of k (32 values each) per chunk: a pair of panels' chunk is 32 KiB of tiles, which stays
+/// in L1 while every row block of the task goes past it (the whole depth of a 1,536-wide layer,
+/// 96 KiB, did not: 0.65x the rate of the 576-wide layers); C goes out and back between chunks.
+const CHUNK_STEPS: usize = 16;
+/// Rows of x a task runs against its panels: 256 rows of 1,536 bf16 values are 768 KiB, inside
+/// a 2 MiB L2.
+const TASK_ROWS: usize = 256;
 
 /// Whether this CPU and OS run AMX bf16 tiles (asked once, with the permission request).
 pub fn runs_here() -> bool {
@@ -72,35 +77,55 @@ fn detect() -> bool {
     false
 }
 
-/// Where a bf16 weight matrix's panels sit: 16 columns a panel, each panel row 16 bf16 values
-/// with column `j` at `slot[j]`.
-pub(super) struct Panels<'a, F: Fn(usize, usize) -> usize + Sync> {
-    pub values: &'a [u16],
-    /// Index of row `kk` of panel `p` in `values`.
-    pub offset: F,
-    pub slot: [u8; 16],
-    /// Panels stored (the last may be partly padding: columns past `n` are zero).
-    pub count: usize,
+/// Panels stored together in tile order (so a decode tile of four panels on AVX-512 reads one
+/// stream, as `gemm`'s groups do).
+pub(super) const GROUP: usize = 4;
+/// u16 values of one tile (16 rows of 32).
+const TILE_VALUES: usize = TR * TK;
+
+/// Where the values of a bf16 matrix of k columns sit in tile order:
+/// `[panel groups][k / 32][GROUP panels][16 pair rows][16 columns][2]`, padded with zeros (the
+/// last group's missing panels, and k up to a multiple of 32).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct TileOrder {
+    /// Tiles of k per panel.
+    pub kt: usize,
 }
 
-/// `out[m x n] = bf16(x[m x k]) W^T`, f32 sums. Panics unless `runs_here()`.
-pub(super) fn gemm_bf16<F: Fn(usize, usize) -> usize + Sync>(
-    w: &Panels<'_, F>,
-    n: usize,
-    k: usize,
-    x: &[f32],
-    m: usize,
-    out: &mut [f32],
-) {
+impl TileOrder {
+    pub fn new(k: usize) -> Self {
+        Self { kt: k.div_ceil(TK) }
+    }
+    /// Values between tile t and tile t + 1 of one panel.
+    pub const STEP: usize = GROUP * TILE_VALUES;
+    /// Index of the pair row holding row `kk` of panel `p` (32 values: 16 columns, each its rows
+    /// kk and kk + 1 for an even kk).
+    pub fn row(self, p: usize, kk: usize) -> usize {
+        (p / GROUP) * self.kt * Self::STEP + (kk / TK) * Self::STEP + (p % GROUP) * TILE_VALUES + (kk % TK) / 2 * 32
+    }
+    /// Index of weight (row `kk`, column `j`) of panel `p`.
+    pub fn index(self, p: usize, kk: usize, j: usize) -> usize {
+        self.row(p, kk) + 2 * j + kk % 2
+    }
+    /// Values a matrix of `np` panels takes.
+    pub fn len(self, np: usize) -> usize {
+        np.div_ceil(GROUP) * self.kt * Self::STEP
+    }
+}
+
+/// `out[m x n] = bf16(x[m x k]) W^T`, f32 sums, W's values in tile `order`. Panics unless
+/// `runs_here()`.
+pub(super) fn gemm_bf16(w: &[u16], order: TileOrder, n: usize, k: usize, x: &[f32], m: usize, out: &mut [f32]) {
     assert!(runs_here(), "AMX bf16 tiles do not run on this CPU");
-    assert!(x.len() == m * k && out.len() == m * n && w.count * 16 >= n, "shapes");
+    let np = n.div_ceil(16);
+    assert!(x.len() == m * k && out.len() == m * n && order == TileOrder::new(k) && w.len() >= order.len(np), "shapes");
     if m == 0 || n == 0 {
         return;
     }
     let kp = k.next_multiple_of(TK);
     let mut a = ROWS.with_borrow_mut(std::mem::take);
     to_bf16_rows(x, m, k, kp, &mut a);
-    let pairs = w.count.div_ceil(2);
+    let pairs = np.div_ceil(2);
     let row_tasks = m.div_ceil(TASK_ROWS);
     let groups = (rayon::current_num_threads() * 4).div_ceil(row_tasks).min(pairs);
     let per_task = pairs.div_ceil(groups);
@@ -111,18 +136,18 @@ pub(super) fn gemm_bf16<F: Fn(usize, usize) -> usize + Sync>(
         let job = Job {
             a: &a,
             kp,
-            k,
             rows: r0..(r0 + TASK_ROWS).min(m),
             pairs: pair0..(pair0 + per_task).min(pairs),
             m,
             n,
             out: &out_ptr,
         };
-        SCRATCH.with_borrow_mut(|b| {
+        SCRATCH.with_borrow_mut(|s| {
             // SAFETY: runs_here (asserted above) checked the CPU features and the permission;
-            // the job's blocks of `out` are its own (disjoint rows x pairs), in bounds (shapes
-            // asserted), and `a` holds `m.next_multiple_of(BLOCK_ROWS)` rows of `kp` values.
-            unsafe { simd::job(w, &job, b) }
+            // the job's blocks of `out` are its own (disjoint rows x pairs), in bounds, and its
+            // pairs' tiles inside `w` (shapes asserted); `a` holds
+            // `m.next_multiple_of(BLOCK_ROWS)` rows of `kp` values.
+            unsafe { simd::job(w, order, &job, s) }
         });
     };
     let tasks = row_tasks * groups;
@@ -137,8 +162,7 @@ pub(super) fn gemm_bf16<F: Fn(usize, usize) -> usize + Sync>(
 thread_local! {
     /// x in bf16, kept between calls (a prefill's is MBs).
     static ROWS: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
-    /// A task's panels in tile layout.
-    static SCRATCH: std::cell::RefCell<Vec<u16>> = const { std::cell::RefCell::new(Vec::new()) };
+    static SCRATCH: std::cell::RefCell<Scratch> = const { std::cell::RefCell::new(Scratch { edge: Vec::new() }) };
 }
 
 /// `x[m x k]` rounded to bf16 (nearest even) as `[m'][kp]`, consecutive values paired in a u32
@@ -165,6 +189,12 @@ fn to_bf16_rows(x: &[f32], m: usize, k: usize, kp: usize, a: &mut Vec<u32>) {
     }
 }
 
+/// A task's buffers, kept per thread.
+struct Scratch {
+    /// The accumulators of blocks at the output's edge (rows x 32).
+    edge: Vec<f32>,
+}
+
 struct OutPtr(*mut f32);
 // SAFETY: jobs write disjoint blocks of the output (see `gemm_bf16`).
 unsafe impl Sync for OutPtr {}
@@ -174,7 +204,6 @@ struct Job<'a> {
     /// x in bf16 pairs (`to_bf16_rows`).
     a: &'a [u32],
     kp: usize,
-    k: usize,
     rows: std::ops::Range<usize>,
     pairs: std::ops::Range<usize>,
     m: usize,
@@ -184,9 +213,8 @@ struct Job<'a> {
 
 #[cfg(target_arch = "x86_64")]
 mod simd {
-    use super::{Job, Panels, BLOCK_ROWS, TK, TR};
+    use super::{Job, Scratch, TileOrder, BLOCK_ROWS, CHUNK_STEPS, TK, TR};
     use std::arch::asm;
-    use std::arch::x86_64::*;
 
     /// The tile configuration: palette 1, eight tiles of 16 rows by 64 bytes.
     #[repr(C, align(64))]
@@ -211,57 +239,80 @@ mod simd {
 
     /// # Safety
     /// The CPU has AMX-TILE, AMX-BF16 and AVX-512BW with the tile permission granted; `job`'s
-    /// rows and pairs lie inside the output, which no other job writes; `job.a` holds every
-    /// block of `job.rows` in full.
+    /// rows and pairs lie inside the output, which no other job writes, and its pairs' tiles
+    /// inside `w`; `job.a` holds every block of `job.rows` in full.
     #[target_feature(enable = "avx512f,avx512bw")]
-    pub unsafe fn job<F: Fn(usize, usize) -> usize + Sync>(w: &Panels<'_, F>, job: &Job<'_>, scratch: &mut Vec<u16>) {
-        let kb = job.kp / TK;
-        // Two panels of tile rows: [kb][2][16 rows][32 values].
-        scratch.resize(kb * 2 * TILE / 2, 0);
-        let mut partial = [[0f32; 2 * TR]; BLOCK_ROWS];
+    pub unsafe fn job(w: &[u16], order: TileOrder, job: &Job<'_>, s: &mut Scratch) {
+        let steps_all = job.kp / TK;
+        // Blocks at the matrix's edge accumulate here, 32 values a row, and are copied out after
+        // the pair's last chunk.
+        s.edge.resize(job.rows.len().next_multiple_of(BLOCK_ROWS) * 32, 0.0);
+        let lda = job.kp * 2;
+        let step = TileOrder::STEP * 2;
         // SAFETY: CONFIG is a valid palette-1 configuration, 64-byte aligned.
         unsafe { asm!("ldtilecfg [{}]", in(reg) &CONFIG, options(nostack, readonly)) };
         for pair in job.pairs.clone() {
-            for half in 0..2 {
-                // SAFETY: the caller's guarantee; `convert` checks its panel and k against the matrix.
-                unsafe { convert(w, 2 * pair + half, job.k, kb, &mut scratch[half * TILE / 2..]) };
-            }
-            let b = scratch.as_ptr() as *const u8;
             let col0 = pair * 32;
-            for r0 in job.rows.clone().step_by(BLOCK_ROWS) {
-                let a = job.a[r0 * job.kp / 2..].as_ptr() as *const u8;
-                let lda = job.kp * 2;
-                // SAFETY: tiles 4 and 5 read rows r0..r0+32 of `a` (whole blocks are there),
-                // 64 bytes from k0; tiles 6 and 7 read the two converted panels' tile at kb.
-                unsafe {
-                    asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3", options(nostack, nomem));
-                    for t in 0..kb {
-                        asm!(
-                            "tileloadd tmm4, [{a0} + {lda}*1]",
-                            "tileloadd tmm6, [{b0} + {ldb}*1]",
-                            "tdpbf16ps tmm0, tmm4, tmm6",
-                            "tileloadd tmm7, [{b1} + {ldb}*1]",
-                            "tdpbf16ps tmm1, tmm4, tmm7",
-                            "tileloadd tmm5, [{a1} + {lda}*1]",
-                            "tdpbf16ps tmm2, tmm5, tmm6",
-                            "tdpbf16ps tmm3, tmm5, tmm7",
-                            a0 = in(reg) a.add(t * 64),
-                            a1 = in(reg) a.add(TR * lda + t * 64),
-                            b0 = in(reg) b.add(t * 2 * TILE),
-                            b1 = in(reg) b.add(t * 2 * TILE + TILE),
-                            lda = in(reg) lda,
-                            ldb = in(reg) 64usize,
-                            options(nostack, readonly),
-                        );
-                    }
-                }
-                let rows = (job.m - r0).min(BLOCK_ROWS);
-                let cols = (job.n - col0).min(32);
-                let ldc = job.n * 4;
-                if rows == BLOCK_ROWS && cols == 32 {
-                    // SAFETY: the 32 x 32 block at (r0, col0) is inside the output and this job's.
+            let cols = (job.n - col0).min(32);
+            // The pair's first tile; its partner panel's is the next tile (a pair sits in one group).
+            let b = w[order.row(2 * pair, 0)..].as_ptr() as *const u8;
+            for first in (0..steps_all).step_by(CHUNK_STEPS) {
+                let steps = CHUNK_STEPS.min(steps_all - first);
+                for r0 in job.rows.clone().step_by(BLOCK_ROWS) {
+                    // C's home: the output where the block is whole, else the edge buffer.
+                    let whole = r0 + BLOCK_ROWS <= job.m && cols == 32;
+                    let (c, ldc) = if whole {
+                        (job.out.0.wrapping_add(r0 * job.n + col0) as *mut u8, job.n * 4)
+                    } else {
+                        (s.edge.as_mut_ptr().wrapping_add((r0 - job.rows.start) * 32) as *mut u8, 128)
+                    };
+                    let a = job.a[r0 * job.kp / 2..].as_ptr() as *const u8;
+                    // SAFETY: C's home holds 32 rows of 32 f32, `ldc` bytes apart (the block is
+                    // this job's, inside the output, or the edge buffer's rows for it); tiles 4
+                    // and 5 read rows r0..r0+32 of `a` (whole blocks are there), 64 bytes at
+                    // each step; tiles 6 and 7 the pair's tiles of that step, inside `w`.
                     unsafe {
-                        let c = job.out.0.add(r0 * job.n + col0) as *mut u8;
+                        if first == 0 {
+                            asm!(
+                                "tilezero tmm0",
+                                "tilezero tmm1",
+                                "tilezero tmm2",
+                                "tilezero tmm3",
+                                options(nostack, nomem)
+                            );
+                        } else {
+                            asm!(
+                                "tileloadd tmm0, [{c00} + {ldc}*1]",
+                                "tileloadd tmm1, [{c01} + {ldc}*1]",
+                                "tileloadd tmm2, [{c10} + {ldc}*1]",
+                                "tileloadd tmm3, [{c11} + {ldc}*1]",
+                                c00 = in(reg) c,
+                                c01 = in(reg) c.add(64),
+                                c10 = in(reg) c.add(TR * ldc),
+                                c11 = in(reg) c.add(TR * ldc + 64),
+                                ldc = in(reg) ldc,
+                                options(nostack, readonly),
+                            );
+                        }
+                        for t in first..first + steps {
+                            asm!(
+                                "tileloadd tmm4, [{a0} + {lda}*1]",
+                                "tileloadd tmm5, [{a1} + {lda}*1]",
+                                "tileloadd tmm6, [{b0} + {ldb}*1]",
+                                "tileloadd tmm7, [{b1} + {ldb}*1]",
+                                "tdpbf16ps tmm0, tmm4, tmm6",
+                                "tdpbf16ps tmm1, tmm4, tmm7",
+                                "tdpbf16ps tmm2, tmm5, tmm6",
+                                "tdpbf16ps tmm3, tmm5, tmm7",
+                                a0 = in(reg) a.add(t * 64),
+                                a1 = in(reg) a.add(TR * lda + t * 64),
+                                b0 = in(reg) b.add(t * step),
+                                b1 = in(reg) b.add(t * step + TILE),
+                                lda = in(reg) lda,
+                                ldb = in(reg) 64usize,
+                                options(nostack, readonly),
+                            );
+                        }
                         asm!(
                             "tilestored [{c00} + {ldc}*1], tmm0",
                             "tilestored [{c01} + {ldc}*1], tmm1",
@@ -275,86 +326,29 @@ mod simd {
                             options(nostack),
                         );
                     }
-                } else {
-                    // SAFETY: `partial` is 32 x 32 f32, 128 bytes a row.
-                    unsafe {
-                        let c = partial.as_mut_ptr() as *mut u8;
-                        asm!(
-                            "tilestored [{c00} + {ldc}*1], tmm0",
-                            "tilestored [{c01} + {ldc}*1], tmm1",
-                            "tilestored [{c10} + {ldc}*1], tmm2",
-                            "tilestored [{c11} + {ldc}*1], tmm3",
-                            c00 = in(reg) c,
-                            c01 = in(reg) c.add(64),
-                            c10 = in(reg) c.add(TR * 128),
-                            c11 = in(reg) c.add(TR * 128 + 64),
-                            ldc = in(reg) 128usize,
-                            options(nostack),
-                        );
-                    }
-                    for (r, row) in partial.iter().enumerate().take(rows) {
-                        // SAFETY: row r0 + r < m, columns col0..col0 + cols < n: this job's block.
-                        let dst =
-                            unsafe { std::slice::from_raw_parts_mut(job.out.0.add((r0 + r) * job.n + col0), cols) };
-                        dst.copy_from_slice(&row[..cols]);
-                    }
+                }
+            }
+            for r0 in job.rows.clone().step_by(BLOCK_ROWS) {
+                if r0 + BLOCK_ROWS <= job.m && cols == 32 {
+                    continue;
+                }
+                for r in r0..(r0 + BLOCK_ROWS).min(job.m) {
+                    let row = &s.edge[(r - job.rows.start) * 32..][..cols];
+                    // SAFETY: row r < m, columns col0..col0 + cols <= n: this job's block.
+                    let dst = unsafe { std::slice::from_raw_parts_mut(job.out.0.add(r * job.n + col0), cols) };
+                    dst.copy_from_slice(row);
                 }
             }
         }
         // SAFETY: releases this thread's tile state.
         unsafe { asm!("tilerelease", options(nostack, nomem)) };
     }
-
-    /// Panel `p` of `w` as `kb` tiles of 16 rows of 32 bf16 values, each row the pairs (k, k + 1)
-    /// of the panel's 16 columns, written every `TILE` bytes apart from the next panel's
-    /// (`dst[t * TILE..]`, in u16: `t * TILE` values is two tiles). A panel past the matrix, or
-    /// rows past k, are zeros.
-    ///
-    /// # Safety
-    /// AVX-512BW; `dst` holds `kb * TILE` values; `w.offset` gives indices inside `w.values` for
-    /// every stored panel and every row below `k`.
-    #[target_feature(enable = "avx512f,avx512bw")]
-    unsafe fn convert<F: Fn(usize, usize) -> usize + Sync>(
-        w: &Panels<'_, F>,
-        p: usize,
-        k: usize,
-        kb: usize,
-        dst: &mut [u16],
-    ) {
-        // Word j of a tile row: even j the column j / 2 of row k, odd j the same column of row k + 1.
-        let idx: [u16; 32] = std::array::from_fn(|j| w.slot[j / 2] as u16 + if j % 2 == 1 { 32 } else { 0 });
-        // SAFETY: 32 u16 values.
-        let idx = unsafe { _mm512_loadu_si512(idx.as_ptr() as *const __m512i) };
-        let row = |kk: usize| {
-            if p < w.count && kk < k {
-                let at = (w.offset)(p, kk);
-                assert!(at + 16 <= w.values.len(), "panel row out of bounds");
-                // SAFETY: 16 values at `at`, inside `values` (asserted).
-                unsafe { _mm512_zextsi256_si512(_mm256_loadu_si256(w.values.as_ptr().add(at) as *const __m256i)) }
-            } else {
-                _mm512_setzero_si512()
-            }
-        };
-        assert!(dst.len() >= (kb - 1) * TILE + TILE / 2, "scratch");
-        for t in 0..kb {
-            for r in 0..TR {
-                let kk = t * TK + 2 * r;
-                let v = _mm512_permutex2var_epi16(row(kk), idx, row(kk + 1));
-                // SAFETY: tile t's row r: (t * TILE + r * 32) + 32 <= dst.len() (asserted).
-                unsafe { _mm512_storeu_si512(dst.as_mut_ptr().add(t * TILE + r * 32) as *mut __m512i, v) };
-            }
-        }
-    }
 }
 
 #[cfg(not(target_arch = "x86_64"))]
 mod simd {
     /// Never called: `runs_here` is false off x86_64.
-    pub unsafe fn job<F: Fn(usize, usize) -> usize + Sync>(
-        _: &super::Panels<'_, F>,
-        _: &super::Job<'_>,
-        _: &mut Vec<u16>,
-    ) {
+    pub unsafe fn job(_: &[u16], _: super::TileOrder, _: &super::Job<'_>, _: &mut super::Scratch) {
         unreachable!("AMX is x86_64 only")
     }
 }

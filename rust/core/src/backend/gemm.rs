@@ -100,6 +100,9 @@ enum Panels {
     /// Within each group of 16 the columns are stored in the order 0-3, 8-11, 4-7, 12-15, so that
     /// AVX2's in-lane unpack of one 32-byte load yields columns 0-7 and 8-15 as f32.
     Bf16(Vec<u16>),
+    /// bf16 in AMX's tile order (`amx::TileOrder`), where AMX runs: read by the AMX kernel and,
+    /// below `AMX_MIN_ROWS` rows or with f32 products, by the AVX-512 kernel.
+    Bf16Tiles(Vec<u16>),
     Quant(QPanels),
 }
 
@@ -169,10 +172,36 @@ impl PackedLinear {
     }
 
     /// `new` in the layout the `isa` kernel reads fastest (`Layout`); every kernel reads every
-    /// layout, so this only matters for speed (benchmarks pack for the kernel they time).
+    /// layout, so this only matters for speed (benchmarks pack for the kernel they time). Where
+    /// AMX runs, bf16 for the AVX-512 kernel is packed in tile order, which only it and AMX read.
     pub fn new_for(w: &[f32], n: usize, k: usize, dtype: WeightDtype, isa: Isa) -> Self {
+        #[cfg(target_arch = "x86_64")]
+        if dtype == WeightDtype::Bf16 && isa == Isa::Avx512 && amx_runs() {
+            return Self::in_tiles(w, n, k);
+        }
         let group = if dtype == WeightDtype::Bf16 && isa.panels_per_tile() == WIDE { WIDE } else { 1 };
         Self::with_group(w, n, k, dtype, group)
+    }
+
+    /// bf16 in tile order (`Panels::Bf16Tiles`).
+    fn in_tiles(w: &[f32], n: usize, k: usize) -> Self {
+        assert_eq!(w.len(), n * k, "weight has {} values, expected {n} x {k}", w.len());
+        let order = amx::TileOrder::new(k);
+        let np = n.div_ceil(NR);
+        let mut v = huge_page_vec::<u16>(order.len(np));
+        let group_len = (order.len(1)).max(1);
+        v.par_chunks_mut(group_len).enumerate().for_each(|(g, group)| {
+            let base = order.row(g * amx::GROUP, 0);
+            for p in g * amx::GROUP..((g + 1) * amx::GROUP).min(np) {
+                for j in (0..NR).filter(|j| p * NR + j < n) {
+                    let col = &w[(p * NR + j) * k..][..k];
+                    for (kk, &x) in col.iter().enumerate() {
+                        group[order.index(p, kk, j) - base] = to_bf16(x);
+                    }
+                }
+            }
+        });
+        Self { n, k, panels: Panels::Bf16Tiles(v), layout: Layout { k, group: WIDE } }
     }
 
     /// `new` with panels in groups of `group` (1 or WIDE; every kernel reads either).
@@ -213,7 +242,7 @@ impl PackedLinear {
     pub fn bytes(&self) -> usize {
         match &self.panels {
             Panels::F32(v) => 4 * v.len(),
-            Panels::Bf16(v) => 2 * v.len(),
+            Panels::Bf16(v) | Panels::Bf16Tiles(v) => 2 * v.len(),
             Panels::Quant(q) => q.bytes().len(),
         }
     }
@@ -222,7 +251,7 @@ impl PackedLinear {
     pub fn dtype(&self) -> WeightDtype {
         match &self.panels {
             Panels::F32(_) => WeightDtype::F32,
-            Panels::Bf16(_) => WeightDtype::Bf16,
+            Panels::Bf16(_) | Panels::Bf16Tiles(_) => WeightDtype::Bf16,
             Panels::Quant(q) => WeightDtype::Quant(q.kind()),
         }
     }
@@ -240,6 +269,12 @@ impl PackedLinear {
         match &self.panels {
             Panels::F32(v) => column(v, self.layout, p, j, out),
             Panels::Bf16(v) => column(v, self.layout, p, j, out),
+            Panels::Bf16Tiles(v) => {
+                let order = amx::TileOrder::new(self.k);
+                for (kk, o) in out.iter_mut().enumerate() {
+                    *o = f32::from_bits((v[order.index(p, kk, j)] as u32) << 16);
+                }
+            }
             Panels::Quant(q) => q.row(i, out),
         }
     }
@@ -250,26 +285,15 @@ impl PackedLinear {
     }
 
     /// `forward` with a bf16 model's `products`: `Products::Bf16` runs bf16 weights on AMX
-    /// tiles from `AMX_MIN_ROWS` rows where `amx_runs`; everything else is `forward`.
+    /// tiles from `AMX_MIN_ROWS` rows (where AMX runs, `new` packs them in tile order);
+    /// everything else is `forward`.
     pub fn forward_products(&self, x: &[f32], m: usize, out: &mut [f32], products: Products) {
         match &self.panels {
-            Panels::Bf16(v) if products == Products::Bf16 && m >= AMX_MIN_ROWS && amx_runs() => {
-                self.forward_amx(v, x, m, out)
+            Panels::Bf16Tiles(v) if products == Products::Bf16 && m >= AMX_MIN_ROWS => {
+                amx::gemm_bf16(v, amx::TileOrder::new(self.k), self.n, self.k, x, m, out)
             }
             _ => self.forward(x, m, out),
         }
-    }
-
-    /// The AMX kernel on bf16 panels (panics unless `amx::runs_here`).
-    fn forward_amx(&self, v: &[u16], x: &[f32], m: usize, out: &mut [f32]) {
-        let layout = self.layout;
-        let panels = amx::Panels {
-            values: v,
-            offset: move |p, kk| layout.offset(p, kk),
-            slot: std::array::from_fn(|j| bf16_slot(j) as u8),
-            count: self.n.div_ceil(NR),
-        };
-        amx::gemm_bf16(&panels, self.n, self.k, x, m, out);
     }
 
     /// `forward` with the kernel for `isa` (which the CPU must have: see `Isa::available`).
@@ -295,6 +319,11 @@ impl PackedLinear {
         let m_blocks = m.div_ceil(MC);
         let wide = match &self.panels {
             Panels::Quant(_) => quant::panels_per_tile(isa, m),
+            #[cfg(target_arch = "x86_64")]
+            Panels::Bf16Tiles(_) => {
+                assert!(isa == Isa::Avx512, "bf16 in tile order is read by the AVX-512 and AMX kernels only");
+                WIDE
+            }
             _ => isa.panels_per_tile(),
         };
         let per_task = if m * n * k < 1 << 17 {
@@ -337,6 +366,7 @@ impl PackedLinear {
                             match &self.panels {
                                 Panels::F32(v) => tile.run(v, b, next, isa),
                                 Panels::Bf16(v) => tile.run(v, b, next, isa),
+                                Panels::Bf16Tiles(v) => tile.run_tiles(v, amx::TileOrder::new(k).row(p, k0)),
                                 Panels::Quant(q) => tile.run_quant(q, p, k0, isa),
                             }
                         }
@@ -725,6 +755,35 @@ impl Tile {
         }
     }
 
+    /// Run the AVX-512 kernel on panels in tile order (`amx::TileOrder`), the tile's first panel's
+    /// first pair row at `v[b..]` (its first row a multiple of 32).
+    ///
+    /// # Safety
+    /// `a` and `c` are valid as `Tile` documents; the CPU has AVX-512F (`forward_with` asserts
+    /// that the kernel is the AVX-512 one).
+    unsafe fn run_tiles(&self, v: &[u16], b: usize) {
+        let last =
+            b + (self.kc - 1) / 32 * amx::TileOrder::STEP + (self.kc - 1) % 32 / 2 * 32 + (self.panels - 1) * 512 + 32;
+        assert!(
+            self.panels >= 1 && self.panels <= WIDE && self.kc >= 1 && last <= v.len(),
+            "panel tiles out of bounds"
+        );
+        assert!(self.rows >= 1 && self.rows <= MR && self.cols >= 1 && self.cols <= self.panels * NR, "tile shape");
+        let mut scratch = std::mem::MaybeUninit::<[[f32; SCRATCH]; MR]>::uninit();
+        let acc = scratch.as_mut_ptr() as *mut f32;
+        #[cfg(target_arch = "x86_64")]
+        {
+            // SAFETY: in bounds (asserted); the Tile contract; AVX-512F (the caller's).
+            let pending = unsafe { dispatch_tile!(self.rows, self.panels, avx512_tiles, self, v.as_ptr().add(b), acc) };
+            if pending {
+                // SAFETY: the kernel wrote `rows` rows of `acc`; `c` as the contract says.
+                unsafe { self.store(acc) }
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        unreachable!("tile order is packed where AMX runs only ({acc:?})");
+    }
+
     /// Run the quantized kernel on panels `p..p + panels` of `q` from weight `k0` (a multiple of
     /// 32, as `kc` is: KC is one, and quantized matrices have `k` a multiple of 32).
     ///
@@ -881,6 +940,64 @@ unsafe fn avx512<const R: usize, const P: usize, T: PanelValue>(t: &Tile, b: *co
             let v = T::in_column_order(v);
             // SAFETY: a full tile: row r < rows of C has P x NR writable values at c + r * ldc;
             // otherwise `out` is MR x SCRATCH scratch, P x NR <= SCRATCH.
+            unsafe {
+                if full {
+                    let c = t.c.add(r * t.ldc + p * NR);
+                    let v = if t.accumulate { _mm512_add_ps(v, _mm512_loadu_ps(c)) } else { v };
+                    _mm512_storeu_ps(c, v);
+                } else {
+                    _mm512_storeu_ps(out.add(r * SCRATCH + p * NR), v);
+                }
+            }
+        }
+    }
+    !full
+}
+
+/// The AVX-512 kernel on bf16 in tile order: each 64-byte load is rows kk and kk + 1 of 16
+/// columns, interleaved; shifting each 32-bit lane left by 16 gives row kk as f32, masking its
+/// low half gives row kk + 1, both in column order. `b` is the tile's first panel's pair row at
+/// its first k (a multiple of 32); the tile's panels follow 512 values apart.
+///
+/// # Safety
+/// The `Tile` contract with `R == t.rows` and `P == t.panels`, `b` as `Tile::run_tiles` checks,
+/// on a CPU with AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn avx512_tiles<const R: usize, const P: usize>(t: &Tile, b: *const u16, out: *mut f32) -> bool {
+    use std::arch::x86_64::*;
+    let mut acc = [[_mm512_setzero_ps(); P]; R];
+    let high = _mm512_set1_epi32(0xffff_0000u32 as i32);
+    let at = |kk: usize| kk / 32 * amx::TileOrder::STEP + kk % 32 / 2 * 32;
+    for kk in (0..t.kc).step_by(2) {
+        let row = b.wrapping_add(at(kk));
+        // One stream: a step of 32 rows is the group's four 1 KiB tiles, side by side. Lines
+        // two steps ahead are asked for now (a prefetch never faults).
+        for p in 0..P {
+            _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(2 * amx::TileOrder::STEP + p * 512) as *const i8);
+        }
+        // SAFETY: kk < kc: pair row kk / 2 of each of the P panels is inside (the caller's).
+        let w: [__m512i; P] =
+            std::array::from_fn(|p| unsafe { _mm512_loadu_si512(row.add(p * 512) as *const __m512i) });
+        let both = kk + 1 < t.kc;
+        for (r, acc) in acc.iter_mut().enumerate() {
+            // SAFETY: kk (and kk + 1 when `both`) < kc, r < R <= MR: values of A.
+            let a0 = _mm512_set1_ps(unsafe { *t.a.add(kk * MR + r) });
+            for (acc, w) in acc.iter_mut().zip(&w) {
+                *acc = _mm512_fmadd_ps(a0, _mm512_castsi512_ps(_mm512_slli_epi32::<16>(*w)), *acc);
+            }
+            if both {
+                let a1 = _mm512_set1_ps(unsafe { *t.a.add((kk + 1) * MR + r) });
+                for (acc, w) in acc.iter_mut().zip(&w) {
+                    *acc = _mm512_fmadd_ps(a1, _mm512_castsi512_ps(_mm512_and_si512(*w, high)), *acc);
+                }
+            }
+        }
+    }
+    let full = t.cols == P * NR;
+    for (r, acc) in acc.iter().enumerate() {
+        for (p, &v) in acc.iter().enumerate() {
+            // SAFETY: as in `avx512`.
             unsafe {
                 if full {
                     let c = t.c.add(r * t.ldc + p * NR);
@@ -1059,29 +1176,67 @@ mod tests {
         }
     }
 
+    /// Shapes for bf16 in tile order: partial row blocks, panel pairs and groups, k not a
+    /// multiple of 32 (and odd), more than one task of rows and one chunk of k.
+    const TILE_SHAPES: [(usize, usize, usize); 8] = [
+        (1, 16, 32),
+        (5, 37, 100),
+        (16, 16, 32),
+        (17, 37, 100),
+        (33, 64, 576),
+        (300, 200, 48),
+        (64, 1, 7),
+        (600, 96, 1536),
+    ];
+
+    /// The AVX-512 kernel on bf16 in tile order (what it reads where AMX runs), with f32
+    /// products: within the f32 tolerance of the reference on the bf16-rounded weights.
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn tile_order_matches_the_reference() {
+        if !Isa::Avx512.runs_here() {
+            eprintln!("bf16 in tile order: not run, this CPU has no AVX-512");
+            return;
+        }
+        let round = |v: &[f32]| v.iter().map(|&v| half::bf16::from_f32(v).to_f32()).collect::<Vec<_>>();
+        for &(m, n, k) in &TILE_SHAPES {
+            let (x, w) = (data(m * k, 1), data(n * k, 2));
+            let want = reference(&x, m, k, &round(&w), n);
+            let packed = PackedLinear::in_tiles(&w, n, k);
+            let mut got = vec![f32::NAN; m * n];
+            packed.forward_with(&x, m, &mut got, Isa::Avx512);
+            let tol = 1e-4 * (k as f32).sqrt().max(1.0);
+            for (i, (g, e)) in got.iter().zip(&want).enumerate() {
+                assert!((g - e).abs() <= tol, "tile order m={m} n={n} k={k} [{i}]: {g} vs {e}");
+            }
+            let mut row = vec![0.0; k];
+            for i in [0, n / 2, n - 1] {
+                packed.row(i, &mut row);
+                assert_eq!(row, round(&w[i * k..(i + 1) * k]), "row {i}");
+            }
+        }
+    }
+
     /// AMX tiles against the reference on bf16-rounded activations and weights (what the tiles
-    /// multiply: only the summation order differs), on ragged shapes: partial row blocks and
-    /// panel pairs, k not a multiple of 32, more than one task of rows, both panel layouts.
+    /// multiply: only the summation order differs).
     #[test]
     fn amx_matches_the_bf16_reference() {
-        if !amx::runs_here() {
-            eprintln!("AMX bf16 tiles: not run, this CPU or OS does not allow them");
+        if !amx_runs() {
+            eprintln!("AMX bf16 tiles: not run, this CPU or OS does not allow them (or HORAE_CPU_KERNEL caps them)");
             return;
         }
         eprintln!("AMX bf16 tiles: run");
         let round = |v: &[f32]| v.iter().map(|&v| half::bf16::from_f32(v).to_f32()).collect::<Vec<_>>();
-        for &(m, n, k) in &[(16, 16, 32), (17, 37, 100), (33, 64, 576), (300, 200, 48), (64, 1, 7), (600, 96, 1536)] {
+        for &(m, n, k) in TILE_SHAPES.iter().filter(|s| s.0 >= AMX_MIN_ROWS) {
             let (x, w) = (data(m * k, 1), data(n * k, 2));
             let want = reference(&round(&x), m, k, &round(&w), n);
-            for group in [1, WIDE] {
-                let packed = PackedLinear::with_group(&w, n, k, WeightDtype::Bf16, group);
-                let mut got = vec![f32::NAN; m * n];
-                let Panels::Bf16(v) = &packed.panels else { unreachable!() };
-                packed.forward_amx(v, &x, m, &mut got);
-                let tol = 1e-5 * (k as f32).sqrt().max(1.0);
-                for (i, (g, e)) in got.iter().zip(&want).enumerate() {
-                    assert!((g - e).abs() <= tol, "AMX group {group} m={m} n={n} k={k} [{i}]: {g} vs {e}");
-                }
+            let packed = PackedLinear::new(&w, n, k, WeightDtype::Bf16);
+            assert!(matches!(packed.panels, Panels::Bf16Tiles(_)), "where AMX runs, bf16 is packed in tile order");
+            let mut got = vec![f32::NAN; m * n];
+            packed.forward_products(&x, m, &mut got, Products::Bf16);
+            let tol = 1e-5 * (k as f32).sqrt().max(1.0);
+            for (i, (g, e)) in got.iter().zip(&want).enumerate() {
+                assert!((g - e).abs() <= tol, "AMX m={m} n={n} k={k} [{i}]: {g} vs {e}");
             }
         }
     }
