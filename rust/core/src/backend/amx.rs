@@ -159,6 +159,32 @@ pub(super) fn gemm_bf16(w: &[u16], order: TileOrder, n: usize, k: usize, x: &[f3
     ROWS.with_borrow_mut(|buf| *buf = a);
 }
 
+/// `c[rows x n] (+)= a[rows x kp] b[kp x n]` over bf16 pairs with f32 sums, for the prefill
+/// attention's small products: row r of `a` is `kp` pairs at `a[r * lda..]`, row i of `b` is `n`
+/// pairs (one per column) at `b[i * ldb..]`, row r of `c` at `c[r * ldc..]`. `rows`, `kp` and
+/// `n` are multiples of 16. Panics unless `runs_here()`.
+pub struct Product<'a> {
+    pub a: &'a [u32],
+    pub lda: usize,
+    pub b: &'a [u32],
+    pub ldb: usize,
+    pub kp: usize,
+    pub rows: usize,
+    pub n: usize,
+    pub ldc: usize,
+}
+
+/// Run `m` into `c`, adding to what `c` holds when `accumulate`.
+pub fn product(m: &Product<'_>, c: &mut [f32], accumulate: bool) {
+    assert!(runs_here(), "AMX bf16 tiles do not run on this CPU");
+    assert!(m.rows % TR == 0 && m.kp % TR == 0 && m.n % TR == 0 && m.rows > 0 && m.kp > 0 && m.n > 0, "whole tiles");
+    assert!(m.n <= m.ldb && m.n <= m.ldc && m.kp <= m.lda, "strides");
+    assert!(m.a.len() >= (m.rows - 1) * m.lda + m.kp && m.b.len() >= (m.kp - 1) * m.ldb + m.n, "operands");
+    assert!(c.len() >= (m.rows - 1) * m.ldc + m.n, "output");
+    // SAFETY: the CPU runs the tiles (asserted); every tile lies inside a, b and c (asserted).
+    unsafe { simd::product(m, c.as_mut_ptr(), accumulate) }
+}
+
 thread_local! {
     /// x in bf16, kept between calls (a prefill's is MBs).
     static ROWS: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
@@ -213,7 +239,7 @@ struct Job<'a> {
 
 #[cfg(target_arch = "x86_64")]
 mod simd {
-    use super::{Job, Scratch, TileOrder, BLOCK_ROWS, CHUNK_STEPS, TK, TR};
+    use super::{Job, Product, Scratch, TileOrder, BLOCK_ROWS, CHUNK_STEPS, TK, TR};
     use std::arch::asm;
 
     /// The tile configuration: palette 1, eight tiles of 16 rows by 64 bytes.
@@ -236,6 +262,114 @@ mod simd {
 
     /// Bytes of one tile.
     const TILE: usize = TR * 64;
+
+    /// C tile `i` (0..4) to or from memory, `ld` bytes a row.
+    macro_rules! c_tile {
+        (load, $i:expr, $p:expr, $ld:expr) => {
+            match $i {
+                0 => asm!("tileloadd tmm0, [{p} + {ld}*1]", p = in(reg) $p, ld = in(reg) $ld, options(nostack, readonly)),
+                1 => asm!("tileloadd tmm1, [{p} + {ld}*1]", p = in(reg) $p, ld = in(reg) $ld, options(nostack, readonly)),
+                2 => asm!("tileloadd tmm2, [{p} + {ld}*1]", p = in(reg) $p, ld = in(reg) $ld, options(nostack, readonly)),
+                _ => asm!("tileloadd tmm3, [{p} + {ld}*1]", p = in(reg) $p, ld = in(reg) $ld, options(nostack, readonly)),
+            }
+        };
+        (store, $i:expr, $p:expr, $ld:expr) => {
+            match $i {
+                0 => asm!("tilestored [{p} + {ld}*1], tmm0", p = in(reg) $p, ld = in(reg) $ld, options(nostack)),
+                1 => asm!("tilestored [{p} + {ld}*1], tmm1", p = in(reg) $p, ld = in(reg) $ld, options(nostack)),
+                2 => asm!("tilestored [{p} + {ld}*1], tmm2", p = in(reg) $p, ld = in(reg) $ld, options(nostack)),
+                _ => asm!("tilestored [{p} + {ld}*1], tmm3", p = in(reg) $p, ld = in(reg) $ld, options(nostack)),
+            }
+        };
+    }
+
+    /// Blocks of 2 x 2 C tiles (1 x 2, 2 x 1 or 1 x 1 at the edges): C tile (i, j) of a block
+    /// is tmm(2i + j), A tiles tmm4-5, B tiles tmm6-7.
+    ///
+    /// # Safety
+    /// `super::product`'s checks hold for `m` and the output at `c`; the CPU runs AMX tiles with
+    /// the permission granted.
+    pub unsafe fn product(m: &Product<'_>, c: *mut f32, accumulate: bool) {
+        let (lda, ldb, ldc) = (m.lda * 4, m.ldb * 4, m.ldc * 4);
+        let (a, b) = (m.a.as_ptr() as *const u8, m.b.as_ptr() as *const u8);
+        let c = c as *mut u8;
+        // SAFETY (every asm block): the tiles read and written lie inside a, b and c (the
+        // caller's checks: whole tiles, strides and lengths); CONFIG is valid and aligned.
+        unsafe {
+            asm!("ldtilecfg [{}]", in(reg) &CONFIG, options(nostack, readonly));
+            for r0 in (0..m.rows).step_by(2 * TR) {
+                let two_rows = r0 + TR < m.rows;
+                for j0 in (0..m.n).step_by(2 * TR) {
+                    let two_cols = j0 + TR < m.n;
+                    let tiles = [(0, 0, true), (0, 1, two_cols), (1, 0, two_rows), (1, 1, two_rows && two_cols)];
+                    let at = |i: usize, j: usize| c.add((r0 + i * TR) * ldc + (j0 + j * TR) * 4);
+                    for &(i, j, on) in &tiles {
+                        if on && accumulate {
+                            c_tile!(load, 2 * i + j, at(i, j), ldc);
+                        } else if on {
+                            match 2 * i + j {
+                                0 => asm!("tilezero tmm0", options(nostack, nomem)),
+                                1 => asm!("tilezero tmm1", options(nostack, nomem)),
+                                2 => asm!("tilezero tmm2", options(nostack, nomem)),
+                                _ => asm!("tilezero tmm3", options(nostack, nomem)),
+                            }
+                        }
+                    }
+                    for k0 in (0..m.kp).step_by(TR) {
+                        let a0 = a.add(r0 * lda + k0 * 4);
+                        let a1 = a0.add(TR * lda);
+                        let b0 = b.add(k0 * ldb + j0 * 4);
+                        let b1 = b0.add(TR * 4);
+                        match (two_rows, two_cols) {
+                            (true, true) => asm!(
+                                "tileloadd tmm4, [{a0} + {lda}*1]",
+                                "tileloadd tmm5, [{a1} + {lda}*1]",
+                                "tileloadd tmm6, [{b0} + {ldb}*1]",
+                                "tileloadd tmm7, [{b1} + {ldb}*1]",
+                                "tdpbf16ps tmm0, tmm4, tmm6",
+                                "tdpbf16ps tmm1, tmm4, tmm7",
+                                "tdpbf16ps tmm2, tmm5, tmm6",
+                                "tdpbf16ps tmm3, tmm5, tmm7",
+                                a0 = in(reg) a0, a1 = in(reg) a1, b0 = in(reg) b0, b1 = in(reg) b1,
+                                lda = in(reg) lda, ldb = in(reg) ldb, options(nostack, readonly),
+                            ),
+                            (true, false) => asm!(
+                                "tileloadd tmm4, [{a0} + {lda}*1]",
+                                "tileloadd tmm5, [{a1} + {lda}*1]",
+                                "tileloadd tmm6, [{b0} + {ldb}*1]",
+                                "tdpbf16ps tmm0, tmm4, tmm6",
+                                "tdpbf16ps tmm2, tmm5, tmm6",
+                                a0 = in(reg) a0, a1 = in(reg) a1, b0 = in(reg) b0,
+                                lda = in(reg) lda, ldb = in(reg) ldb, options(nostack, readonly),
+                            ),
+                            (false, true) => asm!(
+                                "tileloadd tmm4, [{a0} + {lda}*1]",
+                                "tileloadd tmm6, [{b0} + {ldb}*1]",
+                                "tileloadd tmm7, [{b1} + {ldb}*1]",
+                                "tdpbf16ps tmm0, tmm4, tmm6",
+                                "tdpbf16ps tmm1, tmm4, tmm7",
+                                a0 = in(reg) a0, b0 = in(reg) b0, b1 = in(reg) b1,
+                                lda = in(reg) lda, ldb = in(reg) ldb, options(nostack, readonly),
+                            ),
+                            (false, false) => asm!(
+                                "tileloadd tmm4, [{a0} + {lda}*1]",
+                                "tileloadd tmm6, [{b0} + {ldb}*1]",
+                                "tdpbf16ps tmm0, tmm4, tmm6",
+                                a0 = in(reg) a0, b0 = in(reg) b0,
+                                lda = in(reg) lda, ldb = in(reg) ldb, options(nostack, readonly),
+                            ),
+                        }
+                    }
+                    for &(i, j, on) in &tiles {
+                        if on {
+                            c_tile!(store, 2 * i + j, at(i, j), ldc);
+                        }
+                    }
+                }
+            }
+            asm!("tilerelease", options(nostack, nomem));
+        }
+    }
 
     /// # Safety
     /// The CPU has AMX-TILE, AMX-BF16 and AVX-512BW with the tile permission granted; `job`'s
@@ -347,6 +481,11 @@ mod simd {
 
 #[cfg(not(target_arch = "x86_64"))]
 mod simd {
+    /// Never called: `runs_here` is false off x86_64.
+    pub unsafe fn product(_: &super::Product<'_>, _: *mut f32, _: bool) {
+        unreachable!("AMX is x86_64 only")
+    }
+
     /// Never called: `runs_here` is false off x86_64.
     pub unsafe fn job(_: &[u16], _: super::TileOrder, _: &super::Job<'_>, _: &mut super::Scratch) {
         unreachable!("AMX is x86_64 only")

@@ -551,15 +551,28 @@ mod tests {
                 .flat_map(|s| prefill_attention::tiles(s.row, s.start, s.num_tokens, s.block_table, nkv, 32))
                 .collect();
             let paged = Paged { k: &kv, v: &vv, block_size: bs, num_heads: nh, num_kv_heads: nkv, head_dim: hd };
-            let mut got = vec![f32::NAN; q.len()];
-            prefill_attention::run(&q, &tiles, paged, &mut got, Isa::Avx512, Products::Bf16);
-            let err = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
-            let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-            eprintln!(
-                "tiled prefill attention in bf16, ({nh}, {nkv}, {hd}): max error {err:.2e} (largest output {scale:.2})"
-            );
-            assert!(err > 1e-5, "({nh}, {nkv}, {hd}): bf16 products should round, error {err}");
-            assert!(err < 2e-2 * scale, "({nh}, {nkv}, {hd}): max error {err} against outputs up to {scale}");
+            // vdpbf16ps, then AMX tiles where they run: the same rounded operands, but scores
+            // summed in another order can round a weight of P to the next bf16 value, so the
+            // two agree to about one bf16 step (2^-8 of an output), not to f32's.
+            let mut outs = Vec::new();
+            for amx in [false, true].into_iter().filter(|&a| !a || prefill_attention::amx_products(hd)) {
+                let mut got = vec![f32::NAN; q.len()];
+                prefill_attention::run_with(&q, &tiles, paged, &mut got, Isa::Avx512, Products::Bf16, amx);
+                let err = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+                let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+                let how = if amx { "AMX tiles" } else { "vdpbf16ps" };
+                eprintln!(
+                    "tiled prefill attention in bf16 ({how}), ({nh}, {nkv}, {hd}): max error {err:.2e} (largest output {scale:.2})"
+                );
+                assert!(err > 1e-5, "{how} ({nh}, {nkv}, {hd}): bf16 products should round, error {err}");
+                assert!(err < 2e-2 * scale, "{how} ({nh}, {nkv}, {hd}): max error {err} against outputs up to {scale}");
+                outs.push(got);
+            }
+            if let [vector, tiles] = &outs[..] {
+                let apart = vector.iter().zip(tiles).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+                eprintln!("  vdpbf16ps and AMX tiles apart by up to {apart:.2e}");
+                assert!(apart > 0.0 && apart < 4e-3, "({nh}, {nkv}, {hd}): the two bf16 kernels differ by {apart}");
+            }
         }
     }
 

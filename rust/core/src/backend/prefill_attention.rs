@@ -18,6 +18,7 @@
 
 use rayon::prelude::*;
 
+use super::amx;
 use super::bf16_dot as bf16;
 use super::gemm::{Isa, Products};
 #[cfg(target_arch = "x86_64")]
@@ -103,6 +104,25 @@ unsafe impl Sync for OutPtr {}
 /// Attention for every tile, in parallel: `q` and `out` are the batch's `[rows, num_heads *
 /// head_dim]` query and output. Tiles must not overlap (each (row, KV head) in at most one).
 pub fn run(q: &[f32], tiles: &[Tile<'_>], kv: Paged<'_>, out: &mut [f32], isa: Isa, products: Products) {
+    let amx = products == Products::Bf16 && isa == Isa::best() && amx_products(kv.head_dim);
+    run_with(q, tiles, kv, out, isa, products, amx)
+}
+
+/// `run`, with bf16 products on AMX tiles or not (`amx`, which needs `amx_products`): tests and
+/// benchmarks run both kernels where both run.
+pub fn run_with(
+    q: &[f32],
+    tiles: &[Tile<'_>],
+    kv: Paged<'_>,
+    out: &mut [f32],
+    isa: Isa,
+    products: Products,
+    amx: bool,
+) {
+    assert!(
+        !amx || (products == Products::Bf16 && amx_products(kv.head_dim)),
+        "AMX tiles run bf16 products only, where they run"
+    );
     let row_len = kv.num_heads * kv.head_dim;
     assert!(supports(kv.head_dim) && kv.num_heads.is_multiple_of(kv.num_kv_heads));
     assert!(isa.runs_here(), "this CPU cannot run the {} kernel", isa.name());
@@ -123,7 +143,7 @@ pub fn run(q: &[f32], tiles: &[Tile<'_>], kv: Paged<'_>, out: &mut [f32], isa: I
             // SAFETY: the tile's rows and heads are in bounds (asserted above) and no other tile
             // writes them (the caller's contract).
             let out = unsafe { std::slice::from_raw_parts_mut(out_ptr.0, q.len()) };
-            attend_tile(q, t, kv, out, s, isa, products)
+            attend_tile(q, t, kv, out, s, isa, products, amx)
         })
     });
 }
@@ -140,11 +160,12 @@ struct Scratch {
     k: Vec<f32>,
     v: Vec<f32>,
     /// For `Products::Bf16`, bf16 pairs along each product's sum: Q^T `[d / 2][cols]`, K
-    /// `[BK][d / 2]`, V `[BK / 2][d]` and P^T `[BK / 2][cols]`.
+    /// `[BK][d / 2]`, V `[BK / 2][d]` and P^T `[BK / 2][cols]`; on AMX tiles V^T `[d][BK / 2]`.
     qt2: Vec<u32>,
     k2: Vec<u32>,
     v2: Vec<u32>,
     pt2: Vec<u32>,
+    vt2: Vec<u32>,
     online: Online,
 }
 
@@ -166,7 +187,18 @@ thread_local! {
 /// One tile, with the scores transposed: S^T = K Q^T is `[KV positions][query rows]`, so the
 /// softmax's running max, rescale and sums run across query rows, 16 lanes at a time, with no
 /// transpose of K (the tile's queries are transposed once and reused for every KV tile).
-fn attend_tile(q: &[f32], t: &Tile<'_>, kv: Paged<'_>, out: &mut [f32], s: &mut Scratch, isa: Isa, products: Products) {
+/// With `tiles`, both bf16 products run on AMX tiles.
+#[allow(clippy::too_many_arguments)]
+fn attend_tile(
+    q: &[f32],
+    t: &Tile<'_>,
+    kv: Paged<'_>,
+    out: &mut [f32],
+    s: &mut Scratch,
+    isa: Isa,
+    products: Products,
+    tiles: bool,
+) {
     let Paged { block_size, num_heads, num_kv_heads, head_dim: d, .. } = kv;
     let group = num_heads / num_kv_heads;
     let row_len = num_heads * d;
@@ -197,6 +229,13 @@ fn attend_tile(q: &[f32], t: &Tile<'_>, kv: Paged<'_>, out: &mut [f32], s: &mut 
     s.k.resize(BK * d, 0.0);
     s.v.resize(BK * d, 0.0);
     let bf16 = products == Products::Bf16;
+    // Where AMX runs, both products go through tiles (`amx::product`); P V is then computed as
+    // O^T = V^T P^T, so that P^T's pairs (the rows of S^T, as the softmax leaves them) are the
+    // right operand as they stand, and O is kept transposed, `[d][cols]`.
+    if tiles {
+        fresh(&mut s.o, d * cols, 0.0);
+        s.vt2.resize(d * BK / 2, 0);
+    }
     if bf16 {
         s.qt2.resize(d / 2 * cols, 0);
         s.k2.resize(BK * d / 2, 0);
@@ -220,7 +259,24 @@ fn attend_tile(q: &[f32], t: &Tile<'_>, kv: Paged<'_>, out: &mut [f32], s: &mut 
             s.v[c * d..(c + 1) * d].copy_from_slice(&kv.v[off..off + d]);
         }
         // S^T[n x cols] = K[n x d] Q^T[d x cols].
-        if bf16 {
+        if tiles {
+            for (k, pair) in s.k[..n * d].chunks_exact(d).zip(s.k2.chunks_exact_mut(d / 2)) {
+                bf16::pair_along(k, pair);
+            }
+            // Whole tiles of rows: K's rows past n hold an earlier tile's (finite) values, and
+            // S^T's rows past n are never read.
+            let qk = amx::Product {
+                a: &s.k2,
+                lda: d / 2,
+                b: &s.qt2,
+                ldb: cols,
+                kp: d / 2,
+                rows: n.next_multiple_of(16),
+                n: cols,
+                ldc: cols,
+            };
+            amx::product(&qk, &mut s.st, false);
+        } else if bf16 {
             for (k, pair) in s.k[..n * d].chunks_exact(d).zip(s.k2.chunks_exact_mut(d / 2)) {
                 bf16::pair_along(k, pair);
             }
@@ -247,13 +303,50 @@ fn attend_tile(q: &[f32], t: &Tile<'_>, kv: Paged<'_>, out: &mut [f32], s: &mut 
             s.st[c * cols..c * cols + hidden].fill(f32::NEG_INFINITY);
         }
         softmax_step(isa, &mut s.st[..n * cols], cols, &mut s.online);
-        for (o, &a) in s.o.chunks_exact_mut(d).zip(&s.online.alpha) {
-            if a != 1.0 {
-                o.iter_mut().for_each(|o| *o *= a);
+        if tiles {
+            // Once the running maxima settle, a whole KV tile rescales nothing.
+            if s.online.alpha.iter().any(|&a| a != 1.0) {
+                for o in s.o.chunks_exact_mut(cols) {
+                    o.iter_mut().zip(&s.online.alpha).for_each(|(o, a)| *o *= a);
+                }
+            }
+        } else {
+            for (o, &a) in s.o.chunks_exact_mut(d).zip(&s.online.alpha) {
+                if a != 1.0 {
+                    o.iter_mut().for_each(|o| *o *= a);
+                }
             }
         }
         // O[rows x d] += P[rows x n] V[n x d], P read from P^T.
-        if bf16 {
+        if tiles {
+            // O^T[d x cols] += V^T[d x n] P^T[n x cols] over pairs of KV positions, zero-padded
+            // to a whole tile of 16 pairs (an odd last position is paired with zero).
+            let pairs = n.div_ceil(2);
+            let kp = pairs.next_multiple_of(16);
+            for c in 0..kp {
+                let dst = &mut s.pt2[c * cols..][..cols];
+                if c < pairs {
+                    let p_hi = (2 * c + 1 < n).then(|| &s.st[(2 * c + 1) * cols..][..cols]);
+                    bf16::pair_rows(&s.st[2 * c * cols..][..cols], p_hi, dst);
+                } else {
+                    dst.fill(0);
+                }
+            }
+            // V^T's pairs: row dd holds (V[2c][dd], V[2c + 1][dd]) for each pair c; made as V's
+            // pairs `[pairs][d]`, then transposed (four times faster than pairing in place).
+            let lda = BK / 2;
+            for c in 0..pairs {
+                let v_hi = (2 * c + 1 < n).then(|| &s.v[(2 * c + 1) * d..][..d]);
+                bf16::pair_rows(&s.v[2 * c * d..][..d], v_hi, &mut s.v2[c * d..][..d]);
+            }
+            for (dd, row) in s.vt2.chunks_exact_mut(lda).enumerate() {
+                for (c, x) in row[..kp].iter_mut().enumerate() {
+                    *x = if c < pairs { s.v2[c * d + dd] } else { 0 };
+                }
+            }
+            let pv = amx::Product { a: &s.vt2, lda, b: &s.pt2, ldb: cols, kp, rows: d, n: cols, ldc: cols };
+            amx::product(&pv, &mut s.o, true);
+        } else if bf16 {
             // Pairs along the KV positions; an odd last one is paired with zeros.
             let pairs = n.div_ceil(2);
             for c in 0..pairs {
@@ -270,12 +363,30 @@ fn attend_tile(q: &[f32], t: &Tile<'_>, kv: Paged<'_>, out: &mut [f32], s: &mut 
             matmul(isa, p, &s.v, d, n, &mut s.o, d, rows, d, true);
         }
     }
-    for (r, o) in s.o.chunks_exact(d).enumerate() {
+    let at = |r: usize| {
         let (i, g) = (t.t0 + r / group, r % group);
-        let h = t.kvh * group + g;
-        let inv = 1.0 / s.online.sum[r];
-        out[(t.row + i) * row_len + h * d..][..d].iter_mut().zip(o).for_each(|(y, x)| *y = x * inv);
+        (t.row + i) * row_len + (t.kvh * group + g) * d
+    };
+    if tiles {
+        // O^T's rows are read whole (a column at a time was a strided read per value).
+        s.online.alpha.iter_mut().zip(&s.online.sum).for_each(|(inv, sum)| *inv = 1.0 / sum);
+        for (dd, o) in s.o.chunks_exact(cols).enumerate() {
+            for (r, (x, inv)) in o[..rows].iter().zip(&s.online.alpha).enumerate() {
+                out[at(r) + dd] = x * inv;
+            }
+        }
+    } else {
+        for (r, o) in s.o.chunks_exact(d).enumerate() {
+            let inv = 1.0 / s.online.sum[r];
+            out[at(r)..][..d].iter_mut().zip(o).for_each(|(y, x)| *y = x * inv);
+        }
     }
+}
+
+/// Whether a bf16 model's attention products run on AMX tiles here: heads of whole tiles of
+/// pairs (a multiple of 32 values) and AMX allowed for its linear layers (`gemm::amx_runs`).
+pub fn amx_products(head_dim: usize) -> bool {
+    head_dim.is_multiple_of(32) && super::gemm::amx_runs()
 }
 
 /// The left operand of `matmul`: element (r, k) at `data[r * row_stride + k * col_stride]`.

@@ -5,11 +5,11 @@
 use crate::backend::attention::{attention_by_rows, AttnSeq};
 use crate::backend::gemm::Isa;
 use crate::backend::gemm::Products;
-use crate::backend::prefill_attention::{bf16_runs, query_tile, run, tiles, Paged};
+use crate::backend::prefill_attention::{amx_products, bf16_runs, query_tile, run, run_with, tiles, Paged};
 
 /// Seconds for one layer's attention over a `tokens`-token prompt with the given heads: the row
 /// kernel first, then the tiled one for each kernel name the CPU runs (f32 products, and bf16
-/// ones where the CPU has AVX-512 BF16); each the best of `iters`.
+/// ones where the CPU has AVX-512 BF16, and on AMX tiles where they run); each the best of `iters`.
 pub fn compare_prefill_attention(
     tokens: usize,
     num_heads: usize,
@@ -44,8 +44,18 @@ pub fn compare_prefill_attention(
         .collect();
     #[cfg(target_arch = "x86_64")]
     if bf16_runs(Isa::Avx512) {
-        // What a bf16 model's prefill runs: bf16 products through `vdpbf16ps`.
-        tiled.push(("avx512 bf16", best(&mut || run(&q, &ts, paged, &mut out, Isa::Avx512, Products::Bf16))));
+        // What a bf16 model's prefill runs: bf16 products through `vdpbf16ps`, or on AMX tiles
+        // where they run.
+        tiled.push((
+            "avx512 bf16",
+            best(&mut || run_with(&q, &ts, paged, &mut out, Isa::Avx512, Products::Bf16, false)),
+        ));
+        if amx_products(head_dim) {
+            tiled.push((
+                "amx bf16",
+                best(&mut || run_with(&q, &ts, paged, &mut out, Isa::Avx512, Products::Bf16, true)),
+            ));
+        }
     }
     (rows, tiled)
 }
