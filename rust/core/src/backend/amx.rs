@@ -177,7 +177,8 @@ pub struct Product<'a> {
 /// Run `m` into `c`, adding to what `c` holds when `accumulate`.
 pub fn product(m: &Product<'_>, c: &mut [f32], accumulate: bool) {
     assert!(runs_here(), "AMX bf16 tiles do not run on this CPU");
-    assert!(m.rows % TR == 0 && m.kp % TR == 0 && m.n % TR == 0 && m.rows > 0 && m.kp > 0 && m.n > 0, "whole tiles");
+    let whole = |v: usize| v > 0 && v.is_multiple_of(TR);
+    assert!(whole(m.rows) && whole(m.kp) && whole(m.n), "whole tiles");
     assert!(m.n <= m.ldb && m.n <= m.ldc && m.kp <= m.lda, "strides");
     assert!(m.a.len() >= (m.rows - 1) * m.lda + m.kp && m.b.len() >= (m.kp - 1) * m.ldb + m.n, "operands");
     assert!(c.len() >= (m.rows - 1) * m.ldc + m.n, "output");
