@@ -242,6 +242,10 @@ struct Job<'a> {
 mod simd {
     use super::{Job, Product, Scratch, TileOrder, BLOCK_ROWS, CHUNK_STEPS, TK, TR};
     use std::arch::asm;
+    use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+
+    /// Steps ahead (32 values of k each) the first row block prefetches a pair's tiles.
+    const AHEAD: usize = 4;
 
     /// The tile configuration: palette 1, eight tiles of 16 rows by 64 bytes.
     #[repr(C, align(64))]
@@ -386,6 +390,10 @@ mod simd {
         let step = TileOrder::STEP * 2;
         // SAFETY: CONFIG is a valid palette-1 configuration, 64-byte aligned.
         unsafe { asm!("ldtilecfg [{}]", in(reg) &CONFIG, options(nostack, readonly)) };
+        // One row block (a decode batch): each tile is used once, straight from memory, so the
+        // tiles ahead are prefetched. With more rows the first block's misses are shared by the
+        // rest, and the prefetches measured no faster.
+        let few = job.rows.len() <= BLOCK_ROWS;
         for pair in job.pairs.clone() {
             let col0 = pair * 32;
             let cols = (job.n - col0).min(32);
@@ -402,6 +410,7 @@ mod simd {
                         (s.edge.as_mut_ptr().wrapping_add((r0 - job.rows.start) * 32) as *mut u8, 128)
                     };
                     let a = job.a[r0 * job.kp / 2..].as_ptr() as *const u8;
+                    let stream = few;
                     // SAFETY: C's home holds 32 rows of 32 f32, `ldc` bytes apart (the block is
                     // this job's, inside the output, or the edge buffer's rows for it); tiles 4
                     // and 5 read rows r0..r0+32 of `a` (whole blocks are there), 64 bytes at
@@ -430,6 +439,13 @@ mod simd {
                             );
                         }
                         for t in first..first + steps {
+                            if stream {
+                                // Ask for the tiles `AHEAD` steps on now (a prefetch never faults).
+                                let next = b.wrapping_add((t + AHEAD) * step);
+                                for line in (0..2 * TILE).step_by(64) {
+                                    _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(line) as *const i8);
+                                }
+                            }
                             asm!(
                                 "tileloadd tmm4, [{a0} + {lda}*1]",
                                 "tileloadd tmm5, [{a1} + {lda}*1]",
