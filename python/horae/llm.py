@@ -280,8 +280,10 @@ class Engine:
         # dtype: how the weights are held. On the CPU "auto" keeps the checkpoint's (a GGUF's own
         # Q4_1/Q8_0 blocks, as the default model's; bf16/f16 checkpoints as bfloat16, others
         # float32); "bfloat16" halves weight memory and bandwidth; "q8_0" quantizes at load (or
-        # keeps a GGUF's Q8_0 blocks); "q4_1" runs a GGUF's own 4-bit blocks. Products and sums
-        # are f32 in every case. On a GPU: "auto" = "bfloat16", or "float16".
+        # keeps a GGUF's Q8_0 blocks); "q4_1" runs a GGUF's own 4-bit blocks. Sums are f32 in
+        # every case, and so are products, except a "bfloat16" model's where the CPU runs bf16 ones
+        # (prefill attention with AVX-512 BF16; linear layers from 16 rows on AMX tiles), as HF
+        # transformers' bf16 does. On a GPU: "auto" = "bfloat16", or "float16".
         # history_window / max_output_bound: Past-Future's length history (finished lengths kept)
         # and what it is primed with before any request finished (default: the model's context).
         # speculative: speculative decoding, e.g. {"method": "ngram", "k_max": 4, "adaptive": True}
