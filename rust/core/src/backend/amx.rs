@@ -1,5 +1,5 @@
-//! bf16 linear layers through AMX tiles (Intel Xeon since Sapphire Rapids), for a bf16 model's
-//! many-row products: prefill and batched decode.
+//! A bf16 model's many-row products on AMX tiles (Intel Xeon since Sapphire Rapids): its linear
+//! layers in prefill and batched decode (`gemm_bf16`), and its prefill attention's (`product`).
 //!
 //! One `tdpbf16ps` multiplies a 16 x 32 tile of bf16 activations by a 32 x 16 tile of bf16
 //! weights into 16 x 16 f32 sums: 16,384 products, where an AVX-512 FMA does 16. Those products
@@ -26,7 +26,7 @@ const TR: usize = 16;
 /// bf16 values of k in an A tile row and a B tile (16 pairs).
 const TK: usize = 32;
 /// Rows of C a block covers: two A tiles.
-pub(super) const BLOCK_ROWS: usize = 2 * TR;
+const BLOCK_ROWS: usize = 2 * TR;
 /// Steps of k (32 values each) per chunk: a pair of panels' chunk is 32 KiB of tiles, which stays
 /// in L1 while every row block of the task goes past it (the whole depth of a 1,536-wide layer,
 /// 96 KiB, did not: 0.65x the rate of the 576-wide layers); C goes out and back between chunks.
@@ -45,11 +45,11 @@ pub fn runs_here() -> bool {
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
 fn detect() -> bool {
     use std::arch::x86_64::{__cpuid, __cpuid_count, _xgetbv};
-    // CPUID.7.0:EDX bit 22 AMX-BF16, bit 24 AMX-TILE; the tile kernel's glue is AVX-512BW.
-    // SAFETY: CPUID exists on every x86_64 CPU.
+    // CPUID.7.0:EDX bit 22 AMX-BF16, bit 24 AMX-TILE; the glue around the tiles (rounding x to
+    // bf16, the attention's pairs) is AVX-512 BF16 and BW, which every AMX CPU has.
     let (basic, leaf7) = (__cpuid(1), __cpuid_count(7, 0));
     let cpu = leaf7.edx >> 22 & 1 == 1 && leaf7.edx >> 24 & 1 == 1;
-    if !cpu || !std::is_x86_feature_detected!("avx512bw") {
+    if !cpu || !std::is_x86_feature_detected!("avx512bw") || !super::bf16_dot::runs_here() {
         return false;
     }
     // The OS must save tile state (XCR0 bits 17 and 18), readable only with OSXSAVE (CPUID.1:ECX 27).

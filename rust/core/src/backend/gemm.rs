@@ -934,10 +934,30 @@ unsafe fn avx512<const R: usize, const P: usize, T: PanelValue>(t: &Tile, b: *co
             }
         }
     }
+    for acc in acc.iter_mut().flatten() {
+        *acc = T::in_column_order(*acc);
+    }
+    // SAFETY: passed on from the caller.
+    unsafe { avx512_store(t, &acc, out) }
+}
+
+/// An AVX-512 tile's accumulators (in column order) into C, straight where the tile is full,
+/// else into `out`; returns whether `out` still needs storing.
+///
+/// # Safety
+/// The `Tile` contract, with `R == t.rows` and `P == t.panels`, on a CPU with AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn avx512_store<const R: usize, const P: usize>(
+    t: &Tile,
+    acc: &[[std::arch::x86_64::__m512; P]; R],
+    out: *mut f32,
+) -> bool {
+    use std::arch::x86_64::*;
     let full = t.cols == P * NR;
     for (r, acc) in acc.iter().enumerate() {
         for (p, &v) in acc.iter().enumerate() {
-            let v = T::in_column_order(v);
             // SAFETY: a full tile: row r < rows of C has P x NR writable values at c + r * ldc;
             // otherwise `out` is MR x SCRATCH scratch, P x NR <= SCRATCH.
             unsafe {
@@ -994,22 +1014,8 @@ unsafe fn avx512_tiles<const R: usize, const P: usize>(t: &Tile, b: *const u16, 
             }
         }
     }
-    let full = t.cols == P * NR;
-    for (r, acc) in acc.iter().enumerate() {
-        for (p, &v) in acc.iter().enumerate() {
-            // SAFETY: as in `avx512`.
-            unsafe {
-                if full {
-                    let c = t.c.add(r * t.ldc + p * NR);
-                    let v = if t.accumulate { _mm512_add_ps(v, _mm512_loadu_ps(c)) } else { v };
-                    _mm512_storeu_ps(c, v);
-                } else {
-                    _mm512_storeu_ps(out.add(r * SCRATCH + p * NR), v);
-                }
-            }
-        }
-    }
-    !full
+    // SAFETY: passed on from the caller.
+    unsafe { avx512_store(t, &acc, out) }
 }
 
 /// # Safety
