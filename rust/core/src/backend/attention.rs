@@ -1,8 +1,8 @@
 //! Paged attention on the CPU over a flattened batch of prefill chunks and decode tokens, as
 //! vLLM v1 runs it. Prefill chunks (more than one token) go through `prefill_attention` in
 //! tiles; decode rows go in pieces (`by_pieces`: runs of positions where the batch is small or
-//! the history long), each piece by `attend_piece`, with explicit FMA code (`avx2::attend_piece`)
-//! where the CPU has it. The portable `attend_row` is the reference both are tested against.
+//! the history long), each piece by `attend_piece`, with explicit FMA code (`simd::attend_piece`,
+//! or `simd::attend_piece_512` with AVX-512) where the CPU has it and `HORAE_CPU_KERNEL` allows. The portable `attend_row` is the reference both are tested against.
 
 use rayon::prelude::*;
 
@@ -71,15 +71,24 @@ pub fn attention_by_rows(q: &[f32], seqs: &[AttnSeq<'_>], kv: Paged<'_>, out: &m
     let cache = PagedKv { k, v, shape: AttnShape { block_size, num_heads, num_kv_heads, head_dim } };
     let threads = rayon::current_num_threads();
     #[cfg(target_arch = "x86_64")]
-    if head_dim.is_multiple_of(avx2::DIMS)
-        && std::arch::is_x86_feature_detected!("avx2")
-        && std::arch::is_x86_feature_detected!("fma")
     {
-        // SAFETY: the CPU has AVX2 and FMA (checked just above); `by_pieces` checks the slots.
-        let kernel = |q: &[f32], slots: &[usize], kvh, part: &mut [f32]| unsafe {
-            avx2::attend_piece(q, slots, kvh, cache, part)
-        };
-        return by_pieces(q, seqs, cache, out, threads, kernel);
+        let isa = crate::backend::gemm::Isa::detect();
+        if isa == crate::backend::gemm::Isa::Avx512 && head_dim.is_multiple_of(simd::DIMS_512) {
+            // SAFETY: `Isa::Avx512` is detected only where the CPU has AVX-512F (AVX2 and FMA
+            // with it); `by_pieces` checks the slots.
+            let kernel = |q: &[f32], slots: &[usize], kvh, part: &mut [f32]| unsafe {
+                simd::attend_piece_512(q, slots, kvh, cache, part)
+            };
+            return by_pieces(q, seqs, cache, out, threads, kernel);
+        }
+        if isa >= crate::backend::gemm::Isa::Avx2Fma && head_dim.is_multiple_of(simd::DIMS) {
+            // SAFETY: `Isa::Avx2Fma` and above are detected only where the CPU has AVX2 and
+            // FMA; `by_pieces` checks the slots.
+            let kernel = |q: &[f32], slots: &[usize], kvh, part: &mut [f32]| unsafe {
+                simd::attend_piece(q, slots, kvh, cache, part)
+            };
+            return by_pieces(q, seqs, cache, out, threads, kernel);
+        }
     }
     by_pieces(q, seqs, cache, out, threads, |q, slots, kvh, part| attend_piece(q, slots, kvh, cache, part))
 }
@@ -264,13 +273,13 @@ fn attend_piece(q: &[f32], slots: &[usize], kvh: usize, kv: PagedKv<'_>, part: &
     }
 }
 
-/// The AVX2 + FMA kernel. Profiled on SmolLM2 decode at 32 sequences, the auto-vectorised
+/// The AVX2 + FMA kernel, and its AVX-512 width. Profiled on SmolLM2 decode at 32 sequences, the auto-vectorised
 /// reference spent a sixth of the step here: separate multiply and add (Rust does not contract
 /// them to FMA), a store of the output after every position, and a scalar `exp` per score.
 /// This one keeps each head's output in registers while it walks the positions, fuses the
 /// multiply-adds and computes `exp` eight lanes at a time.
 #[cfg(target_arch = "x86_64")]
-mod avx2 {
+mod simd {
     use super::PagedKv;
     use crate::backend::cpu::avx2::{exp8, hsum};
     use std::arch::x86_64::*;
@@ -322,6 +331,60 @@ mod avx2 {
                 for (j, acc) in acc.iter().enumerate() {
                     // SAFETY: i + 8 j + 8 <= d = o.len().
                     unsafe { _mm256_storeu_ps(o.as_mut_ptr().add(i + 8 * j), *acc) };
+                }
+            }
+            stats.copy_from_slice(&[max, sum]);
+        }
+    }
+
+    /// Head dimensions the AVX-512 kernel takes at a time (4 registers of 16).
+    pub const DIMS_512: usize = 64;
+
+    /// `attend_piece` at AVX-512 width: a score is four FMAs and one reduction for 64 dimensions
+    /// (eight FMAs and a reduction on AVX2), and the weighted sum of V rows runs 64 dimensions a
+    /// pass. `head_dim` is a multiple of `DIMS_512`.
+    ///
+    /// # Safety
+    /// As `attend_piece`, on a CPU with AVX-512F.
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    pub unsafe fn attend_piece_512(q: &[f32], slots: &[usize], kvh: usize, kv: PagedKv<'_>, part: &mut [f32]) {
+        let d = kv.shape.head_dim;
+        let scale = 1.0 / (d as f32).sqrt();
+        assert!(q.len().is_multiple_of(d) && part.len() == q.len() / d * (d + 2) && d.is_multiple_of(DIMS_512));
+        let (k_cache, v_cache) = (kv.k.as_ptr(), kv.v.as_ptr());
+        let mut scores = vec![0.0f32; slots.len()];
+        for (qh, part) in q.chunks_exact(d).zip(part.chunks_exact_mut(d + 2)) {
+            for (sc, &slot) in scores.iter_mut().zip(slots) {
+                // SAFETY: slot + kvh * d + d is inside the cache (the caller's contract).
+                let k = unsafe { k_cache.add(slot + kvh * d) };
+                let mut acc = [_mm512_setzero_ps(); 2];
+                for i in (0..d).step_by(32) {
+                    for (j, acc) in acc.iter_mut().enumerate() {
+                        // SAFETY: i + 16 j + 16 <= d: inside the head's row of q and of K.
+                        unsafe {
+                            let (a, b) = (qh.as_ptr().add(i + 16 * j), k.add(i + 16 * j));
+                            *acc = _mm512_fmadd_ps(_mm512_loadu_ps(a), _mm512_loadu_ps(b), *acc);
+                        }
+                    }
+                }
+                *sc = _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1])) * scale;
+            }
+            let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let sum = exp_in_place(&mut scores, max);
+            let (o, stats) = part.split_at_mut(d);
+            for i in (0..d).step_by(DIMS_512) {
+                let mut acc = [_mm512_setzero_ps(); DIMS_512 / 16];
+                for (&w, &slot) in scores.iter().zip(slots) {
+                    let w = _mm512_set1_ps(w);
+                    // SAFETY: as for K above.
+                    let v = unsafe { v_cache.add(slot + kvh * d + i) };
+                    for (j, acc) in acc.iter_mut().enumerate() {
+                        *acc = _mm512_fmadd_ps(w, unsafe { _mm512_loadu_ps(v.add(16 * j)) }, *acc);
+                    }
+                }
+                for (j, acc) in acc.iter().enumerate() {
+                    // SAFETY: i + 16 j + 16 <= d = o.len().
+                    unsafe { _mm512_storeu_ps(o.as_mut_ptr().add(i + 16 * j), *acc) };
                 }
             }
             stats.copy_from_slice(&[max, sum]);
@@ -429,14 +492,26 @@ mod tests {
             let mut kernels: Vec<(&str, Box<PieceKernel>)> =
                 vec![("portable", Box::new(move |q, s, kvh, p| attend_piece(q, s, kvh, cache, p)))];
             #[cfg(target_arch = "x86_64")]
-            if hd.is_multiple_of(avx2::DIMS)
+            if hd.is_multiple_of(simd::DIMS)
                 && std::arch::is_x86_feature_detected!("avx2")
                 && std::arch::is_x86_feature_detected!("fma")
             {
                 // SAFETY: the CPU has AVX2 and FMA (checked just above); `by_pieces` checks the slots.
                 kernels
-                    .push(("avx2", Box::new(move |q, s, kvh, p| unsafe { avx2::attend_piece(q, s, kvh, cache, p) })));
+                    .push(("avx2", Box::new(move |q, s, kvh, p| unsafe { simd::attend_piece(q, s, kvh, cache, p) })));
             }
+            #[cfg(target_arch = "x86_64")]
+            if hd.is_multiple_of(simd::DIMS_512) && crate::backend::gemm::Isa::Avx512.runs_here() {
+                // SAFETY: the CPU has AVX-512F (checked just above); `by_pieces` checks the slots.
+                let kernel = move |q: &[f32], s: &[usize], kvh, p: &mut [f32]| unsafe {
+                    simd::attend_piece_512(q, s, kvh, cache, p)
+                };
+                kernels.push(("avx512", Box::new(kernel)));
+            }
+            eprintln!(
+                "decode attention kernels for head_dim {hd}: {}",
+                kernels.iter().map(|k| k.0).collect::<Vec<_>>().join(", ")
+            );
             for (name, kernel) in &kernels {
                 for threads in [1, 16] {
                     let mut got = vec![f32::NAN; q.len()];
