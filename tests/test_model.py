@@ -96,6 +96,12 @@ def test_every_cpu_kernel_matches_transformers(tmp_path):
                          capture_output=True, text=True, timeout=60, env=env)
     assert out.returncode == 0 and out.stdout.strip() == _core.cpu_kernels()["available"][-1]
     assert '"sse9" is not one of portable' in out.stderr, out.stderr
+    # "amx" names the default where AMX tiles run, and says so where they do not.
+    env = dict(os.environ, HORAE_CPU_KERNEL="amx")
+    out = subprocess.run([sys.executable, "-c", "from horae import _core; print(_core.cpu_kernels()['amx_min_rows'])"],
+                         capture_output=True, text=True, timeout=60, env=env)
+    assert out.returncode == 0 and out.stdout.strip() == str(_core.cpu_kernels()["amx_min_rows"]), out
+    assert ("does not run AMX tiles" in out.stderr) == (_core.cpu_kernels()["amx_min_rows"] is None), out.stderr
 
 
 def test_bfloat16_weights_within_documented_tolerance():

@@ -79,9 +79,10 @@ pub enum Products {
     Bf16,
 }
 
-/// Rows from which a bf16 product goes through AMX tiles (`amx`), where they run. Below, the
-/// AVX-512 kernel is bound by reading the weights and AMX's conversions would cost more than its
-/// products save.
+/// Rows from which a bf16 product goes through AMX tiles (`amx`), where they run. Below, a block
+/// of 32 rows is mostly padding and both kernels are bound by reading the weights: on the model's
+/// shapes AMX was 0.65x the AVX-512 kernel at 1 row, 0.8x at 4, 1.15-1.25x at 8 and 1.9x at 16
+/// (one noisy run; 16 is the measured side of the crossover).
 pub const AMX_MIN_ROWS: usize = 16;
 
 /// Whether bf16 products of the linear layers run on AMX tiles here: the CPU and OS allow them,
@@ -91,7 +92,14 @@ pub fn amx_runs() -> bool {
     static ON: OnceLock<bool> = OnceLock::new();
     *ON.get_or_init(|| {
         let cap = std::env::var("HORAE_CPU_KERNEL").unwrap_or_default();
-        matches!(cap.trim(), "" | "amx") && Isa::detect() == Isa::best() && amx::runs_here()
+        let on = matches!(cap.trim(), "" | "amx") && Isa::detect() == Isa::best() && amx::runs_here();
+        if cap.trim() == "amx" && !on {
+            eprintln!(
+                "horae: HORAE_CPU_KERNEL=amx, but this CPU or OS does not run AMX tiles; the {} kernel runs",
+                Isa::detect().name()
+            );
+        }
+        on
     })
 }
 
@@ -171,9 +179,10 @@ impl PackedLinear {
         Self::new_for(w, n, k, dtype, Isa::detect())
     }
 
-    /// `new` in the layout the `isa` kernel reads fastest (`Layout`); every kernel reads every
-    /// layout, so this only matters for speed (benchmarks pack for the kernel they time). Where
-    /// AMX runs, bf16 for the AVX-512 kernel is packed in tile order, which only it and AMX read.
+    /// `new` in the layout the `isa` kernel reads fastest (`Layout`); every kernel reads both
+    /// panel layouts, so that only matters for speed (benchmarks pack for the kernel they time).
+    /// Where AMX runs, bf16 for the AVX-512 kernel is packed in tile order instead, which only the
+    /// AVX-512 and AMX kernels read (`forward_with` asserts it).
     pub fn new_for(w: &[f32], n: usize, k: usize, dtype: WeightDtype, isa: Isa) -> Self {
         #[cfg(target_arch = "x86_64")]
         if dtype == WeightDtype::Bf16 && isa == Isa::Avx512 && amx_runs() {
