@@ -21,6 +21,8 @@
 
 use rayon::prelude::*;
 
+pub use super::bf16_dot::Product;
+
 /// Rows of a tile (A and C).
 const TR: usize = 16;
 /// bf16 values of k in an A tile row and a B tile (16 pairs).
@@ -159,28 +161,16 @@ pub(super) fn gemm_bf16(w: &[u16], order: TileOrder, n: usize, k: usize, x: &[f3
     ROWS.with_borrow_mut(|buf| *buf = a);
 }
 
-/// `c[rows x n] (+)= a[rows x kp] b[kp x n]` over bf16 pairs with f32 sums, for the prefill
-/// attention's small products: row r of `a` is `kp` pairs at `a[r * lda..]`, row i of `b` is `n`
-/// pairs (one per column) at `b[i * ldb..]`, row r of `c` at `c[r * ldc..]`. `rows`, `kp` and
-/// `n` are multiples of 16. Panics unless `runs_here()`.
-pub struct Product<'a> {
-    pub a: &'a [u32],
-    pub lda: usize,
-    pub b: &'a [u32],
-    pub ldb: usize,
-    pub kp: usize,
-    pub rows: usize,
-    pub n: usize,
-    pub ldc: usize,
-}
-
+/// `bf16_dot::product` on AMX tiles, for the prefill attention's small products: the same
+/// operands (`Product`), with A's pairs along its rows (`acs == 1`) and `rows`, `kp` and `n`
+/// multiples of 16. Panics unless `runs_here()`.
 /// Run `m` into `c`, adding to what `c` holds when `accumulate`.
 pub fn product(m: &Product<'_>, c: &mut [f32], accumulate: bool) {
     assert!(runs_here(), "AMX bf16 tiles do not run on this CPU");
     let whole = |v: usize| v > 0 && v.is_multiple_of(TR);
     assert!(whole(m.rows) && whole(m.kp) && whole(m.n), "whole tiles");
-    assert!(m.n <= m.ldb && m.n <= m.ldc && m.kp <= m.lda, "strides");
-    assert!(m.a.len() >= (m.rows - 1) * m.lda + m.kp && m.b.len() >= (m.kp - 1) * m.ldb + m.n, "operands");
+    assert!(m.acs == 1 && m.n <= m.ldb && m.n <= m.ldc && m.kp <= m.ars, "strides");
+    assert!(m.a.len() >= (m.rows - 1) * m.ars + m.kp && m.b.len() >= (m.kp - 1) * m.ldb + m.n, "operands");
     assert!(c.len() >= (m.rows - 1) * m.ldc + m.n, "output");
     // SAFETY: the CPU runs the tiles (asserted); every tile lies inside a, b and c (asserted).
     unsafe { simd::product(m, c.as_mut_ptr(), accumulate) }
@@ -295,7 +285,7 @@ mod simd {
     /// `super::product`'s checks hold for `m` and the output at `c`; the CPU runs AMX tiles with
     /// the permission granted.
     pub unsafe fn product(m: &Product<'_>, c: *mut f32, accumulate: bool) {
-        let (lda, ldb, ldc) = (m.lda * 4, m.ldb * 4, m.ldc * 4);
+        let (lda, ldb, ldc) = (m.ars * 4, m.ldb * 4, m.ldc * 4);
         let (a, b) = (m.a.as_ptr() as *const u8, m.b.as_ptr() as *const u8);
         let c = c as *mut u8;
         // SAFETY (every asm block): the tiles read and written lie inside a, b and c (the

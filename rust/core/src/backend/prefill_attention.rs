@@ -220,7 +220,8 @@ fn attend_tile(
             }
         }
     }
-    fresh(&mut s.o, rows * d, 0.0);
+    // O, or O^T on tiles (`[d][cols]`, its padding columns too).
+    fresh(&mut s.o, if tiles { d * cols } else { rows * d }, 0.0);
     fresh(&mut s.online.max, cols, f32::NEG_INFINITY);
     fresh(&mut s.online.sum, cols, 0.0);
     fresh(&mut s.online.tile_max, cols, f32::NEG_INFINITY);
@@ -233,7 +234,6 @@ fn attend_tile(
     // O^T = V^T P^T, so that P^T's pairs (the rows of S^T, as the softmax leaves them) are the
     // right operand as they stand, and O is kept transposed, `[d][cols]`.
     if tiles {
-        fresh(&mut s.o, d * cols, 0.0);
         s.vt2.resize(d * BK / 2, 0);
     }
     if bf16 {
@@ -259,27 +259,13 @@ fn attend_tile(
             s.v[c * d..(c + 1) * d].copy_from_slice(&kv.v[off..off + d]);
         }
         // S^T[n x cols] = K[n x d] Q^T[d x cols].
-        if tiles {
+        if bf16 {
             for (k, pair) in s.k[..n * d].chunks_exact(d).zip(s.k2.chunks_exact_mut(d / 2)) {
                 bf16::pair_along(k, pair);
             }
-            // Whole tiles of rows: K's rows past n hold an earlier tile's (finite) values, and
-            // S^T's rows past n are never read.
-            let qk = amx::Product {
-                a: &s.k2,
-                lda: d / 2,
-                b: &s.qt2,
-                ldb: cols,
-                kp: d / 2,
-                rows: n.next_multiple_of(16),
-                n: cols,
-                ldc: cols,
-            };
-            amx::product(&qk, &mut s.st, false);
-        } else if bf16 {
-            for (k, pair) in s.k[..n * d].chunks_exact(d).zip(s.k2.chunks_exact_mut(d / 2)) {
-                bf16::pair_along(k, pair);
-            }
+            // On tiles, whole tiles of rows: K's rows past n hold an earlier tile's (finite)
+            // values, and S^T's rows past n are never read.
+            let kv_rows = if tiles { n.next_multiple_of(16) } else { n };
             let qk = bf16::Product {
                 a: &s.k2,
                 ars: d / 2,
@@ -287,11 +273,15 @@ fn attend_tile(
                 b: &s.qt2,
                 ldb: cols,
                 kp: d / 2,
-                rows: n,
+                rows: kv_rows,
                 n: cols,
                 ldc: cols,
             };
-            bf16::product(&qk, &mut s.st, false);
+            if tiles {
+                amx::product(&qk, &mut s.st, false);
+            } else {
+                bf16::product(&qk, &mut s.st, false);
+            }
         } else {
             let a = Operand { data: &s.k, row_stride: d, col_stride: 1 };
             matmul(isa, a, &s.qt, cols, d, &mut s.st, cols, n, cols, false);
@@ -344,7 +334,8 @@ fn attend_tile(
                     *x = if c < pairs { s.v2[c * d + dd] } else { 0 };
                 }
             }
-            let pv = amx::Product { a: &s.vt2, lda, b: &s.pt2, ldb: cols, kp, rows: d, n: cols, ldc: cols };
+            let pv =
+                bf16::Product { a: &s.vt2, ars: lda, acs: 1, b: &s.pt2, ldb: cols, kp, rows: d, n: cols, ldc: cols };
             amx::product(&pv, &mut s.o, true);
         } else if bf16 {
             // Pairs along the KV positions; an odd last one is paired with zeros.
