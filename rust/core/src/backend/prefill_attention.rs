@@ -1,20 +1,23 @@
 //! Prefill attention in tiles: flash attention's scheme on the CPU.
 //!
 //! The row path (`attention::attention_by_rows`, what decode rows take) reads a sequence's whole
-//! KV history for every query row and head, so a prompt of n tokens reads n^2 / 2 KV rows per head from memory: 2,000
-//! tokens took 5.5 s and 6,000 took 45 s (issue 17), far from the FLOPs. Here a tile of query
-//! tokens, with every query head that shares one KV head (GQA), walks the KV history in tiles of
-//! `BK` positions. Each KV tile is gathered from the paged cache once, both products are small
-//! GEMMs whose operands stay in L1 and L2, and the softmax is online (running max and sum, the
-//! output rescaled as the max grows), so no row ever holds all its scores.
+//! KV history for every query row and head, so a prompt of n tokens reads n^2 / 2 KV rows per
+//! head from memory: 2,000 tokens took 5.5 s and 6,000 took 45 s (issue 17), far from the FLOPs.
+//! Here a tile of query tokens, with every query head that shares one KV head (GQA), walks the KV
+//! history in tiles of `BK` positions. The KV history is gathered from the paged cache once per
+//! call, already in the products' operand form (`Streams`); both products are small GEMMs whose
+//! operands stay in L1 and L2, and the softmax is online (running max and sum, the output
+//! rescaled as the max grows), so no row ever holds all its scores.
 //!
-//! The GEMM micro-kernel is written once, generically, and compiled three times: for AVX-512,
-//! for AVX2 + FMA and portably, picked at run time as `gemm::Isa` says. Its accumulator block
-//! (rows x `W` columns) is sized per instruction set so that it stays in registers.
+//! The f32 GEMM micro-kernel is written once, generically, and compiled three times: for
+//! AVX-512, for AVX2 + FMA and portably, picked at run time as `gemm::Isa` says. Its accumulator
+//! block (rows x `W` columns) is sized per instruction set so that it stays in registers. A bf16
+//! model's products are bf16 (`Products::Bf16`) where the CPU has AVX-512 BF16: on AMX tiles
+//! where they run, else through `vdpbf16ps`.
 //!
-//! On 6,000 tokens with SmolLM2's heads (a Zen 5 with AVX-512, 2 threads) one layer's attention
-//! takes about 125 ms, over 320 GFLOP/s; the row kernel took 1.04 s (`horae bench model` measures
-//! both in one run).
+//! One layer over 6,000 tokens with SmolLM2's heads (`horae bench model` measures every kernel
+//! in one run): on a Zen 5 with AVX-512, 2 threads, about 125 ms in f32 against 1.04 s for the
+//! row kernel; on a Xeon with AMX, 2 threads, 60-66 ms on AMX tiles, 190 ms in f32.
 
 use rayon::prelude::*;
 
@@ -25,8 +28,11 @@ use super::gemm::{Isa, Products};
 use super::muladd::Fused;
 use super::muladd::{MulAdd, Plain};
 
-/// KV positions per tile.
-const BK: usize = 64;
+/// KV positions per tile. On AMX, 128 took the P V product from 52 to 34 ms of thread time per
+/// layer at 6,000 tokens against 64 (O^T's tiles are loaded and stored once per KV tile), and
+/// 192 or 256 were slower again. The f32 kernels on the Xeon: AVX2 283-285 ms against 304 at
+/// 64, AVX-512 190-192 against 193.
+const BK: usize = 128;
 
 /// Whether `Products::Bf16` runs with the `isa` kernels on this CPU (AVX-512 with BF16).
 pub fn bf16_runs(isa: Isa) -> bool {
@@ -136,36 +142,223 @@ pub fn run_with(
         let top = blocks.iter().map(|&b| b as usize + 1).max().unwrap_or(0) * kv.block_size;
         assert!(top * kv.num_kv_heads * kv.head_dim <= kv.k.len().min(kv.v.len()), "KV block out of the cache");
     }
+    let kernel = match (products, amx) {
+        (Products::F32, _) => Kernel::F32,
+        (Products::Bf16, false) => Kernel::Bf16,
+        (Products::Bf16, true) => Kernel::Amx,
+    };
+    let streams = Streams::pack(tiles, kv, kernel);
     let out_ptr = OutPtr(out.as_mut_ptr());
-    tiles.par_iter().for_each(|t| {
+    tiles.par_iter().zip(&streams.of_tile).for_each(|(t, &i)| {
         let out_ptr = &out_ptr;
+        let stream = streams.stream(i, kv.head_dim);
         SCRATCH.with_borrow_mut(|s| {
             // SAFETY: the tile's rows and heads are in bounds (asserted above) and no other tile
             // writes them (the caller's contract).
             let out = unsafe { std::slice::from_raw_parts_mut(out_ptr.0, q.len()) };
-            attend_tile(q, t, kv, out, s, isa, products, amx)
+            attend_tile(q, t, kv, stream, out, s, isa, kernel)
         })
     });
 }
 
+/// The arithmetic of a tile's two products, which also fixes how its KV tiles are packed.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kernel {
+    /// f32 FMAs (`matmul`); a KV tile is K `[BK][d]` then V `[BK][d]`, f32.
+    F32,
+    /// bf16 pairs through `vdpbf16ps` (`bf16_dot::product`); a KV tile is K `[BK][d / 2]` (pairs
+    /// along d) then V `[BK / 2][d]` (pairs along the positions).
+    Bf16,
+    /// bf16 pairs on AMX tiles (`amx::product`); a KV tile is K as for `Bf16`, then V^T
+    /// `[d][BK / 2]` (pairs along the positions), the left operand of O^T = V^T P^T.
+    Amx,
+}
+
+/// The KV history of each (sequence, KV head) that more than one of a call's tiles read,
+/// gathered from the paged cache and put in its kernel's operand form once per call, in tiles of
+/// `BK` positions (`pack_tile`). Gathering per query tile did it once for each of a sequence's
+/// query tiles: with 6,000 tokens, 47 times, a third of the time on AMX (a Xeon, 2 threads). A
+/// stream that one tile reads (a short chunk, or draft tokens to verify) is not packed: its tile
+/// packs each KV tile as it goes, so the packed copies stay within the long prompts' histories.
+struct Streams<'a> {
+    kernel: Kernel,
+    /// Each stream's history.
+    reads: Vec<Read<'a>>,
+    /// Where each stream's packed tiles begin (in tiles), and one past its last; a stream not
+    /// packed has none.
+    first_tile: Vec<usize>,
+    /// The packed tiles: `F32`'s, or the bf16 kernels'.
+    f32: Vec<f32>,
+    pairs: Vec<u32>,
+    /// The stream of each tile of work.
+    of_tile: Vec<usize>,
+}
+
+/// One stream: KV head `kvh`'s history up to position `len`, through `block_table`.
+#[derive(Clone, Copy)]
+struct Read<'a> {
+    kvh: usize,
+    len: usize,
+    block_table: &'a [u32],
+}
+
+/// Where an attention tile reads its KV tiles.
+#[derive(Clone, Copy)]
+enum Stream<'a> {
+    /// Packed, `tile_len(kernel, d)` values a KV tile.
+    F32(&'a [f32]),
+    Pairs(&'a [u32]),
+    /// Not packed: the tile packs each KV tile itself.
+    Read(Read<'a>),
+}
+
+/// One KV tile in its kernel's operand form (`tile_len` values; `Kernel` says the layout).
+#[derive(Clone, Copy)]
+enum KvTile<'a> {
+    F32(&'a [f32]),
+    Pairs(&'a [u32]),
+}
+
+/// Values (f32 or u32 pairs) in one packed KV tile of `kernel`.
+fn tile_len(kernel: Kernel, d: usize) -> usize {
+    if kernel == Kernel::F32 {
+        2 * BK * d
+    } else {
+        BK * d
+    }
+}
+
+impl<'a> Streams<'a> {
+    fn pack(tiles: &[Tile<'a>], kv: Paged<'_>, kernel: Kernel) -> Streams<'a> {
+        // Streams in order of first appearance; each reads up to its tiles' last position.
+        let mut keys: Vec<(usize, usize)> = Vec::new();
+        let mut reads: Vec<Read<'a>> = Vec::new();
+        let mut readers: Vec<usize> = Vec::new();
+        let mut of_tile = Vec::with_capacity(tiles.len());
+        for t in tiles {
+            let key = (t.row, t.kvh);
+            let i = keys.iter().position(|&k| k == key).unwrap_or_else(|| {
+                keys.push(key);
+                reads.push(Read { kvh: t.kvh, len: 0, block_table: t.block_table });
+                readers.push(0);
+                keys.len() - 1
+            });
+            reads[i].len = reads[i].len.max(t.start + t.t1);
+            readers[i] += 1;
+            of_tile.push(i);
+        }
+        let mut first_tile = vec![0];
+        for (r, &n) in reads.iter().zip(&readers) {
+            first_tile.push(first_tile.last().unwrap() + if n > 1 { r.len.div_ceil(BK) } else { 0 });
+        }
+        // (stream, first position) of every packed tile.
+        let jobs: Vec<(usize, usize)> = (0..reads.len())
+            .filter(|&i| readers[i] > 1)
+            .flat_map(|i| (0..reads[i].len).step_by(BK).map(move |j0| (i, j0)))
+            .collect();
+        let len = tile_len(kernel, kv.head_dim);
+        let mut streams = Streams { kernel, reads, first_tile, f32: Vec::new(), pairs: Vec::new(), of_tile };
+        if kernel == Kernel::F32 {
+            streams.f32 = vec![0.0; jobs.len() * len];
+            let reads = &streams.reads;
+            streams.f32.par_chunks_mut(len).zip(&jobs).for_each(|(tile, &(i, j0))| {
+                let (k, v) = tile.split_at_mut(BK * kv.head_dim);
+                gather(kv, reads[i], j0, k, v);
+            });
+        } else {
+            streams.pairs = vec![0; jobs.len() * len];
+            let reads = &streams.reads;
+            streams.pairs.par_chunks_mut(len).zip(&jobs).for_each(|(tile, &(i, j0))| {
+                SCRATCH.with_borrow_mut(|s| pack_pairs(kv, reads[i], j0, kernel, tile, &mut s.packing))
+            });
+        }
+        streams
+    }
+
+    fn stream(&self, i: usize, d: usize) -> Stream<'_> {
+        let (a, b) = (self.first_tile[i], self.first_tile[i + 1]);
+        let len = tile_len(self.kernel, d);
+        match self.kernel {
+            _ if a == b => Stream::Read(self.reads[i]),
+            Kernel::F32 => Stream::F32(&self.f32[a * len..b * len]),
+            Kernel::Bf16 | Kernel::Amx => Stream::Pairs(&self.pairs[a * len..b * len]),
+        }
+    }
+}
+
+/// K and V rows of positions `j0..j0 + BK` of `read` (those before its end) from the paged
+/// cache into `k` and `v` (`[BK][d]` each); rows past the end are left as they are.
+fn gather(kv: Paged<'_>, read: Read<'_>, j0: usize, k: &mut [f32], v: &mut [f32]) {
+    let d = kv.head_dim;
+    let kv_row = kv.num_kv_heads * d;
+    for c in 0..BK.min(read.len - j0) {
+        let p = j0 + c;
+        let slot = read.block_table[p / kv.block_size] as usize * kv.block_size + p % kv.block_size;
+        let off = slot * kv_row + read.kvh * d;
+        k[c * d..(c + 1) * d].copy_from_slice(&kv.k[off..off + d]);
+        v[c * d..(c + 1) * d].copy_from_slice(&kv.v[off..off + d]);
+    }
+}
+
+/// Buffers for packing a KV tile in bf16 pairs.
 #[derive(Default)]
-struct Scratch {
-    /// Q^T: `[d][cols]`, pre-scaled; columns are (token, head of the group), zero-padded.
-    qt: Vec<f32>,
-    /// O: `[rows][d]`.
-    o: Vec<f32>,
-    /// S^T then P^T: `[BK][cols]`.
-    st: Vec<f32>,
-    /// The KV tile's K and V rows, `[BK][d]` each.
+struct Packing {
+    /// The tile's K and V rows, `[BK][d]` each.
     k: Vec<f32>,
     v: Vec<f32>,
-    /// For `Products::Bf16`, bf16 pairs along each product's sum: Q^T `[d / 2][cols]`, K
-    /// `[BK][d / 2]`, V `[BK / 2][d]` and P^T `[BK / 2][cols]`; on AMX tiles V^T `[d][BK / 2]`.
-    qt2: Vec<u32>,
-    k2: Vec<u32>,
+    /// V's pairs `[BK / 2][d]`, for AMX on their way to V^T.
     v2: Vec<u32>,
+}
+
+/// KV tile `j0..j0 + BK` of `read` as the bf16 kernels take it, into `tile` (`BK * d` pairs):
+/// K's pairs along d, `[BK][d / 2]`, then V's pairs along the positions, `[BK / 2][d]`, or for
+/// AMX V^T's, `[d][BK / 2]`. Positions past the stream's end are zero.
+fn pack_pairs(kv: Paged<'_>, read: Read<'_>, j0: usize, kernel: Kernel, tile: &mut [u32], p: &mut Packing) {
+    let d = kv.head_dim;
+    fresh(&mut p.k, BK * d, 0.0);
+    fresh(&mut p.v, BK * d, 0.0);
+    gather(kv, read, j0, &mut p.k, &mut p.v);
+    let (k2, v2) = tile.split_at_mut(BK * d / 2);
+    for (k, pair) in p.k.chunks_exact(d).zip(k2.chunks_exact_mut(d / 2)) {
+        bf16::pair_along(k, pair);
+    }
+    p.v2.resize(BK / 2 * d, 0);
+    let pairs = if kernel == Kernel::Amx { &mut p.v2[..] } else { &mut *v2 };
+    for (c, pair) in pairs.chunks_exact_mut(d).enumerate() {
+        bf16::pair_rows(&p.v[2 * c * d..][..d], Some(&p.v[(2 * c + 1) * d..][..d]), pair);
+    }
+    if kernel == Kernel::Amx {
+        // Transposed to `[d][BK / 2]` (four times faster than pairing in place).
+        for (dd, row) in v2.chunks_exact_mut(BK / 2).enumerate() {
+            row.iter_mut().enumerate().for_each(|(c, x)| *x = p.v2[c * d + dd]);
+        }
+    }
+}
+
+/// `v` emptied and refilled with `len` copies of `x`.
+fn fresh<T: Copy>(v: &mut Vec<T>, len: usize, x: T) {
+    v.clear();
+    v.resize(len, x);
+}
+
+#[derive(Default)]
+struct Scratch {
+    /// For `F32`, Q^T: `[d][cols]`, pre-scaled; columns are (token, head of the group),
+    /// zero-padded. For the bf16 kernels, 16 rows of Q, scaled, on their way to `qt2`.
+    qt: Vec<f32>,
+    /// O: `[rows][d]`; on AMX, O^T: `[d][cols]`.
+    o: Vec<f32>,
+    /// S^T: `[BK][cols]`; for `F32`, then P^T in place.
+    st: Vec<f32>,
+    /// For the bf16 kernels, bf16 pairs along each product's sum: Q^T `[d / 2][cols]` and P^T
+    /// `[BK / 2][cols]`; `q2` holds 16 rows of Q's pairs on their way to `qt2`.
+    qt2: Vec<u32>,
     pt2: Vec<u32>,
-    vt2: Vec<u32>,
+    q2: Vec<u32>,
+    /// A KV tile packed by the tile itself (`Stream::Read`), and what packing takes.
+    tile_f32: Vec<f32>,
+    tile_pairs: Vec<u32>,
+    packing: Packing,
     online: Online,
 }
 
@@ -186,40 +379,60 @@ thread_local! {
 
 /// One tile, with the scores transposed: S^T = K Q^T is `[KV positions][query rows]`, so the
 /// softmax's running max, rescale and sums run across query rows, 16 lanes at a time, with no
-/// transpose of K (the tile's queries are transposed once and reused for every KV tile).
-/// With `tiles`, both bf16 products run on AMX tiles.
+/// transpose of K (the tile's queries are transposed once and reused for every KV tile). Its KV
+/// tiles come packed (`Streams`).
 #[allow(clippy::too_many_arguments)]
 fn attend_tile(
     q: &[f32],
     t: &Tile<'_>,
     kv: Paged<'_>,
+    stream: Stream<'_>,
     out: &mut [f32],
     s: &mut Scratch,
     isa: Isa,
-    products: Products,
-    tiles: bool,
+    kernel: Kernel,
 ) {
-    let Paged { block_size, num_heads, num_kv_heads, head_dim: d, .. } = kv;
+    let Paged { num_heads, num_kv_heads, head_dim: d, .. } = kv;
     let group = num_heads / num_kv_heads;
     let row_len = num_heads * d;
-    let kv_row = num_kv_heads * d;
     let rows = (t.t1 - t.t0) * group;
     let cols = rows.next_multiple_of(16);
     let scale = 1.0 / (d as f32).sqrt();
-    let fresh = |v: &mut Vec<f32>, len: usize, x: f32| {
-        v.clear();
-        v.resize(len, x);
+    // Where row r of the tile (token t0 + r / group, head r % group of the KV group) is in `q`
+    // and `out`.
+    let at = |r: usize| {
+        let (i, g) = (t.t0 + r / group, r % group);
+        (t.row + i) * row_len + (t.kvh * group + g) * d
     };
-    fresh(&mut s.qt, d * cols, 0.0);
-    for i in t.t0..t.t1 {
-        for g in 0..group {
-            let col = (i - t.t0) * group + g;
-            let h = t.kvh * group + g;
-            for (dd, &x) in q[(t.row + i) * row_len + h * d..][..d].iter().enumerate() {
-                s.qt[dd * cols + col] = x * scale;
+    // Q^T, scaled: `[d][cols]`, or for the bf16 kernels its pairs along d, `[d / 2][cols]`, made
+    // a row of Q at a time (pairing Q^T's rows after was a second pass); padding columns zero.
+    if kernel == Kernel::F32 {
+        fresh(&mut s.qt, d * cols, 0.0);
+        for r in 0..rows {
+            for (dd, &x) in q[at(r)..][..d].iter().enumerate() {
+                s.qt[dd * cols + r] = x * scale;
+            }
+        }
+    } else {
+        // Sixteen rows at a time, so that each write to Q^T's pairs fills a cache line.
+        s.qt2.resize(d / 2 * cols, 0);
+        fresh(&mut s.qt, 16 * d, 0.0);
+        s.q2.resize(16 * d / 2, 0);
+        for r0 in (0..cols).step_by(16) {
+            for (r, row) in (r0..r0 + 16).zip(s.qt.chunks_exact_mut(d)) {
+                if r < rows {
+                    row.iter_mut().zip(&q[at(r)..][..d]).for_each(|(y, &x)| *y = x * scale);
+                } else {
+                    row.fill(0.0);
+                }
+            }
+            bf16::pair_along(&s.qt, &mut s.q2);
+            for (i, line) in s.qt2.chunks_exact_mut(cols).enumerate() {
+                line[r0..r0 + 16].iter_mut().zip(s.q2[i..].iter().step_by(d / 2)).for_each(|(y, &p)| *y = p);
             }
         }
     }
+    let tiles = kernel == Kernel::Amx;
     // O, or O^T on tiles (`[d][cols]`, its padding columns too).
     fresh(&mut s.o, if tiles { d * cols } else { rows * d }, 0.0);
     fresh(&mut s.online.max, cols, f32::NEG_INFINITY);
@@ -227,64 +440,61 @@ fn attend_tile(
     fresh(&mut s.online.tile_max, cols, f32::NEG_INFINITY);
     fresh(&mut s.online.alpha, cols, 0.0);
     s.st.resize(BK * cols, 0.0);
-    s.k.resize(BK * d, 0.0);
-    s.v.resize(BK * d, 0.0);
-    let bf16 = products == Products::Bf16;
-    // Where AMX runs, both products go through tiles (`amx::product`); P V is then computed as
-    // O^T = V^T P^T, so that P^T's pairs (the rows of S^T, as the softmax leaves them) are the
-    // right operand as they stand, and O is kept transposed, `[d][cols]`.
-    if tiles {
-        s.vt2.resize(d * BK / 2, 0);
-    }
-    if bf16 {
-        s.qt2.resize(d / 2 * cols, 0);
-        s.k2.resize(BK * d / 2, 0);
-        s.v2.resize(BK / 2 * d, 0);
+    if kernel != Kernel::F32 {
         s.pt2.resize(BK / 2 * cols, 0);
-        for (i, pair) in s.qt2.chunks_exact_mut(cols).enumerate() {
-            let (lo, hi) = (&s.qt[2 * i * cols..][..cols], &s.qt[(2 * i + 1) * cols..][..cols]);
-            bf16::pair_rows(lo, Some(hi), pair);
-        }
     }
     // Positions of the tile's first and last query tokens: KV up to the last is read; KV tiles
     // past the first token's position need the causal mask.
     let (first, last) = (t.start + t.t0, t.start + t.t1 - 1);
     for j0 in (0..=last).step_by(BK) {
         let n = BK.min(last + 1 - j0);
-        for c in 0..n {
-            let p = j0 + c;
-            let slot = t.block_table[p / block_size] as usize * block_size + p % block_size;
-            let off = slot * kv_row + t.kvh * d;
-            s.k[c * d..(c + 1) * d].copy_from_slice(&kv.k[off..off + d]);
-            s.v[c * d..(c + 1) * d].copy_from_slice(&kv.v[off..off + d]);
-        }
+        // This KV tile in the kernel's operand form: packed for the call, or packed here.
+        let len = tile_len(kernel, d);
+        let kv_tile = match stream {
+            Stream::F32(packed) => KvTile::F32(&packed[j0 / BK * len..][..len]),
+            Stream::Pairs(packed) => KvTile::Pairs(&packed[j0 / BK * len..][..len]),
+            Stream::Read(read) if kernel == Kernel::F32 => {
+                // Rows past the stream's end are never read (the products take n rows).
+                s.tile_f32.resize(len, 0.0);
+                let (k, v) = s.tile_f32.split_at_mut(BK * d);
+                gather(kv, read, j0, k, v);
+                KvTile::F32(&s.tile_f32)
+            }
+            Stream::Read(read) => {
+                s.tile_pairs.resize(len, 0);
+                pack_pairs(kv, read, j0, kernel, &mut s.tile_pairs, &mut s.packing);
+                KvTile::Pairs(&s.tile_pairs)
+            }
+        };
         // S^T[n x cols] = K[n x d] Q^T[d x cols].
-        if bf16 {
-            for (k, pair) in s.k[..n * d].chunks_exact(d).zip(s.k2.chunks_exact_mut(d / 2)) {
-                bf16::pair_along(k, pair);
+        match kv_tile {
+            KvTile::F32(kv_tile) => {
+                let k = &kv_tile[..BK * d];
+                let a = Operand { data: k, row_stride: d, col_stride: 1 };
+                matmul(isa, a, &s.qt, cols, d, &mut s.st, cols, n, cols, false);
             }
-            // On tiles, whole tiles of rows: K's rows past n hold an earlier tile's (finite)
-            // values, and S^T's rows past n are never read.
-            let kv_rows = if tiles { n.next_multiple_of(16) } else { n };
-            let qk = bf16::Product {
-                a: &s.k2,
-                ars: d / 2,
-                acs: 1,
-                b: &s.qt2,
-                ldb: cols,
-                kp: d / 2,
-                rows: kv_rows,
-                n: cols,
-                ldc: cols,
-            };
-            if tiles {
-                amx::product(&qk, &mut s.st, false);
-            } else {
-                bf16::product(&qk, &mut s.st, false);
+            KvTile::Pairs(kv_tile) => {
+                // On AMX, whole tiles of rows: K's rows past n are later positions or zeros,
+                // and S^T's rows past n are never read.
+                let k2 = &kv_tile[..BK * d / 2];
+                let kv_rows = if tiles { n.next_multiple_of(16) } else { n };
+                let qk = bf16::Product {
+                    a: k2,
+                    ars: d / 2,
+                    acs: 1,
+                    b: &s.qt2,
+                    ldb: cols,
+                    kp: d / 2,
+                    rows: kv_rows,
+                    n: cols,
+                    ldc: cols,
+                };
+                if tiles {
+                    amx::product(&qk, &mut s.st, false);
+                } else {
+                    bf16::product(&qk, &mut s.st, false);
+                }
             }
-        } else {
-            let a = Operand { data: &s.k, row_stride: d, col_stride: 1 };
-            matmul(isa, a, &s.qt, cols, d, &mut s.st, cols, n, cols, false);
         }
         // Causal mask: KV position j0 + c is visible to the query at first + col / group when
         // j0 + c <= that position, so row c hides a leading run of columns.
@@ -292,7 +502,17 @@ fn attend_tile(
             let hidden = ((j0 + c).saturating_sub(first) * group).min(cols);
             s.st[c * cols..c * cols + hidden].fill(f32::NEG_INFINITY);
         }
-        softmax_step(isa, &mut s.st[..n * cols], cols, &mut s.online);
+        let pairs = n.div_ceil(2);
+        if kernel == Kernel::F32 {
+            softmax_step(isa, &mut s.st[..n * cols], cols, &mut s.online);
+        } else {
+            // P^T's pairs along the KV positions, an odd last one paired with zeros; on AMX,
+            // zero pairs up to a whole tile of 16.
+            softmax_pairs(&s.st, n, cols, &mut s.online, &mut s.pt2);
+            if tiles {
+                s.pt2[pairs * cols..pairs.next_multiple_of(16) * cols].fill(0);
+            }
+        }
         if tiles {
             // Once the running maxima settle, a whole KV tile rescales nothing.
             if s.online.alpha.iter().any(|&a| a != 1.0) {
@@ -308,63 +528,42 @@ fn attend_tile(
             }
         }
         // O[rows x d] += P[rows x n] V[n x d], P read from P^T.
-        if tiles {
-            // O^T[d x cols] += V^T[d x n] P^T[n x cols] over pairs of KV positions, zero-padded
-            // to a whole tile of 16 pairs (an odd last position is paired with zero).
-            let pairs = n.div_ceil(2);
-            let kp = pairs.next_multiple_of(16);
-            for c in 0..kp {
-                let dst = &mut s.pt2[c * cols..][..cols];
-                if c < pairs {
-                    let p_hi = (2 * c + 1 < n).then(|| &s.st[(2 * c + 1) * cols..][..cols]);
-                    bf16::pair_rows(&s.st[2 * c * cols..][..cols], p_hi, dst);
+        match kv_tile {
+            KvTile::F32(kv_tile) => {
+                let v = &kv_tile[BK * d..];
+                let p = Operand { data: &s.st, row_stride: 1, col_stride: cols };
+                matmul(isa, p, v, d, n, &mut s.o, d, rows, d, true);
+            }
+            KvTile::Pairs(kv_tile) => {
+                let v2 = &kv_tile[BK * d / 2..];
+                let kp = if tiles { pairs.next_multiple_of(16) } else { pairs };
+                if tiles {
+                    // O^T[d x cols] += V^T[d x kp] P^T[kp x cols].
+                    let pv = bf16::Product {
+                        a: v2,
+                        ars: BK / 2,
+                        acs: 1,
+                        b: &s.pt2,
+                        ldb: cols,
+                        kp,
+                        rows: d,
+                        n: cols,
+                        ldc: cols,
+                    };
+                    amx::product(&pv, &mut s.o, true);
                 } else {
-                    dst.fill(0);
+                    let pv = bf16::Product { a: &s.pt2, ars: 1, acs: cols, b: v2, ldb: d, kp, rows, n: d, ldc: d };
+                    bf16::product(&pv, &mut s.o, true);
                 }
             }
-            // V^T's pairs: row dd holds (V[2c][dd], V[2c + 1][dd]) for each pair c; made as V's
-            // pairs `[pairs][d]`, then transposed (four times faster than pairing in place).
-            let lda = BK / 2;
-            for c in 0..pairs {
-                let v_hi = (2 * c + 1 < n).then(|| &s.v[(2 * c + 1) * d..][..d]);
-                bf16::pair_rows(&s.v[2 * c * d..][..d], v_hi, &mut s.v2[c * d..][..d]);
-            }
-            for (dd, row) in s.vt2.chunks_exact_mut(lda).enumerate() {
-                for (c, x) in row[..kp].iter_mut().enumerate() {
-                    *x = if c < pairs { s.v2[c * d + dd] } else { 0 };
-                }
-            }
-            let pv =
-                bf16::Product { a: &s.vt2, ars: lda, acs: 1, b: &s.pt2, ldb: cols, kp, rows: d, n: cols, ldc: cols };
-            amx::product(&pv, &mut s.o, true);
-        } else if bf16 {
-            // Pairs along the KV positions; an odd last one is paired with zeros.
-            let pairs = n.div_ceil(2);
-            for c in 0..pairs {
-                let odd = 2 * c + 1 < n;
-                let p_hi = odd.then(|| &s.st[(2 * c + 1) * cols..][..cols]);
-                bf16::pair_rows(&s.st[2 * c * cols..][..cols], p_hi, &mut s.pt2[c * cols..][..cols]);
-                let v_hi = odd.then(|| &s.v[(2 * c + 1) * d..][..d]);
-                bf16::pair_rows(&s.v[2 * c * d..][..d], v_hi, &mut s.v2[c * d..][..d]);
-            }
-            let pv = bf16::Product { a: &s.pt2, ars: 1, acs: cols, b: &s.v2, ldb: d, kp: pairs, rows, n: d, ldc: d };
-            bf16::product(&pv, &mut s.o, true);
-        } else {
-            let p = Operand { data: &s.st, row_stride: 1, col_stride: cols };
-            matmul(isa, p, &s.v, d, n, &mut s.o, d, rows, d, true);
         }
     }
-    let at = |r: usize| {
-        let (i, g) = (t.t0 + r / group, r % group);
-        (t.row + i) * row_len + (t.kvh * group + g) * d
-    };
     if tiles {
-        // O^T's rows are read whole (a column at a time was a strided read per value).
-        s.online.alpha.iter_mut().zip(&s.online.sum).for_each(|(inv, sum)| *inv = 1.0 / sum);
-        for (dd, o) in s.o.chunks_exact(cols).enumerate() {
-            for (r, (x, inv)) in o[..rows].iter().zip(&s.online.alpha).enumerate() {
-                out[at(r) + dd] = x * inv;
-            }
+        // O^T's columns are read strided from L2; the output's rows are written whole (a
+        // row of O^T at a time wrote a value to each of `rows` rows of the output).
+        for r in 0..rows {
+            let inv = 1.0 / s.online.sum[r];
+            out[at(r)..][..d].iter_mut().enumerate().for_each(|(dd, y)| *y = s.o[dd * cols + r] * inv);
         }
     } else {
         for (r, o) in s.o.chunks_exact(d).enumerate() {
@@ -440,6 +639,23 @@ fn softmax_step(isa: Isa, st: &mut [f32], cols: usize, online: &mut Online) {
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2Fma => unsafe { simd::softmax_avx2(st, cols, online) },
         Isa::Portable => softmax::<Plain>(st, cols, online),
+    }
+}
+
+/// For the bf16 kernels, `softmax_step` with P^T's bf16 pairs as its output: `pt2[c]` pairs the
+/// weights of KV rows 2c and 2c + 1 of `st` (`[n][cols]` scores; an odd last row is paired with
+/// zeros). It runs in strips of 64 columns, whose rows stay in L1 from the max to the weights
+/// (S^T is 192 KiB with SmolLM2's 384 columns, past L1). As a pass over whole rows, then a
+/// pass pairing them, it took 38% of the AMX kernel's time; now 28%.
+fn softmax_pairs(st: &[f32], n: usize, cols: usize, online: &mut Online, pt2: &mut [u32]) {
+    let o = &*online;
+    assert!(cols.is_multiple_of(16) && o.max.len() == cols && o.sum.len() == cols && o.alpha.len() == cols);
+    assert!(n > 0 && st.len() >= n * cols && pt2.len() >= n.div_ceil(2) * cols);
+    assert!(bf16::runs_here(), "bf16 pairs need AVX-512 BF16");
+    // SAFETY: the CPU has the features and every strip's rows are inside `st` and `pt2` (asserted).
+    #[cfg(target_arch = "x86_64")]
+    unsafe {
+        simd::softmax_pairs(st, n, cols, online, pt2)
     }
 }
 
@@ -567,6 +783,7 @@ fn exp_one<M: MulAdd>(y: f32) -> f32 {
 #[cfg(target_arch = "x86_64")]
 mod simd {
     use super::{mm, softmax, Fused, Mm, Online};
+    use std::arch::x86_64::*;
 
     /// # Safety
     /// `mm`'s contract; the CPU has AVX-512F.
@@ -591,6 +808,105 @@ mod simd {
     #[target_feature(enable = "avx512f")]
     pub unsafe fn softmax_avx512(st: &mut [f32], cols: usize, online: &mut Online) {
         softmax::<Fused>(st, cols, online)
+    }
+
+    /// # Safety
+    /// `super::softmax_pairs`'s checks hold; the CPU has AVX-512F and AVX-512 BF16.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub unsafe fn softmax_pairs(st: &[f32], n: usize, cols: usize, online: &mut Online, pt2: &mut [u32]) {
+        // Strips of 4 vectors (a cache line of each row), then of one: a strip of one vector
+        // ran its max and its sum as single chains, waiting on their latency (1.6x slower).
+        let wide = cols / 64 * 64;
+        for j in (0..wide).step_by(64) {
+            // SAFETY: passed on, for a strip inside the columns.
+            unsafe { strip::<4>(st, n, cols, j, online, pt2) }
+        }
+        for j in (wide..cols).step_by(16) {
+            // SAFETY: as above.
+            unsafe { strip::<1>(st, n, cols, j, online, pt2) }
+        }
+    }
+
+    /// `softmax_pairs` on columns `j..j + 16 W`.
+    ///
+    /// # Safety
+    /// As `softmax_pairs`, with the strip inside the columns.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    #[inline]
+    unsafe fn strip<const W: usize>(st: &[f32], n: usize, cols: usize, j: usize, online: &mut Online, pt2: &mut [u32]) {
+        // SAFETY (every load and store): row c < n of `st`, pair c < n / 2 of `pt2` and the
+        // online state, 16 W values from column j, are in bounds (the caller's checks).
+        let load = |v: &[f32], at: usize| -> [__m512; W] {
+            std::array::from_fn(|w| unsafe { _mm512_loadu_ps(v.as_ptr().add(at + 16 * w)) })
+        };
+        let old = load(&online.max, j);
+        let mut max = old;
+        for c in 0..n {
+            let row = load(st, c * cols + j);
+            for w in 0..W {
+                max[w] = _mm512_max_ps(max[w], row[w]);
+            }
+        }
+        // e^(x - max) = 2^(x log2 e - max log2 e), one FMA before `pow2_16`.
+        let log2e = _mm512_set1_ps(std::f32::consts::LOG2_E);
+        let shift: [__m512; W] = std::array::from_fn(|w| _mm512_mul_ps(max[w], log2e));
+        let weights = |x: [__m512; W]| -> [__m512; W] {
+            std::array::from_fn(|w| pow2_16(_mm512_fmsub_ps(x[w], log2e, shift[w])))
+        };
+        // A column whose max holds (-inf included: nothing visible yet) rescales nothing,
+        // exactly: the FMA leaves x log2 e's rounding error, and the caller skips a whole
+        // rescale of O when every factor is 1.
+        let rescale = weights(old);
+        let alpha: [__m512; W] = std::array::from_fn(|w| {
+            let kept = _mm512_cmp_ps_mask::<_CMP_EQ_OQ>(max[w], old[w]);
+            _mm512_mask_blend_ps(kept, rescale[w], _mm512_set1_ps(1.0))
+        });
+        // Word 2i of a pair vector is word i of `both`, word 2i + 1 is word 16 + i.
+        let interleave = _mm512_set_epi16(
+            31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17,
+            1, 16, 0,
+        );
+        let sum = load(&online.sum, j);
+        let mut sum: [__m512; W] = std::array::from_fn(|w| _mm512_mul_ps(sum[w], alpha[w]));
+        for c in (0..n).step_by(2) {
+            let lo = weights(load(st, c * cols + j));
+            let hi = if c + 1 < n { weights(load(st, (c + 1) * cols + j)) } else { [_mm512_setzero_ps(); W] };
+            for w in 0..W {
+                sum[w] = _mm512_add_ps(sum[w], _mm512_add_ps(lo[w], hi[w]));
+                // Both rows in one conversion (`lo` in the low 16 words), then interleaved.
+                // SAFETY: a reinterpretation of a register of the same size.
+                let both = unsafe { std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(hi[w], lo[w])) };
+                let pair = _mm512_permutexvar_epi16(interleave, both);
+                let at = c / 2 * cols + j + 16 * w;
+                unsafe { _mm512_storeu_si512(pt2.as_mut_ptr().add(at) as *mut __m512i, pair) };
+            }
+        }
+        let store = |v: &mut [f32], x: [__m512; W]| {
+            for (w, x) in x.into_iter().enumerate() {
+                unsafe { _mm512_storeu_ps(v.as_mut_ptr().add(j + 16 * w), x) };
+            }
+        };
+        store(&mut online.max, max);
+        store(&mut online.sum, sum);
+        store(&mut online.alpha, alpha);
+    }
+
+    /// 2^t on 16 lanes: 2^round(t) (`vscalefps`) times a degree-4 polynomial in the rest, in
+    /// [-0.5, 0.5], fitted for relative error (2.7e-6 at most, against bf16's rounding of 2^-9:
+    /// the weights it makes are rounded to bf16). t is clamped at -125 (NaN, from -inf minus
+    /// -inf, too: `vmaxps` returns its second operand then), so that no result is a denormal:
+    /// each vector holding one took a microcode assist, and the causal mask's -inf made enough
+    /// of them to cost a third of the softmax's time.
+    #[target_feature(enable = "avx512f")]
+    fn pow2_16(t: __m512) -> __m512 {
+        let t = _mm512_max_ps(t, _mm512_set1_ps(-125.0));
+        let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(t);
+        let f = _mm512_sub_ps(t, n);
+        let mut p = _mm512_set1_ps(9.570_098_5e-3);
+        for c in [5.591_786_7e-2, 2.402_474_4e-1, 6.931_218e-1, 9.999_993e-1] {
+            p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(c));
+        }
+        _mm512_scalef_ps(p, n)
     }
 
     /// # Safety
