@@ -8,9 +8,9 @@ Prints, all measured in the same run:
   kernel the CPU runs (why the packed kernel is used, and what each instruction set gives);
 - one layer's prefill attention over the long prompt: the row kernel against the tiled kernel,
   with every kernel the CPU runs;
-- for each weight dtype (float32, bfloat16 and q4_1 by default): prefill tokens/s for a 512-token prompt and a long
-  one (6,000 tokens; the long one's per-token rate as a ratio to the short one's: attention's
-  share), and decode tokens/s at 1, 8 and 32 concurrent sequences, each as model FLOP/s
+- for each weight dtype (float32, bfloat16 and q4_1 by default): prefill tokens/s for a 512-token
+  prompt and a long one (6,000 tokens; medians of 5 and 3 prompts; the long one's per-token rate
+  as a ratio to the short one's: attention's share), and decode tokens/s at 1, 8 and 32 concurrent sequences, each as model FLOP/s
   (2 x parameters x tokens) and as a ratio to the peak, and at 1 sequence after a 2,000-token
   prompt, as a ratio to the rate after 16 tokens (what a long history costs decode attention);
 - the machine's memory read bandwidth (every thread reading 1 GiB; measured after each dtype and
@@ -259,14 +259,19 @@ def run(model=None, batches: List[int] = (1, 8, 32), new_tokens: int = 64, prefi
         r = {}
         print(f"-- weights {dtype}")
         _prefill_rate(engine, 64, salt=1)  # warm-up: thread pool, buffers
-        pre = _prefill_rate(engine, prefill)
+        # Medians of several prompts: one 512-token prefill takes a few hundred ms, and single
+        # runs on a shared machine were 1.3x apart within minutes, which moved the ratio below.
+        runs = [_prefill_rate(engine, prefill, salt=10 + i) for i in range(5)]
+        pre = statistics.median(runs)
         r["prefill_tok_s"] = pre
-        print(f"prefill {prefill} tokens: {pre:8.1f} tok/s = {2 * params * pre / 1e9:6.1f} GFLOP/s")
+        print(f"prefill {prefill} tokens: {pre:8.1f} tok/s = {2 * params * pre / 1e9:6.1f} GFLOP/s "
+              f"(median of {len(runs)}: {min(runs):.0f}-{max(runs):.0f})")
         if long_prefill:
-            long = _prefill_rate(engine, long_prefill, salt=2)
+            longs = [_prefill_rate(engine, long_prefill, salt=20 + i) for i in range(3)]
+            long = statistics.median(longs)
             r[f"prefill_{long_prefill}_tok_s"] = long
-            print(f"prefill {long_prefill} tokens: {long:8.1f} tok/s, {long / pre:.2f}x the per-token rate of "
-                  f"{prefill} tokens")
+            print(f"prefill {long_prefill} tokens: {long:8.1f} tok/s (median of {len(longs)}: "
+                  f"{min(longs):.0f}-{max(longs):.0f}), {long / pre:.2f}x the per-token rate of {prefill} tokens")
         for b in batches:
             # Batch-1 decode is bound by the read bandwidth, which drifts on a shared machine by a
             # third within minutes: it is measured just before and after this run too.
