@@ -49,11 +49,7 @@ pub fn paged_attention(
     // Chunks of several tokens in tiles; decode rows (and shapes the tiles do not take) in pieces.
     let tiled = |s: &AttnSeq<'_>| s.num_tokens > 1 && prefill_attention::supports(head_dim);
     let tokens = seqs.iter().filter(|s| tiled(s)).map(|s| s.num_tokens).sum();
-    let bq = prefill_attention::query_tile(
-        tokens,
-        num_kv_heads,
-        prefill_attention::on_amx(Isa::detect(), products, head_dim),
-    );
+    let bq = prefill_attention::query_tile(tokens, num_kv_heads);
     let tiles: Vec<_> = seqs
         .iter()
         .filter(|s| tiled(s))

@@ -17,7 +17,7 @@
 //!
 //! One layer over 6,000 tokens with SmolLM2's heads (`horae bench model` measures every kernel
 //! in one run): on a Zen 5 with AVX-512, 2 threads, about 125 ms in f32 against 1.04 s for the
-//! row kernel; on a Xeon with AMX, 2 threads, 53-59 ms on AMX tiles, 183-190 ms in f32.
+//! row kernel; on a Xeon with AMX, 2 threads, 52-60 ms on AMX tiles, 179-190 ms in f32.
 
 use rayon::prelude::*;
 
@@ -28,10 +28,10 @@ use super::gemm::{Isa, Products};
 use super::muladd::Fused;
 use super::muladd::{MulAdd, Plain};
 
-/// KV positions per tile. One layer over 6,000 tokens on a Xeon with AMX took 54-56 ms with 32
-/// query tokens a tile (`query_tile`), against 65-69 at 128 positions and 70 at 512 (O^T's
-/// tiles are loaded and stored once per KV tile; S^T's grow with it). The f32 kernels ran the
-/// same at 64, 128 and 256 (AVX-512 183-193 ms, AVX2 273-304).
+/// KV positions per tile. On a Xeon with AMX, the engine's 6,000-token bf16 prefill ran at
+/// 1,407-1,490 tok/s with 256 against 1,255-1,312 with 128 (O^T's tiles are loaded and stored
+/// once per KV tile, so fewer, longer KV tiles move less; 64 was slower in the kernel alone). The f32
+/// kernels ran the same at 64, 128 and 256 (AVX-512 183-193 ms a layer, AVX2 273-304).
 const BK: usize = 256;
 
 /// Whether `Products::Bf16` runs with the `isa` kernels on this CPU (AVX-512 with BF16).
@@ -73,17 +73,15 @@ pub struct Tile<'a> {
 }
 
 /// Query tokens per tile for a step whose prefill chunks hold `tokens` tokens in all: the
-/// largest of 128, 64 and 32 (else 16) that still gives every thread four tiles or more, and at
-/// most 32 on AMX tiles (`amx`, as `on_amx` says). A tile's rows are its tokens times the heads
-/// sharing a KV head (384 for SmolLM2 at 128). Larger tiles share each KV tile among more query
-/// rows (6,000 tokens on a Zen 5, in f32, when each tile still gathered its KV: 356 GFLOP/s at
-/// 128, 316 at 32; on a Xeon with KV packed once per call, the f32 kernels run the same at 32
-/// and 128); smaller ones keep every core busy on short prompts. On AMX, one layer over 6,000
-/// tokens took 53-56 ms at 32 against 60-67 at 128 (S^T and O^T of a KV tile stay small).
-pub fn query_tile(tokens: usize, num_kv_heads: usize, amx: bool) -> usize {
+/// largest of 128, 64 and 32 (else 16) that still gives every thread four tiles or more. A
+/// tile's rows are its tokens times the heads sharing a KV head (384 for SmolLM2 at 128). Larger
+/// tiles share each KV tile among more query rows (6,000 tokens on a Zen 5: 356 GFLOP/s at 128,
+/// 316 at 32); smaller ones keep every core busy on short prompts. On the Xeon's AMX tiles, one
+/// layer alone over 6,000 tokens ran faster at 32 (53-56 ms against 60-67), but the engine's
+/// 6,000-token prefill was 5% slower with it (ten alternating runs each), so 128 holds there too.
+pub fn query_tile(tokens: usize, num_kv_heads: usize) -> usize {
     let want = 4 * rayon::current_num_threads();
-    let sizes: &[usize] = if amx { &[32] } else { &[128, 64, 32] };
-    sizes.iter().copied().find(|&bq| tokens.div_ceil(bq) * num_kv_heads >= want).unwrap_or(16)
+    [128, 64, 32].into_iter().find(|&bq| tokens.div_ceil(bq) * num_kv_heads >= want).unwrap_or(16)
 }
 
 /// The tiles of a prefill chunk of `num_tokens` tokens, `bq` query tokens each.
@@ -114,13 +112,8 @@ unsafe impl Sync for OutPtr {}
 /// Attention for every tile, in parallel: `q` and `out` are the batch's `[rows, num_heads *
 /// head_dim]` query and output. Tiles must not overlap (each (row, KV head) in at most one).
 pub fn run(q: &[f32], tiles: &[Tile<'_>], kv: Paged<'_>, out: &mut [f32], isa: Isa, products: Products) {
-    run_with(q, tiles, kv, out, isa, products, on_amx(isa, products, kv.head_dim))
-}
-
-/// Whether `run` puts the products on AMX tiles: bf16 products, the best kernel allowed, and
-/// AMX running here for this head size (`amx_products`).
-pub fn on_amx(isa: Isa, products: Products, head_dim: usize) -> bool {
-    products == Products::Bf16 && isa == Isa::best() && amx_products(head_dim)
+    let amx = products == Products::Bf16 && isa == Isa::best() && amx_products(kv.head_dim);
+    run_with(q, tiles, kv, out, isa, products, amx)
 }
 
 /// `run`, with bf16 products on AMX tiles or not (`amx`, which needs `amx_products`): tests and

@@ -37,10 +37,7 @@ pub fn compare_prefill_attention(
     let seq = [AttnSeq { row: 0, num_tokens: tokens, start: 0, block_table: &table }];
     let paged = Paged { k: &k, v: &v, block_size: bs, num_heads, num_kv_heads, head_dim };
     let rows = best(&mut || attention_by_rows(&q, &seq, paged, &mut out));
-    // Tiles as the engine cuts them for each kernel (`query_tile`).
-    let cut =
-        |amx| tiles(0, 0, tokens, &table, num_kv_heads, query_tile(tokens, num_kv_heads, amx)).collect::<Vec<_>>();
-    let ts = cut(false);
+    let ts: Vec<_> = tiles(0, 0, tokens, &table, num_kv_heads, query_tile(tokens, num_kv_heads)).collect();
     let mut tiled: Vec<_> = Isa::available()
         .into_iter()
         .map(|isa| (isa.name(), best(&mut || run(&q, &ts, paged, &mut out, isa, Products::F32))))
@@ -54,7 +51,6 @@ pub fn compare_prefill_attention(
             best(&mut || run_with(&q, &ts, paged, &mut out, Isa::Avx512, Products::Bf16, false)),
         ));
         if amx_products(head_dim) {
-            let ts = cut(true);
             tiled.push((
                 "amx bf16",
                 best(&mut || run_with(&q, &ts, paged, &mut out, Isa::Avx512, Products::Bf16, true)),
