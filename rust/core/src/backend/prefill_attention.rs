@@ -17,7 +17,7 @@
 //!
 //! One layer over 6,000 tokens with SmolLM2's heads (`horae bench model` measures every kernel
 //! in one run): on a Zen 5 with AVX-512, 2 threads, about 125 ms in f32 against 1.04 s for the
-//! row kernel; on a Xeon with AMX, 2 threads, 52-60 ms on AMX tiles, 179-190 ms in f32.
+//! row kernel; on a Xeon with AMX, 2 threads, 58-69 ms on AMX tiles, 179-190 ms in f32.
 
 use rayon::prelude::*;
 
