@@ -19,7 +19,11 @@
 //! in one run): on a Zen 5 with AVX-512, 2 threads, about 125 ms in f32 against 1.04 s for the
 //! row kernel; on a Xeon with AMX, 2 threads, 58-69 ms on AMX tiles, 179-190 ms in f32.
 
+mod kv;
+
 use rayon::prelude::*;
+
+use kv::{gather, pack_pairs, tile_len, KvTile, Packing, Stream, Streams};
 
 use super::amx;
 use super::bf16_dot as bf16;
@@ -174,167 +178,6 @@ enum Kernel {
     /// bf16 pairs on AMX tiles (`amx::product`); a KV tile is K as for `Bf16`, then V^T
     /// `[d][BK / 2]` (pairs along the positions), the left operand of O^T = V^T P^T.
     Amx,
-}
-
-/// The KV history of each (sequence, KV head) that more than one of a call's tiles read,
-/// gathered from the paged cache and put in its kernel's operand form once per call, in tiles of
-/// `BK` positions (`pack_tile`). Gathering per query tile did it once for each of a sequence's
-/// query tiles: with 6,000 tokens, 47 times, a third of the time on AMX (a Xeon, 2 threads). A
-/// stream that one tile reads (a short chunk, or draft tokens to verify) is not packed: its tile
-/// packs each KV tile as it goes, so the packed copies stay within the long prompts' histories.
-struct Streams<'a> {
-    kernel: Kernel,
-    /// Each stream's history.
-    reads: Vec<Read<'a>>,
-    /// Where each stream's packed tiles begin (in tiles), and one past its last; a stream not
-    /// packed has none.
-    first_tile: Vec<usize>,
-    /// The packed tiles: `F32`'s, or the bf16 kernels'.
-    f32: Vec<f32>,
-    pairs: Vec<u32>,
-    /// The stream of each tile of work.
-    of_tile: Vec<usize>,
-}
-
-/// One stream: KV head `kvh`'s history up to position `len`, through `block_table`.
-#[derive(Clone, Copy)]
-struct Read<'a> {
-    kvh: usize,
-    len: usize,
-    block_table: &'a [u32],
-}
-
-/// Where an attention tile reads its KV tiles.
-#[derive(Clone, Copy)]
-enum Stream<'a> {
-    /// Packed, `tile_len(kernel, d)` values a KV tile.
-    F32(&'a [f32]),
-    Pairs(&'a [u32]),
-    /// Not packed: the tile packs each KV tile itself.
-    Read(Read<'a>),
-}
-
-/// One KV tile in its kernel's operand form (`tile_len` values; `Kernel` says the layout).
-#[derive(Clone, Copy)]
-enum KvTile<'a> {
-    F32(&'a [f32]),
-    Pairs(&'a [u32]),
-}
-
-/// Values (f32 or u32 pairs) in one packed KV tile of `kernel`.
-fn tile_len(kernel: Kernel, d: usize) -> usize {
-    if kernel == Kernel::F32 {
-        2 * BK * d
-    } else {
-        BK * d
-    }
-}
-
-impl<'a> Streams<'a> {
-    fn pack(tiles: &[Tile<'a>], kv: Paged<'_>, kernel: Kernel) -> Streams<'a> {
-        // Streams in order of first appearance; each reads up to its tiles' last position.
-        let mut keys: Vec<(usize, usize)> = Vec::new();
-        let mut reads: Vec<Read<'a>> = Vec::new();
-        let mut readers: Vec<usize> = Vec::new();
-        let mut of_tile = Vec::with_capacity(tiles.len());
-        for t in tiles {
-            let key = (t.row, t.kvh);
-            let i = keys.iter().position(|&k| k == key).unwrap_or_else(|| {
-                keys.push(key);
-                reads.push(Read { kvh: t.kvh, len: 0, block_table: t.block_table });
-                readers.push(0);
-                keys.len() - 1
-            });
-            reads[i].len = reads[i].len.max(t.start + t.t1);
-            readers[i] += 1;
-            of_tile.push(i);
-        }
-        let mut first_tile = vec![0];
-        for (r, &n) in reads.iter().zip(&readers) {
-            first_tile.push(first_tile.last().unwrap() + if n > 1 { r.len.div_ceil(BK) } else { 0 });
-        }
-        // (stream, first position) of every packed tile.
-        let jobs: Vec<(usize, usize)> = (0..reads.len())
-            .filter(|&i| readers[i] > 1)
-            .flat_map(|i| (0..reads[i].len).step_by(BK).map(move |j0| (i, j0)))
-            .collect();
-        let len = tile_len(kernel, kv.head_dim);
-        let mut streams = Streams { kernel, reads, first_tile, f32: Vec::new(), pairs: Vec::new(), of_tile };
-        if kernel == Kernel::F32 {
-            streams.f32 = vec![0.0; jobs.len() * len];
-            let reads = &streams.reads;
-            streams.f32.par_chunks_mut(len).zip(&jobs).for_each(|(tile, &(i, j0))| {
-                let (k, v) = tile.split_at_mut(BK * kv.head_dim);
-                gather(kv, reads[i], j0, k, v);
-            });
-        } else {
-            streams.pairs = vec![0; jobs.len() * len];
-            let reads = &streams.reads;
-            streams.pairs.par_chunks_mut(len).zip(&jobs).for_each(|(tile, &(i, j0))| {
-                SCRATCH.with_borrow_mut(|s| pack_pairs(kv, reads[i], j0, kernel, tile, &mut s.packing))
-            });
-        }
-        streams
-    }
-
-    fn stream(&self, i: usize, d: usize) -> Stream<'_> {
-        let (a, b) = (self.first_tile[i], self.first_tile[i + 1]);
-        let len = tile_len(self.kernel, d);
-        match self.kernel {
-            _ if a == b => Stream::Read(self.reads[i]),
-            Kernel::F32 => Stream::F32(&self.f32[a * len..b * len]),
-            Kernel::Bf16 | Kernel::Amx => Stream::Pairs(&self.pairs[a * len..b * len]),
-        }
-    }
-}
-
-/// K and V rows of positions `j0..j0 + BK` of `read` (those before its end) from the paged
-/// cache into `k` and `v` (`[BK][d]` each); rows past the end are left as they are.
-fn gather(kv: Paged<'_>, read: Read<'_>, j0: usize, k: &mut [f32], v: &mut [f32]) {
-    let d = kv.head_dim;
-    let kv_row = kv.num_kv_heads * d;
-    for c in 0..BK.min(read.len - j0) {
-        let p = j0 + c;
-        let slot = read.block_table[p / kv.block_size] as usize * kv.block_size + p % kv.block_size;
-        let off = slot * kv_row + read.kvh * d;
-        k[c * d..(c + 1) * d].copy_from_slice(&kv.k[off..off + d]);
-        v[c * d..(c + 1) * d].copy_from_slice(&kv.v[off..off + d]);
-    }
-}
-
-/// Buffers for packing a KV tile in bf16 pairs.
-#[derive(Default)]
-struct Packing {
-    /// The tile's K and V rows, `[BK][d]` each.
-    k: Vec<f32>,
-    v: Vec<f32>,
-    /// V's pairs `[BK / 2][d]`, for AMX on their way to V^T.
-    v2: Vec<u32>,
-}
-
-/// KV tile `j0..j0 + BK` of `read` as the bf16 kernels take it, into `tile` (`BK * d` pairs):
-/// K's pairs along d, `[BK][d / 2]`, then V's pairs along the positions, `[BK / 2][d]`, or for
-/// AMX V^T's, `[d][BK / 2]`. Positions past the stream's end are zero.
-fn pack_pairs(kv: Paged<'_>, read: Read<'_>, j0: usize, kernel: Kernel, tile: &mut [u32], p: &mut Packing) {
-    let d = kv.head_dim;
-    fresh(&mut p.k, BK * d, 0.0);
-    fresh(&mut p.v, BK * d, 0.0);
-    gather(kv, read, j0, &mut p.k, &mut p.v);
-    let (k2, v2) = tile.split_at_mut(BK * d / 2);
-    for (k, pair) in p.k.chunks_exact(d).zip(k2.chunks_exact_mut(d / 2)) {
-        bf16::pair_along(k, pair);
-    }
-    p.v2.resize(BK / 2 * d, 0);
-    let pairs = if kernel == Kernel::Amx { &mut p.v2[..] } else { &mut *v2 };
-    for (c, pair) in pairs.chunks_exact_mut(d).enumerate() {
-        bf16::pair_rows(&p.v[2 * c * d..][..d], Some(&p.v[(2 * c + 1) * d..][..d]), pair);
-    }
-    if kernel == Kernel::Amx {
-        // Transposed to `[d][BK / 2]` (four times faster than pairing in place).
-        for (dd, row) in v2.chunks_exact_mut(BK / 2).enumerate() {
-            row.iter_mut().enumerate().for_each(|(c, x)| *x = p.v2[c * d + dd]);
-        }
-    }
 }
 
 /// `v` emptied and refilled with `len` copies of `x`.
