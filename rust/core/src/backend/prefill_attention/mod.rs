@@ -553,23 +553,21 @@ struct Mm {
 /// `rows` rows of `n` values `ldc` apart are in their buffers; `n` is a multiple of 16.
 #[inline(always)]
 unsafe fn mm<const R: usize, const W: usize, M: MulAdd>(m: &Mm) {
-    let wide = m.n / W * W;
-    let mut r0 = 0;
-    while r0 < m.rows {
-        let rows = R.min(m.rows - r0);
-        // SAFETY: passed on: every block is inside A, b and c.
-        unsafe {
-            if rows == R {
-                (0..wide).step_by(W).for_each(|j0| block::<R, W, M>(m, r0, j0));
-                (wide..m.n).step_by(16).for_each(|j0| block::<R, 16, M>(m, r0, j0));
-            } else {
-                for r in r0..r0 + rows {
-                    (0..wide).step_by(W).for_each(|j0| block::<1, W, M>(m, r, j0));
-                    (wide..m.n).step_by(16).for_each(|j0| block::<1, 16, M>(m, r, j0));
-                }
-            }
+    let (wide, whole) = (m.n / W * W, m.rows / R * R);
+    // SAFETY: passed on: every block is inside A, b and c.
+    unsafe {
+        // Columns outside, rows inside: a strip of b (k x W) stays in L1 while every row block
+        // goes past it.
+        for j0 in (0..wide).step_by(W) {
+            (0..whole).step_by(R).for_each(|r0| block::<R, W, M>(m, r0, j0));
         }
-        r0 += rows;
+        for j0 in (wide..m.n).step_by(16) {
+            (0..whole).step_by(R).for_each(|r0| block::<R, 16, M>(m, r0, j0));
+        }
+        for r in whole..m.rows {
+            (0..wide).step_by(W).for_each(|j0| block::<1, W, M>(m, r, j0));
+            (wide..m.n).step_by(16).for_each(|j0| block::<1, 16, M>(m, r, j0));
+        }
     }
 }
 
