@@ -545,6 +545,16 @@ mod tests {
         }
     }
 
+    /// The larger error, NaN counting as infinite (`f32::max` would drop it: an output left NaN
+    /// or made NaN by an overflow would pass).
+    fn worst(a: f32, b: f32) -> f32 {
+        if a.is_nan() || b.is_nan() {
+            f32::INFINITY
+        } else {
+            a.max(b)
+        }
+    }
+
     fn noise(len: usize, seed: u32) -> Vec<f32> {
         (0..len)
             .map(|i| (((i as u32).wrapping_mul(2_654_435_761).wrapping_add(seed) >> 8) % 2001) as f32 / 1000.0 - 1.0)
@@ -620,7 +630,7 @@ mod tests {
                 for threads in [1, 16] {
                     let mut got = vec![f32::NAN; q.len()];
                     by_pieces(&q, &seqs, cache, &mut got, threads, kernel);
-                    let err = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+                    let err = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0f32, worst);
                     assert!(err < 1e-5, "{name}, {threads} threads, ({nh}, {nkv}, {hd}): max error {err}");
                 }
             }
@@ -694,10 +704,8 @@ mod tests {
                 let mut got = vec![f32::NAN; q.len()];
                 prefill_attention::run(&q, &tiles, paged, &mut got, isa, Products::F32);
                 let decode = 110 * nh * hd..111 * nh * hd; // the decode row is not a tile's
-                let err = (0..q.len())
-                    .filter(|i| !decode.contains(i))
-                    .map(|i| (got[i] - want[i]).abs())
-                    .fold(0.0f32, f32::max);
+                let err =
+                    (0..q.len()).filter(|i| !decode.contains(i)).map(|i| (got[i] - want[i]).abs()).fold(0.0f32, worst);
                 eprintln!("tiled prefill attention, {} kernel, ({nh}, {nkv}, {hd}): max error {err:.2e}", isa.name());
                 assert!(err < 2e-5, "{isa:?} ({nh}, {nkv}, {hd}): max error {err}");
                 assert!(got[decode].iter().all(|v| v.is_nan()), "a tile wrote outside its rows");
@@ -705,7 +713,7 @@ mod tests {
             // The whole layer through the public entry point (tiles and the decode row).
             let mut all = vec![0.0; q.len()];
             paged_attention(&q, &seqs, &kv, &vv, bs, nh, nkv, hd, Products::F32, &mut all);
-            let err = all.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+            let err = all.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0f32, worst);
             assert!(err < 2e-5, "paged_attention ({nh}, {nkv}, {hd}): max error {err}");
         }
     }
@@ -750,7 +758,7 @@ mod tests {
             for amx in [false, true].into_iter().filter(|&a| !a || prefill_attention::amx_products(hd)) {
                 let mut got = vec![f32::NAN; q.len()];
                 prefill_attention::run_with(&q, &tiles, paged, &mut got, Isa::Avx512, Products::Bf16, amx);
-                let err = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+                let err = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0f32, worst);
                 let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
                 let how = if amx { "AMX tiles" } else { "vdpbf16ps" };
                 eprintln!(
@@ -761,9 +769,93 @@ mod tests {
                 outs.push(got);
             }
             if let [vector, tiles] = &outs[..] {
-                let apart = vector.iter().zip(tiles).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+                let apart = vector.iter().zip(tiles).map(|(a, b)| (a - b).abs()).fold(0.0f32, worst);
                 eprintln!("  vdpbf16ps and AMX tiles apart by up to {apart:.2e}");
                 assert!(apart > 0.0 && apart < 4e-3, "({nh}, {nkv}, {hd}): the two bf16 kernels differ by {apart}");
+            }
+        }
+    }
+
+    /// Prompts that cross several KV tiles (256 positions each), with a few keys whose scores
+    /// jump far past every earlier one: the softmax's running max settles, then must rise well
+    /// past the lazy rescaling's bound (2^16) in a later KV tile. Every kernel against the row
+    /// reference: f32 to f32's precision; bf16 (both kernels where they run) against the
+    /// reference on bf16-rounded Q, K and V, so that what is left is P's rounding.
+    #[test]
+    fn tiled_prefill_rescales_when_later_scores_jump() {
+        use crate::backend::gemm::Isa;
+        use crate::backend::prefill_attention::{self, bf16_runs, Paged};
+        // head_dim 64: the kernels scale Q by 1/8 before rounding it, exactly as after.
+        let (nh, nkv, hd, bs, blocks) = (4, 2, 64, 16, 44);
+        let shape = AttnShape { block_size: bs, num_heads: nh, num_kv_heads: nkv, head_dim: hd };
+        let mut kv = noise(blocks * bs * nkv * hd, 1);
+        let vv = noise(blocks * bs * nkv * hd, 2);
+        let table: Vec<u32> = (0..blocks as u32).rev().collect();
+        let slot = |pos: usize| table[pos / bs] as usize * bs + pos % bs;
+        // Keys at these positions are 100 times louder: scores in the hundreds where the rest
+        // stay within a few units.
+        for pos in [300, 301, 302, 610, 611] {
+            let at = slot(pos) * nkv * hd;
+            kv[at..at + nkv * hd].iter_mut().for_each(|x| *x *= 100.0);
+        }
+        // A whole prompt of 700 tokens, and a chunk of 380 tokens starting at 300.
+        let seqs = [
+            AttnSeq { row: 0, num_tokens: 700, start: 0, block_table: &table },
+            AttnSeq { row: 700, num_tokens: 380, start: 300, block_table: &table },
+        ];
+        let q: Vec<f32> = noise(1080 * nh * hd, 3).iter().map(|x| 3.0 * x).collect();
+        // The test is only worth something if some query's max score after position 256 passes
+        // its max before by more than the bound (16 in log2 units, 11.1 in the scores'), and by
+        // more than f32's range (2^128, 88.7 in the scores'), so that weighing against the old
+        // max without the bound would overflow.
+        let score = |r: usize, h: usize, pos: usize| {
+            let (qr, kr) = (&q[(r * nh + h) * hd..][..hd], &kv[(slot(pos) * nkv + h / (nh / nkv)) * hd..][..hd]);
+            qr.iter().zip(kr).map(|(a, b)| a * b).sum::<f32>() / (hd as f32).sqrt()
+        };
+        let jumps = (600..700).any(|r| {
+            (0..nh).any(|h| {
+                let before = (0..256).map(|p| score(r, h, p)).fold(f32::MIN, f32::max);
+                let after = (256..=r).map(|p| score(r, h, p)).fold(f32::MIN, f32::max);
+                after - before > 100.0
+            })
+        });
+        assert!(jumps, "no score jumps past the lazy bound: the test would not reach the rescale");
+        let want = row_reference(&q, &seqs, shape, &kv, &vv);
+        let paged = Paged { k: &kv, v: &vv, block_size: bs, num_heads: nh, num_kv_heads: nkv, head_dim: hd };
+        for bq in [32, 128] {
+            let tiles: Vec<_> = seqs
+                .iter()
+                .flat_map(|s| prefill_attention::tiles(s.row, s.start, s.num_tokens, s.block_table, nkv, bq))
+                .collect();
+            let max_err = |got: &[f32]| got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0f32, worst);
+            for isa in Isa::available() {
+                let mut got = vec![f32::NAN; q.len()];
+                prefill_attention::run(&q, &tiles, paged, &mut got, isa, Products::F32);
+                let err = max_err(&got);
+                eprintln!(
+                    "tiled prefill with score jumps, {} kernel, {bq}-token tiles: max error {err:.2e}",
+                    isa.name()
+                );
+                // A score of 300 holds f32's rounding times 300 (2e-5): the bound of the
+                // test above, 2e-5, at 2.5 times.
+                assert!(err < 5e-5, "{isa:?}, {bq}-token tiles: max error {err}");
+            }
+            #[cfg(target_arch = "x86_64")]
+            if bf16_runs(Isa::Avx512) {
+                let round = |v: &[f32]| -> Vec<f32> {
+                    v.iter()
+                        .map(|&x| f32::from_bits((x.to_bits() + 0x7fff + ((x.to_bits() >> 16) & 1)) & 0xffff_0000))
+                        .collect()
+                };
+                let want = row_reference(&round(&q), &seqs, shape, &round(&kv), &round(&vv));
+                for amx in [false, true].into_iter().filter(|&a| !a || prefill_attention::amx_products(hd)) {
+                    let mut got = vec![f32::NAN; q.len()];
+                    prefill_attention::run_with(&q, &tiles, paged, &mut got, Isa::Avx512, Products::Bf16, amx);
+                    let err = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0f32, worst);
+                    let how = if amx { "AMX tiles" } else { "vdpbf16ps" };
+                    eprintln!("tiled prefill with score jumps in bf16 ({how}), {bq}-token tiles: max error {err:.2e}");
+                    assert!(err < 4e-3, "{how}, {bq}-token tiles: max error {err}");
+                }
             }
         }
     }

@@ -208,7 +208,9 @@ struct Scratch {
 }
 
 /// The online softmax's state, one value per column (query row): running max, running sum,
-/// this KV tile's max, and the factor that rescales what the column had.
+/// this KV tile's max, and the factor that rescales what the column had. With lazy rescaling
+/// (the AVX-512 kernels) the "max" is the value the weights are taken against: the true
+/// running max or up to 16 powers of two below it (the sum and O hold the same scale).
 #[derive(Default)]
 struct Online {
     max: Vec<f32>,
@@ -529,6 +531,7 @@ fn softmax<M: MulAdd>(st: &mut [f32], cols: usize, online: &mut Online) {
     }
 }
 
+#[derive(Clone, Copy)]
 struct Mm {
     a: *const f32,
     /// A's element (r, k) is at `a[r * ars + k * acs]`.
@@ -553,6 +556,30 @@ struct Mm {
 /// `rows` rows of `n` values `ldc` apart are in their buffers; `n` is a multiple of 16.
 #[inline(always)]
 unsafe fn mm<const R: usize, const W: usize, M: MulAdd>(m: &Mm) {
+    // The sum in runs of KC: P V's right operand, a KV tile's V (256 x 64 f32, 64 KiB), came
+    // from L2 for every row block; a run of 128 rows (32 KiB) stays in L1. One layer over
+    // 6,000 tokens on the Xeon: 3% faster (64 was no better).
+    const KC: usize = 128;
+    for k0 in (0..m.k).step_by(KC) {
+        let part = Mm {
+            // SAFETY: column k0 of A and row k0 of b are inside them (k0 < k).
+            a: unsafe { m.a.add(k0 * m.acs) },
+            b: unsafe { m.b.add(k0 * m.ldb) },
+            k: KC.min(m.k - k0),
+            accumulate: m.accumulate || k0 > 0,
+            ..*m
+        };
+        // SAFETY: `part` is a slice of the sum inside `m`'s bounds.
+        unsafe { mm_part::<R, W, M>(&part) };
+    }
+}
+
+/// `mm` over one run of the sum.
+///
+/// # Safety
+/// As `mm`.
+#[inline(always)]
+unsafe fn mm_part<const R: usize, const W: usize, M: MulAdd>(m: &Mm) {
     let (wide, whole) = (m.n / W * W, m.rows / R * R);
     // SAFETY: passed on: every block is inside A, b and c.
     unsafe {
@@ -646,11 +673,176 @@ mod simd {
         unsafe { mm::<6, 16, Fused>(m) }
     }
 
+    /// `softmax_step` in strips of 64 columns (then 16), as `softmax_pairs` runs: a strip's rows
+    /// stay in L1 from the max to the weights, where whole rows (S^T is 384 KiB with SmolLM2's
+    /// heads) came from L2 in each of three passes. The weights are `pow2_exact` (f32's own
+    /// precision, as the f32 products want).
+    ///
     /// # Safety
-    /// The CPU has AVX-512F.
+    /// The CPU has AVX-512F; `cols` is a multiple of 16 and `st` holds whole rows of it.
     #[target_feature(enable = "avx512f")]
     pub unsafe fn softmax_avx512(st: &mut [f32], cols: usize, online: &mut Online) {
-        softmax::<Fused>(st, cols, online)
+        let o = &*online;
+        assert!(cols.is_multiple_of(16) && st.len().is_multiple_of(cols));
+        assert!(o.max.len() == cols && o.sum.len() == cols && o.alpha.len() == cols);
+        let wide = cols / 64 * 64;
+        for j in (0..wide).step_by(64) {
+            // SAFETY: a strip inside the columns (asserted).
+            unsafe { strip_f32::<4>(st, cols, j, online) }
+        }
+        for j in (wide..cols).step_by(16) {
+            // SAFETY: as above.
+            unsafe { strip_f32::<1>(st, cols, j, online) }
+        }
+    }
+
+    /// `softmax_avx512` on columns `j..j + 16 W`.
+    ///
+    /// # Safety
+    /// As `softmax_avx512`, with the strip inside the columns.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn strip_f32<const W: usize>(st: &mut [f32], cols: usize, j: usize, online: &mut Online) {
+        let n = st.len() / cols;
+        // SAFETY (every load and store): row c < n of `st` and the online state, 16 W values
+        // from column j, are in bounds (the caller's checks).
+        let load = |v: &[f32], at: usize| -> [__m512; W] {
+            std::array::from_fn(|w| unsafe { _mm512_loadu_ps(v.as_ptr().add(at + 16 * w)) })
+        };
+        let old = load(&online.max, j);
+        let log2e = _mm512_set1_ps(std::f32::consts::LOG2_E);
+        let store = |v: &mut [f32], x: [__m512; W]| {
+            for (w, x) in x.into_iter().enumerate() {
+                unsafe { _mm512_storeu_ps(v.as_mut_ptr().add(j + 16 * w), x) };
+            }
+        };
+        // Lazy rescaling, as `strip` (the bf16 pairs') does. The weights are written over the
+        // scores, so a score that passes the shift by more than 2^LAZY raises that column's
+        // shift on the spot: the weights already written, the sum and alpha scale down by the
+        // same power of two (exactly), which is rare once the running max has settled.
+        const LAZY: f32 = 16.0;
+        let neg_inf = _mm512_set1_ps(f32::NEG_INFINITY);
+        if (0..W).all(|w| _mm512_cmp_ps_mask::<_CMP_EQ_OQ>(old[w], neg_inf) == 0) {
+            let mut shift: [__m512; W] = std::array::from_fn(|w| _mm512_mul_ps(old[w], log2e));
+            let mut sum = load(&online.sum, j);
+            let mut alpha = [_mm512_set1_ps(1.0); W];
+            let limit = _mm512_set1_ps(LAZY);
+            for c in 0..n {
+                let x = load(st, c * cols + j);
+                for w in 0..W {
+                    let mut t = _mm512_fmsub_ps(x[w], log2e, shift[w]);
+                    let over = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(t, limit);
+                    if over != 0 {
+                        // Those lanes' shift rises by a whole number near this score's t
+                        // (so that `vscalefps`, which takes the floor of its power, scales the
+                        // weights already written exactly; t ends within 0.5 of 0 there).
+                        let rise =
+                            _mm512_maskz_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(over, t);
+                        let down = _mm512_sub_ps(_mm512_setzero_ps(), rise);
+                        for r in 0..c {
+                            let at = r * cols + j + 16 * w;
+                            unsafe {
+                                let v = _mm512_loadu_ps(st.as_ptr().add(at));
+                                _mm512_storeu_ps(st.as_mut_ptr().add(at), _mm512_scalef_ps(v, down));
+                            }
+                        }
+                        sum[w] = _mm512_scalef_ps(sum[w], down);
+                        alpha[w] = _mm512_scalef_ps(alpha[w], down);
+                        shift[w] = _mm512_add_ps(shift[w], rise);
+                        t = _mm512_sub_ps(t, rise);
+                    }
+                    let p = pow2_exact(t);
+                    sum[w] = _mm512_add_ps(sum[w], p);
+                    unsafe { _mm512_storeu_ps(st.as_mut_ptr().add(c * cols + j + 16 * w), p) };
+                }
+            }
+            let inv_log2e = _mm512_set1_ps(std::f32::consts::LN_2);
+            store(&mut online.max, std::array::from_fn(|w| _mm512_mul_ps(shift[w], inv_log2e)));
+            store(&mut online.sum, sum);
+            store(&mut online.alpha, alpha);
+            return;
+        }
+        // SAFETY: as above.
+        let Settled { max, shift, alpha, mut sum } = unsafe { settle::<W>(st, n, cols, j, online, |t| pow2_exact(t)) };
+        let weights = |x: [__m512; W]| -> [__m512; W] {
+            std::array::from_fn(|w| pow2_exact(_mm512_fmsub_ps(x[w], log2e, shift[w])))
+        };
+        for c in 0..n {
+            let p = weights(load(st, c * cols + j));
+            for (w, p) in p.into_iter().enumerate() {
+                sum[w] = _mm512_add_ps(sum[w], p);
+                unsafe { _mm512_storeu_ps(st.as_mut_ptr().add(c * cols + j + 16 * w), p) };
+            }
+        }
+        store(&mut online.max, max);
+        store(&mut online.sum, sum);
+        store(&mut online.alpha, alpha);
+    }
+
+    /// The exact step's start for a strip of 16 W columns: the new running max (over the old
+    /// one and the tile's `n` rows of scores), its shift in log2 units, alpha, and the old sum
+    /// rescaled by alpha.
+    struct Settled<const W: usize> {
+        max: [__m512; W],
+        shift: [__m512; W],
+        alpha: [__m512; W],
+        sum: [__m512; W],
+    }
+
+    /// # Safety
+    /// The CPU has AVX-512F; rows `0..n` of `st` and the online state hold columns
+    /// `j..j + 16 W`.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn settle<const W: usize>(
+        st: &[f32],
+        n: usize,
+        cols: usize,
+        j: usize,
+        online: &Online,
+        pow2: impl Fn(__m512) -> __m512,
+    ) -> Settled<W> {
+        // SAFETY: inside the strip (the caller's contract).
+        let load = |v: &[f32], at: usize| -> [__m512; W] {
+            std::array::from_fn(|w| unsafe { _mm512_loadu_ps(v.as_ptr().add(at + 16 * w)) })
+        };
+        let old = load(&online.max, j);
+        let mut max = old;
+        for c in 0..n {
+            let row = load(st, c * cols + j);
+            for w in 0..W {
+                max[w] = _mm512_max_ps(max[w], row[w]);
+            }
+        }
+        // e^(x - max) = 2^(x log2 e - max log2 e), one FMA before `pow2`.
+        let log2e = _mm512_set1_ps(std::f32::consts::LOG2_E);
+        let shift: [__m512; W] = std::array::from_fn(|w| _mm512_mul_ps(max[w], log2e));
+        // A column whose max holds (-inf included: nothing visible yet) rescales nothing,
+        // exactly: the FMA leaves x log2 e's rounding error, and the callers skip a whole
+        // rescale of O when every factor is 1.
+        let alpha: [__m512; W] = std::array::from_fn(|w| {
+            let rescale = pow2(_mm512_fmsub_ps(old[w], log2e, shift[w]));
+            let kept = _mm512_cmp_ps_mask::<_CMP_EQ_OQ>(max[w], old[w]);
+            _mm512_mask_blend_ps(kept, rescale, _mm512_set1_ps(1.0))
+        });
+        let sum = load(&online.sum, j);
+        let sum = std::array::from_fn(|w| _mm512_mul_ps(sum[w], alpha[w]));
+        Settled { max, shift, alpha, sum }
+    }
+
+    /// 2^t on 16 lanes to f32's precision: `pow2_16` with a degree-6 polynomial (2^f's Taylor
+    /// series in f ln 2, 1.2e-7 relative at |f| = 0.5). Clamped at -125 as `pow2_16` is, so a
+    /// masked score (-inf) weighs 2^-125: nothing next to the column's largest weight, 1.
+    #[target_feature(enable = "avx512f")]
+    fn pow2_exact(t: __m512) -> __m512 {
+        let t = _mm512_max_ps(t, _mm512_set1_ps(-125.0));
+        let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(t);
+        let f = _mm512_sub_ps(t, n);
+        let mut p = _mm512_set1_ps(1.540_353_1e-4);
+        for c in [1.333_355_8e-3, 9.618_129e-3, 5.550_411e-2, 2.402_265e-1, std::f32::consts::LN_2, 1.0] {
+            p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(c));
+        }
+        _mm512_scalef_ps(p, n)
     }
 
     /// # Safety
@@ -683,46 +875,71 @@ mod simd {
             std::array::from_fn(|w| unsafe { _mm512_loadu_ps(v.as_ptr().add(at + 16 * w)) })
         };
         let old = load(&online.max, j);
-        let mut max = old;
-        for c in 0..n {
-            let row = load(st, c * cols + j);
-            for w in 0..W {
-                max[w] = _mm512_max_ps(max[w], row[w]);
-            }
-        }
-        // e^(x - max) = 2^(x log2 e - max log2 e), one FMA before `pow2_16`.
-        let log2e = _mm512_set1_ps(std::f32::consts::LOG2_E);
-        let shift: [__m512; W] = std::array::from_fn(|w| _mm512_mul_ps(max[w], log2e));
-        let weights = |x: [__m512; W]| -> [__m512; W] {
-            std::array::from_fn(|w| pow2_16(_mm512_fmsub_ps(x[w], log2e, shift[w])))
-        };
-        // A column whose max holds (-inf included: nothing visible yet) rescales nothing,
-        // exactly: the FMA leaves x log2 e's rounding error, and the caller skips a whole
-        // rescale of O when every factor is 1.
-        let rescale = weights(old);
-        let alpha: [__m512; W] = std::array::from_fn(|w| {
-            let kept = _mm512_cmp_ps_mask::<_CMP_EQ_OQ>(max[w], old[w]);
-            _mm512_mask_blend_ps(kept, rescale[w], _mm512_set1_ps(1.0))
-        });
         // Word 2i of a pair vector is word i of `both`, word 2i + 1 is word 16 + i.
         let interleave = _mm512_set_epi16(
             31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17,
             1, 16, 0,
         );
-        let sum = load(&online.sum, j);
-        let mut sum: [__m512; W] = std::array::from_fn(|w| _mm512_mul_ps(sum[w], alpha[w]));
-        for c in (0..n).step_by(2) {
-            let lo = weights(load(st, c * cols + j));
-            let hi = if c + 1 < n { weights(load(st, (c + 1) * cols + j)) } else { [_mm512_setzero_ps(); W] };
+        let log2e = _mm512_set1_ps(std::f32::consts::LOG2_E);
+        // Both rows' weights in one conversion (`lo` in the low 16 words), then interleaved.
+        let store_pairs = |pt2: &mut [u32], c: usize, lo: [__m512; W], hi: [__m512; W]| {
             for w in 0..W {
-                sum[w] = _mm512_add_ps(sum[w], _mm512_add_ps(lo[w], hi[w]));
-                // Both rows in one conversion (`lo` in the low 16 words), then interleaved.
                 // SAFETY: a reinterpretation of a register of the same size.
                 let both = unsafe { std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(hi[w], lo[w])) };
                 let pair = _mm512_permutexvar_epi16(interleave, both);
                 let at = c / 2 * cols + j + 16 * w;
                 unsafe { _mm512_storeu_si512(pt2.as_mut_ptr().add(at) as *mut __m512i, pair) };
             }
+        };
+        // Lazy rescaling (FlashAttention-4's): once every column has a running max, weigh the
+        // tile against it as it stands, and keep that unless a score passes it by more than
+        // 2^LAZY (far inside f32's and bf16's range; the softmax is the same whatever the
+        // shift, only overflow needs a new one). That skips the pass for the tile's max (a
+        // read of S^T from L2) and, with alpha 1, the caller's rescale of O.
+        const LAZY: f32 = 16.0;
+        let neg_inf = _mm512_set1_ps(f32::NEG_INFINITY);
+        if (0..W).all(|w| _mm512_cmp_ps_mask::<_CMP_EQ_OQ>(old[w], neg_inf) == 0) {
+            let shift: [__m512; W] = std::array::from_fn(|w| _mm512_mul_ps(old[w], log2e));
+            let mut top = [neg_inf; W];
+            let mut weights = |x: [__m512; W]| -> [__m512; W] {
+                std::array::from_fn(|w| {
+                    let t = _mm512_fmsub_ps(x[w], log2e, shift[w]);
+                    top[w] = _mm512_max_ps(top[w], t);
+                    pow2_16(t)
+                })
+            };
+            let mut sum = load(&online.sum, j);
+            for c in (0..n).step_by(2) {
+                let lo = weights(load(st, c * cols + j));
+                let hi = if c + 1 < n { weights(load(st, (c + 1) * cols + j)) } else { [_mm512_setzero_ps(); W] };
+                for w in 0..W {
+                    sum[w] = _mm512_add_ps(sum[w], _mm512_add_ps(lo[w], hi[w]));
+                }
+                store_pairs(pt2, c, lo, hi);
+            }
+            let limit = _mm512_set1_ps(LAZY);
+            if (0..W).all(|w| _mm512_cmp_ps_mask::<_CMP_GT_OQ>(top[w], limit) == 0) {
+                for (w, sum) in sum.into_iter().enumerate() {
+                    unsafe { _mm512_storeu_ps(online.sum.as_mut_ptr().add(j + 16 * w), sum) };
+                    unsafe { _mm512_storeu_ps(online.alpha.as_mut_ptr().add(j + 16 * w), _mm512_set1_ps(1.0)) };
+                }
+                return;
+            }
+            // A score passed the running max by too much: the exact step below redoes the
+            // strip (its pairs are written again).
+        }
+        // SAFETY: as above.
+        let Settled { max, shift, alpha, mut sum } = unsafe { settle::<W>(st, n, cols, j, online, |t| pow2_16(t)) };
+        let weights = |x: [__m512; W]| -> [__m512; W] {
+            std::array::from_fn(|w| pow2_16(_mm512_fmsub_ps(x[w], log2e, shift[w])))
+        };
+        for c in (0..n).step_by(2) {
+            let lo = weights(load(st, c * cols + j));
+            let hi = if c + 1 < n { weights(load(st, (c + 1) * cols + j)) } else { [_mm512_setzero_ps(); W] };
+            for w in 0..W {
+                sum[w] = _mm512_add_ps(sum[w], _mm512_add_ps(lo[w], hi[w]));
+            }
+            store_pairs(pt2, c, lo, hi);
         }
         let store = |v: &mut [f32], x: [__m512; W]| {
             for (w, x) in x.into_iter().enumerate() {
