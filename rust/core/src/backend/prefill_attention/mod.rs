@@ -7,7 +7,10 @@
 //! history in tiles of `BK` positions. The KV history is gathered from the paged cache once per
 //! call, already in the products' operand form (`Streams`); both products are small GEMMs whose
 //! operands stay in L1 and L2, and the softmax is online (running max and sum, the output
-//! rescaled as the max grows), so no row ever holds all its scores.
+//! rescaled as the max grows), so no row ever holds all its scores. The AVX-512 kernels rescale
+//! lazily, as FlashAttention-4 does: once a column has a running max, a KV tile's weights are
+//! taken against it as it stands unless a score passes it by more than 2^16, which skips the
+//! pass for the tile's max and, mostly, the rescale of O.
 //!
 //! The f32 GEMM micro-kernel is written once, generically, and compiled three times: for
 //! AVX-512, for AVX2 + FMA and portably, picked at run time as `gemm::Isa` says. Its accumulator
@@ -17,7 +20,8 @@
 //!
 //! One layer over 6,000 tokens with SmolLM2's heads (`horae bench model` measures every kernel
 //! in one run): on a Zen 5 with AVX-512, 2 threads, about 125 ms in f32 against 1.04 s for the
-//! row kernel; on a Xeon with AMX, 2 threads, 58-69 ms on AMX tiles, 179-190 ms in f32.
+//! row kernel; on a Xeon with AMX, 2 threads, 63-67 ms on AMX tiles, 160-167 ms in f32 (with
+//! lazy rescaling; 69-72 and 178-187 before it).
 
 mod kv;
 
@@ -779,6 +783,46 @@ mod simd {
         store(&mut online.alpha, alpha);
     }
 
+    /// The weights of rows `0..n` of a strip (`weights` of their scores), added into `sum` and
+    /// written to P^T's pairs: rows 2c and 2c + 1 in one conversion (`lo` in the low 16 words),
+    /// then interleaved; an odd last row is paired with zeros.
+    ///
+    /// # Safety
+    /// As `softmax_pairs`, with the strip inside the columns.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    #[inline]
+    unsafe fn weigh_pairs<const W: usize>(
+        st: &[f32],
+        n: usize,
+        cols: usize,
+        j: usize,
+        pt2: &mut [u32],
+        sum: &mut [__m512; W],
+        mut weights: impl FnMut([__m512; W]) -> [__m512; W],
+    ) {
+        // SAFETY: rows c < n of the strip are inside `st` (the caller's contract).
+        let load = |at: usize| -> [__m512; W] {
+            std::array::from_fn(|w| unsafe { _mm512_loadu_ps(st.as_ptr().add(at + 16 * w)) })
+        };
+        // Word 2i of a pair vector is word i of `both`, word 2i + 1 is word 16 + i.
+        let interleave = _mm512_set_epi16(
+            31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17,
+            1, 16, 0,
+        );
+        for c in (0..n).step_by(2) {
+            let lo = weights(load(c * cols + j));
+            let hi = if c + 1 < n { weights(load((c + 1) * cols + j)) } else { [_mm512_setzero_ps(); W] };
+            for w in 0..W {
+                sum[w] = _mm512_add_ps(sum[w], _mm512_add_ps(lo[w], hi[w]));
+                // SAFETY: a reinterpretation of a register of the same size.
+                let both = unsafe { std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(hi[w], lo[w])) };
+                let pair = _mm512_permutexvar_epi16(interleave, both);
+                // SAFETY: pair c / 2 of the strip is inside `pt2` (the caller's contract).
+                unsafe { _mm512_storeu_si512(pt2.as_mut_ptr().add(c / 2 * cols + j + 16 * w) as *mut __m512i, pair) };
+            }
+        }
+    }
+
     /// The exact step's start for a strip of 16 W columns: the new running max (over the old
     /// one and the tile's `n` rows of scores), its shift in log2 units, alpha, and the old sum
     /// rescaled by alpha.
@@ -875,22 +919,7 @@ mod simd {
             std::array::from_fn(|w| unsafe { _mm512_loadu_ps(v.as_ptr().add(at + 16 * w)) })
         };
         let old = load(&online.max, j);
-        // Word 2i of a pair vector is word i of `both`, word 2i + 1 is word 16 + i.
-        let interleave = _mm512_set_epi16(
-            31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17,
-            1, 16, 0,
-        );
         let log2e = _mm512_set1_ps(std::f32::consts::LOG2_E);
-        // Both rows' weights in one conversion (`lo` in the low 16 words), then interleaved.
-        let store_pairs = |pt2: &mut [u32], c: usize, lo: [__m512; W], hi: [__m512; W]| {
-            for w in 0..W {
-                // SAFETY: a reinterpretation of a register of the same size.
-                let both = unsafe { std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(hi[w], lo[w])) };
-                let pair = _mm512_permutexvar_epi16(interleave, both);
-                let at = c / 2 * cols + j + 16 * w;
-                unsafe { _mm512_storeu_si512(pt2.as_mut_ptr().add(at) as *mut __m512i, pair) };
-            }
-        };
         // Lazy rescaling (FlashAttention-4's): once every column has a running max, weigh the
         // tile against it as it stands, and keep that unless a score passes it by more than
         // 2^LAZY (far inside f32's and bf16's range; the softmax is the same whatever the
@@ -901,7 +930,7 @@ mod simd {
         if (0..W).all(|w| _mm512_cmp_ps_mask::<_CMP_EQ_OQ>(old[w], neg_inf) == 0) {
             let shift: [__m512; W] = std::array::from_fn(|w| _mm512_mul_ps(old[w], log2e));
             let mut top = [neg_inf; W];
-            let mut weights = |x: [__m512; W]| -> [__m512; W] {
+            let weights = |x: [__m512; W]| -> [__m512; W] {
                 std::array::from_fn(|w| {
                     let t = _mm512_fmsub_ps(x[w], log2e, shift[w]);
                     top[w] = _mm512_max_ps(top[w], t);
@@ -909,14 +938,8 @@ mod simd {
                 })
             };
             let mut sum = load(&online.sum, j);
-            for c in (0..n).step_by(2) {
-                let lo = weights(load(st, c * cols + j));
-                let hi = if c + 1 < n { weights(load(st, (c + 1) * cols + j)) } else { [_mm512_setzero_ps(); W] };
-                for w in 0..W {
-                    sum[w] = _mm512_add_ps(sum[w], _mm512_add_ps(lo[w], hi[w]));
-                }
-                store_pairs(pt2, c, lo, hi);
-            }
+            // SAFETY: as above.
+            unsafe { weigh_pairs(st, n, cols, j, pt2, &mut sum, weights) };
             let limit = _mm512_set1_ps(LAZY);
             if (0..W).all(|w| _mm512_cmp_ps_mask::<_CMP_GT_OQ>(top[w], limit) == 0) {
                 for (w, sum) in sum.into_iter().enumerate() {
@@ -933,14 +956,8 @@ mod simd {
         let weights = |x: [__m512; W]| -> [__m512; W] {
             std::array::from_fn(|w| pow2_16(_mm512_fmsub_ps(x[w], log2e, shift[w])))
         };
-        for c in (0..n).step_by(2) {
-            let lo = weights(load(st, c * cols + j));
-            let hi = if c + 1 < n { weights(load(st, (c + 1) * cols + j)) } else { [_mm512_setzero_ps(); W] };
-            for w in 0..W {
-                sum[w] = _mm512_add_ps(sum[w], _mm512_add_ps(lo[w], hi[w]));
-            }
-            store_pairs(pt2, c, lo, hi);
-        }
+        // SAFETY: as above.
+        unsafe { weigh_pairs(st, n, cols, j, pt2, &mut sum, weights) };
         let store = |v: &mut [f32], x: [__m512; W]| {
             for (w, x) in x.into_iter().enumerate() {
                 unsafe { _mm512_storeu_ps(v.as_mut_ptr().add(j + 16 * w), x) };
