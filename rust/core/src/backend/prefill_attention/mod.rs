@@ -874,21 +874,6 @@ mod simd {
         Settled { max, shift, alpha, sum }
     }
 
-    /// 2^t on 16 lanes to f32's precision: `pow2_16` with a degree-6 polynomial (2^f's Taylor
-    /// series in f ln 2, 1.2e-7 relative at |f| = 0.5). Clamped at -125 as `pow2_16` is, so a
-    /// masked score (-inf) weighs 2^-125: nothing next to the column's largest weight, 1.
-    #[target_feature(enable = "avx512f")]
-    fn pow2_exact(t: __m512) -> __m512 {
-        let t = _mm512_max_ps(t, _mm512_set1_ps(-125.0));
-        let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(t);
-        let f = _mm512_sub_ps(t, n);
-        let mut p = _mm512_set1_ps(1.540_353_1e-4);
-        for c in [1.333_355_8e-3, 9.618_129e-3, 5.550_411e-2, 2.402_265e-1, std::f32::consts::LN_2, 1.0] {
-            p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(c));
-        }
-        _mm512_scalef_ps(p, n)
-    }
-
     /// # Safety
     /// `super::softmax_pairs`'s checks hold; the CPU has AVX-512F and AVX-512 BF16.
     #[target_feature(enable = "avx512f,avx512bf16")]
@@ -968,19 +953,35 @@ mod simd {
         store(&mut online.alpha, alpha);
     }
 
-    /// 2^t on 16 lanes: 2^round(t) (`vscalefps`) times a degree-4 polynomial in the rest, in
-    /// [-0.5, 0.5], fitted for relative error (2.7e-6 at most, against bf16's rounding of 2^-9:
-    /// the weights it makes are rounded to bf16). t is clamped at -125 (NaN, from -inf minus
-    /// -inf, too: `vmaxps` returns its second operand then), so that no result is a denormal:
-    /// each vector holding one took a microcode assist, and the causal mask's -inf made enough
-    /// of them to cost a third of the softmax's time.
+    /// 2^t on 16 lanes for bf16 weights: `pow2` with a degree-4 polynomial fitted for relative
+    /// error (2.7e-6 at most, against bf16's rounding of 2^-9: the weights it makes are rounded
+    /// to bf16).
     #[target_feature(enable = "avx512f")]
     fn pow2_16(t: __m512) -> __m512 {
+        pow2(t, 9.570_098_5e-3, [5.591_786_7e-2, 2.402_474_4e-1, 6.931_218e-1, 9.999_993e-1])
+    }
+
+    /// 2^t on 16 lanes to f32's precision: `pow2` with a degree-6 polynomial (2^f's Taylor
+    /// series in f ln 2, 1.2e-7 relative at |f| = 0.5), for the f32 products.
+    #[target_feature(enable = "avx512f")]
+    fn pow2_exact(t: __m512) -> __m512 {
+        pow2(t, 1.540_353_1e-4, [1.333_355_8e-3, 9.618_129e-3, 5.550_411e-2, 2.402_265e-1, std::f32::consts::LN_2, 1.0])
+    }
+
+    /// 2^t on 16 lanes: 2^round(t) (`vscalefps`) times a polynomial in the rest, in [-0.5, 0.5]
+    /// (`top`, then `rest` by Horner's rule). t is clamped at -125 (NaN, from -inf minus -inf,
+    /// too: `vmaxps` returns its second operand then), so that no result is a denormal: each
+    /// vector holding one took a microcode assist, and the causal mask's -inf made enough of
+    /// them to cost a third of the softmax's time. A masked score weighs 2^-125, nothing next
+    /// to a column's largest weight (1 or more).
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    fn pow2<const N: usize>(t: __m512, top: f32, rest: [f32; N]) -> __m512 {
         let t = _mm512_max_ps(t, _mm512_set1_ps(-125.0));
         let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(t);
         let f = _mm512_sub_ps(t, n);
-        let mut p = _mm512_set1_ps(9.570_098_5e-3);
-        for c in [5.591_786_7e-2, 2.402_474_4e-1, 6.931_218e-1, 9.999_993e-1] {
+        let mut p = _mm512_set1_ps(top);
+        for c in rest {
             p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(c));
         }
         _mm512_scalef_ps(p, n)
