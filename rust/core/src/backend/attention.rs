@@ -666,8 +666,10 @@ mod tests {
     }
 
     /// The tiled prefill kernel, with every instruction set this CPU has, against the row
-    /// reference: GQA and plain heads, chunks that start mid-sequence, ragged block tables, a
-    /// chunk longer than a query tile and one crossing several KV tiles, beside a decode row.
+    /// reference: GQA and plain heads, chunks that start mid-sequence, ragged block tables and a
+    /// chunk longer than a query tile, beside a decode row. Every position here is in a query
+    /// tile's first KV tile (256 positions); `tiled_prefill_rescales_when_later_scores_jump`
+    /// crosses several.
     #[test]
     fn tiled_prefill_matches_the_row_reference() {
         use crate::backend::gemm::Isa;
