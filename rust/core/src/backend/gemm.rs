@@ -23,6 +23,7 @@
 use rayon::prelude::*;
 
 use super::amx;
+use super::huge::{self, HugeBuf, Zeroed};
 use super::quant::{self, QPanels, QuantKind};
 
 /// Columns per panel: two AVX2 vectors of f32, one AVX-512 vector.
@@ -104,14 +105,15 @@ pub fn amx_runs() -> bool {
     })
 }
 
+/// Each on 2 MiB pages (`huge`): decode streams them every step.
 enum Panels {
-    F32(Vec<f32>),
+    F32(HugeBuf<f32>),
     /// Within each group of 16 the columns are stored in the order 0-3, 8-11, 4-7, 12-15, so that
     /// AVX2's in-lane unpack of one 32-byte load yields columns 0-7 and 8-15 as f32.
-    Bf16(Vec<u16>),
+    Bf16(HugeBuf<u16>),
     /// bf16 in AMX's tile order (`amx::TileOrder`), where AMX runs: read by the AMX kernel and,
     /// below `AMX_MIN_ROWS` rows or with f32 products, by the AVX-512 kernel.
-    Bf16Tiles(Vec<u16>),
+    Bf16Tiles(HugeBuf<u16>),
     Quant(QPanels),
 }
 
@@ -198,7 +200,7 @@ impl PackedLinear {
         assert_eq!(w.len(), n * k, "weight has {} values, expected {n} x {k}", w.len());
         let order = amx::TileOrder::new(k);
         let np = n.div_ceil(NR);
-        let mut v = huge_page_vec::<u16>(order.len(np));
+        let mut v = huge::zeroed::<u16>(order.len(np));
         let group_len = (order.len(1)).max(1);
         v.par_chunks_mut(group_len).enumerate().for_each(|(g, group)| {
             let base = order.row(g * amx::GROUP, 0);
@@ -409,12 +411,12 @@ impl PackedLinear {
 
 /// Panels in `layout` (`np` of them, the last group's missing ones zero): `value(p, kk, j)` is
 /// (the slot of column j in a panel row, its stored value).
-fn pack_panels<T: Copy + Default + Send + Sync>(
+fn pack_panels<T: Zeroed>(
     layout: Layout,
     np: usize,
     value: impl Fn(usize, usize, usize) -> (usize, T) + Sync,
-) -> Vec<T> {
-    let mut out = huge_page_vec::<T>(layout.len(np));
+) -> HugeBuf<T> {
+    let mut out = huge::zeroed::<T>(layout.len(np));
     let group_len = (layout.k * layout.ldb()).max(1);
     out.par_chunks_mut(group_len).enumerate().for_each(|(g, group)| {
         for p in (g * layout.group..(g + 1) * layout.group).filter(|&p| p < np) {
@@ -456,28 +458,6 @@ fn pack_rows(x: &[f32], m: usize, k: usize, a: &mut Vec<f32>) {
     } else {
         a.chunks_mut(k * MR).enumerate().for_each(pack);
     }
-}
-
-/// A zeroed vector whose memory the kernel is asked to back with 2 MiB pages where it can
-/// (Linux, transparent huge pages in `madvise` mode, the common default). Decode streams every
-/// weight each step; on 4 KiB pages that is a TLB miss per page and the hardware prefetchers stop
-/// at every page boundary.
-pub(crate) fn huge_page_vec<T: Copy + Default>(len: usize) -> Vec<T> {
-    let mut v: Vec<T> = Vec::with_capacity(len);
-    #[cfg(target_os = "linux")]
-    {
-        const HUGE: usize = 2 << 20;
-        let bytes = len * std::mem::size_of::<T>();
-        let start = (v.as_ptr() as usize).next_multiple_of(HUGE);
-        let end = (v.as_ptr() as usize + bytes) / HUGE * HUGE;
-        if end > start {
-            // SAFETY: the range lies inside the vector's own allocation; the advice only changes
-            // how untouched pages get backed, and failure is harmless (4 KiB pages stay).
-            unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE) };
-        }
-    }
-    v.resize(len, T::default());
-    v
 }
 
 struct SendPtr(*mut f32);

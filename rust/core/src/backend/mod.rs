@@ -7,6 +7,7 @@ mod bf16_dot;
 pub mod cpu;
 pub mod cuda;
 pub mod gemm;
+pub(crate) mod huge;
 mod muladd;
 pub mod prefill_attention;
 pub mod quant;

@@ -119,7 +119,7 @@ pub struct QPanels {
     kind: QuantKind,
     n: usize,
     k: usize,
-    data: Vec<u8>,
+    data: super::huge::HugeBuf<u8>,
 }
 
 impl QPanels {
@@ -142,7 +142,7 @@ impl QPanels {
         }
         let pb = kind.panel_block_bytes();
         // Decode streams these every step: on 2 MiB pages, as the f32 and bf16 panels are.
-        let mut data = super::gemm::huge_page_vec::<u8>(n.div_ceil(NR) * blocks * pb);
+        let mut data = super::huge::zeroed::<u8>(n.div_ceil(NR) * blocks * pb);
         for (col, row) in raw.chunks_exact(blocks * bb).enumerate() {
             let (p, j) = (col / NR, col % NR);
             for (kb, blk) in row.chunks_exact(bb).enumerate() {

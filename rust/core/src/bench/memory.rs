@@ -3,7 +3,7 @@
 
 use rayon::prelude::*;
 
-use crate::backend::gemm::huge_page_vec;
+use crate::backend::huge;
 
 /// GB/s reading a `bytes`-byte buffer (far larger than the caches) with every thread, the best
 /// of `iters` passes. Integer XOR of 64-bit words, eight lanes at a time: the compiler
@@ -12,7 +12,7 @@ pub fn read_bandwidth_gbs(bytes: usize, iters: usize) -> f64 {
     let words = (bytes / 8).max(1 << 16);
     // On 2 MiB pages where the kernel gives them, as the packed weights are: on 4 KiB pages the
     // prefetchers stop at every page, and decode read faster than this "bandwidth".
-    let mut buf: Vec<u64> = huge_page_vec(words);
+    let mut buf = huge::zeroed::<u64>(words);
     buf.par_iter_mut().enumerate().for_each(|(i, w)| *w = (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
     let chunk = words.div_ceil(rayon::current_num_threads() * 8).next_multiple_of(8);
     let best = (0..iters.max(1) + 1)
