@@ -39,12 +39,7 @@ fn max_logit_diff(name: &str, model: &LlamaModel) -> f32 {
         .flat_map(|r| r.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32))
         .collect();
     assert_eq!(logits.len(), want.len());
-    // NaN counts as infinite: `f32::max` would drop it, and NaN logits would pass.
-    logits
-        .iter()
-        .zip(&want)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0.0f32, |m, e| if e.is_nan() { f32::INFINITY } else { m.max(e) })
+    common::max_abs_diff(&logits, &want)
 }
 
 #[test]

@@ -524,6 +524,7 @@ mod simd {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::worst;
 
     #[test]
     fn attention_over_one_position_returns_its_value() {
@@ -542,16 +543,6 @@ mod tests {
             let mut out = vec![0.0; hd];
             paged_attention(&q, &seqs, &k, &v, bs, 1, 1, hd, Products::F32, &mut out);
             assert_eq!(out, val);
-        }
-    }
-
-    /// The larger error, NaN counting as infinite (`f32::max` would drop it: an output left NaN
-    /// or made NaN by an overflow would pass).
-    fn worst(a: f32, b: f32) -> f32 {
-        if a.is_nan() || b.is_nan() {
-            f32::INFINITY
-        } else {
-            a.max(b)
         }
     }
 

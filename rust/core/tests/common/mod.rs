@@ -8,6 +8,19 @@ use std::path::{Path, PathBuf};
 use horae_core::model::weights::names;
 use safetensors::tensor::{Dtype, TensorView};
 
+/// The largest absolute difference of `a` and `b`, NaN counting as infinite (`f32::max` drops
+/// NaN, so NaN outputs would pass).
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0f32, |m, e| {
+        if e.is_nan() || m.is_nan() {
+            f32::INFINITY
+        } else {
+            m.max(e)
+        }
+    })
+}
+
 pub fn golden_dir(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/golden").join(name)
 }

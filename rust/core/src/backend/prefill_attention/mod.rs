@@ -724,7 +724,6 @@ mod simd {
         // scores, so a score that passes the shift by more than 2^LAZY raises that column's
         // shift on the spot: the weights already written, the sum and alpha scale down by the
         // same power of two (exactly), which is rare once the running max has settled.
-        const LAZY: f32 = 16.0;
         let neg_inf = _mm512_set1_ps(f32::NEG_INFINITY);
         if (0..W).all(|w| _mm512_cmp_ps_mask::<_CMP_EQ_OQ>(old[w], neg_inf) == 0) {
             let mut shift: [__m512; W] = std::array::from_fn(|w| _mm512_mul_ps(old[w], log2e));
@@ -910,7 +909,6 @@ mod simd {
         // 2^LAZY (far inside f32's and bf16's range; the softmax is the same whatever the
         // shift, only overflow needs a new one). That skips the pass for the tile's max (a
         // read of S^T from L2) and, with alpha 1, the caller's rescale of O.
-        const LAZY: f32 = 16.0;
         let neg_inf = _mm512_set1_ps(f32::NEG_INFINITY);
         if (0..W).all(|w| _mm512_cmp_ps_mask::<_CMP_EQ_OQ>(old[w], neg_inf) == 0) {
             let shift: [__m512; W] = std::array::from_fn(|w| _mm512_mul_ps(old[w], log2e));
@@ -952,6 +950,11 @@ mod simd {
         store(&mut online.sum, sum);
         store(&mut online.alpha, alpha);
     }
+
+    /// Lazy rescaling's bound, in powers of two: a score may pass the shift its column's weights
+    /// are taken against by this much before the shift must rise (2^16 is far inside f32's and
+    /// bf16's range). Both softmaxes (`strip_f32`, `strip`) use it.
+    const LAZY: f32 = 16.0;
 
     /// 2^t on 16 lanes for bf16 weights: `pow2` with a degree-4 polynomial fitted for relative
     /// error (2.7e-6 at most, against bf16's rounding of 2^-9: the weights it makes are rounded
