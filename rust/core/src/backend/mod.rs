@@ -11,6 +11,7 @@ pub(crate) mod huge;
 mod muladd;
 pub mod prefill_attention;
 pub mod quant;
+pub(crate) mod team;
 
 /// Test support for the kernels' checks: the larger of a running maximum error and a new error,
 /// NaN counting as infinite (`f32::max` drops NaN, so an output left NaN, or made NaN by an

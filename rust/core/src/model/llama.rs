@@ -10,6 +10,7 @@ use crate::backend::cpu;
 use crate::backend::gemm::{Isa, PackedLinear, Products, WeightDtype};
 use crate::backend::prefill_attention;
 use crate::backend::quant::{self, QuantKind};
+use crate::backend::team;
 use crate::error::{HoraeError, Result};
 
 struct Layer {
@@ -188,7 +189,7 @@ impl LlamaModel {
     /// keeps between steps: at 32 rows it is 6 MB, and allocating it fresh cost page faults and a
     /// memset every step).
     pub fn forward(&self, input: &BatchInput<'_>, cache: &mut KvCache, logits: &mut Vec<f32>) -> Result<()> {
-        with_hot_workers(|| self.forward_on_worker(input, cache, logits))
+        team::step(|| self.forward_on_worker(input, cache, logits))
     }
 
     fn forward_on_worker(&self, input: &BatchInput<'_>, cache: &mut KvCache, logits: &mut Vec<f32>) -> Result<()> {
@@ -216,6 +217,7 @@ impl LlamaModel {
         for (li, l) in self.layers.iter().enumerate() {
             cpu::rms_norm(&x, &l.input_norm, c.rms_norm_eps, &mut normed);
             l.qkv.forward_products(&normed, t, &mut qkv, self.products);
+            l.o.warm(t);
             if let Some(b) = &l.qkv_bias {
                 cpu::add_bias(&mut qkv, b);
             }
@@ -244,12 +246,18 @@ impl LlamaModel {
                 &mut attn,
             );
             l.o.forward_products(&attn, t, &mut proj, self.products);
+            l.gate_up.warm(t);
             x.iter_mut().zip(&proj).for_each(|(a, b)| *a += b);
 
             cpu::rms_norm(&x, &l.post_norm, c.rms_norm_eps, &mut normed);
             l.gate_up.forward_products(&normed, t, &mut gu, self.products);
+            l.down.warm(t);
             cpu::silu_mul_rows(&gu, inter, &mut act);
             l.down.forward_products(&act, t, &mut proj, self.products);
+            match self.layers.get(li + 1) {
+                Some(next) => next.qkv.warm(t),
+                None => self.lm_head.as_ref().unwrap_or(&self.embed).warm(t),
+            }
             x.iter_mut().zip(&proj).for_each(|(a, b)| *a += b);
         }
         let rows = input.logit_rows.len();
@@ -334,71 +342,4 @@ fn pack(w: &mut Weights, parts: &[(String, usize)], k: usize, dtype: WeightDtype
         other => other,
     };
     Ok(PackedLinear::new(&data, n, k, dtype))
-}
-
-/// Run `f` (a whole step) on one of rayon's workers while the others stay awake.
-///
-/// Called from the engine's own thread, every parallel region (about five a layer) would inject
-/// its job into the pool and put the caller to sleep on a latch: a futex wake and a context
-/// switch per region, 150 a decode step, which cost a quarter of a batch-1 step on two cores. So
-/// the step runs on a worker, and the regions' jobs go on its own deque. The other workers then
-/// still fell asleep between regions (the norms and RoPE between two GEMMs are long enough for
-/// rayon to park them): futex and `sched_yield` were 16% of a batch-1 decode's samples in
-/// `perf`. Each other worker therefore runs a helper that takes the step's jobs as they appear
-/// (`rayon::yield_now`) and spins in between, until the step ends: on a 2-core Xeon, decode of
-/// the bf16 default model went from 72-79 to 77-83 tok/s at 1 sequence and from 904-958 to
-/// 984-1,171 at 32 (alternating runs). llama.cpp's thread pool spins the same way during a graph.
-fn with_hot_workers<R: Send>(f: impl FnOnce() -> R + Send) -> R {
-    use std::sync::atomic::{AtomicBool, Ordering};
-    /// Ends the helpers when the step ends, by returning or by panicking (the scope waits for
-    /// them before it unwinds).
-    struct Done<'a>(&'a AtomicBool);
-    impl Drop for Done<'_> {
-        fn drop(&mut self) {
-            self.0.store(true, Ordering::Release);
-        }
-    }
-    let done = AtomicBool::new(false);
-    rayon::scope(|scope| {
-        let step = rayon::current_thread_index();
-        for _ in 1..rayon::current_num_threads() {
-            let done = &done;
-            scope.spawn(move |_| {
-                // A helper that the step's own worker picks up (while it waits inside a region)
-                // returns at once: spinning there would wait on itself.
-                if rayon::current_thread_index() == step {
-                    return;
-                }
-                while !done.load(Ordering::Acquire) {
-                    if rayon::yield_now() != Some(rayon::Yield::Executed) {
-                        std::hint::spin_loop();
-                    }
-                }
-            });
-        }
-        let _done = Done(&done);
-        f()
-    })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::with_hot_workers;
-    use rayon::prelude::*;
-
-    /// The step's result comes back, its parallel regions run (helpers take their jobs), and a
-    /// panic inside a step ends the helpers and reaches the caller instead of hanging.
-    #[test]
-    fn hot_workers_return_results_and_panics() {
-        let sum: u64 = with_hot_workers(|| (0..100_000u64).into_par_iter().map(|x| x % 7).sum());
-        assert_eq!(sum, (0..100_000u64).map(|x| x % 7).sum::<u64>());
-        let caught = std::panic::catch_unwind(|| {
-            with_hot_workers(|| {
-                (0..1000).into_par_iter().for_each(|i| assert!(i != 500, "a step failed"));
-            })
-        });
-        assert!(caught.is_err(), "the step's panic reached the caller");
-        // The pool still works after it.
-        assert_eq!(with_hot_workers(|| (0..10u32).into_par_iter().sum::<u32>()), 45);
-    }
 }
