@@ -11,7 +11,8 @@
 //! helper takes, which rayon's work stealing does not say: here the step claims the first part
 //! and the helper the second. Measured on the 2-core Xeon (bf16, batch 1, alternating builds):
 //! the team's hand-off alone 8.78 against 8.90 ms a step (level in the engine), with the
-//! warming 8.53; in the engine 104.6-116.8 -> 114.4-119.1 tok/s.
+//! warming 8.53; in the engine 105.0-118.4 -> 114.8-119.8 tok/s (docs/benchmarks.md, issue 17's
+//! eleventh part).
 
 use std::any::Any;
 use std::cell::Cell;
