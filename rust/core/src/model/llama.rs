@@ -217,6 +217,8 @@ impl LlamaModel {
         for (li, l) in self.layers.iter().enumerate() {
             cpu::rms_norm(&x, &l.input_norm, c.rms_norm_eps, &mut normed);
             l.qkv.forward_products(&normed, t, &mut qkv, self.products);
+            // Each product names the next one before this thread's stretch alone (here RoPE and
+            // attention): in decode the helper thread pulls up its share meanwhile.
             l.o.warm(t);
             if let Some(b) = &l.qkv_bias {
                 cpu::add_bias(&mut qkv, b);

@@ -161,15 +161,25 @@ pub fn apply_penalties(logits: &mut [f32], p: &SamplingParams, prompt: &[u32], o
     }
 }
 
-/// Index of the largest logit (the lowest index on ties).
+/// Index of the largest logit (the lowest index on ties; NaN never wins, and a row of NaN
+/// gives 0).
+///
+/// Two passes the compiler vectorises: the largest value, sixteen lanes at a time, then the
+/// first index that holds it. The loop carrying the best index from one logit to the next did
+/// not vectorise, and over SmolLM2's 49,152 logits a row it took about 5% of a 32-sequence
+/// decode step on the Xeon, on the engine's thread while the workers waited.
 pub fn argmax(logits: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &l) in logits.iter().enumerate() {
-        if l > logits[best] {
-            best = i;
+    let bigger = |a: f32, b: f32| if b > a { b } else { a };
+    let mut lanes = [f32::NEG_INFINITY; 16];
+    let chunks = logits.chunks_exact(16);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for (m, &v) in lanes.iter_mut().zip(c) {
+            *m = bigger(*m, v);
         }
     }
-    best as u32
+    let max = lanes.iter().chain(tail).fold(f32::NEG_INFINITY, |a, &b| bigger(a, b));
+    logits.iter().position(|&v| v == max).unwrap_or(0) as u32
 }
 
 /// A request's random stream: its own seed; else one derived from the engine's seed and its id;
@@ -262,6 +272,42 @@ pub fn draw(cand: &[(u32, f32)], rng: &mut SmallRng) -> u32 {
 mod tests {
     use super::*;
     use rand::SeedableRng;
+
+    /// The vectorised argmax against the plain scan, with ties, NaN, infinities and every tail
+    /// length.
+    #[test]
+    fn argmax_is_the_first_largest() {
+        let plain = |l: &[f32]| {
+            let mut best: Option<usize> = None;
+            for (i, &v) in l.iter().enumerate() {
+                if !v.is_nan() && best.is_none_or(|b| v > l[b]) {
+                    best = Some(i);
+                }
+            }
+            best.unwrap_or(0) as u32
+        };
+        let mut seed = 5u64;
+        for len in [1, 2, 15, 16, 17, 33, 100, 49_152] {
+            for case in 0..6 {
+                let mut l: Vec<f32> = (0..len)
+                    .map(|_| {
+                        seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                        ((seed >> 40) % 64) as f32 - 32.0
+                    })
+                    .collect();
+                match case {
+                    1 => l[len / 2] = f32::NAN,
+                    2 => l[0] = f32::NAN,
+                    3 => l[len - 1] = f32::INFINITY,
+                    4 => l.iter_mut().for_each(|v| *v = f32::NEG_INFINITY),
+                    5 => l.iter_mut().for_each(|v| *v = f32::NAN),
+                    _ => {}
+                }
+                assert_eq!(argmax(&l), plain(&l), "len {len}, case {case}");
+            }
+        }
+        assert_eq!(argmax(&[1.0, 3.0, 2.0, 3.0]), 1);
+    }
 
     #[test]
     fn greedy_and_filters() {
