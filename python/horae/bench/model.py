@@ -48,11 +48,12 @@ def _params(model_dir) -> float:
     return layers * per_layer + v * h
 
 
-def _decode_rate(engine: Engine, batch: int, new_tokens: int, prompt_len: int = 16) -> float:
+def _decode_rate(engine: Engine, batch: int, new_tokens: int, prompt_len: int = 16, **sampling) -> float:
     """Decode tokens/s with `batch` sequences all decoding: `batch` over the median time of the
     steps where every sequence decodes one token (prefill steps excluded). The median, because
-    this shared machine has bursts of contention that a mean would charge to the engine."""
-    p = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
+    this shared machine has bursts of contention that a mean would charge to the engine. Greedy
+    unless `sampling` names other parameters (temperature, top_p, seed...)."""
+    p = SamplingParams(**{"temperature": 0, **sampling, "max_tokens": new_tokens, "ignore_eos": True})
     for i in range(batch):
         engine.add_request(None, {"prompt_token_ids": [1 + (7 * i + j) % 5000 for j in range(prompt_len)]}, p)
     times = []
@@ -291,6 +292,14 @@ def run(model=None, batches: List[int] = (1, 8, 32), new_tokens: int = 64, prefi
                          f"{gbs / max(around):.2f} of the read bandwidth measured just before and after "
                          f"({around[0]:.1f}, {around[1]:.1f} GB/s)")
             print(line)
+        # Chat clients sample: with temperature and top-p every row's draw runs on the engine's
+        # thread, which greedy decode does not show (it once halved the 32-sequence rate).
+        top = max(batches)
+        rate = _decode_rate(engine, top, new_tokens, temperature=0.7, top_p=0.9, seed=0)
+        r[f"decode_{top}_sampled_tok_s"] = rate
+        greedy = r.get(f"decode_{top}_tok_s")
+        print(f"decode at {top:>2} sequences, sampled (temperature 0.7, top-p 0.9): {rate:8.1f} tok/s"
+              + (f", {rate / greedy:.2f}x greedy" if greedy else ""))
         if long_decode:
             # A long history: decode attention reads it all every step, which the short-prompt
             # rows above do not show.
