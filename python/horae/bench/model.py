@@ -12,7 +12,8 @@ Prints, all measured in the same run:
   prompt and a long one (6,000 tokens; medians of 5 and 3 prompts; the long one's per-token rate
   as a ratio to the short one's: attention's share), and decode tokens/s at 1, 8 and 32 concurrent sequences, each as model FLOP/s
   (2 x parameters x tokens) and as a ratio to the peak, and at 1 sequence after a 2,000-token
-  prompt, as a ratio to the rate after 16 tokens (what a long history costs decode attention);
+  prompt, as a ratio to the rate after 16 tokens (what a long history costs decode attention),
+  and at the largest batch sampled (temperature 0.7, top-p 0.9) as a ratio to greedy;
 - the machine's memory read bandwidth (every thread reading 1 GiB; measured after each dtype and
   just before and after each batch-1 decode run too, the highest used for the rooflines), and
   batch-1 decode's (the weight bytes a step reads times the steps a second), also as a ratio to
