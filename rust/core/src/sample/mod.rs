@@ -215,13 +215,7 @@ pub fn sample(logits: &[f32], p: &SamplingParams, rng: &mut SmallRng) -> u32 {
     if p.is_greedy() {
         return argmax(logits);
     }
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut cand: Vec<(u32, f32)> =
-        logits.iter().enumerate().map(|(i, &l)| (i as u32, ((l - max) / p.temperature).exp())).collect();
-    if p.top_k > 0 && p.top_k < cand.len() {
-        cand.select_nth_unstable_by(p.top_k - 1, most_likely_first);
-        cand.truncate(p.top_k);
-    }
+    let mut cand = weighted(logits, p);
     let total = mass(&cand);
     if p.min_p <= 0.0 && p.top_p >= 1.0 {
         let head = HEAD.min(cand.len());
@@ -243,6 +237,19 @@ pub fn sample(logits: &[f32], p: &SamplingParams, rng: &mut SmallRng) -> u32 {
         }
         head *= 8;
     }
+}
+
+/// Every token's weight at the temperature, relative to the largest (unnormalised), the top-k
+/// most likely only where top-k is set, in no particular order.
+fn weighted(logits: &[f32], p: &SamplingParams) -> Vec<(u32, f32)> {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut cand: Vec<(u32, f32)> =
+        logits.iter().enumerate().map(|(i, &l)| (i as u32, ((l - max) / p.temperature).exp())).collect();
+    if p.top_k > 0 && p.top_k < cand.len() {
+        cand.select_nth_unstable_by(p.top_k - 1, most_likely_first);
+        cand.truncate(p.top_k);
+    }
+    cand
 }
 
 /// Candidates `sample` sorts first.
@@ -308,13 +315,7 @@ fn most_likely_first(a: &(u32, f32), b: &(u32, f32)) -> std::cmp::Ordering {
 /// The tokens `sample` may draw (temperature, top-k, min-p, top-p applied) with unnormalised
 /// weights, most likely first. Not for greedy parameters (temperature 0 is a point mass).
 pub fn candidates(logits: &[f32], p: &SamplingParams) -> Vec<(u32, f32)> {
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut cand: Vec<(u32, f32)> =
-        logits.iter().enumerate().map(|(i, &l)| (i as u32, ((l - max) / p.temperature).exp())).collect();
-    if p.top_k > 0 && p.top_k < cand.len() {
-        cand.select_nth_unstable_by(p.top_k - 1, most_likely_first);
-        cand.truncate(p.top_k);
-    }
+    let mut cand = weighted(logits, p);
     cand.sort_unstable_by(most_likely_first);
     let total = mass(&cand);
     if p.min_p > 0.0 {
