@@ -160,7 +160,7 @@ def test_dtype_choice(llm):
         _core.bench_linear([(16, 16)], 1, 1, "q4_1")
     with pytest.raises(ValueError, match='kernel "sse9" does not run on this CPU; it runs: portable'):
         _core.bench_linear([(16, 32)], 1, 1, kernel="sse9")
-    with pytest.raises(ValueError, match='"amx" runs bfloat16 weights only, where the CPU runs AMX tiles'):
+    with pytest.raises(ValueError, match=r'"amx" runs bfloat16 weights \(bf16 tiles\) and q8_0 or q4_1 weights'):
         _core.bench_linear([(16, 32)], 1, 1, dtype="float32", kernel="amx")
     with pytest.raises(ValueError, match="head_dim a multiple of 16"):
         _core.bench_attention(64, 9, 3, 60)

@@ -283,7 +283,9 @@ class Engine:
         # keeps a GGUF's Q8_0 blocks); "q4_1" runs a GGUF's own 4-bit blocks. Sums are f32 in
         # every case, and so are products, except a "bfloat16" model's where the CPU runs bf16 ones
         # (prefill attention with AVX-512 BF16; linear layers from 16 rows on AMX tiles), as HF
-        # transformers' bf16 does. On a GPU: "auto" = "bfloat16", or "float16".
+        # transformers' bf16 does, and a "q8_0"/"q4_1" model's linear layers from 16 rows where
+        # the CPU runs AMX int8 tiles (activations quantized to 22 bits per block of 32: within
+        # the f32 path's goldens). On a GPU: "auto" = "bfloat16", or "float16".
         # history_window / max_output_bound: Past-Future's length history (finished lengths kept)
         # and what it is primed with before any request finished (default: the model's context).
         # speculative: speculative decoding, e.g. {"method": "ngram", "k_max": 4, "adaptive": True}

@@ -218,6 +218,8 @@ def run(model=None, batches: List[int] = (1, 8, 32), new_tokens: int = 64, prefi
            "kernels": kernels}
     amx = (f", and AMX tiles for a bf16 model's products from {kernels['amx_min_rows']} rows" if kernels["amx_min_rows"]
            else "")
+    if kernels["amx_int8_min_rows"]:
+        amx += f", and AMX int8 tiles for q8_0/q4_1 weights from {kernels['amx_int8_min_rows']} rows"
     print(f"CPU {res['cpu']}; kernels it runs: {', '.join(kernels['available'])}; the engine uses {kernels['selected']}{amx}")
     print(f"model {model_dir.name}: {params / 1e6:.0f}M matmul parameters")
     print(f"GEMM peak (faer f32, 512x{i}x{h}, same run): {peaks[0]:.1f} GFLOP/s")
@@ -230,9 +232,11 @@ def run(model=None, batches: List[int] = (1, 8, 32), new_tokens: int = 64, prefi
     simd = [k for k in kernels["available"] if k != "portable"] or ["portable"]
     simd += ["amx"] if kernels["amx_min_rows"] else []
     short = {"float32": "f32", "bfloat16": "bf16", "q4_1": "q4_1"}
-    # AMX tiles run a bf16 model's products only (from kernels["amx_min_rows"] rows; below, the
-    # AVX-512 kernel runs, as in the engine).
-    cols = [(d, k) for k in simd for d in short if k != "amx" or d == "bfloat16"]
+    # AMX tiles run a bf16 model's products (bf16 tiles, from kernels["amx_min_rows"] rows) and
+    # quantized weights (int8 tiles, from kernels["amx_int8_min_rows"]); below, the AVX-512
+    # kernel runs, as in the engine. Not f32 weights.
+    cols = [(d, k) for k in simd for d in short
+            if k != "amx" or (d == "bfloat16" or (d == "q4_1" and kernels["amx_int8_min_rows"]))]
     print(f"{'rows':>6} {'faer f32':>9} " + " ".join(f"{k + ' ' + short[d]:>12}" for d, k in cols))
     for m in (1, 8, 32, 512):
         row = {}

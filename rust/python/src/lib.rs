@@ -474,10 +474,18 @@ fn bench_linear(
     {
         return Err(HoraeCoreError::new_err(format!("{} needs inputs in blocks of 32; a shape has {k}", q.name())));
     }
-    // "amx": bf16 weights with a bf16 model's products, on AMX tiles from AMX_MIN_ROWS rows.
+    // "amx": bf16 weights with a bf16 model's products on AMX bf16 tiles, or GGML blocks on AMX
+    // int8 tiles, from AMX_MIN_ROWS rows.
     let amx = kernel == Some("amx");
-    if amx && !(gemm::amx_runs() && dtype == WeightDtype::Bf16) {
-        return Err(HoraeCoreError::new_err("kernel \"amx\" runs bfloat16 weights only, where the CPU runs AMX tiles"));
+    let tiles_run = match dtype {
+        WeightDtype::Bf16 => gemm::amx_runs(),
+        WeightDtype::Quant(_) => gemm::amx_int8_runs(),
+        WeightDtype::F32 => false,
+    };
+    if amx && !tiles_run {
+        return Err(HoraeCoreError::new_err(
+            "kernel \"amx\" runs bfloat16 weights (bf16 tiles) and q8_0 or q4_1 weights (int8 tiles), where the CPU runs them",
+        ));
     }
     let isa = match kernel {
         None => None,
@@ -527,17 +535,19 @@ fn bench_read_bandwidth(py: Python<'_>, mib: usize, iters: usize) -> f64 {
     py.detach(|| horae_core::bench::memory::read_bandwidth_gbs(mib << 20, iters))
 }
 
-/// The CPU kernels: `{"selected": name, "available": [names], "amx_min_rows": rows or None}`
-/// (names: "portable", "avx2", "avx512"). `selected` is the vector kernel the engine runs: the
-/// best available, capped by `HORAE_CPU_KERNEL` where set. Where AMX tiles run (and no cap is
-/// set), a bf16 model's linear layers go through them from `amx_min_rows` rows (`bench_linear`
-/// names that kernel "amx").
+/// The CPU kernels: `{"selected": name, "available": [names], "amx_min_rows": rows or None,
+/// "amx_int8_min_rows": rows or None}` (names: "portable", "avx2", "avx512"). `selected` is the
+/// vector kernel the engine runs: the best available, capped by `HORAE_CPU_KERNEL` where set.
+/// Where AMX tiles run (and no cap is set), a bf16 model's linear layers go through bf16 tiles
+/// from `amx_min_rows` rows, and a q8_0 or q4_1 model's through int8 tiles from
+/// `amx_int8_min_rows` (`bench_linear` names both kernels "amx").
 #[pyfunction]
 fn cpu_kernels(py: Python<'_>) -> PyResult<Bound<'_, pyo3::types::PyDict>> {
     let d = pyo3::types::PyDict::new(py);
     d.set_item("selected", Isa::detect().name())?;
     d.set_item("available", Isa::available().iter().map(|i| i.name()).collect::<Vec<_>>())?;
     d.set_item("amx_min_rows", gemm::amx_runs().then_some(gemm::AMX_MIN_ROWS))?;
+    d.set_item("amx_int8_min_rows", gemm::amx_int8_runs().then_some(gemm::AMX_MIN_ROWS))?;
     Ok(d)
 }
 

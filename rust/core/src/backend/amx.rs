@@ -212,6 +212,40 @@ struct Scratch {
     edge: Vec<f32>,
 }
 
+/// A tile configuration (palette 1): each tile's bytes a row and rows, tiles past the eighth
+/// unused. `ldtilecfg` reads it from 64-byte-aligned memory.
+#[repr(C, align(64))]
+pub(super) struct TileConfig {
+    palette: u8,
+    start_row: u8,
+    reserved: [u8; 14],
+    colsb: [u16; 16],
+    rows: [u8; 16],
+}
+
+impl TileConfig {
+    pub(super) const fn new(colsb: [u16; 8], rows: [u8; 8]) -> Self {
+        let mut c = TileConfig { palette: 1, start_row: 0, reserved: [0; 14], colsb: [0; 16], rows: [0; 16] };
+        let mut i = 0;
+        while i < 8 {
+            c.colsb[i] = colsb[i];
+            c.rows[i] = rows[i];
+            i += 1;
+        }
+        c
+    }
+
+    /// Configure this thread's tiles.
+    ///
+    /// # Safety
+    /// The CPU runs AMX tiles with the permission granted (`runs_here`).
+    #[cfg(target_arch = "x86_64")]
+    pub(super) unsafe fn load(&self) {
+        // SAFETY: a valid palette-1 configuration, aligned (`repr`); the caller's contract.
+        unsafe { std::arch::asm!("ldtilecfg [{}]", in(reg) self, options(nostack, readonly)) };
+    }
+}
+
 struct OutPtr(*mut f32);
 // SAFETY: jobs write disjoint blocks of the output (see `gemm_bf16`).
 unsafe impl Sync for OutPtr {}
@@ -230,30 +264,15 @@ struct Job<'a> {
 
 #[cfg(target_arch = "x86_64")]
 mod simd {
-    use super::{Job, Product, Scratch, TileOrder, BLOCK_ROWS, CHUNK_STEPS, TK, TR};
+    use super::{Job, Product, Scratch, TileConfig, TileOrder, BLOCK_ROWS, CHUNK_STEPS, TK, TR};
     use std::arch::asm;
     use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
 
     /// Steps ahead (32 values of k each) the first row block prefetches a pair's tiles.
     const AHEAD: usize = 4;
 
-    /// The tile configuration: palette 1, eight tiles of 16 rows by 64 bytes.
-    #[repr(C, align(64))]
-    struct Config {
-        palette: u8,
-        start_row: u8,
-        reserved: [u8; 14],
-        colsb: [u16; 16],
-        rows: [u8; 16],
-    }
-
-    const CONFIG: Config = Config {
-        palette: 1,
-        start_row: 0,
-        reserved: [0; 14],
-        colsb: [64, 64, 64, 64, 64, 64, 64, 64, 0, 0, 0, 0, 0, 0, 0, 0],
-        rows: [16, 16, 16, 16, 16, 16, 16, 16, 0, 0, 0, 0, 0, 0, 0, 0],
-    };
+    /// Eight tiles of 16 rows by 64 bytes.
+    const CONFIG: TileConfig = TileConfig::new([64; 8], [16; 8]);
 
     /// Bytes of one tile.
     const TILE: usize = TR * 64;
@@ -289,9 +308,9 @@ mod simd {
         let (a, b) = (m.a.as_ptr() as *const u8, m.b.as_ptr() as *const u8);
         let c = c as *mut u8;
         // SAFETY (every asm block): the tiles read and written lie inside a, b and c (the
-        // caller's checks: whole tiles, strides and lengths); CONFIG is valid and aligned.
+        // caller's checks: whole tiles, strides and lengths).
         unsafe {
-            asm!("ldtilecfg [{}]", in(reg) &CONFIG, options(nostack, readonly));
+            CONFIG.load();
             for r0 in (0..m.rows).step_by(2 * TR) {
                 let two_rows = r0 + TR < m.rows;
                 for j0 in (0..m.n).step_by(2 * TR) {
@@ -397,8 +416,8 @@ mod simd {
         s.edge.resize(job.rows.len().next_multiple_of(BLOCK_ROWS) * 32, 0.0);
         let lda = job.kp * 2;
         let step = TileOrder::STEP * 2;
-        // SAFETY: CONFIG is a valid palette-1 configuration, 64-byte aligned.
-        unsafe { asm!("ldtilecfg [{}]", in(reg) &CONFIG, options(nostack, readonly)) };
+        // SAFETY: the caller's contract: the CPU runs AMX with the permission granted.
+        unsafe { CONFIG.load() };
         // One row block (a decode batch): each tile is used once, straight from memory, so the
         // tiles ahead are prefetched. With more rows the first block's misses are shared by the
         // rest, and the prefetches measured no faster.

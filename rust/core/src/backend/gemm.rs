@@ -23,6 +23,7 @@
 use rayon::prelude::*;
 
 use super::amx;
+use super::amx_int8;
 use super::huge::{self, HugeBuf, Zeroed};
 use super::quant::{self, QPanels, QuantKind};
 use super::team;
@@ -89,6 +90,8 @@ pub enum Products {
 /// default model in bf16 (one Xeon, 3 alternations) was 1.2-1.45x faster at 8-12 sequences with
 /// AMX from 8 rows, and slower at 4-6 with AMX from 4; 8 is not taken yet because it moves the
 /// bf16 model past its documented tolerance (docs/benchmarks.md, issue 17, sixth part).
+/// GGML blocks go through AMX int8 tiles from the same row count: at 16 rows they were already
+/// 1.33x (Q4_1) and 1.25x (Q8_0) the AVX-512 kernel on the default model's layers.
 pub const AMX_MIN_ROWS: usize = 16;
 
 /// Whether bf16 products of the linear layers run on AMX tiles here: the CPU and OS allow them,
@@ -107,6 +110,12 @@ pub fn amx_runs() -> bool {
         }
         on
     })
+}
+
+/// Whether quantized weights' products run on AMX int8 tiles from `AMX_MIN_ROWS` rows here: the
+/// CPU and OS allow them, and `HORAE_CPU_KERNEL` is unset or `amx`.
+pub fn amx_int8_runs() -> bool {
+    amx_runs() && amx_int8::runs_here()
 }
 
 /// Each on 2 MiB pages (`huge`): decode streams them every step.
@@ -301,13 +310,16 @@ impl PackedLinear {
     }
 
     /// `forward` with a bf16 model's `products`: `Products::Bf16` runs bf16 weights on AMX
-    /// tiles from `AMX_MIN_ROWS` rows (where AMX runs, `new` packs them in tile order);
-    /// everything else is `forward`.
+    /// tiles from `AMX_MIN_ROWS` rows (where AMX runs, `new` packs them in tile order). GGML
+    /// blocks run on AMX int8 tiles from `AMX_MIN_ROWS` rows whatever the products (where
+    /// `amx_int8_runs`): their activations at 22 bits keep the f32 path's goldens
+    /// (`amx_int8`). Everything else is `forward`.
     pub fn forward_products(&self, x: &[f32], m: usize, out: &mut [f32], products: Products) {
         match &self.panels {
             Panels::Bf16Tiles(v) if products == Products::Bf16 && m >= AMX_MIN_ROWS => {
                 amx::gemm_bf16(v, amx::TileOrder::new(self.k), self.n, self.k, x, m, out)
             }
+            Panels::Quant(q) if m >= AMX_MIN_ROWS && amx_int8_runs() => amx_int8::gemm(q, x, m, out),
             _ => self.forward(x, m, out),
         }
     }

@@ -2,6 +2,7 @@
 //! will be checked against it.
 
 mod amx;
+mod amx_int8;
 pub mod attention;
 mod bf16_dot;
 pub mod cpu;

@@ -170,6 +170,16 @@ impl QPanels {
         self.kind
     }
 
+    /// Output columns (rows of the `[n, k]` matrix).
+    pub fn n(&self) -> usize {
+        self.n
+    }
+
+    /// Depth (a multiple of 32).
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
     /// Bytes between one panel and the next.
     pub(super) fn stride(&self) -> usize {
         self.k / QK * self.kind.panel_block_bytes()

@@ -40,8 +40,8 @@ pub fn measure_gemm_gflops(m: usize, n: usize, k: usize, iters: usize) -> f64 {
 /// repeated `layers` times with distinct weights, so weights come from memory as in a real step.
 /// Returns (faer on row-major weights, packed with `dtype` through the `isa` kernel, or the one
 /// the engine picks); faer is `None` for bf16, which it cannot take. Best of `iters` passes.
-/// `Products::Bf16` runs bf16 weights as a bf16 model does (AMX tiles from `AMX_MIN_ROWS` rows
-/// where they run).
+/// `Products::Bf16` runs `forward_products` as a bf16 model does: bf16 weights on AMX bf16 tiles
+/// and GGML blocks on AMX int8 tiles, from `AMX_MIN_ROWS` rows where they run.
 /// This is how the packed kernel was chosen (docs/benchmarks.md).
 pub fn compare_with_faer(
     shapes: &[(usize, usize)],
