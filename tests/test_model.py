@@ -190,6 +190,33 @@ def test_stop_strings_seeds_and_n(llm):
     assert out.outputs[0].token_ids[-1] == 28 and out.outputs[0].finish_reason == "stop"
 
 
+def test_seeded_requests_draw_their_own_tokens_in_any_batch_order(llm):
+    """A step's sampled rows run on the worker threads, a request per task: each request draws
+    from its own stream, so seeded requests get the same tokens whichever order the batch is in
+    (and which thread drew them), and different seeds draw differently."""
+    cases = GOLDEN["cases"][:6]
+
+    def run(order):
+        e = llm.engine
+        ids = {e.add_request(f"{tag}-{i}", {"prompt_token_ids": cases[i]["ids"]},
+                             SamplingParams(temperature=0.9, top_p=0.95, max_tokens=10, seed=100 + i,
+                                            ignore_eos=True)): i for i in order}
+        tokens = {}
+        while e.has_unfinished_requests():
+            for out in e.step():
+                if out.finished:
+                    tokens[ids[out.request_id]] = out.outputs[0].token_ids
+        return [tokens[i] for i in range(len(cases))]
+
+    tag = "fwd"
+    forward = run(range(len(cases)))
+    tag = "rev"
+    backward = run(reversed(range(len(cases))))
+    assert forward == backward
+    assert all(len(t) == 10 for t in forward)
+    assert len({tuple(t) for t in forward}) == len(cases), "each request its own stream"
+
+
 def test_a_stop_string_is_never_half_streamed(llm):
     """A stop string that arrives over several tokens: the text that could still be its start is
     held back, so every streamed text is a prefix of the final one (none is taken back)."""
