@@ -461,6 +461,7 @@ mod simd {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::gemm::{Isa, PackedLinear};
     use crate::backend::quant::{dequantize_row, quantize_row};
 
     fn data(len: usize, seed: u32) -> Vec<f32> {
@@ -518,9 +519,10 @@ mod tests {
         }
     }
 
-    /// The tiles against the arithmetic they stand for, done in plain f64: every block's
-    /// activations quantized the same way, times the dequantized weights. Ragged rows and
-    /// columns, more than one task of rows, both formats. Prints whether the tiles ran.
+    /// The tiles against the arithmetic they stand for, done in plain f64 (every block's
+    /// activations quantized the same way, times the dequantized weights), and against the
+    /// portable kernel within 22 bits' error. Ragged rows and columns, more than one task of
+    /// rows, both formats. Prints whether the tiles ran.
     #[test]
     fn tiles_match_the_quantized_reference() {
         println!("AMX int8 tiles run here: {}", runs_here());
@@ -556,6 +558,9 @@ mod tests {
                 let panels = QPanels::from_ggml(kind, &raw, n, k).unwrap();
                 let mut got = vec![f32::NAN; m * n];
                 gemm(&panels, &x, m, &mut got);
+                // The portable kernel (f32 activations) on the same blocks.
+                let mut portable = vec![f32::NAN; m * n];
+                PackedLinear::from_ggml(kind, &raw, n, k).unwrap().forward_with(&x, m, &mut portable, Isa::Portable);
                 let mut worst = 0.0f32;
                 for i in 0..m {
                     for j in 0..n {
@@ -567,6 +572,11 @@ mod tests {
                         }
                         let g = got[i * n + j] as f64;
                         worst = crate::backend::worst(worst, (g - want).abs() as f32);
+                        let f = portable[i * n + j] as f64;
+                        assert!(
+                            (g - f).abs() <= 4e-7 * k as f64 + 1e-5,
+                            "{kind:?} m={m} n={n} k={k} [{i},{j}]: {g} vs the portable kernel's {f}"
+                        );
                         // 22 bits. error on each of k values below 1 against weights below 1.
                         assert!(
                             (g - exact).abs() <= 4e-7 * k as f64 + 1e-5,
