@@ -196,7 +196,7 @@ def test_seeded_requests_draw_their_own_tokens_in_any_batch_order(llm):
     (and which thread drew them), and different seeds draw differently."""
     cases = GOLDEN["cases"][:6]
 
-    def run(order):
+    def run(tag, order):
         e = llm.engine
         ids = {e.add_request(f"{tag}-{i}", {"prompt_token_ids": cases[i]["ids"]},
                              SamplingParams(temperature=0.9, top_p=0.95, max_tokens=10, seed=100 + i,
@@ -208,10 +208,8 @@ def test_seeded_requests_draw_their_own_tokens_in_any_batch_order(llm):
                     tokens[ids[out.request_id]] = out.outputs[0].token_ids
         return [tokens[i] for i in range(len(cases))]
 
-    tag = "fwd"
-    forward = run(range(len(cases)))
-    tag = "rev"
-    backward = run(reversed(range(len(cases))))
+    forward = run("fwd", range(len(cases)))
+    backward = run("rev", reversed(range(len(cases))))
     assert forward == backward
     assert all(len(t) == 10 for t in forward)
     assert len({tuple(t) for t in forward}) == len(cases), "each request its own stream"
