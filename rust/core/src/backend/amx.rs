@@ -128,22 +128,9 @@ pub(super) fn gemm_bf16(w: &[u16], order: TileOrder, n: usize, k: usize, x: &[f3
     let mut a = ROWS.with_borrow_mut(std::mem::take);
     to_bf16_rows(x, m, k, kp, &mut a);
     let pairs = np.div_ceil(2);
-    let row_tasks = m.div_ceil(TASK_ROWS);
-    let groups = (rayon::current_num_threads() * 4).div_ceil(row_tasks).min(pairs);
-    let per_task = pairs.div_ceil(groups);
-    let groups = pairs.div_ceil(per_task);
     let out_ptr = OutPtr(out.as_mut_ptr());
-    let run = |task: usize| {
-        let (r0, pair0) = ((task / groups) * TASK_ROWS, (task % groups) * per_task);
-        let job = Job {
-            a: &a,
-            kp,
-            rows: r0..(r0 + TASK_ROWS).min(m),
-            pairs: pair0..(pair0 + per_task).min(pairs),
-            m,
-            n,
-            out: &out_ptr,
-        };
+    for_each_task(m, TASK_ROWS, pairs, |rows, pairs| {
+        let job = Job { a: &a, kp, rows, pairs, m, n, out: &out_ptr };
         SCRATCH.with_borrow_mut(|s| {
             // SAFETY: runs_here (asserted above) checked the CPU features and the permission;
             // the job's blocks of `out` are its own (disjoint rows x pairs), in bounds, and its
@@ -151,6 +138,26 @@ pub(super) fn gemm_bf16(w: &[u16], order: TileOrder, n: usize, k: usize, x: &[f3
             // `m.next_multiple_of(BLOCK_ROWS)` rows of `kp` values.
             unsafe { simd::job(w, order, &job, s) }
         });
+    });
+    ROWS.with_borrow_mut(|buf| *buf = a);
+}
+
+/// Run `task(rows, units)` over `m` rows in runs of `task_rows` times `units` (panels or pairs of
+/// them) in groups, for the tile GEMMs: about four tasks a thread, so rayon can balance uneven
+/// cores; each task owns its rows x units of the output. A single task runs inline.
+pub(super) fn for_each_task(
+    m: usize,
+    task_rows: usize,
+    units: usize,
+    task: impl Fn(std::ops::Range<usize>, std::ops::Range<usize>) + Sync,
+) {
+    let row_tasks = m.div_ceil(task_rows);
+    let groups = (rayon::current_num_threads() * 4).div_ceil(row_tasks).min(units);
+    let per_task = units.div_ceil(groups);
+    let groups = units.div_ceil(per_task);
+    let run = |t: usize| {
+        let (r0, u0) = ((t / groups) * task_rows, (t % groups) * per_task);
+        task(r0..(r0 + task_rows).min(m), u0..(u0 + per_task).min(units))
     };
     let tasks = row_tasks * groups;
     if tasks == 1 {
@@ -158,7 +165,6 @@ pub(super) fn gemm_bf16(w: &[u16], order: TileOrder, n: usize, k: usize, x: &[f3
     } else {
         (0..tasks).into_par_iter().for_each(run);
     }
-    ROWS.with_borrow_mut(|buf| *buf = a);
 }
 
 /// `bf16_dot::product` on AMX tiles, for the prefill attention's small products: the same

@@ -156,36 +156,16 @@ pub(super) fn gemm(w: &QPanels, x: &[f32], m: usize, out: &mut [f32]) {
     }
     let mut acts = ACTS.with_borrow_mut(std::mem::take);
     quantize(x, m, k, &mut acts);
-    let np = n.div_ceil(NR);
-    let row_tasks = m.div_ceil(TASK_ROWS);
-    let groups = (rayon::current_num_threads() * 4).div_ceil(row_tasks).min(np);
-    let per_task = np.div_ceil(groups);
-    let groups = np.div_ceil(per_task);
     let out_ptr = OutPtr(out.as_mut_ptr());
-    let run = |task: usize| {
-        let (r0, p0) = ((task / groups) * TASK_ROWS, (task % groups) * per_task);
-        let job = Job {
-            acts: &acts,
-            rows: r0..(r0 + TASK_ROWS).min(m),
-            panels: p0..(p0 + per_task).min(np),
-            m,
-            n,
-            k,
-            out: &out_ptr,
-        };
+    super::amx::for_each_task(m, TASK_ROWS, n.div_ceil(NR), |rows, panels| {
+        let job = Job { acts: &acts, rows, panels, m, n, k, out: &out_ptr };
         STRIP.with_borrow_mut(|strip| {
             // SAFETY: runs_here (asserted) checked the CPU and the permission; the job's block
             // of `out` (its rows x its panels' columns) is its own and in bounds; `acts` holds
             // whole tiles of rows.
             unsafe { simd::job(w, &job, strip) }
         });
-    };
-    let tasks = row_tasks * groups;
-    if tasks == 1 {
-        run(0);
-    } else {
-        (0..tasks).into_par_iter().for_each(run);
-    }
+    });
     ACTS.with_borrow_mut(|a| *a = acts);
 }
 
