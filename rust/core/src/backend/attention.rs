@@ -693,14 +693,18 @@ mod tests {
                 .flat_map(|s| prefill_attention::tiles(s.row, s.start, s.num_tokens, s.block_table, nkv, 32))
                 .collect();
             let paged = Paged { k: &kv, v: &vv, block_size: bs, num_heads: nh, num_kv_heads: nkv, head_dim: hd };
-            for isa in Isa::available() {
+            // Every vector kernel, then f32 products as three bf16 ones on AMX tiles where they run
+            // (hi hi + hi lo + lo hi: about 2^-17 of each term, against f32's 2^-24).
+            let amx = prefill_attention::amx_products(hd).then_some(Isa::Avx512);
+            for (isa, on_tiles) in Isa::available().into_iter().map(|i| (i, false)).chain(amx.map(|i| (i, true))) {
                 let mut got = vec![f32::NAN; q.len()];
-                prefill_attention::run(&q, &tiles, paged, &mut got, isa, Products::F32);
+                prefill_attention::run_with(&q, &tiles, paged, &mut got, isa, Products::F32, on_tiles);
                 let decode = 110 * nh * hd..111 * nh * hd; // the decode row is not a tile's
                 let err =
                     (0..q.len()).filter(|i| !decode.contains(i)).map(|i| (got[i] - want[i]).abs()).fold(0.0f32, worst);
-                eprintln!("tiled prefill attention, {} kernel, ({nh}, {nkv}, {hd}): max error {err:.2e}", isa.name());
-                assert!(err < 2e-5, "{isa:?} ({nh}, {nkv}, {hd}): max error {err}");
+                let how = if on_tiles { "AMX tiles, f32 products in three bf16 ones" } else { isa.name() };
+                eprintln!("tiled prefill attention, {how}, ({nh}, {nkv}, {hd}): max error {err:.2e}");
+                assert!(err < 2e-5, "{how} ({nh}, {nkv}, {hd}): max error {err}");
                 assert!(got[decode].iter().all(|v| v.is_nan()), "a tile wrote outside its rows");
             }
             // The whole layer through the public entry point (tiles and the decode row).
@@ -823,7 +827,7 @@ mod tests {
             let max_err = |got: &[f32]| got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0f32, worst);
             for isa in Isa::available() {
                 let mut got = vec![f32::NAN; q.len()];
-                prefill_attention::run(&q, &tiles, paged, &mut got, isa, Products::F32);
+                prefill_attention::run_with(&q, &tiles, paged, &mut got, isa, Products::F32, false);
                 let err = max_err(&got);
                 eprintln!(
                     "tiled prefill with score jumps, {} kernel, {bq}-token tiles: max error {err:.2e}",
@@ -832,6 +836,15 @@ mod tests {
                 // A score of 300 holds f32's rounding times 300 (2e-5): the bound of the
                 // test above, 2e-5, at 2.5 times.
                 assert!(err < 5e-5, "{isa:?}, {bq}-token tiles: max error {err}");
+            }
+            if prefill_attention::amx_products(hd) {
+                // f32 products as three bf16 ones: a score of 300 holds about 2^-16 of it
+                // (5e-3), which moves its weight by as much; measured 5.7e-4 at the outputs.
+                let mut got = vec![f32::NAN; q.len()];
+                prefill_attention::run_with(&q, &tiles, paged, &mut got, Isa::Avx512, Products::F32, true);
+                let err = max_err(&got);
+                eprintln!("tiled prefill with score jumps, AMX tiles in three bf16 products, {bq}-token tiles: max error {err:.2e}");
+                assert!(err < 2e-3, "AMX tiles in three bf16 products, {bq}-token tiles: max error {err}");
             }
             #[cfg(target_arch = "x86_64")]
             if bf16_runs(Isa::Avx512) {

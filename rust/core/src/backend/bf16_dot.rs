@@ -39,6 +39,20 @@ pub fn pair_along(x: &[f32], out: &mut [u32]) {
     }
 }
 
+/// What bf16 leaves of each value: `lo[i]` = `x[i]` less `x[i]` rounded to bf16 (nearest even, as
+/// `pair_along` and `pair_rows` round), exact in f32. x = hi + lo to about 2^-17 once lo is
+/// rounded too: the split that lets bf16 tiles multiply f32 operands (`hi hi + hi lo + lo hi`).
+/// Lengths are equal and a multiple of 16.
+pub fn residual(x: &[f32], lo: &mut [f32]) {
+    assert!(x.len().is_multiple_of(16) && lo.len() == x.len());
+    assert!(runs_here(), "bf16 rounding needs AVX-512 BF16");
+    // SAFETY: as in `pair_rows`.
+    #[cfg(target_arch = "x86_64")]
+    unsafe {
+        simd::residual(x, lo)
+    }
+}
+
 /// `c[rows x n] (+)= a[rows x kp] b[kp x n]` over bf16 pairs with f32 sums: element (r, i) of
 /// `a` at `a[r * ars + i * acs]`, row i of `b` at `b[i * ldb..]`, row r of `c` at `c[r * ldc..]`;
 /// `n` a multiple of 16.
@@ -102,6 +116,20 @@ mod simd {
                     out.as_mut_ptr().add(j / 2) as *mut __m256i,
                     std::mem::transmute::<__m256bh, __m256i>(h),
                 );
+            }
+        }
+    }
+
+    /// # Safety
+    /// `super::residual`'s checks hold; the CPU has AVX-512F and AVX-512 BF16.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub unsafe fn residual(x: &[f32], lo: &mut [f32]) {
+        for j in (0..x.len()).step_by(16) {
+            // SAFETY: 16 values from j are inside x and lo.
+            unsafe {
+                let v = _mm512_loadu_ps(x.as_ptr().add(j));
+                let hi = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(widen(_mm512_cvtneps_pbh(v))));
+                _mm512_storeu_ps(lo.as_mut_ptr().add(j), _mm512_sub_ps(v, hi));
             }
         }
     }

@@ -40,8 +40,13 @@ pub fn compare_prefill_attention(
     let ts: Vec<_> = tiles(0, 0, tokens, &table, num_kv_heads, query_tile(tokens, num_kv_heads)).collect();
     let mut tiled: Vec<_> = Isa::available()
         .into_iter()
-        .map(|isa| (isa.name(), best(&mut || run(&q, &ts, paged, &mut out, isa, Products::F32))))
+        .map(|isa| (isa.name(), best(&mut || run_with(&q, &ts, paged, &mut out, isa, Products::F32, false))))
         .collect();
+    if amx_products(head_dim) {
+        // What an f32 or quantized model's prefill runs where AMX tiles run: f32 products as three
+        // bf16 ones.
+        tiled.push(("amx f32 (bf16x3)", best(&mut || run(&q, &ts, paged, &mut out, Isa::best(), Products::F32))));
+    }
     #[cfg(target_arch = "x86_64")]
     if bf16_runs(Isa::Avx512) {
         // What a bf16 model's prefill runs: bf16 products through `vdpbf16ps`, or on AMX tiles

@@ -4,7 +4,7 @@
 
 use rayon::prelude::*;
 
-use super::{bf16, fresh, Kernel, Paged, Tile, BK, SCRATCH};
+use super::{bf16, fresh, k_pairs, split_blocks, Kernel, Paged, Tile, BK, SCRATCH};
 
 /// The KV history of each (sequence, KV head) that more than one of a call's tiles read,
 /// gathered from the paged cache and put in its kernel's operand form once per call, in tiles of
@@ -53,10 +53,11 @@ pub(super) enum KvTile<'a> {
 
 /// Values (f32 or u32 pairs) in one packed KV tile of `kernel`.
 pub(super) fn tile_len(kernel: Kernel, d: usize) -> usize {
-    if kernel == Kernel::F32 {
-        2 * BK * d
-    } else {
-        BK * d
+    match kernel {
+        Kernel::F32 => 2 * BK * d,
+        Kernel::Bf16 | Kernel::Amx => BK * d,
+        // Three bf16 values a value: K's rows (hi, lo, hi) and V^T's (`split_blocks`).
+        Kernel::AmxSplit => 3 * BK * d,
     }
 }
 
@@ -113,7 +114,7 @@ impl<'a> Streams<'a> {
         match self.kernel {
             _ if a == b => Stream::Read(self.reads[i]),
             Kernel::F32 => Stream::F32(&self.f32[a * len..b * len]),
-            Kernel::Bf16 | Kernel::Amx => Stream::Pairs(&self.pairs[a * len..b * len]),
+            Kernel::Bf16 | Kernel::Amx | Kernel::AmxSplit => Stream::Pairs(&self.pairs[a * len..b * len]),
         }
     }
 }
@@ -140,29 +141,61 @@ pub(super) struct Packing {
     v: Vec<f32>,
     /// V's pairs `[BK / 2][d]`, for AMX on their way to V^T.
     v2: Vec<u32>,
+    /// For `AmxSplit`, what bf16 leaves of a K row and of V (`bf16::residual`), and V's pairs of it.
+    k_lo: Vec<f32>,
+    v_lo: Vec<f32>,
+    v2_lo: Vec<u32>,
 }
 
-/// KV tile `j0..j0 + BK` of `read` as the bf16 kernels take it, into `tile` (`BK * d` pairs):
+/// KV tile `j0..j0 + BK` of `read` as the bf16 kernels take it, into `tile` (`tile_len` pairs):
 /// K's pairs along d, `[BK][d / 2]`, then V's pairs along the positions, `[BK / 2][d]`, or for
-/// AMX V^T's, `[d][BK / 2]`. Positions past the stream's end are zero.
+/// AMX V^T's, `[d][BK / 2]`. For `AmxSplit` each K row is (hi, lo, hi), `[BK][3 d / 2]`, and each
+/// V^T row (hi, lo, hi) block by block (`split_blocks`), `[d][3 BK / 2]`. Positions past the
+/// stream's end are zero.
 pub(super) fn pack_pairs(kv: Paged<'_>, read: Read<'_>, j0: usize, kernel: Kernel, tile: &mut [u32], p: &mut Packing) {
     let d = kv.head_dim;
+    let split = kernel == Kernel::AmxSplit;
     fresh(&mut p.k, BK * d, 0.0);
     fresh(&mut p.v, BK * d, 0.0);
     gather(kv, read, j0, &mut p.k, &mut p.v);
-    let (k2, v2) = tile.split_at_mut(BK * d / 2);
-    for (k, pair) in p.k.chunks_exact(d).zip(k2.chunks_exact_mut(d / 2)) {
-        bf16::pair_along(k, pair);
+    let kp = k_pairs(kernel, d);
+    let (k2, v2) = tile.split_at_mut(BK * kp);
+    p.k_lo.resize(d, 0.0);
+    for (k, pairs) in p.k.chunks_exact(d).zip(k2.chunks_exact_mut(kp)) {
+        bf16::pair_along(k, &mut pairs[..d / 2]);
+        if split {
+            let (hi, rest) = pairs.split_at_mut(d / 2);
+            bf16::residual(k, &mut p.k_lo);
+            bf16::pair_along(&p.k_lo, &mut rest[..d / 2]);
+            rest[d / 2..].copy_from_slice(hi);
+        }
+    }
+    let pair_v = |v: &[f32], out: &mut [u32]| {
+        for (c, pair) in out.chunks_exact_mut(d).enumerate() {
+            bf16::pair_rows(&v[2 * c * d..][..d], Some(&v[(2 * c + 1) * d..][..d]), pair);
+        }
+    };
+    if kernel == Kernel::Bf16 {
+        pair_v(&p.v, v2);
+        return;
     }
     p.v2.resize(BK / 2 * d, 0);
-    let pairs = if kernel == Kernel::Amx { &mut p.v2[..] } else { &mut *v2 };
-    for (c, pair) in pairs.chunks_exact_mut(d).enumerate() {
-        bf16::pair_rows(&p.v[2 * c * d..][..d], Some(&p.v[(2 * c + 1) * d..][..d]), pair);
-    }
-    if kernel == Kernel::Amx {
+    pair_v(&p.v, &mut p.v2);
+    if !split {
         // Transposed to `[d][BK / 2]` (four times faster than pairing in place).
         for (dd, row) in v2.chunks_exact_mut(BK / 2).enumerate() {
             row.iter_mut().enumerate().for_each(|(c, x)| *x = p.v2[c * d + dd]);
+        }
+        return;
+    }
+    p.v_lo.resize(BK * d, 0.0);
+    bf16::residual(&p.v, &mut p.v_lo);
+    p.v2_lo.resize(BK / 2 * d, 0);
+    pair_v(&p.v_lo, &mut p.v2_lo);
+    for (dd, row) in v2.chunks_exact_mut(3 * BK / 2).enumerate() {
+        for (c, x) in row.iter_mut().enumerate() {
+            let (pair, part) = split_blocks(c);
+            *x = if part == 1 { p.v2_lo[pair * d + dd] } else { p.v2[pair * d + dd] };
         }
     }
 }

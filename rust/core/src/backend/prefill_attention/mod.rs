@@ -120,12 +120,13 @@ unsafe impl Sync for OutPtr {}
 /// Attention for every tile, in parallel: `q` and `out` are the batch's `[rows, num_heads *
 /// head_dim]` query and output. Tiles must not overlap (each (row, KV head) in at most one).
 pub fn run(q: &[f32], tiles: &[Tile<'_>], kv: Paged<'_>, out: &mut [f32], isa: Isa, products: Products) {
-    let amx = products == Products::Bf16 && isa == Isa::best() && amx_products(kv.head_dim);
+    let amx = isa == Isa::best() && amx_products(kv.head_dim);
     run_with(q, tiles, kv, out, isa, products, amx)
 }
 
-/// `run`, with bf16 products on AMX tiles or not (`amx`, which needs `amx_products`): tests and
-/// benchmarks run both kernels where both run.
+/// `run`, on AMX tiles or not (`amx`, which needs `amx_products`): bf16 products as they are,
+/// f32 products split in three bf16 ones (`Kernel::AmxSplit`). Tests and benchmarks run every
+/// kernel that runs.
 pub fn run_with(
     q: &[f32],
     tiles: &[Tile<'_>],
@@ -135,14 +136,11 @@ pub fn run_with(
     products: Products,
     amx: bool,
 ) {
-    assert!(
-        !amx || (products == Products::Bf16 && amx_products(kv.head_dim)),
-        "AMX tiles run bf16 products only, where they run"
-    );
+    assert!(!amx || amx_products(kv.head_dim), "AMX tiles do not run here, or not for this head size");
     let row_len = kv.num_heads * kv.head_dim;
     assert!(supports(kv.head_dim) && kv.num_heads.is_multiple_of(kv.num_kv_heads));
     assert!(isa.runs_here(), "this CPU cannot run the {} kernel", isa.name());
-    assert!(products == Products::F32 || bf16_runs(isa), "bf16 products need AVX-512 BF16");
+    assert!(products == Products::F32 && !amx || bf16_runs(isa), "bf16 products need AVX-512 BF16");
     assert_eq!(q.len(), out.len());
     for t in tiles {
         assert!(t.t0 < t.t1 && (t.row + t.t1) * row_len <= out.len() && t.kvh < kv.num_kv_heads, "tile out of range");
@@ -153,7 +151,8 @@ pub fn run_with(
         assert!(top * kv.num_kv_heads * kv.head_dim <= kv.k.len().min(kv.v.len()), "KV block out of the cache");
     }
     let kernel = match (products, amx) {
-        (Products::F32, _) => Kernel::F32,
+        (Products::F32, false) => Kernel::F32,
+        (Products::F32, true) => Kernel::AmxSplit,
         (Products::Bf16, false) => Kernel::Bf16,
         (Products::Bf16, true) => Kernel::Amx,
     };
@@ -182,6 +181,37 @@ enum Kernel {
     /// bf16 pairs on AMX tiles (`amx::product`); a KV tile is K as for `Bf16`, then V^T
     /// `[d][BK / 2]` (pairs along the positions), the left operand of O^T = V^T P^T.
     Amx,
+    /// f32 products on AMX's bf16 tiles (a model whose attention keeps f32's precision): each
+    /// operand split as hi + lo, both bf16 (`bf16::residual`), and a product taken as
+    /// hi hi + hi lo + lo hi, which leaves about 2^-17 of each term against bf16's 2^-9 (the
+    /// "bf16x3" of oneDNN and of cuBLAS's 3xTF32). Tiles sum along their rows, so the three
+    /// terms are one product three times as long: a KV tile is K `[BK][3 d / 2]`, each row
+    /// (hi, lo, hi) against Q^T's (hi, hi, lo), then V^T `[d][3 BK / 2]` in blocks of 16 pairs
+    /// (hi, lo, hi) against P^T's (hi, hi, lo) (`split_row`), so that a partial KV tile's product
+    /// stops at a whole block.
+    AmxSplit,
+}
+
+/// Pairs in a K row of a packed KV tile, and rows of Q^T's pairs: d / 2, or (hi, lo, hi) for
+/// `AmxSplit`.
+fn k_pairs(kernel: Kernel, d: usize) -> usize {
+    if kernel == Kernel::AmxSplit {
+        3 * d / 2
+    } else {
+        d / 2
+    }
+}
+
+/// `AmxSplit`'s rows along the KV positions (V^T's columns, P^T's rows): pair `pair`'s part
+/// `part` (0, 1, 2) is row `48 (pair / 16) + 16 part + pair % 16`: blocks of 16 pairs, each three
+/// times over.
+fn split_row(pair: usize, part: usize) -> usize {
+    48 * (pair / 16) + 16 * part + pair % 16
+}
+
+/// `split_row`'s inverse: (pair, part) of row `c`.
+fn split_blocks(c: usize) -> (usize, usize) {
+    (16 * (c / 48) + c % 16, c % 48 / 16)
 }
 
 /// `v` emptied and refilled with `len` copies of `x`.
@@ -204,6 +234,9 @@ struct Scratch {
     qt2: Vec<u32>,
     pt2: Vec<u32>,
     q2: Vec<u32>,
+    /// For `AmxSplit`, what bf16 leaves of those 16 rows of Q, and its pairs.
+    q_lo: Vec<f32>,
+    q2_lo: Vec<u32>,
     /// A KV tile packed by the tile itself (`Stream::Read`), and what packing takes.
     tile_f32: Vec<f32>,
     tile_pairs: Vec<u32>,
@@ -266,9 +299,12 @@ fn attend_tile(
         }
     } else {
         // Sixteen rows at a time, so that each write to Q^T's pairs fills a cache line.
-        s.qt2.resize(d / 2 * cols, 0);
+        let split = kernel == Kernel::AmxSplit;
+        s.qt2.resize(k_pairs(kernel, d) * cols, 0);
         fresh(&mut s.qt, 16 * d, 0.0);
         s.q2.resize(16 * d / 2, 0);
+        s.q_lo.resize(16 * d, 0.0);
+        s.q2_lo.resize(16 * d / 2, 0);
         for r0 in (0..cols).step_by(16) {
             for (r, row) in (r0..r0 + 16).zip(s.qt.chunks_exact_mut(d)) {
                 if r < rows {
@@ -278,12 +314,20 @@ fn attend_tile(
                 }
             }
             bf16::pair_along(&s.qt, &mut s.q2);
+            if split {
+                bf16::residual(&s.qt, &mut s.q_lo);
+                bf16::pair_along(&s.q_lo, &mut s.q2_lo);
+            }
             for (i, line) in s.qt2.chunks_exact_mut(cols).enumerate() {
-                line[r0..r0 + 16].iter_mut().zip(s.q2[i..].iter().step_by(d / 2)).for_each(|(y, &p)| *y = p);
+                // Split: rows (hi, hi, lo), against K's (hi, lo, hi).
+                let pairs = if i >= d { &s.q2_lo } else { &s.q2 };
+                let i = i % (d / 2);
+                line[r0..r0 + 16].iter_mut().zip(pairs[i..].iter().step_by(d / 2)).for_each(|(y, &p)| *y = p);
             }
         }
     }
-    let tiles = kernel == Kernel::Amx;
+    let tiles = matches!(kernel, Kernel::Amx | Kernel::AmxSplit);
+    let split = kernel == Kernel::AmxSplit;
     // O, or O^T on tiles (`[d][cols]`, its padding columns too).
     fresh(&mut s.o, if tiles { d * cols } else { rows * d }, 0.0);
     fresh(&mut s.online.max, cols, f32::NEG_INFINITY);
@@ -292,7 +336,7 @@ fn attend_tile(
     fresh(&mut s.online.alpha, cols, 0.0);
     s.st.resize(BK * cols, 0.0);
     if kernel != Kernel::F32 {
-        s.pt2.resize(BK / 2 * cols, 0);
+        s.pt2.resize(if split { 3 } else { 1 } * BK / 2 * cols, 0);
     }
     // Positions of the tile's first and last query tokens: KV up to the last is read; KV tiles
     // past the first token's position need the causal mask.
@@ -327,15 +371,16 @@ fn attend_tile(
             KvTile::Pairs(kv_tile) => {
                 // On AMX, whole tiles of rows: K's rows past n are later positions or zeros,
                 // and S^T's rows past n are never read.
-                let k2 = &kv_tile[..BK * d / 2];
+                let kp = k_pairs(kernel, d);
+                let k2 = &kv_tile[..BK * kp];
                 let kv_rows = if tiles { n.next_multiple_of(16) } else { n };
                 let qk = bf16::Product {
                     a: k2,
-                    ars: d / 2,
+                    ars: kp,
                     acs: 1,
                     b: &s.qt2,
                     ldb: cols,
-                    kp: d / 2,
+                    kp,
                     rows: kv_rows,
                     n: cols,
                     ldc: cols,
@@ -359,8 +404,16 @@ fn attend_tile(
         } else {
             // P^T's pairs along the KV positions, an odd last one paired with zeros; on AMX,
             // zero pairs up to a whole tile of 16.
-            softmax_pairs(&s.st, n, cols, &mut s.online, &mut s.pt2);
-            if tiles {
+            softmax_pairs(&s.st, n, cols, &mut s.online, &mut s.pt2, split);
+            if split {
+                // Each of the last block's three parts, up to 16 rows.
+                for part in 0..3 {
+                    let rows = split_row(pairs, part)..split_row(pairs.next_multiple_of(16) - 1, part) + 1;
+                    if pairs % 16 != 0 {
+                        s.pt2[rows.start * cols..rows.end * cols].fill(0);
+                    }
+                }
+            } else if tiles {
                 s.pt2[pairs * cols..pairs.next_multiple_of(16) * cols].fill(0);
             }
         }
@@ -386,21 +439,14 @@ fn attend_tile(
                 matmul(isa, p, v, d, n, &mut s.o, d, rows, d, true);
             }
             KvTile::Pairs(kv_tile) => {
-                let v2 = &kv_tile[BK * d / 2..];
+                let v2 = &kv_tile[BK * k_pairs(kernel, d)..];
                 let kp = if tiles { pairs.next_multiple_of(16) } else { pairs };
                 if tiles {
-                    // O^T[d x cols] += V^T[d x kp] P^T[kp x cols].
-                    let pv = bf16::Product {
-                        a: v2,
-                        ars: BK / 2,
-                        acs: 1,
-                        b: &s.pt2,
-                        ldb: cols,
-                        kp,
-                        rows: d,
-                        n: cols,
-                        ldc: cols,
-                    };
+                    // O^T[d x cols] += V^T[d x kp] P^T[kp x cols], for `AmxSplit` three times
+                    // as long.
+                    let (kp, ars) = if split { (3 * kp, 3 * BK / 2) } else { (kp, BK / 2) };
+                    let pv =
+                        bf16::Product { a: v2, ars, acs: 1, b: &s.pt2, ldb: cols, kp, rows: d, n: cols, ldc: cols };
                     amx::product(&pv, &mut s.o, true);
                 } else {
                     let pv = bf16::Product { a: &s.pt2, ars: 1, acs: cols, b: v2, ldb: d, kp, rows, n: d, ldc: d };
@@ -498,15 +544,17 @@ fn softmax_step(isa: Isa, st: &mut [f32], cols: usize, online: &mut Online) {
 /// zeros). It runs in strips of 64 columns, whose rows stay in L1 from the max to the weights
 /// (S^T is 192 KiB with SmolLM2's 384 columns, past L1). As a pass over whole rows, then a
 /// pass pairing them, it took 38% of the AMX kernel's time; now 28%.
-fn softmax_pairs(st: &[f32], n: usize, cols: usize, online: &mut Online, pt2: &mut [u32]) {
+fn softmax_pairs(st: &[f32], n: usize, cols: usize, online: &mut Online, pt2: &mut [u32], split: bool) {
     let o = &*online;
     assert!(cols.is_multiple_of(16) && o.max.len() == cols && o.sum.len() == cols && o.alpha.len() == cols);
-    assert!(n > 0 && st.len() >= n * cols && pt2.len() >= n.div_ceil(2) * cols);
+    let pairs = n.div_ceil(2);
+    let rows = if split { split_row(pairs.next_multiple_of(16) - 1, 2) + 1 } else { pairs };
+    assert!(n > 0 && st.len() >= n * cols && pt2.len() >= rows * cols);
     assert!(bf16::runs_here(), "bf16 pairs need AVX-512 BF16");
     // SAFETY: the CPU has the features and every strip's rows are inside `st` and `pt2` (asserted).
     #[cfg(target_arch = "x86_64")]
     unsafe {
-        simd::softmax_pairs(st, n, cols, online, pt2)
+        simd::softmax_pairs(st, n, cols, online, pt2, split)
     }
 }
 
@@ -656,7 +704,7 @@ fn exp_one<M: MulAdd>(y: f32) -> f32 {
 /// The three instantiations for x86-64 (`Isa::Portable` uses the generic code as it is).
 #[cfg(target_arch = "x86_64")]
 mod simd {
-    use super::{mm, softmax, Fused, Mm, Online};
+    use super::{mm, softmax, split_row, Fused, Mm, Online};
     use std::arch::x86_64::*;
 
     /// # Safety
@@ -790,7 +838,7 @@ mod simd {
     /// As `softmax_pairs`, with the strip inside the columns.
     #[target_feature(enable = "avx512f,avx512bf16")]
     #[inline]
-    unsafe fn weigh_pairs<const W: usize>(
+    unsafe fn weigh_pairs<const W: usize, const SPLIT: bool>(
         st: &[f32],
         n: usize,
         cols: usize,
@@ -816,8 +864,25 @@ mod simd {
                 // SAFETY: a reinterpretation of a register of the same size.
                 let both = unsafe { std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(hi[w], lo[w])) };
                 let pair = _mm512_permutexvar_epi16(interleave, both);
-                // SAFETY: pair c / 2 of the strip is inside `pt2` (the caller's contract).
-                unsafe { _mm512_storeu_si512(pt2.as_mut_ptr().add(c / 2 * cols + j + 16 * w) as *mut __m512i, pair) };
+                // SAFETY (the stores): pair c / 2 of the strip, for `SPLIT` its three rows, is
+                // inside `pt2` (the caller's contract).
+                let out = pt2.as_mut_ptr();
+                let store = |row: usize, pair: __m512i| unsafe {
+                    _mm512_storeu_si512(out.add(row * cols + j + 16 * w) as *mut __m512i, pair)
+                };
+                if !SPLIT {
+                    store(c / 2, pair);
+                    continue;
+                }
+                // (hi, hi, lo): the weights less their bf16, rounded in turn.
+                let widen = |h: __m256i| _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)));
+                let lo_rest = _mm512_sub_ps(lo[w], widen(_mm512_castsi512_si256(both)));
+                let hi_rest = _mm512_sub_ps(hi[w], widen(_mm512_extracti64x4_epi64::<1>(both)));
+                // SAFETY: as above.
+                let rest = unsafe { std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(hi_rest, lo_rest)) };
+                store(split_row(c / 2, 0), pair);
+                store(split_row(c / 2, 1), pair);
+                store(split_row(c / 2, 2), _mm512_permutexvar_epi16(interleave, rest));
             }
         }
     }
@@ -876,17 +941,29 @@ mod simd {
     /// # Safety
     /// `super::softmax_pairs`'s checks hold; the CPU has AVX-512F and AVX-512 BF16.
     #[target_feature(enable = "avx512f,avx512bf16")]
-    pub unsafe fn softmax_pairs(st: &[f32], n: usize, cols: usize, online: &mut Online, pt2: &mut [u32]) {
+    pub unsafe fn softmax_pairs(st: &[f32], n: usize, cols: usize, online: &mut Online, pt2: &mut [u32], split: bool) {
         // Strips of 4 vectors (a cache line of each row), then of one: a strip of one vector
         // ran its max and its sum as single chains, waiting on their latency (1.6x slower).
         let wide = cols / 64 * 64;
         for j in (0..wide).step_by(64) {
             // SAFETY: passed on, for a strip inside the columns.
-            unsafe { strip::<4>(st, n, cols, j, online, pt2) }
+            unsafe {
+                if split {
+                    strip::<4, true>(st, n, cols, j, online, pt2)
+                } else {
+                    strip::<4, false>(st, n, cols, j, online, pt2)
+                }
+            }
         }
         for j in (wide..cols).step_by(16) {
             // SAFETY: as above.
-            unsafe { strip::<1>(st, n, cols, j, online, pt2) }
+            unsafe {
+                if split {
+                    strip::<1, true>(st, n, cols, j, online, pt2)
+                } else {
+                    strip::<1, false>(st, n, cols, j, online, pt2)
+                }
+            }
         }
     }
 
@@ -896,7 +973,16 @@ mod simd {
     /// As `softmax_pairs`, with the strip inside the columns.
     #[target_feature(enable = "avx512f,avx512bf16")]
     #[inline]
-    unsafe fn strip<const W: usize>(st: &[f32], n: usize, cols: usize, j: usize, online: &mut Online, pt2: &mut [u32]) {
+    unsafe fn strip<const W: usize, const SPLIT: bool>(
+        st: &[f32],
+        n: usize,
+        cols: usize,
+        j: usize,
+        online: &mut Online,
+        pt2: &mut [u32],
+    ) {
+        // Split weights are multiplied to about 2^-17: they take the exact 2^t.
+        let pow2 = |t| if SPLIT { pow2_exact(t) } else { pow2_16(t) };
         // SAFETY (every load and store): row c < n of `st`, pair c < n / 2 of `pt2` and the
         // online state, 16 W values from column j, are in bounds (the caller's checks).
         let load = |v: &[f32], at: usize| -> [__m512; W] {
@@ -917,12 +1003,12 @@ mod simd {
                 std::array::from_fn(|w| {
                     let t = _mm512_fmsub_ps(x[w], log2e, shift[w]);
                     top[w] = _mm512_max_ps(top[w], t);
-                    pow2_16(t)
+                    pow2(t)
                 })
             };
             let mut sum = load(&online.sum, j);
             // SAFETY: as above.
-            unsafe { weigh_pairs(st, n, cols, j, pt2, &mut sum, weights) };
+            unsafe { weigh_pairs::<W, SPLIT>(st, n, cols, j, pt2, &mut sum, weights) };
             let limit = _mm512_set1_ps(LAZY);
             if (0..W).all(|w| _mm512_cmp_ps_mask::<_CMP_GT_OQ>(top[w], limit) == 0) {
                 for (w, sum) in sum.into_iter().enumerate() {
@@ -935,12 +1021,11 @@ mod simd {
             // strip (its pairs are written again).
         }
         // SAFETY: as above.
-        let Settled { max, shift, alpha, mut sum } = unsafe { settle::<W>(st, n, cols, j, online, |t| pow2_16(t)) };
-        let weights = |x: [__m512; W]| -> [__m512; W] {
-            std::array::from_fn(|w| pow2_16(_mm512_fmsub_ps(x[w], log2e, shift[w])))
-        };
+        let Settled { max, shift, alpha, mut sum } = unsafe { settle::<W>(st, n, cols, j, online, pow2) };
+        let weights =
+            |x: [__m512; W]| -> [__m512; W] { std::array::from_fn(|w| pow2(_mm512_fmsub_ps(x[w], log2e, shift[w]))) };
         // SAFETY: as above.
-        unsafe { weigh_pairs(st, n, cols, j, pt2, &mut sum, weights) };
+        unsafe { weigh_pairs::<W, SPLIT>(st, n, cols, j, pt2, &mut sum, weights) };
         let store = |v: &mut [f32], x: [__m512; W]| {
             for (w, x) in x.into_iter().enumerate() {
                 unsafe { _mm512_storeu_ps(v.as_mut_ptr().add(j + 16 * w), x) };
