@@ -172,14 +172,29 @@ pub(super) fn for_each_task(
 /// multiples of 16. Panics unless `runs_here()`.
 /// Run `m` into `c`, adding to what `c` holds when `accumulate`.
 pub fn product(m: &Product<'_>, c: &mut [f32], accumulate: bool) {
+    checked_product(m, None, c, accumulate)
+}
+
+/// `product` of f32 operands each split in two bf16 parts, x = hi + lo: C (+)= Ahi Bhi +
+/// Alo Bhi + Ahi Blo, where `m` names the hi parts and the lo parts lie `a_lo` pairs further
+/// along A's rows and `b_lo` rows further down B. Each term keeps about 2^-17 of its value
+/// (the lo lo term and lo's own rounding), against bf16's 2^-9.
+pub fn product_split(m: &Product<'_>, a_lo: usize, b_lo: usize, c: &mut [f32], accumulate: bool) {
+    checked_product(m, Some((a_lo, b_lo)), c, accumulate)
+}
+
+fn checked_product(m: &Product<'_>, lo: Option<(usize, usize)>, c: &mut [f32], accumulate: bool) {
     assert!(runs_here(), "AMX bf16 tiles do not run on this CPU");
     let whole = |v: usize| v > 0 && v.is_multiple_of(TR);
     assert!(whole(m.rows) && whole(m.kp) && whole(m.n), "whole tiles");
-    assert!(m.acs == 1 && m.n <= m.ldb && m.n <= m.ldc && m.kp <= m.ars, "strides");
-    assert!(m.a.len() >= (m.rows - 1) * m.ars + m.kp && m.b.len() >= (m.kp - 1) * m.ldb + m.n, "operands");
+    let (a_lo, b_lo) = lo.unwrap_or((0, 0));
+    assert!(m.acs == 1 && m.n <= m.ldb && m.n <= m.ldc && a_lo + m.kp <= m.ars, "strides");
+    let a_end = (m.rows - 1) * m.ars + a_lo + m.kp;
+    assert!(m.a.len() >= a_end && m.b.len() >= (b_lo + m.kp - 1) * m.ldb + m.n, "operands");
     assert!(c.len() >= (m.rows - 1) * m.ldc + m.n, "output");
-    // SAFETY: the CPU runs the tiles (asserted); every tile lies inside a, b and c (asserted).
-    unsafe { simd::product(m, c.as_mut_ptr(), accumulate) }
+    // SAFETY: the CPU runs the tiles (asserted); every tile, hi and lo, lies inside a, b and c
+    // (asserted).
+    unsafe { simd::product(m, lo, c.as_mut_ptr(), accumulate) }
 }
 
 thread_local! {
@@ -309,7 +324,7 @@ mod simd {
     /// # Safety
     /// `super::product`'s checks hold for `m` and the output at `c`; the CPU runs AMX tiles with
     /// the permission granted.
-    pub unsafe fn product(m: &Product<'_>, c: *mut f32, accumulate: bool) {
+    pub unsafe fn product(m: &Product<'_>, lo: Option<(usize, usize)>, c: *mut f32, accumulate: bool) {
         let (lda, ldb, ldc) = (m.ars * 4, m.ldb * 4, m.ldc * 4);
         let (a, b) = (m.a.as_ptr() as *const u8, m.b.as_ptr() as *const u8);
         let c = c as *mut u8;
@@ -350,53 +365,57 @@ mod simd {
                             // over 6,000 tokens took 8-10% less time with this prefetch. Going
                             // down the block columns instead, to keep a column of B in L1, was
                             // slower.
-                            let p = b.add(k0 * ldb + nj * 4);
                             let both = nj + TR < m.n;
-                            for r in 0..TR {
-                                _mm_prefetch::<_MM_HINT_T0>(p.add(r * ldb) as *const i8);
-                                if both {
-                                    _mm_prefetch::<_MM_HINT_T0>(p.add(r * ldb + 64) as *const i8);
+                            for p in [Some(0), lo.map(|(_, blo)| blo)].into_iter().flatten() {
+                                let p = b.add((p + k0) * ldb + nj * 4);
+                                for r in 0..TR {
+                                    _mm_prefetch::<_MM_HINT_T0>(p.add(r * ldb) as *const i8);
+                                    if both {
+                                        _mm_prefetch::<_MM_HINT_T0>(p.add(r * ldb + 64) as *const i8);
+                                    }
                                 }
                             }
                         }
-                        match (two_rows, two_cols) {
-                            (true, true) => asm!(
-                                "tileloadd tmm4, [{a0} + {lda}*1]",
-                                "tileloadd tmm5, [{a1} + {lda}*1]",
-                                "tileloadd tmm6, [{b0} + {ldb}*1]",
-                                "tileloadd tmm7, [{b1} + {ldb}*1]",
-                                "tdpbf16ps tmm0, tmm4, tmm6",
-                                "tdpbf16ps tmm1, tmm4, tmm7",
-                                "tdpbf16ps tmm2, tmm5, tmm6",
-                                "tdpbf16ps tmm3, tmm5, tmm7",
-                                a0 = in(reg) a0, a1 = in(reg) a1, b0 = in(reg) b0, b1 = in(reg) b1,
-                                lda = in(reg) lda, ldb = in(reg) ldb, options(nostack, readonly),
-                            ),
-                            (true, false) => asm!(
-                                "tileloadd tmm4, [{a0} + {lda}*1]",
-                                "tileloadd tmm5, [{a1} + {lda}*1]",
-                                "tileloadd tmm6, [{b0} + {ldb}*1]",
-                                "tdpbf16ps tmm0, tmm4, tmm6",
-                                "tdpbf16ps tmm2, tmm5, tmm6",
-                                a0 = in(reg) a0, a1 = in(reg) a1, b0 = in(reg) b0,
-                                lda = in(reg) lda, ldb = in(reg) ldb, options(nostack, readonly),
-                            ),
-                            (false, true) => asm!(
-                                "tileloadd tmm4, [{a0} + {lda}*1]",
-                                "tileloadd tmm6, [{b0} + {ldb}*1]",
-                                "tileloadd tmm7, [{b1} + {ldb}*1]",
-                                "tdpbf16ps tmm0, tmm4, tmm6",
-                                "tdpbf16ps tmm1, tmm4, tmm7",
-                                a0 = in(reg) a0, b0 = in(reg) b0, b1 = in(reg) b1,
-                                lda = in(reg) lda, ldb = in(reg) ldb, options(nostack, readonly),
-                            ),
-                            (false, false) => asm!(
-                                "tileloadd tmm4, [{a0} + {lda}*1]",
-                                "tileloadd tmm6, [{b0} + {ldb}*1]",
-                                "tdpbf16ps tmm0, tmm4, tmm6",
-                                a0 = in(reg) a0, b0 = in(reg) b0,
-                                lda = in(reg) lda, ldb = in(reg) ldb, options(nostack, readonly),
-                            ),
+                        match lo {
+                            None => step(two_rows, two_cols, [a0, a1, b0, b1], lda, ldb),
+                            Some((alo, blo)) if two_rows && two_cols => {
+                                // hi hi, lo hi, hi lo with the hi B tiles kept for the second
+                                // product: 10 tile loads for 12 products, not 12.
+                                let (a0l, a1l) = (a0.add(alo * 4), a1.add(alo * 4));
+                                let (b0l, b1l) = (b0.add(blo * ldb), b1.add(blo * ldb));
+                                asm!(
+                                    "tileloadd tmm4, [{a0} + {lda}*1]",
+                                    "tileloadd tmm5, [{a1} + {lda}*1]",
+                                    "tileloadd tmm6, [{b0} + {ldb}*1]",
+                                    "tileloadd tmm7, [{b1} + {ldb}*1]",
+                                    "tdpbf16ps tmm0, tmm4, tmm6",
+                                    "tdpbf16ps tmm1, tmm4, tmm7",
+                                    "tdpbf16ps tmm2, tmm5, tmm6",
+                                    "tdpbf16ps tmm3, tmm5, tmm7",
+                                    "tileloadd tmm4, [{a0l} + {lda}*1]",
+                                    "tileloadd tmm5, [{a1l} + {lda}*1]",
+                                    "tdpbf16ps tmm0, tmm4, tmm6",
+                                    "tdpbf16ps tmm1, tmm4, tmm7",
+                                    "tdpbf16ps tmm2, tmm5, tmm6",
+                                    "tdpbf16ps tmm3, tmm5, tmm7",
+                                    "tileloadd tmm4, [{a0} + {lda}*1]",
+                                    "tileloadd tmm5, [{a1} + {lda}*1]",
+                                    "tileloadd tmm6, [{b0l} + {ldb}*1]",
+                                    "tileloadd tmm7, [{b1l} + {ldb}*1]",
+                                    "tdpbf16ps tmm0, tmm4, tmm6",
+                                    "tdpbf16ps tmm1, tmm4, tmm7",
+                                    "tdpbf16ps tmm2, tmm5, tmm6",
+                                    "tdpbf16ps tmm3, tmm5, tmm7",
+                                    a0 = in(reg) a0, a1 = in(reg) a1, b0 = in(reg) b0, b1 = in(reg) b1,
+                                    a0l = in(reg) a0l, a1l = in(reg) a1l, b0l = in(reg) b0l, b1l = in(reg) b1l,
+                                    lda = in(reg) lda, ldb = in(reg) ldb, options(nostack, readonly),
+                                );
+                            }
+                            Some((alo, blo)) => {
+                                step(two_rows, two_cols, [a0, a1, b0, b1], lda, ldb);
+                                step(two_rows, two_cols, [a0.add(alo * 4), a1.add(alo * 4), b0, b1], lda, ldb);
+                                step(two_rows, two_cols, [a0, a1, b0.add(blo * ldb), b1.add(blo * ldb)], lda, ldb);
+                            }
                         }
                     }
                     for &(i, j, on) in &tiles {
@@ -407,6 +426,57 @@ mod simd {
                 }
             }
             asm!("tilerelease", options(nostack, nomem));
+        }
+    }
+
+    /// One step of k (16 pairs) of a block of up to 2 x 2 C tiles: A tiles at `a0` and `a1`
+    /// (rows), B tiles at `b0` and `b1` (columns), as far as the block reaches.
+    ///
+    /// # Safety
+    /// As `product`, for tiles inside its operands, with the tiles configured.
+    #[inline(always)]
+    unsafe fn step(two_rows: bool, two_cols: bool, [a0, a1, b0, b1]: [*const u8; 4], lda: usize, ldb: usize) {
+        // SAFETY: the caller's contract.
+        unsafe {
+            match (two_rows, two_cols) {
+                (true, true) => asm!(
+                    "tileloadd tmm4, [{a0} + {lda}*1]",
+                    "tileloadd tmm5, [{a1} + {lda}*1]",
+                    "tileloadd tmm6, [{b0} + {ldb}*1]",
+                    "tileloadd tmm7, [{b1} + {ldb}*1]",
+                    "tdpbf16ps tmm0, tmm4, tmm6",
+                    "tdpbf16ps tmm1, tmm4, tmm7",
+                    "tdpbf16ps tmm2, tmm5, tmm6",
+                    "tdpbf16ps tmm3, tmm5, tmm7",
+                    a0 = in(reg) a0, a1 = in(reg) a1, b0 = in(reg) b0, b1 = in(reg) b1,
+                    lda = in(reg) lda, ldb = in(reg) ldb, options(nostack, readonly),
+                ),
+                (true, false) => asm!(
+                    "tileloadd tmm4, [{a0} + {lda}*1]",
+                    "tileloadd tmm5, [{a1} + {lda}*1]",
+                    "tileloadd tmm6, [{b0} + {ldb}*1]",
+                    "tdpbf16ps tmm0, tmm4, tmm6",
+                    "tdpbf16ps tmm2, tmm5, tmm6",
+                    a0 = in(reg) a0, a1 = in(reg) a1, b0 = in(reg) b0,
+                    lda = in(reg) lda, ldb = in(reg) ldb, options(nostack, readonly),
+                ),
+                (false, true) => asm!(
+                    "tileloadd tmm4, [{a0} + {lda}*1]",
+                    "tileloadd tmm6, [{b0} + {ldb}*1]",
+                    "tileloadd tmm7, [{b1} + {ldb}*1]",
+                    "tdpbf16ps tmm0, tmm4, tmm6",
+                    "tdpbf16ps tmm1, tmm4, tmm7",
+                    a0 = in(reg) a0, b0 = in(reg) b0, b1 = in(reg) b1,
+                    lda = in(reg) lda, ldb = in(reg) ldb, options(nostack, readonly),
+                ),
+                (false, false) => asm!(
+                    "tileloadd tmm4, [{a0} + {lda}*1]",
+                    "tileloadd tmm6, [{b0} + {ldb}*1]",
+                    "tdpbf16ps tmm0, tmm4, tmm6",
+                    a0 = in(reg) a0, b0 = in(reg) b0,
+                    lda = in(reg) lda, ldb = in(reg) ldb, options(nostack, readonly),
+                ),
+            }
         }
     }
 
@@ -533,7 +603,7 @@ mod simd {
 #[cfg(not(target_arch = "x86_64"))]
 mod simd {
     /// Never called: `runs_here` is false off x86_64.
-    pub unsafe fn product(_: &super::Product<'_>, _: *mut f32, _: bool) {
+    pub unsafe fn product(_: &super::Product<'_>, _: Option<(usize, usize)>, _: *mut f32, _: bool) {
         unreachable!("AMX is x86_64 only")
     }
 

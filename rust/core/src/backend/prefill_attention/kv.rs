@@ -4,7 +4,7 @@
 
 use rayon::prelude::*;
 
-use super::{bf16, fresh, k_pairs, split_blocks, Kernel, Paged, Tile, BK, SCRATCH};
+use super::{bf16, fresh, k_pairs, Kernel, Paged, Tile, BK, SCRATCH};
 
 /// The KV history of each (sequence, KV head) that more than one of a call's tiles read,
 /// gathered from the paged cache and put in its kernel's operand form once per call, in tiles of
@@ -56,8 +56,8 @@ pub(super) fn tile_len(kernel: Kernel, d: usize) -> usize {
     match kernel {
         Kernel::F32 => 2 * BK * d,
         Kernel::Bf16 | Kernel::Amx => BK * d,
-        // Three bf16 values a value: K's rows (hi, lo, hi) and V^T's (`split_blocks`).
-        Kernel::AmxSplit => 3 * BK * d,
+        // Two bf16 values a value: K's rows (hi, lo) and V^T's.
+        Kernel::AmxSplit => 2 * BK * d,
     }
 }
 
@@ -149,9 +149,8 @@ pub(super) struct Packing {
 
 /// KV tile `j0..j0 + BK` of `read` as the bf16 kernels take it, into `tile` (`tile_len` pairs):
 /// K's pairs along d, `[BK][d / 2]`, then V's pairs along the positions, `[BK / 2][d]`, or for
-/// AMX V^T's, `[d][BK / 2]`. For `AmxSplit` each K row is (hi, lo, hi), `[BK][3 d / 2]`, and each
-/// V^T row (hi, lo, hi) block by block (`split_blocks`), `[d][3 BK / 2]`. Positions past the
-/// stream's end are zero.
+/// AMX V^T's, `[d][BK / 2]`. For `AmxSplit` each K row is (hi, lo), `[BK][d]`, and each V^T
+/// row (hi, lo), `[d][BK]`. Positions past the stream's end are zero.
 pub(super) fn pack_pairs(kv: Paged<'_>, read: Read<'_>, j0: usize, kernel: Kernel, tile: &mut [u32], p: &mut Packing) {
     let d = kv.head_dim;
     let split = kernel == Kernel::AmxSplit;
@@ -164,10 +163,8 @@ pub(super) fn pack_pairs(kv: Paged<'_>, read: Read<'_>, j0: usize, kernel: Kerne
     for (k, pairs) in p.k.chunks_exact(d).zip(k2.chunks_exact_mut(kp)) {
         bf16::pair_along(k, &mut pairs[..d / 2]);
         if split {
-            let (hi, rest) = pairs.split_at_mut(d / 2);
             bf16::residual(k, &mut p.k_lo);
-            bf16::pair_along(&p.k_lo, &mut rest[..d / 2]);
-            rest[d / 2..].copy_from_slice(hi);
+            bf16::pair_along(&p.k_lo, &mut pairs[d / 2..]);
         }
     }
     let pair_v = |v: &[f32], out: &mut [u32]| {
@@ -192,10 +189,9 @@ pub(super) fn pack_pairs(kv: Paged<'_>, read: Read<'_>, j0: usize, kernel: Kerne
     bf16::residual(&p.v, &mut p.v_lo);
     p.v2_lo.resize(BK / 2 * d, 0);
     pair_v(&p.v_lo, &mut p.v2_lo);
-    for (dd, row) in v2.chunks_exact_mut(3 * BK / 2).enumerate() {
-        for (c, x) in row.iter_mut().enumerate() {
-            let (pair, part) = split_blocks(c);
-            *x = if part == 1 { p.v2_lo[pair * d + dd] } else { p.v2[pair * d + dd] };
-        }
+    for (dd, row) in v2.chunks_exact_mut(BK).enumerate() {
+        let (hi, lo) = row.split_at_mut(BK / 2);
+        hi.iter_mut().enumerate().for_each(|(c, x)| *x = p.v2[c * d + dd]);
+        lo.iter_mut().enumerate().for_each(|(c, x)| *x = p.v2_lo[c * d + dd]);
     }
 }

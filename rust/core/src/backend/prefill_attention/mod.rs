@@ -183,35 +183,21 @@ enum Kernel {
     Amx,
     /// f32 products on AMX's bf16 tiles (a model whose attention keeps f32's precision): each
     /// operand split as hi + lo, both bf16 (`bf16::residual`), and a product taken as
-    /// hi hi + hi lo + lo hi, which leaves about 2^-17 of each term against bf16's 2^-9 (the
-    /// "bf16x3" of oneDNN and of cuBLAS's 3xTF32). Tiles sum along their rows, so the three
-    /// terms are one product three times as long: a KV tile is K `[BK][3 d / 2]`, each row
-    /// (hi, lo, hi) against Q^T's (hi, hi, lo), then V^T `[d][3 BK / 2]` in blocks of 16 pairs
-    /// (hi, lo, hi) against P^T's (hi, hi, lo) (`split_row`), so that a partial KV tile's product
-    /// stops at a whole block.
+    /// hi hi + lo hi + hi lo (`amx::product_split`), which leaves about 2^-17 of each term
+    /// against bf16's 2^-9 (the "bf16x3" of oneDNN, and cuBLAS's 3xTF32). Each operand holds its
+    /// lo part after its hi one: a KV tile is K `[BK][d]`, rows (hi, lo), then V^T `[d][BK]`,
+    /// rows (hi, lo); Q^T's and P^T's lo rows follow their hi ones.
     AmxSplit,
 }
 
-/// Pairs in a K row of a packed KV tile, and rows of Q^T's pairs: d / 2, or (hi, lo, hi) for
+/// Pairs in a K row of a packed KV tile, and rows of Q^T's pairs: d / 2, or hi and lo for
 /// `AmxSplit`.
 fn k_pairs(kernel: Kernel, d: usize) -> usize {
     if kernel == Kernel::AmxSplit {
-        3 * d / 2
+        d
     } else {
         d / 2
     }
-}
-
-/// `AmxSplit`'s rows along the KV positions (V^T's columns, P^T's rows): pair `pair`'s part
-/// `part` (0, 1, 2) is row `48 (pair / 16) + 16 part + pair % 16`: blocks of 16 pairs, each three
-/// times over.
-fn split_row(pair: usize, part: usize) -> usize {
-    48 * (pair / 16) + 16 * part + pair % 16
-}
-
-/// `split_row`'s inverse: (pair, part) of row `c`.
-fn split_blocks(c: usize) -> (usize, usize) {
-    (16 * (c / 48) + c % 16, c % 48 / 16)
 }
 
 /// `v` emptied and refilled with `len` copies of `x`.
@@ -319,8 +305,8 @@ fn attend_tile(
                 bf16::pair_along(&s.q_lo, &mut s.q2_lo);
             }
             for (i, line) in s.qt2.chunks_exact_mut(cols).enumerate() {
-                // Split: rows (hi, hi, lo), against K's (hi, lo, hi).
-                let pairs = if i >= d { &s.q2_lo } else { &s.q2 };
+                // Split: the hi rows, then the lo rows.
+                let pairs = if i >= d / 2 { &s.q2_lo } else { &s.q2 };
                 let i = i % (d / 2);
                 line[r0..r0 + 16].iter_mut().zip(pairs[i..].iter().step_by(d / 2)).for_each(|(y, &p)| *y = p);
             }
@@ -336,7 +322,7 @@ fn attend_tile(
     fresh(&mut s.online.alpha, cols, 0.0);
     s.st.resize(BK * cols, 0.0);
     if kernel != Kernel::F32 {
-        s.pt2.resize(if split { 3 } else { 1 } * BK / 2 * cols, 0);
+        s.pt2.resize(if split { 2 } else { 1 } * BK / 2 * cols, 0);
     }
     // Positions of the tile's first and last query tokens: KV up to the last is read; KV tiles
     // past the first token's position need the causal mask.
@@ -371,21 +357,23 @@ fn attend_tile(
             KvTile::Pairs(kv_tile) => {
                 // On AMX, whole tiles of rows: K's rows past n are later positions or zeros,
                 // and S^T's rows past n are never read.
-                let kp = k_pairs(kernel, d);
-                let k2 = &kv_tile[..BK * kp];
+                let row = k_pairs(kernel, d);
+                let k2 = &kv_tile[..BK * row];
                 let kv_rows = if tiles { n.next_multiple_of(16) } else { n };
                 let qk = bf16::Product {
                     a: k2,
-                    ars: kp,
+                    ars: row,
                     acs: 1,
                     b: &s.qt2,
                     ldb: cols,
-                    kp,
+                    kp: d / 2,
                     rows: kv_rows,
                     n: cols,
                     ldc: cols,
                 };
-                if tiles {
+                if split {
+                    amx::product_split(&qk, d / 2, d / 2, &mut s.st, false);
+                } else if tiles {
                     amx::product(&qk, &mut s.st, false);
                 } else {
                     bf16::product(&qk, &mut s.st, false);
@@ -404,17 +392,12 @@ fn attend_tile(
         } else {
             // P^T's pairs along the KV positions, an odd last one paired with zeros; on AMX,
             // zero pairs up to a whole tile of 16.
-            softmax_pairs(&s.st, n, cols, &mut s.online, &mut s.pt2, split);
-            if split {
-                // Each of the last block's three parts, up to 16 rows.
-                for part in 0..3 {
-                    let rows = split_row(pairs, part)..split_row(pairs.next_multiple_of(16) - 1, part) + 1;
-                    if pairs % 16 != 0 {
-                        s.pt2[rows.start * cols..rows.end * cols].fill(0);
-                    }
+            let lo_at = split.then_some(BK / 2);
+            softmax_pairs(&s.st, n, cols, &mut s.online, &mut s.pt2, lo_at);
+            if tiles {
+                for at in [Some(0), lo_at].into_iter().flatten() {
+                    s.pt2[(at + pairs) * cols..(at + pairs.next_multiple_of(16)) * cols].fill(0);
                 }
-            } else if tiles {
-                s.pt2[pairs * cols..pairs.next_multiple_of(16) * cols].fill(0);
             }
         }
         if tiles {
@@ -442,12 +425,15 @@ fn attend_tile(
                 let v2 = &kv_tile[BK * k_pairs(kernel, d)..];
                 let kp = if tiles { pairs.next_multiple_of(16) } else { pairs };
                 if tiles {
-                    // O^T[d x cols] += V^T[d x kp] P^T[kp x cols], for `AmxSplit` three times
-                    // as long.
-                    let (kp, ars) = if split { (3 * kp, 3 * BK / 2) } else { (kp, BK / 2) };
+                    // O^T[d x cols] += V^T[d x kp] P^T[kp x cols].
+                    let ars = if split { BK } else { BK / 2 };
                     let pv =
                         bf16::Product { a: v2, ars, acs: 1, b: &s.pt2, ldb: cols, kp, rows: d, n: cols, ldc: cols };
-                    amx::product(&pv, &mut s.o, true);
+                    if split {
+                        amx::product_split(&pv, BK / 2, BK / 2, &mut s.o, true);
+                    } else {
+                        amx::product(&pv, &mut s.o, true);
+                    }
                 } else {
                     let pv = bf16::Product { a: &s.pt2, ars: 1, acs: cols, b: v2, ldb: d, kp, rows, n: d, ldc: d };
                     bf16::product(&pv, &mut s.o, true);
@@ -544,17 +530,16 @@ fn softmax_step(isa: Isa, st: &mut [f32], cols: usize, online: &mut Online) {
 /// zeros). It runs in strips of 64 columns, whose rows stay in L1 from the max to the weights
 /// (S^T is 192 KiB with SmolLM2's 384 columns, past L1). As a pass over whole rows, then a
 /// pass pairing them, it took 38% of the AMX kernel's time; now 28%.
-fn softmax_pairs(st: &[f32], n: usize, cols: usize, online: &mut Online, pt2: &mut [u32], split: bool) {
+fn softmax_pairs(st: &[f32], n: usize, cols: usize, online: &mut Online, pt2: &mut [u32], lo_at: Option<usize>) {
     let o = &*online;
     assert!(cols.is_multiple_of(16) && o.max.len() == cols && o.sum.len() == cols && o.alpha.len() == cols);
-    let pairs = n.div_ceil(2);
-    let rows = if split { split_row(pairs.next_multiple_of(16) - 1, 2) + 1 } else { pairs };
+    let rows = lo_at.unwrap_or(0) + n.div_ceil(2);
     assert!(n > 0 && st.len() >= n * cols && pt2.len() >= rows * cols);
     assert!(bf16::runs_here(), "bf16 pairs need AVX-512 BF16");
     // SAFETY: the CPU has the features and every strip's rows are inside `st` and `pt2` (asserted).
     #[cfg(target_arch = "x86_64")]
     unsafe {
-        simd::softmax_pairs(st, n, cols, online, pt2, split)
+        simd::softmax_pairs(st, n, cols, online, pt2, lo_at)
     }
 }
 
@@ -704,7 +689,7 @@ fn exp_one<M: MulAdd>(y: f32) -> f32 {
 /// The three instantiations for x86-64 (`Isa::Portable` uses the generic code as it is).
 #[cfg(target_arch = "x86_64")]
 mod simd {
-    use super::{mm, softmax, split_row, Fused, Mm, Online};
+    use super::{mm, softmax, Fused, Mm, Online};
     use std::arch::x86_64::*;
 
     /// # Safety
@@ -836,6 +821,7 @@ mod simd {
     ///
     /// # Safety
     /// As `softmax_pairs`, with the strip inside the columns.
+    #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f,avx512bf16")]
     #[inline]
     unsafe fn weigh_pairs<const W: usize, const SPLIT: bool>(
@@ -844,6 +830,7 @@ mod simd {
         cols: usize,
         j: usize,
         pt2: &mut [u32],
+        lo_at: usize,
         sum: &mut [__m512; W],
         mut weights: impl FnMut([__m512; W]) -> [__m512; W],
     ) {
@@ -874,15 +861,14 @@ mod simd {
                     store(c / 2, pair);
                     continue;
                 }
-                // (hi, hi, lo): the weights less their bf16, rounded in turn.
+                // The lo part, `lo_at` rows on: the weights less their bf16, rounded in turn.
                 let widen = |h: __m256i| _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)));
                 let lo_rest = _mm512_sub_ps(lo[w], widen(_mm512_castsi512_si256(both)));
                 let hi_rest = _mm512_sub_ps(hi[w], widen(_mm512_extracti64x4_epi64::<1>(both)));
                 // SAFETY: as above.
                 let rest = unsafe { std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(hi_rest, lo_rest)) };
-                store(split_row(c / 2, 0), pair);
-                store(split_row(c / 2, 1), pair);
-                store(split_row(c / 2, 2), _mm512_permutexvar_epi16(interleave, rest));
+                store(c / 2, pair);
+                store(lo_at + c / 2, _mm512_permutexvar_epi16(interleave, rest));
             }
         }
     }
@@ -941,27 +927,32 @@ mod simd {
     /// # Safety
     /// `super::softmax_pairs`'s checks hold; the CPU has AVX-512F and AVX-512 BF16.
     #[target_feature(enable = "avx512f,avx512bf16")]
-    pub unsafe fn softmax_pairs(st: &[f32], n: usize, cols: usize, online: &mut Online, pt2: &mut [u32], split: bool) {
+    pub unsafe fn softmax_pairs(
+        st: &[f32],
+        n: usize,
+        cols: usize,
+        online: &mut Online,
+        pt2: &mut [u32],
+        lo_at: Option<usize>,
+    ) {
         // Strips of 4 vectors (a cache line of each row), then of one: a strip of one vector
         // ran its max and its sum as single chains, waiting on their latency (1.6x slower).
         let wide = cols / 64 * 64;
         for j in (0..wide).step_by(64) {
             // SAFETY: passed on, for a strip inside the columns.
             unsafe {
-                if split {
-                    strip::<4, true>(st, n, cols, j, online, pt2)
-                } else {
-                    strip::<4, false>(st, n, cols, j, online, pt2)
+                match lo_at {
+                    Some(at) => strip::<4, true>(st, n, cols, j, online, pt2, at),
+                    None => strip::<4, false>(st, n, cols, j, online, pt2, 0),
                 }
             }
         }
         for j in (wide..cols).step_by(16) {
             // SAFETY: as above.
             unsafe {
-                if split {
-                    strip::<1, true>(st, n, cols, j, online, pt2)
-                } else {
-                    strip::<1, false>(st, n, cols, j, online, pt2)
+                match lo_at {
+                    Some(at) => strip::<1, true>(st, n, cols, j, online, pt2, at),
+                    None => strip::<1, false>(st, n, cols, j, online, pt2, 0),
                 }
             }
         }
@@ -980,6 +971,7 @@ mod simd {
         j: usize,
         online: &mut Online,
         pt2: &mut [u32],
+        lo_at: usize,
     ) {
         // Split weights are multiplied to about 2^-17: they take the exact 2^t.
         let pow2 = |t| if SPLIT { pow2_exact(t) } else { pow2_16(t) };
@@ -1008,7 +1000,7 @@ mod simd {
             };
             let mut sum = load(&online.sum, j);
             // SAFETY: as above.
-            unsafe { weigh_pairs::<W, SPLIT>(st, n, cols, j, pt2, &mut sum, weights) };
+            unsafe { weigh_pairs::<W, SPLIT>(st, n, cols, j, pt2, lo_at, &mut sum, weights) };
             let limit = _mm512_set1_ps(LAZY);
             if (0..W).all(|w| _mm512_cmp_ps_mask::<_CMP_GT_OQ>(top[w], limit) == 0) {
                 for (w, sum) in sum.into_iter().enumerate() {
@@ -1025,7 +1017,7 @@ mod simd {
         let weights =
             |x: [__m512; W]| -> [__m512; W] { std::array::from_fn(|w| pow2(_mm512_fmsub_ps(x[w], log2e, shift[w]))) };
         // SAFETY: as above.
-        unsafe { weigh_pairs::<W, SPLIT>(st, n, cols, j, pt2, &mut sum, weights) };
+        unsafe { weigh_pairs::<W, SPLIT>(st, n, cols, j, pt2, lo_at, &mut sum, weights) };
         let store = |v: &mut [f32], x: [__m512; W]| {
             for (w, x) in x.into_iter().enumerate() {
                 unsafe { _mm512_storeu_ps(v.as_mut_ptr().add(j + 16 * w), x) };
