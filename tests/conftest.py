@@ -20,7 +20,8 @@ def pytest_report_header(config):
     from horae import _core
 
     k = _core.cpu_kernels()
-    amx = f"; AMX tiles for bf16 products from {k['amx_min_rows']} rows" if k["amx_min_rows"] else ""
+    amx = (f"; AMX tiles for bf16 products from {k['amx_min_rows']} rows, and for f32 prefill attention in"
+           " three bf16 products" if k["amx_min_rows"] else "")
     if k["amx_int8_min_rows"]:
         amx += f", int8 tiles for q8_0/q4_1 weights from {k['amx_int8_min_rows']} rows"
     return f"horae CPU kernels: {', '.join(k['available'])} (the engine uses {k['selected']}{amx})"

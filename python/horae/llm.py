@@ -285,7 +285,10 @@ class Engine:
         # (prefill attention with AVX-512 BF16; linear layers from 16 rows on AMX tiles), as HF
         # transformers' bf16 does, and a "q8_0"/"q4_1" model's linear layers from 16 rows where
         # the CPU runs AMX int8 tiles (activations quantized to 22 bits per block of 32: within
-        # the f32 path's goldens). On a GPU: "auto" = "bfloat16", or "float16".
+        # the f32 path's goldens); there the prefill attention of a "float32", "q8_0" or "q4_1"
+        # model runs on AMX bf16 tiles, each f32 product as three bf16 ones (hi hi + lo hi +
+        # hi lo, about 2^-17 of each term; also within the goldens). HORAE_CPU_KERNEL=avx512
+        # turns every AMX kernel off. On a GPU: "auto" = "bfloat16", or "float16".
         # history_window / max_output_bound: Past-Future's length history (finished lengths kept)
         # and what it is primed with before any request finished (default: the model's context).
         # speculative: speculative decoding, e.g. {"method": "ngram", "k_max": 4, "adaptive": True}

@@ -216,8 +216,8 @@ def run(model=None, batches: List[int] = (1, 8, 32), new_tokens: int = 64, prefi
     peaks = [gemm_peak()]
     res = {"model": str(model_dir), "params_matmul": params, "linear": {}, "dtypes": {}, "cpu": _cpu_name(),
            "kernels": kernels}
-    amx = (f", and AMX tiles for a bf16 model's products from {kernels['amx_min_rows']} rows" if kernels["amx_min_rows"]
-           else "")
+    amx = (f", and AMX tiles for a bf16 model's products from {kernels['amx_min_rows']} rows, and for an f32 or"
+           " quantized model's prefill attention in three bf16 products" if kernels["amx_min_rows"] else "")
     if kernels["amx_int8_min_rows"]:
         amx += f", and AMX int8 tiles for q8_0/q4_1 weights from {kernels['amx_int8_min_rows']} rows"
     print(f"CPU {res['cpu']}; kernels it runs: {', '.join(kernels['available'])}; the engine uses {kernels['selected']}{amx}")
