@@ -318,6 +318,13 @@ mod simd {
         };
     }
 
+    /// A 2 x 2 block's products: C tiles tmm0-3 += A tiles tmm4-5 times B tiles tmm6-7.
+    macro_rules! block_products {
+        () => {
+            "tdpbf16ps tmm0, tmm4, tmm6\n tdpbf16ps tmm1, tmm4, tmm7\n tdpbf16ps tmm2, tmm5, tmm6\n tdpbf16ps tmm3, tmm5, tmm7"
+        };
+    }
+
     /// Blocks of 2 x 2 C tiles (1 x 2, 2 x 1 or 1 x 1 at the edges): C tile (i, j) of a block
     /// is tmm(2i + j), A tiles tmm4-5, B tiles tmm6-7.
     ///
@@ -388,24 +395,15 @@ mod simd {
                                     "tileloadd tmm5, [{a1} + {lda}*1]",
                                     "tileloadd tmm6, [{b0} + {ldb}*1]",
                                     "tileloadd tmm7, [{b1} + {ldb}*1]",
-                                    "tdpbf16ps tmm0, tmm4, tmm6",
-                                    "tdpbf16ps tmm1, tmm4, tmm7",
-                                    "tdpbf16ps tmm2, tmm5, tmm6",
-                                    "tdpbf16ps tmm3, tmm5, tmm7",
+                                    block_products!(),
                                     "tileloadd tmm4, [{a0l} + {lda}*1]",
                                     "tileloadd tmm5, [{a1l} + {lda}*1]",
-                                    "tdpbf16ps tmm0, tmm4, tmm6",
-                                    "tdpbf16ps tmm1, tmm4, tmm7",
-                                    "tdpbf16ps tmm2, tmm5, tmm6",
-                                    "tdpbf16ps tmm3, tmm5, tmm7",
+                                    block_products!(),
                                     "tileloadd tmm4, [{a0} + {lda}*1]",
                                     "tileloadd tmm5, [{a1} + {lda}*1]",
                                     "tileloadd tmm6, [{b0l} + {ldb}*1]",
                                     "tileloadd tmm7, [{b1l} + {ldb}*1]",
-                                    "tdpbf16ps tmm0, tmm4, tmm6",
-                                    "tdpbf16ps tmm1, tmm4, tmm7",
-                                    "tdpbf16ps tmm2, tmm5, tmm6",
-                                    "tdpbf16ps tmm3, tmm5, tmm7",
+                                    block_products!(),
                                     a0 = in(reg) a0, a1 = in(reg) a1, b0 = in(reg) b0, b1 = in(reg) b1,
                                     a0l = in(reg) a0l, a1l = in(reg) a1l, b0l = in(reg) b0l, b1l = in(reg) b1l,
                                     lda = in(reg) lda, ldb = in(reg) ldb, options(nostack, readonly),
@@ -444,10 +442,7 @@ mod simd {
                     "tileloadd tmm5, [{a1} + {lda}*1]",
                     "tileloadd tmm6, [{b0} + {ldb}*1]",
                     "tileloadd tmm7, [{b1} + {ldb}*1]",
-                    "tdpbf16ps tmm0, tmm4, tmm6",
-                    "tdpbf16ps tmm1, tmm4, tmm7",
-                    "tdpbf16ps tmm2, tmm5, tmm6",
-                    "tdpbf16ps tmm3, tmm5, tmm7",
+                    block_products!(),
                     a0 = in(reg) a0, a1 = in(reg) a1, b0 = in(reg) b0, b1 = in(reg) b1,
                     lda = in(reg) lda, ldb = in(reg) ldb, options(nostack, readonly),
                 ),
@@ -555,10 +550,7 @@ mod simd {
                                 "tileloadd tmm5, [{a1} + {lda}*1]",
                                 "tileloadd tmm6, [{b0} + {ldb}*1]",
                                 "tileloadd tmm7, [{b1} + {ldb}*1]",
-                                "tdpbf16ps tmm0, tmm4, tmm6",
-                                "tdpbf16ps tmm1, tmm4, tmm7",
-                                "tdpbf16ps tmm2, tmm5, tmm6",
-                                "tdpbf16ps tmm3, tmm5, tmm7",
+                                block_products!(),
                                 a0 = in(reg) a.add(t * 64),
                                 a1 = in(reg) a.add(TR * lda + t * 64),
                                 b0 = in(reg) b.add(t * step),

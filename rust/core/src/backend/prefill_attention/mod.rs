@@ -16,12 +16,15 @@
 //! AVX-512, for AVX2 + FMA and portably, picked at run time as `gemm::Isa` says. Its accumulator
 //! block (rows x `W` columns) is sized per instruction set so that it stays in registers. A bf16
 //! model's products are bf16 (`Products::Bf16`) where the CPU has AVX-512 BF16: on AMX tiles
-//! where they run, else through `vdpbf16ps`.
+//! where they run, else through `vdpbf16ps`. An f32 or quantized model's (`Products::F32`) run
+//! on the AMX tiles too where they run, each as three bf16 products of split operands
+//! (`Kernel::AmxSplit`, near f32's precision), else on the f32 micro-kernel.
 //!
 //! One layer over 6,000 tokens with SmolLM2's heads (`horae bench model` measures every kernel
 //! in one run): on a Zen 5 with AVX-512, 2 threads, about 125 ms in f32 against 1.04 s for the
 //! row kernel; on a Xeon with AMX, 2 threads, 63-67 ms on AMX tiles, 160-167 ms in f32 (with
-//! lazy rescaling; 69-72 and 178-187 before it).
+//! lazy rescaling; 69-72 and 178-187 before it), 86-121 ms in f32 as three bf16 products on the
+//! tiles.
 
 mod kv;
 
@@ -529,7 +532,9 @@ fn softmax_step(isa: Isa, st: &mut [f32], cols: usize, online: &mut Online) {
 /// weights of KV rows 2c and 2c + 1 of `st` (`[n][cols]` scores; an odd last row is paired with
 /// zeros). It runs in strips of 64 columns, whose rows stay in L1 from the max to the weights
 /// (S^T is 192 KiB with SmolLM2's 384 columns, past L1). As a pass over whole rows, then a
-/// pass pairing them, it took 38% of the AMX kernel's time; now 28%.
+/// pass pairing them, it took 38% of the AMX kernel's time; now 28%. With `lo_at`
+/// (`Kernel::AmxSplit`) the weights are f32-exact and each pair's lo part goes `lo_at` rows
+/// after its hi one.
 fn softmax_pairs(st: &[f32], n: usize, cols: usize, online: &mut Online, pt2: &mut [u32], lo_at: Option<usize>) {
     let o = &*online;
     assert!(cols.is_multiple_of(16) && o.max.len() == cols && o.sum.len() == cols && o.alpha.len() == cols);
@@ -816,8 +821,9 @@ mod simd {
     }
 
     /// The weights of rows `0..n` of a strip (`weights` of their scores), added into `sum` and
-    /// written to P^T's pairs: rows 2c and 2c + 1 in one conversion (`lo` in the low 16 words),
-    /// then interleaved; an odd last row is paired with zeros.
+    /// written to P^T's pairs: rows 2c and 2c + 1 in one conversion (`even` in the low 16
+    /// words), then interleaved; an odd last row is paired with zeros. `SPLIT` writes each
+    /// pair's lo part (`Kernel::AmxSplit`) `lo_at` rows after its hi one.
     ///
     /// # Safety
     /// As `softmax_pairs`, with the strip inside the columns.
@@ -844,15 +850,15 @@ mod simd {
             1, 16, 0,
         );
         for c in (0..n).step_by(2) {
-            let lo = weights(load(c * cols + j));
-            let hi = if c + 1 < n { weights(load((c + 1) * cols + j)) } else { [_mm512_setzero_ps(); W] };
+            let even = weights(load(c * cols + j));
+            let odd = if c + 1 < n { weights(load((c + 1) * cols + j)) } else { [_mm512_setzero_ps(); W] };
             for w in 0..W {
-                sum[w] = _mm512_add_ps(sum[w], _mm512_add_ps(lo[w], hi[w]));
+                sum[w] = _mm512_add_ps(sum[w], _mm512_add_ps(even[w], odd[w]));
                 // SAFETY: a reinterpretation of a register of the same size.
-                let both = unsafe { std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(hi[w], lo[w])) };
+                let both = unsafe { std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(odd[w], even[w])) };
                 let pair = _mm512_permutexvar_epi16(interleave, both);
-                // SAFETY (the stores): pair c / 2 of the strip, for `SPLIT` its three rows, is
-                // inside `pt2` (the caller's contract).
+                // SAFETY (the stores): row c / 2 of the strip, and for `SPLIT` row
+                // `lo_at + c / 2`, are inside `pt2` (the caller's contract).
                 let out = pt2.as_mut_ptr();
                 let store = |row: usize, pair: __m512i| unsafe {
                     _mm512_storeu_si512(out.add(row * cols + j + 16 * w) as *mut __m512i, pair)
@@ -861,12 +867,13 @@ mod simd {
                     store(c / 2, pair);
                     continue;
                 }
-                // The lo part, `lo_at` rows on: the weights less their bf16, rounded in turn.
+                // The lo part, `lo_at` rows on: the weights less their bf16 (the hi part, `both`),
+                // rounded in turn.
                 let widen = |h: __m256i| _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)));
-                let lo_rest = _mm512_sub_ps(lo[w], widen(_mm512_castsi512_si256(both)));
-                let hi_rest = _mm512_sub_ps(hi[w], widen(_mm512_extracti64x4_epi64::<1>(both)));
+                let even_lo = _mm512_sub_ps(even[w], widen(_mm512_castsi512_si256(both)));
+                let odd_lo = _mm512_sub_ps(odd[w], widen(_mm512_extracti64x4_epi64::<1>(both)));
                 // SAFETY: as above.
-                let rest = unsafe { std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(hi_rest, lo_rest)) };
+                let rest = unsafe { std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(odd_lo, even_lo)) };
                 store(c / 2, pair);
                 store(lo_at + c / 2, _mm512_permutexvar_epi16(interleave, rest));
             }
