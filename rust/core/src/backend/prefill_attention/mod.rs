@@ -269,6 +269,8 @@ fn attend_tile(
     let group = num_heads / num_kv_heads;
     let row_len = num_heads * d;
     let rows = (t.t1 - t.t0) * group;
+    let tiles = matches!(kernel, Kernel::Amx | Kernel::AmxSplit);
+    let split = kernel == Kernel::AmxSplit;
     let cols = rows.next_multiple_of(16);
     let scale = 1.0 / (d as f32).sqrt();
     // Where row r of the tile (token t0 + r / group, head r % group of the KV group) is in `q`
@@ -288,12 +290,13 @@ fn attend_tile(
         }
     } else {
         // Sixteen rows at a time, so that each write to Q^T's pairs fills a cache line.
-        let split = kernel == Kernel::AmxSplit;
         s.qt2.resize(k_pairs(kernel, d) * cols, 0);
         fresh(&mut s.qt, 16 * d, 0.0);
         s.q2.resize(16 * d / 2, 0);
-        s.q_lo.resize(16 * d, 0.0);
-        s.q2_lo.resize(16 * d / 2, 0);
+        if split {
+            s.q_lo.resize(16 * d, 0.0);
+            s.q2_lo.resize(16 * d / 2, 0);
+        }
         for r0 in (0..cols).step_by(16) {
             for (r, row) in (r0..r0 + 16).zip(s.qt.chunks_exact_mut(d)) {
                 if r < rows {
@@ -315,8 +318,6 @@ fn attend_tile(
             }
         }
     }
-    let tiles = matches!(kernel, Kernel::Amx | Kernel::AmxSplit);
-    let split = kernel == Kernel::AmxSplit;
     // O, or O^T on tiles (`[d][cols]`, its padding columns too).
     fresh(&mut s.o, if tiles { d * cols } else { rows * d }, 0.0);
     fresh(&mut s.online.max, cols, f32::NEG_INFINITY);
