@@ -265,11 +265,13 @@ impl Router {
     /// Where to send a request that replicas `tried` shed, or None: only to a replica with spare
     /// capacity, one with nothing waiting (in its stats or sent since) that can also prefill the
     /// request's uncached prompt, at its measured rate, within `req.ttft`; chosen among those as
-    /// any request is. A shed request sent to a busy replica waits there, takes a full prefill's
-    /// compute where its prefix is not cached, pushes out that replica's cached prefixes and is
-    /// often shed again: in the cluster simulator (Mooncake, 8 replicas), retrying wherever it
-    /// had not been tried cost 27-38% of goodput past the knee, and retrying wherever the queue
-    /// could start it in time still cost 12-17%.
+    /// any request is. When the SLO queue shed the late requests themselves, a shed request sent
+    /// to a busy replica waited there, took a full prefill's compute where its prefix was not
+    /// cached, pushed out that replica's cached prefixes and was often shed again: in the cluster
+    /// simulator (Mooncake, 8 replicas), retrying wherever it had not been tried cost 27-38% of
+    /// goodput past the knee. Since the queue sheds by value density, such a request is shed
+    /// again at once where it is dear, and retrying everywhere gains (forecast router +0-10%,
+    /// power-of-two +26-68%, docs/benchmarks.md); this rule is unchanged so far.
     pub fn retry_target(&mut self, req: &RouteRequest, stats: &[ReplicaStats], tried: &[usize]) -> Option<usize> {
         let n = stats.len();
         self.sent.resize(n, Sent::default());

@@ -633,3 +633,44 @@ fn least_loss_preemption_spares_the_requests_it_would_fail() {
     assert!(least.0 < newest.0, "gap-bound requests preempted: least-loss {} newest {}", least.0, newest.0);
     assert!(least.2 >= newest.2, "gap-bound requests that met their bound: least-loss {} newest {}", least.2, newest.2);
 }
+
+#[test]
+fn the_slo_queue_sheds_the_request_that_costs_most_per_token_of_goodput() {
+    // Two prompts of 4,096 tokens wait with first-token bounds such that the machine can start
+    // only one in time: the one with less slack (X, nothing cached) goes first in least-slack
+    // order, the other (Y) finds its prompt cached. Shedding the late one would drop Y; shedding
+    // by compute per token of goodput drops X, and Y starts in time.
+    let c = cfg(PolicyKind::PastFuture, 60_000);
+    let lengths = Arc::new(vec![1u32; 3]);
+    let sched = Scheduler::new(SchedulerConfig { queue: QueueDiscipline::Slo, ..c.sched.clone() }, None).unwrap();
+    let mut e =
+        Engine::new(sched, Box::new(SimExecutor::new(c.cost.clone(), lengths)), Box::new(VirtualClock::default()));
+    let prompt = |first: u64| Prompt::Synthetic { len: 4096, prefix_ids: (first..first + 8).collect(), unit: 512 };
+    let spec = |first: u64, ttft: Option<f64>, arrival: f64| RequestSpec {
+        prompt: prompt(first),
+        slo: Slo { ttft, ..Default::default() },
+        arrival: Some(arrival),
+        ..synthetic(4096, 1, Slo::default(), 0)
+    };
+    // Warm the cache with Y's prompt (and the step times the queue plans with).
+    e.add_request_with_id(0, spec(1, None, 0.0)).unwrap();
+    while e.has_work() {
+        e.step().unwrap();
+    }
+    let now = e.now();
+    let prefill = 4096.0 / e.scheduler().prefill_rate();
+    assert!(prefill > 0.0);
+    // X in time alone (bound 1.3 prefills); Y in time alone but not behind X (1.6 prefills).
+    e.add_request_with_id(1, spec(100, Some(1.3 * prefill), now)).unwrap();
+    e.add_request_with_id(2, spec(1, Some(1.6 * prefill), now)).unwrap();
+    let mut done = Vec::new();
+    while e.has_work() {
+        done.extend(e.step().unwrap().finished);
+    }
+    let shed: Vec<_> = done.iter().filter(|r| r.finish_reason() == Some(FinishReason::Timeout)).map(|r| r.id).collect();
+    assert_eq!(shed, vec![1], "X goes, Y stays");
+    let y = done.iter().find(|r| r.id == 2).expect("Y finished");
+    assert_eq!(y.finish_reason(), Some(FinishReason::Stop));
+    assert!(y.cached_tokens >= 4000, "Y's prompt came from the cache: {}", y.cached_tokens);
+    assert!(y.times.first_token.unwrap() - now <= 1.6 * prefill, "Y met its bound");
+}
