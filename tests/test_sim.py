@@ -459,9 +459,12 @@ def test_replicas_behind_each_router(tmp_path):
     assert heavy["always"].summary["timed_out_sends"] == int(always["timed_out"].sum()) > heavy["always"].summary["timeouts"]
     assert (never["attempts"] == 1).all()
     # "in-time" (the default) resends only to a replica with nothing waiting: far fewer resends
-    # than "always", and no loss of goodput by it.
+    # than "always". Since the SLO queue sheds by value density, what a replica sheds is what it
+    # holds little of, and resending it on finds a replica that keeps it: "always" gains goodput
+    # here (the default is an open choice, docs/benchmarks.md "The retry rule under value-density
+    # shedding"; before, "always" lost it).
     assert (in_time["attempts"] > 1).sum() < (always["attempts"] > 1).sum()
-    assert heavy["in-time"].summary["goodput_tps"] >= heavy["always"].summary["goodput_tps"]
+    assert heavy["always"].summary["goodput_tps"] >= heavy["in-time"].summary["goodput_tps"]
 
 
 @pytest.mark.parametrize("kwargs,message", [
