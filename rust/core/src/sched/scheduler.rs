@@ -594,10 +594,7 @@ impl Scheduler {
         let out_len = self.planned_output();
         let budget = self.cfg.max_batched_tokens;
         let mut ahead = 0usize;
-        // The requests kept so far: without their densities until a late one needs them (a
-        // density looks the prompt's cached prefix up, block by block).
-        let mut in_time: Vec<(ReqId, usize)> = Vec::new();
-        let mut kept: Option<BinaryHeap<Kept>> = None;
+        let mut kept: BinaryHeap<Kept> = BinaryHeap::new();
         for &id in &self.waiting {
             let r = &self.requests[&id];
             if r.times.first_scheduled.is_some() {
@@ -611,17 +608,7 @@ impl Scheduler {
             } else if slo {
                 let latest = outlook.latest_start(r, out_len);
                 let late = |ahead: usize| now + self.times.queueing(ahead, budget) > latest;
-                let work = r.total_len();
-                if kept.is_none() && !late(ahead) {
-                    in_time.push((id, work));
-                    ahead += work;
-                    continue;
-                }
-                let kept = kept.get_or_insert_with(|| {
-                    let weigh = |(id, work)| Kept { id, work, density: self.density(&self.requests[&id], out_len) };
-                    in_time.drain(..).map(weigh).collect()
-                });
-                let this = Kept { id, work, density: self.density(r, out_len) };
+                let this = Kept { id, work: r.total_len(), density: self.density(r, out_len) };
                 // Free the way for it by shedding the kept requests worth less per unit of
                 // compute, densest first, while it is still late.
                 let mut freed = Vec::new();
