@@ -538,9 +538,10 @@ impl Scheduler {
         }
     }
 
-    /// Prompt tokens of `r` its prefix cache would give it now. At least the last token is left
-    /// to compute (its logits give the next token), and a request that wants prompt logprobs
-    /// needs every position's logits: no cache for it.
+    /// How many of `r`'s prompt blocks it may take from the prefix cache, and how many of those
+    /// the cache holds now (the leading run). At least the last token is left to compute (its
+    /// logits give the next token), and a request that wants prompt logprobs needs every
+    /// position's logits: no cache for it.
     fn cached_prompt_blocks(&self, r: &Request) -> (usize, usize) {
         let bs = self.kv.block_size();
         let lookup = if r.sampling.prompt_logprobs.is_some() {
@@ -830,6 +831,9 @@ impl PartialOrd for Kept {
     }
 }
 
+/// By density alone: which of several kept requests with the same density goes first is the
+/// heap's (the same every run). Ties are common (a prompt nothing caches weighs 1) and the order
+/// moves results (docs/benchmarks.md); a stated tie rule has not been measured yet.
 impl Ord for Kept {
     fn cmp(&self, other: &Self) -> Ordering {
         self.density.total_cmp(&other.density)
