@@ -53,10 +53,14 @@ def workload(name: str, data: Path, replicas: int):
 def run(trace, name, replicas, router, load, staleness, retry_shed, seeds=1):
     """One point of the sweep: the mean of each figure over seeds 0..seeds-1 (the seed draws the
     routers' and schedulers' random choices; past the knee one seed's goodput can move by a
-    quarter), with each seed's goodput kept under "goodput_per_seed"."""
+    quarter), with each seed's goodput kept under "goodput_per_seed". Both goodputs: the paper's
+    (per second of the run, first arrival to last finish) and "window_goodput_tps" (the same
+    tokens per second of the arrivals), which does not reward a router for draining its queue
+    sooner once the trace ends: the steady-state rate (horae.sim's Summary)."""
     model, hardware, kv, max_tokens, sla = WORKLOADS[name]
     t0 = time.perf_counter()
-    keys = ("goodput_tps", "sla_attainment", "prefix_hit_rate", "load_imbalance", "preemptions")
+    keys = ("goodput_tps", "window_goodput_tps", "sla_attainment", "prefix_hit_rate", "load_imbalance",
+            "preemptions")
     per_seed = []
     for seed in range(seeds):
         # Every replica runs the SLO queue (issue 15): past the knee it sheds what cannot make its
@@ -68,8 +72,18 @@ def run(trace, name, replicas, router, load, staleness, retry_shed, seeds=1):
     out = {k: sum(p[k] for p in per_seed) / seeds for k in keys}
     if seeds > 1:
         out["goodput_per_seed"] = [p["goodput_tps"] for p in per_seed]
+        out["window_goodput_per_seed"] = [p["window_goodput_tps"] for p in per_seed]
     out["seconds"] = time.perf_counter() - t0
     return out
+
+
+def forecast_ratios(out, x) -> str:
+    """The forecast router's goodput over power-of-two's and prefix affinity's at load `x`, by the
+    paper's goodput and (in brackets) by the window goodput."""
+    def r(base, key):
+        return out[(x, "forecast")][key] / max(out[(x, base)][key], 1e-9)
+    return ", ".join(f"forecast / {b} {r(b, 'goodput_tps'):.2f} ({r(b, 'window_goodput_tps'):.2f})"
+                     for b in ("power-of-two", "prefix"))
 
 
 def main() -> int:
@@ -113,14 +127,16 @@ def main() -> int:
         # The knee: the load at which the cluster's goodput (its best router's) peaks.
         knee = max(loads, key=lambda x: max(out[(x, r)]["goodput_tps"] for r in ROUTERS))
         for label, x in (("at the knee", knee), ("at the heaviest load", max(loads))):
-            f, p2, pre = (out[(x, r)]["goodput_tps"] for r in ("forecast", "power-of-two", "prefix"))
             best_hit = max(out[(x, r)]["prefix_hit_rate"] for r in ROUTERS)
-            print(f"{label} ({x}x): forecast / power-of-two {f / p2:.2f}, forecast / prefix {f / pre:.2f}, "
+            print(f"{label} ({x}x): {forecast_ratios(out, x)}, "
                   f"hit rate {out[(x, 'forecast')]['prefix_hit_rate']:.3f} against the best {best_hit:.3f}")
+        print("every load: " + "; ".join(f"{x}x {forecast_ratios(out, x)}" for x in loads))
         if args.seeds > 1:
             for x in loads:
                 f, pre = (out[(x, r)]["goodput_per_seed"] for r in ("forecast", "prefix"))
-                print(f"{x}x, forecast / prefix seed by seed: " + ", ".join(f"{a / b:.2f}" for a, b in zip(f, pre)))
+                fw, prew = (out[(x, r)]["window_goodput_per_seed"] for r in ("forecast", "prefix"))
+                print(f"{x}x, forecast / prefix seed by seed: " + ", ".join(f"{a / b:.2f}" for a, b in zip(f, pre))
+                      + "; window " + ", ".join(f"{a / b:.2f}" for a, b in zip(fw, prew)))
         light = [x for x in loads if out[(x, "power-of-two")]["sla_attainment"] >= 0.95]
         ratios = [out[(x, "forecast")]["goodput_tps"] / out[(x, "power-of-two")]["goodput_tps"] for x in light]
         print("light load (power-of-two meets the SLA for >= 95%): forecast / power-of-two "

@@ -443,6 +443,11 @@ def test_replicas_behind_each_router(tmp_path):
         assert s["router"] == r and s["replicas"] == 4 and len(s["per_replica"]) == 4
         assert s["completed"] + s["timeouts"] + s["rejected"] == len(t), r
         assert sum(p["requests"] for p in s["per_replica"]) >= len(t)
+        # The window goodput: the same tokens over the arrivals' span instead of the run's.
+        arrival = res.requests["arrival"]
+        span = float(arrival.max() - arrival.min())
+        assert 0 < span < s["duration"]
+        assert s["window_goodput_tps"] * span == pytest.approx(s["goodput_tps"] * s["duration"]), r
     f, p2 = runs["forecast"].summary, runs["power-of-two"].summary
     assert f["prefix_hit_rate"] > p2["prefix_hit_rate"] + 0.1, (f["prefix_hit_rate"], p2["prefix_hit_rate"])
     assert f["goodput_tps"] >= p2["goodput_tps"], (f["goodput_tps"], p2["goodput_tps"])

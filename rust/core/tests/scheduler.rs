@@ -674,3 +674,47 @@ fn the_slo_queue_sheds_the_request_that_costs_most_per_token_of_goodput() {
     assert!(y.cached_tokens >= 4000, "Y's prompt came from the cache: {}", y.cached_tokens);
     assert!(y.times.first_token.unwrap() - now <= 1.6 * prefill, "Y met its bound");
 }
+
+#[test]
+fn among_requests_that_cost_the_same_per_token_the_slo_queue_sheds_the_largest() {
+    // Three wait in least-slack order: B (4,096 tokens, nothing cached), S (2,048, nothing
+    // cached), Y (4,096, cached). Y is late behind both; shedding either one starts it in time.
+    // B and S cost the same per token of goodput (all of it computed), so the tie rule decides:
+    // the most work goes (Moore-Hodgson's rule: the fewest requests shed for the time freed). A
+    // rule that shed the later one in the queue, or the smaller, would shed S.
+    let c = cfg(PolicyKind::PastFuture, 60_000);
+    let lengths = Arc::new(vec![1u32; 4]);
+    let sched = Scheduler::new(SchedulerConfig { queue: QueueDiscipline::Slo, ..c.sched.clone() }, None).unwrap();
+    let budget = sched.config().max_batched_tokens;
+    let mut e =
+        Engine::new(sched, Box::new(SimExecutor::new(c.cost.clone(), lengths)), Box::new(VirtualClock::default()));
+    let spec = |len: usize, first: u64, ttft: Option<f64>, arrival: f64| RequestSpec {
+        prompt: Prompt::Synthetic { len, prefix_ids: (first..first + (len / 512) as u64).collect(), unit: 512 },
+        slo: Slo { ttft, ..Default::default() },
+        arrival: Some(arrival),
+        ..synthetic(len, 1, Slo::default(), 0)
+    };
+    // Warm the cache with Y's prompt and the step times (full steps of `budget` tokens).
+    e.add_request_with_id(0, spec(4096, 1, None, 0.0)).unwrap();
+    while e.has_work() {
+        e.step().unwrap();
+    }
+    assert_eq!(budget, 2048, "the bounds below count steps of 2,048 tokens");
+    let now = e.now();
+    let step = budget as f64 / e.scheduler().prefill_rate();
+    // Latest starts (bound less prefill): B 0.5 steps, S 2.5, Y 2.75; Y's start behind both is 3
+    // steps, behind S alone 1, behind B alone 2.
+    e.add_request_with_id(1, spec(4096, 100, Some(2.5 * step), now)).unwrap();
+    e.add_request_with_id(2, spec(2048, 200, Some(3.5 * step), now)).unwrap();
+    e.add_request_with_id(3, spec(4096, 1, Some(4.75 * step), now)).unwrap();
+    let mut done = Vec::new();
+    while e.has_work() {
+        done.extend(e.step().unwrap().finished);
+    }
+    let shed: Vec<_> = done.iter().filter(|r| r.finish_reason() == Some(FinishReason::Timeout)).map(|r| r.id).collect();
+    assert_eq!(shed, vec![1], "B goes; S and Y stay");
+    for id in [2, 3] {
+        let r = done.iter().find(|r| r.id == id).expect("finished");
+        assert_eq!(r.finish_reason(), Some(FinishReason::Stop), "request {id}");
+    }
+}

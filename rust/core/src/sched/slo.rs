@@ -2,9 +2,9 @@
 //! to the policy, which waiting requests are shed as hopeless, and which running request a
 //! preemption takes. `Fcfs` is arrival order (vLLM's and LightLLM's); `Slo` orders by slack
 //! against each request's own bounds, sheds what can no longer meet them (where shedding others
-//! would start one in time, the ones that cost most compute per token of goodput go:
-//! Moore-Hodgson by value density, `Scheduler::expired`), and preempts where it loses the least
-//! goodput. Both honour vLLM's `priority` first (lower is served first).
+//! would start one in time, the ones that cost most compute per token of goodput go, the largest
+//! of equals first: Moore-Hodgson by value density, `Scheduler::expired`), and preempts where it
+//! loses the least goodput. Both honour vLLM's `priority` first (lower is served first).
 //!
 //! The times come from [`StepTimes`], learned online from the steps the engine ran, so the same
 //! code runs against a model and against the simulator's cost model.
