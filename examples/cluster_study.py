@@ -55,8 +55,9 @@ def run(trace, name, replicas, router, load, staleness, retry_shed, seeds=1):
     routers' and schedulers' random choices; past the knee one seed's goodput can move by a
     quarter), with each seed's goodput kept under "goodput_per_seed". Both goodputs: the paper's
     (per second of the run, first arrival to last finish) and "window_goodput_tps" (the same
-    tokens per second of the arrivals), which does not reward a router for draining its queue
-    sooner once the trace ends: the steady-state rate (horae.sim's Summary)."""
+    tokens per second of the arrivals): between routers at one load its ratio is that of the
+    SLA-meeting tokens served, which does not reward a router for draining its queue sooner once
+    the trace ends (horae.sim's Summary says what each over- and understates)."""
     model, hardware, kv, max_tokens, sla = WORKLOADS[name]
     t0 = time.perf_counter()
     keys = ("goodput_tps", "window_goodput_tps", "sla_attainment", "prefix_hit_rate", "load_imbalance",

@@ -158,10 +158,11 @@ pub struct Summary {
     /// (prompt + output tokens) of requests meeting the SLA per second: the paper's goodput.
     pub goodput_tps: f64,
     /// The same tokens per second of the arrivals' span (first to last arrival; the run's
-    /// duration where they all come at once): the rate at which an endless stream at this load
-    /// would be served within its SLA. In an open-loop run past the knee `goodput_tps` also
-    /// weighs how soon the last queued requests finish after the trace ends: a queue still within
-    /// its bounds at the end lowers it though it costs no request its SLA.
+    /// duration where they all come at once). Between runs of one trace its ratio is that of the
+    /// SLA-meeting tokens served; `goodput_tps` also weighs how soon the queue left at the last
+    /// arrival drains (a queue still within its bounds lowers it). Past the knee neither is a
+    /// steady-state rate: this one counts the drain's work over the arrivals' span alone, so it
+    /// keeps rising with the load; `goodput_tps` understates a server that ends with a queue.
     pub window_goodput_tps: f64,
     pub sla_attainment: f64,
     pub ttft: Percentiles,
