@@ -48,6 +48,9 @@ def main() -> int:
     ap.add_argument("--requests", type=int, default=30, help="completions of each kind per round")
     ap.add_argument("--rounds", type=int, default=2)
     args = ap.parse_args()
+    for name in ("requests", "rounds"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name} must be at least 1, got {getattr(args, name)}")
     cluster = serve_replicas(replicas=2, port=_free_port(), kv_cache_tokens=4096, seed=0, queue="slo")
     try:
         deadline = time.time() + 120
