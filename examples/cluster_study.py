@@ -61,11 +61,11 @@ def run(trace, name, replicas, router, load, staleness, retry_shed, seeds=1):
     model, hardware, kv, max_tokens, sla = WORKLOADS[name]
     t0 = time.perf_counter()
     keys = ("goodput_tps", "window_goodput_tps", "sla_attainment", "prefix_hit_rate", "load_imbalance",
-            "preemptions")
+            "preemptions", "attempts_per_request")
     per_seed = []
     for seed in range(seeds):
         # Every replica runs the SLO queue (issue 15): past the knee it sheds what cannot make its
-        # SLO, and the router sends it to another replica that can still start it in time.
+        # SLO, and the router sends it on by the retry rule (default: any replica not tried yet).
         r = sim.simulate(trace, "past-future", rate_scale=load, model=model, hardware=hardware, kv_cache_tokens=kv,
                          max_tokens=max_tokens, sla=sla, replicas=replicas, router=router, staleness=staleness,
                          queue="slo", retry_shed=retry_shed, seed=seed)
@@ -94,9 +94,10 @@ def main() -> int:
     ap.add_argument("--replicas", type=int, default=8)
     ap.add_argument("--loads", default="0.5,1,1.5,2,3", help="arrival-rate multipliers")
     ap.add_argument("--staleness", type=float, default=1.0, help="seconds between published routing stats")
-    ap.add_argument("--retry-shed", default="in-time", choices=["in-time", "always", "never"],
-                    help="where a shed request goes: a replica that can start it in time (the Ray ingress's rule), "
-                         "any replica not tried, or nowhere")
+    ap.add_argument("--retry-shed", default=sim.RETRY_RULES[0], choices=sim.RETRY_RULES,
+                    help="where a shed request goes (the Ray ingress's rule too): any replica not tried while its "
+                         "first-token bound holds (always, the default), only an idle replica that can still start "
+                         "it in time (in-time), or nowhere (never)")
     ap.add_argument("--seeds", type=int, default=1,
                     help="run each point with seeds 0..N-1 and report the means (default 1: seed 0 alone)")
     ap.add_argument("--out", type=Path)
@@ -144,7 +145,7 @@ def main() -> int:
               + (", ".join(f"{v:.3f}" for v in ratios) or "n/a"), flush=True)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
-        suffix = ("" if args.retry_shed == "in-time" else f"-retry-{args.retry_shed}") + (
+        suffix = ("" if args.retry_shed == sim.RETRY_RULES[0] else f"-retry-{args.retry_shed}") + (
             f"-seeds-{args.seeds}" if args.seeds > 1 else "")
         name = "+".join(args.workloads.split(","))
         (args.out / f"{name}-{args.replicas}{suffix}.json").write_text(json.dumps(results, indent=1))

@@ -237,6 +237,8 @@ def test_bad_cluster_arguments_are_named(monkeypatch):
         serve_replicas(replicas=0)
     with pytest.raises(ValueError, match="unknown router 'random': expected one of " + ", ".join(_core.ROUTERS)):
         serve_replicas(router="random")
+    with pytest.raises(ValueError, match="unknown retry rule 'often': expected one of always, in-time, never"):
+        serve_replicas(retry_shed="often")
     with pytest.raises(ConnectionError, match="cannot reach the Ray cluster at 127.0.0.1:1"):
         _check_reachable("127.0.0.1:1")
     with pytest.raises(ValueError, match="a Ray address is host:port"):
@@ -254,6 +256,8 @@ def test_cli_names_bad_replica_options():
     assert r.returncode == 2 and "replicas must be a whole number >= 1" in r.stderr, r.stderr
     r = run("--replicas", "2", "--router", "random")
     assert r.returncode == 2 and "expected one of round-robin, power-of-two, prefix, forecast" in r.stderr, r.stderr
+    r = run("--replicas", "2", "--retry-shed", "often")
+    assert r.returncode == 2 and "unknown retry rule 'often': expected one of always, in-time, never" in r.stderr, r.stderr
     r = run("--replicas", "2", "--ray-address", "127.0.0.1:1")
     assert r.returncode == 2 and "cannot reach the Ray cluster at 127.0.0.1:1" in r.stderr, r.stderr
     r = run("--ray-address", "127.0.0.1:1")

@@ -75,6 +75,10 @@ def _simulate_parser(sub) -> None:
     p.add_argument("--replicas", type=int, help="open loop: this many replicas behind --router (default: one engine)")
     p.add_argument("--router", default="forecast", choices=["round-robin", "power-of-two", "prefix", "forecast"],
                    help="with --replicas: how requests are spread (forecast: horae's, forecast- and prefix-aware)")
+    p.add_argument("--retry-shed", default="always", choices=["always", "in-time", "never"],
+                   help="with --replicas: where a request a replica shed goes next (always: any replica not tried, "
+                        "while its first-token bound holds; in-time: only an idle replica that can still start it "
+                        "in time; never)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--plot", metavar="DIR", help="write goodput-vs-load and KV-usage PNGs here")
     p.add_argument("--json", metavar="FILE", help="write all summaries as JSON")
@@ -115,7 +119,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         prefix_caching=not args.no_prefix_caching, seed=args.seed,
         queue_timeout=args.queue_timeout, max_itl_abort=args.max_itl_abort, retry_failed=args.retry_failed,
         queue=args.queue, history_window=args.history_window, history_prior=args.history_prior,
-        **({} if args.replicas is None else {"replicas": args.replicas, "router": args.router}),
+        **({} if args.replicas is None else
+           {"replicas": args.replicas, "router": args.router, "retry_shed": args.retry_shed}),
         history_prior_weight=args.history_prior_weight,
     )
     print(report.format())

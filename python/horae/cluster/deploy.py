@@ -25,11 +25,13 @@ def require_ray():
     return ray
 
 
-def check_args(replicas: Any, router: str) -> None:
+def check_args(replicas: Any, router: str, retry_shed: str = "always") -> None:
     if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 1:
         raise ValueError(f"replicas must be a whole number >= 1, got {replicas!r}")
     if router not in _core.ROUTERS:
         raise ValueError(f"unknown router {router!r}: expected one of {', '.join(_core.ROUTERS)}")
+    if retry_shed not in _core.RETRY_RULES:
+        raise ValueError(f"unknown retry rule {retry_shed!r}: expected one of {', '.join(_core.RETRY_RULES)}")
 
 
 def _check_reachable(address: str, timeout: float = 3.0) -> None:
@@ -67,16 +69,18 @@ class Cluster:
 
 
 def serve_replicas(model: Optional[str] = None, *, replicas: int = 2, router: str = "forecast",
-                   ray_address: Optional[str] = None, host: str = "127.0.0.1", port: int = 8000,
+                   retry_shed: str = "always", ray_address: Optional[str] = None, host: str = "127.0.0.1", port: int = 8000,
                    served_model_name: Optional[str] = None, api_key: Optional[str] = None, max_queue: int = 256,
                    max_body_bytes: int = 4 << 20, stats_period: float = 0.5, threads_per_replica: Optional[int] = None,
                    log_level: str = "WARNING",
                    **engine_args: Any) -> Cluster:
     """`replicas` engines of `model` (each an `AsyncLLM` with `engine_args`) behind `router`
     (`_core.ROUTERS`; "forecast" is horae's) and one ingress serving `horae serve`'s routes on
-    host:port. Replicas publish routing stats every `stats_period` seconds. Each replica's kernels
-    use `threads_per_replica` threads (default: this machine's cores shared evenly)."""
-    check_args(replicas, router)
+    host:port. A request a replica sheds goes on by `retry_shed` (`_core.RETRY_RULES`; "always":
+    to any replica not tried while its first-token bound holds). Replicas publish routing stats
+    every `stats_period` seconds. Each replica's kernels use `threads_per_replica` threads
+    (default: this machine's cores shared evenly)."""
+    check_args(replicas, router, retry_shed)
     ray = require_ray()
     from ray import serve
     from ray.serve.config import HTTPOptions, RequestRouterConfig
@@ -111,7 +115,8 @@ def serve_replicas(model: Optional[str] = None, *, replicas: int = 2, router: st
         ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": {
             "RAYON_NUM_THREADS": str(threads), **{k: v for k, v in os.environ.items() if k.startswith("HORAE_")}}}},
         request_router_config=RequestRouterConfig(
-            request_router_class="horae.cluster.router.HoraeRequestRouter", request_router_kwargs={"router": router},
+            request_router_class="horae.cluster.router.HoraeRequestRouter",
+            request_router_kwargs={"router": router, "retry_shed": retry_shed},
             request_routing_stats_period_s=stats_period, request_routing_stats_timeout_s=max(5.0, 10 * stats_period)),
         health_check_period_s=2.0, health_check_timeout_s=30.0,
     ).bind(model, engine_args, name)
@@ -130,8 +135,9 @@ def run(args) -> int:
 
     from horae.serve import engine_args
 
-    check_args(args.replicas, args.router)
-    cluster = serve_replicas(args.model, replicas=args.replicas, router=args.router, ray_address=args.ray_address,
+    check_args(args.replicas, args.router, args.retry_shed)
+    cluster = serve_replicas(args.model, replicas=args.replicas, router=args.router, retry_shed=args.retry_shed,
+                             ray_address=args.ray_address,
                              host=args.host, port=args.port, served_model_name=args.served_model_name,
                              api_key=args.api_key, max_queue=args.max_queue, max_body_bytes=args.max_body_bytes,
                              log_level=args.log_level, **engine_args(args))

@@ -2,9 +2,9 @@
 over `RemoteLLM`, an engine client whose streams run on replicas through a Ray Serve deployment
 handle. So the routes, checks, errors and streams are the server's, written once.
 
-- A request a replica sheds (the queue deadline, or the SLO queue: 503 there) is sent again to a
-  replica with spare capacity that can still give it its first token in time, where the router
-  finds one (`Router::retry_target`); else the client gets the 503.
+- A request a replica sheds (the queue deadline, or the SLO queue: 503 there) is sent again where
+  the router's retry rule finds a replica (`Router::retry_target`; by default any replica that
+  has not turned it away, while its first-token bound holds); else the client gets the 503.
 - A replica that dies under a request fails that request with a clear 503 (`replica_lost`;
   an SSE error event once the stream is open); the client may retry, and Ray replaces the replica.
 - `/metrics` gathers what every replica published with its routing stats: each replica's series
@@ -81,8 +81,8 @@ class RemoteLLM:
                             yield out
                             continue
                         if out.dropped == "timeout":
-                            # Shed before it started (it cost nothing there): on to a replica with
-                            # spare capacity that can still meet its first-token bound, if any.
+                            # Shed before it started (it cost nothing there): on to the replica
+                            # the router's retry rule picks, if any.
                             tried.append(out.replica)
                             left = None if ttft is None else arrival + ttft - time.monotonic()
                             target = published.retry_target(REPLICAS, ids, params.max_tokens, tried, left)

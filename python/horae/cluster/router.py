@@ -18,8 +18,8 @@ from horae.cluster import published
 
 
 class HoraeRequestRouter(RequestRouter):
-    def initialize_state(self, router: str = "forecast", seed: int = 0):
-        self._kind, self._seed = router, seed
+    def initialize_state(self, router: str = "forecast", seed: int = 0, retry_shed: str = "always"):
+        self._kind, self._seed, self._retry_shed = router, seed, retry_shed
         self._core = _core.Router(router, seed)
         self._order: List[str] = []
         self._seq: Dict[str, Any] = {}
@@ -70,12 +70,13 @@ class HoraeRequestRouter(RequestRouter):
 
     def retry_target(self, prompt: List[int], max_tokens: Optional[int], tried: List[str],
                      ttft: Optional[float]) -> Optional[str]:
-        """The replica a request that `tried` shed should go to, or None (`_core.Router.retry_target`:
-        one with spare capacity that can still give it its first token in time)."""
+        """The replica a request that `tried` shed should go to, or None, by this router's retry
+        rule (`_core.Router.retry_target`)."""
         if not self._sync():
             return None
         i = self._core.retry_target(list(prompt), max_tokens if max_tokens is not None else 1 << 30,
-                                    [k for k, rid in enumerate(self._order) if rid in tried], ttft)
+                                    [k for k, rid in enumerate(self._order) if rid in tried], ttft,
+                                    self._retry_shed)
         return None if i is None else self._order[i]
 
 

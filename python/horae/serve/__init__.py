@@ -126,6 +126,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument("--router", default="forecast", metavar="NAME",
                    help="with --replicas: forecast (horae's: Past-Future headroom, cached prefix, prefill work ahead), "
                         "prefix, power-of-two (Ray's default) or round-robin")
+    r.add_argument("--retry-shed", default="always", metavar="RULE",
+                   help="with --replicas: where a request a replica sheds (503) goes next: always (any replica not "
+                        "tried, while its first-token bound holds), in-time (only an idle replica that can still "
+                        "prefill it within the bound) or never (the client gets the 503)")
     r.add_argument("--ray-address", metavar="ADDR",
                    help="with --replicas: join this Ray cluster (host:port, ray://host:port or auto) instead of "
                         "starting a local one")

@@ -33,13 +33,15 @@ MODEL_PRESETS: Tuple[str, ...] = tuple(_core.MODEL_PRESETS)
 HARDWARE_PRESETS: Tuple[str, ...] = tuple(_core.HARDWARE_PRESETS)
 SLA_KEYS = ("ttft", "tpot", "max_itl", "e2e")
 ROUTERS: Tuple[str, ...] = tuple(_core.ROUTERS)
+#: Where a request a replica shed goes next (`retry_shed=`; the first is the default).
+RETRY_RULES: Tuple[str, ...] = tuple(_core.RETRY_RULES)
 #: The Past-Future paper's SLA for a 7B model: first token within 10 s, no gap over 1.5 s.
 PAPER_SLA = {"ttft": 10.0, "max_itl": 1.5}
 BUNDLED = {"azure-conv-10min": "azure_conv_10min.csv"}
 
 __all__ = [
     "Trace", "HoraeCoreError", "load_trace", "bundled_trace", "synthetic", "simulate", "sweep",
-    "SimResult", "SweepReport", "fit_linear_cost", "SCHEDULERS", "ROUTERS", "PAPER_SLA",
+    "SimResult", "SweepReport", "fit_linear_cost", "SCHEDULERS", "ROUTERS", "RETRY_RULES", "PAPER_SLA",
 ]
 
 
@@ -155,9 +157,10 @@ def simulate(
     A cluster: ``replicas=N`` runs N simulated engines (open loop) behind ``router`` (one of
     ``ROUTERS``: "round-robin", "power-of-two", "prefix", "forecast", the default), which sees
     each replica's stats as published every ``staleness`` seconds (default 1). A request a replica
-    sheds goes, with ``retry_shed="in-time"`` (the default, the Ray ingress's rule), to a replica
-    that can still start it before its first-token bound; "always": to any replica not tried yet;
-    "never": nowhere. The summary adds
+    sheds goes on by ``retry_shed`` (one of ``RETRY_RULES``, the Ray ingress's rule too): "always"
+    (the default) to any replica that has not turned it away, while its first-token bound has not
+    passed; "in-time" only to a replica with nothing waiting that can still prefill it within that
+    bound; "never" nowhere. The summary adds
     ``router``, ``load_imbalance`` (the busiest replica's mean running count over the mean) and
     ``per_replica``; ``prefix_hit_rate`` is the cluster's."""
     if not isinstance(trace, Trace):

@@ -17,8 +17,9 @@
 //!   replica still meets its requests' first-token bound, instead of being spread (and evicted)
 //!   over all.
 //!
-//! A request a replica shed goes on only to a replica with spare capacity that can still meet
-//! its TTFT (`Router::retry_target`), for every router alike.
+//! A request a replica shed goes on by one [`RetryShed`] rule for every router alike
+//! (`Router::retry_target`): by default to any replica that has not turned it away, while its
+//! first-token bound has not passed.
 
 use std::fmt;
 use std::str::FromStr;
@@ -63,6 +64,49 @@ impl FromStr for RouterKind {
         RouterKind::ALL.into_iter().find(|k| k.as_str() == s.trim()).ok_or_else(|| {
             let names: Vec<_> = RouterKind::ALL.iter().map(|k| k.as_str()).collect();
             HoraeError::InvalidConfig(format!("unknown router {s:?}: expected one of {}", names.join(", ")))
+        })
+    }
+}
+
+/// Where a request a replica shed (its queue deadline, or the SLO queue finding it hopeless there)
+/// goes next: the Ray ingress and the cluster simulator both ask `Router::retry_target`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RetryShed {
+    /// To any replica that has not turned it away yet, while its first-token bound has not
+    /// passed (after that no replica can meet it, and the client gets the 503 at once).
+    #[default]
+    Always,
+    /// Only to a replica with spare capacity (nothing waiting) that can still prefill it within
+    /// its first-token bound.
+    InTime,
+    /// Nowhere: the client gets the 503.
+    Never,
+}
+
+impl RetryShed {
+    pub const ALL: [RetryShed; 3] = [RetryShed::Always, RetryShed::InTime, RetryShed::Never];
+
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            RetryShed::Always => "always",
+            RetryShed::InTime => "in-time",
+            RetryShed::Never => "never",
+        }
+    }
+}
+
+impl fmt::Display for RetryShed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for RetryShed {
+    type Err = HoraeError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        RetryShed::ALL.into_iter().find(|k| k.as_str() == s.trim()).ok_or_else(|| {
+            let names: Vec<_> = RetryShed::ALL.iter().map(|k| k.as_str()).collect();
+            HoraeError::InvalidConfig(format!("unknown retry rule {s:?}: expected one of {}", names.join(", ")))
         })
     }
 }
@@ -262,26 +306,40 @@ impl Router {
         }
     }
 
-    /// Where to send a request that replicas `tried` shed, or None: only to a replica with spare
-    /// capacity, one with nothing waiting (in its stats or sent since) that can also prefill the
-    /// request's uncached prompt, at its measured rate, within `req.ttft`; chosen among those as
-    /// any request is. When the SLO queue shed the late requests themselves, a shed request sent
-    /// to a busy replica waited there, took a full prefill's compute where its prefix was not
-    /// cached, pushed out that replica's cached prefixes and was often shed again: in the cluster
-    /// simulator (Mooncake, 8 replicas), retrying wherever it had not been tried cost 27-38% of
-    /// goodput past the knee. Since the queue sheds by value density, such a request is shed
-    /// again at once where it is dear, and retrying everywhere gains (Mooncake, 8 replicas, eight
-    /// seeds: SLA attainment +0 to +12 points and window goodput +0-3% with the forecast router,
-    /// +14 to +23 points with power-of-two; docs/benchmarks.md); this rule is unchanged so far.
-    pub fn retry_target(&mut self, req: &RouteRequest, stats: &[ReplicaStats], tried: &[usize]) -> Option<usize> {
+    /// Where to send a request that replicas `tried` shed, by `rule`, or None.
+    ///
+    /// Why "always" is the default: since the SLO queue sheds by value density, what a replica
+    /// sheds is a request it holds little of (little cached, much to compute), and tried replica
+    /// after replica it ends where its prefix is or the queue is short. In the cluster simulator
+    /// (Mooncake, 8 replicas, eight seeds, 4x-8x the trace's rate) it serves the SLA for 0-12 more
+    /// requests in a hundred than "in-time" with the forecast router and 14-26 with power-of-two
+    /// and round-robin, for 1.0-5.4 sends a request; a send through the Ray ingress costs 11-15
+    /// ms (docs/benchmarks.md). Before value-density shedding it lost 27-38% of goodput, which
+    /// is why "in-time" exists: only a replica with nothing waiting (in its stats or sent since)
+    /// that can prefill the request's uncached prompt, at its measured rate, within `req.ttft`.
+    pub fn retry_target(
+        &mut self,
+        req: &RouteRequest,
+        stats: &[ReplicaStats],
+        tried: &[usize],
+        rule: RetryShed,
+    ) -> Option<usize> {
         let n = stats.len();
         self.sent.resize(n, Sent::default());
-        let spare = |i: usize| {
-            let s = &stats[i];
-            let fresh = req.prompt_len.saturating_sub(s.cached_prefix_blocks(req.block_hashes) * req.block_size);
-            s.waiting + self.sent[i].requests == 0 && req.in_time(s, fresh as u64)
+        let avoid: Vec<usize> = match rule {
+            RetryShed::Never => return None,
+            RetryShed::Always if req.ttft.is_some_and(|left| left <= 0.0) => return None,
+            RetryShed::Always => (0..n).filter(|i| tried.contains(i)).collect(),
+            RetryShed::InTime => {
+                let spare = |i: usize| {
+                    let s = &stats[i];
+                    let fresh =
+                        req.prompt_len.saturating_sub(s.cached_prefix_blocks(req.block_hashes) * req.block_size);
+                    s.waiting + self.sent[i].requests == 0 && req.in_time(s, fresh as u64)
+                };
+                (0..n).filter(|&i| tried.contains(&i) || !spare(i)).collect()
+            }
         };
-        let avoid: Vec<usize> = (0..n).filter(|&i| tried.contains(&i) || !spare(i)).collect();
         (avoid.len() < n).then(|| self.choose_except(req, stats, &avoid))
     }
 
@@ -481,27 +539,55 @@ mod tests {
     }
 
     #[test]
-    fn a_shed_request_goes_on_only_to_a_replica_with_spare_capacity_in_time() {
+    fn in_time_sends_a_shed_request_on_only_to_a_replica_with_spare_capacity_in_time() {
         // 10,000 prompt tokens a second; replica 0 shed it, replica 1 has requests waiting,
         // replicas 2 and 3 none.
         let hashes: Vec<BlockHash> = (1..=50).collect(); // an 800-token prompt: 0.08 s to prefill
         let s = vec![stats(0, 5000, &[]), stats(3, 5000, &[]), stats(0, 5000, &[]), stats(0, 5000, &[])];
         let mut r = Router::new(RouterKind::Forecast, 0);
-        assert!(matches!(r.retry_target(&within(&hashes, 5.0), &s, &[0]), Some(2 | 3)));
-        assert_eq!(r.retry_target(&within(&hashes, 5.0), &s, &[0, 2, 3]), None, "only a busy replica is left");
-        assert_eq!(r.retry_target(&within(&hashes, 0.05), &s, &[0]), None, "its prefill alone takes 0.08 s");
+        assert!(matches!(r.retry_target(&within(&hashes, 5.0), &s, &[0], RetryShed::InTime), Some(2 | 3)));
+        assert_eq!(
+            r.retry_target(&within(&hashes, 5.0), &s, &[0, 2, 3], RetryShed::InTime),
+            None,
+            "only a busy replica is left"
+        );
+        assert_eq!(
+            r.retry_target(&within(&hashes, 0.05), &s, &[0], RetryShed::InTime),
+            None,
+            "its prefill alone takes 0.08 s"
+        );
         // What the router sent since the stats were published counts as waiting: one retry per
         // idle replica.
         let mut r = Router::new(RouterKind::Forecast, 0);
-        let first = r.retry_target(&within(&hashes, 5.0), &s, &[0]).unwrap();
-        let second = r.retry_target(&within(&hashes, 5.0), &s, &[0]).unwrap();
+        let first = r.retry_target(&within(&hashes, 5.0), &s, &[0], RetryShed::InTime).unwrap();
+        let second = r.retry_target(&within(&hashes, 5.0), &s, &[0], RetryShed::InTime).unwrap();
         assert_ne!(first, second);
-        assert_eq!(r.retry_target(&within(&hashes, 5.0), &s, &[0]), None);
+        assert_eq!(r.retry_target(&within(&hashes, 5.0), &s, &[0], RetryShed::InTime), None);
         // No first-token bound, or no measured rate: the time check passes.
         let mut r = Router::new(RouterKind::Forecast, 0);
-        assert!(matches!(r.retry_target(&req(&hashes), &s, &[0]), Some(2 | 3)));
+        assert!(matches!(r.retry_target(&req(&hashes), &s, &[0], RetryShed::InTime), Some(2 | 3)));
         let unmeasured: Vec<ReplicaStats> = s.iter().map(|x| ReplicaStats { prefill_rate: 0.0, ..x.clone() }).collect();
-        assert!(matches!(r.retry_target(&within(&hashes, 0.01), &unmeasured, &[0]), Some(2 | 3)));
+        assert!(matches!(r.retry_target(&within(&hashes, 0.01), &unmeasured, &[0], RetryShed::InTime), Some(2 | 3)));
+    }
+
+    #[test]
+    fn always_sends_a_shed_request_to_any_replica_not_tried_while_its_first_token_bound_holds() {
+        let hashes: Vec<BlockHash> = (1..=50).collect();
+        // Replica 1 is busy and too slow for the bound: "always" sends there all the same.
+        let s = vec![stats(0, 5000, &[]), stats(30, 5000, &[])];
+        for kind in RouterKind::ALL {
+            let mut r = Router::new(kind, 0);
+            assert_eq!(r.retry_target(&within(&hashes, 0.05), &s, &[0], RetryShed::Always), Some(1), "{kind}");
+            assert_eq!(r.retry_target(&within(&hashes, 0.05), &s, &[0], RetryShed::InTime), None, "{kind}");
+            assert_eq!(r.retry_target(&within(&hashes, 5.0), &s, &[0, 1], RetryShed::Always), None, "every one tried");
+            assert_eq!(r.retry_target(&within(&hashes, 0.0), &s, &[0], RetryShed::Always), None, "its bound passed");
+            assert_eq!(r.retry_target(&req(&hashes), &s, &[0], RetryShed::Always), Some(1), "no bound");
+            assert_eq!(r.retry_target(&within(&hashes, 5.0), &s, &[0], RetryShed::Never), None);
+        }
+        assert_eq!(RetryShed::default(), RetryShed::Always);
+        assert_eq!("in-time".parse::<RetryShed>().unwrap(), RetryShed::InTime);
+        let e = "sometimes".parse::<RetryShed>().unwrap_err().to_string();
+        assert!(e.contains("always, in-time, never"), "{e}");
     }
 
     #[test]

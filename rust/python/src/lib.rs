@@ -152,7 +152,7 @@ fn synthetic_trace(dist: &str, n: usize, seed: u64) -> PyResult<PyTrace> {
     history = None, history_prior = None, history_prior_weight = None, scenarios = None, quantile = None,
     redraw = false, fitted_tail = false, censoring = None, bootstrap = true, linear_tail = true, max_admit_per_step = None,
     long_prefill_token_threshold = None, queue = "fcfs", slo_classes = None, preemption = None,
-    replicas = None, router = "forecast", staleness = 1.0, max_long_partial_prefills = 1, retry_shed = "in-time",
+    replicas = None, router = "forecast", staleness = 1.0, max_long_partial_prefills = 1, retry_shed = "always",
 ))]
 #[allow(clippy::too_many_arguments)]
 fn simulate<'py>(
@@ -583,6 +583,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(bench_queue, m)?)?;
     m.add_function(wrap_pyfunction!(bench_route, m)?)?;
     m.add("ROUTERS", RouterKind::ALL.iter().map(|k| k.as_str()).collect::<Vec<_>>())?;
+    m.add("RETRY_RULES", horae_core::route::RetryShed::ALL.iter().map(|k| k.as_str()).collect::<Vec<_>>())?;
     cuda::register(m)?;
     route::register(m)?;
     m.add("MODEL_PRESETS", horae_core::sim::ModelSpec::PRESETS.to_vec())?;

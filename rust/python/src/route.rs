@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use horae_core::kv::hash::token_block_hashes;
-use horae_core::route::{BlockBloom, CachedBlocks, ReplicaStats, RouteRequest, Router, RouterKind};
+use horae_core::route::{BlockBloom, CachedBlocks, ReplicaStats, RetryShed, RouteRequest, Router, RouterKind};
 use horae_core::tokenizer::{checked_ids, Tokenizer};
 use horae_core::HoraeError;
 use pyo3::prelude::*;
@@ -127,9 +127,10 @@ impl PyRouter {
         })
     }
 
-    /// Where a request that replicas `tried` shed should go (`route::Router::retry_target`): a
-    /// replica with spare capacity that can give it its first token within `ttft` seconds, or None.
-    #[pyo3(signature = (token_ids, max_tokens, tried, ttft = None))]
+    /// Where a request that replicas `tried` shed, and that may wait `ttft` more seconds for its
+    /// first token, should go by `rule` (`RETRY_RULES`; `route::Router::retry_target`), or None.
+    #[pyo3(signature = (token_ids, max_tokens, tried, ttft = None, rule = "always"))]
+    #[allow(clippy::too_many_arguments)]
     fn retry_target(
         &mut self,
         py: Python<'_>,
@@ -137,9 +138,11 @@ impl PyRouter {
         max_tokens: usize,
         tried: Vec<usize>,
         ttft: Option<f64>,
+        rule: &str,
     ) -> PyResult<Option<usize>> {
+        let rule: RetryShed = rule.parse().map_err(to_py)?;
         self.with_request(py, &token_ids, max_tokens, ttft, |router, req, stats| {
-            router.retry_target(req, stats, &tried)
+            router.retry_target(req, stats, &tried, rule)
         })
     }
 }

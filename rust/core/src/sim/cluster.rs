@@ -15,7 +15,7 @@ use super::trace::Trace;
 use crate::engine::{Engine, VirtualClock};
 use crate::error::{HoraeError, Result};
 use crate::request::{FinishReason, RequestSpec};
-use crate::route::{ReplicaStats, RouteRequest, Router, RouterKind};
+use crate::route::{ReplicaStats, RetryShed, RouteRequest, Router, RouterKind};
 use crate::sched::{Scheduler, SchedulerStats};
 
 #[derive(Debug, Clone)]
@@ -28,40 +28,6 @@ pub struct ClusterConfig {
     pub staleness: f64,
     /// Where a request a replica shed is sent next.
     pub retry: RetryShed,
-}
-
-/// What happens to a request a replica shed (its deadline, or the SLO queue finding it hopeless).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum RetryShed {
-    /// To a replica with spare capacity that can still give it its first token in time
-    /// (`Router::retry_target`), as the Ray deployment's ingress does; failed where none can.
-    #[default]
-    InTime,
-    /// To any replica that has not turned it away yet.
-    Always,
-    /// Nowhere: the client gets the 503.
-    Never,
-}
-
-impl RetryShed {
-    pub const ALL: [RetryShed; 3] = [RetryShed::InTime, RetryShed::Always, RetryShed::Never];
-
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            RetryShed::InTime => "in-time",
-            RetryShed::Always => "always",
-            RetryShed::Never => "never",
-        }
-    }
-}
-
-impl std::str::FromStr for RetryShed {
-    type Err = HoraeError;
-    fn from_str(s: &str) -> Result<Self> {
-        RetryShed::ALL.into_iter().find(|k| k.as_str() == s.trim()).ok_or_else(|| {
-            HoraeError::InvalidConfig(format!("unknown retry rule {s:?}: expected in-time, always or never"))
-        })
-    }
 }
 
 /// One replica's share of a run.
@@ -196,12 +162,8 @@ pub fn simulate_cluster(trace: &Trace, cfg: &ClusterConfig) -> Result<ClusterRes
                     if r.finish_reason() == Some(FinishReason::Timeout) {
                         // Shed before it cost anything: the router may send it elsewhere.
                         let spec = trace_request(trace, i, sim, reqs[i].arrival);
-                        let target = as_routed(&spec, i, sim, now - reqs[i].arrival, |req| match cfg.retry {
-                            RetryShed::InTime => router.retry_target(req, &stats, &tried[i]),
-                            RetryShed::Always if tried[i].len() < engines.len() => {
-                                Some(router.choose_except(req, &stats, &tried[i]))
-                            }
-                            _ => None,
+                        let target = as_routed(&spec, i, sim, now - reqs[i].arrival, |req| {
+                            router.retry_target(req, &stats, &tried[i], cfg.retry)
                         });
                         if let Some(j) = target {
                             tried[i].push(j);

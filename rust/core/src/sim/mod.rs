@@ -9,7 +9,7 @@ pub mod runner;
 pub mod trace;
 pub mod workload;
 
-pub use cluster::{simulate_cluster, ClusterConfig, ClusterResult, ReplicaReport, RetryShed};
+pub use cluster::{simulate_cluster, ClusterConfig, ClusterResult, ReplicaReport};
 pub use cost_model::{CostModel, HardwareSpec, ModelSpec, StepFeatures};
 pub use executor::{Acceptance, SimExecutor};
 pub use report::{Percentiles, RequestRecord, Summary};
