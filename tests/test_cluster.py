@@ -291,3 +291,17 @@ def test_a_request_a_replica_sheds_is_retried_on_another(cluster):
             for fam in text_string_to_metric_families(_get(c, "/metrics/replicas")) for s in fam.samples
             if s.name == "horae:request_success_total"]
     assert sum(v for _, why, v in ends if why == "timeout") == 1, ends
+
+
+def test_a_resend_carries_what_is_left_of_the_first_token_bound():
+    """A replica counts a request's bounds from when the request reaches it; the ingress resends
+    a shed request with the first-token bound it has left, and keeps its other bounds."""
+    from horae import SamplingParams
+    from horae.cluster.ingress import with_ttft_left
+
+    p = SamplingParams(max_tokens=4, slo={"max_itl": 1.5, "ttft": 10.0})
+    q = with_ttft_left(p, 2.5)
+    assert q.slo == {"max_itl": 1.5, "ttft": 2.5} and q.max_tokens == 4
+    assert p.slo == {"max_itl": 1.5, "ttft": 10.0}, "the client's own params are not changed"
+    assert with_ttft_left(SamplingParams(), 3.0).slo == {"ttft": 3.0}  # the replica's default fills the rest
+    assert with_ttft_left(p, None) is p  # no bound: nothing to carry

@@ -12,6 +12,7 @@ handle. So the routes, checks, errors and streams are the server's, written once
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import zlib
 from pathlib import Path
@@ -87,6 +88,7 @@ class RemoteLLM:
                             left = None if ttft is None else arrival + ttft - time.monotonic()
                             target = published.retry_target(REPLICAS, ids, params.max_tokens, tried, left)
                             if target is not None:
+                                params = with_ttft_left(params, left)
                                 break
                         raise out.error()
                     else:
@@ -98,6 +100,16 @@ class RemoteLLM:
 
     def _live_replicas(self) -> Dict[str, Dict[str, Any]]:
         return published.replica_stats(REPLICAS)
+
+
+def with_ttft_left(params: SamplingParams, left) -> SamplingParams:
+    """`params` for a resend: a replica counts a request's first-token bound from when the request
+    reaches it, so a resend carries what is left of the bound (`left` seconds; None: no bound).
+    Its SLO queue then judges it by the time it really has, as the cluster simulator does, instead
+    of starting the bound afresh and serving it after the client's bound has passed."""
+    if left is None:
+        return params
+    return dataclasses.replace(params, slo={**(params.slo or {}), "ttft": max(left, 1e-3)})
 
 
 async def _replica_errors(stream, request_id: str) -> AsyncIterator[Union[RequestOutput, Refusal]]:
