@@ -16,7 +16,7 @@ import httpx
 import openai
 import pytest
 
-from horae.async_llm import AsyncLLM
+from horae.async_llm import AsyncLLM, RequestDroppedError
 from horae.llm import SamplingParams
 from horae.serve import ServerConfig, ServerThread, build_app
 
@@ -497,6 +497,29 @@ def _behind_a_long_request(srv, body):
         second = httpx.post(srv.url + "/v1/completions", json=body, timeout=120)
         waited = time.monotonic() - t0
         return first.result().usage, second, waited
+
+
+def test_the_slo_queue_serves_short_requests_after_a_one_token_start():
+    """The SLO queue's step model, fitted to steps of one token only (a one-token prompt and its
+    decode steps), once predicted a full prefill step at 2,048 times a decode step and shed every
+    later short request at once; an idle server with a 10 s first-token bound serves them all."""
+    llm = AsyncLLM(kv_cache_tokens=1024, queue="slo", slo={"ttft": 10.0})
+
+    async def main():
+        ends = []
+        for i in range(4):
+            try:
+                outs = [o async for o in llm.generate("Hi", SamplingParams(max_tokens=2), f"hi-{i}")]
+                ends.append(outs[-1].outputs[0].finish_reason)
+            except RequestDroppedError as e:
+                ends.append(e.reason)
+        return ends
+
+    try:
+        assert len(llm.engine.prompt_token_ids("Hi")[1]) == 1, "the case needs a one-token prompt"
+        assert asyncio.run(main()) == ["length"] * 4
+    finally:
+        llm.shutdown()
 
 
 def test_queue_deadline_answers_503_and_the_engine_goes_on():

@@ -111,8 +111,12 @@ impl StepTimes {
             let b = ((self.xy / self.w - mx * my) / var).max(0.0);
             ((my - b * mx).max(0.0), b)
         } else {
-            // Every step the same size so far: all of it per token.
-            (0.0, my / mx)
+            // Every step the same size so far: a step costs what they did, whatever its size,
+            // until steps of another size show how it grows. All of it per token instead took a
+            // server whose first request had a one-token prompt (1-token steps only) to predict
+            // a 2,048-token step at 2,048 times a decode step, and shed every later short
+            // request at once as hopeless.
+            (my, 0.0)
         }
     }
 
@@ -254,10 +258,13 @@ mod tests {
         // 2,500 tokens at 1,000 a step: three full steps to the first token; two queue ahead.
         assert!((t.prefill(2500, 1000) - 0.36).abs() < 1e-6);
         assert!((t.queueing(2500, 1000) - 0.24).abs() < 1e-6);
-        // All steps one size: all per token.
+        // All steps one size: what they cost, at any size, until another size is seen.
         let mut u = StepTimes::default();
-        u.observe(10, 0.5);
-        assert!((u.step(20) - 1.0).abs() < 1e-12);
+        u.observe(1, 0.01);
+        u.observe(1, 0.01);
+        assert!((u.step(2048) - 0.01).abs() < 1e-12, "{}", u.step(2048));
+        u.observe(101, 0.02);
+        assert!(u.step(2048) > 0.1, "then the line: {}", u.step(2048));
     }
 
     #[test]
