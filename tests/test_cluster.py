@@ -266,14 +266,15 @@ def test_cli_names_bad_replica_options():
 
 def test_a_request_a_replica_sheds_is_retried_on_another(cluster):
     """Last in the module: it redeploys the application with other engine settings. Each replica
-    runs one request at a time and drops one still waiting after 1 s (the queue deadline, 503
-    there). Round-robin sends the third request to the replica still busy with the first; that
-    replica sheds it, and the ingress sends it to the other, so the client sees an answer."""
+    runs one request at a time with the SLO queue and a 2 s first-token bound, so a request that
+    cannot start within it is shed at once (503 there). Round-robin sends the third request to
+    the replica still busy with the first; that replica sheds it, and the ingress sends it (with
+    its first arrival, `arrival_time`) to the other, so the client sees an answer."""
     from horae.cluster import serve_replicas
 
     port = int(cluster.url.rsplit(":", 1)[1])  # Serve's proxy keeps the port it started on
     c = serve_replicas(replicas=2, router="round-robin", port=port, kv_cache_tokens=4096, seed=0,
-                       max_num_seqs=1, queue_timeout=1.0)
+                       max_num_seqs=1, queue="slo", slo={"ttft": 2.0})
     _wait_until(lambda: _replica_series(c) == 2, 60, "both replicas publishing")
     long = {"model": MODEL, "prompt": "Write a long story.", "max_tokens": 400, "ignore_eos": True}
     short = {"model": MODEL, "prompt": "Hi", "max_tokens": 2}
@@ -292,16 +293,3 @@ def test_a_request_a_replica_sheds_is_retried_on_another(cluster):
             if s.name == "horae:request_success_total"]
     assert sum(v for _, why, v in ends if why == "timeout") == 1, ends
 
-
-def test_a_resend_carries_what_is_left_of_the_first_token_bound():
-    """A replica counts a request's bounds from when the request reaches it; the ingress resends
-    a shed request with the first-token bound it has left, and keeps its other bounds."""
-    from horae import SamplingParams
-    from horae.cluster.ingress import with_ttft_left
-
-    p = SamplingParams(max_tokens=4, slo={"max_itl": 1.5, "ttft": 10.0})
-    q = with_ttft_left(p, 2.5)
-    assert q.slo == {"max_itl": 1.5, "ttft": 2.5} and q.max_tokens == 4
-    assert p.slo == {"max_itl": 1.5, "ttft": 10.0}, "the client's own params are not changed"
-    assert with_ttft_left(SamplingParams(), 3.0).slo == {"ttft": 3.0}  # the replica's default fills the rest
-    assert with_ttft_left(p, None) is p  # no bound: nothing to carry

@@ -522,6 +522,34 @@ def test_the_slo_queue_serves_short_requests_after_a_one_token_start():
         llm.shutdown()
 
 
+def test_a_request_that_waited_elsewhere_keeps_its_first_arrival():
+    """`arrival_time` (vLLM's; what the Ray ingress sends with a resend): the queue deadline and
+    the request's times count from its first arrival, not from when it reached this engine."""
+    llm = AsyncLLM(kv_cache_tokens=1024, queue_timeout=5.0)
+    ttft = {}  # what /metrics observes, by request
+    llm.listeners.append(lambda outs, stats, touched: ttft.update(
+        {rid: t.ttft for rid, t in touched.items() if t.ttft is not None}))
+
+    async def main():
+        p = SamplingParams(max_tokens=2)
+        with pytest.raises(RequestDroppedError) as dropped:
+            async for _ in llm.generate("Hi", p, "late", arrival_time=time.time() - 10):
+                pass
+        assert dropped.value.reason == "timeout"
+        outs = [o async for o in llm.generate("Hi", p, "fresh", arrival_time=time.time() - 1)]
+        assert outs[-1].finished and len(outs[-1].outputs[0].token_ids) == 2
+        assert ttft["fresh"] >= 1.0, "its first token counts from its first arrival"
+        with pytest.raises(ValueError, match="arrival_time must be a finite number of seconds"):
+            async for _ in llm.generate("Hi", p, "bad", arrival_time=float("nan")):
+                pass
+
+    try:
+        asyncio.run(main())
+        assert not llm.engine.has_unfinished_requests()
+    finally:
+        llm.shutdown()
+
+
 def test_queue_deadline_answers_503_and_the_engine_goes_on():
     """With the server's queue deadline, a request still waiting when it passes gets a 503 with
     Retry-After and code queue_timeout (it cost no compute), /metrics counts it, and the server

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import AsyncIterator, Callable, Dict, List, Optional, Union
 
+from horae.checks import waited_since
 from horae.llm import Engine, PromptType, RequestOutput, SamplingParams
 
 
@@ -140,15 +141,18 @@ class AsyncLLM:
                 self.engine.abort(rid)
 
     async def generate(self, prompt: PromptType, sampling_params: Optional[SamplingParams] = None,
-                       request_id: Optional[str] = None) -> AsyncIterator[RequestOutput]:
+                       request_id: Optional[str] = None,
+                       arrival_time: Optional[float] = None) -> AsyncIterator[RequestOutput]:
         """Stream a request's outputs (cumulative, as vLLM's default); the last has `finished`.
         Bad input raises before anything is queued. Closing or cancelling the stream aborts the
-        request, and its KV blocks are freed before the next step."""
+        request, and its KV blocks are freed before the next step. `arrival_time`: as
+        `Engine.add_request`'s (a request that waited elsewhere first; its times count from then)."""
         self._ensure_started()
-        rid = self.engine.add_request(request_id, prompt, sampling_params)
+        waited = waited_since(arrival_time)
+        rid = self.engine.add_request(request_id, prompt, sampling_params, arrival_time=arrival_time)
         q: asyncio.Queue = asyncio.Queue()
         self._streams[rid] = q
-        self.times[rid] = RequestTimes(time.monotonic())
+        self.times[rid] = RequestTimes(time.monotonic() - waited)
         finished = False
         try:
             while not finished:

@@ -3,6 +3,8 @@ is a ValueError naming the argument rather than a conversion error from the bind
 
 from __future__ import annotations
 
+import math
+import time
 from typing import Optional
 
 
@@ -26,3 +28,14 @@ def slo_dict(value: object, name: str = "slo") -> Optional[dict]:
         if not isinstance(k, str) or isinstance(v, bool) or not isinstance(v, (int, float)):
             raise ValueError(f"{name} maps a bound's name to seconds, got {k!r}: {v!r}")
     return {k: float(v) for k, v in value.items()}
+
+
+def waited_since(arrival_time: object) -> float:
+    """Seconds since `arrival_time` (`time.time()` of a request's first arrival; None: now), never
+    below 0 (another host's clock may run a little ahead); a ValueError for anything but a finite
+    number of seconds."""
+    if arrival_time is None:
+        return 0.0
+    if isinstance(arrival_time, bool) or not isinstance(arrival_time, (int, float)) or not math.isfinite(arrival_time):
+        raise ValueError(f"arrival_time must be a finite number of seconds (time.time()), got {arrival_time!r}")
+    return max(0.0, time.time() - float(arrival_time))

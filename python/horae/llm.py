@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from horae import _core
-from horae.checks import optional_positive_int, slo_dict
+from horae.checks import optional_positive_int, slo_dict, waited_since
 from horae.models import resolve_model
 from horae.priors import Prior, resolve_prior
 
@@ -431,10 +431,14 @@ class Engine:
         raise TypeError(f"a prompt is a string or {{'prompt_token_ids': [...]}}, got {type(prompt).__name__}")
 
     # -- requests ---------------------------------------------------------------------------
-    def add_request(self, request_id: Optional[str], prompt: PromptType, params: Optional[SamplingParams] = None) -> str:
+    def add_request(self, request_id: Optional[str], prompt: PromptType, params: Optional[SamplingParams] = None,
+                    arrival_time: Optional[float] = None) -> str:
         """Queue a request; returns its id. Bad input raises `ValueError` (or `TypeError`) before
-        anything is queued."""
+        anything is queued. `arrival_time` (vLLM's: `time.time()` when the request first arrived,
+        default now) is for a request that waited elsewhere first, as a router's resend: its
+        latency bounds and the queue deadline count from then."""
         params = params or SamplingParams()
+        waited = waited_since(arrival_time)
         if not isinstance(params, SamplingParams):
             raise TypeError("params must be a horae.SamplingParams")
         request_id = str(next(self._ids)) if request_id is None else str(request_id)
@@ -458,7 +462,7 @@ class Engine:
                     presence_penalty=params.presence_penalty, frequency_penalty=params.frequency_penalty,
                     seed=seed, ignore_eos=params.ignore_eos, logprobs=params.logprobs, min_tokens=params.min_tokens,
                     prompt_logprobs=params.prompt_logprobs if index == 0 else None, stop=params.stop,
-                    stop_token_ids=params.stop_token_ids, slo=slo, priority=params.priority)
+                    stop_token_ids=params.stop_token_ids, slo=slo, priority=params.priority, waited=waited)
             except OverflowError as e:  # a token id past 64 bits: a bad value, not a server fault
                 raise ValueError(f"a token id is out of range: {e}") from None
 

@@ -12,11 +12,10 @@ handle. So the routes, checks, errors and streams are the server's, written once
 
 from __future__ import annotations
 
-import dataclasses
 import time
 import zlib
 from pathlib import Path
-from typing import Any, AsyncIterator, Dict, List, Union
+from typing import Any, AsyncIterator, Dict, List, Optional, Union
 
 from horae import _core
 from horae.async_llm import EngineDeadError
@@ -41,6 +40,9 @@ class RemoteLLM:
         self.handle = handle
         #: The replicas' default SLO (what a request's own leaves out): a retry's time budget.
         self.default_slo: Dict[str, float] = info.get("slo") or {}
+        #: The replicas' queue deadline: past it (from the first arrival) every replica drops the
+        #: request unstarted, so a retry's time budget ends there too.
+        self.queue_timeout: Optional[float] = info.get("queue_timeout")
         self.model_dir = Path(info["model_dir"])
         self.max_request_tokens = info["max_request_tokens"]
         self._tokenizer = _core.Tokenizer(str(self.model_dir), info["vocab_size"])
@@ -65,8 +67,12 @@ class RemoteLLM:
     async def generate(self, prompt: Dict[str, List[int]], params: SamplingParams,
                        request_id: str) -> AsyncIterator[RequestOutput]:
         ids, tried, target = list(prompt["prompt_token_ids"]), [], None
-        arrival = time.monotonic()
-        ttft = (params.slo or {}).get("ttft", self.default_slo.get("ttft"))
+        arrival, arrival_time = time.monotonic(), time.time()
+        # The seconds it may wait for its first token: its TTFT bound or the queue deadline,
+        # whichever ends first (as `route::first_token_bound` in the simulator).
+        bounds = [b for b in ((params.slo or {}).get("ttft", self.default_slo.get("ttft")), self.queue_timeout)
+                  if b is not None]
+        ttft = min(bounds) if bounds else None
         self._started[request_id] = False
         try:
             while True:
@@ -74,7 +80,10 @@ class RemoteLLM:
                 # replica, and the seconds it may still wait for its first token.
                 left = None if ttft is None else arrival + ttft - time.monotonic()
                 route = {"tried": list(tried), "replica": target, "ttft": left}
-                stream = self.handle.options(stream=True).generate.remote(ids, params, request_id, route=route)
+                # Every send carries the first arrival: a replica counts the request's bounds and
+                # queue deadline from it, so a resend does not start them afresh.
+                stream = self.handle.options(stream=True).generate.remote(ids, params, request_id, route=route,
+                                                                          arrival_time=arrival_time)
                 try:
                     async for out in _replica_errors(stream, request_id):
                         if not isinstance(out, Refusal):
@@ -88,7 +97,6 @@ class RemoteLLM:
                             left = None if ttft is None else arrival + ttft - time.monotonic()
                             target = published.retry_target(REPLICAS, ids, params.max_tokens, tried, left)
                             if target is not None:
-                                params = with_ttft_left(params, left)
                                 break
                         raise out.error()
                     else:
@@ -100,16 +108,6 @@ class RemoteLLM:
 
     def _live_replicas(self) -> Dict[str, Dict[str, Any]]:
         return published.replica_stats(REPLICAS)
-
-
-def with_ttft_left(params: SamplingParams, left) -> SamplingParams:
-    """`params` for a resend: a replica counts a request's first-token bound from when the request
-    reaches it, so a resend carries what is left of the bound (`left` seconds; None: no bound).
-    Its SLO queue then judges it by the time it really has, as the cluster simulator does, instead
-    of starting the bound afresh and serving it after the client's bound has passed."""
-    if left is None:
-        return params
-    return dataclasses.replace(params, slo={**(params.slo or {}), "ttft": max(left, 1e-3)})
 
 
 async def _replica_errors(stream, request_id: str) -> AsyncIterator[Union[RequestOutput, Refusal]]:

@@ -40,7 +40,9 @@ class Refusal:
 
 class HoraeReplica:
     """`generate` streams one request's cumulative outputs. `route` is for the router
-    (`horae.cluster.router`, which reads the call's arguments) and is not used here."""
+    (`horae.cluster.router`, which reads the call's arguments) and is not used here;
+    `arrival_time` is when the request reached the ingress (`time.time()`), so that a resent
+    request's bounds and queue deadline count from its first arrival, as the simulator's do."""
 
     def __init__(self, model: Optional[str], engine_args: Dict[str, Any], model_name: str):
         from ray import serve
@@ -52,14 +54,17 @@ class HoraeReplica:
             engine_args = {**engine_args, "history_file": path.with_name(f"{path.stem}.replica{ctx.rank.rank}{path.suffix}")}
         self.llm = AsyncLLM(model, **engine_args)
         self.default_slo = dict(engine_args.get("slo") or {})
+        self.queue_timeout: Optional[float] = engine_args.get("queue_timeout")
         self.metrics = EngineMetrics(self.llm, model_name)
         self.replica_id = ctx.replica_id.to_full_id_str()
         self._published = itertools.count()
 
     async def generate(self, prompt_token_ids: List[int], params: SamplingParams, request_id: str,
-                       route: Optional[Dict[str, Any]] = None) -> AsyncIterator[Union[RequestOutput, Refusal]]:
+                       route: Optional[Dict[str, Any]] = None,
+                       arrival_time: Optional[float] = None) -> AsyncIterator[Union[RequestOutput, Refusal]]:
         try:
-            async for out in self.llm.generate({"prompt_token_ids": prompt_token_ids}, params, request_id):
+            async for out in self.llm.generate({"prompt_token_ids": prompt_token_ids}, params, request_id,
+                                               arrival_time=arrival_time):
                 yield out
         except RequestDroppedError as e:
             yield Refusal(str(e), dropped=e.reason, request_id=request_id, replica=self.replica_id)
@@ -69,7 +74,8 @@ class HoraeReplica:
     def info(self) -> Dict[str, Any]:
         eng = self.llm.engine
         return {"model_dir": str(eng.model_dir), "vocab_size": eng.vocab_size,
-                "max_request_tokens": eng.max_request_tokens, "replica": self.replica_id, "slo": self.default_slo}
+                "max_request_tokens": eng.max_request_tokens, "replica": self.replica_id, "slo": self.default_slo,
+                "queue_timeout": self.queue_timeout}
 
     async def record_routing_stats(self) -> Dict[str, Any]:
         """What the router decides with (see `_core.Engine.routing_stats`: the queue, the forecast

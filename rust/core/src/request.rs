@@ -259,6 +259,10 @@ pub struct RequestParams {
     pub stop_token_ids: Vec<i64>,
     pub slo: Slo,
     pub priority: i64,
+    /// Seconds the request had already waited when it reached this engine (vLLM's
+    /// `arrival_time`, relative: a router's resend, or a front end's own queue): its latency
+    /// bounds and the queue deadline count from its first arrival, not from this one. 0 by default.
+    pub waited: f64,
 }
 
 /// A refusal of `param`'s value.
@@ -336,6 +340,12 @@ impl RequestParams {
             e => e,
         })?;
         self.slo.validate()?;
+        if !(self.waited.is_finite() && self.waited >= 0.0) {
+            return Err(invalid_at(
+                "waited",
+                format!("waited must be a finite number of seconds >= 0, got {}", self.waited),
+            ));
+        }
         if sampling.min_tokens > max_tokens {
             return Err(invalid_at(
                 "min_tokens",

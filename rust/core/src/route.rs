@@ -72,8 +72,9 @@ impl FromStr for RouterKind {
 /// goes next: the Ray ingress and the cluster simulator both ask `Router::retry_target`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum RetryShed {
-    /// To any replica that has not turned it away yet, while its first-token bound has not
-    /// passed (after that no replica can meet it, and the client gets the 503 at once).
+    /// To any replica that has not turned it away yet, while its first-token bound (and the
+    /// queue deadline, `first_token_bound`) has not passed (after that no replica can meet it,
+    /// and the client gets the 503 at once).
     #[default]
     Always,
     /// Only to a replica with spare capacity (nothing waiting) that can still prefill it within
@@ -227,9 +228,19 @@ pub struct RouteRequest<'a> {
     pub block_size: usize,
     pub prompt_len: usize,
     pub max_tokens: usize,
-    /// Seconds it may still wait for its first token (its TTFT bound less what it has waited);
-    /// None without a bound.
+    /// Seconds it may still wait for its first token (its TTFT bound or the queue deadline,
+    /// whichever ends first, less what it has waited); None without either.
     pub ttft: Option<f64>,
+}
+
+/// How long after its first arrival a request may wait for its first token: its TTFT bound or
+/// the queue deadline, whichever ends first (both count from the first arrival, at any replica:
+/// past the deadline every replica drops it unstarted, so resending it would be futile).
+pub fn first_token_bound(ttft: Option<f64>, queue_timeout: Option<f64>) -> Option<f64> {
+    match (ttft, queue_timeout) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
 }
 
 impl RouteRequest<'_> {

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::sync::mpsc;
 use std::time::Duration;
 
-use horae_core::engine::{build, EngineArgs, EngineHandle, EngineInfo, RequestOutput};
+use horae_core::engine::{build, EngineArgs, EngineHandle, EngineInfo, RequestOutput, ServerRules};
 use horae_core::request::{FinishReason, RequestParams, StopReason};
 use horae_core::sample::SamplingParams;
 use horae_core::HoraeError;
@@ -157,4 +157,34 @@ fn the_step_thread_serves_and_an_abort_frees_its_blocks() {
     let loop_thread = h.stop_loop().unwrap();
     go_tx.send(()).unwrap();
     loop_thread.join().unwrap();
+}
+
+#[test]
+fn a_request_that_waited_elsewhere_keeps_its_first_arrival() {
+    // A router's resend (the Ray ingress) says how long the request already waited: the queue
+    // deadline counts from its first arrival. With a 5 s deadline, one that waited 10 s is
+    // dropped at the next step, having cost nothing; one that waited 1 s is served.
+    let rules = ServerRules { queue_timeout: Some(5.0), ..Default::default() };
+    let args = EngineArgs {
+        device: "cpu".into(),
+        kv_cache_tokens: Some(1024),
+        seed: Some(1),
+        rules,
+        ..EngineArgs::new(model_dir())
+    };
+    let (h, _) = build(args).unwrap();
+    let late = h.add_request(RequestParams { waited: 10.0, ..greedy(vec![5; 8], 4) }).unwrap();
+    let fresh = h.add_request(RequestParams { waited: 1.0, ..greedy(vec![6; 8], 4) }).unwrap();
+    let outs = run(&h);
+    assert_eq!(outs[&late].last().unwrap().finish_reason, Some(FinishReason::Timeout));
+    assert_eq!(outs[&fresh].last().unwrap().finish_reason, Some(FinishReason::Length));
+    for bad in [-1.0, f64::NAN, f64::INFINITY] {
+        match h.add_request(RequestParams { waited: bad, ..greedy(vec![5], 4) }) {
+            Err(HoraeError::BadRequest { param, message }) => {
+                assert_eq!(param, Some("waited"));
+                assert!(message.contains("finite number of seconds >= 0"), "{message}");
+            }
+            other => panic!("expected a refusal of waited={bad}, got {other:?}"),
+        }
+    }
 }

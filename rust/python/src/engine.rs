@@ -256,7 +256,7 @@ impl PyEngine {
     #[pyo3(signature = (prompt_token_ids, *, max_tokens = Some(16), temperature = 1.0, top_k = 0, top_p = 1.0,
                         min_p = 0.0, repetition_penalty = 1.0, presence_penalty = 0.0, frequency_penalty = 0.0,
                         seed = None, ignore_eos = false, logprobs = None, min_tokens = 0, prompt_logprobs = None,
-                        stop = Vec::new(), stop_token_ids = Vec::new(), slo = None, priority = 0))]
+                        stop = Vec::new(), stop_token_ids = Vec::new(), slo = None, priority = 0, waited = 0.0))]
     #[allow(clippy::too_many_arguments)]
     fn add_request(
         &self,
@@ -278,6 +278,7 @@ impl PyEngine {
         stop_token_ids: Vec<i64>,
         slo: Option<HashMap<String, f64>>,
         priority: i64,
+        waited: f64,
     ) -> PyResult<u64> {
         let sampling = SamplingParams {
             temperature,
@@ -303,6 +304,7 @@ impl PyEngine {
             stop_token_ids,
             slo: slo_arg(slo)?,
             priority,
+            waited,
         };
         self.handle.add_request(params).map_err(to_py)
     }

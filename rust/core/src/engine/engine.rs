@@ -544,7 +544,8 @@ impl EngineState {
 
 #[derive(Default)]
 struct Inbox {
-    adds: Vec<(ReqId, RequestSpec)>,
+    /// Each with the seconds it had waited before it came (`RequestParams::waited`).
+    adds: Vec<(ReqId, RequestSpec, f64)>,
     aborts: Vec<ReqId>,
 }
 
@@ -570,7 +571,10 @@ impl Shared {
     fn engine(&self) -> MutexGuard<'_, EngineState> {
         let mut st = lock(&self.state);
         let inbox = std::mem::take(&mut *lock(&self.inbox));
-        for (id, spec) in inbox.adds {
+        for (id, mut spec, waited) in inbox.adds {
+            if waited > 0.0 {
+                spec.arrival = Some(st.engine.now() - waited);
+            }
             if let Err(e) = st.engine.add_request_with_id(id, spec) {
                 let error = Some(e.to_string());
                 st.refused.push(RequestOutput {
@@ -716,9 +720,10 @@ impl EngineHandle {
 
     /// Check a request and queue it; returns its id. Never waits for a running step.
     pub fn add_request(&self, params: RequestParams) -> Result<ReqId> {
+        let waited = params.waited;
         let spec = params.into_spec(&self.limits)?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        self.push(|inbox| inbox.adds.push((id, spec)));
+        self.push(|inbox| inbox.adds.push((id, spec, waited)));
         Ok(id)
     }
 

@@ -15,7 +15,7 @@ use super::trace::Trace;
 use crate::engine::{Engine, VirtualClock};
 use crate::error::{HoraeError, Result};
 use crate::request::{FinishReason, RequestSpec};
-use crate::route::{ReplicaStats, RetryShed, RouteRequest, Router, RouterKind};
+use crate::route::{first_token_bound, ReplicaStats, RetryShed, RouteRequest, Router, RouterKind};
 use crate::sched::{Scheduler, SchedulerStats};
 
 #[derive(Debug, Clone)]
@@ -67,7 +67,7 @@ fn as_routed<T>(spec: &RequestSpec, i: usize, cfg: &SimConfig, waited: f64, f: i
         block_size,
         prompt_len: spec.prompt.len(),
         max_tokens: spec.max_tokens,
-        ttft: spec.slo.or(&cfg.sched.default_slo).ttft.map(|t| t - waited),
+        ttft: first_token_bound(spec.slo.or(&cfg.sched.default_slo).ttft, cfg.rules.queue_timeout).map(|t| t - waited),
     })
 }
 
