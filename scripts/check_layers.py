@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # docs/architecture.md (none of them do).
 RUST_LAYERS = [
     ["error"],
+    ["names"],
     ["stepcost", "sample", "kv", "tokenizer"],
     ["request", "route"],
     ["plan"],

@@ -586,7 +586,7 @@ def test_slo_queue_sheds_a_request_that_cannot_meet_its_slo_with_a_503():
                                            extra_body={"slo": {"ttft": 60}, "priority": 1})
         assert served.usage.completion_tokens <= 3
         _assert_idle(srv)
-    with pytest.raises(ValueError, match="fcfs or slo"):
+    with pytest.raises(ValueError, match="expected one of fcfs, slo"):
         AsyncLLM(kv_cache_tokens=1024, queue="edf")
     with pytest.raises(ValueError, match="slo.ttft"):
         AsyncLLM(kv_cache_tokens=1024, slo={"ttft": 0})

@@ -163,10 +163,10 @@ def test_requests_bigger_than_the_pool_are_rejected_not_hung(sample):
         ({"sla": {"latency": 1.0}}, "unknown SLA"),
         ({"sla": {"ttft": -1.0}}, "positive"),
         ({"rate_scale": 1.0, "clients": 4}, "not both"),
-        ({"queue": "edf"}, "fcfs or slo"),
+        ({"queue": "edf"}, "expected one of fcfs, slo"),
         ({"slo_classes": [{"deadline": 1.0}]}, "unknown slo key"),
         ({"slo_classes": [{"ttft": 0}]}, "slo.ttft must be a positive"),
-        ({"preemption": "random"}, "newest or least-loss"),
+        ({"preemption": "random"}, "expected one of newest, least-loss"),
     ],
 )
 def test_bad_simulation_input(sample, kwargs, message):

@@ -32,7 +32,7 @@ def _names(s: str) -> List[str]:
 
 def _simulate_parser(sub) -> None:
     from horae.serve import add_prior_arguments
-    from horae.sim import HARDWARE_PRESETS, MODEL_PRESETS, POLICIES
+    from horae.sim import HARDWARE_PRESETS, MODEL_PRESETS, POLICIES, RETRY_RULES, ROUTERS
 
     p = sub.add_parser("simulate", help="compare schedulers on a trace in the simulator (no GPU)")
     src = p.add_mutually_exclusive_group()
@@ -73,9 +73,9 @@ def _simulate_parser(sub) -> None:
     p.add_argument("--history-window", type=int, default=1000, help="past-future: finished lengths remembered")
     add_prior_arguments(p)
     p.add_argument("--replicas", type=int, help="open loop: this many replicas behind --router (default: one engine)")
-    p.add_argument("--router", default="forecast", choices=["round-robin", "power-of-two", "prefix", "forecast"],
+    p.add_argument("--router", default="forecast", choices=ROUTERS,
                    help="with --replicas: how requests are spread (forecast: horae's, forecast- and prefix-aware)")
-    p.add_argument("--retry-shed", default="always", choices=["always", "in-time", "never"],
+    p.add_argument("--retry-shed", default="always", choices=RETRY_RULES,
                    help="with --replicas: where a request a replica shed goes next (always: any replica not tried, "
                         "while its first-token bound holds; in-time: only an idle replica that can still start it "
                         "in time; never)")

@@ -24,9 +24,6 @@ pub enum HoraeError {
     #[error("duplicate request id {0}")]
     DuplicateRequest(u64),
 
-    #[error("unknown scheduler '{0}' (expected one of: past-future, aggressive, conservative, oracle)")]
-    UnknownScheduler(String),
-
     /// A trace file that cannot be read or parsed; `line` is 1-based where known.
     #[error("trace {path}: {}{reason}", line.map(|l| format!("line {l}: ")).unwrap_or_default())]
     Trace { path: String, line: Option<usize>, reason: String },

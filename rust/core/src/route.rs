@@ -21,94 +21,40 @@
 //! (`Router::retry_target`): by default to any replica that has not turned it away, while its
 //! first-token bound has not passed.
 
-use std::fmt;
-use std::str::FromStr;
-
 use rand::{rngs::SmallRng, Rng, SeedableRng};
 use rustc_hash::FxHashMap as HashMap;
 
 use crate::error::HoraeError;
 use crate::kv::{BlockHash, BlockId};
+use crate::names::named_enum;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RouterKind {
-    RoundRobin,
-    PowerOfTwo,
-    Prefix,
-    Forecast,
-}
-
-impl RouterKind {
-    pub const ALL: [RouterKind; 4] =
-        [RouterKind::RoundRobin, RouterKind::PowerOfTwo, RouterKind::Prefix, RouterKind::Forecast];
-
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            RouterKind::RoundRobin => "round-robin",
-            RouterKind::PowerOfTwo => "power-of-two",
-            RouterKind::Prefix => "prefix",
-            RouterKind::Forecast => "forecast",
-        }
+named_enum! {
+    /// How requests are spread over the replicas (the module's docs say how each decides).
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum RouterKind("router") {
+        RoundRobin = "round-robin",
+        PowerOfTwo = "power-of-two",
+        Prefix = "prefix",
+        Forecast = "forecast",
     }
 }
 
-impl fmt::Display for RouterKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for RouterKind {
-    type Err = HoraeError;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        RouterKind::ALL.into_iter().find(|k| k.as_str() == s.trim()).ok_or_else(|| {
-            let names: Vec<_> = RouterKind::ALL.iter().map(|k| k.as_str()).collect();
-            HoraeError::InvalidConfig(format!("unknown router {s:?}: expected one of {}", names.join(", ")))
-        })
-    }
-}
-
-/// Where a request a replica shed (its queue deadline, or the SLO queue finding it hopeless there)
-/// goes next: the Ray ingress and the cluster simulator both ask `Router::retry_target`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum RetryShed {
-    /// To any replica that has not turned it away yet, while its first-token bound (and the
-    /// queue deadline, `first_token_bound`) has not passed (after that no replica can meet it,
-    /// and the client gets the 503 at once).
-    #[default]
-    Always,
-    /// Only to a replica with spare capacity (nothing waiting) that can still prefill it within
-    /// its first-token bound.
-    InTime,
-    /// Nowhere: the client gets the 503.
-    Never,
-}
-
-impl RetryShed {
-    pub const ALL: [RetryShed; 3] = [RetryShed::Always, RetryShed::InTime, RetryShed::Never];
-
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            RetryShed::Always => "always",
-            RetryShed::InTime => "in-time",
-            RetryShed::Never => "never",
-        }
-    }
-}
-
-impl fmt::Display for RetryShed {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for RetryShed {
-    type Err = HoraeError;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        RetryShed::ALL.into_iter().find(|k| k.as_str() == s.trim()).ok_or_else(|| {
-            let names: Vec<_> = RetryShed::ALL.iter().map(|k| k.as_str()).collect();
-            HoraeError::InvalidConfig(format!("unknown retry rule {s:?}: expected one of {}", names.join(", ")))
-        })
+named_enum! {
+    /// Where a request a replica shed (its queue deadline, or the SLO queue finding it hopeless
+    /// there) goes next: the Ray ingress and the cluster simulator both ask
+    /// `Router::retry_target`.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+    pub enum RetryShed("retry rule") {
+        /// To any replica that has not turned it away yet, while its first-token bound (and the
+        /// queue deadline, `first_token_bound`) has not passed (after that no replica can meet
+        /// it, and the client gets the 503 at once).
+        #[default]
+        Always = "always",
+        /// Only to a replica with spare capacity (nothing waiting) that can still prefill it
+        /// within its first-token bound.
+        InTime = "in-time",
+        /// Nowhere: the client gets the 503.
+        Never = "never",
     }
 }
 

@@ -13,9 +13,6 @@ mod scheduler;
 mod slo;
 pub mod smartspec;
 
-use std::fmt;
-use std::str::FromStr;
-
 pub use aggressive::Aggressive;
 pub use conservative::Conservative;
 pub use past_future::history::{self, HistoryStart, Prior};
@@ -25,46 +22,17 @@ pub use slo::{Preemption, QueueDiscipline, StepTimes};
 pub use smartspec::{Judged, SpecConfig, SpecController, SpecStats, MAX_SPEC_TOKENS};
 
 use crate::error::{HoraeError, Result};
+use crate::names::named_enum;
 use crate::request::Slo;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum PolicyKind {
-    PastFuture,
-    Aggressive,
-    Conservative,
-    Oracle,
-}
-
-impl PolicyKind {
-    pub const ALL: [PolicyKind; 4] =
-        [PolicyKind::PastFuture, PolicyKind::Aggressive, PolicyKind::Conservative, PolicyKind::Oracle];
-
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            PolicyKind::PastFuture => "past-future",
-            PolicyKind::Aggressive => "aggressive",
-            PolicyKind::Conservative => "conservative",
-            PolicyKind::Oracle => "oracle",
-        }
-    }
-}
-
-impl fmt::Display for PolicyKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for PolicyKind {
-    type Err = HoraeError;
-    fn from_str(s: &str) -> Result<Self> {
-        match s.trim().to_ascii_lowercase().replace('_', "-").as_str() {
-            "past-future" | "pastfuture" => Ok(PolicyKind::PastFuture),
-            "aggressive" => Ok(PolicyKind::Aggressive),
-            "conservative" => Ok(PolicyKind::Conservative),
-            "oracle" => Ok(PolicyKind::Oracle),
-            _ => Err(HoraeError::UnknownScheduler(s.to_string())),
-        }
+named_enum! {
+    /// The admission policy (a scheduler, as the CLI and the papers name it).
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+    pub enum PolicyKind("scheduler") {
+        PastFuture = "past-future" | "pastfuture",
+        Aggressive = "aggressive",
+        Conservative = "conservative",
+        Oracle = "oracle",
     }
 }
 

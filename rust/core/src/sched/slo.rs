@@ -10,66 +10,30 @@
 //! code runs against a model and against the simulator's cost model.
 
 use std::collections::VecDeque;
-use std::fmt;
-use std::str::FromStr;
 
-use crate::error::HoraeError;
+use crate::names::named_enum;
 use crate::request::Request;
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub enum QueueDiscipline {
-    /// Arrival order (preempted requests first, then by priority).
-    #[default]
-    Fcfs,
-    /// Least slack first; hopeless requests shed; preemption by least goodput lost.
-    Slo,
-}
-
-impl QueueDiscipline {
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            QueueDiscipline::Fcfs => "fcfs",
-            QueueDiscipline::Slo => "slo",
-        }
+named_enum! {
+    /// In what order the waiting requests are offered, and what is shed (the module's docs).
+    #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+    pub enum QueueDiscipline("queue") {
+        /// Arrival order (preempted requests first, then by priority).
+        #[default]
+        Fcfs = "fcfs",
+        /// Least slack first; hopeless requests shed; preemption by least goodput lost.
+        Slo = "slo",
     }
 }
 
-impl fmt::Display for QueueDiscipline {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for QueueDiscipline {
-    type Err = HoraeError;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s.trim().to_ascii_lowercase().as_str() {
-            "fcfs" => Ok(QueueDiscipline::Fcfs),
-            "slo" => Ok(QueueDiscipline::Slo),
-            other => Err(HoraeError::InvalidConfig(format!("unknown queue {other:?}: expected fcfs or slo"))),
-        }
-    }
-}
-
-/// Which running request a preemption takes when blocks run out.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Preemption {
-    /// The most recently admitted (vLLM's and LightLLM's rule).
-    Newest,
-    /// The one whose preemption loses the least goodput (`Outlook::preemption_loss`).
-    LeastLoss,
-}
-
-impl FromStr for Preemption {
-    type Err = HoraeError;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s.trim().to_ascii_lowercase().as_str() {
-            "newest" => Ok(Preemption::Newest),
-            "least-loss" => Ok(Preemption::LeastLoss),
-            other => {
-                Err(HoraeError::InvalidConfig(format!("unknown preemption {other:?}: expected newest or least-loss")))
-            }
-        }
+named_enum! {
+    /// Which running request a preemption takes when blocks run out.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum Preemption("preemption") {
+        /// The most recently admitted (vLLM's and LightLLM's rule).
+        Newest = "newest",
+        /// The one whose preemption loses the least goodput (`Outlook::preemption_loss`).
+        LeastLoss = "least-loss",
     }
 }
 
@@ -287,6 +251,6 @@ mod tests {
     #[test]
     fn queue_names_parse() {
         assert_eq!("SLO".parse::<QueueDiscipline>().unwrap(), QueueDiscipline::Slo);
-        assert!("edf".parse::<QueueDiscipline>().unwrap_err().to_string().contains("fcfs or slo"));
+        assert!("edf".parse::<QueueDiscipline>().unwrap_err().to_string().contains("expected one of fcfs, slo"));
     }
 }

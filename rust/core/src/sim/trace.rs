@@ -11,11 +11,11 @@
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
-use std::str::FromStr;
 
 use serde::Deserialize;
 
 use crate::error::{HoraeError, Result};
+use crate::names::named_enum;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct TraceRequest {
@@ -39,32 +39,18 @@ pub struct Trace {
     pub prefix_unit: usize,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TraceFormat {
-    Azure,
-    Mooncake,
-    BurstGpt,
-    ShareGpt,
-    Castillo,
-    /// A JSON list of OpenAI usage records, `{"prompt_tokens", "completion_tokens", ...}`: the
-    /// Past-Future paper's ShareGPT-o1.json. Lengths only.
-    UsageJson,
-}
-
-impl FromStr for TraceFormat {
-    type Err = HoraeError;
-    fn from_str(s: &str) -> Result<Self> {
-        match s.to_ascii_lowercase().as_str() {
-            "azure" => Ok(Self::Azure),
-            "mooncake" => Ok(Self::Mooncake),
-            "burstgpt" => Ok(Self::BurstGpt),
-            "sharegpt" => Ok(Self::ShareGpt),
-            "castillo" => Ok(Self::Castillo),
-            "usage-json" | "sharegpt-o1" => Ok(Self::UsageJson),
-            _ => Err(HoraeError::InvalidConfig(format!(
-                "unknown trace format '{s}' (expected azure, mooncake, burstgpt, sharegpt, castillo or usage-json)"
-            ))),
-        }
+named_enum! {
+    /// A trace file's format (detected from its first line, or named).
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum TraceFormat("trace format") {
+        Azure = "azure",
+        Mooncake = "mooncake",
+        BurstGpt = "burstgpt",
+        ShareGpt = "sharegpt",
+        Castillo = "castillo",
+        /// A JSON list of OpenAI usage records, `{"prompt_tokens", "completion_tokens", ...}`:
+        /// the Past-Future paper's ShareGPT-o1.json. Lengths only.
+        UsageJson = "usage-json" | "sharegpt-o1",
     }
 }
 

@@ -1,13 +1,12 @@
 //! Workloads that the traces do not give directly: arrival processes for length-only sets, rate
 //! scaling, and the Past-Future paper's synthetic length distributions.
 
-use std::str::FromStr;
-
 use rand::{rngs::SmallRng, Rng, SeedableRng};
 use rand_distr::{Distribution, Gamma};
 
 use super::trace::{Trace, TraceRequest};
 use crate::error::{HoraeError, Result};
+use crate::names::named_enum;
 
 /// Give every request an arrival time from a Gamma renewal process with mean rate `rate` (req/s)
 /// and shape `burstiness` (1 = Poisson; below 1 burstier), as vLLM's benchmark does.
@@ -42,15 +41,17 @@ pub fn scale_rate(trace: &Trace, scale: f64) -> Result<Trace> {
     Ok(t)
 }
 
-/// The Past-Future paper's synthetic length sets (uniform within each range).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LengthDist {
-    /// Inputs 32-4k, outputs 2k-4k: long outputs, any input.
-    Dist1,
-    /// Inputs 3k-5k, outputs 3k-5k.
-    Dist2,
-    /// Inputs 2k-4k, outputs 32-4k: widely varying outputs.
-    Dist3,
+named_enum! {
+    /// The Past-Future paper's synthetic length sets (uniform within each range).
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum LengthDist("length set") {
+        /// Inputs 32-4k, outputs 2k-4k: long outputs, any input.
+        Dist1 = "dist-1" | "dist1",
+        /// Inputs 3k-5k, outputs 3k-5k.
+        Dist2 = "dist-2" | "dist2",
+        /// Inputs 2k-4k, outputs 32-4k: widely varying outputs.
+        Dist3 = "dist-3" | "dist3",
+    }
 }
 
 impl LengthDist {
@@ -59,20 +60,6 @@ impl LengthDist {
             LengthDist::Dist1 => ((32, 4096), (2048, 4096)),
             LengthDist::Dist2 => ((3072, 5120), (3072, 5120)),
             LengthDist::Dist3 => ((2048, 4096), (32, 4096)),
-        }
-    }
-}
-
-impl FromStr for LengthDist {
-    type Err = HoraeError;
-    fn from_str(s: &str) -> Result<Self> {
-        match s.to_ascii_lowercase().replace('_', "-").as_str() {
-            "dist-1" | "dist1" => Ok(LengthDist::Dist1),
-            "dist-2" | "dist2" => Ok(LengthDist::Dist2),
-            "dist-3" | "dist3" => Ok(LengthDist::Dist3),
-            _ => {
-                Err(HoraeError::InvalidConfig(format!("unknown length set '{s}' (expected dist-1, dist-2 or dist-3)")))
-            }
         }
     }
 }
