@@ -264,6 +264,100 @@ def test_cli_names_bad_replica_options():
     assert r.returncode == 2 and "--ray-address needs --replicas N" in r.stderr, r.stderr
 
 
+class _SheddingHandle:
+    """A deployment handle whose every replica sheds the request (a `Refusal`, "timeout"): what
+    the ingress sends, with which arguments, without Ray."""
+
+    def __init__(self, shed_after: float = 0.0):
+        self.sends, self.shed_after = [], shed_after
+
+    def options(self, **_):
+        return self
+
+    @property
+    def generate(self):
+        return self
+
+    def remote(self, ids, params, request_id, route=None, arrival_time=None):
+        from horae.cluster.replica import Refusal
+
+        self.sends.append({"route": route, "arrival_time": arrival_time})
+        time.sleep(self.shed_after)  # how long the replica held it before dropping it
+        replica = f"r{len(self.sends)}"
+
+        class Stream:
+            async def __aiter__(self):
+                yield Refusal("shed", dropped="timeout", request_id=request_id, replica=replica)
+
+            def cancel(self):
+                pass
+
+        return Stream()
+
+
+class _AnyReplicaNotTried:
+    """The router's retry rule as `Router::retry_target` words it for "always", over three
+    replicas: any not tried while the request may still wait. It records the budget asked with."""
+
+    def __init__(self):
+        self.budgets = []
+
+    def retry_target(self, prompt, max_tokens, tried, ttft):
+        self.budgets.append(ttft)
+        left = [r for r in ("r1", "r2", "r3") if r not in tried]
+        return left[0] if left and (ttft is None or ttft > 0) else None
+
+
+@pytest.mark.parametrize("slo,queue_timeout,shed_after,sends", [
+    ({}, None, 0.0, 3),  # no bound: on to every replica
+    ({"ttft": 30.0}, 5.0, 0.0, 3),  # the deadline (5 s) is the shorter: 5 s from the first arrival
+    ({"ttft": 30.0}, 0.05, 0.1, 1),  # dropped at its deadline: every replica would drop it unstarted
+])
+def test_a_resend_carries_the_first_arrival_and_ends_at_the_queue_deadline(slo, queue_timeout, shed_after, sends):
+    """Every send of a request carries its first arrival (`arrival_time`), so each replica counts
+    its bounds and queue deadline from it; the router is asked with what is left of the shorter
+    of the first-token bound and the queue deadline, and a request past its deadline is not sent
+    on (each replica would drop it at once). No Ray: a handle whose replicas all shed."""
+    import asyncio
+
+    from horae import SamplingParams
+    from horae.async_llm import RequestDroppedError
+    from horae.cluster import published
+    from horae.cluster.ingress import REPLICAS, RemoteLLM
+    from horae.models import resolve_model
+
+    model_dir = resolve_model(None)
+    info = {"model_dir": str(model_dir), "vocab_size": json.loads((model_dir / "config.json").read_text())["vocab_size"],
+            "max_request_tokens": 2048, "slo": slo, "queue_timeout": queue_timeout}
+    handle, router = _SheddingHandle(shed_after), _AnyReplicaNotTried()
+    llm = RemoteLLM(handle, info)
+
+    async def main():
+        with pytest.raises(RequestDroppedError):
+            async for _ in llm.generate({"prompt_token_ids": [1, 2, 3]}, SamplingParams(max_tokens=2), "req"):
+                pass
+
+    before = published.ROUTERS.get(REPLICAS)
+    published.ROUTERS[REPLICAS] = router
+    try:
+        t0 = time.time()
+        asyncio.run(main())
+    finally:
+        published.ROUTERS.pop(REPLICAS)
+        if before is not None:
+            published.ROUTERS[REPLICAS] = before
+    assert len(handle.sends) == sends, handle.sends
+    assert len({s["arrival_time"] for s in handle.sends}) == 1, "every send carries the same first arrival"
+    assert t0 - 1 < handle.sends[0]["arrival_time"] <= t0 + 1
+    bound = min([b for b in (slo.get("ttft"), queue_timeout) if b is not None], default=None)
+    for left in router.budgets:
+        assert (left is None) if bound is None else left <= bound, (left, bound)
+    if bound is not None:
+        assert len(router.budgets) == sends and all(bound - 1.0 < left for left in router.budgets[:sends - 1])
+    if shed_after > (queue_timeout or 1e9):
+        assert router.budgets[0] <= 0, "asked once, with its deadline passed"
+
+
 def test_a_request_a_replica_sheds_is_retried_on_another(cluster):
     """Last in the module: it redeploys the application with other engine settings. Each replica
     runs one request at a time with the SLO queue and a 2 s first-token bound, so a request that
