@@ -5,7 +5,7 @@
 
 /// An enum whose variants each have a name (and optionally aliases that also parse):
 ///
-/// ```ignore
+/// ```text
 /// named_enum! {
 ///     /// Docs and derives as usual.
 ///     #[derive(Debug, Clone, Copy, PartialEq, Eq)]
