@@ -170,16 +170,7 @@ impl PastFuture {
     ) -> Self {
         let prime = max_output_bound.min(u32::MAX as usize) as u32;
         let history = LengthHistory::start(history_window, prime, start);
-        Self {
-            lengths: Lengths::Sampled { history, rng: SmallRng::seed_from_u64(seed) },
-            tuning: Tuning::default(),
-            curves: Vec::new(),
-            turn: 0,
-            censored_counts: Vec::new(),
-            censored: false,
-            reserve,
-            scenarios: Vec::new(),
-        }
+        Self::with_lengths(Lengths::Sampled { history, rng: SmallRng::seed_from_u64(seed) }, reserve)
     }
 
     pub fn with_tuning(mut self, tuning: Tuning) -> Self {
@@ -188,8 +179,12 @@ impl PastFuture {
     }
 
     pub fn oracle(true_lengths: TrueLengths, reserve: f64) -> Self {
+        Self::with_lengths(Lengths::Oracle(true_lengths), reserve)
+    }
+
+    fn with_lengths(lengths: Lengths, reserve: f64) -> Self {
         Self {
-            lengths: Lengths::Oracle(true_lengths),
+            lengths,
             tuning: Tuning::default(),
             curves: Vec::new(),
             turn: 0,
