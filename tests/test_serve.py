@@ -522,6 +522,31 @@ def test_the_slo_queue_serves_short_requests_after_a_one_token_start():
         llm.shutdown()
 
 
+def test_the_slo_queue_charges_a_short_prompt_its_own_step_not_a_full_one():
+    """On this CPU a full 2,048-token step takes seconds, so a queue that charged every prompt a
+    full step shed every short request against a 0.5 s first-token bound (served 2 of 24 here),
+    which an idle server meets in tens of milliseconds. Prompts of 1-100 tokens, one at a time:
+    every one is served."""
+    llm = AsyncLLM(kv_cache_tokens=8192, queue="slo", slo={"ttft": 0.5})
+    prompts = ["Hi", "What is the capital of France?", "Write a haiku about the sea, please.", "Tell me a joke."]
+
+    async def main():
+        ends = []
+        for i in range(12):
+            try:
+                p = prompts[i % 4] * (1 + (i % 3) * 5)
+                outs = [o async for o in llm.generate(p, SamplingParams(max_tokens=2, ignore_eos=True), f"s-{i}")]
+                ends.append(outs[-1].outputs[0].finish_reason)
+            except RequestDroppedError as e:
+                ends.append(e.reason)
+        return ends
+
+    try:
+        assert asyncio.run(main()) == ["length"] * 12
+    finally:
+        llm.shutdown()
+
+
 def test_a_request_that_waited_elsewhere_keeps_its_first_arrival():
     """`arrival_time` (vLLM's; what the Ray ingress sends with a resend): the queue deadline and
     the request's times count from its first arrival, not from when it reached this engine."""

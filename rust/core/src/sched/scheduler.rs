@@ -437,7 +437,7 @@ impl Scheduler {
         let key = |id: &ReqId| {
             let r = &requests[id];
             let started = r.times.first_scheduled.is_some();
-            let slack = if slo && !started { outlook.latest_start(r, out) } else { f64::NEG_INFINITY };
+            let slack = if slo && !started { outlook.latest_start(r, out, None) } else { f64::NEG_INFINITY };
             (!started, r.priority, slack)
         };
         let mut keyed: Vec<_> = self.waiting.iter().map(|id| (key(id), *id)).collect();
@@ -596,6 +596,14 @@ impl Scheduler {
         let out_len = self.planned_output();
         let budget = self.cfg.max_batched_tokens;
         let mut ahead = 0usize;
+        // Prompt tokens waiting to start: what the next step's prefills can draw on.
+        let queued: usize = self
+            .waiting
+            .iter()
+            .map(|id| &self.requests[id])
+            .filter(|r| r.times.first_scheduled.is_none())
+            .map(|r| r.total_len())
+            .sum();
         // The kept requests: weighed (in the heap) and not yet. A density costs a prefix-cache
         // lookup per cached block, so requests are weighed only once a late one needs them; the
         // heap's order is total, so what goes is the same as if each were weighed on arrival.
@@ -612,8 +620,17 @@ impl Scheduler {
             if queue_timeout.is_some_and(|d| now - r.times.arrival > d) {
                 out.push((id, FinishReason::Timeout));
             } else if slo {
-                let latest = outlook.latest_start(r, out_len);
-                let late = |ahead: usize| now + self.times.queueing(ahead, budget) > latest;
+                // Behind queued prefills, its own steps are full ones; at the head of the queue,
+                // its last step carries the prefills queued behind it, up to a full one.
+                let latest = outlook.latest_start(r, out_len, None);
+                let latest_at_head = outlook.latest_start(r, out_len, Some(queued));
+                let late = |ahead: usize| {
+                    if ahead == 0 {
+                        now > latest_at_head
+                    } else {
+                        now + self.times.queueing(ahead, budget) > latest
+                    }
+                };
                 let work = r.total_len();
                 if !late(ahead) {
                     ahead += work;

@@ -100,12 +100,25 @@ impl StepTimes {
         a + b * tokens as f64
     }
 
-    /// Seconds until `tokens` prompt tokens are computed, with at most `budget` tokens per step:
-    /// each chunk's step taken as a full one (a prefill shares its steps with others', and its
-    /// first token comes only at the end of the step that finishes it).
+    /// Seconds until `tokens` prompt tokens are computed behind other work, with at most `budget`
+    /// tokens per step: each chunk's step taken as a full one (a prefill shares its steps with
+    /// others', and its first token comes only at the end of the step that finishes it).
     pub fn prefill(&self, tokens: usize, budget: usize) -> f64 {
         let budget = budget.max(1);
         tokens.div_ceil(budget).max(1) as f64 * self.step(budget)
+    }
+
+    /// The same at the head of the queue: its last chunk runs in the next step, which computes
+    /// `step_tokens` (that chunk and the prefills queued behind it, up to `budget`) besides the
+    /// running requests' decode tokens, so it is charged that step's size or what a step has
+    /// cost lately, whichever is more. Charged a full step instead, every short request was
+    /// shed at once on a CPU, where a 2,048-token step takes seconds, against a 1 s first-token
+    /// bound that an idle server met in 10-80 ms; with a backlog the step is a full one anyway.
+    pub fn prefill_at_head(&self, tokens: usize, budget: usize, step_tokens: usize) -> f64 {
+        let budget = budget.max(1);
+        let full = tokens.div_ceil(budget).max(1) - 1;
+        let last = tokens.saturating_sub(full * budget);
+        full as f64 * self.step(budget) + self.step(step_tokens.clamp(last, budget)).max(self.mean_step())
     }
 
     /// Seconds the prefills of `tokens` prompt tokens ahead in the queue hold a request back:
@@ -168,8 +181,13 @@ pub struct Outlook<'a> {
 impl Outlook<'_> {
     /// The latest time `r` can start and still meet its bounds, given `out` output tokens to come
     /// (`f64::INFINITY` without bounds). TTFT needs its prefill done; e2e also its decode steps.
-    pub fn latest_start(&self, r: &Request, out: f64) -> f64 {
-        let prefill = self.times.prefill(r.total_len(), self.budget);
+    /// `head`: at the head of the queue, the prompt tokens its last step will compute
+    /// (`StepTimes::prefill_at_head`); None: behind other prefills, every step a full one.
+    pub fn latest_start(&self, r: &Request, out: f64, head: Option<usize>) -> f64 {
+        let prefill = match head {
+            Some(step_tokens) => self.times.prefill_at_head(r.total_len(), self.budget, step_tokens),
+            None => self.times.prefill(r.total_len(), self.budget),
+        };
         let arrival = r.times.arrival;
         let by_ttft = r.slo.ttft.map_or(f64::INFINITY, |t| arrival + t - prefill);
         let left = (out - r.output.len() as f64).max(1.0);
@@ -220,8 +238,30 @@ mod tests {
         }
         assert!((t.step(1000) - 0.12).abs() < 1e-6, "{}", t.step(1000));
         // 2,500 tokens at 1,000 a step: three full steps to the first token; two queue ahead.
+        // At the head of the queue with nothing behind, the last is charged as the steps lately
+        // (0.12 s on average, more than its own 500 tokens').
         assert!((t.prefill(2500, 1000) - 0.36).abs() < 1e-6);
         assert!((t.queueing(2500, 1000) - 0.24).abs() < 1e-6);
+        assert!((t.prefill_at_head(2500, 1000, 500) - (0.24 + t.mean_step())).abs() < 1e-6);
+        assert!((t.prefill_at_head(2500, 1000, 5000) - 0.36).abs() < 1e-6, "a backlog behind it: a full step");
+        // An idle server, decoding one token a step (10 ms) after one 101-token prefill: a short
+        // prompt is charged its own step, not a full one.
+        let mut idle = StepTimes::default();
+        idle.observe(101, 0.02);
+        for _ in 0..50 {
+            idle.observe(1, 0.01);
+        }
+        assert!(
+            (idle.prefill_at_head(7, 2048, 7) - idle.step(7)).abs() < 1e-12,
+            "{}",
+            idle.prefill_at_head(7, 2048, 7)
+        );
+        assert!(
+            idle.prefill_at_head(7, 2048, 7) < 0.011 && idle.step(2048) > 0.2,
+            "{} {}",
+            idle.prefill_at_head(7, 2048, 7),
+            idle.step(2048)
+        );
         // All steps one size: what they cost, at any size, until another size is seen.
         let mut u = StepTimes::default();
         u.observe(1, 0.01);
