@@ -400,6 +400,19 @@ impl Scheduler {
         best.0
     }
 
+    /// Prompt tokens of the waiting requests not yet started, in queue order, counted up to
+    /// `cap` (the sum stops there: a long queue costs no more than a short one).
+    fn queued_prompt_tokens(&self, cap: usize) -> usize {
+        let mut sum = 0;
+        for r in self.waiting.iter().map(|id| &self.requests[id]).filter(|r| r.times.first_scheduled.is_none()) {
+            sum += r.total_len();
+            if sum >= cap {
+                break;
+            }
+        }
+        sum
+    }
+
     fn outlook(&self) -> Outlook<'_> {
         Outlook { times: &self.times, budget: self.cfg.max_batched_tokens, decode_step: self.times.mean_step() }
     }
@@ -596,14 +609,10 @@ impl Scheduler {
         let out_len = self.planned_output();
         let budget = self.cfg.max_batched_tokens;
         let mut ahead = 0usize;
-        // Prompt tokens waiting to start: what the next step's prefills can draw on.
-        let queued: usize = self
-            .waiting
-            .iter()
-            .map(|id| &self.requests[id])
-            .filter(|r| r.times.first_scheduled.is_none())
-            .map(|r| r.total_len())
-            .sum();
+        // Prompt tokens waiting to start, up to a step's budget (what the next step's prefills
+        // can draw on), summed once, and only if a request at the head of the queue needs it.
+        let mut queued: Option<usize> = None;
+        let slot_free = self.running.len() < self.cfg.max_num_seqs;
         // The kept requests: weighed (in the heap) and not yet. A density costs a prefix-cache
         // lookup per cached block, so requests are weighed only once a late one needs them; the
         // heap's order is total, so what goes is the same as if each were weighed on arrival.
@@ -621,9 +630,18 @@ impl Scheduler {
                 out.push((id, FinishReason::Timeout));
             } else if slo {
                 // Behind queued prefills, its own steps are full ones; at the head of the queue,
-                // its last step carries the prefills queued behind it, up to a full one.
+                // with a free slot in the batch, its last step carries the prefills queued behind
+                // it, up to a full one. With every slot taken it waits for one to free, which the
+                // step model cannot see: full steps then too (a prediction of its own short step
+                // kept it past its bound on a one-slot replica instead of shedding it in time to
+                // be served elsewhere).
                 let latest = outlook.latest_start(r, out_len, None);
-                let latest_at_head = outlook.latest_start(r, out_len, Some(queued));
+                let latest_at_head = if ahead == 0 && slot_free {
+                    let q = *queued.get_or_insert_with(|| self.queued_prompt_tokens(budget));
+                    outlook.latest_start(r, out_len, Some(q))
+                } else {
+                    latest
+                };
                 let late = |ahead: usize| {
                     if ahead == 0 {
                         now > latest_at_head
