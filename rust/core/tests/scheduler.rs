@@ -720,3 +720,59 @@ fn among_requests_that_cost_the_same_per_token_the_slo_queue_sheds_the_largest()
         assert_eq!(r.finish_reason(), Some(FinishReason::Stop), "request {id}");
     }
 }
+
+/// The `slo` queue's charge for the request at the head of the queue (conservative admission): a short request Q (64
+/// tokens, up to 200 out, 4 in fact) arrives while A (512 tokens, 400 to generate) runs, with a
+/// first-token bound of 0.9 of a full step (2,048 tokens), several decode steps. Returns Q's
+/// finish, the steps it took after arriving, its TTFT and that bound.
+fn head_of_queue(max_num_seqs: usize, kv: usize) -> (FinishReason, usize, Option<f64>, f64) {
+    let c = cfg(PolicyKind::Conservative, kv);
+    let lengths = Arc::new(vec![1u32, 400, 4]);
+    let sched = Scheduler::new(
+        SchedulerConfig { queue: QueueDiscipline::Slo, max_num_seqs, max_output_bound: 400, ..c.sched.clone() },
+        None,
+    )
+    .unwrap();
+    let budget = sched.config().max_batched_tokens;
+    let mut e =
+        Engine::new(sched, Box::new(SimExecutor::new(c.cost.clone(), lengths)), Box::new(VirtualClock::default()));
+    // Warm the step times with a long step (a full one would not fit the smallest pool below).
+    e.add_request_with_id(0, synthetic(1008, 1, Slo::default(), 0)).unwrap();
+    while e.has_work() {
+        e.step().unwrap();
+    }
+    let full_step = budget as f64 / e.scheduler().prefill_rate();
+    e.add_request_with_id(1, RequestSpec { arrival: Some(e.now()), ..synthetic(512, 400, Slo::default(), 0) }).unwrap();
+    // 300 of A's decode steps: the recent mean step is a decode step's.
+    for _ in 0..300 {
+        e.step().unwrap();
+    }
+    let bound = 0.9 * full_step;
+    let arrival = e.now();
+    let slo = Slo { ttft: Some(bound), ..Default::default() };
+    e.add_request_with_id(2, RequestSpec { arrival: Some(arrival), ..synthetic(64, 200, slo, 0) }).unwrap();
+    for steps in 1..2_000 {
+        if let Some(q) = e.step().unwrap().finished.into_iter().find(|r| r.id == 2) {
+            return (q.finish_reason().unwrap(), steps, q.times.first_token.map(|t| t - arrival), bound);
+        }
+    }
+    panic!("Q never finished");
+}
+
+#[test]
+fn the_slo_queue_charges_the_head_its_own_step_only_when_it_can_start() {
+    // A free slot and room: Q starts in the next step, well within its bound.
+    let (end, _, ttft, bound) = head_of_queue(4, 8192);
+    assert_eq!(end, FinishReason::Stop);
+    assert!(ttft.unwrap() <= bound, "ttft {ttft:?} over the bound {bound}");
+    // Every slot taken (A holds the only one for 100 more steps): Q waits for it, which its own
+    // short step does not show, so it is charged full steps and shed at once, while a replica
+    // elsewhere could still serve it (kept, it would be shed only just before its bound).
+    let (end, steps, _, _) = head_of_queue(1, 8192);
+    assert_eq!((end, steps), (FinishReason::Timeout, 1), "shed at once with every slot taken");
+    // A free slot, but the policy holds it back for memory: A's 912 tokens and Q's 264 do not
+    // fit a 1,024-token pool under conservative admission. The same, from the step whose
+    // admission first held it back (the second; charged its own step, it was kept until the sixth).
+    let (end, steps, _, _) = head_of_queue(4, 1024);
+    assert_eq!((end, steps), (FinishReason::Timeout, 2), "shed once memory held it");
+}

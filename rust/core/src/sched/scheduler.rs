@@ -149,6 +149,10 @@ pub struct Scheduler {
     ordered_at: Option<f64>,
     /// Long prefills given tokens in the step being scheduled (`max_long_partial_prefills`).
     long_in_step: usize,
+    /// The last step's admission stopped at a request still waiting for a free slot, for KV
+    /// memory or for the policy's consent (or the step preempted): the head of the queue waits
+    /// for something the `slo` queue's step model cannot see, so it is charged full steps.
+    head_held: bool,
 }
 
 impl Scheduler {
@@ -172,6 +176,7 @@ impl Scheduler {
             prioritized: false,
             ordered_at: None,
             long_in_step: 0,
+            head_held: false,
         })
     }
 
@@ -257,6 +262,7 @@ impl Scheduler {
         self.long_in_step = 0;
         self.schedule_running(&mut placed, &mut plan, &mut budget, now);
         self.step_k = 0; // chosen by `plan_spec` for one step only
+        self.head_held = !plan.preempted.is_empty();
         if plan.preempted.is_empty() {
             self.order_waiting(now);
             self.admit_waiting(&mut placed, &mut plan, &mut budget, now);
@@ -478,7 +484,11 @@ impl Scheduler {
         // `max_long_partial_prefills`, which shorter requests may pass (as in vLLM).
         let mut at = 0;
         while let Some(&id) = self.waiting.get(at) {
-            if self.running.len() >= self.cfg.max_num_seqs || *budget == 0 || admitted == most {
+            if self.running.len() >= self.cfg.max_num_seqs {
+                self.head_held = true;
+                break;
+            }
+            if *budget == 0 || admitted == most {
                 break;
             }
             let r = &self.requests[&id];
@@ -493,6 +503,7 @@ impl Scheduler {
             let chunk_blocks = self.kv.blocks_for(cached + n) - cached_blocks;
             // Reviving cached blocks takes them out of the allocatable pool too.
             if chunk_blocks + cached_blocks > self.kv.pool().num_allocatable() {
+                self.head_held = true;
                 break;
             }
             let mut load = self.load_of(id);
@@ -503,6 +514,7 @@ impl Scheduler {
             let accepted = self.policy.admit(&mut load, new_blocks, &pool);
             self.requests.get_mut(&id).expect("waiting request exists").forecast = load.forecast;
             if !accepted && !lone {
+                self.head_held = true;
                 break;
             }
             self.waiting.remove(at);
@@ -612,7 +624,9 @@ impl Scheduler {
         // Prompt tokens waiting to start, up to a step's budget (what the next step's prefills
         // can draw on), summed once, and only if a request at the head of the queue needs it.
         let mut queued: Option<usize> = None;
-        let slot_free = self.running.len() < self.cfg.max_num_seqs;
+        // The head starts in the next step only if a slot is free now and the last admission
+        // did not stop at it for memory (`head_held`).
+        let head_free = self.running.len() < self.cfg.max_num_seqs && !self.head_held;
         // The kept requests: weighed (in the heap) and not yet. A density costs a prefix-cache
         // lookup per cached block, so requests are weighed only once a late one needs them; the
         // heap's order is total, so what goes is the same as if each were weighed on arrival.
@@ -631,12 +645,13 @@ impl Scheduler {
             } else if slo {
                 // Behind queued prefills, its own steps are full ones; at the head of the queue,
                 // with a free slot in the batch, its last step carries the prefills queued behind
-                // it, up to a full one. With every slot taken it waits for one to free, which the
-                // step model cannot see: full steps then too (a prediction of its own short step
-                // kept it past its bound on a one-slot replica instead of shedding it in time to
-                // be served elsewhere).
+                // it, up to a full one. With every slot taken, or the KV pool or the policy
+                // holding it back, it waits for a slot or memory to free, which the step model
+                // cannot see: full steps then too (a prediction of its own short step kept it
+                // past its bound on a one-slot replica instead of shedding it in time to be
+                // served elsewhere).
                 let latest = outlook.latest_start(r, out_len, None);
-                let latest_at_head = if ahead == 0 && slot_free {
+                let latest_at_head = if ahead == 0 && head_free {
                     let q = *queued.get_or_insert_with(|| self.queued_prompt_tokens(budget));
                     outlook.latest_start(r, out_len, Some(q))
                 } else {
