@@ -325,26 +325,14 @@ impl PackedLinear {
     }
 
     /// Before a decode step's stretch on one thread (norms, RoPE, attention), ask the helper
-    /// thread to pull up the start of its share of this matrix, the next product (`team::warm`).
+    /// thread to pull up the end of this matrix, the next product, where its part starts
+    /// (`team::warm`, `team::from_both_ends`): up to half the matrix, at most `WARM_MAX` bytes.
+    /// Not for GGML blocks (their decode is bound by widening the blocks more than by the stream).
     pub fn warm(&self, m: usize) {
-        if let (true, Some((at, _, _))) = (m <= MR, self.helper_share()) {
-            let len = (self.bytes() - (at as usize - self.base() as usize)).min(WARM_MAX);
-            team::warm(at, len);
+        if m <= MR && !matches!(self.panels, Panels::Quant(_)) {
+            let len = (self.bytes() / 2).min(WARM_MAX);
+            team::warm(self.base().wrapping_add(self.bytes() - len), len);
         }
-    }
-
-    /// The first byte of the helper's decode share on two threads (from panel `np / 2`, rounded
-    /// down to a group of panels stored together), a group's bytes and its panels; None for
-    /// GGML blocks (their decode is bound by widening the blocks more than by the stream).
-    fn helper_share(&self) -> Option<(*const u8, usize, usize)> {
-        let (group, group_bytes) = match &self.panels {
-            Panels::F32(_) => (self.layout.group, 4 * self.layout.offset(self.layout.group, 0)),
-            Panels::Bf16(_) => (self.layout.group, 2 * self.layout.offset(self.layout.group, 0)),
-            Panels::Bf16Tiles(_) => (amx::GROUP, 2 * amx::TileOrder::new(self.k).row(amx::GROUP, 0)),
-            Panels::Quant(_) => return None,
-        };
-        let mid = self.n.div_ceil(NR).div_ceil(2);
-        Some((self.base().wrapping_add(mid / group * group_bytes), group_bytes.max(1), group))
     }
 
     fn base(&self) -> *const u8 {
@@ -353,17 +341,6 @@ impl PackedLinear {
             Panels::Bf16(v) | Panels::Bf16Tiles(v) => v.as_ptr().cast(),
             Panels::Quant(q) => q.bytes().as_ptr(),
         }
-    }
-
-    /// Where a two-thread decode splits the `np` panels (`per_task` each by default) once the
-    /// helper has warmed the start of its share: the helper then reads the warmed groups from
-    /// its cache, so the split moves down by half of them and both threads read the same bytes
-    /// from memory.
-    fn warm_split(&self, np: usize, per_task: usize) -> Option<usize> {
-        let (at, group_bytes, group) = self.helper_share()?;
-        let warmed = team::warmed(at) / group_bytes * group;
-        let start = per_task / group * group;
-        (warmed > 0).then(|| start.min(np.saturating_sub(warmed) / 2))
     }
 
     /// `forward` with the kernel for `isa` (which the CPU must have: see `Isa::available`).
@@ -406,7 +383,8 @@ impl PackedLinear {
             // for the slower one. Batch-1 decode on the 2-core Xeon, alternating builds: bf16
             // 79-82 -> 89-94 tok/s, f32 46-49 -> 49-53. Quantized weights keep four shares: their
             // decode is bound by widening the blocks more than by the stream (Q4_1 reads 19 GB/s
-            // of 34), and one share each was 5% slower there.
+            // of 34), and one share each was 5% slower there. On two threads the shares are
+            // taken from both ends (below), so where they meet follows the faster thread.
             np.div_ceil(rayon::current_num_threads())
         } else {
             let groups = (rayon::current_num_threads() * 4).div_ceil(m_blocks);
@@ -414,27 +392,15 @@ impl PackedLinear {
             np.div_ceil(groups).max(1).next_multiple_of(wide)
         };
         let groups = np.div_ceil(per_task);
-        // Decode on two threads: the helper's share starts at `per_task`, and the helper may have
-        // pulled some of it into its cache already (`warm`). Move the split down by half of that,
-        // so both threads read the same bytes from memory.
-        let split = (m <= MR && groups == 2).then(|| self.warm_split(np, per_task)).flatten();
-        #[cfg(test)]
-        if split.is_some() {
-            tests::SPLITS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        }
         // One row block (decode): the whole depth in one pass. x is a few KiB, so nothing is
         // gained by keeping panel slices in L1, and each panel is then read as one sequential
         // stream instead of k / KC pieces (the prefetchers ramp up again at every piece).
         let depth = if m <= MR { k } else { KC };
         let out_ptr = SendPtr(out.as_mut_ptr());
         let layout = self.layout;
-        let run = |task: usize| {
+        // Panels p0..p_end of the row block from mc0.
+        let panels_of = |mc0: usize, p0: usize, p_end: usize| {
             let out_ptr = &out_ptr;
-            let (mc0, mut p0) = ((task / groups) * MC, (task % groups) * per_task);
-            let mut p_end = (p0 + per_task).min(np);
-            if let Some(b) = split {
-                (p0, p_end) = if task == 0 { (0, b) } else { (b, np) };
-            }
             for k0 in (0..k).step_by(depth) {
                 let kc = depth.min(k - k0);
                 let mut p = p0;
@@ -468,13 +434,25 @@ impl PackedLinear {
                 }
             }
         };
-        let tasks = m_blocks * groups;
-        if m <= MR {
-            team::for_each(tasks, run);
-        } else if tasks == 1 {
-            run(0);
+        if m <= MR && groups == 2 && !matches!(self.panels, Panels::Quant(_)) {
+            // Decode on two threads: from both ends, in chunks of two tiles (the helper starts
+            // at the end, which it may have pulled into its cache already: `warm`).
+            team::end_warm();
+            let chunk = 2 * wide;
+            team::from_both_ends(np.div_ceil(chunk), |c| panels_of(0, c * chunk, ((c + 1) * chunk).min(np)));
         } else {
-            (0..tasks).into_par_iter().for_each(run);
+            let tasks = m_blocks * groups;
+            let run = |task: usize| {
+                let p0 = (task % groups) * per_task;
+                panels_of((task / groups) * MC, p0, (p0 + per_task).min(np))
+            };
+            if m <= MR {
+                team::for_each(tasks, run);
+            } else if tasks == 1 {
+                run(0);
+            } else {
+                (0..tasks).into_par_iter().for_each(run);
+            }
         }
         PACKED_ROWS.with_borrow_mut(|buf| *buf = a);
     }
@@ -1362,52 +1340,46 @@ mod tests {
         }
     }
 
-    /// Decode products that `forward_with` split unevenly, counted (other tests run at the same
-    /// time only add to it).
-    pub(super) static SPLITS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-
-    /// After the helper warms the start of its share (`warm`), a decode product on two threads
-    /// moves its split; every column is still written once and right (`out` starts as NaN), for
-    /// each panel layout.
+    /// A decode product on two threads runs from both ends, the helper's from a warmed end
+    /// (`warm`): every column is still written once and right (`out` starts as NaN), for each
+    /// panel layout, whether the helper warmed the whole region or none of it.
     #[test]
     #[cfg(target_arch = "x86_64")]
-    fn warmed_decode_splits_cover_every_column() {
-        use std::sync::atomic::Ordering;
+    fn decode_from_both_ends_covers_every_column() {
         let (n, k) = (37 * 16 + 4, 576);
         let (x, w) = (data(k, 3), data(n * k, 4));
         let round: Vec<f32> = w.iter().map(|&v| half::bf16::from_f32(v).to_f32()).collect();
         let (want, want_bf16) = (reference(&x, 1, k, &w, n), reference(&x, 1, k, &round, n));
         let mut cases = vec![];
         for group in [1, WIDE] {
-            cases.push(("f32", PackedLinear::with_group(&w, n, k, WeightDtype::F32, group), Isa::detect(), &want));
-            cases.push((
-                "bf16",
-                PackedLinear::with_group(&w, n, k, WeightDtype::Bf16, group),
-                Isa::detect(),
-                &want_bf16,
-            ));
+            for isa in isas() {
+                cases.push(("f32", PackedLinear::with_group(&w, n, k, WeightDtype::F32, group), isa, &want));
+                cases.push(("bf16", PackedLinear::with_group(&w, n, k, WeightDtype::Bf16, group), isa, &want_bf16));
+            }
         }
         if Isa::Avx512.runs_here() {
             cases.push(("tile order", PackedLinear::in_tiles(&w, n, k), Isa::Avx512, &want_bf16));
         }
         let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
-        let before = SPLITS.load(Ordering::Relaxed);
         for (what, packed, isa, want) in &cases {
-            let got = pool.install(|| {
-                team::step(|| {
-                    packed.warm(1);
-                    assert!(team::wait_warmed(std::time::Duration::from_secs(10)), "{what}: the helper warmed nothing");
-                    let mut got = vec![f32::NAN; n];
-                    packed.forward_with(&x, 1, &mut got, *isa);
-                    got
-                })
-            });
-            let tol = 1e-4 * (k as f32).sqrt();
-            for (i, (g, e)) in got.iter().zip(want.iter()).enumerate() {
-                assert!((g - e).abs() <= tol, "{what} [{i}]: {g} vs {e}");
+            for warmed in [true, false] {
+                let got = pool.install(|| {
+                    team::step(|| {
+                        if warmed {
+                            packed.warm(1);
+                            assert!(team::wait_warmed(std::time::Duration::from_secs(10)), "{what}: nothing warmed");
+                        }
+                        let mut got = vec![f32::NAN; n];
+                        packed.forward_with(&x, 1, &mut got, *isa);
+                        got
+                    })
+                });
+                let tol = 1e-4 * (k as f32).sqrt();
+                for (i, (g, e)) in got.iter().zip(want.iter()).enumerate() {
+                    assert!((g - e).abs() <= tol, "{what} {isa:?} warmed {warmed} [{i}]: {g} vs {e}");
+                }
             }
         }
-        assert!(SPLITS.load(Ordering::Relaxed) >= before + cases.len(), "every product split where warmed");
     }
 
     #[test]

@@ -1,18 +1,18 @@
 //! The threads of one forward step: the step runs on one of rayon's workers while the others
-//! stay awake and take its work: rayon's jobs, the parts of a decode product (`for_each`), and
-//! in between, the start of the next product's share (`warm`).
+//! stay awake and take its work: rayon's jobs, the parts of a decode product (`for_each`,
+//! `from_both_ends`), and in between, the start of the next product's helper share (`warm`).
 //!
 //! Why: a batch-1 decode step is bound by the memory's read bandwidth, and a single core reads
 //! about half of it (18.6 of 36-38 GB/s on the 2-core Xeon). The step's stretches on one thread
 //! (RoPE, the KV write, attention, norms: about a tenth of a bf16 step of the default model)
-//! leave half the bandwidth unused. With two threads the helper spends them pulling the start of
-//! its share of the next product into its L2, and the product then splits so that both threads
-//! read the same bytes from memory (`PackedLinear::warm`). That needs to know which share the
-//! helper takes, which rayon's work stealing does not say: here the step claims the first part
-//! and the helper the second. Measured on the 2-core Xeon (bf16, batch 1, alternating builds):
-//! the team's hand-off alone 8.78 against 8.90 ms a step (level in the engine), with the
-//! warming 8.53; in the engine 105.0-118.4 -> 114.8-119.8 tok/s (docs/benchmarks.md, issue 17's
-//! eleventh part).
+//! leave half the bandwidth unused. With two threads the helper spends them pulling the end of
+//! the next product's weights into its L2, and the product then runs from both ends
+//! (`from_both_ends`: the step's thread from the front, the helper from the back, in chunks, until
+//! they meet), so the helper's warmed bytes, a late start or a slower core only move where they
+//! meet and neither waits for the other. A fixed split moved by the bytes warmed
+//! (`PackedLinear::warm`, before) gained on the 2-core Xeon (8.78 against 8.90 ms a bf16 step)
+//! but on a Zen 4 left the step's thread waiting at the end of each product for 12% of the
+//! samples; from both ends it waits 2.5% and the step is 3-8% faster (docs/benchmarks.md).
 
 use std::any::Any;
 use std::cell::Cell;
@@ -95,9 +95,9 @@ pub fn for_each(parts: usize, run: impl Fn(usize) + Sync) {
 }
 
 /// Ask the helper to pull `len` bytes from `at` into its cache while this thread works alone,
-/// so that the next product's helper share, which starts there, reads that much less from
-/// memory (`warmed`). Only with two threads, one helper, whose share is then known; a no-op
-/// outside a step and off x86-64 (the helper pulls with prefetch instructions).
+/// so that the next product's helper part (`from_both_ends`: its back end) reads that much less
+/// from memory. Only with two threads, one helper; a no-op outside a step and off x86-64 (the
+/// helper pulls with prefetch instructions).
 pub(crate) fn warm(at: *const u8, len: usize) {
     if !cfg!(target_arch = "x86_64") {
         return;
@@ -111,21 +111,41 @@ pub(crate) fn warm(at: *const u8, len: usize) {
     });
 }
 
-/// Bytes from `start` that the helper has pulled into its cache since `warm`, and stop it.
-pub(crate) fn warmed(start: *const u8) -> usize {
+/// Stop the helper's warming (`warm`): the product it was for is about to run.
+pub(crate) fn end_warm() {
     with_pair(|team| {
         let seq = team.warm_seq.load(Ordering::Relaxed);
-        let mut done = 0;
-        if seq & 1 == 1 && team.warm_at.load(Ordering::Relaxed).cast_const() == start {
-            let progress = team.warm_done.load(Ordering::Acquire);
-            if progress >> 32 == seq & 0xffff_ffff {
-                done = (progress & 0xffff_ffff) as usize;
-            }
+        if seq & 1 == 1 {
             team.warm_seq.store(seq + 1, Ordering::Release);
         }
-        done
-    })
-    .unwrap_or(0)
+    });
+}
+
+/// `run(c)` for every chunk c in 0..chunks, as `for_each` runs its parts, but claimed from both
+/// ends: the calling thread takes chunks from the front, the step's helper (where there is one,
+/// as `for_each`'s part 1) from the back, one at a time, until they meet. Each thread's chunks
+/// are one sequential stream, as with two fixed shares, and the point where they meet follows
+/// whichever thread is faster, so neither waits for the other at the end. Without a helper the
+/// caller takes every chunk.
+pub fn from_both_ends(chunks: usize, run: impl Fn(usize) + Sync) {
+    assert!(chunks as u64 <= u32::MAX as u64, "{chunks} chunks");
+    // The next chunk at the front and one past the last at the back: `front << 32 | back`.
+    let ends = AtomicU64::new(chunks as u64);
+    for_each(2, |part| loop {
+        let mut now = ends.load(Ordering::Acquire);
+        let chunk = loop {
+            let (front, back) = (now >> 32, now & 0xffff_ffff);
+            if front >= back {
+                return;
+            }
+            let (next, chunk) = if part == 0 { (now + (1 << 32), front) } else { (now - 1, back - 1) };
+            match ends.compare_exchange_weak(now, next, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => break chunk as usize,
+                Err(seen) => now = seen,
+            }
+        };
+        run(chunk);
+    });
 }
 
 /// Wait until the helper has pulled up the whole region of the last `warm` (false after
@@ -265,7 +285,7 @@ impl Team {
 
 #[cfg(test)]
 mod tests {
-    use super::{for_each, step};
+    use super::{for_each, from_both_ends, step};
     use rayon::prelude::*;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -312,5 +332,40 @@ mod tests {
         let total = AtomicUsize::new(0);
         for_each(9, |i| _ = total.fetch_add(i, Ordering::Relaxed));
         assert_eq!(total.into_inner(), 36);
+    }
+
+    /// Every chunk runs once; the step's thread takes them from the front in order, the helper
+    /// from the back, and they meet: the caller's chunks all come before the helper's. The
+    /// caller is made slow (2 ms a chunk), so the helper takes some; without a step (rayon) or
+    /// with one chunk, all still run once.
+    #[test]
+    fn from_both_ends_meets_in_the_middle() {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+        let caller = std::sync::Mutex::new(Vec::new());
+        let helper = std::sync::Mutex::new(Vec::new());
+        pool.install(|| {
+            step(|| {
+                let me = rayon::current_thread_index();
+                from_both_ends(100, |c| {
+                    if rayon::current_thread_index() == me {
+                        std::thread::sleep(std::time::Duration::from_millis(2));
+                        caller.lock().unwrap().push(c);
+                    } else {
+                        helper.lock().unwrap().push(c);
+                    }
+                })
+            })
+        });
+        let (caller, helper) = (caller.into_inner().unwrap(), helper.into_inner().unwrap());
+        assert!(caller.windows(2).all(|w| w[0] + 1 == w[1]) && caller.first() == Some(&0), "{caller:?}");
+        assert!(!helper.is_empty() && helper.windows(2).all(|w| w[0] == w[1] + 1) && helper[0] == 99, "{helper:?}");
+        assert_eq!(caller.len() + helper.len(), 100);
+        assert_eq!(caller.last().unwrap() + 1, *helper.last().unwrap(), "they meet");
+        for chunks in [0, 1, 7] {
+            let hits: Vec<AtomicUsize> = (0..chunks).map(|_| AtomicUsize::new(0)).collect();
+            from_both_ends(chunks, |c| _ = hits[c].fetch_add(1, Ordering::Relaxed));
+            pool.install(|| step(|| from_both_ends(chunks, |c| _ = hits[c].fetch_add(1, Ordering::Relaxed))));
+            assert!(hits.iter().all(|h| h.load(Ordering::Relaxed) == 2), "{chunks} chunks");
+        }
     }
 }
