@@ -231,14 +231,22 @@ def test_a_killed_replica_is_replaced_and_retrying_clients_lose_nothing(cluster)
 
 def test_bad_cluster_arguments_are_named(monkeypatch):
     from horae.cluster import serve_replicas
-    from horae.cluster.deploy import _check_reachable
+    from horae.cluster.deploy import _check_reachable, check_args
 
     with pytest.raises(ValueError, match="replicas must be a whole number >= 1, got 0"):
         serve_replicas(replicas=0)
-    with pytest.raises(ValueError, match="unknown router 'random': expected one of " + ", ".join(_core.ROUTERS)):
+    with pytest.raises(ValueError, match='unknown router "random": expected one of ' + ", ".join(_core.ROUTERS)):
         serve_replicas(router="random")
-    with pytest.raises(ValueError, match="unknown retry rule 'often': expected one of always, in-time, never"):
+    with pytest.raises(ValueError, match='unknown retry rule "often": expected one of always, in-time, never'):
         serve_replicas(retry_shed="often")
+    with pytest.raises(ValueError, match="the router is a name, got 3"):
+        serve_replicas(router=3)
+    # Names as the core parses them (case, `_` for `-`), so the front end refuses only what the
+    # core would.
+    assert check_args(2, " Power_Of_Two", "IN_TIME") == ("power-of-two", "in-time")
+    assert _core.canonical_name("queue", "SLO") == "slo" and _core.QUEUES == ["fcfs", "slo"]
+    with pytest.raises(ValueError, match='no choice named "colour"'):
+        _core.canonical_name("colour", "red")
     with pytest.raises(ConnectionError, match="cannot reach the Ray cluster at 127.0.0.1:1"):
         _check_reachable("127.0.0.1:1")
     with pytest.raises(ValueError, match="a Ray address is host:port"):
@@ -257,7 +265,7 @@ def test_cli_names_bad_replica_options():
     r = run("--replicas", "2", "--router", "random")
     assert r.returncode == 2 and "expected one of round-robin, power-of-two, prefix, forecast" in r.stderr, r.stderr
     r = run("--replicas", "2", "--retry-shed", "often")
-    assert r.returncode == 2 and "unknown retry rule 'often': expected one of always, in-time, never" in r.stderr, r.stderr
+    assert r.returncode == 2 and 'unknown retry rule "often": expected one of always, in-time, never' in r.stderr, r.stderr
     r = run("--replicas", "2", "--ray-address", "127.0.0.1:1")
     assert r.returncode == 2 and "cannot reach the Ray cluster at 127.0.0.1:1" in r.stderr, r.stderr
     r = run("--ray-address", "127.0.0.1:1")

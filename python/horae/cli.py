@@ -32,7 +32,7 @@ def _names(s: str) -> List[str]:
 
 def _simulate_parser(sub) -> None:
     from horae.serve import add_prior_arguments
-    from horae.sim import HARDWARE_PRESETS, MODEL_PRESETS, POLICIES, RETRY_RULES, ROUTERS
+    from horae.sim import HARDWARE_PRESETS, MODEL_PRESETS, POLICIES, QUEUES, RETRY_RULES, ROUTERS
 
     p = sub.add_parser("simulate", help="compare schedulers on a trace in the simulator (no GPU)")
     src = p.add_mutually_exclusive_group()
@@ -67,7 +67,7 @@ def _simulate_parser(sub) -> None:
                    help="server rule: cut a started request without a token for this long")
     p.add_argument("--retry-failed", action="store_true",
                    help="closed loop: clients send a request the server's rules failed again, as the paper's do")
-    p.add_argument("--queue", default="fcfs", choices=["fcfs", "slo"],
+    p.add_argument("--queue", default="fcfs", choices=QUEUES,
                    help="queue discipline: arrival order, or least slack against the SLA first with hopeless "
                         "requests shed (see horae serve --queue)")
     p.add_argument("--history-window", type=int, default=1000, help="past-future: finished lengths remembered")

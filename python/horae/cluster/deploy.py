@@ -6,7 +6,7 @@ import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Tuple
 
 from horae import _core
 from horae.models import resolve_model
@@ -25,13 +25,15 @@ def require_ray():
     return ray
 
 
-def check_args(replicas: Any, router: str, retry_shed: str = "always") -> None:
+def check_args(replicas: Any, router: str, retry_shed: str = "always") -> Tuple[str, str]:
+    """Refuse bad arguments before Ray starts; the router's and retry rule's names as the core
+    names them (it parses them, aliases and case included, and its error lists the choices)."""
     if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 1:
         raise ValueError(f"replicas must be a whole number >= 1, got {replicas!r}")
-    if router not in _core.ROUTERS:
-        raise ValueError(f"unknown router {router!r}: expected one of {', '.join(_core.ROUTERS)}")
-    if retry_shed not in _core.RETRY_RULES:
-        raise ValueError(f"unknown retry rule {retry_shed!r}: expected one of {', '.join(_core.RETRY_RULES)}")
+    for what, value in (("router", router), ("retry rule", retry_shed)):
+        if not isinstance(value, str):
+            raise ValueError(f"the {what} is a name, got {value!r}")
+    return _core.canonical_name("router", router), _core.canonical_name("retry rule", retry_shed)
 
 
 def _check_reachable(address: str, timeout: float = 3.0) -> None:
@@ -80,7 +82,7 @@ def serve_replicas(model: Optional[str] = None, *, replicas: int = 2, router: st
     to any replica not tried while its first-token bound holds). Replicas publish routing stats
     every `stats_period` seconds. Each replica's kernels use `threads_per_replica` threads
     (default: this machine's cores shared evenly)."""
-    check_args(replicas, router, retry_shed)
+    router, retry_shed = check_args(replicas, router, retry_shed)
     ray = require_ray()
     from ray import serve
     from ray.serve.config import HTTPOptions, RequestRouterConfig
@@ -135,7 +137,6 @@ def run(args) -> int:
 
     from horae.serve import engine_args
 
-    check_args(args.replicas, args.router, args.retry_shed)
     cluster = serve_replicas(args.model, replicas=args.replicas, router=args.router, retry_shed=args.retry_shed,
                              ray_address=args.ray_address,
                              host=args.host, port=args.port, served_model_name=args.served_model_name,

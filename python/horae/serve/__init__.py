@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Optional, Sequence
 
+from horae import _core
+
 __all__ = ["ServerConfig", "ServerThread", "build_app", "add_arguments", "run"]
 
 
@@ -108,7 +110,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "code queue_timeout (off by default; the Past-Future paper used 8)")
     p.add_argument("--max-itl-abort", type=float, metavar="SECONDS",
                    help="a running request without a token this long is cut: code sla_abort (off by default)")
-    p.add_argument("--queue", default="fcfs", choices=["fcfs", "slo"],
+    p.add_argument("--queue", default="fcfs", choices=_core.QUEUES,
                    help="fcfs: arrival order; slo: least slack against each request's SLO first, hopeless ones "
                         "answered 503 + Retry-After at once, preemption where it loses the least goodput")
     p.add_argument("--slo-ttft", type=float, metavar="SECONDS",

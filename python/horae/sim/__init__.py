@@ -35,13 +35,15 @@ SLA_KEYS = ("ttft", "tpot", "max_itl", "e2e")
 ROUTERS: Tuple[str, ...] = tuple(_core.ROUTERS)
 #: Where a request a replica shed goes next (`retry_shed=`; the first is the default).
 RETRY_RULES: Tuple[str, ...] = tuple(_core.RETRY_RULES)
+#: Queue disciplines (``queue=``): arrival order, or least slack first with hopeless requests shed.
+QUEUES: Tuple[str, ...] = tuple(_core.QUEUES)
 #: The Past-Future paper's SLA for a 7B model: first token within 10 s, no gap over 1.5 s.
 PAPER_SLA = {"ttft": 10.0, "max_itl": 1.5}
 BUNDLED = {"azure-conv-10min": "azure_conv_10min.csv"}
 
 __all__ = [
     "Trace", "HoraeCoreError", "load_trace", "bundled_trace", "synthetic", "simulate", "sweep",
-    "SimResult", "SweepReport", "fit_linear_cost", "SCHEDULERS", "ROUTERS", "RETRY_RULES", "PAPER_SLA",
+    "SimResult", "SweepReport", "fit_linear_cost", "SCHEDULERS", "ROUTERS", "RETRY_RULES", "QUEUES", "PAPER_SLA",
 ]
 
 

@@ -18,8 +18,10 @@ use horae_core::engine::builder::parse_cpu_dtype;
 use horae_core::engine::ServerRules;
 use horae_core::model::LlamaModel;
 use horae_core::request::Slo;
-use horae_core::route::RouterKind;
-use horae_core::sched::{Censoring, HistoryStart, PolicyKind, Prior, SchedulerConfig, Tuning};
+use horae_core::route::{RetryShed, RouterKind};
+use horae_core::sched::{
+    Censoring, HistoryStart, PolicyKind, Preemption, Prior, QueueDiscipline, SchedulerConfig, Tuning,
+};
 use horae_core::sim::{
     self, ClusterConfig, CostModel, LengthDist, LoadModel, SimConfig, StepFeatures, Trace, TraceFormat,
 };
@@ -556,6 +558,27 @@ fn parse_dtype(s: &str) -> PyResult<Option<WeightDtype>> {
     parse_cpu_dtype(s).map_err(to_py)
 }
 
+/// The name `value` stands for as a `what` ("scheduler", "router", "retry rule", "queue" or
+/// "preemption"), parsed as the core parses it (aliases, case, spaces, `_` for `-`), so that a
+/// front end that checks a name before it reaches the core accepts and refuses exactly what the
+/// core does, with the core's message (`unknown router "x": expected one of ...`).
+#[pyfunction]
+fn canonical_name(what: &str, value: &str) -> PyResult<&'static str> {
+    let name = match what {
+        "scheduler" => value.parse::<PolicyKind>().map(|k| k.as_str()),
+        "router" => value.parse::<RouterKind>().map(|k| k.as_str()),
+        "retry rule" => value.parse::<RetryShed>().map(|k| k.as_str()),
+        "queue" => value.parse::<QueueDiscipline>().map(|k| k.as_str()),
+        "preemption" => value.parse::<Preemption>().map(|k| k.as_str()),
+        _ => {
+            return Err(PyValueError::new_err(format!(
+                "no choice named {what:?}: expected scheduler, router, retry rule, queue or preemption"
+            )))
+        }
+    };
+    name.map_err(to_py)
+}
+
 /// GFLOP/s of a plain f32 GEMM (`m x k` times `(n x k)^T`), best of `iters`.
 #[pyfunction]
 #[pyo3(signature = (m, n, k, iters = 20))]
@@ -583,7 +606,9 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(bench_queue, m)?)?;
     m.add_function(wrap_pyfunction!(bench_route, m)?)?;
     m.add("ROUTERS", RouterKind::ALL.iter().map(|k| k.as_str()).collect::<Vec<_>>())?;
-    m.add("RETRY_RULES", horae_core::route::RetryShed::ALL.iter().map(|k| k.as_str()).collect::<Vec<_>>())?;
+    m.add("RETRY_RULES", RetryShed::ALL.iter().map(|k| k.as_str()).collect::<Vec<_>>())?;
+    m.add("QUEUES", QueueDiscipline::ALL.iter().map(|k| k.as_str()).collect::<Vec<_>>())?;
+    m.add_function(wrap_pyfunction!(canonical_name, m)?)?;
     cuda::register(m)?;
     route::register(m)?;
     m.add("MODEL_PRESETS", horae_core::sim::ModelSpec::PRESETS.to_vec())?;
