@@ -776,3 +776,39 @@ fn the_slo_queue_charges_the_head_its_own_step_only_when_it_can_start() {
     let (end, steps, _, _) = head_of_queue(4, 1024);
     assert_eq!((end, steps), (FinishReason::Timeout, 2), "shed once memory held it");
 }
+
+#[test]
+fn a_queued_requests_cached_prefix_is_evicted_last() {
+    // P's prefix (1,024 tokens) and then Q's are cached, P's the older. S arrives needing more
+    // than the free blocks, then R, which reads P's prefix, queues behind it (one sequence at a
+    // time). LRU by release alone would evict P's blocks for S; R's arrival makes them the
+    // youngest, so S takes Q's and R finds all of P's prefix cached.
+    let c = cfg(PolicyKind::Aggressive, 4096);
+    let sched = Scheduler::new(SchedulerConfig { max_num_seqs: 1, ..c.sched.clone() }, None).unwrap();
+    let mut e = Engine::new(
+        sched,
+        Box::new(SimExecutor::new(c.cost.clone(), Arc::new(vec![1u32; 4]))),
+        Box::new(VirtualClock::default()),
+    );
+    let spec = |len: usize, ids: Vec<u64>| RequestSpec {
+        prompt: Prompt::Synthetic { len, prefix_ids: ids, unit: 512 },
+        ..synthetic(len, 1, Slo::default(), 0)
+    };
+    let run = |e: &mut Engine, reqs: Vec<(u64, RequestSpec)>| {
+        for (id, s) in reqs {
+            e.add_request_with_id(id, RequestSpec { arrival: Some(e.now()), ..s }).unwrap();
+        }
+        let mut done = Vec::new();
+        while e.has_work() {
+            done.extend(e.step().unwrap().finished);
+            e.scheduler().check_invariants().unwrap();
+        }
+        done
+    };
+    run(&mut e, vec![(0, spec(1024, vec![1, 2]))]);
+    run(&mut e, vec![(1, spec(1024, vec![3, 4]))]);
+    let done = run(&mut e, vec![(2, spec(2560, vec![5, 6, 7, 8, 9])), (3, spec(1040, vec![1, 2, 10]))]);
+    let r = done.iter().find(|r| r.id == 3).expect("R finished");
+    assert_eq!(r.cached_tokens, 1024, "R read all of P's prefix from the cache");
+    assert!(e.scheduler().kv().pool().evictions > 0, "S evicted cached blocks");
+}

@@ -234,6 +234,8 @@ impl Scheduler {
         req.slo = req.slo.or(&self.cfg.default_slo);
         self.prioritized |= req.priority != 0;
         self.ordered_at = None;
+        // Its cached prefix will be read when it starts: keep it from being evicted first.
+        self.kv.touch_prefix(&req.prompt_block_hashes[..self.cache_lookup(&req)]);
         self.waiting.push_back(req.id);
         self.requests.insert(req.id, req);
         Ok(())
@@ -568,13 +570,17 @@ impl Scheduler {
     /// logits give the next token), and a request that wants prompt logprobs needs every
     /// position's logits: no cache for it.
     fn cached_prompt_blocks(&self, r: &Request) -> (usize, usize) {
-        let bs = self.kv.block_size();
-        let lookup = if r.sampling.prompt_logprobs.is_some() {
+        let lookup = self.cache_lookup(r);
+        (lookup, self.kv.count_cached_prefix(&r.prompt_block_hashes[..lookup]))
+    }
+
+    /// Leading prompt blocks of `r` it may take from the prefix cache (`cached_prompt_blocks`).
+    fn cache_lookup(&self, r: &Request) -> usize {
+        if r.sampling.prompt_logprobs.is_some() {
             0
         } else {
-            ((r.total_len() - 1) / bs).min(r.prompt_block_hashes.len())
-        };
-        (lookup, self.kv.count_cached_prefix(&r.prompt_block_hashes[..lookup]))
+            ((r.total_len() - 1) / self.kv.block_size()).min(r.prompt_block_hashes.len())
+        }
     }
 
     /// Compute per token of goodput if `r` is served, planned with `out` output tokens: its
