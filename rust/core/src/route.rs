@@ -268,10 +268,11 @@ impl Router {
     /// Why "always" is the default: since the SLO queue sheds by value density, what a replica
     /// sheds is a request it holds little of (little cached, much to compute), and tried replica
     /// after replica it ends where its prefix is or the queue is short. In the cluster simulator
-    /// (Mooncake, 8 replicas, eight seeds, 4x-8x the trace's rate) it serves the SLA for 0-12 more
-    /// requests in a hundred than "in-time" with the forecast router and 14-26 with power-of-two
-    /// and round-robin, for 1.0-5.4 sends a request; a send through the Ray ingress costs 11-15
-    /// ms (docs/benchmarks.md). Before value-density shedding it lost 27-38% of goodput, which
+    /// (Mooncake, 8 replicas, eight seeds, 4x-8x the trace's rate; 2026-12-06, queued prefixes
+    /// kept) it serves the SLA for 0-11 more requests in a hundred than "in-time" with the
+    /// forecast router, 2-13 with prefix affinity and 13-27 with power-of-two and round-robin,
+    /// for 1.0-5.3 sends a request; a send through the Ray ingress costs 11-15 ms
+    /// (docs/benchmarks.md). Before value-density shedding it lost 27-38% of goodput, which
     /// is why "in-time" exists: only a replica with nothing waiting (in its stats or sent since)
     /// that can prefill the request's uncached prompt, at its measured rate, within `req.ttft`.
     pub fn retry_target(
