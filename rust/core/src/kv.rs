@@ -114,9 +114,9 @@ impl BlockPool {
     }
 
     /// The block holding `hash` will be read soon: if it is cached (unused), make it the
-    /// youngest in LRU order. Returns whether a block holds `hash`.
-    pub fn touch_cached(&mut self, hash: BlockHash) -> bool {
-        let Some(&id) = self.by_hash.get(&hash) else { return false };
+    /// youngest in LRU order.
+    pub fn touch_cached(&mut self, hash: BlockHash) {
+        let Some(&id) = self.by_hash.get(&hash) else { return };
         let block = &mut self.blocks[id as usize];
         if block.ref_count == 0 {
             self.cached_lru.remove(&block.lru_stamp);
@@ -124,7 +124,6 @@ impl BlockPool {
             self.next_stamp += 1;
             self.cached_lru.insert(block.lru_stamp, id);
         }
-        true
     }
 
     /// A fresh block with one reference: from the free list, else by evicting the oldest cached one.
@@ -301,6 +300,7 @@ impl KvManager {
     pub fn block_size(&self) -> usize {
         self.block_size
     }
+
     /// A request that will read the cached leading run of `hashes` has arrived: make those
     /// blocks the youngest in LRU order, tail first so that its head goes last (as `free`
     /// releases a table). LRU by release alone evicts a queued request's prefix while the
