@@ -24,4 +24,6 @@ def pytest_report_header(config):
            " three bf16 products" if k["amx_min_rows"] else "")
     if k["amx_int8_min_rows"]:
         amx += f", int8 tiles for q8_0/q4_1 weights from {k['amx_int8_min_rows']} rows"
+    if k["avx512_bf16_min_rows"]:
+        amx += f"; vdpbf16ps for bf16 products from {k['avx512_bf16_min_rows']} rows"
     return f"horae CPU kernels: {', '.join(k['available'])} (the engine uses {k['selected']}{amx})"

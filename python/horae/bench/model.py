@@ -220,6 +220,8 @@ def run(model=None, batches: List[int] = (1, 8, 32), new_tokens: int = 64, prefi
            " quantized model's prefill attention in three bf16 products" if kernels["amx_min_rows"] else "")
     if kernels["amx_int8_min_rows"]:
         amx += f", and AMX int8 tiles for q8_0/q4_1 weights from {kernels['amx_int8_min_rows']} rows"
+    if kernels["avx512_bf16_min_rows"]:
+        amx += f", and vdpbf16ps for a bf16 model's products from {kernels['avx512_bf16_min_rows']} rows"
     print(f"CPU {res['cpu']}; kernels it runs: {', '.join(kernels['available'])}; the engine uses {kernels['selected']}{amx}")
     print(f"model {model_dir.name}: {params / 1e6:.0f}M matmul parameters")
     print(f"GEMM peak (faer f32, 512x{i}x{h}, same run): {peaks[0]:.1f} GFLOP/s")
@@ -231,13 +233,16 @@ def run(model=None, batches: List[int] = (1, 8, 32), new_tokens: int = 64, prefi
     # one runs, the table leaves it out to keep the bench short (the tests still check it).
     simd = [k for k in kernels["available"] if k != "portable"] or ["portable"]
     simd += ["amx"] if kernels["amx_min_rows"] else []
+    simd += ["avx512 bf16"] if kernels["avx512_bf16_min_rows"] else []
     short = {"float32": "f32", "bfloat16": "bf16", "q4_1": "q4_1"}
     # AMX tiles run a bf16 model's products (bf16 tiles, from kernels["amx_min_rows"] rows) and
-    # quantized weights (int8 tiles, from kernels["amx_int8_min_rows"]); below, the AVX-512
-    # kernel runs, as in the engine. Not f32 weights.
+    # quantized weights (int8 tiles, from kernels["amx_int8_min_rows"]); vdpbf16ps a bf16 model's
+    # where AMX does not run; below those rows, the AVX-512 kernel runs, as in the engine.
     cols = [(d, k) for k in simd for d in short
-            if k != "amx" or (d == "bfloat16" or (d == "q4_1" and kernels["amx_int8_min_rows"]))]
-    print(f"{'rows':>6} {'faer f32':>9} " + " ".join(f"{k + ' ' + short[d]:>12}" for d, k in cols))
+            if k not in ("amx", "avx512 bf16") or d == "bfloat16"
+            or (k == "amx" and d == "q4_1" and kernels["amx_int8_min_rows"])]
+    label = {"avx512 bf16": "vdpbf16ps"}  # the kernel's name in bench_linear, shorter in the table
+    print(f"{'rows':>6} {'faer f32':>9} " + " ".join(f"{label.get(k, k) + ' ' + short[d]:>12}" for d, k in cols))
     for m in (1, 8, 32, 512):
         row = {}
         for d, k in cols:

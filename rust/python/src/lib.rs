@@ -477,8 +477,15 @@ fn bench_linear(
         return Err(HoraeCoreError::new_err(format!("{} needs inputs in blocks of 32; a shape has {k}", q.name())));
     }
     // "amx": bf16 weights with a bf16 model's products on AMX bf16 tiles, or GGML blocks on AMX
-    // int8 tiles, from AMX_MIN_ROWS rows.
+    // int8 tiles, from AMX_MIN_ROWS rows; "avx512 bf16": bf16 weights with a bf16 model's products
+    // through vdpbf16ps from the same rows, where AMX does not run.
     let amx = kernel == Some("amx");
+    let dot = kernel == Some("avx512 bf16");
+    if dot && !(dtype == WeightDtype::Bf16 && gemm::bf16_dot_runs()) {
+        return Err(HoraeCoreError::new_err(
+            "kernel \"avx512 bf16\" runs bfloat16 weights, where the CPU has AVX-512 BF16 and AMX does not run",
+        ));
+    }
     let tiles_run = match dtype {
         WeightDtype::Bf16 => gemm::amx_runs(),
         WeightDtype::Quant(_) => gemm::amx_int8_runs(),
@@ -491,14 +498,14 @@ fn bench_linear(
     }
     let isa = match kernel {
         None => None,
-        Some(_) if amx => None,
+        Some(_) if amx || dot => None,
         Some(name) => Some(Isa::available().into_iter().find(|i| i.name() == name).ok_or_else(|| {
             let mut names: Vec<_> = Isa::available().iter().map(|i| i.name()).collect();
             names.extend(gemm::amx_runs().then_some("amx"));
             HoraeCoreError::new_err(format!("kernel {name:?} does not run on this CPU; it runs: {}", names.join(", ")))
         })?),
     };
-    let products = if amx { Products::Bf16 } else { Products::F32 };
+    let products = if amx || dot { Products::Bf16 } else { Products::F32 };
     Ok(py.detach(|| horae_core::bench::gemm::compare_with_faer(&shapes, layers, m, dtype, iters, isa, products)))
 }
 
@@ -538,11 +545,13 @@ fn bench_read_bandwidth(py: Python<'_>, mib: usize, iters: usize) -> f64 {
 }
 
 /// The CPU kernels: `{"selected": name, "available": [names], "amx_min_rows": rows or None,
-/// "amx_int8_min_rows": rows or None}` (names: "portable", "avx2", "avx512"). `selected` is the
-/// vector kernel the engine runs: the best available, capped by `HORAE_CPU_KERNEL` where set.
-/// Where AMX tiles run (and no cap is set), a bf16 model's linear layers go through bf16 tiles
-/// from `amx_min_rows` rows, and a q8_0 or q4_1 model's through int8 tiles from
-/// `amx_int8_min_rows` (`bench_linear` names both kernels "amx").
+/// "amx_int8_min_rows": rows or None, "avx512_bf16_min_rows": rows or None}` (names: "portable",
+/// "avx2", "avx512"). `selected` is the vector kernel the engine runs: the best available, capped
+/// by `HORAE_CPU_KERNEL` where set. Where AMX tiles run (and no cap is set), a bf16 model's linear
+/// layers go through bf16 tiles from `amx_min_rows` rows, and a q8_0 or q4_1 model's through int8
+/// tiles from `amx_int8_min_rows` (`bench_linear` names both kernels "amx"); elsewhere, where the
+/// engine runs AVX-512 on a CPU with AVX-512 BF16, a bf16 model's go through `vdpbf16ps` from
+/// `avx512_bf16_min_rows` ("avx512 bf16").
 #[pyfunction]
 fn cpu_kernels(py: Python<'_>) -> PyResult<Bound<'_, pyo3::types::PyDict>> {
     let d = pyo3::types::PyDict::new(py);
@@ -550,6 +559,7 @@ fn cpu_kernels(py: Python<'_>) -> PyResult<Bound<'_, pyo3::types::PyDict>> {
     d.set_item("available", Isa::available().iter().map(|i| i.name()).collect::<Vec<_>>())?;
     d.set_item("amx_min_rows", gemm::amx_runs().then_some(gemm::AMX_MIN_ROWS))?;
     d.set_item("amx_int8_min_rows", gemm::amx_int8_runs().then_some(gemm::AMX_MIN_ROWS))?;
+    d.set_item("avx512_bf16_min_rows", gemm::bf16_dot_runs().then_some(gemm::AMX_MIN_ROWS))?;
     Ok(d)
 }
 

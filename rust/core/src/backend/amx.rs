@@ -105,10 +105,6 @@ impl TileOrder {
     pub fn row(self, p: usize, kk: usize) -> usize {
         (p / GROUP) * self.kt * Self::STEP + (kk / TK) * Self::STEP + (p % GROUP) * TILE_VALUES + (kk % TK) / 2 * 32
     }
-    /// Index of weight (row `kk`, column `j`) of panel `p`.
-    pub fn index(self, p: usize, kk: usize, j: usize) -> usize {
-        self.row(p, kk) + 2 * j + kk % 2
-    }
     /// Values a matrix of `np` panels takes.
     pub fn len(self, np: usize) -> usize {
         np.div_ceil(GROUP) * self.kt * Self::STEP

@@ -24,6 +24,7 @@ use rayon::prelude::*;
 
 use super::amx;
 use super::amx_int8;
+use super::bf16_dot;
 use super::huge::{self, HugeBuf, Zeroed};
 use super::quant::{self, QPanels, QuantKind};
 use super::team;
@@ -74,8 +75,9 @@ impl WeightDtype {
     }
 }
 
-/// The arithmetic of a bf16 model's products: its prefill attention tiles' (Q K^T and P V) and,
-/// where AMX runs, its linear layers' at `AMX_MIN_ROWS` rows or more. Sums are f32 either way.
+/// The arithmetic of a bf16 model's products: its prefill attention tiles' (Q K^T and P V) and
+/// its linear layers' at `AMX_MIN_ROWS` rows or more (on AMX tiles where they run, else through
+/// `vdpbf16ps`: `bf16_dot_runs`). Sums are f32 either way.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Products {
     /// f32 operands (exact for bf16 weights, as the goldens check).
@@ -85,7 +87,9 @@ pub enum Products {
     Bf16,
 }
 
-/// Rows from which a bf16 product goes through AMX tiles (`amx`), where they run. Below, a block
+/// Rows from which a bf16 product goes through AMX tiles (`amx`), where they run, or else through
+/// `vdpbf16ps` where AVX-512 BF16 runs (`bf16_dot_runs`; there the same 16 rows, so a bf16 model
+/// rounds the same products on both machines). Below, a block
 /// of 32 rows is mostly padding and both kernels are bound by reading the weights. Decode of the
 /// default model in bf16 (one Xeon, 3 alternations) was 1.2-1.45x faster at 8-12 sequences with
 /// AMX from 8 rows, and slower at 4-6 with AMX from 4; 8 is not taken yet because it moves the
@@ -112,6 +116,15 @@ pub fn amx_runs() -> bool {
     })
 }
 
+/// Whether a bf16 model's linear layers run their products from `AMX_MIN_ROWS` rows through
+/// `vdpbf16ps` (`avx512_dot`): the engine's kernel is AVX-512, the CPU has AVX-512 BF16, and AMX
+/// does not run. Against the f32-operand AVX-512 kernel on the default model's layers (AMD EPYC
+/// Zen 4, bf16, three alternations in one wheel): prefill of 512 tokens 1.6x, of 2,048 1.7x,
+/// decode at 32 sequences 1.6-1.9x; batch-1 decode (below 16 rows) unchanged.
+pub fn bf16_dot_runs() -> bool {
+    Isa::detect() == Isa::Avx512 && bf16_dot::runs_here() && !amx_runs()
+}
+
 /// Whether quantized weights' products run on AMX int8 tiles from `AMX_MIN_ROWS` rows here: the
 /// CPU and OS allow them, and `HORAE_CPU_KERNEL` is unset or `amx`.
 pub fn amx_int8_runs() -> bool {
@@ -121,12 +134,13 @@ pub fn amx_int8_runs() -> bool {
 /// Each on 2 MiB pages (`huge`): decode streams them every step.
 enum Panels {
     F32(HugeBuf<f32>),
-    /// Within each group of 16 the columns are stored in the order 0-3, 8-11, 4-7, 12-15, so that
-    /// AVX2's in-lane unpack of one 32-byte load yields columns 0-7 and 8-15 as f32.
+    /// For the AVX2 and portable kernels: within each panel the columns are stored in the order
+    /// 0-3, 8-11, 4-7, 12-15, so that AVX2's in-lane unpack of one 32-byte load yields columns
+    /// 0-7 and 8-15 as f32.
     Bf16(HugeBuf<u16>),
-    /// bf16 in AMX's tile order (`amx::TileOrder`), where AMX runs: read by the AMX kernel and,
-    /// below `AMX_MIN_ROWS` rows or with f32 products, by the AVX-512 kernel.
-    Bf16Tiles(HugeBuf<u16>),
+    /// For the AVX-512 kernels (and, in AMX's tile order, the AMX kernel): bf16 in pairs of rows
+    /// (`PairOrder`).
+    Bf16Pairs(HugeBuf<u16>, PairOrder),
     Quant(QPanels),
 }
 
@@ -135,46 +149,131 @@ pub struct PackedLinear {
     n: usize,
     k: usize,
     panels: Panels,
-    /// Panels interleaved row by row (f32 and bf16 panels; see `Layout`).
+    /// Where f32 and bf16 panel values sit (`Layout`).
     layout: Layout,
 }
 
-/// Where panel values sit: panels come in groups of `group`, and a group stores its panels' row
-/// `kk` side by side (`[n / (16 group)][k][group][16]`, the last group zero-padded).
-///
-/// Why groups: a batch-1 decode tile on AVX-512 reads four panels together. Stored apart they are
-/// four streams 32 bytes a row each (bf16), and one thread read bf16 weights at 0.65 of its
-/// bandwidth; interleaved they are one sequential stream and it read them 1.1-1.2x faster
-/// (docs/benchmarks.md, issue 17). f32 panels stay ungrouped: at 64 bytes a row they already
-/// streamed at the bandwidth, and grouping measured no faster. The AVX2 and portable kernels read
-/// one panel a tile, so there bf16 stays ungrouped too (`PackedLinear::new`).
+/// Where f32 and bf16 panel values sit: panel after panel, each its k rows of 16 values
+/// (`[n / 16][k][16]`, the last panel zero-padded). f32 panels stream at the bandwidth at 64
+/// bytes a row; bf16 for AVX-512 is packed in pairs of rows instead (`PairOrder`), whose groups of
+/// four panels make a decode tile one sequential stream.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Layout {
     k: usize,
-    group: usize,
 }
 
 impl Layout {
     /// Values between row `kk` and row `kk + 1` of a panel.
     fn ldb(self) -> usize {
-        self.group * NR
+        NR
     }
-    /// Values between panel `p` and `p + 1` inside a group (a tile's panels are in one group).
+    /// Values between panel `p` and `p + 1`.
     fn stride(self) -> usize {
-        if self.group == 1 {
-            self.k * NR
-        } else {
-            NR
-        }
+        self.k * NR
     }
     /// Index of row `kk` of panel `p`.
     fn offset(self, p: usize, kk: usize) -> usize {
-        (p / self.group) * self.k * self.ldb() + kk * self.ldb() + (p % self.group) * NR
+        p * self.stride() + kk * self.ldb()
     }
     /// Values a matrix of `np` panels takes.
     fn len(self, np: usize) -> usize {
-        np.next_multiple_of(self.group) * self.k * NR
+        np * self.k * NR
     }
+}
+
+/// bf16 panels stored as pairs of rows: each 32-bit lane holds rows kk and kk + 1 of one column
+/// (kk even, the lower row in the low half), so one 64-byte load is two rows of 16 columns:
+/// widened by a shift and a mask (no shuffle), or multiplied as they are by `vdpbf16ps`. Panels
+/// come in groups of `amx::GROUP` (= WIDE, a decode tile), zero-padded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum PairOrder {
+    /// AMX's tile order (`amx::TileOrder`), where AMX runs: its tiles load it as it is, and the
+    /// AVX-512 kernel reads the same copy below `AMX_MIN_ROWS` rows.
+    Tiles(amx::TileOrder),
+    /// Elsewhere: `[panel groups][k / 2][GROUP panels][16 columns][2]`, a group's pair rows side
+    /// by side, so a decode tile reads one sequential stream (tile order interleaves four 1 KiB
+    /// tiles, which one Zen 4 thread streamed at 11 GB/s against 25 in this order).
+    /// (Four panels stored apart were four streams of 32 bytes a row, which one thread read at
+    /// 0.65 of its bandwidth; side by side they read 1.1-1.2x faster: docs/benchmarks.md, issue
+    /// 17.) Widening needs no shuffle here, where one row at a time took a cross-lane one.
+    Rows { pairs: usize },
+}
+
+impl PairOrder {
+    fn new(k: usize, tiles: bool) -> Self {
+        if tiles {
+            PairOrder::Tiles(amx::TileOrder::new(k))
+        } else {
+            PairOrder::Rows { pairs: k.div_ceil(2) }
+        }
+    }
+
+    /// The order a kernel reads, for its addressing (`ahead`, `panel_step`), which does not
+    /// depend on k.
+    #[inline(always)]
+    const fn of<const TILED: bool>() -> Self {
+        if TILED {
+            PairOrder::Tiles(amx::TileOrder { kt: 0 })
+        } else {
+            PairOrder::Rows { pairs: 0 }
+        }
+    }
+
+    /// Index of the pair row holding row `kk` of panel `p` (32 values: 16 columns, two rows each).
+    fn row(self, p: usize, kk: usize) -> usize {
+        match self {
+            PairOrder::Tiles(o) => o.row(p, kk),
+            PairOrder::Rows { pairs } => {
+                (p / amx::GROUP) * pairs * GROUP_PAIR_ROW + kk / 2 * GROUP_PAIR_ROW + (p % amx::GROUP) * 32
+            }
+        }
+    }
+
+    /// Index of weight (row `kk`, column `j`) of panel `p`.
+    fn index(self, p: usize, kk: usize, j: usize) -> usize {
+        self.row(p, kk) + 2 * j + kk % 2
+    }
+
+    /// Values a matrix of `np` panels takes.
+    fn len(self, np: usize) -> usize {
+        match self {
+            PairOrder::Tiles(o) => o.len(np),
+            PairOrder::Rows { pairs } => np.div_ceil(amx::GROUP) * pairs * GROUP_PAIR_ROW,
+        }
+    }
+
+    /// Values from a panel's pair row at k0 (a multiple of 32) to its pair row at k0 + kk.
+    #[inline(always)]
+    fn ahead(self, kk: usize) -> usize {
+        match self {
+            PairOrder::Tiles(_) => kk / 32 * amx::TileOrder::STEP + kk % 32 / 2 * 32,
+            PairOrder::Rows { .. } => kk / 2 * GROUP_PAIR_ROW,
+        }
+    }
+
+    /// Values from one panel's pair row to the next panel's, inside a group.
+    #[inline(always)]
+    fn panel_step(self) -> usize {
+        match self {
+            PairOrder::Tiles(_) => amx::TileOrder::STEP / amx::GROUP,
+            PairOrder::Rows { .. } => 32,
+        }
+    }
+}
+
+/// Values of one pair row of a whole group in row order.
+const GROUP_PAIR_ROW: usize = amx::GROUP * 32;
+
+/// How far ahead (in bf16 values) the pair kernels ask for lines: 8 KiB, two steps of tile order.
+const PAIR_PREFETCH: usize = 2 * amx::TileOrder::STEP;
+
+/// What the tile kernels multiply the weights by.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Operands {
+    /// A's f32 values (`pack_rows`).
+    F32,
+    /// A rounded to bf16, in pairs along k (`pack_pair_rows`), for `avx512_dot`.
+    Bf16Pairs,
 }
 
 /// Position of column `j` (0..16) inside a bf16 group.
@@ -195,23 +294,21 @@ impl PackedLinear {
         Self::new_for(w, n, k, dtype, Isa::detect())
     }
 
-    /// `new` in the layout the `isa` kernel reads fastest (`Layout`); every kernel reads both
-    /// panel layouts, so that only matters for speed (benchmarks pack for the kernel they time).
-    /// Where AMX runs, bf16 for the AVX-512 kernel is packed in tile order instead, which only the
-    /// AVX-512 and AMX kernels read (`forward_with` asserts it).
+    /// `new` for the `isa` kernel (benchmarks pack for the kernel they time): bf16 for AVX-512
+    /// in pairs of rows (in tile order where AMX runs), which only the AVX-512 and AMX kernels
+    /// read (`forward_with` asserts it); everything else in panels (`Layout`), which every
+    /// kernel reads.
     pub fn new_for(w: &[f32], n: usize, k: usize, dtype: WeightDtype, isa: Isa) -> Self {
         #[cfg(target_arch = "x86_64")]
-        if dtype == WeightDtype::Bf16 && isa == Isa::Avx512 && amx_runs() {
-            return Self::in_tiles(w, n, k);
+        if dtype == WeightDtype::Bf16 && isa == Isa::Avx512 {
+            return Self::in_pairs(w, n, k, PairOrder::new(k, amx_runs()));
         }
-        let group = if dtype == WeightDtype::Bf16 && isa.panels_per_tile() == WIDE { WIDE } else { 1 };
-        Self::with_group(w, n, k, dtype, group)
+        Self::in_panels(w, n, k, dtype)
     }
 
-    /// bf16 in tile order (`Panels::Bf16Tiles`).
-    fn in_tiles(w: &[f32], n: usize, k: usize) -> Self {
+    /// bf16 in pairs of rows (`Panels::Bf16Pairs`).
+    fn in_pairs(w: &[f32], n: usize, k: usize, order: PairOrder) -> Self {
         assert_eq!(w.len(), n * k, "weight has {} values, expected {n} x {k}", w.len());
-        let order = amx::TileOrder::new(k);
         let np = n.div_ceil(NR);
         let mut v = huge::zeroed::<u16>(order.len(np));
         let group_len = (order.len(1)).max(1);
@@ -226,20 +323,19 @@ impl PackedLinear {
                 }
             }
         });
-        Self { n, k, panels: Panels::Bf16Tiles(v), layout: Layout { k, group: WIDE } }
+        Self { n, k, panels: Panels::Bf16Pairs(v, order), layout: Layout { k } }
     }
 
-    /// `new` with panels in groups of `group` (1 or WIDE; every kernel reads either).
-    fn with_group(w: &[f32], n: usize, k: usize, dtype: WeightDtype, group: usize) -> Self {
+    /// `new` in panels (`Layout`), or GGML blocks for a quantized dtype.
+    fn in_panels(w: &[f32], n: usize, k: usize, dtype: WeightDtype) -> Self {
         assert_eq!(w.len(), n * k, "weight has {} values, expected {n} x {k}", w.len());
-        assert!(group == 1 || group == WIDE, "panel groups of 1 or {WIDE}");
         if let WeightDtype::Quant(kind) = dtype {
             assert!(k.is_multiple_of(quant::QK) && k > 0, "{} needs rows of whole blocks of 32", kind.name());
             let raw: Vec<u8> = w.par_chunks(k).flat_map_iter(|row| quant::quantize_row(kind, row)).collect();
             return Self::from_ggml(kind, &raw, n, k).expect("quantized rows have the right size");
         }
         let np = n.div_ceil(NR);
-        let layout = Layout { k, group };
+        let layout = Layout { k };
         let at = |p: usize, kk: usize, j: usize| {
             let col = p * NR + j;
             if col < n {
@@ -260,14 +356,14 @@ impl PackedLinear {
 
     /// `n` rows of GGML blocks (a GGUF tensor's bytes) as they are, no widening.
     pub fn from_ggml(kind: QuantKind, raw: &[u8], n: usize, k: usize) -> Result<Self, String> {
-        Ok(Self { n, k, panels: Panels::Quant(QPanels::from_ggml(kind, raw, n, k)?), layout: Layout { k, group: 1 } })
+        Ok(Self { n, k, panels: Panels::Quant(QPanels::from_ggml(kind, raw, n, k)?), layout: Layout { k } })
     }
 
     /// Bytes the packed weights take (what a pass over the layer reads from memory).
     pub fn bytes(&self) -> usize {
         match &self.panels {
             Panels::F32(v) => 4 * v.len(),
-            Panels::Bf16(v) | Panels::Bf16Tiles(v) => 2 * v.len(),
+            Panels::Bf16(v) | Panels::Bf16Pairs(v, _) => 2 * v.len(),
             Panels::Quant(q) => q.bytes().len(),
         }
     }
@@ -276,7 +372,7 @@ impl PackedLinear {
     pub fn dtype(&self) -> WeightDtype {
         match &self.panels {
             Panels::F32(_) => WeightDtype::F32,
-            Panels::Bf16(_) | Panels::Bf16Tiles(_) => WeightDtype::Bf16,
+            Panels::Bf16(_) | Panels::Bf16Pairs(..) => WeightDtype::Bf16,
             Panels::Quant(q) => WeightDtype::Quant(q.kind()),
         }
     }
@@ -294,8 +390,7 @@ impl PackedLinear {
         match &self.panels {
             Panels::F32(v) => column(v, self.layout, p, j, out),
             Panels::Bf16(v) => column(v, self.layout, p, j, out),
-            Panels::Bf16Tiles(v) => {
-                let order = amx::TileOrder::new(self.k);
+            Panels::Bf16Pairs(v, order) => {
                 for (kk, o) in out.iter_mut().enumerate() {
                     *o = f32::from_bits((v[order.index(p, kk, j)] as u32) << 16);
                 }
@@ -316,8 +411,14 @@ impl PackedLinear {
     /// (`amx_int8`). Everything else is `forward`.
     pub fn forward_products(&self, x: &[f32], m: usize, out: &mut [f32], products: Products) {
         match &self.panels {
-            Panels::Bf16Tiles(v) if products == Products::Bf16 && m >= AMX_MIN_ROWS => {
-                amx::gemm_bf16(v, amx::TileOrder::new(self.k), self.n, self.k, x, m, out)
+            Panels::Bf16Pairs(v, PairOrder::Tiles(order)) if products == Products::Bf16 && m >= AMX_MIN_ROWS => {
+                amx::gemm_bf16(v, *order, self.n, self.k, x, m, out)
+            }
+            #[cfg(target_arch = "x86_64")]
+            Panels::Bf16Pairs(_, PairOrder::Rows { .. })
+                if products == Products::Bf16 && m >= AMX_MIN_ROWS && bf16_dot::runs_here() =>
+            {
+                self.tiled(x, m, out, Isa::Avx512, Operands::Bf16Pairs)
             }
             Panels::Quant(q) if m >= AMX_MIN_ROWS && amx_int8_runs() => amx_int8::gemm(q, x, m, out),
             _ => self.forward(x, m, out),
@@ -338,14 +439,26 @@ impl PackedLinear {
     fn base(&self) -> *const u8 {
         match &self.panels {
             Panels::F32(v) => v.as_ptr().cast(),
-            Panels::Bf16(v) | Panels::Bf16Tiles(v) => v.as_ptr().cast(),
+            Panels::Bf16(v) | Panels::Bf16Pairs(v, _) => v.as_ptr().cast(),
             Panels::Quant(q) => q.bytes().as_ptr(),
         }
     }
 
     /// `forward` with the kernel for `isa` (which the CPU must have: see `Isa::available`).
     pub fn forward_with(&self, x: &[f32], m: usize, out: &mut [f32], isa: Isa) {
+        self.tiled(x, m, out, isa, Operands::F32)
+    }
+
+    /// The product through the tile kernels, with `operands` of A.
+    fn tiled(&self, x: &[f32], m: usize, out: &mut [f32], isa: Isa, operands: Operands) {
         assert!(isa.runs_here(), "this CPU cannot run the {} kernel", isa.name());
+        assert!(
+            operands == Operands::F32
+                || isa == Isa::Avx512
+                    && bf16_dot::runs_here()
+                    && matches!(self.panels, Panels::Bf16Pairs(_, PairOrder::Rows { .. })),
+            "bf16 operands run on AVX-512 BF16, on bf16 weights in pairs of rows"
+        );
         let (n, k) = (self.n, self.k);
         assert_eq!(x.len(), m * k, "input has {} values, expected {m} x {k}", x.len());
         assert_eq!(out.len(), m * n);
@@ -358,17 +471,30 @@ impl PackedLinear {
         }
         let np = n.div_ceil(NR);
         let mut a = PACKED_ROWS.with_borrow_mut(std::mem::take);
-        pack_rows(x, m, k, &mut a);
-        // The tile contract for A: MR (zero-padded) rows of k values for every row block.
-        assert!(a.len() >= m.div_ceil(MR) * MR * k, "packed rows");
+        let mut pairs = PACKED_PAIRS.with_borrow_mut(std::mem::take);
+        let k2 = k.div_ceil(2);
+        // The tile contract for A: MR (zero-padded) rows of k values (or k / 2 pairs, rounded
+        // up) for every row block.
+        match operands {
+            Operands::F32 => pack_rows(x, m, k, &mut a),
+            Operands::Bf16Pairs => pack_pair_rows(x, m, k, &mut pairs),
+        }
+        assert!(a.len() >= m.div_ceil(MR) * MR * k || pairs.len() >= m.div_ceil(MR) * MR * k2, "packed rows");
+        // A's row block from row m0 (a multiple of MR), from its value k0 (even).
+        let a_at = |m0: usize, k0: usize| -> *const f32 {
+            match operands {
+                Operands::F32 => a.as_ptr().wrapping_add(m0 * k + k0 * MR),
+                Operands::Bf16Pairs => pairs.as_ptr().wrapping_add(m0 * k2 + k0 / 2 * MR).cast(),
+            }
+        };
         // Tasks are (row block of MC, group of panels): each owns a disjoint block of `out`.
         // Aim for four per thread so rayon can balance uneven cores; tiny products run inline.
         let m_blocks = m.div_ceil(MC);
         let wide = match &self.panels {
             Panels::Quant(_) => quant::panels_per_tile(isa, m),
             #[cfg(target_arch = "x86_64")]
-            Panels::Bf16Tiles(_) => {
-                assert!(isa == Isa::Avx512, "bf16 in tile order is read by the AVX-512 and AMX kernels only");
+            Panels::Bf16Pairs(..) => {
+                assert!(isa == Isa::Avx512, "bf16 in pairs of rows is read by the AVX-512 and AMX kernels only");
                 WIDE
             }
             _ => isa.panels_per_tile(),
@@ -405,10 +531,10 @@ impl PackedLinear {
                 let kc = depth.min(k - k0);
                 let mut p = p0;
                 while p < p_end {
-                    // Tiles end at multiples of `wide`, so a tile's panels sit in one group even
-                    // where a decode share starts inside one.
+                    // Tiles end at multiples of `wide`, so a tile's panels sit in one group of
+                    // pairs of rows even where a decode share starts inside one.
                     let panels = (wide - p % wide).min(p_end - p);
-                    assert!(layout.group == 1 || p % layout.group + panels <= layout.group);
+                    assert!(!matches!(self.panels, Panels::Bf16Pairs(..)) || p % amx::GROUP + panels <= amx::GROUP);
                     let cols = (panels * NR).min(n - p * NR);
                     for m0 in (mc0..(mc0 + MC).min(m)).step_by(MR) {
                         let rows = MR.min(m - m0);
@@ -417,7 +543,7 @@ impl PackedLinear {
                         // these panels; `a` holds MR rows (zero-padded) for every row block.
                         unsafe {
                             let c = out_ptr.0.add(m0 * n + p * NR);
-                            let a = a.as_ptr().add(m0 * k + k0 * MR);
+                            let a = a_at(m0, k0);
                             let next = (m0 == mc0 && p + panels < p_end).then(|| layout.offset(p + panels, k0));
                             let (stride, ldb) = (layout.stride(), layout.ldb());
                             let tile = Tile { a, c, ldc: n, kc, rows, cols, panels, stride, ldb, accumulate: k0 > 0 };
@@ -425,7 +551,7 @@ impl PackedLinear {
                             match &self.panels {
                                 Panels::F32(v) => tile.run(v, b, next, isa),
                                 Panels::Bf16(v) => tile.run(v, b, next, isa),
-                                Panels::Bf16Tiles(v) => tile.run_tiles(v, amx::TileOrder::new(k).row(p, k0)),
+                                Panels::Bf16Pairs(v, order) => tile.run_pairs(v, *order, order.row(p, k0), operands),
                                 Panels::Quant(q) => tile.run_quant(q, p, k0, isa),
                             }
                         }
@@ -455,26 +581,23 @@ impl PackedLinear {
             }
         }
         PACKED_ROWS.with_borrow_mut(|buf| *buf = a);
+        PACKED_PAIRS.with_borrow_mut(|buf| *buf = pairs);
     }
 }
 
-/// Panels in `layout` (`np` of them, the last group's missing ones zero): `value(p, kk, j)` is
-/// (the slot of column j in a panel row, its stored value).
+/// Panels in `layout` (`np` of them): `value(p, kk, j)` is (the slot of column j in a panel row,
+/// its stored value).
 fn pack_panels<T: Zeroed>(
     layout: Layout,
     np: usize,
     value: impl Fn(usize, usize, usize) -> (usize, T) + Sync,
 ) -> HugeBuf<T> {
     let mut out = huge::zeroed::<T>(layout.len(np));
-    let group_len = (layout.k * layout.ldb()).max(1);
-    out.par_chunks_mut(group_len).enumerate().for_each(|(g, group)| {
-        for p in (g * layout.group..(g + 1) * layout.group).filter(|&p| p < np) {
-            for kk in 0..layout.k {
-                let row = kk * layout.ldb() + (p % layout.group) * NR;
-                for j in 0..NR {
-                    let (slot, v) = value(p, kk, j);
-                    group[row + slot] = v;
-                }
+    out.par_chunks_mut(layout.stride().max(1)).enumerate().for_each(|(p, panel)| {
+        for (kk, row) in panel.chunks_exact_mut(layout.ldb()).enumerate() {
+            for j in 0..NR {
+                let (slot, v) = value(p, kk, j);
+                row[slot] = v;
             }
         }
     });
@@ -484,6 +607,32 @@ fn pack_panels<T: Zeroed>(
 thread_local! {
     /// The packed rows of x, kept between calls so a decode step does not allocate per layer.
     static PACKED_ROWS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// The same for x as bf16 pairs (`pack_pair_rows`).
+    static PACKED_PAIRS: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// `x[m x k]` rounded to bf16 (nearest even) as row blocks of MR interleaved rows of pairs along
+/// k, `[m / MR][k / 2][MR]` (`u32`: value 2i in the low half, 2i + 1 in the high), zero-padded
+/// (the last block's rows, and k to even), for `avx512_dot`. Needs AVX-512 BF16.
+fn pack_pair_rows(x: &[f32], m: usize, k: usize, a: &mut Vec<u32>) {
+    let (blocks, k2, kp) = (m.div_ceil(MR), k.div_ceil(2), k.next_multiple_of(16));
+    a.clear();
+    a.resize(blocks * k2 * MR, 0);
+    let pack = |(b, dst): (usize, &mut [u32])| {
+        let (mut row, mut paired) = (vec![0.0f32; kp], vec![0u32; kp / 2]);
+        for r in 0..MR.min(m - b * MR) {
+            row[..k].copy_from_slice(&x[(b * MR + r) * k..][..k]);
+            bf16_dot::pair_along(&row, &mut paired);
+            for (d, &v) in dst.chunks_exact_mut(MR).zip(&paired) {
+                d[r] = v;
+            }
+        }
+    };
+    if m * k >= 1 << 14 {
+        a.par_chunks_mut(k2 * MR).enumerate().for_each(pack);
+    } else {
+        a.chunks_mut(k2 * MR).enumerate().for_each(pack);
+    }
 }
 
 /// `x[m x k]` as row blocks of MR interleaved rows, `[m / MR][k][MR]` (the last block
@@ -609,7 +758,8 @@ impl Isa {
 /// `ldb` values after the one before (`Layout`).
 ///
 /// The contract every `unsafe` kernel below relies on (`forward_with` builds tiles that keep it,
-/// and `run` asserts the parts it can see): `a` points at `kc x MR` readable values; `c` at
+/// and `run` asserts the parts it can see): `a` points at `kc x MR` readable values (for
+/// `avx512_dot`, `kc / 2` rounded up x MR bf16 pairs, `u32`, behind the same pointer); `c` at
 /// `rows` rows of `cols` writable values, `ldc` apart, that no other tile writes; `rows <= MR`,
 /// `cols <= panels x NR`, `panels <= WIDE` (1 but for the AVX-512 kernel); each panel slice
 /// holds `kc` rows of NR values, `ldb` apart; `out` is `MR x SCRATCH` scratch.
@@ -807,15 +957,16 @@ impl Tile {
         }
     }
 
-    /// Run the AVX-512 kernel on panels in tile order (`amx::TileOrder`), the tile's first panel's
-    /// first pair row at `v[b..]` (its first row a multiple of 32).
+    /// Run an AVX-512 kernel on panels in pairs of rows (`order`), the tile's first panel's first
+    /// pair row at `v[b..]` (its first row a multiple of 32): with f32 operands, or with bf16
+    /// pairs of A through `vdpbf16ps` (`Operands::Bf16Pairs`, row order).
     ///
     /// # Safety
-    /// `a` and `c` are valid as `Tile` documents; the CPU has AVX-512F (`forward_with` asserts
-    /// that the kernel is the AVX-512 one).
-    unsafe fn run_tiles(&self, v: &[u16], b: usize) {
-        let last =
-            b + (self.kc - 1) / 32 * amx::TileOrder::STEP + (self.kc - 1) % 32 / 2 * 32 + (self.panels - 1) * 512 + 32;
+    /// `a` and `c` are valid as `Tile` documents for `operands`; the CPU has AVX-512F
+    /// (`forward_with` asserts that the kernel is the AVX-512 one), and AVX-512 BF16 with
+    /// `Operands::Bf16Pairs` (`tiled` asserts it).
+    unsafe fn run_pairs(&self, v: &[u16], order: PairOrder, b: usize, operands: Operands) {
+        let last = b + order.ahead(self.kc - 1) + (self.panels - 1) * order.panel_step() + 32;
         assert!(
             self.panels >= 1 && self.panels <= WIDE && self.kc >= 1 && last <= v.len(),
             "panel tiles out of bounds"
@@ -826,7 +977,19 @@ impl Tile {
         #[cfg(target_arch = "x86_64")]
         {
             // SAFETY: in bounds (asserted); the Tile contract; AVX-512F (the caller's).
-            let pending = unsafe { dispatch_tile!(self.rows, self.panels, avx512_tiles, self, v.as_ptr().add(b), acc) };
+            let b = unsafe { v.as_ptr().add(b) };
+            let pending = match (operands, order) {
+                (Operands::F32, PairOrder::Tiles(_)) => unsafe {
+                    dispatch_tile!(self.rows, self.panels, avx512_tiles, self, b, acc)
+                },
+                (Operands::F32, PairOrder::Rows { .. }) => unsafe {
+                    dispatch_tile!(self.rows, self.panels, avx512_rows, self, b, acc)
+                },
+                (Operands::Bf16Pairs, PairOrder::Rows { .. }) => unsafe {
+                    dispatch_tile!(self.rows, self.panels, avx512_dot, self, b, acc)
+                },
+                (Operands::Bf16Pairs, PairOrder::Tiles(_)) => unreachable!("tile order's bf16 products run on AMX"),
+            };
             if pending {
                 // SAFETY: the kernel wrote `rows` rows of `acc`; `c` as the contract says.
                 unsafe { self.store(acc) }
@@ -986,24 +1149,14 @@ macro_rules! avx512_store {
 unsafe fn avx512<const R: usize, const P: usize, T: PanelValue>(t: &Tile, b: *const T, out: *mut f32) -> bool {
     use std::arch::x86_64::*;
     let mut acc = [[_mm512_setzero_ps(); P]; R];
-    let size = std::mem::size_of::<T>();
-    // The tile's rows are one stream when its panels are a whole group (`Layout`); otherwise
-    // each panel is a stream of its own, with `per_line` of its rows to a cache line.
-    let one_stream = P > 1 && t.stride == NR && t.ldb == P * NR;
-    let per_line = (64 / (t.ldb * size)).max(1);
+    // Each panel is a stream of its own, with `per_line` of its rows to a cache line.
+    let per_line = (64 / (t.ldb * std::mem::size_of::<T>())).max(1);
     for kk in 0..t.kc {
         // Decode: a few FMAs per weight, so the streams are latency-bound and the hardware
         // prefetchers alone keep too few lines in flight (single-threaded, bf16 weights read
         // 15 GB/s from memory against 33-52 from cache). Lines PREFETCH bytes ahead in each
         // stream are asked for now (a prefetch never faults, so one past the panel is harmless).
-        // One stream is prefetched at any row count: the first row block of a batch reads it
-        // from memory, and two prefetches a row are little next to 4 R FMAs.
-        if one_stream {
-            let ahead = b.wrapping_add(kk * t.ldb) as *const u8;
-            for line in (0..t.ldb * size).step_by(64) {
-                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(P * PREFETCH + line) as *const i8);
-            }
-        } else if R <= 2 && kk % per_line == 0 {
+        if R <= 2 && kk % per_line == 0 {
             for p in 0..P {
                 let ahead = b.wrapping_add(p * t.stride + kk * t.ldb) as *const u8;
                 _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(PREFETCH) as *const i8);
@@ -1022,31 +1175,34 @@ unsafe fn avx512<const R: usize, const P: usize, T: PanelValue>(t: &Tile, b: *co
     avx512_store!(t, acc, out, P, T::in_column_order)
 }
 
-/// The AVX-512 kernel on bf16 in tile order: each 64-byte load is rows kk and kk + 1 of 16
-/// columns, interleaved; shifting each 32-bit lane left by 16 gives row kk as f32, masking its
-/// low half gives row kk + 1, both in column order. `b` is the tile's first panel's pair row at
-/// its first k (a multiple of 32); the tile's panels follow 512 values apart.
+/// The AVX-512 kernel on bf16 in pairs of rows (`PairOrder`) with f32 operands: each 64-byte load
+/// is rows kk and kk + 1 of 16 columns, interleaved; shifting each 32-bit lane left by 16 gives
+/// row kk as f32, masking its low half gives row kk + 1, both in column order. `b` is the tile's
+/// first panel's pair row at its first k (a multiple of 32); `TILED` picks the order.
 ///
 /// # Safety
-/// The `Tile` contract with `R == t.rows` and `P == t.panels`, `b` as `Tile::run_tiles` checks,
+/// The `Tile` contract with `R == t.rows` and `P == t.panels`, `b` as `Tile::run_pairs` checks,
 /// on a CPU with AVX-512F.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn avx512_tiles<const R: usize, const P: usize>(t: &Tile, b: *const u16, out: *mut f32) -> bool {
+#[inline(always)]
+unsafe fn avx512_pairs<const R: usize, const P: usize, const TILED: bool>(
+    t: &Tile,
+    b: *const u16,
+    out: *mut f32,
+) -> bool {
     use std::arch::x86_64::*;
     let mut acc = [[_mm512_setzero_ps(); P]; R];
     let high = _mm512_set1_epi32(0xffff_0000u32 as i32);
-    let at = |kk: usize| kk / 32 * amx::TileOrder::STEP + kk % 32 / 2 * 32;
+    let order = PairOrder::of::<TILED>();
+    let step = order.panel_step();
     for kk in (0..t.kc).step_by(2) {
-        let row = b.wrapping_add(at(kk));
-        // One stream: a step of 32 rows is the group's four 1 KiB tiles, side by side. Lines
-        // two steps ahead are asked for now (a prefetch never faults).
+        let row = b.wrapping_add(order.ahead(kk));
         for p in 0..P {
-            _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(2 * amx::TileOrder::STEP + p * 512) as *const i8);
+            _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(PAIR_PREFETCH + p * step) as *const i8);
         }
         // SAFETY: kk < kc: pair row kk / 2 of each of the P panels is inside (the caller's).
         let w: [__m512i; P] =
-            std::array::from_fn(|p| unsafe { _mm512_loadu_si512(row.add(p * 512) as *const __m512i) });
+            std::array::from_fn(|p| unsafe { _mm512_loadu_si512(row.add(p * step) as *const __m512i) });
         let both = kk + 1 < t.kc;
         for (r, acc) in acc.iter_mut().enumerate() {
             // SAFETY: kk (and kk + 1 when `both`) < kc, r < R <= MR: values of A.
@@ -1059,6 +1215,67 @@ unsafe fn avx512_tiles<const R: usize, const P: usize>(t: &Tile, b: *const u16, 
                 for (acc, w) in acc.iter_mut().zip(&w) {
                     *acc = _mm512_fmadd_ps(a1, _mm512_castsi512_ps(_mm512_and_si512(*w, high)), *acc);
                 }
+            }
+        }
+    }
+    avx512_store!(t, acc, out, P, |v| v)
+}
+
+/// `avx512_pairs` in AMX's tile order.
+///
+/// # Safety
+/// As `avx512_pairs`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn avx512_tiles<const R: usize, const P: usize>(t: &Tile, b: *const u16, out: *mut f32) -> bool {
+    // SAFETY: passed on from the caller.
+    unsafe { avx512_pairs::<R, P, true>(t, b, out) }
+}
+
+/// `avx512_pairs` in row order.
+///
+/// # Safety
+/// As `avx512_pairs`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn avx512_rows<const R: usize, const P: usize>(t: &Tile, b: *const u16, out: *mut f32) -> bool {
+    // SAFETY: passed on from the caller.
+    unsafe { avx512_pairs::<R, P, false>(t, b, out) }
+}
+
+/// The AVX-512 BF16 kernel: bf16 weights in pairs of rows (row order) times A as bf16 pairs,
+/// through `vdpbf16ps`, which multiplies both values of each 32-bit lane and adds the two
+/// products into an f32 sum: per pair of rows one load and one instruction a panel and row of
+/// A, where `avx512_rows` widens and issues two FMAs. `t.a` holds `kc / 2` (rounded up) x MR
+/// pairs (`pack_pair_rows`), not f32 values.
+///
+/// # Safety
+/// The `Tile` contract for bf16 pairs of A, with `R == t.rows` and `P == t.panels`, `b` as
+/// `Tile::run_pairs` checks, on a CPU with AVX-512F and AVX-512 BF16.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn avx512_dot<const R: usize, const P: usize>(t: &Tile, b: *const u16, out: *mut f32) -> bool {
+    use std::arch::x86_64::*;
+    let mut acc = [[_mm512_setzero_ps(); P]; R];
+    let order = PairOrder::of::<false>();
+    let step = order.panel_step();
+    let a = t.a as *const u32;
+    for i in 0..t.kc.div_ceil(2) {
+        let row = b.wrapping_add(order.ahead(2 * i));
+        for p in 0..P {
+            _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(PAIR_PREFETCH + p * step) as *const i8);
+        }
+        // SAFETY: 2 i < kc: pair row i of each of the P panels is inside (the caller's); the
+        // casts reinterpret registers of the same size.
+        let w: [__m512bh; P] = std::array::from_fn(|p| unsafe {
+            std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(row.add(p * step) as *const __m512i))
+        });
+        for (r, acc) in acc.iter_mut().enumerate() {
+            // SAFETY: pair i of row r < R <= MR of A (the caller's).
+            let pair = unsafe { *a.add(i * MR + r) };
+            let a = unsafe { std::mem::transmute::<__m512i, __m512bh>(_mm512_set1_epi32(pair as i32)) };
+            for (acc, &w) in acc.iter_mut().zip(&w) {
+                *acc = _mm512_dpbf16_ps(*acc, w, a);
             }
         }
     }
@@ -1166,9 +1383,13 @@ mod tests {
             let want = reference(&x, m, k, &w, n);
             for isa in isas() {
                 for dtype in [WeightDtype::F32, WeightDtype::Bf16] {
-                    // Every kernel reads both layouts (`Layout`): grouped panels and apart.
-                    for group in [1, WIDE] {
-                        let packed = PackedLinear::with_group(&w, n, k, dtype, group);
+                    // Every kernel reads panels (`Layout`); each reads its own packing too (bf16 in
+                    // pairs of rows for AVX-512).
+                    let packings = [
+                        ("panels", PackedLinear::in_panels(&w, n, k, dtype)),
+                        ("own", PackedLinear::new_for(&w, n, k, dtype, isa)),
+                    ];
+                    for (layout, packed) in packings {
                         let mut got = vec![f32::NAN; m * n];
                         packed.forward_with(&x, m, &mut got, isa);
                         // bf16 weights differ from the f32 ones by up to 2^-9 relative.
@@ -1176,7 +1397,7 @@ mod tests {
                         for (i, (g, e)) in got.iter().zip(&want).enumerate() {
                             assert!(
                                 (g - e).abs() <= tol,
-                                "{isa:?} {dtype:?} group {group} m={m} n={n} k={k} [{i}]: {g} vs {e}"
+                                "{isa:?} {dtype:?} {layout} m={m} n={n} k={k} [{i}]: {g} vs {e}"
                             );
                         }
                     }
@@ -1243,31 +1464,72 @@ mod tests {
         (600, 96, 1536),
     ];
 
-    /// The AVX-512 kernel on bf16 in tile order (what it reads where AMX runs), with f32
-    /// products: within the f32 tolerance of the reference on the bf16-rounded weights.
+    /// The AVX-512 kernel on bf16 in pairs of rows, in both orders (tile order is what it reads
+    /// where AMX runs), with f32 products: within the f32 tolerance of the reference on the
+    /// bf16-rounded weights.
     #[test]
     #[cfg(target_arch = "x86_64")]
-    fn tile_order_matches_the_reference() {
+    fn pair_orders_match_the_reference() {
         if !Isa::Avx512.runs_here() {
-            eprintln!("bf16 in tile order: not run, this CPU has no AVX-512");
+            eprintln!("bf16 in pairs of rows: not run, this CPU has no AVX-512");
             return;
         }
         let round = |v: &[f32]| v.iter().map(|&v| half::bf16::from_f32(v).to_f32()).collect::<Vec<_>>();
+        for tiles in [true, false] {
+            for &(m, n, k) in &TILE_SHAPES {
+                let (x, w) = (data(m * k, 1), data(n * k, 2));
+                let want = reference(&x, m, k, &round(&w), n);
+                let packed = PackedLinear::in_pairs(&w, n, k, PairOrder::new(k, tiles));
+                let mut got = vec![f32::NAN; m * n];
+                packed.forward_with(&x, m, &mut got, Isa::Avx512);
+                let tol = 1e-4 * (k as f32).sqrt().max(1.0);
+                for (i, (g, e)) in got.iter().zip(&want).enumerate() {
+                    assert!((g - e).abs() <= tol, "tiles {tiles} m={m} n={n} k={k} [{i}]: {g} vs {e}");
+                }
+                let mut row = vec![0.0; k];
+                for i in [0, n / 2, n - 1] {
+                    packed.row(i, &mut row);
+                    assert_eq!(row, round(&w[i * k..(i + 1) * k]), "row {i}");
+                }
+            }
+        }
+    }
+
+    /// `vdpbf16ps` on bf16 pairs (a bf16 model's products from `AMX_MIN_ROWS` rows where AVX-512
+    /// BF16 runs and AMX does not) against the reference on bf16-rounded activations and weights:
+    /// only the summation order differs.
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn bf16_pairs_match_the_bf16_reference() {
+        if !(Isa::Avx512.runs_here() && bf16_dot::runs_here()) {
+            eprintln!("AVX-512 BF16 products: not run, this CPU has no AVX-512 BF16");
+            return;
+        }
+        eprintln!("AVX-512 BF16 products: run");
+        let round = |v: &[f32]| v.iter().map(|&v| half::bf16::from_f32(v).to_f32()).collect::<Vec<_>>();
         for &(m, n, k) in &TILE_SHAPES {
             let (x, w) = (data(m * k, 1), data(n * k, 2));
-            let want = reference(&x, m, k, &round(&w), n);
-            let packed = PackedLinear::in_tiles(&w, n, k);
+            let want = reference(&round(&x), m, k, &round(&w), n);
+            let packed = PackedLinear::in_pairs(&w, n, k, PairOrder::new(k, false));
             let mut got = vec![f32::NAN; m * n];
-            packed.forward_with(&x, m, &mut got, Isa::Avx512);
-            let tol = 1e-4 * (k as f32).sqrt().max(1.0);
+            packed.tiled(&x, m, &mut got, Isa::Avx512, Operands::Bf16Pairs);
+            let tol = 1e-5 * (k as f32).sqrt().max(1.0);
             for (i, (g, e)) in got.iter().zip(&want).enumerate() {
-                assert!((g - e).abs() <= tol, "tile order m={m} n={n} k={k} [{i}]: {g} vs {e}");
+                assert!((g - e).abs() <= tol, "bf16 pairs m={m} n={n} k={k} [{i}]: {g} vs {e}");
             }
-            let mut row = vec![0.0; k];
-            for i in [0, n / 2, n - 1] {
-                packed.row(i, &mut row);
-                assert_eq!(row, round(&w[i * k..(i + 1) * k]), "row {i}");
-            }
+        }
+        // A bf16 model's products go there from AMX_MIN_ROWS rows, where AMX does not run.
+        if !amx_runs() {
+            let (m, n, k) = (AMX_MIN_ROWS, 40, 64);
+            let (x, w) = (data(m * k, 3), data(n * k, 4));
+            let packed = PackedLinear::new_for(&w, n, k, WeightDtype::Bf16, Isa::Avx512);
+            let (mut via, mut direct) = (vec![0.0; m * n], vec![0.0; m * n]);
+            packed.forward_products(&x, m, &mut via, Products::Bf16);
+            packed.tiled(&x, m, &mut direct, Isa::Avx512, Operands::Bf16Pairs);
+            assert_eq!(via, direct);
+            let mut f32_products = vec![0.0; m * n];
+            packed.forward_with(&x, m, &mut f32_products, Isa::Avx512);
+            assert_ne!(via, f32_products, "the activations are rounded to bf16");
         }
     }
 
@@ -1285,7 +1547,10 @@ mod tests {
             let (x, w) = (data(m * k, 1), data(n * k, 2));
             let want = reference(&round(&x), m, k, &round(&w), n);
             let packed = PackedLinear::new(&w, n, k, WeightDtype::Bf16);
-            assert!(matches!(packed.panels, Panels::Bf16Tiles(_)), "where AMX runs, bf16 is packed in tile order");
+            assert!(
+                matches!(packed.panels, Panels::Bf16Pairs(_, PairOrder::Tiles(_))),
+                "where AMX runs, bf16 is packed in tile order"
+            );
             let mut got = vec![f32::NAN; m * n];
             packed.forward_products(&x, m, &mut got, Products::Bf16);
             let tol = 1e-5 * (k as f32).sqrt().max(1.0);
@@ -1318,11 +1583,8 @@ mod tests {
                 let tol = 1e-4 * (k as f32).sqrt();
                 let (want, want_bf16) = (reference(&x, m, k, &w, n), reference(&x, m, k, &round(&w), n));
                 for isa in Isa::available() {
-                    for group in [1, WIDE] {
-                        check("f32", &PackedLinear::with_group(&w, n, k, WeightDtype::F32, group), isa, &want, tol);
-                        let bf16 = PackedLinear::with_group(&w, n, k, WeightDtype::Bf16, group);
-                        check("bf16", &bf16, isa, &want_bf16, tol);
-                    }
+                    check("f32", &PackedLinear::in_panels(&w, n, k, WeightDtype::F32), isa, &want, tol);
+                    check("bf16", &PackedLinear::in_panels(&w, n, k, WeightDtype::Bf16), isa, &want_bf16, tol);
                     for kind in QuantKind::ALL {
                         let raw: Vec<u8> = w.chunks_exact(k).flat_map(|r| quant::quantize_row(kind, r)).collect();
                         let mut deq = vec![0.0; n * k];
@@ -1334,7 +1596,10 @@ mod tests {
                     }
                 }
                 if Isa::Avx512.runs_here() {
-                    check("tile order", &PackedLinear::in_tiles(&w, n, k), Isa::Avx512, &want_bf16, tol);
+                    for (what, tiles) in [("tile order", true), ("pairs in row order", false)] {
+                        let packed = PackedLinear::in_pairs(&w, n, k, PairOrder::new(k, tiles));
+                        check(what, &packed, Isa::Avx512, &want_bf16, tol);
+                    }
                 }
             }
         }
@@ -1351,14 +1616,14 @@ mod tests {
         let round: Vec<f32> = w.iter().map(|&v| half::bf16::from_f32(v).to_f32()).collect();
         let (want, want_bf16) = (reference(&x, 1, k, &w, n), reference(&x, 1, k, &round, n));
         let mut cases = vec![];
-        for group in [1, WIDE] {
-            for isa in isas() {
-                cases.push(("f32", PackedLinear::with_group(&w, n, k, WeightDtype::F32, group), isa, &want));
-                cases.push(("bf16", PackedLinear::with_group(&w, n, k, WeightDtype::Bf16, group), isa, &want_bf16));
-            }
+        for isa in isas() {
+            cases.push(("f32", PackedLinear::in_panels(&w, n, k, WeightDtype::F32), isa, &want));
+            cases.push(("bf16", PackedLinear::in_panels(&w, n, k, WeightDtype::Bf16), isa, &want_bf16));
         }
         if Isa::Avx512.runs_here() {
-            cases.push(("tile order", PackedLinear::in_tiles(&w, n, k), Isa::Avx512, &want_bf16));
+            for (what, tiles) in [("tile order", true), ("pairs in row order", false)] {
+                cases.push((what, PackedLinear::in_pairs(&w, n, k, PairOrder::new(k, tiles)), Isa::Avx512, &want_bf16));
+            }
         }
         let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
         for (what, packed, isa, want) in &cases {
@@ -1390,10 +1655,13 @@ mod tests {
         let w: Vec<f32> = data(n * k, 4).iter().map(|&v| half::bf16::from_f32(v).to_f32()).collect();
         for isa in isas() {
             let (mut a, mut b) = (vec![0.0; m * n], vec![0.0; m * n]);
-            for group in [1, WIDE] {
-                PackedLinear::with_group(&w, n, k, WeightDtype::F32, group).forward_with(&x, m, &mut a, isa);
-                PackedLinear::with_group(&w, n, k, WeightDtype::Bf16, group).forward_with(&x, m, &mut b, isa);
-                assert_eq!(a, b, "{isa:?} group {group}");
+            PackedLinear::in_panels(&w, n, k, WeightDtype::F32).forward_with(&x, m, &mut a, isa);
+            for bf16 in [
+                PackedLinear::in_panels(&w, n, k, WeightDtype::Bf16),
+                PackedLinear::new_for(&w, n, k, WeightDtype::Bf16, isa),
+            ] {
+                bf16.forward_with(&x, m, &mut b, isa);
+                assert_eq!(a, b, "{isa:?}");
             }
         }
     }
@@ -1403,12 +1671,12 @@ mod tests {
         let (n, k) = (37, 21);
         let w: Vec<f32> = data(n * k, 5).iter().map(|&v| half::bf16::from_f32(v).to_f32()).collect();
         for dtype in [WeightDtype::F32, WeightDtype::Bf16] {
-            for group in [1, WIDE] {
-                let p = PackedLinear::with_group(&w, n, k, dtype, group);
+            for isa in isas() {
+                let p = PackedLinear::new_for(&w, n, k, dtype, isa);
                 let mut row = vec![0.0; k];
                 for i in 0..n {
                     p.row(i, &mut row);
-                    assert_eq!(row, &w[i * k..(i + 1) * k], "{dtype:?} group {group} row {i}");
+                    assert_eq!(row, &w[i * k..(i + 1) * k], "{dtype:?} {isa:?} row {i}");
                 }
             }
         }
