@@ -25,5 +25,5 @@ def pytest_report_header(config):
     if k["amx_int8_min_rows"]:
         amx += f", int8 tiles for q8_0/q4_1 weights from {k['amx_int8_min_rows']} rows"
     if k["avx512_bf16_min_rows"]:
-        amx += f"; vdpbf16ps for bf16 products from {k['avx512_bf16_min_rows']} rows"
+        amx += "; vdpbf16ps for bf16 products"
     return f"horae CPU kernels: {', '.join(k['available'])} (the engine uses {k['selected']}{amx})"

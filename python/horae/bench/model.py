@@ -221,7 +221,7 @@ def run(model=None, batches: List[int] = (1, 8, 32), new_tokens: int = 64, prefi
     if kernels["amx_int8_min_rows"]:
         amx += f", and AMX int8 tiles for q8_0/q4_1 weights from {kernels['amx_int8_min_rows']} rows"
     if kernels["avx512_bf16_min_rows"]:
-        amx += f", and vdpbf16ps for a bf16 model's products from {kernels['avx512_bf16_min_rows']} rows"
+        amx += ", and vdpbf16ps for a bf16 model's products"
     print(f"CPU {res['cpu']}; kernels it runs: {', '.join(kernels['available'])}; the engine uses {kernels['selected']}{amx}")
     print(f"model {model_dir.name}: {params / 1e6:.0f}M matmul parameters")
     print(f"GEMM peak (faer f32, 512x{i}x{h}, same run): {peaks[0]:.1f} GFLOP/s")

@@ -478,7 +478,7 @@ fn bench_linear(
     }
     // "amx": bf16 weights with a bf16 model's products on AMX bf16 tiles, or GGML blocks on AMX
     // int8 tiles, from AMX_MIN_ROWS rows; "avx512 bf16": bf16 weights with a bf16 model's products
-    // through vdpbf16ps from the same rows, where AMX does not run.
+    // through vdpbf16ps (at any row count), where AMX does not run.
     let amx = kernel == Some("amx");
     let dot = kernel == Some("avx512 bf16");
     if dot && !(dtype == WeightDtype::Bf16 && gemm::bf16_dot_runs()) {
@@ -551,7 +551,7 @@ fn bench_read_bandwidth(py: Python<'_>, mib: usize, iters: usize) -> f64 {
 /// layers go through bf16 tiles from `amx_min_rows` rows, and a q8_0 or q4_1 model's through int8
 /// tiles from `amx_int8_min_rows` (`bench_linear` names both kernels "amx"); elsewhere, where the
 /// engine runs AVX-512 on a CPU with AVX-512 BF16, a bf16 model's go through `vdpbf16ps` from
-/// `avx512_bf16_min_rows` ("avx512 bf16").
+/// `avx512_bf16_min_rows` (1: every product; "avx512 bf16").
 #[pyfunction]
 fn cpu_kernels(py: Python<'_>) -> PyResult<Bound<'_, pyo3::types::PyDict>> {
     let d = pyo3::types::PyDict::new(py);
@@ -559,7 +559,7 @@ fn cpu_kernels(py: Python<'_>) -> PyResult<Bound<'_, pyo3::types::PyDict>> {
     d.set_item("available", Isa::available().iter().map(|i| i.name()).collect::<Vec<_>>())?;
     d.set_item("amx_min_rows", gemm::amx_runs().then_some(gemm::AMX_MIN_ROWS))?;
     d.set_item("amx_int8_min_rows", gemm::amx_int8_runs().then_some(gemm::AMX_MIN_ROWS))?;
-    d.set_item("avx512_bf16_min_rows", gemm::bf16_dot_runs().then_some(gemm::AMX_MIN_ROWS))?;
+    d.set_item("avx512_bf16_min_rows", gemm::bf16_dot_runs().then_some(1))?;
     Ok(d)
 }
 

@@ -76,8 +76,8 @@ impl WeightDtype {
 }
 
 /// The arithmetic of a bf16 model's products: its prefill attention tiles' (Q K^T and P V) and
-/// its linear layers' at `AMX_MIN_ROWS` rows or more (on AMX tiles where they run, else through
-/// `vdpbf16ps`: `bf16_dot_runs`). Sums are f32 either way.
+/// its linear layers' (on AMX tiles from `AMX_MIN_ROWS` rows where they run, else through
+/// `vdpbf16ps` at any row count: `bf16_dot_runs`). Sums are f32 either way.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Products {
     /// f32 operands (exact for bf16 weights, as the goldens check).
@@ -87,9 +87,7 @@ pub enum Products {
     Bf16,
 }
 
-/// Rows from which a bf16 product goes through AMX tiles (`amx`), where they run, or else through
-/// `vdpbf16ps` where AVX-512 BF16 runs (`bf16_dot_runs`; there the same 16 rows, so a bf16 model
-/// rounds the same products on both machines). Below, a block
+/// Rows from which a bf16 product goes through AMX tiles (`amx`), where they run. Below, a block
 /// of 32 rows is mostly padding and both kernels are bound by reading the weights. Decode of the
 /// default model in bf16 (one Xeon, 3 alternations) was 1.2-1.45x faster at 8-12 sequences with
 /// AMX from 8 rows, and slower at 4-6 with AMX from 4; 8 is not taken yet because it moves the
@@ -116,11 +114,13 @@ pub fn amx_runs() -> bool {
     })
 }
 
-/// Whether a bf16 model's linear layers run their products from `AMX_MIN_ROWS` rows through
-/// `vdpbf16ps` (`avx512_dot`): the engine's kernel is AVX-512, the CPU has AVX-512 BF16, and AMX
-/// does not run. Against the f32-operand AVX-512 kernel on the default model's layers (AMD EPYC
-/// Zen 4, bf16, three alternations in one wheel): prefill of 512 tokens 1.6x, of 2,048 1.7x,
-/// decode at 32 sequences 1.6-1.9x; batch-1 decode (below 16 rows) unchanged.
+/// Whether a bf16 model's linear layers run their products through `vdpbf16ps` (`avx512_dot`),
+/// at any row count: the engine's kernel is AVX-512, the CPU has AVX-512 BF16, and AMX does not
+/// run. Against the f32-operand AVX-512 kernel (AMD EPYC Zen 4, the default model in bf16,
+/// alternating processes): prefill of 512 tokens 1.7-1.8x, decode at 32 sequences 1.6x, at 8-12
+/// 1.2-1.4x; batch 1 (bound by the weights' stream) unchanged. At every row count, not from 16 as
+/// AMX (whose tiles are 16 rows): the products round alike whatever the batch, and the bf16
+/// model stays within its documented tolerance (`tests/test_model.py`).
 pub fn bf16_dot_runs() -> bool {
     Isa::detect() == Isa::Avx512 && bf16_dot::runs_here() && !amx_runs()
 }
@@ -415,9 +415,7 @@ impl PackedLinear {
                 amx::gemm_bf16(v, *order, self.n, self.k, x, m, out)
             }
             #[cfg(target_arch = "x86_64")]
-            Panels::Bf16Pairs(_, PairOrder::Rows { .. })
-                if products == Products::Bf16 && m >= AMX_MIN_ROWS && bf16_dot::runs_here() =>
-            {
+            Panels::Bf16Pairs(_, PairOrder::Rows { .. }) if products == Products::Bf16 && bf16_dot::runs_here() => {
                 self.tiled(x, m, out, Isa::Avx512, Operands::Bf16Pairs)
             }
             Panels::Quant(q) if m >= AMX_MIN_ROWS && amx_int8_runs() => amx_int8::gemm(q, x, m, out),
@@ -1495,8 +1493,8 @@ mod tests {
         }
     }
 
-    /// `vdpbf16ps` on bf16 pairs (a bf16 model's products from `AMX_MIN_ROWS` rows where AVX-512
-    /// BF16 runs and AMX does not) against the reference on bf16-rounded activations and weights:
+    /// `vdpbf16ps` on bf16 pairs (a bf16 model's products where AVX-512 BF16 runs and AMX does
+    /// not) against the reference on bf16-rounded activations and weights:
     /// only the summation order differs.
     #[test]
     #[cfg(target_arch = "x86_64")]
@@ -1518,18 +1516,20 @@ mod tests {
                 assert!((g - e).abs() <= tol, "bf16 pairs m={m} n={n} k={k} [{i}]: {g} vs {e}");
             }
         }
-        // A bf16 model's products go there from AMX_MIN_ROWS rows, where AMX does not run.
+        // A bf16 model's products go there at any row count, where AMX does not run.
         if !amx_runs() {
-            let (m, n, k) = (AMX_MIN_ROWS, 40, 64);
-            let (x, w) = (data(m * k, 3), data(n * k, 4));
-            let packed = PackedLinear::new_for(&w, n, k, WeightDtype::Bf16, Isa::Avx512);
-            let (mut via, mut direct) = (vec![0.0; m * n], vec![0.0; m * n]);
-            packed.forward_products(&x, m, &mut via, Products::Bf16);
-            packed.tiled(&x, m, &mut direct, Isa::Avx512, Operands::Bf16Pairs);
-            assert_eq!(via, direct);
-            let mut f32_products = vec![0.0; m * n];
-            packed.forward_with(&x, m, &mut f32_products, Isa::Avx512);
-            assert_ne!(via, f32_products, "the activations are rounded to bf16");
+            for m in [1, 2, 16] {
+                let (n, k) = (40, 64);
+                let (x, w) = (data(m * k, 3), data(n * k, 4));
+                let packed = PackedLinear::new_for(&w, n, k, WeightDtype::Bf16, Isa::Avx512);
+                let (mut via, mut direct) = (vec![0.0; m * n], vec![0.0; m * n]);
+                packed.forward_products(&x, m, &mut via, Products::Bf16);
+                packed.tiled(&x, m, &mut direct, Isa::Avx512, Operands::Bf16Pairs);
+                assert_eq!(via, direct, "{m} rows");
+                let mut f32_products = vec![0.0; m * n];
+                packed.forward_with(&x, m, &mut f32_products, Isa::Avx512);
+                assert_ne!(via, f32_products, "{m} rows: the activations are rounded to bf16");
+            }
         }
     }
 
