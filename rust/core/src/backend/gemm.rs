@@ -617,10 +617,18 @@ fn pack_pair_rows(x: &[f32], m: usize, k: usize, a: &mut Vec<u32>) {
     a.clear();
     a.resize(blocks * k2 * MR, 0);
     let pack = |(b, dst): (usize, &mut [u32])| {
-        let (mut row, mut paired) = (vec![0.0f32; kp], vec![0u32; kp / 2]);
+        // A row is converted as it is where k is a multiple of 16 (every model's), else from a
+        // zero-padded copy.
+        let mut row = if kp == k { Vec::new() } else { vec![0.0f32; kp] };
+        let mut paired = vec![0u32; kp / 2];
         for r in 0..MR.min(m - b * MR) {
-            row[..k].copy_from_slice(&x[(b * MR + r) * k..][..k]);
-            bf16_dot::pair_along(&row, &mut paired);
+            let src = &x[(b * MR + r) * k..][..k];
+            if kp == k {
+                bf16_dot::pair_along(src, &mut paired);
+            } else {
+                row[..k].copy_from_slice(src);
+                bf16_dot::pair_along(&row, &mut paired);
+            }
             for (d, &v) in dst.chunks_exact_mut(MR).zip(&paired) {
                 d[r] = v;
             }
