@@ -163,6 +163,13 @@ def test_dtype_choice(llm):
         _core.bench_linear([(16, 32)], 1, 1, kernel="sse9")
     with pytest.raises(ValueError, match=r'"amx" runs bfloat16 weights \(bf16 tiles\) and q8_0 or q4_1 weights'):
         _core.bench_linear([(16, 32)], 1, 1, dtype="float32", kernel="amx")
+    with pytest.raises(ValueError, match=r'"avx512 bf16" runs bfloat16 weights, where the CPU has AVX-512 BF16'):
+        _core.bench_linear([(16, 32)], 1, 1, dtype="float32", kernel="avx512 bf16")
+    if _core.cpu_kernels()["avx512_bf16_min_rows"]:  # where it runs, it times a bf16 model's products
+        assert _core.bench_linear([(32, 64)], 1, 4, dtype="bfloat16", kernel="avx512 bf16")[1] > 0
+    else:
+        with pytest.raises(ValueError, match='"avx512 bf16" runs bfloat16 weights'):
+            _core.bench_linear([(32, 64)], 1, 4, dtype="bfloat16", kernel="avx512 bf16")
     with pytest.raises(ValueError, match="head_dim a multiple of 16"):
         _core.bench_attention(64, 9, 3, 60)
     with pytest.raises(ValueError, match="num_heads a multiple of num_kv_heads"):

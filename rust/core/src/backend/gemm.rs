@@ -477,7 +477,11 @@ impl PackedLinear {
             Operands::F32 => pack_rows(x, m, k, &mut a),
             Operands::Bf16Pairs => pack_pair_rows(x, m, k, &mut pairs),
         }
-        assert!(a.len() >= m.div_ceil(MR) * MR * k || pairs.len() >= m.div_ceil(MR) * MR * k2, "packed rows");
+        let packed = match operands {
+            Operands::F32 => a.len() >= m.div_ceil(MR) * MR * k,
+            Operands::Bf16Pairs => pairs.len() >= m.div_ceil(MR) * MR * k2,
+        };
+        assert!(packed, "packed rows");
         // A's row block from row m0 (a multiple of MR), from its value k0 (even).
         let a_at = |m0: usize, k0: usize| -> *const f32 {
             match operands {
