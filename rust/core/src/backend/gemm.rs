@@ -473,13 +473,15 @@ impl PackedLinear {
         let k2 = k.div_ceil(2);
         // The tile contract for A: MR (zero-padded) rows of k values (or k / 2 pairs, rounded
         // up) for every row block.
-        match operands {
-            Operands::F32 => pack_rows(x, m, k, &mut a),
-            Operands::Bf16Pairs => pack_pair_rows(x, m, k, &mut pairs),
-        }
         let packed = match operands {
-            Operands::F32 => a.len() >= m.div_ceil(MR) * MR * k,
-            Operands::Bf16Pairs => pairs.len() >= m.div_ceil(MR) * MR * k2,
+            Operands::F32 => {
+                pack_rows(x, m, k, &mut a);
+                a.len() >= m.div_ceil(MR) * MR * k
+            }
+            Operands::Bf16Pairs => {
+                pack_pair_rows(x, m, k, &mut pairs);
+                pairs.len() >= m.div_ceil(MR) * MR * k2
+            }
         };
         assert!(packed, "packed rows");
         // A's row block from row m0 (a multiple of MR), from its value k0 (even).
@@ -1006,7 +1008,7 @@ impl Tile {
             }
         }
         #[cfg(not(target_arch = "x86_64"))]
-        unreachable!("tile order is packed where AMX runs only ({acc:?})");
+        unreachable!("bf16 is packed in pairs of rows for AVX-512 only ({acc:?})");
     }
 
     /// Run the quantized kernel on panels `p..p + panels` of `q` from weight `k0` (a multiple of
