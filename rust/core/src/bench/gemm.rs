@@ -5,6 +5,7 @@ use faer::linalg::matmul::matmul;
 use faer::{Accum, MatMut, MatRef, Par};
 
 use crate::backend::gemm::{Isa, PackedLinear, Products, WeightDtype};
+use crate::backend::team;
 
 /// `out[m x n] = x[m x k] * w[n x k]^T` (a linear layer with weights stored as HF does).
 pub fn linear(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, out: &mut [f32]) {
@@ -62,12 +63,16 @@ pub fn compare_with_faer(
     let xs: Vec<Vec<f32>> = dims.iter().map(|&(_, k)| (0..m * k).map(|i| (i % 7) as f32 * 0.1).collect()).collect();
     let mut outs: Vec<Vec<f32>> = dims.iter().map(|&(n, _)| vec![0.0; m * n]).collect();
     let flops: f64 = dims.iter().map(|&(n, k)| 2.0 * (m * n * k) as f64).sum();
-    // Timed on one of rayon's workers, as the engine's forward pass runs (`LlamaModel::forward`):
-    // called from another thread, each layer's parallel region waits for a wake-up (bf16 at one
-    // row on one thread: 21-23 GB/s from there, 29-31 from a worker).
-    let mut time = |f: &mut (dyn FnMut(usize, &mut [f32]) + Send)| {
+    // Timed as the engine's forward pass runs them (`LlamaModel::forward`): horae's kernels inside
+    // a step (`team::step`: on one of rayon's workers, the other threads awake and taking the
+    // parts of each product), faer on a worker, as its own library runs. Called from another
+    // thread, each product's parallel region waits for a wake-up (bf16 at one row on one thread:
+    // 21-23 GB/s from there, 29-31 from a worker). Inside a step or on a worker outside one, the
+    // model's shapes time alike within this machine's noise (Zen 4, 1-512 rows); inside one is
+    // what decode and prefill run.
+    let mut time = |in_step: bool, f: &mut (dyn FnMut(usize, &mut [f32]) + Send)| {
         let outs = &mut outs;
-        rayon::scope(move |_| {
+        let mut passes = move || {
             (0..iters.max(1) + 1)
                 .map(|_| {
                     let t = std::time::Instant::now();
@@ -78,18 +83,19 @@ pub fn compare_with_faer(
                 })
                 .skip(1) // warm-up
                 .fold(f64::INFINITY, f64::min)
-        })
+        };
+        rayon::scope(move |_| if in_step { team::step(passes) } else { passes() })
     };
     let faer = (dtype == WeightDtype::F32).then(|| {
-        let best = time(&mut |i, out| linear(&xs[i], m, dims[i].1, &weights[i], dims[i].0, out));
+        let best = time(false, &mut |i, out| linear(&xs[i], m, dims[i].1, &weights[i], dims[i].0, out));
         flops / best / 1e9
     });
     let packed: Vec<PackedLinear> =
         weights.iter().zip(&dims).map(|(w, &(n, k))| PackedLinear::new_for(w, n, k, dtype, isa)).collect();
     drop(weights);
     let best = match products {
-        Products::F32 => time(&mut |i, out| packed[i].forward_with(&xs[i], m, out, isa)),
-        Products::Bf16 => time(&mut |i, out| packed[i].forward_products(&xs[i], m, out, products)),
+        Products::F32 => time(true, &mut |i, out| packed[i].forward_with(&xs[i], m, out, isa)),
+        Products::Bf16 => time(true, &mut |i, out| packed[i].forward_products(&xs[i], m, out, products)),
     };
     (faer, flops / best / 1e9)
 }
