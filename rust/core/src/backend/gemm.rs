@@ -7,7 +7,10 @@
 //! each call reads every weight exactly once. The same layout stores bf16 weights at half the
 //! bytes, widened in registers, which no CPU GEMM crate offers for f32 activations; where the
 //! AVX-512 kernel runs, bf16 panels are interleaved four by four (`Layout`) so that a decode tile
-//! reads one stream.
+//! reads one stream. GGML blocks (`quant`) are widened in registers for a few rows (decode); for
+//! many, a tile's panels are widened once per row block of x into a small f32 scratch and run on
+//! the f32 kernel (`WIDEN_MIN_ROWS`), since widening in registers costs about as many
+//! instructions as the FMAs it feeds there.
 //!
 //! The AVX2 micro-kernel keeps a 6 x 16 block of C in twelve registers and runs one FMA per
 //! weight vector per row; x is packed per call (small: M x K) so each row block's values sit
@@ -47,6 +50,12 @@ pub(super) const PREFETCH: usize = 1024;
 /// Rows of x per pass over a task's panels: 192 x 256 f32 is 192 KiB, which stays in a 512 KiB L2
 /// while the panels stream through L1 (192 measured faster than 96 at 512 rows here).
 const MC: usize = 192;
+/// Rows from which a product of GGML blocks widens them to f32 once per row block of x
+/// (`quant::widen_panels`, then the f32 kernel) instead of in registers once per MR rows. The
+/// default model's layers (Zen 4, `bench_linear`) at 512 rows: Q4_1 140-145 -> 205-208 GFLOP/s
+/// on AVX-512, 83-86 -> 182-184 on AVX2; from 12 rows widening was as fast or faster with either
+/// kernel, below it slower on AVX-512 (7-10 rows: 93-109 against 104-120).
+const WIDEN_MIN_ROWS: usize = 2 * MR;
 
 /// How packed weights are stored.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -54,7 +63,8 @@ pub enum WeightDtype {
     F32,
     /// bf16 storage (half the memory and bandwidth); products and sums are still f32.
     Bf16,
-    /// GGML blocks (`quant`): widened in registers, products and sums in f32.
+    /// GGML blocks (`quant`): widened in registers (from `WIDEN_MIN_ROWS` rows, a tile at a time
+    /// into a scratch of f32), products and sums in f32.
     Quant(QuantKind),
 }
 
@@ -494,8 +504,11 @@ impl PackedLinear {
         // Tasks are (row block of MC, group of panels): each owns a disjoint block of `out`.
         // Aim for four per thread so rayon can balance uneven cores; tiny products run inline.
         let m_blocks = m.div_ceil(MC);
+        // GGML blocks for many rows are widened to f32 once per row block of x (`widen`) and run
+        // on the f32 kernel, at its width.
+        let widen = matches!(self.panels, Panels::Quant(_)) && m >= WIDEN_MIN_ROWS;
         let wide = match &self.panels {
-            Panels::Quant(_) => quant::panels_per_tile(isa, m),
+            Panels::Quant(_) if !widen => quant::panels_per_tile(isa, m),
             #[cfg(target_arch = "x86_64")]
             Panels::Bf16Pairs(..) => {
                 assert!(isa == Isa::Avx512, "bf16 in pairs of rows is read by the AVX-512 and AMX kernels only");
@@ -540,6 +553,34 @@ impl PackedLinear {
                     let panels = (wide - p % wide).min(p_end - p);
                     assert!(!matches!(self.panels, Panels::Bf16Pairs(..)) || p % amx::GROUP + panels <= amx::GROUP);
                     let cols = (panels * NR).min(n - p * NR);
+                    if widen {
+                        let Panels::Quant(q) = &self.panels else { unreachable!() };
+                        WIDENED.with_borrow_mut(|w| {
+                            w.resize(panels * kc * NR, 0.0);
+                            quant::widen_panels(isa, q, p, panels, k0, kc, w);
+                            for m0 in (mc0..(mc0 + MC).min(m)).step_by(MR) {
+                                let rows = MR.min(m - m0);
+                                let (a, c) = (a_at(m0, k0), out_ptr.0.wrapping_add(m0 * n + p * NR));
+                                let tile = Tile {
+                                    a,
+                                    c,
+                                    ldc: n,
+                                    kc,
+                                    rows,
+                                    cols,
+                                    panels,
+                                    stride: kc * NR,
+                                    ldb: NR,
+                                    accumulate: k0 > 0,
+                                };
+                                // SAFETY: as below; the widened panels are `panels` panels of kc
+                                // rows in the f32 layout (`Tile::run` checks the slice).
+                                unsafe { tile.run(w.as_slice(), 0, None, isa) };
+                            }
+                        });
+                        p += panels;
+                        continue;
+                    }
                     for m0 in (mc0..(mc0 + MC).min(m)).step_by(MR) {
                         let rows = MR.min(m - m0);
                         // SAFETY: the block [m0..m0+rows, p*NR..p*NR+cols] of `out` is in
@@ -613,6 +654,8 @@ thread_local! {
     static PACKED_ROWS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
     /// The same for x as bf16 pairs (`pack_pair_rows`).
     static PACKED_PAIRS: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// GGML panels of one tile widened to f32 (`quant::widen_panels`), for products of many rows.
+    static WIDENED: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// `x[m x k]` rounded to bf16 (nearest even) as row blocks of MR interleaved rows of pairs along
@@ -1433,6 +1476,10 @@ mod tests {
             (1, 200, 96),
             (2, 100, 288),
             (1, 48, 64),
+            // From WIDEN_MIN_ROWS rows the panels are widened once per row block: past one row
+            // block (MC) and one pass of depth (KC), with a ragged last panel.
+            (16, 33, 288),
+            (200, 70, 544),
         ] {
             let (x, w) = (data(m * k, 1), data(n * k, 2));
             for kind in QuantKind::ALL {

@@ -8,7 +8,11 @@
 //! 16-wide row of quantized weights per step of k, widens it in registers (`d * q + m`, one
 //! multiply-add per weight, shared by every row of x) and accumulates in f32. Activations stay
 //! f32: results are those of the dequantized weights up to summation order, which is what the
-//! goldens check (HF transformers on the dequantized GGUF).
+//! goldens check (HF transformers on the dequantized GGUF). For products of many rows (prefill,
+//! batched decode) widening in registers once per six rows of x cost about as many instructions
+//! as the FMAs it fed; there `widen_panels` widens a tile's panels (up to 64 KiB of f32, in
+//! cache) once per row block of gemm and the f32 kernel multiplies them: the same weights, the
+//! quantized bytes still all that is held.
 //!
 //! The portable kernel is plain arithmetic (and the reference the others are tested against);
 //! the AVX2 and AVX-512 kernels widen 16 weights with `vpmovzxbd`/`vpmovsxbd` and
@@ -301,6 +305,69 @@ pub(super) unsafe fn run(isa: Isa, kind: QuantKind, t: &QTile) {
     }
 }
 
+/// Panels `p..p + panels` of `q`, weights `k0..k0 + kc` (multiples of 32), widened to f32 into
+/// `out` in gemm's f32 panel layout (`[panel][kk][16]`): each weight as the `isa` kernel widens
+/// it in registers for many rows (`d q + m` in one FMA for Q4_1, `d q` for Q8_0; unfused on the
+/// portable kernel). A product of many rows then widens each weight once per row block of x
+/// (gemm's MC rows) instead of once per six rows, and multiplies on the f32 kernel.
+pub(super) fn widen_panels(isa: Isa, q: &QPanels, p: usize, panels: usize, k0: usize, kc: usize, out: &mut [f32]) {
+    assert!(
+        k0.is_multiple_of(QK)
+            && kc.is_multiple_of(QK)
+            && k0 + kc <= q.k
+            && (p + panels) * NR <= q.n.next_multiple_of(NR)
+    );
+    assert!(out.len() >= panels * kc * NR, "widened panels need {} values", panels * kc * NR);
+    let pb = q.kind.panel_block_bytes();
+    for j in 0..panels {
+        for kb in 0..kc / QK {
+            let blk = &q.data[q.offset(p + j, k0) + kb * pb..][..pb];
+            let dst = &mut out[(j * kc + kb * QK) * NR..][..QK * NR];
+            // SAFETY: `blk` is one whole panel block; `dst` holds 32 x 16 values; each kernel runs
+            // only where `isa` does.
+            unsafe {
+                match (isa, q.kind) {
+                    #[cfg(target_arch = "x86_64")]
+                    (Isa::Avx512, QuantKind::Q4_1) => simd::widen_avx512::<Q4>(blk.as_ptr(), dst),
+                    #[cfg(target_arch = "x86_64")]
+                    (Isa::Avx512, QuantKind::Q8_0) => simd::widen_avx512::<Q8>(blk.as_ptr(), dst),
+                    #[cfg(target_arch = "x86_64")]
+                    (Isa::Avx2Fma, QuantKind::Q4_1) => widen_fused::<Q4>(blk.as_ptr(), dst),
+                    #[cfg(target_arch = "x86_64")]
+                    (Isa::Avx2Fma, QuantKind::Q8_0) => widen_fused::<Q8>(blk.as_ptr(), dst),
+                    (_, QuantKind::Q4_1) => widen_block::<Q4, Plain>(blk.as_ptr(), dst),
+                    (_, QuantKind::Q8_0) => widen_block::<Q8, Plain>(blk.as_ptr(), dst),
+                }
+            }
+        }
+    }
+}
+
+/// One panel block's 32 x 16 weights widened by `Format::weights`.
+///
+/// # Safety
+/// `blk` points at a whole panel block; `dst` holds 32 x 16 values.
+#[inline(always)]
+unsafe fn widen_block<Q: Format, M: MulAdd>(blk: *const u8, dst: &mut [f32]) {
+    // SAFETY: passed on.
+    let (d, m) = unsafe { Q::scales(blk) };
+    for (kk, row) in dst.chunks_exact_mut(NR).enumerate() {
+        row.copy_from_slice(&unsafe { Q::weights::<M>(blk, kk, &d, &m) });
+    }
+}
+
+/// `widen_block` with one FMA a weight, as the AVX2 kernel widens (which the compiler
+/// vectorises here: a row is 16 independent values).
+///
+/// # Safety
+/// As `widen_block`, on a CPU with AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn widen_fused<Q: Format>(blk: *const u8, dst: &mut [f32]) {
+    // SAFETY: passed on.
+    unsafe { widen_block::<Q, super::muladd::Fused>(blk, dst) }
+}
+
 /// # Safety
 /// `run`'s contract.
 unsafe fn kernel_portable<const R: usize, const P: usize, Q: Format>(t: &QTile) {
@@ -547,6 +614,37 @@ mod simd {
         }
     }
 
+    /// `super::widen_panels` for one panel block on AVX-512, with the `avx512` kernel's widening.
+    ///
+    /// # Safety
+    /// `blk` points at a whole panel block; `dst` holds 32 x 16 values; the CPU has AVX-512F.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn widen_avx512<Q: Format>(blk: *const u8, dst: &mut [f32]) {
+        assert!(dst.len() >= QK * NR);
+        let out = dst.as_mut_ptr();
+        // SAFETY (every read and write below): the block's scales, offsets and weight rows at
+        // the offsets `QPanels` writes them; rows kk < 32 of 16 values in `dst`.
+        unsafe {
+            let d = _mm512_cvtph_ps(_mm256_loadu_si256(blk as *const __m256i));
+            if Q::Q4 {
+                let m = _mm512_cvtph_ps(_mm256_loadu_si256(blk.add(2 * NR) as *const __m256i));
+                let nibble = _mm512_set1_epi32(15);
+                for i in 0..QK / 2 {
+                    let q = _mm512_cvtepu8_epi32(_mm_loadu_si128(blk.add(4 * NR + i * NR) as *const __m128i));
+                    let lo = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(q, nibble)), d, m);
+                    let hi = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32::<4>(q)), d, m);
+                    _mm512_storeu_ps(out.add(i * NR), lo);
+                    _mm512_storeu_ps(out.add((i + QK / 2) * NR), hi);
+                }
+            } else {
+                for kk in 0..QK {
+                    let q = _mm512_cvtepi8_epi32(_mm_loadu_si128(blk.add(2 * NR + kk * NR) as *const __m128i));
+                    _mm512_storeu_ps(out.add(kk * NR), _mm512_mul_ps(_mm512_cvtepi32_ps(q), d));
+                }
+            }
+        }
+    }
+
     /// AVX2: one panel as two 8-wide halves, `R` rows (`P` is 1).
     ///
     /// # Safety
@@ -631,6 +729,46 @@ mod tests {
             };
             let err = x.iter().zip(&back).map(|(a, b)| (a - b).abs()).fold(0.0f32, crate::backend::worst);
             assert!(err <= 0.5 * step * 1.01, "{kind:?}: max error {err}");
+        }
+    }
+
+    /// Widened panels hold each weight as dequantizing its row gives it (up to the rounding of
+    /// `d q + m` in one FMA or two operations), on every kernel, in gemm's f32 panel layout.
+    #[test]
+    fn widened_panels_hold_the_dequantized_weights() {
+        let (n, k) = (37, 96);
+        let w = data(n * k, 3);
+        for kind in QuantKind::ALL {
+            let raw: Vec<u8> = w.chunks_exact(k).flat_map(|r| quantize_row(kind, r)).collect();
+            let q = QPanels::from_ggml(kind, &raw, n, k).unwrap();
+            let mut deq = vec![0.0; n * k];
+            for (r, o) in raw.chunks_exact(raw.len() / n).zip(deq.chunks_exact_mut(k)) {
+                dequantize_row(kind, r, o);
+            }
+            for isa in Isa::available() {
+                // Panels 1..3 (columns 16..48, the last ragged), weights 32..96.
+                let (p, panels, k0, kc) = (1, 2, 32, 64);
+                let mut out = vec![f32::NAN; panels * kc * NR];
+                widen_panels(isa, &q, p, panels, k0, kc, &mut out);
+                for j in 0..panels {
+                    for kk in 0..kc {
+                        for c in 0..NR {
+                            let col = (p + j) * NR + c;
+                            let got = out[(j * kc + kk) * NR + c];
+                            if col >= n {
+                                assert_eq!(got, 0.0, "{isa:?} {kind:?} padding column {col}");
+                                continue;
+                            }
+                            let want = deq[col * k + k0 + kk];
+                            assert!(
+                                (got - want).abs() <= 1e-6 * want.abs().max(1e-3),
+                                "{isa:?} {kind:?} ({col}, {}): {got} vs {want}",
+                                k0 + kk
+                            );
+                        }
+                    }
+                }
+            }
         }
     }
 
