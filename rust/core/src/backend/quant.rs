@@ -356,8 +356,9 @@ unsafe fn widen_block<Q: Format, M: MulAdd>(blk: *const u8, dst: &mut [f32]) {
     }
 }
 
-/// `widen_block` with one FMA a weight, as the AVX2 kernel widens (which the compiler
-/// vectorises here: a row is 16 independent values).
+/// `widen_block` with one FMA a weight, as the AVX2 kernel widens. Written generically, not in
+/// intrinsics: once per row block of x it is a small part of the product (the default model's
+/// Q4_1 layers at 512 rows ran at 182-184 GFLOP/s on AVX2 with it, the f32 weights' rate).
 ///
 /// # Safety
 /// As `widen_block`, on a CPU with AVX2 and FMA.
