@@ -29,7 +29,8 @@ from horae.models import resolve_model
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=float, default=300)
-    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                    help="weights whose bytes a step streams as they are stored")
     ap.add_argument("--split", type=float, default=50.0, help="GB/s between the low and the high level")
     args = ap.parse_args()
     model = resolve_model(None)
