@@ -506,9 +506,12 @@ impl PackedLinear {
         let m_blocks = m.div_ceil(MC);
         // GGML blocks for many rows are widened to f32 once per row block of x (`widen`) and run
         // on the f32 kernel, at its width.
-        let widen = matches!(self.panels, Panels::Quant(_)) && m >= WIDEN_MIN_ROWS;
+        let widen = match &self.panels {
+            Panels::Quant(q) if m >= WIDEN_MIN_ROWS => Some(q),
+            _ => None,
+        };
         let wide = match &self.panels {
-            Panels::Quant(_) if !widen => quant::panels_per_tile(isa, m),
+            Panels::Quant(_) if widen.is_none() => quant::panels_per_tile(isa, m),
             #[cfg(target_arch = "x86_64")]
             Panels::Bf16Pairs(..) => {
                 assert!(isa == Isa::Avx512, "bf16 in pairs of rows is read by the AVX-512 and AMX kernels only");
@@ -553,8 +556,7 @@ impl PackedLinear {
                     let panels = (wide - p % wide).min(p_end - p);
                     assert!(!matches!(self.panels, Panels::Bf16Pairs(..)) || p % amx::GROUP + panels <= amx::GROUP);
                     let cols = (panels * NR).min(n - p * NR);
-                    if widen {
-                        let Panels::Quant(q) = &self.panels else { unreachable!() };
+                    if let Some(q) = widen {
                         WIDENED.with_borrow_mut(|w| {
                             w.resize(panels * kc * NR, 0.0);
                             quant::widen_panels(isa, q, p, panels, k0, kc, w);
