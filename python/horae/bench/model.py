@@ -22,9 +22,10 @@ Prints, all measured in the same run:
   step FLOPs / GEMM peak);
 - with torch and transformers installed, HF transformers' bf16 decode at the same batch sizes on the
   same weights, timed the same way (the median step), with horae's bf16 as a ratio to it;
-- with llama-cpp-python installed and the default model, llama.cpp on the very GGUF horae's Q4_1
-  blocks come from: 512-token prefill and batch-1 decode (after 16 tokens and after 2,000), with
-  horae's q4_1 as a ratio to them.
+- with llama-cpp-python installed and the default model, llama.cpp at equal precision on the same
+  weights: on the very GGUF horae's Q4_1 blocks come from, and for float32 and bfloat16 on that
+  GGUF as llama.cpp's own quantizer rewrites it in F32 and BF16: 512-token prefill and batch-1
+  decode (for q4_1 after 2,000 tokens too), with each of horae's dtypes as a ratio to them.
 """
 
 from __future__ import annotations
@@ -110,7 +111,7 @@ def _hf_decode_rates(model_dir, batches: List[int], new_tokens: int) -> Optional
             "threads": torch.get_num_threads(), "decode_tok_s": rates}
 
 
-def _llamacpp_peer(gguf, prefill: int, new_tokens: int, long_decode: int = 0) -> Optional[dict]:
+def _llamacpp_peer(gguf, prefill: int, new_tokens: int, long_decode: int = 0, ftype: Optional[str] = None) -> Optional[dict]:
     """`_llamacpp_rates` in a child process, so that a peer that crashes (llama.cpp's AMX kernels
     were seen to segfault on a Xeon VM) costs its figures, not the bench: None if llama-cpp-python
     is not installed, {"error": ...} if the run failed."""
@@ -119,7 +120,7 @@ def _llamacpp_peer(gguf, prefill: int, new_tokens: int, long_decode: int = 0) ->
 
     code = ("import json, sys; from horae.bench.model import _llamacpp_rates; "
             "print(json.dumps(_llamacpp_rates(*json.loads(sys.argv[1]))))")
-    args = json.dumps([str(gguf), prefill, new_tokens, long_decode])
+    args = json.dumps([str(gguf), prefill, new_tokens, long_decode, ftype])
     run = subprocess.run([sys.executable, "-c", code, args], capture_output=True, text=True)
     if run.returncode != 0:
         why = f"signal {-run.returncode}" if run.returncode < 0 else f"exit status {run.returncode}"
@@ -128,23 +129,53 @@ def _llamacpp_peer(gguf, prefill: int, new_tokens: int, long_decode: int = 0) ->
     return json.loads(run.stdout.strip().splitlines()[-1])
 
 
-def _llamacpp_rates(gguf, prefill: int, new_tokens: int, long_decode: int = 0) -> Optional[dict]:
-    """llama.cpp (through llama-cpp-python, if installed) on `gguf`: prefill tokens/s for one
-    `prefill`-token prompt and batch-1 decode tokens/s (the median step), timed as horae's are;
-    with `long_decode`, batch-1 decode after a prompt that long too (16 steps)."""
+#: llama.cpp at each horae dtype's precision: the default GGUF itself for q4_1; for f32 and bf16,
+#: the GGUF that llama.cpp's own quantizer (`llama_model_quantize`, requantizing) writes from it
+#: in that type. Both sides then hold the same weights: the Q4_1 (and Q8_0 embedding) blocks
+#: dequantized, rounded to bf16 for bf16, as horae's float32 and bfloat16 loads of that GGUF do.
+_PEER_FTYPES = {"q4_1": None, "float32": "LLAMA_FTYPE_ALL_F32", "bfloat16": "LLAMA_FTYPE_MOSTLY_BF16"}
+
+
+def _llamacpp_rates(gguf, prefill: int, new_tokens: int, long_decode: int = 0, ftype: Optional[str] = None) -> Optional[dict]:
+    """llama.cpp (through llama-cpp-python, if installed) on `gguf`, or on a copy of it that
+    llama.cpp requantizes to `ftype` (a `LLAMA_FTYPE_*` name) in a temporary folder: prefill
+    tokens/s for one `prefill`-token prompt and batch-1 decode tokens/s (the median step), timed
+    as horae's are; with `long_decode`, batch-1 decode after a prompt that long too (16 steps)."""
     try:
         import llama_cpp
     except ImportError:
         return None
+    if ftype is None:
+        return _llamacpp_timed(llama_cpp, gguf, prefill, new_tokens, long_decode)
+    import ctypes
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="horae-bench-") as tmp:
+        out = os.path.join(tmp, f"{ftype}.gguf")
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = getattr(llama_cpp, ftype)
+        params.allow_requantize = True
+        params.nthread = os.cpu_count() or 1
+        if llama_cpp.llama_model_quantize(str(gguf).encode(), out.encode(), ctypes.byref(params)) != 0:
+            raise RuntimeError(f"llama.cpp could not write {ftype} from {gguf}")
+        return _llamacpp_timed(llama_cpp, out, prefill, new_tokens, long_decode)
+
+
+def _llamacpp_timed(llama_cpp, gguf, prefill: int, new_tokens: int, long_decode: int) -> dict:
+    """`_llamacpp_rates` on the GGUF at `gguf`: prefill the median of three prompts, as horae's
+    are medians (single runs here were a third apart within a minute)."""
     threads = os.cpu_count() or 1
     llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=max(prefill + new_tokens, long_decode + 16) + 64, n_batch=prefill,
                           n_ubatch=prefill, n_threads=threads, n_threads_batch=threads, verbose=False)
     ids = [1 + (13 * j + 101 * 3) % 5000 for j in range(prefill)]
     llm.eval(ids[:64])  # warm-up
-    llm.reset()
-    t = time.perf_counter()
-    llm.eval(ids)
-    pre = prefill / (time.perf_counter() - t)
+    runs = []
+    for _ in range(3):
+        llm.reset()
+        t = time.perf_counter()
+        llm.eval(ids)
+        runs.append(prefill / (time.perf_counter() - t))
+    pre = statistics.median(runs)
     llm.reset()
     llm.eval(ids[:16])
 
@@ -354,27 +385,8 @@ def run(model=None, batches: List[int] = (1, 8, 32), new_tokens: int = 64, prefi
             r[f"decode_{b}_roofline_tok_s"] = roof
             cells.append(f"@{b} {r[f'decode_{b}_tok_s'] / roof:.2f} of {roof:.0f} tok/s")
         print(f"  {dtype:>8}: " + "  ".join(cells))
-    if model is None and "q4_1" in res["dtypes"]:
-        from horae.models import _find_default_gguf, cache_dir
-
-        peer = _llamacpp_peer(_find_default_gguf(cache_dir() / "downloads"), prefill, new_tokens, long_decode)
-        if peer is None:
-            print("llama.cpp: not installed (pip install llama-cpp-python to compare on the same GGUF)")
-        elif "error" in peer:
-            res["llama_cpp"] = peer
-            print(f"llama.cpp: {peer['error']}; no comparison")
-        else:
-            res["llama_cpp"] = peer
-            ours = res["dtypes"]["q4_1"]
-            print(f"llama.cpp {peer['version']} on the same GGUF (Q4_1 layers, Q8_0 embedding), {os.cpu_count()} threads: "
-                  f"prefill {prefill} tokens {peer['prefill_tok_s']:.1f} tok/s, decode at 1 sequence "
-                  f"{peer['decode_1_tok_s']:.1f} tok/s; horae q4_1 / llama.cpp: prefill "
-                  f"{ours['prefill_tok_s'] / peer['prefill_tok_s']:.2f}x, decode "
-                  f"{ours['decode_1_tok_s'] / peer['decode_1_tok_s']:.2f}x")
-            key = f"decode_1_after_{long_decode}_tok_s"
-            if long_decode and key in ours:
-                print(f"  decode at 1 sequence after a {long_decode}-token prompt: llama.cpp {peer[key]:.1f} tok/s, "
-                      f"horae q4_1 / llama.cpp {ours[key] / peer[key]:.2f}x")
+    if model is None and any(d in _PEER_FTYPES for d in res["dtypes"]):
+        _compare_llamacpp(res, prefill, new_tokens, long_decode)
     if hf:
         peer = _hf_decode_rates(model_dir, batches, new_tokens)
         if peer is None:
@@ -388,4 +400,35 @@ def run(model=None, batches: List[int] = (1, 8, 32), new_tokens: int = 64, prefi
                 print("  horae bf16 / HF bf16: " + ", ".join(
                     f"{b} sequences {ours[f'decode_{b}_tok_s'] / r:.2f}x" for b, r in peer["decode_tok_s"].items()))
     return res
-    return res
+
+
+def _compare_llamacpp(res: dict, prefill: int, new_tokens: int, long_decode: int) -> None:
+    """llama.cpp at the precision of each of the run's dtypes that it has (`_PEER_FTYPES`), on the
+    same weights: 512-token prefill and batch-1 decode, with horae's as a ratio to them; after a
+    long prompt too for q4_1, the default model's own format."""
+    from horae.models import _find_default_gguf, cache_dir
+
+    gguf = _find_default_gguf(cache_dir() / "downloads")
+    for dtype, ftype in _PEER_FTYPES.items():
+        if dtype not in res["dtypes"]:
+            continue
+        long = long_decode if ftype is None else 0
+        peer = _llamacpp_peer(gguf, prefill, new_tokens, long, ftype)
+        if peer is None:
+            print("llama.cpp: not installed (pip install llama-cpp-python to compare on the same weights)")
+            return
+        res.setdefault("llama_cpp", {})[dtype] = peer
+        if "error" in peer:
+            print(f"llama.cpp, {dtype}: {peer['error']}; no comparison")
+            continue
+        ours = res["dtypes"][dtype]
+        source = ("the same GGUF (Q4_1 layers, Q8_0 embedding)" if ftype is None
+                  else f"the same GGUF requantized by llama.cpp to {ftype.rsplit('_', 1)[-1]}")
+        print(f"llama.cpp {peer['version']}, {dtype}, on {source}, {os.cpu_count()} threads: prefill {prefill} "
+              f"tokens {peer['prefill_tok_s']:.1f} tok/s, decode at 1 sequence {peer['decode_1_tok_s']:.1f} tok/s; "
+              f"horae {dtype} / llama.cpp: prefill {ours['prefill_tok_s'] / peer['prefill_tok_s']:.2f}x, decode "
+              f"{ours['decode_1_tok_s'] / peer['decode_1_tok_s']:.2f}x")
+        key = f"decode_1_after_{long_decode}_tok_s"
+        if long and key in ours:
+            print(f"  decode at 1 sequence after a {long_decode}-token prompt: llama.cpp {peer[key]:.1f} tok/s, "
+                  f"horae {dtype} / llama.cpp {ours[key] / peer[key]:.2f}x")
