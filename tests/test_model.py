@@ -251,6 +251,33 @@ def test_bad_sampling_values(llm, kwargs, message):
     assert not llm.engine.has_unfinished_requests()
 
 
+def test_values_of_the_wrong_type_name_their_field(llm):
+    # Caught before the binding, whose own conversion errors name no field.
+    with pytest.raises(TypeError, match="temperature must be a number"):
+        llm.generate("hi", SamplingParams(temperature="hot"), use_tqdm=False)
+    with pytest.raises(TypeError, match="stop must be a string or a list of strings"):
+        SamplingParams(stop=5)
+    with pytest.raises(TypeError, match="stop_token_ids must be a list of integers"):
+        SamplingParams(stop_token_ids=["2"])
+    with pytest.raises(TypeError, match="prompts must be a prompt"):
+        llm.generate(5)
+    with pytest.raises(ValueError, match="kv_cache_tokens must be a whole number >= 0"):
+        LLM(kv_cache_tokens=-5)
+    with pytest.raises(TypeError, match="block_size must be an integer, got '16'"):
+        LLM(block_size="16")
+    assert not llm.engine.has_unfinished_requests()
+
+
+def test_one_sampling_params_per_prompt(llm):
+    # As vLLM's LLM.generate: a list of SamplingParams, one per prompt.
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in (2, 5)]
+    outs = llm.generate(["The capital of France is", "One, two, three,"], params, use_tqdm=False)
+    assert [len(o.outputs[0].token_ids) for o in outs] == [2, 5]
+    with pytest.raises(ValueError, match="1 entries for 2 prompts"):
+        llm.generate(["a", "b"], [GREEDY], use_tqdm=False)
+    assert not llm.engine.has_unfinished_requests()
+
+
 def test_bad_prompts_leave_the_engine_serving(llm):
     eng = llm.engine
     with pytest.raises(ValueError, match="empty"):

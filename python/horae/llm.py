@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import numbers
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -67,8 +68,17 @@ class SamplingParams:
             raise ValueError(f"n must be an integer >= 1, got {self.n!r}")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
+        if not isinstance(self.stop, (list, tuple, type(None))) or not all(isinstance(s, str) for s in self.stop or []):
+            raise TypeError(f"stop must be a string or a list of strings, got {self.stop!r}")
         self.stop = list(self.stop or [])
-        self.stop_token_ids = list(self.stop_token_ids or [])
+        ids = self.stop_token_ids
+        if not isinstance(ids, (list, tuple, type(None))) or not all(_is_int(t) for t in ids or []):
+            raise TypeError(f"stop_token_ids must be a list of integers, got {ids!r}")
+        self.stop_token_ids = list(ids or [])
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 # -- outputs ---------------------------------------------------------------------------------
@@ -316,6 +326,21 @@ class Engine:
         # and preemption takes the request whose loss costs the least goodput. Both serve lower
         # `priority` first. slo: the bounds a request's own `SamplingParams.slo` leaves out,
         # e.g. {"ttft": 2.0, "max_itl": 0.5}.
+
+        # Counts the binding takes as unsigned integers: anything else would fail there with a
+        # bare conversion error that names no argument (the core checks the values).
+        counts = {"kv_cache_tokens": kv_cache_tokens, "block_size": block_size, "max_num_seqs": max_num_seqs,
+                  "max_num_batched_tokens": max_num_batched_tokens, "seed": seed, "history_window": history_window,
+                  "max_output_bound": max_output_bound, "max_model_len": max_model_len}
+        optional = {"kv_cache_tokens", "seed", "max_output_bound", "max_model_len"}
+        for name, value in counts.items():
+            if value is None and name in optional:
+                continue
+            # Any integer the binding takes (numpy's too), not a bool.
+            if isinstance(value, bool) or not hasattr(type(value), "__index__"):
+                raise TypeError(f"{name} must be an integer{' or None' if name in optional else ''}, got {value!r}")
+            if not 0 <= value.__index__() < 2**64:
+                raise ValueError(f"{name} must be a whole number >= 0 (below 2^64), got {value}")
         self.model_dir = resolve_model(model)
         prior = resolve_prior(history_prior)
         history_prior_weight = optional_positive_int(history_prior_weight, "history_prior_weight")
@@ -448,8 +473,14 @@ class Engine:
         slo = slo_dict(params.slo, "slo")
         for name in ("max_tokens", "top_k", "seed", "min_tokens", "logprobs", "prompt_logprobs", "priority"):
             v = getattr(params, name)
-            if v is not None and not (isinstance(v, int) and not isinstance(v, bool) and -2**63 <= v < 2**63):
+            if v is not None and not (_is_int(v) and -2**63 <= v < 2**63):
                 raise ValueError(f"{name} must be a 64-bit integer, got {v!r}")
+        # The core checks the values; a value that is not a number would reach it as a bare
+        # conversion error that names no field.
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
+            v = getattr(params, name)
+            if isinstance(v, bool) or not isinstance(v, numbers.Real):  # numpy's floats are Real too
+                raise TypeError(f"{name} must be a number, got {v!r}")
         if params.priority is None:
             raise ValueError("priority must be an integer, got None")
 
@@ -573,17 +604,31 @@ class LLM:
         _, ids = self.engine.prompt_token_ids(prompt)
         return self.engine.logits(ids)
 
-    def generate(self, prompts: Union[PromptType, Sequence[PromptType]], sampling_params: Optional[SamplingParams] = None,
+    def generate(self, prompts: Union[PromptType, Sequence[PromptType]],
+                 sampling_params: Union[None, SamplingParams, Sequence[SamplingParams]] = None,
                  use_tqdm: bool = True) -> List[RequestOutput]:
+        """Run `prompts` (one prompt, a string or `{"prompt_token_ids": [...]}`, or a list of them)
+        to the end. `sampling_params` is one `SamplingParams` for all, or a list of one per prompt
+        (as vLLM's)."""
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
+        if not isinstance(prompts, (list, tuple)):
+            raise TypeError("prompts must be a prompt (a string or {'prompt_token_ids': [...]}) or a list of them, "
+                            f"got {type(prompts).__name__}")
         prompts = list(prompts)
+        if isinstance(sampling_params, (list, tuple)):
+            if len(sampling_params) != len(prompts):
+                raise ValueError(f"sampling_params has {len(sampling_params)} entries for {len(prompts)} prompts: "
+                                 "give one SamplingParams, or one per prompt")
+            params = list(sampling_params)
+        else:
+            params = [sampling_params] * len(prompts)
         if not prompts:
             return []
         ids = []
         try:
-            for p in prompts:
-                ids.append(self.engine.add_request(None, p, sampling_params))
+            for p, sp in zip(prompts, params):
+                ids.append(self.engine.add_request(None, p, sp))
         except Exception:
             for rid in ids:
                 self.engine.abort(rid)
@@ -611,8 +656,10 @@ class LLM:
                 bar.close()
         return [results[rid] for rid in ids]
 
-    def chat(self, messages, sampling_params: Optional[SamplingParams] = None, use_tqdm: bool = True):
-        """One conversation (a list of messages) or several (a list of lists)."""
+    def chat(self, messages, sampling_params: Union[None, SamplingParams, Sequence[SamplingParams]] = None,
+             use_tqdm: bool = True):
+        """One conversation (a list of messages) or several (a list of lists); `sampling_params`
+        as `generate`'s."""
         batch = messages and isinstance(messages[0], list)
         convs = messages if batch else [messages]
         prompts = [self.engine.apply_chat_template(c) for c in convs]
