@@ -309,6 +309,17 @@ def test_async_llm_cancel_frees_blocks_within_a_step(server, client):
     assert llm.engine.stats()["kv_used_blocks"] == 0 and llm.num_in_flight == 0
 
 
+def test_serve_refuses_a_port_out_of_range(capsys):
+    # uvicorn took 99999 and listened on 99999 - 65536 without a word.
+    from horae.serve import main
+
+    for bad in ("99999", "-1", "http"):
+        with pytest.raises(SystemExit) as exit_:
+            main(["--port", bad])
+        assert exit_.value.code == 2
+        assert "argument --port" in capsys.readouterr().err
+
+
 def test_schemathesis_finds_no_server_error():
     # Bounded: a server of its own with short contexts, few examples, a time limit.
     llm = AsyncLLM(kv_cache_tokens=1024, max_num_seqs=8, max_model_len=48)

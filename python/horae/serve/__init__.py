@@ -50,6 +50,17 @@ class ServerThread:
         self.thread.join(timeout=10)
 
 
+def _port(text: str) -> int:
+    """A TCP port: uvicorn takes 70000 and listens on 70000 - 65536 (4464) without a word."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is 0-65535 (0: any free one), got {port}")
+    return port
+
+
 def _json_dict(text: str) -> dict:
     import json
 
@@ -100,7 +111,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--speculative", type=_json_dict, metavar="JSON",
                    help='speculative decoding, e.g. \'{"method": "ngram", "k_max": 4}\' (adaptive k by default)')
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=_port, default=8000)
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every route but /health")
     p.add_argument("--max-queue", type=int, default=256,
                    help="requests accepted but not yet generating; beyond it the server answers 503 + Retry-After")
