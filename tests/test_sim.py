@@ -167,6 +167,10 @@ def test_requests_bigger_than_the_pool_are_rejected_not_hung(sample):
         ({"slo_classes": [{"deadline": 1.0}]}, "unknown slo key"),
         ({"slo_classes": [{"ttft": 0}]}, "slo.ttft must be a positive"),
         ({"preemption": "random"}, "expected one of newest, least-loss"),
+        # Negative counts: the binding's own conversion error named no argument.
+        ({"kv_cache_tokens": -5}, "kv_cache_tokens must be a whole number >= 0"),
+        ({"seed": -1}, "seed must be a whole number >= 0"),
+        ({"max_tokens": -1}, "max_tokens must be a whole number >= 0"),
     ],
 )
 def test_bad_simulation_input(sample, kwargs, message):
@@ -174,6 +178,15 @@ def test_bad_simulation_input(sample, kwargs, message):
     scheduler = kwargs.pop("scheduler", "past-future")
     with pytest.raises(ValueError, match=message):
         sim.simulate(sample, scheduler, **kwargs)
+
+
+def test_simulation_values_of_the_wrong_type_name_their_argument(sample):
+    with pytest.raises(TypeError, match="kv_cache_tokens must be an integer, got 'x'"):
+        sim.simulate(sample, "past-future", kv_cache_tokens="x")
+    with pytest.raises(TypeError, match="sla must be a dict of bounds in seconds"):
+        sim.simulate(sample, "past-future", sla="fast")
+    # numpy's integers are integers (a value read from an array of settings).
+    assert sim.simulate(sample.head(20), "past-future", clients=2, seed=np.int64(3)).summary["completed"] == 20
 
 
 @pytest.mark.parametrize("name", ["bootstrap", "linear_tail", "redraw", "retry_failed"])

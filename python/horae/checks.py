@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Optional
+from typing import Collection, Optional
 
 
 def optional_positive_int(value: object, name: str) -> Optional[int]:
@@ -15,6 +15,20 @@ def optional_positive_int(value: object, name: str) -> Optional[int]:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
     return value
+
+
+def unsigned_ints(values: dict, optional: Collection[str] = ()) -> None:
+    """Each of `values` (argument name -> value) an integer from 0 to 2^64 - 1 (numpy's too, not a
+    bool), or None where its name is in `optional`: what the binding takes as unsigned. Anything
+    else would fail there with a bare conversion error that names no argument; the core checks the
+    values themselves. A TypeError or ValueError naming the argument."""
+    for name, value in values.items():
+        if value is None and name in optional:
+            continue
+        if isinstance(value, bool) or not hasattr(type(value), "__index__"):
+            raise TypeError(f"{name} must be an integer{' or None' if name in optional else ''}, got {value!r}")
+        if not 0 <= value.__index__() < 2**64:
+            raise ValueError(f"{name} must be a whole number >= 0 (below 2^64), got {value}")
 
 
 def slo_dict(value: object, name: str = "slo") -> Optional[dict]:

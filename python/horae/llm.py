@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from horae import _core
-from horae.checks import optional_positive_int, slo_dict, waited_since
+from horae.checks import optional_positive_int, slo_dict, unsigned_ints, waited_since
 from horae.models import resolve_model
 from horae.priors import Prior, resolve_prior
 
@@ -327,20 +327,11 @@ class Engine:
         # `priority` first. slo: the bounds a request's own `SamplingParams.slo` leaves out,
         # e.g. {"ttft": 2.0, "max_itl": 0.5}.
 
-        # Counts the binding takes as unsigned integers: anything else would fail there with a
-        # bare conversion error that names no argument (the core checks the values).
-        counts = {"kv_cache_tokens": kv_cache_tokens, "block_size": block_size, "max_num_seqs": max_num_seqs,
-                  "max_num_batched_tokens": max_num_batched_tokens, "seed": seed, "history_window": history_window,
-                  "max_output_bound": max_output_bound, "max_model_len": max_model_len}
-        optional = {"kv_cache_tokens", "seed", "max_output_bound", "max_model_len"}
-        for name, value in counts.items():
-            if value is None and name in optional:
-                continue
-            # Any integer the binding takes (numpy's too), not a bool.
-            if isinstance(value, bool) or not hasattr(type(value), "__index__"):
-                raise TypeError(f"{name} must be an integer{' or None' if name in optional else ''}, got {value!r}")
-            if not 0 <= value.__index__() < 2**64:
-                raise ValueError(f"{name} must be a whole number >= 0 (below 2^64), got {value}")
+        unsigned_ints({"kv_cache_tokens": kv_cache_tokens, "block_size": block_size, "max_num_seqs": max_num_seqs,
+                       "max_num_batched_tokens": max_num_batched_tokens, "seed": seed,
+                       "history_window": history_window, "max_output_bound": max_output_bound,
+                       "max_model_len": max_model_len},
+                      optional={"kv_cache_tokens", "seed", "max_output_bound", "max_model_len"})
         self.model_dir = resolve_model(model)
         prior = resolve_prior(history_prior)
         history_prior_weight = optional_positive_int(history_prior_weight, "history_prior_weight")

@@ -20,7 +20,7 @@ import numpy as np
 
 from horae import _core
 from horae._core import HoraeCoreError, Trace
-from horae.checks import optional_positive_int
+from horae.checks import optional_positive_int, unsigned_ints
 from horae.priors import Prior, check_lengths, resolve_prior
 
 #: Baselines that are a policy with one setting changed: "aggressive-99" admits until 99% of the
@@ -71,6 +71,8 @@ def synthetic(dist: str, n: int, seed: int = 0) -> Trace:
 
 
 def _check_sla(sla: Optional[Mapping[str, float]]) -> Dict[str, float]:
+    if sla is not None and not isinstance(sla, Mapping):
+        raise TypeError(f"sla must be a dict of bounds in seconds, e.g. {{'ttft': 10, 'max_itl': 1.5}}, got {sla!r}")
     sla = dict(PAPER_SLA if sla is None else sla)
     unknown = set(sla) - set(SLA_KEYS)
     if unknown:
@@ -174,6 +176,8 @@ def simulate(
         trace = trace.scaled(float(rate_scale))
     if history is not None:
         history = check_lengths(history, "history")
+    unsigned_ints({name: engine[name] for name in ("kv_cache_tokens", "block_size", "max_num_seqs", "max_batched_tokens",
+                                                   "max_tokens", "history_window", "seed") if name in engine})
     for name in ("history_prior_weight", "long_prefill_token_threshold", "max_admit_per_step", "scenarios", "replicas",
                  "max_long_partial_prefills"):
         if name in engine:
