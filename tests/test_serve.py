@@ -150,6 +150,9 @@ def test_errors_in_openai_shape(server, client):
     assert _error(post("/v1/chat/completions", {**chat, "messages": []}), 400)["param"] == "messages"
     assert _error(post("/v1/chat/completions", {**chat, "messages": [{"role": "wizard", "content": "x"}]}), 400)
     assert _error(post("/v1/chat/completions", {**chat, "temperature": "hot"}), 400)["param"] == "temperature"
+    # Chat's top_logprobs is the engine's logprobs: the error names the field sent.
+    err = _error(post("/v1/chat/completions", {**chat, "logprobs": True, "top_logprobs": 25}), 400)
+    assert (err["param"], err["message"]) == ("top_logprobs", "top_logprobs must be at most 20, got 25")
     assert "bogus" in _error(post("/v1/chat/completions", {**chat, "bogus": 1}), 400)["message"]
     assert _error(post("/v1/completions", {"model": "smollm2", "prompt": ""}), 400)
     assert _error(post("/v1/completions", {"model": "smollm2", "prompt": [10**9]}), 400)

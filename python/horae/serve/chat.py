@@ -9,6 +9,7 @@ from typing import Optional
 
 from fastapi import APIRouter, Request
 
+from horae.serve.errors import APIError
 from horae.serve.protocol import ChatCompletionRequest
 from horae.serve.state import ServerState, new_parts, usage
 from horae.serve.streaming import sse_response
@@ -38,7 +39,14 @@ def router(state: ServerState) -> APIRouter:
         top = req.top_logprobs or 0
         params = state.sampling(req, max_tokens, top if req.logprobs else None)
         state.check_capacity(1)
-        streams, (out,) = await state.start_all("chatcmpl", [ids], [params])
+        try:
+            streams, (out,) = await state.start_all("chatcmpl", [ids], [params])
+        except APIError as e:
+            if e.param != "logprobs":
+                raise
+            # The engine's logprobs is this route's top_logprobs: name the field the client sent.
+            raise APIError(e.status, e.message.replace("logprobs", "top_logprobs", 1), e.type, "top_logprobs",
+                           e.code) from None
         stream = streams[0]
         base = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
                 "model": state.config.model_name}
