@@ -556,50 +556,49 @@ impl PackedLinear {
                     let panels = (wide - p % wide).min(p_end - p);
                     assert!(!matches!(self.panels, Panels::Bf16Pairs(..)) || p % amx::GROUP + panels <= amx::GROUP);
                     let cols = (panels * NR).min(n - p * NR);
-                    if let Some(q) = widen {
-                        WIDENED.with_borrow_mut(|w| {
+                    // The tile of row block m0 over these panels, whose B rows are `ldb` apart
+                    // and panels `stride` apart.
+                    let tile = |m0: usize, stride: usize, ldb: usize| Tile {
+                        a: a_at(m0, k0),
+                        c: out_ptr.0.wrapping_add(m0 * n + p * NR),
+                        ldc: n,
+                        kc,
+                        rows: MR.min(m - m0),
+                        cols,
+                        panels,
+                        stride,
+                        ldb,
+                        accumulate: k0 > 0,
+                    };
+                    let row_blocks = (mc0..(mc0 + MC).min(m)).step_by(MR);
+                    // SAFETY (both branches): the block [m0..m0+rows, p*NR..p*NR+cols] of `out`
+                    // is in bounds and written only by the task that owns this row block and
+                    // these panels; `a` holds MR rows (zero-padded) for every row block.
+                    match widen {
+                        // GGML blocks for many rows: this tile's panels widened to f32 once, for
+                        // every row block of the task (`Tile::run` checks the slice).
+                        Some(q) => WIDENED.with_borrow_mut(|w| {
                             w.resize(panels * kc * NR, 0.0);
                             quant::widen_panels(isa, q, p, panels, k0, kc, w);
-                            for m0 in (mc0..(mc0 + MC).min(m)).step_by(MR) {
-                                let rows = MR.min(m - m0);
-                                let (a, c) = (a_at(m0, k0), out_ptr.0.wrapping_add(m0 * n + p * NR));
-                                let tile = Tile {
-                                    a,
-                                    c,
-                                    ldc: n,
-                                    kc,
-                                    rows,
-                                    cols,
-                                    panels,
-                                    stride: kc * NR,
-                                    ldb: NR,
-                                    accumulate: k0 > 0,
-                                };
-                                // SAFETY: as below; the widened panels are `panels` panels of kc
-                                // rows in the f32 layout (`Tile::run` checks the slice).
-                                unsafe { tile.run(w.as_slice(), 0, None, isa) };
+                            for m0 in row_blocks {
+                                unsafe { tile(m0, kc * NR, NR).run(w.as_slice(), 0, None, isa) };
                             }
-                        });
-                        p += panels;
-                        continue;
-                    }
-                    for m0 in (mc0..(mc0 + MC).min(m)).step_by(MR) {
-                        let rows = MR.min(m - m0);
-                        // SAFETY: the block [m0..m0+rows, p*NR..p*NR+cols] of `out` is in
-                        // bounds and written only by the task that owns this row block and
-                        // these panels; `a` holds MR rows (zero-padded) for every row block.
-                        unsafe {
-                            let c = out_ptr.0.add(m0 * n + p * NR);
-                            let a = a_at(m0, k0);
-                            let next = (m0 == mc0 && p + panels < p_end).then(|| layout.offset(p + panels, k0));
-                            let (stride, ldb) = (layout.stride(), layout.ldb());
-                            let tile = Tile { a, c, ldc: n, kc, rows, cols, panels, stride, ldb, accumulate: k0 > 0 };
+                        }),
+                        None => {
                             let b = layout.offset(p, k0);
-                            match &self.panels {
-                                Panels::F32(v) => tile.run(v, b, next, isa),
-                                Panels::Bf16(v) => tile.run(v, b, next, isa),
-                                Panels::Bf16Pairs(v, order) => tile.run_pairs(v, *order, order.row(p, k0), operands),
-                                Panels::Quant(q) => tile.run_quant(q, p, k0, isa),
+                            for m0 in row_blocks {
+                                let next = (m0 == mc0 && p + panels < p_end).then(|| layout.offset(p + panels, k0));
+                                let tile = tile(m0, layout.stride(), layout.ldb());
+                                unsafe {
+                                    match &self.panels {
+                                        Panels::F32(v) => tile.run(v, b, next, isa),
+                                        Panels::Bf16(v) => tile.run(v, b, next, isa),
+                                        Panels::Bf16Pairs(v, order) => {
+                                            tile.run_pairs(v, *order, order.row(p, k0), operands)
+                                        }
+                                        Panels::Quant(q) => tile.run_quant(q, p, k0, isa),
+                                    }
+                                }
                             }
                         }
                     }
