@@ -323,6 +323,24 @@ def test_serve_refuses_a_port_out_of_range(capsys):
         assert "argument --port" in capsys.readouterr().err
 
 
+def test_serve_fails_at_once_on_a_port_in_use_or_a_host_that_does_not_resolve(capsys):
+    # The socket is bound before the model loads, as vLLM's server does: no load, then an error.
+    import socket
+
+    from horae.cli import main
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    try:
+        assert main(["serve", "--port", str(taken.getsockname()[1])]) == 2
+        assert "Address already in use" in capsys.readouterr().err
+    finally:
+        taken.close()
+    assert main(["serve", "--host", "256.1.1.1"]) == 2
+    assert "cannot serve on --host '256.1.1.1'" in capsys.readouterr().err
+
+
 def test_schemathesis_finds_no_server_error():
     # Bounded: a server of its own with short contexts, few examples, a time limit.
     llm = AsyncLLM(kv_cache_tokens=1024, max_num_seqs=8, max_model_len=48)

@@ -179,15 +179,43 @@ def make_app(args: argparse.Namespace):
                                        max_body_bytes=args.max_body_bytes))
 
 
+def listen(host: str, port: int):
+    """The server's socket, bound before the model loads (as vLLM's server does), so that a host
+    that does not resolve or a port in use is an error at once rather than after the load."""
+    import socket
+
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                          flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as e:
+        raise ValueError(f"cannot serve on --host {host!r}: {e.strerror}") from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(addr)
+    except OSError as e:
+        sock.close()
+        raise ValueError(f"cannot serve on {host}:{port}: {e.strerror}") from None
+    return sock
+
+
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
-    app = make_app(args)
-    print(f"serving {app.state.config.model_name} on http://{args.host}:{args.port}/v1", flush=True)
+    sock = listen(args.host, args.port)
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+        app = make_app(args)
+    except BaseException:
+        sock.close()
+        raise
+    port = sock.getsockname()[1]  # the one the system chose for --port 0
+    print(f"serving {app.state.config.model_name} on http://{args.host}:{port}/v1", flush=True)
+    try:
+        config = uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=5)
+        uvicorn.Server(config).run(sockets=[sock])
     finally:
         app.state.llm.shutdown()
+        sock.close()
     return 0
 
 
