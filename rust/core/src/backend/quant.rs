@@ -490,6 +490,34 @@ mod simd {
     use super::{Format, QTile, MR, NR, QK};
     use std::arch::x86_64::*;
 
+    /// A Q4_1 panel block's weight rows i and i + 16 (the low and high nibbles of byte row i)
+    /// widened as `d q + m`, one FMA each: the many-rows kernel's and `widen_avx512`'s widening.
+    ///
+    /// # Safety
+    /// `blk` points at a whole Q4_1 panel block, i < 16; called from AVX-512F code.
+    #[inline(always)]
+    unsafe fn q4_rows(blk: *const u8, i: usize, d: __m512, m: __m512) -> (__m512, __m512) {
+        // SAFETY: byte row i of the [16][16] nibble pairs after the scales and offsets.
+        unsafe {
+            let q = _mm512_cvtepu8_epi32(_mm_loadu_si128(blk.add(4 * NR + i * NR) as *const __m128i));
+            let lo = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(q, _mm512_set1_epi32(15))), d, m);
+            (lo, _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32::<4>(q)), d, m))
+        }
+    }
+
+    /// A Q8_0 panel block's weight row kk widened as `d q`.
+    ///
+    /// # Safety
+    /// `blk` points at a whole Q8_0 panel block, kk < 32; called from AVX-512F code.
+    #[inline(always)]
+    unsafe fn q8_row(blk: *const u8, kk: usize, d: __m512) -> __m512 {
+        // SAFETY: row kk of the [32][16] i8 weights after the scales.
+        unsafe {
+            let q = _mm512_cvtepi8_epi32(_mm_loadu_si128(blk.add(2 * NR + kk * NR) as *const __m128i));
+            _mm512_mul_ps(_mm512_cvtepi32_ps(q), d)
+        }
+    }
+
     /// AVX-512: `P` panels of 16 columns, one register each, `R` rows.
     ///
     /// # Safety
@@ -575,15 +603,9 @@ mod simd {
                     _mm512_cvtph_ps(_mm256_loadu_si256(blk[p].add(2 * NR) as *const __m256i))
                 });
                 for i in 0..QK / 2 {
-                    let q: [__m512i; P] = std::array::from_fn(|p| unsafe {
-                        _mm512_cvtepu8_epi32(_mm_loadu_si128(blk[p].add(4 * NR + i * NR) as *const __m128i))
-                    });
-                    let lo: [__m512; P] = std::array::from_fn(|p| {
-                        _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(q[p], nibble)), d[p], m[p])
-                    });
-                    let hi: [__m512; P] = std::array::from_fn(|p| {
-                        _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32::<4>(q[p])), d[p], m[p])
-                    });
+                    let w: [(__m512, __m512); P] = std::array::from_fn(|p| unsafe { q4_rows(blk[p], i, d[p], m[p]) });
+                    let lo: [__m512; P] = std::array::from_fn(|p| w[p].0);
+                    let hi: [__m512; P] = std::array::from_fn(|p| w[p].1);
                     for (r, (acc, acc2)) in acc.iter_mut().zip(acc2.iter_mut()).enumerate() {
                         let (x_lo, x_hi) = (a(i, r), a(i + QK / 2, r));
                         for p in 0..P {
@@ -594,10 +616,7 @@ mod simd {
                 }
             } else {
                 for kk in 0..QK {
-                    let w: [__m512; P] = std::array::from_fn(|p| unsafe {
-                        let q = _mm512_cvtepi8_epi32(_mm_loadu_si128(blk[p].add(2 * NR + kk * NR) as *const __m128i));
-                        _mm512_mul_ps(_mm512_cvtepi32_ps(q), d[p])
-                    });
+                    let w: [__m512; P] = std::array::from_fn(|p| unsafe { q8_row(blk[p], kk, d[p]) });
                     for (r, acc) in acc.iter_mut().enumerate() {
                         let x = a(kk, r);
                         for p in 0..P {
@@ -629,18 +648,14 @@ mod simd {
             let d = _mm512_cvtph_ps(_mm256_loadu_si256(blk as *const __m256i));
             if Q::Q4 {
                 let m = _mm512_cvtph_ps(_mm256_loadu_si256(blk.add(2 * NR) as *const __m256i));
-                let nibble = _mm512_set1_epi32(15);
                 for i in 0..QK / 2 {
-                    let q = _mm512_cvtepu8_epi32(_mm_loadu_si128(blk.add(4 * NR + i * NR) as *const __m128i));
-                    let lo = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(q, nibble)), d, m);
-                    let hi = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32::<4>(q)), d, m);
+                    let (lo, hi) = q4_rows(blk, i, d, m);
                     _mm512_storeu_ps(out.add(i * NR), lo);
                     _mm512_storeu_ps(out.add((i + QK / 2) * NR), hi);
                 }
             } else {
                 for kk in 0..QK {
-                    let q = _mm512_cvtepi8_epi32(_mm_loadu_si128(blk.add(2 * NR + kk * NR) as *const __m128i));
-                    _mm512_storeu_ps(out.add(kk * NR), _mm512_mul_ps(_mm512_cvtepi32_ps(q), d));
+                    _mm512_storeu_ps(out.add(kk * NR), q8_row(blk, kk, d));
                 }
             }
         }
