@@ -125,7 +125,15 @@ def main() -> int:
         ap.error(f"every cache size must hold at least one {BLOCK_TOKENS}-token block")
     if not 0.0 < args.protected_share < 1.0:
         ap.error("--protected-share must be between 0 and 1")
-    prompts = [json.loads(line)["hash_ids"] for line in args.trace.read_text().splitlines() if line.strip()]
+    prompts = []
+    for n, line in enumerate(args.trace.read_text(errors="replace").splitlines(), 1):
+        try:
+            if line.strip():
+                prompts.append([int(h) for h in json.loads(line)["hash_ids"]])
+        except (ValueError, KeyError, TypeError) as e:  # JSONDecodeError is a ValueError
+            ap.error(f"{args.trace}, line {n}: not a Mooncake JSONL row with a hash_ids list ({e!r})")
+    if not prompts:
+        ap.error(f"{args.trace} has no requests")
     total = sum(map(len, prompts))
     unique = len({h for hashes in prompts for h in hashes})
     print(f"{args.trace.name}: {len(prompts)} requests, {total} blocks of {BLOCK_TOKENS} tokens, {unique} distinct; "

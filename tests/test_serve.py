@@ -672,3 +672,34 @@ def test_bench_serve_retries_what_the_queue_deadline_turned_away(tmp_path):
         s = bench.run(SimpleNamespace(**{**vars(ns), "retry_failed": False}))
         assert s["failed"] > 0 and s["timeouts"] == s["failed"], s
         _assert_idle(srv)
+
+
+def test_async_abort_ends_the_stream_and_passes_over_ids_no_longer_in_flight():
+    """`AsyncLLM.abort` (vLLM's): a running stream ends with CancelledError and its blocks come
+    back; an id that already finished, or was never sent, is passed over (a client may cancel a
+    request just as it finishes), and a list aborts each of its ids."""
+    llm = AsyncLLM(kv_cache_tokens=2048)
+    long = SamplingParams(max_tokens=400, ignore_eos=True)
+
+    async def drain(rid):
+        return [o async for o in llm.generate("Once upon a time", long, rid)]
+
+    async def main():
+        done = [o async for o in llm.generate("Hi", SamplingParams(max_tokens=2), "done")]
+        assert done[-1].finished
+        llm.abort("done")  # finished: nothing to do, no error
+        llm.abort("never-sent")
+        a, b = asyncio.ensure_future(drain("a")), asyncio.ensure_future(drain("b"))
+        while llm.engine.stats()["kv_used_blocks"] == 0:
+            await asyncio.sleep(0.01)
+        llm.abort(["a", "b", "done"])
+        for task in (a, b):
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        assert not llm.engine.has_unfinished_requests() and not llm.times
+
+    try:
+        asyncio.run(main())
+        assert llm.engine.stats()["kv_used_blocks"] == 0, "the aborted requests' blocks came back"
+    finally:
+        llm.shutdown()

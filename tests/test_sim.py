@@ -189,6 +189,24 @@ def test_simulation_values_of_the_wrong_type_name_their_argument(sample):
     assert sim.simulate(sample.head(20), "past-future", clients=2, seed=np.int64(3)).summary["completed"] == 20
 
 
+def test_trace_counts_and_seeds_name_their_argument(sample):
+    """`Trace.head`, `Trace.with_arrivals` and `sim.synthetic` took their counts and seeds through
+    the binding's own conversion: -1 failed with "can't convert negative int to unsigned"."""
+    for call, message in [(lambda: sample.head(-1), "n must be a whole number >= 0"),
+                          (lambda: sample.with_arrivals(1.0, 1.0, -1), "seed must be a whole number >= 0"),
+                          (lambda: sim.synthetic("dist-1", -1), "n must be a whole number >= 0"),
+                          (lambda: sim.synthetic("dist-1", 5, seed=-2), "seed must be a whole number >= 0")]:
+        with pytest.raises(ValueError, match=message):
+            call()
+    for call, message in [(lambda: sample.head(True), "n must be an integer, got True"),
+                          (lambda: sample.head(2.0), "n must be an integer, got 2.0"),
+                          (lambda: sim.synthetic("dist-1", "5"), "n must be an integer, got '5'")]:
+        with pytest.raises(TypeError, match=message):
+            call()
+    assert len(sample.head(np.int64(3))) == 3 and len(sim.synthetic("dist-1", np.uint32(4), seed=2**64 - 1)) == 4
+    assert (sample.with_arrivals(2.0, seed=5).arrivals() == sample.with_arrivals(2.0, 1.0, 5).arrivals()).all()
+
+
 @pytest.mark.parametrize("name", ["bootstrap", "linear_tail", "redraw", "retry_failed"])
 def test_switches_must_be_booleans(sample, name):
     with pytest.raises(TypeError, match=f"{name} must be True or False, got 'yes'"):

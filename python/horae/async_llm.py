@@ -24,7 +24,7 @@ import time
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import AsyncIterator, Callable, Dict, List, Optional, Union
+from typing import AsyncIterator, Callable, Dict, Iterable, List, Optional, Union
 
 from horae.checks import waited_since
 from horae.llm import Engine, PromptType, RequestOutput, SamplingParams
@@ -183,14 +183,20 @@ class AsyncLLM:
         for f in self.abort_listeners:
             f(request_id)
 
-    def abort(self, request_id: str) -> None:
-        """Stop a request; its stream ends with an error."""
-        self.engine.abort(request_id)
-        self._aborted(request_id)
-        self.times.pop(request_id, None)
-        q = self._streams.get(request_id)
-        if q is not None:
-            q.put_nowait(asyncio.CancelledError(f"request {request_id} was aborted"))
+    def abort(self, request_id: Union[str, Iterable[str]]) -> None:
+        """Stop one request or several; each one's stream ends with an error. An id no longer in
+        flight is passed over, as vLLM's `AsyncLLM.abort` does: a request may finish between a
+        client's decision to cancel it and this call."""
+        for rid in [request_id] if isinstance(request_id, str) else list(request_id):
+            rid = str(rid)
+            if not self.engine.is_unfinished(rid):
+                continue
+            self.engine.abort(rid)
+            self._aborted(rid)
+            self.times.pop(rid, None)
+            q = self._streams.get(rid)
+            if q is not None:
+                q.put_nowait(asyncio.CancelledError(f"request {rid} was aborted"))
 
     # -- what a server needs besides `generate` (`horae.serve`'s engine client; the Ray ingress's
     # `RemoteLLM` offers the same over replicas) ---------------------------------------------

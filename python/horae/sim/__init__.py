@@ -324,13 +324,15 @@ def sweep(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(jobs), desc="simulating", unit="run", leave=False)
-    with ThreadPoolExecutor(max_workers=workers or min(len(jobs), os.cpu_count() or 1)) as pool:
-        for job, result in pool.map(run, jobs):
-            report.results[job] = result
-            if bar is not None:
-                bar.update()
-    if bar is not None:
-        bar.close()
+    try:
+        with ThreadPoolExecutor(max_workers=workers or min(len(jobs), os.cpu_count() or 1)) as pool:
+            for job, result in pool.map(run, jobs):
+                report.results[job] = result
+                if bar is not None:
+                    bar.update()
+    finally:  # a run's bad setting raises here: clear the bar first, so the error stands alone
+        if bar is not None:
+            bar.close()
     return report
 
 

@@ -27,9 +27,9 @@ use horae_core::sim::{
 };
 use horae_core::HoraeError;
 use numpy::{IntoPyArray, PyArrayMethods, PyReadonlyArray1};
-use pyo3::exceptions::PyValueError;
+use pyo3::exceptions::{PyOverflowError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::PyDict;
+use pyo3::types::{PyBool, PyDict};
 
 /// Past-Future's prior as Python gives it: a name ("uniform", "max-tokens") or output lengths
 /// (`horae.priors` resolves bundled names and CSV files to lengths first).
@@ -60,6 +60,26 @@ pub(crate) fn to_py(e: HoraeError) -> PyErr {
         });
     }
     err
+}
+
+/// `value` as the unsigned count or seed `name`. pyo3's own conversion fails a negative one with
+/// a bare "can't convert negative int to unsigned" that names no argument.
+/// A bool is refused, as `horae.checks.unsigned_ints` refuses it.
+fn unsigned(name: &str, value: &Bound<'_, PyAny>) -> PyResult<u64> {
+    let not_an_integer = || {
+        let shown = value.repr().map_or_else(|_| "?".to_string(), |r| r.to_string());
+        PyTypeError::new_err(format!("{name} must be an integer, got {shown}"))
+    };
+    if value.is_instance_of::<PyBool>() {
+        return Err(not_an_integer());
+    }
+    value.extract::<u64>().map_err(|e| {
+        if e.is_instance_of::<PyOverflowError>(value.py()) {
+            PyValueError::new_err(format!("{name} must be a whole number >= 0 (below 2^64), got {value}"))
+        } else {
+            not_an_integer()
+        }
+    })
 }
 
 /// A request trace: arrival times and prompt/output lengths.
@@ -103,12 +123,13 @@ impl PyTrace {
         self.inner.requests.iter().map(|r| r.output_len).collect::<Vec<_>>().into_pyarray(py)
     }
     /// The first `n` requests.
-    fn head(&self, n: usize) -> PyResult<Self> {
+    fn head(&self, n: &Bound<'_, PyAny>) -> PyResult<Self> {
+        let n = unsigned("n", n)?;
         if n == 0 {
             return Err(HoraeCoreError::new_err("head(n) needs n >= 1"));
         }
         let mut t = self.inner.clone();
-        t.requests.truncate(n);
+        t.requests.truncate(usize::try_from(n).unwrap_or(usize::MAX));
         Ok(Self { inner: t })
     }
     /// The same requests arriving `scale` times as fast.
@@ -119,8 +140,9 @@ impl PyTrace {
         Ok(Self { inner: sim::scale_rate(&self.inner, scale).map_err(to_py)? })
     }
     /// New arrival times from a Gamma process (burstiness 1 = Poisson) at `rate` requests/s.
-    #[pyo3(signature = (rate, burstiness = 1.0, seed = 0))]
-    fn with_arrivals(&self, rate: f64, burstiness: f64, seed: u64) -> PyResult<Self> {
+    #[pyo3(signature = (rate, burstiness = 1.0, seed = None))]
+    fn with_arrivals(&self, rate: f64, burstiness: f64, seed: Option<&Bound<'_, PyAny>>) -> PyResult<Self> {
+        let seed = seed.map(|s| unsigned("seed", s)).transpose()?.unwrap_or(0);
         let mut t = self.inner.clone();
         sim::assign_arrivals(&mut t, rate, burstiness, seed).map_err(to_py)?;
         Ok(Self { inner: t })
@@ -136,8 +158,10 @@ fn load_trace(py: Python<'_>, path: PathBuf, format: Option<&str>) -> PyResult<P
 }
 
 #[pyfunction]
-#[pyo3(signature = (dist, n, seed = 0))]
-fn synthetic_trace(dist: &str, n: usize, seed: u64) -> PyResult<PyTrace> {
+#[pyo3(signature = (dist, n, seed = None))]
+fn synthetic_trace(dist: &str, n: &Bound<'_, PyAny>, seed: Option<&Bound<'_, PyAny>>) -> PyResult<PyTrace> {
+    let n = usize::try_from(unsigned("n", n)?).map_err(|_| PyValueError::new_err("n is too large"))?;
+    let seed = seed.map(|s| unsigned("seed", s)).transpose()?.unwrap_or(0);
     let dist: LengthDist = dist.parse().map_err(to_py)?;
     Ok(PyTrace { inner: sim::synthetic(dist, n, seed).map_err(to_py)? })
 }
