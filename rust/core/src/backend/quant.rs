@@ -64,7 +64,19 @@ impl QuantKind {
     fn panel_block_bytes(self) -> usize {
         NR * self.block_bytes()
     }
+
+    /// Where a panel block's weight rows (`NR` bytes each) start: after the scales, and for Q4_1
+    /// the offsets (`OFFSETS`). With those two, the whole of `QPanels`' layout.
+    const fn weights_at(self) -> usize {
+        match self {
+            QuantKind::Q8_0 => 2 * NR,
+            QuantKind::Q4_1 => 4 * NR,
+        }
+    }
 }
+
+/// Where a Q4_1 panel block's 16 f16 offsets start, after its 16 f16 scales.
+const OFFSETS: usize = 2 * NR;
 
 /// One row (`x.len()` a multiple of 32) as GGML blocks, the way ggml's reference quantizers do it
 /// (Q8_0: `d = max |x| / 127`, `q = round(x / d)`; Q4_1: `m = min`, `d = (max - min) / 15`,
@@ -144,7 +156,7 @@ impl QPanels {
                 n * blocks * bb
             ));
         }
-        let pb = kind.panel_block_bytes();
+        let (pb, w0) = (kind.panel_block_bytes(), kind.weights_at());
         // Decode streams these every step: on 2 MiB pages, as the f32 and bf16 panels are.
         let mut data = super::huge::zeroed::<u8>(n.div_ceil(NR) * blocks * pb);
         for (col, row) in raw.chunks_exact(blocks * bb).enumerate() {
@@ -155,13 +167,13 @@ impl QPanels {
                 match kind {
                     QuantKind::Q8_0 => {
                         for (i, &q) in blk[2..].iter().enumerate() {
-                            dst[2 * NR + i * NR + j] = q;
+                            dst[w0 + i * NR + j] = q;
                         }
                     }
                     QuantKind::Q4_1 => {
-                        dst[2 * NR + 2 * j..2 * NR + 2 * j + 2].copy_from_slice(&blk[2..4]);
+                        dst[OFFSETS + 2 * j..OFFSETS + 2 * j + 2].copy_from_slice(&blk[2..4]);
                         for (i, &q) in blk[4..].iter().enumerate() {
-                            dst[4 * NR + i * NR + j] = q;
+                            dst[w0 + i * NR + j] = q;
                         }
                     }
                 }
@@ -201,18 +213,18 @@ impl QPanels {
     /// Row `i` of the `[n, k]` matrix, dequantized (an embedding lookup).
     pub fn row(&self, i: usize, out: &mut [f32]) {
         assert!(i < self.n && out.len() == self.k);
-        let (p, j, pb) = (i / NR, i % NR, self.kind.panel_block_bytes());
+        let (p, j, pb, w0) = (i / NR, i % NR, self.kind.panel_block_bytes(), self.kind.weights_at());
         for (kb, o) in out.chunks_exact_mut(QK).enumerate() {
             let blk = &self.data[self.offset(p, kb * QK)..][..pb];
             let d = f16::from_le_bytes([blk[2 * j], blk[2 * j + 1]]).to_f32();
             match self.kind {
                 QuantKind::Q8_0 => {
-                    o.iter_mut().enumerate().for_each(|(kk, o)| *o = d * (blk[2 * NR + kk * NR + j] as i8) as f32)
+                    o.iter_mut().enumerate().for_each(|(kk, o)| *o = d * (blk[w0 + kk * NR + j] as i8) as f32)
                 }
                 QuantKind::Q4_1 => {
-                    let m = f16::from_le_bytes([blk[2 * NR + 2 * j], blk[2 * NR + 2 * j + 1]]).to_f32();
+                    let m = f16::from_le_bytes([blk[OFFSETS + 2 * j], blk[OFFSETS + 2 * j + 1]]).to_f32();
                     for kk in 0..QK / 2 {
-                        let q = blk[4 * NR + kk * NR + j];
+                        let q = blk[w0 + kk * NR + j];
                         o[kk] = d * (q & 15) as f32 + m;
                         o[kk + QK / 2] = d * (q >> 4) as f32 + m;
                     }
@@ -423,7 +435,7 @@ impl Format for Q8 {
     #[inline(always)]
     unsafe fn weights<M: MulAdd>(blk: *const u8, kk: usize, d: &[f32; NR], _m: &[f32; NR]) -> [f32; NR] {
         // SAFETY: row kk of the [32][16] i8 weights after the scales.
-        let q = unsafe { &*(blk.add(2 * NR + kk * NR) as *const [i8; NR]) };
+        let q = unsafe { &*(blk.add(Self::KIND.weights_at() + kk * NR) as *const [i8; NR]) };
         std::array::from_fn(|j| d[j] * q[j] as f32)
     }
 }
@@ -436,12 +448,12 @@ impl Format for Q4 {
     #[inline(always)]
     unsafe fn scales(blk: *const u8) -> ([f32; NR], [f32; NR]) {
         // SAFETY: passed on.
-        unsafe { (load_f16x16(blk), load_f16x16(blk.add(2 * NR))) }
+        unsafe { (load_f16x16(blk), load_f16x16(blk.add(OFFSETS))) }
     }
     #[inline(always)]
     unsafe fn weights<M: MulAdd>(blk: *const u8, kk: usize, d: &[f32; NR], m: &[f32; NR]) -> [f32; NR] {
         // SAFETY: byte row kk % 16 of the [16][16] nibble pairs after the scales and offsets.
-        let q = unsafe { &*(blk.add(4 * NR + (kk % (QK / 2)) * NR) as *const [u8; NR]) };
+        let q = unsafe { &*(blk.add(Self::KIND.weights_at() + (kk % (QK / 2)) * NR) as *const [u8; NR]) };
         let shift = if kk < QK / 2 { 0 } else { 4 };
         std::array::from_fn(|j| M::madd(d[j], ((q[j] >> shift) & 15) as f32, m[j]))
     }
@@ -487,35 +499,57 @@ unsafe fn kernel<const R: usize, const P: usize, Q: Format, M: MulAdd>(t: &QTile
 #[cfg(target_arch = "x86_64")]
 mod simd {
     use super::super::gemm::PREFETCH;
-    use super::{Format, QTile, MR, NR, QK};
+    use super::{Format, QTile, QuantKind, MR, NR, OFFSETS, QK};
     use std::arch::x86_64::*;
 
-    /// A Q4_1 panel block's weight rows i and i + 16 (the low and high nibbles of byte row i)
-    /// widened as `d q + m`, one FMA each: the many-rows kernel's and `widen_avx512`'s widening.
+    /// A Q4_1 panel block's raw weight rows i and i + 16 (the low and high nibbles of byte row
+    /// i) as f32, unscaled: the one place the AVX-512 kernels read Q4_1's weight layout.
     ///
     /// # Safety
     /// `blk` points at a whole Q4_1 panel block, i < 16; called from AVX-512F code.
     #[inline(always)]
-    unsafe fn q4_rows(blk: *const u8, i: usize, d: __m512, m: __m512) -> (__m512, __m512) {
+    unsafe fn q4_raw(blk: *const u8, i: usize) -> (__m512, __m512) {
         // SAFETY: byte row i of the [16][16] nibble pairs after the scales and offsets.
         unsafe {
-            let q = _mm512_cvtepu8_epi32(_mm_loadu_si128(blk.add(4 * NR + i * NR) as *const __m128i));
-            let lo = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(q, _mm512_set1_epi32(15))), d, m);
-            (lo, _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32::<4>(q)), d, m))
+            let q =
+                _mm512_cvtepu8_epi32(_mm_loadu_si128(blk.add(QuantKind::Q4_1.weights_at() + i * NR) as *const __m128i));
+            let lo = _mm512_cvtepi32_ps(_mm512_and_si512(q, _mm512_set1_epi32(15)));
+            (lo, _mm512_cvtepi32_ps(_mm512_srli_epi32::<4>(q)))
         }
     }
 
-    /// A Q8_0 panel block's weight row kk widened as `d q`.
+    /// A Q8_0 panel block's raw weight row kk as f32, unscaled (as `q4_raw` for Q8_0).
     ///
     /// # Safety
     /// `blk` points at a whole Q8_0 panel block, kk < 32; called from AVX-512F code.
     #[inline(always)]
-    unsafe fn q8_row(blk: *const u8, kk: usize, d: __m512) -> __m512 {
+    unsafe fn q8_raw(blk: *const u8, kk: usize) -> __m512 {
         // SAFETY: row kk of the [32][16] i8 weights after the scales.
         unsafe {
-            let q = _mm512_cvtepi8_epi32(_mm_loadu_si128(blk.add(2 * NR + kk * NR) as *const __m128i));
-            _mm512_mul_ps(_mm512_cvtepi32_ps(q), d)
+            _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
+                blk.add(QuantKind::Q8_0.weights_at() + kk * NR) as *const __m128i
+            )))
         }
+    }
+
+    /// `q4_raw`'s rows widened as `d q + m`, one FMA each: the many-rows kernel's and
+    /// `widen_avx512`'s widening.
+    ///
+    /// # Safety
+    /// As `q4_raw`.
+    #[inline(always)]
+    unsafe fn q4_rows(blk: *const u8, i: usize, d: __m512, m: __m512) -> (__m512, __m512) {
+        let (lo, hi) = unsafe { q4_raw(blk, i) };
+        (_mm512_fmadd_ps(lo, d, m), _mm512_fmadd_ps(hi, d, m))
+    }
+
+    /// `q8_raw`'s row widened as `d q`.
+    ///
+    /// # Safety
+    /// As `q8_raw`.
+    #[inline(always)]
+    unsafe fn q8_row(blk: *const u8, kk: usize, d: __m512) -> __m512 {
+        _mm512_mul_ps(unsafe { q8_raw(blk, kk) }, d)
     }
 
     /// AVX-512: `P` panels of 16 columns, one register each, `R` rows.
@@ -525,7 +559,6 @@ mod simd {
     #[target_feature(enable = "avx512f")]
     pub unsafe fn avx512<const R: usize, const P: usize, Q: Format>(t: &QTile) {
         let pb = Q::KIND.panel_block_bytes();
-        let nibble = _mm512_set1_epi32(15);
         // Two accumulator sets, summed at the end: for many rows, Q4_1's low and high nibbles go
         // to one each; for one or two rows, `acc2` takes the offsets' term (`m * sum x`).
         let mut acc = [[_mm512_setzero_ps(); P]; R];
@@ -557,18 +590,10 @@ mod simd {
                     // Q4_1: nibbles i (low) and i + 16 (high); Q8_0: rows 2i and 2i + 1.
                     let (k1, k2) = if Q::Q4 { (i, i + QK / 2) } else { (2 * i, 2 * i + 1) };
                     let (w1, w2): ([__m512; P], [__m512; P]) = if Q::Q4 {
-                        let q: [__m512i; P] = std::array::from_fn(|p| unsafe {
-                            _mm512_cvtepu8_epi32(_mm_loadu_si128(blk[p].add(4 * NR + i * NR) as *const __m128i))
-                        });
-                        (
-                            std::array::from_fn(|p| _mm512_cvtepi32_ps(_mm512_and_si512(q[p], nibble))),
-                            std::array::from_fn(|p| _mm512_cvtepi32_ps(_mm512_srli_epi32::<4>(q[p]))),
-                        )
+                        let q: [(__m512, __m512); P] = std::array::from_fn(|p| unsafe { q4_raw(blk[p], i) });
+                        (std::array::from_fn(|p| q[p].0), std::array::from_fn(|p| q[p].1))
                     } else {
-                        let row = |p: usize, kk: usize| unsafe {
-                            let q = _mm_loadu_si128(blk[p].add(2 * NR + kk * NR) as *const __m128i);
-                            _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q))
-                        };
+                        let row = |p: usize, kk: usize| unsafe { q8_raw(blk[p], kk) };
                         (std::array::from_fn(|p| row(p, k1)), std::array::from_fn(|p| row(p, k2)))
                     };
                     for r in 0..R {
@@ -593,14 +618,14 @@ mod simd {
                         }
                         let xs = _mm512_set1_ps((part[0] + part[1]) + (part[2] + part[3]));
                         for (acc2, blk) in acc2.iter_mut().zip(&blk) {
-                            let m = unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(blk.add(2 * NR) as *const __m256i)) };
+                            let m = unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(blk.add(OFFSETS) as *const __m256i)) };
                             *acc2 = _mm512_fmadd_ps(m, xs, *acc2);
                         }
                     }
                 }
             } else if Q::Q4 {
                 let m: [__m512; P] = std::array::from_fn(|p| unsafe {
-                    _mm512_cvtph_ps(_mm256_loadu_si256(blk[p].add(2 * NR) as *const __m256i))
+                    _mm512_cvtph_ps(_mm256_loadu_si256(blk[p].add(OFFSETS) as *const __m256i))
                 });
                 for i in 0..QK / 2 {
                     let w: [(__m512, __m512); P] = std::array::from_fn(|p| unsafe { q4_rows(blk[p], i, d[p], m[p]) });
@@ -647,7 +672,7 @@ mod simd {
         unsafe {
             let d = _mm512_cvtph_ps(_mm256_loadu_si256(blk as *const __m256i));
             if Q::Q4 {
-                let m = _mm512_cvtph_ps(_mm256_loadu_si256(blk.add(2 * NR) as *const __m256i));
+                let m = _mm512_cvtph_ps(_mm256_loadu_si256(blk.add(OFFSETS) as *const __m256i));
                 for i in 0..QK / 2 {
                     let (lo, hi) = q4_rows(blk, i, d, m);
                     _mm512_storeu_ps(out.add(i * NR), lo);
@@ -680,9 +705,9 @@ mod simd {
             // 8 weights of one row: bytes at `p` widened (zero- or sign-extended) to f32.
             let widen_u8 = |p: *const u8| unsafe { _mm256_cvtepu8_epi32(_mm_loadl_epi64(p as *const __m128i)) };
             if Q::Q4 {
-                let m = [half(unsafe { blk.add(2 * NR) }), half(unsafe { blk.add(3 * NR) })];
+                let m = [half(unsafe { blk.add(OFFSETS) }), half(unsafe { blk.add(OFFSETS + NR) })];
                 for i in 0..QK / 2 {
-                    let row = unsafe { blk.add(4 * NR + i * NR) };
+                    let row = unsafe { blk.add(Q::KIND.weights_at() + i * NR) };
                     let q = [widen_u8(row), widen_u8(unsafe { row.add(8) })];
                     for (shift, kk) in [(0, i), (4, i + QK / 2)] {
                         let w: [__m256; 2] = std::array::from_fn(|h| {
@@ -698,7 +723,7 @@ mod simd {
                 }
             } else {
                 for kk in 0..QK {
-                    let row = unsafe { blk.add(2 * NR + kk * NR) };
+                    let row = unsafe { blk.add(Q::KIND.weights_at() + kk * NR) };
                     let w: [__m256; 2] = std::array::from_fn(|h| unsafe {
                         let q = _mm256_cvtepi8_epi32(_mm_loadl_epi64(row.add(8 * h) as *const __m128i));
                         _mm256_mul_ps(_mm256_cvtepi32_ps(q), d[h])
