@@ -25,7 +25,8 @@ Prints, all measured in the same run:
 - with llama-cpp-python installed and the default model, llama.cpp at equal precision on the same
   weights: on the very GGUF horae's Q4_1 blocks come from, and for float32 and bfloat16 on that
   GGUF as llama.cpp's own quantizer rewrites it in F32 and BF16: 512-token prefill and batch-1
-  decode (for q4_1 after 2,000 tokens too), with each of horae's dtypes as a ratio to them.
+  decode (for q4_1 after 2,000 tokens too), with each of horae's dtypes as a ratio to them, run
+  right after that dtype's own runs.
 """
 
 from __future__ import annotations
@@ -294,6 +295,7 @@ def run(model=None, batches: List[int] = (1, 8, 32), new_tokens: int = 64, prefi
         for name, t in tiled:
             print(f"  tiled {name:>8} {t * 1e3:6.1f} ms = {flops / t / 1e9:6.1f} GFLOP/s, {rows / t:5.1f}x the row kernel")
 
+    peer = True  # llama.cpp is compared until it turns out not to be installed
     for dtype in dtypes:
         engine = Engine(model_dir, kv_cache_tokens=max(8192, max(batches) * (16 + new_tokens) * 2, long_prefill + 16,
                                                         long_decode + 16),
@@ -354,6 +356,11 @@ def run(model=None, batches: List[int] = (1, 8, 32), new_tokens: int = 64, prefi
         gc.collect()
         peaks.append(gemm_peak())
         bandwidths.append(_core.bench_read_bandwidth())
+        # llama.cpp at this precision right after horae's runs (this engine's threads are gone):
+        # this machine drifts by a third within minutes, and a peer run after every dtype's came
+        # minutes later than the runs it is compared with.
+        if peer and model is None and dtype in _PEER_FTYPES:
+            peer = _compare_llamacpp(res, dtype, prefill, new_tokens, long_decode)
     # The strict peak: the highest of faer's runs and of every packed kernel at 512 rows (horae's
     # own AVX-512 kernel outruns faer).
     packed = max(v for k, v in res["linear"][512].items() if k != "faer_f32")
@@ -385,8 +392,6 @@ def run(model=None, batches: List[int] = (1, 8, 32), new_tokens: int = 64, prefi
             r[f"decode_{b}_roofline_tok_s"] = roof
             cells.append(f"@{b} {r[f'decode_{b}_tok_s'] / roof:.2f} of {roof:.0f} tok/s")
         print(f"  {dtype:>8}: " + "  ".join(cells))
-    if model is None and any(d in _PEER_FTYPES for d in res["dtypes"]):
-        _compare_llamacpp(res, prefill, new_tokens, long_decode)
     if hf:
         peer = _hf_decode_rates(model_dir, batches, new_tokens)
         if peer is None:
@@ -402,33 +407,32 @@ def run(model=None, batches: List[int] = (1, 8, 32), new_tokens: int = 64, prefi
     return res
 
 
-def _compare_llamacpp(res: dict, prefill: int, new_tokens: int, long_decode: int) -> None:
-    """llama.cpp at the precision of each of the run's dtypes that it has (`_PEER_FTYPES`), on the
-    same weights: 512-token prefill and batch-1 decode, with horae's as a ratio to them; after a
-    long prompt too for q4_1, the default model's own format."""
+def _compare_llamacpp(res: dict, dtype: str, prefill: int, new_tokens: int, long_decode: int) -> bool:
+    """llama.cpp at `dtype`'s precision (`_PEER_FTYPES`) on the same weights: 512-token prefill and
+    batch-1 decode, with horae's as a ratio to them; after a long prompt too for q4_1, the
+    default model's own format. False if llama-cpp-python is not installed."""
     from horae.models import _find_default_gguf, cache_dir
 
     gguf = _find_default_gguf(cache_dir() / "downloads")
-    for dtype, ftype in _PEER_FTYPES.items():
-        if dtype not in res["dtypes"]:
-            continue
-        long = long_decode if ftype is None else 0
-        peer = _llamacpp_peer(gguf, prefill, new_tokens, long, ftype)
-        if peer is None:
-            print("llama.cpp: not installed (pip install llama-cpp-python to compare on the same weights)")
-            return
-        res.setdefault("llama_cpp", {})[dtype] = peer
-        if "error" in peer:
-            print(f"llama.cpp, {dtype}: {peer['error']}; no comparison")
-            continue
-        ours = res["dtypes"][dtype]
-        source = ("the same GGUF (Q4_1 layers, Q8_0 embedding)" if ftype is None
-                  else f"the same GGUF requantized by llama.cpp to {ftype.rsplit('_', 1)[-1]}")
-        print(f"llama.cpp {peer['version']}, {dtype}, on {source}, {os.cpu_count()} threads: prefill {prefill} "
-              f"tokens {peer['prefill_tok_s']:.1f} tok/s, decode at 1 sequence {peer['decode_1_tok_s']:.1f} tok/s; "
-              f"horae {dtype} / llama.cpp: prefill {ours['prefill_tok_s'] / peer['prefill_tok_s']:.2f}x, decode "
-              f"{ours['decode_1_tok_s'] / peer['decode_1_tok_s']:.2f}x")
-        key = f"decode_1_after_{long_decode}_tok_s"
-        if long and key in ours:
-            print(f"  decode at 1 sequence after a {long_decode}-token prompt: llama.cpp {peer[key]:.1f} tok/s, "
-                  f"horae {dtype} / llama.cpp {ours[key] / peer[key]:.2f}x")
+    ftype = _PEER_FTYPES[dtype]
+    long = long_decode if ftype is None else 0
+    peer = _llamacpp_peer(gguf, prefill, new_tokens, long, ftype)
+    if peer is None:
+        print("llama.cpp: not installed (pip install llama-cpp-python to compare on the same weights)")
+        return False
+    res.setdefault("llama_cpp", {})[dtype] = peer
+    if "error" in peer:
+        print(f"llama.cpp, {dtype}: {peer['error']}; no comparison")
+        return True
+    ours = res["dtypes"][dtype]
+    source = ("the same GGUF (Q4_1 layers, Q8_0 embedding)" if ftype is None
+              else f"the same GGUF requantized by llama.cpp to {ftype.rsplit('_', 1)[-1]}")
+    print(f"llama.cpp {peer['version']}, {dtype}, on {source}, {os.cpu_count()} threads: prefill {prefill} "
+          f"tokens {peer['prefill_tok_s']:.1f} tok/s, decode at 1 sequence {peer['decode_1_tok_s']:.1f} tok/s; "
+          f"horae {dtype} / llama.cpp: prefill {ours['prefill_tok_s'] / peer['prefill_tok_s']:.2f}x, decode "
+          f"{ours['decode_1_tok_s'] / peer['decode_1_tok_s']:.2f}x")
+    key = f"decode_1_after_{long_decode}_tok_s"
+    if long and key in ours:
+        print(f"  decode at 1 sequence after a {long_decode}-token prompt: llama.cpp {peer[key]:.1f} tok/s, "
+              f"horae {dtype} / llama.cpp {ours[key] / peer[key]:.2f}x")
+    return True
