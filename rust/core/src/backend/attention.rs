@@ -293,10 +293,14 @@ mod simd {
     /// L1 while each head's scores for the block are taken (one accumulator a position, reduced
     /// together by `$sums`, a transpose by shuffles), and each V row is loaded once into
     /// registers and added into every head's output (`G x $dims / $lanes` accumulators). The
-    /// rows `AHEAD` positions on are prefetched. Head by head, each row was read once a head
-    /// and each score reduced on its own; batch-1 decode of the default model (Q4_1) on the
-    /// 2-core Xeon after 2,000 / 4,000 tokens of context went from 75-85 / 51-56 tok/s to 90-95
-    /// / 62-65 (AVX-512), and from 58-62 / 41-42 to 60-66 / 44-47 with the AVX2 kernel.
+    /// rows `AHEAD` positions on are prefetched, and on KV head 0's walk the rest of each row
+    /// too, into L2, for the walks of the other KV heads over the same positions (batch-1
+    /// decode of the default model after 2,000 tokens, Zen 4: 93-97 -> 98-105 tok/s in four
+    /// alternations; after 4,000, 55-63 -> 60-66, faster in three pairs of four). Head by
+    /// head, each row was read once a head and each score reduced on its own; batch-1 decode
+    /// of the default model (Q4_1) on the 2-core Xeon after 2,000 / 4,000 tokens of context
+    /// went from 75-85 / 51-56 tok/s to 90-95 / 62-65 (AVX-512), and from 58-62 / 41-42 to
+    /// 60-66 / 44-47 with the AVX2 kernel.
     macro_rules! attend_piece {
         ($any:ident, $chunk:expr, $name:ident, $features:literal, $dims:expr, $lanes:expr, $v:ty, $zero:ident,
          $load:ident, $fmadd:ident, $mul:ident, $splat:ident, $store:ident, $reduce:expr, $sums:ident) => {
@@ -339,6 +343,15 @@ mod simd {
                         let a = k_cache.wrapping_add(ahead + kvh * d) as *const i8;
                         for l in (0..d * 4).step_by(64) {
                             _mm_prefetch::<_MM_HINT_T0>(a.wrapping_add(l));
+                        }
+                        if kvh == 0 {
+                            // The first of a piece's walks (one per KV head) asks for the rest of
+                            // each row too, into L2, where the piece is sized to stay: the later
+                            // walks then read their thirds from there, not again from memory.
+                            let row = k_cache.wrapping_add(ahead) as *const i8;
+                            for l in (d * 4..kv.shape.num_kv_heads * d * 4).step_by(64) {
+                                _mm_prefetch::<_MM_HINT_T1>(row.wrapping_add(l));
+                            }
                         }
                     }
                     for h in 0..G {
@@ -383,6 +396,13 @@ mod simd {
                             let a = v_cache.wrapping_add(ahead + kvh * d + i) as *const i8;
                             for l in (0..$dims * 4).step_by(64) {
                                 _mm_prefetch::<_MM_HINT_T0>(a.wrapping_add(l));
+                            }
+                            if kvh == 0 && i == 0 {
+                                // As for K above.
+                                let row = v_cache.wrapping_add(ahead) as *const i8;
+                                for l in (d * 4..kv.shape.num_kv_heads * d * 4).step_by(64) {
+                                    _mm_prefetch::<_MM_HINT_T1>(row.wrapping_add(l));
+                                }
                             }
                         }
                         // SAFETY: as for K above.
