@@ -226,6 +226,9 @@ def test_bad_sweep_input(sample):
         sim.synthetic("dist-9", 10)
     with pytest.raises(ValueError):
         sample.head(0)
+    # A setting every run refuses: the sweep raises the run's error (the runs not started dropped).
+    with pytest.raises(ValueError, match="seed must be a whole number >= 0"):
+        sim.sweep(sample, rate_scales=[1.0, 2.0, 3.0], progress=False, workers=1, seed=-1)
 
 
 def test_linear_cost_model_fit_and_use(sample):

@@ -324,13 +324,16 @@ def sweep(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(jobs), desc="simulating", unit="run", leave=False)
+    pool = ThreadPoolExecutor(max_workers=workers or min(len(jobs), os.cpu_count() or 1))
     try:
-        with ThreadPoolExecutor(max_workers=workers or min(len(jobs), os.cpu_count() or 1)) as pool:
-            for job, result in pool.map(run, jobs):
-                report.results[job] = result
-                if bar is not None:
-                    bar.update()
-    finally:  # a run's bad setting raises here: clear the bar first, so the error stands alone
+        for job, result in pool.map(run, jobs):
+            report.results[job] = result
+            if bar is not None:
+                bar.update()
+    finally:
+        # A run that raised: the runs not started are dropped (those running end on their own),
+        # and the bar is cleared, so that the error stands alone.
+        pool.shutdown(wait=True, cancel_futures=True)
         if bar is not None:
             bar.close()
     return report
