@@ -265,7 +265,14 @@ def test_values_of_the_wrong_type_name_their_field(llm):
         LLM(kv_cache_tokens=-5)
     with pytest.raises(TypeError, match="block_size must be an integer, got '16'"):
         LLM(block_size="16")
+    with pytest.raises(ValueError, match="max_tokens must be a 64-bit integer, got True"):
+        llm.generate("hi", SamplingParams(max_tokens=True), use_tqdm=False)
     assert not llm.engine.has_unfinished_requests()
+    # numpy's integers are integers, as the engine's counts take them (a value read from an
+    # array of settings); they were refused as "must be a 64-bit integer".
+    p = SamplingParams(max_tokens=np.int64(3), n=np.int32(1), stop_token_ids=[np.int64(2)], temperature=0,
+                       ignore_eos=True)
+    assert len(llm.generate("hi", p, use_tqdm=False)[0].outputs[0].token_ids) == 3
 
 
 def test_one_sampling_params_per_prompt(llm):

@@ -64,7 +64,7 @@ class SamplingParams:
     priority: int = 0
 
     def __post_init__(self):
-        if not isinstance(self.n, int) or isinstance(self.n, bool) or self.n < 1:
+        if not _is_int(self.n) or self.n < 1:
             raise ValueError(f"n must be an integer >= 1, got {self.n!r}")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
@@ -78,7 +78,9 @@ class SamplingParams:
 
 
 def _is_int(v: object) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+    """An integer, numpy's included (a value read from an array of settings), not a bool: the
+    rule `checks.unsigned_ints` applies to the engine's counts."""
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
 
 # -- outputs ---------------------------------------------------------------------------------
