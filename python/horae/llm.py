@@ -274,7 +274,7 @@ class Engine:
     def __init__(self, model: Optional[Union[str, Path]] = None, *, scheduler: str = "past-future",
                  kv_cache_tokens: Optional[int] = None, block_size: int = 16, max_num_seqs: int = 64,
                  max_num_batched_tokens: int = 2048, seed: Optional[int] = None, dtype: str = "auto",
-                 history_window: int = 1000, max_output_bound: Optional[int] = None,
+                 kv_cache_dtype: str = "auto", history_window: int = 1000, max_output_bound: Optional[int] = None,
                  speculative: Optional[Dict[str, Any]] = None, device: str = "auto",
                  gpu_memory_utilization: float = 0.9, max_model_len: Optional[int] = None,
                  queue_timeout: Optional[float] = None, max_itl_abort: Optional[float] = None,
@@ -301,6 +301,11 @@ class Engine:
         # model runs on AMX bf16 tiles, each f32 product as three bf16 ones (hi hi + lo hi +
         # hi lo, about 2^-17 of each term; also within the goldens). HORAE_CPU_KERNEL=avx512
         # turns every AMX kernel off. On a GPU: "auto" = "bfloat16", or "float16".
+        # kv_cache_dtype: what the KV cache holds (vLLM's option). "auto" is the model's: bf16 for a
+        # "bfloat16" model (as HF transformers' bf16 keeps it), f32 for the others on the CPU
+        # (their goldens' precision), the weights' 16-bit type on a GPU. "bfloat16" halves an f32
+        # or quantized model's KV memory and what a decode step reads of a long history, at
+        # bf16's rounding of K and V; "float32" keeps a bf16 model's K and V exact. CPU only.
         # history_window / max_output_bound: Past-Future's length history (finished lengths kept)
         # and what it is primed with before any request finished (default: the model's context).
         # speculative: speculative decoding, e.g. {"method": "ngram", "k_max": 4, "adaptive": True}
@@ -346,6 +351,7 @@ class Engine:
         self._core = _core.Engine(str(self.model_dir), scheduler=scheduler, kv_cache_tokens=kv_cache_tokens,
                                   block_size=block_size, max_num_seqs=max_num_seqs,
                                   max_batched_tokens=max_num_batched_tokens, seed=seed, dtype=dtype,
+                                  kv_cache_dtype=kv_cache_dtype,
                                   history_window=history_window, max_output_bound=max_output_bound,
                                   speculative=speculative, device=device,
                                   gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
@@ -370,6 +376,11 @@ class Engine:
     def dtype(self) -> str:
         """How the weights are held: "float32", "bfloat16", "q8_0", "q4_1" or (GPU) "float16"."""
         return self._core.dtype
+
+    @property
+    def kv_cache_dtype(self) -> str:
+        """What the KV cache holds: "float32", "bfloat16" or (GPU) "float16"."""
+        return self._core.kv_cache_dtype
 
     @property
     def decode_weight_bytes(self) -> Optional[int]:

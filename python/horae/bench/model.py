@@ -300,8 +300,8 @@ def run(model=None, batches: List[int] = (1, 8, 32), new_tokens: int = 64, prefi
         engine = Engine(model_dir, kv_cache_tokens=max(8192, max(batches) * (16 + new_tokens) * 2, long_prefill + 16,
                                                         long_decode + 16),
                         max_num_seqs=max(batches), dtype=dtype)
-        r = {}
-        print(f"-- weights {dtype}")
+        r = {"kv_cache_dtype": engine.kv_cache_dtype}
+        print(f"-- weights {dtype}, KV cache {engine.kv_cache_dtype}")
         _prefill_rate(engine, 64, salt=1)  # warm-up: thread pool, buffers
         # Medians of several prompts: one 512-token prefill takes a few hundred ms, and single
         # runs on a shared machine were 1.3x apart within minutes, which moved the ratio below.

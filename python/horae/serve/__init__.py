@@ -108,6 +108,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16", "q8_0", "q4_1"],
                    help="auto: the checkpoint's on the CPU (a GGUF's Q4_1/Q8_0 blocks included), bfloat16 on a GPU; "
                         "float16 is GPU-only; q8_0 quantizes at load")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="what the KV cache holds: auto is the model's (bfloat16 for a bfloat16 model, else float32 "
+                        "on the CPU); bfloat16 halves it for the others (CPU only)")
     p.add_argument("--speculative", type=_json_dict, metavar="JSON",
                    help='speculative decoding, e.g. \'{"method": "ngram", "k_max": 4}\' (adaptive k by default)')
     p.add_argument("--host", default="127.0.0.1")
@@ -154,6 +157,7 @@ def engine_args(args: argparse.Namespace) -> dict:
         raise ValueError("--max-queue and --max-body-bytes must be at least 1")
     return dict(scheduler=args.scheduler, kv_cache_tokens=args.kv_cache_tokens,
                 max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens, dtype=args.dtype,
+                kv_cache_dtype=args.kv_cache_dtype,
                 history_window=args.history_window, max_output_bound=args.max_output_bound,
                 speculative=args.speculative, device=args.device, seed=args.seed,
                 gpu_memory_utilization=args.gpu_memory_utilization, max_model_len=args.max_model_len,

@@ -13,6 +13,7 @@ use crate::backend::attention::AttnSeq;
 use crate::backend::cuda::ops::{Dt, Ptr};
 use crate::backend::cuda::sampler;
 use crate::backend::gemm::WeightDtype;
+use crate::backend::kv_cache::KvDtype;
 use crate::error::{HoraeError, Result};
 use crate::model::cuda_llama::CudaLlama;
 use crate::model::llama::{BatchInput, KvCache, LlamaModel};
@@ -53,10 +54,20 @@ pub enum Proposer {
 
 impl ModelExecutor {
     /// Load the model folder (weights kept as `dtype`, `None` = the checkpoint's) and allocate a
-    /// KV cache of `num_blocks` blocks.
-    pub fn load(dir: &Path, dtype: Option<WeightDtype>, num_blocks: usize, block_size: usize) -> Result<Self> {
-        let model = Arc::new(LlamaModel::load(dir, dtype)?);
-        let cache = KvCache::new(&model.cfg, num_blocks, block_size);
+    /// KV cache of `num_blocks` blocks holding `kv_dtype` (`None` = the model's default).
+    pub fn load(
+        dir: &Path,
+        dtype: Option<WeightDtype>,
+        kv_dtype: Option<KvDtype>,
+        num_blocks: usize,
+        block_size: usize,
+    ) -> Result<Self> {
+        let mut model = LlamaModel::load(dir, dtype)?;
+        if let Some(kv) = kv_dtype {
+            model = model.with_kv_dtype(kv);
+        }
+        let model = Arc::new(model);
+        let cache = KvCache::new(&model.cfg, num_blocks, block_size, model.kv_dtype());
         let cfg = model.cfg.clone();
         Ok(Self::with_runtime(dir, cfg, Runtime::Cpu { model, cache }))
     }
@@ -125,6 +136,14 @@ impl ModelExecutor {
                 Dt::Bf16 => "bfloat16",
                 Dt::F16 => "float16",
             },
+        }
+    }
+
+    /// What the KV cache holds: on a GPU, the weights' 16-bit type.
+    pub fn kv_dtype_name(&self) -> &'static str {
+        match &self.runtime {
+            Runtime::Cpu { model, .. } => model.kv_dtype().name(),
+            Runtime::Cuda(_) => self.dtype_name(),
         }
     }
 }

@@ -15,6 +15,7 @@ use horae_core::backend::cuda::device::Gpu;
 use horae_core::backend::cuda::ops::{self, AttnDims, AttnIo, DecodeScratch, Dt, PrefillMeta, Ptr};
 use horae_core::backend::cuda::sampler;
 use horae_core::backend::gemm::Products;
+use horae_core::backend::kv_cache::KvRows;
 use horae_core::engine::{Engine, WallClock};
 use horae_core::model::cuda_llama::{CudaLlama, KvBudget};
 use horae_core::request::{Prompt, RequestSpec};
@@ -282,7 +283,18 @@ impl AttnCase {
             row += n;
         }
         let mut want = vec![0.0; rows * nh * hd];
-        paged_attention(&q, &attn_seqs, &k_cache, &v_cache, bs, nh, nkv, hd, Products::F32, &mut want);
+        paged_attention(
+            &q,
+            &attn_seqs,
+            KvRows::F32(&k_cache),
+            KvRows::F32(&v_cache),
+            bs,
+            nh,
+            nkv,
+            hd,
+            Products::F32,
+            &mut want,
+        );
 
         let (q_d, kc_d, vc_d) = (up16(g, dt, &q), up16(g, dt, &k_cache), up16(g, dt, &v_cache));
         let out_d = g.stream.alloc_zeros::<u16>(rows * nh * hd).unwrap();
@@ -504,7 +516,8 @@ fn tiny_random_llama_greedy_matches_cpu() {
     // Prompts longer than a prefill tile and a block, batched with short ones.
     let prompts: Vec<Vec<u32>> =
         (0..6).map(|i| (0..(3 + i * 23)).map(|j| ((j * 7 + i * 13) % 512) as u32).collect()).collect();
-    let cpu_exec = ModelExecutor::load(&dir, Some(horae_core::backend::gemm::WeightDtype::Bf16), 256, 16).unwrap();
+    let cpu_exec =
+        ModelExecutor::load(&dir, Some(horae_core::backend::gemm::WeightDtype::Bf16), None, 256, 16).unwrap();
     let want = generate(cpu_exec, &prompts, 24);
     for dt in DTS {
         let model = CudaLlama::load(gpu(), &dir, dt, KvBudget::Tokens(16 * 256), 16, 2048).unwrap();

@@ -37,13 +37,13 @@ fn engine(dir: &Path, method: &Method, spec: Option<SpecConfig>, policy: PolicyK
         ..Default::default()
     };
     let blocks = kv_tokens / 16;
-    let mut exec = ModelExecutor::load(dir, None, blocks, 16).unwrap();
+    let mut exec = ModelExecutor::load(dir, None, None, blocks, 16).unwrap();
     match method {
         Method::Off => {}
         Method::Ngram => exec.set_proposer(Proposer::Ngram { min_n: 1, max_n: 3 }),
         Method::Draft(d, layers) => {
             let k = spec.as_ref().unwrap().k_max;
-            let draft = DraftModel::load(d, None, *layers, exec.cfg.vocab_size, blocks, 16, 256, k).unwrap();
+            let draft = DraftModel::load(d, None, None, *layers, exec.cfg.vocab_size, blocks, 16, 256, k).unwrap();
             exec.set_proposer(Proposer::Draft(Box::new(draft)));
         }
     }

@@ -118,7 +118,7 @@ impl PyEngine {
     #[new]
     #[pyo3(signature = (model_dir, *, scheduler = "past-future", kv_cache_tokens = None, block_size = 16,
                         max_num_seqs = 64, max_batched_tokens = 2048, seed = None, dtype = "auto",
-                        history_window = 1000, max_output_bound = None, speculative = None,
+                        kv_cache_dtype = "auto", history_window = 1000, max_output_bound = None, speculative = None,
                         device = "auto", gpu_memory_utilization = 0.9, max_model_len = None, queue_timeout = None,
                         max_itl_abort = None, history_file = None, history_prior = None,
                         history_prior_weight = None, long_prefill_token_threshold = None, queue = "fcfs",
@@ -134,6 +134,7 @@ impl PyEngine {
         max_batched_tokens: usize,
         seed: Option<u64>,
         dtype: &str,
+        kv_cache_dtype: &str,
         history_window: usize,
         max_output_bound: Option<usize>,
         speculative: Option<Bound<'_, PyDict>>,
@@ -162,6 +163,7 @@ impl PyEngine {
             max_batched_tokens,
             seed,
             dtype: dtype.to_string(),
+            kv_cache_dtype: kv_cache_dtype.to_string(),
             history_window,
             max_output_bound,
             speculative,
@@ -190,6 +192,11 @@ impl PyEngine {
     #[getter]
     fn dtype(&self) -> &'static str {
         self.info.dtype
+    }
+    /// What the KV cache holds: "float32", "bfloat16" or (GPU) "float16".
+    #[getter]
+    fn kv_cache_dtype(&self) -> &'static str {
+        self.info.kv_cache_dtype
     }
     /// On the CPU: bytes of weights one decode step reads (None on a GPU).
     #[getter]

@@ -8,6 +8,7 @@ use rayon::prelude::*;
 
 use super::gemm::Isa;
 use super::gemm::Products;
+use super::kv_cache::{KvElem, KvRows};
 use super::prefill_attention::{self, Paged};
 
 /// Where one sequence's rows of a flattened batch read their KV.
@@ -31,14 +32,14 @@ struct AttnShape {
 
 /// Paged attention (causal: the token at position `p` attends to positions `0..=p` of its own
 /// sequence, read from the paged cache). Cache layout per layer:
-/// `[num_blocks, block_size, num_kv_heads, head_dim]`. `products` is the prefill tiles'
-/// arithmetic (decode rows are f32 either way).
+/// `[num_blocks, block_size, num_kv_heads, head_dim]`, f32 or bf16 (`kv_cache`). `products` is
+/// the prefill tiles' arithmetic (decode rows are f32 either way).
 #[allow(clippy::too_many_arguments)]
 pub fn paged_attention(
     q: &[f32],
     seqs: &[AttnSeq<'_>],
-    k_cache: &[f32],
-    v_cache: &[f32],
+    k_cache: KvRows<'_>,
+    v_cache: KvRows<'_>,
     block_size: usize,
     num_heads: usize,
     num_kv_heads: usize,
@@ -68,7 +69,17 @@ pub fn paged_attention(
 /// `bench::attention` measures the tiles against. Rows outside `seqs` are left as they are.
 pub fn attention_by_rows(q: &[f32], seqs: &[AttnSeq<'_>], kv: Paged<'_>, out: &mut [f32]) {
     let Paged { k, v, block_size, num_heads, num_kv_heads, head_dim } = kv;
-    let cache = PagedKv { k, v, shape: AttnShape { block_size, num_heads, num_kv_heads, head_dim } };
+    let shape = AttnShape { block_size, num_heads, num_kv_heads, head_dim };
+    match (k, v) {
+        (KvRows::F32(k), KvRows::F32(v)) => rows_in(q, seqs, PagedKv { k, v, shape }, out),
+        (KvRows::Bf16(k), KvRows::Bf16(v)) => rows_in(q, seqs, PagedKv { k, v, shape }, out),
+        _ => panic!("K and V caches in different dtypes"),
+    }
+}
+
+/// `attention_by_rows` over a cache of `E`, with the kernel the CPU runs.
+fn rows_in<E: KvElem>(q: &[f32], seqs: &[AttnSeq<'_>], cache: PagedKv<'_, E>, out: &mut [f32]) {
+    let head_dim = cache.shape.head_dim;
     let threads = rayon::current_num_threads();
     #[cfg(target_arch = "x86_64")]
     {
@@ -93,13 +104,20 @@ pub fn attention_by_rows(q: &[f32], seqs: &[AttnSeq<'_>], kv: Paged<'_>, out: &m
     by_pieces(q, seqs, cache, out, threads, |q, slots, kvh, part| attend_piece(q, slots, kvh, cache, part))
 }
 
-/// One layer's paged K and V caches and their shape.
-#[derive(Clone, Copy)]
-struct PagedKv<'a> {
-    k: &'a [f32],
-    v: &'a [f32],
+/// One layer's paged K and V caches (values of `E`: f32 or bf16) and their shape.
+struct PagedKv<'a, E> {
+    k: &'a [E],
+    v: &'a [E],
     shape: AttnShape,
 }
+
+// Derived, they would ask `E: Copy` of every use.
+impl<E> Clone for PagedKv<'_, E> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<E> Copy for PagedKv<'_, E> {}
 
 /// KV positions a piece takes at least: fewer and the task costs more than it saves.
 const MIN_PIECE: usize = 128;
@@ -128,7 +146,7 @@ struct Piece {
 /// the positions at cache offsets `slots`, then their max and sum of weights (`head_dim + 2`
 /// values a head). Pieces are merged, each rescaled to the common max, as the tiles' online
 /// softmax does.
-fn by_pieces<F>(q: &[f32], seqs: &[AttnSeq<'_>], cache: PagedKv<'_>, out: &mut [f32], threads: usize, kernel: F)
+fn by_pieces<E, F>(q: &[f32], seqs: &[AttnSeq<'_>], cache: PagedKv<'_, E>, out: &mut [f32], threads: usize, kernel: F)
 where
     F: Fn(&[f32], &[usize], usize, &mut [f32]) + Sync,
 {
@@ -144,7 +162,7 @@ where
     let per_row = (4 * threads).div_ceil(rows.max(1));
     // At most this many positions a piece, so its K and V rows stay in L2 while it walks them
     // once per KV head.
-    let max_piece = (PIECE_BYTES / (4 * num_kv_heads * d)).max(MIN_PIECE);
+    let max_piece = (PIECE_BYTES / (size_of::<E>() * num_kv_heads * d)).max(MIN_PIECE);
     let mut pieces = Vec::new();
     for (seq, s) in seqs.iter().enumerate() {
         for t in 0..s.num_tokens {
@@ -210,7 +228,7 @@ fn kv_offsets(s: &AttnSeq<'_>, len: usize, shape: &AttnShape) -> Vec<usize> {
 /// One query row (all heads) at position `pos` over positions `0..=pos` of its sequence: the
 /// reference the kernels are tested against, in the plainest arithmetic.
 #[cfg(test)]
-fn attend_row(q: &[f32], s: &AttnSeq<'_>, pos: usize, kv: PagedKv<'_>, o: &mut [f32]) {
+fn attend_row<E: KvElem>(q: &[f32], s: &AttnSeq<'_>, pos: usize, kv: PagedKv<'_, E>, o: &mut [f32]) {
     let PagedKv { k: k_cache, v: v_cache, shape } = kv;
     let AttnShape { num_heads, num_kv_heads, head_dim, .. } = shape;
     let group = num_heads / num_kv_heads;
@@ -223,7 +241,7 @@ fn attend_row(q: &[f32], s: &AttnSeq<'_>, pos: usize, kv: PagedKv<'_>, o: &mut [
         let k = &k_cache[slot..slot + kv_row];
         for (h, qh) in q.chunks_exact(head_dim).enumerate() {
             let kh = &k[(h / group) * head_dim..][..head_dim];
-            scores[h * len + p] = qh.iter().zip(kh).map(|(a, b)| a * b).sum::<f32>() * scale;
+            scores[h * len + p] = qh.iter().zip(kh).map(|(a, b)| a * b.to_f32()).sum::<f32>() * scale;
         }
     }
     for sc in scores.chunks_exact_mut(len) {
@@ -242,7 +260,7 @@ fn attend_row(q: &[f32], s: &AttnSeq<'_>, pos: usize, kv: PagedKv<'_>, o: &mut [
         for (h, oh) in o.chunks_exact_mut(head_dim).enumerate() {
             let w = scores[h * len + p];
             let vh = &v[(h / group) * head_dim..][..head_dim];
-            oh.iter_mut().zip(vh).for_each(|(o, v)| *o += w * v);
+            oh.iter_mut().zip(vh).for_each(|(o, v)| *o += w * v.to_f32());
         }
     }
 }
@@ -250,14 +268,14 @@ fn attend_row(q: &[f32], s: &AttnSeq<'_>, pos: usize, kv: PagedKv<'_>, o: &mut [
 /// `by_pieces`'s kernel in plain arithmetic: for each query head of `q` (`head_dim` values each,
 /// all reading KV head `kvh`), its output over the positions at cache offsets `slots`, weighted
 /// by exp(score - max) and not yet divided by their sum, then that max and sum.
-fn attend_piece(q: &[f32], slots: &[usize], kvh: usize, kv: PagedKv<'_>, part: &mut [f32]) {
+fn attend_piece<E: KvElem>(q: &[f32], slots: &[usize], kvh: usize, kv: PagedKv<'_, E>, part: &mut [f32]) {
     let d = kv.shape.head_dim;
     let scale = 1.0 / (d as f32).sqrt();
     let mut scores = vec![0.0f32; slots.len()];
     for (qh, part) in q.chunks_exact(d).zip(part.chunks_exact_mut(d + 2)) {
         for (sc, &slot) in scores.iter_mut().zip(slots) {
             let k = &kv.k[slot + kvh * d..][..d];
-            *sc = qh.iter().zip(k).map(|(a, b)| a * b).sum::<f32>() * scale;
+            *sc = qh.iter().zip(k).map(|(a, b)| a * b.to_f32()).sum::<f32>() * scale;
         }
         let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let (o, stats) = part.split_at_mut(d);
@@ -267,7 +285,7 @@ fn attend_piece(q: &[f32], slots: &[usize], kvh: usize, kv: PagedKv<'_>, part: &
             let w = (sc - max).exp();
             sum += w;
             let v = &kv.v[slot + kvh * d..][..d];
-            o.iter_mut().zip(v).for_each(|(o, v)| *o += w * v);
+            o.iter_mut().zip(v).for_each(|(o, v)| *o += w * v.to_f32());
         }
         stats.copy_from_slice(&[max, sum]);
     }
@@ -282,6 +300,7 @@ fn attend_piece(q: &[f32], slots: &[usize], kvh: usize, kv: PagedKv<'_>, part: &
 mod simd {
     use super::PagedKv;
     use crate::backend::cpu::avx2::{exp8, hsum};
+    use crate::backend::kv_cache::KvElem;
     use std::arch::x86_64::*;
 
     /// `super::attend_piece` with explicit FMA code, written once for a vector width: `$lanes`
@@ -303,22 +322,28 @@ mod simd {
     /// 60-66 / 44-47 with the AVX2 kernel.
     macro_rules! attend_piece {
         ($any:ident, $chunk:expr, $name:ident, $features:literal, $dims:expr, $lanes:expr, $v:ty, $zero:ident,
-         $load:ident, $fmadd:ident, $mul:ident, $splat:ident, $store:ident, $reduce:expr, $sums:ident) => {
+         $load:ident, $load_kv:ident, $fmadd:ident, $mul:ident, $splat:ident, $store:ident, $reduce:expr, $sums:ident) => {
             /// The kernel below for any number of query heads, in chunks of up to `$chunk` (so that
             /// their V accumulators stay in registers).
             ///
             /// # Safety
             /// As the kernel's.
-            pub unsafe fn $any(q: &[f32], slots: &[usize], kvh: usize, kv: PagedKv<'_>, part: &mut [f32]) {
+            pub unsafe fn $any<E: KvElem>(
+                q: &[f32],
+                slots: &[usize],
+                kvh: usize,
+                kv: PagedKv<'_, E>,
+                part: &mut [f32],
+            ) {
                 let d = kv.shape.head_dim;
                 for (q, part) in q.chunks($chunk * d).zip(part.chunks_mut($chunk * (d + 2))) {
                     // SAFETY: passed on.
                     unsafe {
                         match q.len() / d {
-                            1 => $name::<1>(q, slots, kvh, kv, part),
-                            2 => $name::<2>(q, slots, kvh, kv, part),
-                            3 => $name::<3>(q, slots, kvh, kv, part),
-                            _ => $name::<$chunk>(q, slots, kvh, kv, part),
+                            1 => $name::<E, 1>(q, slots, kvh, kv, part),
+                            2 => $name::<E, 2>(q, slots, kvh, kv, part),
+                            3 => $name::<E, 3>(q, slots, kvh, kv, part),
+                            _ => $name::<E, $chunk>(q, slots, kvh, kv, part),
                         }
                     }
                 }
@@ -328,12 +353,20 @@ mod simd {
             /// The CPU has the function's features; every offset in `slots`, plus `head_dim`
             /// values for each KV head, is inside both caches (`by_pieces` checks the largest).
             #[target_feature(enable = $features)]
-            unsafe fn $name<const G: usize>(q: &[f32], slots: &[usize], kvh: usize, kv: PagedKv<'_>, part: &mut [f32]) {
+            unsafe fn $name<E: KvElem, const G: usize>(
+                q: &[f32],
+                slots: &[usize],
+                kvh: usize,
+                kv: PagedKv<'_, E>,
+                part: &mut [f32],
+            ) {
                 let d = kv.shape.head_dim;
                 let scale = $splat(1.0 / (d as f32).sqrt());
                 assert!(q.len() == G * d && part.len() == G * (d + 2) && d.is_multiple_of($dims));
                 let (k_cache, v_cache) = (kv.k.as_ptr(), kv.v.as_ptr());
                 let n = slots.len();
+                // Bytes of one value of the cache, and of one KV head's share of a row.
+                let (size, head_bytes) = (size_of::<E>(), d * size_of::<E>());
                 // Head h's scores at [h * n..(h + 1) * n].
                 let mut scores = vec![0.0f32; G * n];
                 let blocks = n / $lanes * $lanes;
@@ -341,7 +374,7 @@ mod simd {
                     // The next block's K rows, asked for now (a prefetch never faults).
                     for &ahead in slots.iter().skip(b0 + $lanes).take($lanes) {
                         let a = k_cache.wrapping_add(ahead + kvh * d) as *const i8;
-                        for l in (0..d * 4).step_by(64) {
+                        for l in (0..head_bytes).step_by(64) {
                             _mm_prefetch::<_MM_HINT_T0>(a.wrapping_add(l));
                         }
                         if kvh == 0 {
@@ -349,7 +382,7 @@ mod simd {
                             // each row too, into L2, where the piece is sized to stay: the later
                             // walks then read their thirds from there, not again from memory.
                             let row = k_cache.wrapping_add(ahead) as *const i8;
-                            for l in (d * 4..kv.shape.num_kv_heads * d * 4).step_by(64) {
+                            for l in (head_bytes..kv.shape.num_kv_heads * head_bytes).step_by(64) {
                                 _mm_prefetch::<_MM_HINT_T1>(row.wrapping_add(l));
                             }
                         }
@@ -363,7 +396,7 @@ mod simd {
                             for (j, acc) in acc.iter_mut().enumerate() {
                                 // SAFETY: slot + kvh * d + d is inside the cache (the caller's
                                 // contract), and i + lanes <= d.
-                                *acc = $fmadd(qv, unsafe { $load(k_cache.add(slots[b0 + j] + kvh * d + i)) }, *acc);
+                                *acc = $fmadd(qv, unsafe { $load_kv(k_cache.add(slots[b0 + j] + kvh * d + i)) }, *acc);
                             }
                         }
                         // SAFETY: positions b0..b0 + lanes of head h's scores.
@@ -377,7 +410,7 @@ mod simd {
                         let mut acc = $zero();
                         for i in (0..d).step_by($lanes) {
                             // SAFETY: i + lanes <= d: inside the head's row of q and K.
-                            acc = unsafe { $fmadd($load(q.as_ptr().add(h * d + i)), $load(k.add(i)), acc) };
+                            acc = unsafe { $fmadd($load(q.as_ptr().add(h * d + i)), $load_kv(k.add(i)), acc) };
                         }
                         scores[h * n + p] = $reduce($mul(acc, scale));
                     }
@@ -394,20 +427,20 @@ mod simd {
                         // The V row `AHEAD` positions on, asked for now.
                         if let Some(&ahead) = slots.get(p + AHEAD) {
                             let a = v_cache.wrapping_add(ahead + kvh * d + i) as *const i8;
-                            for l in (0..$dims * 4).step_by(64) {
+                            for l in (0..$dims * size).step_by(64) {
                                 _mm_prefetch::<_MM_HINT_T0>(a.wrapping_add(l));
                             }
                             if kvh == 0 && i == 0 {
                                 // As for K above.
                                 let row = v_cache.wrapping_add(ahead) as *const i8;
-                                for l in (d * 4..kv.shape.num_kv_heads * d * 4).step_by(64) {
+                                for l in (head_bytes..kv.shape.num_kv_heads * head_bytes).step_by(64) {
                                     _mm_prefetch::<_MM_HINT_T1>(row.wrapping_add(l));
                                 }
                             }
                         }
                         // SAFETY: as for K above.
                         let v = unsafe { v_cache.add(slot + kvh * d + i) };
-                        let row: [$v; $dims / $lanes] = std::array::from_fn(|j| unsafe { $load(v.add($lanes * j)) });
+                        let row: [$v; $dims / $lanes] = std::array::from_fn(|j| unsafe { $load_kv(v.add($lanes * j)) });
                         for (h, acc) in acc.iter_mut().enumerate() {
                             let w = $splat(scores[h * n + p]);
                             for (acc, &x) in acc.iter_mut().zip(&row) {
@@ -487,6 +520,7 @@ mod simd {
         __m256,
         _mm256_setzero_ps,
         _mm256_loadu_ps,
+        load_kv8,
         _mm256_fmadd_ps,
         _mm256_mul_ps,
         _mm256_set1_ps,
@@ -505,6 +539,7 @@ mod simd {
         __m512,
         _mm512_setzero_ps,
         _mm512_loadu_ps,
+        load_kv16,
         _mm512_fmadd_ps,
         _mm512_mul_ps,
         _mm512_set1_ps,
@@ -512,6 +547,40 @@ mod simd {
         _mm512_reduce_add_ps,
         sums16
     );
+
+    /// Eight values of the cache from `p`, as f32: bf16 widened by a shift (it is f32's top half).
+    ///
+    /// # Safety
+    /// Eight values from `p` are readable.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn load_kv8<E: KvElem>(p: *const E) -> __m256 {
+        // SAFETY: the caller's.
+        unsafe {
+            if E::BF16 {
+                _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(_mm_loadu_si128(p.cast()))))
+            } else {
+                _mm256_loadu_ps(p.cast())
+            }
+        }
+    }
+
+    /// `load_kv8` at AVX-512's width: sixteen values.
+    ///
+    /// # Safety
+    /// Sixteen values from `p` are readable.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    unsafe fn load_kv16<E: KvElem>(p: *const E) -> __m512 {
+        // SAFETY: the caller's.
+        unsafe {
+            if E::BF16 {
+                _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(_mm256_loadu_si256(p.cast()))))
+            } else {
+                _mm512_loadu_ps(p.cast())
+            }
+        }
+    }
 
     /// `sc[i] = exp(sc[i] - max)`, eight lanes at a time; returns their sum.
     #[target_feature(enable = "avx2,fma")]
@@ -561,7 +630,7 @@ mod tests {
             let table = [1u32];
             let seqs = [AttnSeq { row: 0, num_tokens: 1, start: 0, block_table: &table }];
             let mut out = vec![0.0; hd];
-            paged_attention(&q, &seqs, &k, &v, bs, 1, 1, hd, Products::F32, &mut out);
+            paged_attention(&q, &seqs, KvRows::F32(&k), KvRows::F32(&v), bs, 1, 1, hd, Products::F32, &mut out);
             assert_eq!(out, val);
         }
     }
@@ -583,7 +652,14 @@ mod tests {
         let seqs = [AttnSeq { row: 0, num_tokens: 1, start: 5, block_table: &table }];
         let q = noise(nh * hd, 3);
         let mut o = vec![0.0; nh * hd];
-        let paged = Paged { k: &kv, v: &vv, block_size: bs, num_heads: nh, num_kv_heads: 1, head_dim: hd };
+        let paged = Paged {
+            k: KvRows::F32(&kv),
+            v: KvRows::F32(&vv),
+            block_size: bs,
+            num_heads: nh,
+            num_kv_heads: 1,
+            head_dim: hd,
+        };
         let ran =
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| attention_by_rows(&q, &seqs, paged, &mut o)));
         assert!(ran.is_err(), "an out-of-bounds block must be refused");
@@ -613,37 +689,55 @@ mod tests {
             ];
             let q: Vec<f32> = noise(8 * nh * hd, 3).iter().map(|x| 3.0 * x).collect();
             let want = row_reference(&q, &seqs, shape, &kv, &vv);
-            let cache = PagedKv { k: &kv, v: &vv, shape };
-            let mut kernels: Vec<(&str, Box<PieceKernel>)> =
-                vec![("portable", Box::new(move |q, s, kvh, p| attend_piece(q, s, kvh, cache, p)))];
-            #[cfg(target_arch = "x86_64")]
-            if hd.is_multiple_of(simd::DIMS)
-                && std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("fma")
-            {
-                // SAFETY: the CPU has AVX2 and FMA (checked just above); `by_pieces` checks the slots.
-                kernels
-                    .push(("avx2", Box::new(move |q, s, kvh, p| unsafe { simd::attend_piece(q, s, kvh, cache, p) })));
-            }
-            #[cfg(target_arch = "x86_64")]
-            if hd.is_multiple_of(simd::DIMS_512) && crate::backend::gemm::Isa::Avx512.runs_here() {
-                // SAFETY: the CPU has AVX-512F (checked just above); `by_pieces` checks the slots.
-                let kernel = move |q: &[f32], s: &[usize], kvh, p: &mut [f32]| unsafe {
-                    simd::attend_piece_512(q, s, kvh, cache, p)
-                };
-                kernels.push(("avx512", Box::new(kernel)));
-            }
-            eprintln!(
-                "decode attention kernels for head_dim {hd}: {}",
-                kernels.iter().map(|k| k.0).collect::<Vec<_>>().join(", ")
-            );
-            for (name, kernel) in &kernels {
-                for threads in [1, 16] {
-                    let mut got = vec![f32::NAN; q.len()];
-                    by_pieces(&q, &seqs, cache, &mut got, threads, kernel);
-                    let err = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0f32, worst);
-                    assert!(err < 1e-5, "{name}, {threads} threads, ({nh}, {nkv}, {hd}): max error {err}");
-                }
+            check_pieces(&q, &seqs, PagedKv { k: &kv, v: &vv, shape }, &want);
+            // A bf16 cache: the kernels widen what it holds, so they match the reference on
+            // those values (rounded, then widened) as closely.
+            let (kb, vb) = (to_bf16(&kv), to_bf16(&vv));
+            let want = row_reference(&q, &seqs, shape, &widened(&kb), &widened(&vb));
+            check_pieces(&q, &seqs, PagedKv { k: &kb, v: &vb, shape }, &want);
+        }
+    }
+
+    fn to_bf16(x: &[f32]) -> Vec<half::bf16> {
+        x.iter().map(|&x| half::bf16::from_f32(x)).collect()
+    }
+
+    fn widened(x: &[half::bf16]) -> Vec<f32> {
+        x.iter().map(|x| x.to_f32()).collect()
+    }
+
+    /// Every decode kernel the CPU runs, over the cache's values `E`, against `want`.
+    fn check_pieces<E: KvElem>(q: &[f32], seqs: &[AttnSeq<'_>], cache: PagedKv<'_, E>, want: &[f32]) {
+        let AttnShape { num_heads: nh, num_kv_heads: nkv, head_dim: hd, .. } = cache.shape;
+        let dtype = if E::BF16 { "bf16" } else { "f32" };
+        let mut kernels: Vec<(&str, Box<PieceKernel>)> =
+            vec![("portable", Box::new(move |q, s, kvh, p| attend_piece(q, s, kvh, cache, p)))];
+        #[cfg(target_arch = "x86_64")]
+        if hd.is_multiple_of(simd::DIMS)
+            && std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
+        {
+            // SAFETY: the CPU has AVX2 and FMA (checked just above); `by_pieces` checks the slots.
+            kernels.push(("avx2", Box::new(move |q, s, kvh, p| unsafe { simd::attend_piece(q, s, kvh, cache, p) })));
+        }
+        #[cfg(target_arch = "x86_64")]
+        if hd.is_multiple_of(simd::DIMS_512) && crate::backend::gemm::Isa::Avx512.runs_here() {
+            // SAFETY: the CPU has AVX-512F (checked just above); `by_pieces` checks the slots.
+            let kernel = move |q: &[f32], s: &[usize], kvh, p: &mut [f32]| unsafe {
+                simd::attend_piece_512(q, s, kvh, cache, p)
+            };
+            kernels.push(("avx512", Box::new(kernel)));
+        }
+        eprintln!(
+            "decode attention kernels for head_dim {hd}, a {dtype} cache: {}",
+            kernels.iter().map(|k| k.0).collect::<Vec<_>>().join(", ")
+        );
+        for (name, kernel) in &kernels {
+            for threads in [1, 16] {
+                let mut got = vec![f32::NAN; q.len()];
+                by_pieces(q, seqs, cache, &mut got, threads, kernel);
+                let err = got.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0.0f32, worst);
+                assert!(err < 1e-5, "{name}, {dtype} cache, {threads} threads, ({nh}, {nkv}, {hd}): max error {err}");
             }
         }
     }
@@ -712,7 +806,14 @@ mod tests {
                 .filter(|s| s.num_tokens > 1)
                 .flat_map(|s| prefill_attention::tiles(s.row, s.start, s.num_tokens, s.block_table, nkv, 32))
                 .collect();
-            let paged = Paged { k: &kv, v: &vv, block_size: bs, num_heads: nh, num_kv_heads: nkv, head_dim: hd };
+            let paged = Paged {
+                k: KvRows::F32(&kv),
+                v: KvRows::F32(&vv),
+                block_size: bs,
+                num_heads: nh,
+                num_kv_heads: nkv,
+                head_dim: hd,
+            };
             // Every vector kernel, then f32 products as three bf16 ones on AMX tiles where they run
             // (hi hi + hi lo + lo hi: about 2^-17 of each term, against f32's 2^-24).
             let amx = prefill_attention::amx_products(hd).then_some(Isa::Avx512);
@@ -729,9 +830,15 @@ mod tests {
             }
             // The whole layer through the public entry point (tiles and the decode row).
             let mut all = vec![0.0; q.len()];
-            paged_attention(&q, &seqs, &kv, &vv, bs, nh, nkv, hd, Products::F32, &mut all);
+            paged_attention(&q, &seqs, KvRows::F32(&kv), KvRows::F32(&vv), bs, nh, nkv, hd, Products::F32, &mut all);
             let err = all.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0f32, worst);
             assert!(err < 2e-5, "paged_attention ({nh}, {nkv}, {hd}): max error {err}");
+            // And over a bf16 cache, against the reference on the values it holds.
+            let (kb, vb) = (to_bf16(&kv), to_bf16(&vv));
+            let want = row_reference(&q, &seqs, shape, &widened(&kb), &widened(&vb));
+            paged_attention(&q, &seqs, KvRows::Bf16(&kb), KvRows::Bf16(&vb), bs, nh, nkv, hd, Products::F32, &mut all);
+            let err = all.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0f32, worst);
+            assert!(err < 2e-5, "paged_attention over a bf16 cache ({nh}, {nkv}, {hd}): max error {err}");
         }
     }
 
@@ -767,7 +874,14 @@ mod tests {
                 .iter()
                 .flat_map(|s| prefill_attention::tiles(s.row, s.start, s.num_tokens, s.block_table, nkv, 32))
                 .collect();
-            let paged = Paged { k: &kv, v: &vv, block_size: bs, num_heads: nh, num_kv_heads: nkv, head_dim: hd };
+            let paged = Paged {
+                k: KvRows::F32(&kv),
+                v: KvRows::F32(&vv),
+                block_size: bs,
+                num_heads: nh,
+                num_kv_heads: nkv,
+                head_dim: hd,
+            };
             // vdpbf16ps, then AMX tiles where they run: the same rounded operands, but scores
             // summed in another order can round a weight of P to the next bf16 value, so the
             // two agree to about one bf16 step (2^-8 of an output), not to f32's.
@@ -838,7 +952,14 @@ mod tests {
         });
         assert!(jumps, "no score jumps past the lazy bound: the test would not reach the rescale");
         let want = row_reference(&q, &seqs, shape, &kv, &vv);
-        let paged = Paged { k: &kv, v: &vv, block_size: bs, num_heads: nh, num_kv_heads: nkv, head_dim: hd };
+        let paged = Paged {
+            k: KvRows::F32(&kv),
+            v: KvRows::F32(&vv),
+            block_size: bs,
+            num_heads: nh,
+            num_kv_heads: nkv,
+            head_dim: hd,
+        };
         for bq in [32, 128] {
             let tiles: Vec<_> = seqs
                 .iter()
@@ -897,7 +1018,14 @@ mod tests {
         let tiles: Vec<_> = prefill_attention::tiles(0, 0, 6, &table, 1, 16).collect();
         let q = noise(6 * nh * hd, 3);
         let mut o = vec![0.0; q.len()];
-        let paged = Paged { k: &kv, v: &vv, block_size: bs, num_heads: nh, num_kv_heads: 1, head_dim: hd };
+        let paged = Paged {
+            k: KvRows::F32(&kv),
+            v: KvRows::F32(&vv),
+            block_size: bs,
+            num_heads: nh,
+            num_kv_heads: 1,
+            head_dim: hd,
+        };
         let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             prefill_attention::run(&q, &tiles, paged, &mut o, Isa::Portable, Products::F32)
         }));

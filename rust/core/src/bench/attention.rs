@@ -5,6 +5,7 @@
 use crate::backend::attention::{attention_by_rows, AttnSeq};
 use crate::backend::gemm::Isa;
 use crate::backend::gemm::Products;
+use crate::backend::kv_cache::KvRows;
 use crate::backend::prefill_attention::{amx_products, bf16_runs, query_tile, run, run_with, tiles, Paged};
 
 /// Seconds for one layer's attention over a `tokens`-token prompt with the given heads: the row
@@ -35,7 +36,7 @@ pub fn compare_prefill_attention(
             .fold(f64::INFINITY, f64::min)
     };
     let seq = [AttnSeq { row: 0, num_tokens: tokens, start: 0, block_table: &table }];
-    let paged = Paged { k: &k, v: &v, block_size: bs, num_heads, num_kv_heads, head_dim };
+    let paged = Paged { k: KvRows::F32(&k), v: KvRows::F32(&v), block_size: bs, num_heads, num_kv_heads, head_dim };
     let rows = best(&mut || attention_by_rows(&q, &seq, paged, &mut out));
     let ts: Vec<_> = tiles(0, 0, tokens, &table, num_kv_heads, query_tile(tokens, num_kv_heads)).collect();
     let mut tiled: Vec<_> = Isa::available()

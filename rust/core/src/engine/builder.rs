@@ -9,6 +9,7 @@ use super::{Engine, EngineHandle, ServerRules, WallClock};
 use crate::backend::cuda::device::{resolve as resolve_device, Device, DeviceRequest, Gpu};
 use crate::backend::cuda::ops::Dt;
 use crate::backend::gemm::WeightDtype;
+use crate::backend::kv_cache::KvDtype;
 use crate::error::{HoraeError, Result};
 use crate::model::cuda_llama::{CudaLlama, KvBudget};
 use crate::model::{LlamaModel, ModelConfig};
@@ -52,6 +53,10 @@ pub struct EngineArgs {
     pub seed: Option<u64>,
     /// "auto", "float32", "bfloat16" (CPU) or "auto", "bfloat16", "float16" (GPU).
     pub dtype: String,
+    /// What the KV cache holds (vLLM's `kv_cache_dtype`): "auto" (the model's: bf16 for a bf16
+    /// model, else f32 on the CPU; the weights' 16-bit type on a GPU), "float32" or "bfloat16"
+    /// (CPU).
+    pub kv_cache_dtype: String,
     pub history_window: usize,
     /// `None`: the model's context.
     pub max_output_bound: Option<usize>,
@@ -90,6 +95,7 @@ impl EngineArgs {
             max_batched_tokens: 2048,
             seed: None,
             dtype: "auto".into(),
+            kv_cache_dtype: "auto".into(),
             history_window: 1000,
             max_output_bound: None,
             history_prior: Prior::default(),
@@ -118,6 +124,8 @@ pub struct EngineInfo {
     pub cpu_fallback_reason: Option<String>,
     /// How the weights are held: "float32", "bfloat16", "q8_0", "q4_1" or "float16".
     pub dtype: &'static str,
+    /// What the KV cache holds: "float32", "bfloat16" or (GPU) "float16".
+    pub kv_cache_dtype: &'static str,
     /// On the CPU: bytes of weights a decode step streams (`LlamaModel::decode_weight_bytes`).
     pub decode_weight_bytes: Option<usize>,
     pub eos_token_ids: Vec<u32>,
@@ -185,6 +193,27 @@ pub fn parse_cpu_dtype(s: &str) -> Result<Option<WeightDtype>> {
     })
 }
 
+/// "auto" (the model's), "float32" or "bfloat16" for the CPU's KV cache; on a GPU the cache holds
+/// the weights' 16-bit type, so "auto" only.
+fn parse_kv_dtype(s: &str, device: Device) -> Result<Option<KvDtype>> {
+    let dtype = match s {
+        "auto" => return Ok(None),
+        "float32" | "fp32" => KvDtype::F32,
+        "bfloat16" | "bf16" => KvDtype::Bf16,
+        _ => {
+            return Err(HoraeError::InvalidConfig(format!(
+                "unknown kv_cache_dtype '{s}': use 'auto' (the model's), 'float32' or 'bfloat16'"
+            )))
+        }
+    };
+    match device {
+        Device::Cpu => Ok(Some(dtype)),
+        Device::Cuda(_) => Err(HoraeError::InvalidConfig(format!(
+            "kv_cache_dtype '{s}' on the GPU: its KV cache holds the weights' dtype; use 'auto' (or device='cpu')"
+        ))),
+    }
+}
+
 /// The GPU runs 16-bit weights: "auto" is bfloat16 (every supported GPU has it).
 fn parse_gpu_dtype(s: &str) -> Result<Dt> {
     match s {
@@ -215,6 +244,7 @@ pub fn build(args: EngineArgs) -> Result<(EngineHandle, EngineInfo)> {
         Device::Cpu => None,
     };
     let dtype = if gpu_dtype.is_some() { None } else { parse_cpu_dtype(&args.dtype)? };
+    let kv_dtype = parse_kv_dtype(&args.kv_cache_dtype, device)?;
     if matches!(device, Device::Cuda(_))
         && matches!(args.speculative.as_ref().map(|s| &s.method), Some(SpecMethod::Draft { .. }))
     {
@@ -269,7 +299,7 @@ pub fn build(args: EngineArgs) -> Result<(EngineHandle, EngineInfo)> {
                 CudaLlama::load(Gpu::open(ordinal)?, dir, dt, budget, args.block_size, args.max_batched_tokens)?;
             ModelExecutor::on_gpu(dir, model)
         }
-        _ => ModelExecutor::load(dir, dtype, cfg.kv_cache_tokens / args.block_size, args.block_size)?,
+        _ => ModelExecutor::load(dir, dtype, kv_dtype, cfg.kv_cache_tokens / args.block_size, args.block_size)?,
     };
     exec.set_seed(args.seed);
     let blocks = exec.num_blocks();
@@ -281,6 +311,7 @@ pub fn build(args: EngineArgs) -> Result<(EngineHandle, EngineInfo)> {
             let draft = DraftModel::load(
                 &draft_dir,
                 dtype,
+                kv_dtype,
                 num_layers,
                 vocab,
                 blocks,
@@ -299,7 +330,7 @@ pub fn build(args: EngineArgs) -> Result<(EngineHandle, EngineInfo)> {
     if let Some(m) = exec.cpu_model() {
         let _ = cpu_model.set(m);
     }
-    let (device_name, dtype_name) = (exec.device(), exec.dtype_name());
+    let (device_name, dtype_name, kv_dtype_name) = (exec.device(), exec.dtype_name(), exec.kv_dtype_name());
     let sched = Scheduler::new(cfg, None)?;
     let limits =
         RequestLimits { vocab_size: config.vocab_size, max_model_len, pool_tokens: sched.kv().capacity_tokens() };
@@ -313,6 +344,7 @@ pub fn build(args: EngineArgs) -> Result<(EngineHandle, EngineInfo)> {
         device: device_name,
         cpu_fallback_reason,
         dtype: dtype_name,
+        kv_cache_dtype: kv_dtype_name,
         decode_weight_bytes: cpu_model.get().map(|m| m.decode_weight_bytes()),
         eos_token_ids,
         kv_cache_tokens,

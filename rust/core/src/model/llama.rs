@@ -8,6 +8,7 @@ use super::weights::{names, Weights};
 use crate::backend::attention::{self, AttnSeq};
 use crate::backend::cpu;
 use crate::backend::gemm::{Isa, PackedLinear, Products, WeightDtype};
+use crate::backend::kv_cache::{KvBuf, KvDtype};
 use crate::backend::prefill_attention;
 use crate::backend::quant::{self, QuantKind};
 use crate::backend::team;
@@ -38,26 +39,36 @@ pub struct LlamaModel {
     /// A bf16 model's products (prefill attention tiles, and linear layers where AMX runs): bf16
     /// where the CPU has `vdpbf16ps` (as a bf16 model's flash attention does), f32 otherwise.
     products: Products,
+    /// What its KV cache holds: bf16 for a bf16 model (the "auto" of vLLM's `kv_cache_dtype`:
+    /// the model's dtype), else f32 unless set (`with_kv_dtype`).
+    kv_dtype: KvDtype,
     inv_freq: Vec<f64>,
 }
 
-/// The paged KV cache, one K and one V buffer per layer, `[blocks, block_size, kv_heads, head_dim]`.
+/// The paged KV cache, one K and one V buffer per layer, `[blocks, block_size, kv_heads,
+/// head_dim]`, in the model's `kv_dtype`.
 pub struct KvCache {
-    pub k: Vec<Vec<f32>>,
-    pub v: Vec<Vec<f32>>,
+    pub k: Vec<KvBuf>,
+    pub v: Vec<KvBuf>,
     pub block_size: usize,
     row: usize,
 }
 
 impl KvCache {
-    pub fn new(cfg: &ModelConfig, num_blocks: usize, block_size: usize) -> Self {
+    pub fn new(cfg: &ModelConfig, num_blocks: usize, block_size: usize, dtype: KvDtype) -> Self {
         let row = cfg.num_kv_heads * cfg.head_dim;
         let n = num_blocks * block_size * row;
-        Self { k: vec![vec![0.0; n]; cfg.num_layers], v: vec![vec![0.0; n]; cfg.num_layers], block_size, row }
+        let bufs = || (0..cfg.num_layers).map(|_| KvBuf::zeros(dtype, n)).collect();
+        Self { k: bufs(), v: bufs(), block_size, row }
     }
 
     pub fn num_blocks(&self) -> usize {
         self.k.first().map_or(0, |k| k.len() / (self.block_size * self.row))
+    }
+
+    /// What it holds: f32 or bf16.
+    pub fn dtype(&self) -> Option<KvDtype> {
+        self.k.first().map(|k| k.rows().dtype())
     }
 
     /// Copy-on-write: block `src`'s KV into block `dst`, in every layer.
@@ -86,7 +97,7 @@ impl LlamaModel {
         let n = tokens.len();
         let bs = 16;
         let table: Vec<u32> = (0..n.div_ceil(bs) as u32).collect();
-        let mut cache = KvCache::new(&self.cfg, table.len(), bs);
+        let mut cache = KvCache::new(&self.cfg, table.len(), bs, self.kv_dtype());
         let input = BatchInput {
             tokens: tokens.to_vec(),
             positions: (0..n).collect(),
@@ -158,7 +169,8 @@ impl LlamaModel {
         } else {
             Products::F32
         };
-        Ok(Self { cfg, embed, layers, norm, lm_head, dtype, products, inv_freq })
+        let kv_dtype = if dtype == WeightDtype::Bf16 { KvDtype::Bf16 } else { KvDtype::F32 };
+        Ok(Self { cfg, embed, layers, norm, lm_head, dtype, products, kv_dtype, inv_freq })
     }
 
     /// A bf16 model's products: `Products::F32` (exact where a bf16 model's weights are, as the
@@ -174,6 +186,18 @@ impl LlamaModel {
 
     pub fn products(&self) -> Products {
         self.products
+    }
+
+    /// The KV cache in `dtype` instead of the model's default (bf16 halves it for an f32 or
+    /// quantized model, at bf16's rounding of K and V).
+    pub fn with_kv_dtype(mut self, dtype: KvDtype) -> Self {
+        self.kv_dtype = dtype;
+        self
+    }
+
+    /// What a KV cache for this model holds (`KvCache::new` takes it).
+    pub fn kv_dtype(&self) -> KvDtype {
+        self.kv_dtype
     }
 
     /// Bytes of weights one decode step streams from memory: every layer's matrices and the LM
@@ -232,14 +256,14 @@ impl LlamaModel {
             cpu::rope(&mut q, &rope, nh, hd);
             cpu::rope(&mut k, &rope, nkv, hd);
             for (r, &slot) in input.slots.iter().enumerate() {
-                cache.k[li][slot * row..(slot + 1) * row].copy_from_slice(&k[r * row..(r + 1) * row]);
-                cache.v[li][slot * row..(slot + 1) * row].copy_from_slice(&v[r * row..(r + 1) * row]);
+                cache.k[li].write(slot * row, &k[r * row..(r + 1) * row]);
+                cache.v[li].write(slot * row, &v[r * row..(r + 1) * row]);
             }
             attention::paged_attention(
                 &q,
                 &input.seqs,
-                &cache.k[li],
-                &cache.v[li],
+                cache.k[li].rows(),
+                cache.v[li].rows(),
                 cache.block_size,
                 nh,
                 nkv,

@@ -16,6 +16,7 @@ use rand::rngs::SmallRng;
 
 use crate::backend::attention::AttnSeq;
 use crate::backend::gemm::WeightDtype;
+use crate::backend::kv_cache::KvDtype;
 use crate::error::{HoraeError, Result};
 use crate::model::llama::{BatchInput, KvCache, LlamaModel};
 use crate::plan::DraftCandidate;
@@ -45,6 +46,7 @@ impl DraftModel {
     pub fn load(
         dir: &Path,
         dtype: Option<WeightDtype>,
+        kv_dtype: Option<KvDtype>,
         layers: Option<usize>,
         target_vocab: usize,
         pool_blocks: usize,
@@ -52,7 +54,10 @@ impl DraftModel {
         max_seqs: usize,
         k_max: usize,
     ) -> Result<Self> {
-        let model = LlamaModel::load_first_layers(dir, dtype, layers)?;
+        let mut model = LlamaModel::load_first_layers(dir, dtype, layers)?;
+        if let Some(kv) = kv_dtype {
+            model = model.with_kv_dtype(kv);
+        }
         if model.cfg.vocab_size != target_vocab {
             return Err(HoraeError::InvalidConfig(format!(
                 "the draft model's vocabulary ({} tokens) differs from the target's ({target_vocab}); drafts must be target token ids",
@@ -60,7 +65,7 @@ impl DraftModel {
             )));
         }
         let scratch_per_seq = (k_max + block_size).div_ceil(block_size) + 1;
-        let cache = KvCache::new(&model.cfg, pool_blocks + max_seqs * scratch_per_seq, block_size);
+        let cache = KvCache::new(&model.cfg, pool_blocks + max_seqs * scratch_per_seq, block_size, model.kv_dtype());
         Ok(Self {
             model: Arc::new(model),
             cache,

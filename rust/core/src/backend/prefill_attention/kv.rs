@@ -120,7 +120,8 @@ impl<'a> Streams<'a> {
 }
 
 /// K and V rows of positions `j0..j0 + BK` of `read` (those before its end) from the paged
-/// cache into `k` and `v` (`[BK][d]` each); rows past the end are left as they are.
+/// cache into `k` and `v` (`[BK][d]` each, f32 whatever the cache holds); rows past the end are
+/// left as they are.
 pub(super) fn gather(kv: Paged<'_>, read: Read<'_>, j0: usize, k: &mut [f32], v: &mut [f32]) {
     let d = kv.head_dim;
     let kv_row = kv.num_kv_heads * d;
@@ -128,8 +129,8 @@ pub(super) fn gather(kv: Paged<'_>, read: Read<'_>, j0: usize, k: &mut [f32], v:
         let p = j0 + c;
         let slot = read.block_table[p / kv.block_size] as usize * kv.block_size + p % kv.block_size;
         let off = slot * kv_row + read.kvh * d;
-        k[c * d..(c + 1) * d].copy_from_slice(&kv.k[off..off + d]);
-        v[c * d..(c + 1) * d].copy_from_slice(&kv.v[off..off + d]);
+        kv.k.read(off, &mut k[c * d..(c + 1) * d]);
+        kv.v.read(off, &mut v[c * d..(c + 1) * d]);
     }
 }
 

@@ -35,6 +35,7 @@ use kv::{gather, pack_pairs, tile_len, KvTile, Packing, Stream, Streams};
 use super::amx;
 use super::bf16_dot as bf16;
 use super::gemm::{Isa, Products};
+use super::kv_cache::KvRows;
 #[cfg(target_arch = "x86_64")]
 use super::muladd::Fused;
 use super::muladd::{MulAdd, Plain};
@@ -55,11 +56,12 @@ pub fn bf16_runs(isa: Isa) -> bool {
     false
 }
 
-/// One layer's paged KV and its shape, as `attention::paged_attention` takes them.
+/// One layer's paged KV (f32 or bf16, read widened to f32 as the tiles gather it) and its
+/// shape, as `attention::paged_attention` takes them.
 #[derive(Clone, Copy)]
 pub struct Paged<'a> {
-    pub k: &'a [f32],
-    pub v: &'a [f32],
+    pub k: KvRows<'a>,
+    pub v: KvRows<'a>,
     pub block_size: usize,
     pub num_heads: usize,
     pub num_kv_heads: usize,
