@@ -16,14 +16,6 @@ pub enum KvDtype {
 }
 
 impl KvDtype {
-    /// Bytes of one value.
-    pub fn bytes(self) -> usize {
-        match self {
-            KvDtype::F32 => 4,
-            KvDtype::Bf16 => 2,
-        }
-    }
-
     /// The name the Python API and `horae bench` print (torch's).
     pub fn name(self) -> &'static str {
         match self {
@@ -173,7 +165,7 @@ mod tests {
         buf.copy_within(2..4, 6);
         buf.rows().read(6, &mut out[..2]);
         assert_eq!(out[..2], [1.0, 1.0 + 4.0 / 256.0]);
-        assert_eq!((buf.len(), buf.rows().dtype(), KvDtype::Bf16.bytes()), (8, KvDtype::Bf16, 2));
+        assert_eq!((buf.len(), buf.rows().dtype()), (8, KvDtype::Bf16));
     }
 
     /// The branch-free rounding against `half`'s, over every class of value: both round to

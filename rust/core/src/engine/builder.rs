@@ -193,9 +193,9 @@ pub fn parse_cpu_dtype(s: &str) -> Result<Option<WeightDtype>> {
     })
 }
 
-/// "auto" (the model's), "float32" or "bfloat16" for the CPU's KV cache; on a GPU the cache holds
-/// the weights' 16-bit type, so "auto" only.
-fn parse_kv_dtype(s: &str, device: Device) -> Result<Option<KvDtype>> {
+/// "auto" (the model's), "float32" or "bfloat16" for the CPU's KV cache. On a GPU (`gpu`: its
+/// weights' type) the cache holds the weights' 16-bit type: "auto", or that type named.
+fn parse_kv_dtype(s: &str, gpu: Option<Dt>) -> Result<Option<KvDtype>> {
     let dtype = match s {
         "auto" => return Ok(None),
         "float32" | "fp32" => KvDtype::F32,
@@ -206,10 +206,12 @@ fn parse_kv_dtype(s: &str, device: Device) -> Result<Option<KvDtype>> {
             )))
         }
     };
-    match device {
-        Device::Cpu => Ok(Some(dtype)),
-        Device::Cuda(_) => Err(HoraeError::InvalidConfig(format!(
-            "kv_cache_dtype '{s}' on the GPU: its KV cache holds the weights' dtype; use 'auto' (or device='cpu')"
+    match gpu {
+        None => Ok(Some(dtype)),
+        Some(Dt::Bf16) if dtype == KvDtype::Bf16 => Ok(None),
+        Some(dt) => Err(HoraeError::InvalidConfig(format!(
+            "kv_cache_dtype '{s}' on the GPU: its KV cache holds the weights' {}; use 'auto' (or device='cpu')",
+            if dt == Dt::Bf16 { "bfloat16" } else { "float16" }
         ))),
     }
 }
@@ -244,7 +246,7 @@ pub fn build(args: EngineArgs) -> Result<(EngineHandle, EngineInfo)> {
         Device::Cpu => None,
     };
     let dtype = if gpu_dtype.is_some() { None } else { parse_cpu_dtype(&args.dtype)? };
-    let kv_dtype = parse_kv_dtype(&args.kv_cache_dtype, device)?;
+    let kv_dtype = parse_kv_dtype(&args.kv_cache_dtype, gpu_dtype)?;
     if matches!(device, Device::Cuda(_))
         && matches!(args.speculative.as_ref().map(|s| &s.method), Some(SpecMethod::Draft { .. }))
     {
@@ -361,4 +363,23 @@ pub fn build(args: EngineArgs) -> Result<(EngineHandle, EngineInfo)> {
 fn model_identity(dir: &Path, c: &ModelConfig) -> String {
     let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     format!("{name} (layers {}, hidden {}, vocab {})", c.num_layers, c.hidden_size, c.vocab_size)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A GPU's cache holds its weights' type: naming that type is accepted (vLLM users name it),
+    /// anything else is refused with the reason; on the CPU either dtype is taken.
+    #[test]
+    fn kv_cache_dtype_by_device() {
+        assert_eq!(parse_kv_dtype("auto", None).unwrap(), None);
+        assert_eq!(parse_kv_dtype("bfloat16", None).unwrap(), Some(KvDtype::Bf16));
+        assert_eq!(parse_kv_dtype("float32", None).unwrap(), Some(KvDtype::F32));
+        assert_eq!(parse_kv_dtype("bfloat16", Some(Dt::Bf16)).unwrap(), None);
+        let refused = |s, gpu| parse_kv_dtype(s, gpu).unwrap_err().to_string();
+        assert!(refused("float32", Some(Dt::Bf16)).contains("holds the weights' bfloat16; use 'auto'"));
+        assert!(refused("bfloat16", Some(Dt::F16)).contains("holds the weights' float16; use 'auto'"));
+        assert!(refused("fp8", None).contains("unknown kv_cache_dtype 'fp8'"));
+    }
 }
