@@ -110,7 +110,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "float16 is GPU-only; q8_0 quantizes at load")
     p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="what the KV cache holds: auto is the model's (bfloat16 for a bfloat16 model, else float32 "
-                        "on the CPU); bfloat16 halves it for the others (CPU only)")
+                        "on the CPU; a GPU's holds its weights' type); bfloat16 halves it for the others")
     p.add_argument("--speculative", type=_json_dict, metavar="JSON",
                    help='speculative decoding, e.g. \'{"method": "ngram", "k_max": 4}\' (adaptive k by default)')
     p.add_argument("--host", default="127.0.0.1")
