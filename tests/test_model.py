@@ -140,9 +140,10 @@ def test_kv_cache_dtype(llm):
     """vLLM's kv_cache_dtype. "auto" is the model's: f32 for the default Q4_1 model on the CPU (what
     its goldens hold to 1e-3), bf16 for a bfloat16 model (above). "bfloat16" keeps the Q4_1
     model's K and V rounded to bf16, half the bytes: a decode step after a long history reads
-    half the KV (docs/benchmarks.md). Its greedy output is still HF's on at least 11 of the 12
-    golden prompts (measured 12, AMD EPYC Zen 4), and its teacher-forced logits move by more than
-    the f32 cache's 1e-4 but less than 0.5 (measured 0.33)."""
+    half the KV (docs/benchmarks.md). Its greedy output is still HF's on at least 10 of the 12
+    golden prompts (measured 12 with the AVX-512 kernels and 11 capped at AVX2, AMD EPYC Zen 4;
+    HF's own bf16 run: 3), and its teacher-forced logits move by more than the f32 cache's 1e-4
+    but less than 0.5 (measured 0.33 and 0.32)."""
     assert (llm.engine.dtype, llm.engine.kv_cache_dtype) == ("q4_1", "float32")
     half = LLM(kv_cache_tokens=8192, kv_cache_dtype="bfloat16")
     assert (half.engine.dtype, half.engine.kv_cache_dtype) == ("q4_1", "bfloat16")
@@ -154,7 +155,7 @@ def test_kv_cache_dtype(llm):
     assert 1e-3 < worst < 0.5, worst
     outs = half.generate([{"prompt_token_ids": c["ids"]} for c in GOLDEN["cases"]], GREEDY, use_tqdm=False)
     identical = sum(o.outputs[0].token_ids == returned_tokens(c["greedy"]) for c, o in zip(GOLDEN["cases"], outs))
-    assert identical >= 11, identical
+    assert identical >= 10, identical
     assert LLM(kv_cache_tokens=64, dtype="bfloat16", kv_cache_dtype="float32").engine.kv_cache_dtype == "float32"
     for bad in ("fp8", "float16", ""):
         with pytest.raises(ValueError, match=f"unknown kv_cache_dtype '{bad}': use 'auto'.*'float32' or 'bfloat16'"):
