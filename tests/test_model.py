@@ -113,11 +113,11 @@ def test_bfloat16_weights_within_documented_tolerance():
     documented tolerance (docs/benchmarks.md) is: teacher-forced logits within 0.3 max abs
     (measured 0.15 with f32 products, 0.22 with bf16 attention products, 0.25-0.28 with AMX, 0.24
     with vdpbf16ps linear layers, with an f32 or a bf16 KV cache; HF itself in bf16: 0.68); greedy
-    output identical for the first 8 tokens of at least 11 of the 12 golden prompts and in full
+    output identical for the first 8 tokens of at least 10 of the 12 golden prompts and in full
     for at least 9 (measured 11 and 11 with f32 or bf16 attention products, 11 and 10 with AMX,
-    12 and 11 with vdpbf16ps linear layers on an AMD EPYC Zen 4, all with an f32 KV cache; 12 and
-    10 there with the bf16 cache; HF's own bf16 run: 3 in full, one prompt diverging at its first
-    token, one at its second)."""
+    12 and 11 with vdpbf16ps linear layers on an AMD EPYC Zen 4, all with an f32 KV cache; with
+    the bf16 cache 12 and 10 there, 11 and 11 capped at AVX2; HF's own bf16 run: 3 in full, one
+    prompt diverging at its first token, one at its second)."""
     llm = LLM(kv_cache_tokens=8192, dtype="bfloat16")
     assert (llm.engine.dtype, llm.engine.kv_cache_dtype) == ("bfloat16", "bfloat16")
     worst = 0.0
@@ -133,7 +133,7 @@ def test_bfloat16_weights_within_documented_tolerance():
         got = out.outputs[0].token_ids
         first8 += got[:8] == returned_tokens(case["greedy"])[:8]
         identical += got == returned_tokens(case["greedy"])
-    assert first8 >= 11 and identical >= 9, (first8, identical)
+    assert first8 >= 10 and identical >= 9, (first8, identical)
 
 
 def test_kv_cache_dtype(llm):
