@@ -4,6 +4,7 @@ is a ValueError naming the argument rather than a conversion error from the bind
 from __future__ import annotations
 
 import math
+import numbers
 import time
 from typing import Collection, Optional
 
@@ -17,6 +18,12 @@ def optional_positive_int(value: object, name: str) -> Optional[int]:
     return value
 
 
+def is_int(value: object) -> bool:
+    """An integer, numpy's included (a value read from an array of settings), not a bool: the one
+    rule for every count, seed and token id the front ends check."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def unsigned_ints(values: dict, optional: Collection[str] = ()) -> None:
     """Each of `values` (argument name -> value) an integer from 0 to 2^64 - 1 (numpy's too, not a
     bool), or None where its name is in `optional`: what the binding takes as unsigned. Anything
@@ -25,9 +32,9 @@ def unsigned_ints(values: dict, optional: Collection[str] = ()) -> None:
     for name, value in values.items():
         if value is None and name in optional:
             continue
-        if isinstance(value, bool) or not hasattr(type(value), "__index__"):
+        if not is_int(value):
             raise TypeError(f"{name} must be an integer{' or None' if name in optional else ''}, got {value!r}")
-        if not 0 <= value.__index__() < 2**64:
+        if not 0 <= int(value) < 2**64:
             raise ValueError(f"{name} must be a whole number >= 0 (below 2^64), got {value}")
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from horae import _core
-from horae.checks import optional_positive_int, slo_dict, unsigned_ints, waited_since
+from horae.checks import is_int, optional_positive_int, slo_dict, unsigned_ints, waited_since
 from horae.models import resolve_model
 from horae.priors import Prior, resolve_prior
 
@@ -64,7 +64,7 @@ class SamplingParams:
     priority: int = 0
 
     def __post_init__(self):
-        if not _is_int(self.n) or self.n < 1:
+        if not is_int(self.n) or self.n < 1:
             raise ValueError(f"n must be an integer >= 1, got {self.n!r}")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
@@ -72,15 +72,9 @@ class SamplingParams:
             raise TypeError(f"stop must be a string or a list of strings, got {self.stop!r}")
         self.stop = list(self.stop or [])
         ids = self.stop_token_ids
-        if not isinstance(ids, (list, tuple, type(None))) or not all(_is_int(t) for t in ids or []):
+        if not isinstance(ids, (list, tuple, type(None))) or not all(is_int(t) for t in ids or []):
             raise TypeError(f"stop_token_ids must be a list of integers, got {ids!r}")
         self.stop_token_ids = list(ids or [])
-
-
-def _is_int(v: object) -> bool:
-    """An integer, numpy's included (a value read from an array of settings), not a bool: the
-    rule `checks.unsigned_ints` applies to the engine's counts."""
-    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
 
 # -- outputs ---------------------------------------------------------------------------------
@@ -478,7 +472,7 @@ class Engine:
         slo = slo_dict(params.slo, "slo")
         for name in ("max_tokens", "top_k", "seed", "min_tokens", "logprobs", "prompt_logprobs", "priority"):
             v = getattr(params, name)
-            if v is not None and not (_is_int(v) and -2**63 <= v < 2**63):
+            if v is not None and not (is_int(v) and -2**63 <= v < 2**63):
                 raise ValueError(f"{name} must be a 64-bit integer, got {v!r}")
         # The core checks the values; a value that is not a number would reach it as a bare
         # conversion error that names no field.
