@@ -351,6 +351,15 @@ def run(model=None, batches: List[int] = (1, 8, 32), new_tokens: int = 64, prefi
             short = r.get("decode_1_tok_s")
             print(f"decode at  1 sequence after a {long_decode}-token prompt: {rate:8.1f} tok/s"
                   + (f", {rate / short:.2f}x the rate after 16 tokens" if short else ""))
+            if engine.kv_cache_dtype == "float32":
+                # The same with the KV cache in bf16 (`kv_cache_dtype`), half the bytes a step
+                # reads of the history: llama.cpp's cache is f16 by default.
+                half = Engine(model_dir, kv_cache_tokens=long_decode + 64, max_num_seqs=1, dtype=dtype,
+                              kv_cache_dtype="bfloat16")
+                half_rate = _decode_rate(half, 1, 16, prompt_len=long_decode)
+                del half
+                r[f"decode_1_after_{long_decode}_bf16_kv_tok_s"] = half_rate
+                print(f"  the same with a bf16 KV cache: {half_rate:8.1f} tok/s, {half_rate / rate:.2f}x the f32 cache")
         res["dtypes"][dtype] = r
         del engine
         gc.collect()
@@ -433,6 +442,8 @@ def _compare_llamacpp(res: dict, dtype: str, prefill: int, new_tokens: int, long
           f"{ours['decode_1_tok_s'] / peer['decode_1_tok_s']:.2f}x")
     key = f"decode_1_after_{long_decode}_tok_s"
     if long and key in ours:
-        print(f"  decode at 1 sequence after a {long_decode}-token prompt: llama.cpp {peer[key]:.1f} tok/s, "
-              f"horae {dtype} / llama.cpp {ours[key] / peer[key]:.2f}x")
+        half = ours.get(f"decode_1_after_{long_decode}_bf16_kv_tok_s")
+        print(f"  decode at 1 sequence after a {long_decode}-token prompt: llama.cpp {peer[key]:.1f} tok/s (f16 KV "
+              f"cache), horae {dtype} / llama.cpp {ours[key] / peer[key]:.2f}x ({ours['kv_cache_dtype']} cache)"
+              + (f", {half / peer[key]:.2f}x (bf16 cache)" if half else ""))
     return True
