@@ -140,10 +140,12 @@ def test_kv_cache_dtype(llm):
     """vLLM's kv_cache_dtype. "auto" is the model's: f32 for the default Q4_1 model on the CPU (what
     its goldens hold to 1e-3), bf16 for a bfloat16 model (above). "bfloat16" keeps the Q4_1
     model's K and V rounded to bf16, half the bytes: a decode step after a long history reads
-    half the KV (docs/benchmarks.md). Its greedy output is still HF's on at least 10 of the 12
-    golden prompts (measured 12 with the AVX-512 kernels and 11 capped at AVX2, AMD EPYC Zen 4;
-    HF's own bf16 run: 3), and its teacher-forced logits move by more than the f32 cache's 1e-4
-    but less than 0.5 (measured 0.33 and 0.32)."""
+    half the KV, and prefill attention's products are bf16 where the CPU runs them (Q and the
+    softmax weights rounded too), so a long prompt prefills faster (docs/benchmarks.md). Its greedy
+    output is still HF's on at least 10 of the 12 golden prompts (measured 12 with bf16 products
+    through AVX-512 BF16, and 11 capped at AVX2, where the products stay f32; AMD EPYC Zen 4; HF's
+    own bf16 run: 3), and its teacher-forced logits move by more than the f32 cache's 1e-4 but
+    less than 0.6 (measured 0.41 and 0.32; HF's own bf16 run: 0.68)."""
     assert (llm.engine.dtype, llm.engine.kv_cache_dtype) == ("q4_1", "float32")
     half = LLM(kv_cache_tokens=8192, kv_cache_dtype="bfloat16")
     assert (half.engine.dtype, half.engine.kv_cache_dtype) == ("q4_1", "bfloat16")
@@ -152,7 +154,7 @@ def test_kv_cache_dtype(llm):
         logits = half.engine.logits(forced["ids"])
         for row in forced["rows"]:
             worst = max(worst, float(np.abs(logits[row["position"], row["ids"]] - np.array(row["values"])).max()))
-    assert 1e-3 < worst < 0.5, worst
+    assert 1e-3 < worst < 0.6, worst
     outs = half.generate([{"prompt_token_ids": c["ids"]} for c in GOLDEN["cases"]], GREEDY, use_tqdm=False)
     identical = sum(o.outputs[0].token_ids == returned_tokens(c["greedy"]) for c, o in zip(GOLDEN["cases"], outs))
     assert identical >= 10, identical

@@ -299,7 +299,9 @@ class Engine:
         # "bfloat16" model (as HF transformers' bf16 keeps it), f32 for the others on the CPU
         # (their goldens' precision), the weights' 16-bit type on a GPU. "bfloat16" halves an f32
         # or quantized model's KV memory and what a decode step reads of a long history, at
-        # bf16's rounding of K and V; "float32" keeps a bf16 model's K and V exact. A GPU's cache
+        # bf16's rounding of K and V, and its prefill attention's products are then bf16 where the
+        # CPU runs them (a long prompt prefills faster; Q and the softmax weights rounded too, as
+        # llama.cpp's f16 cache does); "float32" keeps a bf16 model's K and V exact. A GPU's cache
         # holds its weights' type ("auto", or that type named).
         # history_window / max_output_bound: Past-Future's length history (finished lengths kept)
         # and what it is primed with before any request finished (default: the model's context).

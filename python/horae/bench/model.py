@@ -13,7 +13,9 @@ Prints, all measured in the same run:
   as a ratio to the short one's: attention's share), and decode tokens/s at 1, 8 and 32 concurrent sequences, each as model FLOP/s
   (2 x parameters x tokens) and as a ratio to the peak, and at 1 sequence after a 2,000-token
   prompt, as a ratio to the rate after 16 tokens (what a long history costs decode attention),
-  and at the largest batch sampled (temperature 0.7, top-p 0.9) as a ratio to greedy;
+  and at the largest batch sampled (temperature 0.7, top-p 0.9) as a ratio to greedy; for a dtype
+  whose KV cache is f32 (float32, q4_1), the long rows again with a bf16 cache
+  (`kv_cache_dtype="bfloat16"`, as llama.cpp's f16 default), in an engine of its own;
 - the machine's memory read bandwidth (every thread reading 1 GiB; measured after each dtype and
   just before and after each batch-1 decode run too, the highest used for the rooflines), and
   batch-1 decode's (the weight bytes a step reads times the steps a second), also as a ratio to
@@ -80,6 +82,28 @@ def _prefill_rate(engine: Engine, length: int, salt: int = 0) -> float:
     while engine.has_unfinished_requests():
         engine.step()
     return length / (time.perf_counter() - t)
+
+
+def _with_bf16_cache(model_dir, dtype: str, r: dict, prefill: int, long_prefill: int, long_decode: int) -> None:
+    """The long rows again with the KV cache in bf16 (`kv_cache_dtype="bfloat16"`, as llama.cpp's
+    default f16 cache), for a dtype whose own cache is f32: a step after a long history reads
+    half the bytes of it, and prefill attention's products are bf16 where the CPU runs them."""
+    engine = Engine(model_dir, kv_cache_tokens=max(long_prefill, long_decode) + 64, max_num_seqs=1, dtype=dtype,
+                    kv_cache_dtype="bfloat16")
+    print("  with a bf16 KV cache (kv_cache_dtype='bfloat16'):")
+    _prefill_rate(engine, 64, salt=2)
+    if long_prefill:
+        pre = statistics.median(_prefill_rate(engine, prefill, salt=30 + i) for i in range(5))
+        long = statistics.median(_prefill_rate(engine, long_prefill, salt=40 + i) for i in range(3))
+        r.update({"bf16_kv_prefill_tok_s": pre, f"bf16_kv_prefill_{long_prefill}_tok_s": long})
+        print(f"  prefill {prefill} tokens: {pre:8.1f} tok/s; {long_prefill} tokens: {long:8.1f} tok/s, "
+              f"{long / pre:.2f}x the per-token rate of {prefill} tokens")
+    if long_decode:
+        rate = _decode_rate(engine, 1, 16, prompt_len=long_decode)
+        r[f"decode_1_after_{long_decode}_bf16_kv_tok_s"] = rate
+        f32 = r.get(f"decode_1_after_{long_decode}_tok_s")
+        print(f"  decode at 1 sequence after a {long_decode}-token prompt: {rate:8.1f} tok/s"
+              + (f", {rate / f32:.2f}x the f32 cache" if f32 else ""))
 
 
 def _hf_decode_rates(model_dir, batches: List[int], new_tokens: int) -> Optional[dict]:
@@ -351,18 +375,11 @@ def run(model=None, batches: List[int] = (1, 8, 32), new_tokens: int = 64, prefi
             short = r.get("decode_1_tok_s")
             print(f"decode at  1 sequence after a {long_decode}-token prompt: {rate:8.1f} tok/s"
                   + (f", {rate / short:.2f}x the rate after 16 tokens" if short else ""))
-            if engine.kv_cache_dtype == "float32":
-                # The same with the KV cache in bf16 (`kv_cache_dtype`), half the bytes a step
-                # reads of the history: llama.cpp's cache is f16 by default.
-                half = Engine(model_dir, kv_cache_tokens=long_decode + 64, max_num_seqs=1, dtype=dtype,
-                              kv_cache_dtype="bfloat16")
-                half_rate = _decode_rate(half, 1, 16, prompt_len=long_decode)
-                del half
-                r[f"decode_1_after_{long_decode}_bf16_kv_tok_s"] = half_rate
-                print(f"  the same with a bf16 KV cache: {half_rate:8.1f} tok/s, {half_rate / rate:.2f}x the f32 cache")
         res["dtypes"][dtype] = r
         del engine
         gc.collect()
+        if (long_prefill or long_decode) and r["kv_cache_dtype"] == "float32":
+            _with_bf16_cache(model_dir, dtype, r, prefill, long_prefill, long_decode)
         peaks.append(gemm_peak())
         bandwidths.append(_core.bench_read_bandwidth())
         # llama.cpp at this precision right after horae's runs (this engine's threads are gone):
