@@ -104,6 +104,20 @@ def test_every_cpu_kernel_matches_transformers(tmp_path):
     assert ("does not run AMX tiles" in out.stderr) == (_core.cpu_kernels()["amx_min_rows"] is None), out.stderr
 
 
+def _against_goldens(llm):
+    """How far `llm` is from HF's goldens: the largest teacher-forced logit difference, and on how
+    many of the golden prompts its greedy output matches in its first 8 tokens and in full."""
+    worst = 0.0
+    for forced in GOLDEN["teacher_forced"]:
+        logits = llm.engine.logits(forced["ids"])
+        for row in forced["rows"]:
+            worst = max(worst, float(np.abs(logits[row["position"], row["ids"]] - np.array(row["values"])).max()))
+    outs = llm.generate([{"prompt_token_ids": c["ids"]} for c in GOLDEN["cases"]], GREEDY, use_tqdm=False)
+    got = [o.outputs[0].token_ids for o in outs]
+    want = [returned_tokens(c["greedy"]) for c in GOLDEN["cases"]]
+    return worst, sum(g[:8] == w[:8] for g, w in zip(got, want)), sum(g == w for g, w in zip(got, want))
+
+
 def test_bfloat16_weights_within_documented_tolerance():
     """dtype="bfloat16" rounds the weights to bf16. Its products are bf16 where the CPU runs them,
     as in HF transformers' bf16 and flash attention: the prefill attention's with AVX-512 BF16 (on
@@ -120,19 +134,8 @@ def test_bfloat16_weights_within_documented_tolerance():
     prompt diverging at its first token, one at its second)."""
     llm = LLM(kv_cache_tokens=8192, dtype="bfloat16")
     assert (llm.engine.dtype, llm.engine.kv_cache_dtype) == ("bfloat16", "bfloat16")
-    worst = 0.0
-    for forced in GOLDEN["teacher_forced"]:
-        logits = llm.engine.logits(forced["ids"])
-        for row in forced["rows"]:
-            worst = max(worst, float(np.abs(logits[row["position"], row["ids"]] - np.array(row["values"])).max()))
+    worst, first8, identical = _against_goldens(llm)
     assert 1e-4 < worst < 0.3, worst  # above 1e-4: the weights really are rounded
-    prompts = [{"prompt_token_ids": c["ids"]} for c in GOLDEN["cases"]]
-    outs = llm.generate(prompts, GREEDY, use_tqdm=False)
-    first8 = identical = 0
-    for case, out in zip(GOLDEN["cases"], outs):
-        got = out.outputs[0].token_ids
-        first8 += got[:8] == returned_tokens(case["greedy"])[:8]
-        identical += got == returned_tokens(case["greedy"])
     assert first8 >= 10 and identical >= 9, (first8, identical)
 
 
@@ -149,14 +152,8 @@ def test_kv_cache_dtype(llm):
     assert (llm.engine.dtype, llm.engine.kv_cache_dtype) == ("q4_1", "float32")
     half = LLM(kv_cache_tokens=8192, kv_cache_dtype="bfloat16")
     assert (half.engine.dtype, half.engine.kv_cache_dtype) == ("q4_1", "bfloat16")
-    worst = 0.0
-    for forced in GOLDEN["teacher_forced"]:
-        logits = half.engine.logits(forced["ids"])
-        for row in forced["rows"]:
-            worst = max(worst, float(np.abs(logits[row["position"], row["ids"]] - np.array(row["values"])).max()))
+    worst, _, identical = _against_goldens(half)
     assert 1e-3 < worst < 0.6, worst
-    outs = half.generate([{"prompt_token_ids": c["ids"]} for c in GOLDEN["cases"]], GREEDY, use_tqdm=False)
-    identical = sum(o.outputs[0].token_ids == returned_tokens(c["greedy"]) for c, o in zip(GOLDEN["cases"], outs))
     assert identical >= 10, identical
     assert LLM(kv_cache_tokens=64, dtype="bfloat16", kv_cache_dtype="float32").engine.kv_cache_dtype == "float32"
     for bad in ("fp8", "float16", ""):
