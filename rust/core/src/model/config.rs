@@ -197,9 +197,4 @@ impl ModelConfig {
             _ => WeightDtype::F32,
         }
     }
-
-    /// Bytes of K and V (f32) per token, across layers.
-    pub fn kv_bytes_per_token(&self) -> usize {
-        2 * self.num_layers * self.num_kv_heads * self.head_dim * 4
-    }
 }
