@@ -133,13 +133,6 @@ impl KvRows<'_> {
         self.len() == 0
     }
 
-    pub fn dtype(&self) -> KvDtype {
-        match self {
-            KvRows::F32(_) => KvDtype::F32,
-            KvRows::Bf16(_) => KvDtype::Bf16,
-        }
-    }
-
     /// `out.len()` values from `at`, widened to f32.
     pub fn read(&self, at: usize, out: &mut [f32]) {
         let n = out.len();
@@ -165,7 +158,7 @@ mod tests {
         buf.copy_within(2..4, 6);
         buf.rows().read(6, &mut out[..2]);
         assert_eq!(out[..2], [1.0, 1.0 + 4.0 / 256.0]);
-        assert_eq!((buf.len(), buf.rows().dtype()), (8, KvDtype::Bf16));
+        assert!(buf.len() == 8 && matches!(buf.rows(), KvRows::Bf16(_)));
     }
 
     /// The branch-free rounding against `half`'s, over every class of value: both round to

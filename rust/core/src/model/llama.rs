@@ -68,11 +68,6 @@ impl KvCache {
         self.k.first().map_or(0, |k| k.len() / (self.block_size * self.row))
     }
 
-    /// What it holds: f32 or bf16.
-    pub fn dtype(&self) -> Option<KvDtype> {
-        self.k.first().map(|k| k.rows().dtype())
-    }
-
     /// Copy-on-write: block `src`'s KV into block `dst`, in every layer.
     pub fn copy_block(&mut self, src: usize, dst: usize) {
         let len = self.block_size * self.row;
