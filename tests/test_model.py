@@ -159,6 +159,16 @@ def test_kv_cache_dtype(llm):
     for bad in ("fp8", "float16", ""):
         with pytest.raises(ValueError, match=f"unknown kv_cache_dtype '{bad}': use 'auto'.*'float32' or 'bfloat16'"):
             Engine(kv_cache_dtype=bad)
+    # `horae serve --kv-cache-dtype` reaches the engine's arguments (one engine, or each replica).
+    import argparse
+
+    from horae.serve import add_arguments, engine_args
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert engine_args(parser.parse_args(["--kv-cache-dtype", "bfloat16"]))["kv_cache_dtype"] == "bfloat16"
+    assert engine_args(parser.parse_args([]))["kv_cache_dtype"] == "auto"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--kv-cache-dtype", "fp8"])
 
 
 def test_dtype_choice(llm):
