@@ -159,6 +159,9 @@ def test_kv_cache_dtype(llm):
     for bad in ("fp8", "float16", ""):
         with pytest.raises(ValueError, match=f"unknown kv_cache_dtype '{bad}': use 'auto'.*'float32' or 'bfloat16'"):
             Engine(kv_cache_dtype=bad)
+    for bad in (None, 16):
+        with pytest.raises(TypeError, match=f"kv_cache_dtype must be a string such as 'auto', got {bad}"):
+            Engine(kv_cache_dtype=bad)
     # `horae serve --kv-cache-dtype` reaches the engine's arguments (one engine, or each replica).
     import argparse
 

@@ -38,6 +38,15 @@ def unsigned_ints(values: dict, optional: Collection[str] = ()) -> None:
             raise ValueError(f"{name} must be a whole number >= 0 (below 2^64), got {value}")
 
 
+def names(values: dict) -> None:
+    """Each of `values` (argument name -> value) a string, as the options chosen by name (dtype,
+    kv_cache_dtype, device) are: the binding would refuse anything else with a TypeError that
+    names no argument. The core checks the name itself."""
+    for name, value in values.items():
+        if not isinstance(value, str):
+            raise TypeError(f"{name} must be a string such as 'auto', got {value!r}")
+
+
 def slo_dict(value: object, name: str = "slo") -> Optional[dict]:
     """`value` if it is None or a dict of names to numbers of seconds (not bools), for the core,
     which checks the names and that each is positive; a ValueError naming `name` otherwise."""

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from horae import _core
-from horae.checks import is_int, optional_positive_int, slo_dict, unsigned_ints, waited_since
+from horae.checks import is_int, names, optional_positive_int, slo_dict, unsigned_ints, waited_since
 from horae.models import resolve_model
 from horae.priors import Prior, resolve_prior
 
@@ -336,6 +336,7 @@ class Engine:
                        "history_window": history_window, "max_output_bound": max_output_bound,
                        "max_model_len": max_model_len},
                       optional={"kv_cache_tokens", "seed", "max_output_bound", "max_model_len"})
+        names({"dtype": dtype, "kv_cache_dtype": kv_cache_dtype, "device": device})
         self.model_dir = resolve_model(model)
         prior = resolve_prior(history_prior)
         history_prior_weight = optional_positive_int(history_prior_weight, "history_prior_weight")
