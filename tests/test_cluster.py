@@ -13,6 +13,7 @@ import time
 import urllib.error
 import urllib.request
 
+import numpy as np
 import pytest
 
 from horae import _core
@@ -244,6 +245,9 @@ def test_bad_cluster_arguments_are_named(monkeypatch):
     # Names as the core parses them (case, `_` for `-`), so the front end refuses only what the
     # core would.
     assert check_args(2, " Power_Of_Two", "IN_TIME") == ("power-of-two", "in-time")
+    assert check_args(np.int64(2), "forecast") == ("forecast", "always")  # numpy's integers count
+    with pytest.raises(ValueError, match="replicas must be a whole number >= 1, got True"):
+        check_args(True, "forecast")
     assert _core.canonical_name("queue", "SLO") == "slo" and _core.QUEUES == ["fcfs", "slo"]
     with pytest.raises(ValueError, match='no choice named "colour"'):
         _core.canonical_name("colour", "red")

@@ -313,6 +313,18 @@ def test_values_of_the_wrong_type_name_their_field(llm):
     p = SamplingParams(max_tokens=np.int64(3), n=np.int32(1), stop_token_ids=[np.int64(2)], temperature=0,
                        ignore_eos=True)
     assert len(llm.generate("hi", p, use_tqdm=False)[0].outputs[0].token_ids) == 3
+    # A prompt's token ids likewise: numpy's integers, or a 1-D array as a tokenizer returns them
+    # (both were "must be a list of integers"); floats, bools and 2-D arrays are refused by name.
+    ids = [1 + (i * 37) % 4000 for i in range(12)]
+    want = llm.generate({"prompt_token_ids": ids}, GREEDY, use_tqdm=False)[0].outputs[0].token_ids
+    for given in ([np.int64(t) for t in ids], np.array(ids, dtype=np.int32), tuple(ids)):
+        out = llm.generate({"prompt_token_ids": given}, GREEDY, use_tqdm=False)[0]
+        assert out.prompt_token_ids == ids and all(type(t) is int for t in out.prompt_token_ids)
+        assert out.outputs[0].token_ids == want
+    for bad in ([1.0, 2.0], np.array([1.0, 2.0]), [True, 5], np.array([ids]), "12"):
+        with pytest.raises(TypeError, match="prompt_token_ids must be a list of integers"):
+            llm.generate({"prompt_token_ids": bad}, GREEDY, use_tqdm=False)
+    assert not llm.engine.has_unfinished_requests()
 
 
 def test_one_sampling_params_per_prompt(llm):

@@ -185,8 +185,13 @@ def test_simulation_values_of_the_wrong_type_name_their_argument(sample):
         sim.simulate(sample, "past-future", kv_cache_tokens="x")
     with pytest.raises(TypeError, match="sla must be a dict of bounds in seconds"):
         sim.simulate(sample, "past-future", sla="fast")
-    # numpy's integers are integers (a value read from an array of settings).
-    assert sim.simulate(sample.head(20), "past-future", clients=2, seed=np.int64(3)).summary["completed"] == 20
+    # A bool is not a number of seconds (True passed as 1 s).
+    with pytest.raises(ValueError, match="SLA bound ttft must be a positive number of seconds, got True"):
+        sim.simulate(sample, "past-future", sla={"ttft": True})
+    # numpy's integers are integers (a value read from an array of settings), numpy's floats numbers.
+    run = sim.simulate(sample.head(20), "past-future", clients=2, seed=np.int64(3), history_prior_weight=np.int32(4),
+                       sla={"ttft": np.float64(10.0)})
+    assert run.summary["completed"] == 20
 
 
 def test_trace_counts_and_seeds_name_their_argument(sample):

@@ -6,22 +6,38 @@ from __future__ import annotations
 import math
 import numbers
 import time
-from typing import Collection, Optional
+from typing import Collection, List, Optional
 
 
 def optional_positive_int(value: object, name: str) -> Optional[int]:
     """`value` if it is None or an int of at least 1 (not a bool); a ValueError naming `name` otherwise."""
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if not is_int(value) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return value
+    return int(value)
 
 
 def is_int(value: object) -> bool:
     """An integer, numpy's included (a value read from an array of settings), not a bool: the one
     rule for every count, seed and token id the front ends check."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def is_number(value: object) -> bool:
+    """A real number, numpy's included, not a bool: the rule for every value in seconds or a
+    sampling setting."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def token_ids(value: object, name: str) -> List[int]:
+    """`value` as a list of ints: a list or tuple of integers (numpy's too) or a 1-D numpy array of
+    them, as a tokenizer returns them; a TypeError naming `name` otherwise. The core checks that
+    each is in the vocabulary."""
+    items = value.tolist() if getattr(value, "ndim", None) == 1 and hasattr(value, "tolist") else value
+    if not isinstance(items, (list, tuple)) or not all(is_int(t) for t in items):
+        raise TypeError(f"{name} must be a list of integers, got {value!r}")
+    return [int(t) for t in items]
 
 
 def unsigned_ints(values: dict, optional: Collection[str] = ()) -> None:
@@ -55,7 +71,7 @@ def slo_dict(value: object, name: str = "slo") -> Optional[dict]:
     if not isinstance(value, dict):
         raise ValueError(f"{name} must be a dict like {{'ttft': 1.0, 'max_itl': 0.2, 'e2e': 300}}, got {value!r}")
     for k, v in value.items():
-        if not isinstance(k, str) or isinstance(v, bool) or not isinstance(v, (int, float)):
+        if not isinstance(k, str) or not is_number(v):
             raise ValueError(f"{name} maps a bound's name to seconds, got {k!r}: {v!r}")
     return {k: float(v) for k, v in value.items()}
 
@@ -66,6 +82,6 @@ def waited_since(arrival_time: object) -> float:
     number of seconds."""
     if arrival_time is None:
         return 0.0
-    if isinstance(arrival_time, bool) or not isinstance(arrival_time, (int, float)) or not math.isfinite(arrival_time):
+    if not is_number(arrival_time) or not math.isfinite(arrival_time):
         raise ValueError(f"arrival_time must be a finite number of seconds (time.time()), got {arrival_time!r}")
     return max(0.0, time.time() - float(arrival_time))

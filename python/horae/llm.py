@@ -12,13 +12,12 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-import numbers
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from horae import _core
-from horae.checks import is_int, names, optional_positive_int, slo_dict, unsigned_ints, waited_since
+from horae.checks import is_int, is_number, names, optional_positive_int, slo_dict, token_ids, unsigned_ints, waited_since
 from horae.models import resolve_model
 from horae.priors import Prior, resolve_prior
 
@@ -449,10 +448,7 @@ class Engine:
             return prompt, self.encode(prompt)
         if isinstance(prompt, dict):
             if "prompt_token_ids" in prompt:
-                ids = prompt["prompt_token_ids"]
-                if not isinstance(ids, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
-                    raise ValueError("prompt_token_ids must be a list of integers")
-                return prompt.get("prompt"), list(ids)
+                return prompt.get("prompt"), token_ids(prompt["prompt_token_ids"], "prompt_token_ids")
             if "prompt" in prompt:
                 return self.prompt_token_ids(prompt["prompt"])
         raise TypeError(f"a prompt is a string or {{'prompt_token_ids': [...]}}, got {type(prompt).__name__}")
@@ -481,7 +477,7 @@ class Engine:
         # conversion error that names no field.
         for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
             v = getattr(params, name)
-            if isinstance(v, bool) or not isinstance(v, numbers.Real):  # numpy's floats are Real too
+            if not is_number(v):
                 raise TypeError(f"{name} must be a number, got {v!r}")
         if params.priority is None:
             raise ValueError("priority must be an integer, got None")

@@ -40,6 +40,7 @@ import time
 from typing import List, Optional
 
 from horae import _core
+from horae.checks import is_int
 from horae.llm import Engine, SamplingParams
 
 
@@ -256,7 +257,7 @@ def run(model=None, batches: List[int] = (1, 8, 32), new_tokens: int = 64, prefi
     if bad:
         raise ValueError(f"unknown dtype {bad[0]!r}: use 'auto', 'float32', 'bfloat16', 'q8_0' or 'q4_1'")
     for name, value in (("long_prefill", long_prefill), ("long_decode", long_decode)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        if not is_int(value) or value < 0:
             raise ValueError(f"{name} must be a whole number of tokens, 0 to skip it; got {value!r}")
     model_dir = resolve_model(model)
     cfg = json.loads((model_dir / "config.json").read_text())

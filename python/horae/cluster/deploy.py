@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Optional, Tuple
 
 from horae import _core
+from horae.checks import is_int
 from horae.models import resolve_model
 
 RAY_HINT = 'replicas run on Ray Serve, which is not installed: pip install "horae[ray]"'
@@ -28,7 +29,7 @@ def require_ray():
 def check_args(replicas: Any, router: str, retry_shed: str = "always") -> Tuple[str, str]:
     """Refuse bad arguments before Ray starts; the router's and retry rule's names as the core
     names them (it parses them, aliases and case included, and its error lists the choices)."""
-    if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 1:
+    if not is_int(replicas) or replicas < 1:
         raise ValueError(f"replicas must be a whole number >= 1, got {replicas!r}")
     for what, value in (("router", router), ("retry rule", retry_shed)):
         if not isinstance(value, str):
@@ -83,6 +84,7 @@ def serve_replicas(model: Optional[str] = None, *, replicas: int = 2, router: st
     every `stats_period` seconds. Each replica's kernels use `threads_per_replica` threads
     (default: this machine's cores shared evenly)."""
     router, retry_shed = check_args(replicas, router, retry_shed)
+    replicas = int(replicas)  # numpy's integers pass the check; Ray's options want Python's
     ray = require_ray()
     from ray import serve
     from ray.serve.config import HTTPOptions, RequestRouterConfig

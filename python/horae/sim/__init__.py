@@ -20,7 +20,7 @@ import numpy as np
 
 from horae import _core
 from horae._core import HoraeCoreError, Trace
-from horae.checks import optional_positive_int, unsigned_ints
+from horae.checks import is_number, optional_positive_int, unsigned_ints
 from horae.priors import Prior, check_lengths, resolve_prior
 
 #: Baselines that are a policy with one setting changed: "aggressive-99" admits until 99% of the
@@ -78,7 +78,7 @@ def _check_sla(sla: Optional[Mapping[str, float]]) -> Dict[str, float]:
     if unknown:
         raise ValueError(f"unknown SLA bound(s) {sorted(unknown)}; use {', '.join(SLA_KEYS)}")
     for k, v in sla.items():
-        if not isinstance(v, (int, float)) or not v > 0:
+        if not is_number(v) or not v > 0:
             raise ValueError(f"SLA bound {k} must be a positive number of seconds, got {v!r}")
     return sla
 
