@@ -227,7 +227,9 @@ def test_dtype_choice(llm):
 
 def test_stop_strings_seeds_and_n(llm):
     msgs = [{"role": "user", "content": "What is the capital of France?"}]
-    out = llm.chat(msgs, SamplingParams(temperature=0, max_tokens=32, stop=["Paris"]))
+    outs = llm.chat(msgs, SamplingParams(temperature=0, max_tokens=32, stop=["Paris"]))
+    assert isinstance(outs, list) and len(outs) == 1, "a list for one conversation too, as vLLM's LLM.chat"
+    out = outs[0]
     assert out.outputs[0].text == "The capital of France is "
     assert (out.outputs[0].finish_reason, out.outputs[0].stop_reason) == ("stop", "Paris")
     p = SamplingParams(temperature=1.0, max_tokens=12, seed=7, n=3)
@@ -472,7 +474,7 @@ def test_logprobs_are_the_models_log_softmax(llm):
 
 def test_min_tokens_and_logits_access(llm):
     msgs = [{"role": "user", "content": "What is the capital of France?"}]
-    out = llm.chat(msgs, SamplingParams(temperature=0, max_tokens=20, min_tokens=12)).outputs[0]
+    out = llm.chat(msgs, SamplingParams(temperature=0, max_tokens=20, min_tokens=12))[0].outputs[0]
     assert len(out.token_ids) >= 12 and 2 not in out.token_ids[:12], "no end-of-sequence before min_tokens"
     assert out.text.startswith("The capital of France is Paris.")
     with pytest.raises(ValueError, match="min_tokens"):

@@ -37,13 +37,13 @@ def test_greedy_output_equals_the_golden_with_speculation(spec, ngram):
         assert out.outputs[0].token_ids == returned_tokens(case["greedy"]), (spec, case["text"])
     # The drafts were really proposed and verified, and some accepted (with fixed k: adaptive k
     # follows measured step times, and a loaded machine may keep it at 0).
-    rep = llm.chat([{"role": "user", "content": DAYS}], SamplingParams(temperature=0, max_tokens=96), use_tqdm=False)
+    rep = llm.chat([{"role": "user", "content": DAYS}], SamplingParams(temperature=0, max_tokens=96), use_tqdm=False)[0]
     c = rep.outputs[0]
     assert c.num_draft_tokens is not None and c.num_accepted_tokens <= c.num_draft_tokens
     if spec.get("adaptive") is False:
         assert c.num_draft_tokens > 0 and c.num_accepted_tokens > 0, spec
     plain = LLM(kv_cache_tokens=8192).chat([{"role": "user", "content": DAYS}], SamplingParams(temperature=0, max_tokens=96),
-                                            use_tqdm=False)
+                                            use_tqdm=False)[0]
     assert c.token_ids == plain.outputs[0].token_ids
     stats = llm.engine._core.step_stats()
     assert stats["spec_accepted_tokens"] >= c.num_accepted_tokens and 0 <= stats["spec_alpha"] <= 0.99
@@ -51,20 +51,20 @@ def test_greedy_output_equals_the_golden_with_speculation(spec, ngram):
 
 def test_sampling_with_speculation_is_seeded(ngram):
     p = SamplingParams(temperature=0.8, top_p=0.95, seed=11, max_tokens=48, repetition_penalty=1.1, logprobs=2)
-    a = ngram.chat([{"role": "user", "content": DAYS}], p, use_tqdm=False).outputs[0]
-    b = ngram.chat([{"role": "user", "content": DAYS}], p, use_tqdm=False).outputs[0]
+    a = ngram.chat([{"role": "user", "content": DAYS}], p, use_tqdm=False)[0].outputs[0]
+    b = ngram.chat([{"role": "user", "content": DAYS}], p, use_tqdm=False)[0].outputs[0]
     assert a.token_ids == b.token_ids and a.num_draft_tokens > 0
     # One logprob entry per emitted token, accepted drafts included.
     assert len(a.logprobs) == len(a.token_ids) and all(t in lp for t, lp in zip(a.token_ids, a.logprobs))
 
 
 def test_a_stop_token_among_accepted_drafts_ends_the_output_there(ngram):
-    plain = ngram.chat([{"role": "user", "content": DAYS}], SamplingParams(temperature=0, max_tokens=96), use_tqdm=False)
+    plain = ngram.chat([{"role": "user", "content": DAYS}], SamplingParams(temperature=0, max_tokens=96), use_tqdm=False)[0]
     ids = plain.outputs[0].token_ids
     stop = ids[40]  # a token that appears mid-output (the first occurrence ends it)
     first = ids.index(stop)
     out = ngram.chat([{"role": "user", "content": DAYS}],
-                     SamplingParams(temperature=0, max_tokens=96, stop_token_ids=[stop]), use_tqdm=False).outputs[0]
+                     SamplingParams(temperature=0, max_tokens=96, stop_token_ids=[stop]), use_tqdm=False)[0].outputs[0]
     assert out.token_ids == ids[:first + 1] and out.finish_reason == "stop" and out.stop_reason == stop
     # As vLLM: the stop token is the last token id, and its text is not in the output.
     assert out.text == ngram.engine.decode(ids[:first])
@@ -156,7 +156,7 @@ def test_server_with_speculation_reports_it_in_metrics():
         r = httpx.post(srv.url + "/v1/chat/completions", json=body, timeout=120)
         assert r.status_code == 200
         plain = LLM(kv_cache_tokens=4096).chat([{"role": "user", "content": DAYS}],
-                                                 SamplingParams(temperature=0, max_tokens=64), use_tqdm=False)
+                                                 SamplingParams(temperature=0, max_tokens=64), use_tqdm=False)[0]
         assert r.json()["choices"][0]["message"]["content"] == plain.outputs[0].text
         text = httpx.get(srv.url + "/metrics").text
         accepted = [ln for ln in text.splitlines() if ln.startswith("horae:spec_decode_num_accepted_tokens_total")]

@@ -657,9 +657,9 @@ class LLM:
     def chat(self, messages, sampling_params: Union[None, SamplingParams, Sequence[SamplingParams]] = None,
              use_tqdm: bool = True):
         """One conversation (a list of messages) or several (a list of lists); `sampling_params`
-        as `generate`'s."""
+        as `generate`'s. A list of outputs, one per conversation, as vLLM's `LLM.chat` and this
+        class's `generate` return them."""
         batch = messages and isinstance(messages[0], list)
         convs = messages if batch else [messages]
         prompts = [self.engine.apply_chat_template(c) for c in convs]
-        outs = self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
-        return outs if batch else outs[0]
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
