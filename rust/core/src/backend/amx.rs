@@ -212,7 +212,7 @@ fn to_bf16_rows(x: &[f32], m: usize, k: usize, kp: usize, a: &mut Vec<u32>) {
             let wide = k / 16 * 16;
             super::bf16_dot::pair_along(&src[..wide], &mut row[..wide / 2]);
             for (i, &v) in src.iter().enumerate().skip(wide) {
-                row[i / 2] |= (half::bf16::from_f32(v).to_bits() as u32) << (16 * (i % 2));
+                row[i / 2] |= (super::bf16::round(v) as u32) << (16 * (i % 2));
             }
         }
     };

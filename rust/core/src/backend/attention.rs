@@ -558,7 +558,7 @@ mod simd {
         // SAFETY: the caller's.
         unsafe {
             if E::BF16 {
-                _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(_mm_loadu_si128(p.cast()))))
+                crate::backend::bf16::x86::load8(p.cast())
             } else {
                 _mm256_loadu_ps(p.cast())
             }
@@ -575,7 +575,7 @@ mod simd {
         // SAFETY: the caller's.
         unsafe {
             if E::BF16 {
-                _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(_mm256_loadu_si256(p.cast()))))
+                crate::backend::bf16::x86::load16(p.cast())
             } else {
                 _mm512_loadu_ps(p.cast())
             }

@@ -128,7 +128,8 @@ mod simd {
             // SAFETY: 16 values from j are inside x and lo.
             unsafe {
                 let v = _mm512_loadu_ps(x.as_ptr().add(j));
-                let hi = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(widen(_mm512_cvtneps_pbh(v))));
+                let hi =
+                    crate::backend::bf16::x86::widen16(std::mem::transmute::<__m256bh, __m256i>(_mm512_cvtneps_pbh(v)));
                 _mm512_storeu_ps(lo.as_mut_ptr().add(j), _mm512_sub_ps(v, hi));
             }
         }

@@ -293,7 +293,7 @@ fn bf16_slot(j: usize) -> usize {
 }
 
 fn to_bf16(v: f32) -> u16 {
-    half::bf16::from_f32(v).to_bits()
+    super::bf16::round(v)
 }
 
 impl PackedLinear {
@@ -402,7 +402,7 @@ impl PackedLinear {
             Panels::Bf16(v) => column(v, self.layout, p, j, out),
             Panels::Bf16Pairs(v, order) => {
                 for (kk, o) in out.iter_mut().enumerate() {
-                    *o = f32::from_bits((v[order.index(p, kk, j)] as u32) << 16);
+                    *o = super::bf16::widen(v[order.index(p, kk, j)]);
                 }
             }
             Panels::Quant(q) => q.row(i, out),
@@ -896,7 +896,7 @@ impl PanelValue for f32 {
 
 impl PanelValue for u16 {
     fn widen(raw: &[u16]) -> [f32; NR] {
-        std::array::from_fn(|j| f32::from_bits((raw[bf16_slot(j)] as u32) << 16))
+        std::array::from_fn(|j| super::bf16::widen(raw[bf16_slot(j)]))
     }
     #[cfg(target_arch = "x86_64")]
     unsafe fn avx2<const R: usize>(t: &Tile, b: *const u16, prefetch: *const u8, out: *mut f32) -> bool {
@@ -909,12 +909,8 @@ impl PanelValue for u16 {
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
     unsafe fn load16(p: *const u16) -> std::arch::x86_64::__m512 {
-        use std::arch::x86_64::*;
         // SAFETY: passed on from the caller (16 values of 2 bytes).
-        unsafe {
-            let wide = _mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(_mm256_loadu_si256(p as *const __m256i)));
-            _mm512_castsi512_ps(wide)
-        }
+        unsafe { super::bf16::x86::load16(p) }
     }
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]

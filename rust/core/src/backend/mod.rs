@@ -4,6 +4,7 @@
 mod amx;
 mod amx_int8;
 pub mod attention;
+pub(crate) mod bf16;
 mod bf16_dot;
 pub mod cpu;
 pub mod cuda;

@@ -872,7 +872,8 @@ mod simd {
                 }
                 // The lo part, `lo_at` rows on: the weights less their bf16 (the hi part, `both`),
                 // rounded in turn.
-                let widen = |h: __m256i| _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)));
+                // SAFETY: this kernel runs with AVX-512F.
+                let widen = |h: __m256i| unsafe { crate::backend::bf16::x86::widen16(h) };
                 let even_lo = _mm512_sub_ps(even[w], widen(_mm512_castsi512_si256(both)));
                 let odd_lo = _mm512_sub_ps(odd[w], widen(_mm512_extracti64x4_epi64::<1>(both)));
                 // SAFETY: as above.
