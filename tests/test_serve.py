@@ -116,6 +116,48 @@ def test_completions(server, client):
     _assert_idle(server)
 
 
+def test_completions_echo_scores_a_continuation_as_lm_eval_does(server, client):
+    """lm-evaluation-harness's `local-completions` scores a continuation by sending context +
+    continuation with `echo`, `logprobs=1`, `max_tokens=1` and reading the prompt's logprobs past
+    the context. Those (the prefill's) must agree with the logprobs the same tokens got when
+    decoded one by one, and the greedy check must see them as the argmax."""
+    ctx = [504, 3575, 282, 4649, 314]  # "The capital of France is"
+    gen = client.completions.create(model="smollm2", prompt=ctx, max_tokens=5, temperature=0, logprobs=1)
+    decoded = gen.choices[0].logprobs.token_logprobs
+    cont = server.llm.encode(gen.choices[0].text)
+    assert len(cont) == 5, "the continuation re-tokenizes to the tokens generated"
+    e = client.completions.create(model="smollm2", prompt=ctx + cont, max_tokens=1, temperature=0, logprobs=1, echo=True)
+    lp = e.choices[0].logprobs
+    assert len(lp.tokens) == len(ctx) + 5 + 1 and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    scored = lp.token_logprobs[len(ctx):-1]
+    assert max(abs(a - b) for a, b in zip(scored, decoded)) < 2e-3, (scored, decoded)
+    assert all(t == max(top.values()) for t, top in zip(scored, lp.top_logprobs[len(ctx):-1])), "greedy"
+    assert e.choices[0].text == "".join(lp.tokens) == "The capital of France is" + gen.choices[0].text + lp.tokens[-1]
+    assert lp.text_offset == [sum(map(len, lp.tokens[:j])) for j in range(len(lp.tokens))]
+    assert e.usage.completion_tokens == 1
+    # max_tokens 0: the prompt alone, scored; nothing generated is returned or counted.
+    only = client.completions.create(model="smollm2", prompt="The capital of France is", max_tokens=0, logprobs=2,
+                                     echo=True)
+    c = only.choices[0]
+    assert c.text == "The capital of France is" and len(c.logprobs.tokens) == len(ctx) and c.finish_reason == "length"
+    # (The same positions as in the longer prompt above, whose prefill tiles differ: within 1e-3.)
+    assert c.logprobs.token_logprobs[1:] == pytest.approx(lp.token_logprobs[1:len(ctx)], abs=1e-3)
+    assert only.usage.completion_tokens == 0
+    # Streamed, the prompt comes first and the text is the same.
+    whole = client.completions.create(model="smollm2", prompt=ctx, max_tokens=4, temperature=0, echo=True)
+    parts = list(client.completions.create(model="smollm2", prompt=ctx, max_tokens=4, temperature=0, echo=True,
+                                           stream=True))
+    assert parts[0].choices[0].text.startswith("The capital of France is")
+    assert "".join(p.choices[0].text for p in parts) == whole.choices[0].text
+    streamed0 = list(client.completions.create(model="smollm2", prompt=ctx, max_tokens=0, echo=True, stream=True))
+    assert "".join(p.choices[0].text for p in streamed0) == "The capital of France is"
+    assert streamed0[-1].choices[0].finish_reason == "length"
+    # Without echo, max_tokens 0 is still refused by name.
+    with pytest.raises(openai.BadRequestError, match="max_tokens must be at least 1"):
+        client.completions.create(model="smollm2", prompt=ctx, max_tokens=0)
+    _assert_idle(server)
+
+
 def test_models_health_tokenize(server, client):
     h = {"Authorization": f"Bearer {KEY}"}
     assert httpx.get(server.url + "/health").status_code == 200  # no key needed

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Optional
+from typing import List, Optional
 
 from fastapi import APIRouter, Request
 
@@ -17,19 +17,55 @@ from horae.serve.streaming import sse_response
 MAX_PROMPTS = 16
 
 
-def completion_logprobs(state: ServerState, c, start: int, offset0: int) -> Optional[dict]:
-    if c.logprobs is None:
-        return None
+def legacy_logprobs(state: ServerState, token_ids, dicts, offset0: int) -> dict:
+    """The completions API's logprobs of `token_ids` (one `{token_id: logprob}` or None each, as
+    an echoed prompt's first token has none), their text offsets counted from `offset0`."""
     toks, lps, tops, offsets = [], [], [], []
     pos = offset0
-    for t, d in zip(c.token_ids[start:], c.logprobs[start:]):
+    for t, d in zip(token_ids, dicts):
         s = state.piece(t)
         toks.append(s)
-        lps.append(d[t])
-        tops.append({state.piece(a): v for a, v in d.items()})
+        lps.append(None if d is None else d[t])
+        tops.append(None if d is None else {state.piece(a): v for a, v in d.items()})
         offsets.append(pos)
         pos += len(s)
     return {"tokens": toks, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
+
+
+def completion_logprobs(state: ServerState, c, start: int, offset0: int) -> Optional[dict]:
+    if c.logprobs is None:
+        return None
+    return legacy_logprobs(state, c.token_ids[start:], c.logprobs[start:], offset0)
+
+
+def joined(a: Optional[dict], b: Optional[dict]) -> Optional[dict]:
+    """Two runs of logprobs one after the other (an echoed prompt's, then the completion's)."""
+    if a is None or b is None:
+        return a or b
+    return {k: a[k] + b[k] for k in a}
+
+
+class Echo:
+    """What `echo` puts before a choice's first text: the prompt, and its logprobs where asked
+    (vLLM's behaviour). `prompt_logprobs` arrive with the first output, once the prompt is
+    computed; an output that lacks them (none asked) leaves them out."""
+
+    def __init__(self, state: ServerState, req: CompletionRequest, prompt_texts: List[str], ids_list: List[List[int]]):
+        self.state, self.on, self.logprobs = state, req.echo, req.logprobs is not None
+        self.texts, self.ids = prompt_texts, ids_list
+
+    def offset(self, i: int) -> int:
+        """Where prompt `i`'s completion starts in the choice's text."""
+        return len(self.texts[i]) if self.on else 0
+
+    def prefix(self, i: int, out) -> tuple:
+        """(text, logprobs) of prompt `i` to put first, or ("", None)."""
+        if not self.on:
+            return "", None
+        lps = None
+        if self.logprobs and out.prompt_logprobs is not None:
+            lps = legacy_logprobs(self.state, self.ids[i], out.prompt_logprobs, 0)
+        return self.texts[i], lps
 
 
 def router(state: ServerState) -> APIRouter:
@@ -43,7 +79,14 @@ def router(state: ServerState) -> APIRouter:
         if len(prompts) > MAX_PROMPTS:
             raise APIError(400, f"at most {MAX_PROMPTS} prompts per request", param="prompt")
         ids_list = [state.encode(x, "prompt") if isinstance(x, str) else list(x) for x in prompts]
-        params = [state.sampling(req, req.max_tokens, req.logprobs) for _ in ids_list]
+        # `echo` with `max_tokens` 0 returns the prompt alone: one token is sampled (the prompt's
+        # logprobs need its forward pass) and dropped, as vLLM does.
+        prompt_only = req.echo and req.max_tokens == 0
+        max_tokens = 1 if prompt_only else req.max_tokens
+        prompt_logprobs = req.logprobs if req.echo else None
+        params = [state.sampling(req, max_tokens, req.logprobs, prompt_logprobs) for _ in ids_list]
+        echo = Echo(state, req, [x if isinstance(x, str) else state.llm.decode(ids, skip_special_tokens=False)
+                                 for x, ids in zip(prompts, ids_list)] if req.echo else [], ids_list)
         state.check_capacity(len(prompts))
         streams, firsts = await state.start_all("cmpl", ids_list, params)
         n = req.n
@@ -55,9 +98,12 @@ def router(state: ServerState) -> APIRouter:
             for i, (s, out) in enumerate(zip(streams, firsts)):
                 out = await state.final_output(s, out, raw)
                 for c in out.outputs:
-                    completion_tokens += len(c.token_ids)
-                    choices.append({"index": i * n + c.index, "text": c.text,
-                                    "logprobs": completion_logprobs(state, c, 0, 0),
+                    text, lps = echo.prefix(i, out)
+                    if not prompt_only:
+                        completion_tokens += len(c.token_ids)
+                        text += c.text
+                        lps = joined(lps, completion_logprobs(state, c, 0, echo.offset(i)))
+                    choices.append({"index": i * n + c.index, "text": text, "logprobs": lps,
                                     "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
             return {**base, "choices": choices, "usage": usage(prompt_tokens, completion_tokens)}
 
@@ -72,15 +118,21 @@ def router(state: ServerState) -> APIRouter:
                 sent: dict = {}
                 while out is not None:
                     for c, chars, toks, fin in new_parts(out, sent):
-                        choice = {"index": i * n + c.index, "text": c.text[chars:],
-                                  "logprobs": completion_logprobs(state, c, toks, chars),
+                        # The prompt goes first in a choice's first chunk (`echo`).
+                        text, lps = echo.prefix(i, out) if chars == toks == 0 else ("", None)
+                        if not prompt_only:
+                            text += c.text[chars:]
+                            lps = joined(lps, completion_logprobs(state, c, toks, echo.offset(i) + chars))
+                        elif not (text or fin):
+                            continue
+                        choice = {"index": i * n + c.index, "text": text, "logprobs": lps,
                                   "finish_reason": c.finish_reason if fin else None,
                                   "stop_reason": c.stop_reason if fin else None}
-                        so_far = sum(len(x.token_ids) for x in out.outputs)
+                        so_far = 0 if prompt_only else sum(len(x.token_ids) for x in out.outputs)
                         tail = ({"usage": usage(len(ids_list[i]), so_far)} if continuous
                                 else {"usage": None} if include_usage else {})
                         yield {**base, "choices": [choice], **tail}
-                    totals[i] = sum(len(c.token_ids) for c in out.outputs)
+                    totals[i] = 0 if prompt_only else sum(len(c.token_ids) for c in out.outputs)
                     if out.finished:
                         break
                     out = await s.__anext__()

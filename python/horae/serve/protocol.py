@@ -65,7 +65,10 @@ class CompletionRequest(_Sampling):
     prompt: Union[str, List[str], List[Int], List[List[Int]]]
     max_tokens: Optional[Int] = 16
     logprobs: Optional[Int] = None
-    echo: Literal[False] = False
+    #: The prompt before the completion, with its logprobs when `logprobs` is set (the first
+    #: token's is null); with `max_tokens` 0, the prompt alone: how lm-evaluation-harness scores
+    #: a continuation's likelihood through an OpenAI-compatible server.
+    echo: bool = False
     best_of: Optional[int] = Field(None, ge=1, le=MAX_N)
 
     @model_validator(mode="after")

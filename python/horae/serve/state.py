@@ -81,7 +81,8 @@ class ServerState:
         except (TypeError, ValueError) as e:
             raise bad_request(e, param) from None
 
-    def sampling(self, req, max_tokens: Optional[int], logprobs: Optional[int]) -> SamplingParams:
+    def sampling(self, req, max_tokens: Optional[int], logprobs: Optional[int],
+                 prompt_logprobs: Optional[int] = None) -> SamplingParams:
         """The request's sampling as the engine takes it. Values are checked by the engine when
         the request is added: here only absent fields get OpenAI's defaults."""
         return SamplingParams(
@@ -90,7 +91,8 @@ class ServerState:
             min_p=req.min_p or 0.0, repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
             presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0,
             seed=req.seed, stop=req.stop, stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos,
-            logprobs=logprobs, min_tokens=req.min_tokens, slo=req.slo, priority=req.priority)
+            logprobs=logprobs, prompt_logprobs=prompt_logprobs, min_tokens=req.min_tokens, slo=req.slo,
+            priority=req.priority)
 
     def start(self, prefix: str, prompt_ids: List[int], params: SamplingParams) -> AsyncIterator[RequestOutput]:
         try:
