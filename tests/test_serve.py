@@ -152,6 +152,9 @@ def test_completions_echo_scores_a_continuation_as_lm_eval_does(server, client):
     streamed0 = list(client.completions.create(model="smollm2", prompt=ctx, max_tokens=0, echo=True, stream=True))
     assert "".join(p.choices[0].text for p in streamed0) == "The capital of France is"
     assert streamed0[-1].choices[0].finish_reason == "length"
+    # A token id outside the vocabulary is the engine's 400, echoed or not.
+    with pytest.raises(openai.BadRequestError, match="outside the vocabulary"):
+        client.completions.create(model="smollm2", prompt=[1, 10**6], max_tokens=0, echo=True)
     # Without echo, max_tokens 0 is still refused by name.
     with pytest.raises(openai.BadRequestError, match="max_tokens must be at least 1"):
         client.completions.create(model="smollm2", prompt=ctx, max_tokens=0)

@@ -50,13 +50,21 @@ class Echo:
     (vLLM's behaviour). `prompt_logprobs` arrive with the first output, once the prompt is
     computed; an output that lacks them (none asked) leaves them out."""
 
-    def __init__(self, state: ServerState, req: CompletionRequest, prompt_texts: List[str], ids_list: List[List[int]]):
+    def __init__(self, state: ServerState, req: CompletionRequest, prompts: list, ids_list: List[List[int]]):
         self.state, self.on, self.logprobs = state, req.echo, req.logprobs is not None
-        self.texts, self.ids = prompt_texts, ids_list
+        self.prompts, self.ids = prompts, ids_list
+
+    def text(self, i: int) -> str:
+        """Prompt `i` as sent, or its token ids decoded: only once the engine has taken them, so
+        an id outside the vocabulary is the engine's 400, not a failure here."""
+        p = self.prompts[i]
+        if not isinstance(p, str):
+            p = self.prompts[i] = self.state.llm.decode(self.ids[i], skip_special_tokens=False)
+        return p
 
     def offset(self, i: int) -> int:
         """Where prompt `i`'s completion starts in the choice's text."""
-        return len(self.texts[i]) if self.on else 0
+        return len(self.text(i)) if self.on else 0
 
     def prefix(self, i: int, out) -> tuple:
         """(text, logprobs) of prompt `i` to put first, or ("", None)."""
@@ -65,7 +73,7 @@ class Echo:
         lps = None
         if self.logprobs and out.prompt_logprobs is not None:
             lps = legacy_logprobs(self.state, self.ids[i], out.prompt_logprobs, 0)
-        return self.texts[i], lps
+        return self.text(i), lps
 
 
 def router(state: ServerState) -> APIRouter:
@@ -85,8 +93,7 @@ def router(state: ServerState) -> APIRouter:
         max_tokens = 1 if prompt_only else req.max_tokens
         prompt_logprobs = req.logprobs if req.echo else None
         params = [state.sampling(req, max_tokens, req.logprobs, prompt_logprobs) for _ in ids_list]
-        echo = Echo(state, req, [x if isinstance(x, str) else state.llm.decode(ids, skip_special_tokens=False)
-                                 for x, ids in zip(prompts, ids_list)] if req.echo else [], ids_list)
+        echo = Echo(state, req, list(prompts), ids_list)
         state.check_capacity(len(prompts))
         streams, firsts = await state.start_all("cmpl", ids_list, params)
         n = req.n
