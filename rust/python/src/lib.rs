@@ -10,7 +10,8 @@ mod engine;
 mod route;
 mod spec;
 
-use horae_core::backend::gemm::{self, Isa, Products, WeightDtype};
+use horae_core::backend::gemm::{self, Products, WeightDtype};
+use horae_core::backend::isa::Isa;
 use horae_core::bench::admission::admission_benchmark;
 use horae_core::bench::queue::queue_benchmark;
 use horae_core::bench::route::route_benchmark;

@@ -441,7 +441,8 @@ mod simd {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::gemm::{Isa, PackedLinear};
+    use crate::backend::gemm::PackedLinear;
+    use crate::backend::isa::Isa;
     use crate::backend::quant::{dequantize_row, quantize_row};
 
     fn data(len: usize, seed: u32) -> Vec<f32> {

@@ -6,8 +6,8 @@
 
 use rayon::prelude::*;
 
-use super::gemm::Isa;
 use super::gemm::Products;
+use super::isa::Isa;
 use super::kv_cache::{KvElem, KvRows};
 use super::prefill_attention::{self, Paged};
 
@@ -83,8 +83,8 @@ fn rows_in<E: KvElem>(q: &[f32], seqs: &[AttnSeq<'_>], cache: PagedKv<'_, E>, ou
     let threads = rayon::current_num_threads();
     #[cfg(target_arch = "x86_64")]
     {
-        let isa = crate::backend::gemm::Isa::detect();
-        if isa == crate::backend::gemm::Isa::Avx512 && head_dim.is_multiple_of(simd::DIMS_512) {
+        let isa = crate::backend::isa::Isa::detect();
+        if isa == crate::backend::isa::Isa::Avx512 && head_dim.is_multiple_of(simd::DIMS_512) {
             // SAFETY: `Isa::Avx512` is detected only where the CPU has AVX-512F (AVX2 and FMA
             // with it); `by_pieces` checks the slots.
             let kernel = |q: &[f32], slots: &[usize], kvh, part: &mut [f32]| unsafe {
@@ -92,7 +92,7 @@ fn rows_in<E: KvElem>(q: &[f32], seqs: &[AttnSeq<'_>], cache: PagedKv<'_, E>, ou
             };
             return by_pieces(q, seqs, cache, out, threads, kernel);
         }
-        if isa >= crate::backend::gemm::Isa::Avx2Fma && head_dim.is_multiple_of(simd::DIMS) {
+        if isa >= crate::backend::isa::Isa::Avx2Fma && head_dim.is_multiple_of(simd::DIMS) {
             // SAFETY: `Isa::Avx2Fma` and above are detected only where the CPU has AVX2 and
             // FMA; `by_pieces` checks the slots.
             let kernel = |q: &[f32], slots: &[usize], kvh, part: &mut [f32]| unsafe {
@@ -721,7 +721,7 @@ mod tests {
             kernels.push(("avx2", Box::new(move |q, s, kvh, p| unsafe { simd::attend_piece(q, s, kvh, cache, p) })));
         }
         #[cfg(target_arch = "x86_64")]
-        if hd.is_multiple_of(simd::DIMS_512) && crate::backend::gemm::Isa::Avx512.runs_here() {
+        if hd.is_multiple_of(simd::DIMS_512) && crate::backend::isa::Isa::Avx512.runs_here() {
             // SAFETY: the CPU has AVX-512F (checked just above); `by_pieces` checks the slots.
             let kernel = move |q: &[f32], s: &[usize], kvh, p: &mut [f32]| unsafe {
                 simd::attend_piece_512(q, s, kvh, cache, p)
@@ -777,7 +777,7 @@ mod tests {
     /// crosses several.
     #[test]
     fn tiled_prefill_matches_the_row_reference() {
-        use crate::backend::gemm::Isa;
+        use crate::backend::isa::Isa;
         use crate::backend::prefill_attention::{self, Paged};
         // Groups of 1, 3, 4, 5 and 7 heads: the kernels take up to 2 (AVX2) or 4 (AVX-512) at a
         // time, so 5 and 7 run in chunks with a remainder.
@@ -847,7 +847,7 @@ mod tests {
     #[test]
     #[cfg(target_arch = "x86_64")]
     fn tiled_prefill_in_bf16_is_close_to_the_row_reference() {
-        use crate::backend::gemm::Isa;
+        use crate::backend::isa::Isa;
         use crate::backend::prefill_attention::{self, bf16_runs, Paged};
         if !bf16_runs(Isa::Avx512) {
             eprintln!("tiled prefill attention in bf16: not run, this CPU has no AVX-512 BF16");
@@ -914,7 +914,7 @@ mod tests {
     /// reference on bf16-rounded Q, K and V, so that what is left is P's rounding.
     #[test]
     fn tiled_prefill_rescales_when_later_scores_jump() {
-        use crate::backend::gemm::Isa;
+        use crate::backend::isa::Isa;
         use crate::backend::prefill_attention::{self, bf16_runs, Paged};
         // head_dim 64: the kernels scale Q by 1/8 before rounding it, exactly as after.
         let (nh, nkv, hd, bs, blocks) = (4, 2, 64, 16, 44);
@@ -1010,7 +1010,7 @@ mod tests {
     /// A tile whose block table points outside the cache is refused, not read.
     #[test]
     fn tiled_prefill_refuses_blocks_outside_the_cache() {
-        use crate::backend::gemm::Isa;
+        use crate::backend::isa::Isa;
         use crate::backend::prefill_attention::{self, Paged};
         let (bs, nh, hd) = (4, 1, 16);
         let (kv, vv) = (noise(2 * bs * hd, 1), noise(2 * bs * hd, 2));

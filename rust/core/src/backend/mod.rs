@@ -10,6 +10,7 @@ pub mod cpu;
 pub mod cuda;
 pub mod gemm;
 pub(crate) mod huge;
+pub mod isa;
 pub mod kv_cache;
 mod muladd;
 pub mod prefill_attention;

@@ -23,7 +23,7 @@
 
 use half::f16;
 
-use super::gemm::Isa;
+use super::isa::Isa;
 use super::muladd::{MulAdd, Plain};
 
 /// Weights per block.

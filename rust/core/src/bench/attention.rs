@@ -3,8 +3,8 @@
 //! run (`horae bench model` prints it).
 
 use crate::backend::attention::{attention_by_rows, AttnSeq};
-use crate::backend::gemm::Isa;
 use crate::backend::gemm::Products;
+use crate::backend::isa::Isa;
 use crate::backend::kv_cache::KvRows;
 use crate::backend::prefill_attention::{amx_products, bf16_runs, query_tile, run, run_with, tiles, Paged};
 

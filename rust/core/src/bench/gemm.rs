@@ -4,7 +4,8 @@
 use faer::linalg::matmul::matmul;
 use faer::{Accum, MatMut, MatRef, Par};
 
-use crate::backend::gemm::{Isa, PackedLinear, Products, WeightDtype};
+use crate::backend::gemm::{PackedLinear, Products, WeightDtype};
+use crate::backend::isa::Isa;
 use crate::backend::team;
 
 /// `out[m x n] = x[m x k] * w[n x k]^T` (a linear layer with weights stored as HF does).

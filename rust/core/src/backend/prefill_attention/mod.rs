@@ -13,7 +13,7 @@
 //! pass for the tile's max and, mostly, the rescale of O.
 //!
 //! The f32 GEMM micro-kernel is written once, generically, and compiled three times: for
-//! AVX-512, for AVX2 + FMA and portably, picked at run time as `gemm::Isa` says. Its accumulator
+//! AVX-512, for AVX2 + FMA and portably, picked at run time as `isa::Isa` says. Its accumulator
 //! block (rows x `W` columns) is sized per instruction set so that it stays in registers. A bf16
 //! model's products are bf16 (`Products::Bf16`) where the CPU has AVX-512 BF16: on AMX tiles
 //! where they run, else through `vdpbf16ps`. An f32 or quantized model's (`Products::F32`) run
@@ -34,7 +34,8 @@ use kv::{gather, pack_pairs, tile_len, KvTile, Packing, Stream, Streams};
 
 use super::amx;
 use super::bf16_dot as bf16;
-use super::gemm::{Isa, Products};
+use super::gemm::Products;
+use super::isa::Isa;
 use super::kv_cache::KvRows;
 #[cfg(target_arch = "x86_64")]
 use super::muladd::Fused;
