@@ -4,7 +4,7 @@
 
 use rayon::prelude::*;
 
-use super::{bf16, fresh, k_pairs, Kernel, Paged, Tile, BK, SCRATCH};
+use super::{bf16_dot, fresh, k_pairs, Kernel, Paged, Tile, BK, SCRATCH};
 
 /// The KV history of each (sequence, KV head) that more than one of a call's tiles read,
 /// gathered from the paged cache and put in its kernel's operand form once per call, in tiles of
@@ -142,7 +142,7 @@ pub(super) struct Packing {
     v: Vec<f32>,
     /// V's pairs `[BK / 2][d]`, for AMX on their way to V^T.
     v2: Vec<u32>,
-    /// For `AmxSplit`, what bf16 leaves of a K row and of V (`bf16::residual`), and V's pairs of it.
+    /// For `AmxSplit`, what bf16 leaves of a K row and of V (`bf16_dot::residual`), and V's pairs of it.
     k_lo: Vec<f32>,
     v_lo: Vec<f32>,
     v2_lo: Vec<u32>,
@@ -162,15 +162,15 @@ pub(super) fn pack_pairs(kv: Paged<'_>, read: Read<'_>, j0: usize, kernel: Kerne
     let (k2, v2) = tile.split_at_mut(BK * kp);
     p.k_lo.resize(d, 0.0);
     for (k, pairs) in p.k.chunks_exact(d).zip(k2.chunks_exact_mut(kp)) {
-        bf16::pair_along(k, &mut pairs[..d / 2]);
+        bf16_dot::pair_along(k, &mut pairs[..d / 2]);
         if split {
-            bf16::residual(k, &mut p.k_lo);
-            bf16::pair_along(&p.k_lo, &mut pairs[d / 2..]);
+            bf16_dot::residual(k, &mut p.k_lo);
+            bf16_dot::pair_along(&p.k_lo, &mut pairs[d / 2..]);
         }
     }
     let pair_v = |v: &[f32], out: &mut [u32]| {
         for (c, pair) in out.chunks_exact_mut(d).enumerate() {
-            bf16::pair_rows(&v[2 * c * d..][..d], Some(&v[(2 * c + 1) * d..][..d]), pair);
+            bf16_dot::pair_rows(&v[2 * c * d..][..d], Some(&v[(2 * c + 1) * d..][..d]), pair);
         }
     };
     if kernel == Kernel::Bf16 {
@@ -187,7 +187,7 @@ pub(super) fn pack_pairs(kv: Paged<'_>, read: Read<'_>, j0: usize, kernel: Kerne
         return;
     }
     p.v_lo.resize(BK * d, 0.0);
-    bf16::residual(&p.v, &mut p.v_lo);
+    bf16_dot::residual(&p.v, &mut p.v_lo);
     p.v2_lo.resize(BK / 2 * d, 0);
     pair_v(&p.v_lo, &mut p.v2_lo);
     for (dd, row) in v2.chunks_exact_mut(BK).enumerate() {
