@@ -7,20 +7,21 @@
 //! admitted in arrival order while the policy agrees, the token budget lasts and their first chunk
 //! fits; the first refusal stops admission (no overtaking).
 
-use std::cmp::Ordering;
-use std::collections::{BinaryHeap, VecDeque};
+use std::collections::VecDeque;
 
 use rustc_hash::FxHashMap as HashMap;
 
 use super::slo::{Outlook, OutputLengths, Preemption, QueueDiscipline, StepTimes};
-use super::smartspec::{Judged, SpecController, SpecStats};
+use super::smartspec::SpecController;
 use super::{SchedulerConfig, TrueLengths};
 use crate::error::{HoraeError, Result};
 use crate::kv::KvManager;
-use crate::plan::{DraftCandidate, ScheduledSeq, StepPlan};
+use crate::plan::{ScheduledSeq, StepPlan};
 pub use crate::request::MAX_SCENARIOS;
 use crate::request::{FinishReason, Prompt, ReqId, Request, RequestState};
-use crate::stepcost::StepFeatures;
+
+mod shed;
+mod spec;
 
 // ---------------------------------------------------------------------------------------------
 // The admission seam: the one decision on which the four schedulers differ. Everything else
@@ -583,254 +584,6 @@ impl Scheduler {
         }
     }
 
-    /// Compute per token of goodput if `r` is served, planned with `out` output tokens: its
-    /// uncached prompt and its output over its prompt and its output (goodput counts both).
-    fn density(&self, r: &Request, out: f64) -> f64 {
-        let total = r.total_len() as f64;
-        let cached = (self.cached_prompt_blocks(r).1 * self.kv.block_size()) as f64;
-        (total - cached + out) / (total + out)
-    }
-
-    /// Requests the server's rules end at `now`: waiting ones never started whose queue deadline
-    /// passed (`queue_timeout` seconds after arrival), and started ones (running, or preempted and
-    /// waiting) whose last token is older than `max_itl_abort` seconds. The `slo` queue also sheds
-    /// waiting requests that can no longer meet their bounds: even started now, behind the
-    /// prefills of the feasible requests ahead of them, they would start after their latest
-    /// start (`planned_output`). They end with `FinishReason::Timeout`, having cost nothing.
-    ///
-    /// Which ones the `slo` queue sheds is Moore-Hodgson's rule: walking the least-slack order,
-    /// a request that would start too late may take the place of kept requests ahead of it that
-    /// give less goodput per unit of compute (`density`; among equals the largest, `Kept`'s
-    /// order), if shedding them starts it in time; otherwise it goes itself. Shedding simply
-    /// whatever comes last would drop the requests whose prompts are mostly cached as readily as
-    /// any (Mooncake at 8x its rate, 8 replicas, the forecast router: 1.33x the SLA-meeting
-    /// tokens with this rule, docs/benchmarks.md). Where nothing is cached every request weighs
-    /// the same and the rule sheds exactly the late ones.
-    pub fn expired(
-        &mut self,
-        now: f64,
-        queue_timeout: Option<f64>,
-        max_itl_abort: Option<f64>,
-    ) -> Vec<(ReqId, FinishReason)> {
-        let mut out = Vec::new();
-        let stale = |r: &Request| max_itl_abort.is_some_and(|g| r.times.last_token.is_some_and(|t| now - t > g));
-        for &id in &self.running {
-            if stale(&self.requests[&id]) {
-                out.push((id, FinishReason::SlaAbort));
-            }
-        }
-        let slo = self.cfg.queue == QueueDiscipline::Slo;
-        if slo {
-            self.order_waiting(now);
-        }
-        let outlook = self.outlook();
-        let out_len = self.planned_output();
-        let budget = self.cfg.max_batched_tokens;
-        let mut ahead = 0usize;
-        // Prompt tokens waiting to start, up to a step's budget (what the next step's prefills
-        // can draw on), summed once, and only if a request at the head of the queue needs it.
-        let mut queued: Option<usize> = None;
-        // The head starts in the next step only if a slot is free now and the last admission
-        // did not stop at it for memory (`head_held`).
-        let head_free = self.running.len() < self.cfg.max_num_seqs && !self.head_held;
-        // The kept requests: weighed (in the heap) and not yet. A density costs a prefix-cache
-        // lookup per cached block, so requests are weighed only once a late one needs them; the
-        // heap's order is total, so what goes is the same as if each were weighed on arrival.
-        let mut kept: BinaryHeap<Kept> = BinaryHeap::new();
-        let mut unweighed: Vec<(ReqId, usize, usize)> = Vec::new();
-        for (rank, &id) in self.waiting.iter().enumerate() {
-            let r = &self.requests[&id];
-            if r.times.first_scheduled.is_some() {
-                if stale(r) {
-                    out.push((id, FinishReason::SlaAbort));
-                }
-                continue;
-            }
-            if queue_timeout.is_some_and(|d| now - r.times.arrival > d) {
-                out.push((id, FinishReason::Timeout));
-            } else if slo {
-                // Behind queued prefills, its own steps are full ones; at the head of the queue,
-                // with a free slot in the batch, its last step carries the prefills queued behind
-                // it, up to a full one. With every slot taken, or the KV pool or the policy
-                // holding it back, it waits for a slot or memory to free, which the step model
-                // cannot see: full steps then too (a prediction of its own short step kept it
-                // past its bound on a one-slot replica instead of shedding it in time to be
-                // served elsewhere).
-                let latest = outlook.latest_start(r, out_len, None);
-                let latest_at_head = if ahead == 0 && head_free {
-                    let q = *queued.get_or_insert_with(|| self.queued_prompt_tokens(budget));
-                    outlook.latest_start(r, out_len, Some(q))
-                } else {
-                    latest
-                };
-                let late = |ahead: usize| {
-                    if ahead == 0 {
-                        now > latest_at_head
-                    } else {
-                        now + self.times.queueing(ahead, budget) > latest
-                    }
-                };
-                let work = r.total_len();
-                if !late(ahead) {
-                    ahead += work;
-                    unweighed.push((id, rank, work));
-                    continue;
-                }
-                let weigh = |id: ReqId, rank: usize, work: usize| Kept {
-                    id,
-                    rank,
-                    work,
-                    density: self.density(&self.requests[&id], out_len),
-                };
-                kept.extend(unweighed.drain(..).map(|(id, rank, work)| weigh(id, rank, work)));
-                let this = weigh(id, rank, work);
-                // Free the way for it by shedding the kept requests worth less per unit of
-                // compute, densest first, while it is still late.
-                let mut freed = Vec::new();
-                while late(ahead) && kept.peek().is_some_and(|k| k.density > this.density) {
-                    let k = kept.pop().expect("peeked");
-                    ahead -= k.work;
-                    freed.push(k);
-                }
-                if late(ahead) {
-                    // Nothing worth less in the way would start it in time: it goes, they stay.
-                    ahead += freed.iter().map(|k| k.work).sum::<usize>();
-                    kept.extend(freed);
-                    out.push((id, FinishReason::Timeout));
-                } else {
-                    out.extend(freed.iter().map(|k| (k.id, FinishReason::Timeout)));
-                    ahead += this.work;
-                    kept.push(this);
-                }
-            } else if !self.prioritized {
-                // FCFS: the queue is in arrival order behind the preempted requests, so the
-                // deadline scan stops at the first request still inside it.
-                break;
-            }
-        }
-        out
-    }
-
-    /// Speculative decoding is on: the largest number of drafts a sequence may carry.
-    pub fn spec_k_max(&self) -> Option<usize> {
-        self.spec.as_ref().map(|s| s.config().k_max)
-    }
-
-    pub fn spec_stats(&self) -> Option<SpecStats> {
-        self.spec.as_ref().map(|s| s.stats())
-    }
-
-    /// Running requests whose next step is a decode step with room for at least one draft
-    /// (they may still generate two tokens or more): the ones a proposer should draft for.
-    /// Drafts left from a step that did not schedule their request are dropped here.
-    pub fn spec_candidates(&mut self) -> Vec<DraftCandidate> {
-        for id in &self.running {
-            self.requests.get_mut(id).expect("running request exists").draft.clear();
-        }
-        self.running
-            .iter()
-            .map(|id| &self.requests[id])
-            .filter(|r| r.total_len() == r.num_computed + 1 && r.output.len() + 1 < r.max_tokens)
-            .map(|r| DraftCandidate {
-                id: r.id,
-                token_ids: r.all_token_ids(),
-                prompt_len: r.prompt_len(),
-                block_table: self.kv.shared_block_table(r.id).expect("a running request holds blocks"),
-                sampling: r.sampling.clone(),
-            })
-            .collect()
-    }
-
-    /// A proposer's drafts for `id`, capped so that the request cannot overshoot `max_tokens`.
-    pub fn set_draft(&mut self, id: ReqId, mut draft: Vec<u32>) {
-        if let Some(r) = self.requests.get_mut(&id) {
-            draft.truncate(r.max_tokens.saturating_sub(r.output.len() + 1));
-            r.draft = draft;
-        }
-    }
-
-    /// Choose SmartSpec's k for the next `schedule`: the batch as it stands (running sequences,
-    /// their drafts, their KV), predicted with and without speculation. With `assume_drafts`,
-    /// every candidate is taken to have that many drafts (a proposer too costly to run before
-    /// k is known proposes afterwards, only when k > 0).
-    pub fn plan_spec(&mut self, assume_drafts: Option<usize>) -> usize {
-        self.step_k = self.choose_spec_k(assume_drafts);
-        self.step_k
-    }
-
-    fn draft_len(r: &Request, assume: Option<usize>) -> usize {
-        match assume {
-            Some(k) => k.min(r.max_tokens.saturating_sub(r.output.len() + 1)),
-            None => r.draft.len(),
-        }
-    }
-
-    fn choose_spec_k(&mut self, assume: Option<usize>) -> usize {
-        let budget = self.cfg.max_batched_tokens;
-        let Some(spec) = self.spec.as_mut() else { return 0 };
-        let mut draft_lens = Vec::new();
-        let mut ids = Vec::new();
-        let mut base = StepFeatures::default();
-        let mut others = 0usize;
-        for &id in &self.running {
-            let r = &self.requests[&id];
-            let left = r.total_len() - r.num_computed;
-            base.context_tokens += r.total_len() as f64;
-            base.num_seqs += 1.0;
-            base.num_tokens += left.min(budget) as f64;
-            let len = Self::draft_len(r, assume);
-            if left == 1 && len > 0 {
-                draft_lens.push(len);
-                ids.push(id);
-            } else if left <= budget {
-                others += 1;
-            }
-        }
-        let kv = &self.kv;
-        let requests = &self.requests;
-        let free = kv.pool().num_allocatable();
-        let fits = |k: usize| {
-            let need: usize = ids
-                .iter()
-                .map(|id| {
-                    let r = &requests[id];
-                    let n = r.total_len() + k.min(Self::draft_len(r, assume));
-                    kv.blocks_needed_to_append(*id, n.saturating_sub(kv.num_tokens(*id)))
-                })
-                .sum();
-            need <= free
-        };
-        spec.choose(&draft_lens, base, others, fits)
-    }
-
-    /// After a step that verified `drafted` draft tokens of `id`: `accepted` were kept. The
-    /// rejected drafts' KV slots are given back, so the pool holds only computed tokens.
-    pub fn drafts_verified(&mut self, id: ReqId, drafted: usize, accepted: usize) {
-        if let Some(r) = self.requests.get_mut(&id) {
-            r.spec_drafted += drafted as u64;
-            r.spec_accepted += accepted as u64;
-            r.draft.clear();
-            self.kv.truncate(id, r.num_computed);
-        }
-    }
-
-    /// The proposal `id` had this step if it ran without drafts (k = 0), cleared: its first
-    /// token, to compare with the token actually drawn (see `SpecController::observe_acceptance`).
-    pub fn take_unused_draft(&mut self, id: ReqId) -> Option<u32> {
-        let r = self.requests.get_mut(&id)?;
-        let first = r.draft.first().copied();
-        r.draft.clear();
-        first
-    }
-
-    /// Feed SmartSpec the step that just ran: what it computed, its measured seconds, and what
-    /// became of the drafts (see `Judged`).
-    pub fn spec_observe(&mut self, plan: &StepPlan, seconds: f64, judged: Judged) {
-        let Some(spec) = self.spec.as_mut() else { return };
-        spec.observe_step(plan.features(), seconds);
-        spec.observe_acceptance(judged);
-    }
-
     /// Prompt token `pos`'s logprobs; recomputation after a preemption reports them again and
     /// those repeats are dropped.
     pub fn push_prompt_logprobs(&mut self, id: ReqId, pos: usize, lp: crate::sample::TokenLogprobs) {
@@ -879,42 +632,5 @@ impl Scheduler {
             return Err("a live request is neither waiting nor running".into());
         }
         Ok(())
-    }
-}
-
-/// A waiting request the `slo` queue keeps, in the shedding heap (its order: `Ord` below).
-struct Kept {
-    id: ReqId,
-    /// Its place in the least-slack order.
-    rank: usize,
-    /// Tokens it puts ahead of the requests behind it.
-    work: usize,
-    /// Compute per token of goodput (`Scheduler::density`): the first to go is the highest.
-    density: f64,
-}
-
-impl PartialEq for Kept {
-    fn eq(&self, other: &Self) -> bool {
-        self.cmp(other) == Ordering::Equal
-    }
-}
-
-impl Eq for Kept {}
-
-impl PartialOrd for Kept {
-    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
-        Some(self.cmp(other))
-    }
-}
-
-/// The first to go is the densest. Among equal densities (common: a prompt nothing caches weighs
-/// 1), the most work, Moore-Hodgson's own rule: it frees the most time for the same goodput per
-/// token, so the fewest requests go (Mooncake, 8 replicas, eight seeds: SLA attainment +4 to +7
-/// points for every router and 2% more SLA-meeting tokens than the heap's arbitrary order,
-/// docs/benchmarks.md); then the latest in the least-slack order. A total order, so which
-/// requests go does not depend on the order they entered the heap.
-impl Ord for Kept {
-    fn cmp(&self, other: &Self) -> Ordering {
-        self.density.total_cmp(&other.density).then(self.work.cmp(&other.work)).then(self.rank.cmp(&other.rank))
     }
 }
