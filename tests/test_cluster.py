@@ -120,6 +120,12 @@ def test_the_openai_client_works_through_the_ingress(cluster):
                                             max_tokens=12, temperature=0, stream=True)
     assert "Paris" in "".join(ch.choices[0].delta.content or "" for ch in stream if ch.choices)
     assert [m.id for m in client.models.list().data] == [MODEL]
+    # `echo` through a replica: the prompt's logprobs come back with its output (lm-eval's body).
+    ids = [504, 3575, 282, 4649, 314]
+    e = client.completions.create(model=MODEL, prompt=ids, max_tokens=1, temperature=0, logprobs=1, echo=True)
+    lp = e.choices[0].logprobs
+    assert e.choices[0].text.startswith("The capital of France is") and len(lp.tokens) == len(ids) + 1
+    assert lp.token_logprobs[0] is None and all(v <= 0 for v in lp.token_logprobs[1:])
 
 
 def test_bad_input_gets_the_servers_400s_through_the_ingress(cluster):
@@ -128,6 +134,8 @@ def test_bad_input_gets_the_servers_400s_through_the_ingress(cluster):
     assert "ray::" not in body["error"]["message"], "Ray's wrapping leaked into the message"
     status, body = _post(cluster, "/v1/completions", {"model": MODEL, "prompt": [[10**9]]})
     assert status == 400, body
+    status, body = _post(cluster, "/v1/completions", {"model": MODEL, "prompt": [1, 10**6], "echo": True, "max_tokens": 0})
+    assert status == 400 and "outside the vocabulary" in body["error"]["message"], body
     status, body = _post(cluster, "/v1/completions", {"model": "nope", "prompt": "hi"})
     assert status == 404 and body["error"]["code"] == "model_not_found"
     status, body = _post(cluster, "/v1/chat/completions", {"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]})
