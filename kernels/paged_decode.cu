@@ -5,7 +5,7 @@
 // of PARTITION context tokens. Long contexts are split over partitions (split-K, as vLLM's
 // paged_attention_v2 and FlashDecoding do) so that a small batch still fills the GPU; a second
 // kernel, paged_decode_reduce, merges the partitions by their max logits and exp sums.
-// Inputs are bf16/f16, all arithmetic is f32. CPU reference: backend/attention.rs paged_attention.
+// Inputs are bf16/f16, all arithmetic is f32. CPU reference: backend/attention/mod.rs paged_attention.
 #include "common.cuh"
 
 #define DEC_THREADS 128

@@ -9,7 +9,7 @@
 // Thread layout: row r = tid / 4 of the tile, and quad c4 = tid % 4 owns key columns c4 + 4j and
 // output dimensions c4 + 4i, so a row's softmax reductions are two shuffles within a quad.
 // Arithmetic is f32 on CUDA cores (tensor-core MMA is the next step; see docs/architecture.md).
-// CPU reference: backend/attention.rs paged_attention.
+// CPU reference: backend/attention/mod.rs paged_attention.
 #include "common.cuh"
 
 #define PF_THREADS 128

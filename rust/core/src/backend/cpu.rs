@@ -1,5 +1,5 @@
-//! CPU ops on row-major f32 buffers: norms, RoPE, activations. GEMMs are `gemm.rs`, paged
-//! attention `attention.rs`.
+//! CPU ops on row-major f32 buffers: norms, RoPE, activations. GEMMs are `gemm/`, paged
+//! attention `attention/`.
 
 use rayon::prelude::*;
 
@@ -100,7 +100,7 @@ pub fn silu_mul_rows(gate_up: &[f32], inter: usize, out: &mut [f32]) {
     }
 }
 
-/// Small AVX2 + FMA building blocks shared by the CPU kernels (here and in `attention.rs`).
+/// Small AVX2 + FMA building blocks shared by the CPU kernels (here and in `attention/simd.rs`).
 /// Callers check for the features at run time (no `-march=native`), so these are only called
 /// from `avx2,fma` code.
 #[cfg(target_arch = "x86_64")]
