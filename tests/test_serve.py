@@ -149,6 +149,17 @@ def test_completions_echo_scores_a_continuation_as_lm_eval_does(server, client):
                                            stream=True))
     assert parts[0].choices[0].text.startswith("The capital of France is")
     assert "".join(p.choices[0].text for p in parts) == whole.choices[0].text
+    # Each choice's first chunk carries the prompt's logprobs too, for every sample of every
+    # prompt (the engine sends them with the first tokens, not with the end).
+    firsts = {}
+    for p in client.completions.create(model="smollm2", prompt=[ctx, ctx[:3]], n=2, max_tokens=3, temperature=0.7,
+                                       seed=1, logprobs=1, echo=True, stream=True):
+        firsts.setdefault(p.choices[0].index, p.choices[0])
+    assert sorted(firsts) == [0, 1, 2, 3]
+    for i, first in firsts.items():
+        n = len(ctx) if i < 2 else 3
+        assert first.logprobs.token_logprobs[0] is None and len(first.logprobs.tokens) >= n, (i, first.logprobs)
+        assert first.logprobs.token_logprobs[1:n] == pytest.approx(lp.token_logprobs[1:n], abs=1e-3)
     streamed0 = list(client.completions.create(model="smollm2", prompt=ctx, max_tokens=0, echo=True, stream=True))
     assert "".join(p.choices[0].text for p in streamed0) == "The capital of France is"
     assert streamed0[-1].choices[0].finish_reason == "length"

@@ -122,7 +122,8 @@ pub struct RequestOutput {
     pub new_text: String,
     /// Logprobs of `new_token_ids`, when the request asked for them.
     pub new_logprobs: Vec<TokenLogprobs>,
-    /// Prompt logprobs (position 1 onwards), once, with the output that finishes the request.
+    /// Prompt logprobs (position 1 onwards), once: with the request's first tokens where every
+    /// step's output is emitted, else with the output that finishes it.
     pub prompt_logprobs: Vec<TokenLogprobs>,
     pub finish_reason: Option<FinishReason>,
     pub stop_reason: Option<StopReason>,
@@ -444,13 +445,19 @@ impl Engine {
             out.new_text = text[r.text_sent..upto].to_string();
             r.text_sent = upto;
         }
+        // Prompt logprobs go out once: with the first tokens where every step is emitted, so a
+        // stream has them before the completion (as vLLM's first output), else with the end.
+        let streamed = self.every_output || self.tokenizer.is_some();
+        let first_or_end = if streamed { from == 0 } else { end.is_some() };
+        if first_or_end {
+            out.prompt_logprobs = r.prompt_logprobs.clone();
+        }
         if let Some((reason, stop_reason)) = end {
             r.stop_reason = stop_reason.clone();
             let req = self.sched.finish(id, reason, now)?;
             self.executor.release(id);
             out.finish_reason = Some(reason);
             out.stop_reason = stop_reason;
-            out.prompt_logprobs = req.prompt_logprobs.clone();
             out.spec = self.sched.spec_k_max().map(|_| (req.spec_drafted, req.spec_accepted));
             finished.push(req);
         }
