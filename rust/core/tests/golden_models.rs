@@ -68,6 +68,10 @@ fn teacher_forced_logits_match_transformers() {
     let max = max_logit_diff(name, &f32_products().unwrap());
     eprintln!("{name} in bf16 with f32 products and a bf16 KV cache: max |logit diff| {max}");
     assert!(max > 1e-3 && max < 0.3, "{name} in bf16 with a bf16 KV cache: max |logit diff| {max}");
+    // Naming a bf16 model's own cache changes nothing: its products stay as set (naming it used
+    // to switch its attention to bf16 products where the CPU runs them).
+    let named = max_logit_diff(name, &f32_products().unwrap().with_kv_dtype(KvDtype::Bf16));
+    assert_eq!(named, max, "{name}: with_kv_dtype(Bf16) on a model whose cache is already bf16");
     // Where the CPU has AVX-512 BF16, a bf16 model's prefill attention runs bf16 products, as
     // a bf16 model's flash attention does, and where AMX runs so do its linear layers (this
     // prompt's 21 rows are past AMX_MIN_ROWS): on this prompt HF transformers itself in bf16 is

@@ -39,8 +39,8 @@ pub struct LlamaModel {
     pub dtype: WeightDtype,
     /// A bf16 model's products (prefill attention tiles, and linear layers where AMX runs): bf16
     /// where the CPU has `vdpbf16ps` (as a bf16 model's flash attention does), f32 otherwise.
-    /// With a bf16 KV cache an f32 or quantized model's prefill attention takes them too (its
-    /// linear layers keep their own kernels).
+    /// With a bf16 KV cache an f32 or quantized model's attention takes bf16 ones too
+    /// (`attention_products`); its linear layers keep their own kernels.
     products: Products,
     /// What its KV cache holds: bf16 for a bf16 model (the "auto" of vLLM's `kv_cache_dtype`:
     /// the model's dtype), else f32 unless set (`with_kv_dtype`).
@@ -187,16 +187,24 @@ impl LlamaModel {
     }
 
     /// The KV cache in `dtype` instead of the model's default (bf16 halves it for an f32 or
-    /// quantized model, at bf16's rounding of K and V). With K and V in bf16, prefill attention's
-    /// products are bf16 too where the CPU runs them: only Q and the softmax weights are rounded
-    /// further, as llama.cpp's CPU flash attention rounds Q for its f16 cache (a 6,000-token Q4_1
-    /// prefill 1.27x faster with them on a Zen 4).
+    /// quantized model, at bf16's rounding of K and V; `attention_products`).
     pub fn with_kv_dtype(mut self, dtype: KvDtype) -> Self {
         self.kv_dtype = dtype;
-        if dtype == KvDtype::Bf16 && prefill_attention::bf16_runs(Isa::detect()) {
-            self.products = Products::Bf16;
-        }
         self
+    }
+
+    /// Attention's products: the model's own, but an f32 or quantized model with a bf16 KV cache
+    /// takes bf16 ones where the CPU runs them: only Q and the softmax weights are rounded
+    /// further, as llama.cpp's CPU flash attention rounds Q for its f16 cache (a 6,000-token Q4_1
+    /// prefill 1.27x faster with them on a Zen 4). Derived, not stored, so that neither the
+    /// order of `with_products` and `with_kv_dtype` nor a second call changes it.
+    fn attention_products(&self) -> Products {
+        let cache_only = self.dtype != WeightDtype::Bf16 && self.kv_dtype == KvDtype::Bf16;
+        if cache_only && prefill_attention::bf16_runs(Isa::detect()) {
+            Products::Bf16
+        } else {
+            self.products
+        }
     }
 
     /// What a KV cache for this model holds (`KvCache::new` takes it).
@@ -242,6 +250,7 @@ impl LlamaModel {
         let (mut gu, mut act) = (vec![0.0; t * 2 * inter], vec![0.0; t * inter]);
         let row = nkv * hd;
         let rope = cpu::RopeTable::new(&input.positions, &self.inv_freq);
+        let attention_products = self.attention_products();
         for (li, l) in self.layers.iter().enumerate() {
             cpu::rms_norm(&x, &l.input_norm, c.rms_norm_eps, &mut normed);
             l.qkv.forward_products(&normed, t, &mut qkv, self.products);
@@ -272,7 +281,7 @@ impl LlamaModel {
                 nh,
                 nkv,
                 hd,
-                self.products,
+                attention_products,
                 &mut attn,
             );
             l.o.forward_products(&attn, t, &mut proj, self.products);
