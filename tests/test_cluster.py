@@ -126,6 +126,9 @@ def test_the_openai_client_works_through_the_ingress(cluster):
     lp = e.choices[0].logprobs
     assert e.choices[0].text.startswith("The capital of France is") and len(lp.tokens) == len(ids) + 1
     assert lp.token_logprobs[0] is None and all(v <= 0 for v in lp.token_logprobs[1:])
+    # A logit bias rides the replica's sampling: +100 on one token forces it.
+    forced = client.completions.create(model=MODEL, prompt="hi", max_tokens=3, temperature=0, logit_bias={"42": 100})
+    assert forced.choices[0].text == ":::"
 
 
 def test_bad_input_gets_the_servers_400s_through_the_ingress(cluster):
@@ -136,6 +139,8 @@ def test_bad_input_gets_the_servers_400s_through_the_ingress(cluster):
     assert status == 400, body
     status, body = _post(cluster, "/v1/completions", {"model": MODEL, "prompt": [1, 10**6], "echo": True, "max_tokens": 0})
     assert status == 400 and "outside the vocabulary" in body["error"]["message"], body
+    status, body = _post(cluster, "/v1/completions", {"model": MODEL, "prompt": "hi", "logit_bias": {"49152": 1}})
+    assert status == 400 and body["error"]["param"] == "logit_bias", body
     status, body = _post(cluster, "/v1/completions", {"model": "nope", "prompt": "hi"})
     assert status == 404 and body["error"]["code"] == "model_not_found"
     status, body = _post(cluster, "/v1/chat/completions", {"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]})

@@ -309,6 +309,12 @@ def test_values_of_the_wrong_type_name_their_field(llm):
         LLM(block_size="16")
     with pytest.raises(ValueError, match="max_tokens must be a 64-bit integer, got True"):
         llm.generate("hi", SamplingParams(max_tokens=True), use_tqdm=False)
+    for bias in ([5], {"5": 1.0}, {True: 1.0}, {5: "big"}, {2**64: 1.0}):
+        with pytest.raises(TypeError, match="logit_bias"):
+            llm.generate("hi", SamplingParams(logit_bias=bias), use_tqdm=False)
+    for bias, what in [({49152: 1.0}, "outside the vocabulary"), ({5: -101}, r"\[-100, 100\]")]:
+        with pytest.raises(ValueError, match=what):
+            llm.generate("hi", SamplingParams(logit_bias=bias), use_tqdm=False)
     assert not llm.engine.has_unfinished_requests()
     # numpy's integers are integers, as the engine's counts take them (a value read from an
     # array of settings); they were refused as "must be a 64-bit integer".

@@ -95,6 +95,44 @@ def test_chat_sampling_options_and_logprobs(server, client):
     assert lp[0].top_logprobs[0].logprob >= lp[0].top_logprobs[1].logprob and lp[0].logprob <= 0
 
 
+def test_logit_bias_bans_and_forces_tokens(server, client):
+    """OpenAI's `logit_bias`: token ids (JSON's string keys) to a bias in [-100, 100] added to that
+    token's logit before sampling; logprobs are reported from the logits before it, as vLLM's."""
+    base = client.chat.completions.create(model="smollm2", messages=CAPITAL, max_tokens=6, temperature=0,
+                                          logprobs=True, top_logprobs=1)
+    assert base.choices[0].message.content.startswith("The capital")
+    the = base.choices[0].logprobs.content[0]
+    the_id = httpx.post(server.url + "/tokenize", json={"prompt": the.token},
+                        headers={"Authorization": f"Bearer {KEY}"}).json()["tokens"]
+    assert len(the_id) == 1
+    # -100 on the greedy first token: another one comes first, and the rest follows from it.
+    banned = client.chat.completions.create(model="smollm2", messages=CAPITAL, max_tokens=6, temperature=0,
+                                            logit_bias={str(the_id[0]): -100}, logprobs=True, top_logprobs=1)
+    assert not banned.choices[0].message.content.startswith(the.token)
+    # +100 on one token: every sample of every step is that token, sampled or not.
+    colon = httpx.post(server.url + "/detokenize", json={"tokens": [42]}, headers={"Authorization": f"Bearer {KEY}"})
+    assert colon.json()["prompt"] == ":"
+    for temperature in (0, 1.0):
+        forced = client.completions.create(model="smollm2", prompt="The capital of France is", max_tokens=4, n=2,
+                                           temperature=temperature, seed=3, logit_bias={"42": 100}, logprobs=1)
+        assert [c.text for c in forced.choices] == ["::::", "::::"]
+        # The logprob is the model's own: far below 0, not the biased certainty.
+        assert forced.choices[0].logprobs.token_logprobs[0] < -5
+    # Streaming takes it too.
+    stream = client.completions.create(model="smollm2", prompt="1, 2, 3,", max_tokens=3, temperature=0,
+                                       logit_bias={"42": 100}, stream=True)
+    assert "".join(c.choices[0].text for c in stream) == ":::"
+    h = {"Authorization": f"Bearer {KEY}"}
+    for bias, what in [({"49152": 5}, "outside the vocabulary"), ({"42": 100.5}, "[-100, 100]"),
+                       ({"K": 1}, "token ids (integers)"), ({"42": "x"}, ""), ([42], "")]:
+        body = {"model": "smollm2", "prompt": "hi", "max_tokens": 2, "logit_bias": bias}
+        err = _error(httpx.post(server.url + "/v1/completions", json=body, headers=h), 400)
+        assert err["param"].split(".")[0] == "logit_bias" and what in err["message"], (bias, err)
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="smollm2", messages=CAPITAL, max_tokens=2, logit_bias={"-1": 1})
+    _assert_idle(server)
+
+
 def test_completions(server, client):
     r = client.completions.create(model="smollm2", prompt=["The capital of France is", "1, 2, 3,"], max_tokens=6,
                                   temperature=0, logprobs=2)

@@ -71,6 +71,19 @@ def test_a_stop_token_among_accepted_drafts_ends_the_output_there(ngram):
     assert ngram.engine.stats()["kv_used_blocks"] == 0  # blocks back
 
 
+def test_a_logit_bias_holds_for_verified_drafts(ngram):
+    """Drafts are verified against the biased logits: greedy with a bias is the same with prompt
+    lookup as without it, and the bias changed the output."""
+    days = [{"role": "user", "content": DAYS}]
+    unbiased = ngram.chat(days, SamplingParams(temperature=0, max_tokens=64), use_tqdm=False)[0].outputs[0].token_ids
+    common = max(set(unbiased), key=unbiased.count)  # the token the drafts would propose most
+    p = SamplingParams(temperature=0, max_tokens=64, logit_bias={common: -100})
+    out = ngram.chat(days, p, use_tqdm=False)[0].outputs[0]
+    plain = LLM(kv_cache_tokens=8192).chat(days, p, use_tqdm=False)[0].outputs[0]
+    assert out.token_ids == plain.token_ids and common not in out.token_ids
+    assert out.token_ids != unbiased and out.num_draft_tokens > 0
+
+
 @pytest.mark.parametrize("spec, message", [
     ({"method": "ngram", "k_max": 0}, "k_max must be between 1 and 16"),
     ({"method": "ngram", "k_max": 17}, "k_max must be between 1 and 16"),

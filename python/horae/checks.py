@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import numbers
 import time
-from typing import Collection, List, Optional
+from typing import Collection, Dict, List, Optional
 
 
 def optional_positive_int(value: object, name: str) -> Optional[int]:
@@ -38,6 +38,20 @@ def token_ids(value: object, name: str) -> List[int]:
     if not isinstance(items, (list, tuple)) or not all(is_int(t) for t in items):
         raise TypeError(f"{name} must be a list of integers, got {value!r}")
     return [int(t) for t in items]
+
+
+def logit_bias_dict(value: object, name: str = "logit_bias") -> Optional[Dict[int, float]]:
+    """`value` if it is None or a dict of token ids (integers, numpy's too) to numbers, as vLLM's
+    `SamplingParams.logit_bias`; a TypeError naming `name` otherwise. The core checks that each id
+    is in the vocabulary and each bias in [-100, 100]."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise TypeError(f"{name} must be a dict of token ids to biases, got {value!r}")
+    for k, v in value.items():
+        if not is_int(k) or not -2**63 <= k < 2**63 or not is_number(v):
+            raise TypeError(f"{name} maps a token id (an integer) to a bias (a number), got {k!r}: {v!r}")
+    return {int(k): float(v) for k, v in value.items()}
 
 
 def unsigned_ints(values: dict, optional: Collection[str] = ()) -> None:

@@ -17,7 +17,17 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from horae import _core
-from horae.checks import is_int, is_number, names, optional_positive_int, slo_dict, token_ids, unsigned_ints, waited_since
+from horae.checks import (
+    is_int,
+    is_number,
+    logit_bias_dict,
+    names,
+    optional_positive_int,
+    slo_dict,
+    token_ids,
+    unsigned_ints,
+    waited_since,
+)
 from horae.models import resolve_model
 from horae.priors import Prior, resolve_prior
 
@@ -61,6 +71,10 @@ class SamplingParams:
     slo: Optional[Dict[str, float]] = None
     #: vLLM's priority: lower values are served first (ties in arrival or SLO order).
     priority: int = 0
+    #: OpenAI's and vLLM's logit bias: {token_id: bias}, each bias in [-100, 100] added to that
+    #: token's logit before sampling (-100 all but bans a token, 100 all but forces it). Logprobs
+    #: are reported from the logits before it, as vLLM's are.
+    logit_bias: Optional[Dict[int, float]] = None
 
     def __post_init__(self):
         if not is_int(self.n) or self.n < 1:
@@ -481,6 +495,7 @@ class Engine:
                 raise TypeError(f"{name} must be a number, got {v!r}")
         if params.priority is None:
             raise ValueError("priority must be an integer, got None")
+        bias = logit_bias_dict(params.logit_bias)
 
         def submit(index: int) -> int:
             seed = None if params.seed is None else params.seed + index
@@ -491,7 +506,8 @@ class Engine:
                     presence_penalty=params.presence_penalty, frequency_penalty=params.frequency_penalty,
                     seed=seed, ignore_eos=params.ignore_eos, logprobs=params.logprobs, min_tokens=params.min_tokens,
                     prompt_logprobs=params.prompt_logprobs if index == 0 else None, stop=params.stop,
-                    stop_token_ids=params.stop_token_ids, slo=slo, priority=params.priority, waited=waited)
+                    stop_token_ids=params.stop_token_ids, logit_bias=bias, slo=slo, priority=params.priority,
+                    waited=waited)
             except OverflowError as e:  # a token id past 64 bits: a bad value, not a server fault
                 raise ValueError(f"a token id is out of range: {e}") from None
 

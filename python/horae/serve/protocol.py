@@ -40,6 +40,8 @@ class _Sampling(_Strict):
     frequency_penalty: Optional[float] = None
     seed: Optional[Int] = None
     user: Optional[str] = None
+    #: Token ids (as strings, JSON's keys) to a bias in [-100, 100] added to that token's logit.
+    logit_bias: Optional[Dict[str, float]] = None
     # vLLM's extensions
     top_k: Optional[Int] = None
     min_p: Optional[float] = None

@@ -42,6 +42,20 @@ def new_parts(out: RequestOutput, sent: dict):
             yield c, chars, toks, finishing
 
 
+def token_keys(bias: Optional[Dict[str, float]]) -> Optional[Dict[int, float]]:
+    """OpenAI's `logit_bias` (JSON keys are strings) keyed by token id; a key that is not an
+    integer is a 400 naming the field (the engine checks the ids and biases)."""
+    if bias is None:
+        return None
+    out = {}
+    for k, v in bias.items():
+        try:
+            out[int(k)] = v
+        except ValueError:
+            raise APIError(400, f"logit_bias keys must be token ids (integers), got {k!r}", param="logit_bias") from None
+    return out
+
+
 class ServerState:
     """`llm` is the engine client: an `AsyncLLM`, or the Ray ingress's `RemoteLLM` over replicas.
     The server uses only `generate`, `num_waiting`, `model_dir`, `max_request_tokens`, `encode`,
@@ -92,7 +106,7 @@ class ServerState:
             presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0,
             seed=req.seed, stop=req.stop, stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos,
             logprobs=logprobs, prompt_logprobs=prompt_logprobs, min_tokens=req.min_tokens, slo=req.slo,
-            priority=req.priority)
+            priority=req.priority, logit_bias=token_keys(req.logit_bias))
 
     def start(self, prefix: str, prompt_ids: List[int], params: SamplingParams) -> AsyncIterator[RequestOutput]:
         try:

@@ -257,6 +257,8 @@ pub struct RequestParams {
     pub ignore_eos: bool,
     pub stop: Vec<String>,
     pub stop_token_ids: Vec<i64>,
+    /// OpenAI's `logit_bias`: (token id, bias in [-100, 100]) added to that token's logit.
+    pub logit_bias: Vec<(i64, f64)>,
     pub slo: Slo,
     pub priority: i64,
     /// Seconds the request had already waited when it reached this engine (vLLM's
@@ -268,6 +270,32 @@ pub struct RequestParams {
 /// A refusal of `param`'s value.
 fn invalid_at(param: &'static str, message: String) -> HoraeError {
     HoraeError::BadRequest { param: Some(param), message }
+}
+
+/// A logit bias as OpenAI takes it: token ids in the vocabulary, each once, biases in
+/// [-100, 100] (refused outside, never clamped), sorted by token.
+fn checked_logit_bias(bias: &[(i64, f64)], vocab: i64) -> Result<Vec<(u32, f32)>> {
+    let mut out = Vec::with_capacity(bias.len());
+    for &(t, b) in bias {
+        if !(0..vocab).contains(&t) {
+            return Err(invalid_at(
+                "logit_bias",
+                format!("logit_bias: token id {t} is outside the vocabulary (0..{vocab})"),
+            ));
+        }
+        if !(-100.0..=100.0).contains(&b) {
+            return Err(invalid_at(
+                "logit_bias",
+                format!("logit_bias: the bias of token {t} must be in [-100, 100], got {b}"),
+            ));
+        }
+        out.push((t as u32, b as f32));
+    }
+    out.sort_unstable_by_key(|&(t, _)| t);
+    if let Some(w) = out.windows(2).find(|w| w[0].0 == w[1].0) {
+        return Err(invalid_at("logit_bias", format!("logit_bias: token id {} is given twice", w[0].0)));
+    }
+    Ok(out)
 }
 
 impl RequestParams {
@@ -288,6 +316,7 @@ impl RequestParams {
                 format!("stop_token_ids: {bad} is outside the vocabulary (0..{vocab})"),
             ));
         }
+        let logit_bias = checked_logit_bias(&self.logit_bias, vocab)?;
         if self.stop.iter().any(|s| s.is_empty()) {
             return Err(invalid_at("stop", "stop strings must not be empty".into()));
         }
@@ -323,6 +352,7 @@ impl RequestParams {
             )));
         }
         let mut sampling = self.sampling;
+        sampling.logit_bias = logit_bias;
         sampling.top_k = match self.top_k {
             -1 | 0 => 0,
             k if k > 0 => usize::try_from(k).unwrap_or(usize::MAX),
@@ -559,6 +589,29 @@ mod tests {
         let zero = Slo { ttft: Some(0.0), ..Default::default() };
         assert!(refused(RequestParams { slo: zero, ..params(4, Some(4)) }).contains("slo.ttft must be a positive"));
         assert!(Slo::default().set("deadline", 1.0).unwrap_err().to_string().contains("unknown slo key"));
+        for (bias, what) in [
+            (vec![(100, 1.0)], "token id 100 is outside the vocabulary"),
+            (vec![(-1, 1.0)], "token id -1 is outside"),
+            (vec![(3, 100.5)], "must be in [-100, 100], got 100.5"),
+            (vec![(3, f64::NAN)], "must be in [-100, 100]"),
+            (vec![(3, 1.0), (2, 0.0), (3, -1.0)], "token id 3 is given twice"),
+        ] {
+            let e = p_err(RequestParams { logit_bias: bias, ..params(4, Some(4)) });
+            assert!(matches!(e, HoraeError::BadRequest { param: Some("logit_bias"), .. }), "{e}");
+            assert!(e.to_string().contains(what), "{e}");
+        }
+    }
+
+    fn p_err(p: RequestParams) -> HoraeError {
+        p.into_spec(&LIMITS).unwrap_err()
+    }
+
+    #[test]
+    fn a_logit_bias_reaches_sampling_sorted_by_token() {
+        let bias = vec![(7, -100.0), (2, 5.5), (99, 100.0)];
+        let spec = RequestParams { logit_bias: bias, ..params(4, Some(4)) }.into_spec(&LIMITS).unwrap();
+        assert_eq!(spec.sampling.logit_bias, vec![(2, 5.5), (7, -100.0), (99, 100.0)]);
+        assert!(spec.sampling.adjusts_logits() && !spec.sampling.has_penalties());
     }
 
     #[test]

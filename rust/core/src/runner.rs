@@ -171,8 +171,8 @@ impl ModelExecutor {
 }
 
 /// Sample one sequence's next token(s) from its logit rows: the plain case is one row; with
-/// drafts, each row verifies the draft before it (rejection sampling, the target's penalties and
-/// masks applied position by position) and the first rejection ends it. It reads only its own
+/// drafts, each row verifies the draft before it (rejection sampling, the target's logit
+/// adjustments and masks applied position by position) and the first rejection ends it. It reads only its own
 /// rows, its request's random stream and draft probabilities, so sequences can be sampled on
 /// different threads with the same results.
 fn sample_seq(
@@ -195,7 +195,7 @@ fn sample_seq(
     for i in 0..job.rows {
         let row = &mut rows[i * vocab..(i + 1) * vocab];
         let raw = p.logprobs.map(|_| row.to_vec());
-        sample::apply_penalties(row, p, prompt, &output);
+        sample::adjust_logits(row, p, prompt, &output);
         // Row i follows the i drafts accepted before it.
         if s.num_output + i < p.min_tokens {
             // Too early to stop: end-of-sequence cannot be drawn.

@@ -54,6 +54,9 @@ pub struct SamplingParams {
     /// Report each prompt token's log-probability (and this many alternatives). Such a request
     /// does not read the prefix cache, since cached positions have no logits.
     pub prompt_logprobs: Option<usize>,
+    /// OpenAI's `logit_bias`: added to these tokens' logits before anything else reads them
+    /// (sorted by token, each once; the request's checks put them in the vocabulary).
+    pub logit_bias: Vec<(u32, f32)>,
 }
 
 impl Default for SamplingParams {
@@ -71,6 +74,7 @@ impl Default for SamplingParams {
             logprobs: None,
             min_tokens: 0,
             prompt_logprobs: None,
+            logit_bias: Vec::new(),
         }
     }
 }
@@ -133,10 +137,23 @@ impl SamplingParams {
     pub fn has_penalties(&self) -> bool {
         self.repetition_penalty != 1.0 || self.presence_penalty != 0.0 || self.frequency_penalty != 0.0
     }
+
+    /// Whether `adjust_logits` changes anything: the raw logits are not what is sampled.
+    pub fn adjusts_logits(&self) -> bool {
+        self.has_penalties() || !self.logit_bias.is_empty()
+    }
 }
 
-/// Repetition, presence and frequency penalties, in place.
-pub fn apply_penalties(logits: &mut [f32], p: &SamplingParams, prompt: &[u32], output: &[u32]) {
+/// What a request asks of its logits before they are sampled, in place: the logit bias, then
+/// repetition, presence and frequency penalties (vLLM's order: its logit-bias processor runs
+/// before the penalties). Logprobs are reported from the logits before this, as vLLM's raw
+/// logprobs are.
+pub fn adjust_logits(logits: &mut [f32], p: &SamplingParams, prompt: &[u32], output: &[u32]) {
+    for &(t, b) in &p.logit_bias {
+        if let Some(l) = logits.get_mut(t as usize) {
+            *l += b;
+        }
+    }
     if p.repetition_penalty != 1.0 {
         let mut seen = vec![false; logits.len()];
         for &t in prompt.iter().chain(output) {
@@ -487,9 +504,20 @@ mod tests {
             frequency_penalty: 0.25,
             ..Default::default()
         };
-        apply_penalties(&mut l, &p, &[0], &[1, 1]);
+        adjust_logits(&mut l, &p, &[0], &[1, 1]);
         assert_eq!(l, vec![1.0, -4.0 - 0.5 - 0.5, 1.0]);
         assert!(SamplingParams { top_p: 1.5, ..Default::default() }.validate().is_err());
         assert!(SamplingParams { temperature: -1.0, ..Default::default() }.validate().is_err());
+    }
+
+    #[test]
+    fn a_logit_bias_comes_before_the_penalties() {
+        // Token 0's bias takes it from 2 to -1 before the repetition penalty sees it, so the
+        // penalty multiplies (a negative logit) instead of dividing.
+        let mut l = vec![2.0, -2.0, 1.0];
+        let p =
+            SamplingParams { repetition_penalty: 2.0, logit_bias: vec![(0, -3.0), (2, 100.0)], ..Default::default() };
+        adjust_logits(&mut l, &p, &[0], &[]);
+        assert_eq!(l, vec![-2.0, -2.0, 101.0]);
     }
 }

@@ -153,7 +153,7 @@ impl DraftModel {
                 let mut so_far = tokens[c.prompt_len..].to_vec();
                 so_far.extend_from_slice(&drafts[i]);
                 let prompt = &tokens[..c.prompt_len];
-                sample::apply_penalties(row, p, prompt, &so_far);
+                sample::adjust_logits(row, p, prompt, &so_far);
                 let token = if p.is_greedy() {
                     sample::argmax(row)
                 } else {

@@ -1,6 +1,6 @@
 //! Drawing tokens on the GPU from the logits the model left there, so only token ids cross PCIe
 //! for greedy and plain temperature / top-k / top-p / min-p sampling. Requests that need the
-//! whole distribution on the host (penalties, logprobs, min_tokens, speculative verification)
+//! whole distribution on the host (penalties, a logit bias, logprobs, min_tokens, speculative verification)
 //! are sampled by the CPU code in `sample`, as on the CPU backend.
 
 use rand::rngs::SmallRng;
@@ -15,15 +15,11 @@ use crate::sample::SamplingParams;
 /// rejected draw raises the floor past everything at or below it).
 pub const ROUNDS: usize = 32;
 
-/// Whether a request's next token can be drawn on the GPU: one plain row, no penalties (they
-/// need the token history), no logprobs, and no end-of-sequence mask for min_tokens.
+/// Whether a request's next token can be drawn on the GPU: one plain row, nothing that adjusts
+/// the logits (penalties need the token history; a logit bias is rare enough to take the host
+/// path), no logprobs, and no end-of-sequence mask for min_tokens.
 pub fn can_sample_on_gpu(p: &SamplingParams, rows: usize, generated: usize) -> bool {
-    rows == 1
-        && p.logprobs.is_none()
-        && p.repetition_penalty == 1.0
-        && p.presence_penalty == 0.0
-        && p.frequency_penalty == 0.0
-        && generated >= p.min_tokens
+    rows == 1 && p.logprobs.is_none() && !p.adjusts_logits() && generated >= p.min_tokens
 }
 
 /// One row to draw: its logits row and parameters, and the request's random stream.
