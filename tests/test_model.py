@@ -238,6 +238,22 @@ def test_stop_strings_seeds_and_n(llm):
     assert len({tuple(o.token_ids) for o in a.outputs}) > 1, "n samples with different seeds differ"
     out = llm.generate("1, 2, 3,", SamplingParams(temperature=0, max_tokens=20, stop_token_ids=[28]), use_tqdm=False)[0]
     assert out.outputs[0].token_ids[-1] == 28 and out.outputs[0].finish_reason == "stop"
+    # vLLM's include_stop_str_in_output: the stop string, or the stop token's text, stays.
+    kept = llm.chat(msgs, SamplingParams(temperature=0, max_tokens=32, stop=["Paris"], include_stop_str_in_output=True))
+    assert kept[0].outputs[0].text == "The capital of France is Paris"
+    cut, kept = (llm.generate("1, 2, 3,", SamplingParams(temperature=0, max_tokens=20, stop_token_ids=[28],
+                                                         include_stop_str_in_output=k), use_tqdm=False)[0].outputs[0]
+                 for k in (False, True))
+    assert cut.token_ids == kept.token_ids and kept.text == cut.text + llm.engine.decode([28])
+    # vLLM's skip_special_tokens: with False, the end-of-turn tokens a model writes past its end
+    # (ignore_eos) are in the text; the end-of-sequence that ends an output never is.
+    p = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    plain = llm.chat(msgs, p)[0].outputs[0]
+    raw = llm.chat(msgs, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, skip_special_tokens=False))[0].outputs[0]
+    assert raw.token_ids == plain.token_ids and "<|im_end|>" in raw.text and "<|im_end|>" not in plain.text
+    assert raw.text == llm.engine.decode(raw.token_ids, skip_special_tokens=False)
+    ended = llm.chat(msgs, SamplingParams(temperature=0, max_tokens=32, skip_special_tokens=False))[0].outputs[0]
+    assert ended.text == "The capital of France is Paris." and ended.finish_reason == "stop"
 
 
 def test_seeded_requests_draw_their_own_tokens_in_any_batch_order(llm):

@@ -147,6 +147,12 @@ def test_completions(server, client):
     s = client.completions.create(model="smollm2", prompt="The capital of France is", max_tokens=6, temperature=0,
                                   stop=["."])
     assert s.choices[0].text == " Paris" and s.choices[0].finish_reason == "stop"
+    kept = client.completions.create(model="smollm2", prompt="The capital of France is", max_tokens=6, temperature=0,
+                                     stop=["."], stream=True, extra_body={"include_stop_str_in_output": True})
+    assert "".join(c.choices[0].text for c in kept) == " Paris."
+    raw = client.chat.completions.create(model="smollm2", messages=CAPITAL, max_tokens=12, temperature=0,
+                                         extra_body={"ignore_eos": True, "skip_special_tokens": False})
+    assert "<|im_end|>" in raw.choices[0].message.content
     # Token-id prompts and vLLM's extra fields.
     ids = client.completions.create(model="smollm2", prompt=[504, 3575, 282, 4649, 314], max_tokens=3, temperature=0,
                                     extra_body={"top_k": 5, "ignore_eos": True, "min_tokens": 3})

@@ -60,6 +60,11 @@ class SamplingParams:
     stop: Optional[Union[str, List[str]]] = None
     stop_token_ids: Optional[List[int]] = None
     ignore_eos: bool = False
+    #: Keep the stop string (or the stop token's text) that ended the output in its text.
+    include_stop_str_in_output: bool = False
+    #: Leave special tokens' text out of the output's text (`ignore_eos=True` with False shows
+    #: the end-of-turn tokens the model wrote).
+    skip_special_tokens: bool = True
     #: Report log-probabilities of each output token and of this many most likely alternatives.
     logprobs: Optional[int] = None
     #: End-of-sequence and stop strings/ids are ignored until this many tokens are generated.
@@ -506,7 +511,8 @@ class Engine:
                     presence_penalty=params.presence_penalty, frequency_penalty=params.frequency_penalty,
                     seed=seed, ignore_eos=params.ignore_eos, logprobs=params.logprobs, min_tokens=params.min_tokens,
                     prompt_logprobs=params.prompt_logprobs if index == 0 else None, stop=params.stop,
-                    stop_token_ids=params.stop_token_ids, logit_bias=bias, slo=slo, priority=params.priority,
+                    stop_token_ids=params.stop_token_ids, include_stop_str_in_output=params.include_stop_str_in_output,
+                    skip_special_tokens=params.skip_special_tokens, logit_bias=bias, slo=slo, priority=params.priority,
                     waited=waited)
             except OverflowError as e:  # a token id past 64 bits: a bad value, not a server fault
                 raise ValueError(f"a token id is out of range: {e}") from None

@@ -1,9 +1,10 @@
 """Request bodies of the OpenAI-compatible API (pydantic): the JSON's shape only. Types are strict
 (no "10" for 10, "yes" for true, or true for a token id) and integers fit 64 bits, as OpenAI and
-vLLM refuse the rest; every value rule is the engine's (horae_core::serving::validate). Unknown
+vLLM refuse the rest; every value rule is the engine's (horae_core::request::RequestParams). Unknown
 fields are rejected, as OpenAI does; vLLM's extra sampling fields (top_k, min_p,
-repetition_penalty, ignore_eos, min_tokens, stop_token_ids, priority) are accepted, as vLLM's
-clients send them through `extra_body`, and so is horae's `slo`."""
+repetition_penalty, ignore_eos, min_tokens, stop_token_ids, include_stop_str_in_output,
+skip_special_tokens, priority) are accepted, as vLLM's clients send them through `extra_body`,
+and so is horae's `slo`."""
 
 from __future__ import annotations
 
@@ -49,6 +50,8 @@ class _Sampling(_Strict):
     ignore_eos: bool = False
     min_tokens: Int = 0
     stop_token_ids: Optional[List[Int]] = None
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
     priority: Int = 0
     # horae's extension: this request's latency bounds in seconds ("ttft", "max_itl", "tpot",
     # "e2e"); the engine checks the names and values.

@@ -105,6 +105,9 @@ pub struct StopCriteria {
     pub token_ids: Vec<u32>,
     /// Strings that end the output; the text is cut before the first one found.
     pub strings: Vec<String>,
+    /// vLLM's `include_stop_str_in_output`: the text keeps the stop string, or the stop token's
+    /// text, that ended it (cut after it instead of before).
+    pub include_in_output: bool,
 }
 
 impl StopCriteria {
@@ -257,6 +260,7 @@ pub struct RequestParams {
     pub ignore_eos: bool,
     pub stop: Vec<String>,
     pub stop_token_ids: Vec<i64>,
+    pub include_stop_str_in_output: bool,
     /// OpenAI's `logit_bias`: (token id, bias in [-100, 100]) added to that token's logit.
     pub logit_bias: Vec<(i64, f64)>,
     pub slo: Slo,
@@ -391,6 +395,7 @@ impl RequestParams {
             stop: StopCriteria {
                 token_ids: self.stop_token_ids.iter().map(|&t| t as u32).collect(),
                 strings: self.stop,
+                include_in_output: self.include_stop_str_in_output,
             },
             slo: self.slo,
             priority: self.priority,

@@ -58,14 +58,16 @@ pub struct IncrementalDetokenizer {
     prefix_offset: usize,
     /// Tokens before this index have been emitted as text.
     read_offset: usize,
+    /// Special tokens' text is left out (vLLM's `skip_special_tokens`).
+    skip_special_tokens: bool,
     pub text: String,
 }
 
 impl IncrementalDetokenizer {
-    pub fn new(prompt: &[u32]) -> Self {
+    pub fn new(prompt: &[u32], skip_special_tokens: bool) -> Self {
         let context = prompt[prompt.len().saturating_sub(5)..].to_vec();
         let read_offset = context.len();
-        Self { context, prefix_offset: 0, read_offset, text: String::new() }
+        Self { context, prefix_offset: 0, read_offset, skip_special_tokens, text: String::new() }
     }
 
     fn window(&self, output: &[u32], from: usize, to: usize) -> Vec<u32> {
@@ -76,8 +78,9 @@ impl IncrementalDetokenizer {
     /// `output` is every output token so far. Returns the newly complete text.
     pub fn step(&mut self, tok: &Tokenizer, output: &[u32]) -> Result<String> {
         let end = self.context.len() + output.len();
-        let prefix = tok.decode(&self.window(output, self.prefix_offset, self.read_offset), true)?;
-        let full = tok.decode(&self.window(output, self.prefix_offset, end), true)?;
+        let skip = self.skip_special_tokens;
+        let prefix = tok.decode(&self.window(output, self.prefix_offset, self.read_offset), skip)?;
+        let full = tok.decode(&self.window(output, self.prefix_offset, end), skip)?;
         if full.len() > prefix.len() && !full.ends_with('\u{fffd}') && full.starts_with(&prefix) {
             let new = full[prefix.len()..].to_string();
             self.prefix_offset = self.read_offset;

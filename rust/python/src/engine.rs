@@ -263,8 +263,8 @@ impl PyEngine {
     #[pyo3(signature = (prompt_token_ids, *, max_tokens = Some(16), temperature = 1.0, top_k = 0, top_p = 1.0,
                         min_p = 0.0, repetition_penalty = 1.0, presence_penalty = 0.0, frequency_penalty = 0.0,
                         seed = None, ignore_eos = false, logprobs = None, min_tokens = 0, prompt_logprobs = None,
-                        stop = Vec::new(), stop_token_ids = Vec::new(), logit_bias = None, slo = None, priority = 0,
-                        waited = 0.0))]
+                        stop = Vec::new(), stop_token_ids = Vec::new(), include_stop_str_in_output = false,
+                        skip_special_tokens = true, logit_bias = None, slo = None, priority = 0, waited = 0.0))]
     #[allow(clippy::too_many_arguments)]
     fn add_request(
         &self,
@@ -284,6 +284,8 @@ impl PyEngine {
         prompt_logprobs: Option<i64>,
         stop: Vec<String>,
         stop_token_ids: Vec<i64>,
+        include_stop_str_in_output: bool,
+        skip_special_tokens: bool,
         logit_bias: Option<HashMap<i64, f64>>,
         slo: Option<HashMap<String, f64>>,
         priority: i64,
@@ -297,6 +299,7 @@ impl PyEngine {
             repetition_penalty,
             presence_penalty,
             frequency_penalty,
+            skip_special_tokens,
             ..Default::default()
         };
         let params = RequestParams {
@@ -311,6 +314,7 @@ impl PyEngine {
             ignore_eos,
             stop,
             stop_token_ids,
+            include_stop_str_in_output,
             logit_bias: logit_bias.map(|b| b.into_iter().collect()).unwrap_or_default(),
             slo: slo_arg(slo)?,
             priority,

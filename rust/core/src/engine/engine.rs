@@ -238,7 +238,7 @@ impl Engine {
         let arrival = spec.arrival.unwrap_or_else(|| self.clock.now());
         let mut req = Request::new(id, spec, arrival, self.sched.config().block_size);
         if let (Some(_), Prompt::Tokens(ids)) = (&self.tokenizer, &req.prompt) {
-            req.detok = Some(IncrementalDetokenizer::new(ids));
+            req.detok = Some(IncrementalDetokenizer::new(ids, req.sampling.skip_special_tokens));
         }
         self.sched.add(req)?;
         self.next_id = self.next_id.max(id + 1);
@@ -414,16 +414,17 @@ impl Engine {
         let eos_end = end.as_ref().is_some_and(|e| e.0 == FinishReason::Stop && e.1.is_none());
         let token_end = matches!(end, Some((_, Some(StopReason::Token(_)))));
         let r = self.sched.request_mut(id).ok_or(HoraeError::UnknownRequest(id))?;
-        // The caller never sees the end-of-sequence token; a stop token is seen but not its text.
+        // The caller never sees the end-of-sequence token; a stop token is seen but not its text
+        // (unless the request keeps the stop in its text).
         r.num_visible = r.output.len() - usize::from(eos_end);
-        let text_tokens = r.num_visible - usize::from(token_end);
+        let text_tokens = r.num_visible - usize::from(token_end && !r.stop.include_in_output);
         if let (Some(tok), Some(d)) = (&self.tokenizer, r.detok.as_mut()) {
             let before = d.text.len();
             d.step(tok, &r.output[..text_tokens])?;
             let early = r.output.len() <= r.sampling.min_tokens;
             if !early && !r.stop.strings.is_empty() {
                 if let Some((at, s)) = r.stop.find_string(&d.text, before) {
-                    d.text.truncate(at);
+                    d.text.truncate(if r.stop.include_in_output { at + s.len() } else { at });
                     end = Some((FinishReason::Stop, Some(StopReason::Text(s))));
                 }
             }

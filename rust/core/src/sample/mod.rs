@@ -57,6 +57,9 @@ pub struct SamplingParams {
     /// OpenAI's `logit_bias`: added to these tokens' logits before anything else reads them
     /// (sorted by token, each once; the request's checks put them in the vocabulary).
     pub logit_bias: Vec<(u32, f32)>,
+    /// vLLM's `skip_special_tokens`: the output's text leaves out special tokens' text (true by
+    /// default). Here, beside sampling, because vLLM's `SamplingParams` carries it.
+    pub skip_special_tokens: bool,
 }
 
 impl Default for SamplingParams {
@@ -75,6 +78,7 @@ impl Default for SamplingParams {
             min_tokens: 0,
             prompt_logprobs: None,
             logit_bias: Vec::new(),
+            skip_special_tokens: true,
         }
     }
 }
