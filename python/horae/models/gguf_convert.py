@@ -39,7 +39,7 @@ class GGUFConversionError(ValueError):
     pass
 
 
-# The GGML formats the runtime runs natively (`rust/core/src/backend/quant.rs`).
+# The GGML formats the runtime runs natively (`rust/core/src/backend/quant/`).
 NATIVE = ("Q4_1", "Q8_0")
 QUANTIZED_FILE = "quantized.safetensors"
 # Written last into a converted folder: a folder without it (or of an older converter) is
