@@ -20,9 +20,8 @@ import json
 import statistics
 import time
 
-from horae import _core
+from horae import Engine, _core
 from horae.bench.model import _decode_rate, _shapes
-from horae.llm import Engine
 from horae.models import resolve_model
 
 

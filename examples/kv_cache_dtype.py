@@ -19,8 +19,8 @@ import gc
 import itertools
 import statistics
 
+from horae import Engine
 from horae.bench.model import _decode_rate, _prefill_rate
-from horae.llm import Engine
 from horae.models import resolve_model
 
 # (name, sequences, new tokens, prompt length): short and long histories, one sequence and eight.

@@ -159,8 +159,7 @@ CONFIGS = [
 
 def run_engine(spec, prompts, concurrency, max_tokens, dtype, warmup):
     """Keep `concurrency` requests in flight until all `prompts` are done; per-request times."""
-    from horae import SamplingParams
-    from horae.llm import Engine
+    from horae import Engine, SamplingParams
 
     engine = Engine(dtype=dtype, speculative=spec, max_num_seqs=64, kv_cache_tokens=32768)
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0)

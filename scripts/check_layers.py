@@ -29,9 +29,9 @@ RUST_LAYERS = [
 ]
 PY_LAYERS = [
     ["_core", "checks"],
-    ["models", "cuda", "priors"],
-    ["llm"],
-    ["async_llm"],
+    ["models", "cuda", "priors", "sampling_params", "outputs", "chat_template"],
+    ["engine"],
+    ["llm", "async_llm"],
     ["serve", "sim", "gpu_check"],
     ["cluster"],
     ["bench"],

@@ -16,8 +16,8 @@ import httpx
 import openai
 import pytest
 
+from horae import SamplingParams
 from horae.async_llm import AsyncLLM, RequestDroppedError
-from horae.llm import SamplingParams
 from horae.serve import ServerConfig, ServerThread, build_app
 
 KEY = "sk-horae-test"

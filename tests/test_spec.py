@@ -111,8 +111,8 @@ def test_speculative_must_be_a_dict_and_serve_rejects_bad_json():
 
 
 def test_metrics_export_acceptance_and_k():
+    from horae import CompletionOutput, RequestOutput
     from horae.async_llm import RequestTimes
-    from horae.llm import CompletionOutput, RequestOutput
     from horae.serve.metrics import ServerMetrics
 
     m = ServerMetrics("m")

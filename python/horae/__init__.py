@@ -6,7 +6,10 @@ model runtime and the simulator; this package is the Python front over it.
 
 from horae._core import HoraeCoreError
 from horae.async_llm import AsyncLLM
-from horae.llm import LLM, CompletionOutput, Engine, RequestOutput, SamplingParams
+from horae.engine import Engine
+from horae.llm import LLM
+from horae.outputs import CompletionOutput, RequestOutput
+from horae.sampling_params import SamplingParams
 
 __version__ = "0.1.0"
 __all__ = ["LLM", "AsyncLLM", "Engine", "SamplingParams", "RequestOutput", "CompletionOutput", "HoraeCoreError", "__version__"]

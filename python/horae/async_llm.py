@@ -27,7 +27,9 @@ from pathlib import Path
 from typing import AsyncIterator, Callable, Dict, Iterable, List, Optional, Union
 
 from horae.checks import waited_since
-from horae.llm import Engine, PromptType, RequestOutput, SamplingParams
+from horae.engine import Engine, PromptType
+from horae.outputs import RequestOutput
+from horae.sampling_params import SamplingParams
 
 
 class EngineDeadError(RuntimeError):

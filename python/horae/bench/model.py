@@ -41,7 +41,8 @@ from typing import List, Optional
 
 from horae import _core
 from horae.checks import is_int
-from horae.llm import Engine, SamplingParams
+from horae.engine import Engine
+from horae.sampling_params import SamplingParams
 
 
 def _params(model_dir) -> float:

@@ -19,9 +19,11 @@ from typing import Any, AsyncIterator, Dict, List, Optional, Union
 
 from horae import _core
 from horae.async_llm import EngineDeadError
+from horae.chat_template import read_tokenizer_config, render_chat_template
 from horae.cluster import published
 from horae.cluster.replica import Refusal
-from horae.llm import RequestOutput, SamplingParams, read_tokenizer_config, render_chat_template
+from horae.outputs import RequestOutput
+from horae.sampling_params import SamplingParams
 from horae.serve.app import ServerConfig, build_app
 
 REPLICAS = "horae-replica"

@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any, AsyncIterator, Dict, List, Optional, Union
 
 from horae.async_llm import AsyncLLM, RequestDroppedError
-from horae.llm import RequestOutput, SamplingParams
+from horae.outputs import RequestOutput
+from horae.sampling_params import SamplingParams
 from horae.serve.metrics import EngineMetrics
 
 

@@ -11,7 +11,8 @@ from typing import AsyncIterator, Dict, List, Optional
 from fastapi import Request
 
 from horae.async_llm import AsyncLLM, EngineDeadError, RequestDroppedError, RequestFailedError
-from horae.llm import RequestOutput, SamplingParams
+from horae.outputs import RequestOutput
+from horae.sampling_params import SamplingParams
 from horae.serve.errors import APIError, bad_request, first_line
 from horae.serve.metrics import EngineMetrics, MetricsSource
 
