@@ -254,6 +254,13 @@ def test_errors_in_openai_shape(server, client):
     err = _error(post("/v1/chat/completions", {**chat, "logprobs": True, "top_logprobs": 25}), 400)
     assert (err["param"], err["message"]) == ("top_logprobs", "top_logprobs must be at most 20, got 25")
     assert "bogus" in _error(post("/v1/chat/completions", {**chat, "bogus": 1}), 400)["message"]
+    # Structured output is refused by name; plain text, which some clients always name, is taken.
+    for fmt in ({"type": "json_object"}, {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}):
+        err = _error(post("/v1/chat/completions", {**chat, "response_format": fmt}), 400)
+        assert err["param"] == "response_format" and "structured output" in err["message"], err
+    assert _error(post("/v1/chat/completions", {**chat, "response_format": "json"}), 400)["param"] == "response_format"
+    text = post("/v1/chat/completions", {**chat, "max_tokens": 2, "response_format": {"type": "text"}})
+    assert text.status_code == 200, text.text
     assert _error(post("/v1/completions", {"model": "smollm2", "prompt": ""}), 400)
     assert _error(post("/v1/completions", {"model": "smollm2", "prompt": [10**9]}), 400)
     assert _error(post("/v1/chat/completions", {**chat, "model": "gpt-4"}), 404)["code"] == "model_not_found"

@@ -55,7 +55,9 @@ def install_error_handlers(app: FastAPI) -> None:
         elif first.get("type") == "extra_forbidden":
             msg = f"Unrecognized request argument supplied: {param}"
         else:
-            msg = f"{param + ': ' if param else ''}{first.get('msg', 'invalid request')}"
+            # A validator's own message, without pydantic's "Value error, " before it.
+            text = first.get("msg", "invalid request").removeprefix("Value error, ")
+            msg = f"{param + ': ' if param else ''}{text}"
         return JSONResponse(error_body(msg, "invalid_request_error", param, first.get("type")), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)

@@ -100,8 +100,25 @@ class ChatMessage(_Strict):
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
 
+class ResponseFormat(BaseModel):
+    """OpenAI's `response_format`. Plain text is what every completion is, so `{"type": "text"}`
+    (which some clients always send) is taken; structured output (JSON mode, a JSON schema) needs
+    constrained decoding, which horae does not have: refused by name rather than ignored."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+    type: str
+
+    @model_validator(mode="after")
+    def _text_only(self):
+        if self.type != "text":
+            raise ValueError(f"response_format type {self.type!r} (structured output) is not supported; "
+                             "only {'type': 'text'}")
+        return self
+
+
 class ChatCompletionRequest(_Sampling):
     messages: List[ChatMessage] = Field(..., min_length=1)
+    response_format: Optional[ResponseFormat] = None
     max_tokens: Optional[Int] = None
     max_completion_tokens: Optional[Int] = None
     logprobs: bool = False
