@@ -169,7 +169,10 @@ async def _one(client, url: str, model: str, prompt: List[int], target: int, max
                     res.ttft = now - t0
                 else:
                     res.itls.append(now - last)
-                last, res.output_len = now, n
+                # A chunk may carry several tokens (the server sends what a lagging reader has
+                # not read yet at once): the request is the trace's length, so what comes past
+                # it is the hang-up's lag, not output the workload asked for.
+                last, res.output_len = now, min(n, target)
                 if n >= target:
                     break  # the client-side stop: leaving the block hangs up
         if res.output_len >= target or res.output_len == max_tokens:

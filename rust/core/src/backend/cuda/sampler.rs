@@ -1,7 +1,7 @@
 //! Drawing tokens on the GPU from the logits the model left there, so only token ids cross PCIe
 //! for greedy and plain temperature / top-k / top-p / min-p sampling. Requests that need the
-//! whole distribution on the host (penalties, a logit bias, logprobs, min_tokens, speculative verification)
-//! are sampled by the CPU code in `sample`, as on the CPU backend.
+//! whole distribution on the host (penalties, a logit bias, logprobs, min_tokens, speculative
+//! verification) are sampled by the CPU code in `sample`, as on the CPU backend.
 
 use rand::rngs::SmallRng;
 use rand::Rng;
