@@ -116,6 +116,7 @@ def test_the_openai_client_works_through_the_ingress(cluster):
     client = openai.OpenAI(base_url=cluster.url + "/v1", api_key="none", max_retries=0)
     out = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=8, temperature=0)
     assert "Paris" in out.choices[0].text
+    assert out.usage.prompt_tokens_details.cached_tokens == 0  # the replica's count rides its output
     stream = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "What is the capital of France?"}],
                                             max_tokens=12, temperature=0, stream=True)
     assert "Paris" in "".join(ch.choices[0].delta.content or "" for ch in stream if ch.choices)

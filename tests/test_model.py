@@ -524,12 +524,23 @@ def test_n_samples_share_the_prompt_blocks(llm):
     assert len({tuple(o.token_ids) for o in out.outputs}) == 4
 
 
+def test_num_cached_tokens_counts_the_prompt_read_from_the_prefix_cache(llm):
+    """vLLM's `RequestOutput.num_cached_tokens`: the prompt's full blocks found in the prefix cache
+    when the request was first scheduled, for every sample of it."""
+    prompt = {"prompt_token_ids": [1 + (29 * j) % 3000 for j in range(61)]}  # 3 full blocks of 16, and 13
+    p = SamplingParams(temperature=0, max_tokens=3)
+    first, again = (llm.generate(prompt, p, use_tqdm=False)[0] for _ in range(2))
+    assert (first.num_cached_tokens, again.num_cached_tokens) == (0, 48)
+    assert llm.generate(prompt, SamplingParams(temperature=0, max_tokens=3, n=3), use_tqdm=False)[0].num_cached_tokens == 48
+
+
 def test_prompt_logprobs_match_the_teacher_forced_logits(llm):
     prompt = "The theory of relativity states that"
     ids = llm.engine.encode(prompt)
     # Run the prompt once first so its blocks sit in the prefix cache: prompt logprobs must not use it.
     llm.generate(prompt, SamplingParams(temperature=0, max_tokens=2), use_tqdm=False)
     out = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=2, prompt_logprobs=3), use_tqdm=False)[0]
+    assert out.num_cached_tokens == 0  # vLLM's count of prompt tokens read from the cache: none here
     assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(ids)
     logits = llm.logits(prompt).astype(np.float64)
     for p in range(1, len(ids)):

@@ -78,6 +78,15 @@ def test_chat_non_streaming_and_streaming_agree(server, client):
     assert text == r.choices[0].message.content
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
     assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens == r.usage.total_tokens
+    # OpenAI's usage.prompt_tokens_details.cached_tokens: the prompt's full blocks of 16 the prefix
+    # cache served, here all but the last partial block (the same messages ran above).
+    cached = (prompt_tokens - 1) // 16 * 16
+    assert r.usage.prompt_tokens_details.cached_tokens in (0, cached)  # 0 if it ran first
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens == cached
+    # Summed over a completion's prompts (41 tokens each: two full blocks), once they are cached.
+    for _ in range(2):
+        c = client.completions.create(model="smollm2", prompt=["hi " * 40, "hi " * 40], max_tokens=1)
+    assert c.usage.prompt_tokens == 82 and c.usage.prompt_tokens_details.cached_tokens == 64
     _assert_idle(server)
 
 

@@ -39,6 +39,9 @@ class RequestOutput:
     finished: bool = False
     #: As vLLM: None for the first prompt token, then {token_id: logprob} per prompt token.
     prompt_logprobs: Optional[List[Optional[Dict[int, float]]]] = None
+    #: As vLLM: prompt tokens read from the prefix cache when the request was first scheduled
+    #: (None before then).
+    num_cached_tokens: Optional[int] = None
 
 
 def _lp_dict(token: int, lp: float, top) -> Dict[int, float]:
@@ -60,6 +63,7 @@ class _Request:
     prompt_token_ids: List[int]
     samples: List[_Sample]
     prompt_logprobs: Optional[List[Optional[Dict[int, float]]]] = None
+    num_cached_tokens: Optional[int] = None
 
     def output(self) -> RequestOutput:
         # Held-back samples show as empty until they start; copies, so a caller's output does not
@@ -69,7 +73,8 @@ class _Request:
                                  s.out.cumulative_logprob, s.out.num_draft_tokens, s.out.num_accepted_tokens)
                 for s in self.samples]
         return RequestOutput(self.request_id, self.prompt, list(self.prompt_token_ids), outs,
-                             all(s.out.finish_reason is not None for s in self.samples), self.prompt_logprobs)
+                             all(s.out.finish_reason is not None for s in self.samples), self.prompt_logprobs,
+                             self.num_cached_tokens)
 
 
 class OutputProcessor:
@@ -144,8 +149,11 @@ class OutputProcessor:
                 for token, lp, top in o.new_logprobs:
                     out.logprobs.append(_lp_dict(token, lp, top))
                     out.cumulative_logprob += lp
-            if o.prompt_logprobs and out.index == 0:
-                req.prompt_logprobs = [None] + [_lp_dict(t, lp, top) for t, lp, top in o.prompt_logprobs]
+            if out.index == 0:  # the request's prompt is the first sample's
+                if o.prompt_logprobs:
+                    req.prompt_logprobs = [None] + [_lp_dict(t, lp, top) for t, lp, top in o.prompt_logprobs]
+                if o.num_cached_tokens is not None:
+                    req.num_cached_tokens = o.num_cached_tokens
             if o.finish_reason is not None:
                 out.finish_reason = o.finish_reason
                 out.stop_reason = o.error if o.finish_reason == "error" else o.stop_reason

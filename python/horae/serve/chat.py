@@ -55,7 +55,8 @@ def router(state: ServerState) -> APIRouter:
             choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
                         "logprobs": chat_logprobs(state, c, 0, top), "finish_reason": c.finish_reason,
                         "stop_reason": c.stop_reason} for c in out.outputs]
-            return {**base, "choices": choices, "usage": usage(len(ids), sum(len(c.token_ids) for c in out.outputs))}
+            return {**base, "choices": choices, "usage": usage(len(ids), sum(len(c.token_ids) for c in out.outputs),
+                                                                 out.num_cached_tokens)}
 
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         continuous = bool(req.stream_options and req.stream_options.continuous_usage_stats)
@@ -71,14 +72,16 @@ def router(state: ServerState) -> APIRouter:
             while cur is not None:
                 for c, chars, toks, fin in new_parts(cur, sent):
                     delta = {"content": c.text[chars:]} if len(c.text) > chars or not fin else {}
-                    tail = {"usage": usage(len(ids), sum(len(x.token_ids) for x in cur.outputs))} if continuous else extra
+                    tail = ({"usage": usage(len(ids), sum(len(x.token_ids) for x in cur.outputs), cur.num_cached_tokens)}
+                            if continuous else extra)
                     yield {**chunk, "choices": [{"index": c.index, "delta": delta, "logprobs": chat_logprobs(state, c, toks, top),
                                                  "finish_reason": c.finish_reason if fin else None}], **tail}
                 if cur.finished:
                     break
                 cur = await stream.__anext__()
             if include_usage and cur is not None:
-                yield {**chunk, "choices": [], "usage": usage(len(ids), sum(len(c.token_ids) for c in cur.outputs))}
+                yield {**chunk, "choices": [], "usage": usage(len(ids), sum(len(c.token_ids) for c in cur.outputs),
+                                                                      cur.num_cached_tokens)}
 
         return sse_response(chunks(), streams)
 

@@ -101,9 +101,10 @@ def router(state: ServerState) -> APIRouter:
                 "model": state.config.model_name}
         prompt_tokens = sum(map(len, ids_list))
         if not req.stream:
-            choices, completion_tokens = [], 0
+            choices, completion_tokens, cached = [], 0, 0
             for i, (s, out) in enumerate(zip(streams, firsts)):
                 out = await state.final_output(s, out, raw)
+                cached += out.num_cached_tokens or 0
                 for c in out.outputs:
                     text, lps = echo.prefix(i, out)
                     if not prompt_only:
@@ -112,7 +113,7 @@ def router(state: ServerState) -> APIRouter:
                         lps = joined(lps, completion_logprobs(state, c, 0, echo.offset(i)))
                     choices.append({"index": i * n + c.index, "text": text, "logprobs": lps,
                                     "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
-            return {**base, "choices": choices, "usage": usage(prompt_tokens, completion_tokens)}
+            return {**base, "choices": choices, "usage": usage(prompt_tokens, completion_tokens, cached)}
 
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         # vLLM's continuous_usage_stats: every chunk carries the token counts so far (what a
@@ -120,7 +121,7 @@ def router(state: ServerState) -> APIRouter:
         continuous = bool(req.stream_options and req.stream_options.continuous_usage_stats)
 
         async def chunks():
-            totals = [0] * len(streams)
+            totals, cached = [0] * len(streams), [0] * len(streams)
             for i, (s, out) in enumerate(zip(streams, firsts)):
                 sent: dict = {}
                 while out is not None:
@@ -136,15 +137,16 @@ def router(state: ServerState) -> APIRouter:
                                   "finish_reason": c.finish_reason if fin else None,
                                   "stop_reason": c.stop_reason if fin else None}
                         so_far = 0 if prompt_only else sum(len(x.token_ids) for x in out.outputs)
-                        tail = ({"usage": usage(len(ids_list[i]), so_far)} if continuous
+                        tail = ({"usage": usage(len(ids_list[i]), so_far, out.num_cached_tokens)} if continuous
                                 else {"usage": None} if include_usage else {})
                         yield {**base, "choices": [choice], **tail}
                     totals[i] = 0 if prompt_only else sum(len(c.token_ids) for c in out.outputs)
+                    cached[i] = out.num_cached_tokens or 0
                     if out.finished:
                         break
                     out = await s.__anext__()
             if include_usage:
-                yield {**base, "choices": [], "usage": usage(prompt_tokens, sum(totals))}
+                yield {**base, "choices": [], "usage": usage(prompt_tokens, sum(totals), sum(cached))}
 
         return sse_response(chunks(), streams)
 

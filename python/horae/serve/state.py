@@ -27,9 +27,14 @@ class ServerConfig:
     max_body_bytes: int = 4 << 20
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: Optional[int] = None) -> dict:
+    """OpenAI's usage; `prompt_tokens_details.cached_tokens` (the prompt tokens the prefix cache
+    served) once the engine has said how many."""
+    u = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+         "total_tokens": prompt_tokens + completion_tokens}
+    if cached_tokens is not None:
+        u["prompt_tokens_details"] = {"cached_tokens": cached_tokens}
+    return u
 
 
 def new_parts(out: RequestOutput, sent: dict):

@@ -448,6 +448,8 @@ pub struct Request {
     pub recomputed_tokens: u64,
     /// Prompt tokens served from the prefix cache, summed over admissions.
     pub cached_tokens: u64,
+    /// Those of its first admission (vLLM's `num_cached_tokens`, which callers are told).
+    pub first_cached_tokens: u64,
     /// Per output token, when the request asked for logprobs.
     pub logprobs: Vec<TokenLogprobs>,
     /// Per prompt token after the first, when the request asked for prompt logprobs.
@@ -485,6 +487,7 @@ impl Request {
             preemptions: 0,
             recomputed_tokens: 0,
             cached_tokens: 0,
+            first_cached_tokens: 0,
             forecast: [0; MAX_SCENARIOS],
             logprobs: Vec::new(),
             prompt_logprobs: Vec::new(),

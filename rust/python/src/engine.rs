@@ -29,8 +29,11 @@ pub struct PyStepOutput {
     new_text: String,
     /// Per new token, when the request asked for logprobs: `(token, logprob, [(top, logprob)])`.
     new_logprobs: Vec<Lp>,
-    /// Prompt logprobs from position 1, with the output that finishes the request.
+    /// Prompt logprobs from position 1, with the request's first output (or its last, where
+    /// only finished outputs are sent).
     prompt_logprobs: Vec<Lp>,
+    /// Prompt tokens read from the prefix cache at the first admission, with the same output.
+    num_cached_tokens: Option<u64>,
     /// "stop", "length", "abort", "error" or None while running.
     finish_reason: Option<&'static str>,
     /// The stop string (str) or stop token id (int) that ended it; None for end-of-sequence.
@@ -53,6 +56,7 @@ impl PyStepOutput {
             request_id: o.id,
             new_logprobs: lps(&o.new_logprobs),
             prompt_logprobs: lps(&o.prompt_logprobs),
+            num_cached_tokens: o.num_cached_tokens,
             new_token_ids: o.new_token_ids,
             new_text: o.new_text,
             finish_reason: o.finish_reason.map(|f| f.as_str()),

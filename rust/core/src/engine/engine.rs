@@ -125,6 +125,9 @@ pub struct RequestOutput {
     /// Prompt logprobs (position 1 onwards), once: with the request's first tokens where every
     /// step's output is emitted, else with the output that finishes it.
     pub prompt_logprobs: Vec<TokenLogprobs>,
+    /// Prompt tokens its first admission read from the prefix cache (vLLM's
+    /// `num_cached_tokens`), sent once, with the prompt logprobs.
+    pub num_cached_tokens: Option<u64>,
     pub finish_reason: Option<FinishReason>,
     pub stop_reason: Option<StopReason>,
     /// Why the request failed (`FinishReason::Error`).
@@ -446,12 +449,14 @@ impl Engine {
             out.new_text = text[r.text_sent..upto].to_string();
             r.text_sent = upto;
         }
-        // Prompt logprobs go out once: with the first tokens where every step is emitted, so a
-        // stream has them before the completion (as vLLM's first output), else with the end.
+        // Prompt logprobs and the cached count go out once: with the first tokens where every
+        // step is emitted, so a stream has them before the completion (as vLLM's first output),
+        // else with the end.
         let streamed = self.every_output || self.tokenizer.is_some();
         let first_or_end = if streamed { from == 0 } else { end.is_some() };
         if first_or_end {
             out.prompt_logprobs = r.prompt_logprobs.clone();
+            out.num_cached_tokens = Some(r.first_cached_tokens);
         }
         if let Some((reason, stop_reason)) = end {
             r.stop_reason = stop_reason.clone();

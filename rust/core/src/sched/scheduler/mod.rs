@@ -529,7 +529,10 @@ impl Scheduler {
             r.num_computed = got;
             r.cached_tokens += got as u64;
             r.state = RequestState::Running;
-            r.times.first_scheduled.get_or_insert(now);
+            if r.times.first_scheduled.is_none() {
+                r.first_cached_tokens = got as u64;
+                r.times.first_scheduled = Some(now);
+            }
             placed.push(Placed { id, start: got, num_tokens: n, samples: got + n == total, num_draft: 0 });
             self.count_long_prefill(total - got, total);
             self.running.push(id);
