@@ -331,6 +331,16 @@ def test_values_of_the_wrong_type_name_their_field(llm):
     for bias, what in [({49152: 1.0}, "outside the vocabulary"), ({5: -101}, r"\[-100, 100\]")]:
         with pytest.raises(ValueError, match=what):
             llm.generate("hi", SamplingParams(logit_bias=bias), use_tqdm=False)
+    # vLLM's allowed_token_ids: only those are drawn, greedy or sampled, and bad ones are named.
+    allowed = [11, 28, 30]
+    for temperature in (0, 1.5):
+        out = llm.generate("hi", SamplingParams(temperature=temperature, max_tokens=12, allowed_token_ids=allowed,
+                                                ignore_eos=True, seed=1), use_tqdm=False)[0].outputs[0]
+        assert len(out.token_ids) == 12 and set(out.token_ids) <= set(allowed), out.token_ids
+    for ids, err, what in [([], ValueError, "must not be empty"), ([5, 49152], ValueError, "outside the vocabulary"),
+                           (["5"], TypeError, "allowed_token_ids must be a list of integers")]:
+        with pytest.raises(err, match=what):
+            llm.generate("hi", SamplingParams(allowed_token_ids=ids), use_tqdm=False)
     assert not llm.engine.has_unfinished_requests()
     # numpy's integers are integers, as the engine's counts take them (a value read from an
     # array of settings); they were refused as "must be a 64-bit integer".

@@ -139,6 +139,14 @@ def test_logit_bias_bans_and_forces_tokens(server, client):
         assert err["param"].split(".")[0] == "logit_bias" and what in err["message"], (bias, err)
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model="smollm2", messages=CAPITAL, max_tokens=2, logit_bias={"-1": 1})
+    # vLLM's allowed_token_ids (extra_body), beside a bias within them.
+    only = client.completions.create(model="smollm2", prompt="hi", max_tokens=4, temperature=1.0, seed=2,
+                                     extra_body={"allowed_token_ids": [42, 43], "ignore_eos": True},
+                                     logit_bias={"43": -100})
+    assert only.choices[0].text == "::::"
+    err = _error(httpx.post(server.url + "/v1/completions", headers=h,
+                            json={"model": "smollm2", "prompt": "hi", "allowed_token_ids": []}), 400)
+    assert err["param"] == "allowed_token_ids", err
     _assert_idle(server)
 
 

@@ -50,6 +50,8 @@ class SamplingParams:
     #: token's logit before sampling (-100 all but bans a token, 100 all but forces it). Logprobs
     #: are reported from the logits before it, as vLLM's are.
     logit_bias: Optional[Dict[int, float]] = None
+    #: vLLM's allowed_token_ids: only these tokens can be drawn (None: any).
+    allowed_token_ids: Optional[List[int]] = None
 
     def __post_init__(self):
         if not is_int(self.n) or self.n < 1:

@@ -2,9 +2,9 @@
 (no "10" for 10, "yes" for true, or true for a token id) and integers fit 64 bits, as OpenAI and
 vLLM refuse the rest; every value rule is the engine's (horae_core::request::RequestParams). Unknown
 fields are rejected, as OpenAI does; vLLM's extra sampling fields (top_k, min_p,
-repetition_penalty, ignore_eos, min_tokens, stop_token_ids, include_stop_str_in_output,
-skip_special_tokens, priority) are accepted, as vLLM's clients send them through `extra_body`,
-and so is horae's `slo`."""
+repetition_penalty, ignore_eos, min_tokens, stop_token_ids, allowed_token_ids,
+include_stop_str_in_output, skip_special_tokens, priority) are accepted, as vLLM's clients send
+them through `extra_body`, and so is horae's `slo`."""
 
 from __future__ import annotations
 
@@ -50,6 +50,7 @@ class _Sampling(_Strict):
     ignore_eos: bool = False
     min_tokens: Int = 0
     stop_token_ids: Optional[List[Int]] = None
+    allowed_token_ids: Optional[List[Int]] = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     priority: Int = 0

@@ -263,6 +263,8 @@ pub struct RequestParams {
     pub include_stop_str_in_output: bool,
     /// OpenAI's `logit_bias`: (token id, bias in [-100, 100]) added to that token's logit.
     pub logit_bias: Vec<(i64, f64)>,
+    /// vLLM's `allowed_token_ids`: only these can be drawn (`None`: any).
+    pub allowed_token_ids: Option<Vec<i64>>,
     pub slo: Slo,
     pub priority: i64,
     /// Seconds the request had already waited when it reached this engine (vLLM's
@@ -302,6 +304,24 @@ fn checked_logit_bias(bias: &[(i64, f64)], vocab: i64) -> Result<Vec<(u32, f32)>
     Ok(out)
 }
 
+/// vLLM's `allowed_token_ids`: not empty (nothing could be drawn), each in the vocabulary;
+/// sorted, repeats dropped.
+fn checked_allowed(ids: &[i64], vocab: i64) -> Result<Vec<u32>> {
+    if ids.is_empty() {
+        return Err(invalid_at("allowed_token_ids", "allowed_token_ids must not be empty".into()));
+    }
+    if let Some(bad) = ids.iter().find(|&&t| !(0..vocab).contains(&t)) {
+        return Err(invalid_at(
+            "allowed_token_ids",
+            format!("allowed_token_ids: {bad} is outside the vocabulary (0..{vocab})"),
+        ));
+    }
+    let mut out: Vec<u32> = ids.iter().map(|&t| t as u32).collect();
+    out.sort_unstable();
+    out.dedup();
+    Ok(out)
+}
+
 impl RequestParams {
     /// Check everything and build the engine's request. The message of every refusal names
     /// the field and the bound.
@@ -321,6 +341,7 @@ impl RequestParams {
             ));
         }
         let logit_bias = checked_logit_bias(&self.logit_bias, vocab)?;
+        let allowed_token_ids = self.allowed_token_ids.as_deref().map(|a| checked_allowed(a, vocab)).transpose()?;
         if self.stop.iter().any(|s| s.is_empty()) {
             return Err(invalid_at("stop", "stop strings must not be empty".into()));
         }
@@ -357,6 +378,7 @@ impl RequestParams {
         }
         let mut sampling = self.sampling;
         sampling.logit_bias = logit_bias;
+        sampling.allowed_token_ids = allowed_token_ids;
         sampling.top_k = match self.top_k {
             -1 | 0 => 0,
             k if k > 0 => usize::try_from(k).unwrap_or(usize::MAX),
@@ -608,6 +630,13 @@ mod tests {
             assert!(matches!(e, HoraeError::BadRequest { param: Some("logit_bias"), .. }), "{e}");
             assert!(e.to_string().contains(what), "{e}");
         }
+        for (ids, what) in [(vec![], "must not be empty"), (vec![3, 100], "100 is outside the vocabulary")] {
+            let e = p_err(RequestParams { allowed_token_ids: Some(ids), ..params(4, Some(4)) });
+            assert!(matches!(e, HoraeError::BadRequest { param: Some("allowed_token_ids"), .. }), "{e}");
+            assert!(e.to_string().contains(what), "{e}");
+        }
+        let spec = RequestParams { allowed_token_ids: Some(vec![9, 2, 9]), ..params(4, Some(4)) }.into_spec(&LIMITS);
+        assert_eq!(spec.unwrap().sampling.allowed_token_ids, Some(vec![2, 9]));
     }
 
     fn p_err(p: RequestParams) -> HoraeError {

@@ -268,7 +268,8 @@ impl PyEngine {
                         min_p = 0.0, repetition_penalty = 1.0, presence_penalty = 0.0, frequency_penalty = 0.0,
                         seed = None, ignore_eos = false, logprobs = None, min_tokens = 0, prompt_logprobs = None,
                         stop = Vec::new(), stop_token_ids = Vec::new(), include_stop_str_in_output = false,
-                        skip_special_tokens = true, logit_bias = None, slo = None, priority = 0, waited = 0.0))]
+                        skip_special_tokens = true, logit_bias = None, allowed_token_ids = None, slo = None, priority = 0,
+                        waited = 0.0))]
     #[allow(clippy::too_many_arguments)]
     fn add_request(
         &self,
@@ -291,6 +292,7 @@ impl PyEngine {
         include_stop_str_in_output: bool,
         skip_special_tokens: bool,
         logit_bias: Option<HashMap<i64, f64>>,
+        allowed_token_ids: Option<Vec<i64>>,
         slo: Option<HashMap<String, f64>>,
         priority: i64,
         waited: f64,
@@ -320,6 +322,7 @@ impl PyEngine {
             stop_token_ids,
             include_stop_str_in_output,
             logit_bias: logit_bias.map(|b| b.into_iter().collect()).unwrap_or_default(),
+            allowed_token_ids,
             slo: slo_arg(slo)?,
             priority,
             waited,

@@ -57,6 +57,9 @@ pub struct SamplingParams {
     /// OpenAI's `logit_bias`: added to these tokens' logits before anything else reads them
     /// (sorted by token, each once; the request's checks put them in the vocabulary).
     pub logit_bias: Vec<(u32, f32)>,
+    /// vLLM's `allowed_token_ids`: only these tokens can be drawn (sorted, each once; `None`:
+    /// any).
+    pub allowed_token_ids: Option<Vec<u32>>,
     /// vLLM's `skip_special_tokens`: the output's text leaves out special tokens' text (true by
     /// default). Here, beside sampling, because vLLM's `SamplingParams` carries it.
     pub skip_special_tokens: bool,
@@ -78,6 +81,7 @@ impl Default for SamplingParams {
             min_tokens: 0,
             prompt_logprobs: None,
             logit_bias: Vec::new(),
+            allowed_token_ids: None,
             skip_special_tokens: true,
         }
     }
@@ -144,15 +148,26 @@ impl SamplingParams {
 
     /// Whether `adjust_logits` changes anything: the raw logits are not what is sampled.
     pub fn adjusts_logits(&self) -> bool {
-        self.has_penalties() || !self.logit_bias.is_empty()
+        self.has_penalties() || !self.logit_bias.is_empty() || self.allowed_token_ids.is_some()
     }
 }
 
-/// What a request asks of its logits before they are sampled, in place: the logit bias, then
-/// repetition, presence and frequency penalties (vLLM's order: its logit-bias processor runs
-/// before the penalties). Logprobs are reported from the logits before this, as vLLM's raw
-/// logprobs are.
+/// What a request asks of its logits before they are sampled, in place: every token but the
+/// allowed ones masked out, the logit bias, then repetition, presence and frequency penalties
+/// (vLLM's order: its allowed-tokens mask and logit-bias processor run before the penalties).
+/// Logprobs are reported from the logits before this, as vLLM's raw logprobs are.
 pub fn adjust_logits(logits: &mut [f32], p: &SamplingParams, prompt: &[u32], output: &[u32]) {
+    if let Some(allowed) = &p.allowed_token_ids {
+        // Sorted: one walk through the row.
+        let mut next = allowed.iter().peekable();
+        for (t, l) in logits.iter_mut().enumerate() {
+            if next.peek().is_some_and(|&&a| a as usize == t) {
+                next.next();
+            } else {
+                *l = f32::NEG_INFINITY;
+            }
+        }
+    }
     for &(t, b) in &p.logit_bias {
         if let Some(l) = logits.get_mut(t as usize) {
             *l += b;
@@ -523,5 +538,16 @@ mod tests {
             SamplingParams { repetition_penalty: 2.0, logit_bias: vec![(0, -3.0), (2, 100.0)], ..Default::default() };
         adjust_logits(&mut l, &p, &[0], &[]);
         assert_eq!(l, vec![-2.0, -2.0, 101.0]);
+    }
+
+    #[test]
+    fn only_allowed_tokens_keep_their_logits() {
+        let mut l = vec![2.0, -2.0, 1.0, 0.5, 3.0];
+        let p =
+            SamplingParams { allowed_token_ids: Some(vec![1, 3]), logit_bias: vec![(3, 1.0)], ..Default::default() };
+        adjust_logits(&mut l, &p, &[], &[]);
+        let inf = f32::NEG_INFINITY;
+        assert_eq!(l, vec![inf, -2.0, inf, 1.5, inf]);
+        assert_eq!(sample(&l, &SamplingParams::greedy(), &mut request_rng(1, None, None)), 3);
     }
 }
