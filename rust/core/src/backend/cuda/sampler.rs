@@ -81,3 +81,25 @@ pub fn sample(gpu: &Gpu, logits: Ptr, vocab: usize, draws: &mut [Draw<'_>]) -> R
     }
     Ok(tokens)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rows_whose_logits_are_adjusted_are_sampled_on_the_host() {
+        let plain = SamplingParams::default();
+        assert!(can_sample_on_gpu(&plain, 1, 0));
+        assert!(!can_sample_on_gpu(&plain, 2, 0), "drafts to verify");
+        for p in [
+            SamplingParams { logit_bias: vec![(5, 1.0)], ..Default::default() },
+            SamplingParams { allowed_token_ids: Some(vec![5]), ..Default::default() },
+            SamplingParams { presence_penalty: 0.5, ..Default::default() },
+            SamplingParams { logprobs: Some(1), ..Default::default() },
+        ] {
+            assert!(!can_sample_on_gpu(&p, 1, 0), "{p:?}");
+        }
+        let early = SamplingParams { min_tokens: 3, ..Default::default() };
+        assert!(!can_sample_on_gpu(&early, 1, 2) && can_sample_on_gpu(&early, 1, 3));
+    }
+}
