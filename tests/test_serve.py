@@ -566,7 +566,7 @@ def test_a_request_the_model_fails_on_gets_an_error_and_the_server_goes_on(serve
                 failed = SimpleNamespace(request_id=outputs[0].request_id, new_token_ids=[], new_text="",
                                          new_logprobs=[], prompt_logprobs=[], finish_reason="error", stop_reason=None,
                                          error="cuda: an illegal memory access was encountered",
-                                         num_draft_tokens=None, num_accepted_tokens=None)
+                                         num_draft_tokens=None, num_accepted_tokens=None, num_cached_tokens=None)
                 outputs = [failed] + list(outputs[1:])
                 target["armed"] = False
             else:
