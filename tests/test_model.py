@@ -542,6 +542,13 @@ def test_num_cached_tokens_counts_the_prompt_read_from_the_prefix_cache(llm):
     first, again = (llm.generate(prompt, p, use_tqdm=False)[0] for _ in range(2))
     assert (first.num_cached_tokens, again.num_cached_tokens) == (0, 48)
     assert llm.generate(prompt, SamplingParams(temperature=0, max_tokens=3, n=3), use_tqdm=False)[0].num_cached_tokens == 48
+    # vLLM's enable_prefix_caching=False: every prompt computed whole, the same tokens.
+    off = LLM(kv_cache_tokens=1024, enable_prefix_caching=False)
+    outs = [off.generate(prompt, p, use_tqdm=False)[0] for _ in range(2)]
+    assert [o.num_cached_tokens for o in outs] == [0, 0] and off.engine.stats()["prefix_hit_blocks"] == 0
+    assert outs[1].outputs[0].token_ids == again.outputs[0].token_ids
+    with pytest.raises(TypeError, match="enable_prefix_caching must be True or False"):
+        LLM(kv_cache_tokens=64, enable_prefix_caching="no")
 
 
 def test_prompt_logprobs_match_the_teacher_forced_logits(llm):

@@ -445,6 +445,15 @@ def test_serve_refuses_a_port_out_of_range(capsys):
             main(["--port", bad])
         assert exit_.value.code == 2
         assert "argument --port" in capsys.readouterr().err
+    # vLLM's --no-enable-prefix-caching reaches the engine (each replica's too: the same arguments).
+    import argparse
+
+    from horae.serve import add_arguments, engine_args
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    assert engine_args(p.parse_args([]))["enable_prefix_caching"] is True
+    assert engine_args(p.parse_args(["--no-enable-prefix-caching"]))["enable_prefix_caching"] is False
 
 
 def test_serve_fails_at_once_on_a_port_in_use_or_a_host_that_does_not_resolve(capsys):

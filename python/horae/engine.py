@@ -78,7 +78,8 @@ class Engine:
                  history_file: Optional[Union[str, Path]] = None, history_prior: Prior = None,
                  history_prior_weight: Optional[int] = None,
                  long_prefill_token_threshold: Optional[int] = None, queue: str = "fcfs",
-                 slo: Optional[Dict[str, float]] = None, max_long_partial_prefills: int = 1):
+                 slo: Optional[Dict[str, float]] = None, max_long_partial_prefills: int = 1,
+                 enable_prefix_caching: bool = True):
         # device: "auto" (the first GPU if one works, else the CPU; `cpu_fallback_reason` says
         # why), "cpu", "cuda" or "cuda:N". A GPU needs an NVIDIA driver for CUDA 12+, Ampere or
         # newer, and NVRTC + cuBLAS (`pip install horae[cuda]` brings them).
@@ -133,6 +134,9 @@ class Engine:
         # and preemption takes the request whose loss costs the least goodput. Both serve lower
         # `priority` first. slo: the bounds a request's own `SamplingParams.slo` leaves out,
         # e.g. {"ttft": 2.0, "max_itl": 0.5}.
+        # enable_prefix_caching: vLLM's option, on by default: a prompt's full blocks that an
+        # earlier request computed are reused. Off, every prompt is computed whole (a baseline
+        # for what the cache saves; n > 1 samples then compute the prompt each).
 
         unsigned_ints({"kv_cache_tokens": kv_cache_tokens, "block_size": block_size, "max_num_seqs": max_num_seqs,
                        "max_num_batched_tokens": max_num_batched_tokens, "seed": seed,
@@ -140,6 +144,8 @@ class Engine:
                        "max_model_len": max_model_len},
                       optional={"kv_cache_tokens", "seed", "max_output_bound", "max_model_len"})
         names({"dtype": dtype, "kv_cache_dtype": kv_cache_dtype, "device": device})
+        if not isinstance(enable_prefix_caching, bool):
+            raise TypeError(f"enable_prefix_caching must be True or False, got {enable_prefix_caching!r}")
         self.model_dir = resolve_model(model)
         prior = resolve_prior(history_prior)
         history_prior_weight = optional_positive_int(history_prior_weight, "history_prior_weight")
@@ -161,7 +167,8 @@ class Engine:
                                   history_prior=prior, history_prior_weight=history_prior_weight,
                                   long_prefill_token_threshold=long_prefill_token_threshold,
                                   queue=str(queue), slo=slo_dict(slo),
-                                  max_long_partial_prefills=max_long_partial_prefills)
+                                  max_long_partial_prefills=max_long_partial_prefills,
+                                  enable_prefix_caching=enable_prefix_caching)
         status = self._core.history_status
         if status is not None:
             warm, message = status

@@ -111,6 +111,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="what the KV cache holds: auto is the model's (bfloat16 for a bfloat16 model, else float32 "
                         "on the CPU; a GPU's holds its weights' type); bfloat16 halves it for the others")
+    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                   help="reuse the full prompt blocks earlier requests computed (vLLM's option; on by default)")
     p.add_argument("--speculative", type=_json_dict, metavar="JSON",
                    help='speculative decoding, e.g. \'{"method": "ngram", "k_max": 4}\' (adaptive k by default)')
     p.add_argument("--host", default="127.0.0.1")
@@ -166,6 +168,7 @@ def engine_args(args: argparse.Namespace) -> dict:
                 history_prior_weight=args.history_prior_weight,
                 long_prefill_token_threshold=args.long_prefill_token_threshold, queue=args.queue,
                 max_long_partial_prefills=args.max_long_partial_prefills,
+                enable_prefix_caching=args.enable_prefix_caching,
                 slo={k: v for k, v in (("ttft", args.slo_ttft), ("max_itl", args.slo_max_itl)) if v is not None})
 
 

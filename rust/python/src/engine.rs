@@ -126,7 +126,7 @@ impl PyEngine {
                         device = "auto", gpu_memory_utilization = 0.9, max_model_len = None, queue_timeout = None,
                         max_itl_abort = None, history_file = None, history_prior = None,
                         history_prior_weight = None, long_prefill_token_threshold = None, queue = "fcfs",
-                        slo = None, max_long_partial_prefills = 1))]
+                        slo = None, max_long_partial_prefills = 1, enable_prefix_caching = true))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -154,6 +154,7 @@ impl PyEngine {
         queue: &str,
         slo: Option<HashMap<String, f64>>,
         max_long_partial_prefills: usize,
+        enable_prefix_caching: bool,
     ) -> PyResult<Self> {
         let speculative = match speculative.map(|d| crate::spec::parse(&d, false, seed.unwrap_or(0))).transpose()? {
             Some((cfg, crate::spec::Choice::Engine(method))) => Some(engine::SpecArgs { cfg, method }),
@@ -182,6 +183,7 @@ impl PyEngine {
             max_long_partial_prefills,
             queue: queue.parse().map_err(to_py)?,
             default_slo: slo_arg(slo)?,
+            prefix_caching: enable_prefix_caching,
             ..EngineArgs::new(model_dir)
         };
         let (handle, info) = py.detach(|| engine::build(args)).map_err(to_py)?;

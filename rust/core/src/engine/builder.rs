@@ -82,6 +82,9 @@ pub struct EngineArgs {
     /// Queue discipline and the SLO a request's own bounds are filled from (see `SchedulerConfig`).
     pub queue: QueueDiscipline,
     pub default_slo: Slo,
+    /// Prompt blocks reused across requests (vLLM's `enable_prefix_caching`, on by default);
+    /// off, every prompt is computed whole, as a baseline for what the cache saves.
+    pub prefix_caching: bool,
 }
 
 impl EngineArgs {
@@ -110,6 +113,7 @@ impl EngineArgs {
             rules: ServerRules::default(),
             queue: QueueDiscipline::Fcfs,
             default_slo: Slo::default(),
+            prefix_caching: true,
         }
     }
 }
@@ -277,6 +281,7 @@ pub fn build(args: EngineArgs) -> Result<(EngineHandle, EngineInfo)> {
         max_long_partial_prefills: args.max_long_partial_prefills,
         queue: args.queue,
         default_slo: args.default_slo,
+        prefix_caching: args.prefix_caching,
         history_window: args.history_window,
         // Past-Future primes its length history with this: by default the whole context.
         max_output_bound: args.max_output_bound.unwrap_or(config.max_position_embeddings),
