@@ -254,15 +254,23 @@ pub fn sample(logits: &[f32], p: &SamplingParams, rng: &mut SmallRng) -> u32 {
     let mut cand = weighted(logits, p);
     let total = mass(&cand);
     if p.min_p <= 0.0 && p.top_p >= 1.0 {
-        let head = HEAD.min(cand.len());
-        sort_head(&mut cand, head);
+        // The walk in the full sort's order, sorting only as far as it goes: the most likely
+        // HEAD, then runs eight times longer each. At temperature 1 a small model's rows are
+        // flat enough that the walk often passes the head, and sorting all the rest then (49,088
+        // candidates) took 12% of a 32-sequence decode step on the Zen 5.
         let mut u = rng.random::<f32>() * total;
-        if let Some(t) = walk_part(&cand[..head], &mut u) {
-            return t;
+        let (mut from, mut run) = (0, HEAD);
+        loop {
+            let end = (from + run).min(cand.len());
+            sort_head(&mut cand[from..], end - from);
+            if let Some(t) = walk_part(&cand[from..end], &mut u) {
+                return t;
+            }
+            if end == cand.len() {
+                return last_likely(&cand);
+            }
+            (from, run) = (end, run * 8);
         }
-        // Past the head (rare): sort the rest and walk on.
-        cand[head..].sort_unstable_by(most_likely_first);
-        return walk_part(&cand[head..], &mut u).unwrap_or_else(|| last_likely(&cand));
     }
     let mut head = HEAD;
     loop {
