@@ -172,9 +172,9 @@ impl ModelExecutor {
 
 /// Sample one sequence's next token(s) from its logit rows: the plain case is one row; with
 /// drafts, each row verifies the draft before it (rejection sampling, the target's logit
-/// adjustments and masks applied position by position) and the first rejection ends it. It reads only its own
-/// rows, its request's random stream and draft probabilities, so sequences can be sampled on
-/// different threads with the same results.
+/// adjustments and masks applied position by position) and the first rejection ends it. It
+/// reads only its own rows, its request's random stream and draft probabilities, so sequences
+/// can be sampled on different threads with the same results.
 fn sample_seq(
     job: &SampleJob,
     rows: &mut [f32],

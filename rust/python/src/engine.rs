@@ -270,8 +270,8 @@ impl PyEngine {
                         min_p = 0.0, repetition_penalty = 1.0, presence_penalty = 0.0, frequency_penalty = 0.0,
                         seed = None, ignore_eos = false, logprobs = None, min_tokens = 0, prompt_logprobs = None,
                         stop = Vec::new(), stop_token_ids = Vec::new(), include_stop_str_in_output = false,
-                        skip_special_tokens = true, logit_bias = None, allowed_token_ids = None, slo = None, priority = 0,
-                        waited = 0.0))]
+                        skip_special_tokens = true, logit_bias = None, allowed_token_ids = None, slo = None,
+                        priority = 0, waited = 0.0))]
     #[allow(clippy::too_many_arguments)]
     fn add_request(
         &self,
