@@ -17,6 +17,7 @@ RUST_LAYERS = [
     ["error"],
     ["names"],
     ["stepcost", "sample", "kv", "tokenizer"],
+    ["grammar"],
     ["request", "route"],
     ["plan"],
     ["sched", "backend"],

@@ -130,6 +130,11 @@ def test_the_openai_client_works_through_the_ingress(cluster):
     # A logit bias rides the replica's sampling: +100 on one token forces it.
     forced = client.completions.create(model=MODEL, prompt="hi", max_tokens=3, temperature=0, logit_bias={"42": 100})
     assert forced.choices[0].text == ":::"
+    # So does structured output: the grammar is compiled on the replica, a bad one is a 400 there.
+    yes_no = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Is Paris in France? Answer yes or no."}], max_tokens=5,
+        temperature=0, extra_body={"structured_outputs": {"choice": ["yes", "no"]}})
+    assert yes_no.choices[0].message.content in ("yes", "no") and yes_no.choices[0].finish_reason == "stop"
 
 
 def test_bad_input_gets_the_servers_400s_through_the_ingress(cluster):
@@ -142,6 +147,8 @@ def test_bad_input_gets_the_servers_400s_through_the_ingress(cluster):
     assert status == 400 and "outside the vocabulary" in body["error"]["message"], body
     status, body = _post(cluster, "/v1/completions", {"model": MODEL, "prompt": "hi", "logit_bias": {"49152": 1}})
     assert status == 400 and body["error"]["param"] == "logit_bias", body
+    status, body = _post(cluster, "/v1/completions", {"model": MODEL, "prompt": "hi", "structured_outputs": {"regex": "(a"}})
+    assert status == 400 and body["error"]["param"] == "structured_outputs", body
     status, body = _post(cluster, "/v1/completions", {"model": "nope", "prompt": "hi"})
     assert status == 404 and body["error"]["code"] == "model_not_found"
     status, body = _post(cluster, "/v1/chat/completions", {"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]})

@@ -2,13 +2,14 @@
 goldens written by HF transformers (scripts/make_goldens.py)."""
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 from conftest import GOLDEN, returned_tokens
 
-from horae import LLM, Engine, HoraeCoreError, SamplingParams, _core
+from horae import LLM, Engine, HoraeCoreError, SamplingParams, StructuredOutputsParams, _core
 
 GOLDEN_DIR = Path(__file__).parent / "golden"
 GREEDY = SamplingParams(temperature=0, max_tokens=GOLDEN["max_new_tokens"])
@@ -358,6 +359,45 @@ def test_values_of_the_wrong_type_name_their_field(llm):
     for bad in ([1.0, 2.0], np.array([1.0, 2.0]), [True, 5], np.array([ids]), "12"):
         with pytest.raises(TypeError, match="prompt_token_ids must be a list of integers"):
             llm.generate({"prompt_token_ids": bad}, GREEDY, use_tqdm=False)
+    assert not llm.engine.has_unfinished_requests()
+
+
+def test_structured_output_in_the_python_api(llm):
+    """vLLM's `StructuredOutputsParams`: each kind keeps the text in its language, with n > 1 and
+    when the pool is too small for the batch (preempted requests keep their grammar's place);
+    bad ones name `structured_outputs` and nothing is queued."""
+    so = StructuredOutputsParams
+    person = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 16},
+                                               "age": {"type": "integer", "minimum": 0, "maximum": 120}},
+              "required": ["name", "age"], "additionalProperties": False}
+    msgs = [{"role": "user", "content": "Describe a person as JSON."}]
+    outs = llm.chat(msgs, SamplingParams(temperature=0.9, seed=2, n=3, max_tokens=48, structured_outputs=so(json=person)),
+                    use_tqdm=False)[0].outputs
+    for o in outs:
+        v = json.loads(o.text)
+        assert o.finish_reason == "stop" and isinstance(v["name"], str) and 0 <= v["age"] <= 120, o.text
+    # A dict of its fields is taken too; the regex matches whole.
+    out = llm.generate("The year the Berlin Wall fell:", SamplingParams(temperature=0, max_tokens=10,
+                       structured_outputs={"regex": " [0-9]{4}"}), use_tqdm=False)[0].outputs[0]
+    assert re.fullmatch(" [0-9]{4}", out.text) and out.finish_reason == "stop", out.text
+    # A pool of 192 tokens for eight 40-token prompts writing up to 40 tokens each: requests are
+    # preempted and recomputed, and each still ends in its language.
+    small = LLM(kv_cache_tokens=192, max_num_seqs=8, scheduler="aggressive")
+    p = SamplingParams(temperature=1.0, seed=7, max_tokens=40, structured_outputs=so(regex="(ab|cd)+;"))
+    prompts = [" ".join(f"word{i}{j}" for j in range(14)) for i in range(8)]
+    got = small.generate(prompts, p, use_tqdm=False)
+    assert small.engine.stats()["preemptions"] > 0
+    for r in got:
+        o = r.outputs[0]
+        assert re.fullmatch("(ab|cd)+;", o.text) if o.finish_reason == "stop" else re.fullmatch("(ab|cd)*a?c?", o.text), o
+    for bad, err, what in [(dict(regex="(a"), ValueError, "cannot compile"), (dict(choice=[]), ValueError, "must not be empty"),
+                           (dict(json={"type": 5}), ValueError, "cannot compile"),
+                           (dict(regex="a", choice=["b"]), ValueError, "exactly one"),
+                           (dict(choice="yes"), TypeError, "a list of strings"), (dict(xml="<a/>"), TypeError, "its fields")]:
+        with pytest.raises(err, match=what):
+            llm.generate("hi", SamplingParams(structured_outputs=bad), use_tqdm=False)
+    with pytest.raises(TypeError, match="structured_outputs must be a StructuredOutputsParams"):
+        SamplingParams(structured_outputs="json")
     assert not llm.engine.has_unfinished_requests()
 
 

@@ -150,6 +150,53 @@ def test_logit_bias_bans_and_forces_tokens(server, client):
     _assert_idle(server)
 
 
+def test_structured_output_through_the_openai_client(server, client):
+    """OpenAI's `response_format` (a JSON schema, any JSON object) and vLLM's `structured_outputs`
+    (extra_body: choice, regex, grammar): every answer is in its language and ends where it does,
+    streamed or not, sampled or greedy."""
+    person = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 20},
+                                               "age": {"type": "integer", "minimum": 0, "maximum": 150}},
+              "required": ["name", "age"], "additionalProperties": False}
+    msgs = [{"role": "user", "content": "Give me a person named Alice aged 30 as JSON."}]
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": person, "strict": True}}
+    r = client.chat.completions.create(model="smollm2", messages=msgs, max_tokens=60, temperature=0,
+                                       response_format=fmt)
+    assert r.choices[0].finish_reason == "stop"
+    v = json.loads(r.choices[0].message.content)
+    assert set(v) == {"name", "age"} and isinstance(v["name"], str) and isinstance(v["age"], int), v
+    # Streamed, sampled, n=2: each choice's deltas join to JSON under the schema.
+    stream = client.chat.completions.create(model="smollm2", messages=msgs, max_tokens=60, temperature=1.0, seed=4,
+                                            n=2, response_format=fmt, stream=True)
+    texts = ["", ""]
+    for chunk in stream:
+        for c in chunk.choices:
+            texts[c.index] += c.delta.content or ""
+    for t in texts:
+        assert set(json.loads(t)) == {"name", "age"}, t
+    # Without the schema the same greedy answer is not JSON: the mask did it.
+    free = client.chat.completions.create(model="smollm2", messages=msgs, max_tokens=30, temperature=0)
+    with pytest.raises(ValueError):
+        json.loads(free.choices[0].message.content)
+    obj = client.chat.completions.create(model="smollm2", messages=CAPITAL, max_tokens=40, temperature=0,
+                                         response_format={"type": "json_object"})
+    if obj.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(obj.choices[0].message.content), dict)
+    else:
+        assert obj.choices[0].message.content.startswith("{")
+    yes_no = [{"role": "user", "content": "Is Paris the capital of France? Answer yes or no."}]
+    for temperature in (0, 1.0):
+        c = client.chat.completions.create(model="smollm2", messages=yes_no, max_tokens=10, temperature=temperature,
+                                           seed=1, n=3, extra_body={"structured_outputs": {"choice": ["yes", "no"]}})
+        assert all(x.message.content in ("yes", "no") and x.finish_reason == "stop" for x in c.choices), c
+    year = client.completions.create(model="smollm2", prompt="World War II ended in the year", max_tokens=8,
+                                     temperature=0, extra_body={"structured_outputs": {"regex": " [0-9]{4}"}})
+    assert re.fullmatch(r" [0-9]{4}", year.choices[0].text) and year.choices[0].finish_reason == "stop"
+    fruit = client.completions.create(model="smollm2", prompt="My favourite fruit:", max_tokens=8, temperature=1.0,
+                                      seed=5, n=4, extra_body={"structured_outputs": {"grammar": 'start: " apple" | " pear"'}})
+    assert {c.text for c in fruit.choices} <= {" apple", " pear"}
+    _assert_idle(server)
+
+
 def test_completions(server, client):
     r = client.completions.create(model="smollm2", prompt=["The capital of France is", "1, 2, 3,"], max_tokens=6,
                                   temperature=0, logprobs=2)
@@ -271,11 +318,18 @@ def test_errors_in_openai_shape(server, client):
     err = _error(post("/v1/chat/completions", {**chat, "logprobs": True, "top_logprobs": 25}), 400)
     assert (err["param"], err["message"]) == ("top_logprobs", "top_logprobs must be at most 20, got 25")
     assert "bogus" in _error(post("/v1/chat/completions", {**chat, "bogus": 1}), 400)["message"]
-    # Structured output is refused by name; plain text, which some clients always name, is taken.
-    for fmt in ({"type": "json_object"}, {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}):
+    # Structured output's errors name their field; plain text, which some clients always name, is taken.
+    for fmt in ({"type": "xml"}, "json", {"type": "json_schema"}, {"type": "json_object", "json_schema": {"name": "x"}}):
         err = _error(post("/v1/chat/completions", {**chat, "response_format": fmt}), 400)
-        assert err["param"] == "response_format" and "structured output" in err["message"], err
-    assert _error(post("/v1/chat/completions", {**chat, "response_format": "json"}), 400)["param"] == "response_format"
+        assert err["param"].split(".")[0] == "response_format", (fmt, err)
+    for so in ({"regex": "a", "choice": ["b"]}, {}, {"choice": "yes"}, {"json_object": True, "xml": "<a/>"}):
+        err = _error(post("/v1/chat/completions", {**chat, "structured_outputs": so}), 400)
+        assert err["param"].split(".")[0] == "structured_outputs", (so, err)
+    for so in ({"regex": "(a"}, {"grammar": "start: undefined_rule"}, {"json": {"type": 5}}, {"choice": []}):
+        err = _error(post("/v1/completions", {"model": "smollm2", "prompt": "hi", "structured_outputs": so}), 400)
+        assert err["param"] == "structured_outputs" and err["message"].startswith("structured_outputs"), err
+    both = {**chat, "structured_outputs": {"regex": "a"}, "response_format": {"type": "json_object"}}
+    assert _error(post("/v1/chat/completions", both), 400)
     text = post("/v1/chat/completions", {**chat, "max_tokens": 2, "response_format": {"type": "text"}})
     assert text.status_code == 200, text.text
     assert _error(post("/v1/completions", {"model": "smollm2", "prompt": ""}), 400)

@@ -4,6 +4,7 @@ inside a batch of accepted drafts; every bad configuration a clear error; the me
 exports; and the simulator's spec decoding (the distribution test is in
 rust/core/tests/speculative.rs)."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import GOLDEN, returned_tokens
 
-from horae import LLM, HoraeCoreError, SamplingParams
+from horae import LLM, HoraeCoreError, SamplingParams, StructuredOutputsParams
 from horae import sim as hs
 
 GREEDY = SamplingParams(temperature=0, max_tokens=GOLDEN["max_new_tokens"])
@@ -82,6 +83,20 @@ def test_a_logit_bias_holds_for_verified_drafts(ngram):
     plain = LLM(kv_cache_tokens=8192).chat(days, p, use_tqdm=False)[0].outputs[0]
     assert out.token_ids == plain.token_ids and common not in out.token_ids
     assert out.token_ids != unbiased and out.num_draft_tokens > 0
+
+
+def test_structured_output_drafts_nothing_and_keeps_its_grammar(ngram):
+    """A request under a grammar takes no drafts (each would need its own mask): with prompt
+    lookup its output is the one without, in its language; the others in the batch still draft."""
+    days = [{"role": "user", "content": DAYS}]
+    p = SamplingParams(temperature=0, max_tokens=64, structured_outputs=StructuredOutputsParams(regex="[A-Za-z ,.]+"))
+    plain_p = SamplingParams(temperature=0, max_tokens=64)
+    out, free = ngram.chat([days, days], [p, plain_p], use_tqdm=False)
+    alone = LLM(kv_cache_tokens=8192).chat(days, p, use_tqdm=False)[0].outputs[0]
+    o = out.outputs[0]
+    assert o.token_ids == alone.token_ids and o.num_draft_tokens == 0
+    assert re.fullmatch("[A-Za-z ,.]+", o.text), o.text
+    assert free.outputs[0].num_draft_tokens > 0
 
 
 @pytest.mark.parametrize("spec, message", [

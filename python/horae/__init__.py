@@ -9,7 +9,8 @@ from horae.async_llm import AsyncLLM
 from horae.engine import Engine
 from horae.llm import LLM
 from horae.outputs import CompletionOutput, RequestOutput
-from horae.sampling_params import SamplingParams
+from horae.sampling_params import SamplingParams, StructuredOutputsParams
 
 __version__ = "0.1.0"
-__all__ = ["LLM", "AsyncLLM", "Engine", "SamplingParams", "RequestOutput", "CompletionOutput", "HoraeCoreError", "__version__"]
+__all__ = ["LLM", "AsyncLLM", "Engine", "SamplingParams", "StructuredOutputsParams", "RequestOutput", "CompletionOutput",
+           "HoraeCoreError", "__version__"]

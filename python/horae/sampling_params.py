@@ -2,10 +2,53 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Dict, List, Optional, Union
+import json as _json
+from dataclasses import dataclass, fields
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 from horae.checks import is_int
+
+
+@dataclass
+class StructuredOutputsParams:
+    """What the output must match, as vLLM's `StructuredOutputsParams`: exactly one of a JSON
+    schema (`json`, a dict or its JSON text), any JSON object (`json_object=True`), a regular
+    expression (`regex`, matched whole), one of some strings (`choice`) or a Lark grammar
+    (`grammar`, llguidance's dialect). Each step draws only tokens that keep the text in that
+    language, and the output ends where the language does. JSON is written on one line with
+    `", "` and `": "` unless the schema's `"x-guidance"` key says otherwise. The core compiles
+    it when the request is added (a `ValueError` naming `structured_outputs` if it cannot)."""
+
+    json: Optional[Union[str, Dict[str, Any]]] = None
+    regex: Optional[str] = None
+    choice: Optional[List[str]] = None
+    grammar: Optional[str] = None
+    json_object: Optional[bool] = None
+
+    def __post_init__(self):
+        given = [f.name for f in fields(self) if getattr(self, f.name) not in (None, False)]
+        if len(given) != 1:
+            raise ValueError("structured_outputs: give exactly one of json, regex, choice, grammar, json_object"
+                             f" (got {', '.join(given) or 'none'})")
+        kind = given[0]
+        v = getattr(self, kind)
+        ok = {"json": isinstance(v, (str, dict)), "regex": isinstance(v, str), "grammar": isinstance(v, str),
+              "choice": isinstance(v, (list, tuple)) and all(isinstance(c, str) for c in v),
+              "json_object": v is True}[kind]
+        if not ok:
+            want = {"json": "a JSON schema (dict or str)", "choice": "a list of strings",
+                    "json_object": "True"}.get(kind, "a string")
+            raise TypeError(f"structured_outputs: {kind} must be {want}, got {v!r}")
+
+    def core_arg(self) -> Tuple[str, str]:
+        """(kind, text) as the core parses it."""
+        if self.json is not None:
+            return "json", self.json if isinstance(self.json, str) else _json.dumps(self.json)
+        if self.choice is not None:
+            return "choice", _json.dumps(list(self.choice))
+        if self.json_object:
+            return "json_object", ""
+        return ("regex", self.regex) if self.regex is not None else ("grammar", self.grammar)
 
 
 @dataclass
@@ -52,6 +95,9 @@ class SamplingParams:
     logit_bias: Optional[Dict[int, float]] = None
     #: vLLM's allowed_token_ids: only these tokens can be drawn (None: any).
     allowed_token_ids: Optional[List[int]] = None
+    #: vLLM's structured output: what the text must match (a `StructuredOutputsParams`, or a
+    #: dict of its fields).
+    structured_outputs: Optional[StructuredOutputsParams] = None
 
     def __post_init__(self):
         if not is_int(self.n) or self.n < 1:
@@ -65,3 +111,12 @@ class SamplingParams:
         if not isinstance(ids, (list, tuple, type(None))) or not all(is_int(t) for t in ids or []):
             raise TypeError(f"stop_token_ids must be a list of integers, got {ids!r}")
         self.stop_token_ids = list(ids or [])
+        if isinstance(self.structured_outputs, dict):
+            try:
+                self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
+            except TypeError as e:
+                if "unexpected keyword" not in str(e):
+                    raise
+                raise TypeError(f"structured_outputs: {e}; its fields are json, regex, choice, grammar, json_object") from None
+        if not isinstance(self.structured_outputs, (StructuredOutputsParams, type(None))):
+            raise TypeError(f"structured_outputs must be a StructuredOutputsParams, got {self.structured_outputs!r}")

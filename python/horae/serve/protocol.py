@@ -3,12 +3,12 @@
 vLLM refuse the rest; every value rule is the engine's (horae_core::request::RequestParams). Unknown
 fields are rejected, as OpenAI does; vLLM's extra sampling fields (top_k, min_p,
 repetition_penalty, ignore_eos, min_tokens, stop_token_ids, allowed_token_ids,
-include_stop_str_in_output, skip_special_tokens, priority) are accepted, as vLLM's clients send
-them through `extra_body`, and so is horae's `slo`."""
+include_stop_str_in_output, skip_special_tokens, priority, structured_outputs) are accepted, as
+vLLM's clients send them through `extra_body`, and so is horae's `slo`."""
 
 from __future__ import annotations
 
-from typing import Annotated, Dict, List, Literal, Optional, Union
+from typing import Annotated, Any, Dict, List, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -25,6 +25,50 @@ class _Strict(BaseModel):
 class StreamOptions(_Strict):
     include_usage: bool = False
     continuous_usage_stats: bool = False
+
+
+class StructuredOutputs(_Strict):
+    """vLLM's `structured_outputs` (its `StructuredOutputsParams`): exactly one of these."""
+
+    # "json" itself would shadow pydantic's deprecated `BaseModel.json`.
+    json_: Optional[Union[Dict[str, Any], str]] = Field(None, alias="json")
+    regex: Optional[str] = None
+    choice: Optional[List[str]] = None
+    grammar: Optional[str] = None
+    json_object: Optional[bool] = None
+
+    @model_validator(mode="after")
+    def _one(self):
+        given = [k for k, v in self.model_dump(by_alias=True).items() if v not in (None, False)]
+        if len(given) != 1:
+            raise ValueError("give exactly one of json, regex, choice, grammar, json_object"
+                             f" (got {', '.join(given) or 'none'})")
+        return self
+
+
+class JsonSchema(BaseModel):
+    """OpenAI's `response_format.json_schema`: the schema, under a name."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    name: str
+    schema_: Optional[Dict[str, Any]] = Field(None, alias="schema")
+    description: Optional[str] = None
+    strict: Optional[bool] = None
+
+
+class ResponseFormat(_Strict):
+    """OpenAI's `response_format`: plain text (what a completion is anyway; some clients always
+    send it), any JSON object (`json_object`) or JSON under a schema (`json_schema`); the last two
+    are structured output, as vLLM serves them."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: Optional[JsonSchema] = None
+
+    @model_validator(mode="after")
+    def _schema(self):
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("json_schema is given with, and only with, type 'json_schema'")
+        return self
 
 
 class _Sampling(_Strict):
@@ -54,12 +98,31 @@ class _Sampling(_Strict):
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     priority: Int = 0
+    structured_outputs: Optional[StructuredOutputs] = None
+    #: OpenAI's; vLLM takes it on completions too.
+    response_format: Optional[ResponseFormat] = None
     # horae's extension: this request's latency bounds in seconds ("ttft", "max_itl", "tpot",
     # "e2e"); the engine checks the names and values.
     slo: Optional[Dict[str, float]] = None
 
+    def structured(self) -> Optional[dict]:
+        """What the output must match, from either spelling (as `StructuredOutputsParams`'s
+        fields), or None."""
+        if self.structured_outputs is not None:
+            return self.structured_outputs.model_dump(by_alias=True, exclude_none=True)
+        f = self.response_format
+        if f is None or f.type == "text":
+            return None
+        if f.type == "json_object":
+            return {"json_object": True}
+        # A schema left out: any JSON value.
+        return {"json": f.json_schema.schema_ if f.json_schema.schema_ is not None else {}}
+
     @model_validator(mode="after")
     def _check(self):
+        if self.structured_outputs is not None and self.response_format is not None \
+                and self.response_format.type != "text":
+            raise ValueError("give structured_outputs or response_format, not both")
         if isinstance(self.stop, list) and len(self.stop) > 4:
             raise ValueError("stop takes up to 4 strings")
         if self.stream_options is not None and not self.stream:
@@ -101,25 +164,8 @@ class ChatMessage(_Strict):
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
 
-class ResponseFormat(BaseModel):
-    """OpenAI's `response_format`. Plain text is what every completion is, so `{"type": "text"}`
-    (which some clients always send) is taken; structured output (JSON mode, a JSON schema) needs
-    constrained decoding, which horae does not have: refused by name rather than ignored."""
-
-    model_config = ConfigDict(extra="allow", strict=True)
-    type: str
-
-    @model_validator(mode="after")
-    def _text_only(self):
-        if self.type != "text":
-            raise ValueError(f"response_format type {self.type!r} (structured output) is not supported; "
-                             "only {'type': 'text'}")
-        return self
-
-
 class ChatCompletionRequest(_Sampling):
     messages: List[ChatMessage] = Field(..., min_length=1)
-    response_format: Optional[ResponseFormat] = None
     max_tokens: Optional[Int] = None
     max_completion_tokens: Optional[Int] = None
     logprobs: bool = False

@@ -113,7 +113,8 @@ class ServerState:
             seed=req.seed, stop=req.stop, stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos,
             include_stop_str_in_output=req.include_stop_str_in_output, skip_special_tokens=req.skip_special_tokens,
             logprobs=logprobs, prompt_logprobs=prompt_logprobs, min_tokens=req.min_tokens, slo=req.slo,
-            priority=req.priority, logit_bias=token_keys(req.logit_bias), allowed_token_ids=req.allowed_token_ids)
+            priority=req.priority, logit_bias=token_keys(req.logit_bias), allowed_token_ids=req.allowed_token_ids,
+            structured_outputs=req.structured())
 
     def start(self, prefix: str, prompt_ids: List[int], params: SamplingParams) -> AsyncIterator[RequestOutput]:
         try:

@@ -3,7 +3,8 @@
 //! loop on traces. No Python here; `horae-python` only converts types.
 //!
 //! Layers, lowest first; a module imports only from layers below its own (docs/architecture.md):
-//! 1. `error`, then `names` (enums chosen by name), then `stepcost`, `sample`, `kv`, `tokenizer`
+//! 1. `error`, then `names` (enums chosen by name), then `stepcost`, `sample`, `kv`, `tokenizer`,
+//!    then `grammar` (structured output's token masks, over the tokenizer's vocabulary)
 //! 2. `request` (one request's whole state, its checks and its stop rules), `route` (which
 //!    replica a request goes to)
 //! 3. `plan` (the step plan and the `Executor` seam)
@@ -18,6 +19,7 @@
 pub mod backend;
 pub mod engine;
 pub mod error;
+pub mod grammar;
 pub mod kv;
 pub mod model;
 pub mod names;

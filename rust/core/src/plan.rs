@@ -37,6 +37,10 @@ pub struct ScheduledSeq {
     /// The whole prompt and output so far, only when sampling reads them: penalties and prompt
     /// logprobs. Others do not pay for the copy.
     pub context: Option<Vec<u32>>,
+    /// Structured output: the tokens this step may draw (bit `t % 32` of word `t / 32`, as
+    /// `sample::mask_logits` reads it), when the sequence samples under a grammar (never with
+    /// drafts).
+    pub token_mask: Option<Vec<u32>>,
 }
 
 impl ScheduledSeq {

@@ -196,9 +196,13 @@ fn sample_seq(
         let row = &mut rows[i * vocab..(i + 1) * vocab];
         let raw = p.logprobs.map(|_| row.to_vec());
         sample::adjust_logits(row, p, prompt, &output);
-        // Row i follows the i drafts accepted before it.
-        if s.num_output + i < p.min_tokens {
-            // Too early to stop: end-of-sequence cannot be drawn.
+        if let Some(mask) = &s.token_mask {
+            // Structured output: only what keeps the text in its grammar (one row: no drafts);
+            // the grammar, not `min_tokens`, says where it may end.
+            sample::mask_logits(row, mask);
+        } else if s.num_output + i < p.min_tokens {
+            // Too early to stop: end-of-sequence cannot be drawn (row i follows the i drafts
+            // accepted before it).
             for &e in eos {
                 if let Some(l) = row.get_mut(e as usize) {
                     *l = f32::NEG_INFINITY;
@@ -289,7 +293,7 @@ impl Executor for ModelExecutor {
                 m.forward(&input)?;
                 let (gpu_jobs, rest): (Vec<&SampleJob>, Vec<&SampleJob>) = jobs.iter().partition(|j| {
                     let s = &plan.seqs[j.seq];
-                    sampler::can_sample_on_gpu(&s.sampling, j.rows, s.num_output)
+                    s.token_mask.is_none() && sampler::can_sample_on_gpu(&s.sampling, j.rows, s.num_output)
                 });
                 host_jobs = rest;
                 if !host_jobs.is_empty() || !prompt_rows.is_empty() {

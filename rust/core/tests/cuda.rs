@@ -489,6 +489,7 @@ fn generate(exec: ModelExecutor, prompts: &[Vec<u32>], max_tokens: usize) -> Vec
             e.add_request(RequestSpec {
                 slo: Default::default(),
                 priority: 0,
+                grammar: None,
                 prompt: Prompt::Tokens(p.clone()),
                 max_tokens,
                 ignore_eos: true,

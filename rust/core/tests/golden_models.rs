@@ -105,6 +105,7 @@ fn spec(prompt: Vec<u32>, max_tokens: usize) -> RequestSpec {
     RequestSpec {
         slo: Default::default(),
         priority: 0,
+        grammar: None,
         prompt: Prompt::Tokens(prompt),
         max_tokens,
         ignore_eos: false,

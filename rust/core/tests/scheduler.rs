@@ -69,6 +69,7 @@ fn synthetic(len: usize, max_tokens: usize, slo: Slo, priority: i64) -> RequestS
         stop: Default::default(),
         slo,
         priority,
+        grammar: None,
     }
 }
 
@@ -268,6 +269,7 @@ fn bad_input_gets_clear_errors() {
     let spec = |len: usize, max_tokens: usize| RequestSpec {
         slo: Default::default(),
         priority: 0,
+        grammar: None,
         prompt: Prompt::Tokens((0..len as u32).collect()),
         max_tokens,
         ignore_eos: false,
@@ -302,6 +304,7 @@ fn abort_frees_blocks_at_once() {
         let spec = RequestSpec {
             slo: Default::default(),
             priority: 0,
+            grammar: None,
             prompt: Prompt::Tokens(vec![7; 300]),
             max_tokens: 500,
             ignore_eos: false,
@@ -326,6 +329,7 @@ fn abort_frees_blocks_at_once() {
     let spec = RequestSpec {
         slo: Default::default(),
         priority: 0,
+        grammar: None,
         prompt: Prompt::Tokens(vec![9; 50]),
         max_tokens: 50,
         ignore_eos: false,
@@ -354,6 +358,7 @@ fn preempted_requests_are_marked_and_huge_max_tokens_is_refused() {
     let huge = RequestSpec {
         slo: Default::default(),
         priority: 0,
+        grammar: None,
         prompt: Prompt::Tokens(vec![1; 10]),
         max_tokens: usize::MAX,
         ignore_eos: false,
@@ -366,6 +371,7 @@ fn preempted_requests_are_marked_and_huge_max_tokens_is_refused() {
         let spec = RequestSpec {
             slo: Default::default(),
             priority: 0,
+            grammar: None,
             prompt: Prompt::Synthetic { len: r.prompt_len as usize, prefix_ids: vec![], unit: 1 },
             max_tokens: c.max_tokens,
             ignore_eos: false,
@@ -422,6 +428,7 @@ fn a_failing_step_fails_its_requests_and_the_engine_goes_on() {
         let spec = RequestSpec {
             slo: Default::default(),
             priority: 0,
+            grammar: None,
             prompt: Prompt::Tokens(vec![5; 100]),
             max_tokens: 40,
             ignore_eos: false,

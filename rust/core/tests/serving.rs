@@ -18,29 +18,64 @@ use horae_core::HoraeError;
 /// has mapped is a SIGBUS (it happened in CI).
 fn model_dir() -> PathBuf {
     static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    DIR.get_or_init(write_model_dir).clone()
+    DIR.get_or_init(|| {
+        let vocab = (0..256).map(|i| (format!("t{i}"), i.into())).collect();
+        write_model_dir("words", vocab, serde_json::Value::Null)
+    })
+    .clone()
 }
 
-fn write_model_dir() -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("horae-serving-{}", std::process::id()));
+/// tiny-llama3 with a byte-level vocabulary instead: token b is byte b (in the byte-level
+/// alphabet GPT-2's tokenizers spell bytes with), as structured output reads a vocabulary.
+fn byte_level_model_dir() -> PathBuf {
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        // Printable bytes stand for themselves; the others for the characters from U+0100 on.
+        let mut next = 0x100u32;
+        let vocab: serde_json::Map<String, serde_json::Value> = (0..=255u8)
+            .map(|b| {
+                let c = if matches!(b, b'!'..=b'~' | 0xA1..=0xAC | 0xAE..=0xFF) {
+                    b as char
+                } else {
+                    next += 1;
+                    char::from_u32(next - 1).unwrap()
+                };
+                (c.to_string(), u64::from(b).into())
+            })
+            .collect();
+        let decoder = serde_json::json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false});
+        write_model_dir("bytes", vocab, decoder)
+    })
+    .clone()
+}
+
+fn write_model_dir(
+    name: &str,
+    vocab: serde_json::Map<String, serde_json::Value>,
+    decoder: serde_json::Value,
+) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("horae-serving-{name}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     for f in ["config.json", "model.safetensors"] {
         std::fs::copy(common::golden_dir("tiny-llama3").join(f), dir.join(f)).unwrap();
     }
-    let vocab: serde_json::Map<String, serde_json::Value> = (0..256).map(|i| (format!("t{i}"), i.into())).collect();
+    let unk = vocab.keys().next().unwrap().clone();
     let tokenizer = serde_json::json!({
         "version": "1.0", "truncation": null, "padding": null, "added_tokens": [], "normalizer": null,
-        "pre_tokenizer": {"type": "WhitespaceSplit"}, "post_processor": null, "decoder": null,
-        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "t0"}
+        "pre_tokenizer": {"type": "WhitespaceSplit"}, "post_processor": null, "decoder": decoder,
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": unk}
     });
     std::fs::write(dir.join("tokenizer.json"), tokenizer.to_string()).unwrap();
     dir
 }
 
-fn engine() -> (EngineHandle, EngineInfo) {
-    let args =
-        EngineArgs { device: "cpu".into(), kv_cache_tokens: Some(1024), seed: Some(1), ..EngineArgs::new(model_dir()) };
+fn engine_in(dir: PathBuf) -> (EngineHandle, EngineInfo) {
+    let args = EngineArgs { device: "cpu".into(), kv_cache_tokens: Some(1024), seed: Some(1), ..EngineArgs::new(dir) };
     build(args).unwrap()
+}
+
+fn engine() -> (EngineHandle, EngineInfo) {
+    engine_in(model_dir())
 }
 
 fn greedy(prompt: Vec<i64>, max_tokens: i64) -> RequestParams {
@@ -187,4 +222,62 @@ fn a_request_that_waited_elsewhere_keeps_its_first_arrival() {
             other => panic!("expected a refusal of waited={bad}, got {other:?}"),
         }
     }
+}
+
+/// Structured output (`structured_outputs`): every drawn token keeps the text in its language,
+/// and the request ends where the language does (with `stop`, even with `ignore_eos`: nothing
+/// could follow). In this vocabulary token b is byte b, so the language picks the tokens.
+#[test]
+fn structured_output_draws_only_what_its_grammar_allows() {
+    use horae_core::grammar::Constraint;
+    let (h, _) = engine_in(byte_level_model_dir());
+    let with = |c: Constraint, ignore_eos: bool| RequestParams {
+        structured_outputs: Some(c),
+        ignore_eos,
+        ..greedy(vec![5, 9, 12, 40], 12)
+    };
+    let a = h.add_request(with(Constraint::Regex("a{12}".into()), true)).unwrap();
+    let choice = || Constraint::Choice(vec!["yes".into(), "no".into()]);
+    let b = h.add_request(with(choice(), true)).unwrap();
+    let c = h.add_request(with(choice(), false)).unwrap();
+    let d = h
+        .add_request(with(
+            Constraint::Json(r#"{"type": "array", "items": {"type": "integer"}, "minItems": 2, "maxItems": 2}"#.into()),
+            false,
+        ))
+        .unwrap();
+    let plain = h.add_request(greedy(vec![5, 9, 12, 40], 12)).unwrap();
+    let outs = run(&h);
+    let text = |id: u64| outs[&id].iter().map(|o| o.new_text.clone()).collect::<String>();
+    let tokens = |id: u64| outs[&id].iter().flat_map(|o| o.new_token_ids.clone()).collect::<Vec<u32>>();
+    let end = |id: u64| outs[&id].last().unwrap().finish_reason;
+    assert_eq!((text(a), end(a)), ("a".repeat(12), Some(FinishReason::Length)));
+    for id in [b, c] {
+        assert!(["yes", "no"].contains(&text(id).as_str()), "{:?}", text(id));
+        assert_eq!(end(id), Some(FinishReason::Stop));
+    }
+    // Two integers in a JSON list, within 12 tokens (a byte each) or cut at the length.
+    let t = text(d);
+    if end(d) == Some(FinishReason::Stop) {
+        let v: Vec<i64> = serde_json::from_str(&t).unwrap_or_else(|e| panic!("{t:?}: {e}"));
+        assert_eq!(v.len(), 2);
+    } else {
+        assert!(t.starts_with('['), "{t:?}");
+    }
+    // The same prompt without a grammar draws something else: the mask did the choosing.
+    assert_ne!(tokens(plain), tokens(a));
+    // Bad grammars are the caller's error, named, and the engine goes on.
+    for bad in [
+        Constraint::Regex("(a".into()),
+        Constraint::Grammar("start: nothing_defined".into()),
+        Constraint::Json(r#"{"type": 5}"#.into()),
+    ] {
+        match h.add_request(with(bad.clone(), false)) {
+            Err(HoraeError::BadRequest { param: Some("structured_outputs"), message }) => {
+                assert!(message.starts_with("structured_outputs"), "{message}")
+            }
+            other => panic!("{bad:?}: expected a refusal, got {other:?}"),
+        }
+    }
+    assert!(!h.has_unfinished());
 }

@@ -54,6 +54,7 @@ fn request(prompt: Vec<u32>, max_tokens: usize, sampling: SamplingParams) -> Req
     RequestSpec {
         slo: Default::default(),
         priority: 0,
+        grammar: None,
         prompt: Prompt::Tokens(prompt),
         max_tokens,
         ignore_eos: true,

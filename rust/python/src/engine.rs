@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use horae_core::engine::{self, EngineArgs, EngineHandle, EngineInfo, EngineStats, RequestOutput, StepEvents};
+use horae_core::grammar::Constraint;
 use horae_core::request::{RequestParams, Slo, StopReason};
 use horae_core::sample::{SamplingParams, TokenLogprobs};
 use numpy::{IntoPyArray, PyArrayMethods};
@@ -270,11 +271,12 @@ impl PyEngine {
                         min_p = 0.0, repetition_penalty = 1.0, presence_penalty = 0.0, frequency_penalty = 0.0,
                         seed = None, ignore_eos = false, logprobs = None, min_tokens = 0, prompt_logprobs = None,
                         stop = Vec::new(), stop_token_ids = Vec::new(), include_stop_str_in_output = false,
-                        skip_special_tokens = true, logit_bias = None, allowed_token_ids = None, slo = None,
-                        priority = 0, waited = 0.0))]
+                        skip_special_tokens = true, logit_bias = None, allowed_token_ids = None,
+                        structured_outputs = None, slo = None, priority = 0, waited = 0.0))]
     #[allow(clippy::too_many_arguments)]
     fn add_request(
         &self,
+        py: Python<'_>,
         prompt_token_ids: Vec<i64>,
         max_tokens: Option<i64>,
         temperature: f32,
@@ -295,6 +297,7 @@ impl PyEngine {
         skip_special_tokens: bool,
         logit_bias: Option<HashMap<i64, f64>>,
         allowed_token_ids: Option<Vec<i64>>,
+        structured_outputs: Option<(String, String)>,
         slo: Option<HashMap<String, f64>>,
         priority: i64,
         waited: f64,
@@ -325,11 +328,16 @@ impl PyEngine {
             include_stop_str_in_output,
             logit_bias: logit_bias.map(|b| b.into_iter().collect()).unwrap_or_default(),
             allowed_token_ids,
+            structured_outputs: structured_outputs
+                .map(|(kind, text)| Constraint::parse(&kind, &text))
+                .transpose()
+                .map_err(to_py)?,
             slo: slo_arg(slo)?,
             priority,
             waited,
         };
-        self.handle.add_request(params).map_err(to_py)
+        // A grammar compiles in the call (the vocabulary's trie at the first): without the GIL.
+        py.detach(|| self.handle.add_request(params)).map_err(to_py)
     }
 
     /// Teacher-forced logits (`len x vocab`) of `token_ids` on the loaded model, outside the

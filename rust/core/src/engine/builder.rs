@@ -11,6 +11,7 @@ use crate::backend::cuda::ops::Dt;
 use crate::backend::gemm::WeightDtype;
 use crate::backend::kv_cache::KvDtype;
 use crate::error::{HoraeError, Result};
+use crate::grammar::Compiler;
 use crate::model::cuda_llama::{CudaLlama, KvBudget};
 use crate::model::{LlamaModel, ModelConfig};
 use crate::plan::Executor;
@@ -360,7 +361,13 @@ pub fn build(args: EngineArgs) -> Result<(EngineHandle, EngineInfo)> {
         tokenizer,
         cpu_model,
     };
-    Ok((EngineHandle::new(engine, limits).with_history_file(history_file), info))
+    let mut handle = EngineHandle::new(engine, limits).with_history_file(history_file);
+    // Structured output ends at end-of-sequence, so a model without one cannot have it.
+    if let Some(&eos) = info.eos_token_ids.first() {
+        handle =
+            handle.with_grammars(Compiler::new(&info.model_dir, info.tokenizer.clone(), info.config.vocab_size, eos));
+    }
+    Ok((handle, info))
 }
 
 /// What a history file is checked against: the model folder's name and the shapes that make it

@@ -11,6 +11,7 @@ use std::time::Duration;
 use super::engine::{Engine, RequestOutput, StepSample};
 use super::history_file::{self, HistoryFile};
 use crate::error::{HoraeError, Result};
+use crate::grammar::Compiler;
 use crate::request::{FinishReason, ReqId, RequestLimits, RequestParams, RequestSpec};
 use crate::route::ReplicaStats;
 use crate::sched::SpecStats;
@@ -204,6 +205,8 @@ fn stats_of(st: &EngineState, step_seconds: Option<f64>) -> EngineStats {
 pub struct EngineHandle {
     shared: Arc<Shared>,
     limits: RequestLimits,
+    /// Structured output's compiler for the model's vocabulary (`None`: no tokenizer).
+    grammars: Option<Compiler>,
     next_id: AtomicU64,
     looper: Mutex<Option<JoinHandle<()>>>,
 }
@@ -218,7 +221,13 @@ impl EngineHandle {
             stop: AtomicBool::new(false),
             history_written: Mutex::new(0),
         };
-        Self { shared: Arc::new(shared), limits, next_id: AtomicU64::new(0), looper: Mutex::new(None) }
+        Self { shared: Arc::new(shared), limits, grammars: None, next_id: AtomicU64::new(0), looper: Mutex::new(None) }
+    }
+
+    /// Serve structured output, compiled by `grammars` (`engine::build` gives every model's).
+    pub fn with_grammars(mut self, grammars: Compiler) -> Self {
+        self.grammars = Some(grammars);
+        self
     }
 
     /// Save Past-Future's history to `file` as requests finish and when the engine stops.
@@ -255,7 +264,9 @@ impl EngineHandle {
     /// Check a request and queue it; returns its id. Never waits for a running step.
     pub fn add_request(&self, params: RequestParams) -> Result<ReqId> {
         let waited = params.waited;
-        let spec = params.into_spec(&self.limits)?;
+        // A grammar compiles here, on the caller's thread: a bad one is the caller's 400, and a
+        // slow one never holds up a step.
+        let spec = params.into_spec(&self.limits, self.grammars.as_ref())?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         self.push(|inbox| inbox.adds.push((id, spec, waited)));
         Ok(id)

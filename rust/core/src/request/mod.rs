@@ -6,6 +6,7 @@
 use std::sync::Arc;
 
 use crate::error::{HoraeError, Result};
+use crate::grammar::Grammar;
 use crate::kv::hash::{synthetic_block_hashes, token_block_hashes};
 use crate::kv::BlockHash;
 use crate::sample::{SamplingParams, TokenLogprobs};
@@ -234,6 +235,8 @@ pub struct RequestSpec {
     pub slo: Slo,
     /// vLLM's `priority`: lower is served first (0 by default).
     pub priority: i64,
+    /// Structured output: where the output is in the language it must stay in.
+    pub grammar: Option<Grammar>,
 }
 
 /// A refusal of `param`'s value.
@@ -299,6 +302,9 @@ pub struct Request {
     /// Draft tokens verified for this request, and how many were accepted.
     pub spec_drafted: u64,
     pub spec_accepted: u64,
+    /// Structured output: the language the output must stay in, moved on by each token
+    /// (`push_token`); the scheduler puts its mask in the plan of each step that samples.
+    pub grammar: Option<Grammar>,
 }
 
 impl Request {
@@ -313,6 +319,7 @@ impl Request {
             stop: spec.stop,
             slo: spec.slo,
             priority: spec.priority,
+            grammar: spec.grammar,
             output: Vec::new(),
             detok: None,
             text_sent: 0,
@@ -384,6 +391,11 @@ impl Request {
         if !early && self.stop.token_ids.contains(&token) {
             return Some((FinishReason::Stop, Some(StopReason::Token(token))));
         }
+        if eos.contains(&token) && self.grammar.as_ref().is_some_and(|g| g.is_done()) {
+            // The structured output is complete: its grammar allowed only end-of-sequence, drawn
+            // here even with `ignore_eos` (nothing else could follow).
+            return Some((FinishReason::Stop, None));
+        }
         if self.output.len() >= self.max_tokens {
             return Some((FinishReason::Length, None));
         }
@@ -398,6 +410,9 @@ impl Request {
         self.times.first_token.get_or_insert(now);
         self.times.last_token = Some(now);
         self.output.push(token);
+        if let Some(g) = &mut self.grammar {
+            g.accept(token);
+        }
     }
 }
 

@@ -4,6 +4,7 @@
 
 use super::{invalid_at, Prompt, RequestSpec, Slo, StopCriteria};
 use crate::error::{HoraeError, Result};
+use crate::grammar::{Compiler, Constraint};
 use crate::sample::SamplingParams;
 
 /// What the engine can serve.
@@ -38,6 +39,8 @@ pub struct RequestParams {
     pub logit_bias: Vec<(i64, f64)>,
     /// vLLM's `allowed_token_ids`: only these can be drawn (`None`: any).
     pub allowed_token_ids: Option<Vec<i64>>,
+    /// vLLM's `structured_outputs` (OpenAI's `response_format`): what the output must match.
+    pub structured_outputs: Option<Constraint>,
     pub slo: Slo,
     pub priority: i64,
     /// Seconds the request had already waited when it reached this engine (vLLM's
@@ -92,8 +95,9 @@ fn checked_allowed(ids: &[i64], vocab: i64) -> Result<Vec<u32>> {
 
 impl RequestParams {
     /// Check everything and build the engine's request. The message of every refusal names
-    /// the field and the bound.
-    pub fn into_spec(self, limits: &RequestLimits) -> Result<RequestSpec> {
+    /// the field and the bound. `grammars` compiles structured output for the model's
+    /// vocabulary (`None` where there is none: such requests are refused).
+    pub fn into_spec(self, limits: &RequestLimits, grammars: Option<&Compiler>) -> Result<RequestSpec> {
         let vocab = limits.vocab_size as i64;
         let ctx = limits.max_model_len;
         if self.prompt_token_ids.is_empty() {
@@ -170,6 +174,16 @@ impl RequestParams {
                 format!("waited must be a finite number of seconds >= 0, got {}", self.waited),
             ));
         }
+        let grammar = match (&self.structured_outputs, grammars) {
+            (None, _) => None,
+            (Some(c), Some(g)) => Some(g.compile(c)?),
+            (Some(_), None) => {
+                return Err(invalid_at(
+                    "structured_outputs",
+                    "structured output needs the model's tokenizer, and this engine has none".into(),
+                ))
+            }
+        };
         if sampling.min_tokens > max_tokens {
             return Err(invalid_at(
                 "min_tokens",
@@ -189,6 +203,7 @@ impl RequestParams {
             },
             slo: self.slo,
             priority: self.priority,
+            grammar,
         })
     }
 }
@@ -205,7 +220,7 @@ mod tests {
     }
 
     fn refused(p: RequestParams) -> String {
-        p.into_spec(&LIMITS).unwrap_err().to_string()
+        p.into_spec(&LIMITS, None).unwrap_err().to_string()
     }
 
     #[test]
@@ -244,27 +259,28 @@ mod tests {
             assert!(matches!(e, HoraeError::BadRequest { param: Some("allowed_token_ids"), .. }), "{e}");
             assert!(e.to_string().contains(what), "{e}");
         }
-        let spec = RequestParams { allowed_token_ids: Some(vec![9, 2, 9]), ..params(4, Some(4)) }.into_spec(&LIMITS);
+        let spec =
+            RequestParams { allowed_token_ids: Some(vec![9, 2, 9]), ..params(4, Some(4)) }.into_spec(&LIMITS, None);
         assert_eq!(spec.unwrap().sampling.allowed_token_ids, Some(vec![2, 9]));
     }
 
     fn p_err(p: RequestParams) -> HoraeError {
-        p.into_spec(&LIMITS).unwrap_err()
+        p.into_spec(&LIMITS, None).unwrap_err()
     }
 
     #[test]
     fn a_logit_bias_reaches_sampling_sorted_by_token() {
         let bias = vec![(7, -100.0), (2, 5.5), (99, 100.0)];
-        let spec = RequestParams { logit_bias: bias, ..params(4, Some(4)) }.into_spec(&LIMITS).unwrap();
+        let spec = RequestParams { logit_bias: bias, ..params(4, Some(4)) }.into_spec(&LIMITS, None).unwrap();
         assert_eq!(spec.sampling.logit_bias, vec![(2, 5.5), (7, -100.0), (99, 100.0)]);
         assert!(spec.sampling.adjusts_logits() && !spec.sampling.has_penalties());
     }
 
     #[test]
     fn no_max_tokens_means_the_rest_of_the_context() {
-        let spec = params(10, None).into_spec(&RequestLimits { pool_tokens: 1000, ..LIMITS }).unwrap();
+        let spec = params(10, None).into_spec(&RequestLimits { pool_tokens: 1000, ..LIMITS }, None).unwrap();
         assert_eq!(spec.max_tokens, 54);
         // ... or of the pool, where that is smaller.
-        assert_eq!(params(10, None).into_spec(&LIMITS).unwrap().max_tokens, 38);
+        assert_eq!(params(10, None).into_spec(&LIMITS, None).unwrap().max_tokens, 38);
     }
 }

@@ -197,6 +197,16 @@ pub fn adjust_logits(logits: &mut [f32], p: &SamplingParams, prompt: &[u32], out
     }
 }
 
+/// Structured output's mask applied to a row: a token whose bit is not set in `mask` (bit
+/// `t % 32` of word `t / 32`) cannot be drawn.
+pub fn mask_logits(logits: &mut [f32], mask: &[u32]) {
+    for (t, l) in logits.iter_mut().enumerate() {
+        if mask.get(t / 32).is_none_or(|w| w >> (t % 32) & 1 == 0) {
+            *l = f32::NEG_INFINITY;
+        }
+    }
+}
+
 /// Index of the largest logit (the lowest index on ties; NaN never wins, and a row of NaN
 /// gives 0).
 ///

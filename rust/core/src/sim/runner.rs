@@ -84,6 +84,7 @@ pub(super) fn trace_request(trace: &Trace, i: usize, cfg: &SimConfig, arrival: f
         stop: Default::default(),
         slo,
         priority: 0,
+        grammar: None,
     }
 }
 

@@ -272,6 +272,12 @@ impl Scheduler {
         }
         plan.num_batched_tokens = self.cfg.max_batched_tokens - budget;
         plan.seqs = placed.into_iter().map(|p| self.scheduled(p)).collect();
+        for s in plan.seqs.iter_mut().filter(|s| s.samples) {
+            // Structured output: the grammar's mask for this step's draw (as vLLM's scheduler
+            // output carries its grammar bitmask), so the executor reads only the plan.
+            let r = self.requests.get_mut(&s.id).expect("a scheduled request exists");
+            s.token_mask = r.grammar.as_mut().map(|g| g.mask());
+        }
         plan
     }
 
@@ -303,6 +309,7 @@ impl Scheduler {
             prompt_len: r.prompt_len(),
             num_output: r.output.len(),
             context,
+            token_mask: None,
         }
     }
 

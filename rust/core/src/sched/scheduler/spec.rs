@@ -27,7 +27,8 @@ impl Scheduler {
         self.running
             .iter()
             .map(|id| &self.requests[id])
-            .filter(|r| r.total_len() == r.num_computed + 1 && r.output.len() + 1 < r.max_tokens)
+            // Structured output drafts nothing: each draft would need its own mask.
+            .filter(|r| r.total_len() == r.num_computed + 1 && r.output.len() + 1 < r.max_tokens && r.grammar.is_none())
             .map(|r| DraftCandidate {
                 id: r.id,
                 token_ids: r.all_token_ids(),
