@@ -200,9 +200,15 @@ pub fn adjust_logits(logits: &mut [f32], p: &SamplingParams, prompt: &[u32], out
 /// Structured output's mask applied to a row: a token whose bit is not set in `mask` (bit
 /// `t % 32` of word `t / 32`) cannot be drawn.
 pub fn mask_logits(logits: &mut [f32], mask: &[u32]) {
-    for (t, l) in logits.iter_mut().enumerate() {
-        if mask.get(t / 32).is_none_or(|w| w >> (t % 32) & 1 == 0) {
-            *l = f32::NEG_INFINITY;
+    for (w, chunk) in logits.chunks_mut(32).enumerate() {
+        let bits = mask.get(w).copied().unwrap_or(0);
+        // Most words of a loose mask (free text) allow all 32: nothing to write.
+        if bits != u32::MAX {
+            for (b, l) in chunk.iter_mut().enumerate() {
+                if bits >> b & 1 == 0 {
+                    *l = f32::NEG_INFINITY;
+                }
+            }
         }
     }
 }
@@ -553,6 +559,16 @@ mod tests {
             SamplingParams { repetition_penalty: 2.0, logit_bias: vec![(0, -3.0), (2, 100.0)], ..Default::default() };
         adjust_logits(&mut l, &p, &[0], &[]);
         assert_eq!(l, vec![-2.0, -2.0, 101.0]);
+    }
+
+    #[test]
+    fn a_token_mask_keeps_only_its_bits() {
+        // 70 logits; the mask's second word allows all 32, the third is missing (nothing).
+        let mut l: Vec<f32> = (0..70).map(|i| i as f32).collect();
+        mask_logits(&mut l, &[0b101, u32::MAX]);
+        let kept: Vec<usize> = (0..70).filter(|&t| l[t].is_finite()).collect();
+        assert_eq!(kept, [0, 2].into_iter().chain(32..64).collect::<Vec<_>>());
+        assert_eq!(l[2], 2.0);
     }
 
     #[test]

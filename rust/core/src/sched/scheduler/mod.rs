@@ -9,12 +9,14 @@
 
 use std::collections::VecDeque;
 
+use rayon::prelude::*;
 use rustc_hash::FxHashMap as HashMap;
 
 use super::slo::{Outlook, OutputLengths, Preemption, QueueDiscipline, StepTimes};
 use super::smartspec::SpecController;
 use super::{SchedulerConfig, TrueLengths};
 use crate::error::{HoraeError, Result};
+use crate::grammar::Grammar;
 use crate::kv::KvManager;
 use crate::plan::{ScheduledSeq, StepPlan};
 pub use crate::request::MAX_SCENARIOS;
@@ -272,13 +274,29 @@ impl Scheduler {
         }
         plan.num_batched_tokens = self.cfg.max_batched_tokens - budget;
         plan.seqs = placed.into_iter().map(|p| self.scheduled(p)).collect();
-        for s in plan.seqs.iter_mut().filter(|s| s.samples) {
-            // Structured output: the grammar's mask for this step's draw (as vLLM's scheduler
-            // output carries its grammar bitmask), so the executor reads only the plan.
-            let r = self.requests.get_mut(&s.id).expect("a scheduled request exists");
-            s.token_mask = r.grammar.as_mut().map(|g| g.mask());
-        }
+        self.fill_token_masks(&mut plan);
         plan
+    }
+
+    /// Structured output: each grammar's mask for this step's draw, in the plan (as vLLM's
+    /// scheduler output carries its grammar bitmask), so the executor reads only the plan. A
+    /// mask walks the vocabulary's trie (0.3-0.4 ms for SmolLM2's 49,152 tokens on a Zen 5), so
+    /// several are computed on rayon's threads, which wait for the step meanwhile.
+    fn fill_token_masks(&mut self, plan: &mut StepPlan) {
+        // Taken out of their requests for the parallel walk, and put back.
+        let mut taken: Vec<(usize, Grammar)> = (plan.seqs.iter().enumerate().filter(|(_, s)| s.samples))
+            .filter_map(|(i, s)| self.requests.get_mut(&s.id).and_then(|r| r.grammar.take()).map(|g| (i, g)))
+            .collect();
+        let masks: Vec<Vec<u32>> = if taken.len() > 1 {
+            taken.par_iter_mut().map(|(_, g)| g.mask()).collect()
+        } else {
+            taken.iter_mut().map(|(_, g)| g.mask()).collect()
+        };
+        for ((i, g), mask) in taken.into_iter().zip(masks) {
+            let s = &mut plan.seqs[i];
+            s.token_mask = Some(mask);
+            self.requests.get_mut(&s.id).expect("a scheduled request exists").grammar = Some(g);
+        }
     }
 
     /// Everything the executor needs about a placed sequence, once every block is allocated: its
