@@ -85,18 +85,22 @@ def test_a_logit_bias_holds_for_verified_drafts(ngram):
     assert out.token_ids != unbiased and out.num_draft_tokens > 0
 
 
-def test_structured_output_drafts_nothing_and_keeps_its_grammar(ngram):
-    """A request under a grammar takes no drafts (each would need its own mask): with prompt
-    lookup its output is the one without, in its language; the others in the batch still draft."""
+def test_structured_output_verifies_drafts_under_its_grammar(ngram):
+    """Drafts are cut where they leave the request's language and verified under the grammar's
+    mask at each position: greedy under a grammar is the same with prompt lookup as without it,
+    drafts were accepted, and the text is in the language; sampled, seeded, likewise."""
     days = [{"role": "user", "content": DAYS}]
-    p = SamplingParams(temperature=0, max_tokens=64, structured_outputs=StructuredOutputsParams(regex="[A-Za-z ,.]+"))
-    plain_p = SamplingParams(temperature=0, max_tokens=64)
-    out, free = ngram.chat([days, days], [p, plain_p], use_tqdm=False)
-    alone = LLM(kv_cache_tokens=8192).chat(days, p, use_tqdm=False)[0].outputs[0]
-    o = out.outputs[0]
-    assert o.token_ids == alone.token_ids and o.num_draft_tokens == 0
-    assert re.fullmatch("[A-Za-z ,.]+", o.text), o.text
-    assert free.outputs[0].num_draft_tokens > 0
+    rx = "[A-Za-z ,.]+"
+    for p in (SamplingParams(temperature=0, max_tokens=64, structured_outputs=StructuredOutputsParams(regex=rx)),
+              SamplingParams(temperature=0.7, seed=5, max_tokens=64, structured_outputs=StructuredOutputsParams(regex=rx))):
+        o = ngram.chat(days, p, use_tqdm=False)[0].outputs[0]
+        assert re.fullmatch(rx, o.text), o.text
+        assert o.num_draft_tokens > 0 and o.num_accepted_tokens > 0, (o.num_draft_tokens, o.num_accepted_tokens)
+        if p.temperature == 0:
+            alone = LLM(kv_cache_tokens=8192).chat(days, p, use_tqdm=False)[0].outputs[0]
+            assert o.token_ids == alone.token_ids
+        else:
+            assert ngram.chat(days, p, use_tqdm=False)[0].outputs[0].token_ids == o.token_ids
 
 
 @pytest.mark.parametrize("spec, message", [

@@ -121,6 +121,29 @@ impl Grammar {
         })
     }
 
+    /// How many of `draft` (a proposer's guesses at the next tokens) stay in the language, in
+    /// order, before any end-of-sequence: the drafts worth verifying. The grammar does not move.
+    pub fn valid_drafts(&mut self, draft: &[u32]) -> usize {
+        let upto = draft.iter().position(|&t| t == self.eos).unwrap_or(draft.len());
+        self.matcher.validate_tokens(&draft[..upto]).unwrap_or(0)
+    }
+
+    /// The masks of a step that verifies `draft` (taken by `valid_drafts`): the next token's,
+    /// then the one after each draft, for the row that verifies the next draft or draws past
+    /// them all. The grammar is moved through the drafts and back.
+    pub fn masks_through(&mut self, draft: &[u32]) -> Vec<Vec<u32>> {
+        let mut masks = Vec::with_capacity(draft.len() + 1);
+        masks.push(self.mask());
+        for &t in draft {
+            // A draft it refused (never, after `valid_drafts`) fails the matcher: the masks
+            // from there allow only end-of-sequence, and the request ends.
+            let _ = self.matcher.consume_token(t);
+            masks.push(self.mask());
+        }
+        let _ = self.matcher.rollback(draft.len());
+        masks
+    }
+
     /// Move on by a drawn token. A token outside the mask (only end-of-sequence drawn where the
     /// grammar could go on, with `ignore_eos`) stops it.
     pub fn accept(&mut self, token: u32) {

@@ -37,10 +37,10 @@ pub struct ScheduledSeq {
     /// The whole prompt and output so far, only when sampling reads them: penalties and prompt
     /// logprobs. Others do not pay for the copy.
     pub context: Option<Vec<u32>>,
-    /// Structured output: the tokens this step may draw (bit `t % 32` of word `t / 32`, as
-    /// `sample::mask_logits` reads it), when the sequence samples under a grammar (never with
-    /// drafts).
-    pub token_mask: Option<Vec<u32>>,
+    /// Structured output: for each row this step samples (the next token, then one after each
+    /// draft), the tokens it may draw (bit `t % 32` of word `t / 32`, as `sample::mask_logits`
+    /// reads it); empty when the sequence has no grammar.
+    pub token_masks: Vec<Vec<u32>>,
 }
 
 impl ScheduledSeq {

@@ -196,9 +196,10 @@ fn sample_seq(
         let row = &mut rows[i * vocab..(i + 1) * vocab];
         let raw = p.logprobs.map(|_| row.to_vec());
         sample::adjust_logits(row, p, prompt, &output);
-        if let Some(mask) = &s.token_mask {
-            // Structured output: only what keeps the text in its grammar (one row: no drafts);
-            // the grammar, not `min_tokens`, says where it may end.
+        if let Some(mask) = s.token_masks.get(i) {
+            // Structured output: only what keeps the text in its grammar (row i's mask is the
+            // grammar's after the i drafts before it); the grammar, not `min_tokens`, says where
+            // it may end.
             sample::mask_logits(row, mask);
         } else if s.num_output + i < p.min_tokens {
             // Too early to stop: end-of-sequence cannot be drawn (row i follows the i drafts
@@ -293,7 +294,7 @@ impl Executor for ModelExecutor {
                 m.forward(&input)?;
                 let (gpu_jobs, rest): (Vec<&SampleJob>, Vec<&SampleJob>) = jobs.iter().partition(|j| {
                     let s = &plan.seqs[j.seq];
-                    s.token_mask.is_none() && sampler::can_sample_on_gpu(&s.sampling, j.rows, s.num_output)
+                    s.token_masks.is_empty() && sampler::can_sample_on_gpu(&s.sampling, j.rows, s.num_output)
                 });
                 host_jobs = rest;
                 if !host_jobs.is_empty() || !prompt_rows.is_empty() {

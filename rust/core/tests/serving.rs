@@ -281,3 +281,34 @@ fn structured_output_draws_only_what_its_grammar_allows() {
     }
     assert!(!h.has_unfinished());
 }
+
+/// What the scheduler asks of a grammar when a step verifies drafts: how many of a proposer's
+/// drafts stay in the language (cut before end-of-sequence), and the mask of each row, the
+/// grammar moved through the drafts and back.
+#[test]
+fn a_grammar_takes_drafts_while_they_stay_in_its_language() {
+    use horae_core::grammar::{Compiler, Constraint};
+    use horae_core::tokenizer::Tokenizer;
+    let dir = byte_level_model_dir();
+    let tokenizer = std::sync::Arc::new(Tokenizer::from_dir(&dir).unwrap());
+    let mut g = Compiler::new(&dir, tokenizer, 256, 2).compile(&Constraint::Regex("ab+".into())).unwrap();
+    let (a, b, c) = (u32::from(b'a'), u32::from(b'b'), u32::from(b'c'));
+    let allowed = |mask: &[u32]| (0..256).filter(|&t| mask[t / 32] >> (t % 32) & 1 == 1).collect::<Vec<usize>>();
+    assert_eq!(g.valid_drafts(&[a, b, b, c, b]), 3);
+    assert_eq!(g.valid_drafts(&[b]), 0);
+    assert_eq!(g.valid_drafts(&[a, b, 2, b]), 2, "cut before end-of-sequence");
+    let masks = g.masks_through(&[a, b]);
+    assert_eq!(
+        masks.iter().map(|m| allowed(m)).collect::<Vec<_>>(),
+        vec![vec![a as usize], vec![b as usize], vec![2, b as usize]]
+    );
+    // Back where it was: the next token's mask is the first one again, and the drafts are
+    // still taken from there.
+    assert_eq!(allowed(&g.mask()), vec![a as usize]);
+    assert_eq!(g.valid_drafts(&[a, b]), 2);
+    g.accept(a);
+    g.accept(b);
+    assert!(!g.is_done());
+    g.accept(2);
+    assert!(g.is_done());
+}

@@ -278,23 +278,26 @@ impl Scheduler {
         plan
     }
 
-    /// Structured output: each grammar's mask for this step's draw, in the plan (as vLLM's
-    /// scheduler output carries its grammar bitmask), so the executor reads only the plan. A
-    /// mask walks the vocabulary's trie (0.3-0.4 ms for SmolLM2's 49,152 tokens on a Zen 5), so
-    /// several are computed on rayon's threads, which wait for the step meanwhile.
+    /// Structured output: each grammar's masks for this step's draws, in the plan (as vLLM's
+    /// scheduler output carries its grammar bitmask), so the executor reads only the plan: one
+    /// per sampled row, through the drafts it verifies. A mask walks the vocabulary's trie
+    /// (0.3-0.4 ms for SmolLM2's 49,152 tokens on a Zen 5), so several sequences' are computed
+    /// on rayon's threads, which wait for the step meanwhile.
     fn fill_token_masks(&mut self, plan: &mut StepPlan) {
         // Taken out of their requests for the parallel walk, and put back.
         let mut taken: Vec<(usize, Grammar)> = (plan.seqs.iter().enumerate().filter(|(_, s)| s.samples))
             .filter_map(|(i, s)| self.requests.get_mut(&s.id).and_then(|r| r.grammar.take()).map(|g| (i, g)))
             .collect();
-        let masks: Vec<Vec<u32>> = if taken.len() > 1 {
-            taken.par_iter_mut().map(|(_, g)| g.mask()).collect()
+        let seqs = &plan.seqs;
+        let masks = |(i, g): &mut (usize, Grammar)| g.masks_through(seqs[*i].drafts());
+        let masks: Vec<Vec<Vec<u32>>> = if taken.len() > 1 {
+            taken.par_iter_mut().map(masks).collect()
         } else {
-            taken.iter_mut().map(|(_, g)| g.mask()).collect()
+            taken.iter_mut().map(masks).collect()
         };
-        for ((i, g), mask) in taken.into_iter().zip(masks) {
+        for ((i, g), masks) in taken.into_iter().zip(masks) {
             let s = &mut plan.seqs[i];
-            s.token_mask = Some(mask);
+            s.token_masks = masks;
             self.requests.get_mut(&s.id).expect("a scheduled request exists").grammar = Some(g);
         }
     }
@@ -327,7 +330,7 @@ impl Scheduler {
             prompt_len: r.prompt_len(),
             num_output: r.output.len(),
             context,
-            token_mask: None,
+            token_masks: Vec::new(),
         }
     }
 

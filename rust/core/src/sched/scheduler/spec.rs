@@ -27,8 +27,7 @@ impl Scheduler {
         self.running
             .iter()
             .map(|id| &self.requests[id])
-            // Structured output drafts nothing: each draft would need its own mask.
-            .filter(|r| r.total_len() == r.num_computed + 1 && r.output.len() + 1 < r.max_tokens && r.grammar.is_none())
+            .filter(|r| r.total_len() == r.num_computed + 1 && r.output.len() + 1 < r.max_tokens)
             .map(|r| DraftCandidate {
                 id: r.id,
                 token_ids: r.all_token_ids(),
@@ -39,10 +38,15 @@ impl Scheduler {
             .collect()
     }
 
-    /// A proposer's drafts for `id`, capped so that the request cannot overshoot `max_tokens`.
+    /// A proposer's drafts for `id`, capped so that the request cannot overshoot `max_tokens`,
+    /// and under structured output cut where they leave its language (no step is spent
+    /// verifying what the mask would refuse).
     pub fn set_draft(&mut self, id: ReqId, mut draft: Vec<u32>) {
         if let Some(r) = self.requests.get_mut(&id) {
             draft.truncate(r.max_tokens.saturating_sub(r.output.len() + 1));
+            if let Some(g) = &mut r.grammar {
+                draft.truncate(g.valid_drafts(&draft));
+            }
             r.draft = draft;
         }
     }
