@@ -13,6 +13,7 @@ from typing import Any, AsyncIterator, Dict, List, Optional, Union
 from horae.async_llm import AsyncLLM, RequestDroppedError
 from horae.outputs import RequestOutput
 from horae.sampling_params import SamplingParams
+from horae.serve import prepare_structured_output
 from horae.serve.metrics import EngineMetrics
 
 
@@ -54,6 +55,7 @@ class HoraeReplica:
             path = Path(engine_args["history_file"])
             engine_args = {**engine_args, "history_file": path.with_name(f"{path.stem}.replica{ctx.rank.rank}{path.suffix}")}
         self.llm = AsyncLLM(model, **engine_args)
+        prepare_structured_output(self.llm)
         self.default_slo = dict(engine_args.get("slo") or {})
         self.queue_timeout: Optional[float] = engine_args.get("queue_timeout")
         self.metrics = EngineMetrics(self.llm, model_name)

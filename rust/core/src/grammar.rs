@@ -144,8 +144,10 @@ impl Grammar {
         masks
     }
 
-    /// Move on by a drawn token. A token outside the mask (only end-of-sequence drawn where the
-    /// grammar could go on, with `ignore_eos`) stops it.
+    /// Move on by a drawn token: end-of-sequence where the language may end stops it; a token
+    /// outside its mask (drawn only where other rules, such as `allowed_token_ids`, left the
+    /// mask's tokens no chance) fails it, which counts as done, so what follows is only
+    /// end-of-sequence.
     pub fn accept(&mut self, token: u32) {
         let _ = self.matcher.consume_token(token);
     }
@@ -226,7 +228,15 @@ impl Compiler {
             factory.quiet();
             Ok(factory)
         });
-        f.as_ref().map_err(|e| HoraeError::Model(format!("structured output is not available for this model: {e}")))
+        // The caller's 400: the request is well formed, this model cannot serve it.
+        f.as_ref().map_err(|e| refused(format!("structured_outputs: not available for this model: {e}")))
+    }
+
+    /// Build the vocabulary's trie now rather than at the first compile (a server does it before
+    /// it listens, so the first structured request does not hold up the others); the error says
+    /// why this model cannot have structured output.
+    pub fn prepare(&self) -> Result<()> {
+        self.factory().map(|_| ())
     }
 
     /// A fresh `Grammar` for `c`, or a refusal naming `structured_outputs` with llguidance's

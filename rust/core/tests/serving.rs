@@ -102,6 +102,15 @@ fn run(h: &EngineHandle) -> std::collections::BTreeMap<u64, Vec<RequestOutput>> 
 #[test]
 fn requests_are_checked_once_with_the_field_named() {
     let (h, info) = engine();
+    // Structured output needs each token's bytes, which a tokenizer without a decoder does not
+    // give: said at start (`horae serve` prints it), and a request asking for it is refused.
+    let e = h.prepare_structured_output().unwrap_err().to_string();
+    assert!(e.contains("not available for this model"), "{e}");
+    let regex = Some(horae_core::grammar::Constraint::Regex("t1".into()));
+    assert!(matches!(
+        h.add_request(RequestParams { structured_outputs: regex, ..greedy(vec![5], 4) }),
+        Err(HoraeError::BadRequest { param: Some("structured_outputs"), .. })
+    ));
     assert_eq!((info.device.as_str(), info.kv_cache_tokens), ("cpu", 1024));
     let param = |p: RequestParams| match h.add_request(p) {
         Err(HoraeError::BadRequest { param, .. }) => param,
@@ -231,6 +240,7 @@ fn a_request_that_waited_elsewhere_keeps_its_first_arrival() {
 fn structured_output_draws_only_what_its_grammar_allows() {
     use horae_core::grammar::Constraint;
     let (h, _) = engine_in(byte_level_model_dir());
+    h.prepare_structured_output().unwrap();
     let with = |c: Constraint, ignore_eos: bool| RequestParams {
         structured_outputs: Some(c),
         ignore_eos,

@@ -340,6 +340,12 @@ impl PyEngine {
         py.detach(|| self.handle.add_request(params)).map_err(to_py)
     }
 
+    /// Build what structured output compiles against (the vocabulary's trie) now, without the
+    /// GIL; raises where this model cannot have structured output.
+    fn prepare_structured_output(&self, py: Python<'_>) -> PyResult<()> {
+        py.detach(|| self.handle.prepare_structured_output()).map_err(to_py)
+    }
+
     /// Teacher-forced logits (`len x vocab`) of `token_ids` on the loaded model, outside the
     /// engine's batch (the GIL is released meanwhile).
     fn logits<'py>(&self, py: Python<'py>, token_ids: Vec<i64>) -> PyResult<Bound<'py, numpy::PyArray2<f32>>> {

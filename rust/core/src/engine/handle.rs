@@ -230,6 +230,15 @@ impl EngineHandle {
         self
     }
 
+    /// Make structured output's first compile cheap (`Compiler::prepare`); an error says why
+    /// this engine cannot have it.
+    pub fn prepare_structured_output(&self) -> Result<()> {
+        match &self.grammars {
+            Some(g) => g.prepare(),
+            None => Err(HoraeError::Model("structured output needs the model's tokenizer and end-of-sequence".into())),
+        }
+    }
+
     /// Save Past-Future's history to `file` as requests finish and when the engine stops.
     pub fn with_history_file(self, file: Option<HistoryFile>) -> Self {
         lock(&self.shared.state).history = file.map(|f| (f, 0));

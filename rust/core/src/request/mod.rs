@@ -392,8 +392,8 @@ impl Request {
             return Some((FinishReason::Stop, Some(StopReason::Token(token))));
         }
         if eos.contains(&token) && self.grammar.as_ref().is_some_and(|g| g.is_done()) {
-            // The structured output is complete: its grammar allowed only end-of-sequence, drawn
-            // here even with `ignore_eos` (nothing else could follow).
+            // The structured output is complete: its grammar took end-of-sequence where its
+            // language may end, and nothing can follow it, even with `ignore_eos`.
             return Some((FinishReason::Stop, None));
         }
         if self.output.len() >= self.max_tokens {
