@@ -135,6 +135,13 @@ def test_the_openai_client_works_through_the_ingress(cluster):
         model=MODEL, messages=[{"role": "user", "content": "Is Paris in France? Answer yes or no."}], max_tokens=5,
         temperature=0, extra_body={"structured_outputs": {"choice": ["yes", "no"]}})
     assert yes_no.choices[0].message.content in ("yes", "no") and yes_no.choices[0].finish_reason == "stop"
+    # And a tool call the ingress's chat template shows the tools to (none here: SmolLM2's skips them).
+    tool = {"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string", "maxLength": 20}}, "required": ["city"]}}}
+    call = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Weather in Paris?"}], max_tokens=30, temperature=0,
+        tools=[tool], tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    assert "city" in json.loads(call.choices[0].message.tool_calls[0].function.arguments)
 
 
 def test_bad_input_gets_the_servers_400s_through_the_ingress(cluster):

@@ -456,6 +456,20 @@ def test_chat_template_is_sandboxed(llm):
 
         with pytest.raises(SecurityError):
             eng.apply_chat_template([{"role": "user", "content": "hi"}])
+        # Tools reach a template that reads them (as HF's apply_chat_template passes them), and
+        # an assistant message's tool calls too; through LLM.chat as vLLM's takes them.
+        eng.tokenizer_config["chat_template"] = (
+            "{% for t in tools or [] %}[{{ t.function.name }}]{% endfor %}"
+            "{% for m in messages %}{{ m.role }}:{{ m.content }}{% for c in m.tool_calls or [] %}"
+            "<{{ c.function.name }}>{% endfor %};{% endfor %}")
+        tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+        msgs = [{"role": "user", "content": "hi"},
+                {"role": "assistant", "content": "", "tool_calls": [{"id": "1", "type": "function",
+                                                                     "function": {"name": "get_weather", "arguments": "{}"}}]}]
+        assert eng.apply_chat_template(msgs, tools=tools) == "[get_weather]user:hi;assistant:<get_weather>;"
+        assert eng.apply_chat_template(msgs[:1]) == "user:hi;"
+        out = llm.chat(msgs[:1], SamplingParams(max_tokens=1, temperature=0), use_tqdm=False, tools=tools)[0]
+        assert out.prompt == "[get_weather]user:hi;"
     finally:
         eng.tokenizer_config["chat_template"] = saved
 

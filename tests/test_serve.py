@@ -197,6 +197,70 @@ def test_structured_output_through_the_openai_client(server, client):
     _assert_idle(server)
 
 
+def test_tool_calls_forced_by_tool_choice(server, client):
+    """OpenAI's `tools` with `tool_choice` naming a function or 'required': the call's arguments
+    are structured output under the function's schema (vLLM's way), answered as `tool_calls`,
+    streamed or not; the conversation goes on with the call and a tool message in its history.
+    'auto' (which needs the model's own tool-call format parsed) is refused by name."""
+    weather = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
+               "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}},
+                              "required": ["city"], "additionalProperties": False}}}
+    time_in = {"type": "function", "function": {"name": "get_time", "parameters": {
+        "type": "object", "properties": {"zone": {"type": "string", "enum": ["UTC", "CET"]}}, "required": ["zone"],
+        "additionalProperties": False}}}
+    msgs = [{"role": "user", "content": "What is the weather in Paris?"}]
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    r = client.chat.completions.create(model="smollm2", messages=msgs, max_tokens=40, temperature=0,
+                                       tools=[weather, time_in], tool_choice=named)
+    m = r.choices[0].message
+    assert m.content is None and len(m.tool_calls) == 1 and m.tool_calls[0].function.name == "get_weather", m
+    args = json.loads(m.tool_calls[0].function.arguments)
+    assert set(args) == {"city"} and isinstance(args["city"], str)
+    assert r.choices[0].finish_reason == "stop" and m.tool_calls[0].id.startswith("chatcmpl-tool-")
+    # Streamed: the id and name come first, the arguments in pieces that join to the same text.
+    parts, ids, names = [], set(), set()
+    for chunk in client.chat.completions.create(model="smollm2", messages=msgs, max_tokens=40, temperature=0,
+                                                tools=[weather, time_in], tool_choice=named, stream=True):
+        for d in chunk.choices[0].delta.tool_calls or []:
+            ids |= {d.id} - {None}
+            names |= {d.function.name} - {None}
+            parts.append(d.function.arguments or "")
+    assert len(ids) == 1 and names == {"get_weather"} and "".join(parts) == m.tool_calls[0].function.arguments
+    # 'required': one call or more, each to one of the tools with its own arguments.
+    for stream in (False, True):
+        req = dict(model="smollm2", messages=msgs, max_tokens=80, temperature=0.8, seed=3,
+                   tools=[weather, time_in], tool_choice="required", stream=stream)
+        if stream:
+            calls, finish = [], None
+            for chunk in client.chat.completions.create(**req):
+                calls += chunk.choices[0].delta.tool_calls or []
+                finish = chunk.choices[0].finish_reason or finish
+        else:
+            r = client.chat.completions.create(**req)
+            calls, finish = r.choices[0].message.tool_calls, r.choices[0].finish_reason
+        assert finish == "tool_calls" and calls, (finish, calls)
+        for c in calls:
+            a = json.loads(c.function.arguments)
+            assert (c.function.name, set(a)) in (("get_weather", {"city"}), ("get_time", {"zone"})), c
+    # The call and its answer in the history: the conversation goes on.
+    history = msgs + [{"role": "assistant", "content": None, "tool_calls": [m.tool_calls[0].model_dump()]},
+                      {"role": "tool", "tool_call_id": m.tool_calls[0].id, "content": "Sunny, 21 C"}]
+    more = client.chat.completions.create(model="smollm2", messages=history, max_tokens=8, temperature=0,
+                                          tools=[weather])
+    assert more.choices[0].message.content and more.choices[0].message.tool_calls is None
+    h = {"Authorization": f"Bearer {KEY}"}
+    nope = {"type": "function", "function": {"name": "nope"}}
+    for extra, what in [({"tool_choice": "auto"}, "needs a parser"), ({"tool_choice": nope}, "not among the tools"),
+                        ({"tool_choice": "required", "tools": None}, "needs tools"),
+                        ({"tool_choice": "required", "response_format": {"type": "json_object"}}, "not both")]:
+        body = {"model": "smollm2", "messages": msgs, "tools": [weather], **extra}
+        err = _error(httpx.post(server.url + "/v1/chat/completions", json=body, headers=h), 400)
+        assert what in err["message"], (extra, err)
+    bad = {"model": "smollm2", "messages": [{"role": "user", "content": None}]}
+    assert _error(httpx.post(server.url + "/v1/chat/completions", json=bad, headers=h), 400)["param"].startswith("messages")
+    _assert_idle(server)
+
+
 def test_completions(server, client):
     r = client.completions.create(model="smollm2", prompt=["The capital of France is", "1, 2, 3,"], max_tokens=6,
                                   temperature=0, logprobs=2)

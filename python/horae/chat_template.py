@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 
-def render_chat_template(model_dir: Path, tokenizer_config: Dict[str, Any], messages: List[Dict[str, str]],
-                         add_generation_prompt: bool = True) -> str:
+def render_chat_template(model_dir: Path, tokenizer_config: Dict[str, Any], messages: List[Dict[str, Any]],
+                         add_generation_prompt: bool = True, tools: Optional[List[Dict[str, Any]]] = None) -> str:
     """A model folder's chat template (from its `tokenizer_config.json`) rendered in jinja2's
-    sandbox: the engine's and the replicas' ingress's one way of doing it."""
+    sandbox: the engine's and the replicas' ingress's one way of doing it. `tools` (OpenAI's
+    function definitions) reach the template as HF's `apply_chat_template` passes them; a
+    template that does not read them leaves them out of the prompt."""
     from jinja2.exceptions import TemplateError
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -32,7 +34,7 @@ def render_chat_template(model_dir: Path, tokenizer_config: Dict[str, Any], mess
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
     env.globals["raise_exception"] = raise_exception
     return env.from_string(template).render(
-        messages=messages, add_generation_prompt=add_generation_prompt,
+        messages=messages, add_generation_prompt=add_generation_prompt, tools=tools,
         bos_token=tokenizer_config.get("bos_token") or "", eos_token=tokenizer_config.get("eos_token") or "")
 
 

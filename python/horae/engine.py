@@ -364,7 +364,9 @@ class Engine:
         return self._core.save_history()
 
     # -- chat -------------------------------------------------------------------------------
-    def apply_chat_template(self, messages: List[Dict[str, str]], add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(self, messages: List[Dict[str, Any]], add_generation_prompt: bool = True,
+                            tools: Optional[List[Dict[str, Any]]] = None) -> str:
         """Render the model's chat template in a sandbox: a template cannot reach the file system,
-        import modules or mutate its inputs."""
-        return render_chat_template(self.model_dir, self.tokenizer_config, messages, add_generation_prompt)
+        import modules or mutate its inputs. `tools`: OpenAI's function definitions, for
+        templates that show them to the model."""
+        return render_chat_template(self.model_dir, self.tokenizer_config, messages, add_generation_prompt, tools)

@@ -80,11 +80,12 @@ class LLM:
         return [results[rid] for rid in ids]
 
     def chat(self, messages, sampling_params: Union[None, SamplingParams, Sequence[SamplingParams]] = None,
-             use_tqdm: bool = True):
+             use_tqdm: bool = True, tools: Optional[List[dict]] = None):
         """One conversation (a list of messages) or several (a list of lists); `sampling_params`
-        as `generate`'s. A list of outputs, one per conversation, as vLLM's `LLM.chat` and this
-        class's `generate` return them."""
+        as `generate`'s; `tools` (OpenAI's function definitions) passed to the chat template, as
+        vLLM's `LLM.chat` takes them. A list of outputs, one per conversation, as vLLM's
+        `LLM.chat` and this class's `generate` return them."""
         batch = messages and isinstance(messages[0], list)
         convs = messages if batch else [messages]
-        prompts = [self.engine.apply_chat_template(c) for c in convs]
+        prompts = [self.engine.apply_chat_template(c, tools=tools) for c in convs]
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)

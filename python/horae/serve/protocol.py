@@ -155,13 +155,70 @@ class TextPart(_Strict):
     text: str
 
 
+class FunctionCall(_Strict):
+    name: str
+    #: The arguments as JSON text, as the model wrote them.
+    arguments: str
+
+
+class ToolCall(_Strict):
+    """A call an assistant message made (OpenAI's shape), sent back in a conversation's history."""
+
+    id: str
+    type: Literal["function"]
+    function: FunctionCall
+
+
 class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: Union[str, List[TextPart]]
+    #: None only for an assistant message that made tool calls.
+    content: Optional[Union[str, List[TextPart]]] = None
     name: Optional[str] = None
+    tool_calls: Optional[List[ToolCall]] = None
+    #: A tool message's answer to this call.
+    tool_call_id: Optional[str] = None
+
+    @model_validator(mode="after")
+    def _content(self):
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError("content is required (only an assistant message with tool_calls may leave it out)")
+        return self
 
     def text(self) -> str:
+        if self.content is None:
+            return ""
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+    def for_template(self) -> dict:
+        """The message as a chat template reads it (HF's keys); a developer message is a system one."""
+        m = {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
+        if self.tool_calls:
+            m["tool_calls"] = [c.model_dump() for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            m["tool_call_id"] = self.tool_call_id
+        return m
+
+
+class FunctionDefinition(_Strict):
+    name: str = Field(..., min_length=1)
+    description: Optional[str] = None
+    #: A JSON schema of the arguments (none: any JSON object).
+    parameters: Optional[Dict[str, Any]] = None
+    strict: Optional[bool] = None
+
+
+class Tool(_Strict):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Strict):
+    name: str
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class ChatCompletionRequest(_Sampling):
@@ -171,6 +228,48 @@ class ChatCompletionRequest(_Sampling):
     logprobs: bool = False
     top_logprobs: Optional[Int] = None
     add_generation_prompt: bool = True
+    tools: Optional[List[Tool]] = None
+    #: "none" (the default, as vLLM's: tools reach the template only), "required" (one call or
+    #: more, to any of the tools) or one named function; the calls are structured output under
+    #: the functions' schemas. "auto" needs a parser of the model's own tool-call format.
+    tool_choice: Optional[Union[Literal["none", "auto", "required"], NamedToolChoice]] = None
+    parallel_tool_calls: Optional[bool] = None
+
+    @model_validator(mode="after")
+    def _tools(self):
+        c = self.tool_choice
+        if c == "auto":
+            raise ValueError("tool_choice 'auto' needs a parser of the model's own tool-call format, which horae "
+                             "does not have; use 'required' or name a function")
+        if c not in (None, "none"):
+            if not self.tools:
+                raise ValueError("tool_choice 'required' or a named function needs tools")
+            if isinstance(c, NamedToolChoice) and c.function.name not in {t.function.name for t in self.tools}:
+                raise ValueError(f"tool_choice names {c.function.name!r}, which is not among the tools")
+            if self.structured_outputs is not None or (self.response_format and self.response_format.type != "text"):
+                raise ValueError("give tool_choice or structured output (response_format, structured_outputs), not both")
+        return self
+
+    def forced_tool(self) -> Optional[str]:
+        """The function every answer calls (a named tool_choice), "*" for 'required', or None."""
+        c = self.tool_choice
+        return c.function.name if isinstance(c, NamedToolChoice) else "*" if c == "required" else None
+
+    def structured(self) -> Optional[dict]:
+        """A forced tool call's arguments are structured output: a named function's schema, or
+        for 'required' a list of {"name", "parameters"} objects, one of the tools each (vLLM's)."""
+        forced = self.forced_tool()
+        if forced is None:
+            return super().structured()
+        params = {t.function.name: t.function.parameters or {"type": "object"} for t in self.tools}
+        if forced != "*":
+            return {"json": params[forced]}
+        call = [{"type": "object", "additionalProperties": False, "required": ["name", "parameters"],
+                 "properties": {"name": {"const": n}, "parameters": p}} for n, p in params.items()]
+        schema = {"type": "array", "minItems": 1, "items": {"anyOf": call}}
+        if self.parallel_tool_calls is False:
+            schema["maxItems"] = 1
+        return {"json": schema}
 
     @model_validator(mode="after")
     def _logprobs(self):

@@ -181,10 +181,11 @@ class ServerState:
             await stream.aclose()
         return out
 
-    def chat_prompt(self, messages, add_generation_prompt: bool) -> str:
-        msgs = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages]
+    def chat_prompt(self, messages, add_generation_prompt: bool, tools=None) -> str:
+        msgs = [m.for_template() for m in messages]
+        tools = [t.model_dump(exclude_none=True) for t in tools] if tools else None
         try:
-            return self.llm.apply_chat_template(msgs, add_generation_prompt=add_generation_prompt)
+            return self.llm.apply_chat_template(msgs, add_generation_prompt=add_generation_prompt, tools=tools)
         except ValueError as e:
             raise APIError(400, first_line(e), param="messages") from None
         except Exception as e:  # the template itself refused (jinja raise_exception)
