@@ -261,6 +261,29 @@ def test_tool_calls_forced_by_tool_choice(server, client):
     _assert_idle(server)
 
 
+def test_tool_call_deltas_and_a_required_list_cut_by_max_tokens():
+    """The chat route's tool-call shaping alone: a named call streams its arguments, id and name
+    first; a 'required' list comes whole when complete, and a list cut by max_tokens is answered
+    as text (no calls to parse)."""
+    from horae.serve.tools import ANY, DeltaStream, finish_reason, message
+
+    d = DeltaStream("f")
+    first, rest, done = d.delta('{"x', '{"x', False), d.delta('{"x": 1}', '": 1}', False), d.delta('{"x": 1}', "", True)
+    assert first["tool_calls"][0]["function"] == {"name": "f", "arguments": '{"x'} and first["tool_calls"][0]["id"]
+    assert rest == {"tool_calls": [{"index": 0, "function": {"arguments": '": 1}'}}]} and done == {}
+    r = DeltaStream(ANY)
+    assert r.delta('[{"name": "f"', '[{"name": "f"', False) == {}
+    whole = '[{"name": "f", "parameters": {"x": 1}}, {"name": "g", "parameters": {}}]'
+    calls = r.delta(whole, whole, True)["tool_calls"]
+    got = [(c["index"], c["function"]["name"], c["function"]["arguments"]) for c in calls]
+    assert got == [(0, "f", '{"x": 1}'), (1, "g", "{}")]
+    assert DeltaStream(ANY).delta('[{"name": "f"', "", True) == {"content": '[{"name": "f"'}
+    assert message(ANY, '[{"name": "f"') == {"role": "assistant", "content": '[{"name": "f"'}
+    assert message(None, "hi") == {"role": "assistant", "content": "hi"}
+    ends = [finish_reason(ANY, "stop"), finish_reason(ANY, "length"), finish_reason("f", "stop")]
+    assert ends == ["tool_calls", "length", "stop"]
+
+
 def test_completions(server, client):
     r = client.completions.create(model="smollm2", prompt=["The capital of France is", "1, 2, 3,"], max_tokens=6,
                                   temperature=0, logprobs=2)

@@ -3,10 +3,9 @@ chat logprobs format."""
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
-from typing import List, Optional
+from typing import Optional
 
 from fastapi import APIRouter, Request
 
@@ -14,6 +13,7 @@ from horae.serve.errors import APIError
 from horae.serve.protocol import ChatCompletionRequest
 from horae.serve.state import ServerState, new_parts, usage
 from horae.serve.streaming import sse_response
+from horae.serve.tools import DeltaStream, finish_reason, message
 
 
 def chat_logprobs(state: ServerState, c, start: int, top: int) -> Optional[dict]:
@@ -27,21 +27,6 @@ def chat_logprobs(state: ServerState, c, start: int, top: int) -> Optional[dict]
                         "top_logprobs": [{"token": state.piece(a), "logprob": v, "bytes": list(state.piece(a).encode())}
                                          for a, v in alts]})
     return {"content": content}
-
-
-def tool_calls(forced: str, text: str) -> Optional[List[dict]]:
-    """A forced tool call's answer as OpenAI's `tool_calls`: the named function with the text as
-    its arguments, or for 'required' ("*") each {"name", "parameters"} of the list; None where
-    the text is not a complete list (cut by max_tokens)."""
-    new_id = lambda: f"chatcmpl-tool-{uuid.uuid4().hex}"  # noqa: E731
-    if forced != "*":
-        return [{"id": new_id(), "type": "function", "function": {"name": forced, "arguments": text}}]
-    try:
-        calls = json.loads(text)
-    except ValueError:
-        return None
-    return [{"id": new_id(), "type": "function",
-             "function": {"name": c["name"], "arguments": json.dumps(c["parameters"])}} for c in calls]
 
 
 def router(state: ServerState) -> APIRouter:
@@ -66,22 +51,13 @@ def router(state: ServerState) -> APIRouter:
                            e.code) from None
         stream = streams[0]
 
-        def message(c) -> dict:
-            calls = tool_calls(forced, c.text) if forced else None
-            if calls is None:
-                return {"role": "assistant", "content": c.text}
-            return {"role": "assistant", "content": None, "tool_calls": calls}
-
-        def finish(c) -> Optional[str]:
-            # As vLLM: 'required' ends in "tool_calls"; a named function's call ends as its text did.
-            return "tool_calls" if forced == "*" and c.finish_reason == "stop" else c.finish_reason
-
         base = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
                 "model": state.config.model_name}
         if not req.stream:
             out = await state.final_output(stream, out, raw)
-            choices = [{"index": c.index, "message": message(c), "logprobs": chat_logprobs(state, c, 0, top),
-                        "finish_reason": finish(c), "stop_reason": c.stop_reason} for c in out.outputs]
+            choices = [{"index": c.index, "message": message(forced, c.text), "logprobs": chat_logprobs(state, c, 0, top),
+                        "finish_reason": finish_reason(forced, c.finish_reason), "stop_reason": c.stop_reason}
+                       for c in out.outputs]
             return {**base, "choices": choices, "usage": usage(len(ids), sum(len(c.token_ids) for c in out.outputs),
                                                                  out.num_cached_tokens)}
 
@@ -96,30 +72,20 @@ def router(state: ServerState) -> APIRouter:
             for i in range(req.n):  # the role comes first, as OpenAI sends it
                 yield {**chunk, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
                                              "logprobs": None, "finish_reason": None}], **extra}
-            called: set = set()
+            calls = {i: DeltaStream(forced) for i in range(req.n)} if forced else {}
             while cur is not None:
                 for c, chars, toks, fin in new_parts(cur, sent):
-                    delta = {"content": c.text[chars:]} if len(c.text) > chars or not fin else {}
-                    if forced and forced != "*" and delta:
-                        # A named function's arguments stream as they are written: the call's id,
-                        # type and name come with the first piece, as in OpenAI's deltas.
-                        call = {"index": 0, "function": {"arguments": delta["content"]}}
-                        if c.index not in called:
-                            called.add(c.index)
-                            call.update(id=f"chatcmpl-tool-{uuid.uuid4().hex}", type="function")
-                            call["function"] = {"name": forced, **call["function"]}
-                        delta = {"tool_calls": [call]}
-                    elif forced == "*":
-                        # 'required': the calls are a JSON list, sent whole once it is complete.
-                        calls = tool_calls(forced, c.text) if fin else None
-                        delta = ({"tool_calls": [{"index": k, **tc} for k, tc in enumerate(calls)]} if calls
-                                 else {"content": c.text} if fin else {})
-                        if not delta and c.logprobs is None:
+                    if forced:
+                        delta = calls[c.index].delta(c.text, c.text[chars:], fin)
+                        if not delta and not fin and c.logprobs is None:
                             continue
+                    else:
+                        delta = {"content": c.text[chars:]} if len(c.text) > chars or not fin else {}
                     tail = ({"usage": usage(len(ids), sum(len(x.token_ids) for x in cur.outputs), cur.num_cached_tokens)}
                             if continuous else extra)
+                    end = finish_reason(forced, c.finish_reason) if fin else None
                     yield {**chunk, "choices": [{"index": c.index, "delta": delta, "logprobs": chat_logprobs(state, c, toks, top),
-                                                 "finish_reason": finish(c) if fin else None}], **tail}
+                                                 "finish_reason": end}], **tail}
                 if cur.finished:
                     break
                 cur = await stream.__anext__()
