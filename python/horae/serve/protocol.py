@@ -12,6 +12,8 @@ from typing import Annotated, Any, Dict, List, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from horae.sampling_params import StructuredOutputsParams
+
 MAX_N = 16
 
 #: An integer the engine can take: beyond 64 bits it is refused here, naming the field.
@@ -39,10 +41,13 @@ class StructuredOutputs(_Strict):
 
     @model_validator(mode="after")
     def _one(self):
-        given = [k for k, v in self.model_dump(by_alias=True).items() if v not in (None, False)]
-        if len(given) != 1:
-            raise ValueError("give exactly one of json, regex, choice, grammar, json_object"
-                             f" (got {', '.join(given) or 'none'})")
+        # The one check (`StructuredOutputsParams`'s), here so that it answers a 400 naming the field.
+        try:
+            StructuredOutputsParams(**self.model_dump(by_alias=True, exclude_none=True))
+        except (TypeError, ValueError) as e:
+            # A ValueError (the only kind pydantic makes the field's error), without the field's
+            # name, which the 400's message puts first.
+            raise ValueError(str(e).removeprefix("structured_outputs: ")) from None
         return self
 
 
