@@ -51,11 +51,11 @@ class StructuredOutputs(_Strict):
         return self
 
 
-class JsonSchema(BaseModel):
+class JsonSchema(_Strict):
     """OpenAI's `response_format.json_schema`: the schema, under a name."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
     name: str
+    # "schema" itself would shadow pydantic's deprecated `BaseModel.schema`.
     schema_: Optional[Dict[str, Any]] = Field(None, alias="schema")
     description: Optional[str] = None
     strict: Optional[bool] = None
