@@ -15,6 +15,7 @@ import urllib.request
 
 import numpy as np
 import pytest
+from conftest import WEATHER_SHOWN, WEATHER_TOOL
 
 from horae import _core
 
@@ -53,7 +54,7 @@ def _free_port() -> int:
 def cluster():
     from horae.cluster import serve_replicas
 
-    c = serve_replicas(replicas=2, port=_free_port(), kv_cache_tokens=4096, seed=0)
+    c = serve_replicas(replicas=2, port=_free_port(), kv_cache_tokens=4096, seed=0, tool_call_parser="hermes")
     _wait_until(lambda: _replica_series(c) >= 2, 60, "both replicas publishing")
     yield c
     c.shutdown()
@@ -142,6 +143,12 @@ def test_the_openai_client_works_through_the_ingress(cluster):
         model=MODEL, messages=[{"role": "user", "content": "Weather in Paris?"}], max_tokens=30, temperature=0,
         tools=[tool], tool_choice={"type": "function", "function": {"name": "get_weather"}})
     assert "city" in json.loads(call.choices[0].message.tool_calls[0].function.arguments)
+    # tool_choice "auto" (the default with tools): the ingress reads the model's own calls with the
+    # parser the cluster was started with.
+    auto = client.chat.completions.create(model=MODEL, messages=WEATHER_SHOWN, max_tokens=40, temperature=0,
+                                          tools=[WEATHER_TOOL])
+    assert auto.choices[0].finish_reason == "tool_calls", auto
+    assert json.loads(auto.choices[0].message.tool_calls[0].function.arguments) == {"city": "Paris"}
 
 
 def test_bad_input_gets_the_servers_400s_through_the_ingress(cluster):
@@ -270,6 +277,8 @@ def test_bad_cluster_arguments_are_named(monkeypatch):
         serve_replicas(retry_shed="often")
     with pytest.raises(ValueError, match="the router is a name, got 3"):
         serve_replicas(router=3)
+    with pytest.raises(ValueError, match="unknown tool-call parser 'mistral'; choose one of hermes, llama3_json"):
+        serve_replicas(tool_call_parser="mistral")
     # Names as the core parses them (case, `_` for `-`), so the front end refuses only what the
     # core would.
     assert check_args(2, " Power_Of_Two", "IN_TIME") == ("power-of-two", "in-time")

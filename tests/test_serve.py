@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import openai
 import pytest
+from conftest import WEATHER_SHOWN, WEATHER_TOOL
 
 from horae import SamplingParams
 from horae.async_llm import AsyncLLM, RequestDroppedError
@@ -201,7 +202,8 @@ def test_tool_calls_forced_by_tool_choice(server, client):
     """OpenAI's `tools` with `tool_choice` naming a function or 'required': the call's arguments
     are structured output under the function's schema (vLLM's way), answered as `tool_calls`,
     streamed or not; the conversation goes on with the call and a tool message in its history.
-    'auto' (which needs the model's own tool-call format parsed) is refused by name."""
+    'auto', the default when tools are given, needs the server's tool-call parser: refused by name
+    here (test_tool_calls_chosen_by_the_model serves it)."""
     weather = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
                "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}},
                               "required": ["city"], "additionalProperties": False}}}
@@ -246,12 +248,14 @@ def test_tool_calls_forced_by_tool_choice(server, client):
     history = msgs + [{"role": "assistant", "content": None, "tool_calls": [m.tool_calls[0].model_dump()]},
                       {"role": "tool", "tool_call_id": m.tool_calls[0].id, "content": "Sunny, 21 C"}]
     more = client.chat.completions.create(model="smollm2", messages=history, max_tokens=8, temperature=0,
-                                          tools=[weather])
+                                          tools=[weather], tool_choice="none")
     assert more.choices[0].message.content and more.choices[0].message.tool_calls is None
     h = {"Authorization": f"Bearer {KEY}"}
     nope = {"type": "function", "function": {"name": "nope"}}
-    for extra, what in [({"tool_choice": "auto"}, "needs a parser"), ({"tool_choice": nope}, "not among the tools"),
+    for extra, what in [({"tool_choice": "auto"}, "--enable-auto-tool-choice and --tool-call-parser"),
+                        ({}, "the default when tools are given"), ({"tool_choice": nope}, "not among the tools"),
                         ({"tool_choice": "required", "tools": None}, "needs tools"),
+                        ({"tool_choice": "auto", "tools": None}, "'auto' needs tools"),
                         ({"tool_choice": "required", "response_format": {"type": "json_object"}}, "not both")]:
         body = {"model": "smollm2", "messages": msgs, "tools": [weather], **extra}
         err = _error(httpx.post(server.url + "/v1/chat/completions", json=body, headers=h), 400)
@@ -265,23 +269,117 @@ def test_tool_call_deltas_and_a_required_list_cut_by_max_tokens():
     """The chat route's tool-call shaping alone: a named call streams its arguments, id and name
     first; a 'required' list comes whole when complete, and a list cut by max_tokens is answered
     as text (no calls to parse)."""
-    from horae.serve.tools import ANY, DeltaStream, finish_reason, message
+    from horae.serve.tools import Named, Required, Stream, finish_reason, message
 
-    d = DeltaStream("f")
-    first, rest, done = d.delta('{"x', '{"x', False), d.delta('{"x": 1}', '": 1}', False), d.delta('{"x": 1}', "", True)
+    d = Stream(Named("f"))
+    first, rest, done = d.delta('{"x', False), d.delta('{"x": 1}', False), d.delta('{"x": 1}', True)
     assert first["tool_calls"][0]["function"] == {"name": "f", "arguments": '{"x'} and first["tool_calls"][0]["id"]
     assert rest == {"tool_calls": [{"index": 0, "function": {"arguments": '": 1}'}}]} and done == {}
-    r = DeltaStream(ANY)
-    assert r.delta('[{"name": "f"', '[{"name": "f"', False) == {}
+    r = Stream(Required())
+    assert r.delta('[{"name": "f"', False) == {}
     whole = '[{"name": "f", "parameters": {"x": 1}}, {"name": "g", "parameters": {}}]'
-    calls = r.delta(whole, whole, True)["tool_calls"]
+    calls = r.delta(whole, True)["tool_calls"]
     got = [(c["index"], c["function"]["name"], c["function"]["arguments"]) for c in calls]
     assert got == [(0, "f", '{"x": 1}'), (1, "g", "{}")]
-    assert DeltaStream(ANY).delta('[{"name": "f"', "", True) == {"content": '[{"name": "f"'}
-    assert message(ANY, '[{"name": "f"') == {"role": "assistant", "content": '[{"name": "f"'}
+    assert Stream(Required()).delta('[{"name": "f"', True) == {"content": '[{"name": "f"'}
+    assert message(Required(), '[{"name": "f"') == {"role": "assistant", "content": '[{"name": "f"'}
     assert message(None, "hi") == {"role": "assistant", "content": "hi"}
-    ends = [finish_reason(ANY, "stop"), finish_reason(ANY, "length"), finish_reason("f", "stop")]
-    assert ends == ["tool_calls", "length", "stop"]
+    ends = [finish_reason(Required(), whole, "stop"), finish_reason(Required(), whole, "length"),
+            finish_reason(Named("f"), "{}", "stop"), finish_reason(Required(), '[{"name"', "stop")]
+    assert ends == ["tool_calls", "length", "stop", "stop"]
+
+
+# Answers in each parser's format, and what they read as: (content, [(name, arguments)]).
+_HERMES = [
+    ('Let me look.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>\n'
+     '<tool_call>\n{"name": "get_time", "arguments": {"zone": "CET"}}\n</tool_call>',
+     ("Let me look.\n", [("get_weather", '{"city": "Paris"}'), ("get_time", '{"zone": "CET"}')])),
+    ("Paris is sunny; <tools> are not calls", ("Paris is sunny; <tools> are not calls", [])),
+    ('<tool_call>{"name": "f", "arguments": {"a": "\u00e9"}}', ("", [("f", '{"a": "\u00e9"}')])),  # cut: read
+    ('<tool_call>{"name": "f", "argu', ('<tool_call>{"name": "f", "argu', [])),  # cut mid-call: text
+    ('<tool_call>{not json}</tool_call> then text', ('<tool_call>{not json}</tool_call> then text', [])),
+    ('<tool_call>{"name": "f", "parameters": "{\\"a\\": 1}"}</tool_call>\nDone.', ("Done.", [("f", '{"a": 1}')])),
+]
+_LLAMA3 = [
+    ('{"name": "f", "parameters": {"a": 1}}; {"name": "g", "arguments": {}}', ("", [("f", '{"a": 1}'), ("g", "{}")])),
+    ('<|python_tag|>{"name": "f", "parameters": {"a": 1}}', ("", [("f", '{"a": 1}')])),
+    ("Hello, the answer is {x}", ("Hello, the answer is {x}", [])),
+    ('  {"answer": 42}', ('  {"answer": 42}', [])),  # JSON that is not a call stays content
+    ('{"name": "f", "parameters": {"a": 1}} and some words', ("and some words", [("f", '{"a": 1}')])),
+    ('{"name": "f", "parameters": {"a"', ('{"name": "f", "parameters": {"a"', [])),
+]
+
+
+@pytest.mark.parametrize("name,cases", [("hermes", _HERMES), ("llama3_json", _LLAMA3)])
+def test_tool_call_parsers_read_whole_answers_and_every_prefix(name, cases):
+    """tool_choice 'auto': each parser's reading of whole answers, and of every prefix while it is
+    written: only decided content and complete calls, each a prefix of the whole's, so the
+    stream's deltas add up to the whole answer, calls with one id each."""
+    from horae.serve.tool_parsers import tool_parser
+    from horae.serve.tools import Auto, Stream, message
+
+    parser = tool_parser(name)
+    for text, want in cases:
+        assert parser.split(text, True) == want, text
+        content, calls = want
+        stream, got, pieces = Stream(Auto(parser)), "", {}
+        for n in range(len(text) + 1):
+            c, cs = parser.split(text[:n], False)
+            assert content.startswith(c) and cs == calls[:len(cs)], (text, n, c, cs)
+            d = stream.delta(text[:n], n == len(text))
+            got += d.get("content", "")
+            for p in d.get("tool_calls", []):
+                assert p["index"] not in pieces and p["id"] and p["type"] == "function", p
+                pieces[p["index"]] = (p["function"]["name"], p["function"]["arguments"])
+        assert got == content and [pieces[k] for k in range(len(pieces))] == calls, (text, got, pieces)
+        m = message(Auto(parser), text)
+        assert m["content"] == (content or None if calls else content), m
+        assert [(c["function"]["name"], c["function"]["arguments"]) for c in m.get("tool_calls", [])] == calls
+    with pytest.raises(ValueError, match="hermes, llama3_json"):
+        tool_parser("mistral")
+
+
+def test_tool_calls_chosen_by_the_model(server, client, monkeypatch):
+    """tool_choice 'auto' (the default with tools) on a server with `--tool-call-parser hermes`:
+    the real model, shown the format by example, calls the tool itself, answered as `tool_calls`
+    whole and streamed; a question it answers in text stays text, the same as without tools.
+    The fixture's server, with the parser `horae serve --enable-auto-tool-choice` would give it."""
+    monkeypatch.setattr(server.app.state.server.config, "tool_call_parser", "hermes")
+    shown, weather = WEATHER_SHOWN, WEATHER_TOOL
+    r = client.chat.completions.create(model="smollm2", messages=shown, max_tokens=40, temperature=0, tools=[weather])
+    m = r.choices[0].message
+    assert r.choices[0].finish_reason == "tool_calls" and m.content is None, r
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in m.tool_calls] == [
+        ("get_weather", {"city": "Paris"})]
+    pieces, finish = [], None
+    for chunk in client.chat.completions.create(model="smollm2", messages=shown, max_tokens=40, temperature=0,
+                                                tools=[weather], stream=True):
+        assert not chunk.choices[0].delta.content, chunk  # the call's text is not content
+        pieces += chunk.choices[0].delta.tool_calls or []
+        finish = chunk.choices[0].finish_reason or finish
+    assert finish == "tool_calls" and [(p.index, p.function.name, p.function.arguments) for p in pieces] == [
+        (0, "get_weather", m.tool_calls[0].function.arguments)]
+    plain = client.chat.completions.create(model="smollm2", messages=CAPITAL, max_tokens=12, temperature=0)
+    text = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+        model="smollm2", messages=CAPITAL, max_tokens=12, temperature=0, tools=[weather], stream=True))
+    asked = client.chat.completions.create(model="smollm2", messages=CAPITAL, max_tokens=12, temperature=0,
+                                           tools=[weather], tool_choice="auto")
+    assert asked.choices[0].message.tool_calls is None and asked.choices[0].finish_reason == "stop"
+    assert asked.choices[0].message.content == text == plain.choices[0].message.content, (asked, text, plain)
+    _assert_idle(server)
+
+
+def test_serve_auto_tool_choice_options_go_together(capsys):
+    from horae.cli import main
+
+    for args in (["--enable-auto-tool-choice"], ["--tool-call-parser", "hermes"]):
+        assert main(["serve", "--port", "0", *args]) == 2
+        assert "--enable-auto-tool-choice and --tool-call-parser go together" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["serve", "--enable-auto-tool-choice", "--tool-call-parser", "mistral"])
+    assert "invalid choice: 'mistral'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="unknown tool-call parser 'mistral'"):
+        ServerConfig(model_name="m", tool_call_parser="mistral")
 
 
 def test_completions(server, client):

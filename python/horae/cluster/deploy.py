@@ -75,14 +75,15 @@ def serve_replicas(model: Optional[str] = None, *, replicas: int = 2, router: st
                    retry_shed: str = "always", ray_address: Optional[str] = None, host: str = "127.0.0.1", port: int = 8000,
                    served_model_name: Optional[str] = None, api_key: Optional[str] = None, max_queue: int = 256,
                    max_body_bytes: int = 4 << 20, stats_period: float = 0.5, threads_per_replica: Optional[int] = None,
-                   log_level: str = "WARNING",
+                   log_level: str = "WARNING", tool_call_parser: Optional[str] = None,
                    **engine_args: Any) -> Cluster:
     """`replicas` engines of `model` (each an `AsyncLLM` with `engine_args`) behind `router`
     (`_core.ROUTERS`; "forecast" is horae's) and one ingress serving `horae serve`'s routes on
     host:port. A request a replica sheds goes on by `retry_shed` (`_core.RETRY_RULES`; "always":
     to any replica not tried while its first-token bound holds). Replicas publish routing stats
     every `stats_period` seconds. Each replica's kernels use `threads_per_replica` threads
-    (default: this machine's cores shared evenly)."""
+    (default: this machine's cores shared evenly). `tool_call_parser` serves tool_choice "auto"
+    (`horae serve --enable-auto-tool-choice --tool-call-parser NAME`)."""
     router, retry_shed = check_args(replicas, router, retry_shed)
     replicas = int(replicas)  # numpy's integers pass the check; Ray's options want Python's
     ray = require_ray()
@@ -101,6 +102,9 @@ def serve_replicas(model: Optional[str] = None, *, replicas: int = 2, router: st
     # one (Ray workers do not start in this directory); a default or named model is resolved by
     # each replica, on its own node.
     model_dir = resolve_model(model)
+    name = served_model_name or model_dir.name
+    config = ServerConfig(model_name=name, api_key=api_key, max_queue=max_queue, max_body_bytes=max_body_bytes,
+                          tool_call_parser=tool_call_parser)  # its errors before Ray starts
     if model is not None and Path(model).exists():
         model = str(Path(model).resolve())
     if engine_args.get("history_file"):  # likewise; each replica adds its rank to the name
@@ -110,7 +114,6 @@ def serve_replicas(model: Optional[str] = None, *, replicas: int = 2, router: st
     if owns_ray:
         ray.init(address=ray_address, include_dashboard=False, logging_level="warning")
     serve.start(http_options=HTTPOptions(host=host, port=port))
-    name = served_model_name or model_dir.name
     replica = serve.deployment(
         HoraeReplica, name=REPLICAS, num_replicas=replicas, max_ongoing_requests=100_000,
         # CPU accounting is left to the kernels' threads: a replica reserving whole cores would not
@@ -126,7 +129,6 @@ def serve_replicas(model: Optional[str] = None, *, replicas: int = 2, router: st
     ).bind(model, engine_args, name)
     ingress = serve.deployment(serve.ingress()(Ingress), name="horae-ingress", num_replicas=1,
                                max_ongoing_requests=100_000, ray_actor_options={"num_cpus": 0})
-    config = ServerConfig(model_name=name, api_key=api_key, max_queue=max_queue, max_body_bytes=max_body_bytes)
     logging = LoggingConfig(log_level=log_level.upper(), enable_access_log=log_level.upper() in ("DEBUG", "INFO"))
     serve.run(ingress.bind(replica, config), name=APP, route_prefix="/", blocking=False, logging_config=logging)
     return Cluster(url=f"http://{host}:{port}", replicas=replicas, router=router, owns_ray=owns_ray)
@@ -137,13 +139,13 @@ def run(args) -> int:
     import signal
     import threading
 
-    from horae.serve import engine_args
+    from horae.serve import engine_args, tool_call_parser
 
     cluster = serve_replicas(args.model, replicas=args.replicas, router=args.router, retry_shed=args.retry_shed,
                              ray_address=args.ray_address,
                              host=args.host, port=args.port, served_model_name=args.served_model_name,
                              api_key=args.api_key, max_queue=args.max_queue, max_body_bytes=args.max_body_bytes,
-                             log_level=args.log_level, **engine_args(args))
+                             log_level=args.log_level, tool_call_parser=tool_call_parser(args), **engine_args(args))
     print(f"serving {args.replicas} replicas (router: {args.router}) on {cluster.url}/v1", flush=True)
     # Ctrl-C or SIGTERM (a service manager's stop) ends it, and Serve and Ray stop with it.
     stop = threading.Event()

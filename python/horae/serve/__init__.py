@@ -6,6 +6,7 @@ import argparse
 from typing import Optional, Sequence
 
 from horae import _core
+from horae.serve.tool_parsers import PARSERS
 
 __all__ = ["ServerConfig", "ServerThread", "build_app", "add_arguments", "run"]
 
@@ -136,6 +137,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, help="make the run reproducible: unseeded requests draw from streams derived "
                                             "from it (default: fresh entropy)")
     p.add_argument("--max-body-bytes", type=int, default=4 << 20, help="largest request body (413 beyond)")
+    p.add_argument("--enable-auto-tool-choice", action="store_true",
+                   help='serve tool_choice "auto" (the default when a request gives tools): the model calls tools in '
+                        "its own format, read by --tool-call-parser (vLLM's option)")
+    p.add_argument("--tool-call-parser", choices=sorted(PARSERS),
+                   help="with --enable-auto-tool-choice: the model's tool-call format: hermes (Hermes 2 Pro / 3, "
+                        "Qwen2.5, Qwen3, SmolLM3) or llama3_json (Llama 3.1-3.3)")
     p.add_argument("--log-level", default="info")
     r = p.add_argument_group("replicas (Ray Serve; pip install \"horae[ray]\")")
     r.add_argument("--replicas", type=int, metavar="N",
@@ -151,6 +158,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument("--ray-address", metavar="ADDR",
                    help="with --replicas: join this Ray cluster (host:port, ray://host:port or auto) instead of "
                         "starting a local one")
+
+
+def tool_call_parser(args: argparse.Namespace) -> Optional[str]:
+    """The parser for tool_choice "auto", or None; the two options go together (vLLM's rule)."""
+    if args.enable_auto_tool_choice != (args.tool_call_parser is not None):
+        raise ValueError("--enable-auto-tool-choice and --tool-call-parser go together: give both or neither")
+    return args.tool_call_parser
 
 
 def engine_args(args: argparse.Namespace) -> dict:
@@ -186,6 +200,7 @@ def make_app(args: argparse.Namespace):
     from horae.async_llm import AsyncLLM
     from horae.serve.app import ServerConfig, build_app
 
+    parser = tool_call_parser(args)
     llm = AsyncLLM(args.model, **engine_args(args))
     if llm.engine.history_status is not None:
         print(f"history: {llm.engine.history_status[1]}", flush=True)
@@ -194,7 +209,7 @@ def make_app(args: argparse.Namespace):
     prepare_structured_output(llm)
     name = args.served_model_name or llm.model_dir.name
     return build_app(llm, ServerConfig(model_name=name, api_key=args.api_key, max_queue=args.max_queue,
-                                       max_body_bytes=args.max_body_bytes))
+                                       max_body_bytes=args.max_body_bytes, tool_call_parser=parser))
 
 
 def listen(host: str, port: int):

@@ -13,7 +13,7 @@ from horae.serve.errors import APIError
 from horae.serve.protocol import ChatCompletionRequest
 from horae.serve.state import ServerState, new_parts, usage
 from horae.serve.streaming import sse_response
-from horae.serve.tools import DeltaStream, finish_reason, message
+from horae.serve.tools import Stream, finish_reason, message, reader_for
 
 
 def chat_logprobs(state: ServerState, c, start: int, top: int) -> Optional[dict]:
@@ -35,8 +35,10 @@ def router(state: ServerState) -> APIRouter:
     @r.post("/v1/chat/completions")
     async def chat_completions(req: ChatCompletionRequest, raw: Request):
         state.check_model(req.model)
+        reader = reader_for(req, state.config.tool_call_parser)
         ids = state.encode(state.chat_prompt(req.messages, req.add_generation_prompt, req.tools), "messages")
-        forced = req.forced_tool()
+        if reader is not None and reader.keep_special_tokens:
+            req.skip_special_tokens = False  # the parser reads the model's call tags as it wrote them
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         top = req.top_logprobs or 0
         params = state.sampling(req, max_tokens, top if req.logprobs else None)
@@ -55,8 +57,8 @@ def router(state: ServerState) -> APIRouter:
                 "model": state.config.model_name}
         if not req.stream:
             out = await state.final_output(stream, out, raw)
-            choices = [{"index": c.index, "message": message(forced, c.text), "logprobs": chat_logprobs(state, c, 0, top),
-                        "finish_reason": finish_reason(forced, c.finish_reason), "stop_reason": c.stop_reason}
+            choices = [{"index": c.index, "message": message(reader, c.text), "logprobs": chat_logprobs(state, c, 0, top),
+                        "finish_reason": finish_reason(reader, c.text, c.finish_reason), "stop_reason": c.stop_reason}
                        for c in out.outputs]
             return {**base, "choices": choices, "usage": usage(len(ids), sum(len(c.token_ids) for c in out.outputs),
                                                                  out.num_cached_tokens)}
@@ -72,18 +74,18 @@ def router(state: ServerState) -> APIRouter:
             for i in range(req.n):  # the role comes first, as OpenAI sends it
                 yield {**chunk, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
                                              "logprobs": None, "finish_reason": None}], **extra}
-            calls = {i: DeltaStream(forced) for i in range(req.n)} if forced else {}
+            calls = {i: Stream(reader) for i in range(req.n)} if reader else {}
             while cur is not None:
                 for c, chars, toks, fin in new_parts(cur, sent):
-                    if forced:
-                        delta = calls[c.index].delta(c.text, c.text[chars:], fin)
+                    if reader:
+                        delta = calls[c.index].delta(c.text, fin)
                         if not delta and not fin and c.logprobs is None:
                             continue
                     else:
                         delta = {"content": c.text[chars:]} if len(c.text) > chars or not fin else {}
                     tail = ({"usage": usage(len(ids), sum(len(x.token_ids) for x in cur.outputs), cur.num_cached_tokens)}
                             if continuous else extra)
-                    end = finish_reason(forced, c.finish_reason) if fin else None
+                    end = finish_reason(reader, c.text, c.finish_reason) if fin else None
                     yield {**chunk, "choices": [{"index": c.index, "delta": delta, "logprobs": chat_logprobs(state, c, toks, top),
                                                  "finish_reason": end}], **tail}
                 if cur.finished:

@@ -234,21 +234,21 @@ class ChatCompletionRequest(_Sampling):
     top_logprobs: Optional[Int] = None
     add_generation_prompt: bool = True
     tools: Optional[List[Tool]] = None
-    #: "none" (the default, as vLLM's: tools reach the template only), "required" (one call or
-    #: more, to any of the tools) or one named function; the calls are structured output under
-    #: the functions' schemas. "auto" needs a parser of the model's own tool-call format.
+    #: "auto" (the default when tools are given, as OpenAI's and vLLM's: the model calls them in
+    #: its own format or answers, read by the server's --tool-call-parser), "none" (tools reach
+    #: the template only), "required" (one call or more, to any of the tools) or one named
+    #: function; the last two are structured output under the functions' schemas (tools.py).
     tool_choice: Optional[Union[Literal["none", "auto", "required"], NamedToolChoice]] = None
     parallel_tool_calls: Optional[bool] = None
 
     @model_validator(mode="after")
     def _tools(self):
+        if self.tool_choice is None and self.tools:
+            self.tool_choice = "auto"
         c = self.tool_choice
-        if c == "auto":
-            raise ValueError("tool_choice 'auto' needs a parser of the model's own tool-call format, which horae "
-                             "does not have; use 'required' or name a function")
-        if c not in (None, "none"):
-            if not self.tools:
-                raise ValueError("tool_choice 'required' or a named function needs tools")
+        if c not in (None, "none") and not self.tools:
+            raise ValueError(f"tool_choice {repr(c) if isinstance(c, str) else 'naming a function'} needs tools")
+        if c not in (None, "none", "auto"):
             if isinstance(c, NamedToolChoice) and c.function.name not in {t.function.name for t in self.tools}:
                 raise ValueError(f"tool_choice names {c.function.name!r}, which is not among the tools")
             if self.structured_outputs is not None or (self.response_format and self.response_format.type != "text"):

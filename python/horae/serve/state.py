@@ -15,6 +15,7 @@ from horae.outputs import RequestOutput
 from horae.sampling_params import SamplingParams
 from horae.serve.errors import APIError, bad_request, first_line
 from horae.serve.metrics import EngineMetrics, MetricsSource
+from horae.serve.tool_parsers import tool_parser
 
 
 @dataclass
@@ -25,6 +26,13 @@ class ServerConfig:
     max_queue: int = 256
     #: Largest request body, in bytes (413 beyond).
     max_body_bytes: int = 4 << 20
+    #: The model's tool-call format (`tool_parsers.PARSERS`), read for tool_choice "auto"; None:
+    #: "auto" is refused (vLLM's --enable-auto-tool-choice with --tool-call-parser).
+    tool_call_parser: Optional[str] = None
+
+    def __post_init__(self):
+        if self.tool_call_parser is not None:
+            tool_parser(self.tool_call_parser)  # a ValueError naming the choices, at start
 
 
 def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: Optional[int] = None) -> dict:

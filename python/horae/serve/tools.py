@@ -1,7 +1,14 @@
-"""Tool calls as OpenAI answers them, from a forced call's text: a `tool_choice` naming a function
-makes the text that function's arguments; `"required"` makes it a JSON list of
-`{"name", "parameters"}` objects (the structured output `ChatCompletionRequest.structured` asks
-for). Whole answers and stream deltas."""
+"""Tool calls as OpenAI answers them, whole or as stream deltas, for the three ways a request can
+ask for them (`reader_for` gives the reader of its answers):
+- `Named` (a `tool_choice` naming a function): the text is that function's arguments, written
+  under its schema (structured output);
+- `Required` ("required"): the text is a JSON list of `{"name", "parameters"}` objects, under the
+  schema `ChatCompletionRequest.structured` gives;
+- `Auto` ("auto", with the server's `--tool-call-parser`): the model writes calls in its own
+  format, or not, and a parser (tool_parsers.py) reads them.
+
+Each reader reads an answer as (content, calls) with `split(text, final)`, giving while the answer is
+still written only what is decided, so that `Stream`'s deltas add up to `message`'s answer."""
 
 from __future__ import annotations
 
@@ -9,60 +16,109 @@ import json
 import uuid
 from typing import List, Optional
 
-#: `forced` for tool_choice "required" (any of the tools, one call or more).
-ANY = "*"
+from horae.serve.errors import APIError
+from horae.serve.tool_parsers import Call, Reading, tool_parser
 
 
 def call_id() -> str:
     return f"chatcmpl-tool-{uuid.uuid4().hex}"
 
 
-def tool_calls(forced: str, text: str) -> Optional[List[dict]]:
-    """A forced answer as OpenAI's `tool_calls`: the named function with the text as its
-    arguments, or for "required" each call of the list; None where the text is not a complete
-    list (cut by max_tokens)."""
-    if forced != ANY:
-        return [{"id": call_id(), "type": "function", "function": {"name": forced, "arguments": text}}]
-    try:
-        calls = json.loads(text)
-    except ValueError:
+class Named:
+    #: As vLLM: a named function's call ends as its text did ("stop"), the others in "tool_calls".
+    ends_in_tool_calls = False
+    keep_special_tokens = False
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def split(self, text: str, final: bool) -> Reading:
+        return "", [(self.name, text)]  # the arguments are sent as they are written
+
+
+class Required:
+    ends_in_tool_calls = True
+    keep_special_tokens = False
+
+    def split(self, text: str, final: bool) -> Reading:
+        if not final:
+            return "", []
+        try:
+            return "", [(c["name"], json.dumps(c["parameters"], ensure_ascii=False)) for c in json.loads(text)]
+        except ValueError:  # cut by max_tokens: not a complete list, so the text as it is
+            return text, []
+
+
+class Auto:
+    ends_in_tool_calls = True
+
+    def __init__(self, parser):
+        self.parser, self.keep_special_tokens = parser, parser.keep_special_tokens
+
+    def split(self, text: str, final: bool) -> Reading:
+        return self.parser.split(text, final)
+
+
+def reader_for(req, parser_name: Optional[str]):
+    """How the request's answers become tool calls (None: they do not). "auto" (also the default
+    when tools are given, as in OpenAI's API and vLLM's) needs the server's parser."""
+    c = req.tool_choice
+    if c is None or c == "none":
         return None
-    return [{"id": call_id(), "type": "function", "function": {"name": c["name"], "arguments": json.dumps(c["parameters"])}}
-            for c in calls]
+    if c == "required":
+        return Required()
+    if c == "auto":
+        if parser_name is None:
+            raise APIError(400, '"auto" tool choice (the default when tools are given) requires the server to be '
+                                'started with --enable-auto-tool-choice and --tool-call-parser; or send tool_choice '
+                                '"none", "required" or a named function', param="tool_choice")
+        return Auto(tool_parser(parser_name))
+    return Named(c.function.name)
 
 
-def finish_reason(forced: Optional[str], reason: Optional[str]) -> Optional[str]:
-    """As vLLM: "required" ends in "tool_calls"; a named function's call ends as its text did."""
-    return "tool_calls" if forced == ANY and reason == "stop" else reason
+def _calls(calls: List[Call]) -> List[dict]:
+    return [{"id": call_id(), "type": "function", "function": {"name": n, "arguments": a}} for n, a in calls]
 
 
-def message(forced: Optional[str], text: str) -> dict:
-    """The assistant's whole message: the calls, or the text where there are none."""
-    calls = tool_calls(forced, text) if forced else None
-    if calls is None:
+def finish_reason(reader, text: str, reason: Optional[str]) -> Optional[str]:
+    """"tool_calls" where the answer ended by itself with calls in it (not where max_tokens cut it)."""
+    if reader is None or not reader.ends_in_tool_calls or reason != "stop":
+        return reason
+    return "tool_calls" if reader.split(text, True)[1] else reason
+
+
+def message(reader, text: str) -> dict:
+    """The assistant's whole message: its content (None where it is only calls) and calls."""
+    if reader is None:
         return {"role": "assistant", "content": text}
-    return {"role": "assistant", "content": None, "tool_calls": calls}
+    content, calls = reader.split(text, True)
+    if not calls:
+        return {"role": "assistant", "content": content}
+    return {"role": "assistant", "content": content or None, "tool_calls": _calls(calls)}
 
 
-class DeltaStream:
-    """Stream deltas of one choice's forced answer: a named call's arguments as they are written,
-    with its id, type and name in the first piece (as OpenAI's deltas); a "required" list whole,
-    once it is complete."""
+class Stream:
+    """One choice's deltas: content as it is decided, each call once with its id, type and name
+    (and the arguments written so far), then any more of its arguments (a named call's)."""
 
-    def __init__(self, forced: str):
-        self.forced, self.started = forced, False
+    def __init__(self, reader):
+        self.reader, self.content, self.sent = reader, 0, []  # per call sent: its arguments' length
 
-    def delta(self, text: str, new: str, finished: bool) -> dict:
-        """The delta for `new` text (the whole so far: `text`); empty where nothing is sent yet."""
-        if self.forced == ANY:
-            calls = tool_calls(ANY, text) if finished else None
-            if calls:
-                return {"tool_calls": [{"index": k, **c} for k, c in enumerate(calls)]}
-            return {"content": text} if finished else {}
-        if not new:
-            return {}
-        call = {"index": 0, "function": {"arguments": new}}
-        if not self.started:
-            self.started = True
-            call.update(id=call_id(), type="function", function={"name": self.forced, "arguments": new})
-        return {"tool_calls": [call]}
+    def delta(self, text: str, finished: bool) -> dict:
+        """What is new in `text` (the whole answer so far); empty where nothing is sent yet."""
+        content, calls = self.reader.split(text, finished)
+        delta: dict = {}
+        if len(content) > self.content:
+            delta["content"], self.content = content[self.content:], len(content)
+        pieces = []
+        for k, (name, args) in enumerate(calls):
+            if k == len(self.sent):
+                pieces.append({"index": k, "id": call_id(), "type": "function",
+                               "function": {"name": name, "arguments": args}})
+                self.sent.append(len(args))
+            elif len(args) > self.sent[k]:
+                pieces.append({"index": k, "function": {"arguments": args[self.sent[k]:]}})
+                self.sent[k] = len(args)
+        if pieces:
+            delta["tool_calls"] = pieces
+        return delta

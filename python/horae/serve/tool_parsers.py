@@ -1,0 +1,120 @@
+"""Tool calls in a model's own format, for `tool_choice` "auto" (vLLM's `--tool-call-parser`):
+the model decides whether to call, so its text is read after it is written, not constrained.
+
+A parser reads an answer as (content, calls), each call a (name, arguments as JSON text) pair.
+While the answer is still being written (`final` false) it gives only what is decided: text that
+may still turn out to open a call is held back, and a call is given once it is complete. So the
+reading of a prefix is a prefix of the reading of the whole, and a stream of deltas adds up to
+the whole answer (`tools.Stream`). Text that looks like a call but does not parse as one stays in
+the content: nothing the model wrote is dropped."""
+
+from __future__ import annotations
+
+import json
+from typing import List, Optional, Tuple
+
+Call = Tuple[str, str]
+Reading = Tuple[str, List[Call]]
+
+
+def _call(obj, args_keys: Tuple[str, ...]) -> Optional[Call]:
+    """A {"name": ..., <args key>: {...}} object as a call; None for anything else."""
+    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
+        return None
+    args = next((obj[k] for k in args_keys if k in obj), {})
+    if isinstance(args, str):  # some models write the arguments already as JSON text
+        return obj["name"], args
+    return (obj["name"], json.dumps(args, ensure_ascii=False)) if isinstance(args, dict) else None
+
+
+def _held(text: str, tag: str) -> int:
+    """How many characters at the end of `text` could be the start of `tag`."""
+    for n in range(min(len(tag) - 1, len(text)), 0, -1):
+        if tag.startswith(text[-n:]):
+            return n
+    return 0
+
+
+class Hermes:
+    """Hermes 2 Pro / 3, Qwen2.5 and Qwen3, SmolLM3 and others trained on their template: each call
+    is `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`, with free text before it."""
+
+    name = "hermes"
+    START, END = "<tool_call>", "</tool_call>"
+    #: `<tool_call>` is a special token in some of these vocabularies (vLLM keeps them too).
+    keep_special_tokens = True
+
+    def split(self, text: str, final: bool) -> Reading:
+        content, calls, pos = "", [], 0
+        while True:
+            start = text.find(self.START, pos)
+            piece = text[pos:] if start < 0 else text[pos:start]
+            if calls:  # the line breaks between calls and after the last are not content
+                piece = piece.lstrip()
+            if start < 0:
+                return content + (piece if final else piece[:len(piece) - _held(piece, self.START)]), calls
+            content += piece
+            end = text.find(self.END, start)
+            if end < 0 and not final:  # the call is still being written
+                return content, calls
+            stop = len(text) if end < 0 else end + len(self.END)  # cut by max_tokens: read what is there
+            try:
+                call = _call(json.loads(text[start + len(self.START):end if end >= 0 else len(text)]),
+                             ("arguments", "parameters"))
+            except ValueError:
+                call = None
+            if call is None:
+                content += text[start:stop]
+            else:
+                calls.append(call)
+            if end < 0:
+                return content, calls
+            pos = stop
+
+
+class Llama3Json:
+    """Llama 3.1-3.3's JSON tool calls: the whole answer is `{"name": ..., "parameters": {...}}`
+    (several joined by ";"), after an optional `<|python_tag|>`; any other answer is content."""
+
+    name = "llama3_json"
+    TAG = "<|python_tag|>"
+    keep_special_tokens = False
+
+    def split(self, text: str, final: bool) -> Reading:
+        s = text.lstrip()
+        if s.startswith(self.TAG):
+            s = s[len(self.TAG):]
+        elif not s.startswith("{"):
+            undecided = not final and self.TAG.startswith(s)  # nothing yet, or the tag's start
+            return ("", []) if undecided else (text, [])
+        calls, rest, pos, decoder = [], "", 0, json.JSONDecoder()
+        while True:
+            while pos < len(s) and (s[pos].isspace() or s[pos] == ";"):
+                pos += 1
+            if pos == len(s):
+                break
+            try:
+                obj, end = decoder.raw_decode(s, pos)
+            except ValueError:  # still being written, or not JSON: whatever is left is content
+                rest += s[pos:]
+                break
+            call = _call(obj, ("parameters", "arguments"))
+            if call is None:
+                rest += s[pos:end]
+            else:
+                calls.append(call)
+            pos = end
+        # What is not a call is known only at the end: until then only whole calls are given.
+        if not final:
+            return "", calls
+        return (rest, calls) if calls else (text, [])
+
+
+PARSERS = {p.name: p for p in (Hermes, Llama3Json)}
+
+
+def tool_parser(name: str):
+    """The parser called `name`; a ValueError naming the choices for any other."""
+    if name not in PARSERS:
+        raise ValueError(f"unknown tool-call parser {name!r}; choose one of {', '.join(PARSERS)}")
+    return PARSERS[name]()
