@@ -269,23 +269,24 @@ def test_tool_call_deltas_and_a_required_list_cut_by_max_tokens():
     """The chat route's tool-call shaping alone: a named call streams its arguments, id and name
     first; a 'required' list comes whole when complete, and a list cut by max_tokens is answered
     as text (no calls to parse)."""
-    from horae.serve.tools import Named, Required, Stream, finish_reason, message
+    from horae.serve.answer import Answer
+    from horae.serve.tools import Named, Required
 
-    d = Stream(Named("f"))
+    d = Answer(Named("f")).stream()
     first, rest, done = d.delta('{"x', False), d.delta('{"x": 1}', False), d.delta('{"x": 1}', True)
     assert first["tool_calls"][0]["function"] == {"name": "f", "arguments": '{"x'} and first["tool_calls"][0]["id"]
     assert rest == {"tool_calls": [{"index": 0, "function": {"arguments": '": 1}'}}]} and done == {}
-    r = Stream(Required())
+    r = Answer(Required()).stream()
     assert r.delta('[{"name": "f"', False) == {}
     whole = '[{"name": "f", "parameters": {"x": 1}}, {"name": "g", "parameters": {}}]'
     calls = r.delta(whole, True)["tool_calls"]
     got = [(c["index"], c["function"]["name"], c["function"]["arguments"]) for c in calls]
     assert got == [(0, "f", '{"x": 1}'), (1, "g", "{}")]
-    assert Stream(Required()).delta('[{"name": "f"', True) == {"content": '[{"name": "f"'}
-    assert message(Required(), '[{"name": "f"') == {"role": "assistant", "content": '[{"name": "f"'}
-    assert message(None, "hi") == {"role": "assistant", "content": "hi"}
-    ends = [finish_reason(Required(), whole, "stop"), finish_reason(Required(), whole, "length"),
-            finish_reason(Named("f"), "{}", "stop"), finish_reason(Required(), '[{"name"', "stop")]
+    assert Answer(Required()).stream().delta('[{"name": "f"', True) == {"content": '[{"name": "f"'}
+    assert Answer(Required()).message('[{"name": "f"') == {"role": "assistant", "content": '[{"name": "f"'}
+    assert Answer().message("hi") == {"role": "assistant", "content": "hi"}
+    ends = [Answer(Required()).finish_reason(whole, "stop"), Answer(Required()).finish_reason(whole, "length"),
+            Answer(Named("f")).finish_reason("{}", "stop"), Answer(Required()).finish_reason('[{"name"', "stop")]
     assert ends == ["tool_calls", "length", "stop", "stop"]
 
 
@@ -315,14 +316,15 @@ def test_tool_call_parsers_read_whole_answers_and_every_prefix(name, cases):
     """tool_choice 'auto': each parser's reading of whole answers, and of every prefix while it is
     written: only decided content and complete calls, each a prefix of the whole's, so the
     stream's deltas add up to the whole answer, calls with one id each."""
+    from horae.serve.answer import Answer
     from horae.serve.tool_parsers import tool_parser
-    from horae.serve.tools import Auto, Stream, message
+    from horae.serve.tools import Auto
 
     parser = tool_parser(name)
     for text, want in cases:
         assert parser.split(text, True) == want, text
         content, calls = want
-        stream, got, pieces = Stream(Auto(parser)), "", {}
+        stream, got, pieces = Answer(Auto(parser)).stream(), "", {}
         for n in range(len(text) + 1):
             c, cs = parser.split(text[:n], False)
             assert content.startswith(c) and cs == calls[:len(cs)], (text, n, c, cs)
@@ -332,7 +334,7 @@ def test_tool_call_parsers_read_whole_answers_and_every_prefix(name, cases):
                 assert p["index"] not in pieces and p["id"] and p["type"] == "function", p
                 pieces[p["index"]] = (p["function"]["name"], p["function"]["arguments"])
         assert got == content and [pieces[k] for k in range(len(pieces))] == calls, (text, got, pieces)
-        m = message(Auto(parser), text)
+        m = Answer(Auto(parser)).message(text)
         assert m["content"] == (content or None if calls else content), m
         assert [(c["function"]["name"], c["function"]["arguments"]) for c in m.get("tool_calls", [])] == calls
     with pytest.raises(ValueError, match="hermes, llama3_json"):
@@ -369,6 +371,79 @@ def test_tool_calls_chosen_by_the_model(server, client, monkeypatch):
     _assert_idle(server)
 
 
+_R1 = [  # (text, reasoning, content) as deepseek_r1 reads them
+    ("<think>Five plus five is ten.</think>The answer is 10.", "Five plus five is ten.", "The answer is 10."),
+    ("It is ten.\n</think>\n\nTen.", "It is ten.\n", "\n\nTen."),  # the template opened <think>
+    ("Still thinking when cut", "Still thinking when cut", ""),
+    ("a </thin and more</think>", "a </thin and more", ""),
+]
+
+
+def test_reasoning_parser_reads_whole_answers_and_every_prefix():
+    """--reasoning-parser deepseek_r1: the thinking apart from the answer, whole and at every
+    prefix (only what is decided, so a stream's deltas add up to the whole), and then the answer
+    read for tool calls: reasoning first, as vLLM reads both."""
+    from horae.serve.answer import Answer
+    from horae.serve.reasoning import reasoning_parser
+    from horae.serve.tool_parsers import tool_parser
+    from horae.serve.tools import Auto
+
+    r1 = reasoning_parser("deepseek_r1")
+    call = '<tool_call>{"name": "f", "arguments": {"a": 1}}</tool_call>'
+    cases = [(t, r, c, []) for t, r, c in _R1] + [("<think>Use f.</think>" + call, "Use f.", "", [("f", '{"a": 1}')])]
+    for text, thought, content, calls in cases:
+        answer = Answer(Auto(tool_parser("hermes")), r1)
+        assert answer.split(text, True) == (thought, content, calls), text
+        stream, got = answer.stream(), {"reasoning": "", "reasoning_content": "", "content": ""}
+        for n in range(len(text) + 1):
+            t, c, _ = answer.split(text[:n], False)
+            assert thought.startswith(t) and content.startswith(c), (text, n, t, c)
+            d = stream.delta(text[:n], n == len(text))
+            for k in got:
+                got[k] += d.get(k, "")
+        assert got == {"reasoning": thought, "reasoning_content": thought, "content": content}, (text, got)
+        m = answer.message(text)
+        assert (m["reasoning"], m["reasoning_content"], m["content"]) == (thought or None, thought or None, content or None)
+    hidden = Answer(None, r1, include_reasoning=False)
+    assert hidden.message(_R1[0][0]) == {"role": "assistant", "content": "The answer is 10."}
+    assert hidden.stream().delta(_R1[0][0], True) == {"content": "The answer is 10."}
+    with pytest.raises(ValueError, match="unknown reasoning parser 'qwen3'; choose one of deepseek_r1"):
+        reasoning_parser("qwen3")
+
+
+def test_reasoning_apart_from_the_answer(server, client, monkeypatch):
+    """A server with --reasoning-parser deepseek_r1: the real model, shown by example to think in
+    <think></think>, has its thinking answered as `reasoning` (and `reasoning_content`) and the
+    rest as content, whole and streamed, the two joining to the text it wrote; include_reasoning
+    false leaves the thinking out; an answer under a grammar is all content."""
+    shown = [{"role": "system", "content": "Think inside <think></think> first, then answer."},
+             {"role": "user", "content": "What is 2 + 2?"},
+             {"role": "assistant", "content": "<think>Two plus two is four.</think>The answer is 4."},
+             {"role": "user", "content": "What is 3 + 3?"},
+             {"role": "assistant", "content": "<think>Three plus three is six.</think>The answer is 6."},
+             {"role": "user", "content": "What is 5 + 5?"}]
+    ask = dict(model="smollm2", messages=shown, max_tokens=40, temperature=0)
+    text = client.chat.completions.create(**ask).choices[0].message.content
+    assert text.startswith("<think>") and "</think>" in text, text
+    monkeypatch.setattr(server.app.state.server.config, "reasoning_parser", "deepseek_r1")
+    m = client.chat.completions.create(**ask).choices[0].message
+    assert m.reasoning == m.reasoning_content and f"<think>{m.reasoning}</think>{m.content}" == text, (m, text)
+    assert m.reasoning and m.content
+    got = {"reasoning": "", "reasoning_content": "", "content": ""}
+    for chunk in client.chat.completions.create(**ask, stream=True):
+        d = chunk.choices[0].delta
+        for k in got:
+            got[k] += getattr(d, k, None) or ""
+    assert got == {"reasoning": m.reasoning, "reasoning_content": m.reasoning, "content": m.content}, got
+    hidden = client.chat.completions.create(**ask, extra_body={"include_reasoning": False}).choices[0].message
+    assert hidden.content == m.content and "reasoning" not in (hidden.model_extra or {}), hidden
+    cut = client.chat.completions.create(**{**ask, "max_tokens": 4}).choices[0]
+    assert cut.finish_reason == "length" and cut.message.content is None and cut.message.reasoning, cut
+    shaped = client.chat.completions.create(**ask, response_format={"type": "json_object"}).choices[0].message
+    assert shaped.content.startswith("{") and "reasoning" not in (shaped.model_extra or {}), shaped
+    _assert_idle(server)
+
+
 def test_serve_auto_tool_choice_options_go_together(capsys):
     from horae.cli import main
 
@@ -380,6 +455,9 @@ def test_serve_auto_tool_choice_options_go_together(capsys):
     assert "invalid choice: 'mistral'" in capsys.readouterr().err
     with pytest.raises(ValueError, match="unknown tool-call parser 'mistral'"):
         ServerConfig(model_name="m", tool_call_parser="mistral")
+    with pytest.raises(SystemExit):
+        main(["serve", "--reasoning-parser", "qwen3"])
+    assert "invalid choice: 'qwen3'" in capsys.readouterr().err
 
 
 def test_completions(server, client):

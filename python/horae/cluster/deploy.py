@@ -76,14 +76,15 @@ def serve_replicas(model: Optional[str] = None, *, replicas: int = 2, router: st
                    served_model_name: Optional[str] = None, api_key: Optional[str] = None, max_queue: int = 256,
                    max_body_bytes: int = 4 << 20, stats_period: float = 0.5, threads_per_replica: Optional[int] = None,
                    log_level: str = "WARNING", tool_call_parser: Optional[str] = None,
-                   **engine_args: Any) -> Cluster:
+                   reasoning_parser: Optional[str] = None, **engine_args: Any) -> Cluster:
     """`replicas` engines of `model` (each an `AsyncLLM` with `engine_args`) behind `router`
     (`_core.ROUTERS`; "forecast" is horae's) and one ingress serving `horae serve`'s routes on
     host:port. A request a replica sheds goes on by `retry_shed` (`_core.RETRY_RULES`; "always":
     to any replica not tried while its first-token bound holds). Replicas publish routing stats
     every `stats_period` seconds. Each replica's kernels use `threads_per_replica` threads
     (default: this machine's cores shared evenly). `tool_call_parser` serves tool_choice "auto"
-    (`horae serve --enable-auto-tool-choice --tool-call-parser NAME`)."""
+    (`horae serve --enable-auto-tool-choice --tool-call-parser NAME`); `reasoning_parser` answers
+    a reasoning model's thinking apart (`--reasoning-parser NAME`)."""
     router, retry_shed = check_args(replicas, router, retry_shed)
     replicas = int(replicas)  # numpy's integers pass the check; Ray's options want Python's
     ray = require_ray()
@@ -104,7 +105,7 @@ def serve_replicas(model: Optional[str] = None, *, replicas: int = 2, router: st
     model_dir = resolve_model(model)
     name = served_model_name or model_dir.name
     config = ServerConfig(model_name=name, api_key=api_key, max_queue=max_queue, max_body_bytes=max_body_bytes,
-                          tool_call_parser=tool_call_parser)  # its errors before Ray starts
+                          tool_call_parser=tool_call_parser, reasoning_parser=reasoning_parser)  # errors before Ray
     if model is not None and Path(model).exists():
         model = str(Path(model).resolve())
     if engine_args.get("history_file"):  # likewise; each replica adds its rank to the name
@@ -145,7 +146,8 @@ def run(args) -> int:
                              ray_address=args.ray_address,
                              host=args.host, port=args.port, served_model_name=args.served_model_name,
                              api_key=args.api_key, max_queue=args.max_queue, max_body_bytes=args.max_body_bytes,
-                             log_level=args.log_level, tool_call_parser=tool_call_parser(args), **engine_args(args))
+                             log_level=args.log_level, tool_call_parser=tool_call_parser(args),
+                             reasoning_parser=args.reasoning_parser, **engine_args(args))
     print(f"serving {args.replicas} replicas (router: {args.router}) on {cluster.url}/v1", flush=True)
     # Ctrl-C or SIGTERM (a service manager's stop) ends it, and Serve and Ray stop with it.
     stop = threading.Event()

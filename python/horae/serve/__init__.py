@@ -6,6 +6,7 @@ import argparse
 from typing import Optional, Sequence
 
 from horae import _core
+from horae.serve.reasoning import REASONING_PARSERS
 from horae.serve.tool_parsers import PARSERS
 
 __all__ = ["ServerConfig", "ServerThread", "build_app", "add_arguments", "run"]
@@ -142,7 +143,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "its own format, read by --tool-call-parser (vLLM's option)")
     p.add_argument("--tool-call-parser", choices=sorted(PARSERS),
                    help="with --enable-auto-tool-choice: the model's tool-call format: hermes (Hermes 2 Pro / 3, "
-                        "Qwen2.5, Qwen3, SmolLM3) or llama3_json (Llama 3.1-3.3)")
+                        "Qwen2.5) or llama3_json (Llama 3.1-3.3)")
+    p.add_argument("--reasoning-parser", choices=sorted(REASONING_PARSERS),
+                   help="answer a reasoning model's thinking apart, as `reasoning` beside `content`: deepseek_r1 "
+                        "(<think>...</think>: DeepSeek-R1's distilled Qwen2 and Llama models, QwQ) (vLLM's option)")
     p.add_argument("--log-level", default="info")
     r = p.add_argument_group("replicas (Ray Serve; pip install \"horae[ray]\")")
     r.add_argument("--replicas", type=int, metavar="N",
@@ -209,7 +213,8 @@ def make_app(args: argparse.Namespace):
     prepare_structured_output(llm)
     name = args.served_model_name or llm.model_dir.name
     return build_app(llm, ServerConfig(model_name=name, api_key=args.api_key, max_queue=args.max_queue,
-                                       max_body_bytes=args.max_body_bytes, tool_call_parser=parser))
+                                       max_body_bytes=args.max_body_bytes, tool_call_parser=parser,
+                                       reasoning_parser=args.reasoning_parser))
 
 
 def listen(host: str, port: int):

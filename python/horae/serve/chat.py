@@ -9,11 +9,11 @@ from typing import Optional
 
 from fastapi import APIRouter, Request
 
+from horae.serve.answer import answer_for
 from horae.serve.errors import APIError
 from horae.serve.protocol import ChatCompletionRequest
 from horae.serve.state import ServerState, new_parts, usage
 from horae.serve.streaming import sse_response
-from horae.serve.tools import Stream, finish_reason, message, reader_for
 
 
 def chat_logprobs(state: ServerState, c, start: int, top: int) -> Optional[dict]:
@@ -35,10 +35,10 @@ def router(state: ServerState) -> APIRouter:
     @r.post("/v1/chat/completions")
     async def chat_completions(req: ChatCompletionRequest, raw: Request):
         state.check_model(req.model)
-        reader = reader_for(req, state.config.tool_call_parser)
+        answer = answer_for(req, state.config)
         ids = state.encode(state.chat_prompt(req.messages, req.add_generation_prompt, req.tools), "messages")
-        if reader is not None and reader.keep_special_tokens:
-            req.skip_special_tokens = False  # the parser reads the model's call tags as it wrote them
+        if answer.keep_special_tokens:
+            req.skip_special_tokens = False  # the parsers read the model's tags as it wrote them
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         top = req.top_logprobs or 0
         params = state.sampling(req, max_tokens, top if req.logprobs else None)
@@ -57,8 +57,8 @@ def router(state: ServerState) -> APIRouter:
                 "model": state.config.model_name}
         if not req.stream:
             out = await state.final_output(stream, out, raw)
-            choices = [{"index": c.index, "message": message(reader, c.text), "logprobs": chat_logprobs(state, c, 0, top),
-                        "finish_reason": finish_reason(reader, c.text, c.finish_reason), "stop_reason": c.stop_reason}
+            choices = [{"index": c.index, "message": answer.message(c.text), "logprobs": chat_logprobs(state, c, 0, top),
+                        "finish_reason": answer.finish_reason(c.text, c.finish_reason), "stop_reason": c.stop_reason}
                        for c in out.outputs]
             return {**base, "choices": choices, "usage": usage(len(ids), sum(len(c.token_ids) for c in out.outputs),
                                                                  out.num_cached_tokens)}
@@ -74,18 +74,15 @@ def router(state: ServerState) -> APIRouter:
             for i in range(req.n):  # the role comes first, as OpenAI sends it
                 yield {**chunk, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
                                              "logprobs": None, "finish_reason": None}], **extra}
-            calls = {i: Stream(reader) for i in range(req.n)} if reader else {}
+            deltas = [answer.stream() for _ in range(req.n)]
             while cur is not None:
-                for c, chars, toks, fin in new_parts(cur, sent):
-                    if reader:
-                        delta = calls[c.index].delta(c.text, fin)
-                        if not delta and not fin and c.logprobs is None:
-                            continue
-                    else:
-                        delta = {"content": c.text[chars:]} if len(c.text) > chars or not fin else {}
+                for c, _, toks, fin in new_parts(cur, sent):
+                    delta = deltas[c.index].delta(c.text, fin)
+                    if not delta and not fin and c.logprobs is None:
+                        continue  # nothing decided yet (a tag that may be starting)
                     tail = ({"usage": usage(len(ids), sum(len(x.token_ids) for x in cur.outputs), cur.num_cached_tokens)}
                             if continuous else extra)
-                    end = finish_reason(reader, c.text, c.finish_reason) if fin else None
+                    end = answer.finish_reason(c.text, c.finish_reason) if fin else None
                     yield {**chunk, "choices": [{"index": c.index, "delta": delta, "logprobs": chat_logprobs(state, c, toks, top),
                                                  "finish_reason": end}], **tail}
                 if cur.finished:

@@ -240,6 +240,8 @@ class ChatCompletionRequest(_Sampling):
     #: function; the last two are structured output under the functions' schemas (tools.py).
     tool_choice: Optional[Union[Literal["none", "auto", "required"], NamedToolChoice]] = None
     parallel_tool_calls: Optional[bool] = None
+    #: vLLM's: false leaves a reasoning model's thinking out of the answer (--reasoning-parser).
+    include_reasoning: bool = True
 
     @model_validator(mode="after")
     def _tools(self):

@@ -15,6 +15,7 @@ from horae.outputs import RequestOutput
 from horae.sampling_params import SamplingParams
 from horae.serve.errors import APIError, bad_request, first_line
 from horae.serve.metrics import EngineMetrics, MetricsSource
+from horae.serve.reasoning import reasoning_parser
 from horae.serve.tool_parsers import tool_parser
 
 
@@ -29,10 +30,15 @@ class ServerConfig:
     #: The model's tool-call format (`tool_parsers.PARSERS`), read for tool_choice "auto"; None:
     #: "auto" is refused (vLLM's --enable-auto-tool-choice with --tool-call-parser).
     tool_call_parser: Optional[str] = None
+    #: The model's way of writing its reasoning apart (`reasoning.REASONING_PARSERS`), answered as
+    #: `reasoning`; None: all of the text is content (vLLM's --reasoning-parser).
+    reasoning_parser: Optional[str] = None
 
-    def __post_init__(self):
+    def __post_init__(self):  # ValueErrors naming the choices, at start
         if self.tool_call_parser is not None:
-            tool_parser(self.tool_call_parser)  # a ValueError naming the choices, at start
+            tool_parser(self.tool_call_parser)
+        if self.reasoning_parser is not None:
+            reasoning_parser(self.reasoning_parser)
 
 
 def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: Optional[int] = None) -> dict:

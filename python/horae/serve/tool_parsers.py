@@ -27,7 +27,7 @@ def _call(obj, args_keys: Tuple[str, ...]) -> Optional[Call]:
     return (obj["name"], json.dumps(args, ensure_ascii=False)) if isinstance(args, dict) else None
 
 
-def _held(text: str, tag: str) -> int:
+def held(text: str, tag: str) -> int:
     """How many characters at the end of `text` could be the start of `tag`."""
     for n in range(min(len(tag) - 1, len(text)), 0, -1):
         if tag.startswith(text[-n:]):
@@ -36,8 +36,8 @@ def _held(text: str, tag: str) -> int:
 
 
 class Hermes:
-    """Hermes 2 Pro / 3, Qwen2.5 and Qwen3, SmolLM3 and others trained on their template: each call
-    is `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`, with free text before it."""
+    """Hermes 2 Pro / 3 and Qwen2.5 (of the models horae runs) and others trained on their format:
+    each call is `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`, free text before it."""
 
     name = "hermes"
     START, END = "<tool_call>", "</tool_call>"
@@ -52,7 +52,7 @@ class Hermes:
             if calls:  # the line breaks between calls and after the last are not content
                 piece = piece.lstrip()
             if start < 0:
-                return content + (piece if final else piece[:len(piece) - _held(piece, self.START)]), calls
+                return content + (piece if final else piece[:len(piece) - held(piece, self.START)]), calls
             content += piece
             end = text.find(self.END, start)
             if end < 0 and not final:  # the call is still being written
