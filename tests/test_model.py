@@ -474,6 +474,40 @@ def test_chat_template_is_sandboxed(llm):
         eng.tokenizer_config["chat_template"] = saved
 
 
+def test_chat_template_options(llm):
+    """HF's `apply_chat_template` options, as vLLM's `LLM.chat` and server take them: a template of
+    the caller's, more of its variables, and `continue_final_message`, which ends the prompt inside
+    the last message so the model goes on with it (here an assistant reply begun for it)."""
+    from horae.chat_template import ChatTemplateError
+
+    eng = llm.engine
+    q = [{"role": "user", "content": "What is the capital of France?"}]
+    begun = q + [{"role": "assistant", "content": "The capital of France is"}]
+    whole = eng.apply_chat_template(begun, add_generation_prompt=False)
+    cont = eng.apply_chat_template(begun, add_generation_prompt=False, continue_final_message=True)
+    assert cont.endswith("<|im_start|>assistant\nThe capital of France is") and whole.startswith(cont), (cont, whole)
+    assert whole[len(cont):] == "<|im_end|>\n"  # what continuing leaves out: the message's end
+    out = llm.chat(begun, SamplingParams(max_tokens=3, temperature=0), use_tqdm=False, add_generation_prompt=False,
+                   continue_final_message=True)[0]
+    assert out.prompt == cont and out.outputs[0].text.startswith(" Paris"), out.outputs[0].text
+    # A message whose spaces the template trims is cut after its trimmed text (HF's rule).
+    trim = "{% for m in messages %}[{{ m.content | trim }}]{% endfor %}"
+    assert eng.apply_chat_template([{"role": "user", "content": "  go on  "}], False, chat_template=trim,
+                                   continue_final_message=True) == "[go on"
+    mine = "{{ greeting }}{% for m in messages %}{{ m.content }}{% endfor %}"
+    assert eng.apply_chat_template(q, chat_template=mine, chat_template_kwargs={"greeting": "Hi! "}) == \
+        "Hi! What is the capital of France?"
+    assert llm.chat(q, SamplingParams(max_tokens=1), use_tqdm=False, chat_template=mine)[0].prompt == q[0]["content"]
+    for kwargs, field, what in [
+            (dict(continue_final_message=True), "continue_final_message", "set add_generation_prompt to false"),
+            (dict(chat_template_kwargs={"messages": []}), "chat_template_kwargs", "may not set messages"),
+            (dict(add_generation_prompt=False, continue_final_message=True, chat_template="{{ 'x' }}"),
+             "continue_final_message", "does not show the last message's content")]:
+        with pytest.raises(ChatTemplateError, match=what) as e:
+            eng.apply_chat_template(q, **kwargs)
+        assert e.value.field == field
+
+
 def test_bad_model_paths(tmp_path):
     with pytest.raises(FileNotFoundError):
         Engine(tmp_path / "missing")

@@ -444,8 +444,42 @@ def test_reasoning_apart_from_the_answer(server, client, monkeypatch):
     _assert_idle(server)
 
 
-def test_serve_auto_tool_choice_options_go_together(capsys):
+def test_chat_template_options_over_http(server, client, monkeypatch):
+    """vLLM's chat-template fields on the chat route and /tokenize: `continue_final_message`
+    (the model goes on with an assistant reply begun for it), `chat_template_kwargs`, and a
+    request's own `chat_template`, refused unless the server trusts them; each error names its
+    field."""
+    h = {"Authorization": f"Bearer {KEY}"}
+    begun = CAPITAL + [{"role": "assistant", "content": "The capital of France is"}]
+    r = client.chat.completions.create(model="smollm2", messages=begun, max_tokens=3, temperature=0,
+                                       extra_body={"add_generation_prompt": False, "continue_final_message": True})
+    assert r.choices[0].message.content.startswith(" Paris"), r
+    tok = httpx.post(server.url + "/tokenize", headers=h, json={"messages": begun, "add_generation_prompt": False,
+                                                                 "continue_final_message": True}).json()
+    assert server.llm.decode(tok["tokens"], skip_special_tokens=False).endswith("assistant\nThe capital of France is")
+    mine = "{{ greeting }}{% for m in messages %}{{ m.content }}{% endfor %}"
+    body = {"model": "smollm2", "messages": CAPITAL, "chat_template": mine, "chat_template_kwargs": {"greeting": "Hi! "}}
+    err = _error(httpx.post(server.url + "/v1/chat/completions", headers=h, json={**body, "max_tokens": 1}), 400)
+    assert err["param"] == "chat_template" and "--trust-request-chat-template" in err["message"], err
+    monkeypatch.setattr(server.app.state.server.config, "trust_request_chat_template", True)
+    tok = httpx.post(server.url + "/tokenize", headers=h, json=body).json()
+    assert server.llm.decode(tok["tokens"]) == "Hi! What is the capital of France?", tok
+    for extra, param in [({"continue_final_message": True}, "continue_final_message"),
+                         ({"chat_template_kwargs": {"tools": 1}}, "chat_template_kwargs"),
+                         ({"chat_template": "{% for %}"}, "chat_template"),
+                         ({"chat_template_kwargs": "x"}, "chat_template_kwargs")]:
+        bad = {"model": "smollm2", "messages": CAPITAL, "max_tokens": 1, **extra}
+        assert _error(httpx.post(server.url + "/v1/chat/completions", headers=h, json=bad), 400)["param"] == param, extra
+    _assert_idle(server)
+
+
+def test_serve_options_of_the_chat_route(capsys, tmp_path):
+    """--enable-auto-tool-choice with --tool-call-parser, --reasoning-parser and --chat-template:
+    bad ones fail at start, before the model loads, naming the option."""
+    import argparse
+
     from horae.cli import main
+    from horae.serve import add_arguments, server_config
 
     for args in (["--enable-auto-tool-choice"], ["--tool-call-parser", "hermes"]):
         assert main(["serve", "--port", "0", *args]) == 2
@@ -458,6 +492,14 @@ def test_serve_auto_tool_choice_options_go_together(capsys):
     with pytest.raises(SystemExit):
         main(["serve", "--reasoning-parser", "qwen3"])
     assert "invalid choice: 'qwen3'" in capsys.readouterr().err
+    assert main(["serve", "--port", "0", "--chat-template", "no/such/template.jinja"]) == 2
+    assert "--chat-template: no file 'no/such/template.jinja'" in capsys.readouterr().err
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    (tmp_path / "t.jinja").write_text("{{ messages[0].content }}")
+    for given in (str(tmp_path / "t.jinja"), "{{ messages[0].content }}"):
+        config = server_config(p.parse_args(["--chat-template", given, "--reasoning-parser", "deepseek_r1"]), "m")
+        assert (config.chat_template, config.reasoning_parser) == ("{{ messages[0].content }}", "deepseek_r1")
 
 
 def test_completions(server, client):

@@ -217,8 +217,8 @@ class AsyncLLM:
     def decode(self, token_ids, skip_special_tokens: bool = True) -> str:
         return self.engine.decode(token_ids, skip_special_tokens)
 
-    def apply_chat_template(self, messages, add_generation_prompt: bool = True, tools=None) -> str:
-        return self.engine.apply_chat_template(messages, add_generation_prompt, tools)
+    def apply_chat_template(self, messages, add_generation_prompt: bool = True, tools=None, **options) -> str:
+        return self.engine.apply_chat_template(messages, add_generation_prompt, tools, **options)
 
     @property
     def num_in_flight(self) -> int:

@@ -365,8 +365,10 @@ class Engine:
 
     # -- chat -------------------------------------------------------------------------------
     def apply_chat_template(self, messages: List[Dict[str, Any]], add_generation_prompt: bool = True,
-                            tools: Optional[List[Dict[str, Any]]] = None) -> str:
+                            tools: Optional[List[Dict[str, Any]]] = None, **options: Any) -> str:
         """Render the model's chat template in a sandbox: a template cannot reach the file system,
         import modules or mutate its inputs. `tools`: OpenAI's function definitions, for
-        templates that show them to the model."""
-        return render_chat_template(self.model_dir, self.tokenizer_config, messages, add_generation_prompt, tools)
+        templates that show them to the model. `options`: `chat_template` (another template),
+        `chat_template_kwargs`, `continue_final_message`, as `render_chat_template` takes them."""
+        return render_chat_template(self.model_dir, self.tokenizer_config, messages, add_generation_prompt, tools,
+                                    **options)

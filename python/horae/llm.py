@@ -80,12 +80,19 @@ class LLM:
         return [results[rid] for rid in ids]
 
     def chat(self, messages, sampling_params: Union[None, SamplingParams, Sequence[SamplingParams]] = None,
-             use_tqdm: bool = True, tools: Optional[List[dict]] = None):
+             use_tqdm: bool = True, tools: Optional[List[dict]] = None, *, chat_template: Optional[str] = None,
+             chat_template_kwargs: Optional[dict] = None, add_generation_prompt: bool = True,
+             continue_final_message: bool = False):
         """One conversation (a list of messages) or several (a list of lists); `sampling_params`
-        as `generate`'s; `tools` (OpenAI's function definitions) passed to the chat template, as
-        vLLM's `LLM.chat` takes them. A list of outputs, one per conversation, as vLLM's
-        `LLM.chat` and this class's `generate` return them."""
+        as `generate`'s. As vLLM's `LLM.chat`: `tools` (OpenAI's function definitions) passed to the
+        chat template, `chat_template` instead of the model's, `chat_template_kwargs` for more of
+        its variables, and `continue_final_message` (with `add_generation_prompt=False`) to have
+        the model go on with the last message, such as an assistant reply begun for it. A list of
+        outputs, one per conversation, as vLLM's `LLM.chat` and this class's `generate` return
+        them."""
         batch = messages and isinstance(messages[0], list)
         convs = messages if batch else [messages]
-        prompts = [self.engine.apply_chat_template(c, tools=tools) for c in convs]
+        prompts = [self.engine.apply_chat_template(c, add_generation_prompt, tools, chat_template=chat_template,
+                                                   chat_template_kwargs=chat_template_kwargs,
+                                                   continue_final_message=continue_final_message) for c in convs]
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)

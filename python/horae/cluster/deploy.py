@@ -76,7 +76,8 @@ def serve_replicas(model: Optional[str] = None, *, replicas: int = 2, router: st
                    served_model_name: Optional[str] = None, api_key: Optional[str] = None, max_queue: int = 256,
                    max_body_bytes: int = 4 << 20, stats_period: float = 0.5, threads_per_replica: Optional[int] = None,
                    log_level: str = "WARNING", tool_call_parser: Optional[str] = None,
-                   reasoning_parser: Optional[str] = None, **engine_args: Any) -> Cluster:
+                   reasoning_parser: Optional[str] = None, chat_template: Optional[str] = None,
+                   trust_request_chat_template: bool = False, **engine_args: Any) -> Cluster:
     """`replicas` engines of `model` (each an `AsyncLLM` with `engine_args`) behind `router`
     (`_core.ROUTERS`; "forecast" is horae's) and one ingress serving `horae serve`'s routes on
     host:port. A request a replica sheds goes on by `retry_shed` (`_core.RETRY_RULES`; "always":
@@ -84,7 +85,8 @@ def serve_replicas(model: Optional[str] = None, *, replicas: int = 2, router: st
     every `stats_period` seconds. Each replica's kernels use `threads_per_replica` threads
     (default: this machine's cores shared evenly). `tool_call_parser` serves tool_choice "auto"
     (`horae serve --enable-auto-tool-choice --tool-call-parser NAME`); `reasoning_parser` answers
-    a reasoning model's thinking apart (`--reasoning-parser NAME`)."""
+    a reasoning model's thinking apart (`--reasoning-parser NAME`); `chat_template` (the template's
+    text) replaces the model's, and `trust_request_chat_template` lets requests bring theirs."""
     router, retry_shed = check_args(replicas, router, retry_shed)
     replicas = int(replicas)  # numpy's integers pass the check; Ray's options want Python's
     ray = require_ray()
@@ -105,7 +107,9 @@ def serve_replicas(model: Optional[str] = None, *, replicas: int = 2, router: st
     model_dir = resolve_model(model)
     name = served_model_name or model_dir.name
     config = ServerConfig(model_name=name, api_key=api_key, max_queue=max_queue, max_body_bytes=max_body_bytes,
-                          tool_call_parser=tool_call_parser, reasoning_parser=reasoning_parser)  # errors before Ray
+                          tool_call_parser=tool_call_parser, reasoning_parser=reasoning_parser,
+                          chat_template=chat_template,
+                          trust_request_chat_template=trust_request_chat_template)  # its errors before Ray starts
     if model is not None and Path(model).exists():
         model = str(Path(model).resolve())
     if engine_args.get("history_file"):  # likewise; each replica adds its rank to the name
@@ -140,14 +144,15 @@ def run(args) -> int:
     import signal
     import threading
 
-    from horae.serve import engine_args, tool_call_parser
+    from horae.serve import chat_template, engine_args, tool_call_parser
 
     cluster = serve_replicas(args.model, replicas=args.replicas, router=args.router, retry_shed=args.retry_shed,
                              ray_address=args.ray_address,
                              host=args.host, port=args.port, served_model_name=args.served_model_name,
                              api_key=args.api_key, max_queue=args.max_queue, max_body_bytes=args.max_body_bytes,
                              log_level=args.log_level, tool_call_parser=tool_call_parser(args),
-                             reasoning_parser=args.reasoning_parser, **engine_args(args))
+                             reasoning_parser=args.reasoning_parser, chat_template=chat_template(args),
+                             trust_request_chat_template=args.trust_request_chat_template, **engine_args(args))
     print(f"serving {args.replicas} replicas (router: {args.router}) on {cluster.url}/v1", flush=True)
     # Ctrl-C or SIGTERM (a service manager's stop) ends it, and Serve and Ray stop with it.
     stop = threading.Event()

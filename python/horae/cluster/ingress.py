@@ -63,8 +63,9 @@ class RemoteLLM:
     def decode(self, token_ids, skip_special_tokens: bool = True) -> str:
         return self._tokenizer.decode(list(token_ids), skip_special_tokens)
 
-    def apply_chat_template(self, messages, add_generation_prompt: bool = True, tools=None) -> str:
-        return render_chat_template(self.model_dir, self._tokenizer_config, messages, add_generation_prompt, tools)
+    def apply_chat_template(self, messages, add_generation_prompt: bool = True, tools=None, **options) -> str:
+        return render_chat_template(self.model_dir, self._tokenizer_config, messages, add_generation_prompt, tools,
+                                    **options)
 
     async def generate(self, prompt: Dict[str, List[int]], params: SamplingParams,
                        request_id: str) -> AsyncIterator[RequestOutput]:

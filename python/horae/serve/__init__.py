@@ -144,6 +144,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tool-call-parser", choices=sorted(PARSERS),
                    help="with --enable-auto-tool-choice: the model's tool-call format: hermes (Hermes 2 Pro / 3, "
                         "Qwen2.5) or llama3_json (Llama 3.1-3.3)")
+    p.add_argument("--chat-template", metavar="FILE_OR_TEXT",
+                   help="a Jinja chat template (a file, or the template itself) instead of the model's (vLLM's option)")
+    p.add_argument("--trust-request-chat-template", action="store_true",
+                   help="let a request bring its own chat_template (a template is code; it runs in a sandbox)")
     p.add_argument("--reasoning-parser", choices=sorted(REASONING_PARSERS),
                    help="answer a reasoning model's thinking apart, as `reasoning` beside `content`: deepseek_r1 "
                         "(<think>...</think>: DeepSeek-R1's distilled Qwen2 and Llama models, QwQ) (vLLM's option)")
@@ -169,6 +173,31 @@ def tool_call_parser(args: argparse.Namespace) -> Optional[str]:
     if args.enable_auto_tool_choice != (args.tool_call_parser is not None):
         raise ValueError("--enable-auto-tool-choice and --tool-call-parser go together: give both or neither")
     return args.tool_call_parser
+
+
+def chat_template(args: argparse.Namespace) -> Optional[str]:
+    """--chat-template's template: a file's text, or the option's own text when it looks like a
+    template (as vLLM reads it); None for the model's."""
+    from pathlib import Path
+
+    given = args.chat_template
+    if given is None:
+        return None
+    if Path(given).is_file():
+        return Path(given).read_text()
+    if any(c in given for c in "{}\n"):
+        return given
+    raise ValueError(f"--chat-template: no file {given!r} (give a file, or the template itself)")
+
+
+def server_config(args: argparse.Namespace, model_name: str):
+    """The HTTP server's settings from `horae serve`'s options (one engine, or the replicas' ingress)."""
+    from horae.serve.state import ServerConfig
+
+    return ServerConfig(model_name=model_name, api_key=args.api_key, max_queue=args.max_queue,
+                        max_body_bytes=args.max_body_bytes, tool_call_parser=tool_call_parser(args),
+                        reasoning_parser=args.reasoning_parser, chat_template=chat_template(args),
+                        trust_request_chat_template=args.trust_request_chat_template)
 
 
 def engine_args(args: argparse.Namespace) -> dict:
@@ -202,19 +231,17 @@ def prepare_structured_output(llm) -> None:
 
 def make_app(args: argparse.Namespace):
     from horae.async_llm import AsyncLLM
-    from horae.serve.app import ServerConfig, build_app
+    from horae.serve.app import build_app
 
-    parser = tool_call_parser(args)
+    config = server_config(args, args.served_model_name or "")  # its errors before the model loads
     llm = AsyncLLM(args.model, **engine_args(args))
     if llm.engine.history_status is not None:
         print(f"history: {llm.engine.history_status[1]}", flush=True)
     print(f"model on {llm.engine.device}" + (f" ({llm.engine.cpu_fallback_reason})" if llm.engine.cpu_fallback_reason else ""),
           flush=True)
     prepare_structured_output(llm)
-    name = args.served_model_name or llm.model_dir.name
-    return build_app(llm, ServerConfig(model_name=name, api_key=args.api_key, max_queue=args.max_queue,
-                                       max_body_bytes=args.max_body_bytes, tool_call_parser=parser,
-                                       reasoning_parser=args.reasoning_parser))
+    config.model_name = args.served_model_name or llm.model_dir.name
+    return build_app(llm, config)
 
 
 def listen(host: str, port: int):

@@ -36,7 +36,7 @@ def router(state: ServerState) -> APIRouter:
     async def chat_completions(req: ChatCompletionRequest, raw: Request):
         state.check_model(req.model)
         answer = answer_for(req, state.config)
-        ids = state.encode(state.chat_prompt(req.messages, req.add_generation_prompt, req.tools), "messages")
+        ids = state.encode(state.chat_prompt(req), "messages")
         if answer.keep_special_tokens:
             req.skip_special_tokens = False  # the parsers read the model's tags as it wrote them
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens

@@ -226,13 +226,25 @@ class NamedToolChoice(_Strict):
     function: NamedFunction
 
 
-class ChatCompletionRequest(_Sampling):
+class _ChatPrompt(_Strict):
+    """How the messages become the prompt (vLLM's fields, HF's `apply_chat_template` arguments)."""
+
+    add_generation_prompt: bool = True
+    #: End the prompt inside the last message, for the model to go on with it (with
+    #: add_generation_prompt false), e.g. an assistant reply begun by the client.
+    continue_final_message: bool = False
+    #: A template instead of the server's (refused unless it runs with --trust-request-chat-template).
+    chat_template: Optional[str] = None
+    #: More of the template's variables, e.g. a template's `enable_thinking`.
+    chat_template_kwargs: Optional[Dict[str, Any]] = None
+
+
+class ChatCompletionRequest(_Sampling, _ChatPrompt):
     messages: List[ChatMessage] = Field(..., min_length=1)
     max_tokens: Optional[Int] = None
     max_completion_tokens: Optional[Int] = None
     logprobs: bool = False
     top_logprobs: Optional[Int] = None
-    add_generation_prompt: bool = True
     tools: Optional[List[Tool]] = None
     #: "auto" (the default when tools are given, as OpenAI's and vLLM's: the model calls them in
     #: its own format or answers, read by the server's --tool-call-parser), "none" (tools reach
@@ -285,7 +297,7 @@ class ChatCompletionRequest(_Sampling):
         return self
 
 
-class TokenizeRequest(_Strict):
+class TokenizeRequest(_ChatPrompt):
     model: Optional[str] = None
     prompt: Optional[str] = None
     messages: Optional[List[ChatMessage]] = None

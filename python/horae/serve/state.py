@@ -11,6 +11,7 @@ from typing import AsyncIterator, Dict, List, Optional
 from fastapi import Request
 
 from horae.async_llm import AsyncLLM, EngineDeadError, RequestDroppedError, RequestFailedError
+from horae.chat_template import ChatTemplateError
 from horae.outputs import RequestOutput
 from horae.sampling_params import SamplingParams
 from horae.serve.errors import APIError, bad_request, first_line
@@ -33,6 +34,10 @@ class ServerConfig:
     #: The model's way of writing its reasoning apart (`reasoning.REASONING_PARSERS`), answered as
     #: `reasoning`; None: all of the text is content (vLLM's --reasoning-parser).
     reasoning_parser: Optional[str] = None
+    #: A chat template instead of the model's (vLLM's --chat-template), and whether a request may
+    #: bring its own (--trust-request-chat-template: a template is code, run in a sandbox).
+    chat_template: Optional[str] = None
+    trust_request_chat_template: bool = False
 
     def __post_init__(self):  # ValueErrors naming the choices, at start
         if self.tool_call_parser is not None:
@@ -195,15 +200,24 @@ class ServerState:
             await stream.aclose()
         return out
 
-    def chat_prompt(self, messages, add_generation_prompt: bool, tools=None) -> str:
-        msgs = [m.for_template() for m in messages]
+    def chat_prompt(self, req) -> str:
+        """The prompt of a request's messages (its `_ChatPrompt` fields, and its tools if any)."""
+        if req.chat_template is not None and not self.config.trust_request_chat_template:
+            raise APIError(400, "this server takes no chat_template from a request (start it with "
+                                "--trust-request-chat-template to allow them)", param="chat_template")
+        msgs = [m.for_template() for m in req.messages]
+        tools = getattr(req, "tools", None)
         tools = [t.model_dump(exclude_none=True) for t in tools] if tools else None
         try:
-            return self.llm.apply_chat_template(msgs, add_generation_prompt=add_generation_prompt, tools=tools)
-        except ValueError as e:
-            raise APIError(400, first_line(e), param="messages") from None
-        except Exception as e:  # the template itself refused (jinja raise_exception)
-            raise APIError(400, f"the chat template rejected the messages: {first_line(e)}", param="messages") from None
+            return self.llm.apply_chat_template(
+                msgs, add_generation_prompt=req.add_generation_prompt, tools=tools,
+                chat_template=req.chat_template or self.config.chat_template,
+                chat_template_kwargs=req.chat_template_kwargs, continue_final_message=req.continue_final_message)
+        except ChatTemplateError as e:
+            raise APIError(400, first_line(e), param=e.field) from None
+        except Exception as e:  # the template itself: its syntax, or its raise_exception
+            raise APIError(400, f"the chat template rejected the messages: {first_line(e)}",
+                           param="chat_template" if req.chat_template else "messages") from None
 
 
 async def disconnected(request: Request) -> bool:

@@ -15,7 +15,7 @@ def router(state: ServerState) -> APIRouter:
     @r.post("/tokenize")
     async def tokenize(req: TokenizeRequest):
         state.check_model(req.model)
-        text = req.prompt if req.prompt is not None else state.chat_prompt(req.messages, True)
+        text = req.prompt if req.prompt is not None else state.chat_prompt(req)
         tokens = state.encode(text, "prompt" if req.prompt is not None else "messages", req.add_special_tokens)
         return {"tokens": tokens, "count": len(tokens), "max_model_len": state.max_model_len}
 
