@@ -228,22 +228,31 @@ def test_tool_calls_forced_by_tool_choice(server, client):
             names |= {d.function.name} - {None}
             parts.append(d.function.arguments or "")
     assert len(ids) == 1 and names == {"get_weather"} and "".join(parts) == m.tool_calls[0].function.arguments
-    # 'required': one call or more, each to one of the tools with its own arguments.
+    # 'required': one call or more, each to one of the tools with its own arguments; streamed,
+    # each call's id and name first, then its arguments in pieces, the same calls in the end.
+    answers = []
     for stream in (False, True):
         req = dict(model="smollm2", messages=msgs, max_tokens=80, temperature=0.8, seed=3,
                    tools=[weather, time_in], tool_choice="required", stream=stream)
         if stream:
-            calls, finish = [], None
+            calls, finish, pieces = {}, None, 0
             for chunk in client.chat.completions.create(**req):
-                calls += chunk.choices[0].delta.tool_calls or []
+                for d in chunk.choices[0].delta.tool_calls or []:
+                    assert (d.index in calls) == (d.id is None), d  # the id once, in the call's first piece
+                    name, args = calls.get(d.index, (d.function.name, ""))
+                    calls[d.index], pieces = (name, args + d.function.arguments), pieces + 1
                 finish = chunk.choices[0].finish_reason or finish
+            calls = [calls[k] for k in range(len(calls))]
+            assert pieces > len(calls), "the arguments come in pieces"
         else:
             r = client.chat.completions.create(**req)
-            calls, finish = r.choices[0].message.tool_calls, r.choices[0].finish_reason
+            calls = [(c.function.name, c.function.arguments) for c in r.choices[0].message.tool_calls]
+            finish = r.choices[0].finish_reason
         assert finish == "tool_calls" and calls, (finish, calls)
-        for c in calls:
-            a = json.loads(c.function.arguments)
-            assert (c.function.name, set(a)) in (("get_weather", {"city"}), ("get_time", {"zone"})), c
+        for name, args in calls:
+            assert (name, set(json.loads(args))) in (("get_weather", {"city"}), ("get_time", {"zone"})), calls
+        answers.append(calls)
+    assert answers[0] == answers[1], answers
     # The call and its answer in the history: the conversation goes on.
     history = msgs + [{"role": "assistant", "content": None, "tool_calls": [m.tool_calls[0].model_dump()]},
                       {"role": "tool", "tool_call_id": m.tool_calls[0].id, "content": "Sunny, 21 C"}]
@@ -279,9 +288,14 @@ def test_tool_call_deltas_and_a_required_list_cut_by_max_tokens():
     r = Answer(Required()).stream()
     assert r.delta('[{"name": "f"', False) == {}
     whole = '[{"name": "f", "parameters": {"x": 1}}, {"name": "g", "parameters": {}}]'
+    first = r.delta(whole[:32], False)["tool_calls"]
+    assert [(c["index"], c["function"]["name"], c["function"]["arguments"]) for c in first] == [(0, "f", '{"x')]
     calls = r.delta(whole, True)["tool_calls"]
-    got = [(c["index"], c["function"]["name"], c["function"]["arguments"]) for c in calls]
-    assert got == [(0, "f", '{"x": 1}'), (1, "g", "{}")]
+    got = [(c["index"], c["function"].get("name"), c["function"]["arguments"]) for c in calls]
+    assert got == [(0, None, '": 1}'), (1, "g", "{}")]
+    # Cut by max_tokens: the calls as far as they were written; before any arguments, the text.
+    cut = '[{"name": "f", "parameters": {"x": 1}}, {"name": "g", "parameters": {"y'
+    assert Answer(Required()).split(cut, True) == ("", "", [("f", '{"x": 1}'), ("g", '{"y')])
     assert Answer(Required()).stream().delta('[{"name": "f"', True) == {"content": '[{"name": "f"'}
     assert Answer(Required()).message('[{"name": "f"') == {"role": "assistant", "content": '[{"name": "f"'}
     assert Answer().message("hi") == {"role": "assistant", "content": "hi"}

@@ -13,6 +13,7 @@ is still written only what is decided, so that a stream's deltas add up to the w
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from typing import Optional
 
@@ -37,16 +38,32 @@ class Named:
 
 
 class Required:
+    """The list is written under its schema, each call `{"name": ..., "parameters": {...}}` with the
+    name first, so a call's arguments can be sent as they are written, as a named call's are: the
+    last call's arguments are open (still written) until they parse as a whole JSON value."""
+
     ends_in_tool_calls = True
     keep_special_tokens = False
+    HEAD = re.compile(r'\s*,?\s*\{\s*"name"\s*:\s*("(?:[^"\\]|\\.)*")\s*,\s*"parameters"\s*:\s*')
 
     def split(self, text: str, final: bool) -> Reading:
-        if not final:
-            return "", []
-        try:
-            return "", [(c["name"], json.dumps(c["parameters"], ensure_ascii=False)) for c in json.loads(text)]
-        except ValueError:  # cut by max_tokens: not a complete list, so the text as it is
-            return text, []
+        calls, decoder = [], json.JSONDecoder()
+        pos = len(text) - len(text.lstrip())
+        if text[pos:pos + 1] == "[":
+            pos += 1
+            while (head := self.HEAD.match(text, pos)) is not None:
+                name = json.loads(head.group(1))
+                try:
+                    _, end = decoder.raw_decode(text, head.end())
+                except ValueError:  # still written (or cut by max_tokens): the arguments so far
+                    calls.append((name, text[head.end():]))
+                    break
+                calls.append((name, text[head.end():end]))
+                pos = text.find("}", end) + 1  # the call's own end
+                if pos == 0:
+                    break
+        # Cut before any call's arguments began (max_tokens): the text as it is.
+        return ("", calls) if calls or not final else (text, [])
 
 
 class Auto:
