@@ -35,12 +35,6 @@ def pytest_report_header(config):
     """Which CPU kernels this machine runs, so a log says which ones its tests covered (the Rust
     tests check each available kernel against the portable one)."""
     from horae import _core
+    from horae.bench.model import kernels_in_use
 
-    k = _core.cpu_kernels()
-    amx = (f"; AMX tiles for bf16 products from {k['amx_min_rows']} rows, and for f32 prefill attention in"
-           " three bf16 products" if k["amx_min_rows"] else "")
-    if k["amx_int8_min_rows"]:
-        amx += f", int8 tiles for q8_0/q4_1 weights from {k['amx_int8_min_rows']} rows"
-    if k["avx512_bf16_min_rows"]:
-        amx += "; vdpbf16ps for bf16 products"
-    return f"horae CPU kernels: {', '.join(k['available'])} (the engine uses {k['selected']}{amx})"
+    return f"horae CPU kernels: {kernels_in_use(_core.cpu_kernels())}"

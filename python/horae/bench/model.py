@@ -45,6 +45,19 @@ from horae.engine import Engine
 from horae.sampling_params import SamplingParams
 
 
+def kernels_in_use(kernels: dict) -> str:
+    """`_core.cpu_kernels()` in words: the kernels this CPU runs and the ones the engine takes
+    (the bench's and the test log's header)."""
+    words = f"{', '.join(kernels['available'])}; the engine uses {kernels['selected']}"
+    if kernels["amx_min_rows"]:
+        words += (f", and AMX tiles for a bf16 model's products from {kernels['amx_min_rows']} rows, and for an f32"
+                  " or quantized model's prefill attention in three bf16 products")
+    if kernels["amx_int8_min_rows"]:
+        words += f", and AMX int8 tiles for q8_0/q4_1 weights from {kernels['amx_int8_min_rows']} rows"
+    if kernels["avx512_bf16_min_rows"]:
+        words += ", and vdpbf16ps for a bf16 model's products"
+    return words
+
 def _params(model_dir) -> float:
     cfg = json.loads((model_dir / "config.json").read_text())
     h, i, layers, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"], cfg["vocab_size"]
@@ -274,13 +287,7 @@ def run(model=None, batches: List[int] = (1, 8, 32), new_tokens: int = 64, prefi
     peaks = [gemm_peak()]
     res = {"model": str(model_dir), "params_matmul": params, "linear": {}, "dtypes": {}, "cpu": _cpu_name(),
            "kernels": kernels}
-    amx = (f", and AMX tiles for a bf16 model's products from {kernels['amx_min_rows']} rows, and for an f32 or"
-           " quantized model's prefill attention in three bf16 products" if kernels["amx_min_rows"] else "")
-    if kernels["amx_int8_min_rows"]:
-        amx += f", and AMX int8 tiles for q8_0/q4_1 weights from {kernels['amx_int8_min_rows']} rows"
-    if kernels["avx512_bf16_min_rows"]:
-        amx += ", and vdpbf16ps for a bf16 model's products"
-    print(f"CPU {res['cpu']}; kernels it runs: {', '.join(kernels['available'])}; the engine uses {kernels['selected']}{amx}")
+    print(f"CPU {res['cpu']}; kernels it runs: {kernels_in_use(kernels)}")
     print(f"model {model_dir.name}: {params / 1e6:.0f}M matmul parameters")
     print(f"GEMM peak (faer f32, 512x{i}x{h}, same run): {peaks[0]:.1f} GFLOP/s")
     bandwidths = [_core.bench_read_bandwidth()]
