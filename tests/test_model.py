@@ -474,6 +474,29 @@ def test_chat_template_is_sandboxed(llm):
         eng.tokenizer_config["chat_template"] = saved
 
 
+def test_bad_words(llm):
+    """vLLM's bad_words: a one-token word is never drawn; a longer one's last token is not drawn
+    after the ones before it, so the text goes on another way; each word as written at the start
+    of the text and after a space; bad ones named, nothing queued."""
+    q = [{"role": "user", "content": "What is the capital of France?"}]
+
+    def answer(words):
+        return llm.chat(q, SamplingParams(temperature=0, max_tokens=24, bad_words=words), use_tqdm=False)[0].outputs[0]
+
+    assert answer(None).text.startswith("The capital of France is Paris")
+    assert len(llm.engine.bad_word_ids(["Paris"])) == 2  # "Paris" and " Paris" are different tokens
+    banned = answer(["Paris"])
+    assert "Paris" not in banned.text and banned.text.startswith("The capital of France is"), banned.text
+    longer = answer(["  The capital of France"])  # leading spaces are not part of the word
+    assert "The capital of France" not in longer.text and longer.text.startswith("The capital of"), longer.text
+    for words, err, what in [("Paris", TypeError, "bad_words must be a list of strings"),
+                             ([3], TypeError, "bad_words must be a list of strings"),
+                             (["ok", " "], ValueError, "bad_words must not be empty strings")]:
+        with pytest.raises(err, match=what):
+            answer(words)
+    assert not llm.engine.has_unfinished_requests()
+
+
 def test_chat_template_options(llm):
     """HF's `apply_chat_template` options, as vLLM's `LLM.chat` and server take them: a template of
     the caller's, more of its variables, and `continue_final_message`, which ends the prompt inside

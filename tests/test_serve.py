@@ -458,6 +458,18 @@ def test_reasoning_apart_from_the_answer(server, client, monkeypatch):
     _assert_idle(server)
 
 
+def test_bad_words_over_http(server, client):
+    r = client.chat.completions.create(model="smollm2", messages=CAPITAL, max_tokens=12, temperature=0,
+                                       extra_body={"bad_words": ["Paris"]})
+    assert r.choices[0].message.content.startswith("The capital of France is") and "Paris" not in r.choices[0].message.content
+    h = {"Authorization": f"Bearer {KEY}"}
+    for words in ([""], "Paris", [1]):
+        body = {"model": "smollm2", "prompt": "hi", "max_tokens": 2, "bad_words": words}
+        err = _error(httpx.post(server.url + "/v1/completions", headers=h, json=body), 400)
+        assert err["param"].startswith("bad_words"), err
+    _assert_idle(server)
+
+
 def test_chat_template_options_over_http(server, client, monkeypatch):
     """vLLM's chat-template fields on the chat route and /tokenize: `continue_final_message`
     (the model goes on with an assistant reply begun for it), `chat_template_kwargs`, and a

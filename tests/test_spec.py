@@ -85,6 +85,18 @@ def test_a_logit_bias_holds_for_verified_drafts(ngram):
     assert out.token_ids != unbiased and out.num_draft_tokens > 0
 
 
+def test_bad_words_hold_for_verified_drafts(ngram):
+    """A bad word's last token is banned in every verified row after the drafts before it: with
+    prompt lookup proposing the word's tokens, greedy output is the same as without drafts."""
+    days = [{"role": "user", "content": DAYS}]
+    p = SamplingParams(temperature=0, max_tokens=64, bad_words=["Monday", "Tuesday morning"])
+    out = ngram.chat(days, p, use_tqdm=False)[0].outputs[0]
+    plain = LLM(kv_cache_tokens=8192).chat(days, p, use_tqdm=False)[0].outputs[0]
+    free = ngram.chat(days, SamplingParams(temperature=0, max_tokens=64), use_tqdm=False)[0].outputs[0]
+    assert "Monday" in free.text and "Monday" not in out.text and "Tuesday morning" not in out.text, out.text
+    assert out.token_ids == plain.token_ids and out.num_draft_tokens > 0
+
+
 def test_structured_output_verifies_drafts_under_its_grammar(ngram):
     """Drafts are cut where they leave the request's language and verified under the grammar's
     mask at each position: greedy under a grammar is the same with prompt lookup as without it,

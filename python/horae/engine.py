@@ -295,6 +295,7 @@ class Engine:
         bias = logit_bias_dict(params.logit_bias)
         allowed = None if params.allowed_token_ids is None else token_ids(params.allowed_token_ids, "allowed_token_ids")
         structured = params.structured_outputs and params.structured_outputs.core_arg()
+        bad_words = self.bad_word_ids(params.bad_words)
 
         def submit(index: int) -> int:
             seed = None if params.seed is None else params.seed + index
@@ -307,12 +308,21 @@ class Engine:
                     prompt_logprobs=params.prompt_logprobs if index == 0 else None, stop=params.stop,
                     stop_token_ids=params.stop_token_ids, include_stop_str_in_output=params.include_stop_str_in_output,
                     skip_special_tokens=params.skip_special_tokens, logit_bias=bias, allowed_token_ids=allowed,
-                    structured_outputs=structured, slo=slo, priority=params.priority, waited=waited)
+                    bad_words=bad_words, structured_outputs=structured, slo=slo, priority=params.priority, waited=waited)
             except OverflowError as e:  # a token id past 64 bits: a bad value, not a server fault
                 raise ValueError(f"a token id is out of range: {e}") from None
 
         self._outputs.add(request_id, text, ids, params.n, params.logprobs is not None, submit)
         return request_id
+
+    def bad_word_ids(self, words: List[str]) -> List[List[int]]:
+        """Each bad word as the tokens it is written with at the start of the text and after a
+        space (vLLM's two readings; the core drops repeats and refuses an empty word)."""
+        ids = []
+        for w in words:
+            w = w.lstrip()
+            ids += [self.encode(text, add_special_tokens=False) for text in (w, " " + w)] if w.strip() else [[]]
+        return ids
 
     def abort(self, request_id: str) -> None:
         """Stop a request and free its KV blocks; `KeyError` for an id not in flight."""

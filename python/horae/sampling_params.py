@@ -95,6 +95,9 @@ class SamplingParams:
     logit_bias: Optional[Dict[int, float]] = None
     #: vLLM's allowed_token_ids: only these tokens can be drawn (None: any).
     allowed_token_ids: Optional[List[int]] = None
+    #: vLLM's bad_words: words the output must not contain, each as written at the start of the
+    #: text and after a space (the last token of a word cannot be drawn after the ones before it).
+    bad_words: Optional[List[str]] = None
     #: vLLM's structured output: what the text must match (a `StructuredOutputsParams`, or a
     #: dict of its fields).
     structured_outputs: Optional[StructuredOutputsParams] = None
@@ -111,6 +114,10 @@ class SamplingParams:
         if not isinstance(ids, (list, tuple, type(None))) or not all(is_int(t) for t in ids or []):
             raise TypeError(f"stop_token_ids must be a list of integers, got {ids!r}")
         self.stop_token_ids = list(ids or [])
+        words = self.bad_words
+        if not isinstance(words, (list, tuple, type(None))) or not all(isinstance(w, str) for w in words or []):
+            raise TypeError(f"bad_words must be a list of strings, got {words!r}")
+        self.bad_words = list(words or [])
         if isinstance(self.structured_outputs, dict):
             try:
                 self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)

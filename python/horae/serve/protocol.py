@@ -100,6 +100,7 @@ class _Sampling(_Strict):
     min_tokens: Int = 0
     stop_token_ids: Optional[List[Int]] = None
     allowed_token_ids: Optional[List[Int]] = None
+    bad_words: Optional[List[str]] = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     priority: Int = 0

@@ -272,7 +272,7 @@ impl PyEngine {
                         seed = None, ignore_eos = false, logprobs = None, min_tokens = 0, prompt_logprobs = None,
                         stop = Vec::new(), stop_token_ids = Vec::new(), include_stop_str_in_output = false,
                         skip_special_tokens = true, logit_bias = None, allowed_token_ids = None,
-                        structured_outputs = None, slo = None, priority = 0, waited = 0.0))]
+                        bad_words = Vec::new(), structured_outputs = None, slo = None, priority = 0, waited = 0.0))]
     #[allow(clippy::too_many_arguments)]
     fn add_request(
         &self,
@@ -297,6 +297,7 @@ impl PyEngine {
         skip_special_tokens: bool,
         logit_bias: Option<HashMap<i64, f64>>,
         allowed_token_ids: Option<Vec<i64>>,
+        bad_words: Vec<Vec<i64>>,
         structured_outputs: Option<(String, String)>,
         slo: Option<HashMap<String, f64>>,
         priority: i64,
@@ -328,6 +329,7 @@ impl PyEngine {
             include_stop_str_in_output,
             logit_bias: logit_bias.map(|b| b.into_iter().collect()).unwrap_or_default(),
             allowed_token_ids,
+            bad_words,
             structured_outputs: structured_outputs
                 .map(|(kind, text)| Constraint::parse(&kind, &text))
                 .transpose()

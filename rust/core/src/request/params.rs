@@ -39,6 +39,9 @@ pub struct RequestParams {
     pub logit_bias: Vec<(i64, f64)>,
     /// vLLM's `allowed_token_ids`: only these can be drawn (`None`: any).
     pub allowed_token_ids: Option<Vec<i64>>,
+    /// vLLM's `bad_words`, each as the token sequences it is written as (the Python front
+    /// tokenizes them, as it does a prompt).
+    pub bad_words: Vec<Vec<i64>>,
     /// vLLM's `structured_outputs` (OpenAI's `response_format`): what the output must match.
     pub structured_outputs: Option<Constraint>,
     pub slo: Slo,
@@ -93,6 +96,27 @@ fn checked_allowed(ids: &[i64], vocab: i64) -> Result<Vec<u32>> {
     Ok(out)
 }
 
+/// Bad words' token sequences, each non-empty and in the vocabulary (repeats dropped).
+fn checked_bad_words(words: &[Vec<i64>], vocab: i64) -> Result<Vec<Vec<u32>>> {
+    let mut out: Vec<Vec<u32>> = Vec::with_capacity(words.len());
+    for w in words {
+        if w.is_empty() {
+            return Err(invalid_at("bad_words", "bad_words must not be empty strings".into()));
+        }
+        if let Some(bad) = w.iter().find(|&&t| !(0..vocab).contains(&t)) {
+            return Err(invalid_at(
+                "bad_words",
+                format!("bad_words: token {bad} is outside the vocabulary (0..{vocab})"),
+            ));
+        }
+        let w: Vec<u32> = w.iter().map(|&t| t as u32).collect();
+        if !out.contains(&w) {
+            out.push(w);
+        }
+    }
+    Ok(out)
+}
+
 impl RequestParams {
     /// Check everything and build the engine's request. The message of every refusal names
     /// the field and the bound. `grammars` compiles structured output for the model's
@@ -114,6 +138,7 @@ impl RequestParams {
         }
         let logit_bias = checked_logit_bias(&self.logit_bias, vocab)?;
         let allowed_token_ids = self.allowed_token_ids.as_deref().map(|a| checked_allowed(a, vocab)).transpose()?;
+        let bad_words = checked_bad_words(&self.bad_words, vocab)?;
         if self.stop.iter().any(|s| s.is_empty()) {
             return Err(invalid_at("stop", "stop strings must not be empty".into()));
         }
@@ -151,6 +176,7 @@ impl RequestParams {
         let mut sampling = self.sampling;
         sampling.logit_bias = logit_bias;
         sampling.allowed_token_ids = allowed_token_ids;
+        sampling.bad_words = bad_words;
         sampling.top_k = match self.top_k {
             -1 | 0 => 0,
             k if k > 0 => usize::try_from(k).unwrap_or(usize::MAX),
@@ -262,6 +288,16 @@ mod tests {
         let spec =
             RequestParams { allowed_token_ids: Some(vec![9, 2, 9]), ..params(4, Some(4)) }.into_spec(&LIMITS, None);
         assert_eq!(spec.unwrap().sampling.allowed_token_ids, Some(vec![2, 9]));
+        for (words, what) in
+            [(vec![vec![]], "must not be empty"), (vec![vec![3], vec![1, 100]], "token 100 is outside")]
+        {
+            let e = p_err(RequestParams { bad_words: words, ..params(4, Some(4)) });
+            assert!(matches!(e, HoraeError::BadRequest { param: Some("bad_words"), .. }), "{e}");
+            assert!(e.to_string().contains(what), "{e}");
+        }
+        let words = vec![vec![5, 6], vec![7], vec![5, 6]];
+        let spec = RequestParams { bad_words: words, ..params(4, Some(4)) }.into_spec(&LIMITS, None).unwrap();
+        assert_eq!(spec.sampling.bad_words, vec![vec![5, 6], vec![7]]);
     }
 
     fn p_err(p: RequestParams) -> HoraeError {

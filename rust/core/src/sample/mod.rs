@@ -60,6 +60,9 @@ pub struct SamplingParams {
     /// vLLM's `allowed_token_ids`: only these tokens can be drawn (sorted, each once; `None`:
     /// any).
     pub allowed_token_ids: Option<Vec<u32>>,
+    /// vLLM's `bad_words`, as token sequences (each word's tokenizations; none empty): the last
+    /// token of each cannot be drawn where the output so far ends with the ones before it.
+    pub bad_words: Vec<Vec<u32>>,
     /// vLLM's `skip_special_tokens`: the output's text leaves out special tokens' text (true by
     /// default). Here, beside sampling, because vLLM's `SamplingParams` carries it.
     pub skip_special_tokens: bool,
@@ -82,6 +85,7 @@ impl Default for SamplingParams {
             prompt_logprobs: None,
             logit_bias: Vec::new(),
             allowed_token_ids: None,
+            bad_words: Vec::new(),
             skip_special_tokens: true,
         }
     }
@@ -148,13 +152,19 @@ impl SamplingParams {
 
     /// Whether `adjust_logits` changes anything: the raw logits are not what is sampled.
     pub fn adjusts_logits(&self) -> bool {
-        self.has_penalties() || !self.logit_bias.is_empty() || self.allowed_token_ids.is_some()
+        self.reads_output() || !self.logit_bias.is_empty() || self.allowed_token_ids.is_some()
+    }
+
+    /// Whether `adjust_logits` reads the tokens so far (the plan then carries them).
+    pub fn reads_output(&self) -> bool {
+        self.has_penalties() || !self.bad_words.is_empty()
     }
 }
 
 /// What a request asks of its logits before they are sampled, in place: every token but the
-/// allowed ones masked out, the logit bias, then repetition, presence and frequency penalties
-/// (vLLM's order: its allowed-tokens mask and logit-bias processor run before the penalties).
+/// allowed ones masked out, the logit bias, the bad words' next tokens banned, then repetition,
+/// presence and frequency penalties (vLLM's order: its allowed-tokens mask, logit-bias and
+/// bad-words processors run before the penalties).
 /// Logprobs are reported from the logits before this, as vLLM's raw logprobs are.
 pub fn adjust_logits(logits: &mut [f32], p: &SamplingParams, prompt: &[u32], output: &[u32]) {
     if let Some(allowed) = &p.allowed_token_ids {
@@ -171,6 +181,14 @@ pub fn adjust_logits(logits: &mut [f32], p: &SamplingParams, prompt: &[u32], out
     for &(t, b) in &p.logit_bias {
         if let Some(l) = logits.get_mut(t as usize) {
             *l += b;
+        }
+    }
+    for word in &p.bad_words {
+        let (last, before) = word.split_last().expect("bad words are not empty (checked when the request is added)");
+        if output.ends_with(before) {
+            if let Some(l) = logits.get_mut(*last as usize) {
+                *l = f32::NEG_INFINITY;
+            }
         }
     }
     if p.repetition_penalty != 1.0 {
@@ -559,6 +577,23 @@ mod tests {
             SamplingParams { repetition_penalty: 2.0, logit_bias: vec![(0, -3.0), (2, 100.0)], ..Default::default() };
         adjust_logits(&mut l, &p, &[0], &[]);
         assert_eq!(l, vec![-2.0, -2.0, 101.0]);
+    }
+
+    #[test]
+    fn a_bad_words_next_token_is_banned_where_the_output_ends_with_its_start() {
+        // Words [2] (one token: always banned), [0, 3] and [1, 0, 4] (banned after 0, and after
+        // 1 0). The prompt does not count: vLLM's words are about the generated text.
+        let p = SamplingParams { bad_words: vec![vec![2], vec![0, 3], vec![1, 0, 4]], ..Default::default() };
+        let banned = |output: &[u32]| {
+            let mut l = vec![1.0; 6];
+            adjust_logits(&mut l, &p, &[0], output);
+            (0..6).filter(|&t| l[t] == f32::NEG_INFINITY).collect::<Vec<_>>()
+        };
+        assert_eq!(banned(&[]), [2]);
+        assert_eq!(banned(&[5, 0]), [2, 3]);
+        assert_eq!(banned(&[1, 0]), [2, 3, 4]);
+        assert_eq!(banned(&[0, 5]), [2]);
+        assert!(p.adjusts_logits() && p.reads_output() && !p.has_penalties());
     }
 
     #[test]

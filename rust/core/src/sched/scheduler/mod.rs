@@ -314,7 +314,7 @@ impl Scheduler {
                 .map(|i| if i < total { r.token_at(i) } else { r.draft.get(i - total).copied() })
                 .collect::<Option<_>>()
                 .expect("scheduled positions hold tokens or drafts");
-            if r.sampling.has_penalties() || r.sampling.prompt_logprobs.is_some() {
+            if r.sampling.reads_output() || r.sampling.prompt_logprobs.is_some() {
                 context = Some(r.all_token_ids());
             }
         }
