@@ -490,6 +490,9 @@ def test_chat_template_options_over_http(server, client, monkeypatch):
     monkeypatch.setattr(server.app.state.server.config, "trust_request_chat_template", True)
     tok = httpx.post(server.url + "/tokenize", headers=h, json=body).json()
     assert server.llm.decode(tok["tokens"]) == "Hi! What is the capital of France?", tok
+    bad = {"prompt": "hi", "add_generation_prompt": False}
+    err = _error(httpx.post(server.url + "/tokenize", headers=h, json=bad), 400)
+    assert "add_generation_prompt: only with messages, not with a prompt" in err["message"], err
     for extra, param in [({"continue_final_message": True}, "continue_final_message"),
                          ({"chat_template_kwargs": {"tools": 1}}, "chat_template_kwargs"),
                          ({"chat_template": "{% for %}"}, "chat_template"),

@@ -308,6 +308,9 @@ class TokenizeRequest(_ChatPrompt):
     def _one(self):
         if (self.prompt is None) == (self.messages is None):
             raise ValueError("give exactly one of prompt or messages")
+        template = sorted(set(_ChatPrompt.model_fields) & self.model_fields_set)
+        if self.prompt is not None and template:
+            raise ValueError(f"{', '.join(template)}: only with messages, not with a prompt")
         return self
 
 
