@@ -380,6 +380,10 @@ def test_structured_output_in_the_python_api(llm):
     out = llm.generate("The year the Berlin Wall fell:", SamplingParams(temperature=0, max_tokens=10,
                        structured_outputs={"regex": " [0-9]{4}"}), use_tqdm=False)[0].outputs[0]
     assert re.fullmatch(" [0-9]{4}", out.text) and out.finish_reason == "stop", out.text
+    # start_after: free text until the tag (here the model's own " fell in"), the language after.
+    p = SamplingParams(temperature=0, max_tokens=24, structured_outputs=so(regex=" [0-9]{4}", start_after=" in"))
+    out = llm.generate("The Berlin Wall fell in the year 1989. The Berlin Wall fell", p, use_tqdm=False)[0].outputs[0]
+    assert re.fullmatch(".* in [0-9]{4}", out.text, re.S) and out.finish_reason == "stop", out.text
     # A pool of 192 tokens for eight 40-token prompts writing up to 40 tokens each: requests are
     # preempted and recomputed, and each still ends in its language.
     small = LLM(kv_cache_tokens=192, max_num_seqs=8, scheduler="aggressive")
@@ -393,7 +397,9 @@ def test_structured_output_in_the_python_api(llm):
     for bad, err, what in [(dict(regex="(a"), ValueError, "cannot compile"), (dict(choice=[]), ValueError, "must not be empty"),
                            (dict(json={"type": 5}), ValueError, "cannot compile"),
                            (dict(regex="a", choice=["b"]), ValueError, "exactly one"),
-                           (dict(choice="yes"), TypeError, "a list of strings"), (dict(xml="<a/>"), TypeError, "its fields")]:
+                           (dict(choice="yes"), TypeError, "a list of strings"), (dict(xml="<a/>"), TypeError, "its fields"),
+                           (dict(regex="a", start_after=""), TypeError, "start_after must be a non-empty string"),
+                           (dict(start_after="</think>"), ValueError, "exactly one")]:
         with pytest.raises(err, match=what):
             llm.generate("hi", SamplingParams(structured_outputs=bad), use_tqdm=False)
     with pytest.raises(TypeError, match="structured_outputs must be a StructuredOutputsParams"):

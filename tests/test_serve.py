@@ -429,7 +429,8 @@ def test_reasoning_apart_from_the_answer(server, client, monkeypatch):
     """A server with --reasoning-parser deepseek_r1: the real model, shown by example to think in
     <think></think>, has its thinking answered as `reasoning` (and `reasoning_content`) and the
     rest as content, whole and streamed, the two joining to the text it wrote; include_reasoning
-    false leaves the thinking out; an answer under a grammar is all content."""
+    false leaves the thinking out; a grammar (a response format, a forced tool call) holds the
+    answer after the thinking, not the thinking (vLLM's rule)."""
     shown = [{"role": "system", "content": "Think inside <think></think> first, then answer."},
              {"role": "user", "content": "What is 2 + 2?"},
              {"role": "assistant", "content": "<think>Two plus two is four.</think>The answer is 4."},
@@ -454,7 +455,16 @@ def test_reasoning_apart_from_the_answer(server, client, monkeypatch):
     cut = client.chat.completions.create(**{**ask, "max_tokens": 4}).choices[0]
     assert cut.finish_reason == "length" and cut.message.content is None and cut.message.reasoning, cut
     shaped = client.chat.completions.create(**ask, response_format={"type": "json_object"}).choices[0].message
-    assert shaped.content.startswith("{") and "reasoning" not in (shaped.model_extra or {}), shaped
+    assert shaped.reasoning == m.reasoning and isinstance(json.loads(shaped.content), dict), shaped
+    tool = {"type": "function", "function": {"name": "add", "parameters": {
+        "type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}, "required": ["a", "b"]}}}
+    named = {"type": "function", "function": {"name": "add"}}
+    called = client.chat.completions.create(**ask, tools=[tool], tool_choice=named).choices[0].message
+    assert called.reasoning == m.reasoning and called.content is None, called
+    assert set(json.loads(called.tool_calls[0].function.arguments)) == {"a", "b"}, called
+    monkeypatch.setattr(server.app.state.server.config, "reasoning_parser", None)
+    at_once = client.chat.completions.create(**ask, response_format={"type": "json_object"}).choices[0].message
+    assert not at_once.content.startswith("<think>"), "without the parser the grammar holds the whole text"
     _assert_idle(server)
 
 

@@ -295,6 +295,7 @@ class Engine:
         bias = logit_bias_dict(params.logit_bias)
         allowed = None if params.allowed_token_ids is None else token_ids(params.allowed_token_ids, "allowed_token_ids")
         structured = params.structured_outputs and params.structured_outputs.core_arg()
+        after = (params.structured_outputs and params.structured_outputs.start_after) or ""
         bad_words = self.bad_word_ids(params.bad_words)
 
         def submit(index: int) -> int:
@@ -308,7 +309,8 @@ class Engine:
                     prompt_logprobs=params.prompt_logprobs if index == 0 else None, stop=params.stop,
                     stop_token_ids=params.stop_token_ids, include_stop_str_in_output=params.include_stop_str_in_output,
                     skip_special_tokens=params.skip_special_tokens, logit_bias=bias, allowed_token_ids=allowed,
-                    bad_words=bad_words, structured_outputs=structured, slo=slo, priority=params.priority, waited=waited)
+                    bad_words=bad_words, structured_outputs=structured, structured_outputs_after=after, slo=slo,
+                    priority=params.priority, waited=waited)
             except OverflowError as e:  # a token id past 64 bits: a bad value, not a server fault
                 raise ValueError(f"a token id is out of range: {e}") from None
 

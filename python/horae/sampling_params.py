@@ -17,16 +17,22 @@ class StructuredOutputsParams:
     (`grammar`, llguidance's dialect). Each step draws only tokens that keep the text in that
     language, and the output ends where the language does. JSON is written on one line with
     `", "` and `": "` unless the schema's `"x-guidance"` key says otherwise. The core compiles
-    it when the request is added (a `ValueError` naming `structured_outputs` if it cannot)."""
+    it when the request is added (a `ValueError` naming `structured_outputs` if it cannot).
+
+    `start_after` (horae's; what vLLM does with a reasoning parser): the text is free until the
+    output writes this tag, e.g. a reasoning model's `"</think>"`, and in the language after it."""
 
     json: Optional[Union[str, Dict[str, Any]]] = None
     regex: Optional[str] = None
     choice: Optional[List[str]] = None
     grammar: Optional[str] = None
     json_object: Optional[bool] = None
+    start_after: Optional[str] = None
 
     def __post_init__(self):
-        given = [f.name for f in fields(self) if getattr(self, f.name) not in (None, False)]
+        if self.start_after is not None and not (isinstance(self.start_after, str) and self.start_after):
+            raise TypeError(f"structured_outputs: start_after must be a non-empty string, got {self.start_after!r}")
+        given = [f.name for f in fields(self) if f.name != "start_after" and getattr(self, f.name) not in (None, False)]
         if len(given) != 1:
             raise ValueError("structured_outputs: give exactly one of json, regex, choice, grammar, json_object"
                              f" (got {', '.join(given) or 'none'})")

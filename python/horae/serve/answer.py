@@ -55,12 +55,8 @@ class Answer:
 
 
 def answer_for(req, config) -> Answer:
-    """How the server (`config`: its tool-call and reasoning parsers) reads the answers to `req`.
-    An answer under a grammar (a forced tool call, a response format) is all content: the grammar
-    leaves no room for thinking apart (vLLM starts it where the reasoning ends; not here)."""
-    reasoning = None
-    if config.reasoning_parser is not None and req.structured() is None:
-        reasoning = reasoning_parser(config.reasoning_parser)
+    """How the server (`config`: its tool-call and reasoning parsers) reads the answers to `req`."""
+    reasoning = reasoning_parser(config.reasoning_parser) if config.reasoning_parser is not None else None
     return Answer(reader_for(req, config.tool_call_parser), reasoning, req.include_reasoning)
 
 

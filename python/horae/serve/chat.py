@@ -42,6 +42,10 @@ def router(state: ServerState) -> APIRouter:
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         top = req.top_logprobs or 0
         params = state.sampling(req, max_tokens, top if req.logprobs else None)
+        if answer.reasoning is not None and params.structured_outputs is not None:
+            # A grammar (response_format, a forced tool call) holds the answer, not the thinking
+            # before it: it starts where the reasoning ends, as vLLM's does.
+            params.structured_outputs.start_after = answer.reasoning.END
         state.check_capacity(1)
         try:
             streams, (out,) = await state.start_all("chatcmpl", [ids], [params])

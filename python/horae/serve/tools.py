@@ -34,7 +34,8 @@ class Named:
         self.name = name
 
     def split(self, text: str, final: bool) -> Reading:
-        return "", [(self.name, text)]  # the arguments are sent as they are written
+        # The arguments are sent as they are written (none yet: a reasoning model still thinking).
+        return "", [(self.name, text)] if text else []
 
 
 class Required:

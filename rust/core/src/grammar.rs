@@ -106,9 +106,42 @@ pub struct Grammar {
     /// Kept here: a matcher that failed no longer answers for its vocabulary.
     eos: u32,
     vocab_size: usize,
+    /// Each token's text, for `after`.
+    vocab: TokEnv,
+    /// The text after which the language starts (a reasoning model's end of thinking, as
+    /// vLLM's structured output waits for its reasoning parser); empty once written, or from
+    /// the start. Until then the output is free: no masks, nothing consumed, not done. Text,
+    /// not tokens: a tag that is not one token is tokenized with what comes before it.
+    after: Vec<u8>,
+    /// The output's last bytes while `after` is awaited (fewer than its length).
+    tail: Vec<u8>,
 }
 
 impl Grammar {
+    /// This grammar, starting only once the output has written `tag`; the language starts
+    /// with the token after the one that completes it.
+    pub fn starting_after(mut self, tag: &str) -> Self {
+        self.after = tag.as_bytes().to_vec();
+        self
+    }
+
+    /// `tail` moved on by `token`'s text; true where the awaited tag is then complete.
+    fn sees_tag(&self, tail: &mut Vec<u8>, token: u32) -> bool {
+        tail.extend_from_slice(&self.vocab.tok_trie().decode(&[token]));
+        if tail.windows(self.after.len()).any(|w| w == self.after.as_slice()) {
+            return true;
+        }
+        let keep = self.after.len() - 1;
+        tail.drain(..tail.len().saturating_sub(keep));
+        false
+    }
+
+    /// Where in `draft` the awaited tag would be complete (the index of the token completing it).
+    fn tag_ends_in(&self, draft: &[u32]) -> Option<usize> {
+        let mut tail = self.tail.clone();
+        draft.iter().position(|&t| self.sees_tag(&mut tail, t))
+    }
+
     /// The tokens that keep the output inside the language (bit `t % 32` of word `t / 32`);
     /// once the language allows nothing more, only end-of-sequence. An internal failure of the
     /// matcher (it has a step budget) also leaves only end-of-sequence, so the request ends
@@ -124,6 +157,11 @@ impl Grammar {
     /// How many of `draft` (a proposer's guesses at the next tokens) stay in the language, in
     /// order, before any end-of-sequence: the drafts worth verifying. The grammar does not move.
     pub fn valid_drafts(&mut self, draft: &[u32]) -> usize {
+        if !self.after.is_empty() {
+            // Free text until the tag; the draft that would end it is drawn as the step's last
+            // token instead, so no row of this step needs the language's masks.
+            return self.tag_ends_in(draft).unwrap_or(draft.len());
+        }
         let upto = draft.iter().position(|&t| t == self.eos).unwrap_or(draft.len());
         self.matcher.validate_tokens(&draft[..upto]).unwrap_or(0)
     }
@@ -132,6 +170,9 @@ impl Grammar {
     /// then the one after each draft, for the row that verifies the next draft or draws past
     /// them all. The grammar is moved through the drafts and back.
     pub fn masks_through(&mut self, draft: &[u32]) -> Vec<Vec<u32>> {
+        if !self.after.is_empty() {
+            return Vec::new(); // free text until the tag (no draft ends it: `valid_drafts`)
+        }
         let mut masks = Vec::with_capacity(draft.len() + 1);
         masks.push(self.mask());
         for &t in draft {
@@ -149,19 +190,35 @@ impl Grammar {
     /// mask's tokens no chance) fails it, which counts as done, so what follows is only
     /// end-of-sequence.
     pub fn accept(&mut self, token: u32) {
-        let _ = self.matcher.consume_token(token);
+        if self.after.is_empty() {
+            let _ = self.matcher.consume_token(token);
+            return;
+        }
+        let mut tail = std::mem::take(&mut self.tail);
+        if self.sees_tag(&mut tail, token) {
+            self.after.clear(); // the language starts with the next token
+        } else {
+            self.tail = tail;
+        }
     }
 
     /// Whether the output is complete: the language allows nothing more (or the matcher
     /// stopped), so the request ends here.
     pub fn is_done(&self) -> bool {
-        self.matcher.is_stopped()
+        self.after.is_empty() && self.matcher.is_stopped()
     }
 }
 
 impl Clone for Grammar {
     fn clone(&self) -> Self {
-        Self { matcher: self.matcher.deep_clone(), ..*self }
+        Self {
+            matcher: self.matcher.deep_clone(),
+            eos: self.eos,
+            vocab_size: self.vocab_size,
+            vocab: self.vocab.clone(),
+            after: self.after.clone(),
+            tail: self.tail.clone(),
+        }
     }
 }
 
@@ -249,7 +306,14 @@ impl Compiler {
         let parser =
             llguidance::panic_utils::catch_unwind(std::panic::AssertUnwindSafe(|| factory.create_parser(grammar)))
                 .map_err(|e| refused(format!("structured_outputs: cannot compile it: {e}")))?;
-        Ok(Grammar { matcher: Matcher::new(Ok(parser)), eos: self.eos, vocab_size: self.vocab_size })
+        Ok(Grammar {
+            matcher: Matcher::new(Ok(parser)),
+            eos: self.eos,
+            vocab_size: self.vocab_size,
+            vocab: factory.tok_env().clone(),
+            after: Vec::new(),
+            tail: Vec::new(),
+        })
     }
 }
 

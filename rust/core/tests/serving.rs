@@ -322,3 +322,55 @@ fn a_grammar_takes_drafts_while_they_stay_in_its_language() {
     g.accept(2);
     assert!(g.is_done());
 }
+
+/// A grammar that starts after a tag (a reasoning model's end of thinking): free text, no masks
+/// and drafts taken up to the token that completes the tag; then the language from the next
+/// token. In the engine: the text before the tag is the model's, the text after it the grammar's.
+#[test]
+fn a_grammar_starts_after_its_tag() {
+    use horae_core::grammar::{Compiler, Constraint};
+    use horae_core::tokenizer::Tokenizer;
+    let dir = byte_level_model_dir();
+    let tokenizer = std::sync::Arc::new(Tokenizer::from_dir(&dir).unwrap());
+    let byte = |c: u8| u32::from(c);
+    let tag: Vec<u32> = b"</t>".iter().map(|&b| byte(b)).collect();
+    let mut g = Compiler::new(&dir, tokenizer, 256, 2)
+        .compile(&Constraint::Regex("ab+".into()))
+        .unwrap()
+        .starting_after("</t>");
+    let (a, b, x) = (byte(b'a'), byte(b'b'), byte(b'x'));
+    assert!(g.masks_through(&[x, x]).is_empty(), "free text: no masks");
+    assert_eq!(g.valid_drafts(&[x, x, x]), 3);
+    let drafts: Vec<u32> = [x].into_iter().chain(tag.iter().copied()).chain([a, b]).collect();
+    assert_eq!(g.valid_drafts(&drafts), 4, "drafts stop before the token that completes the tag");
+    for t in [x, byte(b'<'), x] {
+        g.accept(t); // a tag begun and broken off
+    }
+    assert!(!g.is_done() && g.masks_through(&[]).is_empty());
+    for &t in &tag {
+        g.accept(t);
+    }
+    let allowed = |mask: &[u32]| (0..256).filter(|&t| mask[t / 32] >> (t % 32) & 1 == 1).collect::<Vec<usize>>();
+    assert_eq!(allowed(&g.masks_through(&[])[0]), vec![a as usize], "the language, from the token after the tag");
+    for t in [a, b, 2] {
+        g.accept(t);
+    }
+    assert!(g.is_done());
+
+    // Through the engine: a logit bias makes the model write the tag "xx" first (it stays in
+    // force after, where the language's mask leaves x no chance); then the language.
+    let (h, _) = engine_in(byte_level_model_dir());
+    let tokens = |id: u64| -> Vec<u32> { run(&h)[&id].iter().flat_map(|o| o.new_token_ids.clone()).collect() };
+    let params = |after: &str| RequestParams {
+        structured_outputs: Some(Constraint::Regex("ab{5}".into())),
+        structured_outputs_after: after.into(),
+        logit_bias: vec![(i64::from(x), 100.0)],
+        ignore_eos: true,
+        ..greedy(vec![5, 9, 12, 40], 40)
+    };
+    let language: Vec<u32> = b"abbbbb".iter().map(|&c| byte(c)).collect();
+    // Ended by end-of-sequence where the language ends, which is not returned.
+    assert_eq!(tokens(h.add_request(params("")).unwrap()), language);
+    assert_eq!(tokens(h.add_request(params("xx")).unwrap()), [vec![x, x], language].concat());
+    assert!(!h.has_unfinished());
+}

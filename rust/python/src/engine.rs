@@ -272,7 +272,8 @@ impl PyEngine {
                         seed = None, ignore_eos = false, logprobs = None, min_tokens = 0, prompt_logprobs = None,
                         stop = Vec::new(), stop_token_ids = Vec::new(), include_stop_str_in_output = false,
                         skip_special_tokens = true, logit_bias = None, allowed_token_ids = None,
-                        bad_words = Vec::new(), structured_outputs = None, slo = None, priority = 0, waited = 0.0))]
+                        bad_words = Vec::new(), structured_outputs = None, structured_outputs_after = String::new(),
+                        slo = None, priority = 0, waited = 0.0))]
     #[allow(clippy::too_many_arguments)]
     fn add_request(
         &self,
@@ -299,6 +300,7 @@ impl PyEngine {
         allowed_token_ids: Option<Vec<i64>>,
         bad_words: Vec<Vec<i64>>,
         structured_outputs: Option<(String, String)>,
+        structured_outputs_after: String,
         slo: Option<HashMap<String, f64>>,
         priority: i64,
         waited: f64,
@@ -334,6 +336,7 @@ impl PyEngine {
                 .map(|(kind, text)| Constraint::parse(&kind, &text))
                 .transpose()
                 .map_err(to_py)?,
+            structured_outputs_after,
             slo: slo_arg(slo)?,
             priority,
             waited,

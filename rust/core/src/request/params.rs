@@ -44,6 +44,9 @@ pub struct RequestParams {
     pub bad_words: Vec<Vec<i64>>,
     /// vLLM's `structured_outputs` (OpenAI's `response_format`): what the output must match.
     pub structured_outputs: Option<Constraint>,
+    /// Where `structured_outputs` starts: after the output writes this text (a reasoning
+    /// model's end of thinking, `</think>`); empty: from the first token.
+    pub structured_outputs_after: String,
     pub slo: Slo,
     pub priority: i64,
     /// Seconds the request had already waited when it reached this engine (vLLM's
@@ -202,7 +205,7 @@ impl RequestParams {
         }
         let grammar = match (&self.structured_outputs, grammars) {
             (None, _) => None,
-            (Some(c), Some(g)) => Some(g.compile(c)?),
+            (Some(c), Some(g)) => Some(g.compile(c)?.starting_after(&self.structured_outputs_after)),
             (Some(_), None) => {
                 return Err(invalid_at(
                     "structured_outputs",
