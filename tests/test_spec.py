@@ -113,6 +113,15 @@ def test_structured_output_verifies_drafts_under_its_grammar(ngram):
             assert o.token_ids == alone.token_ids
         else:
             assert ngram.chat(days, p, use_tqdm=False)[0].outputs[0].token_ids == o.token_ids
+    # A grammar that starts after a tag: drafts run free up to the token that completes it, and
+    # are verified under the language after it; the same tokens as without drafts.
+    p = SamplingParams(temperature=0, max_tokens=64, structured_outputs=StructuredOutputsParams(regex=rx,
+                                                                                                start_after="Tuesday"))
+    o = ngram.chat(days, p, use_tqdm=False)[0].outputs[0]
+    head, tag, rest = o.text.partition("Tuesday")
+    assert tag and ":" in head and re.fullmatch(rx, rest), o.text
+    assert o.token_ids == LLM(kv_cache_tokens=8192).chat(days, p, use_tqdm=False)[0].outputs[0].token_ids
+    assert o.num_accepted_tokens > 0
 
 
 @pytest.mark.parametrize("spec, message", [
