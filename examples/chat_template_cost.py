@@ -27,7 +27,7 @@ def per_render_us(engine: Engine, renders: int, compile_each: bool) -> float:
     start = time.perf_counter()
     for _ in range(renders):
         if compile_each:
-            ct._compiled.cache_clear()
+            ct.compiled.cache_clear()
         engine.apply_chat_template(MESSAGES)
     return (time.perf_counter() - start) / renders * 1e6
 

@@ -536,6 +536,8 @@ def test_serve_options_of_the_chat_route(capsys, tmp_path):
     p = argparse.ArgumentParser()
     add_arguments(p)
     (tmp_path / "t.jinja").write_text("{{ messages[0].content }}")
+    with pytest.raises(ValueError, match="--chat-template does not compile"):
+        server_config(p.parse_args(["--chat-template", "{% for %}"]), "m")
     for given in (str(tmp_path / "t.jinja"), "{{ messages[0].content }}"):
         config = server_config(p.parse_args(["--chat-template", given, "--reasoning-parser", "deepseek_r1"]), "m")
         assert (config.chat_template, config.reasoning_parser) == ("{{ messages[0].content }}", "deepseek_r1")

@@ -11,7 +11,7 @@ from typing import AsyncIterator, Dict, List, Optional
 from fastapi import Request
 
 from horae.async_llm import AsyncLLM, EngineDeadError, RequestDroppedError, RequestFailedError
-from horae.chat_template import ChatTemplateError
+from horae.chat_template import ChatTemplateError, compiled
 from horae.outputs import RequestOutput
 from horae.sampling_params import SamplingParams
 from horae.serve.errors import APIError, bad_request, first_line
@@ -39,11 +39,16 @@ class ServerConfig:
     chat_template: Optional[str] = None
     trust_request_chat_template: bool = False
 
-    def __post_init__(self):  # ValueErrors naming the choices, at start
+    def __post_init__(self):  # ValueErrors naming the choices or the fault, at start
         if self.tool_call_parser is not None:
             tool_parser(self.tool_call_parser)
         if self.reasoning_parser is not None:
             reasoning_parser(self.reasoning_parser)
+        if self.chat_template is not None:
+            try:
+                compiled(self.chat_template)
+            except Exception as e:  # jinja2's syntax errors
+                raise ValueError(f"--chat-template does not compile: {first_line(e)}") from None
 
 
 def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: Optional[int] = None) -> dict:
