@@ -27,25 +27,35 @@ fn noise(len: usize, seed: u32) -> Vec<f32> {
         .collect()
 }
 
+/// K and V of a paged cache of `blocks` blocks of noise, and the cache's shape.
+fn noisy_cache(bs: usize, blocks: usize, nh: usize, nkv: usize, hd: usize) -> (AttnShape, Vec<f32>, Vec<f32>) {
+    let shape = AttnShape { block_size: bs, num_heads: nh, num_kv_heads: nkv, head_dim: hd };
+    (shape, noise(blocks * bs * nkv * hd, 1), noise(blocks * bs * nkv * hd, 2))
+}
+
+/// `rows` query rows of noise, three times the cache's, so that the softmaxes are not flat.
+fn noisy_queries(rows: usize, shape: AttnShape) -> Vec<f32> {
+    noise(rows * shape.num_heads * shape.head_dim, 3).iter().map(|x| 3.0 * x).collect()
+}
+
+/// An f32 cache as the prefill tiles and the row path read it.
+fn f32_paged<'a>(k: &'a [f32], v: &'a [f32], shape: AttnShape) -> Paged<'a> {
+    let AttnShape { block_size, num_heads, num_kv_heads, head_dim } = shape;
+    Paged { k: KvRows::F32(k), v: KvRows::F32(v), block_size, num_heads, num_kv_heads, head_dim }
+}
+
 /// A block table whose last block is in the cache but an earlier one is not: the row path
 /// must refuse it (a panic) instead of reading past the cache. It used to check only the
 /// last slot.
 #[test]
 fn rows_check_the_largest_slot_not_the_last() {
     let (bs, blocks, nh, hd) = (4, 2, 1, 32);
-    let (kv, vv) = (noise(blocks * bs * hd, 1), noise(blocks * bs * hd, 2));
+    let (shape, kv, vv) = noisy_cache(bs, blocks, nh, 1, hd);
     let table = [1_000u32, 0]; // block 1000 is far outside a 2-block cache
     let seqs = [AttnSeq { row: 0, num_tokens: 1, start: 5, block_table: &table }];
-    let q = noise(nh * hd, 3);
+    let q = noisy_queries(1, shape);
     let mut o = vec![0.0; nh * hd];
-    let paged = Paged {
-        k: KvRows::F32(&kv),
-        v: KvRows::F32(&vv),
-        block_size: bs,
-        num_heads: nh,
-        num_kv_heads: 1,
-        head_dim: hd,
-    };
+    let paged = f32_paged(&kv, &vv, shape);
     let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| attention_by_rows(&q, &seqs, paged, &mut o)));
     assert!(ran.is_err(), "an out-of-bounds block must be refused");
 }
@@ -60,9 +70,7 @@ fn pieces_match_the_reference() {
     // time, so 5 and 7 run in chunks with a remainder.
     for (nh, nkv, hd) in [(9, 3, 64), (4, 1, 128), (2, 2, 32), (3, 3, 16), (10, 2, 64), (7, 1, 32)] {
         let (bs, blocks) = (16, 60);
-        let shape = AttnShape { block_size: bs, num_heads: nh, num_kv_heads: nkv, head_dim: hd };
-        let kv = noise(blocks * bs * nkv * hd, 1);
-        let vv = noise(blocks * bs * nkv * hd, 2);
+        let (shape, kv, vv) = noisy_cache(bs, blocks, nh, nkv, hd);
         let (t0, t1, t2) = ([3u32, 0, 7], [5u32, 1, 9, 2, 11], [4u32]);
         let t3: Vec<u32> = (12..56).rev().collect(); // 704 positions, blocks in reverse
                                                      // rows: 5 prefill tokens at positions 30..35, decodes at 70, 0 and 699.
@@ -72,7 +80,7 @@ fn pieces_match_the_reference() {
             AttnSeq { row: 6, num_tokens: 1, start: 0, block_table: &t2 },
             AttnSeq { row: 7, num_tokens: 1, start: 699, block_table: &t3 },
         ];
-        let q: Vec<f32> = noise(8 * nh * hd, 3).iter().map(|x| 3.0 * x).collect();
+        let q = noisy_queries(8, shape);
         let want = row_reference(&q, &seqs, shape, &kv, &vv);
         check_pieces(&q, &seqs, PagedKv { k: &kv, v: &vv, shape }, &want);
         // A bf16 cache: the kernels widen what it holds, so they match the reference on
@@ -162,14 +170,12 @@ fn row_reference(q: &[f32], seqs: &[AttnSeq<'_>], shape: AttnShape, k: &[f32], v
 #[test]
 fn tiled_prefill_matches_the_row_reference() {
     use crate::backend::isa::Isa;
-    use crate::backend::prefill_attention::{self, Paged};
+    use crate::backend::prefill_attention;
     // Groups of 1, 3, 4, 5 and 7 heads: the kernels take up to 2 (AVX2) or 4 (AVX-512) at a
     // time, so 5 and 7 run in chunks with a remainder.
     for (nh, nkv, hd) in [(9, 3, 64), (4, 1, 128), (2, 2, 32), (3, 3, 16), (10, 2, 64), (7, 1, 32)] {
         let (bs, blocks) = (16, 24);
-        let shape = AttnShape { block_size: bs, num_heads: nh, num_kv_heads: nkv, head_dim: hd };
-        let kv = noise(blocks * bs * nkv * hd, 1);
-        let vv = noise(blocks * bs * nkv * hd, 2);
+        let (shape, kv, vv) = noisy_cache(bs, blocks, nh, nkv, hd);
         let t0: Vec<u32> = (0..12).rev().collect(); // 192 positions, blocks in reverse
         let t1 = [13u32, 20, 14, 21, 15];
         let t2 = [23u32];
@@ -183,21 +189,14 @@ fn tiled_prefill_matches_the_row_reference() {
             AttnSeq { row: 110, num_tokens: 1, start: 9, block_table: &t2 },
             AttnSeq { row: 111, num_tokens: 5, start: 30, block_table: &t3 },
         ];
-        let q: Vec<f32> = noise(116 * nh * hd, 3).iter().map(|x| 3.0 * x).collect();
+        let q = noisy_queries(116, shape);
         let want = row_reference(&q, &seqs, shape, &kv, &vv);
         let tiles: Vec<_> = seqs
             .iter()
             .filter(|s| s.num_tokens > 1)
             .flat_map(|s| prefill_attention::tiles(s.row, s.start, s.num_tokens, s.block_table, nkv, 32))
             .collect();
-        let paged = Paged {
-            k: KvRows::F32(&kv),
-            v: KvRows::F32(&vv),
-            block_size: bs,
-            num_heads: nh,
-            num_kv_heads: nkv,
-            head_dim: hd,
-        };
+        let paged = f32_paged(&kv, &vv, shape);
         // Every vector kernel, then f32 products as three bf16 ones on AMX tiles where they run
         // (hi hi + hi lo + lo hi: about 2^-17 of each term, against f32's 2^-24).
         let amx = prefill_attention::amx_products(hd).then_some(Isa::Avx512);
@@ -232,16 +231,14 @@ fn tiled_prefill_matches_the_row_reference() {
 #[cfg(target_arch = "x86_64")]
 fn tiled_prefill_in_bf16_is_close_to_the_row_reference() {
     use crate::backend::isa::Isa;
-    use crate::backend::prefill_attention::{self, bf16_runs, Paged};
+    use crate::backend::prefill_attention::{self, bf16_runs};
     if !bf16_runs(Isa::Avx512) {
         eprintln!("tiled prefill attention in bf16: not run, this CPU has no AVX-512 BF16");
         return;
     }
     for (nh, nkv, hd) in [(9, 3, 64), (4, 1, 128), (2, 2, 32)] {
         let (bs, blocks) = (16, 24);
-        let shape = AttnShape { block_size: bs, num_heads: nh, num_kv_heads: nkv, head_dim: hd };
-        let kv = noise(blocks * bs * nkv * hd, 1);
-        let vv = noise(blocks * bs * nkv * hd, 2);
+        let (shape, kv, vv) = noisy_cache(bs, blocks, nh, nkv, hd);
         let t0: Vec<u32> = (0..12).rev().collect();
         let t1 = [13u32, 20, 14];
         let t2 = [22u32, 12, 16, 17];
@@ -252,20 +249,13 @@ fn tiled_prefill_in_bf16_is_close_to_the_row_reference() {
             AttnSeq { row: 75, num_tokens: 33, start: 0, block_table: &t1 },
             AttnSeq { row: 108, num_tokens: 7, start: 50, block_table: &t2 },
         ];
-        let q: Vec<f32> = noise(115 * nh * hd, 3).iter().map(|x| 3.0 * x).collect();
+        let q = noisy_queries(115, shape);
         let want = row_reference(&q, &seqs, shape, &kv, &vv);
         let tiles: Vec<_> = seqs
             .iter()
             .flat_map(|s| prefill_attention::tiles(s.row, s.start, s.num_tokens, s.block_table, nkv, 32))
             .collect();
-        let paged = Paged {
-            k: KvRows::F32(&kv),
-            v: KvRows::F32(&vv),
-            block_size: bs,
-            num_heads: nh,
-            num_kv_heads: nkv,
-            head_dim: hd,
-        };
+        let paged = f32_paged(&kv, &vv, shape);
         // vdpbf16ps, then AMX tiles where they run: the same rounded operands, but scores
         // summed in another order can round a weight of P to the next bf16 value, so the
         // two agree to about one bf16 step (2^-8 of an output), not to f32's.
@@ -299,12 +289,10 @@ fn tiled_prefill_in_bf16_is_close_to_the_row_reference() {
 #[test]
 fn tiled_prefill_rescales_when_later_scores_jump() {
     use crate::backend::isa::Isa;
-    use crate::backend::prefill_attention::{self, bf16_runs, Paged};
+    use crate::backend::prefill_attention::{self, bf16_runs};
     // head_dim 64: the kernels scale Q by 1/8 before rounding it, exactly as after.
     let (nh, nkv, hd, bs, blocks) = (4, 2, 64, 16, 44);
-    let shape = AttnShape { block_size: bs, num_heads: nh, num_kv_heads: nkv, head_dim: hd };
-    let mut kv = noise(blocks * bs * nkv * hd, 1);
-    let vv = noise(blocks * bs * nkv * hd, 2);
+    let (shape, mut kv, vv) = noisy_cache(bs, blocks, nh, nkv, hd);
     let table: Vec<u32> = (0..blocks as u32).rev().collect();
     let slot = |pos: usize| table[pos / bs] as usize * bs + pos % bs;
     // Keys at these positions are 100 times louder: scores in the hundreds where the rest
@@ -318,7 +306,7 @@ fn tiled_prefill_rescales_when_later_scores_jump() {
         AttnSeq { row: 0, num_tokens: 700, start: 0, block_table: &table },
         AttnSeq { row: 700, num_tokens: 380, start: 300, block_table: &table },
     ];
-    let q: Vec<f32> = noise(1080 * nh * hd, 3).iter().map(|x| 3.0 * x).collect();
+    let q = noisy_queries(1080, shape);
     // The test is only worth something if some query's max score after position 256 passes
     // its max before by more than the bound (16 in log2 units, 11.1 in the scores'), and by
     // more than f32's range (2^128, 88.7 in the scores'), so that weighing against the old
@@ -336,14 +324,7 @@ fn tiled_prefill_rescales_when_later_scores_jump() {
     });
     assert!(jumps, "no score jumps past the lazy bound: the test would not reach the rescale");
     let want = row_reference(&q, &seqs, shape, &kv, &vv);
-    let paged = Paged {
-        k: KvRows::F32(&kv),
-        v: KvRows::F32(&vv),
-        block_size: bs,
-        num_heads: nh,
-        num_kv_heads: nkv,
-        head_dim: hd,
-    };
+    let paged = f32_paged(&kv, &vv, shape);
     for bq in [32, 128] {
         let tiles: Vec<_> = seqs
             .iter()
@@ -392,21 +373,14 @@ fn tiled_prefill_rescales_when_later_scores_jump() {
 #[test]
 fn tiled_prefill_refuses_blocks_outside_the_cache() {
     use crate::backend::isa::Isa;
-    use crate::backend::prefill_attention::{self, Paged};
+    use crate::backend::prefill_attention;
     let (bs, nh, hd) = (4, 1, 16);
-    let (kv, vv) = (noise(2 * bs * hd, 1), noise(2 * bs * hd, 2));
+    let (shape, kv, vv) = noisy_cache(bs, 2, nh, 1, hd);
     let table = [1_000u32, 0];
     let tiles: Vec<_> = prefill_attention::tiles(0, 0, 6, &table, 1, 16).collect();
-    let q = noise(6 * nh * hd, 3);
+    let q = noisy_queries(6, shape);
     let mut o = vec![0.0; q.len()];
-    let paged = Paged {
-        k: KvRows::F32(&kv),
-        v: KvRows::F32(&vv),
-        block_size: bs,
-        num_heads: nh,
-        num_kv_heads: 1,
-        head_dim: hd,
-    };
+    let paged = f32_paged(&kv, &vv, shape);
     let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         prefill_attention::run(&q, &tiles, paged, &mut o, Isa::Portable, Products::F32)
     }));
