@@ -277,8 +277,8 @@ def test_bad_cluster_arguments_are_named(monkeypatch):
         serve_replicas(retry_shed="often")
     with pytest.raises(ValueError, match="the router is a name, got 3"):
         serve_replicas(router=3)
-    with pytest.raises(ValueError, match="unknown tool-call parser 'mistral'; choose one of hermes, llama3_json"):
-        serve_replicas(tool_call_parser="mistral")
+    with pytest.raises(ValueError, match="unknown tool-call parser 'pythonic'; choose one of hermes, llama3_json, mistral"):
+        serve_replicas(tool_call_parser="pythonic")
     with pytest.raises(ValueError, match="unknown reasoning parser 'qwen3'; choose one of deepseek_r1"):
         serve_replicas(reasoning_parser="qwen3")
     # Names as the core parses them (case, `_` for `-`), so the front end refuses only what the

@@ -325,7 +325,17 @@ _LLAMA3 = [
 ]
 
 
-@pytest.mark.parametrize("name,cases", [("hermes", _HERMES), ("llama3_json", _LLAMA3)])
+_MISTRAL = [
+    ('[TOOL_CALLS] [{"name": "f", "arguments": {"a": 1}}, {"name": "g", "arguments": {}}]',
+     ("", [("f", '{"a": 1}'), ("g", "{}")])),
+    ('Sure. [TOOL_CALLS][{"name": "f", "arguments": {"a": 1}}]', ("Sure. ", [("f", '{"a": 1}')])),
+    ("No call here [TOOL", ("No call here [TOOL", [])),
+    ('[TOOL_CALLS] [{"name": "f", "argu', ('[TOOL_CALLS] [{"name": "f", "argu', [])),
+    ('[TOOL_CALLS] [{"name": "f", "arguments": {}}, oops]', ("oops]", [("f", "{}")])),
+]
+
+
+@pytest.mark.parametrize("name,cases", [("hermes", _HERMES), ("llama3_json", _LLAMA3), ("mistral", _MISTRAL)])
 def test_tool_call_parsers_read_whole_answers_and_every_prefix(name, cases):
     """tool_choice 'auto': each parser's reading of whole answers, and of every prefix while it is
     written: only decided content and complete calls, each a prefix of the whole's, so the
@@ -351,8 +361,8 @@ def test_tool_call_parsers_read_whole_answers_and_every_prefix(name, cases):
         m = Answer(Auto(parser)).message(text)
         assert m["content"] == (content or None if calls else content), m
         assert [(c["function"]["name"], c["function"]["arguments"]) for c in m.get("tool_calls", [])] == calls
-    with pytest.raises(ValueError, match="hermes, llama3_json"):
-        tool_parser("mistral")
+    with pytest.raises(ValueError, match="unknown tool-call parser 'pythonic'; choose one of hermes, llama3_json, mistral"):
+        tool_parser("pythonic")
 
 
 def test_tool_calls_chosen_by_the_model(server, client, monkeypatch):
@@ -524,10 +534,10 @@ def test_serve_options_of_the_chat_route(capsys, tmp_path):
         assert main(["serve", "--port", "0", *args]) == 2
         assert "--enable-auto-tool-choice and --tool-call-parser go together" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        main(["serve", "--enable-auto-tool-choice", "--tool-call-parser", "mistral"])
-    assert "invalid choice: 'mistral'" in capsys.readouterr().err
-    with pytest.raises(ValueError, match="unknown tool-call parser 'mistral'"):
-        ServerConfig(model_name="m", tool_call_parser="mistral")
+        main(["serve", "--enable-auto-tool-choice", "--tool-call-parser", "pythonic"])
+    assert "invalid choice: 'pythonic'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="unknown tool-call parser 'pythonic'"):
+        ServerConfig(model_name="m", tool_call_parser="pythonic")
     with pytest.raises(SystemExit):
         main(["serve", "--reasoning-parser", "qwen3"])
     assert "invalid choice: 'qwen3'" in capsys.readouterr().err

@@ -143,7 +143,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "its own format, read by --tool-call-parser (vLLM's option)")
     p.add_argument("--tool-call-parser", choices=sorted(PARSERS),
                    help="with --enable-auto-tool-choice: the model's tool-call format: hermes (Hermes 2 Pro / 3, "
-                        "Qwen2.5) or llama3_json (Llama 3.1-3.3)")
+                        "Qwen2.5), llama3_json (Llama 3.1-3.3) or mistral (Mistral 7B Instruct v0.3)")
     p.add_argument("--chat-template", metavar="FILE_OR_TEXT",
                    help="a Jinja chat template (a file, or the template itself) instead of the model's (vLLM's option)")
     p.add_argument("--trust-request-chat-template", action="store_true",

@@ -87,30 +87,55 @@ class Llama3Json:
         elif not s.startswith("{"):
             undecided = not final and self.TAG.startswith(s)  # nothing yet, or the tag's start
             return ("", []) if undecided else (text, [])
-        calls, rest, pos, decoder = [], "", 0, json.JSONDecoder()
-        while True:
-            while pos < len(s) and (s[pos].isspace() or s[pos] == ";"):
-                pos += 1
-            if pos == len(s):
-                break
-            try:
-                obj, end = decoder.raw_decode(s, pos)
-            except ValueError:  # still being written, or not JSON: whatever is left is content
-                rest += s[pos:]
-                break
-            call = _call(obj, ("parameters", "arguments"))
-            if call is None:
-                rest += s[pos:end]
-            else:
-                calls.append(call)
-            pos = end
+        calls, rest = _json_calls(s, ";", ("parameters", "arguments"))
         # What is not a call is known only at the end: until then only whole calls are given.
         if not final:
             return "", calls
         return (rest, calls) if calls else (text, [])
 
 
-PARSERS = {p.name: p for p in (Hermes, Llama3Json)}
+class Mistral:
+    """Mistral 7B Instruct v0.3's tool calls: `[TOOL_CALLS]` then a JSON list of
+    `{"name": ..., "arguments": {...}}`, text before it content."""
+
+    name = "mistral"
+    TAG = "[TOOL_CALLS]"
+    #: `[TOOL_CALLS]` is a special token of its vocabulary.
+    keep_special_tokens = True
+
+    def split(self, text: str, final: bool) -> Reading:
+        at = text.find(self.TAG)
+        if at < 0:
+            return (text if final else text[:len(text) - held(text, self.TAG)]), []
+        calls, rest = _json_calls(text[at + len(self.TAG):], ",[]", ("arguments", "parameters"))
+        if not final:
+            return text[:at], calls
+        return (text[:at] + rest, calls) if calls else (text, [])
+
+
+def _json_calls(s: str, separators: str, args_keys: Tuple[str, ...]) -> Tuple[List[Call], str]:
+    """The calls among the JSON values of `s` (between whitespace and `separators`), and the
+    text that is not one (a value that is no call, or what does not parse: still being written,
+    or not JSON), in order."""
+    calls, rest, pos, decoder = [], "", 0, json.JSONDecoder()
+    while True:
+        while pos < len(s) and (s[pos].isspace() or s[pos] in separators):
+            pos += 1
+        if pos == len(s):
+            return calls, rest
+        try:
+            obj, end = decoder.raw_decode(s, pos)
+        except ValueError:
+            return calls, rest + s[pos:]
+        call = _call(obj, args_keys)
+        if call is None:
+            rest += s[pos:end]
+        else:
+            calls.append(call)
+        pos = end
+
+
+PARSERS = {p.name: p for p in (Hermes, Llama3Json, Mistral)}
 
 
 def tool_parser(name: str):
