@@ -80,15 +80,13 @@ class Auto:
 def reader_for(req, parser_name: Optional[str]):
     """How the request's answers become tool calls (None: they do not). "auto" (also the default
     when tools are given, as in OpenAI's API and vLLM's) needs the server's parser."""
-    c = req.tool_choice
-    if c is None or c == "none":
+    forced = req.forced_tool()  # the same reading of tool_choice as the grammar's (`structured`)
+    if forced is not None:
+        return Required() if forced == "*" else Named(forced)
+    if req.tool_choice != "auto":
         return None
-    if c == "required":
-        return Required()
-    if c == "auto":
-        if parser_name is None:
-            raise APIError(400, '"auto" tool choice (the default when tools are given) requires the server to be '
-                                'started with --enable-auto-tool-choice and --tool-call-parser; or send tool_choice '
-                                '"none", "required" or a named function', param="tool_choice")
-        return Auto(tool_parser(parser_name))
-    return Named(c.function.name)
+    if parser_name is None:
+        raise APIError(400, '"auto" tool choice (the default when tools are given) requires the server to be '
+                            'started with --enable-auto-tool-choice and --tool-call-parser; or send tool_choice '
+                            '"none", "required" or a named function', param="tool_choice")
+    return Auto(tool_parser(parser_name))

@@ -55,17 +55,21 @@ pub struct RequestParams {
     pub waited: f64,
 }
 
+/// `ids` as token ids, each in the vocabulary; else a refusal naming `field`, its message
+/// `"{what} {id} is outside the vocabulary (0..{vocab})"`.
+fn in_vocab(ids: &[i64], vocab: i64, field: &'static str, what: &str) -> Result<Vec<u32>> {
+    match ids.iter().find(|&&t| !(0..vocab).contains(&t)) {
+        Some(bad) => Err(invalid_at(field, format!("{what} {bad} is outside the vocabulary (0..{vocab})"))),
+        None => Ok(ids.iter().map(|&t| t as u32).collect()),
+    }
+}
+
 /// A logit bias as OpenAI takes it: token ids in the vocabulary, each once, biases in
 /// [-100, 100] (refused outside, never clamped), sorted by token.
 fn checked_logit_bias(bias: &[(i64, f64)], vocab: i64) -> Result<Vec<(u32, f32)>> {
     let mut out = Vec::with_capacity(bias.len());
     for &(t, b) in bias {
-        if !(0..vocab).contains(&t) {
-            return Err(invalid_at(
-                "logit_bias",
-                format!("logit_bias: token id {t} is outside the vocabulary (0..{vocab})"),
-            ));
-        }
+        in_vocab(&[t], vocab, "logit_bias", "logit_bias: token id")?;
         if !(-100.0..=100.0).contains(&b) {
             return Err(invalid_at(
                 "logit_bias",
@@ -87,13 +91,7 @@ fn checked_allowed(ids: &[i64], vocab: i64) -> Result<Vec<u32>> {
     if ids.is_empty() {
         return Err(invalid_at("allowed_token_ids", "allowed_token_ids must not be empty".into()));
     }
-    if let Some(bad) = ids.iter().find(|&&t| !(0..vocab).contains(&t)) {
-        return Err(invalid_at(
-            "allowed_token_ids",
-            format!("allowed_token_ids: {bad} is outside the vocabulary (0..{vocab})"),
-        ));
-    }
-    let mut out: Vec<u32> = ids.iter().map(|&t| t as u32).collect();
+    let mut out = in_vocab(ids, vocab, "allowed_token_ids", "allowed_token_ids:")?;
     out.sort_unstable();
     out.dedup();
     Ok(out)
@@ -106,13 +104,7 @@ fn checked_bad_words(words: &[Vec<i64>], vocab: i64) -> Result<Vec<Vec<u32>>> {
         if w.is_empty() {
             return Err(invalid_at("bad_words", "bad_words must not be empty strings".into()));
         }
-        if let Some(bad) = w.iter().find(|&&t| !(0..vocab).contains(&t)) {
-            return Err(invalid_at(
-                "bad_words",
-                format!("bad_words: token {bad} is outside the vocabulary (0..{vocab})"),
-            ));
-        }
-        let w: Vec<u32> = w.iter().map(|&t| t as u32).collect();
+        let w = in_vocab(w, vocab, "bad_words", "bad_words: token")?;
         if !out.contains(&w) {
             out.push(w);
         }
@@ -130,15 +122,8 @@ impl RequestParams {
         if self.prompt_token_ids.is_empty() {
             return Err(invalid_at("prompt", "the prompt is empty".into()));
         }
-        if let Some(bad) = self.prompt_token_ids.iter().find(|&&t| t < 0 || t >= vocab) {
-            return Err(invalid_at("prompt", format!("prompt token id {bad} is outside the vocabulary (0..{vocab})")));
-        }
-        if let Some(bad) = self.stop_token_ids.iter().find(|&&t| t < 0 || t >= vocab) {
-            return Err(invalid_at(
-                "stop_token_ids",
-                format!("stop_token_ids: {bad} is outside the vocabulary (0..{vocab})"),
-            ));
-        }
+        let prompt = in_vocab(&self.prompt_token_ids, vocab, "prompt", "prompt token id")?;
+        let stop_token_ids = in_vocab(&self.stop_token_ids, vocab, "stop_token_ids", "stop_token_ids:")?;
         let logit_bias = checked_logit_bias(&self.logit_bias, vocab)?;
         let allowed_token_ids = self.allowed_token_ids.as_deref().map(|a| checked_allowed(a, vocab)).transpose()?;
         let bad_words = checked_bad_words(&self.bad_words, vocab)?;
@@ -220,13 +205,13 @@ impl RequestParams {
             ));
         }
         Ok(RequestSpec {
-            prompt: Prompt::Tokens(self.prompt_token_ids.iter().map(|&t| t as u32).collect()),
+            prompt: Prompt::Tokens(prompt),
             max_tokens,
             ignore_eos: self.ignore_eos,
             arrival: None,
             sampling,
             stop: StopCriteria {
-                token_ids: self.stop_token_ids.iter().map(|&t| t as u32).collect(),
+                token_ids: stop_token_ids,
                 strings: self.stop,
                 include_in_output: self.include_stop_str_in_output,
             },
