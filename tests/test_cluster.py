@@ -128,6 +128,10 @@ def test_the_openai_client_works_through_the_ingress(cluster):
     lp = e.choices[0].logprobs
     assert e.choices[0].text.startswith("The capital of France is") and len(lp.tokens) == len(ids) + 1
     assert lp.token_logprobs[0] is None and all(v <= 0 for v in lp.token_logprobs[1:])
+    # truncate_prompt_tokens: cut once, at the ingress (the router hashes the tokens kept).
+    cut = client.completions.create(model=MODEL, prompt=[99, 98] + ids, max_tokens=1, echo=True,
+                                    extra_body={"truncate_prompt_tokens": len(ids)})
+    assert cut.usage.prompt_tokens == len(ids) and cut.choices[0].text.startswith("The capital of France is"), cut
     # A logit bias rides the replica's sampling: +100 on one token forces it.
     forced = client.completions.create(model=MODEL, prompt="hi", max_tokens=3, temperature=0, logit_bias={"42": 100})
     assert forced.choices[0].text == ":::"
@@ -163,6 +167,8 @@ def test_bad_input_gets_the_servers_400s_through_the_ingress(cluster):
     assert status == 400 and body["error"]["param"] == "logit_bias", body
     status, body = _post(cluster, "/v1/completions", {"model": MODEL, "prompt": "hi", "structured_outputs": {"regex": "(a"}})
     assert status == 400 and body["error"]["param"] == "structured_outputs", body
+    status, body = _post(cluster, "/v1/completions", {"model": MODEL, "prompt": "hi", "truncate_prompt_tokens": 0})
+    assert status == 400 and body["error"]["param"] == "truncate_prompt_tokens", body
     status, body = _post(cluster, "/v1/completions", {"model": "nope", "prompt": "hi"})
     assert status == 404 and body["error"]["code"] == "model_not_found"
     status, body = _post(cluster, "/v1/chat/completions", {"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]})

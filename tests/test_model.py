@@ -503,6 +503,37 @@ def test_bad_words(llm):
     assert not llm.engine.has_unfinished_requests()
 
 
+def test_truncate_prompt_tokens(llm):
+    """vLLM's truncate_prompt_tokens: a longer prompt keeps its last k tokens, and the request is
+    the one those tokens make (same greedy text; the output's prompt is the kept ids, its text
+    gone); a shorter one is untouched; -1 keeps what the context leaves after max_tokens. Bad
+    counts are ValueErrors naming the field, with nothing queued."""
+    eng = llm.engine
+    text = "A long preamble that the model need not read. Then: the capital of France is"
+    ids = eng.encode(text)
+    greedy = dict(temperature=0, max_tokens=6)
+    cut = llm.generate(text, SamplingParams(**greedy, truncate_prompt_tokens=5), use_tqdm=False)[0]
+    assert cut.prompt_token_ids == ids[-5:] and cut.prompt is None, cut
+    direct = llm.generate({"prompt_token_ids": ids[-5:]}, SamplingParams(**greedy), use_tqdm=False)[0]
+    whole = llm.generate(text, SamplingParams(**greedy), use_tqdm=False)[0]
+    assert cut.outputs[0].token_ids == direct.outputs[0].token_ids, (cut, direct)
+    assert cut.outputs[0].text != whole.outputs[0].text, whole  # the preamble did change the answer
+    same = llm.generate(text, SamplingParams(**greedy, truncate_prompt_tokens=len(ids)), use_tqdm=False)[0]
+    assert same.prompt == text and same.prompt_token_ids == ids and same.outputs[0].text == whole.outputs[0].text
+    limit = eng.max_request_tokens
+    long = list(range(1, limit + 1))
+    assert SamplingParams(max_tokens=100, truncate_prompt_tokens=-1).kept_prompt(long, limit) == long[100:]
+    assert SamplingParams(max_tokens=None, truncate_prompt_tokens=-1).kept_prompt(long, limit) == long[1:]
+    for k, what in [(0, "must be -1 .* or an integer >= 1, got 0"), (-2, "got -2"), (2.0, "got 2.0"),
+                    (limit + 1, f"is greater than the most tokens one request can hold \\({limit}\\)")]:
+        with pytest.raises(ValueError, match=what) as e:
+            llm.generate(text, SamplingParams(truncate_prompt_tokens=k), use_tqdm=False)
+        assert e.value.param == "truncate_prompt_tokens"
+    with pytest.raises(ValueError, match="leaves no room for a prompt"):
+        llm.generate(text, SamplingParams(max_tokens=limit, truncate_prompt_tokens=-1), use_tqdm=False)
+    assert not eng.has_unfinished_requests()
+
+
 def test_chat_template_options(llm):
     """HF's `apply_chat_template` options, as vLLM's `LLM.chat` and server take them: a template of
     the caller's, more of its variables, and `continue_final_message`, which ends the prompt inside

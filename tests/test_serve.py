@@ -490,6 +490,27 @@ def test_bad_words_over_http(server, client):
     _assert_idle(server)
 
 
+def test_truncate_prompt_tokens_over_http(server, client):
+    """vLLM's truncate_prompt_tokens on both routes: usage counts the tokens kept, and `echo`
+    gives their text, not the prompt sent; a bad count is a 400 naming the field."""
+    text = "A long preamble that the model need not read. Then: the capital of France is"
+    kept = server.llm.encode(text, False)[-5:]
+    r = client.completions.create(model="smollm2", prompt=text, max_tokens=2, temperature=0, echo=True,
+                                  extra_body={"truncate_prompt_tokens": 5})
+    assert r.usage.prompt_tokens == 5 and r.choices[0].text.startswith(server.llm.decode(kept, skip_special_tokens=False))
+    assert not r.choices[0].text.startswith("A long"), r
+    whole = client.chat.completions.create(model="smollm2", messages=CAPITAL, max_tokens=1)
+    r = client.chat.completions.create(model="smollm2", messages=CAPITAL, max_tokens=1,
+                                       extra_body={"truncate_prompt_tokens": 8})
+    assert r.usage.prompt_tokens == 8 < whole.usage.prompt_tokens, (r.usage, whole.usage)
+    h = {"Authorization": f"Bearer {KEY}"}
+    for k in (0, -2, 10**9, "5"):
+        body = {"model": "smollm2", "prompt": text, "max_tokens": 2, "truncate_prompt_tokens": k}
+        err = _error(httpx.post(server.url + "/v1/completions", headers=h, json=body), 400)
+        assert err["param"] == "truncate_prompt_tokens", err
+    _assert_idle(server)
+
+
 def test_chat_template_options_over_http(server, client, monkeypatch):
     """vLLM's chat-template fields on the chat route and /tokenize: `continue_final_message`
     (the model goes on with an assistant reply begun for it), `chat_template_kwargs`, and a

@@ -18,6 +18,14 @@ def optional_positive_int(value: object, name: str) -> Optional[int]:
     return int(value)
 
 
+def field_error(message: str, param: str) -> ValueError:
+    """A ValueError that names the request field at fault as `param`, as the core's refusals do
+    (the server answers it as a 400 with that `param`)."""
+    e = ValueError(message)
+    e.param = param
+    return e
+
+
 def is_int(value: object) -> bool:
     """An integer, numpy's included (a value read from an array of settings), not a bool: the one
     rule for every count, seed and token id the front ends check."""

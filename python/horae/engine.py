@@ -279,6 +279,9 @@ class Engine:
         if request_id in self._outputs:
             raise ValueError(f"request id {request_id!r} is already in use")
         text, ids = self.prompt_token_ids(prompt)
+        kept = params.kept_prompt(ids, self.max_request_tokens)
+        if len(kept) < len(ids):
+            text, ids = None, kept  # the text no longer says what the model reads
         slo = slo_dict(params.slo, "slo")
         for name in ("max_tokens", "top_k", "seed", "min_tokens", "logprobs", "prompt_logprobs", "priority"):
             v = getattr(params, name)

@@ -6,7 +6,7 @@ import json as _json
 from dataclasses import dataclass, fields
 from typing import Any, Dict, List, Optional, Tuple, Union
 
-from horae.checks import is_int
+from horae.checks import field_error, is_int
 
 
 @dataclass
@@ -104,6 +104,10 @@ class SamplingParams:
     #: vLLM's bad_words: words the output must not contain, each as written at the start of the
     #: text and after a space (the last token of a word cannot be drawn after the ones before it).
     bad_words: Optional[List[str]] = None
+    #: vLLM's truncate_prompt_tokens: a longer prompt keeps only its last k tokens (left
+    #: truncation, as vLLM's); -1: as many as the context leaves after `max_tokens` (vLLM's -1
+    #: keeps the whole context, which leaves nothing to generate). None: never truncated.
+    truncate_prompt_tokens: Optional[int] = None
     #: vLLM's structured output: what the text must match (a `StructuredOutputsParams`, or a
     #: dict of its fields).
     structured_outputs: Optional[StructuredOutputsParams] = None
@@ -133,3 +137,25 @@ class SamplingParams:
                 raise TypeError(f"structured_outputs: {e}; its fields are json, regex, choice, grammar, json_object") from None
         if not isinstance(self.structured_outputs, (StructuredOutputsParams, type(None))):
             raise TypeError(f"structured_outputs must be a StructuredOutputsParams, got {self.structured_outputs!r}")
+
+    def kept_prompt(self, prompt_token_ids: List[int], limit: int) -> List[int]:
+        """The prompt tokens a request reads: the last `truncate_prompt_tokens` of them, where one
+        request holds at most `limit` tokens (the engine's `max_request_tokens`). A ValueError
+        naming the field for a count that is not one, or that no request could hold (vLLM's)."""
+        k, name = self.truncate_prompt_tokens, "truncate_prompt_tokens"
+        if k is None:
+            return prompt_token_ids
+        if not is_int(k) or not (k == -1 or k >= 1):
+            raise field_error(f"truncate_prompt_tokens must be -1 (what the context leaves after max_tokens) or an "
+                              f"integer >= 1, got {k!r}", name)
+        if k == -1:
+            # max_tokens None runs to the end of the context: leave it one token.
+            room = self.max_tokens if is_int(self.max_tokens) and self.max_tokens > 0 else 1
+            if room >= limit:
+                raise field_error(f"truncate_prompt_tokens -1 leaves no room for a prompt: max_tokens ({room}) "
+                                  f"takes the whole context ({limit} tokens)", name)
+            k = limit - room
+        elif k > limit:
+            raise field_error(f"truncate_prompt_tokens ({k}) is greater than the most tokens one request can hold "
+                              f"({limit}); choose a smaller one", name)
+        return prompt_token_ids[-int(k):] if len(prompt_token_ids) > k else prompt_token_ids

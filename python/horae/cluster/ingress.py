@@ -69,7 +69,9 @@ class RemoteLLM:
 
     async def generate(self, prompt: Dict[str, List[int]], params: SamplingParams,
                        request_id: str) -> AsyncIterator[RequestOutput]:
-        ids, tried, target = list(prompt["prompt_token_ids"]), [], None
+        # The tokens the replica's engine will read (truncate_prompt_tokens): the router hashes
+        # the prefix of those.
+        ids, tried, target = params.kept_prompt(list(prompt["prompt_token_ids"]), self.max_request_tokens), [], None
         arrival, arrival_time = time.monotonic(), time.time()
         # The seconds it may wait for its first token: its TTFT bound or the queue deadline,
         # whichever ends first (as `route::first_token_bound` in the simulator).

@@ -56,6 +56,8 @@ def router(state: ServerState) -> APIRouter:
             raise APIError(e.status, e.message.replace("logprobs", "top_logprobs", 1), e.type, "top_logprobs",
                            e.code) from None
         stream = streams[0]
+        if out is not None:
+            ids = out.prompt_token_ids  # what the model reads: truncate_prompt_tokens may cut it
 
         base = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
                 "model": state.config.model_name}

@@ -96,6 +96,10 @@ def router(state: ServerState) -> APIRouter:
         echo = Echo(state, req, list(prompts), ids_list)
         state.check_capacity(len(prompts))
         streams, firsts = await state.start_all("cmpl", ids_list, params)
+        for i, out in enumerate(firsts):  # what the model reads: truncate_prompt_tokens may cut a prompt
+            if out is not None and len(out.prompt_token_ids) != len(ids_list[i]):
+                ids_list[i] = out.prompt_token_ids  # (the list `echo` reads)
+                echo.prompts[i] = None  # echoed as the kept tokens' text
         n = req.n
         base = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": state.config.model_name}

@@ -3,8 +3,9 @@
 vLLM refuse the rest; every value rule is the engine's (horae_core::request::RequestParams). Unknown
 fields are rejected, as OpenAI does; vLLM's extra sampling fields (top_k, min_p,
 repetition_penalty, ignore_eos, min_tokens, stop_token_ids, allowed_token_ids,
-include_stop_str_in_output, skip_special_tokens, priority, structured_outputs) are accepted, as
-vLLM's clients send them through `extra_body`, and so is horae's `slo`."""
+include_stop_str_in_output, skip_special_tokens, priority, bad_words, truncate_prompt_tokens,
+structured_outputs) are accepted, as vLLM's clients send them through `extra_body`, and so is
+horae's `slo`."""
 
 from __future__ import annotations
 
@@ -104,6 +105,8 @@ class _Sampling(_Strict):
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     priority: Int = 0
+    #: A longer prompt keeps its last k tokens (-1: what the context leaves after max_tokens).
+    truncate_prompt_tokens: Optional[Int] = None
     structured_outputs: Optional[StructuredOutputs] = None
     #: OpenAI's; vLLM takes it on completions too.
     response_format: Optional[ResponseFormat] = None

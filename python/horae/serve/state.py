@@ -138,7 +138,7 @@ class ServerState:
             include_stop_str_in_output=req.include_stop_str_in_output, skip_special_tokens=req.skip_special_tokens,
             logprobs=logprobs, prompt_logprobs=prompt_logprobs, min_tokens=req.min_tokens, slo=req.slo,
             priority=req.priority, logit_bias=token_keys(req.logit_bias), allowed_token_ids=req.allowed_token_ids,
-            bad_words=req.bad_words,
+            bad_words=req.bad_words, truncate_prompt_tokens=req.truncate_prompt_tokens,
             structured_outputs=req.structured())
 
     def start(self, prefix: str, prompt_ids: List[int], params: SamplingParams) -> AsyncIterator[RequestOutput]:
