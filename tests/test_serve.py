@@ -314,6 +314,11 @@ _HERMES = [
     ('<tool_call>{"name": "f", "argu', ('<tool_call>{"name": "f", "argu', [])),  # cut mid-call: text
     ('<tool_call>{not json}</tool_call> then text', ('<tool_call>{not json}</tool_call> then text', [])),
     ('<tool_call>{"name": "f", "parameters": "{\\"a\\": 1}"}</tool_call>\nDone.', ("Done.", [("f", '{"a": 1}')])),
+    # Arguments as the model wrote them (spacing kept), a string holding the end tag in them.
+    ('<tool_call>{"name":"f","arguments":{"s":"a</tool_call>b", "n": [1,2]}}</tool_call>x',
+     ("x", [("f", '{"s":"a</tool_call>b", "n": [1,2]}')])),
+    # Broken arguments end at the end tag; what follows is read on.
+    ('<tool_call>{"name": "f", "arguments": {"a": oops}</tool_call>Sorry.', ("Sorry.", [("f", '{"a": oops}')])),
 ]
 _LLAMA3 = [
     ('{"name": "f", "parameters": {"a": 1}}; {"name": "g", "arguments": {}}', ("", [("f", '{"a": 1}'), ("g", "{}")])),
@@ -321,7 +326,8 @@ _LLAMA3 = [
     ("Hello, the answer is {x}", ("Hello, the answer is {x}", [])),
     ('  {"answer": 42}', ('  {"answer": 42}', [])),  # JSON that is not a call stays content
     ('{"name": "f", "parameters": {"a": 1}} and some words', ("and some words", [("f", '{"a": 1}')])),
-    ('{"name": "f", "parameters": {"a"', ('{"name": "f", "parameters": {"a"', [])),
+    ('{"name": "f", "parameters": {"a"', ("", [("f", '{"a"')])),  # cut in its arguments: as written
+    ('{"parameters": {"a": 1}, "name": "f"}', ("", [("f", '{"a": 1}')])),  # named last: given whole
 ]
 
 
@@ -332,35 +338,46 @@ _MISTRAL = [
     ("No call here [TOOL", ("No call here [TOOL", [])),
     ('[TOOL_CALLS] [{"name": "f", "argu', ('[TOOL_CALLS] [{"name": "f", "argu', [])),
     ('[TOOL_CALLS] [{"name": "f", "arguments": {}}, oops]', ("oops]", [("f", "{}")])),
+    ('[TOOL_CALLS] [{"name": "f", "arguments": {"q": "long'
+     ' text"}}, {"name": "g", "arguments": {"b": [true]}}]', ("", [("f", '{"q": "long text"}'), ("g", '{"b": [true]}')])),
 ]
 
 
 @pytest.mark.parametrize("name,cases", [("hermes", _HERMES), ("llama3_json", _LLAMA3), ("mistral", _MISTRAL)])
 def test_tool_call_parsers_read_whole_answers_and_every_prefix(name, cases):
     """tool_choice 'auto': each parser's reading of whole answers, and of every prefix while it is
-    written: only decided content and complete calls, each a prefix of the whole's, so the
-    stream's deltas add up to the whole answer, calls with one id each."""
+    written: only decided content and calls, each a prefix of the whole's (a call named first
+    with its arguments so far), so the stream's deltas add up to the whole answer, calls with one
+    id each and their arguments in pieces."""
     from horae.serve.answer import Answer
     from horae.serve.tool_parsers import tool_parser
     from horae.serve.tools import Auto
 
-    parser = tool_parser(name)
+    parser, sent_in_pieces = tool_parser(name), 0
     for text, want in cases:
         assert parser.split(text, True) == want, text
         content, calls = want
         stream, got, pieces = Answer(Auto(parser)).stream(), "", {}
         for n in range(len(text) + 1):
             c, cs = parser.split(text[:n], False)
-            assert content.startswith(c) and cs == calls[:len(cs)], (text, n, c, cs)
+            assert content.startswith(c) and len(cs) <= len(calls), (text, n, c, cs)
+            assert all(a == b[0] and b[1].startswith(x) for (a, x), b in zip(cs, calls)), (text, n, cs)
             d = stream.delta(text[:n], n == len(text))
             got += d.get("content", "")
             for p in d.get("tool_calls", []):
-                assert p["index"] not in pieces and p["id"] and p["type"] == "function", p
+                if p["index"] in pieces:  # more of a call's arguments
+                    assert set(p) == {"index", "function"} and set(p["function"]) == {"arguments"}, p
+                    name, args = pieces[p["index"]]
+                    pieces[p["index"]] = (name, args + p["function"]["arguments"])
+                    sent_in_pieces += 1
+                    continue
+                assert p["id"] and p["type"] == "function", p
                 pieces[p["index"]] = (p["function"]["name"], p["function"]["arguments"])
         assert got == content and [pieces[k] for k in range(len(pieces))] == calls, (text, got, pieces)
         m = Answer(Auto(parser)).message(text)
         assert m["content"] == (content or None if calls else content), m
         assert [(c["function"]["name"], c["function"]["arguments"]) for c in m.get("tool_calls", [])] == calls
+    assert sent_in_pieces > 10, "a call's arguments are sent as they are written"
     with pytest.raises(ValueError, match="unknown tool-call parser 'pythonic'; choose one of hermes, llama3_json, mistral"):
         tool_parser("pythonic")
 
@@ -368,7 +385,7 @@ def test_tool_call_parsers_read_whole_answers_and_every_prefix(name, cases):
 def test_tool_calls_chosen_by_the_model(server, client, monkeypatch):
     """tool_choice 'auto' (the default with tools) on a server with `--tool-call-parser hermes`:
     the real model, shown the format by example, calls the tool itself, answered as `tool_calls`
-    whole and streamed; a question it answers in text stays text, the same as without tools.
+    whole and streamed (the arguments as they are written); a question it answers in text stays text, the same as without tools.
     The fixture's server, with the parser `horae serve --enable-auto-tool-choice` would give it."""
     monkeypatch.setattr(server.app.state.server.config, "tool_call_parser", "hermes")
     shown, weather = WEATHER_SHOWN, WEATHER_TOOL
@@ -383,8 +400,10 @@ def test_tool_calls_chosen_by_the_model(server, client, monkeypatch):
         assert not chunk.choices[0].delta.content, chunk  # the call's text is not content
         pieces += chunk.choices[0].delta.tool_calls or []
         finish = chunk.choices[0].finish_reason or finish
-    assert finish == "tool_calls" and [(p.index, p.function.name, p.function.arguments) for p in pieces] == [
-        (0, "get_weather", m.tool_calls[0].function.arguments)]
+    # The call's id and name first, then its arguments in pieces as the model writes them.
+    assert finish == "tool_calls" and {p.index for p in pieces} == {0} and pieces[0].function.name == "get_weather"
+    assert [p.id is not None for p in pieces] == [True] + [False] * (len(pieces) - 1) and len(pieces) > 2, pieces
+    assert "".join(p.function.arguments for p in pieces) == m.tool_calls[0].function.arguments
     plain = client.chat.completions.create(model="smollm2", messages=CAPITAL, max_tokens=12, temperature=0)
     text = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
         model="smollm2", messages=CAPITAL, max_tokens=12, temperature=0, tools=[weather], stream=True))

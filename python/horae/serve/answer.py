@@ -62,8 +62,8 @@ def answer_for(req, config) -> Answer:
 
 class Stream:
     """One choice's deltas: reasoning and content as they are decided, each call once with its id,
-    type and name (and the arguments written so far), then any more of its arguments (a named
-    call's)."""
+    type and name (and the arguments written so far), then any more of its arguments as they are
+    written."""
 
     def __init__(self, answer: Answer):
         self.answer, self.thought, self.content, self.sent = answer, 0, 0, []  # per call: its arguments' length

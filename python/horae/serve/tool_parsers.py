@@ -3,14 +3,19 @@ the model decides whether to call, so its text is read after it is written, not 
 
 A parser reads an answer as (content, calls), each call a (name, arguments as JSON text) pair.
 While the answer is still being written (`final` false) it gives only what is decided: text that
-may still turn out to open a call is held back, and a call is given once it is complete. So the
-reading of a prefix is a prefix of the reading of the whole, and a stream of deltas adds up to
-the whole answer (`tools.Stream`). Text that looks like a call but does not parse as one stays in
-the content: nothing the model wrote is dropped."""
+may still turn out to open a call is held back, and a call is given once it is decided. A call
+that starts `{"name": ..., "arguments": {` (the name first, as these models write it) is decided
+there: it is given with its arguments as written so far, which grow as the model writes them
+(vLLM streams them too), and stays a call whatever follows. Any other call is given once it is
+complete. So the reading of a prefix is a prefix of the reading of the whole (each call's
+arguments a prefix of its final ones), and a stream of deltas adds up to the whole answer
+(`answer.Stream`). Text that looks like a call but does not parse as one stays in the content:
+nothing the model wrote is dropped but the JSON around a streamed call's arguments."""
 
 from __future__ import annotations
 
 import json
+import re
 from typing import List, Optional, Tuple
 
 Call = Tuple[str, str]
@@ -25,6 +30,32 @@ def _call(obj, args_keys: Tuple[str, ...]) -> Optional[Call]:
     if isinstance(args, str):  # some models write the arguments already as JSON text
         return obj["name"], args
     return (obj["name"], json.dumps(args, ensure_ascii=False)) if isinstance(args, dict) else None
+
+
+#: The start of a call whose name comes first, up to its arguments' opening brace.
+HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*("(?:[^"\\]|\\.)*")\s*,\s*"(?:arguments|parameters)"\s*:\s*(?=\{)')
+
+
+def _head(text: str, pos: int) -> Optional[Tuple[str, int]]:
+    """(name, where its arguments start) of a call whose head (`HEAD`) is at `pos`, or None."""
+    m = HEAD.match(text, pos)
+    if m is None:
+        return None
+    try:
+        return json.loads(m.group(1)), m.end()
+    except ValueError:  # an escape JSON does not have
+        return None
+
+
+def _value_end(text: str, pos: int) -> Optional[int]:
+    """Where the JSON value at `pos` ends; None while it is not whole (or is not JSON)."""
+    try:
+        return _DECODER.raw_decode(text, pos)[1]
+    except ValueError:
+        return None
+
+
+_DECODER = json.JSONDecoder()
 
 
 def held(text: str, tag: str) -> int:
@@ -54,22 +85,43 @@ class Hermes:
             if start < 0:
                 return content + (piece if final else piece[:len(piece) - held(piece, self.START)]), calls
             content += piece
-            end = text.find(self.END, start)
-            if end < 0 and not final:  # the call is still being written
-                return content, calls
-            stop = len(text) if end < 0 else end + len(self.END)  # cut by max_tokens: read what is there
-            try:
-                call = _call(json.loads(text[start + len(self.START):end if end >= 0 else len(text)]),
-                             ("arguments", "parameters"))
-            except ValueError:
-                call = None
-            if call is None:
-                content += text[start:stop]
-            else:
+            call, pos = self._call(text, start, final)
+            if isinstance(call, str):
+                content += call
+            elif call is not None:
                 calls.append(call)
-            if end < 0:
+            if pos is None:  # the rest is still being written
                 return content, calls
-            pos = stop
+
+    def _call(self, text: str, start: int, final: bool):
+        """The tagged call at `start`: (a call, or the text where it is none, or None while
+        undecided; where reading goes on, None while the call is still written)."""
+        at = start + len(self.START)
+        head = _head(text, at)
+        if head is not None:
+            name, args = head
+            stop = _value_end(text, args)
+            if stop is None:
+                # Still written; or, once the answer is done, broken, the arguments ending at the
+                # end tag. Until then nothing past a possible end tag is sent (it may be inside a
+                # string of the arguments).
+                end = text.find(self.END, args)
+                if not final:
+                    return (name, text[args:end if end >= 0 else len(text) - held(text, self.END)]), None
+                return (name, text[args:len(text) if end < 0 else end]), len(text) if end < 0 else end + len(self.END)
+            end = text.find(self.END, stop)
+            if end < 0:
+                return (name, text[args:stop]), (len(text) if final else None)
+            return (name, text[args:stop]), end + len(self.END)
+        end = text.find(self.END, at)
+        if end < 0 and not final:  # a call not named first: given once it is whole
+            return None, None
+        stop = len(text) if end < 0 else end + len(self.END)  # cut by max_tokens: read what is there
+        try:
+            call = _call(json.loads(text[at:end if end >= 0 else len(text)]), ("arguments", "parameters"))
+        except ValueError:
+            call = None
+        return (text[start:stop] if call is None else call), (None if end < 0 else stop)
 
 
 class Llama3Json:
@@ -116,15 +168,27 @@ class Mistral:
 def _json_calls(s: str, separators: str, args_keys: Tuple[str, ...]) -> Tuple[List[Call], str]:
     """The calls among the JSON values of `s` (between whitespace and `separators`), and the
     text that is not one (a value that is no call, or what does not parse: still being written,
-    or not JSON), in order."""
-    calls, rest, pos, decoder = [], "", 0, json.JSONDecoder()
+    or not JSON), in order. A call named first is read from its head (`HEAD`): its arguments
+    as written so far while they are, and nothing after them while they are."""
+    calls, rest, pos = [], "", 0
     while True:
         while pos < len(s) and (s[pos].isspace() or s[pos] in separators):
             pos += 1
         if pos == len(s):
             return calls, rest
+        head = _head(s, pos)
+        if head is not None:
+            name, args = head
+            stop = _value_end(s, args)
+            calls.append((name, s[args:] if stop is None else s[args:stop]))
+            if stop is None:
+                return calls, rest
+            # On past the call's own end; past its arguments where the object around them is broken.
+            end = _value_end(s, pos)
+            pos = end if end is not None else stop
+            continue
         try:
-            obj, end = decoder.raw_decode(s, pos)
+            obj, end = _DECODER.raw_decode(s, pos)
         except ValueError:
             return calls, rest + s[pos:]
         call = _call(obj, args_keys)
