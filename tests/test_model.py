@@ -634,6 +634,15 @@ def test_streamed_text_never_holds_a_broken_character(llm):
     assert all(b.startswith(a) for a, b in zip(chunks, chunks[1:])), "text only grows"
 
 
+def _assert_logprobs(lp, ref, eng):
+    """vLLM's `Logprob`s of one position against the reference log-softmax row: each value, each
+    rank (1 + the tokens more likely) and each token's text."""
+    for t, v in lp.items():
+        assert abs(v.logprob - ref[t]) < 1e-4
+        assert v.rank == 1 + int((ref > ref[t] + 1e-6).sum()) or abs(ref[t] - np.sort(ref)[-v.rank]) < 1e-5, (t, v)
+        assert v.decoded_token == eng.decode([t], skip_special_tokens=False)
+
+
 def test_logprobs_are_the_models_log_softmax(llm):
     prompt = "The capital of France is"
     out = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=6, logprobs=5), use_tqdm=False)[0].outputs[0]
@@ -643,11 +652,10 @@ def test_logprobs_are_the_models_log_softmax(llm):
     for i, (tok, lp) in enumerate(zip(out.token_ids, out.logprobs)):
         row = logits[len(ids) - 1 + i].astype(np.float64)
         ref = row - (row.max() + np.log(np.exp(row - row.max()).sum()))
-        assert len(lp) == 5, "greedy: the chosen token is the top one"
-        assert max(lp, key=lp.get) == tok
-        for t, v in lp.items():
-            assert abs(v - ref[t]) < 1e-4
-    assert out.cumulative_logprob == pytest.approx(sum(lp[t] for t, lp in zip(out.token_ids, out.logprobs)))
+        assert len(lp) == 5 and lp[tok].rank == 1, "greedy: the chosen token is the top one"
+        assert sorted(v.rank for v in lp.values()) == [1, 2, 3, 4, 5]
+        _assert_logprobs(lp, ref, llm.engine)
+    assert out.cumulative_logprob == pytest.approx(sum(lp[t].logprob for t, lp in zip(out.token_ids, out.logprobs)))
     with pytest.raises(ValueError, match="logprobs"):
         llm.generate(prompt, SamplingParams(logprobs=21), use_tqdm=False)
 
@@ -707,14 +715,15 @@ def test_prompt_logprobs_match_the_teacher_forced_logits(llm):
     out = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=2, prompt_logprobs=3), use_tqdm=False)[0]
     assert out.num_cached_tokens == 0  # vLLM's count of prompt tokens read from the cache: none here
     assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(ids)
-    logits = llm.logits(prompt).astype(np.float64)
+    logits, ranks = llm.logits(prompt).astype(np.float64), []
     for p in range(1, len(ids)):
         row = logits[p - 1]
         ref = row - (row.max() + np.log(np.exp(row - row.max()).sum()))
         lp = out.prompt_logprobs[p]
         assert ids[p] in lp and 3 <= len(lp) <= 4
-        for t, v in lp.items():
-            assert abs(v - ref[t]) < 1e-4
+        _assert_logprobs(lp, ref, llm.engine)
+        ranks.append(lp[ids[p]].rank)
+    assert max(ranks) > 4, ranks  # a prompt token outside the top 3 has its rank in the whole vocabulary
     with pytest.raises(ValueError, match="prompt_logprobs"):
         llm.generate(prompt, SamplingParams(prompt_logprobs=99), use_tqdm=False)
 

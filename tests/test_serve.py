@@ -676,6 +676,37 @@ def test_completions_echo_scores_a_continuation_as_lm_eval_does(server, client):
     _assert_idle(server)
 
 
+def test_prompt_logprobs_as_vllm_answers_them(server, client):
+    """vLLM's `prompt_logprobs` field: on completions each choice's, on chat the response's, per
+    prompt token null (the first) or {token id: {logprob, rank, decoded_token}}, the prompt's own
+    token among them with its rank in the whole vocabulary; the same values as an echoed prompt's
+    legacy logprobs. Not with stream (vLLM's 400)."""
+    ctx = [504, 3575, 282, 4649, 314]  # "The capital of France is"
+    r = client.completions.create(model="smollm2", prompt=ctx, max_tokens=1, temperature=0,
+                                  extra_body={"prompt_logprobs": 2})
+    plp = r.choices[0].model_extra["prompt_logprobs"]
+    assert len(plp) == len(ctx) and plp[0] is None, plp
+    for t, d in zip(ctx[1:], plp[1:]):
+        assert str(t) in d and 2 <= len(d) <= 3 and d[str(t)]["decoded_token"] == server.llm.decode([t]), d
+        assert sorted(v["rank"] for k, v in d.items() if k != str(t)) in ([1, 2], [1], [2])
+        assert (d[str(t)]["rank"] <= 2) == (len(d) == 2), d  # outside the top 2: a third entry
+    echo = client.completions.create(model="smollm2", prompt=ctx, max_tokens=1, temperature=0, echo=True, logprobs=2)
+    assert [d[str(t)]["logprob"] for t, d in zip(ctx[1:], plp[1:])] == pytest.approx(
+        echo.choices[0].logprobs.token_logprobs[1:len(ctx)], abs=1e-6)
+    chat = client.chat.completions.create(model="smollm2", messages=CAPITAL, max_tokens=1,
+                                          extra_body={"prompt_logprobs": 0})
+    plp = chat.model_extra["prompt_logprobs"]
+    assert len(plp) == chat.usage.prompt_tokens and plp[0] is None and all(len(d) == 1 for d in plp[1:]), plp
+    assert max(next(iter(d.values()))["rank"] for d in plp[1:]) > 1  # a prompt token's rank, not a top place
+    h = {"Authorization": f"Bearer {KEY}"}
+    body = {"model": "smollm2", "messages": CAPITAL, "prompt_logprobs": 1, "stream": True}
+    err = _error(httpx.post(server.url + "/v1/chat/completions", headers=h, json=body), 400)
+    assert "prompt_logprobs are not available when stream is true" in err["message"], err
+    body = {"model": "smollm2", "prompt": "hi", "prompt_logprobs": 99}
+    assert _error(httpx.post(server.url + "/v1/completions", headers=h, json=body), 400)["param"] == "prompt_logprobs"
+    _assert_idle(server)
+
+
 def test_models_health_tokenize(server, client):
     h = {"Authorization": f"Bearer {KEY}"}
     assert httpx.get(server.url + "/health").status_code == 200  # no key needed

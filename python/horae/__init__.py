@@ -8,9 +8,9 @@ from horae._core import HoraeCoreError
 from horae.async_llm import AsyncLLM
 from horae.engine import Engine
 from horae.llm import LLM
-from horae.outputs import CompletionOutput, RequestOutput
+from horae.outputs import CompletionOutput, Logprob, RequestOutput
 from horae.sampling_params import SamplingParams, StructuredOutputsParams
 
 __version__ = "0.1.0"
 __all__ = ["LLM", "AsyncLLM", "Engine", "SamplingParams", "StructuredOutputsParams", "RequestOutput", "CompletionOutput",
-           "HoraeCoreError", "__version__"]
+           "Logprob", "HoraeCoreError", "__version__"]

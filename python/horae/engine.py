@@ -175,7 +175,8 @@ class Engine:
             # A first start has no file yet: that is normal. Anything else that starts cold is not.
             level = logging.INFO if warm or not Path(history_file).exists() else logging.WARNING
             logger.log(level, "horae: %s", message)
-        self._outputs = OutputProcessor()
+        self._token_text: Dict[int, str] = {}
+        self._outputs = OutputProcessor(self.token_text)
         self._ids = itertools.count()
         self.tokenizer_config = read_tokenizer_config(self.model_dir)
 
@@ -246,6 +247,13 @@ class Engine:
 
     def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self._core.decode(list(token_ids), skip_special_tokens)
+
+    def token_text(self, token: int) -> str:
+        """A token's own text, special tokens' too (what logprobs name a token by); cached."""
+        s = self._token_text.get(token)
+        if s is None:
+            s = self._token_text[token] = self._core.decode([token], False)
+        return s
 
     def logits(self, token_ids: Sequence[int]):
         """Teacher-forced logits of a token sequence on the model, as a numpy array `[tokens, vocab]`."""

@@ -11,6 +11,21 @@ from typing import Callable, Dict, List, Optional, Union
 
 
 @dataclass
+class Logprob:
+    """One token's log-probability at a position, as vLLM's `Logprob`: the log-softmax of the
+    model's raw logits, the token's rank in the whole distribution (1: the most likely) and its
+    text."""
+
+    logprob: float
+    rank: Optional[int] = None
+    decoded_token: Optional[str] = None
+
+
+#: Per position, the chosen token's and the top alternatives' `Logprob`s by token id (vLLM's).
+Logprobs = Dict[int, Logprob]
+
+
+@dataclass
 class CompletionOutput:
     index: int
     text: str
@@ -19,8 +34,8 @@ class CompletionOutput:
     #: The stop string or stop token id that ended the sample (None for end-of-sequence), or,
     #: with finish_reason "error", why it failed.
     stop_reason: Optional[Union[str, int]] = None
-    #: Per output token, {token_id: logprob} for the chosen token and the top alternatives.
-    logprobs: Optional[List[Dict[int, float]]] = None
+    #: Per output token, the chosen token's and the top alternatives' `Logprob`s by token id.
+    logprobs: Optional[List[Logprobs]] = None
     cumulative_logprob: Optional[float] = None
     #: Speculative decoding, once finished: draft tokens verified for this sample, and accepted.
     num_draft_tokens: Optional[int] = None
@@ -37,15 +52,13 @@ class RequestOutput:
     prompt_token_ids: List[int]
     outputs: List[CompletionOutput]
     finished: bool = False
-    #: As vLLM: None for the first prompt token, then {token_id: logprob} per prompt token.
-    prompt_logprobs: Optional[List[Optional[Dict[int, float]]]] = None
+    #: As vLLM: None for the first prompt token, then the `Logprob`s by token id per prompt token.
+    prompt_logprobs: Optional[List[Optional[Logprobs]]] = None
     #: As vLLM: prompt tokens read from the prefix cache when the request was first scheduled
     #: (None before then).
     num_cached_tokens: Optional[int] = None
 
 
-def _lp_dict(token: int, lp: float, top) -> Dict[int, float]:
-    return {token: lp, **{t: v for t, v in top if t != token}}
 
 
 @dataclass
@@ -62,7 +75,7 @@ class _Request:
     prompt: Optional[str]
     prompt_token_ids: List[int]
     samples: List[_Sample]
-    prompt_logprobs: Optional[List[Optional[Dict[int, float]]]] = None
+    prompt_logprobs: Optional[List[Optional[Logprobs]]] = None
     num_cached_tokens: Optional[int] = None
 
     def output(self) -> RequestOutput:
@@ -86,7 +99,8 @@ class OutputProcessor:
     prefix cache instead of computing the prompt n times (vLLM v0's fork-after-prefill).
     """
 
-    def __init__(self):
+    def __init__(self, piece: Callable[[int], str]):
+        self._piece = piece  # a token's own text, for `Logprob.decoded_token`
         self._requests: Dict[str, _Request] = {}
         self._by_core: Dict[int, tuple] = {}
         self._submit: Dict[str, Callable[[int], int]] = {}
@@ -128,6 +142,15 @@ class OutputProcessor:
                 s.core_id = submit(s.out.index)
                 self._by_core[s.core_id] = (req, s)
 
+    def _logprobs(self, token: int, logprob: float, rank: int, top) -> Logprobs:
+        """The core's `(token, logprob, rank, top)` as `Logprob`s by id, the chosen token first
+        (a top token's rank is its place)."""
+        d = {token: Logprob(logprob, rank, self._piece(token))}
+        for place, (t, v) in enumerate(top, 1):
+            if t != token:
+                d[t] = Logprob(v, place, self._piece(t))
+        return d
+
     def process(self, step_outputs) -> List[RequestOutput]:
         """Apply one step's `StepOutput`s; returns the outputs of the requests they touched (a
         finished request is forgotten)."""
@@ -146,12 +169,12 @@ class OutputProcessor:
             out.token_ids.extend(o.new_token_ids)
             out.text += o.new_text
             if out.logprobs is not None:
-                for token, lp, top in o.new_logprobs:
-                    out.logprobs.append(_lp_dict(token, lp, top))
-                    out.cumulative_logprob += lp
+                for lps in o.new_logprobs:
+                    out.logprobs.append(self._logprobs(*lps))
+                    out.cumulative_logprob += lps[1]
             if out.index == 0:  # the request's prompt is the first sample's
                 if o.prompt_logprobs:
-                    req.prompt_logprobs = [None] + [_lp_dict(t, lp, top) for t, lp, top in o.prompt_logprobs]
+                    req.prompt_logprobs = [None] + [self._logprobs(*lps) for lps in o.prompt_logprobs]
                 if o.num_cached_tokens is not None:
                     req.num_cached_tokens = o.num_cached_tokens
             if o.finish_reason is not None:

@@ -12,21 +12,23 @@ from fastapi import APIRouter, Request
 from horae.serve.answer import answer_for
 from horae.serve.errors import APIError
 from horae.serve.protocol import ChatCompletionRequest
-from horae.serve.state import ServerState, new_parts, usage
+from horae.serve.state import ServerState, new_parts, usage, vllm_logprobs
 from horae.serve.streaming import sse_response
 
 
-def chat_logprobs(state: ServerState, c, start: int, top: int) -> Optional[dict]:
+def chat_logprobs(c, start: int, top: int) -> Optional[dict]:
     if c.logprobs is None:
         return None
     content = []
     for t, d in zip(c.token_ids[start:], c.logprobs[start:]):
-        s = state.piece(t)
-        alts = sorted(d.items(), key=lambda kv: -kv[1])[:top]
-        content.append({"token": s, "logprob": d[t], "bytes": list(s.encode()),
-                        "top_logprobs": [{"token": state.piece(a), "logprob": v, "bytes": list(state.piece(a).encode())}
-                                         for a, v in alts]})
+        alts = sorted(d.values(), key=lambda v: v.rank)[:top]
+        content.append({**_token(d[t]), "top_logprobs": [_token(v) for v in alts]})
     return {"content": content}
+
+
+def _token(lp) -> dict:
+    """A `Logprob` in OpenAI's chat shape."""
+    return {"token": lp.decoded_token, "logprob": lp.logprob, "bytes": list(lp.decoded_token.encode())}
 
 
 def router(state: ServerState) -> APIRouter:
@@ -41,7 +43,7 @@ def router(state: ServerState) -> APIRouter:
             req.skip_special_tokens = False  # the parsers read the model's tags as it wrote them
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         top = req.top_logprobs or 0
-        params = state.sampling(req, max_tokens, top if req.logprobs else None)
+        params = state.sampling(req, max_tokens, top if req.logprobs else None, req.prompt_logprobs)
         if answer.reasoning is not None and params.structured_outputs is not None:
             # A grammar (response_format, a forced tool call) holds the answer, not the thinking
             # before it: it starts where the reasoning ends, as vLLM's does.
@@ -63,11 +65,12 @@ def router(state: ServerState) -> APIRouter:
                 "model": state.config.model_name}
         if not req.stream:
             out = await state.final_output(stream, out, raw)
-            choices = [{"index": c.index, "message": answer.message(c.text), "logprobs": chat_logprobs(state, c, 0, top),
+            choices = [{"index": c.index, "message": answer.message(c.text), "logprobs": chat_logprobs(c, 0, top),
                         "finish_reason": answer.finish_reason(c.text, c.finish_reason), "stop_reason": c.stop_reason}
                        for c in out.outputs]
+            asked = {} if req.prompt_logprobs is None else {"prompt_logprobs": vllm_logprobs(out.prompt_logprobs)}
             return {**base, "choices": choices, "usage": usage(len(ids), sum(len(c.token_ids) for c in out.outputs),
-                                                                 out.num_cached_tokens)}
+                                                                 out.num_cached_tokens), **asked}
 
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         continuous = bool(req.stream_options and req.stream_options.continuous_usage_stats)
@@ -89,7 +92,7 @@ def router(state: ServerState) -> APIRouter:
                     tail = ({"usage": usage(len(ids), sum(len(x.token_ids) for x in cur.outputs), cur.num_cached_tokens)}
                             if continuous else extra)
                     end = answer.finish_reason(c.text, c.finish_reason) if fin else None
-                    yield {**chunk, "choices": [{"index": c.index, "delta": delta, "logprobs": chat_logprobs(state, c, toks, top),
+                    yield {**chunk, "choices": [{"index": c.index, "delta": delta, "logprobs": chat_logprobs(c, toks, top),
                                                  "finish_reason": end}], **tail}
                 if cur.finished:
                     break

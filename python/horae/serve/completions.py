@@ -11,22 +11,22 @@ from fastapi import APIRouter, Request
 
 from horae.serve.errors import APIError
 from horae.serve.protocol import CompletionRequest
-from horae.serve.state import ServerState, new_parts, usage
+from horae.serve.state import ServerState, new_parts, usage, vllm_logprobs
 from horae.serve.streaming import sse_response
 
 MAX_PROMPTS = 16
 
 
 def legacy_logprobs(state: ServerState, token_ids, dicts, offset0: int) -> dict:
-    """The completions API's logprobs of `token_ids` (one `{token_id: logprob}` or None each, as
-    an echoed prompt's first token has none), their text offsets counted from `offset0`."""
+    """The completions API's logprobs of `token_ids` (their `Logprob`s by id, or None where there
+    are none, as for an echoed prompt's first token), their text offsets counted from `offset0`."""
     toks, lps, tops, offsets = [], [], [], []
     pos = offset0
     for t, d in zip(token_ids, dicts):
-        s = state.piece(t)
+        s = state.piece(t) if d is None else d[t].decoded_token
         toks.append(s)
-        lps.append(None if d is None else d[t])
-        tops.append(None if d is None else {state.piece(a): v for a, v in d.items()})
+        lps.append(None if d is None else d[t].logprob)
+        tops.append(None if d is None else {v.decoded_token: v.logprob for v in d.values()})
         offsets.append(pos)
         pos += len(s)
     return {"tokens": toks, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
@@ -91,7 +91,8 @@ def router(state: ServerState) -> APIRouter:
         # logprobs need its forward pass) and dropped, as vLLM does.
         prompt_only = req.echo and req.max_tokens == 0
         max_tokens = 1 if prompt_only else req.max_tokens
-        prompt_logprobs = req.logprobs if req.echo else None
+        # An echoed prompt's logprobs are the completion's kind (vLLM's).
+        prompt_logprobs = req.prompt_logprobs if req.prompt_logprobs is not None else req.logprobs if req.echo else None
         params = [state.sampling(req, max_tokens, req.logprobs, prompt_logprobs) for _ in ids_list]
         echo = Echo(state, req, list(prompts), ids_list)
         state.check_capacity(len(prompts))
@@ -109,6 +110,7 @@ def router(state: ServerState) -> APIRouter:
             for i, (s, out) in enumerate(zip(streams, firsts)):
                 out = await state.final_output(s, out, raw)
                 cached += out.num_cached_tokens or 0
+                asked = {} if req.prompt_logprobs is None else {"prompt_logprobs": vllm_logprobs(out.prompt_logprobs)}
                 for c in out.outputs:
                     text, lps = echo.prefix(i, out)
                     if not prompt_only:
@@ -116,7 +118,8 @@ def router(state: ServerState) -> APIRouter:
                         text += c.text
                         lps = joined(lps, completion_logprobs(state, c, 0, echo.offset(i)))
                     choices.append({"index": i * n + c.index, "text": text, "logprobs": lps,
-                                    "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
+                                    "finish_reason": c.finish_reason, "stop_reason": c.stop_reason,
+                                    **asked})
             return {**base, "choices": choices, "usage": usage(prompt_tokens, completion_tokens, cached)}
 
         include_usage = bool(req.stream_options and req.stream_options.include_usage)

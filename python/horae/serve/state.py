@@ -61,6 +61,15 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: Optional[in
     return u
 
 
+def vllm_logprobs(lps) -> Optional[list]:
+    """`RequestOutput.prompt_logprobs` as vLLM's server answers them: per prompt token null (the
+    first) or `{token_id: {"logprob", "rank", "decoded_token"}}`."""
+    if lps is None:
+        return None
+    return [None if d is None else {str(t): {"logprob": v.logprob, "rank": v.rank, "decoded_token": v.decoded_token}
+                                    for t, v in d.items()} for d in lps]
+
+
 def new_parts(out: RequestOutput, sent: dict):
     """Per sample of `out`, what is new since the last call: (sample, chars already sent, tokens
     already sent, whether it finishes now). `sent` keeps the state between calls."""

@@ -15,11 +15,11 @@ use pyo3::types::PyDict;
 
 use crate::to_py;
 
-/// `(token, logprob, [(top_token, logprob), ...])`
-type Lp = (u32, f32, Vec<(u32, f32)>);
+/// `(token, logprob, rank, [(top_token, logprob), ...])`
+type Lp = (u32, f32, u32, Vec<(u32, f32)>);
 
 fn lps(v: &[TokenLogprobs]) -> Vec<Lp> {
-    v.iter().map(|l| (l.token, l.logprob, l.top.clone())).collect()
+    v.iter().map(|l| (l.token, l.logprob, l.rank, l.top.clone())).collect()
 }
 
 /// What one request did in one engine step: only the new part of its output.
@@ -28,7 +28,7 @@ pub struct PyStepOutput {
     request_id: u64,
     new_token_ids: Vec<u32>,
     new_text: String,
-    /// Per new token, when the request asked for logprobs: `(token, logprob, [(top, logprob)])`.
+    /// Per new token, when the request asked for logprobs: `(token, logprob, rank, [(top, logprob)])`.
     new_logprobs: Vec<Lp>,
     /// Prompt logprobs from position 1, with the request's first output (or its last, where
     /// only finished outputs are sent).

@@ -13,6 +13,9 @@ pub use params::SamplingParams;
 pub struct TokenLogprobs {
     pub token: u32,
     pub logprob: f32,
+    /// `token`'s rank in the whole distribution: 1 + the tokens more likely than it (vLLM's;
+    /// the top tokens' ranks are their places).
+    pub rank: u32,
     /// The most likely tokens, most likely first.
     pub top: Vec<(u32, f32)>,
 }
@@ -29,9 +32,11 @@ pub fn logprobs(logits: &[f32], token: u32, k: usize) -> TokenLogprobs {
     }
     idx.truncate(k);
     idx.sort_unstable_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]).then(a.cmp(&b)));
+    let chosen = logits[token as usize];
     TokenLogprobs {
         token,
-        logprob: logits[token as usize] - lse,
+        logprob: chosen - lse,
+        rank: 1 + logits.iter().filter(|&&l| l > chosen).count() as u32,
         top: idx.into_iter().map(|i| (i, logits[i as usize] - lse)).collect(),
     }
 }
@@ -355,6 +360,7 @@ mod tests {
         let z: f32 = l.iter().map(|x| x.exp()).sum();
         assert!((lp.logprob - (2.0f32.exp() / z).ln()).abs() < 1e-6);
         assert_eq!(lp.top.iter().map(|t| t.0).collect::<Vec<_>>(), vec![1, 2]);
+        assert_eq!((lp.rank, logprobs(&l, 1, 0).rank, logprobs(&l, 0, 0).rank), (2, 1, 3));
         assert!((lp.top.iter().map(|t| t.1.exp()).sum::<f32>() - (3f32.exp() + 2f32.exp()) / z).abs() < 1e-6);
     }
 
