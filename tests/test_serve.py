@@ -707,6 +707,34 @@ def test_prompt_logprobs_as_vllm_answers_them(server, client):
     _assert_idle(server)
 
 
+def test_return_token_ids_as_vllm_answers_them(server, client):
+    """vLLM's `return_token_ids`: the prompt's ids and each choice's output ids beside the text,
+    whole or streamed (the prompt's in the first chunk, each chunk's new ids), the same ids both
+    ways, decoding to the text."""
+    ctx = [504, 3575, 282, 4649, 314]  # "The capital of France is"
+    extra = {"return_token_ids": True}
+    r = client.completions.create(model="smollm2", prompt=ctx, max_tokens=6, temperature=0, extra_body=extra)
+    c = r.choices[0].model_extra
+    assert c["prompt_token_ids"] == ctx and len(c["token_ids"]) == 6, c
+    assert server.llm.decode(c["token_ids"]) == r.choices[0].text
+    parts = [p.choices[0].model_extra for p in client.completions.create(
+        model="smollm2", prompt=ctx, max_tokens=6, temperature=0, stream=True, extra_body=extra)]
+    assert parts[0]["prompt_token_ids"] == ctx and all("prompt_token_ids" not in p for p in parts[1:])
+    assert sum((p["token_ids"] for p in parts), []) == c["token_ids"]
+    chat = client.chat.completions.create(model="smollm2", messages=CAPITAL, max_tokens=8, temperature=0, extra_body=extra)
+    ids = chat.model_extra["prompt_token_ids"]
+    assert len(ids) == chat.usage.prompt_tokens and server.llm.decode(ids).endswith("What is the capital of France?\nassistant\n")
+    out = chat.choices[0].model_extra["token_ids"]
+    assert server.llm.decode(out) == chat.choices[0].message.content and len(out) == chat.usage.completion_tokens
+    chunks = list(client.chat.completions.create(model="smollm2", messages=CAPITAL, max_tokens=8, temperature=0,
+                                                 stream=True, extra_body=extra))
+    assert chunks[0].model_extra["prompt_token_ids"] == ids
+    assert sum((ch.choices[0].model_extra.get("token_ids", []) for ch in chunks), []) == out
+    plain = client.chat.completions.create(model="smollm2", messages=CAPITAL, max_tokens=2)
+    assert "prompt_token_ids" not in plain.model_extra and "token_ids" not in plain.choices[0].model_extra
+    _assert_idle(server)
+
+
 def test_models_health_tokenize(server, client):
     h = {"Authorization": f"Bearer {KEY}"}
     assert httpx.get(server.url + "/health").status_code == 200  # no key needed

@@ -39,11 +39,11 @@ def router(state: ServerState) -> APIRouter:
         state.check_model(req.model)
         answer = answer_for(req, state.config)
         ids = state.encode(state.chat_prompt(req), "messages")
-        if answer.keep_special_tokens:
-            req.skip_special_tokens = False  # the parsers read the model's tags as it wrote them
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         top = req.top_logprobs or 0
         params = state.sampling(req, max_tokens, top if req.logprobs else None, req.prompt_logprobs)
+        if answer.keep_special_tokens:
+            params.skip_special_tokens = False  # the parsers read the model's tags as it wrote them
         if answer.reasoning is not None and params.structured_outputs is not None:
             # A grammar (response_format, a forced tool call) holds the answer, not the thinking
             # before it: it starts where the reasoning ends, as vLLM's does.
@@ -68,9 +68,13 @@ def router(state: ServerState) -> APIRouter:
             choices = [{"index": c.index, "message": answer.message(c.text), "logprobs": chat_logprobs(c, 0, top),
                         "finish_reason": answer.finish_reason(c.text, c.finish_reason), "stop_reason": c.stop_reason}
                        for c in out.outputs]
-            asked = {} if req.prompt_logprobs is None else {"prompt_logprobs": vllm_logprobs(out.prompt_logprobs)}
+            vllm_fields = {} if req.prompt_logprobs is None else {"prompt_logprobs": vllm_logprobs(out.prompt_logprobs)}
+            if req.return_token_ids:
+                vllm_fields["prompt_token_ids"] = ids
+                for choice, c in zip(choices, out.outputs):
+                    choice["token_ids"] = c.token_ids
             return {**base, "choices": choices, "usage": usage(len(ids), sum(len(c.token_ids) for c in out.outputs),
-                                                                 out.num_cached_tokens), **asked}
+                                                                 out.num_cached_tokens), **vllm_fields}
 
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         continuous = bool(req.stream_options and req.stream_options.continuous_usage_stats)
@@ -81,19 +85,22 @@ def router(state: ServerState) -> APIRouter:
             sent: dict = {}
             cur = out
             for i in range(req.n):  # the role comes first, as OpenAI sends it
+                ids_first = {"prompt_token_ids": ids} if req.return_token_ids and i == 0 else {}
                 yield {**chunk, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
-                                             "logprobs": None, "finish_reason": None}], **extra}
+                                             "logprobs": None, "finish_reason": None}], **extra, **ids_first}
             deltas = [answer.stream() for _ in range(req.n)]
             while cur is not None:
                 for c, _, toks, fin in new_parts(cur, sent):
                     delta = deltas[c.index].delta(c.text, fin)
-                    if not delta and not fin and c.logprobs is None:
+                    if not delta and not fin and c.logprobs is None and not req.return_token_ids:
                         continue  # nothing decided yet (a tag that may be starting)
                     tail = ({"usage": usage(len(ids), sum(len(x.token_ids) for x in cur.outputs), cur.num_cached_tokens)}
                             if continuous else extra)
                     end = answer.finish_reason(c.text, c.finish_reason) if fin else None
-                    yield {**chunk, "choices": [{"index": c.index, "delta": delta, "logprobs": chat_logprobs(c, toks, top),
-                                                 "finish_reason": end}], **tail}
+                    choice = {"index": c.index, "delta": delta, "logprobs": chat_logprobs(c, toks, top), "finish_reason": end}
+                    if req.return_token_ids:
+                        choice["token_ids"] = c.token_ids[toks:]
+                    yield {**chunk, "choices": [choice], **tail}
                 if cur.finished:
                     break
                 cur = await stream.__anext__()

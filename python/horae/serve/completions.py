@@ -110,8 +110,10 @@ def router(state: ServerState) -> APIRouter:
             for i, (s, out) in enumerate(zip(streams, firsts)):
                 out = await state.final_output(s, out, raw)
                 cached += out.num_cached_tokens or 0
-                asked = {} if req.prompt_logprobs is None else {"prompt_logprobs": vllm_logprobs(out.prompt_logprobs)}
+                plp = {} if req.prompt_logprobs is None else {"prompt_logprobs": vllm_logprobs(out.prompt_logprobs)}
                 for c in out.outputs:
+                    token_ids = {"prompt_token_ids": ids_list[i], "token_ids": [] if prompt_only else c.token_ids} \
+                        if req.return_token_ids else {}
                     text, lps = echo.prefix(i, out)
                     if not prompt_only:
                         completion_tokens += len(c.token_ids)
@@ -119,7 +121,7 @@ def router(state: ServerState) -> APIRouter:
                         lps = joined(lps, completion_logprobs(state, c, 0, echo.offset(i)))
                     choices.append({"index": i * n + c.index, "text": text, "logprobs": lps,
                                     "finish_reason": c.finish_reason, "stop_reason": c.stop_reason,
-                                    **asked})
+                                    **plp, **token_ids})
             return {**base, "choices": choices, "usage": usage(prompt_tokens, completion_tokens, cached)}
 
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -143,6 +145,10 @@ def router(state: ServerState) -> APIRouter:
                         choice = {"index": i * n + c.index, "text": text, "logprobs": lps,
                                   "finish_reason": c.finish_reason if fin else None,
                                   "stop_reason": c.stop_reason if fin else None}
+                        if req.return_token_ids:
+                            if chars == toks == 0:
+                                choice["prompt_token_ids"] = ids_list[i]
+                            choice["token_ids"] = [] if prompt_only else c.token_ids[toks:]
                         so_far = 0 if prompt_only else sum(len(x.token_ids) for x in out.outputs)
                         tail = ({"usage": usage(len(ids_list[i]), so_far, out.num_cached_tokens)} if continuous
                                 else {"usage": None} if include_usage else {})
