@@ -30,7 +30,7 @@ RUST_LAYERS = [
 ]
 PY_LAYERS = [
     ["_core", "checks"],
-    ["models", "cuda", "priors", "sampling_params", "outputs", "chat_template"],
+    ["models", "cuda", "priors", "sampling_params", "outputs", "chat_template", "tokenizer"],
     ["engine"],
     ["llm", "async_llm"],
     ["serve", "sim", "gpu_check"],

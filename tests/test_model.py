@@ -29,6 +29,32 @@ def test_tokenizer_and_chat_template_match_transformers(llm):
         assert llm.engine.encode(text) == case["ids"], case["text"]
 
 
+def test_get_tokenizer_is_called_as_transformers_tokenizers_are(llm):
+    """vLLM's `LLM.get_tokenizer()`, called as notebooks call HF's tokenizer, gives HF's ids on
+    the goldens (HF's defaults: `apply_chat_template` tokenizes, `encode` adds special tokens)."""
+    from horae import Tokenizer
+
+    tok = llm.get_tokenizer()
+    assert isinstance(tok, Tokenizer) and tok.eos_token_id == GOLDEN["eos"] and tok.eos_token == "<|im_end|>"
+    assert len(tok) == tok.vocab_size == llm.engine.vocab_size and tok.bos_token_id == 1
+    for case in GOLDEN["cases"]:
+        if case["kind"] == "chat":
+            conv = [{"role": "user", "content": case["text"]}]
+            assert tok.apply_chat_template(conv, add_generation_prompt=True) == case["ids"], case["text"]
+            text = tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
+            assert tok.encode(text, add_special_tokens=False) == case["ids"]
+            assert tok.decode(case["ids"]) == text  # special tokens kept, as HF's default
+        else:
+            assert tok.encode(case["text"]) == case["ids"] and tok(case["text"])["input_ids"] == case["ids"]
+    assert tok(["Hello", "Hello world"])["input_ids"] == [tok.encode("Hello"), tok.encode("Hello world")]
+    ids = tok.encode("Hello world")
+    assert tok.batch_decode([ids, ids[:1]]) == ["Hello world", "Hello"]
+    assert "".join(tok.convert_ids_to_tokens(ids)) == "Hello world"
+    mine = "{% for m in messages %}{{ greeting }}{{ m.content }}{% endfor %}"
+    assert tok.apply_chat_template([{"role": "user", "content": "x"}], chat_template=mine, tokenize=False,
+                                   greeting="Hi ") == "Hi x"
+
+
 @pytest.fixture(scope="module")
 def llm_f32():
     return LLM(kv_cache_tokens=8192, dtype="float32")

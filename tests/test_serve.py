@@ -736,6 +736,10 @@ def test_return_token_ids_as_vllm_answers_them(server, client):
 
 
 def test_models_health_tokenize(server, client):
+    # vLLM's AsyncLLM.get_tokenizer (a coroutine): the /tokenize route's ids.
+    tok = asyncio.run(server.llm.get_tokenizer())
+    assert tok.apply_chat_template(CAPITAL, add_generation_prompt=True) == httpx.post(
+        server.url + "/tokenize", headers={"Authorization": f"Bearer {KEY}"}, json={"messages": CAPITAL}).json()["tokens"]
     h = {"Authorization": f"Bearer {KEY}"}
     assert httpx.get(server.url + "/health").status_code == 200  # no key needed
     models = httpx.get(server.url + "/v1/models", headers=h).json()

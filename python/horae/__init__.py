@@ -10,7 +10,8 @@ from horae.engine import Engine
 from horae.llm import LLM
 from horae.outputs import CompletionOutput, Logprob, RequestOutput
 from horae.sampling_params import SamplingParams, StructuredOutputsParams
+from horae.tokenizer import Tokenizer
 
 __version__ = "0.1.0"
 __all__ = ["LLM", "AsyncLLM", "Engine", "SamplingParams", "StructuredOutputsParams", "RequestOutput", "CompletionOutput",
-           "Logprob", "HoraeCoreError", "__version__"]
+           "Logprob", "Tokenizer", "HoraeCoreError", "__version__"]

@@ -30,6 +30,7 @@ from horae.checks import waited_since
 from horae.engine import Engine, PromptType
 from horae.outputs import RequestOutput
 from horae.sampling_params import SamplingParams
+from horae.tokenizer import Tokenizer
 
 
 class EngineDeadError(RuntimeError):
@@ -210,6 +211,11 @@ class AsyncLLM:
     def num_waiting(self) -> int:
         """Streams whose request has not produced a token yet."""
         return sum(1 for t in self.times.values() if t.first_token is None)
+
+    async def get_tokenizer(self) -> Tokenizer:
+        """The model's tokenizer, called as HF transformers' are (vLLM's `AsyncLLM.get_tokenizer`,
+        a coroutine there too)."""
+        return self.engine.get_tokenizer()
 
     def encode(self, text: str, add_special_tokens: bool = False) -> List[int]:
         return self.engine.encode(text, add_special_tokens)

@@ -25,6 +25,7 @@ from horae.models import resolve_model
 from horae.outputs import OutputProcessor, RequestOutput
 from horae.priors import Prior, resolve_prior
 from horae.sampling_params import SamplingParams
+from horae.tokenizer import Tokenizer
 
 logger = logging.getLogger("horae")
 
@@ -242,6 +243,10 @@ class Engine:
         return self._core.take_step_log()
 
     # -- tokenizer ----------------------------------------------------------------------------
+    def get_tokenizer(self) -> Tokenizer:
+        """The model's tokenizer, called as HF transformers' are (vLLM's `get_tokenizer()`)."""
+        return Tokenizer(self)
+
     def encode(self, text: str, add_special_tokens: bool = False) -> List[int]:
         return self._core.encode(_text(text, "prompt"), add_special_tokens)
 

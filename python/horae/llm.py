@@ -8,6 +8,7 @@ from typing import Dict, List, Optional, Sequence, Union
 from horae.engine import Engine, PromptType
 from horae.outputs import RequestOutput
 from horae.sampling_params import SamplingParams
+from horae.tokenizer import Tokenizer
 
 __all__ = ["LLM"]
 
@@ -21,6 +22,11 @@ class LLM:
 
     def __init__(self, model: Optional[Union[str, Path]] = None, **engine_args):
         self.engine = Engine(model, **engine_args)
+
+    def get_tokenizer(self) -> Tokenizer:
+        """The model's tokenizer, called as HF transformers' are (vLLM's): `encode`, `decode`,
+        `apply_chat_template`, `eos_token_id`, ..."""
+        return self.engine.get_tokenizer()
 
     def logits(self, prompt: PromptType):
         """Teacher-forced logits of a prompt on the model, as a numpy array `[tokens, vocab]`."""
