@@ -710,7 +710,7 @@ def test_prompt_logprobs_as_vllm_answers_them(server, client):
 def test_return_token_ids_as_vllm_answers_them(server, client):
     """vLLM's `return_token_ids`: the prompt's ids and each choice's output ids beside the text,
     whole or streamed (the prompt's in the first chunk, each chunk's new ids), the same ids both
-    ways, decoding to the text."""
+    ways, decoding to the text; and `return_tokens_as_token_ids`, logprobs naming tokens by id."""
     ctx = [504, 3575, 282, 4649, 314]  # "The capital of France is"
     extra = {"return_token_ids": True}
     r = client.completions.create(model="smollm2", prompt=ctx, max_tokens=6, temperature=0, extra_body=extra)
@@ -732,6 +732,18 @@ def test_return_token_ids_as_vllm_answers_them(server, client):
     assert sum((ch.choices[0].model_extra.get("token_ids", []) for ch in chunks), []) == out
     plain = client.chat.completions.create(model="smollm2", messages=CAPITAL, max_tokens=2)
     assert "prompt_token_ids" not in plain.model_extra and "token_ids" not in plain.choices[0].model_extra
+    # return_tokens_as_token_ids: logprobs name tokens "token_id:N" (the offsets stay the text's).
+    as_ids = {**extra, "return_tokens_as_token_ids": True}
+    r = client.completions.create(model="smollm2", prompt=ctx, max_tokens=4, temperature=0, logprobs=2, echo=True,
+                                  extra_body=as_ids)
+    lp, out = r.choices[0].logprobs, r.choices[0].model_extra["token_ids"]
+    assert lp.tokens == [f"token_id:{t}" for t in ctx + out], lp.tokens
+    assert all(k.startswith("token_id:") for top in lp.top_logprobs[1:] for k in top) and lp.text_offset[1] == len("The")
+    r = client.chat.completions.create(model="smollm2", messages=CAPITAL, max_tokens=4, temperature=0, logprobs=True,
+                                       top_logprobs=2, extra_body=as_ids)
+    content = r.choices[0].logprobs.content
+    assert [c.token for c in content] == [f"token_id:{t}" for t in r.choices[0].model_extra["token_ids"]]
+    assert content[0].bytes == list(content[0].token.encode()) and content[0].top_logprobs[0].token.startswith("token_id:")
     _assert_idle(server)
 
 

@@ -12,23 +12,25 @@ from fastapi import APIRouter, Request
 from horae.serve.answer import answer_for
 from horae.serve.errors import APIError
 from horae.serve.protocol import ChatCompletionRequest
-from horae.serve.state import ServerState, new_parts, usage, vllm_logprobs
+from horae.serve.state import ServerState, new_parts, token_name, usage, vllm_logprobs
 from horae.serve.streaming import sse_response
 
 
-def chat_logprobs(c, start: int, top: int) -> Optional[dict]:
+def chat_logprobs(c, start: int, top: int, as_ids: bool) -> Optional[dict]:
+    """OpenAI's chat logprobs of sample `c`'s tokens from `start`, `top` alternatives each;
+    `as_ids` (vLLM's return_tokens_as_token_ids) names each token "token_id:N"."""
     if c.logprobs is None:
         return None
+
+    def token(t: int, lp) -> dict:
+        name = token_name(t, lp.decoded_token, as_ids)
+        return {"token": name, "logprob": lp.logprob, "bytes": list(name.encode())}
+
     content = []
     for t, d in zip(c.token_ids[start:], c.logprobs[start:]):
-        alts = sorted(d.values(), key=lambda v: v.rank)[:top]
-        content.append({**_token(d[t]), "top_logprobs": [_token(v) for v in alts]})
+        alts = sorted(d.items(), key=lambda kv: kv[1].rank)[:top]
+        content.append({**token(t, d[t]), "top_logprobs": [token(a, v) for a, v in alts]})
     return {"content": content}
-
-
-def _token(lp) -> dict:
-    """A `Logprob` in OpenAI's chat shape."""
-    return {"token": lp.decoded_token, "logprob": lp.logprob, "bytes": list(lp.decoded_token.encode())}
 
 
 def router(state: ServerState) -> APIRouter:
@@ -41,6 +43,10 @@ def router(state: ServerState) -> APIRouter:
         ids = state.encode(state.chat_prompt(req), "messages")
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         top = req.top_logprobs or 0
+
+        def logprobs(c, start: int) -> Optional[dict]:
+            return chat_logprobs(c, start, top, req.return_tokens_as_token_ids)
+
         params = state.sampling(req, max_tokens, top if req.logprobs else None, req.prompt_logprobs)
         if answer.keep_special_tokens:
             params.skip_special_tokens = False  # the parsers read the model's tags as it wrote them
@@ -65,7 +71,7 @@ def router(state: ServerState) -> APIRouter:
                 "model": state.config.model_name}
         if not req.stream:
             out = await state.final_output(stream, out, raw)
-            choices = [{"index": c.index, "message": answer.message(c.text), "logprobs": chat_logprobs(c, 0, top),
+            choices = [{"index": c.index, "message": answer.message(c.text), "logprobs": logprobs(c, 0),
                         "finish_reason": answer.finish_reason(c.text, c.finish_reason), "stop_reason": c.stop_reason}
                        for c in out.outputs]
             vllm_fields = {} if req.prompt_logprobs is None else {"prompt_logprobs": vllm_logprobs(out.prompt_logprobs)}
@@ -97,7 +103,7 @@ def router(state: ServerState) -> APIRouter:
                     tail = ({"usage": usage(len(ids), sum(len(x.token_ids) for x in cur.outputs), cur.num_cached_tokens)}
                             if continuous else extra)
                     end = answer.finish_reason(c.text, c.finish_reason) if fin else None
-                    choice = {"index": c.index, "delta": delta, "logprobs": chat_logprobs(c, toks, top), "finish_reason": end}
+                    choice = {"index": c.index, "delta": delta, "logprobs": logprobs(c, toks), "finish_reason": end}
                     if req.return_token_ids:
                         choice["token_ids"] = c.token_ids[toks:]
                     yield {**chunk, "choices": [choice], **tail}

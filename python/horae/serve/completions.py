@@ -11,31 +11,32 @@ from fastapi import APIRouter, Request
 
 from horae.serve.errors import APIError
 from horae.serve.protocol import CompletionRequest
-from horae.serve.state import ServerState, new_parts, usage, vllm_logprobs
+from horae.serve.state import ServerState, new_parts, token_name, usage, vllm_logprobs
 from horae.serve.streaming import sse_response
 
 MAX_PROMPTS = 16
 
 
-def legacy_logprobs(state: ServerState, token_ids, dicts, offset0: int) -> dict:
+def legacy_logprobs(state: ServerState, token_ids, dicts, offset0: int, as_ids: bool = False) -> dict:
     """The completions API's logprobs of `token_ids` (their `Logprob`s by id, or None where there
-    are none, as for an echoed prompt's first token), their text offsets counted from `offset0`."""
+    are none, as for an echoed prompt's first token), their text offsets counted from `offset0`.
+    `as_ids` (vLLM's return_tokens_as_token_ids): each token named "token_id:N", not by its text."""
     toks, lps, tops, offsets = [], [], [], []
     pos = offset0
     for t, d in zip(token_ids, dicts):
         s = state.piece(t) if d is None else d[t].decoded_token
-        toks.append(s)
+        toks.append(token_name(t, s, as_ids))
         lps.append(None if d is None else d[t].logprob)
-        tops.append(None if d is None else {v.decoded_token: v.logprob for v in d.values()})
+        tops.append(None if d is None else {token_name(a, v.decoded_token, as_ids): v.logprob for a, v in d.items()})
         offsets.append(pos)
         pos += len(s)
     return {"tokens": toks, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
 
 
-def completion_logprobs(state: ServerState, c, start: int, offset0: int) -> Optional[dict]:
+def completion_logprobs(state: ServerState, c, start: int, offset0: int, as_ids: bool) -> Optional[dict]:
     if c.logprobs is None:
         return None
-    return legacy_logprobs(state, c.token_ids[start:], c.logprobs[start:], offset0)
+    return legacy_logprobs(state, c.token_ids[start:], c.logprobs[start:], offset0, as_ids)
 
 
 def joined(a: Optional[dict], b: Optional[dict]) -> Optional[dict]:
@@ -52,6 +53,7 @@ class Echo:
 
     def __init__(self, state: ServerState, req: CompletionRequest, prompts: list, ids_list: List[List[int]]):
         self.state, self.on, self.logprobs = state, req.echo, req.logprobs is not None
+        self.as_ids = req.return_tokens_as_token_ids
         self.prompts, self.ids = prompts, ids_list
 
     def text(self, i: int) -> str:
@@ -72,7 +74,7 @@ class Echo:
             return "", None
         lps = None
         if self.logprobs and out.prompt_logprobs is not None:
-            lps = legacy_logprobs(self.state, self.ids[i], out.prompt_logprobs, 0)
+            lps = legacy_logprobs(self.state, self.ids[i], out.prompt_logprobs, 0, self.as_ids)
         return self.text(i), lps
 
 
@@ -118,7 +120,7 @@ def router(state: ServerState) -> APIRouter:
                     if not prompt_only:
                         completion_tokens += len(c.token_ids)
                         text += c.text
-                        lps = joined(lps, completion_logprobs(state, c, 0, echo.offset(i)))
+                        lps = joined(lps, completion_logprobs(state, c, 0, echo.offset(i), req.return_tokens_as_token_ids))
                     choices.append({"index": i * n + c.index, "text": text, "logprobs": lps,
                                     "finish_reason": c.finish_reason, "stop_reason": c.stop_reason,
                                     **plp, **token_ids})
@@ -139,7 +141,8 @@ def router(state: ServerState) -> APIRouter:
                         text, lps = echo.prefix(i, out) if chars == toks == 0 else ("", None)
                         if not prompt_only:
                             text += c.text[chars:]
-                            lps = joined(lps, completion_logprobs(state, c, toks, echo.offset(i) + chars))
+                            lps = joined(lps, completion_logprobs(state, c, toks, echo.offset(i) + chars,
+                                                                         req.return_tokens_as_token_ids))
                         elif not (text or fin):
                             continue
                         choice = {"index": i * n + c.index, "text": text, "logprobs": lps,

@@ -4,8 +4,8 @@ vLLM refuse the rest; every value rule is the engine's (horae_core::request::Req
 fields are rejected, as OpenAI does; vLLM's extra sampling fields (top_k, min_p,
 repetition_penalty, ignore_eos, min_tokens, stop_token_ids, allowed_token_ids,
 include_stop_str_in_output, skip_special_tokens, priority, bad_words, truncate_prompt_tokens,
-return_token_ids, prompt_logprobs, structured_outputs) are accepted, as vLLM's clients send them through `extra_body`, and so is
-horae's `slo`."""
+return_token_ids, return_tokens_as_token_ids, prompt_logprobs, structured_outputs) are accepted,
+as vLLM's clients send them through `extra_body`, and so is horae's `slo`."""
 
 from __future__ import annotations
 
@@ -110,6 +110,9 @@ class _Sampling(_Strict):
     #: vLLM's: the prompt's and each choice's token ids beside the text (streamed: the prompt's
     #: in a choice's first chunk, each chunk's new ids), for callers that must not re-tokenize.
     return_token_ids: bool = False
+    #: vLLM's: logprobs name each token "token_id:N" instead of by its text (which for a token
+    #: holding part of a character is not the token).
+    return_tokens_as_token_ids: bool = False
     #: Each prompt token's log-probability and this many alternatives, answered as vLLM does
     #: (`prompt_logprobs`: a choice's on completions, the response's on chat); not streamed.
     prompt_logprobs: Optional[Int] = None

@@ -61,6 +61,12 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: Optional[in
     return u
 
 
+def token_name(token: int, text: str, as_id: bool) -> str:
+    """How logprobs name a token: its text, or (vLLM's return_tokens_as_token_ids, for tokens
+    whose text is part of a character) "token_id:N"."""
+    return f"token_id:{token}" if as_id else text
+
+
 def vllm_logprobs(lps) -> Optional[list]:
     """`RequestOutput.prompt_logprobs` as vLLM's server answers them: per prompt token null (the
     first) or `{token_id: {"logprob", "rank", "decoded_token"}}`."""
