@@ -378,6 +378,13 @@ def test_tool_call_parsers_read_whole_answers_and_every_prefix(name, cases):
         assert m["content"] == (content or None if calls else content), m
         assert [(c["function"]["name"], c["function"]["arguments"]) for c in m.get("tool_calls", [])] == calls
     assert sent_in_pieces > 10, "a call's arguments are sent as they are written"
+    # parallel_tool_calls false: the first call only, whole and streamed.
+    two = _HERMES[0][0]
+    one = Answer(Auto(tool_parser("hermes"), parallel=False))
+    assert [c["function"]["name"] for c in one.message(two)["tool_calls"]] == ["get_weather"]
+    stream = one.stream()
+    sent = [p["index"] for n in range(len(two) + 1) for p in stream.delta(two[:n], n == len(two)).get("tool_calls", [])]
+    assert set(sent) == {0}, sent
     with pytest.raises(ValueError, match="unknown tool-call parser 'pythonic'; choose one of hermes, llama3_json, mistral"):
         tool_parser("pythonic")
 

@@ -68,13 +68,17 @@ class Required:
 
 
 class Auto:
+    """`parallel` false (OpenAI's `parallel_tool_calls`): the model's first call only, as the
+    required list's grammar then allows one."""
+
     ends_in_tool_calls = True
 
-    def __init__(self, parser):
-        self.parser, self.keep_special_tokens = parser, parser.keep_special_tokens
+    def __init__(self, parser, parallel: bool = True):
+        self.parser, self.keep_special_tokens, self.parallel = parser, parser.keep_special_tokens, parallel
 
     def split(self, text: str, final: bool) -> Reading:
-        return self.parser.split(text, final)
+        content, calls = self.parser.split(text, final)
+        return content, calls if self.parallel else calls[:1]
 
 
 def reader_for(req, parser_name: Optional[str]):
@@ -89,4 +93,4 @@ def reader_for(req, parser_name: Optional[str]):
         raise APIError(400, '"auto" tool choice (the default when tools are given) requires the server to be '
                             'started with --enable-auto-tool-choice and --tool-call-parser; or send tool_choice '
                             '"none", "required" or a named function', param="tool_choice")
-    return Auto(tool_parser(parser_name))
+    return Auto(tool_parser(parser_name), parallel=req.parallel_tool_calls is not False)
