@@ -317,6 +317,9 @@ _HERMES = [
     # Arguments as the model wrote them (spacing kept), a string holding the end tag in them.
     ('<tool_call>{"name":"f","arguments":{"s":"a</tool_call>b", "n": [1,2]}}</tool_call>x',
      ("x", [("f", '{"s":"a</tool_call>b", "n": [1,2]}')])),
+    # A call whose end tag is left out ends where the next begins.
+    ('<tool_call>{"name": "f", "arguments": {}}\n<tool_call>{"name": "g", "arguments": {"b": 2}}</tool_call>',
+     ("", [("f", "{}"), ("g", '{"b": 2}')])),
     # Broken arguments end at the end tag; what follows is read on.
     ('<tool_call>{"name": "f", "arguments": {"a": oops}</tool_call>Sorry.', ("Sorry.", [("f", '{"a": oops}')])),
 ]

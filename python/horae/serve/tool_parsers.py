@@ -109,7 +109,9 @@ class Hermes:
                 if not final:
                     return (name, text[args:end if end >= 0 else len(text) - held(text, self.END)]), None
                 return (name, text[args:len(text) if end < 0 else end]), len(text) if end < 0 else end + len(self.END)
-            end = text.find(self.END, stop)
+            end, after = text.find(self.END, stop), text.find(self.START, stop)
+            if after >= 0 and (end < 0 or after < end):  # the end tag left out: the next call starts
+                return (name, text[args:stop]), after
             if end < 0:
                 return (name, text[args:stop]), (len(text) if final else None)
             return (name, text[args:stop]), end + len(self.END)
