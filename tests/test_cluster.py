@@ -132,6 +132,10 @@ def test_the_openai_client_works_through_the_ingress(cluster):
     cut = client.completions.create(model=MODEL, prompt=[99, 98] + ids, max_tokens=1, echo=True,
                                     extra_body={"truncate_prompt_tokens": len(ids)})
     assert cut.usage.prompt_tokens == len(ids) and cut.choices[0].text.startswith("The capital of France is"), cut
+    # cache_salt rides the prompt to the router (which hashes with it) and the replica.
+    salted = client.completions.create(model=MODEL, prompt=ids, max_tokens=2, temperature=0,
+                                       extra_body={"cache_salt": "tenant-a"})
+    assert salted.usage.prompt_tokens == len(ids) and salted.choices[0].text, salted
     # A logit bias rides the replica's sampling: +100 on one token forces it.
     forced = client.completions.create(model=MODEL, prompt="hi", max_tokens=3, temperature=0, logit_bias={"42": 100})
     assert forced.choices[0].text == ":::"
@@ -169,6 +173,8 @@ def test_bad_input_gets_the_servers_400s_through_the_ingress(cluster):
     assert status == 400 and body["error"]["param"] == "structured_outputs", body
     status, body = _post(cluster, "/v1/completions", {"model": MODEL, "prompt": "hi", "truncate_prompt_tokens": 0})
     assert status == 400 and body["error"]["param"] == "truncate_prompt_tokens", body
+    status, body = _post(cluster, "/v1/completions", {"model": MODEL, "prompt": "hi", "cache_salt": ""})
+    assert status == 400 and body["error"]["param"] == "cache_salt", body
     status, body = _post(cluster, "/v1/completions", {"model": "nope", "prompt": "hi"})
     assert status == 404 and body["error"]["code"] == "model_not_found"
     status, body = _post(cluster, "/v1/chat/completions", {"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]})

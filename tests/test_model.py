@@ -733,6 +733,26 @@ def test_num_cached_tokens_counts_the_prompt_read_from_the_prefix_cache(llm):
         LLM(kv_cache_tokens=64, enable_prefix_caching="no")
 
 
+def test_cache_salt_keeps_a_prompts_cached_blocks_to_its_salt(llm):
+    """vLLM's `cache_salt`: the same prompt under another salt (or none) finds nothing of it in the
+    prefix cache; under its own salt it finds its blocks; the tokens are the same throughout."""
+    ids = [1 + (31 * j) % 3000 for j in range(61)]  # 3 full blocks of 16, and 13
+    p = SamplingParams(temperature=0, max_tokens=3)
+
+    def run(salt=None):
+        prompt = {"prompt_token_ids": ids, **({"cache_salt": salt} if salt is not None else {})}
+        return llm.generate(prompt, p, use_tqdm=False)[0]
+
+    outs = [run(), run("tenant-a"), run("tenant-a"), run("tenant-b"), run()]
+    assert [o.num_cached_tokens for o in outs] == [0, 0, 48, 0, 48]
+    assert len({tuple(o.outputs[0].token_ids) for o in outs}) == 1
+    with pytest.raises(TypeError, match="cache_salt must be a string"):
+        llm.generate({"prompt_token_ids": ids, "cache_salt": 7}, p, use_tqdm=False)
+    with pytest.raises(ValueError, match="cache_salt must not be empty") as e:
+        llm.generate({"prompt": "hi", "cache_salt": ""}, p, use_tqdm=False)
+    assert e.value.param == "cache_salt" and not llm.engine.has_unfinished_requests()
+
+
 def test_prompt_logprobs_match_the_teacher_forced_logits(llm):
     prompt = "The theory of relativity states that"
     ids = llm.engine.encode(prompt)

@@ -519,6 +519,26 @@ def test_bad_words_over_http(server, client):
     _assert_idle(server)
 
 
+def test_cache_salt_over_http(server, client):
+    """vLLM's `cache_salt` on both routes: the prompt's cached blocks are read back only under
+    the same salt (usage's cached_tokens); an empty salt is a 400 naming the field."""
+    prompt = [1 + (37 * j) % 3000 for j in range(50)]  # 3 full blocks of 16
+
+    def cached(salt=None, **kw):
+        extra = {} if salt is None else {"cache_salt": salt}
+        r = client.completions.create(model="smollm2", prompt=prompt, max_tokens=1, extra_body=extra, **kw)
+        return r.usage.prompt_tokens_details.cached_tokens
+
+    assert [cached(), cached("s1"), cached("s1"), cached("s2"), cached()] == [0, 0, 48, 0, 48]
+    chat = [client.chat.completions.create(model="smollm2", messages=CAPITAL, max_tokens=1, extra_body={"cache_salt": "c"})
+            for _ in range(2)]
+    assert chat[0].usage.prompt_tokens_details.cached_tokens == 0 < chat[1].usage.prompt_tokens_details.cached_tokens
+    h = {"Authorization": f"Bearer {KEY}"}
+    body = {"model": "smollm2", "messages": CAPITAL, "max_tokens": 1, "cache_salt": ""}
+    assert _error(httpx.post(server.url + "/v1/chat/completions", headers=h, json=body), 400)["param"] == "cache_salt"
+    _assert_idle(server)
+
+
 def test_truncate_prompt_tokens_over_http(server, client):
     """vLLM's truncate_prompt_tokens on both routes: usage counts the tokens kept, and `echo`
     gives their text, not the prompt sent; a bad count is a 400 naming the field."""

@@ -46,6 +46,16 @@ def _text(value: Any, name: str) -> str:
     return value
 
 
+def _cache_salt(prompt: PromptType) -> Optional[str]:
+    """A prompt dict's `cache_salt` (vLLM's): its cached blocks are shared only with prompts of
+    the same salt, so one tenant cannot read another's prompts from the cache's timing. The core
+    refuses an empty one."""
+    salt = prompt.get("cache_salt") if isinstance(prompt, dict) else None
+    if salt is not None and not isinstance(salt, str):
+        raise TypeError(f"cache_salt must be a string, got {type(salt).__name__}")
+    return salt
+
+
 def _speculative_config(spec: Optional[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
     """Check the `speculative=` dict's shape and resolve a draft model name to its folder; the
     core checks every value."""
@@ -265,7 +275,8 @@ class Engine:
         return self._core.logits(list(token_ids))
 
     def prompt_token_ids(self, prompt: PromptType):
-        """`(text or None, token ids)` of a prompt: a string, or `{"prompt_token_ids": [...]}`."""
+        """`(text or None, token ids)` of a prompt: a string, or `{"prompt_token_ids": [...]}`
+        (or `{"prompt": text}`; either dict may add vLLM's `"cache_salt"`, read by `add_request`)."""
         if isinstance(prompt, str):
             if not prompt:
                 raise ValueError("the prompt is empty")
@@ -292,6 +303,7 @@ class Engine:
         if request_id in self._outputs:
             raise ValueError(f"request id {request_id!r} is already in use")
         text, ids = self.prompt_token_ids(prompt)
+        salt = _cache_salt(prompt)
         kept = params.kept_prompt(ids, self.max_request_tokens)
         if len(kept) < len(ids):
             text, ids = None, kept  # the text no longer says what the model reads
@@ -326,7 +338,7 @@ class Engine:
                     stop_token_ids=params.stop_token_ids, include_stop_str_in_output=params.include_stop_str_in_output,
                     skip_special_tokens=params.skip_special_tokens, logit_bias=bias, allowed_token_ids=allowed,
                     bad_words=bad_words, structured_outputs=structured, structured_outputs_after=after, slo=slo,
-                    priority=params.priority, waited=waited)
+                    priority=params.priority, waited=waited, cache_salt=salt)
             except OverflowError as e:  # a token id past 64 bits: a bad value, not a server fault
                 raise ValueError(f"a token id is out of range: {e}") from None
 

@@ -67,11 +67,12 @@ class RemoteLLM:
         return render_chat_template(self.model_dir, self._tokenizer_config, messages, add_generation_prompt, tools,
                                     **options)
 
-    async def generate(self, prompt: Dict[str, List[int]], params: SamplingParams,
+    async def generate(self, prompt: Dict[str, Any], params: SamplingParams,
                        request_id: str) -> AsyncIterator[RequestOutput]:
-        # The tokens the replica's engine will read (truncate_prompt_tokens): the router hashes
-        # the prefix of those.
-        ids, tried, target = params.kept_prompt(list(prompt["prompt_token_ids"]), self.max_request_tokens), [], None
+        # The tokens the replica's engine will read (truncate_prompt_tokens), with the prompt's
+        # cache salt: the router hashes the prefix of those, as the replica's cache does.
+        ids = params.kept_prompt(list(prompt["prompt_token_ids"]), self.max_request_tokens)
+        prompt, tried, target = {**prompt, "prompt_token_ids": ids}, [], None
         arrival, arrival_time = time.monotonic(), time.time()
         # The seconds it may wait for its first token: its TTFT bound or the queue deadline,
         # whichever ends first (as `route::first_token_bound` in the simulator).
@@ -87,7 +88,7 @@ class RemoteLLM:
                 route = {"tried": list(tried), "replica": target, "ttft": left}
                 # Every send carries the first arrival: a replica counts the request's bounds and
                 # queue deadline from it, so a resend does not start them afresh.
-                stream = self.handle.options(stream=True).generate.remote(ids, params, request_id, route=route,
+                stream = self.handle.options(stream=True).generate.remote(prompt, params, request_id, route=route,
                                                                           arrival_time=arrival_time)
                 try:
                     async for out in _replica_errors(stream, request_id):
@@ -100,7 +101,7 @@ class RemoteLLM:
                             # the router's retry rule picks, if any.
                             tried.append(out.replica)
                             left = None if ttft is None else arrival + ttft - time.monotonic()
-                            target = published.retry_target(REPLICAS, ids, params.max_tokens, tried, left)
+                            target = published.retry_target(REPLICAS, prompt, params.max_tokens, tried, left)
                             if target is not None:
                                 break
                         raise out.error()

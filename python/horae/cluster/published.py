@@ -18,7 +18,7 @@ def replica_stats(deployment: str) -> Dict[str, Dict[str, Any]]:
 
 
 def retry_target(deployment: str, prompt, max_tokens, tried, ttft):
-    """Where the deployment's router, by its retry rule, sends a request that `tried` shed and
-    that may wait `ttft` more seconds for its first token (None: nowhere)."""
+    """Where the deployment's router, by its retry rule, sends a request (its engine prompt) that
+    `tried` shed and that may wait `ttft` more seconds for its first token (None: nowhere)."""
     router = ROUTERS.get(deployment)
     return router.retry_target(prompt, max_tokens, tried, ttft) if router is not None else None

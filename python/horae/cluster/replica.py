@@ -8,7 +8,7 @@ import itertools
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AsyncIterator, Dict, List, Optional, Union
+from typing import Any, AsyncIterator, Dict, Optional, Union
 
 from horae.async_llm import AsyncLLM, RequestDroppedError
 from horae.outputs import RequestOutput
@@ -62,12 +62,13 @@ class HoraeReplica:
         self.replica_id = ctx.replica_id.to_full_id_str()
         self._published = itertools.count()
 
-    async def generate(self, prompt_token_ids: List[int], params: SamplingParams, request_id: str,
+    async def generate(self, prompt: Dict[str, Any], params: SamplingParams, request_id: str,
                        route: Optional[Dict[str, Any]] = None,
                        arrival_time: Optional[float] = None) -> AsyncIterator[Union[RequestOutput, Refusal]]:
+        """`prompt`: the engine's (`{"prompt_token_ids": [...]}`, maybe with a `cache_salt`), as
+        the ingress tokenized it; `route`: what the router read."""
         try:
-            async for out in self.llm.generate({"prompt_token_ids": prompt_token_ids}, params, request_id,
-                                               arrival_time=arrival_time):
+            async for out in self.llm.generate(prompt, params, request_id, arrival_time=arrival_time):
                 yield out
         except RequestDroppedError as e:
             yield Refusal(str(e), dropped=e.reason, request_id=request_id, replica=self.replica_id)

@@ -62,21 +62,22 @@ class HoraeRequestRouter(RequestRouter):
         tried = set(hints.get("tried") or ()) | (set(order) - candidates)
         prompt, params = pending_request.args[0], pending_request.args[1]
         max_tokens = params.max_tokens if params.max_tokens is not None else 1 << 30
-        i = self._core.choose(list(prompt), max_tokens, [k for k, rid in enumerate(order) if rid in tried],
-                              hints.get("ttft"))
+        i = self._core.choose(list(prompt["prompt_token_ids"]), max_tokens,
+                              [k for k, rid in enumerate(order) if rid in tried], hints.get("ttft"),
+                              prompt.get("cache_salt"))
         if order[i] not in candidates:  # every candidate had turned it away: any candidate
             return [candidate_replicas]
         return [[everyone[order[i]]]]
 
-    def retry_target(self, prompt: List[int], max_tokens: Optional[int], tried: List[str],
+    def retry_target(self, prompt: Dict[str, Any], max_tokens: Optional[int], tried: List[str],
                      ttft: Optional[float]) -> Optional[str]:
-        """The replica a request that `tried` shed should go to, or None, by this router's retry
-        rule (`_core.Router.retry_target`)."""
+        """The replica a request (its engine prompt) that `tried` shed should go to, or None, by
+        this router's retry rule (`_core.Router.retry_target`)."""
         if not self._sync():
             return None
-        i = self._core.retry_target(list(prompt), max_tokens if max_tokens is not None else 1 << 30,
+        i = self._core.retry_target(list(prompt["prompt_token_ids"]), max_tokens if max_tokens is not None else 1 << 30,
                                     [k for k, rid in enumerate(self._order) if rid in tried], ttft,
-                                    self._retry_shed)
+                                    self._retry_shed, prompt.get("cache_salt"))
         return None if i is None else self._order[i]
 
 

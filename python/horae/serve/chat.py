@@ -56,7 +56,7 @@ def router(state: ServerState) -> APIRouter:
             params.structured_outputs.start_after = answer.reasoning.END
         state.check_capacity(1)
         try:
-            streams, (out,) = await state.start_all("chatcmpl", [ids], [params])
+            streams, (out,) = await state.start_all("chatcmpl", [ids], [params], req.cache_salt)
         except APIError as e:
             if e.param != "logprobs":
                 raise

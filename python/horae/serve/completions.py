@@ -98,7 +98,7 @@ def router(state: ServerState) -> APIRouter:
         params = [state.sampling(req, max_tokens, req.logprobs, prompt_logprobs) for _ in ids_list]
         echo = Echo(state, req, list(prompts), ids_list)
         state.check_capacity(len(prompts))
-        streams, firsts = await state.start_all("cmpl", ids_list, params)
+        streams, firsts = await state.start_all("cmpl", ids_list, params, req.cache_salt)
         for i, out in enumerate(firsts):  # what the model reads: truncate_prompt_tokens may cut a prompt
             if out is not None and len(out.prompt_token_ids) != len(ids_list[i]):
                 ids_list[i] = out.prompt_token_ids  # (the list `echo` reads)

@@ -4,7 +4,7 @@ vLLM refuse the rest; every value rule is the engine's (horae_core::request::Req
 fields are rejected, as OpenAI does; vLLM's extra sampling fields (top_k, min_p,
 repetition_penalty, ignore_eos, min_tokens, stop_token_ids, allowed_token_ids,
 include_stop_str_in_output, skip_special_tokens, priority, bad_words, truncate_prompt_tokens,
-return_token_ids, return_tokens_as_token_ids, prompt_logprobs, structured_outputs) are accepted,
+return_token_ids, return_tokens_as_token_ids, cache_salt, prompt_logprobs, structured_outputs) are accepted,
 as vLLM's clients send them through `extra_body`, and so is horae's `slo`."""
 
 from __future__ import annotations
@@ -113,6 +113,9 @@ class _Sampling(_Strict):
     #: vLLM's: logprobs name each token "token_id:N" instead of by its text (which for a token
     #: holding part of a character is not the token).
     return_tokens_as_token_ids: bool = False
+    #: vLLM's: the prompt's cached blocks are shared only with requests of the same salt (a
+    #: tenant's secret), so no one learns another's prompts from the prefix cache's timing.
+    cache_salt: Optional[str] = None
     #: Each prompt token's log-probability and this many alternatives, answered as vLLM does
     #: (`prompt_logprobs`: a choice's on completions, the response's on chat); not streamed.
     prompt_logprobs: Optional[Int] = None

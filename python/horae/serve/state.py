@@ -156,9 +156,11 @@ class ServerState:
             bad_words=req.bad_words, truncate_prompt_tokens=req.truncate_prompt_tokens,
             structured_outputs=req.structured())
 
-    def start(self, prefix: str, prompt_ids: List[int], params: SamplingParams) -> AsyncIterator[RequestOutput]:
+    def start(self, prefix: str, prompt_ids: List[int], params: SamplingParams,
+              cache_salt: Optional[str] = None) -> AsyncIterator[RequestOutput]:
+        prompt = {"prompt_token_ids": prompt_ids, **({"cache_salt": cache_salt} if cache_salt is not None else {})}
         try:
-            return self.llm.generate({"prompt_token_ids": prompt_ids}, params, request_id=f"{prefix}-{uuid.uuid4().hex}")
+            return self.llm.generate(prompt, params, request_id=f"{prefix}-{uuid.uuid4().hex}")
         except (TypeError, ValueError) as e:
             raise bad_request(e) from None
 
@@ -190,13 +192,14 @@ class ServerState:
         except RequestDroppedError as e:
             raise self.dropped(e) from None
 
-    async def start_all(self, prefix: str, prompts: List[List[int]], params: List[SamplingParams]):
+    async def start_all(self, prefix: str, prompts: List[List[int]], params: List[SamplingParams],
+                        cache_salt: Optional[str] = None):
         """Start one stream per prompt and pull each one's first output; on any error, every
         stream is closed (its request aborted) before the error is answered."""
         streams, firsts = [], []
         try:
             for ids, p in zip(prompts, params):
-                streams.append(self.start(prefix, ids, p))
+                streams.append(self.start(prefix, ids, p, cache_salt))
             for s in streams:
                 firsts.append(await self.first_output(s))
         except BaseException:

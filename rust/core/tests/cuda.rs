@@ -490,6 +490,7 @@ fn generate(exec: ModelExecutor, prompts: &[Vec<u32>], max_tokens: usize) -> Vec
                 slo: Default::default(),
                 priority: 0,
                 grammar: None,
+                cache_salt: None,
                 prompt: Prompt::Tokens(p.clone()),
                 max_tokens,
                 ignore_eos: true,

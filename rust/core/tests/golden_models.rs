@@ -106,6 +106,7 @@ fn spec(prompt: Vec<u32>, max_tokens: usize) -> RequestSpec {
         slo: Default::default(),
         priority: 0,
         grammar: None,
+        cache_salt: None,
         prompt: Prompt::Tokens(prompt),
         max_tokens,
         ignore_eos: false,

@@ -65,7 +65,7 @@ proptest! {
                     let seq = slot as u64;
                     if tokens.contains_key(&seq) { continue; }
                     let t = prompt(pattern, len);
-                    let hashes = token_block_hashes(&t, block_size);
+                    let hashes = token_block_hashes(&t, block_size, None);
                     let lookup = ((t.len() - 1) / block_size).min(hashes.len());
                     let cached = kv.open(seq, &hashes[..lookup]).unwrap();
                     prop_assert!(cached < t.len() && cached.is_multiple_of(block_size));
@@ -86,7 +86,7 @@ proptest! {
                             prop_assert!(copies.len() <= 1);
                             for _ in 0..n { t.push(next_token); next_token += 1; }
                             prop_assert_eq!(kv.num_tokens(seq), t.len());
-                            let hashes = token_block_hashes(t, block_size);
+                            let hashes = token_block_hashes(t, block_size, None);
                             kv.register_computed(seq, t.len(), &hashes);
                         }
                         Err(_) => {
@@ -154,7 +154,7 @@ fn copy_on_write_when_a_fork_appends_to_a_shared_partial_block() {
 fn prefix_hits_reuse_blocks_and_lru_evicts_oldest() {
     let mut kv = KvManager::new(4, 2, true).unwrap();
     let a: Vec<u32> = vec![1, 2, 3, 4, 5];
-    let ha = token_block_hashes(&a, 2);
+    let ha = token_block_hashes(&a, 2, None);
     assert_eq!(kv.open(1, &ha).unwrap(), 0);
     kv.append(1, 5).unwrap();
     kv.register_computed(1, 5, &ha);

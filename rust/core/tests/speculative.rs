@@ -55,6 +55,7 @@ fn request(prompt: Vec<u32>, max_tokens: usize, sampling: SamplingParams) -> Req
         slo: Default::default(),
         priority: 0,
         grammar: None,
+        cache_salt: None,
         prompt: Prompt::Tokens(prompt),
         max_tokens,
         ignore_eos: true,

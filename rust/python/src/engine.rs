@@ -273,7 +273,7 @@ impl PyEngine {
                         stop = Vec::new(), stop_token_ids = Vec::new(), include_stop_str_in_output = false,
                         skip_special_tokens = true, logit_bias = None, allowed_token_ids = None,
                         bad_words = Vec::new(), structured_outputs = None, structured_outputs_after = String::new(),
-                        slo = None, priority = 0, waited = 0.0))]
+                        slo = None, priority = 0, waited = 0.0, cache_salt = None))]
     #[allow(clippy::too_many_arguments)]
     fn add_request(
         &self,
@@ -304,6 +304,7 @@ impl PyEngine {
         slo: Option<HashMap<String, f64>>,
         priority: i64,
         waited: f64,
+        cache_salt: Option<String>,
     ) -> PyResult<u64> {
         let sampling = SamplingParams {
             temperature,
@@ -340,6 +341,7 @@ impl PyEngine {
             slo: slo_arg(slo)?,
             priority,
             waited,
+            cache_salt,
         };
         // A grammar compiles in the call (the vocabulary's trie at the first): without the GIL.
         py.detach(|| self.handle.add_request(params)).map_err(to_py)

@@ -113,7 +113,9 @@ impl PyRouter {
     }
 
     /// `ttft`: seconds the request may still wait for its first token (None: no bound).
-    #[pyo3(signature = (token_ids, max_tokens, tried = Vec::new(), ttft = None))]
+    /// `cache_salt`: the request's (vLLM's), whose prefix blocks only its salt's prompts share.
+    #[pyo3(signature = (token_ids, max_tokens, tried = Vec::new(), ttft = None, cache_salt = None))]
+    #[allow(clippy::too_many_arguments)]
     fn choose(
         &mut self,
         py: Python<'_>,
@@ -121,15 +123,15 @@ impl PyRouter {
         max_tokens: usize,
         tried: Vec<usize>,
         ttft: Option<f64>,
+        cache_salt: Option<String>,
     ) -> PyResult<usize> {
-        self.with_request(py, &token_ids, max_tokens, ttft, |router, req, stats| {
-            router.choose_except(req, stats, &tried)
-        })
+        let req = (&token_ids[..], max_tokens, ttft, cache_salt.as_deref());
+        self.with_request(py, req, |router, req, stats| router.choose_except(req, stats, &tried))
     }
 
     /// Where a request that replicas `tried` shed, and that may wait `ttft` more seconds for its
     /// first token, should go by `rule` (`RETRY_RULES`; `route::Router::retry_target`), or None.
-    #[pyo3(signature = (token_ids, max_tokens, tried, ttft = None, rule = "always"))]
+    #[pyo3(signature = (token_ids, max_tokens, tried, ttft = None, rule = "always", cache_salt = None))]
     #[allow(clippy::too_many_arguments)]
     fn retry_target(
         &mut self,
@@ -139,23 +141,21 @@ impl PyRouter {
         tried: Vec<usize>,
         ttft: Option<f64>,
         rule: &str,
+        cache_salt: Option<String>,
     ) -> PyResult<Option<usize>> {
         let rule: RetryShed = rule.parse().map_err(to_py)?;
-        self.with_request(py, &token_ids, max_tokens, ttft, |router, req, stats| {
-            router.retry_target(req, stats, &tried, rule)
-        })
+        let req = (&token_ids[..], max_tokens, ttft, cache_salt.as_deref());
+        self.with_request(py, req, |router, req, stats| router.retry_target(req, stats, &tried, rule))
     }
 }
 
 impl PyRouter {
-    /// `f` on the router, the request as it sees it (its prompt's block hashes) and the stats,
-    /// without the GIL.
+    /// `f` on the router, the request (token ids, max_tokens, ttft, cache salt) as it sees it
+    /// (its prompt's block hashes) and the stats, without the GIL.
     fn with_request<T: Send>(
         &mut self,
         py: Python<'_>,
-        token_ids: &[u32],
-        max_tokens: usize,
-        ttft: Option<f64>,
+        (token_ids, max_tokens, ttft, cache_salt): (&[u32], usize, Option<f64>, Option<&str>),
         f: impl FnOnce(&mut Router, &RouteRequest, &[ReplicaStats]) -> T + Send,
     ) -> PyResult<T> {
         if self.stats.is_empty() {
@@ -163,7 +163,7 @@ impl PyRouter {
         }
         let (router, stats, block_size) = (&mut self.router, &self.stats, self.block_size);
         Ok(py.detach(|| {
-            let hashes = token_block_hashes(token_ids, block_size);
+            let hashes = token_block_hashes(token_ids, block_size, cache_salt);
             let req = RouteRequest { block_hashes: &hashes, block_size, prompt_len: token_ids.len(), max_tokens, ttft };
             f(router, &req, stats)
         }))

@@ -50,6 +50,7 @@ fn engine_step_us(queue: QueueDiscipline, running: usize, waiting: usize, steps:
             slo: Slo { ttft: Some(1e6 + i as f64), e2e: Some(1e7), ..Default::default() },
             priority: 0,
             grammar: None,
+            cache_salt: None,
         };
         engine.add_request_with_id(i as u64, spec).expect("fits the pool");
     }

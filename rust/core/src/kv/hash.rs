@@ -14,9 +14,11 @@ pub fn chain_hash<T: Hash + ?Sized>(parent: Option<BlockHash>, content: &T) -> B
     h.finish()
 }
 
-/// Chained hashes of the full blocks of a token sequence.
-pub fn token_block_hashes(tokens: &[u32], block_size: usize) -> Vec<BlockHash> {
-    let mut parent = None;
+/// Chained hashes of the full blocks of a token sequence. A `cache_salt` (vLLM's) starts the
+/// chain from itself, so the blocks are shared only with prompts of the same salt: a tenant
+/// cannot learn from the cache's timing what another tenant's prompts held.
+pub fn token_block_hashes(tokens: &[u32], block_size: usize, cache_salt: Option<&str>) -> Vec<BlockHash> {
+    let mut parent = cache_salt.map(|s| chain_hash(None, &("cache_salt", s)));
     tokens
         .chunks_exact(block_size)
         .map(|chunk| {
@@ -63,11 +65,19 @@ mod tests {
         let a: Vec<u32> = (0..64).collect();
         let mut b = a.clone();
         b[40] = 999;
-        let (ha, hb) = (token_block_hashes(&a, 16), token_block_hashes(&b, 16));
+        let (ha, hb) = (token_block_hashes(&a, 16, None), token_block_hashes(&b, 16, None));
         assert_eq!(ha.len(), 4);
         assert_eq!(ha[..2], hb[..2]);
         assert_ne!(ha[2], hb[2]);
         assert_ne!(ha[3], hb[3], "chaining: a later block differs once an earlier one does");
+        // A salt keeps a prompt's blocks apart from the unsalted and the other salts' ones.
+        let (s1, s1b, s2) = (
+            token_block_hashes(&a, 16, Some("t1")),
+            token_block_hashes(&a, 16, Some("t1")),
+            token_block_hashes(&a, 16, Some("t2")),
+        );
+        assert_eq!(s1, s1b);
+        assert!(s1.iter().zip(&ha).chain(s1.iter().zip(&s2)).all(|(x, y)| x != y));
     }
 
     #[test]

@@ -39,10 +39,11 @@ impl Prompt {
         self.len() == 0
     }
 
-    /// Chained hashes of the prompt's full blocks; `salt` keeps unnamed synthetic content unique.
-    pub fn block_hashes(&self, block_size: usize, salt: u64) -> Vec<BlockHash> {
+    /// Chained hashes of the prompt's full blocks; `salt` keeps unnamed synthetic content unique,
+    /// `cache_salt` (vLLM's) keeps a tenant's blocks to prompts of the same salt.
+    pub fn block_hashes(&self, block_size: usize, salt: u64, cache_salt: Option<&str>) -> Vec<BlockHash> {
         match self {
-            Prompt::Tokens(t) => token_block_hashes(t, block_size),
+            Prompt::Tokens(t) => token_block_hashes(t, block_size, cache_salt),
             Prompt::Synthetic { len, prefix_ids, unit } => {
                 synthetic_block_hashes(*len, prefix_ids, (*unit).max(1), salt, block_size)
             }
@@ -237,6 +238,8 @@ pub struct RequestSpec {
     pub priority: i64,
     /// Structured output: where the output is in the language it must stay in.
     pub grammar: Option<Grammar>,
+    /// vLLM's `cache_salt`: the prompt's cached blocks are shared only with the same salt's.
+    pub cache_salt: Option<String>,
 }
 
 /// A refusal of `param`'s value.
@@ -309,7 +312,7 @@ pub struct Request {
 
 impl Request {
     pub fn new(id: ReqId, spec: RequestSpec, arrival: f64, block_size: usize) -> Self {
-        let prompt_block_hashes = spec.prompt.block_hashes(block_size, id);
+        let prompt_block_hashes = spec.prompt.block_hashes(block_size, id, spec.cache_salt.as_deref());
         Self {
             id,
             prompt: spec.prompt,

@@ -53,6 +53,9 @@ pub struct RequestParams {
     /// `arrival_time`, relative: a router's resend, or a front end's own queue): its latency
     /// bounds and the queue deadline count from its first arrival, not from this one. 0 by default.
     pub waited: f64,
+    /// vLLM's `cache_salt`: the prompt's cached blocks are shared only with prompts of the same
+    /// salt (a non-empty string); `None`: with every unsalted prompt.
+    pub cache_salt: Option<String>,
 }
 
 /// `ids` as token ids, each in the vocabulary; else a refusal naming `field`, its message
@@ -198,6 +201,9 @@ impl RequestParams {
                 ))
             }
         };
+        if self.cache_salt.as_deref() == Some("") {
+            return Err(invalid_at("cache_salt", "cache_salt must not be empty".into()));
+        }
         if sampling.min_tokens > max_tokens {
             return Err(invalid_at(
                 "min_tokens",
@@ -218,6 +224,7 @@ impl RequestParams {
             slo: self.slo,
             priority: self.priority,
             grammar,
+            cache_salt: self.cache_salt,
         })
     }
 }
@@ -286,6 +293,8 @@ mod tests {
         let words = vec![vec![5, 6], vec![7], vec![5, 6]];
         let spec = RequestParams { bad_words: words, ..params(4, Some(4)) }.into_spec(&LIMITS, None).unwrap();
         assert_eq!(spec.sampling.bad_words, vec![vec![5, 6], vec![7]]);
+        let e = p_err(RequestParams { cache_salt: Some(String::new()), ..params(4, Some(4)) });
+        assert!(matches!(e, HoraeError::BadRequest { param: Some("cache_salt"), .. }), "{e}");
     }
 
     fn p_err(p: RequestParams) -> HoraeError {

@@ -61,7 +61,7 @@ impl ClusterResult {
 /// prompt's block hashes and what is left of its first-token bound.
 fn as_routed<T>(spec: &RequestSpec, i: usize, cfg: &SimConfig, waited: f64, f: impl FnOnce(&RouteRequest) -> T) -> T {
     let block_size = cfg.sched.block_size;
-    let hashes = spec.prompt.block_hashes(block_size, i as u64);
+    let hashes = spec.prompt.block_hashes(block_size, i as u64, None);
     f(&RouteRequest {
         block_hashes: &hashes,
         block_size,

@@ -85,6 +85,7 @@ pub(super) fn trace_request(trace: &Trace, i: usize, cfg: &SimConfig, arrival: f
         slo,
         priority: 0,
         grammar: None,
+        cache_salt: None,
     }
 }
 
