@@ -529,6 +529,17 @@ def test_bad_words(llm):
     assert not llm.engine.has_unfinished_requests()
 
 
+def test_detokenize_false_gives_the_tokens_without_text(llm):
+    """vLLM's detokenize=False: the same tokens, no text; stop strings (read in the text) refused."""
+    p = dict(temperature=0, max_tokens=8)
+    text, quiet = (llm.generate("The capital of France is", SamplingParams(**p, detokenize=d), use_tqdm=False)[0].outputs[0]
+                   for d in (True, False))
+    assert quiet.token_ids == text.token_ids and text.text and quiet.text == "", (text, quiet)
+    with pytest.raises(ValueError, match="stop strings are read in the text: they need detokenize") as e:
+        llm.generate("Hi", SamplingParams(detokenize=False, stop=["."]), use_tqdm=False)
+    assert e.value.param == "stop" and not llm.engine.has_unfinished_requests()
+
+
 def test_truncate_prompt_tokens(llm):
     """vLLM's truncate_prompt_tokens: a longer prompt keeps its last k tokens, and the request is
     the one those tokens make (same greedy text; the output's prompt is the kept ids, its text

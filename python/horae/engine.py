@@ -336,9 +336,9 @@ class Engine:
                     seed=seed, ignore_eos=params.ignore_eos, logprobs=params.logprobs, min_tokens=params.min_tokens,
                     prompt_logprobs=params.prompt_logprobs if index == 0 else None, stop=params.stop,
                     stop_token_ids=params.stop_token_ids, include_stop_str_in_output=params.include_stop_str_in_output,
-                    skip_special_tokens=params.skip_special_tokens, logit_bias=bias, allowed_token_ids=allowed,
-                    bad_words=bad_words, structured_outputs=structured, structured_outputs_after=after, slo=slo,
-                    priority=params.priority, waited=waited, cache_salt=salt)
+                    skip_special_tokens=params.skip_special_tokens, detokenize=params.detokenize, logit_bias=bias,
+                    allowed_token_ids=allowed, bad_words=bad_words, structured_outputs=structured,
+                    structured_outputs_after=after, slo=slo, priority=params.priority, waited=waited, cache_salt=salt)
             except OverflowError as e:  # a token id past 64 bits: a bad value, not a server fault
                 raise ValueError(f"a token id is out of range: {e}") from None
 

@@ -84,6 +84,9 @@ class SamplingParams:
     #: Leave special tokens' text out of the output's text (`ignore_eos=True` with False shows
     #: the end-of-turn tokens the model wrote).
     skip_special_tokens: bool = True
+    #: vLLM's detokenize: False leaves the output's text empty (token ids only, as an RL rollout
+    #: or a scorer reads them); stop strings then cannot be used.
+    detokenize: bool = True
     #: Report log-probabilities of each output token and of this many most likely alternatives.
     logprobs: Optional[int] = None
     #: End-of-sequence and stop strings/ids are ignored until this many tokens are generated.

@@ -271,7 +271,7 @@ impl PyEngine {
                         min_p = 0.0, repetition_penalty = 1.0, presence_penalty = 0.0, frequency_penalty = 0.0,
                         seed = None, ignore_eos = false, logprobs = None, min_tokens = 0, prompt_logprobs = None,
                         stop = Vec::new(), stop_token_ids = Vec::new(), include_stop_str_in_output = false,
-                        skip_special_tokens = true, logit_bias = None, allowed_token_ids = None,
+                        skip_special_tokens = true, detokenize = true, logit_bias = None, allowed_token_ids = None,
                         bad_words = Vec::new(), structured_outputs = None, structured_outputs_after = String::new(),
                         slo = None, priority = 0, waited = 0.0, cache_salt = None))]
     #[allow(clippy::too_many_arguments)]
@@ -296,6 +296,7 @@ impl PyEngine {
         stop_token_ids: Vec<i64>,
         include_stop_str_in_output: bool,
         skip_special_tokens: bool,
+        detokenize: bool,
         logit_bias: Option<HashMap<i64, f64>>,
         allowed_token_ids: Option<Vec<i64>>,
         bad_words: Vec<Vec<i64>>,
@@ -315,6 +316,7 @@ impl PyEngine {
             presence_penalty,
             frequency_penalty,
             skip_special_tokens,
+            detokenize,
             ..Default::default()
         };
         let params = RequestParams {

@@ -240,7 +240,7 @@ impl Engine {
     pub fn add_request_with_id(&mut self, id: ReqId, spec: RequestSpec) -> Result<()> {
         let arrival = spec.arrival.unwrap_or_else(|| self.clock.now());
         let mut req = Request::new(id, spec, arrival, self.sched.config().block_size);
-        if let (Some(_), Prompt::Tokens(ids)) = (&self.tokenizer, &req.prompt) {
+        if let (Some(_), Prompt::Tokens(ids), true) = (&self.tokenizer, &req.prompt, req.sampling.detokenize) {
             req.detok = Some(IncrementalDetokenizer::new(ids, req.sampling.skip_special_tokens));
         }
         self.sched.add(req)?;

@@ -201,6 +201,12 @@ impl RequestParams {
                 ))
             }
         };
+        if !sampling.detokenize && !self.stop.is_empty() {
+            return Err(invalid_at(
+                "stop",
+                "stop strings are read in the text: they need detokenize (or use stop_token_ids)".into(),
+            ));
+        }
         if self.cache_salt.as_deref() == Some("") {
             return Err(invalid_at("cache_salt", "cache_salt must not be empty".into()));
         }
@@ -293,6 +299,9 @@ mod tests {
         let words = vec![vec![5, 6], vec![7], vec![5, 6]];
         let spec = RequestParams { bad_words: words, ..params(4, Some(4)) }.into_spec(&LIMITS, None).unwrap();
         assert_eq!(spec.sampling.bad_words, vec![vec![5, 6], vec![7]]);
+        let quiet = SamplingParams { detokenize: false, ..Default::default() };
+        let e = p_err(RequestParams { sampling: quiet, stop: vec!["x".into()], ..params(4, Some(4)) });
+        assert!(matches!(e, HoraeError::BadRequest { param: Some("stop"), .. }), "{e}");
         let e = p_err(RequestParams { cache_salt: Some(String::new()), ..params(4, Some(4)) });
         assert!(matches!(e, HoraeError::BadRequest { param: Some("cache_salt"), .. }), "{e}");
     }

@@ -36,6 +36,9 @@ pub struct SamplingParams {
     /// vLLM's `skip_special_tokens`: the output's text leaves out special tokens' text (true by
     /// default). Here, beside sampling, because vLLM's `SamplingParams` carries it.
     pub skip_special_tokens: bool,
+    /// vLLM's `detokenize`: false leaves the output's text empty (token ids only, as an RL
+    /// rollout or a scorer wants them); stop strings then cannot be read.
+    pub detokenize: bool,
 }
 
 impl Default for SamplingParams {
@@ -57,6 +60,7 @@ impl Default for SamplingParams {
             allowed_token_ids: None,
             bad_words: Vec::new(),
             skip_special_tokens: true,
+            detokenize: true,
         }
     }
 }
