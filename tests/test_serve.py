@@ -624,6 +624,11 @@ def test_serve_options_of_the_chat_route(capsys, tmp_path):
 
 
 def test_completions(server, client):
+    # More than OpenAI's 4 stop strings, as vLLM takes them (code tasks in eval harnesses send 5+).
+    code_stops = ["\nclass", "\ndef", "\n#", "\nif", "\nprint", " Paris"]
+    r = client.completions.create(model="smollm2", prompt="The capital of France is", max_tokens=8, temperature=0,
+                                  stop=code_stops)
+    assert (r.choices[0].text, r.choices[0].finish_reason, r.choices[0].model_extra["stop_reason"]) == ("", "stop", " Paris")
     r = client.completions.create(model="smollm2", prompt=["The capital of France is", "1, 2, 3,"], max_tokens=6,
                                   temperature=0, logprobs=2)
     assert [c.index for c in r.choices] == [0, 1]

@@ -144,8 +144,6 @@ class _Sampling(_Strict):
         if self.structured_outputs is not None and self.response_format is not None \
                 and self.response_format.type != "text":
             raise ValueError("give structured_outputs or response_format, not both")
-        if isinstance(self.stop, list) and len(self.stop) > 4:
-            raise ValueError("stop takes up to 4 strings")
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options is only allowed when stream is true")
         if self.prompt_logprobs is not None and self.stream:
