@@ -17,7 +17,7 @@ import openai
 import pytest
 from conftest import WEATHER_SHOWN, WEATHER_TOOL
 
-from horae import SamplingParams
+from horae import SamplingParams, __version__
 from horae.async_llm import AsyncLLM, RequestDroppedError
 from horae.serve import ServerConfig, ServerThread, build_app
 
@@ -789,6 +789,7 @@ def test_models_health_tokenize(server, client):
         server.url + "/tokenize", headers={"Authorization": f"Bearer {KEY}"}, json={"messages": CAPITAL}).json()["tokens"]
     h = {"Authorization": f"Bearer {KEY}"}
     assert httpx.get(server.url + "/health").status_code == 200  # no key needed
+    assert httpx.get(server.url + "/version").json() == {"version": __version__}  # nor here
     models = httpx.get(server.url + "/v1/models", headers=h).json()
     assert models["data"][0]["id"] == "smollm2"
     # The openai client's models.retrieve reads GET /v1/models/{id}.

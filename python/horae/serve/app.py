@@ -1,5 +1,5 @@
 """The OpenAI-compatible HTTP server (FastAPI): `/v1/completions`, `/v1/chat/completions` (with
-server-sent-event streaming), `/v1/models`, `/health`, `/tokenize`, `/detokenize`, `/metrics`,
+server-sent-event streaming), `/v1/models`, `/health`, `/version`, `/tokenize`, `/detokenize`, `/metrics`,
 one module per endpoint family over one shared `ServerState`.
 
 Every error is OpenAI's shape with a 4xx status (errors.py); a client that disconnects has its

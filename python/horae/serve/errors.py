@@ -66,8 +66,12 @@ def install_error_handlers(app: FastAPI) -> None:
         return JSONResponse(error_body(str(e.detail), kind), status_code=e.status_code)
 
 
+#: What a probe may read without the key (a load balancer's health check; the version).
+OPEN_ROUTES = ("/health", "/version")
+
+
 class Guard:
-    """Bearer key on every route but /health, and the body-size limit, as plain ASGI middleware:
+    """Bearer key on every route but /health and /version, and the body-size limit, as plain ASGI middleware:
     Starlette's BaseHTTPMiddleware makes a streaming response see a disconnect that did not
     happen, which would abort every streamed request."""
 
@@ -80,7 +84,7 @@ class Guard:
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v for k, v in scope.get("headers", [])}
         # Constant time: how long the comparison takes says nothing about the key.
-        if self.expected is not None and scope["path"] != "/health" and \
+        if self.expected is not None and scope["path"] not in OPEN_ROUTES and \
                 not hmac.compare_digest(headers.get("authorization", b""), self.expected):
             body = error_body("Incorrect API key provided.", "authentication_error", None, "invalid_api_key")
             return await _reply(send, 401, body)

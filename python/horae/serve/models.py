@@ -1,10 +1,11 @@
 """`GET /v1/models`, `GET /v1/models/{id}` (what the openai client's `models.retrieve` calls),
-`GET /health` and `GET /metrics` (Prometheus)."""
+`GET /health`, `GET /version` (vLLM's) and `GET /metrics` (Prometheus)."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter, Response
 
+from horae import __version__
 from horae.serve.errors import APIError
 from horae.serve.state import ServerState
 
@@ -19,6 +20,10 @@ def router(state: ServerState) -> APIRouter:
     @r.get("/health")
     async def health():
         return Response(status_code=200)
+
+    @r.get("/version")
+    async def version():
+        return {"version": __version__}
 
     @r.get("/v1/models")
     async def models():
