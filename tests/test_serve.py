@@ -1118,6 +1118,36 @@ def test_async_llm_bad_input_is_refused_before_queueing(server, client):
     _assert_idle(server)
 
 
+def test_async_llm_output_kinds(server, client):
+    """vLLM's `RequestOutputKind` on `AsyncLLM.generate`: DELTA outputs hold only what is new
+    (they join to the cumulative run's text, tokens and logprobs; prompt logprobs once), and
+    FINAL_ONLY gives the finished output alone."""
+    from horae.sampling_params import RequestOutputKind
+
+    client.completions.create(model="smollm2", prompt="Hi", max_tokens=1)  # the engine runs on the server's loop
+    llm = server.llm
+    base = dict(temperature=0, max_tokens=12, ignore_eos=True, logprobs=1, prompt_logprobs=1, n=2)
+
+    async def run(kind):
+        return [o async for o in llm.generate("The capital of France is", SamplingParams(**base, output_kind=kind))]
+
+    def go(kind):
+        return asyncio.run_coroutine_threadsafe(run(kind), llm._loop).result(timeout=60)
+
+    whole, delta, final = go(RequestOutputKind.CUMULATIVE), go(RequestOutputKind.DELTA), go(RequestOutputKind.FINAL_ONLY)
+    assert len(final) == 1 and final[0].finished and len(delta) > 2
+    for i in range(2):
+        parts = [c for o in delta for c in o.outputs if c.index == i]
+        ref = whole[-1].outputs[i]
+        assert "".join(c.text for c in parts) == ref.text == final[0].outputs[i].text
+        assert sum((c.token_ids for c in parts), []) == ref.token_ids and len(ref.token_ids) == 12
+        assert [lp for c in parts for lp in c.logprobs] == ref.logprobs
+    assert delta[0].prompt_logprobs == whole[-1].prompt_logprobs and all(o.prompt_logprobs is None for o in delta[1:])
+    with pytest.raises(ValueError, match="output_kind must be a RequestOutputKind"):
+        SamplingParams(output_kind=7)
+    _assert_idle(server)
+
+
 @pytest.mark.parametrize("events_before_failure", [0, 2])
 def test_a_request_the_model_fails_on_gets_an_error_and_the_server_goes_on(server, client, events_before_failure):
     # The core reports a request whose step failed (a GPU fault, say) as an output with finish

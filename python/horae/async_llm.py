@@ -28,8 +28,8 @@ from typing import AsyncIterator, Callable, Dict, Iterable, List, Optional, Unio
 
 from horae.checks import waited_since
 from horae.engine import Engine, PromptType
-from horae.outputs import RequestOutput
-from horae.sampling_params import SamplingParams
+from horae.outputs import Deltas, RequestOutput
+from horae.sampling_params import RequestOutputKind, SamplingParams
 from horae.tokenizer import Tokenizer
 
 
@@ -146,7 +146,8 @@ class AsyncLLM:
     async def generate(self, prompt: PromptType, sampling_params: Optional[SamplingParams] = None,
                        request_id: Optional[str] = None,
                        arrival_time: Optional[float] = None) -> AsyncIterator[RequestOutput]:
-        """Stream a request's outputs (cumulative, as vLLM's default); the last has `finished`.
+        """Stream a request's outputs (cumulative, as vLLM's default; or as its `output_kind` says:
+        only what is new, or only the last); the last has `finished`.
         Bad input raises before anything is queued. Closing or cancelling the stream aborts the
         request, and its KV blocks are freed before the next step. `arrival_time`: as
         `Engine.add_request`'s (a request that waited elsewhere first; its times count from then)."""
@@ -156,6 +157,8 @@ class AsyncLLM:
         q: asyncio.Queue = asyncio.Queue()
         self._streams[rid] = q
         self.times[rid] = RequestTimes(time.monotonic() - waited)
+        kind = sampling_params.output_kind if sampling_params is not None else RequestOutputKind.CUMULATIVE
+        deltas = Deltas() if kind == RequestOutputKind.DELTA else None
         finished = False
         try:
             while not finished:
@@ -173,7 +176,9 @@ class AsyncLLM:
                 finished = out.finished
                 if finished:  # release before handing over the last output: the consumer may stop here
                     self._streams.pop(rid, None)
-                yield out
+                elif kind == RequestOutputKind.FINAL_ONLY:
+                    continue
+                yield out if deltas is None else deltas.take(out)
         finally:
             self._streams.pop(rid, None)
             if not finished:

@@ -61,6 +61,27 @@ class RequestOutput:
 
 
 
+class Deltas:
+    """One stream's outputs as vLLM's `RequestOutputKind.DELTA` gives them: each sample's text,
+    token ids and logprobs new since the last output taken (the prompt's logprobs with the first)."""
+
+    def __init__(self):
+        self._seen: Dict[int, tuple] = {}  # sample index -> (chars, tokens) already given
+        self._first = True
+
+    def take(self, out: RequestOutput) -> RequestOutput:
+        outs = []
+        for c in out.outputs:
+            chars, toks = self._seen.get(c.index, (0, 0))
+            self._seen[c.index] = (len(c.text), len(c.token_ids))
+            outs.append(CompletionOutput(c.index, c.text[chars:], c.token_ids[toks:], c.finish_reason, c.stop_reason,
+                                         None if c.logprobs is None else c.logprobs[toks:], c.cumulative_logprob,
+                                         c.num_draft_tokens, c.num_accepted_tokens))
+        first, self._first = self._first, False
+        return RequestOutput(out.request_id, out.prompt, out.prompt_token_ids, outs, out.finished,
+                             out.prompt_logprobs if first else None, out.num_cached_tokens)
+
+
 @dataclass
 class _Sample:
     """One of a request's n samples: a core request once submitted."""

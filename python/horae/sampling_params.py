@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import json as _json
 from dataclasses import dataclass, fields
 from typing import Any, Dict, List, Optional, Tuple, Union
@@ -55,6 +56,16 @@ class StructuredOutputsParams:
         if self.json_object:
             return "json_object", ""
         return ("regex", self.regex) if self.regex is not None else ("grammar", self.grammar)
+
+
+class RequestOutputKind(enum.IntEnum):
+    """What each of `AsyncLLM.generate`'s outputs holds, as vLLM's: everything so far
+    (`CUMULATIVE`, the default), only what is new since the last one (`DELTA`: text, token ids and
+    logprobs; the prompt's logprobs with the first), or only the finished output (`FINAL_ONLY`)."""
+
+    CUMULATIVE = 0
+    DELTA = 1
+    FINAL_ONLY = 2
 
 
 @dataclass
@@ -114,6 +125,8 @@ class SamplingParams:
     #: vLLM's structured output: what the text must match (a `StructuredOutputsParams`, or a
     #: dict of its fields).
     structured_outputs: Optional[StructuredOutputsParams] = None
+    #: vLLM's: what each streamed output holds (`RequestOutputKind`; `AsyncLLM.generate`).
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
 
     def __post_init__(self):
         if not is_int(self.n) or self.n < 1:
@@ -140,6 +153,11 @@ class SamplingParams:
                 raise TypeError(f"structured_outputs: {e}; its fields are json, regex, choice, grammar, json_object") from None
         if not isinstance(self.structured_outputs, (StructuredOutputsParams, type(None))):
             raise TypeError(f"structured_outputs must be a StructuredOutputsParams, got {self.structured_outputs!r}")
+        try:
+            self.output_kind = RequestOutputKind(self.output_kind)
+        except ValueError:
+            raise ValueError(f"output_kind must be a RequestOutputKind (CUMULATIVE, DELTA or FINAL_ONLY), "
+                             f"got {self.output_kind!r}") from None
 
     def kept_prompt(self, prompt_token_ids: List[int], limit: int) -> List[int]:
         """The prompt tokens a request reads: the last `truncate_prompt_tokens` of them, where one
