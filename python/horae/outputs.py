@@ -59,8 +59,6 @@ class RequestOutput:
     num_cached_tokens: Optional[int] = None
 
 
-
-
 class Deltas:
     """One stream's outputs as vLLM's `RequestOutputKind.DELTA` gives them: each sample's text,
     token ids and logprobs new since the last output taken (the prompt's logprobs with the first)."""
