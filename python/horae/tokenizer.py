@@ -51,12 +51,6 @@ class Tokenizer:
     def batch_decode(self, sequences: Sequence[Sequence[int]], skip_special_tokens: bool = False) -> List[str]:
         return [self.decode(s, skip_special_tokens) for s in sequences]
 
-    def convert_ids_to_tokens(self, ids: Union[int, Sequence[int]]) -> Union[str, List[str]]:
-        """Each id's own text (HF gives the vocabulary's spelling, e.g. "Ġthe" for " the")."""
-        if isinstance(ids, int):
-            return self._source.decode([ids], False)
-        return [self._source.decode([t], False) for t in ids]
-
     def __call__(self, text: Union[str, Sequence[str]], add_special_tokens: bool = True) -> Dict[str, Any]:
         """`{"input_ids": ...}` for one text or a list of them (no tensors, no padding)."""
         if isinstance(text, str):
