@@ -621,6 +621,8 @@ def test_serve_options_of_the_chat_route(capsys, tmp_path):
     for given in (str(tmp_path / "t.jinja"), "{{ messages[0].content }}"):
         config = server_config(p.parse_args(["--chat-template", given, "--reasoning-parser", "deepseek_r1"]), "m")
         assert (config.chat_template, config.reasoning_parser) == ("{{ messages[0].content }}", "deepseek_r1")
+    assert server_config(p.parse_args(["--return-tokens-as-token-ids"]), "m").return_tokens_as_token_ids
+    assert not server_config(p.parse_args([]), "m").return_tokens_as_token_ids
 
 
 def test_completions(server, client):
@@ -742,7 +744,7 @@ def test_prompt_logprobs_as_vllm_answers_them(server, client):
     _assert_idle(server)
 
 
-def test_return_token_ids_as_vllm_answers_them(server, client):
+def test_return_token_ids_as_vllm_answers_them(server, client, monkeypatch):
     """vLLM's `return_token_ids`: the prompt's ids and each choice's output ids beside the text,
     whole or streamed (the prompt's in the first chunk, each chunk's new ids), the same ids both
     ways, decoding to the text; and `return_tokens_as_token_ids`, logprobs naming tokens by id."""
@@ -779,6 +781,12 @@ def test_return_token_ids_as_vllm_answers_them(server, client):
     content = r.choices[0].logprobs.content
     assert [c.token for c in content] == [f"token_id:{t}" for t in r.choices[0].model_extra["token_ids"]]
     assert content[0].bytes == list(content[0].token.encode()) and content[0].top_logprobs[0].token.startswith("token_id:")
+    # The server's --return-tokens-as-token-ids: by id unless a request says otherwise.
+    monkeypatch.setattr(server.app.state.server.config, "return_tokens_as_token_ids", True)
+    names = [client.completions.create(model="smollm2", prompt=ctx, max_tokens=2, temperature=0, logprobs=0,
+                                       extra_body=body).choices[0].logprobs.tokens
+             for body in ({}, {"return_tokens_as_token_ids": False})]
+    assert names[0][0].startswith("token_id:") and not names[1][0].startswith("token_id:"), names
     _assert_idle(server)
 
 

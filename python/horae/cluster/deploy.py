@@ -77,7 +77,8 @@ def serve_replicas(model: Optional[str] = None, *, replicas: int = 2, router: st
                    max_body_bytes: int = 4 << 20, stats_period: float = 0.5, threads_per_replica: Optional[int] = None,
                    log_level: str = "WARNING", tool_call_parser: Optional[str] = None,
                    reasoning_parser: Optional[str] = None, chat_template: Optional[str] = None,
-                   trust_request_chat_template: bool = False, **engine_args: Any) -> Cluster:
+                   trust_request_chat_template: bool = False, return_tokens_as_token_ids: bool = False,
+                   **engine_args: Any) -> Cluster:
     """`replicas` engines of `model` (each an `AsyncLLM` with `engine_args`) behind `router`
     (`_core.ROUTERS`; "forecast" is horae's) and one ingress serving `horae serve`'s routes on
     host:port. A request a replica sheds goes on by `retry_shed` (`_core.RETRY_RULES`; "always":
@@ -86,7 +87,8 @@ def serve_replicas(model: Optional[str] = None, *, replicas: int = 2, router: st
     (default: this machine's cores shared evenly). `tool_call_parser` serves tool_choice "auto"
     (`horae serve --enable-auto-tool-choice --tool-call-parser NAME`); `reasoning_parser` answers
     a reasoning model's thinking apart (`--reasoning-parser NAME`); `chat_template` (the template's
-    text) replaces the model's, and `trust_request_chat_template` lets requests bring theirs."""
+    text) replaces the model's, and `trust_request_chat_template` lets requests bring theirs;
+    `return_tokens_as_token_ids` names logprobs' tokens by id (`--return-tokens-as-token-ids`)."""
     router, retry_shed = check_args(replicas, router, retry_shed)
     replicas = int(replicas)  # numpy's integers pass the check; Ray's options want Python's
     ray = require_ray()
@@ -109,7 +111,8 @@ def serve_replicas(model: Optional[str] = None, *, replicas: int = 2, router: st
     config = ServerConfig(model_name=name, api_key=api_key, max_queue=max_queue, max_body_bytes=max_body_bytes,
                           tool_call_parser=tool_call_parser, reasoning_parser=reasoning_parser,
                           chat_template=chat_template,
-                          trust_request_chat_template=trust_request_chat_template)  # its errors before Ray starts
+                          trust_request_chat_template=trust_request_chat_template,
+                          return_tokens_as_token_ids=return_tokens_as_token_ids)  # its errors before Ray starts
     if model is not None and Path(model).exists():
         model = str(Path(model).resolve())
     if engine_args.get("history_file"):  # likewise; each replica adds its rank to the name
@@ -152,7 +155,8 @@ def run(args) -> int:
                              api_key=args.api_key, max_queue=args.max_queue, max_body_bytes=args.max_body_bytes,
                              log_level=args.log_level, tool_call_parser=tool_call_parser(args),
                              reasoning_parser=args.reasoning_parser, chat_template=chat_template(args),
-                             trust_request_chat_template=args.trust_request_chat_template, **engine_args(args))
+                             trust_request_chat_template=args.trust_request_chat_template,
+                             return_tokens_as_token_ids=args.return_tokens_as_token_ids, **engine_args(args))
     print(f"serving {args.replicas} replicas (router: {args.router}) on {cluster.url}/v1", flush=True)
     # Ctrl-C or SIGTERM (a service manager's stop) ends it, and Serve and Ray stop with it.
     stop = threading.Event()

@@ -151,6 +151,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reasoning-parser", choices=sorted(REASONING_PARSERS),
                    help="answer a reasoning model's thinking apart, as `reasoning` beside `content`: deepseek_r1 "
                         "(<think>...</think>: DeepSeek-R1's distilled Qwen2 and Llama models, QwQ) (vLLM's option)")
+    p.add_argument("--return-tokens-as-token-ids", action="store_true",
+                   help='logprobs name tokens "token_id:N" instead of by their text, unless a request says otherwise '
+                        "(vLLM's option)")
     p.add_argument("--log-level", default="info")
     r = p.add_argument_group("replicas (Ray Serve; pip install \"horae[ray]\")")
     r.add_argument("--replicas", type=int, metavar="N",
@@ -197,7 +200,8 @@ def server_config(args: argparse.Namespace, model_name: str):
     return ServerConfig(model_name=model_name, api_key=args.api_key, max_queue=args.max_queue,
                         max_body_bytes=args.max_body_bytes, tool_call_parser=tool_call_parser(args),
                         reasoning_parser=args.reasoning_parser, chat_template=chat_template(args),
-                        trust_request_chat_template=args.trust_request_chat_template)
+                        trust_request_chat_template=args.trust_request_chat_template,
+                        return_tokens_as_token_ids=args.return_tokens_as_token_ids)
 
 
 def engine_args(args: argparse.Namespace) -> dict:

@@ -44,8 +44,10 @@ def router(state: ServerState) -> APIRouter:
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         top = req.top_logprobs or 0
 
+        as_ids = state.tokens_as_ids(req)
+
         def logprobs(c, start: int) -> Optional[dict]:
-            return chat_logprobs(c, start, top, req.return_tokens_as_token_ids)
+            return chat_logprobs(c, start, top, as_ids)
 
         params = state.sampling(req, max_tokens, top if req.logprobs else None, req.prompt_logprobs)
         if answer.keep_special_tokens:

@@ -53,7 +53,7 @@ class Echo:
 
     def __init__(self, state: ServerState, req: CompletionRequest, prompts: list, ids_list: List[List[int]]):
         self.state, self.on, self.logprobs = state, req.echo, req.logprobs is not None
-        self.as_ids = req.return_tokens_as_token_ids
+        self.as_ids = state.tokens_as_ids(req)
         self.prompts, self.ids = prompts, ids_list
 
     def text(self, i: int) -> str:
@@ -120,7 +120,7 @@ def router(state: ServerState) -> APIRouter:
                     if not prompt_only:
                         completion_tokens += len(c.token_ids)
                         text += c.text
-                        lps = joined(lps, completion_logprobs(state, c, 0, echo.offset(i), req.return_tokens_as_token_ids))
+                        lps = joined(lps, completion_logprobs(state, c, 0, echo.offset(i), echo.as_ids))
                     choices.append({"index": i * n + c.index, "text": text, "logprobs": lps,
                                     "finish_reason": c.finish_reason, "stop_reason": c.stop_reason,
                                     **plp, **token_ids})
@@ -141,8 +141,7 @@ def router(state: ServerState) -> APIRouter:
                         text, lps = echo.prefix(i, out) if chars == toks == 0 else ("", None)
                         if not prompt_only:
                             text += c.text[chars:]
-                            lps = joined(lps, completion_logprobs(state, c, toks, echo.offset(i) + chars,
-                                                                         req.return_tokens_as_token_ids))
+                            lps = joined(lps, completion_logprobs(state, c, toks, echo.offset(i) + chars, echo.as_ids))
                         elif not (text or fin):
                             continue
                         choice = {"index": i * n + c.index, "text": text, "logprobs": lps,

@@ -111,8 +111,9 @@ class _Sampling(_Strict):
     #: in a choice's first chunk, each chunk's new ids), for callers that must not re-tokenize.
     return_token_ids: bool = False
     #: vLLM's: logprobs name each token "token_id:N" instead of by its text (which for a token
-    #: holding part of a character is not the token).
-    return_tokens_as_token_ids: bool = False
+    #: holding part of a character is not the token); None: as the server says
+    #: (--return-tokens-as-token-ids).
+    return_tokens_as_token_ids: Optional[bool] = None
     #: vLLM's: the prompt's cached blocks are shared only with requests of the same salt (a
     #: tenant's secret), so no one learns another's prompts from the prefix cache's timing.
     cache_salt: Optional[str] = None

@@ -38,6 +38,9 @@ class ServerConfig:
     #: bring its own (--trust-request-chat-template: a template is code, run in a sandbox).
     chat_template: Optional[str] = None
     trust_request_chat_template: bool = False
+    #: Logprobs name tokens "token_id:N" unless a request says otherwise (vLLM's
+    #: --return-tokens-as-token-ids).
+    return_tokens_as_token_ids: bool = False
 
     def __post_init__(self):  # ValueErrors naming the choices or the fault, at start
         if self.tool_call_parser is not None:
@@ -124,6 +127,12 @@ class ServerState:
         if s is None:
             s = self._token_text[token] = self.llm.decode([token], skip_special_tokens=False)
         return s
+
+    def tokens_as_ids(self, req) -> bool:
+        """Whether `req`'s logprobs name tokens by id: its own `return_tokens_as_token_ids`, else
+        the server's."""
+        own = req.return_tokens_as_token_ids
+        return self.config.return_tokens_as_token_ids if own is None else own
 
     def check_model(self, name: Optional[str]) -> None:
         if name is not None and name != self.config.model_name:
