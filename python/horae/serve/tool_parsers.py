@@ -141,7 +141,7 @@ class Llama3Json:
         elif not s.startswith("{"):
             undecided = not final and self.TAG.startswith(s)  # nothing yet, or the tag's start
             return ("", []) if undecided else (text, [])
-        calls, rest = _json_calls(s, ";", ("parameters", "arguments"))
+        calls, rest = json_calls(s, ";", ("parameters", "arguments"))
         # What is not a call is known only at the end: until then only whole calls are given.
         if not final:
             return "", calls
@@ -161,13 +161,13 @@ class Mistral:
         at = text.find(self.TAG)
         if at < 0:
             return (text if final else text[:len(text) - held(text, self.TAG)]), []
-        calls, rest = _json_calls(text[at + len(self.TAG):], ",[]", ("arguments", "parameters"))
+        calls, rest = json_calls(text[at + len(self.TAG):], ",[]", ("arguments", "parameters"))
         if not final:
             return text[:at], calls
         return (text[:at] + rest, calls) if calls else (text, [])
 
 
-def _json_calls(s: str, separators: str, args_keys: Tuple[str, ...]) -> Tuple[List[Call], str]:
+def json_calls(s: str, separators: str, args_keys: Tuple[str, ...]) -> Tuple[List[Call], str]:
     """The calls among the JSON values of `s` (between whitespace and `separators`), and the
     text that is not one (a value that is no call, or what does not parse: still being written,
     or not JSON), in order. A call named first is read from its head (`HEAD`): its arguments

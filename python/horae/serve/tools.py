@@ -12,13 +12,11 @@ is still written only what is decided, so that a stream's deltas add up to the w
 
 from __future__ import annotations
 
-import json
-import re
 import uuid
 from typing import Optional
 
 from horae.serve.errors import APIError
-from horae.serve.tool_parsers import Reading, tool_parser
+from horae.serve.tool_parsers import Reading, json_calls, tool_parser
 
 
 def call_id() -> str:
@@ -45,24 +43,10 @@ class Required:
 
     ends_in_tool_calls = True
     keep_special_tokens = False
-    HEAD = re.compile(r'\s*,?\s*\{\s*"name"\s*:\s*("(?:[^"\\]|\\.)*")\s*,\s*"parameters"\s*:\s*')
 
     def split(self, text: str, final: bool) -> Reading:
-        calls, decoder = [], json.JSONDecoder()
-        pos = len(text) - len(text.lstrip())
-        if text[pos:pos + 1] == "[":
-            pos += 1
-            while (head := self.HEAD.match(text, pos)) is not None:
-                name = json.loads(head.group(1))
-                try:
-                    _, end = decoder.raw_decode(text, head.end())
-                except ValueError:  # still written (or cut by max_tokens): the arguments so far
-                    calls.append((name, text[head.end():]))
-                    break
-                calls.append((name, text[head.end():end]))
-                pos = text.find("}", end) + 1  # the call's own end
-                if pos == 0:
-                    break
+        # The list's calls as `tool_parsers.json_calls` reads any JSON calls, named first.
+        calls, _ = json_calls(text, ",[]", ("parameters",))
         # Cut before any call's arguments began (max_tokens): the text as it is.
         return ("", calls) if calls or not final else (text, [])
 
