@@ -24,7 +24,8 @@ def legacy_logprobs(state: ServerState, token_ids, dicts, offset0: int, as_ids: 
     toks, lps, tops, offsets = [], [], [], []
     pos = offset0
     for t, d in zip(token_ids, dicts):
-        s = state.piece(t) if d is None else d[t].decoded_token
+        # Only an echoed prompt's first token has no `Logprob` (and so no text of its own).
+        s = state.llm.decode([t], skip_special_tokens=False) if d is None else d[t].decoded_token
         toks.append(token_name(t, s, as_ids))
         lps.append(None if d is None else d[t].logprob)
         tops.append(None if d is None else {token_name(a, v.decoded_token, as_ids): v.logprob for a, v in d.items()})

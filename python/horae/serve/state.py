@@ -114,19 +114,11 @@ class ServerState:
         self.llm, self.config = llm, config
         self.metrics = metrics if metrics is not None else EngineMetrics(llm, config.model_name)
         self.created = int(time.time())
-        self._token_text: Dict[int, str] = {}
 
     @property
     def max_model_len(self) -> int:
         """What one request may hold, prompt + max_tokens: the context, or the KV pool."""
         return self.llm.max_request_tokens
-
-    def piece(self, token: int) -> str:
-        """A token's own text (logprobs name tokens by it)."""
-        s = self._token_text.get(token)
-        if s is None:
-            s = self._token_text[token] = self.llm.decode([token], skip_special_tokens=False)
-        return s
 
     def tokens_as_ids(self, req) -> bool:
         """Whether `req`'s logprobs name tokens by id: its own `return_tokens_as_token_ids`, else
