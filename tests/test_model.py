@@ -49,6 +49,11 @@ def test_get_tokenizer_is_called_as_transformers_tokenizers_are(llm):
     assert tok(["Hello", "Hello world"])["input_ids"] == [tok.encode("Hello"), tok.encode("Hello world")]
     ids = tok.encode("Hello world")
     assert tok.batch_decode([ids, ids[:1]]) == ["Hello world", "Hello"]
+    for bad, what in [(lambda: tok.decode("abc"), "token_ids must be a list of integers"),
+                      (lambda: tok(5), "text must be a string or a list of strings"),
+                      (lambda: tok.encode(5), "prompt must be a string")]:
+        with pytest.raises(TypeError, match=what):
+            bad()
     mine = "{% for m in messages %}{{ greeting }}{{ m.content }}{% endfor %}"
     assert tok.apply_chat_template([{"role": "user", "content": "x"}], chat_template=mine, tokenize=False,
                                    greeting="Hi ") == "Hi x"
@@ -534,6 +539,8 @@ def test_detokenize_false_gives_the_tokens_without_text(llm):
     text, quiet = (llm.generate("The capital of France is", SamplingParams(**p, detokenize=d), use_tqdm=False)[0].outputs[0]
                    for d in (True, False))
     assert quiet.token_ids == text.token_ids and text.text and quiet.text == "", (text, quiet)
+    with pytest.raises(TypeError, match="detokenize must be True or False, got 'no'"):
+        SamplingParams(detokenize="no")
     with pytest.raises(ValueError, match="stop strings are read in the text: they need detokenize") as e:
         llm.generate("Hi", SamplingParams(detokenize=False, stop=["."]), use_tqdm=False)
     assert e.value.param == "stop" and not llm.engine.has_unfinished_requests()

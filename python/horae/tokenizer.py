@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Optional, Sequence, Union
 
+from horae.checks import token_ids as checked_ids
+
 __all__ = ["Tokenizer"]
 
 
@@ -46,7 +48,7 @@ class Tokenizer:
         return self._source.encode(text, add_special_tokens)
 
     def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = False) -> str:
-        return self._source.decode(token_ids, skip_special_tokens)
+        return self._source.decode(checked_ids(token_ids, "token_ids"), skip_special_tokens)
 
     def batch_decode(self, sequences: Sequence[Sequence[int]], skip_special_tokens: bool = False) -> List[str]:
         return [self.decode(s, skip_special_tokens) for s in sequences]
@@ -55,6 +57,8 @@ class Tokenizer:
         """`{"input_ids": ...}` for one text or a list of them (no tensors, no padding)."""
         if isinstance(text, str):
             return {"input_ids": self.encode(text, add_special_tokens)}
+        if not isinstance(text, (list, tuple)):
+            raise TypeError(f"text must be a string or a list of strings, got {type(text).__name__}")
         return {"input_ids": [self.encode(t, add_special_tokens) for t in text]}
 
     def apply_chat_template(self, conversation: List[Dict[str, Any]], tools: Optional[List[Dict[str, Any]]] = None,
