@@ -115,7 +115,6 @@ impl PyRouter {
     /// `ttft`: seconds the request may still wait for its first token (None: no bound).
     /// `cache_salt`: the request's (vLLM's), whose prefix blocks only its salt's prompts share.
     #[pyo3(signature = (token_ids, max_tokens, tried = Vec::new(), ttft = None, cache_salt = None))]
-    #[allow(clippy::too_many_arguments)]
     fn choose(
         &mut self,
         py: Python<'_>,
