@@ -26,6 +26,7 @@ from serving_study import write_workload  # noqa: E402  (the same workload file)
 
 from horae.bench import serve as bench  # noqa: E402
 from horae.cluster import serve_replicas  # noqa: E402
+from horae.serve import ServerConfig  # noqa: E402
 
 
 def main() -> int:
@@ -51,7 +52,8 @@ def main() -> int:
     for n in [int(x) for x in args.replicas.split(",")]:
         t0 = time.time()
         cluster = serve_replicas(replicas=n, router=args.router, port=args.port, kv_cache_tokens=args.kv_cache_tokens,
-                                 max_num_seqs=args.max_num_seqs, dtype="bfloat16", seed=0, max_queue=10_000)
+                                 max_num_seqs=args.max_num_seqs, dtype="bfloat16", seed=0,
+                                 server=ServerConfig(max_queue=10_000))
         try:
             time.sleep(3.0)  # every replica up and publishing
             ns = SimpleNamespace(

@@ -18,6 +18,7 @@ import pytest
 from conftest import WEATHER_SHOWN, WEATHER_TOOL
 
 from horae import _core
+from horae.serve import ServerConfig
 
 if os.environ.get("CI"):
     import ray  # noqa: F401  (CI must run these: a missing Ray is a failure, not a skip)
@@ -54,7 +55,8 @@ def _free_port() -> int:
 def cluster():
     from horae.cluster import serve_replicas
 
-    c = serve_replicas(replicas=2, port=_free_port(), kv_cache_tokens=4096, seed=0, tool_call_parser="hermes")
+    c = serve_replicas(replicas=2, port=_free_port(), kv_cache_tokens=4096, seed=0,
+                       server=ServerConfig(tool_call_parser="hermes"))
     _wait_until(lambda: _replica_series(c) >= 2, 60, "both replicas publishing")
     yield c
     c.shutdown()
@@ -289,10 +291,11 @@ def test_bad_cluster_arguments_are_named(monkeypatch):
         serve_replicas(retry_shed="often")
     with pytest.raises(ValueError, match="the router is a name, got 3"):
         serve_replicas(router=3)
-    with pytest.raises(ValueError, match="unknown tool-call parser 'pythonic'; choose one of hermes, llama3_json, mistral"):
-        serve_replicas(tool_call_parser="pythonic")
-    with pytest.raises(ValueError, match="unknown reasoning parser 'qwen3'; choose one of deepseek_r1"):
-        serve_replicas(reasoning_parser="qwen3")
+    # The HTTP server's settings are the one server's `ServerConfig`, refused where it is made.
+    with pytest.raises(TypeError, match="server is a horae.serve.ServerConfig, got dict"):
+        serve_replicas(server={"api_key": "k"})
+    with pytest.raises(TypeError, match=r"unknown engine argument\(s\) 'api_key'.*server=ServerConfig"):
+        serve_replicas(api_key="k")
     # Names as the core parses them (case, `_` for `-`), so the front end refuses only what the
     # core would.
     assert check_args(2, " Power_Of_Two", "IN_TIME") == ("power-of-two", "in-time")

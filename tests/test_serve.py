@@ -11,6 +11,8 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import openai
@@ -608,6 +610,8 @@ def test_serve_options_of_the_chat_route(capsys, tmp_path):
     assert "invalid choice: 'pythonic'" in capsys.readouterr().err
     with pytest.raises(ValueError, match="unknown tool-call parser 'pythonic'"):
         ServerConfig(model_name="m", tool_call_parser="pythonic")
+    with pytest.raises(ValueError, match="unknown reasoning parser 'qwen3'; choose one of deepseek_r1"):
+        ServerConfig(reasoning_parser="qwen3")
     with pytest.raises(SystemExit):
         main(["serve", "--reasoning-parser", "qwen3"])
     assert "invalid choice: 'qwen3'" in capsys.readouterr().err
@@ -617,12 +621,18 @@ def test_serve_options_of_the_chat_route(capsys, tmp_path):
     add_arguments(p)
     (tmp_path / "t.jinja").write_text("{{ messages[0].content }}")
     with pytest.raises(ValueError, match="--chat-template does not compile"):
-        server_config(p.parse_args(["--chat-template", "{% for %}"]), "m")
+        server_config(p.parse_args(["--chat-template", "{% for %}"]))
     for given in (str(tmp_path / "t.jinja"), "{{ messages[0].content }}"):
-        config = server_config(p.parse_args(["--chat-template", given, "--reasoning-parser", "deepseek_r1"]), "m")
+        config = server_config(p.parse_args(["--chat-template", given, "--reasoning-parser", "deepseek_r1"]))
         assert (config.chat_template, config.reasoning_parser) == ("{{ messages[0].content }}", "deepseek_r1")
-    assert server_config(p.parse_args(["--return-tokens-as-token-ids"]), "m").return_tokens_as_token_ids
-    assert not server_config(p.parse_args([]), "m").return_tokens_as_token_ids
+    assert server_config(p.parse_args(["--return-tokens-as-token-ids"])).return_tokens_as_token_ids
+    assert not server_config(p.parse_args([])).return_tokens_as_token_ids
+    assert server_config(p.parse_args(["--served-model-name", "mine"])).model_name == "mine"
+    assert server_config(p.parse_args([])).model_name == ""  # build_app names it after the model folder
+    # An unnamed config serves the model under its folder's name, and is left as it was given.
+    unnamed, engine = ServerConfig(), SimpleNamespace(model_dir=Path("/m/SmolLM2-135M-Instruct"), listeners=[],
+                                                        abort_listeners=[])
+    assert build_app(engine, unnamed).state.config.model_name == "SmolLM2-135M-Instruct" and unnamed.model_name == ""
 
 
 def test_completions(server, client):
@@ -1062,8 +1072,6 @@ def test_schemathesis_finds_no_server_error():
 
 
 def test_bench_serve_reaches_true_lengths_without_telling_the_server(server, tmp_path):
-    from types import SimpleNamespace
-
     from horae.bench import serve as bench
 
     trace = tmp_path / "t.jsonl"
@@ -1162,8 +1170,6 @@ def test_a_request_the_model_fails_on_gets_an_error_and_the_server_goes_on(serve
     # reason "error" and the message (rust/core/tests/scheduler.rs checks the engine side). The
     # server is otherwise idle: make the request's output after `events_before_failure` steps
     # such an output, as the core would.
-    from types import SimpleNamespace
-
     llm = server.llm
     target = {"skip": events_before_failure}
     original = llm._on_step
@@ -1385,8 +1391,6 @@ def test_bench_serve_retries_what_the_queue_deadline_turned_away(tmp_path):
     """`horae bench serve --retry-failed` against a server with a queue deadline and room for one
     request at a time: requests turned away with 503 queue_timeout are sent again until served,
     and the summary counts the attempts; a time-out wastes no tokens."""
-    from types import SimpleNamespace
-
     from horae.bench import serve as bench
 
     with _one_at_a_time(queue_timeout=0.2) as srv:

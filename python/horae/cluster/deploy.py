@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import os
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Optional, Tuple
 
 from horae import _core
 from horae.checks import is_int
 from horae.models import resolve_model
+
+if TYPE_CHECKING:
+    from horae.serve.app import ServerConfig
 
 RAY_HINT = 'replicas run on Ray Serve, which is not installed: pip install "horae[ray]"'
 APP = "horae"
@@ -35,6 +38,20 @@ def check_args(replicas: Any, router: str, retry_shed: str = "always") -> Tuple[
         if not isinstance(value, str):
             raise ValueError(f"the {what} is a name, got {value!r}")
     return _core.canonical_name("router", router), _core.canonical_name("retry rule", retry_shed)
+
+
+def _check_engine_args(engine_args: dict) -> None:
+    """Refuse a keyword the replicas' engines do not take here, before Ray starts (a replica's
+    constructor would fail in its worker, and Serve would retry it)."""
+    import inspect
+
+    from horae.engine import Engine
+
+    known = set(inspect.signature(Engine.__init__).parameters) - {"self", "model"}
+    unknown = sorted(set(engine_args) - known)
+    if unknown:
+        raise TypeError(f"serve_replicas: unknown engine argument(s) {', '.join(map(repr, unknown))}; the engine takes "
+                        f"{', '.join(sorted(known))} (the HTTP server's settings go in server=ServerConfig(...))")
 
 
 def _check_reachable(address: str, timeout: float = 3.0) -> None:
@@ -73,24 +90,25 @@ class Cluster:
 
 def serve_replicas(model: Optional[str] = None, *, replicas: int = 2, router: str = "forecast",
                    retry_shed: str = "always", ray_address: Optional[str] = None, host: str = "127.0.0.1", port: int = 8000,
-                   served_model_name: Optional[str] = None, api_key: Optional[str] = None, max_queue: int = 256,
-                   max_body_bytes: int = 4 << 20, stats_period: float = 0.5, threads_per_replica: Optional[int] = None,
-                   log_level: str = "WARNING", tool_call_parser: Optional[str] = None,
-                   reasoning_parser: Optional[str] = None, chat_template: Optional[str] = None,
-                   trust_request_chat_template: bool = False, return_tokens_as_token_ids: bool = False,
-                   **engine_args: Any) -> Cluster:
+                   server: Optional[ServerConfig] = None, stats_period: float = 0.5,
+                   threads_per_replica: Optional[int] = None, log_level: str = "WARNING", **engine_args: Any) -> Cluster:
     """`replicas` engines of `model` (each an `AsyncLLM` with `engine_args`) behind `router`
     (`_core.ROUTERS`; "forecast" is horae's) and one ingress serving `horae serve`'s routes on
-    host:port. A request a replica sheds goes on by `retry_shed` (`_core.RETRY_RULES`; "always":
-    to any replica not tried while its first-token bound holds). Replicas publish routing stats
-    every `stats_period` seconds. Each replica's kernels use `threads_per_replica` threads
-    (default: this machine's cores shared evenly). `tool_call_parser` serves tool_choice "auto"
-    (`horae serve --enable-auto-tool-choice --tool-call-parser NAME`); `reasoning_parser` answers
-    a reasoning model's thinking apart (`--reasoning-parser NAME`); `chat_template` (the template's
-    text) replaces the model's, and `trust_request_chat_template` lets requests bring theirs;
-    `return_tokens_as_token_ids` names logprobs' tokens by id (`--return-tokens-as-token-ids`)."""
+    host:port with the HTTP settings `server` (a `horae.serve.ServerConfig`, as `build_app`
+    takes for one engine: the served name, API key, queue and body limits, tool-call and
+    reasoning parsers, chat template). A request a replica sheds goes on by `retry_shed`
+    (`_core.RETRY_RULES`; "always": to any replica not tried while its first-token bound holds).
+    Replicas publish routing stats every `stats_period` seconds. Each replica's kernels use
+    `threads_per_replica` threads (default: this machine's cores shared evenly)."""
     router, retry_shed = check_args(replicas, router, retry_shed)
     replicas = int(replicas)  # numpy's integers pass the check; Ray's options want Python's
+    from horae.serve.app import ServerConfig
+
+    if server is None:
+        server = ServerConfig()
+    elif not isinstance(server, ServerConfig):
+        raise TypeError(f"server is a horae.serve.ServerConfig, got {type(server).__name__}")
+    _check_engine_args(engine_args)
     ray = require_ray()
     from ray import serve
     from ray.serve.config import HTTPOptions, RequestRouterConfig
@@ -98,7 +116,6 @@ def serve_replicas(model: Optional[str] = None, *, replicas: int = 2, router: st
 
     from horae.cluster.ingress import REPLICAS, Ingress
     from horae.cluster.replica import HoraeReplica
-    from horae.serve.app import ServerConfig
 
     if ray_address is not None:
         _check_reachable(ray_address)
@@ -106,13 +123,8 @@ def serve_replicas(model: Optional[str] = None, *, replicas: int = 2, router: st
     # finds it in the cache). A model given as a local path goes to the replicas as an absolute
     # one (Ray workers do not start in this directory); a default or named model is resolved by
     # each replica, on its own node.
-    model_dir = resolve_model(model)
-    name = served_model_name or model_dir.name
-    config = ServerConfig(model_name=name, api_key=api_key, max_queue=max_queue, max_body_bytes=max_body_bytes,
-                          tool_call_parser=tool_call_parser, reasoning_parser=reasoning_parser,
-                          chat_template=chat_template,
-                          trust_request_chat_template=trust_request_chat_template,
-                          return_tokens_as_token_ids=return_tokens_as_token_ids)  # its errors before Ray starts
+    # The served name labels each replica's metrics, as the ingress's.
+    server = replace(server, model_name=server.model_name or resolve_model(model).name)
     if model is not None and Path(model).exists():
         model = str(Path(model).resolve())
     if engine_args.get("history_file"):  # likewise; each replica adds its rank to the name
@@ -134,11 +146,11 @@ def serve_replicas(model: Optional[str] = None, *, replicas: int = 2, router: st
             request_router_kwargs={"router": router, "retry_shed": retry_shed},
             request_routing_stats_period_s=stats_period, request_routing_stats_timeout_s=max(5.0, 10 * stats_period)),
         health_check_period_s=2.0, health_check_timeout_s=30.0,
-    ).bind(model, engine_args, name)
+    ).bind(model, engine_args, server.model_name)
     ingress = serve.deployment(serve.ingress()(Ingress), name="horae-ingress", num_replicas=1,
                                max_ongoing_requests=100_000, ray_actor_options={"num_cpus": 0})
     logging = LoggingConfig(log_level=log_level.upper(), enable_access_log=log_level.upper() in ("DEBUG", "INFO"))
-    serve.run(ingress.bind(replica, config), name=APP, route_prefix="/", blocking=False, logging_config=logging)
+    serve.run(ingress.bind(replica, server), name=APP, route_prefix="/", blocking=False, logging_config=logging)
     return Cluster(url=f"http://{host}:{port}", replicas=replicas, router=router, owns_ray=owns_ray)
 
 
@@ -147,16 +159,11 @@ def run(args) -> int:
     import signal
     import threading
 
-    from horae.serve import chat_template, engine_args, tool_call_parser
+    from horae.serve import engine_args, server_config
 
     cluster = serve_replicas(args.model, replicas=args.replicas, router=args.router, retry_shed=args.retry_shed,
-                             ray_address=args.ray_address,
-                             host=args.host, port=args.port, served_model_name=args.served_model_name,
-                             api_key=args.api_key, max_queue=args.max_queue, max_body_bytes=args.max_body_bytes,
-                             log_level=args.log_level, tool_call_parser=tool_call_parser(args),
-                             reasoning_parser=args.reasoning_parser, chat_template=chat_template(args),
-                             trust_request_chat_template=args.trust_request_chat_template,
-                             return_tokens_as_token_ids=args.return_tokens_as_token_ids, **engine_args(args))
+                             ray_address=args.ray_address, host=args.host, port=args.port, server=server_config(args),
+                             log_level=args.log_level, **engine_args(args))
     print(f"serving {args.replicas} replicas (router: {args.router}) on {cluster.url}/v1", flush=True)
     # Ctrl-C or SIGTERM (a service manager's stop) ends it, and Serve and Ray stop with it.
     stop = threading.Event()

@@ -193,11 +193,11 @@ def chat_template(args: argparse.Namespace) -> Optional[str]:
     raise ValueError(f"--chat-template: no file {given!r} (give a file, or the template itself)")
 
 
-def server_config(args: argparse.Namespace, model_name: str):
+def server_config(args: argparse.Namespace):
     """The HTTP server's settings from `horae serve`'s options (one engine, or the replicas' ingress)."""
     from horae.serve.state import ServerConfig
 
-    return ServerConfig(model_name=model_name, api_key=args.api_key, max_queue=args.max_queue,
+    return ServerConfig(model_name=args.served_model_name or "", api_key=args.api_key, max_queue=args.max_queue,
                         max_body_bytes=args.max_body_bytes, tool_call_parser=tool_call_parser(args),
                         reasoning_parser=args.reasoning_parser, chat_template=chat_template(args),
                         trust_request_chat_template=args.trust_request_chat_template,
@@ -237,14 +237,13 @@ def make_app(args: argparse.Namespace):
     from horae.async_llm import AsyncLLM
     from horae.serve.app import build_app
 
-    config = server_config(args, args.served_model_name or "")  # its errors before the model loads
+    config = server_config(args)  # its errors before the model loads
     llm = AsyncLLM(args.model, **engine_args(args))
     if llm.engine.history_status is not None:
         print(f"history: {llm.engine.history_status[1]}", flush=True)
     print(f"model on {llm.engine.device}" + (f" ({llm.engine.cpu_fallback_reason})" if llm.engine.cpu_fallback_reason else ""),
           flush=True)
     prepare_structured_output(llm)
-    config.model_name = args.served_model_name or llm.model_dir.name
     return build_app(llm, config)
 
 

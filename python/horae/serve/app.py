@@ -7,6 +7,7 @@ request aborted; a full queue answers 503 with Retry-After."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Optional
 
 from fastapi import FastAPI
@@ -23,6 +24,8 @@ __all__ = ["ServerConfig", "build_app"]
 def build_app(llm: AsyncLLM, config: ServerConfig, metrics: Optional[MetricsSource] = None) -> FastAPI:
     """A FastAPI app serving `llm` (an `AsyncLLM`, or the Ray ingress's client of replicas, with
     its own `metrics`). The engine thread starts with the first request."""
+    if not config.model_name:
+        config = replace(config, model_name=llm.model_dir.name)
     app = FastAPI(title="horae", description="OpenAI-compatible server on the horae engine", version="0.1.0")
     state = ServerState(llm, config, metrics)
     app.state.llm, app.state.metrics, app.state.config, app.state.server = llm, state.metrics, config, state

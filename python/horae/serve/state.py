@@ -22,7 +22,8 @@ from horae.serve.tool_parsers import tool_parser
 
 @dataclass
 class ServerConfig:
-    model_name: str
+    #: The model id clients send; empty: the model folder's name (`build_app` fills it in).
+    model_name: str = ""
     api_key: Optional[str] = None
     #: Requests accepted but not yet producing output; beyond it new ones get 503.
     max_queue: int = 256
