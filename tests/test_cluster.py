@@ -159,6 +159,13 @@ def test_the_openai_client_works_through_the_ingress(cluster):
                                           tools=[WEATHER_TOOL])
     assert auto.choices[0].finish_reason == "tool_calls", auto
     assert json.loads(auto.choices[0].message.tool_calls[0].function.arguments) == {"city": "Paris"}
+    # The Responses API is the server's route too: the same call as an output item, whole and streamed.
+    flat = {"type": "function", "name": "get_weather", "parameters": WEATHER_TOOL["function"]["parameters"]}
+    r = client.responses.create(model=MODEL, input=WEATHER_SHOWN, tools=[flat], max_output_tokens=40, temperature=0)
+    assert [(o.type, json.loads(o.arguments)) for o in r.output] == [("function_call", {"city": "Paris"})], r
+    events = list(client.responses.create(model=MODEL, input="What is the capital of France?", max_output_tokens=12,
+                                          temperature=0, stream=True))
+    assert events[-1].type == "response.completed" and "Paris" in events[-1].response.output_text, events[-1]
 
 
 def test_bad_input_gets_the_servers_400s_through_the_ingress(cluster):

@@ -509,6 +509,135 @@ def test_reasoning_apart_from_the_answer(server, client, monkeypatch):
     _assert_idle(server)
 
 
+def _response_events(client, **ask) -> list:
+    """A streamed response's events, checked for what every Responses stream holds: numbered
+    from 0 in order, opened by created and in_progress, each item added before it is written and
+    done after, ended by completed or incomplete with the response whole."""
+    events = list(client.responses.create(**ask, stream=True))
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    assert [e.type for e in events[:2]] == ["response.created", "response.in_progress"], events[:2]
+    assert events[-1].type in ("response.completed", "response.incomplete"), events[-1]
+    added = [e.output_index for e in events if e.type == "response.output_item.added"]
+    done = [e.output_index for e in events if e.type == "response.output_item.done"]
+    assert added == done == list(range(len(events[-1].response.output))), (added, done)
+    for e in events:
+        if hasattr(e, "item_id") and e.item_id is not None:  # written only while added and not done
+            assert e.item_id == events[-1].response.output[e.output_index].id, e
+    return events
+
+
+def test_responses_api_is_the_chat_route_answered_as_output_items(server, client):
+    """OpenAI's Responses API (`client.responses`), without state: the same answer as the chat
+    route for the same conversation (instructions as its system message; function calls and
+    their outputs as the assistant's tool_calls and tool messages, the same prompt tokens),
+    whole and streamed, with logprobs, a cut, structured output, forced calls, and 400s naming
+    the field of the Responses request."""
+    ask = dict(model="smollm2", input="What is the capital of France?", max_output_tokens=20, temperature=0)
+    r = client.responses.create(**ask)
+    chat = client.chat.completions.create(model="smollm2", messages=CAPITAL, max_tokens=20, temperature=0)
+    assert r.status == "completed" and r.output_text == chat.choices[0].message.content, (r, chat)
+    assert [(o.type, o.role, o.status) for o in r.output] == [("message", "assistant", "completed")]
+    assert r.id.startswith("resp_") and r.object == "response" and r.model == "smollm2" and r.incomplete_details is None
+    assert (r.usage.input_tokens, r.usage.output_tokens) == (chat.usage.prompt_tokens, chat.usage.completion_tokens)
+    assert r.usage.total_tokens == r.usage.input_tokens + r.usage.output_tokens
+    events = _response_events(client, **ask)
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == r.output_text
+    assert events[-1].type == "response.completed" and events[-1].response.output_text == r.output_text
+    # Instructions are the system message; a cut answer is incomplete, its logprobs those of chat.
+    system = [{"role": "system", "content": "Answer in one word."}, *CAPITAL]
+    cut = client.responses.create(**{**ask, "max_output_tokens": 3}, instructions="Answer in one word.", top_logprobs=2,
+                                  include=["message.output_text.logprobs"])
+    chat = client.chat.completions.create(model="smollm2", messages=system, max_tokens=3, temperature=0, logprobs=True,
+                                          top_logprobs=2)
+    assert cut.status == "incomplete" and cut.incomplete_details.reason == "max_output_tokens", cut
+    assert cut.output_text == chat.choices[0].message.content and cut.usage.input_tokens == chat.usage.prompt_tokens
+    lps, chat_lps = cut.output[0].content[0].logprobs, chat.choices[0].logprobs.content
+    # (The second reads the first's prompt from the prefix cache: the same values to float error.)
+    assert [(lp.token, [t.token for t in lp.top_logprobs]) for lp in lps] == [
+        (lp.token, [t.token for t in lp.top_logprobs]) for lp in chat_lps] and len(lps) == 3
+    assert all(abs(a.logprob - b.logprob) < 1e-4 for a, b in zip(lps, chat_lps)), (lps, chat_lps)
+    events = _response_events(client, **{**ask, "max_output_tokens": 3})
+    assert events[-1].type == "response.incomplete" and events[-1].response.output[0].status == "incomplete"
+    # A forced call, then the call and its output sent back: the prompt chat makes of them.
+    tool = {"type": "function", "name": "get_weather", "parameters": WEATHER_TOOL["function"]["parameters"]}
+    called = client.responses.create(**ask, tools=[tool], tool_choice={"type": "function", "name": "get_weather"})
+    (call,) = called.output
+    assert (call.type, call.name, call.status) == ("function_call", "get_weather", "completed"), called
+    assert set(json.loads(call.arguments)) >= {"city"}, call
+    events = _response_events(client, **ask, tools=[tool], tool_choice="required")
+    (item,) = events[-1].response.output
+    assert item.type == "function_call" and "".join(
+        e.delta for e in events if e.type == "response.function_call_arguments.delta") == item.arguments
+    turn = [{"role": "user", "content": "What is the weather in Paris?"},
+            {"type": "function_call", "call_id": call.call_id, "name": "get_weather", "arguments": call.arguments},
+            {"type": "function_call_output", "call_id": call.call_id, "output": "Sunny, 21 C"}]
+    answered = client.responses.create(model="smollm2", input=turn, tools=[tool], tool_choice="none", temperature=0,
+                                       max_output_tokens=20)
+    chat = client.chat.completions.create(model="smollm2", temperature=0, max_tokens=20, tools=[WEATHER_TOOL],
+                                          tool_choice="none", messages=[
+        turn[0], {"role": "assistant", "content": None, "tool_calls": [
+            {"id": call.call_id, "type": "function", "function": {"name": "get_weather", "arguments": call.arguments}}]},
+        {"role": "tool", "tool_call_id": call.call_id, "content": "Sunny, 21 C"}])
+    assert answered.usage.input_tokens == chat.usage.prompt_tokens and answered.output_text == chat.choices[0].message.content
+    # text.format is chat's response_format.
+    shaped = client.responses.create(**{**ask, "max_output_tokens": 60}, text={"format": {
+        "type": "json_schema", "name": "place", "schema": {"type": "object", "properties": {"city": {"type": "string"}},
+                                                           "required": ["city"], "additionalProperties": False}}})
+    assert set(json.loads(shaped.output_text)) == {"city"}, shaped.output_text
+    h = {"Authorization": f"Bearer {KEY}"}
+    for body, param in [({}, "input"), ({"input": []}, "input"), ({"previous_response_id": "resp_1"}, "previous_response_id"),
+                        ({"background": True}, "background"), ({"truncation": "auto"}, "truncation"),
+                        ({"include": ["file_search_call.results"]}, "include"),
+                        ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]},
+                         "input.0.content"),
+                        ({"input": [{"type": "web_search_call"}]}, "input.0"), ({"max_output_tokens": 0}, "max_output_tokens"),
+                        ({"top_logprobs": 21}, "top_logprobs"), ({"text": {"format": {"type": "json_schema"}}}, "text.format"),
+                        ({"tool_choice": "required"}, None), ({"input": [{"type": "reasoning", "summary": []}]}, "input"),
+                        ({"temperature": "hot"}, "temperature"), ({"model": "other"}, "model")]:
+        sent = {"model": "smollm2", "input": "Hi", **body}
+        if body == {}:
+            sent.pop("input")
+        err = _error(httpx.post(server.url + "/v1/responses", headers=h, json=sent), 404 if param == "model" else 400)
+        assert err["param"] == param and (param is None or err["message"].startswith(param) or param == "model"), (body, err)
+    # A union's furthest branch names the field at fault (a completion's prompt as token lists).
+    err = _error(httpx.post(server.url + "/v1/completions", headers=h, json={"model": "smollm2", "prompt": [[1, "x"]]}), 400)
+    assert err["param"] == "prompt.0.1", err
+    _assert_idle(server)
+
+
+def test_responses_api_answers_reasoning_and_tool_calls_as_items(server, client, monkeypatch):
+    """With the server's parsers (`--reasoning-parser`, `--tool-call-parser`), a response's
+    thinking is a reasoning item (its tokens counted in usage) before the message, and a call
+    the model chose is a function_call item, whole and streamed, as the chat route reads them."""
+    shown = [{"role": "user", "content": "What is 2 + 2?"},
+             {"role": "assistant", "content": "<think>Two plus two is four.</think>The answer is 4."},
+             {"role": "user", "content": "What is 5 + 5?"}]
+    ask = dict(model="smollm2", input=shown, max_output_tokens=40, temperature=0,
+               instructions="Think inside <think></think> first, then answer.")
+    monkeypatch.setattr(server.app.state.server.config, "reasoning_parser", "deepseek_r1")
+    m = client.chat.completions.create(model="smollm2", messages=[{"role": "system", "content": ask["instructions"]}, *shown],
+                                       max_tokens=40, temperature=0).choices[0].message
+    r = client.responses.create(**ask)
+    assert [o.type for o in r.output] == ["reasoning", "message"], r
+    assert (r.output[0].content[0].text, r.output_text) == (m.reasoning, m.content), (r, m)
+    thought = server.llm.encode(f"<think>{m.reasoning}</think>")
+    assert 0 < r.usage.output_tokens_details.reasoning_tokens < r.usage.output_tokens
+    assert abs(r.usage.output_tokens_details.reasoning_tokens - len(thought)) <= 2, (r.usage, len(thought))
+    events = _response_events(client, **ask)
+    assert "".join(e.delta for e in events if e.type == "response.reasoning_text.delta") == m.reasoning
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == m.content
+    monkeypatch.setattr(server.app.state.server.config, "reasoning_parser", None)
+    monkeypatch.setattr(server.app.state.server.config, "tool_call_parser", "hermes")
+    tool = {"type": "function", "name": "get_weather", "parameters": WEATHER_TOOL["function"]["parameters"]}
+    weather = dict(model="smollm2", input=WEATHER_SHOWN, tools=[tool], max_output_tokens=40, temperature=0)
+    r = client.responses.create(**weather)
+    assert [(o.type, o.name, json.loads(o.arguments)) for o in r.output] == [("function_call", "get_weather", {"city": "Paris"})]
+    events = _response_events(client, **weather)
+    pieces = [e.delta for e in events if e.type == "response.function_call_arguments.delta"]
+    assert len(pieces) > 2 and "".join(pieces) == events[-1].response.output[0].arguments == r.output[0].arguments
+    _assert_idle(server)
+
+
 def test_bad_words_over_http(server, client):
     r = client.chat.completions.create(model="smollm2", messages=CAPITAL, max_tokens=12, temperature=0,
                                        extra_body={"bad_words": ["Paris"]})

@@ -1,6 +1,7 @@
-"""The OpenAI-compatible HTTP server (FastAPI): `/v1/completions`, `/v1/chat/completions` (with
-server-sent-event streaming), `/v1/models`, `/health`, `/version`, `/tokenize`, `/detokenize`, `/metrics`,
-one module per endpoint family over one shared `ServerState`.
+"""The OpenAI-compatible HTTP server (FastAPI): `/v1/completions`, `/v1/chat/completions`,
+`/v1/responses` (each with server-sent-event streaming), `/v1/models`, `/health`, `/version`,
+`/tokenize`, `/detokenize`, `/metrics`, one module per endpoint family over one shared
+`ServerState`.
 
 Every error is OpenAI's shape with a 4xx status (errors.py); a client that disconnects has its
 request aborted; a full queue answers 503 with Retry-After."""
@@ -13,7 +14,7 @@ from typing import Optional
 from fastapi import FastAPI
 
 from horae.async_llm import AsyncLLM
-from horae.serve import chat, completions, models, tokens
+from horae.serve import chat, completions, models, responses, tokens
 from horae.serve.errors import Guard, install_error_handlers
 from horae.serve.metrics import MetricsSource
 from horae.serve.state import ServerConfig, ServerState
@@ -30,7 +31,7 @@ def build_app(llm: AsyncLLM, config: ServerConfig, metrics: Optional[MetricsSour
     state = ServerState(llm, config, metrics)
     app.state.llm, app.state.metrics, app.state.config, app.state.server = llm, state.metrics, config, state
     install_error_handlers(app)
-    for family in (models, completions, chat, tokens):
+    for family in (models, completions, chat, responses, tokens):
         app.include_router(family.router(state))
     app.add_middleware(Guard, api_key=config.api_key, max_body_bytes=config.max_body_bytes)
     _add_schema_examples(app, config.model_name)
@@ -43,6 +44,7 @@ def _add_schema_examples(app: FastAPI, model_name: str) -> None:
     examples = {
         "CompletionRequest": {"model": model_name, "prompt": "The capital of France is", "max_tokens": 8},
         "ChatCompletionRequest": {"model": model_name, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8},
+        "ResponsesRequest": {"model": model_name, "input": "Hi", "max_output_tokens": 8},
         "TokenizeRequest": {"model": model_name, "prompt": "Hello"},
         "DetokenizeRequest": {"model": model_name, "tokens": [19556]},
     }

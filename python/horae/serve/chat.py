@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Optional
+from typing import Any, List, Optional, Tuple
 
 from fastapi import APIRouter, Request
 
-from horae.serve.answer import answer_for
+from horae.outputs import RequestOutput
+from horae.serve.answer import Answer, answer_for
 from horae.serve.errors import APIError
 from horae.serve.protocol import ChatCompletionRequest
 from horae.serve.state import ServerState, new_parts, token_name, usage, vllm_logprobs
@@ -33,41 +34,46 @@ def chat_logprobs(c, start: int, top: int, as_ids: bool) -> Optional[dict]:
     return {"content": content}
 
 
+async def start_chat(state: ServerState, req, prefix: str) -> Tuple[Answer, List[int], Any, Optional[RequestOutput]]:
+    """Start one chat request (`ChatCompletionRequest`, or a Responses request's chat form): how
+    its answers are read, the prompt's token ids as the engine keeps them, the output stream and
+    its first output. Every refusal is an `APIError`, raised before anything is sent."""
+    state.check_model(req.model)
+    answer = answer_for(req, state.config)
+    ids = state.encode(state.chat_prompt(req), "messages")
+    max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    top = req.top_logprobs or 0
+    params = state.sampling(req, max_tokens, top if req.logprobs else None, req.prompt_logprobs)
+    if answer.keep_special_tokens:
+        params.skip_special_tokens = False  # the parsers read the model's tags as it wrote them
+    if answer.reasoning is not None and params.structured_outputs is not None:
+        # A grammar (response_format, a forced tool call) holds the answer, not the thinking
+        # before it: it starts where the reasoning ends, as vLLM's does.
+        params.structured_outputs.start_after = answer.reasoning.END
+    state.check_capacity(1)
+    try:
+        streams, (out,) = await state.start_all(prefix, [ids], [params], req.cache_salt)
+    except APIError as e:
+        if e.param != "logprobs":
+            raise
+        # The engine's logprobs is this route's top_logprobs: name the field the client sent.
+        raise APIError(e.status, e.message.replace("logprobs", "top_logprobs", 1), e.type, "top_logprobs",
+                       e.code) from None
+    if out is not None:
+        ids = out.prompt_token_ids  # what the model reads: truncate_prompt_tokens may cut it
+    return answer, ids, streams[0], out
+
+
 def router(state: ServerState) -> APIRouter:
     r = APIRouter()
 
     @r.post("/v1/chat/completions")
     async def chat_completions(req: ChatCompletionRequest, raw: Request):
-        state.check_model(req.model)
-        answer = answer_for(req, state.config)
-        ids = state.encode(state.chat_prompt(req), "messages")
-        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        top = req.top_logprobs or 0
-
-        as_ids = state.tokens_as_ids(req)
+        answer, ids, stream, out = await start_chat(state, req, "chatcmpl")
+        streams, top, as_ids = [stream], req.top_logprobs or 0, state.tokens_as_ids(req)
 
         def logprobs(c, start: int) -> Optional[dict]:
             return chat_logprobs(c, start, top, as_ids)
-
-        params = state.sampling(req, max_tokens, top if req.logprobs else None, req.prompt_logprobs)
-        if answer.keep_special_tokens:
-            params.skip_special_tokens = False  # the parsers read the model's tags as it wrote them
-        if answer.reasoning is not None and params.structured_outputs is not None:
-            # A grammar (response_format, a forced tool call) holds the answer, not the thinking
-            # before it: it starts where the reasoning ends, as vLLM's does.
-            params.structured_outputs.start_after = answer.reasoning.END
-        state.check_capacity(1)
-        try:
-            streams, (out,) = await state.start_all("chatcmpl", [ids], [params], req.cache_salt)
-        except APIError as e:
-            if e.param != "logprobs":
-                raise
-            # The engine's logprobs is this route's top_logprobs: name the field the client sent.
-            raise APIError(e.status, e.message.replace("logprobs", "top_logprobs", 1), e.type, "top_logprobs",
-                           e.code) from None
-        stream = streams[0]
-        if out is not None:
-            ids = out.prompt_token_ids  # what the model reads: truncate_prompt_tokens may cut it
 
         base = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
                 "model": state.config.model_name}

@@ -39,6 +39,14 @@ def bad_request(e: BaseException, param: Optional[str] = None) -> APIError:
     return APIError(400, msg, param=param)
 
 
+def _field_path(loc) -> list:
+    """A validation error's location as the request's fields and indices: without "body" and
+    without pydantic's names of union branches ("str", "list[constrained-int]", "type=message"),
+    which no field's name looks like."""
+    return [str(x) for x in loc if x != "body" and not (isinstance(x, str) and (
+        x in ("str", "int", "float", "bool", "dict", "list") or any(c in x for c in "[-=")))]
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(_, e: APIError):
@@ -48,7 +56,12 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _validation_error(_, e: RequestValidationError):
         errs = e.errors()
         first = errs[0] if errs else {}
-        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+        # Of a union's branches (a prompt as text or token lists, a Responses input item), the
+        # one that got furthest says what is wrong: "prompt.0.1" rather than "not a string".
+        field = _field_path(first.get("loc", ()))[:1]
+        first = max((x for x in errs if _field_path(x["loc"])[:1] == field), key=lambda x: len(_field_path(x["loc"])),
+                    default=first)
+        loc = _field_path(first.get("loc", ()))
         param = ".".join(loc) or None
         if first.get("type") == "json_invalid":
             msg = "the request body is not valid JSON"

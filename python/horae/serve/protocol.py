@@ -5,13 +5,14 @@ fields are rejected, as OpenAI does; vLLM's extra sampling fields (top_k, min_p,
 repetition_penalty, ignore_eos, min_tokens, stop_token_ids, allowed_token_ids,
 include_stop_str_in_output, skip_special_tokens, priority, bad_words, truncate_prompt_tokens,
 return_token_ids, return_tokens_as_token_ids, cache_salt, prompt_logprobs, structured_outputs) are accepted,
-as vLLM's clients send them through `extra_body`, and so is horae's `slo`."""
+as vLLM's clients send them through `extra_body`, and so is horae's `slo`. A Responses API request
+(`ResponsesRequest`) is checked here and answered as the chat request it spells (`chat_fields`)."""
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Dict, List, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
 
 from horae.sampling_params import StructuredOutputsParams
 
@@ -77,23 +78,12 @@ class ResponseFormat(_Strict):
         return self
 
 
-class _Sampling(_Strict):
-    """Fields shared by completions and chat completions."""
+class _EngineFields(_Strict):
+    """vLLM's sampling fields beyond OpenAI's, and horae's `slo`, on every route that generates
+    (completions, chat, responses): they go to the engine as they are."""
 
-    model: str
-    n: int = Field(1, ge=1, le=MAX_N)
-    stream: bool = False
-    stream_options: Optional[StreamOptions] = None
     stop: Optional[Union[str, List[str]]] = None
-    temperature: Optional[float] = None
-    top_p: Optional[float] = None
-    presence_penalty: Optional[float] = None
-    frequency_penalty: Optional[float] = None
     seed: Optional[Int] = None
-    user: Optional[str] = None
-    #: Token ids (as strings, JSON's keys) to a bias in [-100, 100] added to that token's logit.
-    logit_bias: Optional[Dict[str, float]] = None
-    # vLLM's extensions
     top_k: Optional[Int] = None
     min_p: Optional[float] = None
     repetition_penalty: Optional[float] = None
@@ -107,6 +97,28 @@ class _Sampling(_Strict):
     priority: Int = 0
     #: A longer prompt keeps its last k tokens (-1: what the context leaves after max_tokens).
     truncate_prompt_tokens: Optional[Int] = None
+    #: vLLM's: the prompt's cached blocks are shared only with requests of the same salt (a
+    #: tenant's secret), so no one learns another's prompts from the prefix cache's timing.
+    cache_salt: Optional[str] = None
+    # horae's extension: this request's latency bounds in seconds ("ttft", "max_itl", "tpot",
+    # "e2e"); the engine checks the names and values.
+    slo: Optional[Dict[str, float]] = None
+
+
+class _Sampling(_EngineFields):
+    """Fields shared by completions and chat completions."""
+
+    model: str
+    n: int = Field(1, ge=1, le=MAX_N)
+    stream: bool = False
+    stream_options: Optional[StreamOptions] = None
+    temperature: Optional[float] = None
+    top_p: Optional[float] = None
+    presence_penalty: Optional[float] = None
+    frequency_penalty: Optional[float] = None
+    user: Optional[str] = None
+    #: Token ids (as strings, JSON's keys) to a bias in [-100, 100] added to that token's logit.
+    logit_bias: Optional[Dict[str, float]] = None
     #: vLLM's: the prompt's and each choice's token ids beside the text (streamed: the prompt's
     #: in a choice's first chunk, each chunk's new ids), for callers that must not re-tokenize.
     return_token_ids: bool = False
@@ -114,18 +126,12 @@ class _Sampling(_Strict):
     #: holding part of a character is not the token); None: as the server says
     #: (--return-tokens-as-token-ids).
     return_tokens_as_token_ids: Optional[bool] = None
-    #: vLLM's: the prompt's cached blocks are shared only with requests of the same salt (a
-    #: tenant's secret), so no one learns another's prompts from the prefix cache's timing.
-    cache_salt: Optional[str] = None
     #: Each prompt token's log-probability and this many alternatives, answered as vLLM does
     #: (`prompt_logprobs`: a choice's on completions, the response's on chat); not streamed.
     prompt_logprobs: Optional[Int] = None
     structured_outputs: Optional[StructuredOutputs] = None
     #: OpenAI's; vLLM takes it on completions too.
     response_format: Optional[ResponseFormat] = None
-    # horae's extension: this request's latency bounds in seconds ("ttft", "max_itl", "tpot",
-    # "e2e"); the engine checks the names and values.
-    slo: Optional[Dict[str, float]] = None
 
     def structured(self) -> Optional[dict]:
         """What the output must match, from either spelling (as `StructuredOutputsParams`'s
@@ -312,6 +318,246 @@ class ChatCompletionRequest(_Sampling, _ChatPrompt):
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs set to true")
         return self
+
+
+class _Text(_Strict):
+    """A text part of a Responses input message: the user's (`input_text`) or an earlier
+    answer's (`output_text`, its annotations and logprobs ignored)."""
+
+    type: Literal["input_text", "output_text"]
+    text: str
+    annotations: Optional[List[Any]] = None
+    logprobs: Optional[List[Any]] = None
+
+
+class InputMessage(_Strict):
+    type: Literal["message"] = "message"
+    role: Literal["user", "assistant", "system", "developer"]
+    content: Union[str, List[_Text]]
+    id: Optional[str] = None
+    status: Optional[str] = None
+    phase: Optional[str] = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_only(cls, content):
+        for part in content if isinstance(content, list) else ():
+            kind = part.get("type") if isinstance(part, dict) else None
+            if isinstance(kind, str) and kind.startswith("input_") and kind != "input_text":
+                raise ValueError(f"{kind} parts are not supported: the model reads text (input_text) only")
+        return content
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class FunctionCallItem(_Strict):
+    """A call an earlier answer made, sent back with the conversation."""
+
+    type: Literal["function_call"]
+    call_id: str
+    name: str
+    arguments: str
+    id: Optional[str] = None
+    status: Optional[str] = None
+
+
+class FunctionCallOutputItem(_Strict):
+    """The caller's answer to a call."""
+
+    type: Literal["function_call_output"]
+    call_id: str
+    output: Union[str, List[_Text]]
+    id: Optional[str] = None
+    status: Optional[str] = None
+
+    def text(self) -> str:
+        return self.output if isinstance(self.output, str) else "".join(p.text for p in self.output)
+
+
+class ReasoningItem(_Strict):
+    """An earlier answer's reasoning, sent back: not part of the next prompt (chat templates
+    drop earlier turns' thinking)."""
+
+    type: Literal["reasoning"]
+    id: Optional[str] = None
+    summary: List[Any] = []
+    content: Optional[List[Any]] = None
+    encrypted_content: Optional[str] = None
+    status: Optional[str] = None
+
+
+def _item_type(item: Any) -> str:
+    # A message may leave out its type (OpenAI's "easy" input message).
+    kind = (item.get("type") if isinstance(item, dict) else getattr(item, "type", None)) or "message"
+    return f"type={kind}"  # the tags' names: errors.py leaves them out of an error's field path
+
+
+InputItem = Annotated[Union[Annotated[InputMessage, Tag("type=message")], Annotated[FunctionCallItem, Tag("type=function_call")],
+                            Annotated[FunctionCallOutputItem, Tag("type=function_call_output")],
+                            Annotated[ReasoningItem, Tag("type=reasoning")]],
+                      Discriminator(_item_type, custom_error_type="input_item_type",
+                                    custom_error_message="an input item's type is message, function_call, "
+                                                         "function_call_output or reasoning")]
+
+
+class ResponsesTool(FunctionDefinition):
+    """A function tool as the Responses API spells it: chat's function, flat, with its type."""
+
+    type: Literal["function"]
+
+
+class ResponsesToolChoice(_Strict):
+    type: Literal["function"]
+    name: str
+
+
+class TextFormat(_Strict):
+    """The Responses API's `text.format`: chat's `response_format`, flat."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    name: Optional[str] = None
+    schema_: Optional[Dict[str, Any]] = Field(None, alias="schema")
+    description: Optional[str] = None
+    strict: Optional[bool] = None
+
+    @model_validator(mode="after")
+    def _named(self):
+        if self.type == "json_schema" and not self.name:
+            raise ValueError("a json_schema format needs a name")
+        return self
+
+
+class ResponseText(_Strict):
+    format: Optional[TextFormat] = None
+    verbosity: Optional[Literal["low", "medium", "high"]] = None
+
+
+class ReasoningConfig(_Strict):
+    effort: Optional[Literal["none", "minimal", "low", "medium", "high", "xhigh"]] = None
+    summary: Optional[Literal["auto", "concise", "detailed"]] = None
+    generate_summary: Optional[Literal["auto", "concise", "detailed"]] = None
+
+
+#: What `include` may ask for: the output text's logprobs (with top_logprobs).
+RESPONSES_INCLUDE = ("message.output_text.logprobs",)
+
+
+class ResponsesRequest(_EngineFields):
+    """OpenAI's Responses API (`POST /v1/responses`), served without state: the conversation
+    comes whole in `input` (no `previous_response_id`, nothing stored). It is a chat request
+    in another spelling (`chat_request`), answered as output items."""
+
+    model: str
+    # The list first, so that a bad item's error is the one reported (not "a valid string").
+    input: Union[List[InputItem], str]
+    instructions: Optional[str] = None
+    max_output_tokens: Optional[Int] = None
+    temperature: Optional[float] = None
+    top_p: Optional[float] = None
+    top_logprobs: Optional[Int] = None
+    include: Optional[List[str]] = None
+    tools: Optional[List[ResponsesTool]] = None
+    tool_choice: Optional[Union[Literal["none", "auto", "required"], ResponsesToolChoice]] = None
+    parallel_tool_calls: Optional[bool] = None
+    text: Optional[ResponseText] = None
+    reasoning: Optional[ReasoningConfig] = None
+    stream: bool = False
+    #: Accepted as OpenAI's clients send them; this server keeps nothing (store: the response is
+    #: not kept, whatever is asked).
+    store: Optional[bool] = None
+    metadata: Optional[Dict[str, str]] = None
+    user: Optional[str] = None
+    safety_identifier: Optional[str] = None
+    prompt_cache_key: Optional[str] = None
+    service_tier: Optional[str] = None
+    truncation: Optional[Literal["auto", "disabled"]] = None
+    max_tool_calls: Optional[Int] = None
+    stream_options: Optional[Dict[str, bool]] = None
+    previous_response_id: Optional[str] = None
+    conversation: Optional[Union[str, Dict[str, Any]]] = None
+    background: Optional[bool] = None
+
+    @field_validator("previous_response_id", "conversation")
+    @classmethod
+    def _stateless(cls, value):
+        if value is not None:
+            raise ValueError("this server keeps no responses or conversations; send the whole conversation as input")
+        return value
+
+    @field_validator("background")
+    @classmethod
+    def _foreground(cls, value):
+        if value:
+            raise ValueError("this server keeps no responses to poll; ask without background")
+        return value
+
+    @field_validator("truncation")
+    @classmethod
+    def _no_truncation(cls, value):
+        if value == "auto":
+            raise ValueError("'auto' is not supported: an input over the context is refused ('disabled')")
+        return value
+
+    @field_validator("include")
+    @classmethod
+    def _included(cls, value):
+        unknown = [x for x in value or () if x not in RESPONSES_INCLUDE]
+        if unknown:
+            raise ValueError(f"{unknown[0]!r} is not available here; the choices: {', '.join(RESPONSES_INCLUDE)}")
+        return value
+
+    @field_validator("input")
+    @classmethod
+    def _some_input(cls, value):
+        if value == "" or value == []:
+            raise ValueError("must not be empty")
+        return value
+
+    def messages(self) -> List[dict]:
+        """The conversation as chat messages: instructions first, as a system message; a run of
+        function calls is one assistant message's tool_calls, each output a tool message."""
+        out: List[dict] = [{"role": "system", "content": self.instructions}] if self.instructions is not None else []
+        items = [InputMessage(role="user", content=self.input)] if isinstance(self.input, str) else self.input
+        for item in items:
+            if isinstance(item, InputMessage):
+                out.append({"role": item.role, "content": item.text()})
+            elif isinstance(item, FunctionCallItem):
+                call = {"id": item.call_id, "type": "function", "function": {"name": item.name, "arguments": item.arguments}}
+                if out and out[-1]["role"] == "assistant" and out[-1].get("tool_calls") is not None:
+                    out[-1]["tool_calls"].append(call)
+                elif out and out[-1]["role"] == "assistant":
+                    out[-1]["tool_calls"] = [call]
+                else:
+                    out.append({"role": "assistant", "content": None, "tool_calls": [call]})
+            elif isinstance(item, FunctionCallOutputItem):
+                out.append({"role": "tool", "tool_call_id": item.call_id, "content": item.text()})
+        return out
+
+    def logprobs(self) -> bool:
+        return "message.output_text.logprobs" in (self.include or ()) or bool(self.top_logprobs)
+
+    def chat_fields(self) -> Dict[str, Any]:
+        """The chat request this one is (`ChatCompletionRequest`'s fields)."""
+        body: Dict[str, Any] = {
+            "model": self.model, "messages": self.messages(), "max_completion_tokens": self.max_output_tokens,
+            "temperature": self.temperature, "top_p": self.top_p, "stream": self.stream,
+            "parallel_tool_calls": self.parallel_tool_calls,
+            **self.model_dump(include=set(_EngineFields.model_fields), exclude_unset=True)}
+        if self.logprobs():
+            body.update(logprobs=True, top_logprobs=self.top_logprobs or 0)
+        if self.tools:
+            body["tools"] = [{"type": "function", "function": t.model_dump(exclude={"type"}, exclude_none=True)}
+                             for t in self.tools]
+        c = self.tool_choice
+        if c is not None:
+            body["tool_choice"] = c if isinstance(c, str) else {"type": "function", "function": {"name": c.name}}
+        f = self.text.format if self.text is not None else None
+        if f is not None:
+            body["response_format"] = {"type": f.type} if f.type != "json_schema" else {
+                "type": "json_schema", "json_schema": f.model_dump(include={"name", "schema_", "description", "strict"},
+                                                                   by_alias=True, exclude_none=True)}
+        return body
 
 
 class TokenizeRequest(_ChatPrompt):
