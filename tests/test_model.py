@@ -414,6 +414,17 @@ def test_structured_output_in_the_python_api(llm):
     p = SamplingParams(temperature=0, max_tokens=24, structured_outputs=so(regex=" [0-9]{4}", start_after=" in"))
     out = llm.generate("The Berlin Wall fell in the year 1989. The Berlin Wall fell", p, use_tqdm=False)[0].outputs[0]
     assert re.fullmatch(".* in [0-9]{4}", out.text, re.S) and out.finish_reason == "stop", out.text
+    # A grammar in llama.cpp's GBNF (vLLM's own example's SQL), read as vLLM's llguidance backend
+    # reads it: the same language as its Lark spelling, sampled at a high temperature.
+    sql = {"gbnf": 'root ::= select\nselect ::= "SELECT " column " from " table " where " column "= " number\n'
+                   'column ::= "col_1 " | "col_2 "\ntable ::= "table_1 " | "table_2 "\nnumber ::= "1 " | "2 "',
+           "lark": 'start: "SELECT " column " from " table " where " column "= " number\n'
+                   'column: "col_1 " | "col_2 "\ntable: "table_1 " | "table_2 "\nnumber: "1 " | "2 "'}
+    pattern = "SELECT col_[12]  from table_[12]  where col_[12] = [12] "
+    for spelling, grammar in sql.items():
+        p = SamplingParams(temperature=1.5, seed=3, n=4, max_tokens=40, structured_outputs=so(grammar=grammar))
+        for o in llm.generate("Write a SQL query.", p, use_tqdm=False)[0].outputs:
+            assert re.fullmatch(pattern, o.text) and o.finish_reason == "stop", (spelling, o.text)
     # A pool of 192 tokens for eight 40-token prompts writing up to 40 tokens each: requests are
     # preempted and recomputed, and each still ends in its language.
     small = LLM(kv_cache_tokens=192, max_num_seqs=8, scheduler="aggressive")
@@ -426,6 +437,8 @@ def test_structured_output_in_the_python_api(llm):
         assert re.fullmatch("(ab|cd)+;", o.text) if o.finish_reason == "stop" else re.fullmatch("(ab|cd)*a?c?", o.text), o
     for bad, err, what in [(dict(regex="(a"), ValueError, "cannot compile"), (dict(choice=[]), ValueError, "must not be empty"),
                            (dict(json={"type": 5}), ValueError, "cannot compile"),
+                           (dict(grammar='rule ::= "a"'), ValueError, "cannot read the grammar as Lark or GBNF: No 'root'"),
+                           (dict(grammar="root ::= ("), ValueError, "cannot read the grammar as Lark or GBNF: Expected"),
                            (dict(regex="a", choice=["b"]), ValueError, "exactly one"),
                            (dict(choice="yes"), TypeError, "a list of strings"), (dict(xml="<a/>"), TypeError, "its fields"),
                            (dict(regex="a", start_after=""), TypeError, "start_after must be a non-empty string"),

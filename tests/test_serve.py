@@ -197,6 +197,12 @@ def test_structured_output_through_the_openai_client(server, client):
     fruit = client.completions.create(model="smollm2", prompt="My favourite fruit:", max_tokens=8, temperature=1.0,
                                       seed=5, n=4, extra_body={"structured_outputs": {"grammar": 'start: " apple" | " pear"'}})
     assert {c.text for c in fruit.choices} <= {" apple", " pear"}
+    gbnf = client.completions.create(model="smollm2", prompt="My favourite fruit:", max_tokens=8, temperature=1.0,
+                                     seed=5, n=4, extra_body={"structured_outputs": {"grammar": 'root ::= " apple" | " pear"'}})
+    assert [c.text for c in gbnf.choices] == [c.text for c in fruit.choices]  # GBNF: the same language, the same draws
+    err = _error(httpx.post(server.url + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"}, json={
+        "model": "smollm2", "prompt": "Hi", "structured_outputs": {"grammar": 'fruit ::= "apple"'}}), 400)
+    assert err["param"] == "structured_outputs" and "No 'root' rule found" in err["message"], err
     _assert_idle(server)
 
 

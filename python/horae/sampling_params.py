@@ -14,8 +14,8 @@ from horae.checks import field_error, is_int
 class StructuredOutputsParams:
     """What the output must match, as vLLM's `StructuredOutputsParams`: exactly one of a JSON
     schema (`json`, a dict or its JSON text), any JSON object (`json_object=True`), a regular
-    expression (`regex`, matched whole), one of some strings (`choice`) or a Lark grammar
-    (`grammar`, llguidance's dialect). Each step draws only tokens that keep the text in that
+    expression (`regex`, matched whole), one of some strings (`choice`) or a grammar (`grammar`,
+    llguidance's Lark dialect or llama.cpp's GBNF). Each step draws only tokens that keep the text in that
     language, and the output ends where the language does. JSON is written on one line with
     `", "` and `": "` unless the schema's `"x-guidance"` key says otherwise. The core compiles
     it when the request is added (a `ValueError` naming `structured_outputs` if it cannot).
@@ -55,7 +55,20 @@ class StructuredOutputsParams:
             return "choice", _json.dumps(list(self.choice))
         if self.json_object:
             return "json_object", ""
-        return ("regex", self.regex) if self.regex is not None else ("grammar", self.grammar)
+        return ("regex", self.regex) if self.regex is not None else ("grammar", lark(self.grammar))
+
+
+def lark(grammar: str) -> str:
+    """A grammar in llguidance's Lark dialect: as given, or converted from llama.cpp's GBNF
+    (`root ::= ...`, what vLLM's structured-output examples and llama.cpp users write), as
+    vLLM's llguidance backend reads its `grammar` (llguidance's own converter)."""
+    from llguidance.gbnf_to_lark import any_to_lark
+
+    try:
+        return any_to_lark(grammar)
+    except Exception as e:  # the converter raises plain Exceptions for a missing root or rule
+        raise field_error(f"structured_outputs: cannot read the grammar as Lark or GBNF: {e}",
+                          "structured_outputs") from None
 
 
 class RequestOutputKind(enum.IntEnum):
