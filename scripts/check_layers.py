@@ -31,6 +31,7 @@ RUST_LAYERS = [
 PY_LAYERS = [
     ["_core", "checks"],
     ["models", "cuda", "priors", "sampling_params", "outputs", "chat_template", "tokenizer"],
+    ["beam_search"],
     ["engine"],
     ["llm", "async_llm"],
     ["serve", "sim", "gpu_check"],

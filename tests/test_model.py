@@ -450,6 +450,52 @@ def test_structured_output_in_the_python_api(llm):
     assert not llm.engine.has_unfinished_requests()
 
 
+def test_beam_search_as_vllm_runs_it(llm):
+    """vLLM's `LLM.beam_search`: each prompt's beam_width best beams, best first by vLLM's score;
+    each beam's cumulative log-probability is the sum of its tokens' log-softmax under the model
+    (numpy over the teacher-forced logits); one beam is greedy decoding; bad parameters are named."""
+    from horae import BeamSearchParams
+
+    prompts = ["The capital of France is", {"prompt_token_ids": [504, 3575, 282, 4649, 314]}, "One, two, three,"]
+    params = BeamSearchParams(beam_width=4, max_tokens=10, length_penalty=0.5)
+    outs = llm.beam_search(prompts, params)
+    assert len(outs) == 3 and [s.text for s in outs[0].sequences] == [s.text for s in outs[1].sequences]
+    for out in outs:
+        seqs = out.sequences
+        assert len(seqs) == 4 and len({tuple(s.tokens) for s in seqs}) == 4
+        n = len(seqs[0].tokens) - len(seqs[0].logprobs)  # the prompt's tokens
+        for s in seqs:
+            logits = llm.logits({"prompt_token_ids": s.tokens[:-1]}).astype(np.float64)
+            rows = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+                - logits.max(-1, keepdims=True)
+            want = sum(rows[j - 1, t] for j, t in enumerate(s.tokens) if j >= n)
+            assert abs(s.cum_logprob - want) < 1e-3, (s.cum_logprob, want)  # 1e-5 here: float error
+            assert s.tokens[n:] and all(t in lp for t, lp in zip(s.tokens[n:], s.logprobs))
+            assert s.finish_reason in ("stop", "length") and s.text == llm.engine.decode(
+                s.tokens[:-1] if s.finish_reason == "stop" else s.tokens, skip_special_tokens=False)
+            assert len(s.logprobs) == 10 or s.finish_reason == "stop"
+        scores = [s.cum_logprob / (len(s.tokens) - (s.finish_reason == "stop")) ** 0.5 for s in seqs]
+        assert scores == sorted(scores, reverse=True), scores
+    # One beam, no end of sequence within reach: greedy decoding's tokens.
+    greedy = llm.generate(prompts[0], SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)[0].outputs[0]
+    (one,) = llm.beam_search(prompts[:1], BeamSearchParams(beam_width=1, max_tokens=8))[0].sequences
+    assert one.tokens[-8:] == greedy.token_ids and one.finish_reason == "length", (one, greedy)
+    for kwargs, err, what in [(dict(beam_width=0), ValueError, "beam_width must be 1-10, got 0"),
+                              (dict(beam_width=11), ValueError, "beam_width must be 1-10"),
+                              (dict(beam_width="2"), TypeError, "beam_width must be an integer"),
+                              (dict(max_tokens=0), ValueError, "max_tokens must be at least 1"),
+                              (dict(length_penalty="x"), TypeError, "length_penalty must be a number"),
+                              (dict(temperature=-1.0), ValueError, "temperature must be at least 0"),
+                              (dict(ignore_eos=1), TypeError, "ignore_eos must be a bool")]:
+        with pytest.raises(err, match=what):
+            BeamSearchParams(**{"beam_width": 2, "max_tokens": 4, **kwargs})
+    with pytest.raises(TypeError, match="params must be a BeamSearchParams"):
+        llm.beam_search(prompts, SamplingParams())
+    with pytest.raises(ValueError):
+        llm.beam_search([{"prompt_token_ids": [10**9]}], BeamSearchParams(beam_width=2, max_tokens=2))
+    assert not llm.engine.has_unfinished_requests()
+
+
 def test_one_sampling_params_per_prompt(llm):
     # As vLLM's LLM.generate: a list of SamplingParams, one per prompt.
     params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in (2, 5)]

@@ -260,6 +260,11 @@ class Engine:
     def encode(self, text: str, add_special_tokens: bool = False) -> List[int]:
         return self._core.encode(_text(text, "prompt"), add_special_tokens)
 
+    @property
+    def eos_token_ids(self) -> List[int]:
+        """The tokens that end a sequence (the model's end-of-sequence ids)."""
+        return list(self._core.eos_token_ids)
+
     def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self._core.decode(list(token_ids), skip_special_tokens)
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Union
 
+from horae.beam_search import BeamSearch, BeamSearchOutput
 from horae.engine import Engine, PromptType
 from horae.outputs import RequestOutput
-from horae.sampling_params import SamplingParams
+from horae.sampling_params import BeamSearchParams, SamplingParams
 from horae.tokenizer import Tokenizer
 
 __all__ = ["LLM"]
@@ -84,6 +85,37 @@ class LLM:
             if bar is not None:
                 bar.close()
         return [results[rid] for rid in ids]
+
+    def beam_search(self, prompts: Sequence[PromptType], params: BeamSearchParams,
+                    use_tqdm: bool = False) -> List[BeamSearchOutput]:
+        """vLLM's `LLM.beam_search`: each prompt's `params.beam_width` most likely continuations
+        (`beam_search.py`), run on this engine one token a step, all prompts' beams a batch."""
+        if not isinstance(params, BeamSearchParams):
+            raise TypeError(f"params must be a BeamSearchParams, got {type(params).__name__}")
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        search = BeamSearch([self.engine.prompt_token_ids(p)[1] for p in prompts], params,
+                            set(self.engine.eos_token_ids), self.engine.max_request_tokens)
+        step = SamplingParams(max_tokens=1, logprobs=2 * params.beam_width, temperature=params.temperature,
+                              ignore_eos=True, detokenize=False)
+        bar = None
+        if use_tqdm:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=params.max_tokens, desc="beam search", unit="token")
+        try:
+            while True:
+                batch = search.pending()
+                if not batch:
+                    break
+                outs = self.generate([{"prompt_token_ids": t} for t in batch], step, use_tqdm=False)
+                search.advance([o.outputs[0].logprobs[0] for o in outs])
+                if bar is not None:
+                    bar.update()
+        finally:
+            if bar is not None:
+                bar.close()
+        return search.outputs(self.engine.decode)
 
     def chat(self, messages, sampling_params: Union[None, SamplingParams, Sequence[SamplingParams]] = None,
              use_tqdm: bool = True, tools: Optional[List[dict]] = None, *, chat_template: Optional[str] = None,

@@ -196,3 +196,38 @@ class SamplingParams:
             raise field_error(f"truncate_prompt_tokens ({k}) is greater than the most tokens one request can hold "
                               f"({limit}); choose a smaller one", name)
         return prompt_token_ids[-int(k):] if len(prompt_token_ids) > k else prompt_token_ids
+
+
+#: The engine reports at most 20 alternatives a token (vLLM's default `max_logprobs`), and each
+#: step asks for 2 x beam_width of them.
+MAX_BEAM_WIDTH = 10
+
+
+@dataclass
+class BeamSearchParams:
+    """vLLM's `BeamSearchParams` (`LLM.beam_search`, `beam_search.py`): `beam_width` beams
+    (1-10) of up to `max_tokens` new tokens."""
+
+    beam_width: int
+    max_tokens: int
+    ignore_eos: bool = False
+    temperature: float = 0.0
+    length_penalty: float = 1.0
+    include_stop_str_in_output: bool = False
+
+    def __post_init__(self):
+        for name, low, high in (("beam_width", 1, MAX_BEAM_WIDTH), ("max_tokens", 1, None)):
+            v = getattr(self, name)
+            if not is_int(v):
+                raise TypeError(f"{name} must be an integer, got {v!r}")
+            if v < low or (high is not None and v > high):
+                raise ValueError(f"{name} must be {f'{low}-{high}' if high else f'at least {low}'}, got {v}")
+        for name in ("temperature", "length_penalty"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v:
+                raise TypeError(f"{name} must be a number, got {v!r}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be at least 0, got {self.temperature}")
+        for name in ("ignore_eos", "include_stop_str_in_output"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
