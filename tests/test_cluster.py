@@ -166,6 +166,10 @@ def test_the_openai_client_works_through_the_ingress(cluster):
     events = list(client.responses.create(model=MODEL, input="What is the capital of France?", max_output_tokens=12,
                                           temperature=0, stream=True))
     assert events[-1].type == "response.completed" and "Paris" in events[-1].response.output_text, events[-1]
+    # Beam search's steps are requests the router places (each beam's prefix cached where it ran).
+    beams = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=6, n=2,
+                                      extra_body={"use_beam_search": True})
+    assert len(beams.choices) == 2 and beams.choices[0].text.startswith(" Paris"), beams
 
 
 def test_bad_input_gets_the_servers_400s_through_the_ingress(cluster):

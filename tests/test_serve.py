@@ -644,6 +644,48 @@ def test_responses_api_answers_reasoning_and_tool_calls_as_items(server, client,
     _assert_idle(server)
 
 
+def test_beam_search_over_http(server, client):
+    """vLLM's `use_beam_search` (n the beam width, `length_penalty`): the choices are the beams
+    `LLM.beam_search` finds on the same model, best first, whole or streamed, on completions
+    and chat; what beam search would not honour is a 400 naming it."""
+    from horae import LLM, BeamSearchParams
+
+    local = LLM(kv_cache_tokens=2048)
+    want = local.beam_search(["The capital of France is"], BeamSearchParams(beam_width=3, max_tokens=10,
+                                                                            length_penalty=0.5))[0].sequences
+    ask = dict(model="smollm2", prompt="The capital of France is", max_tokens=10, n=3,
+               extra_body={"use_beam_search": True, "length_penalty": 0.5})
+    r = client.completions.create(**ask, logprobs=1)
+    n = 5  # the prompt's tokens
+    assert [c.text for c in r.choices] == [local.engine.decode(s.tokens[n:-1] if s.finish_reason == "stop" else s.tokens[n:])
+                                           for s in want], (r, want)
+    assert [c.finish_reason for c in r.choices] == [s.finish_reason for s in want]
+    assert r.usage.completion_tokens == sum(len(s.tokens) - n for s in want)
+    assert all(len(c.logprobs.tokens) == len(s.tokens) - n for c, s in zip(r.choices, want))
+    plain = client.completions.create(**ask)
+    assert [c.text for c in plain.choices] == [c.text for c in r.choices] and all(c.logprobs is None for c in plain.choices)
+    streamed = ["", "", ""]
+    for chunk in client.completions.create(**ask, stream=True):
+        for c in chunk.choices:
+            streamed[c.index] += c.text
+    assert streamed == [c.text for c in r.choices]
+    chat = client.chat.completions.create(model="smollm2", messages=CAPITAL, max_tokens=20, n=2,
+                                          extra_body={"use_beam_search": True})
+    assert len(chat.choices) == 2 and chat.choices[0].message.content != chat.choices[1].message.content, chat
+    h = {"Authorization": f"Bearer {KEY}"}
+    for body, message in [({"n": 11}, "n is the beam width: at most 10"), ({"stop": ["."]}, "stop is not used by beam search"),
+                          ({"echo": True}, "echo is not used"), ({"top_p": 0.5}, "top_p is not used"),
+                          ({"temperature": -1.0}, "temperature must be at least 0")]:
+        sent = {"model": "smollm2", "prompt": "Hi", "use_beam_search": True, **body}
+        err = _error(httpx.post(server.url + "/v1/completions", headers=h, json=sent), 400)
+        assert message in err["message"], (body, err)
+    forced = {"type": "function", "function": {"name": "get_weather"}}
+    err = _error(httpx.post(server.url + "/v1/chat/completions", headers=h, json={
+        "model": "smollm2", "messages": CAPITAL, "use_beam_search": True, "tools": [WEATHER_TOOL], "tool_choice": forced}), 400)
+    assert "beam search does not use" in err["message"], err
+    _assert_idle(server)
+
+
 def test_bad_words_over_http(server, client):
     r = client.chat.completions.create(model="smollm2", messages=CAPITAL, max_tokens=12, temperature=0,
                                        extra_body={"bad_words": ["Paris"]})

@@ -21,15 +21,17 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import AsyncIterator, Callable, Dict, Iterable, List, Optional, Union
 
+from horae.beam_search import beam_search_stream
 from horae.checks import waited_since
 from horae.engine import Engine, PromptType
 from horae.outputs import Deltas, RequestOutput
-from horae.sampling_params import RequestOutputKind, SamplingParams
+from horae.sampling_params import BeamSearchParams, RequestOutputKind, SamplingParams
 from horae.tokenizer import Tokenizer
 
 
@@ -142,6 +144,16 @@ class AsyncLLM:
             q.put_nowait(err)
             if self.engine.is_unfinished(rid):
                 self.engine.abort(rid)
+
+    def beam_search(self, prompt: PromptType, params: BeamSearchParams,
+                    request_id: Optional[str] = None) -> AsyncIterator[RequestOutput]:
+        """vLLM's engine client's `beam_search`: one output when the search ends, its samples the
+        best beams (`beam_search.beam_search_stream`, each step's beams as requests of this engine)."""
+        _, ids = self.engine.prompt_token_ids(prompt)
+        return beam_search_stream(self.generate, ids, params, set(self.engine.eos_token_ids),
+                                  self.engine.max_request_tokens, self.engine.decode,
+                                  request_id or f"beam-{uuid.uuid4().hex}",
+                                  prompt.get("cache_salt") if isinstance(prompt, dict) else None)
 
     async def generate(self, prompt: PromptType, sampling_params: Optional[SamplingParams] = None,
                        request_id: Optional[str] = None,

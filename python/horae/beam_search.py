@@ -7,11 +7,12 @@ beam's last block. A beam's score is vLLM's: its cumulative log-probability over
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Set
+from typing import AsyncIterator, Callable, Dict, List, Optional, Set
 
-from horae.outputs import Logprob
-from horae.sampling_params import BeamSearchParams
+from horae.outputs import CompletionOutput, Logprob, RequestOutput
+from horae.sampling_params import BeamSearchParams, SamplingParams
 
 
 @dataclass
@@ -78,15 +79,66 @@ class BeamSearch:
             self.live[i] = [b for b in kept if len(b.tokens) < self.limit]
         self.steps += 1
 
+    def step(self) -> SamplingParams:
+        """The request each live beam makes at a step: one token and 2 x beam_width alternatives."""
+        p = self.params
+        return SamplingParams(max_tokens=1, logprobs=2 * p.beam_width, temperature=p.temperature, ignore_eos=True,
+                              detokenize=False)
+
+    def best(self, i: int) -> List[BeamSearchSequence]:
+        """Prompt `i`'s best beams, best first, their finish reasons set."""
+        best = sorted(self.finished[i] + self.live[i], key=self.score, reverse=True)[:self.params.beam_width]
+        for seq in best:
+            seq.finish_reason = seq.finish_reason or "length"
+        return best
+
+    def shown(self, seq: BeamSearchSequence) -> List[int]:
+        """The tokens a beam's text shows: a final end-of-sequence only with include_stop_str_in_output."""
+        return seq.tokens[:-1] if seq.finish_reason == "stop" and not self.params.include_stop_str_in_output else seq.tokens
+
     def outputs(self, decode: Callable[[List[int], bool], str]) -> List[BeamSearchOutput]:
-        """Each prompt's best beams; `decode(tokens, skip_special_tokens)` gives their text."""
+        """Each prompt's best beams (`LLM.beam_search`); `decode(tokens, skip_special_tokens)` gives
+        their text, the prompt's included with special tokens shown, as vLLM's."""
         out = []
-        for live, finished in zip(self.live, self.finished):
-            best = sorted(finished + live, key=self.score, reverse=True)[:self.params.beam_width]
+        for i in range(len(self.live)):
+            best = self.best(i)
             for seq in best:
-                seq.finish_reason = seq.finish_reason or "length"
-                shown = seq.tokens if seq.finish_reason != "stop" or self.params.include_stop_str_in_output \
-                    else seq.tokens[:-1]
-                seq.text = decode(shown, False)  # as vLLM's: special tokens shown
+                seq.text = decode(self.shown(seq), False)
             out.append(BeamSearchOutput(best))
         return out
+
+
+async def beam_search_stream(generate, prompt_ids: List[int], params: BeamSearchParams, eos: Set[int], limit: int,
+                             decode: Callable[[List[int], bool], str], request_id: str,
+                             cache_salt: Optional[str] = None) -> AsyncIterator[RequestOutput]:
+    """One prompt's beam search over an engine client's `generate(prompt, params, request_id)`
+    (`AsyncLLM`'s, or the Ray ingress's): each step's beams run at once, and the stream's one
+    output, when the search ends, holds the best beams as samples (their output tokens and text,
+    as vLLM's server answers `use_beam_search`), so the server's routes read it as any request's.
+    Every step's prompt carries `cache_salt`. Closing the stream closes the step's requests
+    (which aborts them)."""
+    search = BeamSearch([prompt_ids], params, eos, limit)
+    step, sent = search.step(), 0
+    salt = {} if cache_salt is None else {"cache_salt": cache_salt}
+
+    async def one(tokens: List[int], rid: str) -> RequestOutput:
+        stream, outs = generate({"prompt_token_ids": tokens, **salt}, step, rid), []
+        try:
+            async for out in stream:
+                outs.append(out)
+        finally:
+            await stream.aclose()
+        return outs[-1]
+
+    while True:
+        batch = search.pending()
+        if not batch:
+            break
+        outs = await asyncio.gather(*(one(t, f"{request_id}-beam{sent + k}") for k, t in enumerate(batch)))
+        sent += len(batch)
+        search.advance([o.outputs[0].logprobs[0] for o in outs])
+    n = len(prompt_ids)
+    samples = [CompletionOutput(i, decode(search.shown(seq)[n:], params.skip_special_tokens), seq.tokens[n:], seq.finish_reason,
+                                None, None if params.logprobs is None else seq.logprobs, seq.cum_logprob)
+               for i, seq in enumerate(search.best(0))]
+    yield RequestOutput(request_id, None, list(prompt_ids), samples, finished=True)

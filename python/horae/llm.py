@@ -96,8 +96,7 @@ class LLM:
             prompts = [prompts]
         search = BeamSearch([self.engine.prompt_token_ids(p)[1] for p in prompts], params,
                             set(self.engine.eos_token_ids), self.engine.max_request_tokens)
-        step = SamplingParams(max_tokens=1, logprobs=2 * params.beam_width, temperature=params.temperature,
-                              ignore_eos=True, detokenize=False)
+        step = search.step()
         bar = None
         if use_tqdm:
             from tqdm.auto import tqdm

@@ -214,6 +214,10 @@ class BeamSearchParams:
     temperature: float = 0.0
     length_penalty: float = 1.0
     include_stop_str_in_output: bool = False
+    #: horae's, for the server's `use_beam_search`: the text of samples without special tokens,
+    #: and whether they report their tokens' logprobs (None: not).
+    skip_special_tokens: bool = True
+    logprobs: Optional[int] = None
 
     def __post_init__(self):
         for name, low, high in (("beam_width", 1, MAX_BEAM_WIDTH), ("max_tokens", 1, None)):
@@ -228,6 +232,6 @@ class BeamSearchParams:
                 raise TypeError(f"{name} must be a number, got {v!r}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be at least 0, got {self.temperature}")
-        for name in ("ignore_eos", "include_stop_str_in_output"):
+        for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")

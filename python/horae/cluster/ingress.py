@@ -23,7 +23,7 @@ from horae.chat_template import read_tokenizer_config, render_chat_template
 from horae.cluster import published
 from horae.cluster.replica import Refusal
 from horae.outputs import RequestOutput
-from horae.sampling_params import SamplingParams
+from horae.sampling_params import BeamSearchParams, SamplingParams
 from horae.serve.app import ServerConfig, build_app
 
 REPLICAS = "horae-replica"
@@ -67,17 +67,28 @@ class RemoteLLM:
         return render_chat_template(self.model_dir, self._tokenizer_config, messages, add_generation_prompt, tools,
                                     **options)
 
-    async def generate(self, prompt: Dict[str, Any], params: SamplingParams,
-                       request_id: str) -> AsyncIterator[RequestOutput]:
+    def beam_search(self, prompt: Dict[str, Any], params: BeamSearchParams, request_id: str) -> AsyncIterator[RequestOutput]:
+        """The whole search on one replica (`HoraeReplica.beam_search`), routed once by its prompt:
+        every step's beams share that prefix, so that replica's cache serves them all, as vLLM runs
+        a beam search in one engine. (Each step's beams as requests of their own would also be
+        calls a Serve request makes at once, which Ray's router cannot tell apart.)"""
+        return self._routed("beam_search", prompt, params, request_id, None)
+
+    def generate(self, prompt: Dict[str, Any], params: SamplingParams, request_id: str) -> AsyncIterator[RequestOutput]:
         # The tokens the replica's engine will read (truncate_prompt_tokens), with the prompt's
         # cache salt: the router hashes the prefix of those, as the replica's cache does.
         ids = params.kept_prompt(list(prompt["prompt_token_ids"]), self.max_request_tokens)
-        prompt, tried, target = {**prompt, "prompt_token_ids": ids}, [], None
+        return self._routed("generate", {**prompt, "prompt_token_ids": ids}, params, request_id, params.slo)
+
+    async def _routed(self, method: str, prompt: Dict[str, Any], params, request_id: str,
+                      slo: Optional[Dict[str, float]]) -> AsyncIterator[RequestOutput]:
+        """A replica's stream of `method` for `prompt`, sent where the router says and, where a
+        replica sheds it unstarted, on to where the retry rule says."""
+        tried, target = [], None
         arrival, arrival_time = time.monotonic(), time.time()
         # The seconds it may wait for its first token: its TTFT bound or the queue deadline,
         # whichever ends first (as `route::first_token_bound` in the simulator).
-        bounds = [b for b in ((params.slo or {}).get("ttft", self.default_slo.get("ttft")), self.queue_timeout)
-                  if b is not None]
+        bounds = [b for b in ((slo or {}).get("ttft", self.default_slo.get("ttft")), self.queue_timeout) if b is not None]
         ttft = min(bounds) if bounds else None
         self._started[request_id] = False
         try:
@@ -88,8 +99,8 @@ class RemoteLLM:
                 route = {"tried": list(tried), "replica": target, "ttft": left}
                 # Every send carries the first arrival: a replica counts the request's bounds and
                 # queue deadline from it, so a resend does not start them afresh.
-                stream = self.handle.options(stream=True).generate.remote(prompt, params, request_id, route=route,
-                                                                          arrival_time=arrival_time)
+                call = getattr(self.handle.options(stream=True), method)
+                stream = call.remote(prompt, params, request_id, route=route, arrival_time=arrival_time)
                 try:
                     async for out in _replica_errors(stream, request_id):
                         if not isinstance(out, Refusal):

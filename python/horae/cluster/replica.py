@@ -12,7 +12,7 @@ from typing import Any, AsyncIterator, Dict, Optional, Union
 
 from horae.async_llm import AsyncLLM, RequestDroppedError
 from horae.outputs import RequestOutput
-from horae.sampling_params import SamplingParams
+from horae.sampling_params import BeamSearchParams, SamplingParams
 from horae.serve import prepare_structured_output
 from horae.serve.metrics import EngineMetrics
 
@@ -62,18 +62,34 @@ class HoraeReplica:
         self.replica_id = ctx.replica_id.to_full_id_str()
         self._published = itertools.count()
 
+    # Streaming methods are generator functions: Ray Serve streams what they yield.
     async def generate(self, prompt: Dict[str, Any], params: SamplingParams, request_id: str,
                        route: Optional[Dict[str, Any]] = None,
                        arrival_time: Optional[float] = None) -> AsyncIterator[Union[RequestOutput, Refusal]]:
         """`prompt`: the engine's (`{"prompt_token_ids": [...]}`, maybe with a `cache_salt`), as
         the ingress tokenized it; `route`: what the router read."""
+        async for out in self._refusals(self.llm.generate(prompt, params, request_id, arrival_time=arrival_time),
+                                        request_id):
+            yield out
+
+    async def beam_search(self, prompt: Dict[str, Any], params: BeamSearchParams, request_id: str,
+                          route: Optional[Dict[str, Any]] = None,
+                          arrival_time: Optional[float] = None) -> AsyncIterator[Union[RequestOutput, Refusal]]:
+        """A whole beam search on this replica's engine (`AsyncLLM.beam_search`): one output at its end."""
+        async for out in self._refusals(self.llm.beam_search(prompt, params, request_id), request_id):
+            yield out
+
+    async def _refusals(self, stream: AsyncIterator[RequestOutput], request_id: str):
+        """`stream`, ended by a `Refusal` where the request is bad or the engine's rules drop it."""
         try:
-            async for out in self.llm.generate(prompt, params, request_id, arrival_time=arrival_time):
+            async for out in stream:
                 yield out
         except RequestDroppedError as e:
             yield Refusal(str(e), dropped=e.reason, request_id=request_id, replica=self.replica_id)
         except (TypeError, ValueError) as e:
             yield Refusal(str(e), param=getattr(e, "param", None), request_id=request_id, replica=self.replica_id)
+        finally:
+            await stream.aclose()
 
     def info(self) -> Dict[str, Any]:
         eng = self.llm.engine

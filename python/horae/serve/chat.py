@@ -10,6 +10,7 @@ from typing import Any, List, Optional, Tuple
 from fastapi import APIRouter, Request
 
 from horae.outputs import RequestOutput
+from horae.sampling_params import SamplingParams
 from horae.serve.answer import Answer, answer_for
 from horae.serve.errors import APIError
 from horae.serve.protocol import ChatCompletionRequest
@@ -46,7 +47,7 @@ async def start_chat(state: ServerState, req, prefix: str) -> Tuple[Answer, List
     params = state.sampling(req, max_tokens, top if req.logprobs else None, req.prompt_logprobs)
     if answer.keep_special_tokens:
         params.skip_special_tokens = False  # the parsers read the model's tags as it wrote them
-    if answer.reasoning is not None and params.structured_outputs is not None:
+    if isinstance(params, SamplingParams) and answer.reasoning is not None and params.structured_outputs is not None:
         # A grammar (response_format, a forced tool call) holds the answer, not the thinking
         # before it: it starts where the reasoning ends, as vLLM's does.
         params.structured_outputs.start_after = answer.reasoning.END

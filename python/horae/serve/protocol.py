@@ -14,7 +14,7 @@ from typing import Annotated, Any, Dict, List, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
 
-from horae.sampling_params import StructuredOutputsParams
+from horae.sampling_params import MAX_BEAM_WIDTH, StructuredOutputsParams
 
 MAX_N = 16
 
@@ -105,6 +105,13 @@ class _EngineFields(_Strict):
     slo: Optional[Dict[str, float]] = None
 
 
+#: What a request with use_beam_search may not set: beam search would not honour it.
+_NOT_IN_BEAM_SEARCH = ("stop", "stop_token_ids", "min_tokens", "logit_bias", "allowed_token_ids", "bad_words", "top_p",
+                       "top_k", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty", "seed",
+                       "structured_outputs", "response_format", "prompt_logprobs", "truncate_prompt_tokens", "slo",
+                       "priority", "echo")
+
+
 class _Sampling(_EngineFields):
     """Fields shared by completions and chat completions."""
 
@@ -132,6 +139,10 @@ class _Sampling(_EngineFields):
     structured_outputs: Optional[StructuredOutputs] = None
     #: OpenAI's; vLLM takes it on completions too.
     response_format: Optional[ResponseFormat] = None
+    #: vLLM's: the n most likely continuations by beam search (`LLM.beam_search`; n is the beam
+    #: width, at most 10) instead of n samples, scored with `length_penalty`.
+    use_beam_search: bool = False
+    length_penalty: float = 1.0
 
     def structured(self) -> Optional[dict]:
         """What the output must match, from either spelling (as `StructuredOutputsParams`'s
@@ -155,6 +166,16 @@ class _Sampling(_EngineFields):
             raise ValueError("stream_options is only allowed when stream is true")
         if self.prompt_logprobs is not None and self.stream:
             raise ValueError("prompt_logprobs are not available when stream is true")
+        if self.use_beam_search:
+            if self.n > MAX_BEAM_WIDTH:
+                raise ValueError(f"with use_beam_search, n is the beam width: at most {MAX_BEAM_WIDTH}, got {self.n}")
+            unused = [f for f in _NOT_IN_BEAM_SEARCH if f in self.model_fields_set
+                      and getattr(self, f) != type(self).model_fields[f].default]
+            if self.response_format is not None and self.response_format.type == "text":
+                unused = [f for f in unused if f != "response_format"]
+            if unused:
+                raise ValueError(f"{unused[0]} is not used by beam search (use_beam_search takes n, max_tokens, "
+                                 "temperature, length_penalty, ignore_eos, include_stop_str_in_output and logprobs)")
         return self
 
 
@@ -290,6 +311,8 @@ class ChatCompletionRequest(_Sampling, _ChatPrompt):
                 raise ValueError(f"tool_choice names {c.function.name!r}, which is not among the tools")
             if self.structured_outputs is not None or (self.response_format and self.response_format.type != "text"):
                 raise ValueError("give tool_choice or structured output (response_format, structured_outputs), not both")
+            if self.use_beam_search:
+                raise ValueError("a forced tool call (tool_choice) is structured output, which beam search does not use")
         return self
 
     def forced_tool(self) -> Optional[str]:

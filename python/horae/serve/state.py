@@ -6,14 +6,14 @@ from __future__ import annotations
 import time
 import uuid
 from dataclasses import dataclass
-from typing import AsyncIterator, Dict, List, Optional
+from typing import AsyncIterator, Dict, List, Optional, Union
 
 from fastapi import Request
 
 from horae.async_llm import AsyncLLM, EngineDeadError, RequestDroppedError, RequestFailedError
 from horae.chat_template import ChatTemplateError, compiled
 from horae.outputs import RequestOutput
-from horae.sampling_params import SamplingParams
+from horae.sampling_params import BeamSearchParams, SamplingParams
 from horae.serve.errors import APIError, bad_request, first_line
 from horae.serve.metrics import EngineMetrics, MetricsSource
 from horae.serve.reasoning import reasoning_parser
@@ -143,9 +143,20 @@ class ServerState:
             raise bad_request(e, param) from None
 
     def sampling(self, req, max_tokens: Optional[int], logprobs: Optional[int],
-                 prompt_logprobs: Optional[int] = None) -> SamplingParams:
+                 prompt_logprobs: Optional[int] = None) -> Union[SamplingParams, BeamSearchParams]:
         """The request's sampling as the engine takes it. Values are checked by the engine when
-        the request is added: here only absent fields get OpenAI's defaults."""
+        the request is added: here only absent fields get OpenAI's defaults (vLLM's for beam
+        search: temperature 1, up to the context)."""
+        if getattr(req, "use_beam_search", False):
+            try:
+                return BeamSearchParams(
+                    beam_width=req.n, max_tokens=self.max_model_len if max_tokens is None else max_tokens,
+                    temperature=1.0 if req.temperature is None else req.temperature, length_penalty=req.length_penalty,
+                    ignore_eos=req.ignore_eos, include_stop_str_in_output=req.include_stop_str_in_output,
+                    skip_special_tokens=req.skip_special_tokens, logprobs=logprobs)
+            except (TypeError, ValueError) as e:
+                name = str(e).split(" ", 1)[0]  # BeamSearchParams' refusals start with the field
+                raise bad_request(e, {"beam_width": "n"}.get(name, name)) from None
         return SamplingParams(
             n=req.n, max_tokens=max_tokens, temperature=1.0 if req.temperature is None else req.temperature,
             top_p=1.0 if req.top_p is None else req.top_p, top_k=0 if req.top_k is None else req.top_k,
@@ -161,8 +172,9 @@ class ServerState:
     def start(self, prefix: str, prompt_ids: List[int], params: SamplingParams,
               cache_salt: Optional[str] = None) -> AsyncIterator[RequestOutput]:
         prompt = {"prompt_token_ids": prompt_ids, **({"cache_salt": cache_salt} if cache_salt is not None else {})}
+        run = self.llm.beam_search if isinstance(params, BeamSearchParams) else self.llm.generate
         try:
-            return self.llm.generate(prompt, params, request_id=f"{prefix}-{uuid.uuid4().hex}")
+            return run(prompt, params, request_id=f"{prefix}-{uuid.uuid4().hex}")
         except (TypeError, ValueError) as e:
             raise bad_request(e) from None
 
