@@ -485,6 +485,7 @@ def test_beam_search_as_vllm_runs_it(llm):
                               (dict(beam_width="2"), TypeError, "beam_width must be an integer"),
                               (dict(max_tokens=0), ValueError, "max_tokens must be at least 1"),
                               (dict(length_penalty="x"), TypeError, "length_penalty must be a number"),
+                              (dict(length_penalty=float("inf")), ValueError, "length_penalty must be a finite number"),
                               (dict(temperature=-1.0), ValueError, "temperature must be at least 0"),
                               (dict(ignore_eos=1), TypeError, "ignore_eos must be a bool")]:
         with pytest.raises(err, match=what):

@@ -8,6 +8,7 @@ beam's last block. A beam's score is vLLM's: its cumulative log-probability over
 from __future__ import annotations
 
 import asyncio
+import math
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable, Dict, List, Optional, Set
 
@@ -50,7 +51,9 @@ class BeamSearch:
 
     def score(self, seq: BeamSearchSequence) -> float:
         length = len(seq.tokens) - (1 if seq.tokens[-1] in self.eos else 0)
-        return seq.cum_logprob / (length ** self.params.length_penalty)
+        # length ** length_penalty, its exponent held where a float neither overflows nor reaches
+        # zero (past there the order of scores is settled anyway).
+        return seq.cum_logprob / math.exp(max(-700.0, min(700.0, self.params.length_penalty * math.log(length))))
 
     def pending(self) -> List[List[int]]:
         if self.steps >= self.params.max_tokens:

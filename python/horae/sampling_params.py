@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import json as _json
+import math
 from dataclasses import dataclass, fields
 from typing import Any, Dict, List, Optional, Tuple, Union
 
@@ -228,8 +229,10 @@ class BeamSearchParams:
                 raise ValueError(f"{name} must be {f'{low}-{high}' if high else f'at least {low}'}, got {v}")
         for name in ("temperature", "length_penalty"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v:
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
                 raise TypeError(f"{name} must be a number, got {v!r}")
+            if not math.isfinite(v):
+                raise ValueError(f"{name} must be a finite number, got {v!r}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be at least 0, got {self.temperature}")
         for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
