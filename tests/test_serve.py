@@ -1338,7 +1338,12 @@ def test_async_llm_output_kinds(server, client):
         ref = whole[-1].outputs[i]
         assert "".join(c.text for c in parts) == ref.text == final[0].outputs[i].text
         assert sum((c.token_ids for c in parts), []) == ref.token_ids and len(ref.token_ids) == 12
-        assert [lp for c in parts for lp in c.logprobs] == ref.logprobs
+        joined = [lp for c in parts for lp in c.logprobs]
+        # The same tokens, ranks and text; values to float error (a run whose prompt the prefix
+        # cache holds from an earlier one computes it in other batches: 2e-6 apart, seen in CI).
+        assert [{t: (v.rank, v.decoded_token) for t, v in d.items()} for d in joined] == [
+            {t: (v.rank, v.decoded_token) for t, v in d.items()} for d in ref.logprobs]
+        assert all(abs(a[t].logprob - b[t].logprob) < 1e-4 for a, b in zip(joined, ref.logprobs) for t in a)
     assert delta[0].prompt_logprobs == whole[-1].prompt_logprobs and all(o.prompt_logprobs is None for o in delta[1:])
     with pytest.raises(ValueError, match="output_kind must be a RequestOutputKind"):
         SamplingParams(output_kind=7)
