@@ -683,6 +683,9 @@ def test_beam_search_over_http(server, client):
             continue
         err = _error(httpx.post(server.url + "/v1/completions", headers=h, json=sent), 400)
         assert message in err["message"], (body, err)
+    err = _error(httpx.post(server.url + "/v1/chat/completions", headers=h, json={
+        "model": "smollm2", "messages": CAPITAL, "use_beam_search": True, "logprobs": True, "top_logprobs": 30}), 400)
+    assert err["param"] == "top_logprobs" and "top_logprobs must be 0-20" in err["message"], err
     forced = {"type": "function", "function": {"name": "get_weather"}}
     err = _error(httpx.post(server.url + "/v1/chat/completions", headers=h, json={
         "model": "smollm2", "messages": CAPITAL, "use_beam_search": True, "tools": [WEATHER_TOOL], "tool_choice": forced}), 400)

@@ -44,7 +44,6 @@ class BeamSearch:
 
     def __init__(self, prompts: List[List[int]], params: BeamSearchParams, eos: Set[int], limit: int):
         self.params, self.eos, self.limit = params, set() if params.ignore_eos else set(eos), limit
-        self.prompt_lens = [len(p) for p in prompts]
         self.live = [[BeamSearchSequence(list(p))] for p in prompts]
         self.finished: List[List[BeamSearchSequence]] = [[] for _ in prompts]
         self.steps = 0

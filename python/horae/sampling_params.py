@@ -238,3 +238,5 @@ class BeamSearchParams:
         for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if self.logprobs is not None and not (is_int(self.logprobs) and 0 <= self.logprobs <= 20):
+            raise ValueError(f"logprobs must be 0-20 (or None), got {self.logprobs!r}")

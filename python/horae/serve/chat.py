@@ -44,15 +44,15 @@ async def start_chat(state: ServerState, req, prefix: str) -> Tuple[Answer, List
     ids = state.encode(state.chat_prompt(req), "messages")
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     top = req.top_logprobs or 0
-    params = state.sampling(req, max_tokens, top if req.logprobs else None, req.prompt_logprobs)
-    if answer.keep_special_tokens:
-        params.skip_special_tokens = False  # the parsers read the model's tags as it wrote them
-    if isinstance(params, SamplingParams) and answer.reasoning is not None and params.structured_outputs is not None:
-        # A grammar (response_format, a forced tool call) holds the answer, not the thinking
-        # before it: it starts where the reasoning ends, as vLLM's does.
-        params.structured_outputs.start_after = answer.reasoning.END
-    state.check_capacity(1)
     try:
+        params = state.sampling(req, max_tokens, top if req.logprobs else None, req.prompt_logprobs)
+        if answer.keep_special_tokens:
+            params.skip_special_tokens = False  # the parsers read the model's tags as it wrote them
+        if isinstance(params, SamplingParams) and answer.reasoning is not None and params.structured_outputs is not None:
+            # A grammar (response_format, a forced tool call) holds the answer, not the thinking
+            # before it: it starts where the reasoning ends, as vLLM's does.
+            params.structured_outputs.start_after = answer.reasoning.END
+        state.check_capacity(1)
         streams, (out,) = await state.start_all(prefix, [ids], [params], req.cache_salt)
     except APIError as e:
         if e.param != "logprobs":
