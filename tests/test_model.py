@@ -450,6 +450,20 @@ def test_structured_output_in_the_python_api(llm):
     assert not llm.engine.has_unfinished_requests()
 
 
+def test_a_gbnf_grammar_without_llguidance_says_what_it_needs(monkeypatch):
+    """Where llguidance's Python package is missing (Python 3.9, which its wheels leave out), Lark
+    grammars pass as they are and a GBNF one is refused saying why."""
+    import sys
+
+    from horae.sampling_params import lark
+
+    monkeypatch.setitem(sys.modules, "llguidance", None)
+    monkeypatch.setitem(sys.modules, "llguidance.gbnf_to_lark", None)
+    assert lark('start: "a" | "b"') == 'start: "a" | "b"'
+    with pytest.raises(ValueError, match="a GBNF grammar needs the llguidance package"):
+        lark('root ::= "a"')
+
+
 def test_beam_search_as_vllm_runs_it(llm):
     """vLLM's `LLM.beam_search`: each prompt's beam_width best beams, best first by vLLM's score;
     each beam's cumulative log-probability is the sum of its tokens' log-softmax under the model

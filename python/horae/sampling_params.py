@@ -63,8 +63,13 @@ def lark(grammar: str) -> str:
     """A grammar in llguidance's Lark dialect: as given, or converted from llama.cpp's GBNF
     (`root ::= ...`, what vLLM's structured-output examples and llama.cpp users write), as
     vLLM's llguidance backend reads its `grammar` (llguidance's own converter)."""
-    from llguidance.gbnf_to_lark import any_to_lark
-
+    try:
+        from llguidance.gbnf_to_lark import any_to_lark
+    except ImportError:  # Python 3.9, which llguidance's wheels leave out (a dependency from 3.10)
+        if "::=" in grammar:
+            raise field_error("structured_outputs: a GBNF grammar needs the llguidance package (Python >= 3.10); "
+                              "write it in Lark here", "structured_outputs") from None
+        return grammar
     try:
         return any_to_lark(grammar)
     except Exception as e:  # the converter raises plain Exceptions for a missing root or rule
