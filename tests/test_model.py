@@ -506,6 +506,8 @@ def test_beam_search_as_vllm_runs_it(llm):
             BeamSearchParams(**{"beam_width": 2, "max_tokens": 4, **kwargs})
     with pytest.raises(TypeError, match="params must be a BeamSearchParams"):
         llm.beam_search(prompts, SamplingParams())
+    with pytest.raises(TypeError, match="prompts must be a prompt"):
+        llm.beam_search(5, BeamSearchParams(beam_width=2, max_tokens=2))
     with pytest.raises(ValueError):
         llm.beam_search([{"prompt_token_ids": [10**9]}], BeamSearchParams(beam_width=2, max_tokens=2))
     assert not llm.engine.has_unfinished_requests()

@@ -149,6 +149,8 @@ class AsyncLLM:
                     request_id: Optional[str] = None) -> AsyncIterator[RequestOutput]:
         """vLLM's engine client's `beam_search`: one output when the search ends, its samples the
         best beams (`beam_search.beam_search_stream`, each step's beams as requests of this engine)."""
+        if not isinstance(params, BeamSearchParams):
+            raise TypeError(f"params must be a BeamSearchParams, got {type(params).__name__}")
         _, ids = self.engine.prompt_token_ids(prompt)
         return beam_search_stream(self.generate, ids, params, set(self.engine.eos_token_ids),
                                   self.engine.max_request_tokens, self.engine.decode,

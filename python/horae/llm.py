@@ -40,12 +40,7 @@ class LLM:
         """Run `prompts` (one prompt, a string or `{"prompt_token_ids": [...]}`, or a list of them)
         to the end. `sampling_params` is one `SamplingParams` for all, or a list of one per prompt
         (as vLLM's)."""
-        if isinstance(prompts, (str, dict)):
-            prompts = [prompts]
-        if not isinstance(prompts, (list, tuple)):
-            raise TypeError("prompts must be a prompt (a string or {'prompt_token_ids': [...]}) or a list of them, "
-                            f"got {type(prompts).__name__}")
-        prompts = list(prompts)
+        prompts = _prompt_list(prompts)
         if isinstance(sampling_params, (list, tuple)):
             if len(sampling_params) != len(prompts):
                 raise ValueError(f"sampling_params has {len(sampling_params)} entries for {len(prompts)} prompts: "
@@ -92,9 +87,7 @@ class LLM:
         (`beam_search.py`), run on this engine one token a step, all prompts' beams a batch."""
         if not isinstance(params, BeamSearchParams):
             raise TypeError(f"params must be a BeamSearchParams, got {type(params).__name__}")
-        if isinstance(prompts, (str, dict)):
-            prompts = [prompts]
-        search = BeamSearch([self.engine.prompt_token_ids(p)[1] for p in prompts], params,
+        search = BeamSearch([self.engine.prompt_token_ids(p)[1] for p in _prompt_list(prompts)], params,
                             set(self.engine.eos_token_ids), self.engine.max_request_tokens)
         step = search.step()
         bar = None
@@ -133,3 +126,13 @@ class LLM:
                                                    chat_template_kwargs=chat_template_kwargs,
                                                    continue_final_message=continue_final_message) for c in convs]
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+
+
+def _prompt_list(prompts) -> list:
+    """One prompt, or a list of them, as a list; anything else a TypeError saying what a prompt is."""
+    if isinstance(prompts, (str, dict)):
+        return [prompts]
+    if not isinstance(prompts, (list, tuple)):
+        raise TypeError("prompts must be a prompt (a string or {'prompt_token_ids': [...]}) or a list of them, "
+                        f"got {type(prompts).__name__}")
+    return list(prompts)
