@@ -186,6 +186,13 @@ def test_structured_output_through_the_openai_client(server, client):
         assert isinstance(json.loads(obj.choices[0].message.content), dict)
     else:
         assert obj.choices[0].message.content.startswith("{")
+    # llama.cpp's server's spelling of a schema: {"type": "json_object", "schema": ...}.
+    llama_cpp = client.chat.completions.create(model="smollm2", messages=msgs, max_tokens=60, temperature=0,
+                                               response_format={"type": "json_object", "schema": person})
+    assert set(json.loads(llama_cpp.choices[0].message.content)) == {"name", "age"}, llama_cpp
+    err = _error(httpx.post(server.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"}, json={
+        "model": "smollm2", "messages": msgs, "response_format": {"type": "text", "schema": person}}), 400)
+    assert "schema (llama.cpp's) is given with type 'json_object' only" in err["message"], err
     yes_no = [{"role": "user", "content": "Is Paris the capital of France? Answer yes or no."}]
     for temperature in (0, 1.0):
         c = client.chat.completions.create(model="smollm2", messages=yes_no, max_tokens=10, temperature=temperature,

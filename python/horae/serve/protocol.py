@@ -65,16 +65,20 @@ class JsonSchema(_Strict):
 
 class ResponseFormat(_Strict):
     """OpenAI's `response_format`: plain text (what a completion is anyway; some clients always
-    send it), any JSON object (`json_object`) or JSON under a schema (`json_schema`); the last two
-    are structured output, as vLLM serves them."""
+    send it), any JSON object (`json_object`, or under llama.cpp's `schema`) or JSON under a schema
+    (`json_schema`); the last two are structured output, as vLLM serves them."""
 
     type: Literal["text", "json_object", "json_schema"]
     json_schema: Optional[JsonSchema] = None
+    #: llama.cpp's server's spelling: a JSON object under this schema (with type 'json_object').
+    schema_: Optional[Dict[str, Any]] = Field(None, alias="schema")
 
     @model_validator(mode="after")
     def _schema(self):
         if (self.type == "json_schema") != (self.json_schema is not None):
             raise ValueError("json_schema is given with, and only with, type 'json_schema'")
+        if self.schema_ is not None and self.type != "json_object":
+            raise ValueError("schema (llama.cpp's) is given with type 'json_object' only")
         return self
 
 
@@ -153,7 +157,7 @@ class _Sampling(_EngineFields):
         if f is None or f.type == "text":
             return None
         if f.type == "json_object":
-            return {"json_object": True}
+            return {"json_object": True} if f.schema_ is None else {"json": f.schema_}
         # A schema left out: any JSON value.
         return {"json": f.json_schema.schema_ if f.json_schema.schema_ is not None else {}}
 
