@@ -203,6 +203,13 @@ class CompletionRequest(_Sampling):
         return self
 
 
+def _joined(content) -> str:
+    """A message's content as one text: a string as it is, text parts joined, none as ""."""
+    if content is None:
+        return ""
+    return content if isinstance(content, str) else "".join(p.text for p in content)
+
+
 class TextPart(_Strict):
     type: Literal["text"]
     text: str
@@ -238,9 +245,7 @@ class ChatMessage(_Strict):
         return self
 
     def text(self) -> str:
-        if self.content is None:
-            return ""
-        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        return _joined(self.content)
 
     def for_template(self) -> dict:
         """The message as a chat template reads it (HF's keys); a developer message is a system one."""
@@ -375,7 +380,7 @@ class InputMessage(_Strict):
         return content
 
     def text(self) -> str:
-        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        return _joined(self.content)
 
 
 class FunctionCallItem(_Strict):
@@ -399,7 +404,7 @@ class FunctionCallOutputItem(_Strict):
     status: Optional[str] = None
 
     def text(self) -> str:
-        return self.output if isinstance(self.output, str) else "".join(p.text for p in self.output)
+        return _joined(self.output)
 
 
 class ReasoningItem(_Strict):
