@@ -839,6 +839,12 @@ def test_cache_salt_keeps_a_prompts_cached_blocks_to_its_salt(llm):
     outs = [run(), run("tenant-a"), run("tenant-a"), run("tenant-b"), run()]
     assert [o.num_cached_tokens for o in outs] == [0, 0, 48, 0, 48]
     assert len({tuple(o.outputs[0].token_ids) for o in outs}) == 1
+    # A beam search's steps keep their prompt's salt: what they cache is that tenant's alone.
+    from horae import BeamSearchParams
+
+    ids = [2 + (37 * j) % 3000 for j in range(61)]
+    llm.beam_search([{"prompt_token_ids": ids, "cache_salt": "tenant-c"}], BeamSearchParams(beam_width=2, max_tokens=2))
+    assert [run().num_cached_tokens, run("tenant-c").num_cached_tokens] == [0, 48]
     with pytest.raises(TypeError, match="cache_salt must be a string"):
         llm.generate({"prompt_token_ids": ids, "cache_salt": 7}, p, use_tqdm=False)
     with pytest.raises(ValueError, match="cache_salt must not be empty") as e:

@@ -1166,6 +1166,29 @@ def test_disconnect_mid_stream_aborts_the_request(server):
     assert re.search(r'^horae:request_success_total\{[^}]*finished_reason="abort"[^}]*\} [1-9]', text, re.M), text
 
 
+def _aborts(server) -> float:
+    text = httpx.get(server.url + "/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
+    m = re.search(r'^horae:request_success_total\{[^}]*finished_reason="abort"[^}]*\} (\S+)$', text, re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+def test_hang_up_before_a_non_streamed_answer_aborts_it(server):
+    # A beam search answers once, when it ends (here after 1,000 steps, far more than a minute):
+    # a client that leaves first must stop it, not wait for no one. The handler is cancelled on
+    # the hang-up (not at the next output), and the step's requests are aborted.
+    body = {"model": "smollm2", "prompt": "Once upon a time", "max_tokens": 1000, "n": 2, "use_beam_search": True,
+            "ignore_eos": True}
+    aborts = _aborts(server)
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.url + "/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=1.5)
+    _assert_idle(server, timeout=5)
+    # Idle for good, not between two of the search's steps.
+    generated = _metric(server, "horae:generation_tokens_total")
+    time.sleep(0.5)
+    assert _metric(server, "horae:generation_tokens_total") == generated and server.llm.num_in_flight == 0
+    assert _aborts(server) > aborts
+
+
 def test_overload_answers_503_and_loses_nothing(server):
     server.app.state.config.max_queue = 2
     try:

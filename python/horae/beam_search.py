@@ -42,8 +42,11 @@ class BeamSearch:
     """The search's state over several prompts: `pending` is each step's batch (every live beam's
     tokens), `advance` takes their answers, `outputs` the best beams once nothing is pending."""
 
-    def __init__(self, prompts: List[List[int]], params: BeamSearchParams, eos: Set[int], limit: int):
+    def __init__(self, prompts: List[List[int]], params: BeamSearchParams, eos: Set[int], limit: int,
+                 cache_salts: Optional[List[Optional[str]]] = None):
         self.params, self.eos, self.limit = params, set() if params.ignore_eos else set(eos), limit
+        # A prompt's cache_salt goes with each of its beams' steps: its prefix cache stays its own.
+        self.salts = [{} if s is None else {"cache_salt": s} for s in (cache_salts or [None] * len(prompts))]
         self.live = [[BeamSearchSequence(list(p))] for p in prompts]
         self.finished: List[List[BeamSearchSequence]] = [[] for _ in prompts]
         self.steps = 0
@@ -54,10 +57,11 @@ class BeamSearch:
         # zero (past there the order of scores is settled anyway).
         return seq.cum_logprob / math.exp(max(-700.0, min(700.0, self.params.length_penalty * math.log(length))))
 
-    def pending(self) -> List[List[int]]:
+    def pending(self) -> List[dict]:
+        """The step's prompts, one per live beam: its tokens so far (and its prompt's cache_salt)."""
         if self.steps >= self.params.max_tokens:
             return []
-        return [b.tokens for beams in self.live for b in beams]
+        return [{"prompt_token_ids": b.tokens, **salt} for beams, salt in zip(self.live, self.salts) for b in beams]
 
     def advance(self, answers: List[Dict[int, Logprob]]) -> None:
         """One step: `answers` holds, for each beam of `pending` in order, its next token's most
@@ -119,12 +123,11 @@ async def beam_search_stream(generate, prompt_ids: List[int], params: BeamSearch
     as vLLM's server answers `use_beam_search`), so the server's routes read it as any request's.
     Every step's prompt carries `cache_salt`. Closing the stream closes the step's requests
     (which aborts them)."""
-    search = BeamSearch([prompt_ids], params, eos, limit)
+    search = BeamSearch([prompt_ids], params, eos, limit, [cache_salt])
     step, sent = search.step(), 0
-    salt = {} if cache_salt is None else {"cache_salt": cache_salt}
 
-    async def one(tokens: List[int], rid: str) -> RequestOutput:
-        stream, outs = generate({"prompt_token_ids": tokens, **salt}, step, rid), []
+    async def one(prompt: dict, rid: str) -> RequestOutput:
+        stream, outs = generate(prompt, step, rid), []
         try:
             async for out in stream:
                 outs.append(out)

@@ -87,8 +87,10 @@ class LLM:
         (`beam_search.py`), run on this engine one token a step, all prompts' beams a batch."""
         if not isinstance(params, BeamSearchParams):
             raise TypeError(f"params must be a BeamSearchParams, got {type(params).__name__}")
-        search = BeamSearch([self.engine.prompt_token_ids(p)[1] for p in _prompt_list(prompts)], params,
-                            set(self.engine.eos_token_ids), self.engine.max_request_tokens)
+        prompts = _prompt_list(prompts)
+        search = BeamSearch([self.engine.prompt_token_ids(p)[1] for p in prompts], params,
+                            set(self.engine.eos_token_ids), self.engine.max_request_tokens,
+                            [p.get("cache_salt") if isinstance(p, dict) else None for p in prompts])
         step = search.step()
         bar = None
         if use_tqdm:
@@ -100,7 +102,7 @@ class LLM:
                 batch = search.pending()
                 if not batch:
                     break
-                outs = self.generate([{"prompt_token_ids": t} for t in batch], step, use_tqdm=False)
+                outs = self.generate(batch, step, use_tqdm=False)
                 search.advance([o.outputs[0].logprobs[0] for o in outs])
                 if bar is not None:
                     bar.update()

@@ -14,7 +14,7 @@ from horae.sampling_params import SamplingParams
 from horae.serve.answer import Answer, answer_for
 from horae.serve.errors import APIError
 from horae.serve.protocol import ChatCompletionRequest
-from horae.serve.state import ServerState, new_parts, token_name, usage, vllm_logprobs
+from horae.serve.state import ServerState, cancel_on_disconnect, new_parts, token_name, usage, vllm_logprobs
 from horae.serve.streaming import sse_response
 
 
@@ -69,6 +69,7 @@ def router(state: ServerState) -> APIRouter:
     r = APIRouter()
 
     @r.post("/v1/chat/completions")
+    @cancel_on_disconnect
     async def chat_completions(req: ChatCompletionRequest, raw: Request):
         answer, ids, stream, out = await start_chat(state, req, "chatcmpl")
         streams, top, as_ids = [stream], req.top_logprobs or 0, state.tokens_as_ids(req)
@@ -79,7 +80,7 @@ def router(state: ServerState) -> APIRouter:
         base = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
                 "model": state.config.model_name}
         if not req.stream:
-            out = await state.final_output(stream, out, raw)
+            (out,) = await state.final_outputs([stream], [out])
             choices = [{"index": c.index, "message": answer.message(c.text), "logprobs": logprobs(c, 0),
                         "finish_reason": answer.finish_reason(c.text, c.finish_reason), "stop_reason": c.stop_reason}
                        for c in out.outputs]

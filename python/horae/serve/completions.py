@@ -11,7 +11,7 @@ from fastapi import APIRouter, Request
 
 from horae.serve.errors import APIError
 from horae.serve.protocol import CompletionRequest
-from horae.serve.state import ServerState, new_parts, token_name, usage, vllm_logprobs
+from horae.serve.state import ServerState, cancel_on_disconnect, new_parts, token_name, usage, vllm_logprobs
 from horae.serve.streaming import sse_response
 
 MAX_PROMPTS = 16
@@ -83,6 +83,7 @@ def router(state: ServerState) -> APIRouter:
     r = APIRouter()
 
     @r.post("/v1/completions")
+    @cancel_on_disconnect
     async def completions(req: CompletionRequest, raw: Request):
         state.check_model(req.model)
         p = req.prompt
@@ -110,8 +111,7 @@ def router(state: ServerState) -> APIRouter:
         prompt_tokens = sum(map(len, ids_list))
         if not req.stream:
             choices, completion_tokens, cached = [], 0, 0
-            for i, (s, out) in enumerate(zip(streams, firsts)):
-                out = await state.final_output(s, out, raw)
+            for i, out in enumerate(await state.final_outputs(streams, firsts)):
                 cached += out.num_cached_tokens or 0
                 plp = {} if req.prompt_logprobs is None else {"prompt_logprobs": vllm_logprobs(out.prompt_logprobs)}
                 for c in out.outputs:

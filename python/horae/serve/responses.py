@@ -17,7 +17,7 @@ from pydantic import ValidationError
 from horae.serve.chat import chat_logprobs, start_chat
 from horae.serve.errors import APIError
 from horae.serve.protocol import ChatCompletionRequest, ResponsesRequest
-from horae.serve.state import ServerState
+from horae.serve.state import ServerState, cancel_on_disconnect
 from horae.serve.streaming import sse_response
 
 #: A chat request's fields (and the engine's) by the Responses API's names, for refusals.
@@ -161,6 +161,7 @@ def router(state: ServerState) -> APIRouter:
     r = APIRouter()
 
     @r.post("/v1/responses")
+    @cancel_on_disconnect
     async def create_response(req: ResponsesRequest, raw: Request):
         chat = chat_request(req)
         try:
@@ -206,7 +207,7 @@ def router(state: ServerState) -> APIRouter:
                               "total_tokens": len(ids) + len(c.token_ids)}}
 
         if not req.stream:
-            out = await state.final_output(stream, out, raw)
+            (out,) = await state.final_outputs([stream], [out])
             items = Output()
             c = out.outputs[0]
             items.add(answer.stream().delta(c.text, True), logprobs(c, 0))

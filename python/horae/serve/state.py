@@ -3,7 +3,12 @@ from a parsed request to engine outputs (model check, capacity, sampling, start,
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import functools
+import inspect
 import time
+import typing
 import uuid
 from dataclasses import dataclass
 from typing import AsyncIterator, Dict, List, Optional, Union
@@ -222,21 +227,24 @@ class ServerState:
             raise
         return streams, firsts
 
-    async def final_output(self, stream: AsyncIterator[RequestOutput], out: Optional[RequestOutput], raw: Request):
-        """Read a stream to its finished output (non-streaming responses). A client that has gone
-        ends it early: closing the stream aborts the request."""
+    async def final_outputs(self, streams: List[AsyncIterator[RequestOutput]],
+                            firsts: List[Optional[RequestOutput]]) -> List[Optional[RequestOutput]]:
+        """Read each stream to its finished output (non-streaming responses). However it ends (an
+        error, or the client gone: `cancel_on_disconnect` cancels the handler), every stream is
+        closed, which aborts the requests still running."""
+        outs = list(firsts)
         try:
-            while out is not None and not out.finished:
-                if await disconnected(raw):
-                    raise APIError(499, "client disconnected")
-                out = await stream.__anext__()
+            for i, stream in enumerate(streams):
+                while outs[i] is not None and not outs[i].finished:
+                    outs[i] = await stream.__anext__()
         except EngineDeadError as e:
             raise self.engine_error(e) from None
         except RequestDroppedError as e:
             raise self.dropped(e) from None
         finally:
-            await stream.aclose()
-        return out
+            for stream in streams:
+                await stream.aclose()
+        return outs
 
     def chat_prompt(self, req) -> str:
         """The prompt of a request's messages (its `_ChatPrompt` fields, and its tools if any)."""
@@ -258,8 +266,40 @@ class ServerState:
                            param="chat_template" if req.chat_template else "messages") from None
 
 
-async def disconnected(request: Request) -> bool:
-    try:
-        return await request.is_disconnected()
-    except Exception:
-        return True
+def cancel_on_disconnect(handler):
+    """A route's handler, cancelled when its client hangs up before it answers (vLLM's
+    `with_cancellation`): a request waiting in the queue, or a non-streamed answer (a beam search
+    says nothing until it ends), is aborted then, not run for no one. A streamed answer, once
+    started, is Starlette's to watch (`streaming.sse_response` closes its requests). The handler
+    takes the raw request as `raw`."""
+
+    @functools.wraps(handler)
+    async def watched(*args, **kwargs):
+        work = asyncio.ensure_future(handler(*args, **kwargs))
+        gone = asyncio.ensure_future(_hung_up(kwargs["raw"]))
+        try:
+            await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+            if not work.done():  # the client left (or this server is stopping): closing its streams aborts them
+                work.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await work
+        if work.cancelled():
+            raise APIError(499, "client disconnected")
+        return work.result()
+
+    # FastAPI reads the handler's parameters from the wrapper: give it them with their types
+    # resolved (the route modules' annotations are strings, names in their modules, not here).
+    hints = typing.get_type_hints(handler)
+    sig = inspect.signature(handler)
+    watched.__signature__ = sig.replace(parameters=[q.replace(annotation=hints.get(q.name, q.annotation))
+                                                    for q in sig.parameters.values()])
+    return watched
+
+
+async def _hung_up(request: Request) -> None:
+    """Returns once the client has gone: the body was read before the handler ran, so what the
+    connection says next is its end."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
