@@ -13,7 +13,7 @@ from horae.outputs import RequestOutput
 from horae.sampling_params import SamplingParams
 from horae.serve.answer import Answer, answer_for
 from horae.serve.errors import APIError
-from horae.serve.protocol import ChatCompletionRequest
+from horae.serve.protocol.chat import ChatCompletionRequest
 from horae.serve.state import ServerState, cancel_on_disconnect, new_parts, token_name, usage, vllm_logprobs
 from horae.serve.streaming import sse_response
 

@@ -10,7 +10,7 @@ from typing import List, Optional
 from fastapi import APIRouter, Request
 
 from horae.serve.errors import APIError
-from horae.serve.protocol import CompletionRequest
+from horae.serve.protocol.completions import CompletionRequest
 from horae.serve.state import ServerState, cancel_on_disconnect, new_parts, token_name, usage, vllm_logprobs
 from horae.serve.streaming import sse_response
 

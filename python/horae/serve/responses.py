@@ -16,7 +16,8 @@ from pydantic import ValidationError
 
 from horae.serve.chat import chat_logprobs, start_chat
 from horae.serve.errors import APIError
-from horae.serve.protocol import ChatCompletionRequest, ResponsesRequest
+from horae.serve.protocol.chat import ChatCompletionRequest
+from horae.serve.protocol.responses import ResponsesRequest
 from horae.serve.state import ServerState, cancel_on_disconnect
 from horae.serve.streaming import sse_response
 

@@ -247,7 +247,7 @@ class ServerState:
         return outs
 
     def chat_prompt(self, req) -> str:
-        """The prompt of a request's messages (its `_ChatPrompt` fields, and its tools if any)."""
+        """The prompt of a request's messages (its `ChatPrompt` fields, and its tools if any)."""
         if req.chat_template is not None and not self.config.trust_request_chat_template:
             raise APIError(400, "this server takes no chat_template from a request (start it with "
                                 "--trust-request-chat-template to allow them)", param="chat_template")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from horae.serve.errors import bad_request
-from horae.serve.protocol import DetokenizeRequest, TokenizeRequest
+from horae.serve.protocol.tokens import DetokenizeRequest, TokenizeRequest
 from horae.serve.state import ServerState
 
 
