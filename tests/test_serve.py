@@ -604,8 +604,8 @@ def test_responses_api_is_the_chat_route_answered_as_output_items(server, client
                         ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]},
                          "input.0.content"),
                         ({"input": [{"type": "web_search_call"}]}, "input.0"), ({"max_output_tokens": 0}, "max_output_tokens"),
-                        ({"top_logprobs": 21}, "top_logprobs"), ({"text": {"format": {"type": "json_schema"}}}, "text.format"),
-                        ({"tool_choice": "required"}, None), ({"input": [{"type": "reasoning", "summary": []}]}, "input"),
+                        ({"top_logprobs": 21}, "top_logprobs"), ({"text": {"format": {"type": "json_schema"}}}, "text.format.name"),
+                        ({"tool_choice": "required"}, "tool_choice"), ({"input": [{"type": "reasoning", "summary": []}]}, "input"),
                         ({"temperature": "hot"}, "temperature"), ({"model": "other"}, "model")]:
         sent = {"model": "smollm2", "input": "Hi", **body}
         if body == {}:
@@ -1045,7 +1045,22 @@ def test_errors_in_openai_shape(server, client):
         err = _error(post("/v1/completions", {"model": "smollm2", "prompt": "hi", "structured_outputs": so}), 400)
         assert err["param"] == "structured_outputs" and err["message"].startswith("structured_outputs"), err
     both = {**chat, "structured_outputs": {"regex": "a"}, "response_format": {"type": "json_object"}}
-    assert _error(post("/v1/chat/completions", both), 400)
+    assert _error(post("/v1/chat/completions", both), 400)["param"] == "response_format"
+    # A check across fields names the field it blames, as OpenAI's errors do, first in the message.
+    cmpl = {"model": "smollm2", "prompt": "hi"}
+    for path, body, param in [
+            ("/v1/chat/completions", {**chat, "stream_options": {"include_usage": True}}, "stream_options"),
+            ("/v1/chat/completions", {**chat, "top_logprobs": 2}, "top_logprobs"),
+            ("/v1/chat/completions", {**chat, "tool_choice": "required"}, "tool_choice"),
+            ("/v1/chat/completions", {**chat, "messages": [{"role": "user"}]}, "messages.0.content"),
+            ("/v1/chat/completions", {**chat, "response_format": {"type": "json_schema"}}, "response_format.json_schema"),
+            ("/v1/completions", {**cmpl, "prompt": ""}, "prompt"), ("/v1/completions", {**cmpl, "best_of": 3}, "best_of"),
+            ("/v1/completions", {**cmpl, "stream": True, "prompt_logprobs": 1}, "prompt_logprobs"),
+            ("/v1/completions", {**cmpl, "use_beam_search": True, "n": 11}, "n"),
+            ("/v1/completions", {**cmpl, "use_beam_search": True, "n": 2, "top_k": 3}, "top_k"),
+            ("/tokenize", {"prompt": "a", "add_generation_prompt": False}, "add_generation_prompt")]:
+        err = _error(post(path, body), 400)
+        assert err["param"] == param and err["message"].startswith(param), (body, err)
     text = post("/v1/chat/completions", {**chat, "max_tokens": 2, "response_format": {"type": "text"}})
     assert text.status_code == 200, text.text
     assert _error(post("/v1/completions", {"model": "smollm2", "prompt": ""}), 400)

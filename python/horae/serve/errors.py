@@ -47,6 +47,38 @@ def _field_path(loc) -> list:
         x in ("str", "int", "float", "bool", "dict", "list") or any(c in x for c in "[-=")))]
 
 
+def invalid_body(errs: list) -> APIError:
+    """A body's validation errors (pydantic's) as one 400 naming the field at fault in `param`
+    and first in the message."""
+    first = errs[0] if errs else {}
+    # Of a union's branches (a prompt as text or token lists, a Responses input item), the
+    # one that got furthest says what is wrong: "prompt.0.1" rather than "not a string".
+    field = _field_path(first.get("loc", ()))[:1]
+    first = max((x for x in errs if _field_path(x["loc"])[:1] == field), key=lambda x: len(_field_path(x["loc"])),
+                default=first)
+    loc = _field_path(first.get("loc", ()))
+    # A check across a model's fields names the one it blames (protocol's `FieldError`).
+    blamed = getattr((first.get("ctx") or {}).get("error"), "field", None)
+    if isinstance(blamed, str):
+        loc.append(blamed)
+    param = ".".join(loc) or None
+    if first.get("type") == "json_invalid":
+        msg = "the request body is not valid JSON"
+    elif first.get("type") == "extra_forbidden":
+        msg = f"Unrecognized request argument supplied: {param}"
+    else:
+        # A validator's own message, without pydantic's "Value error, " before it, the field
+        # named first, once.
+        text = first.get("msg", "invalid request").removeprefix("Value error, ")
+        if not param:
+            msg = text
+        elif text.startswith(loc[-1]):  # "content is required" -> "messages.0.content is required"
+            msg = param + text[len(loc[-1]):]
+        else:
+            msg = f"{param}: {text}"
+    return APIError(400, msg, "invalid_request_error", param, first.get("type"))
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(_, e: APIError):
@@ -54,24 +86,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_, e: RequestValidationError):
-        errs = e.errors()
-        first = errs[0] if errs else {}
-        # Of a union's branches (a prompt as text or token lists, a Responses input item), the
-        # one that got furthest says what is wrong: "prompt.0.1" rather than "not a string".
-        field = _field_path(first.get("loc", ()))[:1]
-        first = max((x for x in errs if _field_path(x["loc"])[:1] == field), key=lambda x: len(_field_path(x["loc"])),
-                    default=first)
-        loc = _field_path(first.get("loc", ()))
-        param = ".".join(loc) or None
-        if first.get("type") == "json_invalid":
-            msg = "the request body is not valid JSON"
-        elif first.get("type") == "extra_forbidden":
-            msg = f"Unrecognized request argument supplied: {param}"
-        else:
-            # A validator's own message, without pydantic's "Value error, " before it.
-            text = first.get("msg", "invalid request").removeprefix("Value error, ")
-            msg = f"{param + ': ' if param else ''}{text}"
-        return JSONResponse(error_body(msg, "invalid_request_error", param, first.get("type")), status_code=400)
+        return await _api_error(_, invalid_body(e.errors()))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_, e: StarletteHTTPException):

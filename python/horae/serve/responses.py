@@ -15,7 +15,7 @@ from fastapi import APIRouter, Request
 from pydantic import ValidationError
 
 from horae.serve.chat import chat_logprobs, start_chat
-from horae.serve.errors import APIError
+from horae.serve.errors import APIError, invalid_body
 from horae.serve.protocol.chat import ChatCompletionRequest
 from horae.serve.protocol.responses import ResponsesRequest
 from horae.serve.state import ServerState, cancel_on_disconnect
@@ -28,10 +28,12 @@ _FIELD = {"messages": "input", "max_completion_tokens": "max_output_tokens", "ma
 
 def _renamed(e: APIError) -> APIError:
     """A refusal of the chat form or the engine, naming the field as this request spells it."""
-    name = _FIELD.get(e.param)
+    head, _, rest = (e.param or "").partition(".")
+    name = _FIELD.get(head)
     if name is None:
         return e
-    return APIError(e.status, e.message.replace(e.param, name, 1), e.type, name, e.code, e.headers)
+    return APIError(e.status, e.message.replace(head, name, 1), e.type, f"{name}.{rest}" if rest else name, e.code,
+                    e.headers)
 
 
 def chat_request(req: ResponsesRequest) -> ChatCompletionRequest:
@@ -39,10 +41,7 @@ def chat_request(req: ResponsesRequest) -> ChatCompletionRequest:
     try:
         return ChatCompletionRequest.model_validate(req.chat_fields())
     except ValidationError as e:
-        err = e.errors()[0]
-        param = _FIELD.get(str(err["loc"][0]), str(err["loc"][0])) if err["loc"] else None
-        text = err["msg"].removeprefix("Value error, ")
-        raise APIError(400, f"{param}: {text}" if param else text, param=param) from None
+        raise _renamed(invalid_body(e.errors())) from None
 
 
 def _id(prefix: str) -> str:

@@ -6,7 +6,7 @@ from typing import Any, Dict, List, Literal, Optional, Union
 
 from pydantic import Field, model_validator
 
-from horae.serve.protocol.common import Int, SamplingFields, Strict, joined
+from horae.serve.protocol.common import FieldError, Int, SamplingFields, Strict, joined
 
 
 class TextPart(Strict):
@@ -40,7 +40,7 @@ class ChatMessage(Strict):
     @model_validator(mode="after")
     def _content(self):
         if self.content is None and not (self.role == "assistant" and self.tool_calls):
-            raise ValueError("content is required (only an assistant message with tool_calls may leave it out)")
+            raise FieldError("content", "content is required (only an assistant message with tool_calls may leave it out)")
         return self
 
     def text(self) -> str:
@@ -113,14 +113,16 @@ class ChatCompletionRequest(SamplingFields, ChatPrompt):
             self.tool_choice = "auto"
         c = self.tool_choice
         if c not in (None, "none") and not self.tools:
-            raise ValueError(f"tool_choice {repr(c) if isinstance(c, str) else 'naming a function'} needs tools")
+            raise FieldError("tool_choice", f"tool_choice {repr(c) if isinstance(c, str) else 'naming a function'} needs tools")
         if c not in (None, "none", "auto"):
             if isinstance(c, NamedToolChoice) and c.function.name not in {t.function.name for t in self.tools}:
-                raise ValueError(f"tool_choice names {c.function.name!r}, which is not among the tools")
+                raise FieldError("tool_choice", f"tool_choice names {c.function.name!r}, which is not among the tools")
             if self.structured_outputs is not None or (self.response_format and self.response_format.type != "text"):
-                raise ValueError("give tool_choice or structured output (response_format, structured_outputs), not both")
+                raise FieldError("tool_choice",
+                                 "give tool_choice or structured output (response_format, structured_outputs), not both")
             if self.use_beam_search:
-                raise ValueError("a forced tool call (tool_choice) is structured output, which beam search does not use")
+                raise FieldError("tool_choice",
+                                 "a forced tool call (tool_choice) is structured output, which beam search does not use")
         return self
 
     def forced_tool(self) -> Optional[str]:
@@ -147,5 +149,5 @@ class ChatCompletionRequest(SamplingFields, ChatPrompt):
     @model_validator(mode="after")
     def _logprobs(self):
         if self.top_logprobs is not None and not self.logprobs:
-            raise ValueError("top_logprobs needs logprobs set to true")
+            raise FieldError("top_logprobs", "top_logprobs needs logprobs set to true")
         return self

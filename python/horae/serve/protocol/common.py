@@ -15,6 +15,15 @@ MAX_N = 16
 Int = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
 
 
+class FieldError(ValueError):
+    """A check across a body's fields, naming the one it blames: the 400's `param` (pydantic
+    locates a model's own checks at the model, not at a field)."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
@@ -69,9 +78,9 @@ class ResponseFormat(Strict):
     @model_validator(mode="after")
     def _schema(self):
         if (self.type == "json_schema") != (self.json_schema is not None):
-            raise ValueError("json_schema is given with, and only with, type 'json_schema'")
+            raise FieldError("json_schema", "json_schema is given with, and only with, type 'json_schema'")
         if self.schema_ is not None and self.type != "json_object":
-            raise ValueError("schema (llama.cpp's) is given with type 'json_object' only")
+            raise FieldError("schema", "schema (llama.cpp's) is given with type 'json_object' only")
         return self
 
 
@@ -158,20 +167,20 @@ class SamplingFields(EngineFields):
     def _check(self):
         if self.structured_outputs is not None and self.response_format is not None \
                 and self.response_format.type != "text":
-            raise ValueError("give structured_outputs or response_format, not both")
+            raise FieldError("response_format", "give structured_outputs or response_format, not both")
         if self.stream_options is not None and not self.stream:
-            raise ValueError("stream_options is only allowed when stream is true")
+            raise FieldError("stream_options", "stream_options is only allowed when stream is true")
         if self.prompt_logprobs is not None and self.stream:
-            raise ValueError("prompt_logprobs are not available when stream is true")
+            raise FieldError("prompt_logprobs", "prompt_logprobs are not available when stream is true")
         if self.use_beam_search:
             if self.n > MAX_BEAM_WIDTH:
-                raise ValueError(f"with use_beam_search, n is the beam width: at most {MAX_BEAM_WIDTH}, got {self.n}")
+                raise FieldError("n", f"with use_beam_search, n is the beam width: at most {MAX_BEAM_WIDTH}, got {self.n}")
             unused = [f for f in _NOT_IN_BEAM_SEARCH if f in self.model_fields_set
                       and getattr(self, f) != type(self).model_fields[f].default]
             if self.response_format is not None and self.response_format.type == "text":
                 unused = [f for f in unused if f != "response_format"]
             if unused:
-                raise ValueError(f"{unused[0]} is not used by beam search (use_beam_search takes n, max_tokens, "
+                raise FieldError(unused[0], f"{unused[0]} is not used by beam search (use_beam_search takes n, max_tokens, "
                                  "temperature, length_penalty, ignore_eos, include_stop_str_in_output and logprobs)")
         return self
 

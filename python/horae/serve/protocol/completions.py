@@ -6,7 +6,7 @@ from typing import List, Optional, Union
 
 from pydantic import Field, model_validator
 
-from horae.serve.protocol.common import MAX_N, Int, SamplingFields
+from horae.serve.protocol.common import MAX_N, FieldError, Int, SamplingFields
 
 
 class CompletionRequest(SamplingFields):
@@ -23,7 +23,7 @@ class CompletionRequest(SamplingFields):
     def _prompt(self):
         p = self.prompt
         if p == "" or p == [] or (isinstance(p, list) and any(x in ("", []) for x in p)):
-            raise ValueError("prompt must not be empty")
+            raise FieldError("prompt", "prompt must not be empty")
         if self.best_of is not None and self.best_of != self.n:
-            raise ValueError("best_of other than n is not supported")
+            raise FieldError("best_of", "best_of other than n is not supported")
         return self

@@ -8,7 +8,7 @@ from typing import Annotated, Any, Dict, List, Literal, Optional, Union
 from pydantic import Discriminator, Field, Tag, field_validator, model_validator
 
 from horae.serve.protocol.chat import FunctionDefinition
-from horae.serve.protocol.common import EngineFields, Int, Strict, joined
+from horae.serve.protocol.common import EngineFields, FieldError, Int, Strict, joined
 
 
 class _Text(Strict):
@@ -115,7 +115,7 @@ class TextFormat(Strict):
     @model_validator(mode="after")
     def _named(self):
         if self.type == "json_schema" and not self.name:
-            raise ValueError("a json_schema format needs a name")
+            raise FieldError("name", "a json_schema format needs a name")
         return self
 
 

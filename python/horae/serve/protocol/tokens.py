@@ -7,7 +7,7 @@ from typing import List, Optional
 from pydantic import model_validator
 
 from horae.serve.protocol.chat import ChatMessage, ChatPrompt
-from horae.serve.protocol.common import Int, Strict
+from horae.serve.protocol.common import FieldError, Int, Strict
 
 
 class TokenizeRequest(ChatPrompt):
@@ -19,10 +19,10 @@ class TokenizeRequest(ChatPrompt):
     @model_validator(mode="after")
     def _one(self):
         if (self.prompt is None) == (self.messages is None):
-            raise ValueError("give exactly one of prompt or messages")
+            raise FieldError("prompt", "give exactly one of prompt or messages")
         template = sorted(set(ChatPrompt.model_fields) & self.model_fields_set)
         if self.prompt is not None and template:
-            raise ValueError(f"{', '.join(template)}: only with messages, not with a prompt")
+            raise FieldError(template[0], f"{', '.join(template)}: only with messages, not with a prompt")
         return self
 
 
