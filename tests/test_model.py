@@ -852,6 +852,24 @@ def test_cache_salt_keeps_a_prompts_cached_blocks_to_its_salt(llm):
     assert e.value.param == "cache_salt" and not llm.engine.has_unfinished_requests()
 
 
+def test_reset_prefix_cache_forgets_cached_prompts(llm):
+    """vLLM's `LLM.reset_prefix_cache`: a prompt cached before the reset is computed in full after
+    it, with the same tokens; refused (False) while a request holds blocks."""
+    ids = [3 + (41 * j) % 3000 for j in range(40)]  # 2 full blocks of 16, and 8
+    p = SamplingParams(temperature=0, max_tokens=3)
+    run = lambda: llm.generate({"prompt_token_ids": ids}, p, use_tqdm=False)[0]  # noqa: E731
+    first, second = run(), run()
+    assert (first.num_cached_tokens, second.num_cached_tokens) == (0, 32)
+    assert llm.reset_prefix_cache() is True
+    third = run()
+    assert third.num_cached_tokens == 0 and third.outputs[0].token_ids == first.outputs[0].token_ids
+    llm.engine.add_request("held", {"prompt_token_ids": ids}, SamplingParams(max_tokens=5))
+    llm.engine.step()
+    assert llm.reset_prefix_cache() is False
+    llm.engine.abort("held")
+    assert llm.reset_prefix_cache() is True and not llm.engine.has_unfinished_requests()
+
+
 def test_prompt_logprobs_match_the_teacher_forced_logits(llm):
     prompt = "The theory of relativity states that"
     ids = llm.engine.encode(prompt)

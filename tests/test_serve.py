@@ -90,6 +90,11 @@ def test_chat_non_streaming_and_streaming_agree(server, client):
     for _ in range(2):
         c = client.completions.create(model="smollm2", prompt=["hi " * 40, "hi " * 40], max_tokens=1)
     assert c.usage.prompt_tokens == 82 and c.usage.prompt_tokens_details.cached_tokens == 64
+    # AsyncLLM's reset_prefix_cache (vLLM's): the same prompts are computed in full after it.
+    assert asyncio.run(server.llm.reset_prefix_cache()) is True
+    for cached in (0, 32):
+        c = client.completions.create(model="smollm2", prompt="hi " * 40, max_tokens=1)
+        assert c.usage.prompt_tokens_details.cached_tokens == cached
     _assert_idle(server)
 
 
@@ -604,8 +609,10 @@ def test_responses_api_is_the_chat_route_answered_as_output_items(server, client
                         ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]},
                          "input.0.content"),
                         ({"input": [{"type": "web_search_call"}]}, "input.0"), ({"max_output_tokens": 0}, "max_output_tokens"),
-                        ({"top_logprobs": 21}, "top_logprobs"), ({"text": {"format": {"type": "json_schema"}}}, "text.format.name"),
-                        ({"tool_choice": "required"}, "tool_choice"), ({"input": [{"type": "reasoning", "summary": []}]}, "input"),
+                        ({"top_logprobs": 21}, "top_logprobs"),
+                        ({"text": {"format": {"type": "json_schema"}}}, "text.format.name"),
+                        ({"tool_choice": "required"}, "tool_choice"),
+                        ({"input": [{"type": "reasoning", "summary": []}]}, "input"),
                         ({"temperature": "hot"}, "temperature"), ({"model": "other"}, "model")]:
         sent = {"model": "smollm2", "input": "Hi", **body}
         if body == {}:

@@ -236,6 +236,12 @@ class AsyncLLM:
         a coroutine there too)."""
         return self.engine.get_tokenizer()
 
+    async def reset_prefix_cache(self) -> bool:
+        """vLLM's `AsyncLLM.reset_prefix_cache`: forget every cached prompt block; False while a
+        request holds KV blocks (`Engine.reset_prefix_cache`; off the event loop, as it waits for
+        a running step)."""
+        return await asyncio.to_thread(self.engine.reset_prefix_cache)
+
     def encode(self, text: str, add_special_tokens: bool = False) -> List[int]:
         return self.engine.encode(text, add_special_tokens)
 

@@ -242,6 +242,12 @@ class Engine:
         block_size, predicted_peak_tokens, preemptions, prefix-cache counters (and speculation's)."""
         return self._core.step_stats()
 
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached prompt block (vLLM's `reset_prefix_cache`), e.g. between benchmark
+        runs, so that the next prompts are computed in full. False, and nothing forgotten, while
+        a request holds KV blocks (it waits for a running step)."""
+        return self._core.reset_prefix_cache()
+
     def routing_stats(self) -> Dict[str, Any]:
         """What a router needs of this engine, now: waiting, running, waiting_tokens,
         capacity_tokens, predicted_peak_tokens, planned_output, block_size, cached_blocks and

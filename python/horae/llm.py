@@ -29,6 +29,10 @@ class LLM:
         `apply_chat_template`, `eos_token_id`, ..."""
         return self.engine.get_tokenizer()
 
+    def reset_prefix_cache(self) -> bool:
+        """vLLM's `LLM.reset_prefix_cache`: forget every cached prompt block (`Engine.reset_prefix_cache`)."""
+        return self.engine.reset_prefix_cache()
+
     def logits(self, prompt: PromptType):
         """Teacher-forced logits of a prompt on the model, as a numpy array `[tokens, vocab]`."""
         _, ids = self.engine.prompt_token_ids(prompt)

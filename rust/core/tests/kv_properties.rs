@@ -174,6 +174,25 @@ fn prefix_hits_reuse_blocks_and_lru_evicts_oldest() {
 }
 
 #[test]
+fn reset_prefix_cache_forgets_cached_blocks_only_when_none_are_held() {
+    let mut kv = KvManager::new(8, 2, true).unwrap();
+    let a: Vec<u32> = vec![1, 2, 3, 4, 5];
+    let ha = token_block_hashes(&a, 2, None);
+    kv.open(1, &ha).unwrap();
+    kv.append(1, 5).unwrap();
+    kv.register_computed(1, 5, &ha);
+    // Held: refused, and nothing forgotten.
+    assert!(!kv.reset_prefix_cache());
+    kv.free(1);
+    assert_eq!(kv.count_cached_prefix(&ha), 2);
+    assert!(kv.reset_prefix_cache());
+    assert_eq!((kv.count_cached_prefix(&ha), kv.pool().num_cached(), kv.pool().num_free()), (0, 0, 8));
+    // The same prompt is computed in full again, and cached again.
+    assert_eq!(kv.open(2, &ha).unwrap(), 0);
+    kv.check_invariants().unwrap();
+}
+
+#[test]
 fn bad_configs_are_errors() {
     assert!(KvManager::new(0, 16, true).is_err());
     assert!(KvManager::new(10, 0, true).is_err());

@@ -372,6 +372,11 @@ impl PyEngine {
         py.detach(|| self.handle.has_unfinished())
     }
 
+    /// Forget the prefix cache; false while a request holds KV blocks (waits for a running step).
+    fn reset_prefix_cache(&self, py: Python<'_>) -> bool {
+        py.detach(|| self.handle.reset_prefix_cache())
+    }
+
     /// The figures metrics report, now (waits for a running step).
     fn step_stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let s = py.detach(|| self.handle.stats());

@@ -198,6 +198,12 @@ impl Engine {
         &self.sched
     }
 
+    /// Forget the prefix cache (`KvManager::reset_prefix_cache`); false, and nothing forgotten,
+    /// while a request holds KV blocks.
+    pub fn reset_prefix_cache(&mut self) -> bool {
+        self.sched.reset_prefix_cache()
+    }
+
     /// What this engine publishes for a router (`route::ReplicaStats`): its queue, the prefill
     /// work waiting, the forecast's peak against the pool, the output length it plans with, and
     /// its prefix cache's index. The cluster simulator and a Ray replica publish the same.

@@ -299,6 +299,12 @@ impl EngineHandle {
         stats_of(&self.shared.engine(), None)
     }
 
+    /// Forget the prefix cache, now (waits for a running step; pending aborts are applied
+    /// first); false while a request holds KV blocks (`Engine::reset_prefix_cache`).
+    pub fn reset_prefix_cache(&self) -> bool {
+        self.shared.engine().engine.reset_prefix_cache()
+    }
+
     /// What this engine publishes for a router, now (waits for a running step).
     pub fn replica_stats(&self) -> ReplicaStats {
         self.shared.engine().engine.replica_stats()

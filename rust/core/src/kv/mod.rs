@@ -99,6 +99,17 @@ impl KvManager {
         }
     }
 
+    /// Forget every cached block (vLLM's `reset_prefix_cache`), e.g. between benchmark runs, so
+    /// that the next prompts are computed in full. Refused (false) while a sequence holds
+    /// blocks: once released, its blocks would be found by their hashes again.
+    pub fn reset_prefix_cache(&mut self) -> bool {
+        if !self.tables.is_empty() {
+            return false;
+        }
+        self.pool.evict_cached(usize::MAX);
+        true
+    }
+
     pub fn pool(&self) -> &BlockPool {
         &self.pool
     }

@@ -189,6 +189,10 @@ impl Scheduler {
     pub fn kv(&self) -> &KvManager {
         &self.kv
     }
+    /// `KvManager::reset_prefix_cache`: false while a request holds blocks.
+    pub fn reset_prefix_cache(&mut self) -> bool {
+        self.kv.reset_prefix_cache()
+    }
     pub fn policy_name(&self) -> &'static str {
         self.policy.name()
     }
