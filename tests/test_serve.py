@@ -1188,27 +1188,21 @@ def test_disconnect_mid_stream_aborts_the_request(server):
     assert re.search(r'^horae:request_success_total\{[^}]*finished_reason="abort"[^}]*\} [1-9]', text, re.M), text
 
 
-def _aborts(server) -> float:
-    text = httpx.get(server.url + "/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
-    m = re.search(r'^horae:request_success_total\{[^}]*finished_reason="abort"[^}]*\} (\S+)$', text, re.M)
-    return float(m.group(1)) if m else 0.0
-
-
 def test_hang_up_before_a_non_streamed_answer_aborts_it(server):
     # A beam search answers once, when it ends (here after 1,000 steps, far more than a minute):
     # a client that leaves first must stop it, not wait for no one. The handler is cancelled on
-    # the hang-up (not at the next output), and the step's requests are aborted.
+    # the hang-up (not at the next output), and the step's requests still running are aborted.
     body = {"model": "smollm2", "prompt": "Once upon a time", "max_tokens": 1000, "n": 2, "use_beam_search": True,
             "ignore_eos": True}
-    aborts = _aborts(server)
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(server.url + "/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=1.5)
     _assert_idle(server, timeout=5)
     # Idle for good, not between two of the search's steps.
     generated = _metric(server, "horae:generation_tokens_total")
     time.sleep(0.5)
+    # (Not asserted: an abort counted. Where the hang-up lands between two steps, after one's
+    # one-token requests finished, nothing is left to abort.)
     assert _metric(server, "horae:generation_tokens_total") == generated and server.llm.num_in_flight == 0
-    assert _aborts(server) > aborts
 
 
 def test_overload_answers_503_and_loses_nothing(server):
@@ -1269,6 +1263,45 @@ def test_serve_refuses_a_port_out_of_range(capsys):
     add_arguments(p)
     assert engine_args(p.parse_args([]))["enable_prefix_caching"] is True
     assert engine_args(p.parse_args(["--no-enable-prefix-caching"]))["enable_prefix_caching"] is False
+
+
+def test_cors_lets_a_browser_page_call_the_server(server, capsys):
+    """vLLM's CORS flags: a browser's preflight (no key) is answered for any origin by default,
+    and every answer to a page, a 401 or a stream included, carries the header it needs; a
+    narrower list answers its own origins only."""
+    page = {"Origin": "http://localhost:3000"}
+    pre = httpx.options(server.url + "/v1/chat/completions", headers={
+        **page, "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization,content-type"})
+    assert pre.status_code == 200 and pre.headers["access-control-allow-origin"] == "*", pre.headers
+    assert "authorization" in pre.headers["access-control-allow-headers"].lower()
+    denied = httpx.get(server.url + "/v1/models", headers=page)
+    assert denied.status_code == 401 and denied.headers["access-control-allow-origin"] == "*"
+    body = {"model": "smollm2", "prompt": "Hi", "max_tokens": 2, "stream": True}
+    with httpx.stream("POST", server.url + "/v1/completions", json=body,
+                      headers={**page, "Authorization": f"Bearer {KEY}"}) as r:
+        assert r.headers["access-control-allow-origin"] == "*" and "[DONE]" in r.read().decode()
+
+    llm = server.llm  # a second app on the same engine, with one origin allowed
+    narrow = ServerThread(build_app(llm, ServerConfig(model_name="smollm2", allowed_origins=["http://a.test"],
+                                                      allowed_methods=["GET", "POST"])))
+    try:
+        ask = {"Access-Control-Request-Method": "POST"}
+        ok = httpx.options(narrow.url + "/v1/completions", headers={"Origin": "http://a.test", **ask})
+        assert ok.status_code == 200 and ok.headers["access-control-allow-origin"] == "http://a.test"
+        other = httpx.options(narrow.url + "/v1/completions", headers={"Origin": "http://b.test", **ask})
+        assert other.status_code == 400 and "access-control-allow-origin" not in other.headers
+        assert "access-control-allow-origin" not in httpx.get(narrow.url + "/health", headers={"Origin": "http://b.test"}).headers
+    finally:
+        narrow.stop()
+    with pytest.raises(ValueError, match="allowed_origins must be a list of strings"):
+        ServerConfig(allowed_origins="*")
+    from horae.serve import main
+
+    for flag, bad in (("--allowed-origins", "*"), ("--allowed-headers", '{"a": 1}')):
+        with pytest.raises(SystemExit):
+            main([flag, bad])
+        assert f"argument {flag}" in capsys.readouterr().err
+    _assert_idle(server)
 
 
 def test_serve_fails_at_once_on_a_port_in_use_or_a_host_that_does_not_resolve(capsys):

@@ -63,15 +63,26 @@ def _port(text: str) -> int:
     return port
 
 
-def _json_dict(text: str) -> dict:
+def _json(text: str):
     import json
 
     try:
-        value = json.loads(text)
+        return json.loads(text)
     except json.JSONDecodeError as e:
         raise argparse.ArgumentTypeError(f"not valid JSON: {e}") from None
+
+
+def _json_dict(text: str) -> dict:
+    value = _json(text)
     if not isinstance(value, dict):
         raise argparse.ArgumentTypeError("expected a JSON object")
+    return value
+
+
+def _json_strings(text: str) -> list:
+    value = _json(text)
+    if not isinstance(value, list) or not all(isinstance(x, str) for x in value):
+        raise argparse.ArgumentTypeError('expected a JSON list of strings, e.g. \'["http://localhost:3000"]\'')
     return value
 
 
@@ -138,6 +149,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, help="make the run reproducible: unseeded requests draw from streams derived "
                                             "from it (default: fresh entropy)")
     p.add_argument("--max-body-bytes", type=int, default=4 << 20, help="largest request body (413 beyond)")
+    # CORS, as vLLM's flags (Starlette's CORSMiddleware): a page in a browser may call the server.
+    p.add_argument("--allowed-origins", type=_json_strings, default=["*"], metavar="JSON",
+                   help='origins a browser page may call from (default: \'["*"]\', any; \'[]\': none)')
+    p.add_argument("--allowed-methods", type=_json_strings, default=["*"], metavar="JSON",
+                   help='HTTP methods such a page may use (default: \'["*"]\')')
+    p.add_argument("--allowed-headers", type=_json_strings, default=["*"], metavar="JSON",
+                   help='request headers such a page may send (default: \'["*"]\')')
+    p.add_argument("--allow-credentials", action="store_true", help="let such a page send its cookies")
     p.add_argument("--enable-auto-tool-choice", action="store_true",
                    help='serve tool_choice "auto" (the default when a request gives tools): the model calls tools in '
                         "its own format, read by --tool-call-parser (vLLM's option)")
@@ -201,7 +220,9 @@ def server_config(args: argparse.Namespace):
                         max_body_bytes=args.max_body_bytes, tool_call_parser=tool_call_parser(args),
                         reasoning_parser=args.reasoning_parser, chat_template=chat_template(args),
                         trust_request_chat_template=args.trust_request_chat_template,
-                        return_tokens_as_token_ids=args.return_tokens_as_token_ids)
+                        return_tokens_as_token_ids=args.return_tokens_as_token_ids,
+                        allowed_origins=args.allowed_origins, allowed_methods=args.allowed_methods,
+                        allowed_headers=args.allowed_headers, allow_credentials=args.allow_credentials)
 
 
 def engine_args(args: argparse.Namespace) -> dict:

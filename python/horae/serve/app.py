@@ -12,6 +12,7 @@ from dataclasses import replace
 from typing import Optional
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 
 from horae.async_llm import AsyncLLM
 from horae.serve import chat, completions, models, responses, tokens
@@ -34,6 +35,9 @@ def build_app(llm: AsyncLLM, config: ServerConfig, metrics: Optional[MetricsSour
     for family in (models, completions, chat, responses, tokens):
         app.include_router(family.router(state))
     app.add_middleware(Guard, api_key=config.api_key, max_body_bytes=config.max_body_bytes)
+    # Outermost (added last): a browser's preflight carries no key, and errors need CORS headers too.
+    app.add_middleware(CORSMiddleware, allow_origins=config.allowed_origins, allow_methods=config.allowed_methods,
+                       allow_headers=config.allowed_headers, allow_credentials=config.allow_credentials)
     _add_schema_examples(app, config.model_name)
     return app
 

@@ -10,7 +10,7 @@ import inspect
 import time
 import typing
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import AsyncIterator, Dict, List, Optional, Union
 
 from fastapi import Request
@@ -47,8 +47,19 @@ class ServerConfig:
     #: Logprobs name tokens "token_id:N" unless a request says otherwise (vLLM's
     #: --return-tokens-as-token-ids).
     return_tokens_as_token_ids: bool = False
+    #: CORS (vLLM's --allowed-origins and the rest, Starlette's CORSMiddleware): what a page in a
+    #: browser may call from, with and send. Any origin by default, as vLLM and llama.cpp's server
+    #: allow: a server that needs more than its reach guards itself with `api_key`.
+    allowed_origins: List[str] = field(default_factory=lambda: ["*"])
+    allowed_methods: List[str] = field(default_factory=lambda: ["*"])
+    allowed_headers: List[str] = field(default_factory=lambda: ["*"])
+    allow_credentials: bool = False
 
     def __post_init__(self):  # ValueErrors naming the choices or the fault, at start
+        for name in ("allowed_origins", "allowed_methods", "allowed_headers"):
+            value = getattr(self, name)
+            if not isinstance(value, (list, tuple)) or not all(isinstance(x, str) for x in value):
+                raise ValueError(f"{name} must be a list of strings, got {value!r}")
         if self.tool_call_parser is not None:
             tool_parser(self.tool_call_parser)
         if self.reasoning_parser is not None:
