@@ -1304,6 +1304,26 @@ def test_cors_lets_a_browser_page_call_the_server(server, capsys):
     _assert_idle(server)
 
 
+def test_the_app_mounted_in_a_users_app_keeps_its_open_routes():
+    """`build_app` inside a user's own FastAPI app (`outer.mount("/llm", ...)`): /health stays open
+    to a probe (it needed the key), the rest needs it, and requests are served."""
+    from fastapi import FastAPI
+
+    llm = AsyncLLM(kv_cache_tokens=1024, max_num_seqs=4)  # an engine serves one event loop: its own
+    outer = FastAPI()
+    outer.mount("/llm", build_app(llm, ServerConfig(model_name="smollm2", api_key=KEY)))
+    srv = ServerThread(outer)
+    try:
+        assert httpx.get(srv.url + "/llm/health").status_code == 200
+        assert _error(httpx.get(srv.url + "/llm/v1/models"), 401)["code"] == "invalid_api_key"
+        r = httpx.post(srv.url + "/llm/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
+                       json={"model": "smollm2", "prompt": "Hi", "max_tokens": 2, "ignore_eos": True})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
+    finally:
+        srv.stop()
+        llm.shutdown()
+
+
 def test_serve_fails_at_once_on_a_port_in_use_or_a_host_that_does_not_resolve(capsys):
     # The socket is bound before the model loads, as vLLM's server does: no load, then an error.
     import socket

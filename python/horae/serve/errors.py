@@ -111,8 +111,12 @@ class Guard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v for k, v in scope.get("headers", [])}
+        # The route's own path: an app mounted in another (`outer.mount("/llm", build_app(...))`)
+        # sees the mount's prefix in "path" and again in "root_path".
+        path, root = scope["path"], scope.get("root_path", "")
+        route = path[len(root):] if root and path.startswith(root) else path
         # Constant time: how long the comparison takes says nothing about the key.
-        if self.expected is not None and scope["path"] not in OPEN_ROUTES and \
+        if self.expected is not None and route not in OPEN_ROUTES and \
                 not hmac.compare_digest(headers.get("authorization", b""), self.expected):
             body = error_body("Incorrect API key provided.", "authentication_error", None, "invalid_api_key")
             return await _reply(send, 401, body)
