@@ -20,7 +20,7 @@ import pytest
 from conftest import WEATHER_SHOWN, WEATHER_TOOL
 
 from horae import SamplingParams, __version__
-from horae.async_llm import AsyncLLM, RequestDroppedError
+from horae.async_llm import AsyncLLM, EngineDeadError, RequestDroppedError
 from horae.serve import ServerConfig, ServerThread, build_app
 
 KEY = "sk-horae-test"
@@ -1468,7 +1468,7 @@ def test_a_request_the_model_fails_on_gets_an_error_and_the_server_goes_on(serve
     target = {"skip": events_before_failure}
     original = llm._on_step
 
-    def on_step(outputs, stats):
+    def on_step(outputs, stats, died=False):
         if outputs and target.get("armed"):
             if target["skip"] == 0:
                 failed = SimpleNamespace(request_id=outputs[0].request_id, new_token_ids=[], new_text="",
@@ -1479,7 +1479,7 @@ def test_a_request_the_model_fails_on_gets_an_error_and_the_server_goes_on(serve
                 target["armed"] = False
             else:
                 target["skip"] -= 1
-        original(outputs, stats)
+        original(outputs, stats, died)
 
     llm._on_step = on_step
     try:
@@ -1494,6 +1494,44 @@ def test_a_request_the_model_fails_on_gets_an_error_and_the_server_goes_on(serve
     ok = client.chat.completions.create(model="smollm2", messages=CAPITAL, max_tokens=8, temperature=0)
     assert ok.choices[0].message.content
     _assert_idle(server)
+
+
+def test_an_engine_that_died_fails_health_and_every_request_with_503():
+    """The core ends its step loop when a step panics (a bug) and says the engine died
+    (rust/core/tests/scheduler.rs); from then on, as vLLM's server: the requests in flight fail,
+    new ones get 503 `engine_dead` at once instead of waiting for a loop that is gone, and
+    /health answers 503 so that an orchestrator (or Ray Serve's health check) restarts it."""
+    llm = AsyncLLM(kv_cache_tokens=1024, max_num_seqs=4)
+    srv = ServerThread(build_app(llm, ServerConfig(model_name="smollm2")))
+    original = llm._on_step
+    armed = {"on": False}
+
+    def on_step(events, stats, died=False):  # the core's report of a panicked step, as it sends it
+        if armed["on"] and events:
+            armed["on"] = False
+            return original(None, "the engine died (a step panicked: index out of bounds); restart it", True)
+        return original(events, stats, died)
+
+    llm._on_step = on_step
+    body = {"model": "smollm2", "prompt": "Once upon a time", "max_tokens": 50, "ignore_eos": True}
+    try:
+        assert httpx.get(srv.url + "/health").status_code == 200 and not llm.errored
+        armed["on"] = True
+        err = _error(httpx.post(srv.url + "/v1/completions", json=body, timeout=60), 503)
+        assert err["code"] == "engine_dead" and "index out of bounds" in err["message"], err
+        assert llm.errored and _error(httpx.get(srv.url + "/health"), 503)["code"] == "engine_dead"
+        with httpx.stream("POST", srv.url + "/v1/chat/completions", timeout=60,
+                          json={"model": "smollm2", "messages": CAPITAL, "stream": True}) as r:
+            assert r.status_code == 503 and json.loads(r.read())["error"]["code"] == "engine_dead"
+        with pytest.raises(EngineDeadError, match="restart it"):
+            asyncio.run(llm.check_health())
+        deadline = time.time() + 10
+        while llm.num_in_flight and time.time() < deadline:
+            time.sleep(0.05)
+        assert llm.num_in_flight == 0 and llm.num_streams == 0, "the request in flight was dropped"
+    finally:
+        srv.stop()
+        llm.shutdown()
 
 
 def test_readme_async_llm_runs_in_a_notebook_and_in_a_script(tmp_path):

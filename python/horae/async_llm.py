@@ -36,7 +36,17 @@ from horae.tokenizer import Tokenizer
 
 
 class EngineDeadError(RuntimeError):
-    """The engine failed a step; the requests in flight were aborted."""
+    """The engine failed a step; the requests in flight were aborted. `code` names the case for
+    a server's error body."""
+
+    code = "engine_error"
+
+
+class EngineDiedError(EngineDeadError):
+    """The engine's step loop died (a step panicked: a bug): every request fails, and no new one
+    is taken. vLLM's `EngineDeadError`: the server answers /health with 503, to be restarted."""
+
+    code = "engine_dead"
 
 
 class RequestDroppedError(RuntimeError):
@@ -86,6 +96,8 @@ class AsyncLLM:
         #: Called with the request id of every request a client cancelled.
         self.abort_listeners: List[Callable[[str], None]] = []
         self._loop: Optional[asyncio.AbstractEventLoop] = None
+        #: Set when the step loop died (`EngineDiedError`), for good.
+        self.dead_error: Optional[EngineDiedError] = None
 
     @property
     def model_dir(self) -> Path:
@@ -102,9 +114,9 @@ class AsyncLLM:
         self._loop = loop
         self.stats = self.engine.stats()
 
-        def on_step(events, stats):  # on the engine thread, GIL held: hand off at once
+        def on_step(events, stats, died):  # on the engine thread, GIL held: hand off at once
             try:
-                loop.call_soon_threadsafe(self._on_step, events, stats)
+                loop.call_soon_threadsafe(self._on_step, events, stats, died)
             except RuntimeError:
                 pass  # the loop has closed; nobody is listening
 
@@ -113,9 +125,11 @@ class AsyncLLM:
         # first (the thread must not call into a finalizing interpreter).
         weakref.finalize(self, self.engine.stop_loop)
 
-    def _on_step(self, events, stats) -> None:
+    def _on_step(self, events, stats, died: bool = False) -> None:
         if events is None:  # the step failed: `stats` is the message
-            self._fail_all(EngineDeadError(f"engine step failed: {stats}"))
+            if died:
+                self.dead_error = EngineDiedError(stats)
+            self._fail_all(self.dead_error or EngineDeadError(f"engine step failed: {stats}"))
             return
         self.stats = stats
         now = time.monotonic()
@@ -165,6 +179,7 @@ class AsyncLLM:
         Bad input raises before anything is queued. Closing or cancelling the stream aborts the
         request, and its KV blocks are freed before the next step. `arrival_time`: as
         `Engine.add_request`'s (a request that waited elsewhere first; its times count from then)."""
+        self.check_alive()
         self._ensure_started()
         waited = waited_since(arrival_time)
         rid = self.engine.add_request(request_id, prompt, sampling_params, arrival_time=arrival_time)
@@ -235,6 +250,20 @@ class AsyncLLM:
         """The model's tokenizer, called as HF transformers' are (vLLM's `AsyncLLM.get_tokenizer`,
         a coroutine there too)."""
         return self.engine.get_tokenizer()
+
+    @property
+    def errored(self) -> bool:
+        """Whether the engine died (vLLM's `EngineClient.errored`)."""
+        return self.dead_error is not None
+
+    def check_alive(self) -> None:
+        """Raise the engine's `EngineDiedError` if it died."""
+        if self.dead_error is not None:
+            raise self.dead_error
+
+    async def check_health(self) -> None:
+        """vLLM's engine client's: raises `EngineDiedError` once the engine has died."""
+        self.check_alive()
 
     async def reset_prefix_cache(self) -> bool:
         """vLLM's `AsyncLLM.reset_prefix_cache`: forget every cached prompt block; False while a

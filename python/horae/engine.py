@@ -390,9 +390,10 @@ class Engine:
         return self._outputs.process(step_outputs)
 
     def start_loop(self, callback: Callable) -> None:
-        """Run steps on a background thread; `callback(step_outputs, stats)` after each step that
-        has something to say, or `callback(None, message)` when a step fails. `step()` is not
-        available meanwhile."""
+        """Run steps on a background thread; `callback(step_outputs, stats, False)` after each step
+        that has something to say, or `callback(None, message, died)` when a step fails: `died`
+        when it panicked, which ends the loop for good (the engine's state is not to be trusted).
+        `step()` is not available meanwhile."""
         self._core.start_loop(callback)
 
     def stop_loop(self) -> None:

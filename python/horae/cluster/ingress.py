@@ -51,6 +51,10 @@ class RemoteLLM:
         self._tokenizer_config = read_tokenizer_config(self.model_dir)
         self._started: Dict[str, bool] = {}
 
+    async def check_health(self) -> None:
+        """The ingress serves while it runs: a replica whose engine died fails its own health
+        check, and Ray Serve replaces it."""
+
     @property
     def num_waiting(self) -> int:
         return sum(1 for started in self._started.values() if not started)

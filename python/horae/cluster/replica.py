@@ -91,6 +91,11 @@ class HoraeReplica:
         finally:
             await stream.aclose()
 
+    async def check_health(self) -> None:
+        """Ray Serve's health check, every few seconds: a replica whose engine died (a step
+        panicked) fails it, and Serve replaces the replica."""
+        await self.llm.check_health()
+
     def info(self) -> Dict[str, Any]:
         eng = self.llm.engine
         return {"model_dir": str(eng.model_dir), "vocab_size": eng.vocab_size,

@@ -6,6 +6,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Response
 
 from horae import __version__
+from horae.async_llm import EngineDeadError
 from horae.serve.errors import APIError
 from horae.serve.state import ServerState
 
@@ -19,6 +20,11 @@ def router(state: ServerState) -> APIRouter:
 
     @r.get("/health")
     async def health():
+        # vLLM's: 503 once the engine has died, so an orchestrator restarts the server.
+        try:
+            await state.llm.check_health()
+        except EngineDeadError as e:
+            raise APIError(503, str(e), "server_error", None, e.code) from None
         return Response(status_code=200)
 
     @r.get("/version")

@@ -44,6 +44,12 @@ pub enum HoraeError {
     #[error("executor failed: {0}")]
     Executor(String),
 
+    /// The step loop's thread panicked (a bug): the loop has ended and the engine's state is not
+    /// to be trusted, so nothing more runs on it. A server reports itself unhealthy, to be
+    /// restarted.
+    #[error("the engine died (a step panicked: {0}); restart it")]
+    EngineDied(String),
+
     /// The CUDA backend cannot start or a GPU step failed: no GPU, a driver or NVRTC missing or
     /// too old, out of GPU memory, a kernel error. The message says what to change.
     #[error("cuda: {0}")]

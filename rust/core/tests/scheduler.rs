@@ -474,6 +474,64 @@ fn a_failing_step_fails_its_requests_and_the_engine_goes_on() {
     assert!(done.iter().all(|&(id, n)| (id == a || id == b) && n == 40), "{done:?}");
 }
 
+/// Panics in the first step that holds request `bad` (a bug in a kernel, say).
+struct PanicsOn {
+    inner: SimExecutor,
+    bad: u64,
+}
+
+impl Executor for PanicsOn {
+    fn execute(&mut self, plan: &StepPlan) -> horae_core::Result<ExecOutput> {
+        if plan.seqs.iter().any(|s| s.id == self.bad) {
+            panic!("index out of bounds: the len is 3 but the index is 7");
+        }
+        self.inner.execute(plan)
+    }
+    fn eos_token_ids(&self) -> Vec<u32> {
+        self.inner.eos_token_ids()
+    }
+}
+
+#[test]
+fn a_step_that_panics_ends_the_loop_and_says_the_engine_died() {
+    use horae_core::engine::EngineHandle;
+    use horae_core::request::{RequestLimits, RequestParams};
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    let c = cfg(PolicyKind::PastFuture, 4096);
+    let sched = Scheduler::new(c.sched.clone(), None).unwrap();
+    let exec = PanicsOn { inner: SimExecutor::new(c.cost.clone(), Arc::new(vec![8u32; 4])), bad: 1 };
+    let engine = Engine::new(sched, Box::new(exec), Box::new(VirtualClock::default()));
+    let h = EngineHandle::new(engine, RequestLimits { vocab_size: 1000, max_model_len: 2048, pool_tokens: 4096 });
+    let (tx, rx) = mpsc::channel();
+    h.start_loop(move |events| {
+        let _ = tx.send(events.map(|e| e.outputs.len()));
+    })
+    .unwrap();
+    let params = |n| RequestParams { prompt_token_ids: vec![5; 20], max_tokens: Some(n), ..Default::default() };
+    let first = h.add_request(params(8)).unwrap();
+    assert_eq!(first, 0);
+    // Request 0 runs; request 1's first step panics: the loop reports it once, as the engine's
+    // death with the panic's message, and ends (no hang, no silent exit).
+    let mut seen = Vec::new();
+    let died = loop {
+        match rx.recv_timeout(Duration::from_secs(30)).expect("the loop reports before it ends") {
+            Ok(n) => {
+                seen.push(n);
+                if seen.len() == 2 {
+                    h.add_request(params(8)).unwrap();
+                }
+            }
+            Err(e) => break e,
+        }
+    };
+    assert!(matches!(&died, HoraeError::EngineDied(m) if m.contains("the index is 7")), "{died}");
+    assert!(died.to_string().contains("restart it"), "{died}");
+    h.stop_loop().expect("the loop was started").join().expect("the loop thread ended cleanly");
+    assert!(rx.try_recv().is_err(), "nothing after the death");
+}
+
 /// The server's rules, the same for every policy: a request still queued at its deadline ends
 /// with `timeout` having cost nothing; a started request without a token for longer than the gap
 /// bound ends with `sla_abort`; neither length feeds the history; the block manager stays whole.

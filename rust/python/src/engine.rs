@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use horae_core::engine::{self, EngineArgs, EngineHandle, EngineInfo, EngineStats, RequestOutput, StepEvents};
+use horae_core::error::HoraeError;
 use horae_core::grammar::Constraint;
 use horae_core::request::{RequestParams, Slo, StopReason};
 use horae_core::sample::{SamplingParams, TokenLogprobs};
@@ -429,8 +430,12 @@ impl PyEngine {
                     let called = match result {
                         Ok(events) => stats_dict(py, &events.stats)
                             .and_then(|d| outputs(py, events).map(|o| (o, d)))
-                            .and_then(|(o, d)| callback.call1(py, (o, d))),
-                        Err(e) => callback.call1(py, (py.None(), e.to_string())),
+                            .and_then(|(o, d)| callback.call1(py, (o, d, false))),
+                        // The third value: whether the engine died (the loop has ended).
+                        Err(e) => {
+                            let died = matches!(e, HoraeError::EngineDied(_));
+                            callback.call1(py, (py.None(), e.to_string(), died))
+                        }
                     };
                     if let Err(e) = called {
                         e.print(py);

@@ -3,6 +3,8 @@
 //! (tens of milliseconds on a CPU), the step loop on its own thread, the engine's figures for
 //! metrics and the per-step log for fitting cost models.
 
+use std::any::Any;
+use std::panic::{self, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -93,6 +95,15 @@ struct Shared {
     /// Held while the history file is written; the recorded count of the last write, so that an
     /// older snapshot never overwrites a newer one.
     history_written: Mutex<u64>,
+}
+
+/// What a panic said (its payload is a `&str` or a `String` when it came from `panic!`).
+fn panic_message(payload: &(dyn Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic with no message".into())
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -342,7 +353,15 @@ impl EngineHandle {
                     if shared.stop.load(Ordering::Acquire) {
                         break;
                     }
-                    let result = shared.step();
+                    // A panic in a step is a bug; unwinding through here would end the thread
+                    // without a word and leave every caller waiting. Say so once, and stop.
+                    let result = match panic::catch_unwind(AssertUnwindSafe(|| shared.step())) {
+                        Ok(result) => result,
+                        Err(payload) => {
+                            on_step(Err(HoraeError::EngineDied(panic_message(payload.as_ref()))));
+                            break;
+                        }
+                    };
                     if matches!(&result, Ok(events) if events.outputs.is_empty()) {
                         continue;
                     }
