@@ -290,6 +290,8 @@ def cancel_on_disconnect(handler):
         gone = asyncio.ensure_future(_hung_up(kwargs["raw"]))
         try:
             await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+            if not work.done() and gone.exception() is not None:
+                await work  # the connection could not be watched: answer as if unwatched
         finally:
             gone.cancel()
             if not work.done():  # the client left (or this server is stopping): closing its streams aborts them
