@@ -1564,6 +1564,15 @@ def test_readme_async_llm_runs_in_a_notebook_and_in_a_script(tmp_path):
     path.write_text(script.replace("AsyncLLM()", "AsyncLLM(kv_cache_tokens=1024)"))
     out = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip(), out.stderr
+    # The server on a thread, as the README runs it in a notebook: served, then stopped.
+    snippet = next(b for b in blocks if "ServerThread(" in b).replace("AsyncLLM()", "AsyncLLM(kv_cache_tokens=1024)")
+    served = snippet.replace("server.stop()", "import openai\n"
+                             "answer = openai.OpenAI(base_url=server.url + '/v1', api_key='-').completions.create(\n"
+                             "    model='SmolLM2-135M-Instruct', prompt='Hi', max_tokens=2)\n"
+                             "print(answer.usage.completion_tokens)\nserver.stop()")
+    path.write_text(served)
+    out = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.split()[-1] == "2" and "http://127.0.0.1:" in out.stdout, out.stderr
 
 
 @contextlib.contextmanager
