@@ -1496,29 +1496,42 @@ def test_a_request_the_model_fails_on_gets_an_error_and_the_server_goes_on(serve
     _assert_idle(server)
 
 
-def test_an_engine_that_died_fails_health_and_every_request_with_503():
+@pytest.mark.parametrize("death", ["a step panicked", "reading outputs failed"])
+def test_an_engine_that_died_fails_health_and_every_request_with_503(death):
     """The core ends its step loop when a step panics (a bug) and says the engine died
-    (rust/core/tests/scheduler.rs); from then on, as vLLM's server: the requests in flight fail,
-    new ones get 503 `engine_dead` at once instead of waiting for a loop that is gone, and
-    /health answers 503 so that an orchestrator (or Ray Serve's health check) restarts it."""
+    (rust/core/tests/scheduler.rs); a bug in reading a step's outputs leaves no output to trust
+    either. From then on, as vLLM's server: the requests in flight fail, new ones get 503
+    `engine_dead` at once instead of waiting for a loop that is gone, and /health answers 503 so
+    that an orchestrator (or Ray Serve's health check) restarts it."""
     llm = AsyncLLM(kv_cache_tokens=1024, max_num_seqs=4)
     srv = ServerThread(build_app(llm, ServerConfig(model_name="smollm2")))
-    original = llm._on_step
     armed = {"on": False}
+    if death == "a step panicked":
+        original, why = llm._on_step, "index out of bounds"
 
-    def on_step(events, stats, died=False):  # the core's report of a panicked step, as it sends it
-        if armed["on"] and events:
-            armed["on"] = False
-            return original(None, "the engine died (a step panicked: index out of bounds); restart it", True)
-        return original(events, stats, died)
+        def on_step(events, stats, died=False):  # the core's report of a panicked step, as it sends it
+            if armed["on"] and events:
+                armed["on"] = False
+                return original(None, "the engine died (a step panicked: index out of bounds); restart it", True)
+            return original(events, stats, died)
 
-    llm._on_step = on_step
+        llm._on_step = on_step
+    else:
+        process, why = llm.engine.process_outputs, "KeyError"
+
+        def process_outputs(events):  # an output processor's bug, once
+            if armed["on"]:
+                armed["on"] = False
+                raise KeyError(12345)
+            return process(events)
+
+        llm.engine.process_outputs = process_outputs
     body = {"model": "smollm2", "prompt": "Once upon a time", "max_tokens": 50, "ignore_eos": True}
     try:
         assert httpx.get(srv.url + "/health").status_code == 200 and not llm.errored
         armed["on"] = True
         err = _error(httpx.post(srv.url + "/v1/completions", json=body, timeout=60), 503)
-        assert err["code"] == "engine_dead" and "index out of bounds" in err["message"], err
+        assert err["code"] == "engine_dead" and why in err["message"], err
         assert llm.errored and _error(httpx.get(srv.url + "/health"), 503)["code"] == "engine_dead"
         with httpx.stream("POST", srv.url + "/v1/chat/completions", timeout=60,
                           json={"model": "smollm2", "messages": CAPITAL, "stream": True}) as r:
@@ -1532,6 +1545,20 @@ def test_an_engine_that_died_fails_health_and_every_request_with_503():
     finally:
         srv.stop()
         llm.shutdown()
+
+
+def test_a_listener_that_fails_does_not_stop_the_requests(server, client, caplog):
+    def broken(outs, stats, times):
+        raise ZeroDivisionError("a metrics bug")
+
+    server.llm.listeners.append(broken)
+    try:
+        r = client.completions.create(model="smollm2", prompt="Hi", max_tokens=4, extra_body={"ignore_eos": True})
+    finally:
+        server.llm.listeners.remove(broken)
+    assert r.usage.completion_tokens == 4 and not server.llm.errored
+    assert "an AsyncLLM listener failed" in caplog.text
+    _assert_idle(server)
 
 
 def test_readme_async_llm_runs_in_a_notebook_and_in_a_script(tmp_path):

@@ -29,7 +29,7 @@ from typing import AsyncIterator, Callable, Dict, Iterable, List, Optional, Unio
 
 from horae.beam_search import beam_search_stream
 from horae.checks import waited_since
-from horae.engine import Engine, PromptType
+from horae.engine import Engine, PromptType, logger
 from horae.outputs import Deltas, RequestOutput
 from horae.sampling_params import BeamSearchParams, RequestOutputKind, SamplingParams
 from horae.tokenizer import Tokenizer
@@ -133,7 +133,12 @@ class AsyncLLM:
             return
         self.stats = stats
         now = time.monotonic()
-        outs = self.engine.process_outputs(events)
+        try:
+            outs = self.engine.process_outputs(events)
+        except Exception as e:  # a bug: no request's output can be trusted now (as vLLM's output handler)
+            self.dead_error = EngineDiedError(f"the engine died (reading a step's outputs failed: {e!r}); restart it")
+            self._fail_all(self.dead_error)
+            return
         touched = {}
         for out in outs:
             t = self.times.get(out.request_id)
@@ -148,7 +153,10 @@ class AsyncLLM:
             if q is not None:
                 q.put_nowait(out)
         for f in self.listeners:
-            f(outs, stats, touched)
+            try:
+                f(outs, stats, touched)
+            except Exception:  # a listener's bug (metrics, say) is its own: the requests go on
+                logger.exception("an AsyncLLM listener failed")
         for out in outs:
             if out.finished:
                 self.times.pop(out.request_id, None)
