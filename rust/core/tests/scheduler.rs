@@ -528,6 +528,8 @@ fn a_step_that_panics_ends_the_loop_and_says_the_engine_died() {
     };
     assert!(matches!(&died, HoraeError::EngineDied(m) if m.contains("the index is 7")), "{died}");
     assert!(died.to_string().contains("restart it"), "{died}");
+    // Nothing more is taken: a request added now would wait for a loop that is gone.
+    assert!(matches!(h.add_request(params(4)), Err(HoraeError::EngineDied(_))));
     h.stop_loop().expect("the loop was started").join().expect("the loop thread ended cleanly");
     assert!(rx.try_recv().is_err(), "nothing after the death");
 }

@@ -13,7 +13,7 @@ mod spec;
 use horae_core::route::{RetryShed, RouterKind};
 use horae_core::sched::{PolicyKind, Preemption, Prior, QueueDiscipline};
 use horae_core::HoraeError;
-use pyo3::exceptions::PyValueError;
+use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 
 /// Past-Future's prior as Python gives it: a name ("uniform", "max-tokens") or output lengths
@@ -38,6 +38,10 @@ pyo3::create_exception!(_core, HoraeCoreError, PyValueError, "An error reported 
 
 /// A core error as `HoraeCoreError`; a refused request's carries the field at fault as `param`.
 pub(crate) fn to_py(e: HoraeError) -> PyErr {
+    if let HoraeError::EngineDied(_) = e {
+        // Not the caller's input (HoraeCoreError is a ValueError, a 400 in the server).
+        return PyRuntimeError::new_err(e.to_string());
+    }
     let err = HoraeCoreError::new_err(e.to_string());
     if let HoraeError::BadRequest { param: Some(param), .. } = e {
         Python::attach(|py| {

@@ -92,6 +92,8 @@ struct Shared {
     /// Signalled when the inbox gets work or the loop is told to stop.
     wake: Condvar,
     stop: AtomicBool,
+    /// Why the step loop died (a step panicked), once it has: nothing more is taken.
+    died: Mutex<Option<String>>,
     /// Held while the history file is written; the recorded count of the last write, so that an
     /// older snapshot never overwrites a newer one.
     history_written: Mutex<u64>,
@@ -230,6 +232,7 @@ impl EngineHandle {
             inbox: Mutex::default(),
             wake: Condvar::new(),
             stop: AtomicBool::new(false),
+            died: Mutex::new(None),
             history_written: Mutex::new(0),
         };
         Self { shared: Arc::new(shared), limits, grammars: None, next_id: AtomicU64::new(0), looper: Mutex::new(None) }
@@ -287,6 +290,9 @@ impl EngineHandle {
         // A grammar compiles here, on the caller's thread: a bad one is the caller's 400, and a
         // slow one never holds up a step.
         let spec = params.into_spec(&self.limits, self.grammars.as_ref())?;
+        if let Some(why) = lock(&self.shared.died).clone() {
+            return Err(HoraeError::EngineDied(why)); // no loop will ever take it
+        }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         self.push(|inbox| inbox.adds.push((id, spec, waited)));
         Ok(id)
@@ -358,7 +364,9 @@ impl EngineHandle {
                     let result = match panic::catch_unwind(AssertUnwindSafe(|| shared.step())) {
                         Ok(result) => result,
                         Err(payload) => {
-                            on_step(Err(HoraeError::EngineDied(panic_message(payload.as_ref()))));
+                            let why = panic_message(payload.as_ref());
+                            *lock(&shared.died) = Some(why.clone());
+                            on_step(Err(HoraeError::EngineDied(why)));
                             break;
                         }
                     };
