@@ -532,6 +532,17 @@ fn a_step_that_panics_ends_the_loop_and_says_the_engine_died() {
     assert!(matches!(h.add_request(params(4)), Err(HoraeError::EngineDied(_))));
     h.stop_loop().expect("the loop was started").join().expect("the loop thread ended cleanly");
     assert!(rx.try_recv().is_err(), "nothing after the death");
+
+    // The same on the caller's thread (`LLM`'s steps): the panic is the engine's death, said
+    // as an error instead of unwinding into the caller, and nothing runs after it.
+    let sched = Scheduler::new(c.sched.clone(), None).unwrap();
+    let exec = PanicsOn { inner: SimExecutor::new(c.cost.clone(), Arc::new(vec![8u32; 4])), bad: 0 };
+    let engine = Engine::new(sched, Box::new(exec), Box::new(VirtualClock::default()));
+    let h = EngineHandle::new(engine, RequestLimits { vocab_size: 1000, max_model_len: 2048, pool_tokens: 4096 });
+    h.add_request(params(8)).unwrap();
+    assert!(matches!(h.step(), Err(HoraeError::EngineDied(m)) if m.contains("the index is 7")));
+    assert!(matches!(h.step(), Err(HoraeError::EngineDied(_))));
+    assert!(matches!(h.add_request(params(4)), Err(HoraeError::EngineDied(_))));
 }
 
 /// The server's rules, the same for every policy: a request still queued at its deadline ends

@@ -140,6 +140,21 @@ impl Shared {
         st
     }
 
+    /// `step`, where a panic (a bug) kills the engine instead of unwinding into the caller (the
+    /// loop's thread would end without a word, leaving every caller waiting): it is reported
+    /// once as `EngineDied`, and every later step or request is refused with it, since the
+    /// engine's state is not to be trusted after a half-done step.
+    fn guarded_step(&self) -> Result<StepEvents> {
+        if let Some(why) = lock(&self.died).clone() {
+            return Err(HoraeError::EngineDied(why));
+        }
+        panic::catch_unwind(AssertUnwindSafe(|| self.step())).unwrap_or_else(|payload| {
+            let why = panic_message(payload.as_ref());
+            *lock(&self.died) = Some(why.clone());
+            Err(HoraeError::EngineDied(why))
+        })
+    }
+
     fn step(&self) -> Result<StepEvents> {
         let mut st = self.engine();
         let mut outputs = std::mem::take(&mut st.refused);
@@ -339,7 +354,7 @@ impl EngineHandle {
                 "the background loop is running this engine; step() is not available".into(),
             ));
         }
-        self.shared.step()
+        self.shared.guarded_step()
     }
 
     /// Run the step loop on a thread of its own: after every step with something to say,
@@ -359,17 +374,11 @@ impl EngineHandle {
                     if shared.stop.load(Ordering::Acquire) {
                         break;
                     }
-                    // A panic in a step is a bug; unwinding through here would end the thread
-                    // without a word and leave every caller waiting. Say so once, and stop.
-                    let result = match panic::catch_unwind(AssertUnwindSafe(|| shared.step())) {
-                        Ok(result) => result,
-                        Err(payload) => {
-                            let why = panic_message(payload.as_ref());
-                            *lock(&shared.died) = Some(why.clone());
-                            on_step(Err(HoraeError::EngineDied(why)));
-                            break;
-                        }
-                    };
+                    let result = shared.guarded_step();
+                    if let Err(died @ HoraeError::EngineDied(_)) = result {
+                        on_step(Err(died)); // said once; nothing more runs
+                        break;
+                    }
                     if matches!(&result, Ok(events) if events.outputs.is_empty()) {
                         continue;
                     }
