@@ -43,8 +43,9 @@ class EngineDeadError(RuntimeError):
 
 
 class EngineDiedError(EngineDeadError):
-    """The engine's step loop died (a step panicked: a bug): every request fails, and no new one
-    is taken. vLLM's `EngineDeadError`: the server answers /health with 503, to be restarted."""
+    """The engine died (a step panicked, or reading a step's outputs failed: a bug): every request
+    fails, and no new one is taken. vLLM's `EngineDeadError`: the server answers /health with
+    503, to be restarted."""
 
     code = "engine_dead"
 

@@ -109,8 +109,10 @@ fn panic_message(payload: &(dyn Any + Send)) -> String {
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // A panic while holding a lock poisons it; the state is still consistent because every
-    // mutation goes through the core's own checks, so keep serving.
+    // A panic while holding a lock poisons it. Outside a step (a caller's thread holding the
+    // inbox or the history lock) the state is still consistent, since every mutation goes through
+    // the core's own checks, so keep serving; a step that panicked kills the engine instead
+    // (`guarded_step`), and nothing reads its state after that but the figures.
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
