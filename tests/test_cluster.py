@@ -124,6 +124,11 @@ def test_the_openai_client_works_through_the_ingress(cluster):
                                             max_tokens=12, temperature=0, stream=True)
     assert "Paris" in "".join(ch.choices[0].delta.content or "" for ch in stream if ch.choices)
     assert [m.id for m in client.models.list().data] == [MODEL]
+    # Chat logprobs' bytes, from the ingress's tokenizer: an emoji's three tokens join to it.
+    emoji = client.chat.completions.create(model=MODEL, max_tokens=6, temperature=0, logprobs=True, messages=[
+        {"role": "user", "content": "Write three emoji about the sea and the sun."}])
+    content, lp = emoji.choices[0].message.content, emoji.choices[0].logprobs.content
+    assert b"".join(bytes(t.bytes) for t in lp).decode("utf-8", "ignore") == content.rstrip("\ufffd") != "", content
     # `echo` through a replica: the prompt's logprobs come back with its output (lm-eval's body).
     ids = [504, 3575, 282, 4649, 314]
     e = client.completions.create(model=MODEL, prompt=ids, max_tokens=1, temperature=0, logprobs=1, echo=True)

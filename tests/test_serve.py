@@ -1114,6 +1114,26 @@ def test_end_of_sequence_is_not_returned(server, client):
     _assert_idle(server)
 
 
+def test_logprob_bytes_join_to_the_text_where_tokens_split_a_character(server, client):
+    """OpenAI's logprob `bytes`: "useful where characters are represented by multiple tokens and
+    their byte representations must be combined". SmolLM2 writes an emoji as three tokens, each
+    part of the character (named by a replacement character); their bytes join to its UTF-8."""
+    msgs = [{"role": "user", "content": "Write three emoji about the sea and the sun."}]
+    r = client.chat.completions.create(model="smollm2", messages=msgs, max_tokens=12, temperature=0, logprobs=True,
+                                       top_logprobs=2)
+    content, lp = r.choices[0].message.content, r.choices[0].logprobs.content
+    assert any(t.token == "\ufffd" for t in lp) and any(ord(ch) > 0xFFFF for ch in content), (content, lp)
+    joined = b"".join(bytes(t.bytes) for t in lp)
+    assert joined.decode("utf-8", "ignore") == content.rstrip("\ufffd"), (joined, content)
+    assert all(isinstance(b, int) and 0 <= b < 256 for t in lp for alt in t.top_logprobs for b in alt.bytes)
+    # The same through the Responses API.
+    resp = client.responses.create(model="smollm2", input=msgs[0]["content"], max_output_tokens=12, temperature=0,
+                                   top_logprobs=2, include=["message.output_text.logprobs"])
+    part = resp.output[0].content[0]
+    assert b"".join(bytes(t.bytes) for t in part.logprobs).decode("utf-8", "ignore") == part.text.rstrip("\ufffd")
+    _assert_idle(server)
+
+
 def test_malformed_input_gets_a_400_never_a_500(server):
     """Defects found by outside clients: lone surrogates, integers past 64 bits, and loose type
     coercion each get a 400 in OpenAI's shape, and the server goes on serving."""

@@ -286,6 +286,9 @@ class AsyncLLM:
     def decode(self, token_ids, skip_special_tokens: bool = True) -> str:
         return self.engine.decode(token_ids, skip_special_tokens)
 
+    def token_bytes(self, token: int) -> bytes:
+        return self.engine.token_bytes(token)
+
     def apply_chat_template(self, messages, add_generation_prompt: bool = True, tools=None, **options) -> str:
         return self.engine.apply_chat_template(messages, add_generation_prompt, tools, **options)
 

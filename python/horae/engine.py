@@ -187,6 +187,7 @@ class Engine:
             level = logging.INFO if warm or not Path(history_file).exists() else logging.WARNING
             logger.log(level, "horae: %s", message)
         self._token_text: Dict[int, str] = {}
+        self._token_bytes: Dict[int, bytes] = {}
         self._outputs = OutputProcessor(self.token_text)
         self._ids = itertools.count()
         self.tokenizer_config = read_tokenizer_config(self.model_dir)
@@ -280,6 +281,14 @@ class Engine:
         if s is None:
             s = self._token_text[token] = self._core.decode([token], False)
         return s
+
+    def token_bytes(self, token: int) -> bytes:
+        """A token's own bytes: OpenAI's logprob `bytes`, which over a text's tokens join to its
+        UTF-8 where a token holding part of a character has a replacement character for text."""
+        b = self._token_bytes.get(token)
+        if b is None:
+            b = self._token_bytes[token] = self._core.token_bytes(token)
+        return b
 
     def logits(self, token_ids: Sequence[int]):
         """Teacher-forced logits of a token sequence on the model, as a numpy array `[tokens, vocab]`."""

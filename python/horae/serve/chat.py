@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, List, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple
 
 from fastapi import APIRouter, Request
 
@@ -18,15 +18,17 @@ from horae.serve.state import ServerState, cancel_on_disconnect, new_parts, toke
 from horae.serve.streaming import sse_response
 
 
-def chat_logprobs(c, start: int, top: int, as_ids: bool) -> Optional[dict]:
+def chat_logprobs(c, start: int, top: int, as_ids: bool, token_bytes: Callable[[int], bytes]) -> Optional[dict]:
     """OpenAI's chat logprobs of sample `c`'s tokens from `start`, `top` alternatives each;
-    `as_ids` (vLLM's return_tokens_as_token_ids) names each token "token_id:N"."""
+    `as_ids` (vLLM's return_tokens_as_token_ids) names each token "token_id:N". A token's
+    `bytes` are its own (`token_bytes`), as OpenAI's: a token holding part of a character is
+    named by a replacement character, and only its bytes say which part."""
     if c.logprobs is None:
         return None
 
     def token(t: int, lp) -> dict:
         name = token_name(t, lp.decoded_token, as_ids)
-        return {"token": name, "logprob": lp.logprob, "bytes": list(name.encode())}
+        return {"token": name, "logprob": lp.logprob, "bytes": list(name.encode() if as_ids else token_bytes(t))}
 
     content = []
     for t, d in zip(c.token_ids[start:], c.logprobs[start:]):
@@ -75,7 +77,7 @@ def router(state: ServerState) -> APIRouter:
         streams, top, as_ids = [stream], req.top_logprobs or 0, state.tokens_as_ids(req)
 
         def logprobs(c, start: int) -> Optional[dict]:
-            return chat_logprobs(c, start, top, as_ids)
+            return chat_logprobs(c, start, top, as_ids, state.llm.token_bytes)
 
         base = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
                 "model": state.config.model_name}

@@ -188,7 +188,7 @@ def router(state: ServerState) -> APIRouter:
             "truncation": "disabled", "usage": None, "user": req.user}
 
         def logprobs(c, start: int) -> List[dict]:
-            lp = chat_logprobs(c, start, top, as_ids)
+            lp = chat_logprobs(c, start, top, as_ids, state.llm.token_bytes)
             return lp["content"] if lp else []
 
         def done(items: Output, final) -> dict:

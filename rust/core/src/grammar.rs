@@ -5,7 +5,6 @@
 //! that samples for the request reads the `Grammar`'s mask of the tokens that keep the text
 //! inside the language; each token drawn moves it on.
 
-use std::path::Path;
 use std::sync::{Arc, OnceLock};
 
 use llguidance::api::TopLevelGrammar;
@@ -256,7 +255,6 @@ impl TokenizerEnv for Vocabulary {
 /// first compile (a tenth of a second for 49,152 tokens), so engines never asked for structured
 /// output never pay for it.
 pub struct Compiler {
-    tokenizer_json: std::path::PathBuf,
     tokenizer: Arc<Tokenizer>,
     vocab_size: usize,
     eos: u32,
@@ -264,18 +262,15 @@ pub struct Compiler {
 }
 
 impl Compiler {
-    /// For the model in `dir` (its `tokenizer.json`), whose logits have `vocab_size` rows and
-    /// whose end-of-sequence is `eos`.
-    pub fn new(dir: &Path, tokenizer: Arc<Tokenizer>, vocab_size: usize, eos: u32) -> Self {
-        Self { tokenizer_json: dir.join("tokenizer.json"), tokenizer, vocab_size, eos, factory: OnceLock::new() }
+    /// For a model with this tokenizer, whose logits have `vocab_size` rows and whose
+    /// end-of-sequence is `eos`.
+    pub fn new(tokenizer: Arc<Tokenizer>, vocab_size: usize, eos: u32) -> Self {
+        Self { tokenizer, vocab_size, eos, factory: OnceLock::new() }
     }
 
     fn factory(&self) -> Result<&ParserFactory> {
         let f = self.factory.get_or_init(|| {
-            let text = std::fs::read_to_string(&self.tokenizer_json)
-                .map_err(|e| format!("cannot read {}: {e}", self.tokenizer_json.display()))?;
-            let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| e.to_string())?;
-            let mut words = llguidance::token_bytes_from_tokenizer_json(&json).map_err(|e| e.to_string())?;
+            let mut words = self.tokenizer.vocab_bytes()?.to_vec();
             // Rows of the logits past the tokenizer's ids (padding) are never allowed.
             words.resize(self.vocab_size.max(words.len()), Vec::new());
             let info = TokRxInfo::new(words.len() as u32, self.eos);

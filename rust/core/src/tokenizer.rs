@@ -1,12 +1,19 @@
 //! `tokenizer.json` through the `tokenizers` crate, plus incremental detokenization that never
 //! emits half of a UTF-8 character.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
 use crate::error::{HoraeError, Result};
 
+/// What llguidance's reading of `tokenizer.json` puts before a special token's text.
+const SPECIAL_TOKEN_MARKER: u8 = llguidance::toktrie::TokTrie::SPECIAL_TOKEN_MARKER;
+
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
+    path: PathBuf,
+    /// Every token's bytes, read at the first use (structured output's trie, logprobs' `bytes`).
+    vocab_bytes: OnceLock<std::result::Result<Vec<Vec<u8>>, String>>,
 }
 
 impl Tokenizer {
@@ -14,7 +21,36 @@ impl Tokenizer {
         let path = dir.join("tokenizer.json");
         let inner = tokenizers::Tokenizer::from_file(&path)
             .map_err(|e| HoraeError::Model(format!("cannot load {}: {e}", path.display())))?;
-        Ok(Self { inner })
+        Ok(Self { inner, path, vocab_bytes: OnceLock::new() })
+    }
+
+    /// Every token's bytes by id, as llguidance reads `tokenizer.json` (byte-level BPE or
+    /// byte fallback), a special token's text after `SPECIAL_TOKEN_MARKER`. A token holding part
+    /// of a character is its bytes here, where its decoded text is a replacement character.
+    pub fn vocab_bytes(&self) -> std::result::Result<&[Vec<u8>], String> {
+        let read = self.vocab_bytes.get_or_init(|| {
+            let text =
+                std::fs::read_to_string(&self.path).map_err(|e| format!("cannot read {}: {e}", self.path.display()))?;
+            let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| e.to_string())?;
+            // llguidance asserts on vocabularies it does not expect: a reason, not a panic.
+            std::panic::catch_unwind(|| llguidance::token_bytes_from_tokenizer_json(&json))
+                .map_err(|_| "llguidance cannot read this vocabulary".to_string())?
+                .map_err(|e| e.to_string())
+        });
+        read.as_ref().map(|v| v.as_slice()).map_err(|e| e.clone())
+    }
+
+    /// A token's own bytes (OpenAI's logprob `bytes`: joined over a text's tokens, they are its
+    /// UTF-8), a special token's its text's; its decoded text's where the vocabulary cannot be
+    /// read as bytes.
+    pub fn token_bytes(&self, id: u32) -> Result<Vec<u8>> {
+        match self.vocab_bytes().ok().and_then(|v| v.get(id as usize)).filter(|b| !b.is_empty()) {
+            Some(bytes) => Ok(match bytes.split_first() {
+                Some((&SPECIAL_TOKEN_MARKER, text)) if !text.is_empty() => text.to_vec(),
+                _ => bytes.clone(),
+            }),
+            None => Ok(self.decode(&[id], false)?.into_bytes()),
+        }
     }
 
     /// Token ids of `text`; special tokens written in the text (e.g. `<|im_start|>`) are parsed.

@@ -292,6 +292,22 @@ fn structured_output_draws_only_what_its_grammar_allows() {
     assert!(!h.has_unfinished());
 }
 
+/// A token holding part of a character: its text is a replacement character, its bytes are the
+/// bytes (OpenAI's logprob `bytes`, joined over a text's tokens, are its UTF-8); a vocabulary
+/// llguidance cannot read that way gives its text's.
+#[test]
+fn a_tokens_bytes_are_its_bytes_where_its_text_cannot_say() {
+    use horae_core::tokenizer::Tokenizer;
+    let t = Tokenizer::from_dir(&byte_level_model_dir()).unwrap();
+    let euro = "€".as_bytes(); // E2 82 AC: three tokens here
+    assert_eq!(t.decode(&[u32::from(euro[0])], false).unwrap(), "\u{fffd}");
+    let joined: Vec<u8> = euro.iter().flat_map(|&b| t.token_bytes(u32::from(b)).unwrap()).collect();
+    assert_eq!(joined, euro);
+    assert_eq!(t.token_bytes(u32::from(b' ')).unwrap(), b" ");
+    let words = Tokenizer::from_dir(&model_dir()).unwrap();
+    assert_eq!(words.token_bytes(5).unwrap(), b"t5", "a word-level vocabulary: the text's bytes");
+}
+
 /// What the scheduler asks of a grammar when a step verifies drafts: how many of a proposer's
 /// drafts stay in the language (cut before end-of-sequence), and the mask of each row, the
 /// grammar moved through the drafts and back.
@@ -301,7 +317,7 @@ fn a_grammar_takes_drafts_while_they_stay_in_its_language() {
     use horae_core::tokenizer::Tokenizer;
     let dir = byte_level_model_dir();
     let tokenizer = std::sync::Arc::new(Tokenizer::from_dir(&dir).unwrap());
-    let mut g = Compiler::new(&dir, tokenizer, 256, 2).compile(&Constraint::Regex("ab+".into())).unwrap();
+    let mut g = Compiler::new(tokenizer, 256, 2).compile(&Constraint::Regex("ab+".into())).unwrap();
     let (a, b, c) = (u32::from(b'a'), u32::from(b'b'), u32::from(b'c'));
     let allowed = |mask: &[u32]| (0..256).filter(|&t| mask[t / 32] >> (t % 32) & 1 == 1).collect::<Vec<usize>>();
     assert_eq!(g.valid_drafts(&[a, b, b, c, b]), 3);
@@ -334,10 +350,8 @@ fn a_grammar_starts_after_its_tag() {
     let tokenizer = std::sync::Arc::new(Tokenizer::from_dir(&dir).unwrap());
     let byte = |c: u8| u32::from(c);
     let tag: Vec<u32> = b"</t>".iter().map(|&b| byte(b)).collect();
-    let mut g = Compiler::new(&dir, tokenizer, 256, 2)
-        .compile(&Constraint::Regex("ab+".into()))
-        .unwrap()
-        .starting_after("</t>");
+    let mut g =
+        Compiler::new(tokenizer, 256, 2).compile(&Constraint::Regex("ab+".into())).unwrap().starting_after("</t>");
     let (a, b, x) = (byte(b'a'), byte(b'b'), byte(b'x'));
     assert!(g.masks_through(&[x, x]).is_empty(), "free text: no masks");
     assert_eq!(g.valid_drafts(&[x, x, x]), 3);

@@ -12,7 +12,7 @@ use horae_core::request::{RequestParams, Slo, StopReason};
 use horae_core::sample::{SamplingParams, TokenLogprobs};
 use numpy::{IntoPyArray, PyArrayMethods};
 use pyo3::prelude::*;
-use pyo3::types::PyDict;
+use pyo3::types::{PyBytes, PyDict};
 
 use crate::to_py;
 
@@ -262,6 +262,12 @@ impl PyEngine {
     #[pyo3(signature = (ids, skip_special_tokens = true))]
     fn decode(&self, ids: Vec<i64>, skip_special_tokens: bool) -> PyResult<String> {
         self.info.decode(&ids, skip_special_tokens).map_err(to_py)
+    }
+
+    /// A token's own bytes (`Tokenizer::token_bytes`).
+    fn token_bytes<'py>(&self, py: Python<'py>, token: i64) -> PyResult<Bound<'py, PyBytes>> {
+        let id = self.info.token_ids(&[token]).map_err(to_py)?[0];
+        Ok(PyBytes::new(py, &self.info.tokenizer.token_bytes(id).map_err(to_py)?))
     }
 
     /// Check a request and queue it; returns its id. Every rule is the core's

@@ -193,6 +193,12 @@ impl PyTokenizer {
     fn decode(&self, ids: Vec<i64>, skip_special_tokens: bool) -> PyResult<String> {
         self.inner.decode(&checked_ids(&ids, self.vocab).map_err(to_py)?, skip_special_tokens).map_err(to_py)
     }
+
+    /// A token's own bytes (`Tokenizer::token_bytes`).
+    fn token_bytes<'py>(&self, py: Python<'py>, token: i64) -> PyResult<Bound<'py, PyBytes>> {
+        let id = checked_ids(&[token], self.vocab).map_err(to_py)?[0];
+        Ok(PyBytes::new(py, &self.inner.token_bytes(id).map_err(to_py)?))
+    }
 }
 
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {

@@ -364,8 +364,7 @@ pub fn build(args: EngineArgs) -> Result<(EngineHandle, EngineInfo)> {
     let mut handle = EngineHandle::new(engine, limits).with_history_file(history_file);
     // Structured output ends at end-of-sequence, so a model without one cannot have it.
     if let Some(&eos) = info.eos_token_ids.first() {
-        handle =
-            handle.with_grammars(Compiler::new(&info.model_dir, info.tokenizer.clone(), info.config.vocab_size, eos));
+        handle = handle.with_grammars(Compiler::new(info.tokenizer.clone(), info.config.vocab_size, eos));
     }
     Ok((handle, info))
 }
