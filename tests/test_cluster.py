@@ -440,6 +440,93 @@ def test_a_resend_carries_the_first_arrival_and_ends_at_the_queue_deadline(slo, 
         assert router.budgets[0] <= 0, "asked once, with its deadline passed"
 
 
+class _DeadEngineHandle:
+    """A deployment handle whose replicas named in `dead` have a dead engine (they end the stream
+    with an `engine_dead` refusal before the request starts) and whose others answer."""
+
+    def __init__(self, replicas, dead):
+        self.replicas, self.dead, self.sends = list(replicas), set(dead), []
+
+    def options(self, **_):
+        return self
+
+    @property
+    def generate(self):
+        return self
+
+    def remote(self, ids, params, request_id, route=None, arrival_time=None):
+        from horae.cluster.replica import Refusal
+        from horae.outputs import CompletionOutput, RequestOutput
+
+        # Ray's router: a replica not tried, else any (as `HoraeRequestRouter` falls back).
+        replica = next((r for r in self.replicas if r not in route["tried"]), self.replicas[0])
+        self.sends.append((replica, list(route["tried"])))
+        dead = replica in self.dead
+
+        class Stream:
+            async def __aiter__(self):
+                if dead:
+                    yield Refusal("the engine died (a step panicked: x); restart it", request_id=request_id,
+                                  replica=replica, engine_dead=True)
+                else:
+                    yield RequestOutput(request_id, None, list(ids["prompt_token_ids"]),
+                                        [CompletionOutput(0, "ok", [5], "length", None, None, None)], True)
+
+            def cancel(self):
+                pass
+
+        return Stream()
+
+
+def test_a_request_is_sent_on_from_a_replica_whose_engine_died():
+    """A replica whose engine died refuses a request before it starts (`engine_dead`): the ingress
+    sends it to a replica not yet tried, so the client gets its answer while Serve's health check
+    replaces the dead one; where every replica it can reach is dead, the client gets the 503's
+    error. No Ray: a handle with one dead replica, then with both dead."""
+    import asyncio
+
+    from horae import SamplingParams
+    from horae.async_llm import EngineDiedError
+    from horae.cluster.ingress import RemoteLLM
+    from horae.models import resolve_model
+
+    model_dir = resolve_model(None)
+    info = {"model_dir": str(model_dir), "vocab_size": json.loads((model_dir / "config.json").read_text())["vocab_size"],
+            "max_request_tokens": 2048}
+
+    async def ask(llm):
+        return [out async for out in llm.generate({"prompt_token_ids": [1, 2, 3]}, SamplingParams(max_tokens=1), "req")]
+
+    handle = _DeadEngineHandle(["r1", "r2"], dead={"r1"})
+    outs = asyncio.run(ask(RemoteLLM(handle, info)))
+    assert [o.outputs[0].text for o in outs] == ["ok"] and handle.sends == [("r1", []), ("r2", ["r1"])]
+    handle = _DeadEngineHandle(["r1", "r2"], dead={"r1", "r2"})
+    with pytest.raises(EngineDiedError, match="restart it"):
+        asyncio.run(ask(RemoteLLM(handle, info)))
+    assert handle.sends == [("r1", []), ("r2", ["r1"]), ("r1", ["r1", "r2"])], "each replica once, then the error"
+
+    # The replica's side: a death before the request's first output is that refusal; after it,
+    # the error itself (its answer has begun: it cannot go elsewhere).
+    from types import SimpleNamespace
+
+    from horae.cluster.replica import HoraeReplica, Refusal
+
+    async def engine(outputs: int):
+        for i in range(outputs):
+            yield i
+        raise EngineDiedError("the engine died (a step panicked: x); restart it")
+
+    async def read(outputs: int):
+        me = SimpleNamespace(replica_id="r9")
+        return [x async for x in HoraeReplica._refusals(me, engine(outputs), "req")]
+
+    (refusal,) = asyncio.run(read(0))
+    assert isinstance(refusal, Refusal) and refusal.engine_dead and refusal.replica == "r9"
+    assert isinstance(refusal.error(), EngineDiedError)
+    with pytest.raises(EngineDiedError):
+        asyncio.run(read(2))
+
+
 def test_a_request_a_replica_sheds_is_retried_on_another(cluster):
     """Last in the module: it redeploys the application with other engine settings. Each replica
     runs one request at a time with the SLO queue and a 2 s first-token bound, so a request that

@@ -118,6 +118,13 @@ class RemoteLLM:
                             self._started[request_id] = True
                             yield out
                             continue
+                        if out.engine_dead and out.replica not in tried:
+                            # Its engine died before the request started there: to another
+                            # replica, the router's choice among those not tried (Serve's health
+                            # check replaces this one within seconds).
+                            tried.append(out.replica)
+                            target = None
+                            break
                         if out.dropped == "timeout":
                             # Shed before it started (it cost nothing there): on to the replica
                             # the router's retry rule picks, if any.

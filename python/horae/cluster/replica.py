@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, AsyncIterator, Dict, Optional, Union
 
-from horae.async_llm import AsyncLLM, RequestDroppedError
+from horae.async_llm import AsyncLLM, EngineDiedError, RequestDroppedError
 from horae.outputs import RequestOutput
 from horae.sampling_params import BeamSearchParams, SamplingParams
 from horae.serve import prepare_structured_output
@@ -31,8 +31,13 @@ class Refusal:
     dropped: Optional[str] = None
     request_id: str = ""
     replica: str = ""
+    #: This replica's engine has died (`EngineDiedError`) and the request never started here:
+    #: another replica can take it while Serve's health check replaces this one.
+    engine_dead: bool = False
 
     def error(self) -> Exception:
+        if self.engine_dead:
+            return EngineDiedError(self.message)
         if self.dropped is not None:
             return RequestDroppedError(self.dropped, self.request_id)
         e = ValueError(self.message)
@@ -80,10 +85,17 @@ class HoraeReplica:
             yield out
 
     async def _refusals(self, stream: AsyncIterator[RequestOutput], request_id: str):
-        """`stream`, ended by a `Refusal` where the request is bad or the engine's rules drop it."""
+        """`stream`, ended by a `Refusal` where the request is bad, the engine's rules drop it, or
+        the engine has died before the request started."""
+        started = False
         try:
             async for out in stream:
+                started = True
                 yield out
+        except EngineDiedError as e:
+            if started:
+                raise
+            yield Refusal(str(e), request_id=request_id, replica=self.replica_id, engine_dead=True)
         except RequestDroppedError as e:
             yield Refusal(str(e), dropped=e.reason, request_id=request_id, replica=self.replica_id)
         except (TypeError, ValueError) as e:
