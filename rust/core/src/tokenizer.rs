@@ -1,5 +1,6 @@
 //! `tokenizer.json` through the `tokenizers` crate, plus incremental detokenization that never
-//! emits half of a UTF-8 character.
+//! emits half of a UTF-8 character, and each token's own bytes (llguidance's reading of the same
+//! file), which structured output's trie and logprobs' `bytes` read.
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
