@@ -346,12 +346,9 @@ def test_cli_names_bad_replica_options():
     assert r.returncode == 2 and "--ray-address needs --replicas N" in r.stderr, r.stderr
 
 
-class _SheddingHandle:
-    """A deployment handle whose every replica sheds the request (a `Refusal`, "timeout"): what
-    the ingress sends, with which arguments, without Ray."""
-
-    def __init__(self, shed_after: float = 0.0):
-        self.sends, self.shed_after = [], shed_after
+class _FakeHandle:
+    """A deployment handle without Ray: `handle.options(stream=True).generate.remote(...)` is this
+    object's `remote`, which a test defines."""
 
     def options(self, **_):
         return self
@@ -359,6 +356,14 @@ class _SheddingHandle:
     @property
     def generate(self):
         return self
+
+
+class _SheddingHandle(_FakeHandle):
+    """A deployment handle whose every replica sheds the request (a `Refusal`, "timeout"): what
+    the ingress sends, with which arguments, without Ray."""
+
+    def __init__(self, shed_after: float = 0.0):
+        self.sends, self.shed_after = [], shed_after
 
     def remote(self, ids, params, request_id, route=None, arrival_time=None):
         from horae.cluster.replica import Refusal
@@ -440,19 +445,12 @@ def test_a_resend_carries_the_first_arrival_and_ends_at_the_queue_deadline(slo, 
         assert router.budgets[0] <= 0, "asked once, with its deadline passed"
 
 
-class _DeadEngineHandle:
+class _DeadEngineHandle(_FakeHandle):
     """A deployment handle whose replicas named in `dead` have a dead engine (they end the stream
     with an `engine_dead` refusal before the request starts) and whose others answer."""
 
     def __init__(self, replicas, dead):
         self.replicas, self.dead, self.sends = list(replicas), set(dead), []
-
-    def options(self, **_):
-        return self
-
-    @property
-    def generate(self):
-        return self
 
     def remote(self, ids, params, request_id, route=None, arrival_time=None):
         from horae.cluster.replica import Refusal

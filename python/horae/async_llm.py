@@ -29,7 +29,7 @@ from typing import AsyncIterator, Callable, Dict, Iterable, List, Optional, Unio
 
 from horae.beam_search import beam_search_stream
 from horae.checks import waited_since
-from horae.engine import Engine, PromptType, logger
+from horae.engine import Engine, PromptType, cache_salt, logger
 from horae.outputs import Deltas, RequestOutput
 from horae.sampling_params import BeamSearchParams, RequestOutputKind, SamplingParams
 from horae.tokenizer import Tokenizer
@@ -178,7 +178,7 @@ class AsyncLLM:
         return beam_search_stream(self.generate, ids, params, set(self.engine.eos_token_ids),
                                   self.engine.max_request_tokens, self.engine.decode,
                                   request_id or f"beam-{uuid.uuid4().hex}",
-                                  prompt.get("cache_salt") if isinstance(prompt, dict) else None)
+                                  cache_salt(prompt))
 
     async def generate(self, prompt: PromptType, sampling_params: Optional[SamplingParams] = None,
                        request_id: Optional[str] = None,

@@ -18,10 +18,11 @@ def optional_positive_int(value: object, name: str) -> Optional[int]:
     return int(value)
 
 
-def field_error(message: str, param: str) -> ValueError:
-    """A ValueError that names the request field at fault as `param`, as the core's refusals do
-    (the server answers it as a 400 with that `param`)."""
-    e = ValueError(message)
+def field_error(message: str, param: str, kind: type = ValueError) -> ValueError:
+    """A ValueError (or `kind`, a TypeError for a value of the wrong type) that names the request
+    field at fault as `param`, as the core's refusals do (the server answers it as a 400 with that
+    `param`)."""
+    e = kind(message)
     e.param = param
     return e
 

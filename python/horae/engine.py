@@ -46,7 +46,7 @@ def _text(value: Any, name: str) -> str:
     return value
 
 
-def _cache_salt(prompt: PromptType) -> Optional[str]:
+def cache_salt(prompt: PromptType) -> Optional[str]:
     """A prompt dict's `cache_salt` (vLLM's): its cached blocks are shared only with prompts of
     the same salt, so one tenant cannot read another's prompts from the cache's timing. The core
     refuses an empty one."""
@@ -187,7 +187,6 @@ class Engine:
             level = logging.INFO if warm or not Path(history_file).exists() else logging.WARNING
             logger.log(level, "horae: %s", message)
         self._token_text: Dict[int, str] = {}
-        self._token_bytes: Dict[int, bytes] = {}
         self._outputs = OutputProcessor(self.token_text)
         self._ids = itertools.count()
         self.tokenizer_config = read_tokenizer_config(self.model_dir)
@@ -285,10 +284,7 @@ class Engine:
     def token_bytes(self, token: int) -> bytes:
         """A token's own bytes: OpenAI's logprob `bytes`, which over a text's tokens join to its
         UTF-8 where a token holding part of a character has a replacement character for text."""
-        b = self._token_bytes.get(token)
-        if b is None:
-            b = self._token_bytes[token] = self._core.token_bytes(token)
-        return b
+        return self._core.token_bytes(token)  # the core holds the vocabulary's bytes
 
     def logits(self, token_ids: Sequence[int]):
         """Teacher-forced logits of a token sequence on the model, as a numpy array `[tokens, vocab]`."""
@@ -323,7 +319,7 @@ class Engine:
         if request_id in self._outputs:
             raise ValueError(f"request id {request_id!r} is already in use")
         text, ids = self.prompt_token_ids(prompt)
-        salt = _cache_salt(prompt)
+        salt = cache_salt(prompt)
         kept = params.kept_prompt(ids, self.max_request_tokens)
         if len(kept) < len(ids):
             text, ids = None, kept  # the text no longer says what the model reads

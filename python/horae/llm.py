@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Union
 
 from horae.beam_search import BeamSearch, BeamSearchOutput
-from horae.engine import Engine, PromptType
+from horae.engine import Engine, PromptType, cache_salt
 from horae.outputs import RequestOutput
 from horae.sampling_params import BeamSearchParams, SamplingParams
 from horae.tokenizer import Tokenizer
@@ -94,7 +94,7 @@ class LLM:
         prompts = _prompt_list(prompts)
         search = BeamSearch([self.engine.prompt_token_ids(p)[1] for p in prompts], params,
                             set(self.engine.eos_token_ids), self.engine.max_request_tokens,
-                            [p.get("cache_salt") if isinstance(p, dict) else None for p in prompts])
+                            [cache_salt(p) for p in prompts])
         step = search.step()
         bar = None
         if use_tqdm:

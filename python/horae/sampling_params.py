@@ -229,19 +229,19 @@ class BeamSearchParams:
         for name, low, high in (("beam_width", 1, MAX_BEAM_WIDTH), ("max_tokens", 1, None)):
             v = getattr(self, name)
             if not is_int(v):
-                raise TypeError(f"{name} must be an integer, got {v!r}")
+                raise field_error(f"{name} must be an integer, got {v!r}", name, TypeError)
             if v < low or (high is not None and v > high):
-                raise ValueError(f"{name} must be {f'{low}-{high}' if high else f'at least {low}'}, got {v}")
+                raise field_error(f"{name} must be {f'{low}-{high}' if high else f'at least {low}'}, got {v}", name)
         for name in ("temperature", "length_penalty"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)):
-                raise TypeError(f"{name} must be a number, got {v!r}")
+                raise field_error(f"{name} must be a number, got {v!r}", name, TypeError)
             if not math.isfinite(v):
-                raise ValueError(f"{name} must be a finite number, got {v!r}")
+                raise field_error(f"{name} must be a finite number, got {v!r}", name)
         if self.temperature < 0:
-            raise ValueError(f"temperature must be at least 0, got {self.temperature}")
+            raise field_error(f"temperature must be at least 0, got {self.temperature}", "temperature")
         for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
             if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
+                raise field_error(f"{name} must be a bool, got {getattr(self, name)!r}", name, TypeError)
         if self.logprobs is not None and not (is_int(self.logprobs) and 0 <= self.logprobs <= 20):
-            raise ValueError(f"logprobs must be 0-20 (or None), got {self.logprobs!r}")
+            raise field_error(f"logprobs must be 0-20 (or None), got {self.logprobs!r}", "logprobs")

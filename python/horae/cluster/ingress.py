@@ -49,7 +49,6 @@ class RemoteLLM:
         self.max_request_tokens = info["max_request_tokens"]
         self._tokenizer = _core.Tokenizer(str(self.model_dir), info["vocab_size"])
         self._tokenizer_config = read_tokenizer_config(self.model_dir)
-        self._token_bytes: Dict[int, bytes] = {}
         self._started: Dict[str, bool] = {}
 
     async def check_health(self) -> None:
@@ -69,10 +68,7 @@ class RemoteLLM:
         return self._tokenizer.decode(list(token_ids), skip_special_tokens)
 
     def token_bytes(self, token: int) -> bytes:
-        b = self._token_bytes.get(token)
-        if b is None:
-            b = self._token_bytes[token] = self._tokenizer.token_bytes(token)
-        return b
+        return self._tokenizer.token_bytes(token)
 
     def apply_chat_template(self, messages, add_generation_prompt: bool = True, tools=None, **options) -> str:
         return render_chat_template(self.model_dir, self._tokenizer_config, messages, add_generation_prompt, tools,

@@ -170,9 +170,9 @@ class ServerState:
                     temperature=1.0 if req.temperature is None else req.temperature, length_penalty=req.length_penalty,
                     ignore_eos=req.ignore_eos, include_stop_str_in_output=req.include_stop_str_in_output,
                     skip_special_tokens=req.skip_special_tokens, logprobs=logprobs)
-            except (TypeError, ValueError) as e:
-                name = str(e).split(" ", 1)[0]  # BeamSearchParams' refusals start with the field
-                raise bad_request(e, {"beam_width": "n"}.get(name, name)) from None
+            except (TypeError, ValueError) as e:  # each names its field (`param`); the beam width is the body's n
+                e.param = {"beam_width": "n"}.get(e.param, e.param)
+                raise bad_request(e) from None
         return SamplingParams(
             n=req.n, max_tokens=max_tokens, temperature=1.0 if req.temperature is None else req.temperature,
             top_p=1.0 if req.top_p is None else req.top_p, top_k=0 if req.top_k is None else req.top_k,

@@ -44,8 +44,8 @@ pub enum HoraeError {
     #[error("executor failed: {0}")]
     Executor(String),
 
-    /// The step loop's thread panicked (a bug): the loop has ended and the engine's state is not
-    /// to be trusted, so nothing more runs on it. A server reports itself unhealthy, to be
+    /// A step panicked (a bug), on the loop's thread or the caller's: the engine's state is not to
+    /// be trusted, so nothing more runs on it (the loop, if any, has ended). A server reports itself unhealthy, to be
     /// restarted.
     #[error("the engine died (a step panicked: {0}); restart it")]
     EngineDied(String),

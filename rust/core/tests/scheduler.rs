@@ -400,10 +400,12 @@ fn preempted_requests_are_marked_and_huge_max_tokens_is_refused() {
     assert!(seen_preempted);
 }
 
-/// Fails the steps whose batch holds request `bad` (as a GPU fault in its step would).
-struct FailsOn {
+/// Breaks the steps whose batch holds request `bad`: fails them (as a GPU fault in its step
+/// would), or with `panics`, panics in them (a bug in a kernel, say).
+struct BreaksOn {
     inner: SimExecutor,
     bad: u64,
+    panics: bool,
 }
 
 /// The requests a step failed, with the error.
@@ -411,9 +413,12 @@ fn failed(out: &StepResult) -> Vec<(u64, String)> {
     out.outputs.iter().filter_map(|o| o.error.clone().map(|e| (o.id, e))).collect()
 }
 
-impl Executor for FailsOn {
+impl Executor for BreaksOn {
     fn execute(&mut self, plan: &StepPlan) -> horae_core::Result<ExecOutput> {
         if plan.seqs.iter().any(|s| s.id == self.bad) {
+            if self.panics {
+                panic!("index out of bounds: the len is 3 but the index is 7");
+            }
             return Err(HoraeError::Cuda("an illegal memory access was encountered".into()));
         }
         self.inner.execute(plan)
@@ -428,7 +433,7 @@ fn a_failing_step_fails_its_requests_and_the_engine_goes_on() {
     let c = cfg(PolicyKind::PastFuture, 4096);
     let lengths = Arc::new(vec![40u32; 6]);
     let sched = Scheduler::new(c.sched.clone(), None).unwrap();
-    let exec = FailsOn { inner: SimExecutor::new(c.cost.clone(), lengths), bad: 3 };
+    let exec = BreaksOn { inner: SimExecutor::new(c.cost.clone(), lengths), bad: 3, panics: false };
     let mut e = Engine::new(sched, Box::new(exec), Box::new(VirtualClock::default()));
     let add = |e: &mut Engine| {
         let spec = RequestSpec {
@@ -474,24 +479,6 @@ fn a_failing_step_fails_its_requests_and_the_engine_goes_on() {
     assert!(done.iter().all(|&(id, n)| (id == a || id == b) && n == 40), "{done:?}");
 }
 
-/// Panics in the first step that holds request `bad` (a bug in a kernel, say).
-struct PanicsOn {
-    inner: SimExecutor,
-    bad: u64,
-}
-
-impl Executor for PanicsOn {
-    fn execute(&mut self, plan: &StepPlan) -> horae_core::Result<ExecOutput> {
-        if plan.seqs.iter().any(|s| s.id == self.bad) {
-            panic!("index out of bounds: the len is 3 but the index is 7");
-        }
-        self.inner.execute(plan)
-    }
-    fn eos_token_ids(&self) -> Vec<u32> {
-        self.inner.eos_token_ids()
-    }
-}
-
 #[test]
 fn a_step_that_panics_ends_the_loop_and_says_the_engine_died() {
     use horae_core::engine::EngineHandle;
@@ -501,7 +488,7 @@ fn a_step_that_panics_ends_the_loop_and_says_the_engine_died() {
 
     let c = cfg(PolicyKind::PastFuture, 4096);
     let sched = Scheduler::new(c.sched.clone(), None).unwrap();
-    let exec = PanicsOn { inner: SimExecutor::new(c.cost.clone(), Arc::new(vec![8u32; 4])), bad: 1 };
+    let exec = BreaksOn { inner: SimExecutor::new(c.cost.clone(), Arc::new(vec![8u32; 4])), bad: 1, panics: true };
     let engine = Engine::new(sched, Box::new(exec), Box::new(VirtualClock::default()));
     let h = EngineHandle::new(engine, RequestLimits { vocab_size: 1000, max_model_len: 2048, pool_tokens: 4096 });
     let (tx, rx) = mpsc::channel();
@@ -536,7 +523,7 @@ fn a_step_that_panics_ends_the_loop_and_says_the_engine_died() {
     // The same on the caller's thread (`LLM`'s steps): the panic is the engine's death, said
     // as an error instead of unwinding into the caller, and nothing runs after it.
     let sched = Scheduler::new(c.sched.clone(), None).unwrap();
-    let exec = PanicsOn { inner: SimExecutor::new(c.cost.clone(), Arc::new(vec![8u32; 4])), bad: 0 };
+    let exec = BreaksOn { inner: SimExecutor::new(c.cost.clone(), Arc::new(vec![8u32; 4])), bad: 0, panics: true };
     let engine = Engine::new(sched, Box::new(exec), Box::new(VirtualClock::default()));
     let h = EngineHandle::new(engine, RequestLimits { vocab_size: 1000, max_model_len: 2048, pool_tokens: 4096 });
     h.add_request(params(8)).unwrap();
