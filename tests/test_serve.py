@@ -1030,7 +1030,7 @@ def test_errors_in_openai_shape(server, client):
     def post(path, body):
         return httpx.post(server.url + path, content=body if isinstance(body, (bytes, str)) else json.dumps(body), headers=h)
 
-    chat = {"model": "smollm2", "messages": CAPITAL}
+    chat, cmpl = {"model": "smollm2", "messages": CAPITAL}, {"model": "smollm2", "prompt": "hi"}
     assert _error(post("/v1/chat/completions", "{not json"), 400)["message"]
     assert _error(post("/v1/chat/completions", {**chat, "max_tokens": -1}), 400)["param"] == "max_tokens"
     assert _error(post("/v1/chat/completions", {**chat, "n": 1000}), 400)["param"] == "n"
@@ -1051,10 +1051,23 @@ def test_errors_in_openai_shape(server, client):
     for so in ({"regex": "(a"}, {"grammar": "start: undefined_rule"}, {"json": {"type": 5}}, {"choice": []}):
         err = _error(post("/v1/completions", {"model": "smollm2", "prompt": "hi", "structured_outputs": so}), 400)
         assert err["param"] == "structured_outputs" and err["message"].startswith("structured_outputs"), err
+    # A grammar that does not compile is refused naming the body field it came from.
+    schema = {"type": "object", "properties": {"a": {"type": "strin"}}}
+    tool = {"type": "function", "function": {"name": "f", "parameters": schema}}
+    for path, body, param in [
+            ("/v1/chat/completions", {**chat, "response_format": {
+                "type": "json_schema", "json_schema": {"name": "x", "schema": schema}}}, "response_format"),
+            ("/v1/completions", {**cmpl, "response_format": {"type": "json_object", "schema": schema}}, "response_format"),
+            ("/v1/chat/completions", {**chat, "tools": [tool], "tool_choice": "required"}, "tools"),
+            ("/v1/responses", {"model": "smollm2", "input": "hi",
+                               "text": {"format": {"type": "json_schema", "name": "x", "schema": schema}}}, "text.format"),
+            ("/v1/responses", {"model": "smollm2", "input": "hi", "tool_choice": "required",
+                               "tools": [{"type": "function", "name": "f", "parameters": schema}]}, "tools")]:
+        err = _error(post(path, body), 400)
+        assert err["param"] == param and err["message"].startswith(f"{param}: cannot compile it"), (body, err)
     both = {**chat, "structured_outputs": {"regex": "a"}, "response_format": {"type": "json_object"}}
     assert _error(post("/v1/chat/completions", both), 400)["param"] == "response_format"
     # A check across fields names the field it blames, as OpenAI's errors do, first in the message.
-    cmpl = {"model": "smollm2", "prompt": "hi"}
     for path, body, param in [
             ("/v1/chat/completions", {**chat, "stream_options": {"include_usage": True}}, "stream_options"),
             ("/v1/chat/completions", {**chat, "top_logprobs": 2}, "top_logprobs"),
@@ -1620,6 +1633,48 @@ def test_readme_async_llm_runs_in_a_notebook_and_in_a_script(tmp_path):
     path.write_text(served)
     out = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.split()[-1] == "2" and "http://127.0.0.1:" in out.stdout, out.stderr
+
+
+def test_one_async_llm_serves_a_notebook_and_a_server_thread():
+    """A notebook's cells and a server on a thread share one AsyncLLM, whichever loop used it
+    first: streams asked for on the other loop run on the first and are handed across, and one
+    closed early there aborts its request. Before, the second loop's requests failed (a 500)."""
+    llm = AsyncLLM(kv_cache_tokens=2048, max_num_seqs=4)
+    srv = ServerThread(build_app(llm, ServerConfig(model_name="smollm2")))
+    srv.llm = llm
+    ask = {"model": "smollm2", "prompt": "The capital of France is", "max_tokens": 4, "temperature": 0}
+    try:
+        async def cells():  # the notebook's loop generates first: it is the home loop
+            first = [o async for o in llm.generate("The capital of France is", SamplingParams(max_tokens=4, temperature=0))]
+            async with httpx.AsyncClient(timeout=60) as http:  # the server's loop, bridged to this one
+                r = await http.post(srv.url + "/v1/completions", json=ask)
+            assert r.status_code == 200, r.text
+            assert r.json()["choices"][0]["text"] == first[-1].outputs[0].text
+            bad = ask | {"max_tokens": -1}
+            async with httpx.AsyncClient(timeout=60) as http:
+                r = await http.post(srv.url + "/v1/completions", json=bad)
+            assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens", r.text
+
+        asyncio.run(cells())
+        # That loop has closed: the server's loop becomes the home, and a notebook's next loop is
+        # bridged to it, its streams closed early aborting their requests there.
+        r = httpx.post(srv.url + "/v1/completions", json=ask, timeout=60)
+        assert r.status_code == 200, r.text
+
+        async def more_cells():
+            stream = llm.generate("Once upon a time", SamplingParams(max_tokens=500, ignore_eos=True))
+            out = await stream.__anext__()
+            assert llm.num_in_flight == 1 and llm._loop is not asyncio.get_running_loop()
+            await stream.aclose()
+            with pytest.raises(ValueError, match="max_tokens"):
+                await llm.generate("Hi", SamplingParams(max_tokens=0)).__anext__()
+            return out
+
+        assert asyncio.run(more_cells()).outputs[0].token_ids
+        _assert_idle(srv)
+    finally:
+        srv.stop()
+        llm.shutdown()
 
 
 @contextlib.contextmanager

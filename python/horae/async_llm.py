@@ -15,6 +15,11 @@ In a script:
 >>> asyncio.run(main())
 
 In Jupyter, whose event loop is already running, `await` it in a cell instead of `asyncio.run`.
+
+One `AsyncLLM` serves every event loop that calls it: the first one to generate is its home, where
+each step's outputs are processed and every request's state is kept; a stream asked for on another
+loop (a server on a thread beside a notebook's cells) runs on the home loop and is handed across
+(`_across_loops`), so state is never touched from two threads.
 """
 
 from __future__ import annotations
@@ -104,13 +109,25 @@ class AsyncLLM:
     def model_dir(self) -> Path:
         return self.engine.model_dir
 
+    def _home(self) -> asyncio.AbstractEventLoop:
+        """The loop that processes the engine's outputs: the running one if there is none yet, or
+        if the last one can no longer serve (closed, say after an `asyncio.run`, or stopped with no
+        stream open on it)."""
+        loop = asyncio.get_running_loop()
+        home = self._loop
+        if home is loop or (home is not None and home.is_running()):
+            return home
+        if home is not None and not home.is_closed() and self._streams:
+            raise RuntimeError("this AsyncLLM's event loop has stopped with requests still streaming on it; "
+                               "run that loop again, or close those streams first")
+        self._ensure_started()
+        return loop
+
     def _ensure_started(self) -> None:
         loop = asyncio.get_running_loop()
         if self._loop is loop:
             return
-        if self._loop is not None and not self._loop.is_closed():
-            raise RuntimeError("this AsyncLLM already runs on another event loop")
-        if self._loop is not None:  # its loop was closed (e.g. a second asyncio.run): start again
+        if self._loop is not None:  # its home can no longer serve (`_home`): start again here
             self.engine.stop_loop()
         self._loop = loop
         self.stats = self.engine.stats()
@@ -189,7 +206,11 @@ class AsyncLLM:
         request, and its KV blocks are freed before the next step. `arrival_time`: as
         `Engine.add_request`'s (a request that waited elsewhere first; its times count from then)."""
         self.check_alive()
-        self._ensure_started()
+        if self._home() is not asyncio.get_running_loop():
+            async for out in _across_loops(self.generate(prompt, sampling_params, request_id, arrival_time),
+                                           self._loop):
+                yield out
+            return
         waited = waited_since(arrival_time)
         rid = self.engine.add_request(request_id, prompt, sampling_params, arrival_time=arrival_time)
         q: asyncio.Queue = asyncio.Queue()
@@ -233,7 +254,12 @@ class AsyncLLM:
         """Stop one request or several; each one's stream ends with an error. An id no longer in
         flight is passed over, as vLLM's `AsyncLLM.abort` does: a request may finish between a
         client's decision to cancel it and this call."""
-        for rid in [request_id] if isinstance(request_id, str) else list(request_id):
+        ids = [request_id] if isinstance(request_id, str) else list(request_id)
+        home = self._loop
+        if home is not None and home.is_running() and _running_loop() is not home:
+            home.call_soon_threadsafe(self.abort, ids)  # the streams' state is the home loop's
+            return
+        for rid in ids:
             rid = str(rid)
             if not self.engine.is_unfinished(rid):
                 continue
@@ -253,7 +279,7 @@ class AsyncLLM:
     @property
     def num_waiting(self) -> int:
         """Streams whose request has not produced a token yet."""
-        return sum(1 for t in self.times.values() if t.first_token is None)
+        return sum(1 for t in list(self.times.values()) if t.first_token is None)  # a copy: read from any thread
 
     async def get_tokenizer(self) -> Tokenizer:
         """The model's tokenizer, called as HF transformers' are (vLLM's `AsyncLLM.get_tokenizer`,
@@ -305,3 +331,46 @@ class AsyncLLM:
         """Stop the engine thread (after its current step)."""
         self.engine.stop_loop()
         self._loop = None
+
+
+def _running_loop() -> Optional[asyncio.AbstractEventLoop]:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
+async def _across_loops(stream: AsyncIterator[RequestOutput], home: asyncio.AbstractEventLoop) -> AsyncIterator[RequestOutput]:
+    """Run `stream` as a task of the `home` loop (on its own thread) and yield its items here.
+    Closing or cancelling this side cancels that task, which closes the stream there (aborting its
+    request, as on the home loop itself)."""
+    here = asyncio.get_running_loop()
+    inbox: asyncio.Queue = asyncio.Queue()
+
+    def send(item) -> None:
+        try:
+            here.call_soon_threadsafe(inbox.put_nowait, item)
+        except RuntimeError:
+            pass  # this loop has closed: nobody is reading
+
+    async def pump() -> None:
+        try:
+            async for out in stream:
+                send((True, out))
+        except BaseException as e:
+            send((False, e))
+            raise
+        send((False, None))
+
+    task = asyncio.run_coroutine_threadsafe(pump(), home)
+    try:
+        while True:
+            ok, item = await inbox.get()
+            if ok:
+                yield item
+            elif item is None:
+                return
+            else:
+                raise item
+    finally:
+        task.cancel()

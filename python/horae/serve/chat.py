@@ -57,11 +57,9 @@ async def start_chat(state: ServerState, req, prefix: str) -> Tuple[Answer, List
         state.check_capacity(1)
         streams, (out,) = await state.start_all(prefix, [ids], [params], req.cache_salt)
     except APIError as e:
-        if e.param != "logprobs":
-            raise
-        # The engine's logprobs is this route's top_logprobs: name the field the client sent.
-        raise APIError(e.status, e.message.replace("logprobs", "top_logprobs", 1), e.type, "top_logprobs",
-                       e.code) from None
+        # The engine's logprobs is this route's top_logprobs, and its grammar came from one of the
+        # body's fields: name the field the client sent.
+        raise e.renamed({"logprobs": "top_logprobs", "structured_outputs": req.grammar_field()}) from None
     if out is not None:
         ids = out.prompt_token_ids  # what the model reads: truncate_prompt_tokens may cut it
     return answer, ids, streams[0], out

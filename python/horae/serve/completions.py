@@ -100,7 +100,10 @@ def router(state: ServerState) -> APIRouter:
         params = [state.sampling(req, max_tokens, req.logprobs, prompt_logprobs) for _ in ids_list]
         echo = Echo(state, req, list(prompts), ids_list)
         state.check_capacity(len(prompts))
-        streams, firsts = await state.start_all("cmpl", ids_list, params, req.cache_salt)
+        try:
+            streams, firsts = await state.start_all("cmpl", ids_list, params, req.cache_salt)
+        except APIError as e:  # a grammar that does not compile: the body's field it came from
+            raise e.renamed({"structured_outputs": req.grammar_field()}) from None
         for i, out in enumerate(firsts):  # what the model reads: truncate_prompt_tokens may cut a prompt
             if out is not None and len(out.prompt_token_ids) != len(ids_list[i]):
                 ids_list[i] = out.prompt_token_ids  # (the list `echo` reads)

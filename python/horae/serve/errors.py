@@ -19,6 +19,15 @@ class APIError(Exception):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code, self.headers = status, message, type, param, code, headers
 
+    def renamed(self, names: Dict[str, str]) -> "APIError":
+        """This refusal naming its field as the client spelled it: `names` maps the engine's or
+        another form's field (the head of `param`) to the body's; the whole field is named, since
+        the parts of one form's field are not the other's."""
+        name = names.get((self.param or "").partition(".")[0])
+        if name is None or name == self.param:
+            return self
+        return APIError(self.status, self.message.replace(self.param, name, 1), self.type, name, self.code, self.headers)
+
 
 def error_body(message: str, type: str, param=None, code=None) -> dict:
     return {"error": {"message": message, "type": type, "param": param, "code": code}}

@@ -27,14 +27,10 @@ _FIELD = {"messages": "input", "max_completion_tokens": "max_output_tokens", "ma
 
 
 def _renamed(e: APIError) -> APIError:
-    """A refusal of the chat form or the engine, naming the field as this request spells it:
-    the whole field, since a chat field's parts are not its (the messages' indices are not the
-    input items', with instructions first and calls merged)."""
-    head = (e.param or "").partition(".")[0]
-    name = _FIELD.get(head)
-    if name is None:
-        return e
-    return APIError(e.status, e.message.replace(e.param, name, 1), e.type, name, e.code, e.headers)
+    """A refusal of the chat form or the engine, naming the field as this request spells it (a
+    chat field's parts are not its: the messages' indices are not the input items', with
+    instructions first and calls merged)."""
+    return e.renamed(_FIELD)
 
 
 def chat_request(req: ResponsesRequest) -> ChatCompletionRequest:

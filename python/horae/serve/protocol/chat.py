@@ -146,6 +146,9 @@ class ChatCompletionRequest(SamplingFields, ChatPrompt):
             schema["maxItems"] = 1
         return {"json": schema}
 
+    def grammar_field(self) -> str:
+        return "tools" if self.forced_tool() is not None else super().grammar_field()
+
     @model_validator(mode="after")
     def _logprobs(self):
         if self.top_logprobs is not None and not self.logprobs:

@@ -163,6 +163,10 @@ class SamplingFields(EngineFields):
         # A schema left out: any JSON value.
         return {"json": f.json_schema.schema_ if f.json_schema.schema_ is not None else {}}
 
+    def grammar_field(self) -> str:
+        """The body field `structured` read, for a refusal of what it gave."""
+        return "structured_outputs" if self.structured_outputs is not None else "response_format"
+
     @model_validator(mode="after")
     def _check(self):
         if self.structured_outputs is not None and self.response_format is not None \
