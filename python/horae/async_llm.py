@@ -1,10 +1,12 @@
 """Streaming generation for asyncio, as vLLM's `AsyncLLM`.
 
 The engine steps on a Rust thread with the GIL released (`Engine.start_loop`). After each step
-that thread hands the step's outputs to the event loop with `call_soon_threadsafe`; the event loop
-turns them into `RequestOutput`s (the engine's one output processor) and feeds each request's
-queue. Adding and aborting requests only queue work for that thread, so nothing here blocks the
-event loop.
+that thread hands the step's outputs with `call_soon_threadsafe` to the `AsyncLLM`'s own event loop
+on a thread of its own (its *home*), which turns them into `RequestOutput`s (the engine's one output
+processor) and feeds each request's queue; every request's state is kept there. A caller's stream
+runs as a task of the home loop and hands its outputs across to the caller's loop
+(`_across_loops`). Adding and aborting requests only queue work for the engine's thread, so
+nothing here blocks a caller's event loop.
 
 In a script:
 
@@ -16,15 +18,15 @@ In a script:
 
 In Jupyter, whose event loop is already running, `await` it in a cell instead of `asyncio.run`.
 
-One `AsyncLLM` serves every event loop that calls it: the first one to generate is its home, where
-each step's outputs are processed and every request's state is kept; a stream asked for on another
-loop (a server on a thread beside a notebook's cells) runs on the home loop and is handed across
-(`_across_loops`), so state is never touched from two threads.
+So one `AsyncLLM` serves every event loop that calls it, a notebook's cells and a server on a
+thread say, and no caller's loop can stall another's streams: a notebook cell that calls its own
+server synchronously blocks the notebook's loop, not the home.
 """
 
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 import uuid
 import weakref
@@ -88,7 +90,7 @@ class RequestTimes:
 class AsyncLLM:
     """Any number of concurrent `generate` streams over one engine.
 
-    `listeners` are called on the event loop after every step as `f(outputs, stats, times)`:
+    `listeners` are called on the home loop after every step as `f(outputs, stats, times)`:
     the step's `RequestOutput`s, the engine's figures (running, waiting, KV blocks, predicted
     peak, preemptions, prefix-cache counters, step time) and each touched request's timings.
     """
@@ -101,7 +103,10 @@ class AsyncLLM:
         self.listeners: List[Callable] = []
         #: Called with the request id of every request a client cancelled.
         self.abort_listeners: List[Callable[[str], None]] = []
-        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._loop: Optional[asyncio.AbstractEventLoop] = None  # home (`_home`)
+        self._thread: Optional[threading.Thread] = None
+        self._starting = threading.Lock()
+        self._stopper: Optional[weakref.finalize] = None
         #: Set when the step loop died (`EngineDiedError`), for good.
         self.dead_error: Optional[EngineDiedError] = None
 
@@ -110,38 +115,27 @@ class AsyncLLM:
         return self.engine.model_dir
 
     def _home(self) -> asyncio.AbstractEventLoop:
-        """The loop that processes the engine's outputs: the running one if there is none yet, or
-        if the last one can no longer serve (closed, say after an `asyncio.run`, or stopped with no
-        stream open on it)."""
-        loop = asyncio.get_running_loop()
-        home = self._loop
-        if home is loop or (home is not None and home.is_running()):
-            return home
-        if home is not None and not home.is_closed() and self._streams:
-            raise RuntimeError("this AsyncLLM's event loop has stopped with requests still streaming on it; "
-                               "run that loop again, or close those streams first")
-        self._ensure_started()
-        return loop
+        """The home loop, started with the engine's step loop at the first use (and again after
+        `shutdown`)."""
+        with self._starting:
+            if self._loop is None:
+                loop = asyncio.new_event_loop()
+                thread = threading.Thread(target=loop.run_forever, name="horae-outputs", daemon=True)
+                thread.start()
+                self.stats = self.engine.stats()
 
-    def _ensure_started(self) -> None:
-        loop = asyncio.get_running_loop()
-        if self._loop is loop:
-            return
-        if self._loop is not None:  # its home can no longer serve (`_home`): start again here
-            self.engine.stop_loop()
-        self._loop = loop
-        self.stats = self.engine.stats()
+                def on_step(events, stats, died):  # on the engine thread, GIL held: hand off at once
+                    try:
+                        loop.call_soon_threadsafe(self._on_step, events, stats, died)
+                    except RuntimeError:
+                        pass  # the home loop has closed (shutdown): nobody is listening
 
-        def on_step(events, stats, died):  # on the engine thread, GIL held: hand off at once
-            try:
-                loop.call_soon_threadsafe(self._on_step, events, stats, died)
-            except RuntimeError:
-                pass  # the loop has closed; nobody is listening
-
-        self.engine.start_loop(on_step)
-        # Stop the thread when this object goes away or the interpreter exits, whichever comes
-        # first (the thread must not call into a finalizing interpreter).
-        weakref.finalize(self, self.engine.stop_loop)
+                self.engine.start_loop(on_step)
+                self._loop, self._thread = loop, thread
+                # Stop both threads when this object goes away or the interpreter exits, whichever
+                # comes first (neither may call into a finalizing interpreter).
+                self._stopper = weakref.finalize(self, _stop, self.engine, loop, thread)
+        return self._loop
 
     def _on_step(self, events, stats, died: bool = False) -> None:
         if events is None:  # the step failed: `stats` is the message
@@ -206,9 +200,9 @@ class AsyncLLM:
         request, and its KV blocks are freed before the next step. `arrival_time`: as
         `Engine.add_request`'s (a request that waited elsewhere first; its times count from then)."""
         self.check_alive()
-        if self._home() is not asyncio.get_running_loop():
-            async for out in _across_loops(self.generate(prompt, sampling_params, request_id, arrival_time),
-                                           self._loop):
+        home = self._home()
+        if home is not asyncio.get_running_loop():
+            async for out in _across_loops(self.generate(prompt, sampling_params, request_id, arrival_time), home):
                 yield out
             return
         waited = waited_since(arrival_time)
@@ -256,9 +250,14 @@ class AsyncLLM:
         client's decision to cancel it and this call."""
         ids = [request_id] if isinstance(request_id, str) else list(request_id)
         home = self._loop
-        if home is not None and home.is_running() and _running_loop() is not home:
-            home.call_soon_threadsafe(self.abort, ids)  # the streams' state is the home loop's
-            return
+        if home is not None and threading.current_thread() is not self._thread:
+            # The streams' state is the home loop's: done there, waited for here (the home loop
+            # never waits on a caller, so this is as long as its current task).
+            done = asyncio.run_coroutine_threadsafe(_call(self.abort, ids), home)
+            try:
+                return done.result(timeout=60)
+            except RuntimeError:
+                pass  # the home loop stopped meanwhile (shutdown): nothing is streaming
         for rid in ids:
             rid = str(rid)
             if not self.engine.is_unfinished(rid):
@@ -328,16 +327,40 @@ class AsyncLLM:
         return len(self._streams)
 
     def shutdown(self) -> None:
-        """Stop the engine thread (after its current step)."""
-        self.engine.stop_loop()
-        self._loop = None
+        """Stop the engine thread (after its current step) and the home loop; the streams still
+        open end. A later `generate` starts both again."""
+        with self._starting:
+            stopper, self._stopper, self._loop, self._thread = self._stopper, None, None, None
+        if stopper is not None:
+            stopper()
+        else:
+            self.engine.stop_loop()
 
 
-def _running_loop() -> Optional[asyncio.AbstractEventLoop]:
+async def _call(f, *args):
+    return f(*args)
+
+
+def _stop(engine: Engine, loop: asyncio.AbstractEventLoop, thread: threading.Thread) -> None:
+    """Stop the engine's step loop, then the home loop: its tasks (streams still open) are
+    cancelled and run to their ends first, which aborts their requests."""
+    engine.stop_loop()
+
+    async def wind_down():
+        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        loop.stop()
+
     try:
-        return asyncio.get_running_loop()
+        asyncio.run_coroutine_threadsafe(wind_down(), loop)
     except RuntimeError:
-        return None
+        return  # already closed
+    if threading.current_thread() is not thread:
+        thread.join(timeout=10)
+        if not thread.is_alive():
+            loop.close()
 
 
 async def _across_loops(stream: AsyncIterator[RequestOutput], home: asyncio.AbstractEventLoop) -> AsyncIterator[RequestOutput]:
