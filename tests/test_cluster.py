@@ -525,6 +525,45 @@ def test_a_request_is_sent_on_from_a_replica_whose_engine_died():
         asyncio.run(read(2))
 
 
+def test_the_router_passes_over_a_replica_whose_engine_died():
+    """A replica whose engine died publishes `dead` (its figures are idle ones, which would draw
+    every request) until Serve's health check replaces it: Ray still offers it as a candidate,
+    and the router, first choice and resend alike, passes it over. Ray's replicas and pending
+    request as stubs of the attributes the router reads."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from horae.cluster import published
+    from horae.cluster.router import HoraeRequestRouter, _fresh_stats
+
+    class Id(str):
+        def to_full_id_str(self):
+            return str(self)
+
+    def replica(name, dead, waiting):
+        stats = _fresh_stats([]) | {"waiting": waiting, "waiting_tokens": 4000 * waiting, "seq": 0, "dead": dead}
+        return SimpleNamespace(replica_id=Id(name), routing_stats=stats)
+
+    def router(dead):
+        r = object.__new__(HoraeRequestRouter)
+        r._deployment_id = SimpleNamespace(name="test-dead-replica")
+        reps = [replica("r1", dead, 0), replica("r2", False, 8)]
+        r._replicas = {x.replica_id: x for x in reps}
+        r.initialize_state("forecast")
+        return r, reps
+
+    prompt, params = {"prompt_token_ids": list(range(64))}, SimpleNamespace(max_tokens=16)
+    try:
+        for dead, first, resend in [(False, "r1", "r1"), (True, "r2", None)]:
+            r, reps = router(dead)
+            pending = SimpleNamespace(args=[prompt, params], kwargs={"route": {}})
+            (chosen,) = asyncio.run(r.choose_replicas(reps, pending))
+            assert [c.replica_id.to_full_id_str() for c in chosen] == [first], dead
+            assert r.retry_target(prompt, 16, ["r2"], None) == resend, dead
+    finally:
+        published.ROUTERS.pop("test-dead-replica", None)
+
+
 def test_a_request_a_replica_sheds_is_retried_on_another(cluster):
     """Last in the module: it redeploys the application with other engine settings. Each replica
     runs one request at a time with the SLO queue and a 2 s first-token bound, so a request that

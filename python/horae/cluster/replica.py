@@ -124,6 +124,9 @@ class HoraeReplica:
         stats = await asyncio.to_thread(self.llm.engine.routing_stats)
         stats["seq"] = next(self._published)
         stats["replica"] = self.replica_id
+        # A dead engine refuses every request (an `engine_dead` refusal the ingress resends):
+        # the router passes this replica over until Serve's health check has replaced it.
+        stats["dead"] = self.llm.errored
         stats["metrics"] = zlib.compress(await self.metrics.render())
         return stats
 

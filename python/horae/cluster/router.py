@@ -9,7 +9,7 @@ already tried."""
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Set
 
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 
@@ -59,7 +59,7 @@ class HoraeRequestRouter(RequestRouter):
         pinned = hints.get("replica")
         if pinned in candidates:  # a retry `retry_target` already chose (and counted)
             return [[everyone[pinned]]]
-        tried = set(hints.get("tried") or ()) | (set(order) - candidates)
+        tried = set(hints.get("tried") or ()) | (set(order) - candidates) | _dead(everyone)
         prompt, params = pending_request.args[0], pending_request.args[1]
         max_tokens = params.max_tokens if params.max_tokens is not None else 1 << 30
         i = self._core.choose(list(prompt["prompt_token_ids"]), max_tokens,
@@ -73,12 +73,21 @@ class HoraeRequestRouter(RequestRouter):
                      ttft: Optional[float]) -> Optional[str]:
         """The replica a request (its engine prompt) that `tried` shed should go to, or None, by
         this router's retry rule (`_core.Router.retry_target`)."""
-        if not self._sync():
+        everyone = self._sync()
+        if not everyone:
             return None
+        tried = set(tried) | _dead(everyone)
         i = self._core.retry_target(list(prompt["prompt_token_ids"]), max_tokens if max_tokens is not None else 1 << 30,
                                     [k for k, rid in enumerate(self._order) if rid in tried], ttft,
                                     self._retry_shed, prompt.get("cache_salt"))
         return None if i is None else self._order[i]
+
+
+def _dead(replicas: Dict[str, RunningReplica]) -> Set[str]:
+    """Replicas whose engine died (their last stats say so): Ray keeps them among the candidates
+    until their health checks have failed enough times, and their idle figures would draw every
+    request, so they count as already tried."""
+    return {rid for rid, r in replicas.items() if (r.routing_stats or {}).get("dead")}
 
 
 def _fresh_stats(known: List[Dict[str, Any]]) -> Dict[str, Any]:
