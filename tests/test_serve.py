@@ -1670,6 +1670,31 @@ def test_one_async_llm_serves_a_notebook_and_a_server_thread():
     assert home.name == "horae-outputs" and not home.is_alive() and llm._thread is None
 
 
+def test_an_async_llm_nobody_holds_is_freed():
+    """An `AsyncLLM` that has served and that nobody holds any more (a notebook cell run again)
+    is collected: its threads stop and its model is freed. The engine's thread holds its callback
+    for as long as it runs, and the callback held the `AsyncLLM`: each one lived on, model and
+    all, until the process ended."""
+    import gc
+    import weakref
+
+    def serve_once():
+        llm = AsyncLLM(kv_cache_tokens=1024)
+
+        async def main():
+            return [o async for o in llm.generate("Hi", SamplingParams(max_tokens=3, ignore_eos=True))]
+
+        assert asyncio.run(main())[-1].finished
+        return weakref.ref(llm), llm._thread
+
+    for _ in range(3):
+        llm, home = serve_once()
+        gc.collect()
+        assert llm() is None, "an AsyncLLM nobody holds is still alive"
+        home.join(timeout=10)
+        assert not home.is_alive()
+
+
 @contextlib.contextmanager
 def _one_at_a_time(**engine):
     """The default model served with a 2,048-token pool and one sequence at a time (so a second

@@ -120,13 +120,17 @@ class AsyncLLM:
         with self._starting:
             if self._loop is None:
                 loop = asyncio.new_event_loop()
-                thread = threading.Thread(target=loop.run_forever, name="horae-outputs", daemon=True)
+                thread = threading.Thread(target=_run_home, args=(loop,), name="horae-outputs", daemon=True)
                 thread.start()
                 self.stats = self.engine.stats()
+                # The engine's thread holds the callback for as long as it runs: through a weak
+                # reference, so that an AsyncLLM nobody holds (a notebook cell run again) is
+                # collected, its threads stopped and its model freed, instead of living on.
+                me = weakref.ref(self)
 
                 def on_step(events, stats, died):  # on the engine thread, GIL held: hand off at once
                     try:
-                        loop.call_soon_threadsafe(self._on_step, events, stats, died)
+                        loop.call_soon_threadsafe(_on_step, me, events, stats, died)
                     except RuntimeError:
                         pass  # the home loop has closed (shutdown): nobody is listening
 
@@ -341,6 +345,21 @@ async def _call(f, *args):
     return f(*args)
 
 
+def _on_step(me: "weakref.ref[AsyncLLM]", events, stats, died: bool) -> None:
+    """On the home loop: the step's outputs to the `AsyncLLM`, if it still exists (the strong
+    reference taken here is dropped here, so it is never the engine's thread that frees it)."""
+    llm = me()
+    if llm is not None:
+        llm._on_step(events, stats, died)
+
+
+def _run_home(loop: asyncio.AbstractEventLoop) -> None:
+    try:
+        loop.run_forever()
+    finally:
+        loop.close()
+
+
 def _stop(engine: Engine, loop: asyncio.AbstractEventLoop, thread: threading.Thread) -> None:
     """Stop the engine's step loop, then the home loop: its tasks (streams still open) are
     cancelled and run to their ends first, which aborts their requests."""
@@ -357,10 +376,8 @@ def _stop(engine: Engine, loop: asyncio.AbstractEventLoop, thread: threading.Thr
         asyncio.run_coroutine_threadsafe(wind_down(), loop)
     except RuntimeError:
         return  # already closed
-    if threading.current_thread() is not thread:
+    if threading.current_thread() is not thread:  # (on it, when the last reference went there)
         thread.join(timeout=10)
-        if not thread.is_alive():
-            loop.close()
 
 
 async def _across_loops(stream: AsyncIterator[RequestOutput], home: asyncio.AbstractEventLoop) -> AsyncIterator[RequestOutput]:
