@@ -1670,24 +1670,32 @@ def test_one_async_llm_serves_a_notebook_and_a_server_thread():
     assert home.name == "horae-outputs" and not home.is_alive() and llm._thread is None
 
 
-def test_an_async_llm_nobody_holds_is_freed():
-    """An `AsyncLLM` that has served and that nobody holds any more (a notebook cell run again)
-    is collected: its threads stop and its model is freed. The engine's thread holds its callback
-    for as long as it runs, and the callback held the `AsyncLLM`: each one lived on, model and
-    all, until the process ended."""
+@pytest.mark.parametrize("served", [False, True])
+def test_an_async_llm_nobody_holds_is_freed(served):
+    """An `AsyncLLM` that has served, alone or behind a server since stopped, and that nobody
+    holds any more (a notebook cell run again) is collected: its threads stop and its model is
+    freed. The engine's thread holds its callback for as long as it runs, and the callback held
+    the `AsyncLLM`; FastAPI keeps every endpoint it has called in a process-wide cache, and the
+    endpoints held the server's state: either way each one lived on, model and all, until the
+    process ended."""
     import gc
     import weakref
 
     def serve_once():
         llm = AsyncLLM(kv_cache_tokens=1024)
+        if served:
+            srv = ServerThread(build_app(llm, ServerConfig(model_name="smollm2")))
+            r = httpx.post(srv.url + "/v1/completions", json={"model": "smollm2", "prompt": "Hi", "max_tokens": 3}, timeout=60)
+            assert r.status_code == 200, r.text
+            srv.stop()
+        else:
+            async def main():
+                return [o async for o in llm.generate("Hi", SamplingParams(max_tokens=3, ignore_eos=True))]
 
-        async def main():
-            return [o async for o in llm.generate("Hi", SamplingParams(max_tokens=3, ignore_eos=True))]
-
-        assert asyncio.run(main())[-1].finished
+            assert asyncio.run(main())[-1].finished
         return weakref.ref(llm), llm._thread
 
-    for _ in range(3):
+    for _ in range(2):
         llm, home = serve_once()
         gc.collect()
         assert llm() is None, "an AsyncLLM nobody holds is still alive"

@@ -8,6 +8,7 @@ request aborted; a full queue answers 503 with Retry-After."""
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import replace
 from typing import Optional
 
@@ -32,8 +33,12 @@ def build_app(llm: AsyncLLM, config: ServerConfig, metrics: Optional[MetricsSour
     state = ServerState(llm, config, metrics)
     app.state.llm, app.state.metrics, app.state.config, app.state.server = llm, state.metrics, config, state
     install_error_handlers(app)
+    # FastAPI keeps every endpoint it has called in a process-wide cache (4,096 of them), so the
+    # routes reach the state through a proxy: the app holds it, and an app that is gone (a
+    # notebook's server stopped and built again) frees its engine with it.
+    routes_state = weakref.proxy(state)
     for family in (models, completions, chat, responses, tokens):
-        app.include_router(family.router(state))
+        app.include_router(family.router(routes_state))
     app.add_middleware(Guard, api_key=config.api_key, max_body_bytes=config.max_body_bytes)
     # Outermost (added last): a browser's preflight carries no key, and errors need CORS headers too.
     app.add_middleware(CORSMiddleware, allow_origins=config.allowed_origins, allow_methods=config.allowed_methods,
