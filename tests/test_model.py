@@ -523,6 +523,22 @@ def test_one_sampling_params_per_prompt(llm):
     assert not llm.engine.has_unfinished_requests()
 
 
+def test_callers_on_several_threads_share_the_engine(llm):
+    """`LLM.generate` from several threads at once (a threaded web server's handlers): each gets
+    its own outputs, the same as alone, while one steps the engine for all. Before, a caller's
+    steps took the others' outputs, and they failed with a KeyError."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    prompts = [[f"Story {i}:", f"List {i}:"] for i in range(4)]
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    alone = [[o.outputs[0].token_ids for o in llm.generate(p, params, use_tqdm=False)] for p in prompts]
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(lambda p: [o.outputs[0].token_ids for o in llm.generate(p, params, use_tqdm=False)],
+                                 prompts))
+    assert together == alone
+    assert not llm.engine.has_unfinished_requests() and not llm._finished
+
+
 def test_bad_prompts_leave_the_engine_serving(llm):
     eng = llm.engine
     with pytest.raises(ValueError, match="empty"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Union
 
@@ -23,6 +24,11 @@ class LLM:
 
     def __init__(self, model: Optional[Union[str, Path]] = None, **engine_args):
         self.engine = Engine(model, **engine_args)
+        # Callers on several threads (a threaded web server's handlers) share the engine: one
+        # steps it at a time, every step advances all their requests, and each caller takes its
+        # own finished outputs from `_finished`.
+        self._stepping = threading.Lock()
+        self._finished: Dict[str, RequestOutput] = {}
 
     def get_tokenizer(self) -> Tokenizer:
         """The model's tokenizer, called as HF transformers' are (vLLM's): `encode`, `decode`,
@@ -55,13 +61,14 @@ class LLM:
         if not prompts:
             return []
         ids = []
-        try:
-            for p, sp in zip(prompts, params):
-                ids.append(self.engine.add_request(None, p, sp))
-        except Exception:
-            for rid in ids:
-                self.engine.abort(rid)
-            raise
+        with self._stepping:
+            try:
+                for p, sp in zip(prompts, params):
+                    ids.append(self.engine.add_request(None, p, sp))
+            except Exception:
+                for rid in ids:
+                    self.engine.abort(rid)
+                raise
         results: Dict[str, RequestOutput] = {}
         bar = None
         if use_tqdm and len(prompts) > 1:
@@ -69,16 +76,25 @@ class LLM:
 
             bar = tqdm(total=len(prompts), desc="generating", unit="req")
         try:
-            while self.engine.has_unfinished_requests():
-                for out in self.engine.step():
-                    if out.finished:
-                        results[out.request_id] = out
-                        if bar is not None:
-                            bar.update()
+            while len(results) < len(ids):
+                with self._stepping:
+                    # Another caller's steps may have finished some of these meanwhile.
+                    mine = [rid for rid in ids if rid in self._finished]
+                    if len(mine) + len(results) < len(ids):
+                        for out in self.engine.step():
+                            if out.finished:
+                                self._finished[out.request_id] = out
+                        mine = [rid for rid in ids if rid in self._finished]
+                    for rid in mine:
+                        results[rid] = self._finished.pop(rid)
+                if bar is not None and mine:
+                    bar.update(len(mine))
         except BaseException:
-            for rid in ids:
-                if rid not in results and self.engine.is_unfinished(rid):
-                    self.engine.abort(rid)
+            with self._stepping:
+                for rid in ids:
+                    self._finished.pop(rid, None)
+                    if rid not in results and self.engine.is_unfinished(rid):
+                        self.engine.abort(rid)
             raise
         finally:
             if bar is not None:
