@@ -1662,6 +1662,15 @@ def test_one_async_llm_serves_a_notebook_and_a_server_thread():
 
         assert asyncio.run(cells()).outputs[0].token_ids
         assert asyncio.run(cells()).outputs[0].token_ids  # a second loop, the first one closed
+        # A loop closed without closing a stream it began: the request is aborted, not run on.
+        loop = asyncio.new_event_loop()
+        stream = llm.generate("Once upon a time", SamplingParams(max_tokens=2000, ignore_eos=True))
+        loop.run_until_complete(stream.__anext__())
+        loop.close()
+        deadline = time.time() + 2  # the 2,000 tokens take 7 s or more here
+        while llm.num_in_flight and time.time() < deadline:
+            time.sleep(0.01)
+        assert llm.num_in_flight == 0
         _assert_idle(srv)
     finally:
         srv.stop()

@@ -387,16 +387,19 @@ async def _across_loops(stream: AsyncIterator[RequestOutput], home: asyncio.Abst
     here = asyncio.get_running_loop()
     inbox: asyncio.Queue = asyncio.Queue()
 
-    def send(item) -> None:
+    def send(item) -> bool:
         try:
             here.call_soon_threadsafe(inbox.put_nowait, item)
+            return True
         except RuntimeError:
-            pass  # this loop has closed: nobody is reading
+            return False  # that loop has closed without closing this stream: nobody is reading
 
     async def pump() -> None:
         try:
             async for out in stream:
-                send((True, out))
+                if not send((True, out)):
+                    await stream.aclose()  # aborts the request rather than run it for no one
+                    return
         except BaseException as e:
             send((False, e))
             raise
