@@ -9,6 +9,7 @@ import json
 import re
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -1710,6 +1711,44 @@ def test_an_async_llm_nobody_holds_is_freed(served):
         assert llm() is None, "an AsyncLLM nobody holds is still alive"
         home.join(timeout=10)
         assert not home.is_alive()
+
+
+def test_a_stopped_server_thread_has_stopped():
+    """`ServerThread.stop()` ends the server as `horae serve` ends on a signal: a request still
+    streaming after the grace is cut and aborted, and the thread has ended when `stop` returns.
+    Before, `stop` gave up after 10 s with the server still serving (and its port taken) until
+    the stream's end, 50 s later here."""
+    llm = AsyncLLM(kv_cache_tokens=4096)
+    srv = ServerThread(build_app(llm, ServerConfig(model_name="smollm2")), timeout_graceful_shutdown=0.5)
+    body = {"model": "smollm2", "prompt": "Once", "max_tokens": 3000, "ignore_eos": True, "stream": True}
+    ended = []
+
+    def client():
+        try:
+            with httpx.stream("POST", srv.url + "/v1/completions", json=body, timeout=120) as r:
+                for _ in r.iter_lines():
+                    pass
+            ended.append("whole")
+        except httpx.HTTPError:
+            ended.append("cut")
+
+    reader = threading.Thread(target=client)
+    reader.start()
+    deadline = time.time() + 30
+    while not llm.num_in_flight and time.time() < deadline:
+        time.sleep(0.01)
+    try:
+        t0 = time.time()
+        srv.stop()
+        assert not srv.thread.is_alive() and time.time() - t0 < 5
+        reader.join(timeout=10)
+        assert ended == ["cut"]
+        deadline = time.time() + 5
+        while llm.num_in_flight and time.time() < deadline:
+            time.sleep(0.01)
+        assert llm.num_in_flight == 0 and llm.engine.stats()["kv_used_blocks"] == 0
+    finally:
+        llm.shutdown()
 
 
 @contextlib.contextmanager

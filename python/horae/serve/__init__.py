@@ -22,11 +22,19 @@ def __getattr__(name):
     raise AttributeError(f"module 'horae.serve' has no attribute {name!r}")
 
 
+#: Seconds a stopping server (a signal to `horae serve`, `ServerThread.stop`) lets open requests
+#: finish before it cuts them.
+GRACEFUL_SHUTDOWN_S = 5.0
+
+
 class ServerThread:
     """Serve an app with uvicorn on a background thread, on a free loopback port (tests, notebooks,
-    the serving study). `stop()` ends it; the app's engine keeps running until its `shutdown()`."""
+    the serving study). `stop()` ends it, as `horae serve` ends on a signal: requests still open
+    `timeout_graceful_shutdown` seconds later are cut (and aborted); the app's engine keeps
+    running until its `shutdown()`."""
 
-    def __init__(self, app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"):
+    def __init__(self, app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning",
+                 timeout_graceful_shutdown: float = GRACEFUL_SHUTDOWN_S):
         import socket
         import threading
         import time
@@ -38,7 +46,9 @@ class ServerThread:
                 s.bind((host, 0))
                 port = s.getsockname()[1]
         self.app, self.port, self.url = app, port, f"http://{host}:{port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level))
+        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                                                    timeout_graceful_shutdown=timeout_graceful_shutdown))
+        self.timeout_graceful_shutdown = timeout_graceful_shutdown
         self.thread = threading.Thread(target=self.server.run, name="horae-http", daemon=True)
         self.thread.start()
         deadline = time.time() + 30
@@ -48,8 +58,9 @@ class ServerThread:
             time.sleep(0.02)
 
     def stop(self) -> None:
+        """Stop serving and wait until the server has (its open requests cut after the grace)."""
         self.server.should_exit = True
-        self.thread.join(timeout=10)
+        self.thread.join(timeout=self.timeout_graceful_shutdown + 10)
 
 
 def _port(text: str) -> int:
@@ -300,7 +311,7 @@ def run(args: argparse.Namespace) -> int:
     port = sock.getsockname()[1]  # the one the system chose for --port 0
     print(f"serving {app.state.config.model_name} on http://{args.host}:{port}/v1", flush=True)
     try:
-        config = uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=5)
+        config = uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
         uvicorn.Server(config).run(sockets=[sock])
     finally:
         app.state.llm.shutdown()
