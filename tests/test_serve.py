@@ -1239,6 +1239,39 @@ def test_hang_up_before_a_non_streamed_answer_aborts_it(server):
     assert _metric(server, "horae:generation_tokens_total") == generated and server.llm.num_in_flight == 0
 
 
+def test_a_burst_never_queues_past_max_queue():
+    """`--max-queue` bounds the requests waiting in the engine, also in a burst of concurrent
+    requests: each counts as waiting from its first read on the server's loop, before it has
+    reached the `AsyncLLM`'s own loop (counted only there, 98 waited against a bound of 64)."""
+    llm = AsyncLLM(kv_cache_tokens=8192, max_num_seqs=4)
+    srv = ServerThread(build_app(llm, ServerConfig(model_name="smollm2", max_queue=16)))
+    peak, done = [0], threading.Event()
+
+    def watch():
+        while not done.is_set():
+            peak[0] = max(peak[0], llm.engine.stats()["waiting"])
+            time.sleep(0.001)
+
+    async def burst():
+        async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=300)) as http:
+            async def one(i):
+                r = await http.post(srv.url + "/v1/completions", json={"model": "smollm2", "prompt": f"n {i}", "max_tokens": 4})
+                return r.status_code
+            return await asyncio.gather(*[one(i) for i in range(200)])
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        codes = asyncio.run(burst())
+    finally:
+        done.set()
+        watcher.join()
+        srv.stop()
+        llm.shutdown()
+    assert set(codes) == {200, 503}, codes
+    assert peak[0] <= 16, f"{peak[0]} requests waited in the engine, against max_queue 16"
+
+
 def test_overload_answers_503_and_loses_nothing(server):
     server.app.state.config.max_queue = 2
     try:

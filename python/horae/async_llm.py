@@ -107,6 +107,7 @@ class AsyncLLM:
         self._thread: Optional[threading.Thread] = None
         self._starting = threading.Lock()
         self._stopper: Optional[weakref.finalize] = None
+        self._unanswered = _Counter()
         #: Set when the step loop died (`EngineDiedError`), for good.
         self.dead_error: Optional[EngineDiedError] = None
 
@@ -205,10 +206,28 @@ class AsyncLLM:
         `Engine.add_request`'s (a request that waited elsewhere first; its times count from then)."""
         self.check_alive()
         home = self._home()
+        stream = self._stream(prompt, sampling_params, request_id, arrival_time)
         if home is not asyncio.get_running_loop():
-            async for out in _across_loops(self.generate(prompt, sampling_params, request_id, arrival_time), home):
+            stream = _across_loops(stream, home)
+        # Counted here, on the caller's side, from the first read: a server checks its queue
+        # bound (`num_waiting`) before the next request, while this one may not have reached the
+        # home loop yet.
+        self._unanswered.add(1)
+        unanswered = True
+        try:
+            async for out in stream:
+                if unanswered:
+                    self._unanswered.add(-1)
+                    unanswered = False
                 yield out
-            return
+        finally:
+            if unanswered:
+                self._unanswered.add(-1)
+            await stream.aclose()
+
+    async def _stream(self, prompt: PromptType, sampling_params: Optional[SamplingParams], request_id: Optional[str],
+                      arrival_time: Optional[float]) -> AsyncIterator[RequestOutput]:
+        """`generate`'s stream, on the home loop."""
         waited = waited_since(arrival_time)
         rid = self.engine.add_request(request_id, prompt, sampling_params, arrival_time=arrival_time)
         q: asyncio.Queue = asyncio.Queue()
@@ -281,8 +300,8 @@ class AsyncLLM:
 
     @property
     def num_waiting(self) -> int:
-        """Streams whose request has not produced a token yet."""
-        return sum(1 for t in list(self.times.values()) if t.first_token is None)  # a copy: read from any thread
+        """Streams whose request has not answered yet (for a server's queue bound)."""
+        return self._unanswered.value
 
     async def get_tokenizer(self) -> Tokenizer:
         """The model's tokenizer, called as HF transformers' are (vLLM's `AsyncLLM.get_tokenizer`,
@@ -339,6 +358,17 @@ class AsyncLLM:
             stopper()
         else:
             self.engine.stop_loop()
+
+
+class _Counter:
+    """A count that callers on several threads change."""
+
+    def __init__(self):
+        self.value, self._lock = 0, threading.Lock()
+
+    def add(self, n: int) -> None:
+        with self._lock:
+            self.value += n
 
 
 async def _call(f, *args):
