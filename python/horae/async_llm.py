@@ -206,7 +206,9 @@ class AsyncLLM:
         `Engine.add_request`'s (a request that waited elsewhere first; its times count from then)."""
         self.check_alive()
         home = self._home()
-        stream = self._stream(prompt, sampling_params, request_id, arrival_time)
+        # The request arrived now, not when it reaches the home loop: its times (TTFT, the SLO
+        # bounds, the queue deadline) count from here.
+        stream = self._stream(prompt, sampling_params, request_id, time.time() if arrival_time is None else arrival_time)
         if home is not asyncio.get_running_loop():
             stream = _across_loops(stream, home)
         # Counted here, on the caller's side, from the first read: a server checks its queue
