@@ -87,6 +87,9 @@ class LLM:
                         mine = [rid for rid in ids if rid in self._finished]
                     for rid in mine:
                         results[rid] = self._finished.pop(rid)
+                    lost = [rid for rid in ids if rid not in results and not self.engine.is_unfinished(rid)]
+                    if lost:  # aborted by another hand (`llm.engine.abort`): stepping would never end
+                        raise RuntimeError(f"request {lost[0]} was aborted before it finished")
                 if bar is not None and mine:
                     bar.update(len(mine))
         except BaseException:
