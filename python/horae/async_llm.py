@@ -26,6 +26,7 @@ server synchronously blocks the notebook's loop, not the home.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import threading
 import time
 import uuid
@@ -281,7 +282,7 @@ class AsyncLLM:
             done = asyncio.run_coroutine_threadsafe(_call(self.abort, ids), home)
             try:
                 return done.result(timeout=60)
-            except RuntimeError:
+            except (RuntimeError, concurrent.futures.CancelledError):
                 pass  # the home loop stopped meanwhile (shutdown): nothing is streaming
         for rid in ids:
             rid = str(rid)
