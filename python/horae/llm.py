@@ -76,22 +76,27 @@ class LLM:
 
             bar = tqdm(total=len(prompts), desc="generating", unit="req")
         try:
-            while len(results) < len(ids):
+            pending = set(ids)
+            while pending:
                 with self._stepping:
-                    # Another caller's steps may have finished some of these meanwhile.
-                    mine = [rid for rid in ids if rid in self._finished]
-                    if len(mine) + len(results) < len(ids):
-                        for out in self.engine.step():
+                    # Another caller's steps may have finished some of these meanwhile. Only the
+                    # step's outputs and the finished ones are read: not every prompt each step.
+                    done = self._finished.keys() & pending
+                    if not done:
+                        outs = self.engine.step()
+                        for out in outs:
                             if out.finished:
                                 self._finished[out.request_id] = out
-                        mine = [rid for rid in ids if rid in self._finished]
-                    for rid in mine:
+                        done = self._finished.keys() & pending
+                        if not outs and not done:  # an idle step: were any aborted by another hand?
+                            lost = [rid for rid in pending if not self.engine.is_unfinished(rid)]
+                            if lost:  # (`llm.engine.abort`): stepping would never end
+                                raise RuntimeError(f"request {lost[0]} was aborted before it finished")
+                    for rid in done:
                         results[rid] = self._finished.pop(rid)
-                    lost = [rid for rid in ids if rid not in results and not self.engine.is_unfinished(rid)]
-                    if lost:  # aborted by another hand (`llm.engine.abort`): stepping would never end
-                        raise RuntimeError(f"request {lost[0]} was aborted before it finished")
-                if bar is not None and mine:
-                    bar.update(len(mine))
+                pending -= done
+                if bar is not None and done:
+                    bar.update(len(done))
         except BaseException:
             with self._stepping:
                 for rid in ids:

@@ -48,7 +48,6 @@ class ServerThread:
         self.app, self.port, self.url = app, port, f"http://{host}:{port}"
         self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
                                                     timeout_graceful_shutdown=timeout_graceful_shutdown))
-        self.timeout_graceful_shutdown = timeout_graceful_shutdown
         self.thread = threading.Thread(target=self.server.run, name="horae-http", daemon=True)
         self.thread.start()
         deadline = time.time() + 30
@@ -60,7 +59,7 @@ class ServerThread:
     def stop(self) -> None:
         """Stop serving and wait until the server has (its open requests cut after the grace)."""
         self.server.should_exit = True
-        self.thread.join(timeout=self.timeout_graceful_shutdown + 10)
+        self.thread.join(timeout=self.server.config.timeout_graceful_shutdown + 10)
 
 
 def _port(text: str) -> int:

@@ -21,16 +21,11 @@ from horae.serve.protocol.responses import ResponsesRequest
 from horae.serve.state import ServerState, cancel_on_disconnect
 from horae.serve.streaming import sse_response
 
-#: A chat request's fields (and the engine's) by the Responses API's names, for refusals.
+#: A chat request's fields (and the engine's) by the Responses API's names, for refusals: the
+#: whole field (a chat field's parts are not its: the messages' indices are not the input
+#: items', with instructions first and calls merged).
 _FIELD = {"messages": "input", "max_completion_tokens": "max_output_tokens", "max_tokens": "max_output_tokens",
           "response_format": "text.format", "logprobs": "top_logprobs"}
-
-
-def _renamed(e: APIError) -> APIError:
-    """A refusal of the chat form or the engine, naming the field as this request spells it (a
-    chat field's parts are not its: the messages' indices are not the input items', with
-    instructions first and calls merged)."""
-    return e.renamed(_FIELD)
 
 
 def chat_request(req: ResponsesRequest) -> ChatCompletionRequest:
@@ -38,7 +33,7 @@ def chat_request(req: ResponsesRequest) -> ChatCompletionRequest:
     try:
         return ChatCompletionRequest.model_validate(req.chat_fields())
     except ValidationError as e:
-        raise _renamed(invalid_body(e.errors())) from None
+        raise invalid_body(e.errors()).renamed(_FIELD) from None
 
 
 def _id(prefix: str) -> str:
@@ -164,7 +159,7 @@ def router(state: ServerState) -> APIRouter:
         try:
             answer, ids, stream, out = await start_chat(state, chat, "resp")
         except APIError as e:
-            raise _renamed(e) from None
+            raise e.renamed(_FIELD) from None
         top, as_ids = chat.top_logprobs or 0, state.tokens_as_ids(chat)
         created = time.time()
         fmt = req.text.format.model_dump(by_alias=True, exclude_none=True) if req.text and req.text.format else None
