@@ -1755,6 +1755,9 @@ def test_a_stopped_server_thread_has_stopped():
     Before, `stop` gave up after 10 s with the server still serving (and its port taken) until
     the stream's end, 50 s later here."""
     llm = AsyncLLM(kv_cache_tokens=4096)
+    for bad in ("5", -1, float("nan")):
+        with pytest.raises(ValueError, match="timeout_graceful_shutdown must be a number of seconds"):
+            ServerThread(build_app(llm, ServerConfig(model_name="smollm2")), timeout_graceful_shutdown=bad)
     srv = ServerThread(build_app(llm, ServerConfig(model_name="smollm2")), timeout_graceful_shutdown=0.5)
     body = {"model": "smollm2", "prompt": "Once", "max_tokens": 3000, "ignore_eos": True, "stream": True}
     ended = []

@@ -6,6 +6,7 @@ import argparse
 from typing import Optional, Sequence
 
 from horae import _core
+from horae.checks import is_number
 from horae.serve.reasoning import REASONING_PARSERS
 from horae.serve.tool_parsers import PARSERS
 
@@ -41,6 +42,8 @@ class ServerThread:
 
         import uvicorn
 
+        if not is_number(timeout_graceful_shutdown) or not 0 <= timeout_graceful_shutdown < float("inf"):
+            raise ValueError(f"timeout_graceful_shutdown must be a number of seconds >= 0, got {timeout_graceful_shutdown!r}")
         if port == 0:
             with socket.socket() as s:
                 s.bind((host, 0))
