@@ -279,13 +279,17 @@ def test_cli_errors_are_clean():
         (("simulate", "--schedulers", "fifo"), "unknown scheduler"),
         (("simulate", "--synthetic", "dist-1", "--num-requests", "20"), "--request-rate or --clients"),
         (("simulate", "--kv-cache-tokens", "4"), "smaller than one block"),
-        (("simulate", "--replicas", "0"), "replicas must be a positive integer"),
+        (("simulate", "--replicas", "0"), "--replicas: expected a positive whole number, got '0'"),
         (("simulate", "--replicas", "2", "--router", "random"), "invalid choice"),
         (("simulate", "--replicas", "2", "--schedulers", "oracle", "--no-progress"), "not a replica policy"),
     ]:
         out = run_cli(*args)
         assert out.returncode == 2, (args, out.stdout, out.stderr)
         assert message in out.stderr and "Traceback" not in out.stderr
+    # Argument errors come before the trace is read and the sweep starts (no trace line, no bar).
+    for args in (("simulate", "--schedulers", "past-future,fifo"), ("simulate", "--replicas", "0")):
+        out = run_cli(*args)
+        assert out.returncode == 2 and out.stdout == "" and "simulating" not in out.stderr, (args, out.stdout)
     out = run_cli("simulate", "--rate-scales", "-1")
     assert out.returncode == 2 and "positive" in out.stderr
     out = run_cli("simulate", "--replicas", "2", "--router", "prefix", "--schedulers", "past-future",

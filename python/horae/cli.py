@@ -30,6 +30,28 @@ def _names(s: str) -> List[str]:
     return [x.strip() for x in s.split(",") if x.strip()]
 
 
+def _positive_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        v = 0
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {s!r}")
+    return v
+
+
+def _schedulers(s: str) -> List[str]:
+    # Checked here, so that a misspelt name is refused before the trace loads and the sweep starts.
+    from horae.sim import SCHEDULERS
+
+    names = _names(s)
+    unknown = [n for n in names if n not in SCHEDULERS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown scheduler {', '.join(map(repr, unknown or [s]))}; "
+                                         f"known: {', '.join(SCHEDULERS)}")
+    return names
+
+
 def _simulate_parser(sub) -> None:
     from horae.serve import add_prior_arguments
     from horae.sim import HARDWARE_PRESETS, MODEL_PRESETS, POLICIES, QUEUES, RETRY_RULES, ROUTERS
@@ -42,7 +64,7 @@ def _simulate_parser(sub) -> None:
     src.add_argument("--synthetic", choices=["dist-1", "dist-2", "dist-3"], help="the paper's length sets")
     p.add_argument("--format", help="trace format, if not detected from the header")
     p.add_argument("--num-requests", type=int, help="use only the first N requests (default: all; 1000 for --synthetic)")
-    p.add_argument("--schedulers", type=_names, default=list(POLICIES),
+    p.add_argument("--schedulers", type=_schedulers, default=list(POLICIES),
                    help="comma-separated (default: the four policies; also aggressive-99)")
     load = p.add_mutually_exclusive_group()
     load.add_argument("--rate-scales", type=_floats, help="open loop: arrival-rate multipliers (default 0.5,0.75,1,1.25,1.5)")
@@ -72,7 +94,7 @@ def _simulate_parser(sub) -> None:
                         "requests shed (see horae serve --queue)")
     p.add_argument("--history-window", type=int, default=1000, help="past-future: finished lengths remembered")
     add_prior_arguments(p)
-    p.add_argument("--replicas", type=int, help="open loop: this many replicas behind --router (default: one engine)")
+    p.add_argument("--replicas", type=_positive_int, help="open loop: this many replicas behind --router (default: one engine)")
     p.add_argument("--router", default="forecast", choices=ROUTERS,
                    help="with --replicas: how requests are spread (forecast: horae's, forecast- and prefix-aware)")
     p.add_argument("--retry-shed", default="always", choices=RETRY_RULES,
@@ -312,7 +334,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     b.add_argument("--replicas", type=_ints, default=[8, 64], help="route: replica counts")
     b.add_argument("--iters", type=int, default=2000)
     b.add_argument("--trace", help="sim-speed: trace file (default: the bundled sample)")
-    b.add_argument("--schedulers", type=_names, default=["past-future", "aggressive", "conservative", "oracle"])
+    b.add_argument("--schedulers", type=_schedulers, default=["past-future", "aggressive", "conservative", "oracle"])
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:2] == ["bench", "serve"]:  # the load generator has its own (vLLM-style) options
         from horae.bench.serve import main as bench_serve
