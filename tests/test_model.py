@@ -330,8 +330,8 @@ def test_a_stop_string_is_never_half_streamed(llm):
 @pytest.mark.parametrize(
     "kwargs,message",
     [({"top_p": 1.5}, "top_p"), ({"temperature": -1}, "temperature"), ({"n": 0}, "n must"),
-     ({"max_tokens": 0}, "max_tokens"), ({"top_k": -3}, "top_k"), ({"presence_penalty": 3}, "presence_penalty"),
-     ({"stop": [""]}, "stop"), ({"seed": -1}, "seed")],
+     ({"n": 2**63}, "n must be an integer 1-4096"), ({"max_tokens": 0}, "max_tokens"), ({"top_k": -3}, "top_k"),
+     ({"presence_penalty": 3}, "presence_penalty"), ({"stop": [""]}, "stop"), ({"seed": -1}, "seed")],
 )
 def test_bad_sampling_values(llm, kwargs, message):
     # Checked once, by the core, when the request is added: nothing is queued.
@@ -356,6 +356,12 @@ def test_values_of_the_wrong_type_name_their_field(llm):
         LLM(block_size="16")
     with pytest.raises(ValueError, match="max_tokens must be a 64-bit integer, got True"):
         llm.generate("hi", SamplingParams(max_tokens=True), use_tqdm=False)
+    # A field set after the making is checked when the request is queued: n = 10**9 would build a
+    # billion outputs (and engine requests) before a token is computed.
+    params = SamplingParams()
+    params.n = 10**9
+    with pytest.raises(ValueError, match="n must be an integer 1-4096, got 1000000000"):
+        llm.generate("hi", params, use_tqdm=False)
     for bias in ([5], {"5": 1.0}, {True: 1.0}, {5: "big"}, {2**64: 1.0}):
         with pytest.raises(TypeError, match="logit_bias"):
             llm.generate("hi", SamplingParams(logit_bias=bias), use_tqdm=False)

@@ -24,7 +24,7 @@ from horae.checks import (
 from horae.models import resolve_model
 from horae.outputs import OutputProcessor, RequestOutput
 from horae.priors import Prior, resolve_prior
-from horae.sampling_params import SamplingParams
+from horae.sampling_params import SamplingParams, check_samples
 from horae.tokenizer import Tokenizer
 
 logger = logging.getLogger("horae")
@@ -324,6 +324,7 @@ class Engine:
         if len(kept) < len(ids):
             text, ids = None, kept  # the text no longer says what the model reads
         slo = slo_dict(params.slo, "slo")
+        check_samples(params.n)
         for name in ("max_tokens", "top_k", "seed", "min_tokens", "logprobs", "prompt_logprobs", "priority"):
             v = getattr(params, name)
             if v is not None and not (is_int(v) and -2**63 <= v < 2**63):

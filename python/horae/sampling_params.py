@@ -87,6 +87,20 @@ class RequestOutputKind(enum.IntEnum):
     FINAL_ONLY = 2
 
 
+#: The most samples one request may ask for (`n`). Each is a request of the engine's, with outputs
+#: of its own, made when the call is: n = 10**7 would take gigabytes before a token is computed,
+#: and a larger one ends the process. OpenAI's API takes up to 128 and vLLM sets no bound; best-of-N
+#: evaluations (pass@k) ask for a few hundred.
+MAX_SAMPLES = 4096
+
+
+def check_samples(n: Any) -> None:
+    """`n` as a request may ask for: at `SamplingParams`' making, and again when a request is
+    queued (the fields can be set after)."""
+    if not is_int(n) or not 1 <= n <= MAX_SAMPLES:
+        raise ValueError(f"n must be an integer 1-{MAX_SAMPLES}, got {n!r}")
+
+
 @dataclass
 class SamplingParams:
     """How to sample, as in vLLM. `temperature=0` is greedy; `seed` makes sampling reproducible.
@@ -148,8 +162,7 @@ class SamplingParams:
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
 
     def __post_init__(self):
-        if not is_int(self.n) or self.n < 1:
-            raise ValueError(f"n must be an integer >= 1, got {self.n!r}")
+        check_samples(self.n)
         for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens", "detokenize"):
             if not isinstance(getattr(self, name), bool):  # the binding's refusal would name no field
                 raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
