@@ -340,6 +340,17 @@ def test_bad_sampling_values(llm, kwargs, message):
     assert not llm.engine.has_unfinished_requests()
 
 
+def test_an_engine_the_machine_cannot_hold_is_an_error(llm):
+    """A KV cache (or a length history) larger than any machine's memory: a ValueError naming the
+    setting, where the failed allocation ended the process (a notebook's kernel with it)."""
+    with pytest.raises(ValueError, match=r"a KV cache of 1000000000000 tokens needs .* GiB \(46080 bytes a token\), "
+                                         "more than this machine can allocate; give a smaller kv_cache_tokens"):
+        LLM(kv_cache_tokens=10**12)
+    with pytest.raises(ValueError, match="history_window must be between 1 and 1048576"):
+        LLM(history_window=10**9)
+    assert llm.generate("hi", SamplingParams(max_tokens=2), use_tqdm=False)[0].outputs[0].token_ids
+
+
 def test_values_of_the_wrong_type_name_their_field(llm):
     # Caught before the binding, whose own conversion errors name no field.
     with pytest.raises(TypeError, match="temperature must be a number"):

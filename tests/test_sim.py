@@ -171,6 +171,8 @@ def test_requests_bigger_than_the_pool_are_rejected_not_hung(sample):
         ({"kv_cache_tokens": -5}, "kv_cache_tokens must be a whole number >= 0"),
         ({"seed": -1}, "seed must be a whole number >= 0"),
         ({"max_tokens": -1}, "max_tokens must be a whole number >= 0"),
+        # A window of 2**40 lengths: the core's allocation for it ended the process.
+        ({"history_window": 2**40}, "history_window must be between 1 and 1048576, got 1099511627776"),
     ],
 )
 def test_bad_simulation_input(sample, kwargs, message):

@@ -67,7 +67,7 @@ impl ModelExecutor {
             model = model.with_kv_dtype(kv);
         }
         let model = Arc::new(model);
-        let cache = KvCache::new(&model.cfg, num_blocks, block_size, model.kv_dtype());
+        let cache = KvCache::new(&model.cfg, num_blocks, block_size, model.kv_dtype())?;
         let cfg = model.cfg.clone();
         Ok(Self::with_runtime(dir, cfg, Runtime::Cpu { model, cache }))
     }

@@ -26,6 +26,23 @@ unsafe impl Zeroed for u16 {}
 unsafe impl Zeroed for u32 {}
 unsafe impl Zeroed for u64 {}
 unsafe impl Zeroed for f32 {}
+unsafe impl Zeroed for half::bf16 {}
+
+/// `len` zeroed values in a `Vec`, or `None` where the allocator refuses them, where `vec![0; len]`
+/// would end the process (a KV cache larger than the machine's memory). The pages come zeroed
+/// from the kernel and stay untouched until written, as `vec!`'s do.
+pub fn try_zeroed_vec<T: Zeroed>(len: usize) -> Option<Vec<T>> {
+    let layout = std::alloc::Layout::array::<T>(len).ok()?;
+    if layout.size() == 0 {
+        return Some(Vec::new());
+    }
+    // SAFETY: a non-zero layout; zeroed memory is `len` valid values (`Zeroed`); the Vec frees
+    // it with the same layout (its capacity is `len`).
+    unsafe {
+        let ptr = std::alloc::alloc_zeroed(layout) as *mut T;
+        (!ptr.is_null()).then(|| Vec::from_raw_parts(ptr, len, len))
+    }
+}
 
 const HUGE_PAGE: usize = 2 << 20;
 /// A chunk's size; a buffer of half of it or more gets a chunk of its own.

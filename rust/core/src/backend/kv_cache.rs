@@ -8,6 +8,8 @@ use std::ops::Range;
 
 use half::bf16;
 
+use super::huge::try_zeroed_vec;
+
 /// How K and V are held.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum KvDtype {
@@ -61,11 +63,12 @@ pub enum KvBuf {
 }
 
 impl KvBuf {
-    pub fn zeros(dtype: KvDtype, len: usize) -> Self {
-        match dtype {
-            KvDtype::F32 => KvBuf::F32(vec![0.0; len]),
-            KvDtype::Bf16 => KvBuf::Bf16(vec![bf16::ZERO; len]),
-        }
+    /// `len` zeros, or `None` where the machine cannot hold them.
+    pub fn zeros(dtype: KvDtype, len: usize) -> Option<Self> {
+        Some(match dtype {
+            KvDtype::F32 => KvBuf::F32(try_zeroed_vec(len)?),
+            KvDtype::Bf16 => KvBuf::Bf16(try_zeroed_vec(len)?),
+        })
     }
 
     /// Values held.
@@ -139,7 +142,7 @@ mod tests {
 
     #[test]
     fn bf16_values_round_to_nearest_even_and_read_back_widened() {
-        let mut buf = KvBuf::zeros(KvDtype::Bf16, 8);
+        let mut buf = KvBuf::zeros(KvDtype::Bf16, 8).unwrap();
         // 1 + 2^-8 is halfway between bf16's 1 and 1 + 2^-7: even goes down; 1 + 3 * 2^-8 up.
         buf.write(2, &[1.0 + 1.0 / 256.0, 1.0 + 3.0 / 256.0, -2.5]);
         let mut out = [9.0f32; 4];

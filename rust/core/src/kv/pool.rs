@@ -38,10 +38,21 @@ impl BlockPool {
         if num_blocks > u32::MAX as usize {
             return Err(HoraeError::InvalidConfig(format!("{num_blocks} KV blocks is more than 2^32")));
         }
+        // Reserved first: a pool whose records the machine cannot hold is an error, not the abort
+        // a failed allocation is (the simulator takes any `kv_cache_tokens`).
+        let (mut blocks, mut free_list) = (Vec::new(), Vec::new());
+        if blocks.try_reserve_exact(num_blocks).is_err() || free_list.try_reserve_exact(num_blocks).is_err() {
+            return Err(HoraeError::InvalidConfig(format!(
+                "a KV pool of {num_blocks} blocks needs more memory for its records than this machine can allocate; \
+                 give a smaller kv_cache_tokens"
+            )));
+        }
+        blocks.resize(num_blocks, Block::default());
+        // Reversed so that block 0 is handed out first: easier to read in tests and dumps.
+        free_list.extend((0..num_blocks as BlockId).rev());
         Ok(Self {
-            blocks: vec![Block::default(); num_blocks],
-            // Reversed so that block 0 is handed out first: easier to read in tests and dumps.
-            free_list: (0..num_blocks as BlockId).rev().collect(),
+            blocks,
+            free_list,
             cached_lru: BTreeMap::new(),
             by_hash: HashMap::default(),
             next_stamp: 0,

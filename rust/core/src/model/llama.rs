@@ -58,11 +58,23 @@ pub struct KvCache {
 }
 
 impl KvCache {
-    pub fn new(cfg: &ModelConfig, num_blocks: usize, block_size: usize, dtype: KvDtype) -> Self {
+    /// A cache the machine cannot hold is an error naming its size, not the abort a failed
+    /// allocation is.
+    pub fn new(cfg: &ModelConfig, num_blocks: usize, block_size: usize, dtype: KvDtype) -> Result<Self> {
         let row = cfg.num_kv_heads * cfg.head_dim;
-        let n = num_blocks * block_size * row;
-        let bufs = || (0..cfg.num_layers).map(|_| KvBuf::zeros(dtype, n)).collect();
-        Self { k: bufs(), v: bufs(), block_size, row }
+        let tokens = num_blocks.saturating_mul(block_size);
+        let too_large = || {
+            let per_token = 2 * cfg.num_layers * row * if dtype == KvDtype::Bf16 { 2 } else { 4 };
+            HoraeError::InvalidConfig(format!(
+                "a KV cache of {tokens} tokens needs {:.1} GiB ({per_token} bytes a token), more than this machine can \
+                 allocate; give a smaller kv_cache_tokens",
+                tokens as f64 * per_token as f64 / (1u64 << 30) as f64
+            ))
+        };
+        let n = tokens.checked_mul(row).ok_or_else(too_large)?;
+        let bufs = || (0..cfg.num_layers).map(|_| KvBuf::zeros(dtype, n)).collect::<Option<Vec<_>>>();
+        let (k, v) = bufs().zip(bufs()).ok_or_else(too_large)?;
+        Ok(Self { k, v, block_size, row })
     }
 
     pub fn num_blocks(&self) -> usize {
@@ -95,7 +107,7 @@ impl LlamaModel {
         let n = tokens.len();
         let bs = 16;
         let table: Vec<u32> = (0..n.div_ceil(bs) as u32).collect();
-        let mut cache = KvCache::new(&self.cfg, table.len(), bs, self.kv_dtype());
+        let mut cache = KvCache::new(&self.cfg, table.len(), bs, self.kv_dtype())?;
         let input = BatchInput {
             tokens: tokens.to_vec(),
             positions: (0..n).collect(),

@@ -110,6 +110,11 @@ impl Default for SchedulerConfig {
     }
 }
 
+/// The most finished lengths Past-Future remembers: far past where their distribution settles
+/// (the default is 1,000), and each one recorded moves a sorted copy of the window. A larger one
+/// (or a prior of as many entries) took gigabytes at the start.
+pub const MAX_HISTORY_WINDOW: usize = 1 << 20;
+
 impl SchedulerConfig {
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(HoraeError::InvalidConfig(m));
@@ -128,8 +133,11 @@ impl SchedulerConfig {
         if self.max_batched_tokens == 0 {
             return bad("max_batched_tokens must be at least 1".into());
         }
-        if self.history_window == 0 {
-            return bad("history_window must be at least 1".into());
+        if !(1..=MAX_HISTORY_WINDOW).contains(&self.history_window) {
+            return bad(format!(
+                "history_window must be between 1 and {MAX_HISTORY_WINDOW}, got {}",
+                self.history_window
+            ));
         }
         if self.max_output_bound == 0 {
             return bad("max_output_bound must be at least 1".into());

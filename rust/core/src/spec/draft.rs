@@ -65,7 +65,8 @@ impl DraftModel {
             )));
         }
         let scratch_per_seq = (k_max + block_size).div_ceil(block_size) + 1;
-        let cache = KvCache::new(&model.cfg, pool_blocks + max_seqs * scratch_per_seq, block_size, model.kv_dtype());
+        let blocks = max_seqs.saturating_mul(scratch_per_seq).saturating_add(pool_blocks);
+        let cache = KvCache::new(&model.cfg, blocks, block_size, model.kv_dtype())?;
         Ok(Self {
             model: Arc::new(model),
             cache,

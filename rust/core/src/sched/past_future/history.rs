@@ -101,7 +101,8 @@ impl LengthHistory {
         let prior: Vec<u32> = spread_order(weight).into_iter().rev().map(|i| quantiles[i]).collect();
         let mut sorted = prior.clone();
         sorted.sort_unstable();
-        let mut h = Self { window, ring: VecDeque::with_capacity(window), prior, sorted, records: 0 };
+        let mut h =
+            Self { window, ring: VecDeque::with_capacity(window.min(start.recorded.len())), prior, sorted, records: 0 };
         let skip = start.recorded.len().saturating_sub(window);
         for &v in &start.recorded[skip..] {
             h.record(v);
