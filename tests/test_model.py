@@ -736,6 +736,24 @@ def test_bad_model_paths(tmp_path):
         Engine(None, history_window=0)
     with pytest.raises(HoraeCoreError, match="max_output_bound"):
         Engine(None, max_output_bound=0)
+    # The default model's files under a config.json edited wrong: a clear error each, where a
+    # claim of 10**8 layers ended the process on a reservation for them, and a negative rope_theta
+    # loaded and wrote nonsense.
+    from horae.models import resolve_model
+
+    source = resolve_model(None)
+    for key, value, what in [("num_hidden_layers", 10**8, "missing tensor model.layers.30.input_layernorm.weight"),
+                             ("rope_theta", -1.0, "rope_theta must be a positive number, got -1"),
+                             ("rms_norm_eps", -1e-5, "rms_norm_eps must be a number >= 0")]:
+        edited = tmp_path / key
+        edited.mkdir()
+        for f in source.iterdir():
+            if f.name != "config.json":
+                (edited / f.name).symlink_to(f)
+        config = json.loads((source / "config.json").read_text())
+        (edited / "config.json").write_text(json.dumps({**config, key: value}))
+        with pytest.raises(HoraeCoreError, match=what):
+            Engine(edited)
 
 
 def test_cli_generate_and_chat(llm):

@@ -128,6 +128,13 @@ impl ModelConfig {
             .rope_theta
             .or_else(|| raw.rope_parameters.as_ref().and_then(|v| v.get("rope_theta")).and_then(Value::as_f64))
             .unwrap_or(10_000.0);
+        // Either out of range runs, and writes nonsense (NaN angles or norms) without a word.
+        if !(rope_theta.is_finite() && rope_theta > 0.0) {
+            return Err(HoraeError::Model(format!("rope_theta must be a positive number, got {rope_theta}")));
+        }
+        if let Some(eps) = raw.rms_norm_eps.filter(|e| !(e.is_finite() && *e >= 0.0)) {
+            return Err(HoraeError::Model(format!("rms_norm_eps must be a number >= 0, got {eps}")));
+        }
         let rope_scaling = match &rope_params {
             None | Some(Value::Null) => None,
             Some(v) => {

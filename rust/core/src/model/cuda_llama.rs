@@ -170,7 +170,9 @@ impl CudaLlama {
         AttnDims { num_heads: nh, num_kv_heads: nkv, head_dim: hd, block_size, max_blocks: 1 }.check(true)?;
         let n = |s: &str, r: usize| (s.to_string(), r);
         let embed = src.matrix(&gpu, dt, &[n(names::EMBED, cfg.vocab_size)], h)?;
-        let mut layers = Vec::with_capacity(cfg.num_layers);
+        // Grown as loaded: a config.json that claims more layers than the file holds stops at the
+        // first missing tensor, not on a reservation for them.
+        let mut layers = Vec::new();
         for i in 0..cfg.num_layers {
             let p = |s: &str| names::layer(i, s);
             let qkv_names = [(p(names::Q), nh * hd), (p(names::K), nkv * hd), (p(names::V), nkv * hd)];

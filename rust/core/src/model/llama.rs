@@ -146,7 +146,9 @@ impl LlamaModel {
             (cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads, cfg.intermediate_size);
         let p = |i: usize, n: &str| names::layer(i, n);
         let embed = pack(&mut w, &[(names::EMBED.into(), cfg.vocab_size)], h, dtype)?;
-        let mut layers = Vec::with_capacity(cfg.num_layers);
+        // Grown as loaded: a config.json that claims more layers than the file holds stops at the
+        // first missing tensor, not on a reservation for them.
+        let mut layers = Vec::new();
         for i in 0..cfg.num_layers {
             let qkv_parts = [(p(i, names::Q), nh * hd), (p(i, names::K), nkv * hd), (p(i, names::V), nkv * hd)];
             let qkv_bias = if cfg.qkv_bias {

@@ -97,7 +97,9 @@ pub fn simulate_cluster(trace: &Trace, cfg: &ClusterConfig) -> Result<ClusterRes
     }
     let reqs = &trace.requests;
     let lengths: Arc<Vec<u32>> = Arc::new(reqs.iter().map(|r| r.output_len).collect());
-    let mut engines = Vec::with_capacity(cfg.replicas);
+    // Grown as made: replicas = 10**6 stops at the first pool the machine cannot hold (an error),
+    // not on a reservation for all of them.
+    let mut engines = Vec::new();
     for k in 0..cfg.replicas {
         let mut sched_cfg = sim.sched.clone();
         sched_cfg.seed = sched_cfg.seed.wrapping_add(k as u64);
