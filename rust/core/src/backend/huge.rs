@@ -1,4 +1,5 @@
-//! Memory for the packed weights, on 2 MiB pages where the kernel gives them.
+//! Memory for the packed weights, on 2 MiB pages where the kernel gives them; and the KV
+//! cache's, mapped on its own (`try_mapped`).
 //!
 //! Decode streams every weight each step. On 4 KiB pages that is a TLB miss per page, and the
 //! hardware prefetchers stop at every page boundary. Linux backs memory with transparent huge
@@ -28,22 +29,6 @@ unsafe impl Zeroed for u64 {}
 unsafe impl Zeroed for f32 {}
 unsafe impl Zeroed for half::bf16 {}
 
-/// `len` zeroed values in a `Vec`, or `None` where the allocator refuses them, where `vec![0; len]`
-/// would end the process (a KV cache larger than the machine's memory). The pages come zeroed
-/// from the kernel and stay untouched until written, as `vec!`'s do.
-pub fn try_zeroed_vec<T: Zeroed>(len: usize) -> Option<Vec<T>> {
-    let layout = std::alloc::Layout::array::<T>(len).ok()?;
-    if layout.size() == 0 {
-        return Some(Vec::new());
-    }
-    // SAFETY: a non-zero layout; zeroed memory is `len` valid values (`Zeroed`); the Vec frees
-    // it with the same layout (its capacity is `len`).
-    unsafe {
-        let ptr = std::alloc::alloc_zeroed(layout) as *mut T;
-        (!ptr.is_null()).then(|| Vec::from_raw_parts(ptr, len, len))
-    }
-}
-
 const HUGE_PAGE: usize = 2 << 20;
 /// A chunk's size; a buffer of half of it or more gets a chunk of its own.
 const CHUNK: usize = 32 << 20;
@@ -52,19 +37,20 @@ const ALIGN: usize = 64;
 
 /// `len` zeroed values on 2 MiB pages where the kernel gives them.
 pub fn zeroed<T: Zeroed>(len: usize) -> HugeBuf<T> {
+    let failed = || std::alloc::handle_alloc_error(std::alloc::Layout::array::<T>(len).expect("buffer size overflows"));
     let bytes = len.checked_mul(size_of::<T>()).expect("buffer size overflows");
     if bytes == 0 {
-        return HugeBuf { ptr: std::ptr::NonNull::dangling().as_ptr(), len: 0, _chunk: None };
+        return HugeBuf::empty();
     }
     let (chunk, offset) = if bytes >= CHUNK / 2 {
-        (Arc::new(Chunk::map(bytes.next_multiple_of(HUGE_PAGE))), 0)
+        (Arc::new(Chunk::map(bytes.next_multiple_of(HUGE_PAGE), true).unwrap_or_else(failed)), 0)
     } else {
         static CURRENT: Mutex<Option<(Weak<Chunk>, usize)>> = Mutex::new(None);
         let mut current = CURRENT.lock().unwrap_or_else(|e| e.into_inner());
         let open = current.as_ref().and_then(|(weak, used)| Some((weak.upgrade()?, used.next_multiple_of(ALIGN))));
         let (chunk, offset) = match open {
             Some((chunk, at)) if at + bytes <= chunk.size => (chunk, at),
-            _ => (Arc::new(Chunk::map(CHUNK)), 0),
+            _ => (Arc::new(Chunk::map(CHUNK, true).unwrap_or_else(failed)), 0),
         };
         *current = Some((Arc::downgrade(&chunk), offset + bytes));
         (chunk, offset)
@@ -75,11 +61,31 @@ pub fn zeroed<T: Zeroed>(len: usize) -> HugeBuf<T> {
     HugeBuf { ptr, len, _chunk: Some(chunk) }
 }
 
+/// `len` zeroed values in a mapping of their own, on ordinary pages, or `None` where the memory
+/// cannot be had: the KV cache, whose size the user picks (an error then, where an allocation
+/// that fails ends the process). Its pages cost nothing until a block is written, and go back to
+/// the kernel when it is dropped, where an allocator may keep them (and hand them to the next
+/// engine a notebook makes zeroed again, all resident).
+pub fn try_mapped<T: Zeroed>(len: usize) -> Option<HugeBuf<T>> {
+    let bytes = len.checked_mul(size_of::<T>())?;
+    if bytes == 0 {
+        return Some(HugeBuf::empty());
+    }
+    let chunk = Arc::new(Chunk::map(bytes, false)?);
+    Some(HugeBuf { ptr: chunk.base as *mut T, len, _chunk: Some(chunk) })
+}
+
 /// A fixed-length buffer carved from a chunk (`zeroed`): a slice that keeps its chunk mapped.
 pub struct HugeBuf<T: Zeroed> {
     ptr: *mut T,
     len: usize,
     _chunk: Option<Arc<Chunk>>,
+}
+
+impl<T: Zeroed> HugeBuf<T> {
+    fn empty() -> Self {
+        HugeBuf { ptr: std::ptr::NonNull::dangling().as_ptr(), len: 0, _chunk: None }
+    }
 }
 
 // SAFETY: the buffer owns its values (no other buffer overlaps them), like a Vec<T>.
@@ -102,7 +108,7 @@ impl<T: Zeroed> DerefMut for HugeBuf<T> {
     }
 }
 
-/// One mapping, 2 MiB-aligned, of `size` zeroed bytes.
+/// One mapping of `size` zeroed bytes: 2 MiB-aligned and advised onto huge pages where `huge`.
 struct Chunk {
     base: *mut u8,
     size: usize,
@@ -114,10 +120,10 @@ unsafe impl Sync for Chunk {}
 
 #[cfg(target_os = "linux")]
 impl Chunk {
-    fn map(size: usize) -> Chunk {
+    fn map(size: usize, huge: bool) -> Option<Chunk> {
         // Map a huge page more than asked, then trim to an aligned range (the kernel aligns only
         // some anonymous mappings itself).
-        let span = size + HUGE_PAGE;
+        let span = if huge { size.checked_add(HUGE_PAGE)? } else { size };
         // SAFETY: a fresh private anonymous mapping; nothing else refers to it.
         let raw = unsafe {
             libc::mmap(
@@ -130,7 +136,10 @@ impl Chunk {
             )
         };
         if raw == libc::MAP_FAILED {
-            std::alloc::handle_alloc_error(std::alloc::Layout::from_size_align(size, HUGE_PAGE).expect("layout"));
+            return None;
+        }
+        if !huge {
+            return Some(Chunk { base: raw as *mut u8, size });
         }
         let start = (raw as usize).next_multiple_of(HUGE_PAGE);
         let (head, tail) = (start - raw as usize, raw as usize + span - (start + size));
@@ -145,7 +154,7 @@ impl Chunk {
             }
             libc::madvise(start as *mut libc::c_void, size, libc::MADV_HUGEPAGE);
         }
-        Chunk { base: start as *mut u8, size }
+        Some(Chunk { base: start as *mut u8, size })
     }
 }
 
@@ -159,14 +168,11 @@ impl Drop for Chunk {
 
 #[cfg(not(target_os = "linux"))]
 impl Chunk {
-    fn map(size: usize) -> Chunk {
-        let layout = std::alloc::Layout::from_size_align(size, HUGE_PAGE).expect("layout");
+    fn map(size: usize, _huge: bool) -> Option<Chunk> {
+        let layout = std::alloc::Layout::from_size_align(size, HUGE_PAGE).ok()?;
         // SAFETY: a non-zero size.
         let base = unsafe { std::alloc::alloc_zeroed(layout) };
-        if base.is_null() {
-            std::alloc::handle_alloc_error(layout);
-        }
-        Chunk { base, size }
+        (!base.is_null()).then_some(Chunk { base, size })
     }
 }
 
@@ -214,5 +220,16 @@ mod tests {
         assert!(weak.upgrade().is_some(), "a buffer still holds it");
         drop(second);
         assert!(weak.upgrade().is_none(), "nothing holds it: unmapped");
+    }
+    #[test]
+    fn a_mapping_of_its_own_is_zeroed_or_refused() {
+        let mut kv = try_mapped::<f32>(3000).unwrap();
+        assert!(kv.len() == 3000 && kv.iter().all(|&x| x == 0.0));
+        kv[2999] = 1.5;
+        assert_eq!(kv[2999], 1.5);
+        assert!(try_mapped::<half::bf16>(0).unwrap().is_empty());
+        // More than any address space, and more than a usize of bytes: `None`, not an abort.
+        assert!(try_mapped::<u8>(1 << 62).is_none());
+        assert!(try_mapped::<f32>(usize::MAX / 2).is_none());
     }
 }

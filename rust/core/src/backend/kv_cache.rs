@@ -8,7 +8,7 @@ use std::ops::Range;
 
 use half::bf16;
 
-use super::huge::try_zeroed_vec;
+use super::huge::{try_mapped, HugeBuf};
 
 /// How K and V are held.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -57,17 +57,19 @@ fn widen(x: bf16) -> f32 {
 }
 
 /// One layer's K (or V) buffer, `[blocks, block_size, kv_heads, head_dim]`.
+/// Mapped memory (`huge::try_mapped`): untouched pages cost nothing until a block is written,
+/// and a dropped cache goes back to the kernel.
 pub enum KvBuf {
-    F32(Vec<f32>),
-    Bf16(Vec<bf16>),
+    F32(HugeBuf<f32>),
+    Bf16(HugeBuf<bf16>),
 }
 
 impl KvBuf {
     /// `len` zeros, or `None` where the machine cannot hold them.
     pub fn zeros(dtype: KvDtype, len: usize) -> Option<Self> {
         Some(match dtype {
-            KvDtype::F32 => KvBuf::F32(try_zeroed_vec(len)?),
-            KvDtype::Bf16 => KvBuf::Bf16(try_zeroed_vec(len)?),
+            KvDtype::F32 => KvBuf::F32(try_mapped(len)?),
+            KvDtype::Bf16 => KvBuf::Bf16(try_mapped(len)?),
         })
     }
 
