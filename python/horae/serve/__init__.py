@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import logging
 from typing import Optional, Sequence
 
 from horae import _core
@@ -28,6 +30,24 @@ def __getattr__(name):
 GRACEFUL_SHUTDOWN_S = 5.0
 
 
+class _CutAtShutdown(logging.Filter):
+    """uvicorn logs each request it cuts at the end of the graceful shutdown as "Exception in ASGI
+    application" with the cancellation's traceback, right after its own line saying how many it
+    cut. The traceback adds nothing (the cut request is aborted, as planned) and reads as a crash
+    in a notebook's output; this drops just those records."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not (isinstance(exc, asyncio.CancelledError) and "graceful shutdown" in str(exc))
+
+
+def _quiet_cuts_at_shutdown() -> None:
+    """On uvicorn's error logger, once: after its Config is made (which sets up its logging)."""
+    log = logging.getLogger("uvicorn.error")
+    if not any(isinstance(f, _CutAtShutdown) for f in log.filters):
+        log.addFilter(_CutAtShutdown())
+
+
 class ServerThread:
     """Serve an app with uvicorn on a background thread, on a free loopback port (tests, notebooks,
     the serving study). `stop()` ends it, as `horae serve` ends on a signal: requests still open
@@ -51,6 +71,7 @@ class ServerThread:
         self.app, self.port, self.url = app, port, f"http://{host}:{port}"
         self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
                                                     timeout_graceful_shutdown=timeout_graceful_shutdown))
+        _quiet_cuts_at_shutdown()
         self.thread = threading.Thread(target=self.server.run, name="horae-http", daemon=True)
         self.thread.start()
         deadline = time.time() + 30
@@ -314,6 +335,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"serving {app.state.config.model_name} on http://{args.host}:{port}/v1", flush=True)
     try:
         config = uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
+        _quiet_cuts_at_shutdown()
         uvicorn.Server(config).run(sockets=[sock])
     finally:
         app.state.llm.shutdown()
