@@ -221,6 +221,7 @@ mod tests {
         drop(second);
         assert!(weak.upgrade().is_none(), "nothing holds it: unmapped");
     }
+
     #[test]
     fn a_mapping_of_its_own_is_zeroed_or_refused() {
         let mut kv = try_mapped::<f32>(3000).unwrap();

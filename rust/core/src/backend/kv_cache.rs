@@ -57,6 +57,7 @@ fn widen(x: bf16) -> f32 {
 }
 
 /// One layer's K (or V) buffer, `[blocks, block_size, kv_heads, head_dim]`.
+///
 /// Mapped memory (`huge::try_mapped`): untouched pages cost nothing until a block is written,
 /// and a dropped cache goes back to the kernel.
 pub enum KvBuf {

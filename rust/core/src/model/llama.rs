@@ -72,8 +72,9 @@ impl KvCache {
             ))
         };
         let n = tokens.checked_mul(row).ok_or_else(too_large)?;
-        let bufs = || (0..cfg.num_layers).map(|_| KvBuf::zeros(dtype, n)).collect::<Option<Vec<_>>>();
-        let (k, v) = bufs().zip(bufs()).ok_or_else(too_large)?;
+        let bufs =
+            || (0..cfg.num_layers).map(|_| KvBuf::zeros(dtype, n)).collect::<Option<Vec<_>>>().ok_or_else(too_large);
+        let (k, v) = (bufs()?, bufs()?);
         Ok(Self { k, v, block_size, row })
     }
 

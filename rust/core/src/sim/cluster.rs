@@ -104,7 +104,14 @@ pub fn simulate_cluster(trace: &Trace, cfg: &ClusterConfig) -> Result<ClusterRes
         let mut sched_cfg = sim.sched.clone();
         sched_cfg.seed = sched_cfg.seed.wrapping_add(k as u64);
         let exec = SimExecutor::new(sim.cost.clone(), lengths.clone());
-        let e = Engine::new(Scheduler::new(sched_cfg, None)?, Box::new(exec), Box::new(VirtualClock::default()))
+        // A pool the machine cannot hold says which replica ran out: the count is what to lower.
+        let sched = Scheduler::new(sched_cfg, None).map_err(|e| match e {
+            HoraeError::InvalidConfig(m) if k > 0 => {
+                HoraeError::InvalidConfig(format!("replica {} of {}: {m}, or fewer replicas", k + 1, cfg.replicas))
+            }
+            other => other,
+        })?;
+        let e = Engine::new(sched, Box::new(exec), Box::new(VirtualClock::default()))
             .finished_outputs_only()
             .with_rules(sim.rules)?;
         engines.push(e);
