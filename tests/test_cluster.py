@@ -113,6 +113,22 @@ def _finished(c) -> dict:
     return _replica_values(c, "horae:request_success_total")
 
 
+def test_replicas_that_cannot_start_say_why_and_leave_nothing_running():
+    """A setting every replica's engine refuses (a KV cache no machine holds): the error says what
+    the engine said, where Serve's named only the deployment ("Failed to update the deployments
+    ['horae-replica']"), and the Ray instance `serve_replicas` started is gone, where it stayed up
+    in the caller (a notebook's, holding the port). Its own process and Ray instance; first in
+    the file, before the module's cluster starts."""
+    code = ("import ray\nfrom horae.cluster import serve_replicas\ntry:\n"
+            "    serve_replicas(replicas=1, port=0, kv_cache_tokens=10**12)\n"
+            "except RuntimeError as e:\n    print('ERROR', e)\nprint('RAY', ray.is_initialized())\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    said = out.stdout + out.stderr[-3000:]
+    assert "ERROR the replicas did not start: " in out.stdout, said
+    assert "a KV cache of 1000000000000 tokens needs" in out.stdout and "give a smaller kv_cache_tokens" in out.stdout, said
+    assert "RAY False" in out.stdout, said
+
+
 def test_the_openai_client_works_through_the_ingress(cluster):
     import openai
 

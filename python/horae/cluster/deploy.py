@@ -150,8 +150,30 @@ def serve_replicas(model: Optional[str] = None, *, replicas: int = 2, router: st
     ingress = serve.deployment(serve.ingress()(Ingress), name="horae-ingress", num_replicas=1,
                                max_ongoing_requests=100_000, ray_actor_options={"num_cpus": 0})
     logging = LoggingConfig(log_level=log_level.upper(), enable_access_log=log_level.upper() in ("DEBUG", "INFO"))
-    serve.run(ingress.bind(replica, server), name=APP, route_prefix="/", blocking=False, logging_config=logging)
-    return Cluster(url=f"http://{host}:{port}", replicas=replicas, router=router, owns_ray=owns_ray)
+    cluster = Cluster(url=f"http://{host}:{port}", replicas=replicas, router=router, owns_ray=owns_ray)
+    try:
+        serve.run(ingress.bind(replica, server), name=APP, route_prefix="/", blocking=False, logging_config=logging)
+    except RuntimeError as e:
+        # Serve's error names only the deployment; the replicas' constructor said why (a setting
+        # the engine refused). Serve and the Ray it started stop, so that a notebook is not left
+        # holding them and the port.
+        cause = _replica_failure(serve)
+        cluster.shutdown()
+        raise RuntimeError(f"the replicas did not start: {cause}" if cause else str(e)) from None
+    return cluster
+
+
+def _replica_failure(serve) -> Optional[str]:
+    """The exception the replicas' constructor raised: the last line of their deployment's
+    status message (which holds its traceback), if Serve has one."""
+    from horae.cluster.ingress import REPLICAS
+
+    try:
+        message = serve.status().applications[APP].deployments[REPLICAS].message
+    except Exception:  # noqa: BLE001 (no status to read: Serve's own error stands)
+        return None
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    return lines[-1] if lines else None
 
 
 def run(args) -> int:
