@@ -42,7 +42,8 @@ class _CutAtShutdown(logging.Filter):
 
 
 def _quiet_cuts_at_shutdown() -> None:
-    """On uvicorn's error logger, once: after its Config is made (which sets up its logging)."""
+    """On uvicorn's error logger, once (uvicorn's logging set-up, as each Config makes it, drops
+    the logger's handlers but keeps its filters)."""
     log = logging.getLogger("uvicorn.error")
     if not any(isinstance(f, _CutAtShutdown) for f in log.filters):
         log.addFilter(_CutAtShutdown())
