@@ -34,11 +34,17 @@ class _CutAtShutdown(logging.Filter):
     """uvicorn logs each request it cuts at the end of the graceful shutdown as "Exception in ASGI
     application" with the cancellation's traceback, right after its own line saying how many it
     cut. The traceback adds nothing (the cut request is aborted, as planned) and reads as a crash
-    in a notebook's output; this drops just those records."""
+    in a notebook's output; this drops just those records: a cancellation that is, or was raised
+    while handling, uvicorn's (anyio's task group may re-raise it bare, with uvicorn's as its
+    context, depending on where the cut lands)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
-        return not (isinstance(exc, asyncio.CancelledError) and "graceful shutdown" in str(exc))
+        while isinstance(exc, asyncio.CancelledError):
+            if "graceful shutdown" in str(exc):
+                return False
+            exc = exc.__context__
+        return True
 
 
 def _quiet_cuts_at_shutdown() -> None:
