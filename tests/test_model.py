@@ -267,6 +267,14 @@ def test_stop_strings_seeds_and_n(llm):
     a, b = llm.generate("Once upon a time", p, use_tqdm=False)[0], llm.generate("Once upon a time", p, use_tqdm=False)[0]
     assert [o.token_ids for o in a.outputs] == [o.token_ids for o in b.outputs], "same seed, same tokens"
     assert len({tuple(o.token_ids) for o in a.outputs}) > 1, "n samples with different seeds differ"
+    # Sample i's seed is seed + i, wrapped into the seeds the core takes (0..2**63): a fuzzer's
+    # seed 2**63 - 1 with n = 2 overflowed when the second sample was submitted, inside a step's
+    # output handling, and killed the engine under every request.
+    top = llm.generate("Once upon a time", SamplingParams(temperature=1.0, max_tokens=12, seed=2**63 - 1, n=3),
+                       use_tqdm=False)[0].outputs
+    for i, seed in ((0, 2**63 - 1), (1, 0), (2, 1)):
+        one = llm.generate("Once upon a time", SamplingParams(temperature=1.0, max_tokens=12, seed=seed), use_tqdm=False)
+        assert one[0].outputs[0].token_ids == top[i].token_ids, (i, seed)
     out = llm.generate("1, 2, 3,", SamplingParams(temperature=0, max_tokens=20, stop_token_ids=[28]), use_tqdm=False)[0]
     assert out.outputs[0].token_ids[-1] == 28 and out.outputs[0].finish_reason == "stop"
     # vLLM's include_stop_str_in_output: the stop string, or the stop token's text, stays.

@@ -1088,6 +1088,12 @@ def test_errors_in_openai_shape(server, client):
     assert _error(post("/v1/completions", {"model": "smollm2", "prompt": ""}), 400)
     assert _error(post("/v1/completions", {"model": "smollm2", "prompt": [10**9]}), 400)
     assert _error(post("/v1/chat/completions", {**chat, "model": "gpt-4"}), 404)["code"] == "model_not_found"
+    # A model name that UTF-8 cannot hold (a lone surrogate, which JSON can escape) is the same
+    # 404, the name escaped in its message (found by a fuzzer: a 500 on every route).
+    for path, body in (("/v1/chat/completions", chat), ("/v1/completions", {**cmpl, "stream": True}),
+                       ("/v1/responses", {"input": "hi"}), ("/tokenize", {"prompt": "a"}), ("/detokenize", {"tokens": [1]})):
+        err = _error(post(path, {**body, "model": "a\ud800"}), 404)
+        assert err["code"] == "model_not_found" and "a\\ud800" in err["message"], (path, err)
     long = {"model": "smollm2", "prompt": "hello " * 9000}
     assert _error(post("/v1/completions", long), 400)["code"] == "context_length_exceeded"
     huge = {"model": "smollm2", "prompt": "hi", "max_tokens": 10**6}

@@ -344,7 +344,11 @@ class Engine:
         bad_words = self.bad_word_ids(params.bad_words)
 
         def submit(index: int) -> int:
-            seed = None if params.seed is None else params.seed + index
+            # Sample i draws from seed + i (as vLLM's n), wrapped into the core's seeds (0..2**63):
+            # the samples after the first are submitted later, inside a step's output handling,
+            # where a refusal would kill the engine (a fuzzer's seed 2**63 - 1 with n = 2 did). The
+            # first is the seed as sent, which the core checks here, while the caller waits.
+            seed = params.seed if params.seed is None or index == 0 else (params.seed + index) % 2**63
             try:
                 return self._core.add_request(
                     ids, max_tokens=params.max_tokens, temperature=params.temperature, top_k=params.top_k,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import logging
 from typing import Dict, Optional
 
 from fastapi import FastAPI
@@ -30,7 +31,14 @@ class APIError(Exception):
 
 
 def error_body(message: str, type: str, param=None, code=None) -> dict:
-    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+    return {"error": {"message": _utf8(message), "type": type, "param": _utf8(param), "code": code}}
+
+
+def _utf8(text):
+    """`text` as UTF-8 can carry it: a message may quote what the client sent, and JSON can send
+    a lone surrogate ("\\ud800"), which no UTF-8 body can hold (a 500 when the error was written,
+    instead of the error); such a character is written as its escape."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8") if isinstance(text, str) else text
 
 
 def first_line(e: BaseException) -> str:
@@ -160,6 +168,8 @@ class Guard:
             if not started:
                 await _reply(send, 413, too_big)
         except Exception as e:  # the last line of defence: never a traceback page
+            # Nor a silent one: the operator's log gets the traceback (no client should meet this).
+            logging.getLogger("horae.serve").exception("internal error answering %s %s", scope.get("method"), route)
             if not started:
                 await _reply(send, 500, error_body(f"internal error: {first_line(e)}", "server_error"))
 
