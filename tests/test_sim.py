@@ -532,6 +532,7 @@ def test_replicas_behind_each_router(tmp_path):
 
 @pytest.mark.parametrize("kwargs,message", [
     ({"replicas": 0}, "replicas must be a positive integer"),
+    ({"replicas": 10**12}, "replicas must be 1 to 4096"),  # ran until memory gave out (a fuzzer's call)
     ({"replicas": 2, "router": "random"}, "unknown router.*round-robin, power-of-two, prefix, forecast"),
     ({"replicas": 2, "staleness": -1.0}, "staleness"),
     ({"replicas": 2, "clients": 4}, "open loop"),

@@ -158,7 +158,7 @@ def simulate(
     nothing computed) and preempts where the least goodput is lost; ``preemption="newest"`` or
     ``"least-loss"`` overrides the last.
 
-    A cluster: ``replicas=N`` runs N simulated engines (open loop) behind ``router`` (one of
+    A cluster: ``replicas=N`` (1 to 4,096) runs N simulated engines (open loop) behind ``router`` (one of
     ``ROUTERS``: "round-robin", "power-of-two", "prefix", "forecast", the default), which sees
     each replica's stats as published every ``staleness`` seconds (default 1). A request a replica
     sheds goes on by ``retry_shed`` (one of ``RETRY_RULES``, the Ray ingress's rule too): "always"

@@ -79,10 +79,18 @@ fn hand_over(e: &mut Engine, i: usize, spec: RequestSpec, at: f64) -> Result<()>
     e.add_request_with_id(i as u64, spec)
 }
 
+/// Replicas a simulated cluster may have. Each is a whole engine (scheduler, block manager, pool
+/// records) that every event scans, so a count far past any one model's deployment (a fuzzer's
+/// 10**12) ran until the machine's memory gave out instead of failing.
+pub const MAX_REPLICAS: usize = 4096;
+
 pub fn simulate_cluster(trace: &Trace, cfg: &ClusterConfig) -> Result<ClusterResult> {
     let sim = &cfg.sim;
-    if cfg.replicas == 0 {
-        return Err(HoraeError::InvalidConfig("replicas must be at least 1".into()));
+    if cfg.replicas == 0 || cfg.replicas > MAX_REPLICAS {
+        return Err(HoraeError::InvalidConfig(format!(
+            "replicas must be 1 to {MAX_REPLICAS} (each simulated replica is a whole engine), got {}",
+            cfg.replicas
+        )));
     }
     if !(cfg.staleness.is_finite() && cfg.staleness >= 0.0) {
         return Err(HoraeError::InvalidConfig(format!("staleness must be >= 0 seconds, got {}", cfg.staleness)));
@@ -97,8 +105,8 @@ pub fn simulate_cluster(trace: &Trace, cfg: &ClusterConfig) -> Result<ClusterRes
     }
     let reqs = &trace.requests;
     let lengths: Arc<Vec<u32>> = Arc::new(reqs.iter().map(|r| r.output_len).collect());
-    // Grown as made: replicas = 10**6 stops at the first pool the machine cannot hold (an error),
-    // not on a reservation for all of them.
+    // Grown as made: MAX_REPLICAS large pools stop at the first the machine cannot hold (an
+    // error), not on a reservation for all of them.
     let mut engines = Vec::new();
     for k in 0..cfg.replicas {
         let mut sched_cfg = sim.sched.clone();
