@@ -1094,6 +1094,15 @@ def test_errors_in_openai_shape(server, client):
                        ("/v1/responses", {"input": "hi"}), ("/tokenize", {"prompt": "a"}), ("/detokenize", {"tokens": [1]})):
         err = _error(post(path, {**body, "model": "a\ud800"}), 404)
         assert err["code"] == "model_not_found" and "a\\ud800" in err["message"], (path, err)
+    # Text the engine reads that UTF-8 cannot hold names its field (was a codec error naming
+    # none, or "prompt" for a bad word); a body that is not an object says so.
+    for field, value in (("stop", ["a", "\ud800"]), ("bad_words", ["\ud800"])):
+        for stream in (False, True):
+            err = _error(post("/v1/completions", {**cmpl, field: value, "stream": stream}), 400)
+            assert err["param"] == field and err["message"].startswith(f"{field} is not valid UTF-8"), err
+    for body in ("", "[]", "1", "null"):
+        err = _error(post("/v1/chat/completions", body), 400)
+        assert err["message"].startswith("the request body must be a JSON object"), (body, err)
     long = {"model": "smollm2", "prompt": "hello " * 9000}
     assert _error(post("/v1/completions", long), 400)["code"] == "context_length_exceeded"
     huge = {"model": "smollm2", "prompt": "hi", "max_tokens": 10**6}

@@ -11,6 +11,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 from horae import _core
 from horae.chat_template import read_tokenizer_config, render_chat_template
 from horae.checks import (
+    field_error,
     is_int,
     is_number,
     logit_bias_dict,
@@ -34,15 +35,20 @@ __all__ = ["Engine", "PromptType"]
 PromptType = Union[str, Dict[str, object]]
 
 
-def _text(value: Any, name: str) -> str:
+def _text(value: Any, name: str, field: bool = False) -> str:
     """A str that can be encoded as UTF-8: a lone surrogate (which a JSON body can carry as
-    "\\ud800") is refused, not passed on to fail inside the tokenizer."""
+    "\\ud800") is refused, not passed on to fail inside the tokenizer or the binding (a codec
+    error naming no field, or the wrong one). `field`: the error names `name` as the request field
+    at fault (a prompt's is named by the caller, which knows which field holds it)."""
+    def refused(message: str, kind: type) -> Exception:
+        return field_error(message, name, kind) if field else kind(message)
+
     if not isinstance(value, str):
-        raise TypeError(f"{name} must be a string, got {type(value).__name__}")
+        raise refused(f"{name} must be a string, got {type(value).__name__}", TypeError)
     try:
         value.encode("utf-8")
     except UnicodeEncodeError as e:
-        raise ValueError(f"{name} is not valid UTF-8 text: {e.reason} at position {e.start}") from None
+        raise refused(f"{name} is not valid UTF-8 text: {e.reason} at position {e.start}", ValueError) from None
     return value
 
 
@@ -341,6 +347,8 @@ class Engine:
         allowed = None if params.allowed_token_ids is None else token_ids(params.allowed_token_ids, "allowed_token_ids")
         structured = params.structured_outputs and params.structured_outputs.core_arg()
         after = (params.structured_outputs and params.structured_outputs.start_after) or ""
+        for s in params.stop:
+            _text(s, "stop", field=True)
         bad_words = self.bad_word_ids(params.bad_words)
 
         def submit(index: int) -> int:
@@ -371,7 +379,7 @@ class Engine:
         space (vLLM's two readings; the core drops repeats and refuses an empty word)."""
         ids = []
         for w in words:
-            w = w.lstrip()
+            w = _text(w, "bad_words", field=True).lstrip()
             ids += [self.encode(text, add_special_tokens=False) for text in (w, " " + w)] if w.strip() else [[]]
         return ids
 

@@ -81,6 +81,9 @@ def invalid_body(errs: list) -> APIError:
     param = ".".join(loc) or None
     if first.get("type") == "json_invalid":
         msg = "the request body is not valid JSON"
+    elif not param and first.get("type") in ("missing", "model_attributes_type"):
+        # The body itself: empty, or JSON that is not an object ("[]", "1", "null").
+        msg = "the request body must be a JSON object" + (", and was empty" if first["type"] == "missing" else "")
     elif first.get("type") == "extra_forbidden":
         msg = f"Unrecognized request argument supplied: {param}"
     else:
