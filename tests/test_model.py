@@ -580,6 +580,12 @@ def test_bad_prompts_leave_the_engine_serving(llm):
         llm.generate([3.5], GREEDY)
     with pytest.raises(ValueError, match="role"):
         llm.chat([{"role": "wizard", "content": "hi"}])
+    # Text UTF-8 cannot hold (a lone surrogate) in a stop string or a bad word names its field
+    # (was a codec error naming none, or "prompt" for a bad word).
+    for field in ("stop", "bad_words"):
+        with pytest.raises(ValueError, match=f"^{field} is not valid UTF-8 text") as err:
+            llm.generate("hi", SamplingParams(max_tokens=2, **{field: ["ok", "a\ud800"]}))
+        assert err.value.param == field
     # A request in flight, aborted mid-way, frees its blocks; the others finish.
     rid = eng.add_request(None, "Tell me a long story", SamplingParams(temperature=0, max_tokens=200))
     keep = eng.add_request(None, "The quick brown fox", SamplingParams(temperature=0, max_tokens=8))

@@ -1088,18 +1088,25 @@ def test_errors_in_openai_shape(server, client):
     assert _error(post("/v1/completions", {"model": "smollm2", "prompt": ""}), 400)
     assert _error(post("/v1/completions", {"model": "smollm2", "prompt": [10**9]}), 400)
     assert _error(post("/v1/chat/completions", {**chat, "model": "gpt-4"}), 404)["code"] == "model_not_found"
-    # A model name that UTF-8 cannot hold (a lone surrogate, which JSON can escape) is the same
-    # 404, the name escaped in its message (found by a fuzzer: a 500 on every route).
+    # A string UTF-8 cannot hold (a lone surrogate, which JSON can escape) anywhere in a body is a
+    # 400 naming it (a fuzzer found 500s: a model name on every route, the 404's message could not
+    # be written; Responses' metadata, echoed back; and codec errors naming no field), keys too.
     for path, body in (("/v1/chat/completions", chat), ("/v1/completions", {**cmpl, "stream": True}),
                        ("/v1/responses", {"input": "hi"}), ("/tokenize", {"prompt": "a"}), ("/detokenize", {"tokens": [1]})):
-        err = _error(post(path, {**body, "model": "a\ud800"}), 404)
-        assert err["code"] == "model_not_found" and "a\\ud800" in err["message"], (path, err)
-    # Text the engine reads that UTF-8 cannot hold names its field (was a codec error naming
-    # none, or "prompt" for a bad word); a body that is not an object says so.
-    for field, value in (("stop", ["a", "\ud800"]), ("bad_words", ["\ud800"])):
-        for stream in (False, True):
-            err = _error(post("/v1/completions", {**cmpl, field: value, "stream": stream}), 400)
-            assert err["param"] == field and err["message"].startswith(f"{field} is not valid UTF-8"), err
+        err = _error(post(path, {**body, "model": "a\ud800"}), 400)
+        assert err["param"] == "model" and err["message"].startswith("model is not valid UTF-8 text"), (path, err)
+    for path, body, param in (
+            ("/v1/responses", {"input": "hi", "metadata": {"k": "\ud800"}}, "metadata.k"),
+            ("/v1/responses", {"input": "hi", "stream": True, "metadata": {"\ud800": "v"}}, "metadata.\\ud800"),
+            ("/v1/chat/completions", {**chat, "structured_outputs": {"regex": "a\ud800"}}, "structured_outputs.regex"),
+            ("/v1/chat/completions", {**chat, "messages": [{"role": "user", "content": [{"type": "text", "text": "\ud800"}]}]},
+             "messages.0.content.0.text")):
+        err = _error(post(path, {"model": "smollm2", **body}), 400)
+        assert err["param"] == param and "is not valid UTF-8 text" in err["message"], (path, err)
+    # A model name that is text but not served stays OpenAI's 404, quoting the name.
+    err = _error(post("/v1/completions", {**cmpl, "model": "a\x00b"}), 404)
+    assert err["code"] == "model_not_found" and "a\x00b" in err["message"], err
+    # A body that is not an object says so (was pydantic's "Field required" for an empty one).
     for body in ("", "[]", "1", "null"):
         err = _error(post("/v1/chat/completions", body), 400)
         assert err["message"].startswith("the request body must be a JSON object"), (body, err)

@@ -6,7 +6,7 @@ from typing import Any, Dict, List, Literal, Optional, Union
 
 from pydantic import Field, model_validator
 
-from horae.serve.protocol.common import FieldError, Int, SamplingFields, Strict, joined
+from horae.serve.protocol.common import Body, FieldError, Int, SamplingFields, Strict, joined
 
 
 class TextPart(Strict):
@@ -91,7 +91,7 @@ class ChatPrompt(Strict):
     chat_template_kwargs: Optional[Dict[str, Any]] = None
 
 
-class ChatCompletionRequest(SamplingFields, ChatPrompt):
+class ChatCompletionRequest(Body, SamplingFields, ChatPrompt):
     messages: List[ChatMessage] = Field(..., min_length=1)
     max_tokens: Optional[Int] = None
     max_completion_tokens: Optional[Int] = None

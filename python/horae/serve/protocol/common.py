@@ -28,6 +28,44 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
+class Body(Strict):
+    """A whole request body: every string in it (keys too) is text UTF-8 can hold. JSON can carry
+    a lone surrogate ("\\ud800"), which Python keeps in a str but nothing downstream can encode: a
+    stop string or a regex got a codec error naming no field, and metadata, echoed back, a 500 (a
+    broken stream when streamed). One check here, naming the field, before any field is read."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _utf8(cls, data: Any) -> Any:
+        found = _not_utf8(data, ())
+        if found is not None:
+            path, at = found
+            # Named with the character escaped: pydantic cannot carry it in a message either.
+            field = (".".join(map(str, path)) or "body").encode("utf-8", "backslashreplace").decode("utf-8")
+            raise FieldError(field, f"{field} is not valid UTF-8 text (a lone surrogate at position {at})")
+        return data
+
+
+def _not_utf8(value: Any, path: tuple):
+    """(path, position) of the first string under `value` that UTF-8 cannot hold, else None."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            return path, e.start
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            found = _not_utf8(k, path + (k,)) or _not_utf8(v, path + (k,))
+            if found is not None:
+                return found
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            found = _not_utf8(v, path + (i,))
+            if found is not None:
+                return found
+    return None
+
+
 class StreamOptions(Strict):
     include_usage: bool = False
     continuous_usage_stats: bool = False

@@ -6,10 +6,10 @@ from typing import List, Optional, Union
 
 from pydantic import Field, model_validator
 
-from horae.serve.protocol.common import MAX_N, FieldError, Int, SamplingFields
+from horae.serve.protocol.common import MAX_N, Body, FieldError, Int, SamplingFields
 
 
-class CompletionRequest(SamplingFields):
+class CompletionRequest(Body, SamplingFields):
     prompt: Union[str, List[str], List[Int], List[List[Int]]]
     max_tokens: Optional[Int] = 16
     logprobs: Optional[Int] = None

@@ -8,7 +8,7 @@ from typing import Annotated, Any, Dict, List, Literal, Optional, Union
 from pydantic import Discriminator, Field, Tag, field_validator, model_validator
 
 from horae.serve.protocol.chat import FunctionDefinition
-from horae.serve.protocol.common import EngineFields, FieldError, Int, Strict, joined
+from horae.serve.protocol.common import Body, EngineFields, FieldError, Int, Strict, joined
 
 
 class _Text(Strict):
@@ -134,7 +134,7 @@ class ReasoningConfig(Strict):
 RESPONSES_INCLUDE = ("message.output_text.logprobs",)
 
 
-class ResponsesRequest(EngineFields):
+class ResponsesRequest(Body, EngineFields):
     """OpenAI's Responses API (`POST /v1/responses`), served without state: the conversation
     comes whole in `input` (no `previous_response_id`, nothing stored). It is a chat request
     in another spelling (`chat_fields`), answered as output items."""

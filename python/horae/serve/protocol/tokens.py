@@ -7,10 +7,10 @@ from typing import List, Optional
 from pydantic import model_validator
 
 from horae.serve.protocol.chat import ChatMessage, ChatPrompt
-from horae.serve.protocol.common import FieldError, Int, Strict
+from horae.serve.protocol.common import Body, FieldError, Int
 
 
-class TokenizeRequest(ChatPrompt):
+class TokenizeRequest(Body, ChatPrompt):
     model: Optional[str] = None
     prompt: Optional[str] = None
     messages: Optional[List[ChatMessage]] = None
@@ -26,6 +26,6 @@ class TokenizeRequest(ChatPrompt):
         return self
 
 
-class DetokenizeRequest(Strict):
+class DetokenizeRequest(Body):
     model: Optional[str] = None
     tokens: List[Int]
